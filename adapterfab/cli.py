@@ -1,0 +1,344 @@
+"""``adapterfab``: the command line. Every subcommand has ``--help``.
+
+    adapterfab up | down                       start/stop the local stack (idempotent)
+    adapterfab validate BATCH.yaml             schema + semantic checks, no compute
+    adapterfab plan BATCH.yaml                 jobs, resources, output adapter ids
+    adapterfab submit BATCH.yaml [--wait]      run a batch; prints its id
+    adapterfab status [BATCH_ID] [--json]      per-job state, progress, metrics
+    adapterfab registry ls|show|promote        the MLflow registry
+    adapterfab serve [--port 8000]             the OpenAI-compatible serving app (Ray Serve)
+    adapterfab keys create TENANT              a new API key for a tenant
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from adapterfab.errors import AdapterfabError, SpecError
+from adapterfab.settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+registry_app = typer.Typer(no_args_is_help=True, help="Registered adapters (MLflow registry).")
+keys_app = typer.Typer(no_args_is_help=True, help="Per-tenant API keys for serving.")
+app.add_typer(registry_app, name="registry")
+app.add_typer(keys_app, name="keys")
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _fail(e: Exception, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {e}")
+    raise typer.Exit(code)
+
+
+def _settings() -> Settings:
+    s = Settings.load()
+    s.ensure_dirs()
+    return s
+
+
+def _need_mlflow(s: Settings) -> str:
+    if not s.mlflow_uri:
+        _fail(AdapterfabError("no MLflow server known: run `adapterfab up` (or set MLFLOW_TRACKING_URI)"))
+    return s.mlflow_uri  # type: ignore[return-value]
+
+
+@app.command()
+def up(mlflow_port: Optional[int] = typer.Option(None, help="MLflow port (default 5005 or a free one)"),
+       ray_port: Optional[int] = typer.Option(None, help="Ray GCS port (default 6390 or a free one)"),
+       dashboard_port: Optional[int] = typer.Option(None, help="Ray dashboard port (default 8265)"),
+       serve_port: Optional[int] = typer.Option(None, help="serving HTTP port (default 8000)"),
+       num_cpus: Optional[int] = typer.Option(None, help="CPUs the Ray head offers (default: all)"),
+       artifacts_destination: Optional[str] = typer.Option(None, help="MLflow artifacts: a folder or s3://"),
+       backend_store_uri: Optional[str] = typer.Option(None, help="MLflow backend (default SQLite)")) -> None:
+    """Start the local stack: Ray head, MLflow tracking server. Idempotent."""
+    from adapterfab.stack import up as stack_up
+
+    s = _settings()
+    try:
+        info = stack_up(s, mlflow_port, ray_port, dashboard_port, serve_port, num_cpus,
+                        artifacts_destination, backend_store_uri)
+    except AdapterfabError as e:
+        _fail(e)
+    out.print(f"stack up (home {s.home})")
+    out.print(f"  MLflow:        {info.mlflow_uri}")
+    out.print(f"  Ray dashboard: {info.dashboard_url}   (ray address {info.ray_address})")
+    out.print(f"  serving:       {info.serve_url}   (start it with `adapterfab serve`)")
+
+
+@app.command()
+def down() -> None:
+    """Stop the local stack (Ray, MLflow, serving, running orchestrators). Idempotent."""
+    from adapterfab.stack import down as stack_down
+
+    stopped = stack_down(_settings())
+    out.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+@app.command()
+def validate(batch: Path = typer.Argument(..., help="batch spec YAML")) -> None:
+    """Check a batch spec (schema, ids, datasets, method, base model) without running anything."""
+    from adapterfab.spec import check_semantics, load_spec
+    from adapterfab.storage import s3_object_error
+
+    try:
+        spec, jobs, _ = load_spec(batch)
+        check_semantics(spec, jobs, dataset_exists=s3_object_error)
+    except SpecError as e:
+        _fail(e, 2)
+    out.print(f"[green]ok[/green]: {spec.name}: {len(jobs)} job(s) for "
+              f"{len({j.tenant for j in jobs})} tenant(s) on {spec.base_model}")
+
+
+@app.command()
+def plan(batch: Path = typer.Argument(..., help="batch spec YAML"),
+         as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """The jobs a batch would run: resources, estimates and output adapter ids."""
+    from adapterfab.basemodel import default_cache
+    from adapterfab.jobs.plan import plan_batch
+    from adapterfab.spec import check_semantics, load_spec
+    from adapterfab.storage import s3_object_error
+
+    try:
+        spec, jobs, _ = load_spec(batch)
+        check_semantics(spec, jobs, dataset_exists=s3_object_error)
+    except SpecError as e:
+        _fail(e, 2)
+    base_path = default_cache() / "models" / spec.base_model if "/" not in spec.base_model else Path(spec.base_model)
+    planned = plan_batch("<batch>", spec, jobs, str(base_path))
+    if as_json:
+        out.print_json(json.dumps([p.to_dict() for p in planned]))
+        return
+    t = Table(title=f"plan: {spec.name} on {spec.base_model}")
+    for col in ("adapter", "registry model", "method", "steps x batch", "cpus", "gpus", "trainable", "est. mem"):
+        t.add_column(col)
+    for p in planned:
+        t.add_row(p.adapter, p.registry_name, p.method, f"{p.steps} x {p.batch_size}", str(p.cpus), str(p.gpus),
+                  f"{p.trainable_params:,}" if p.trainable_params else "?",
+                  f"{p.est_memory_gb} GiB" if p.est_memory_gb is not None else "?")
+    out.print(t)
+
+
+def _print_status(dump: dict) -> None:
+    t = Table(title=f"batch {dump['id']} ({dump['name']}): {dump['state']}")
+    for col in ("adapter", "method", "state", "progress", "loss", "eval loss", "base eval", "version", "error"):
+        t.add_column(col, overflow="fold")
+    for j in dump["jobs"]:
+        m = j["metrics"] or {}
+        t.add_row(f"{j['tenant']}/{j['persona']}", j["method"], j["state"],
+                  f"{j['step']}/{j['total_steps']} ({100 * j['progress']:.0f}%)",
+                  f"{j['loss']:.3f}" if j["loss"] is not None else "",
+                  f"{m['eval_loss']:.3f}" if "eval_loss" in m else "",
+                  f"{m['base_eval_loss']:.3f}" if "base_eval_loss" in m else "",
+                  str(j["model_version"] or ""), (j["error"] or "")[:300])
+    out.print(t)
+
+
+@app.command()
+def submit(batch: Path = typer.Argument(..., help="batch spec YAML"),
+           wait: bool = typer.Option(False, "--wait", help="show progress until every job is terminal"),
+           timeout_s: float = typer.Option(0, help="with --wait: give up waiting after this long (0: never)")
+           ) -> None:
+    """Validate and run a batch. Prints the batch id; exit code 0 (with --wait) only if all succeeded."""
+    from adapterfab.jobs.orchestrate import create_batch, launch_detached
+    from adapterfab.stack import read_stack, stack_alive
+
+    s = _settings()
+    try:
+        if not (s.ray_address and (stack_alive(read_stack(s)) or not read_stack(s))):
+            raise AdapterfabError("the local stack is not running: run `adapterfab up` first")
+        _need_mlflow(s)
+        batch_id = create_batch(s, batch)
+    except SpecError as e:
+        _fail(e, 2)
+    except AdapterfabError as e:
+        _fail(e)
+    launch_detached(s, batch_id)
+    out.print(f"batch {batch_id}")
+    if wait:
+        raise typer.Exit(_wait(s, batch_id, timeout_s))
+
+
+def _wait(s: Settings, batch_id: str, timeout_s: float) -> int:
+    from adapterfab.procs import pid_alive
+    from adapterfab.state import StateStore
+
+    state = StateStore(s.state_url)
+    t0 = time.monotonic()
+    last: dict[str, tuple] = {}
+    while True:
+        b = state.get_batch(batch_id)
+        for j in state.jobs(batch_id):
+            key = (j.state.value, j.step)
+            if last.get(j.id) != key:
+                last[j.id] = key
+                loss = f" loss {j.loss:.3f}" if j.loss is not None else ""
+                extra = f" -> version {j.model_version}" if j.model_version else ""
+                why = f": {j.error}" if j.error else ""
+                out.print(f"[{time.monotonic() - t0:6.0f}s] {j.tenant}/{j.persona} {j.state.value} "
+                          f"{j.step}/{j.total_steps}{loss}{extra}{why}")
+        if b.state in ("SUCCEEDED", "FAILED"):
+            _print_status(state.dump(batch_id))
+            return 0 if b.state == "SUCCEEDED" else 1
+        if b.orchestrator_pid and not pid_alive(b.orchestrator_pid) and time.monotonic() - t0 > 10:
+            b = state.get_batch(batch_id)
+            if b.state not in ("SUCCEEDED", "FAILED"):
+                err.print(f"the orchestrator of {batch_id} died; see {s.logs / (batch_id + '.log')}")
+                return 1
+        if timeout_s and time.monotonic() - t0 > timeout_s:
+            err.print(f"stopped waiting after {timeout_s:.0f}s; the batch goes on (`adapterfab status {batch_id}`)")
+            return 1
+        time.sleep(1.0)
+
+
+@app.command()
+def status(batch_id: Optional[str] = typer.Argument(None, help="a batch id (default: list batches)"),
+           as_json: bool = typer.Option(False, "--json")) -> None:
+    """Per-job state, progress and final metrics of a batch, or the list of batches."""
+    from adapterfab.state import StateStore, dumps
+
+    s = _settings()
+    state = StateStore(s.state_url)
+    try:
+        if batch_id is None:
+            rows = [{"id": b.id, "name": b.name, "state": b.state, "created_s": b.created_s,
+                     "jobs": len(state.jobs(b.id))} for b in state.list_batches()]
+            if as_json:
+                out.print(dumps(rows))
+                return
+            t = Table(title="batches")
+            for col in ("id", "name", "state", "jobs", "created"):
+                t.add_column(col)
+            for r in rows:
+                t.add_row(r["id"], r["name"], r["state"], str(r["jobs"]),
+                          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_s"])))
+            out.print(t if rows else "no batches yet: `adapterfab submit BATCH.yaml`")
+            return
+        dump = state.dump(batch_id)
+    except AdapterfabError as e:
+        _fail(e)
+    if as_json:
+        out.print(dumps(dump))
+    else:
+        _print_status(dump)
+
+
+@registry_app.command("ls")
+def registry_ls(tenant: Optional[str] = typer.Option(None, help="only this tenant's adapters"),
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """Registered adapters with their versions and aliases."""
+    from adapterfab.ids import check_id
+    from adapterfab.registry import Registry
+
+    s = _settings()
+    try:
+        if tenant:
+            check_id(tenant, "tenant")
+        items = Registry(_need_mlflow(s)).list(tenant)
+    except AdapterfabError as e:
+        _fail(e)
+    if as_json:
+        out.print(json.dumps([r.to_dict() for r in items], indent=2, default=str))
+        return
+    t = Table(title="registered adapters")
+    for col in ("adapter", "versions", "aliases", "latest method", "latest eval loss"):
+        t.add_column(col)
+    for r in items:
+        last = r.versions[-1] if r.versions else None
+        t.add_row(str(r.id), str(len(r.versions)), ", ".join(f"{a}=v{v}" for a, v in sorted(r.aliases.items())),
+                  last.tags.get("adapterfab.method", "") if last else "",
+                  last.tags.get("adapterfab.metric.eval_loss", "") if last else "")
+    out.print(t if items else "no adapters registered yet")
+
+
+@registry_app.command("show")
+def registry_show(adapter: str = typer.Argument(..., help="TENANT/PERSONA[@ALIAS|@VERSION]"),
+                  as_json: bool = typer.Option(False, "--json")) -> None:
+    """One adapter version with its lineage tags (a bare id means production, else candidate)."""
+    from adapterfab.ids import AdapterId
+    from adapterfab.registry import Registry
+
+    s = _settings()
+    try:
+        v = Registry(_need_mlflow(s)).resolve(AdapterId.parse(adapter))
+    except AdapterfabError as e:
+        _fail(e)
+    if as_json:
+        out.print(json.dumps(v.to_dict(), indent=2, default=str))
+        return
+    out.print(f"[bold]{v.id}[/bold]  aliases: {', '.join(v.aliases) or '-'}")
+    out.print(f"  source:   {v.source}\n  files:    {v.artifact_uri}\n  run:      {v.run_id}")
+    for k, val in sorted(v.tags.items()):
+        out.print(f"  {k.removeprefix('adapterfab.')}: {val}")
+
+
+@registry_app.command("promote")
+def registry_promote(adapter: str = typer.Argument(..., help="TENANT/PERSONA"),
+                     version: int = typer.Argument(..., help="the version to point the alias at"),
+                     alias: str = typer.Option("production", help="alias to move")) -> None:
+    """Point an alias (default production) at a version. Serving follows without a restart."""
+    from adapterfab.ids import AdapterId, check_alias
+    from adapterfab.registry import Registry
+
+    s = _settings()
+    try:
+        aid = AdapterId.parse(adapter).unversioned()
+        v = Registry(_need_mlflow(s)).set_alias(aid, check_alias(alias), version)
+        Registry(s.mlflow_uri).set_version_tags(v, {"promotion.decision": "promoted",
+                                                    "promotion.reason": f"manual: {alias} set by CLI"})
+    except AdapterfabError as e:
+        _fail(e)
+    out.print(f"{aid}@{alias} -> version {version}")
+
+
+@keys_app.command("create")
+def keys_create(tenant: str = typer.Argument(..., help="tenant id")) -> None:
+    """Create an API key for TENANT; the key is the last token printed (shown once, stored hashed)."""
+    from adapterfab.keys import KeyStore
+    from adapterfab.state import StateStore
+
+    s = _settings()
+    try:
+        key = KeyStore(StateStore(s.state_url)).create(tenant)
+    except AdapterfabError as e:
+        _fail(e)
+    out.print(f"API key for tenant {tenant} (shown once): {key}")
+
+
+@app.command()
+def serve(port: Optional[int] = typer.Option(None, help="HTTP port (default: the stack's, 8000)"),
+          base_model: str = typer.Option("smollm2-135m-instruct", help="the shared base model"),
+          detach: bool = typer.Option(False, "--detach", help="deploy and return; the app stays on Ray"),
+          replicas: int = typer.Option(1, help="engine replicas"),
+          dtype: str = typer.Option("float32", help="float32 or bfloat16")) -> None:
+    """Serve every tenant's adapters from one base model: OpenAI-compatible /v1/chat/completions."""
+    from adapterfab.serve.runner import serve_forever
+
+    s = _settings()
+    try:
+        url = serve_forever(s, port=port, base_model=base_model, detach=detach, replicas=replicas, dtype=dtype,
+                            announce=lambda u: out.print(f"serving on {u}  (OpenAI base_url {u}/v1)"))
+    except AdapterfabError as e:
+        _fail(e)
+    if detach:
+        out.print(f"deployed; stop with `adapterfab down`  ({url})")
+
+
+def main() -> None:
+    try:
+        app()
+    except AdapterfabError as e:
+        err.print(f"error: {e}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

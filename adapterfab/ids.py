@@ -1,0 +1,130 @@
+"""The one id type. Every string form of an adapter id (registry model name, artifact key prefix,
+serving model id) is produced here; nobody formats ids by hand.
+
+Tenant and persona ids: 1-63 characters of ``a-z``, ``0-9`` and ``-``, starting with a letter or
+digit. That keeps them safe as path segments, S3 keys, MLflow names and URL parts (no ``/``, ``..``,
+upper case look-alikes, unicode or control characters).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from adapterfab.errors import InvalidId
+
+ID_PATTERN = r"[a-z0-9][a-z0-9-]{0,62}"
+_ID_RE = re.compile(rf"^{ID_PATTERN}$")
+_ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# MLflow reserves "latest" and aliases that look like versions ("v1"), so ours are words.
+RESERVED_ALIASES = frozenset({"latest"})
+CANDIDATE = "candidate"
+PRODUCTION = "production"
+REGISTRY_PREFIX = "af"
+
+
+def check_id(value: str, kind: str = "tenant") -> str:
+    """Return ``value`` if it is a valid tenant/persona id, else raise InvalidId naming the rule."""
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        shown = repr(value) if isinstance(value, str) and len(value) <= 80 else repr(str(value)[:80]) + "..."
+        raise InvalidId(
+            f"invalid {kind} id {shown}: use 1-63 characters of lowercase a-z, 0-9 and '-', "
+            "starting with a letter or digit (e.g. 'acme' or 'pirate-captain')"
+        )
+    return value
+
+
+def check_alias(value: str) -> str:
+    if not _ALIAS_RE.match(value) or value in RESERVED_ALIASES or re.match(r"^v\d+$", value):
+        raise InvalidId(f"invalid alias {value!r}: use a lowercase word like 'production' or 'candidate'")
+    return value
+
+
+@dataclass(frozen=True, order=True)
+class AdapterId:
+    """``tenant/persona`` plus, optionally, a registry version or an alias (not both)."""
+
+    tenant: str
+    persona: str
+    version: int | None = None
+    alias: str | None = None
+
+    def __post_init__(self) -> None:
+        check_id(self.tenant, "tenant")
+        check_id(self.persona, "persona")
+        if self.version is not None and self.alias is not None:
+            raise InvalidId("an adapter id names a version or an alias, not both")
+        if self.version is not None and (not isinstance(self.version, int) or self.version < 1):
+            raise InvalidId(f"invalid version {self.version!r}: versions are integers from 1")
+        if self.alias is not None:
+            check_alias(self.alias)
+
+    @classmethod
+    def parse(cls, text: str) -> AdapterId:
+        """Parse ``tenant/persona``, ``tenant/persona@alias`` or ``tenant/persona@7``."""
+        if not isinstance(text, str) or text.count("/") != 1:
+            raise InvalidId(f"invalid adapter id {text!r}: expected TENANT/PERSONA[@ALIAS|@VERSION]")
+        tenant, rest = text.split("/", 1)
+        persona, _, ref = rest.partition("@")
+        if not ref:
+            if "@" in rest:
+                raise InvalidId(f"invalid adapter id {text!r}: nothing after '@'")
+            return cls(tenant, persona)
+        if ref.isdigit():
+            return cls(tenant, persona, version=int(ref))
+        return cls(tenant, persona, alias=ref)
+
+    @classmethod
+    def from_registry_name(cls, name: str) -> AdapterId:
+        prefix, _, rest = name.partition(".")
+        tenant, _, persona = rest.partition(".")
+        if prefix != REGISTRY_PREFIX:
+            raise InvalidId(f"{name!r} is not an adapterfab registered model")
+        return cls(tenant, persona)
+
+    @property
+    def key(self) -> str:
+        """``tenant/persona`` without version or alias."""
+        return f"{self.tenant}/{self.persona}"
+
+    @property
+    def registry_name(self) -> str:
+        """MLflow registered model name: ``af.<tenant>.<persona>`` ('.' cannot occur in ids)."""
+        return f"{REGISTRY_PREFIX}.{self.tenant}.{self.persona}"
+
+    def with_version(self, version: int) -> AdapterId:
+        return AdapterId(self.tenant, self.persona, version=version)
+
+    def with_alias(self, alias: str) -> AdapterId:
+        return AdapterId(self.tenant, self.persona, alias=alias)
+
+    def unversioned(self) -> AdapterId:
+        return AdapterId(self.tenant, self.persona)
+
+    def artifact_prefix(self, job_id: str) -> str:
+        """Key prefix of an adapter's files in the artifact store:
+        ``adapters/<tenant>/<persona>/<job_id>/``. Versions are assigned by the registry after upload,
+        so the store is keyed by the job that produced the files."""
+        check_job_id(job_id)
+        return f"adapters/{self.tenant}/{self.persona}/{job_id}/"
+
+    def __str__(self) -> str:
+        if self.version is not None:
+            return f"{self.key}@{self.version}"
+        if self.alias is not None:
+            return f"{self.key}@{self.alias}"
+        return self.key
+
+
+_JOB_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,200}$")
+
+
+def check_job_id(value: str) -> str:
+    if not _JOB_RE.match(value) or ".." in value:
+        raise InvalidId(f"invalid job id {value!r}")
+    return value
+
+
+def job_id(batch_id: str, tenant: str, persona: str) -> str:
+    """Job ids are ``<batch_id>.<tenant>.<persona>``; a batch holds one job per tenant/persona."""
+    return check_job_id(f"{batch_id}.{tenant}.{persona}")

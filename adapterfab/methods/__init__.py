@@ -1,0 +1,10 @@
+"""PEFT methods behind one registry. A method is a module that defines a pydantic config (with
+``name: Literal[...]``) and a ``Method`` object, and registers it. Adding a method is one module plus
+a row in the method test matrix; nothing dispatches on method names elsewhere."""
+
+from __future__ import annotations
+
+from adapterfab.methods.base import Method, MethodConfig, get_method, known_methods, register_method
+from adapterfab.methods import lora as _lora  # noqa: F401  (registers "lora")
+
+__all__ = ["Method", "MethodConfig", "get_method", "known_methods", "register_method"]

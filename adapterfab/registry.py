@@ -1,0 +1,228 @@
+"""MLflow: run tracking and the model registry. The only module that imports mlflow.
+
+A batch is a parent run, each job a child run (tag ``mlflow.parentRunId``). Every adapter is a version
+of the registered model ``AdapterId.registry_name`` (``af.<tenant>.<persona>``) whose source is the
+run's ``adapter`` artifact folder, with lineage tags (``adapterfab.*``) and aliases ``candidate`` /
+``production``. MLflow 3 refuses ``register_model`` for a plain artifact folder, so versions are made
+with ``create_model_version(source=<run artifact uri>/adapter)``."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapterfab.errors import AdapterNotFound, RegistryError
+from adapterfab.ids import CANDIDATE, PRODUCTION, AdapterId
+
+EXPERIMENT = "adapterfab"
+TAG = "adapterfab."
+
+
+def _client(uri: str):  # noqa: ANN202
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _mlflow_errors():  # noqa: ANN202
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    id: AdapterId  # with version set
+    source: str
+    run_id: str | None
+    tags: dict[str, str]
+    aliases: tuple[str, ...]
+    created_s: float
+
+    @property
+    def artifact_uri(self) -> str:
+        """Where serving loads the files from: our artifact store when recorded, else MLflow's copy."""
+        return self.tags.get(TAG + "artifact_uri") or self.source
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id), "tenant": self.id.tenant, "persona": self.id.persona,
+            "version": self.id.version, "aliases": list(self.aliases), "source": self.source,
+            "artifact_uri": self.artifact_uri, "run_id": self.run_id, "created_s": self.created_s,
+            "tags": self.tags,
+        }
+
+
+@dataclass
+class RegisteredAdapter:
+    id: AdapterId
+    aliases: dict[str, int] = field(default_factory=dict)
+    versions: list[AdapterVersion] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": str(self.id), "tenant": self.id.tenant, "persona": self.id.persona,
+                "aliases": self.aliases, "versions": [v.to_dict() for v in self.versions]}
+
+
+class Tracking:
+    """Run tracking through MlflowClient (no global active run, so threads and workers are safe)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.client = _client(uri)
+
+    def experiment_id(self, name: str = EXPERIMENT) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except _mlflow_errors():  # created concurrently
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def start_run(self, name: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
+        tags = dict(tags or {})
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id(), run_name=name, tags=tags)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        self.client.log_text(run_id, text, path)
+
+    def log_dir(self, run_id: str, local_dir: str | Path, artifact_path: str) -> str:
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+        return f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+
+    def end_run(self, run_id: str, ok: bool) -> None:
+        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+    def run_url(self, run_id: str) -> str:
+        run = self.client.get_run(run_id)
+        return f"{self.uri}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+class Registry:
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.client = _client(uri)
+
+    def _version(self, mv: Any) -> AdapterVersion:
+        base = AdapterId.from_registry_name(mv.name)
+        return AdapterVersion(
+            id=base.with_version(int(mv.version)), source=mv.source, run_id=mv.run_id,
+            tags=dict(mv.tags or {}), aliases=tuple(getattr(mv, "aliases", []) or []),
+            created_s=(mv.creation_timestamp or 0) / 1000,
+        )
+
+    def register(self, aid: AdapterId, source: str, run_id: str | None, tags: dict[str, Any],
+                 aliases: tuple[str, ...] = (CANDIDATE,)) -> AdapterVersion:
+        name = aid.registry_name
+        MlflowException = _mlflow_errors()
+        try:
+            self.client.create_registered_model(name, tags={TAG + "tenant": aid.tenant, TAG + "persona": aid.persona})
+        except MlflowException as e:
+            if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code if hasattr(e, "error_code") else e):
+                raise RegistryError(f"cannot create registered model {name}: {e}") from e
+        mv = self.client.create_model_version(
+            name, source=source, run_id=run_id, tags={TAG + k if not k.startswith(TAG) else k: str(v)
+                                                       for k, v in tags.items()})
+        for alias in aliases:
+            self.client.set_registered_model_alias(name, alias, mv.version)
+        return self.get(aid.with_version(int(mv.version)))
+
+    def get(self, aid: AdapterId) -> AdapterVersion:
+        """The version ``aid`` names exactly (version or alias)."""
+        MlflowException = _mlflow_errors()
+        try:
+            if aid.version is not None:
+                mv = self.client.get_model_version(aid.registry_name, str(aid.version))
+            elif aid.alias is not None:
+                mv = self.client.get_model_version_by_alias(aid.registry_name, aid.alias)
+            else:
+                return self.resolve(aid)
+        except MlflowException:
+            raise AdapterNotFound(f"no adapter {aid}") from None
+        return self._version(mv)
+
+    def resolve(self, aid: AdapterId) -> AdapterVersion:
+        """Like ``get``; a bare ``tenant/persona`` means production, else candidate, else the newest."""
+        if aid.version is not None or aid.alias is not None:
+            return self.get(aid)
+        for alias in (PRODUCTION, CANDIDATE):
+            try:
+                return self.get(aid.with_alias(alias))
+            except AdapterNotFound:
+                pass
+        versions = self.versions(aid)
+        if not versions:
+            raise AdapterNotFound(f"no adapter {aid}")
+        return versions[-1]
+
+    def versions(self, aid: AdapterId) -> list[AdapterVersion]:
+        MlflowException = _mlflow_errors()
+        try:
+            mvs = self.client.search_model_versions(f"name='{aid.registry_name}'")
+        except MlflowException:
+            return []
+        # search results carry no aliases in some MLflow versions: fetch each version fully
+        out = [self.get(aid.with_version(int(mv.version))) for mv in mvs]
+        return sorted(out, key=lambda v: v.id.version or 0)
+
+    def set_alias(self, aid: AdapterId, alias: str, version: int) -> AdapterVersion:
+        self.get(aid.with_version(version))  # exists?
+        self.client.set_registered_model_alias(aid.registry_name, alias, str(version))
+        return self.get(aid.with_version(version))
+
+    def set_version_tags(self, v: AdapterVersion, tags: dict[str, Any]) -> None:
+        for k, val in tags.items():
+            self.client.set_model_version_tag(v.id.registry_name, str(v.id.version),
+                                              k if k.startswith(TAG) else TAG + k, str(val))
+
+    def list(self, tenant: str | None = None) -> list[RegisteredAdapter]:
+        flt = f"name LIKE 'af.{tenant}.%'" if tenant else "name LIKE 'af.%'"
+        out = []
+        for rm in self.client.search_registered_models(filter_string=flt, max_results=1000):
+            try:
+                aid = AdapterId.from_registry_name(rm.name)
+            except Exception:  # noqa: BLE001 - not ours
+                continue
+            if tenant and aid.tenant != tenant:
+                continue
+            aliases = {a: int(v) for a, v in (getattr(rm, "aliases", None) or {}).items()}
+            out.append(RegisteredAdapter(aid, aliases, self.versions(aid)))
+        return sorted(out, key=lambda r: r.id)
+
+    def download(self, v: AdapterVersion, dest: str | Path) -> Path:
+        """Fetch an adapter's files to ``dest`` (checksums verified when it comes from our store)."""
+        uri = v.artifact_uri
+        if uri.startswith(("s3://", "/", "file://")) and v.tags.get(TAG + "artifact_uri"):
+            from adapterfab.storage import open_store
+
+            root = v.tags.get(TAG + "artifact_root") or uri
+            return open_store(root).download_dir(uri, dest)
+        import mlflow.artifacts
+
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest),
+                                                        tracking_uri=self.uri))

@@ -1,0 +1,70 @@
+"""Where things live. One place reads the environment; everything else receives a Settings.
+
+- ``ADAPTERFAB_HOME`` (default ``~/.adapterfab``): state database, artifact folder, MLflow files, logs,
+  and ``stack.json`` written by ``adapterfab up`` (addresses of the running stack).
+- ``ADAPTERFAB_CACHE`` (default ``~/.cache/adapterfab``): converted base models (shared by homes).
+- ``ADAPTERFAB_STATE_URL``: SQLAlchemy URL of the state database (default SQLite under home).
+- ``ADAPTERFAB_ARTIFACTS``: artifact store root, a folder or ``s3://bucket/prefix``
+  (default ``<home>/artifacts``).
+- ``MLFLOW_TRACKING_URI`` and ``RAY_ADDRESS`` override what ``stack.json`` says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MLFLOW_PORT = 5005
+DEFAULT_SERVE_PORT = 8000
+DEFAULT_RAY_PORT = 6390
+DEFAULT_DASHBOARD_PORT = 8265
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    cache: Path
+    state_url: str
+    artifacts: str
+    mlflow_uri: str | None = None
+    ray_address: str | None = None
+    serve_url: str | None = None
+    dashboard_url: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def stack_file(self) -> Path:
+        return self.home / "stack.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "logs"
+
+    @classmethod
+    def load(cls) -> Settings:
+        home = Path(os.environ.get("ADAPTERFAB_HOME", "~/.adapterfab")).expanduser().resolve()
+        cache = Path(os.environ.get("ADAPTERFAB_CACHE", "~/.cache/adapterfab")).expanduser().resolve()
+        stack: dict = {}
+        stack_file = home / "stack.json"
+        if stack_file.exists():
+            try:
+                stack = json.loads(stack_file.read_text())
+            except (OSError, ValueError):
+                stack = {}
+        return cls(
+            home=home,
+            cache=cache,
+            state_url=os.environ.get("ADAPTERFAB_STATE_URL", f"sqlite:///{home / 'state.db'}"),
+            artifacts=os.environ.get("ADAPTERFAB_ARTIFACTS", str(home / "artifacts")),
+            mlflow_uri=os.environ.get("MLFLOW_TRACKING_URI") or stack.get("mlflow_uri"),
+            ray_address=os.environ.get("RAY_ADDRESS") or stack.get("ray_address"),
+            serve_url=stack.get("serve_url"),
+            dashboard_url=stack.get("dashboard_url"),
+            extra=stack,
+        )
+
+    def ensure_dirs(self) -> None:
+        for p in (self.home, self.logs, self.cache):
+            p.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,267 @@
+"""The batch spec (YAML, ``version: 1``): what a user submits.
+
+    version: 1
+    name: personas-demo
+    base_model: smollm2-135m-instruct      # short name, HF id, local path or s3://
+    promote: auto                          # none | auto (production if eval beats the base)
+    defaults:
+      method: {name: lora, r: 8, alpha: 16, target_modules: [q_proj, v_proj]}
+      train: {steps: 40, batch_size: 8, learning_rate: 1.0e-3}
+    tenants:
+      - {tenant: acme, persona: pirate, dataset: data/pirate.jsonl}
+      - {tenant: globex, persona: robot, dataset: s3://bucket/robot.parquet, train: {steps: 60}}
+
+``parse_spec`` checks the schema (pydantic, unknown keys refused) and ``check_semantics`` what needs
+the outside world (datasets readable, base model resolvable) — both before any compute is spent.
+Relative dataset paths are resolved against the spec file's folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from adapterfab.errors import InvalidId, SpecError
+from adapterfab.ids import check_id
+from adapterfab.methods import MethodConfig, get_method, known_methods
+
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+DATASET_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainConfig(_Strict):
+    """Training hyper-parameters of one job. Every field has a default; a tenant entry overrides some."""
+
+    steps: int = Field(40, ge=1, le=1_000_000, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, le=4096, description="rows per optimizer step")
+    learning_rate: float = Field(1e-3, gt=0, le=1.0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_seq_len: int = Field(256, ge=16, le=131072, description="tokens; longer rows are truncated")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of rows held out for eval")
+    max_bad_row_fraction: float = Field(
+        0.1, ge=0.0, le=1.0, description="a dataset with a larger share of malformed rows fails its job"
+    )
+    seed: int = Field(0, ge=0)
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    log_every_steps: int = Field(1, ge=1)
+
+
+class Resources(_Strict):
+    cpus_per_job: float = Field(1.0, gt=0)
+    gpus_per_job: float = Field(0.0, ge=0)
+    max_concurrent_jobs: int | None = Field(None, ge=1, description="default: what the cluster fits")
+
+
+class Defaults(_Strict):
+    method: dict[str, Any] = Field(default_factory=lambda: {"name": "lora"})
+    train: dict[str, Any] = Field(default_factory=dict)
+
+
+class TenantEntry(_Strict):
+    tenant: str
+    persona: str
+    dataset: str
+    method: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+
+    @field_validator("tenant", "persona")
+    @classmethod
+    def _valid_id(cls, v: str, info: Any) -> str:
+        try:
+            return check_id(v, info.field_name)
+        except InvalidId as e:
+            raise ValueError(str(e)) from None
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_form(cls, v: str) -> str:
+        if not v or not v.strip():
+            raise ValueError("dataset is empty: give a .jsonl or .parquet path or s3:// URI")
+        if not v.lower().endswith(DATASET_SUFFIXES):
+            raise ValueError(f"dataset {v!r} must end in one of {', '.join(DATASET_SUFFIXES)}")
+        return v
+
+
+class BatchSpec(_Strict):
+    version: Literal[1]
+    name: str = Field(min_length=1, max_length=200)
+    base_model: str = DEFAULT_BASE_MODEL
+    promote: Literal["none", "auto"] = "none"
+    defaults: Defaults = Field(default_factory=Defaults)
+    resources: Resources = Field(default_factory=Resources)
+    tenants: list[TenantEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_jobs(self) -> BatchSpec:
+        seen: set[tuple[str, str]] = set()
+        for i, t in enumerate(self.tenants):
+            if (t.tenant, t.persona) in seen:
+                raise ValueError(f"tenants[{i}]: {t.tenant}/{t.persona} appears twice; one entry per persona")
+            seen.add((t.tenant, t.persona))
+        return self
+
+
+class JobSpec(BaseModel):
+    """One resolved job: a tenant entry merged over the defaults, dataset path made absolute."""
+
+    model_config = ConfigDict(frozen=True)
+    tenant: str
+    persona: str
+    dataset: str
+    method: MethodConfig
+    train: TrainConfig
+
+
+def _merge_method(default: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
+    if not override:
+        return dict(default)
+    if "name" in override and override["name"] != default.get("name"):
+        return dict(override)  # a different method: its own parameters only
+    return {**default, **override}
+
+
+def _method_config(raw: dict[str, Any], where: str) -> MethodConfig:
+    name = raw.get("name")
+    if name not in known_methods():
+        raise SpecError([(f"{where}.name", f"unknown method {name!r}; use one of: {', '.join(known_methods())}")])
+    try:
+        return get_method(name).config_cls(**raw)
+    except ValidationError as e:
+        raise SpecError(_problems(e, where)) from None
+
+
+def _problems(e: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    out = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        field = f"{prefix}.{loc}" if prefix and loc else (prefix or loc or "(spec)")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key {err['loc'][-1]!r}; remove it or check its spelling"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        out.append((field, msg))
+    return out
+
+
+def _resolve_dataset(dataset: str, root: Path | None) -> str:
+    if dataset.startswith("s3://") or "://" in dataset:
+        return dataset
+    p = Path(dataset).expanduser()
+    if not p.is_absolute() and root is not None:
+        p = root / p
+    return str(p.resolve())
+
+
+def parse_spec(data: dict[str, Any] | str, root: Path | None = None) -> tuple[BatchSpec, list[JobSpec]]:
+    """Validate a spec (a dict or YAML text) and resolve its jobs. Raises SpecError naming each field."""
+    if isinstance(data, str):
+        try:
+            data = yaml.safe_load(data)
+        except yaml.YAMLError as e:
+            raise SpecError([("(yaml)", f"not valid YAML: {e}")]) from None
+    if not isinstance(data, dict):
+        raise SpecError([("(spec)", "the spec must be a YAML mapping with version, name and tenants")])
+    try:
+        spec = BatchSpec(**data)
+    except ValidationError as e:
+        raise SpecError(_problems(e)) from None
+    except TypeError as e:
+        raise SpecError([("(spec)", str(e))]) from None
+
+    problems: list[tuple[str, str]] = []
+    try:
+        _method_config(spec.defaults.method, "defaults.method")
+    except SpecError as e:
+        problems += e.problems
+    try:
+        TrainConfig(**spec.defaults.train)
+    except ValidationError as e:
+        problems += _problems(e, "defaults.train")
+    jobs: list[JobSpec] = []
+    for i, t in enumerate(spec.tenants):
+        where = f"tenants[{i}]"
+        try:
+            method = _method_config(_merge_method(spec.defaults.method, t.method), f"{where}.method")
+            train = TrainConfig(**{**spec.defaults.train, **(t.train or {})})
+        except SpecError as e:
+            problems += e.problems
+            continue
+        except ValidationError as e:
+            problems += _problems(e, f"{where}.train")
+            continue
+        jobs.append(
+            JobSpec(
+                tenant=t.tenant,
+                persona=t.persona,
+                dataset=_resolve_dataset(t.dataset, root),
+                method=method,
+                train=train,
+            )
+        )
+    if problems:
+        raise SpecError(sorted(set(problems), key=problems.index))
+    return spec, jobs
+
+
+def load_spec(path: str | Path) -> tuple[BatchSpec, list[JobSpec], str]:
+    """Read a spec file; returns (spec, jobs, raw text)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([("(file)", f"spec file {str(p)!r} does not exist")]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError([("(file)", f"cannot read spec file {str(p)!r}: {e}")]) from None
+    spec, jobs = parse_spec(text, root=p.resolve().parent)
+    return spec, jobs, text
+
+
+def check_semantics(spec: BatchSpec, jobs: list[JobSpec], dataset_exists: Any = None) -> None:
+    """Checks that touch the outside world but run no compute: datasets exist and are readable, the
+    base model can be resolved. ``dataset_exists(uri) -> str | None`` returns an error message for a
+    remote URI (the storage layer's check); local files are checked here."""
+    from adapterfab.basemodel import check_base_model
+
+    problems: list[tuple[str, str]] = []
+    try:
+        check_base_model(spec.base_model)
+    except Exception as e:  # noqa: BLE001 - reported as a spec problem
+        problems.append(("base_model", str(e)))
+    for i, job in enumerate(jobs):
+        field = f"tenants[{i}].dataset"
+        if "://" in job.dataset:
+            err = dataset_exists(job.dataset) if dataset_exists else None
+            if err:
+                problems.append((field, err))
+            continue
+        p = Path(job.dataset)
+        if not p.exists():
+            problems.append((field, f"{job.dataset} does not exist; check the path (relative paths are "
+                                    "resolved against the spec file's folder)"))
+        elif not p.is_file():
+            problems.append((field, f"{job.dataset} is not a file"))
+        else:
+            try:
+                with p.open("rb") as f:
+                    f.read(1)
+            except OSError as e:
+                problems.append((field, f"{job.dataset} is not readable: {e.strerror}"))
+            if p.stat().st_size == 0:
+                problems.append((field, f"{job.dataset} is empty"))
+    if problems:
+        raise SpecError(problems)
+
+
+def spec_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

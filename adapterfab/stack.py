@@ -1,0 +1,136 @@
+"""The local stack: a Ray head node (``ray start --head --block`` in its own process group), an MLflow
+tracking server process (SQLite + local artifact folder by default), and the serving URL Ray Serve
+will use. ``up`` and ``down`` are idempotent; what is running is recorded in ``<home>/stack.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapterfab.errors import StackError
+from adapterfab.procs import free_port, pid_alive, port_open, start_mlflow, stop_pid, wait_http
+from adapterfab.settings import (DEFAULT_DASHBOARD_PORT, DEFAULT_MLFLOW_PORT, DEFAULT_RAY_PORT,
+                                 DEFAULT_SERVE_PORT, Settings)
+
+# Ray Train's controller polls workers every 2 s by default, which makes every report() wait ~2 s.
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+           "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
+
+
+@dataclass
+class StackInfo:
+    ray_address: str
+    ray_pid: int
+    dashboard_url: str
+    mlflow_uri: str
+    mlflow_pid: int
+    serve_url: str
+    serve_port: int
+
+    def urls(self) -> dict[str, str]:
+        return {"mlflow": self.mlflow_uri, "ray_dashboard": self.dashboard_url, "serving": self.serve_url}
+
+
+def _pick(port: int | None, default: int) -> int:
+    if port:
+        return port
+    return default if not port_open(default) else free_port()
+
+
+def read_stack(settings: Settings) -> dict | None:
+    if not settings.stack_file.exists():
+        return None
+    try:
+        return json.loads(settings.stack_file.read_text())
+    except ValueError:
+        return None
+
+
+def stack_alive(info: dict | None) -> bool:
+    return bool(info) and pid_alive(info.get("ray_pid")) and pid_alive(info.get("mlflow_pid"))
+
+
+def _start_ray(settings: Settings, port: int, dashboard_port: int, num_cpus: int | None) -> int:
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+           "--node-ip-address", "127.0.0.1", "--port", str(port),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+           "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+           "--disable-usage-stats"]
+    if num_cpus:
+        cmd += ["--num-cpus", str(num_cpus)]
+    log = (settings.logs / "ray.log").open("ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **RAY_ENV}, cwd=str(settings.home))
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"ray start exited with {proc.returncode}; see {settings.logs / 'ray.log'}")
+        if port_open(port) and port_open(dashboard_port):
+            return proc.pid
+        time.sleep(0.5)
+    stop_pid(proc.pid)
+    raise StackError(f"the Ray head did not come up within 90s; see {settings.logs / 'ray.log'}")
+
+
+def up(settings: Settings, mlflow_port: int | None = None, ray_port: int | None = None,
+       dashboard_port: int | None = None, serve_port: int | None = None, num_cpus: int | None = None,
+       artifacts_destination: str | None = None, backend_store_uri: str | None = None) -> StackInfo:
+    settings.ensure_dirs()
+    current = read_stack(settings)
+    if stack_alive(current):
+        return StackInfo(**{k: current[k] for k in StackInfo.__dataclass_fields__})
+    if current:
+        down(settings)  # half-dead stack: clean it up first
+    ray_port = _pick(ray_port, DEFAULT_RAY_PORT)
+    dashboard_port = _pick(dashboard_port, DEFAULT_DASHBOARD_PORT)
+    mlflow_port = _pick(mlflow_port, DEFAULT_MLFLOW_PORT)
+    serve_port = _pick(serve_port, DEFAULT_SERVE_PORT)
+    ray_pid = _start_ray(settings, ray_port, dashboard_port, num_cpus)
+    try:
+        mlflow = start_mlflow(settings.home / "mlflow", mlflow_port, artifacts_destination, backend_store_uri)
+    except Exception:
+        stop_pid(ray_pid)
+        raise
+    info = StackInfo(ray_address=f"127.0.0.1:{ray_port}", ray_pid=ray_pid,
+                     dashboard_url=f"http://127.0.0.1:{dashboard_port}", mlflow_uri=mlflow.url,
+                     mlflow_pid=mlflow.pid, serve_url=f"http://127.0.0.1:{serve_port}", serve_port=serve_port)
+    settings.stack_file.write_text(json.dumps(info.__dict__, indent=1))
+    try:
+        wait_http(info.dashboard_url, 60)
+    except StackError:
+        pass  # the dashboard is a convenience; the cluster itself is up
+    return info
+
+
+def down(settings: Settings) -> list[str]:
+    """Stop what ``up`` started (and running orchestrators of this home). Returns what was stopped."""
+    info = read_stack(settings) or {}
+    stopped = []
+    try:
+        from adapterfab.state import StateStore
+
+        for b in StateStore(settings.state_url).list_batches(limit=200):
+            if b.state in ("PENDING", "RUNNING") and pid_alive(b.orchestrator_pid):
+                stop_pid(b.orchestrator_pid, timeout_s=5)
+                stopped.append(f"orchestrator of {b.id}")
+    except Exception:  # noqa: BLE001 - no state db yet
+        pass
+    for name, key in (("ray", "ray_pid"), ("mlflow", "mlflow_pid"), ("serve", "serve_pid")):
+        pid = info.get(key)
+        if pid and pid_alive(pid):
+            stop_pid(pid, timeout_s=10)
+            stopped.append(name)
+    settings.stack_file.unlink(missing_ok=True)
+    return stopped
+
+
+def record(settings: Settings, **fields: object) -> None:
+    info = read_stack(settings) or {}
+    info.update(fields)
+    settings.stack_file.write_text(json.dumps(info, indent=1))

@@ -1,0 +1,236 @@
+"""Durable batch and job state (SQLAlchemy; SQLite by default, any SQLAlchemy URL works).
+
+Every job state change goes through ``StateStore.move_job``, which checks the transition, logs it
+with tenant and job id, and commits it; so ``adapterfab status`` works after the CLI restarts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import JSON, Float, Integer, String, Text, create_engine, event, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from adapterfab.errors import StateError
+from adapterfab.states import BatchState, JobState, can_move
+
+log = logging.getLogger("adapterfab.state")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class BatchRow(Base):
+    __tablename__ = "batches"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(16), default=BatchState.PENDING.value)
+    spec_text: Mapped[str] = mapped_column(Text)
+    spec_path: Mapped[str] = mapped_column(Text, default="")
+    base_model: Mapped[str] = mapped_column(Text, default="")
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    orchestrator_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_s: Mapped[float] = mapped_column(Float, default=time.time)
+    started_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    batch_id: Mapped[str] = mapped_column(String(64), index=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    persona: Mapped[str] = mapped_column(String(64))
+    method: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING.value)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int] = mapped_column(Integer, default=0)
+    loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    data_stats: Mapped[dict] = mapped_column(JSON, default=dict)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    adapter_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
+    model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_s: Mapped[float] = mapped_column(Float, default=time.time)
+    started_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_s: Mapped[float] = mapped_column(Float, default=time.time)
+    revoked: Mapped[int] = mapped_column(Integer, default=0)
+
+
+@dataclass(frozen=True)
+class JobView:
+    id: str
+    batch_id: str
+    tenant: str
+    persona: str
+    method: str
+    state: JobState
+    step: int
+    total_steps: int
+    loss: float | None
+    metrics: dict
+    data_stats: dict
+    mlflow_run_id: str | None
+    adapter_uri: str | None
+    model_version: int | None
+    attempts: int
+    started_s: float | None
+    ended_s: float | None
+    error: str | None
+
+    @property
+    def progress(self) -> float:
+        if self.state == JobState.SUCCEEDED:
+            return 1.0
+        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["state"] = self.state.value
+        d["progress"] = round(self.progress, 4)
+        return d
+
+
+def _view(row: JobRow) -> JobView:
+    return JobView(
+        id=row.id, batch_id=row.batch_id, tenant=row.tenant, persona=row.persona, method=row.method,
+        state=JobState(row.state), step=row.step, total_steps=row.total_steps, loss=row.loss,
+        metrics=dict(row.metrics or {}), data_stats=dict(row.data_stats or {}),
+        mlflow_run_id=row.mlflow_run_id, adapter_uri=row.adapter_uri, model_version=row.model_version,
+        attempts=row.attempts, started_s=row.started_s, ended_s=row.ended_s, error=row.error,
+    )
+
+
+class StateStore:
+    def __init__(self, url: str):
+        self.url = url
+        if url.startswith("sqlite:///"):
+            from pathlib import Path
+
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+        if url.startswith("sqlite"):
+            @event.listens_for(self.engine, "connect")
+            def _wal(dbapi_conn, _rec):  # noqa: ANN001 - several processes read while one writes
+                dbapi_conn.execute("PRAGMA journal_mode=WAL")
+                dbapi_conn.execute("PRAGMA busy_timeout=30000")
+        Base.metadata.create_all(self.engine)
+
+    # batches ----------------------------------------------------------------------------------
+    def create_batch(self, batch_id: str, name: str, spec_text: str, spec_path: str, base_model: str,
+                     jobs: list[dict[str, Any]]) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.add(BatchRow(id=batch_id, name=name, spec_text=spec_text, spec_path=spec_path,
+                           base_model=base_model))
+            for j in jobs:
+                s.add(JobRow(batch_id=batch_id, **j))
+
+    def get_batch(self, batch_id: str) -> BatchRow:
+        with Session(self.engine, expire_on_commit=False) as s:
+            row = s.get(BatchRow, batch_id)
+            if row is None:
+                raise StateError(f"no batch {batch_id!r}; `adapterfab status` lists batches")
+            s.expunge(row)
+            return row
+
+    def list_batches(self, limit: int = 50) -> list[BatchRow]:
+        with Session(self.engine, expire_on_commit=False) as s:
+            rows = list(s.scalars(select(BatchRow).order_by(BatchRow.created_s.desc()).limit(limit)))
+            for r in rows:
+                s.expunge(r)
+            return rows
+
+    def update_batch(self, batch_id: str, **fields: Any) -> None:
+        with Session(self.engine) as s, s.begin():
+            row = s.get(BatchRow, batch_id)
+            if row is None:
+                raise StateError(f"no batch {batch_id!r}")
+            for k, v in fields.items():
+                setattr(row, k, v.value if isinstance(v, BatchState) else v)
+
+    # jobs -------------------------------------------------------------------------------------
+    def jobs(self, batch_id: str) -> list[JobView]:
+        with Session(self.engine) as s:
+            return [_view(r) for r in s.scalars(select(JobRow).where(JobRow.batch_id == batch_id)
+                                                .order_by(JobRow.tenant, JobRow.persona))]
+
+    def job(self, job_id: str) -> JobView:
+        with Session(self.engine) as s:
+            row = s.get(JobRow, job_id)
+            if row is None:
+                raise StateError(f"no job {job_id!r}")
+            return _view(row)
+
+    def move_job(self, job_id: str, new: JobState, **fields: Any) -> JobView:
+        """The one place a job changes state: checks the transition, records it, logs it."""
+        with Session(self.engine) as s, s.begin():
+            row = s.get(JobRow, job_id)
+            if row is None:
+                raise StateError(f"no job {job_id!r}")
+            old = JobState(row.state)
+            if not can_move(old, new):
+                raise StateError(f"job {job_id}: {old.value} -> {new.value} is not allowed")
+            row.state = new.value
+            now = time.time()
+            if new == JobState.PREPARING and row.started_s is None:
+                row.started_s = now
+            if new.terminal:
+                row.ended_s = now
+            for k, v in fields.items():
+                setattr(row, k, v)
+            view = _view(row)
+        if old != new:
+            log.info("job state %s -> %s", old.value, new.value,
+                     extra={"tenant": view.tenant, "adapter_id": f"{view.tenant}/{view.persona}", "job_id": job_id})
+        return view
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        """Progress and metrics, no state change."""
+        if "state" in fields:
+            raise StateError("use move_job to change a job's state")
+        with Session(self.engine) as s, s.begin():
+            row = s.get(JobRow, job_id)
+            if row is None:
+                raise StateError(f"no job {job_id!r}")
+            for k, v in fields.items():
+                setattr(row, k, v)
+
+    # api keys ---------------------------------------------------------------------------------
+    def add_key(self, key_id: str, tenant: str, sha256: str) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.add(ApiKeyRow(key_id=key_id, tenant=tenant, sha256=sha256))
+
+    def key_by_id(self, key_id: str) -> ApiKeyRow | None:
+        with Session(self.engine, expire_on_commit=False) as s:
+            row = s.get(ApiKeyRow, key_id)
+            if row is not None:
+                s.expunge(row)
+            return row
+
+    def dump(self, batch_id: str) -> dict[str, Any]:
+        b = self.get_batch(batch_id)
+        return {
+            "id": b.id, "name": b.name, "state": b.state, "base_model": b.base_model,
+            "mlflow_run_id": b.mlflow_run_id, "created_s": b.created_s, "started_s": b.started_s,
+            "ended_s": b.ended_s, "error": b.error,
+            "jobs": [j.to_dict() for j in self.jobs(batch_id)],
+        }
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str)

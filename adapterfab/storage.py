@@ -1,0 +1,218 @@
+"""The artifact store: one interface, a local folder backend (the embedded default) and S3 (boto3).
+
+Keys are ``/``-separated and relative to the store's root; an object's full URI is
+``<root>/<key>``. Uploads are verified: every file's sha256 goes into a ``MANIFEST.json`` written last,
+and ``download_dir`` checks each file against it, so a half-written or corrupted adapter is never
+loaded. Layout of keys: see ``AdapterId.artifact_prefix`` (``adapters/<tenant>/<persona>/<job_id>/``).
+
+S3 settings come from the environment or a profile, never from batch files: ``AWS_ENDPOINT_URL``
+(or ``ADAPTERFAB_S3_ENDPOINT_URL``), ``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_PROFILE``, and the
+usual credential variables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from abc import ABC, abstractmethod
+from pathlib import Path
+from urllib.parse import urlparse
+
+from adapterfab.errors import StorageError
+
+MANIFEST = "MANIFEST.json"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest_of(local_dir: Path) -> dict[str, dict]:
+    files = {}
+    for p in sorted(local_dir.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(local_dir).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return files
+
+
+class ArtifactStore(ABC):
+    root: str
+
+    def uri(self, key: str) -> str:
+        return f"{self.root.rstrip('/')}/{key.lstrip('/')}"
+
+    def key_of(self, uri: str) -> str:
+        root = self.root.rstrip("/") + "/"
+        if not uri.startswith(root):
+            raise StorageError(f"{uri} is outside the artifact store {self.root}")
+        return uri[len(root):]
+
+    @abstractmethod
+    def put_file(self, local: Path, key: str) -> None: ...
+
+    @abstractmethod
+    def get_file(self, key: str, local: Path) -> None: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> None: ...
+
+    def upload_dir(self, local_dir: str | Path, prefix: str) -> str:
+        """Upload every file under ``local_dir`` to ``prefix``; the manifest goes last. Returns the URI."""
+        local_dir = Path(local_dir)
+        manifest = _manifest_of(local_dir)
+        if not manifest:
+            raise StorageError(f"nothing to upload in {local_dir}")
+        prefix = prefix.rstrip("/") + "/"
+        for rel in manifest:
+            self.put_file(local_dir / rel, prefix + rel)
+        tmp = local_dir / MANIFEST
+        tmp.write_text(json.dumps({"files": manifest}, indent=1))
+        try:
+            self.put_file(tmp, prefix + MANIFEST)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return self.uri(prefix)
+
+    def download_dir(self, uri: str, local_dir: str | Path) -> Path:
+        """Download what ``upload_dir`` wrote under ``uri``, verifying every checksum."""
+        prefix = self.key_of(uri).rstrip("/") + "/"
+        local_dir = Path(local_dir)
+        local_dir.mkdir(parents=True, exist_ok=True)
+        mpath = local_dir / MANIFEST
+        if not self.exists(prefix + MANIFEST):
+            raise StorageError(f"{uri} has no {MANIFEST}: the upload is missing or incomplete")
+        self.get_file(prefix + MANIFEST, mpath)
+        files = json.loads(mpath.read_text())["files"]
+        for rel, meta in files.items():
+            dest = local_dir / rel
+            if ".." in Path(rel).parts or Path(rel).is_absolute():
+                raise StorageError(f"refusing manifest entry {rel!r} outside the folder")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self.get_file(prefix + rel, dest)
+            if sha256_file(dest) != meta["sha256"]:
+                dest.unlink(missing_ok=True)
+                raise StorageError(f"checksum mismatch for {uri.rstrip('/')}/{rel}: the stored file is corrupt")
+        return local_dir
+
+
+class LocalStore(ArtifactStore):
+    def __init__(self, root: str | Path):
+        self.path = Path(str(root).removeprefix("file://")).expanduser().resolve()
+        self.root = str(self.path)
+
+    def _p(self, key: str) -> Path:
+        p = (self.path / key).resolve()
+        if p != self.path and self.path not in p.parents:
+            raise StorageError(f"key {key!r} escapes the artifact store")
+        return p
+
+    def put_file(self, local: Path, key: str) -> None:
+        dest = self._p(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + f".part{os.getpid()}")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, dest)
+
+    def get_file(self, key: str, local: Path) -> None:
+        src = self._p(key)
+        if not src.exists():
+            raise StorageError(f"{self.uri(key)} does not exist")
+        shutil.copyfile(src, local)
+
+    def exists(self, key: str) -> bool:
+        return self._p(key).exists()
+
+    def delete_prefix(self, prefix: str) -> None:
+        shutil.rmtree(self._p(prefix), ignore_errors=True)
+
+
+class S3Store(ArtifactStore):
+    """S3 through boto3, with retries (standard mode, backoff with jitter) on 5xx and timeouts."""
+
+    def __init__(self, root: str):
+        u = urlparse(root)
+        if u.scheme != "s3" or not u.netloc:
+            raise StorageError(f"not an s3:// URI: {root}")
+        self.bucket = u.netloc
+        self.base = u.path.strip("/")
+        self.root = f"s3://{self.bucket}" + (f"/{self.base}" if self.base else "")
+        self._client = None
+
+    @property
+    def client(self):  # noqa: ANN201
+        if self._client is None:
+            self._client = s3_client()
+        return self._client
+
+    def _k(self, key: str) -> str:
+        return f"{self.base}/{key}" if self.base else key
+
+    def put_file(self, local: Path, key: str) -> None:
+        try:
+            self.client.upload_file(str(local), self.bucket, self._k(key))
+        except Exception as e:  # noqa: BLE001
+            raise StorageError(f"upload to {self.uri(key)} failed: {e}") from e
+
+    def get_file(self, key: str, local: Path) -> None:
+        try:
+            self.client.download_file(self.bucket, self._k(key), str(local))
+        except Exception as e:  # noqa: BLE001
+            raise StorageError(f"download of {self.uri(key)} failed: {e}") from e
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._k(key))
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StorageError(f"cannot check {self.uri(key)}: {e}") from e
+
+    def delete_prefix(self, prefix: str) -> None:
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._k(prefix)):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+
+
+def s3_client():  # noqa: ANN201
+    import boto3
+    from botocore.config import Config
+
+    endpoint = os.environ.get("ADAPTERFAB_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    session = boto3.session.Session(profile_name=os.environ.get("AWS_PROFILE") or None)
+    return session.client(
+        "s3",
+        endpoint_url=endpoint,
+        config=Config(retries={"max_attempts": 6, "mode": "standard"}, connect_timeout=5, read_timeout=30),
+    )
+
+
+def open_store(root: str) -> ArtifactStore:
+    """The store for a root URI: ``s3://bucket/prefix`` or a local folder (``file://`` optional).
+    A full object URI also works: the store is rooted at its bucket."""
+    if root.startswith("s3://"):
+        return S3Store(root)
+    return LocalStore(root)
+
+
+def s3_object_error(uri: str) -> str | None:
+    """For ``validate``: None if ``uri`` names a readable S3 object, else a message."""
+    u = urlparse(uri)
+    try:
+        s3_client().head_object(Bucket=u.netloc, Key=u.path.lstrip("/"))
+        return None
+    except Exception as e:  # noqa: BLE001
+        return f"cannot read {uri}: {e}"

@@ -1,0 +1,282 @@
+"""Runs a batch to a terminal state: for every job, Ray Data prepares the tenant's data, Ray Train fits
+the adapter, the artifact store keeps its files, MLflow records the run and registers the version.
+
+``adapterfab submit`` records the batch in the state database and starts this module as a detached
+process (``python -m adapterfab.jobs.orchestrate BATCH_ID``), so a batch goes on when the CLI exits and
+``adapterfab status`` reads its progress from the database. A job that fails (bad data, a training
+error) is marked FAILED with its reason; the other jobs go on. Re-running the orchestrator on a batch
+skips SUCCEEDED jobs and restarts the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapterfab import __version__
+from adapterfab.basemodel import BaseModelRef, resolve_base_model
+from adapterfab.errors import AdapterfabError, StackError
+from adapterfab.ids import PRODUCTION, AdapterId, job_id
+from adapterfab.registry import Registry, Tracking
+from adapterfab.settings import Settings
+from adapterfab.spec import BatchSpec, JobSpec, check_semantics, load_spec, parse_spec
+from adapterfab.state import StateStore
+from adapterfab.states import BatchState, JobState
+from adapterfab.storage import open_store, s3_object_error
+
+log = logging.getLogger("adapterfab.orchestrate")
+PROGRESS_POLL_S = 1.0
+
+
+def new_batch_id() -> str:
+    return time.strftime("b-%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(3)
+
+
+def create_batch(settings: Settings, spec_path: str | Path) -> str:
+    """Validate a spec (schema + semantics, no compute) and record the batch and its jobs as PENDING."""
+    spec, jobs, text = load_spec(spec_path)
+    check_semantics(spec, jobs, dataset_exists=s3_object_error)
+    batch_id = new_batch_id()
+    StateStore(settings.state_url).create_batch(
+        batch_id, spec.name, text, str(Path(spec_path).resolve()), spec.base_model,
+        [{"id": job_id(batch_id, j.tenant, j.persona), "tenant": j.tenant, "persona": j.persona,
+          "method": j.method.name, "total_steps": j.train.steps} for j in jobs],
+    )
+    return batch_id
+
+
+def launch_detached(settings: Settings, batch_id: str) -> int:
+    """Start the orchestrator for ``batch_id`` as its own process (it outlives the CLI)."""
+    settings.logs.mkdir(parents=True, exist_ok=True)
+    logf = (settings.logs / f"{batch_id}.log").open("ab")
+    proc = subprocess.Popen([sys.executable, "-m", "adapterfab.jobs.orchestrate", batch_id],
+                            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "ADAPTERFAB_HOME": str(settings.home)})
+    StateStore(settings.state_url).update_batch(batch_id, orchestrator_pid=proc.pid)
+    return proc.pid
+
+
+def code_version() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+@dataclass
+class BatchContext:
+    settings: Settings
+    state: StateStore
+    batch_id: str
+    spec: BatchSpec
+    base: BaseModelRef
+    tracking: Tracking
+    registry: Registry
+    batch_run_id: str
+    board_name: str
+    pad_id: int
+
+
+def _error_text(e: BaseException) -> str:
+    if isinstance(e, AdapterfabError):
+        return str(e)
+    cause = e
+    # Ray wraps worker errors; show the innermost message a person can act on
+    while getattr(cause, "__cause__", None) is not None:
+        cause = cause.__cause__
+    return f"{type(cause).__name__}: {cause}"[:4000]
+
+
+def run_job(ctx: BatchContext, job: JobSpec) -> None:
+    from adapterfab.jobs.launch import WorkerJob, run_training_job
+    from adapterfab.pipelines.data import prepare_dataset
+
+    jid = job_id(ctx.batch_id, job.tenant, job.persona)
+    aid = AdapterId(job.tenant, job.persona)
+    view = ctx.state.job(jid)
+    if view.state == JobState.SUCCEEDED:
+        return
+    if view.state != JobState.PENDING:
+        ctx.state.move_job(jid, JobState.PENDING)
+    ctx.state.move_job(jid, JobState.PREPARING, attempts=view.attempts + 1, error=None, step=0, loss=None)
+    run_id = ctx.tracking.start_run(
+        aid.key, parent_run_id=ctx.batch_run_id,
+        tags={"adapterfab.tenant": job.tenant, "adapterfab.persona": job.persona,
+              "adapterfab.batch_id": ctx.batch_id, "adapterfab.job_id": jid})
+    ctx.state.update_job(jid, mlflow_run_id=run_id)
+    try:
+        ctx.tracking.log_params(run_id, {
+            **{f"method.{k}": v for k, v in job.method.model_dump().items()},
+            **{f"train.{k}": v for k, v in job.train.model_dump().items()},
+            "dataset": job.dataset, "base_model": ctx.spec.base_model, "base_fingerprint": ctx.base.fingerprint,
+        })
+        t = job.train
+        prepared = prepare_dataset(job.dataset, ctx.base.path, max_seq_len=t.max_seq_len,
+                                   eval_fraction=t.eval_fraction, seed=t.seed,
+                                   max_bad_row_fraction=t.max_bad_row_fraction)
+        stats = prepared.stats.to_dict()
+        ctx.state.update_job(jid, data_stats=stats)
+        ctx.tracking.log_text(run_id, json.dumps({"dataset": job.dataset, **stats}, indent=1),
+                              "dataset_manifest.json")
+        ctx.tracking.log_metrics(run_id, {k: float(stats[k]) for k in
+                                          ("total_rows", "bad_rows", "train_rows", "eval_rows")})
+
+        ctx.state.move_job(jid, JobState.TRAINING, total_steps=t.steps)
+        worker_job = WorkerJob(
+            job_id=jid, base_model_path=ctx.base.path, method=job.method.model_dump(), train=t.model_dump(),
+            mlflow_uri=ctx.tracking.uri, mlflow_run_id=run_id, progress_board=ctx.board_name,
+            pad_id=ctx.pad_id, cpus=ctx.spec.resources.cpus_per_job)
+        attempt = ctx.state.job(jid).attempts
+        metrics, adapter_dir = run_training_job(
+            worker_job, prepared.train, prepared.eval, str(ctx.settings.home / "ray_results"),
+            run_name=f"{jid}.a{attempt}")
+        ctx.state.move_job(jid, JobState.REGISTERING, step=t.steps, loss=metrics.get("train_loss"),
+                           metrics=metrics)
+        ctx.tracking.log_metrics(run_id, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                                 step=t.steps)
+        store = open_store(ctx.settings.artifacts)
+        artifact_uri = store.upload_dir(adapter_dir, aid.artifact_prefix(jid))
+        source = ctx.tracking.log_dir(run_id, adapter_dir, "adapter")
+        tags = {
+            "tenant": job.tenant, "persona": job.persona, "method": job.method.name,
+            "rank": getattr(job.method, "r", ""), **job.method.tags(),
+            "base_model": ctx.spec.base_model, "base_fingerprint": ctx.base.fingerprint,
+            "dataset": job.dataset, "dataset_sha256": stats["sha256"], "dataset_rows": stats["total_rows"],
+            "dataset_bad_rows": stats["bad_rows"], "train_rows": stats["train_rows"],
+            "eval_rows": stats["eval_rows"], "batch_id": ctx.batch_id, "job_id": jid,
+            "code_version": code_version(), "artifact_uri": artifact_uri, "artifact_root": store.root,
+            **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, float)},
+        }
+        version = ctx.registry.register(aid, source, run_id, tags)
+        _maybe_promote(ctx, version, metrics)
+        ctx.state.move_job(jid, JobState.SUCCEEDED, adapter_uri=artifact_uri, model_version=version.id.version)
+        ctx.tracking.end_run(run_id, ok=True)
+    except Exception as e:  # noqa: BLE001 - the job fails, the batch goes on
+        log.error("job %s failed: %s\n%s", jid, e, traceback.format_exc())
+        ctx.state.move_job(jid, JobState.FAILED, error=_error_text(e))
+        try:
+            ctx.tracking.set_tags(run_id, {"adapterfab.error": _error_text(e)[:4000]})
+            ctx.tracking.end_run(run_id, ok=False)
+        except Exception:  # noqa: BLE001
+            log.exception("could not close MLflow run %s", run_id)
+
+
+def _maybe_promote(ctx: BatchContext, version: Any, metrics: dict[str, float]) -> None:
+    if ctx.spec.promote != "auto":
+        return
+    ev, base = metrics.get("eval_loss"), metrics.get("base_eval_loss")
+    if ev is not None and base is not None and ev < base:
+        ctx.registry.set_alias(version.id, PRODUCTION, version.id.version)
+        decision, reason = "promoted", f"eval_loss {ev:.4f} < base_eval_loss {base:.4f}"
+    else:
+        decision, reason = "refused", f"eval_loss {ev} does not beat base_eval_loss {base}"
+    ctx.registry.set_version_tags(version, {"promotion.decision": decision, "promotion.reason": reason})
+
+
+def _poll_progress(ctx: BatchContext, board: Any, stop: threading.Event) -> None:
+    import ray
+
+    while not stop.wait(PROGRESS_POLL_S):
+        try:
+            progress = ray.get(board.read.remote(), timeout=10)
+            for jid, p in progress.items():
+                if ctx.state.job(jid).state == JobState.TRAINING:
+                    ctx.state.update_job(jid, step=p["step"], loss=p["loss"])
+        except Exception:  # noqa: BLE001 - progress is best effort
+            log.debug("progress poll failed", exc_info=True)
+
+
+def connect_ray(settings: Settings) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if not settings.ray_address:
+        raise StackError("no Ray cluster: run `adapterfab up` first (or set RAY_ADDRESS)")
+    ray.init(address=settings.ray_address, log_to_driver=False)
+
+
+def run_batch(settings: Settings, batch_id: str) -> BatchState:
+    import ray
+    from transformers import AutoTokenizer
+
+    from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard
+    from adapterfab.jobs.plan import concurrency
+
+    state = StateStore(settings.state_url)
+    batch = state.get_batch(batch_id)
+    spec, jobs = parse_spec(batch.spec_text, root=Path(batch.spec_path).parent if batch.spec_path else None)
+    state.update_batch(batch_id, state=BatchState.RUNNING, started_s=time.time(), error=None,
+                       orchestrator_pid=os.getpid())
+    try:
+        if not settings.mlflow_uri:
+            raise StackError("no MLflow server: run `adapterfab up` first (or set MLFLOW_TRACKING_URI)")
+        connect_ray(settings)
+        base = resolve_base_model(spec.base_model, settings.cache)
+        tok = AutoTokenizer.from_pretrained(base.path)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        tracking = Tracking(settings.mlflow_uri)
+        batch_run = batch.mlflow_run_id or tracking.start_run(
+            f"batch {spec.name}", tags={"adapterfab.batch_id": batch_id, "adapterfab.batch_name": spec.name})
+        if not batch.mlflow_run_id:
+            state.update_batch(batch_id, mlflow_run_id=batch_run)
+            tracking.log_text(batch_run, batch.spec_text, "batch_spec.yaml")
+            tracking.log_params(batch_run, {"name": spec.name, "base_model": spec.base_model,
+                                            "base_fingerprint": base.fingerprint, "jobs": len(jobs),
+                                            "code_version": code_version()})
+        board_name = PROGRESS_BOARD_PREFIX + batch_id
+        board = ProgressBoard.options(name=board_name, get_if_exists=True).remote()
+        ctx = BatchContext(settings, state, batch_id, spec, base, tracking, Registry(settings.mlflow_uri),
+                           batch_run, board_name, pad_id)
+        stop = threading.Event()
+        poller = threading.Thread(target=_poll_progress, args=(ctx, board, stop), daemon=True)
+        poller.start()
+        n = concurrency(spec, ray.cluster_resources().get("CPU", 1), len(jobs))
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="job") as pool:
+            list(pool.map(lambda j: run_job(ctx, j), jobs))
+        stop.set()
+        poller.join(timeout=5)
+        ray.kill(board)
+    except Exception as e:  # noqa: BLE001 - the batch cannot run at all: fail every unfinished job
+        log.exception("batch %s failed", batch_id)
+        for j in state.jobs(batch_id):
+            if not j.state.terminal:
+                state.move_job(j.id, JobState.FAILED, error=f"batch failed: {_error_text(e)}")
+        state.update_batch(batch_id, error=_error_text(e))
+    final = (BatchState.SUCCEEDED if all(j.state == JobState.SUCCEEDED for j in state.jobs(batch_id))
+             else BatchState.FAILED)
+    state.update_batch(batch_id, state=final, ended_s=time.time())
+    try:
+        if batch.mlflow_run_id or state.get_batch(batch_id).mlflow_run_id:
+            Tracking(settings.mlflow_uri).end_run(state.get_batch(batch_id).mlflow_run_id,
+                                                  ok=final == BatchState.SUCCEEDED)
+    except Exception:  # noqa: BLE001
+        log.exception("could not close the batch run")
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if len(argv) != 1:
+        print("usage: python -m adapterfab.jobs.orchestrate BATCH_ID", file=sys.stderr)
+        return 2
+    final = run_batch(Settings.load(), argv[0])
+    return 0 if final == BatchState.SUCCEEDED else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

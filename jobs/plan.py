@@ -1,0 +1,91 @@
+"""Batch → jobs with their resources, estimates and output adapter ids. Pure: no Ray, no loading.
+
+The memory estimate is a rule of thumb (weights at the training dtype + adapter params with AdamW state
++ activations ~ batch x seq x hidden x layers x 34 bytes); a later planner refines it with measurements.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from adapterfab.ids import AdapterId, job_id
+from adapterfab.methods import get_method
+from adapterfab.spec import BatchSpec, JobSpec
+
+_BYTES = {"float32": 4, "bfloat16": 2}
+ACTIVATION_BYTES_PER_TOKEN_LAYER_HIDDEN = 34
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    job_id: str
+    adapter: str  # tenant/persona (the version is assigned at registration)
+    registry_name: str
+    method: str
+    dataset: str
+    steps: int
+    batch_size: int
+    cpus: float
+    gpus: float
+    trainable_params: int | None
+    est_memory_gb: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _model_config(base_path: str | None) -> Any:
+    if not base_path or not (Path(base_path) / "config.json").exists():
+        return None
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(base_path)
+
+
+def _param_count(cfg: Any) -> int:
+    h, inter, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", heads)
+    hd = getattr(cfg, "head_dim", None) or h // heads
+    per_layer = h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * inter + 2 * h
+    emb = vocab * h * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
+    return layers * per_layer + emb + h
+
+
+def plan_batch(batch_id: str, spec: BatchSpec, jobs: list[JobSpec], base_path: str | None = None
+               ) -> list[PlannedJob]:
+    cfg = _model_config(base_path)
+    out = []
+    for j in jobs:
+        method = get_method(j.method.name)
+        trainable = method.trainable_params(cfg, j.method) if (cfg is not None and method.trainable_params) else None
+        mem = None
+        if cfg is not None:
+            weights = _param_count(cfg) * _BYTES[j.train.dtype]
+            adapter = (trainable or 0) * 4 * 4  # fp32 param + grad + two Adam moments
+            acts = (j.train.batch_size * j.train.max_seq_len * cfg.hidden_size * cfg.num_hidden_layers
+                    * ACTIVATION_BYTES_PER_TOKEN_LAYER_HIDDEN)
+            logits = j.train.batch_size * j.train.max_seq_len * cfg.vocab_size * 4 * 2
+            mem = round((weights + adapter + acts + logits) / 2**30, 2)
+        aid = AdapterId(j.tenant, j.persona)
+        out.append(PlannedJob(
+            job_id=job_id(batch_id, j.tenant, j.persona), adapter=aid.key, registry_name=aid.registry_name,
+            method=j.method.name, dataset=j.dataset, steps=j.train.steps, batch_size=j.train.batch_size,
+            cpus=spec.resources.cpus_per_job, gpus=spec.resources.gpus_per_job,
+            trainable_params=trainable, est_memory_gb=mem,
+        ))
+    return out
+
+
+def concurrency(spec: BatchSpec, cluster_cpus: float, n_jobs: int) -> int:
+    """How many jobs run at once: what the spec caps, what the cluster's CPUs fit, at least one."""
+    fit = max(1, int(cluster_cpus // spec.resources.cpus_per_job))
+    cap = spec.resources.max_concurrent_jobs or fit
+    return max(1, min(cap, fit, n_jobs))
+
+
+def plan_json(planned: list[PlannedJob]) -> str:
+    return json.dumps([p.to_dict() for p in planned], indent=2)

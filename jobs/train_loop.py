@@ -1,0 +1,160 @@
+"""The training loop of one adapter job: plain torch + PEFT, no Ray, so it runs and benchmarks anywhere.
+
+``launch.py`` calls ``train_adapter`` inside a Ray Train worker with batches from the worker's Ray Data
+shard; tests and benchmarks call it directly with any iterable of batches.
+
+CPU run on the tiny test model:  python -m pytest tests/ray/test_train_job.py
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from adapterfab.methods import MethodConfig, get_method
+from adapterfab.spec import TrainConfig
+
+Batch = dict[str, Any]  # input_ids, labels, attention_mask: LongTensor [B, T]
+
+
+@dataclass
+class TrainResult:
+    model: Any  # the PeftModel, adapter attached
+    metrics: dict[str, float]
+    losses: list[float] = field(default_factory=list)
+
+
+def load_base(path: str, dtype: str, method: MethodConfig) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = get_method(method.name).base_load_kwargs(method)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kwargs)
+    model.config.use_cache = False
+    return model
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - frac)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    return f
+
+
+def forever(epoch_batches: Callable[[int], Iterable[Batch]]) -> Iterator[Batch]:
+    """Cycle through epochs; ``epoch_batches(epoch)`` returns that epoch's (shuffled) batches."""
+    epoch = 0
+    while True:
+        n = 0
+        for b in epoch_batches(epoch):
+            n += 1
+            yield b
+        if n == 0:
+            raise ValueError("the training split produced no batches")
+        epoch += 1
+
+
+def eval_loss(model: Any, batches: Iterable[Batch]) -> float:
+    """Mean token loss over assistant tokens (labels != -100)."""
+    import torch
+
+    total, tokens = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for b in batches:
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            logits = out.logits[:, :-1].float()
+            labels = b["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum")
+            total += float(loss)
+            tokens += int((labels != -100).sum())
+    model.train()
+    return total / max(1, tokens)
+
+
+def train_adapter(
+    base_path: str,
+    method: MethodConfig,
+    train: TrainConfig,
+    epoch_batches: Callable[[int], Iterable[Batch]],
+    eval_batches: Callable[[], Iterable[Batch]] | None = None,
+    on_step: Callable[[int, float, float], None] | None = None,
+    model: Any = None,
+) -> TrainResult:
+    """Attach ``method``'s adapter to the base and train it for ``train.steps`` optimizer steps.
+
+    ``on_step(step, loss, lr)`` is called every ``train.log_every_steps`` steps (1-based step).
+    Eval runs once at the end (never between steps: a 4-bit base must not be evaluated mid-training,
+    see REFERENCE.md), on the adapter and on the base with the adapter disabled."""
+    import torch
+
+    seed_everything(train.seed)
+    base = model if model is not None else load_base(base_path, train.dtype, method)
+    peft_model = get_method(method.name).apply(base, method)
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))
+    losses: list[float] = []
+    t0 = time.monotonic()
+    tokens = 0
+    batches = forever(epoch_batches)
+    for step in range(1, train.steps + 1):
+        b = next(batches)
+        out = peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+        loss = out.loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {float(loss)} at step {step}; lower train.learning_rate")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        tokens += int(b["attention_mask"].sum())
+        if on_step and (step % train.log_every_steps == 0 or step == train.steps):
+            on_step(step, losses[-1], sched.get_last_lr()[0])
+    train_s = time.monotonic() - t0
+    metrics: dict[str, float] = {
+        "train_loss": losses[-1],
+        "train_loss_first": losses[0],
+        "train_s": train_s,
+        "train_tokens_per_s": tokens / max(train_s, 1e-9),
+        "trainable_params": float(sum(p.numel() for p in params)),
+    }
+    if eval_batches is not None:
+        ev = list(eval_batches())
+        if ev:
+            metrics["eval_loss"] = eval_loss(peft_model, ev)
+            with peft_model.disable_adapter():
+                metrics["base_eval_loss"] = eval_loss(peft_model, ev)
+    return TrainResult(peft_model, metrics, losses)
+
+
+def save_adapter(result: TrainResult, out_dir: str | Path) -> Path:
+    """PEFT format: adapter_config.json + adapter_model.safetensors."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result.model.save_pretrained(str(out), safe_serialization=True)
+    return out

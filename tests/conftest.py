@@ -1,0 +1,74 @@
+"""Shared fixtures: real servers started by the tests, and small models.
+
+- ``mlflow_server``: a real MLflow tracking server process (SQLite + local artifacts), per session.
+- ``smollm2_path``: the real SmolLM2-135M-Instruct base, converted once into the cache.
+- ``tiny_model_path``: a tiny random Llama with the SmolLM2 tokenizer (fast unit tests).
+- ``af_env``: an isolated ADAPTERFAB_HOME for one test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    from adapterfab.basemodel import resolve_base_model
+
+    return resolve_base_model("smollm2-135m-instruct").path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str) -> str:
+    """2 layers, hidden 64, the real SmolLM2 tokenizer and chat template; random weights (seed 0)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    from adapterfab.procs import free_port, start_mlflow, stop_pid
+
+    home = tmp_path_factory.mktemp("mlflow")
+    server = start_mlflow(home, free_port())
+    yield server.url
+    stop_pid(server.pid)
+
+
+@pytest.fixture
+def af_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "afhome"
+    monkeypatch.setenv("ADAPTERFAB_HOME", str(home))
+    monkeypatch.delenv("ADAPTERFAB_ARTIFACTS", raising=False)
+    monkeypatch.delenv("ADAPTERFAB_STATE_URL", raising=False)
+    return home
+
+
+@pytest.fixture
+def examples_copy(tmp_path: Path) -> Path:
+    dst = tmp_path / "examples"
+    shutil.copytree(REPO / "examples", dst)
+    return dst

@@ -1,0 +1,125 @@
+"""Batch spec validation: schema errors name the field and the fix; semantics checked with no compute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adapterfab.errors import SpecError
+from adapterfab.spec import check_semantics, load_spec, parse_spec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _spec(**over):  # noqa: ANN003, ANN202
+    d = {"version": 1, "name": "t", "tenants": [{"tenant": "acme", "persona": "pirate", "dataset": "d.jsonl"}]}
+    d.update(over)
+    return d
+
+
+def _fields(e: SpecError) -> list[str]:
+    return [f for f, _ in e.problems]
+
+
+def test_example_spec_is_valid_and_resolves_jobs() -> None:
+    spec, jobs, _ = load_spec(REPO / "examples" / "personas.yaml")
+    check_semantics(spec, jobs)
+    assert {(j.tenant, j.persona) for j in jobs} == {("acme", "pirate"), ("acme", "butler"), ("globex", "robot")}
+    assert all(Path(j.dataset).is_absolute() and Path(j.dataset).exists() for j in jobs)
+    assert jobs[0].method.name == "lora" and jobs[0].method.r == 8
+
+
+def test_unknown_top_level_key_is_named() -> None:
+    with pytest.raises(SpecError) as e:
+        parse_spec(_spec(tenantz=[]))
+    assert "tenantz" in _fields(e.value)
+    assert "unknown key" in str(e.value)
+
+
+def test_unknown_key_in_tenant_entry() -> None:
+    d = _spec()
+    d["tenants"][0]["datset"] = "x.jsonl"
+    with pytest.raises(SpecError) as e:
+        parse_spec(d)
+    assert "tenants.0.datset" in _fields(e.value)
+
+
+@pytest.mark.parametrize("bad", ["Acme", "../x", "/abs", "a/b", "", "x" * 64, "acmé", "a b", "-lead"])
+def test_bad_tenant_ids(bad: str) -> None:
+    d = _spec()
+    d["tenants"][0]["tenant"] = bad
+    with pytest.raises(SpecError) as e:
+        parse_spec(d)
+    assert "tenants.0.tenant" in _fields(e.value)
+    assert "lowercase" in str(e.value)
+
+
+def test_unknown_method_lists_known_ones() -> None:
+    with pytest.raises(SpecError) as e:
+        parse_spec(_spec(defaults={"method": {"name": "lorax"}}))
+    assert "defaults.method.name" in _fields(e.value)
+    assert "lora" in str(e.value)
+
+
+def test_bad_hyperparameter_named() -> None:
+    d = _spec()
+    d["tenants"][0]["train"] = {"learning_rate": -1}
+    with pytest.raises(SpecError) as e:
+        parse_spec(d)
+    assert "tenants[0].train.learning_rate" in _fields(e.value)
+
+
+def test_method_override_merges_with_defaults() -> None:
+    d = _spec(defaults={"method": {"name": "lora", "r": 4, "alpha": 8}})
+    d["tenants"][0]["method"] = {"r": 16}
+    _, jobs = parse_spec(d)
+    assert jobs[0].method.r == 16 and jobs[0].method.alpha == 8
+
+
+def test_duplicate_persona_refused() -> None:
+    d = _spec()
+    d["tenants"].append(dict(d["tenants"][0]))
+    with pytest.raises(SpecError, match="appears twice"):
+        parse_spec(d)
+
+
+def test_wrong_version_and_not_a_mapping() -> None:
+    with pytest.raises(SpecError):
+        parse_spec(_spec(version=2))
+    with pytest.raises(SpecError, match="mapping"):
+        parse_spec("- just a list")
+    with pytest.raises(SpecError, match="YAML"):
+        parse_spec("version: [1")
+
+
+def test_missing_and_empty_datasets(tmp_path: Path) -> None:
+    (tmp_path / "empty.jsonl").write_text("")
+    d = _spec()
+    d["tenants"] = [{"tenant": "acme", "persona": "a", "dataset": "nope.jsonl"},
+                    {"tenant": "acme", "persona": "b", "dataset": "empty.jsonl"}]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(d))
+    spec, jobs, _ = load_spec(tmp_path / "s.yaml")
+    with pytest.raises(SpecError) as e:
+        check_semantics(spec, jobs)
+    msgs = dict(e.value.problems)
+    assert "does not exist" in msgs["tenants[0].dataset"]
+    assert "empty" in msgs["tenants[1].dataset"]
+
+
+def test_dataset_suffix_and_unknown_base_model(tmp_path: Path) -> None:
+    d = _spec()
+    d["tenants"][0]["dataset"] = "data.csv"
+    with pytest.raises(SpecError, match="jsonl"):
+        parse_spec(d)
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    spec, jobs = parse_spec(_spec(base_model="no-such-model"), root=tmp_path)
+    with pytest.raises(SpecError) as e:
+        check_semantics(spec, jobs)
+    assert "base_model" in _fields(e.value)
+
+
+def test_missing_spec_file() -> None:
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec("/nonexistent/spec.yaml")

@@ -1,0 +1,62 @@
+"""Durable state, API keys and the local artifact store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from adapterfab.errors import StateError, StorageError
+from adapterfab.keys import KeyStore
+from adapterfab.state import StateStore
+from adapterfab.states import JobState
+from adapterfab.storage import LocalStore
+
+
+def _store(tmp_path: Path) -> StateStore:
+    return StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+
+
+def test_job_transitions_are_checked_and_durable(tmp_path: Path) -> None:
+    s = _store(tmp_path)
+    s.create_batch("b1", "n", "spec", "", "base", [{"id": "b1.acme.p", "tenant": "acme", "persona": "p",
+                                                     "method": "lora", "total_steps": 10}])
+    s.move_job("b1.acme.p", JobState.PREPARING)
+    with pytest.raises(StateError, match="not allowed"):
+        s.move_job("b1.acme.p", JobState.SUCCEEDED)
+    s.move_job("b1.acme.p", JobState.TRAINING)
+    s.update_job("b1.acme.p", step=5, loss=1.5)
+    with pytest.raises(StateError):
+        s.update_job("b1.acme.p", state="SUCCEEDED")
+    again = _store(tmp_path)  # a new process sees the same state
+    j = again.job("b1.acme.p")
+    assert j.state == JobState.TRAINING and j.step == 5 and j.progress == 0.5 and j.started_s
+
+
+def test_keys_hashed_and_scoped(tmp_path: Path) -> None:
+    s = _store(tmp_path)
+    ks = KeyStore(s)
+    k1, k2 = ks.create("acme"), ks.create("globex")
+    assert ks.verify(k1) == "acme" and ks.verify(k2) == "globex"
+    assert ks.verify(k1[:-1] + ("A" if k1[-1] != "A" else "B")) is None
+    assert ks.verify("") is None and ks.verify("af_x_y") is None and ks.verify("Bearer") is None
+    raw = (tmp_path / "state.db").read_bytes()
+    assert k1.encode() not in raw and k1.split("_", 2)[2].encode() not in raw
+
+
+def test_local_store_roundtrip_and_checksums(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.bin").write_bytes(b"hello")
+    (src / "sub" / "b.txt").write_text("world")
+    store = LocalStore(tmp_path / "store")
+    uri = store.upload_dir(src, "adapters/acme/p/job1/")
+    got = store.download_dir(uri, tmp_path / "dst")
+    assert (got / "a.bin").read_bytes() == b"hello" and (got / "sub" / "b.txt").read_text() == "world"
+    (tmp_path / "store" / "adapters/acme/p/job1/a.bin").write_bytes(b"corrupt")
+    with pytest.raises(StorageError, match="checksum"):
+        store.download_dir(uri, tmp_path / "dst2")
+    with pytest.raises(StorageError, match="escapes"):
+        store.put_file(src / "a.bin", "../outside")
+    with pytest.raises(StorageError, match="MANIFEST"):
+        store.download_dir(store.uri("adapters/none/"), tmp_path / "dst3")
