@@ -4,7 +4,6 @@ to the batch's ProgressBoard actor, and returns the adapter as a Ray Train check
 
 from __future__ import annotations
 
-import functools
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -51,7 +50,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     from ray import train as rt
 
     from adapterfab.methods import get_method
-    from adapterfab.pipelines.rows import padded_batch
+    from adapterfab.pipelines.data import PadCollate
     from adapterfab.spec import TrainConfig
 
     from adapterfab.jobs.train_loop import save_adapter, train_adapter
@@ -60,7 +59,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(job.cpus)))
     method_cfg = get_method(job.method["name"]).config_cls(**job.method)
     train_cfg = TrainConfig(**job.train)
-    collate = functools.partial(padded_batch, pad_id=job.pad_id)
+    collate = PadCollate(job.pad_id)
     train_shard = rt.get_dataset_shard("train")
     eval_shard = rt.get_dataset_shard("eval")
 

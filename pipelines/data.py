@@ -1,0 +1,308 @@
+"""Ray Data wiring of the data stage: one tenant's file → validated, templated, masked train/eval sets.
+
+    read bytes (one task per file, so line numbers are exact) → parse rows → rebatch → tokenize/mask
+    (function UDF, fractional CPUs) → materialize → decide the split on the driver → train / eval
+
+Only function UDFs with ``num_cpus=0.5``: actor pools that take a whole CPU each deadlock Ray Data on a
+2-CPU machine (see REFERENCE.md). One call prepares one file, so tenants' rows never share a dataset.
+
+Parquet is read as bytes too, not with ``ray.data.read_parquet``: that splits a file into row-group
+tasks whose output order is not kept, so a row's index — the "line" a tenant is told — would be lost.
+A tenant's training file fits one task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import ray
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from adapterfab.errors import DatasetError
+from adapterfab.pipelines.rows import (
+    RowError,
+    encode_messages,
+    padded_batch,
+    parse_jsonl,
+    parse_parquet,
+    split_score,
+)
+
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+UDF_NUM_CPUS = 0.5  # fractional, so reads and maps always find room next to each other on 2 CPUs
+ROWS_PER_BLOCK = 1024  # tokenize blocks: enough rows to amortise a task, enough blocks to use all CPUs
+MAX_BAD_EXAMPLES = 20
+SHOWN_IN_ERRORS = 5
+_HASH_CHUNK_BYTES = 1 << 20
+_TOKENIZED = pa.schema([
+    ("line", pa.int64()), ("error", pa.string()), ("score", pa.float64()), ("truncated", pa.bool_()),
+    ("num_tokens", pa.int64()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+])
+_SPLIT = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+_TOKENIZERS: dict[str, Any] = {}  # per worker process: a tokenizer loads once, not once per batch
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """What a dataset gave. Bad rows: unparseable, invalid, refused by the chat template, or with no
+    assistant token left within ``max_seq_len``. Token counts are after truncation."""
+
+    total_rows: int  # non-blank lines (JSONL) or rows (Parquet)
+    bad_rows: int
+    bad_examples: list[tuple[int, str]]  # (line, error), the first MAX_BAD_EXAMPLES by line
+    train_rows: int
+    eval_rows: int
+    truncated_rows: int  # usable rows cut at max_seq_len
+    train_tokens: int  # sum of sequence lengths in the train split
+    sha256: str  # of the raw file bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["bad_examples"] = [[line, error] for line, error in self.bad_examples]
+        return out
+
+
+@dataclass
+class PreparedData:
+    train: ray.data.Dataset  # materialized; columns input_ids, labels (variable-length int32 lists)
+    eval: ray.data.Dataset  # same columns; may have no rows
+    stats: DataStats
+
+
+class PadCollate(NumpyBatchCollateFn):
+    """``iter_torch_batches(collate_fn=PadCollate(pad_id))``: :func:`padded_batch` as the collate class
+    Ray 2.47+ asks for (a plain function still works but is deprecated)."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        return padded_batch(batch, self.pad_id)
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """S3 settings from the environment, the same variables as ``adapterfab.storage``."""
+    kwargs: dict[str, Any] = {
+        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+    }
+    endpoint = os.environ.get("ADAPTERFAB_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint)
+        if parsed.scheme and parsed.netloc:
+            kwargs.update(scheme=parsed.scheme, endpoint_override=parsed.netloc)
+        else:
+            kwargs["endpoint_override"] = endpoint
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        kwargs.update(access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN"))
+    return pafs.S3FileSystem(**kwargs)
+
+
+def _resolve(uri: str) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path inside it, format) for a local path, ``file://`` or ``s3://`` URI."""
+    if uri.startswith("s3://"):
+        fs: pafs.FileSystem = s3_filesystem()
+        path = uri[len("s3://"):]
+    else:
+        fs = pafs.LocalFileSystem()
+        path = os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in FORMATS:
+        raise DatasetError(f"dataset {uri}: unsupported file type {ext or '(none)'!r}; "
+                           f"use one of {', '.join(FORMATS)}")
+    return fs, path, FORMATS[ext]
+
+
+def _sha256(fs: pafs.FileSystem, path: str, uri: str) -> str:
+    """Checks the file is there, readable and non-empty; hashes it for provenance."""
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise DatasetError(f"dataset {uri} not found")
+        if info.type != pafs.FileType.File:
+            raise DatasetError(f"dataset {uri} is not a file")
+        digest, size = hashlib.sha256(), 0
+        with fs.open_input_stream(path) as f:
+            while chunk := f.read(_HASH_CHUNK_BYTES):
+                digest.update(chunk)
+                size += len(chunk)
+    except (OSError, pa.ArrowException) as e:
+        raise DatasetError(f"cannot read dataset {uri}: {e}") from e
+    if size == 0:
+        raise DatasetError(f"dataset {uri} is empty")
+    return digest.hexdigest()
+
+
+def _tokenizer(path: str) -> Any:
+    if path not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
+    return _TOKENIZERS[path]
+
+
+def _parse_files(batch: dict[str, np.ndarray], fmt: str) -> pa.Table:
+    """UDF: whole files' bytes → one row per record, bad rows kept with their error."""
+    parse = parse_jsonl if fmt == "jsonl" else parse_parquet
+    rows = [entry for data in batch["bytes"] for entry in parse(data)]
+    schema = pa.schema([("line", pa.int64()), ("messages", pa.string()), ("error", pa.string())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _tokenize(batch: dict[str, np.ndarray], tokenizer_path: str, max_seq_len: int, seed: int) -> pa.Table:
+    """UDF: chat template + tokenize + mask; a row the template refuses or that keeps no assistant token
+    becomes a bad row here."""
+    tok = _tokenizer(tokenizer_path)
+    out: dict[str, list[Any]] = {name: [] for name in _TOKENIZED.names}
+    for line, messages, error in zip(batch["line"], batch["messages"], batch["error"]):
+        enc: dict[str, Any] = {"input_ids": [], "labels": [], "truncated": False}
+        if error is None:
+            try:
+                enc = encode_messages(json.loads(messages), tok, max_seq_len)
+            except RowError as e:
+                error = str(e)
+            if error is None and all(label < 0 for label in enc["labels"]):
+                error = f"no assistant token within max_seq_len={max_seq_len} (the prompt is too long)"
+                enc = {"input_ids": [], "labels": [], "truncated": True}
+        out["line"].append(int(line))
+        out["error"].append(error)
+        out["score"].append(split_score(messages, seed) if error is None else 1.0)
+        out["truncated"].append(enc["truncated"])
+        out["num_tokens"].append(len(enc["input_ids"]))
+        out["input_ids"].append(enc["input_ids"])
+        out["labels"].append(enc["labels"])
+    return pa.Table.from_pydict(out, schema=_TOKENIZED)
+
+
+def _eval_mask(line: np.ndarray, score: np.ndarray, eval_fraction: float, forced_eval: int,
+               forced_train: int) -> np.ndarray:
+    """The split rule, shared by the driver (stats) and the workers (rows)."""
+    return ((score < eval_fraction) | (line == forced_eval)) & (line != forced_train)
+
+
+def _select(batch: pa.Table, want_eval: bool, eval_fraction: float, forced_eval: int,
+            forced_train: int) -> pa.Table:
+    """UDF: the rows of one split, with only the columns the trainer reads."""
+    ok = batch["error"].is_null().to_numpy(zero_copy_only=False)
+    is_eval = _eval_mask(batch["line"].to_numpy(), batch["score"].to_numpy(), eval_fraction, forced_eval,
+                         forced_train)
+    keep = ok & (is_eval if want_eval else ~is_eval)
+    return batch.filter(pa.array(keep)).select(_SPLIT.names).cast(_SPLIT)
+
+
+def _summary(ds: ray.data.Dataset) -> dict[str, np.ndarray]:
+    """The small per-row columns, pulled to the driver for the bad-row check, split and stats."""
+    cols = ["line", "error", "score", "truncated", "num_tokens"]
+    tables = list(ds.select_columns(cols).iter_batches(batch_size=None, batch_format="pyarrow"))
+    table = pa.concat_tables(tables) if tables else _TOKENIZED.empty_table().select(cols)
+    return {c: table[c].to_numpy(zero_copy_only=False) for c in cols}
+
+
+def _forced(s: dict[str, np.ndarray], eval_fraction: float) -> tuple[int, int]:
+    """Lines moved across the split so eval has ≥ 1 row (when ≥ 2 usable rows) and train has ≥ 1;
+    chosen by (score, line): order-independent (the line only breaks ties between identical rows)."""
+    ok = np.array([e is None for e in s["error"]], dtype=bool)
+    line, score = s["line"][ok], s["score"][ok]
+    order = np.lexsort((line, score))  # by score, then line
+    is_eval = score < eval_fraction
+    forced_eval = forced_train = 0  # no line
+    if eval_fraction > 0 and len(line) >= 2 and not is_eval.any():
+        forced_eval = int(line[order[0]])
+        is_eval[order[0]] = True
+    if len(line) and is_eval.all():
+        forced_train = int(line[order[-1]])
+    return forced_eval, forced_train
+
+
+def _bad_list(bad: list[tuple[int, str]]) -> str:
+    shown = "; ".join(f"line {line}: {error}" for line, error in bad[:SHOWN_IN_ERRORS])
+    return shown + (f"; ... ({len(bad) - SHOWN_IN_ERRORS} more)" if len(bad) > SHOWN_IN_ERRORS else "")
+
+
+def _within(timeout_s: float, uri: str, work: Callable[[], T]) -> T:
+    """Run ``work`` in a daemon thread and give up after ``timeout_s``: a Ray Data execution that cannot
+    get resources waits forever, and a stuck job must fail, not hang the factory."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = work()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below
+            result["error"] = e
+
+    thread = threading.Thread(target=target, name=f"prepare-dataset:{uri}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise DatasetError(f"preparing dataset {uri} did not finish within {timeout_s:g} s; the Ray cluster "
+                           "may have no free CPU for the data tasks (check `ray status`)")
+    if "error" in result:
+        error = result["error"]
+        if isinstance(error, DatasetError):
+            raise error
+        raise DatasetError(f"preparing dataset {uri} failed: {type(error).__name__}: {error}") from error
+    return result["value"]
+
+
+def prepare_dataset(uri: str, tokenizer_path: str, *, max_seq_len: int, eval_fraction: float, seed: int,
+                    max_bad_row_fraction: float, timeout_s: float = 300) -> PreparedData:
+    """Read, validate, template, tokenize and split one tenant's dataset (JSONL or Parquet, local or S3).
+
+    Raises DatasetError for a missing, unreadable or empty file, when no usable row is left, when the share
+    of bad rows exceeds ``max_bad_row_fraction``, or after ``timeout_s``.
+    """
+    fs, path, fmt = _resolve(uri)
+
+    def work() -> PreparedData:
+        sha = _sha256(fs, path, uri)
+        tokenized = (
+            ray.data.read_binary_files(path, filesystem=fs, num_cpus=UDF_NUM_CPUS)
+            .map_batches(_parse_files, batch_size=1, fn_kwargs={"fmt": fmt}, num_cpus=UDF_NUM_CPUS)
+            .repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
+            .map_batches(_tokenize, batch_size=ROWS_PER_BLOCK, num_cpus=UDF_NUM_CPUS, fn_kwargs={
+                "tokenizer_path": tokenizer_path, "max_seq_len": max_seq_len, "seed": seed})
+            .materialize()
+        )
+        s = _summary(tokenized)
+        bad = sorted((int(line), str(err)) for line, err in zip(s["line"], s["error"]) if err is not None)
+        total = len(s["line"])
+        if total == 0:
+            raise DatasetError(f"dataset {uri} holds no rows (only blank lines)")
+        if len(bad) == total:
+            raise DatasetError(f"dataset {uri}: none of its {total} rows is usable; {_bad_list(bad)}")
+        if len(bad) / total > max_bad_row_fraction:
+            raise DatasetError(
+                f"dataset {uri}: {len(bad)} of {total} rows ({len(bad) / total:.1%}) are bad, more than "
+                f"train.max_bad_row_fraction={max_bad_row_fraction:g} allows; {_bad_list(bad)}. "
+                "Fix those rows or raise train.max_bad_row_fraction."
+            )
+        forced_eval, forced_train = _forced(s, eval_fraction)  # 0: none (lines start at 1)
+        ok = np.array([e is None for e in s["error"]], dtype=bool)
+        is_eval = _eval_mask(s["line"], s["score"], eval_fraction, forced_eval, forced_train)
+        train_mask, eval_mask = ok & ~is_eval, ok & is_eval
+        kwargs = {"eval_fraction": eval_fraction, "forced_eval": forced_eval, "forced_train": forced_train}
+        splits = {
+            want_eval: tokenized.map_batches(_select, batch_format="pyarrow", num_cpus=UDF_NUM_CPUS,
+                                             fn_kwargs={"want_eval": want_eval, **kwargs}).materialize()
+            for want_eval in (False, True)
+        }
+        stats = DataStats(
+            total_rows=total, bad_rows=len(bad), bad_examples=bad[:MAX_BAD_EXAMPLES],
+            train_rows=int(train_mask.sum()), eval_rows=int(eval_mask.sum()),
+            truncated_rows=int((s["truncated"] & ok).sum()),
+            train_tokens=int(s["num_tokens"][train_mask].sum()), sha256=sha,
+        )
+        return PreparedData(train=splits[False], eval=splits[True], stats=stats)
+
+    return _within(timeout_s, uri, work)

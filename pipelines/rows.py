@@ -1,0 +1,230 @@
+"""Pure row functions of the data stage: validate, template, tokenize and mask, split, pad.
+
+No Ray here, so every rule about a row is unit-tested without a cluster; ``data.py`` calls these from
+Ray Data UDFs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+IGNORE_INDEX = -100  # label value the loss skips (torch.nn.CrossEntropyLoss default)
+ROLES = ("system", "user", "assistant")
+ALPACA_KEYS = frozenset({"instruction", "input", "output", "system"})
+CHAT_KEYS = frozenset({"messages"})
+MESSAGE_KEYS = frozenset({"role", "content"})
+_UTF8_BOM = b"\xef\xbb\xbf"
+# A content stand-in no template alters (no whitespace to trim, no markup) and no text contains by chance.
+_PLACEHOLDER = "AFCONTENT{}X7f3a9c"
+_PLACEHOLDER_RE = re.compile(r"AFCONTENT(\d+)X7f3a9c")
+
+
+class RowError(ValueError):
+    """One dataset row is unusable; the message says exactly why (shown to the tenant with its line)."""
+
+
+def _text(value: Any, where: str, *, required: bool) -> str | None:
+    """A content string; empty/whitespace counts as missing so a row never trains on nothing."""
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise RowError(f"{where} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        if required:
+            raise RowError(f"{where} is empty")
+        return None
+    return value
+
+
+def _alpaca(obj: Mapping[str, Any]) -> list[dict[str, str]]:
+    for key in ("instruction", "output"):
+        if key not in obj:
+            raise RowError(f"Alpaca row lacks {key!r}")
+    instruction = _text(obj["instruction"], "'instruction'", required=True)
+    output = _text(obj["output"], "'output'", required=True)
+    extra = _text(obj.get("input"), "'input'", required=False)  # "input": "" is common: no input
+    system = _text(obj.get("system"), "'system'", required=False)
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _chat(raw: Any) -> list[dict[str, str]]:
+    if not isinstance(raw, list) or not raw:
+        raise RowError("'messages' must be a non-empty list")
+    messages = []
+    for i, msg in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(msg, Mapping):
+            raise RowError(f"{where} must be an object, got {type(msg).__name__}")
+        unknown = sorted(set(msg) - MESSAGE_KEYS)
+        if unknown:
+            raise RowError(f"{where} has unknown keys {unknown} (expected 'role' and 'content')")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise RowError(f"{where} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if role == "system" and i != 0:
+            raise RowError(f"{where}: a system turn is only allowed first")
+        content = _text(msg.get("content"), f"{where}.content", required=True)
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError("conversation has no assistant turn")
+    if messages[-1]["role"] != "assistant":
+        raise RowError(f"last turn must be the assistant's, got {messages[-1]['role']!r}")
+    return messages
+
+
+def parse_record(obj: Any) -> list[dict[str, str]]:
+    """Normalise one row (Alpaca or chat format) to a list of ``{"role", "content"}`` messages."""
+    if not isinstance(obj, Mapping):
+        raise RowError(f"row must be a JSON object, got {type(obj).__name__}")
+    keys = set(obj)
+    if keys & CHAT_KEYS and keys & ALPACA_KEYS:
+        raise RowError(f"row mixes chat ('messages') and Alpaca keys {sorted(keys & ALPACA_KEYS)}")
+    if "messages" in keys:
+        if keys - CHAT_KEYS:
+            raise RowError(f"unknown keys {sorted(keys - CHAT_KEYS)} (a chat row holds only 'messages')")
+        return _chat(obj["messages"])
+    unknown = sorted(keys - ALPACA_KEYS)
+    if unknown:
+        raise RowError(
+            f"unknown keys {unknown} (expected 'messages', or 'instruction'/'input'/'output'/'system')"
+        )
+    return _alpaca(obj)
+
+
+def _entry(line: int, messages: list[dict[str, str]] | None, error: str | None) -> dict[str, Any]:
+    dumped = json.dumps(messages, ensure_ascii=False) if messages is not None else None
+    return {"line": line, "messages": dumped, "error": error}
+
+
+def parse_jsonl(data: bytes) -> Iterator[dict[str, Any]]:
+    """One entry per non-blank line: ``{"line", "messages" (JSON) or None, "error" or None}``.
+
+    Lines are decoded one by one so a bad byte costs one row, not the file.
+    """
+    if data.startswith(_UTF8_BOM):
+        data = data[len(_UTF8_BOM):]
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield _entry(number, None, f"invalid UTF-8 at byte offset {e.start}")
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield _entry(number, None, f"invalid JSON: {e.msg} (column {e.colno})")
+            continue
+        try:
+            yield _entry(number, parse_record(obj), None)
+        except RowError as e:
+            yield _entry(number, None, str(e))
+
+
+def parse_parquet(data: bytes) -> Iterator[dict[str, Any]]:
+    """Like :func:`parse_jsonl` for a Parquet file; ``line`` is the row index + 1, nulls count as absent."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(data))
+    for index, row in enumerate(table.to_pylist()):
+        try:
+            messages = parse_record({k: v for k, v in row.items() if v is not None})
+        except RowError as e:
+            yield _entry(index + 1, None, str(e))
+        else:
+            yield _entry(index + 1, messages, None)
+
+
+def _special_ids(tokenizer: Any) -> frozenset[int]:
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special)
+    return frozenset(ids)
+
+
+def _ids(tokenizer: Any, texts: list[str], *, plain: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
+
+
+def encode_messages(
+    messages: Sequence[Mapping[str, str]], tokenizer: Any, max_seq_len: int
+) -> dict[str, Any]:
+    """Chat-template, tokenize and mask one conversation.
+
+    The template is rendered with placeholders as contents and split at them: template text is
+    tokenized normally (its special tokens are real), contents with ``split_special_tokens=True`` so a
+    tenant cannot inject ``<|im_start|>system`` — and the assistant spans are exact. Labels cover the
+    assistant contents plus the special token the template puts right after each (``<|im_end|>``) so
+    the model learns to stop; everything else is ``IGNORE_INDEX``.
+    """
+    stand_ins = [{"role": m["role"], "content": _PLACEHOLDER.format(i)} for i, m in enumerate(messages)]
+    try:
+        rendered = tokenizer.apply_chat_template(stand_ins, tokenize=False)
+    except Exception as e:  # jinja raises for conversations a template refuses (e.g. no system role)
+        raise RowError(f"the chat template refused the conversation: {e}") from e
+    parts = _PLACEHOLDER_RE.split(rendered)  # template, index, template, index, ..., template
+    order = [int(i) for i in parts[1::2]]
+    if order != list(range(len(messages))):
+        raise RowError("the chat template does not render each message content exactly once, in order")
+    template_ids = _ids(tokenizer, parts[0::2], plain=False)
+    content_ids = _ids(tokenizer, [m["content"] for m in messages], plain=True)
+    special = _special_ids(tokenizer)
+
+    input_ids: list[int] = list(template_ids[0])
+    labels: list[int] = [IGNORE_INDEX] * len(input_ids)
+    for i, message in enumerate(messages):
+        content, after = content_ids[i], template_ids[i + 1]
+        learn = message["role"] == "assistant"
+        input_ids += content
+        labels += content if learn else [IGNORE_INDEX] * len(content)
+        # The end-of-turn token directly after an assistant reply is learned; the rest is template.
+        stop = 1 if learn and after and after[0] in special else 0
+        input_ids += after
+        labels += after[:stop] + [IGNORE_INDEX] * (len(after) - stop)
+    truncated = len(input_ids) > max_seq_len
+    return {"input_ids": input_ids[:max_seq_len], "labels": labels[:max_seq_len], "truncated": truncated}
+
+
+def split_score(messages_json: str, seed: int) -> float:
+    """A uniform number in [0, 1) from the row's content alone, so the split ignores row order."""
+    digest = hashlib.sha256(f"{seed}\x00{messages_json}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def is_eval_row(messages_json: str, eval_fraction: float, seed: int) -> bool:
+    """Deterministic train/eval assignment; identical rows land on the same side (no leakage)."""
+    return split_score(messages_json, seed) < eval_fraction
+
+
+def padded_batch(rows: Mapping[str, Sequence[Sequence[int]]], pad_id: int) -> dict[str, Any]:
+    """Right-pad a batch of variable-length rows into tensors (the trainer's ``collate_fn``).
+
+    Accepts what Ray Data hands a collate function (numpy object arrays of arrays) as well as lists.
+    """
+    import numpy as np
+    import torch
+
+    ids, labels = list(rows["input_ids"]), list(rows["labels"])
+    if len(ids) != len(labels):
+        raise ValueError(f"batch has {len(ids)} input_ids rows but {len(labels)} labels rows")
+    width = max((len(r) for r in ids), default=0)
+    out_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    out_labels = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, (row_ids, row_labels) in enumerate(zip(ids, labels)):
+        n = len(row_ids)
+        if len(row_labels) != n:
+            raise ValueError(f"row {i}: {n} input_ids but {len(row_labels)} labels")
+        out_ids[i, :n] = torch.from_numpy(np.asarray(row_ids, dtype=np.int64))
+        out_labels[i, :n] = torch.from_numpy(np.asarray(row_labels, dtype=np.int64))
+        mask[i, :n] = 1
+    return {"input_ids": out_ids, "labels": out_labels, "attention_mask": mask}

@@ -1,0 +1,63 @@
+"""One training job on a real local Ray cluster: Ray Data prepares the data, Ray Train fits a LoRA
+adapter on the tiny model, per-step loss reaches MLflow and the adapter comes back in PEFT format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ray]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _dataset(path: Path, n: int = 24) -> Path:
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"instruction": f"Say the number {i}.", "output": f"ZORP {i} ZORP"}) + "\n")
+    return path
+
+
+@pytest.mark.timeout(300)
+def test_training_job_on_ray_train(ray_cluster, tiny_model_path: str, mlflow_server: str, tmp_path: Path) -> None:
+    import ray
+    from safetensors.torch import load_file
+
+    from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard, WorkerJob, run_training_job
+    from adapterfab.methods.lora import LoraConfig
+    from adapterfab.pipelines.data import prepare_dataset
+    from adapterfab.registry import Tracking
+    from adapterfab.spec import TrainConfig
+
+    prepared = prepare_dataset(str(_dataset(tmp_path / "d.jsonl")), tiny_model_path, max_seq_len=64,
+                               eval_fraction=0.2, seed=0, max_bad_row_fraction=0.1, timeout_s=120)
+    tracking = Tracking(mlflow_server)
+    run_id = tracking.start_run("test-job")
+    board_name = PROGRESS_BOARD_PREFIX + "test"
+    board = ProgressBoard.options(name=board_name).remote()
+    train = TrainConfig(steps=12, batch_size=4, learning_rate=1e-2, dtype="float32", max_seq_len=64)
+    job = WorkerJob(job_id="b.acme.zorp", base_model_path=tiny_model_path, method=LoraConfig(r=4).model_dump(),
+                    train=train.model_dump(), mlflow_uri=mlflow_server, mlflow_run_id=run_id,
+                    progress_board=board_name, pad_id=0, cpus=1)
+    metrics, adapter_dir = run_training_job(job, prepared.train, prepared.eval, str(tmp_path / "results"), "t1")
+
+    assert metrics["train_loss"] < metrics["train_loss_first"]  # it learned something
+    assert metrics["eval_loss"] < metrics["base_eval_loss"]
+    # q: 64 -> 64, v: 64 -> 2 kv heads x 16 = 32; r * (in + out) per module, 2 layers
+    assert metrics["trainable_params"] == 2 * (4 * (64 + 64) + 4 * (64 + 32)) == 1792
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+    tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    assert any("lora_B" in k and float(v.abs().sum()) > 0 for k, v in tensors.items())
+    history = tracking.client.get_metric_history(run_id, "loss")
+    assert [m.step for m in history] == list(range(1, 13))
+    assert ray.get(board.read.remote())["b.acme.zorp"]["step"] == 12
