@@ -25,12 +25,12 @@ from rich.table import Table
 from adapterfab.errors import AdapterfabError, SpecError
 from adapterfab.settings import Settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__.split("\n\n")[0])
 registry_app = typer.Typer(no_args_is_help=True, help="Registered adapters (MLflow registry).")
 keys_app = typer.Typer(no_args_is_help=True, help="Per-tenant API keys for serving.")
 app.add_typer(registry_app, name="registry")
 app.add_typer(keys_app, name="keys")
-out = Console(highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -113,7 +113,7 @@ def plan(batch: Path = typer.Argument(..., help="batch spec YAML"),
     except SpecError as e:
         _fail(e, 2)
     base_path = default_cache() / "models" / spec.base_model if "/" not in spec.base_model else Path(spec.base_model)
-    planned = plan_batch("<batch>", spec, jobs, str(base_path))
+    planned = plan_batch("new-batch", spec, jobs, str(base_path))
     if as_json:
         out.print_json(json.dumps([p.to_dict() for p in planned]))
         return
@@ -151,9 +151,15 @@ def submit(batch: Path = typer.Argument(..., help="batch spec YAML"),
     from adapterfab.jobs.orchestrate import create_batch, launch_detached
     from adapterfab.stack import read_stack, stack_alive
 
+    from adapterfab.spec import check_semantics, load_spec
+    from adapterfab.storage import s3_object_error
+
     s = _settings()
     try:
-        if not (s.ray_address and (stack_alive(read_stack(s)) or not read_stack(s))):
+        spec, jobs, _ = load_spec(batch)  # refuse a bad spec before anything else
+        check_semantics(spec, jobs, dataset_exists=s3_object_error)
+        local = read_stack(s)
+        if not s.ray_address or (local is not None and not stack_alive(local)):
             raise AdapterfabError("the local stack is not running: run `adapterfab up` first")
         _need_mlflow(s)
         batch_id = create_batch(s, batch)

@@ -175,7 +175,15 @@ def parse_spec(data: dict[str, Any] | str, root: Path | None = None) -> tuple[Ba
     try:
         spec = BatchSpec(**data)
     except ValidationError as e:
-        raise SpecError(_problems(e)) from None
+        problems = _problems(e)
+        defaults = data.get("defaults")
+        method = defaults.get("method") if isinstance(defaults, dict) else None
+        if isinstance(method, dict):  # report a bad method in the same pass as schema errors
+            try:
+                _method_config(method, "defaults.method")
+            except SpecError as e2:
+                problems += e2.problems
+        raise SpecError(problems) from None
     except TypeError as e:
         raise SpecError([("(spec)", str(e))]) from None
 

@@ -1,0 +1,68 @@
+"""The CLI refuses bad input with a clear message and records nothing (no stack needed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = str(Path(sys.executable).parent / "adapterfab")
+
+
+def run(*args: str, home: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "ADAPTERFAB_HOME": str(home), "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.parametrize("cmd", [[], ["up"], ["down"], ["validate"], ["plan"], ["submit"], ["status"], ["serve"],
+                                 ["registry", "ls"], ["registry", "show"], ["registry", "promote"],
+                                 ["keys", "create"]])
+def test_every_subcommand_has_help(cmd: list[str], tmp_path: Path) -> None:
+    r = run(*cmd, "--help", home=tmp_path)
+    assert r.returncode == 0 and "Usage" in r.stdout
+
+
+def test_validate_example_ok(tmp_path: Path) -> None:
+    r = run("validate", str(REPO / "examples" / "personas.yaml"), home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "3 job(s) for 2 tenant(s)" in r.stdout
+
+
+def test_malformed_spec_names_field_and_records_nothing(tmp_path: Path, examples_copy: Path) -> None:
+    spec = yaml.safe_load((examples_copy / "personas.yaml").read_text())
+    spec["tenants"][0]["tenant"] = "../evil"
+    spec["tenants"][1]["dataset"] = "data/missing.jsonl"
+    spec["defaults"]["method"]["name"] = "dora-x"
+    bad = examples_copy / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec))
+    for cmd in ("validate", "plan", "submit"):
+        r = run(cmd, str(bad), home=tmp_path / "home")
+        assert r.returncode == 2, (cmd, r.stdout, r.stderr)
+        assert "tenants.0.tenant" in r.stderr and "defaults.method.name" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    spec["defaults"]["method"]["name"] = "lora"
+    spec["tenants"][0]["tenant"] = "acme"
+    bad.write_text(yaml.safe_dump(spec))
+    r = run("submit", str(bad), home=tmp_path / "home")
+    assert r.returncode == 2 and "tenants[1].dataset" in r.stderr and "does not exist" in r.stderr
+    r = run("status", "--json", home=tmp_path / "home")
+    assert r.returncode == 0 and r.stdout.strip() == "[]"  # nothing was recorded
+
+
+def test_submit_without_stack_is_refused(tmp_path: Path) -> None:
+    r = run("submit", str(REPO / "examples" / "personas.yaml"), home=tmp_path)
+    assert r.returncode == 1 and "adapterfab up" in r.stderr
+
+
+def test_plan_shows_jobs_and_ids(tmp_path: Path, smollm2_path: str) -> None:
+    r = run("plan", str(REPO / "examples" / "personas.yaml"), "--json", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    planned = json.loads(r.stdout)
+    assert [p["adapter"] for p in planned] == ["acme/pirate", "acme/butler", "globex/robot"]
+    assert planned[0]["registry_name"] == "af.acme.pirate" and planned[0]["trainable_params"] == 460800
