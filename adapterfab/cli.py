@@ -305,6 +305,27 @@ def registry_promote(adapter: str = typer.Argument(..., help="TENANT/PERSONA"),
     out.print(f"{aid}@{alias} -> version {version}")
 
 
+@registry_app.command("export")
+def registry_export(adapter: str = typer.Argument(..., help="TENANT/PERSONA[@ALIAS|@VERSION]"),
+                    out_dir: Path = typer.Argument(..., help="folder to write"),
+                    fmt: str = typer.Option("peft-lora", "--format", help="peft-lora: a standard PEFT LoRA")
+                    ) -> None:
+    """Write an adapter as a standard rank-r PEFT LoRA folder (LoRA-XS rebuilt from its shared basis),
+    loadable by PeftModel.from_pretrained, vLLM and LoRAX."""
+    from adapterfab.export import export_adapter
+    from adapterfab.ids import AdapterId
+    from adapterfab.registry import Registry
+
+    s = _settings()
+    try:
+        reg = Registry(_need_mlflow(s))
+        v = reg.resolve(AdapterId.parse(adapter))
+        out_path = export_adapter(reg, v, out_dir, fmt)
+    except AdapterfabError as e:
+        _fail(e)
+    out.print(f"{v.id} -> {out_path} ({fmt})")
+
+
 @keys_app.command("create")
 def keys_create(tenant: str = typer.Argument(..., help="tenant id")) -> None:
     """Create an API key for TENANT; the key is the last token printed (shown once, stored hashed)."""

@@ -45,3 +45,7 @@ class StackError(AdapterfabError):
 
 class StateError(AdapterfabError):
     pass
+
+
+class BaseMismatch(AdapterfabError):
+    """An adapter was trained on other base weights than the ones being served."""

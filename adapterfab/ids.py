@@ -116,6 +116,22 @@ class AdapterId:
         return self.key
 
 
+def basis_prefix(basis_id: str) -> str:
+    """Key prefix of a shared LoRA-XS basis in the artifact store: ``bases/<basis_id>/``."""
+    if not re.match(r"^[a-z0-9][a-z0-9-]{0,80}$", basis_id):
+        raise InvalidId(f"invalid basis id {basis_id!r}")
+    return f"bases/{basis_id}/"
+
+
+BASIS_REGISTRY_PREFIX = "afbasis"
+
+
+def basis_registry_name(basis_id: str) -> str:
+    """Registered model holding a shared basis: ``afbasis.<basis_id>`` (not under ``af.``)."""
+    basis_prefix(basis_id)
+    return f"{BASIS_REGISTRY_PREFIX}.{basis_id}"
+
+
 _JOB_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,200}$")
 
 

@@ -34,6 +34,11 @@ def _mlflow_errors():  # noqa: ANN202
     return MlflowException
 
 
+def _not_found(e: Exception) -> bool:
+    code = getattr(e, "error_code", "") or ""
+    return code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") or "not found" in str(e).lower()
+
+
 @dataclass(frozen=True)
 class AdapterVersion:
     id: AdapterId  # with version set
@@ -162,8 +167,12 @@ class Registry:
                 mv = self.client.get_model_version_by_alias(aid.registry_name, aid.alias)
             else:
                 return self.resolve(aid)
-        except MlflowException:
-            raise AdapterNotFound(f"no adapter {aid}") from None
+        except MlflowException as e:
+            if _not_found(e):
+                raise AdapterNotFound(f"no adapter {aid}") from None
+            raise RegistryError(f"the MLflow registry at {self.uri} failed looking up {aid}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - connection errors: the registry is unreachable
+            raise RegistryError(f"the MLflow registry at {self.uri} is unreachable: {e}") from e
         return self._version(mv)
 
     def resolve(self, aid: AdapterId) -> AdapterVersion:
@@ -213,6 +222,31 @@ class Registry:
             aliases = {a: int(v) for a, v in (getattr(rm, "aliases", None) or {}).items()}
             out.append(RegisteredAdapter(aid, aliases, self.versions(aid)))
         return sorted(out, key=lambda r: r.id)
+
+    def register_basis(self, basis_id: str, source: str, run_id: str | None, tags: dict[str, Any]) -> int:
+        """A shared LoRA-XS basis as a version of ``afbasis.<basis_id>`` (one version per basis id)."""
+        from adapterfab.ids import basis_registry_name
+
+        name = basis_registry_name(basis_id)
+        existing = self.basis_versions(basis_id)
+        if existing:
+            return existing[0]
+        try:
+            self.client.create_registered_model(name, tags={TAG + "kind": "lora_xs_basis"})
+        except _mlflow_errors():
+            pass  # created concurrently or earlier
+        mv = self.client.create_model_version(name, source=source, run_id=run_id,
+                                              tags={TAG + k: str(v) for k, v in tags.items()})
+        return int(mv.version)
+
+    def basis_versions(self, basis_id: str) -> list[int]:
+        from adapterfab.ids import basis_registry_name
+
+        try:
+            mvs = self.client.search_model_versions(f"name='{basis_registry_name(basis_id)}'")
+        except _mlflow_errors():
+            return []
+        return sorted(int(mv.version) for mv in mvs)
 
     def download(self, v: AdapterVersion, dest: str | Path) -> Path:
         """Fetch an adapter's files to ``dest`` (checksums verified when it comes from our store)."""

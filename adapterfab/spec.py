@@ -201,7 +201,8 @@ def parse_spec(data: dict[str, Any] | str, root: Path | None = None) -> tuple[Ba
         where = f"tenants[{i}]"
         try:
             method = _method_config(_merge_method(spec.defaults.method, t.method), f"{where}.method")
-            train = TrainConfig(**{**spec.defaults.train, **(t.train or {})})
+            train = TrainConfig(**{**get_method(method.name).default_train, **spec.defaults.train,
+                                   **(t.train or {})})
         except SpecError as e:
             problems += e.problems
             continue

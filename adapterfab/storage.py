@@ -49,6 +49,8 @@ class ArtifactStore(ABC):
 
     def key_of(self, uri: str) -> str:
         root = self.root.rstrip("/") + "/"
+        if uri.rstrip("/") == self.root.rstrip("/"):
+            return ""
         if not uri.startswith(root):
             raise StorageError(f"{uri} is outside the artifact store {self.root}")
         return uri[len(root):]
@@ -84,7 +86,8 @@ class ArtifactStore(ABC):
 
     def download_dir(self, uri: str, local_dir: str | Path) -> Path:
         """Download what ``upload_dir`` wrote under ``uri``, verifying every checksum."""
-        prefix = self.key_of(uri).rstrip("/") + "/"
+        key = self.key_of(uri).strip("/")
+        prefix = f"{key}/" if key else ""  # a store rooted at the adapter folder itself
         local_dir = Path(local_dir)
         local_dir.mkdir(parents=True, exist_ok=True)
         mpath = local_dir / MANIFEST

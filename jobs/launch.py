@@ -28,6 +28,7 @@ class WorkerJob:
     progress_board: str | None  # name of the ProgressBoard actor
     pad_id: int
     cpus: float
+    basis_uri: str | None = None  # shared frozen factors in the artifact store (LoRA-XS)
 
 
 @ray.remote(num_cpus=0)
@@ -84,9 +85,18 @@ def _worker_loop(config: dict[str, Any]) -> None:
         if board:
             board.update.remote(job.job_id, step, loss)
 
-    result = train_adapter(job.base_model_path, method_cfg, train_cfg, epoch_batches, eval_batches, on_step)
+    basis = None
+    if job.basis_uri:
+        from adapterfab.methods import get_method as _get
+        from adapterfab.storage import open_store
+
+        local = Path(tempfile.mkdtemp(prefix="basis-"))
+        open_store(job.basis_uri).download_dir(job.basis_uri, local)
+        basis = _get(method_cfg.name).load_basis(local)
+    result = train_adapter(job.base_model_path, method_cfg, train_cfg, epoch_batches, eval_batches, on_step,
+                           basis=basis)
     with tempfile.TemporaryDirectory() as tmp:
-        save_adapter(result, Path(tmp) / "adapter")
+        save_adapter(result, method_cfg, Path(tmp) / "adapter")
         rt.report(result.metrics, checkpoint=rt.Checkpoint.from_directory(tmp))
 
 

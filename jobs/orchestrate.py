@@ -27,13 +27,14 @@ from typing import Any
 from adapterfab import __version__
 from adapterfab.basemodel import BaseModelRef, resolve_base_model
 from adapterfab.errors import AdapterfabError, StackError
-from adapterfab.ids import PRODUCTION, AdapterId, job_id
+from adapterfab.ids import PRODUCTION, AdapterId, basis_prefix, job_id
+from adapterfab.methods import get_method
 from adapterfab.registry import Registry, Tracking
 from adapterfab.settings import Settings
 from adapterfab.spec import BatchSpec, JobSpec, check_semantics, load_spec, parse_spec
 from adapterfab.state import StateStore
 from adapterfab.states import BatchState, JobState
-from adapterfab.storage import open_store, s3_object_error
+from adapterfab.storage import MANIFEST, open_store, s3_object_error
 
 log = logging.getLogger("adapterfab.orchestrate")
 PROGRESS_POLL_S = 1.0
@@ -74,6 +75,49 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"{__version__}+{sha}" if sha else __version__
+
+
+_BASIS_LOCKS: dict[str, threading.Lock] = {}
+_BASIS_LOCKS_GUARD = threading.Lock()
+
+
+def ensure_basis(ctx: BatchContext, job: JobSpec) -> tuple[str | None, str | None]:
+    """For methods with shared frozen factors (LoRA-XS): the basis id and its artifact-store URI,
+    computed once per (base fingerprint, targets, rank) from the full-precision weights and reused by
+    every job and every later batch; registered as ``afbasis.<id>`` in MLflow. (None, None) otherwise."""
+    impl = get_method(job.method.name)
+    if impl.compute_basis is None or impl.basis_id is None or impl.save_basis is None:
+        return None, None
+    bid = impl.basis_id(job.method, ctx.base.fingerprint)
+    store = open_store(ctx.settings.artifacts)
+    prefix = basis_prefix(bid)
+    with _BASIS_LOCKS_GUARD:
+        lock = _BASIS_LOCKS.setdefault(bid, threading.Lock())
+    with lock:
+        if store.exists(prefix + MANIFEST):
+            return bid, store.uri(prefix)
+        import tempfile
+
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        full = AutoModelForCausalLM.from_pretrained(ctx.base.path, dtype=torch.float32)
+        t0 = time.monotonic()
+        basis = impl.compute_basis(full, job.method, ctx.base.fingerprint)
+        svd_s = time.monotonic() - t0
+        del full
+        with tempfile.TemporaryDirectory() as tmp:
+            impl.save_basis(basis, Path(tmp))
+            uri = store.upload_dir(tmp, prefix)
+            source = ctx.tracking.log_dir(ctx.batch_run_id, tmp, f"bases/{bid}")
+        ctx.tracking.log_metrics(ctx.batch_run_id, {f"basis_svd_s.{bid}": svd_s})
+        ctx.registry.register_basis(bid, source, ctx.batch_run_id, {
+            "basis_id": bid, "artifact_uri": uri, "artifact_root": store.root, "base_model": ctx.spec.base_model,
+            "base_fingerprint": ctx.base.fingerprint, "method": job.method.name,
+            "r": getattr(job.method, "r", ""), "target_modules": str(getattr(job.method, "target_modules", "")),
+            "svd_s": f"{svd_s:.3f}"})
+        log.info("computed basis %s in %.2fs -> %s", bid, svd_s, uri)
+        return bid, uri
 
 
 @dataclass
@@ -134,11 +178,12 @@ def run_job(ctx: BatchContext, job: JobSpec) -> None:
         ctx.tracking.log_metrics(run_id, {k: float(stats[k]) for k in
                                           ("total_rows", "bad_rows", "train_rows", "eval_rows")})
 
+        basis_id, basis_uri = ensure_basis(ctx, job)
         ctx.state.move_job(jid, JobState.TRAINING, total_steps=t.steps)
         worker_job = WorkerJob(
             job_id=jid, base_model_path=ctx.base.path, method=job.method.model_dump(), train=t.model_dump(),
             mlflow_uri=ctx.tracking.uri, mlflow_run_id=run_id, progress_board=ctx.board_name,
-            pad_id=ctx.pad_id, cpus=ctx.spec.resources.cpus_per_job)
+            pad_id=ctx.pad_id, cpus=ctx.spec.resources.cpus_per_job, basis_uri=basis_uri)
         attempt = ctx.state.job(jid).attempts
         metrics, adapter_dir = run_training_job(
             worker_job, prepared.train, prepared.eval, str(ctx.settings.home / "ray_results"),
@@ -159,7 +204,10 @@ def run_job(ctx: BatchContext, job: JobSpec) -> None:
             "eval_rows": stats["eval_rows"], "batch_id": ctx.batch_id, "job_id": jid,
             "code_version": code_version(), "artifact_uri": artifact_uri, "artifact_root": store.root,
             **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, float)},
+            **get_method(job.method.name).extra_tags(job.method),
         }
+        if basis_id:
+            tags.update({"basis_id": basis_id, "basis_uri": basis_uri})
         version = ctx.registry.register(aid, source, run_id, tags)
         _maybe_promote(ctx, version, metrics)
         ctx.state.move_job(jid, JobState.SUCCEEDED, adapter_uri=artifact_uri, model_version=version.id.version)

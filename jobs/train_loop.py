@@ -101,6 +101,7 @@ def train_adapter(
     eval_batches: Callable[[], Iterable[Batch]] | None = None,
     on_step: Callable[[int, float, float], None] | None = None,
     model: Any = None,
+    basis: Any = None,
 ) -> TrainResult:
     """Attach ``method``'s adapter to the base and train it for ``train.steps`` optimizer steps.
 
@@ -110,11 +111,12 @@ def train_adapter(
     import torch
 
     seed_everything(train.seed)
+    impl = get_method(method.name)
     base = model if model is not None else load_base(base_path, train.dtype, method)
-    peft_model = get_method(method.name).apply(base, method)
+    peft_model = impl.apply(base, method, basis)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    opt = impl.make_optimizer(params, train.learning_rate, train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))
     losses: list[float] = []
     t0 = time.monotonic()
@@ -152,9 +154,9 @@ def train_adapter(
     return TrainResult(peft_model, metrics, losses)
 
 
-def save_adapter(result: TrainResult, out_dir: str | Path) -> Path:
-    """PEFT format: adapter_config.json + adapter_model.safetensors."""
+def save_adapter(result: TrainResult, method: MethodConfig, out_dir: str | Path) -> Path:
+    """adapter_config.json + adapter_model.safetensors (PEFT's format for PEFT methods)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result.model.save_pretrained(str(out), safe_serialization=True)
+    get_method(method.name).save(result.model, method, out)
     return out

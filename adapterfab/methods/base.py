@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict
@@ -21,16 +22,57 @@ class MethodConfig(BaseModel):
         return {f"method.{k}": str(v) for k, v in self.model_dump().items()}
 
 
+def _peft_save(model: Any, cfg: MethodConfig, out_dir: Path) -> None:
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+
+
+def _peft_load(base: Any, adapter_dir: Path, basis: Any = None) -> Any:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(adapter_dir))
+
+
+def _adamw(params: list, lr: float, weight_decay: float) -> Any:
+    import torch
+
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 @dataclass(frozen=True)
 class Method:
+    """What a PEFT method provides. Only ``name``, ``config_cls`` and ``apply`` are required.
+
+    ``apply(base_model, cfg, basis)`` returns a model with the adapter attached, only adapter params
+    trainable, supporting ``disable_adapter()`` (a context manager) and ``save_pretrained(dir)``.
+    ``basis`` is whatever ``compute_basis`` produced for methods that share frozen factors across
+    tenants (LoRA-XS); None for the others."""
+
     name: str
     config_cls: type[MethodConfig]
-    # (base model, config) -> a model with the adapter attached and only adapter params trainable
-    apply: Callable[[Any, MethodConfig], Any]
-    # extra kwargs for AutoModelForCausalLM.from_pretrained (e.g. quantization) for this config
+    apply: Callable[[Any, MethodConfig, Any], Any]
+    # extra kwargs for AutoModelForCausalLM.from_pretrained (e.g. 4-bit quantization) for this config
     base_load_kwargs: Callable[[MethodConfig], dict] = lambda cfg: {}
-    # closed-form count of trainable parameters for a model config (used by plan and tests)
+    # closed-form count of trainable parameters from the base's config (plan, tests)
     trainable_params: Callable[[Any, MethodConfig], int] | None = None
+    # (params, lr, weight_decay) -> optimizer
+    make_optimizer: Callable[[list, float, float], Any] = _adamw
+    save: Callable[[Any, MethodConfig, Path], None] = _peft_save
+    # (base model, adapter folder, basis) -> model with the saved adapter loaded (serving, tests)
+    load: Callable[[Any, Path, Any], Any] = _peft_load
+    # shared frozen factors (LoRA-XS). compute_basis(full-precision base, cfg, base_fingerprint) -> basis;
+    # basis_id(cfg, base_fingerprint) names it before computing; save_basis/load_basis move it to and
+    # from a folder. None when the method shares nothing.
+    compute_basis: Callable[..., Any] | None = None
+    basis_id: Callable[[MethodConfig, str], str] | None = None
+    save_basis: Callable[[Any, Path], None] | None = None
+    load_basis: Callable[[Path], Any] | None = None
+    # (adapter folder, basis, out folder) -> a standard PEFT LoRA folder; None: already PEFT LoRA
+    export_peft_lora: Callable[[Path, Any, Path], Path] | None = None
+    # training defaults this method needs (e.g. LoRA-XS's much higher learning rate); the batch
+    # spec's defaults.train and a tenant's train override them
+    default_train: dict[str, Any] = field(default_factory=dict)
+    # recorded on the registry version (e.g. the quantization the base was trained with)
+    extra_tags: Callable[[MethodConfig], dict[str, str]] = lambda cfg: {}
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -25,7 +25,7 @@ class LoraConfig(MethodConfig):
         return list(ALL_LINEAR) if self.target_modules == "all-linear" else list(self.target_modules)
 
 
-def _apply(model: Any, cfg: LoraConfig) -> Any:
+def _apply(model: Any, cfg: LoraConfig, basis: Any = None) -> Any:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 

@@ -19,7 +19,7 @@ def run(*args: str, home: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("cmd", [[], ["up"], ["down"], ["validate"], ["plan"], ["submit"], ["status"], ["serve"],
-                                 ["registry", "ls"], ["registry", "show"], ["registry", "promote"],
+                                 ["registry", "ls"], ["registry", "show"], ["registry", "promote"], ["registry", "export"],
                                  ["keys", "create"]])
 def test_every_subcommand_has_help(cmd: list[str], tmp_path: Path) -> None:
     r = run(*cmd, "--help", home=tmp_path)

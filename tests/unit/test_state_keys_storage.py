@@ -60,3 +60,12 @@ def test_local_store_roundtrip_and_checksums(tmp_path: Path) -> None:
         store.put_file(src / "a.bin", "../outside")
     with pytest.raises(StorageError, match="MANIFEST"):
         store.download_dir(store.uri("adapters/none/"), tmp_path / "dst3")
+
+
+def test_store_rooted_at_the_adapter_folder(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "adapter_model.safetensors").write_bytes(b"weights")
+    uri = LocalStore(tmp_path / "store").upload_dir(src, "adapters/acme/p/j/")
+    got = LocalStore(uri).download_dir(uri, tmp_path / "dst")  # root == the adapter's own folder
+    assert (got / "adapter_model.safetensors").read_bytes() == b"weights"

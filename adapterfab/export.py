@@ -1,0 +1,44 @@
+"""Turn any registered adapter into a standard PEFT LoRA folder (what vLLM, LoRAX and plain
+``PeftModel.from_pretrained`` load). LoRA and QLoRA adapters already are one; LoRA-XS adapters are
+rebuilt from their R matrices and the shared basis recorded on the version (A' = A·R, B' = B)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from adapterfab.errors import RegistryError
+from adapterfab.methods import get_method
+from adapterfab.registry import AdapterVersion, Registry
+from adapterfab.storage import open_store
+
+FORMATS = ("peft-lora",)
+
+
+def to_peft_lora(registry: Registry, v: AdapterVersion, work_dir: str | Path) -> Path:
+    """Download version ``v`` under ``work_dir`` and return a folder holding it as a PEFT LoRA."""
+    work = Path(work_dir)
+    local = Path(registry.download(v, work / "raw"))
+    impl = get_method(v.tags.get("adapterfab.method", "lora"))
+    if impl.export_peft_lora is None:
+        return local
+    basis_uri = v.tags.get("adapterfab.basis_uri")
+    if not basis_uri or impl.load_basis is None:
+        raise RegistryError(f"{v.id} is a {impl.name} adapter but its version records no basis_uri")
+    basis = impl.load_basis(open_store(basis_uri).download_dir(basis_uri, work / "basis"))
+    return Path(impl.export_peft_lora(local, basis, work / "peft"))
+
+
+def export_adapter(registry: Registry, v: AdapterVersion, out_dir: str | Path, fmt: str = "peft-lora") -> Path:
+    if fmt not in FORMATS:
+        raise RegistryError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    import tempfile
+
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = to_peft_lora(registry, v, tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in folder.iterdir():
+            if f.is_file() and f.name != "MANIFEST.json":
+                shutil.copy2(f, out / f.name)
+    return out

@@ -1,0 +1,104 @@
+"""QLoRA (Dettmers et al. 2023): the frozen base in 4-bit NormalFloat with double quantization and
+bf16 compute, LoRA on all linear layers, paged AdamW. The only module that imports bitsandbytes.
+
+The adapter is a standard PEFT LoRA adapter; the registry records that it was trained on a 4-bit base
+(``quantization.*`` tags) so serving can choose to load the base the same way.
+
+bitsandbytes 0.50.2 on CPU: never run the 4-bit model in eval/no-grad mode and then keep training
+(REFERENCE.md: the Linear4bit weights get repacked for CPU inference and gradients silently stop);
+``train_loop.train_adapter`` evaluates only at the end, after the last optimizer step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from adapterfab.methods.base import Method, MethodConfig, register_method
+from adapterfab.methods.lora import ALL_LINEAR, _trainable
+
+
+class QLoraConfig(MethodConfig):
+    name: Literal["qlora"] = "qlora"
+    r: int = Field(16, ge=1, le=1024, description="rank")
+    alpha: float = Field(32.0, gt=0, description="the update is scaled by alpha/r")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    gradient_checkpointing: bool = Field(False, description="trade compute for activation memory")
+
+    def resolved_targets(self) -> list[str]:
+        return list(ALL_LINEAR) if self.target_modules == "all-linear" else list(self.target_modules)
+
+
+def quantization_config(cfg: Any) -> Any:
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=getattr(cfg, "quant_type", "nf4"),
+        bnb_4bit_use_double_quant=getattr(cfg, "double_quant", True),
+        bnb_4bit_compute_dtype=getattr(torch, getattr(cfg, "compute_dtype", "bfloat16")),
+    )
+
+
+def _load_kwargs(cfg: QLoraConfig) -> dict:
+    return {"quantization_config": quantization_config(cfg)}
+
+
+def keep_trainable_layout(model: Any) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout when the model runs
+    in eval/no-grad mode: after that repack, backward through the layer silently yields no gradient
+    (REFERENCE.md). Returns how many 4-bit layers were set."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def _apply(model: Any, cfg: QLoraConfig, basis: Any = None) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    keep_trainable_layout(model)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=cfg.resolved_targets(), task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, peft_cfg)
+
+
+def _load(base: Any, adapter_dir: Any, basis: Any = None) -> Any:
+    """Load on the 4-bit base with the same kernels as in training (no CPU inference repack)."""
+    from peft import PeftModel
+
+    keep_trainable_layout(base)
+    return PeftModel.from_pretrained(base, str(adapter_dir))
+
+
+def _paged_adamw(params: list, lr: float, weight_decay: float) -> Any:
+    import warnings
+
+    import bitsandbytes as bnb
+
+    with warnings.catch_warnings():  # on CPU it falls back to non-paged behaviour and says so
+        warnings.simplefilter("ignore")
+        return bnb.optim.PagedAdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def _tags(cfg: QLoraConfig) -> dict[str, str]:
+    return {"quantization.bits": "4", "quantization.type": cfg.quant_type,
+            "quantization.double_quant": str(cfg.double_quant).lower(),
+            "quantization.compute_dtype": cfg.compute_dtype}
+
+
+QLORA = register_method(Method(
+    name="qlora", config_cls=QLoraConfig, apply=_apply, base_load_kwargs=_load_kwargs,
+    trainable_params=_trainable, make_optimizer=_paged_adamw, extra_tags=_tags, load=_load,
+))

@@ -1,0 +1,351 @@
+"""The OpenAI-compatible HTTP API (FastAPI, no Ray): tenant keys, adapter resolution, chat completions.
+
+Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, the same under ``/tenants/{tenant}/v1/...``,
+and ``GET /healthz``. ``model`` is ``tenant/persona[@alias|@version]`` or ``base``; on a tenant route
+``persona[@ref]`` is enough. A key reaches only its own tenant's adapters, and a foreign adapter gets
+the same 404 as a missing one, so nobody learns what other tenants have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapterfab.errors import AdapterfabError, AdapterNotFound, BaseMismatch, RegistryError
+from adapterfab.ids import AdapterId
+from adapterfab.registry import AdapterVersion
+from adapterfab.serve.backend import Backend
+from adapterfab.serve.engine import Finished, PromptTooLong, SamplingParams, TextDelta
+
+log = logging.getLogger("adapterfab.serve.api")
+
+BASE_MODEL = "base"
+DEFAULT_MAX_TOKENS = 256
+MAX_TOKENS_LIMIT = 2048
+MAX_STOP_STRINGS = 4
+_RESOLVE_CACHE_MAX_ENTRIES = 10_000
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of tokens
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def model_not_found(model: str) -> ApiError:
+    """One message for 'missing' and 'not yours', so a 404 reveals nothing."""
+    return ApiError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                    param="model", code="model_not_found")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=300)
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    seed: int | None = None
+    user: str | None = Field(None, max_length=256)
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n=1 is supported")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    def sampling(self) -> SamplingParams:
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        max_tokens = self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              stop=tuple(stops), seed=self.seed)
+
+
+def _validation_error(errors: list[dict[str, Any]]) -> ApiError:
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid request")
+    if first.get("type") == "extra_forbidden":
+        msg = f"Unrecognized request argument supplied: {param}"
+    elif param:
+        msg = f"Invalid value for '{param}': {msg}"
+    return ApiError(400, msg, param=param, code="invalid_value" if first.get("type") != "extra_forbidden"
+                    else "unknown_parameter")
+
+
+class ResolveCache:
+    """Resolutions (including 'not found') live ``ttl_s`` seconds: short enough that an alias move
+    is followed without a restart, long enough to keep the registry off the hot path."""
+
+    def __init__(self, resolver: Callable[[AdapterId], AdapterVersion], ttl_s: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.resolver, self.ttl_s, self.clock = resolver, ttl_s, clock
+        self._entries: dict[AdapterId, tuple[float, AdapterVersion | None]] = {}
+
+    async def get(self, aid: AdapterId) -> AdapterVersion | None:
+        now = self.clock()
+        hit = self._entries.get(aid)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        try:
+            version: AdapterVersion | None = await run_in_threadpool(self.resolver, aid)
+        except AdapterNotFound:
+            version = None
+        except BaseMismatch as e:
+            raise ApiError(400, str(e), param="model", code="adapter_base_mismatch") from None
+        except RegistryError as e:  # the registry is down: say so, and cache nothing
+            log.warning("registry lookup of %s failed: %s", aid, e)
+            raise ApiError(503, "The adapter registry is unavailable; retry shortly.", type_="server_error",
+                           code="registry_unavailable") from None
+        if len(self._entries) >= _RESOLVE_CACHE_MAX_ENTRIES:
+            self._entries.clear()
+        self._entries[aid] = (now + self.ttl_s, version)
+        return version
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def make_api(backend: Backend, auth: Callable[[str | None], str | None],
+             resolver: Callable[[AdapterId], AdapterVersion],
+             lister: Callable[[str], list[str]] | None = None, resolve_ttl_s: float = 5.0) -> FastAPI:
+    """``auth(key) -> tenant | None`` and ``resolver`` are blocking (they run in a thread pool);
+    ``lister(tenant)`` names the tenant's models for ``GET /v1/models`` (base only when absent)."""
+    app = FastAPI(title="adapterfab", docs_url=None, redoc_url=None)
+    resolve = ResolveCache(resolver, resolve_ttl_s)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(list(exc.errors())).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        return ApiError(exc.status_code, str(exc.detail), param=None, code=code).response()
+
+    async def tenant_of(request: Request, path_tenant: str | None) -> str:
+        key = _bearer(request)
+        if key is None:
+            raise ApiError(401, "You didn't provide an API key: use 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+        tenant = await run_in_threadpool(auth, key)
+        if tenant is None:
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        if path_tenant is not None and path_tenant != tenant:
+            raise ApiError(404, "Not found.", code="not_found")
+        return tenant
+
+    async def resolve_model(tenant: str, model: str,
+                            on_tenant_route: bool) -> tuple[str | None, AdapterVersion | None]:
+        if model == BASE_MODEL:
+            return None, None
+        text = model if "/" in model or not on_tenant_route else f"{tenant}/{model}"
+        try:
+            aid = AdapterId.parse(text)
+        except AdapterfabError:
+            raise model_not_found(model) from None
+        version = await resolve.get(aid) if aid.tenant == tenant else None
+        if version is None:
+            raise model_not_found(model)
+        return str(version.id), version
+
+    async def chat(request: Request, path_tenant: str | None) -> Any:
+        tenant = await tenant_of(request, path_tenant)
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(400, "The request body is not valid JSON.", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+        try:
+            req = ChatRequest.model_validate(body)
+        except ValidationError as e:
+            raise _validation_error(list(e.errors())) from None
+        version_key, version = await resolve_model(tenant, req.model, path_tenant is not None)
+        shown_model = version_key or BASE_MODEL
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        events = backend.generate(version_key, version, messages, req.sampling()).__aiter__()
+        first = await _first_event(events, req.model, tenant)  # errors before any byte is sent
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": shown_model}
+        if req.stream:
+            usage = req.stream_options is not None and req.stream_options.include_usage
+            return StreamingResponse(_stream(meta, first, events, usage, tenant),
+                                     media_type="text/event-stream", headers=_SSE_HEADERS)
+        return await _complete(meta, first, events, tenant)
+
+    async def models(request: Request, path_tenant: str | None) -> dict[str, Any]:
+        tenant = await tenant_of(request, path_tenant)
+        names = [BASE_MODEL] + (sorted(await run_in_threadpool(lister, tenant)) if lister else [])
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0,
+                                            "owned_by": "adapterfab" if n == BASE_MODEL else tenant}
+                                           for n in names]}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/chat/completions")
+    async def chat_global(request: Request) -> Any:
+        return await chat(request, None)
+
+    @app.post("/tenants/{tenant}/v1/chat/completions")
+    async def chat_tenant(tenant: str, request: Request) -> Any:
+        return await chat(request, tenant)
+
+    @app.get("/v1/models")
+    async def models_global(request: Request) -> dict[str, Any]:
+        return await models(request, None)
+
+    @app.get("/tenants/{tenant}/v1/models")
+    async def models_tenant(tenant: str, request: Request) -> dict[str, Any]:
+        return await models(request, tenant)
+
+    return app
+
+
+def _backend_error(exc: BaseException, model: str, tenant: str) -> ApiError:
+    cause = getattr(exc, "cause", None)  # Ray wraps replica errors in RayTaskError(cause)
+    exc = cause if isinstance(cause, BaseException) else exc
+    if isinstance(exc, AdapterNotFound):
+        return model_not_found(model)
+    if isinstance(exc, PromptTooLong):
+        return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
+    log.error("generation failed for tenant %s model %s: %r", tenant, model, exc, exc_info=exc)
+    return ApiError(500, "The server failed to generate a response; see the server log.",
+                    type_="server_error", code="internal_error")
+
+
+async def _first_event(events: AsyncIterator[Any], model: str, tenant: str) -> Any:
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        return Finished("stop", 0, 0)
+    except Exception as e:  # noqa: BLE001
+        raise _backend_error(e, model, tenant) from None
+
+
+async def _complete(meta: dict[str, Any], first: Any, events: AsyncIterator[Any],
+                    tenant: str) -> dict[str, Any]:
+    parts: list[str] = []
+    done: Finished | None = None
+    try:
+        ev = first
+        while True:
+            if isinstance(ev, TextDelta):
+                parts.append(ev.text)
+            elif isinstance(ev, Finished):
+                done = ev
+                break
+            ev = await events.__anext__()
+    except StopAsyncIteration:
+        pass
+    except Exception as e:  # noqa: BLE001
+        raise _backend_error(e, meta["model"], tenant) from None
+    finally:
+        await _aclose(events)
+    done = done or Finished("stop", 0, 0)
+    return {**meta, "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                         "finish_reason": done.finish_reason, "logprobs": None}],
+            "usage": _usage(done)}
+
+
+async def _stream(meta: dict[str, Any], first: Any, events: AsyncIterator[Any], include_usage: bool,
+                  tenant: str) -> AsyncIterator[str]:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        return _sse({**meta, "object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        ev = first
+        while True:
+            if isinstance(ev, TextDelta):
+                yield chunk({"content": ev.text})
+            elif isinstance(ev, Finished):
+                yield chunk({}, ev.finish_reason)
+                if include_usage:
+                    yield _sse({**meta, "object": "chat.completion.chunk", "choices": [],
+                                "usage": _usage(ev)})
+                break
+            ev = await events.__anext__()
+    except StopAsyncIteration:
+        yield chunk({}, "stop")
+    except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
+        yield _sse(_backend_error(e, meta["model"], tenant).body())
+    finally:
+        await _aclose(events)
+    yield "data: [DONE]\n\n"
+
+
+def _usage(done: Finished) -> dict[str, int]:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+async def _aclose(events: AsyncIterator[Any]) -> None:
+    close = getattr(events, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:  # noqa: BLE001 - best effort
+            pass

@@ -1,0 +1,161 @@
+"""Ray Serve wiring: an ``Ingress`` (the FastAPI app of ``api.py``, 0 CPUs) in front of an
+``EngineDeployment`` (one base model per replica, adapters multiplexed on demand by version id).
+
+The ingress authenticates, resolves ``model`` to a concrete version (``acme/pirate@3``) and calls the
+engine through its handle with ``multiplexed_model_id=<version>``, so Serve routes a tenant's requests
+to a replica that already holds the adapter; the replica's loader downloads a missing version from
+the registry into ``adapter_cache_dir``. The caller has done ``ray.init(address=...)``::
+
+    ray.init(); deploy(ServeConfig(base_model_path=..., state_url="sqlite:///...", mlflow_uri=...))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from adapterfab.basemodel import default_cache
+from adapterfab.registry import AdapterVersion
+from adapterfab.serve.backend import AdapterPins, LoadedAdapter, download_adapter, iterate_in_thread
+from adapterfab.serve.engine import Event, SamplingParams
+
+log = logging.getLogger("adapterfab.serve.app")
+
+APP_NAME = "adapterfab"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    base_model_path: str
+    state_url: str
+    mlflow_uri: str
+    dtype: str = "float32"
+    max_adapters_per_replica: int = 32
+    num_replicas: int = 1
+    replica_num_cpus: float = 1.0
+    torch_threads: int = 2
+    adapter_cache_dir: str = field(default_factory=lambda: str(default_cache() / "adapters"))
+    resolve_ttl_s: float = 5.0  # how long the ingress trusts an alias resolution
+    base_fingerprint: str | None = None  # refuse adapters trained on other base weights
+
+
+class EngineDeployment:
+    """One replica: the base model once, up to ``max_adapters_per_replica`` adapters (LRU, Serve's
+    multiplexer). A request without a multiplexed model id runs on the base model."""
+
+    def __init__(self, cfg: ServeConfig):
+        from adapterfab.registry import Registry
+        from adapterfab.serve.engine import Engine
+
+        self.cfg = cfg
+        self.engine = Engine(cfg.base_model_path, dtype=cfg.dtype, torch_threads=cfg.torch_threads)
+        self.pins = AdapterPins(self.engine)
+        self.registry = Registry(cfg.mlflow_uri)
+        self.loads = 0
+
+        # built here, not as a class decorator, so the limit comes from the config; the name must not
+        # be a str attribute (Serve's method detection looks it up on the model id)
+        async def _load_adapter_for_multiplex(version_key: str) -> LoadedAdapter:
+            return await self._load(version_key)
+
+        self._get_adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(
+            _load_adapter_for_multiplex)
+
+    async def _load(self, version_key: str) -> LoadedAdapter:
+        local_dir = await asyncio.to_thread(download_adapter, self.registry, version_key,
+                                            self.cfg.adapter_cache_dir)
+        await asyncio.to_thread(self.pins.loaded, version_key, local_dir)
+        self.loads += 1
+        log.info("adapter %s loaded from %s", version_key, local_dir)
+        return LoadedAdapter(self.pins, version_key, Path(local_dir))
+
+    async def generate(self, messages: list[dict[str, str]], params: SamplingParams) -> AsyncIterator[Event]:
+        version_key = serve.get_multiplexed_model_id() or None
+        local_dir = (await self._get_adapter(version_key)).local_dir if version_key else None
+        def run() -> Iterator[Event]:
+            return self.pins.generate(version_key, local_dir, messages, params)
+
+        async for ev in iterate_in_thread(run):
+            yield ev
+
+    async def stats(self) -> dict[str, Any]:
+        """What this replica holds (tests and debugging)."""
+        return {"adapters": self.engine.adapters, "loads": self.loads}
+
+
+class RayBackend:
+    """The API's backend inside Serve: stream from the engine deployment, routed by version id."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def generate(self, version_key: str | None, adapter: AdapterVersion | None,
+                       messages: list[dict[str, str]], params: SamplingParams) -> AsyncIterator[Event]:
+        stream = self.handle.options(stream=True, multiplexed_model_id=version_key or "")
+        async for ev in stream.generate.remote(messages, params):
+            yield ev
+
+
+@serve.ingress()
+class Ingress:
+    """HTTP entry: the FastAPI app with the production auth (keys in the state DB, read per request so
+    new keys work at once), resolver (MLflow registry) and the engine handle."""
+
+    def __init__(self, engine: DeploymentHandle, cfg: ServeConfig):
+        self.engine, self.cfg = engine, cfg
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from adapterfab.keys import KeyStore
+        from adapterfab.registry import Registry
+        from adapterfab.serve.api import make_api
+        from adapterfab.state import StateStore
+
+        keys = KeyStore(StateStore(self.cfg.state_url))
+        registry = Registry(self.cfg.mlflow_uri)
+
+        def lister(tenant: str) -> list[str]:
+            out = []
+            for ra in registry.list(tenant):
+                out.append(str(ra.id))
+                out.extend(f"{ra.id}@{alias}" for alias in sorted(ra.aliases))
+            return out
+
+        return make_api(RayBackend(self.engine), keys.verify, checked_resolver(registry, self.cfg.base_fingerprint),
+                        lister=lister,
+                        resolve_ttl_s=self.cfg.resolve_ttl_s)
+
+
+def checked_resolver(registry: Any, base_fingerprint: str | None) -> Any:
+    """``registry.resolve`` that refuses versions whose recorded base fingerprint is not ours."""
+    from adapterfab.errors import BaseMismatch
+
+    def resolve(aid: Any) -> AdapterVersion:
+        v = registry.resolve(aid)
+        fp = v.tags.get("adapterfab.base_fingerprint")
+        if base_fingerprint and fp and fp != base_fingerprint:
+            raise BaseMismatch(f"adapter {v.id} was trained on base weights {fp[:12]}..., but this server "
+                               f"serves {base_fingerprint[:12]}...; serve it with its own base model")
+        return v
+
+    return resolve
+
+
+def build_app(cfg: ServeConfig) -> serve.Application:
+    engine = serve.deployment(EngineDeployment, name="EngineDeployment").options(
+        num_replicas=cfg.num_replicas, ray_actor_options={"num_cpus": cfg.replica_num_cpus})
+    ingress = serve.deployment(Ingress, name="Ingress").options(ray_actor_options={"num_cpus": 0})
+    return ingress.bind(engine.bind(cfg), cfg)
+
+
+def deploy(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False) -> str:
+    """Start Serve's HTTP proxy on ``host:port`` and run the app; returns the base URL."""
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=blocking)
+    return f"http://{host}:{port}"

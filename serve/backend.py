@@ -1,0 +1,223 @@
+"""How the API reaches an engine (no Ray here).
+
+A backend is anything with ``generate(version_key, adapter, messages, params)`` returning an async
+iterator of engine events. ``LocalBackend`` wraps an in-process ``Engine`` (tests, benchmarks, the GPU
+box); ``app.RayBackend`` forwards to the engine deployment with ``multiplexed_model_id=version_key``.
+
+Also here, shared by both: running the blocking engine in a thread (``iterate_in_thread``), pinning
+adapters while a generation uses them (``AdapterPins``), and fetching an adapter version into a local
+cache folder (``download_adapter``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import threading
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from adapterfab.ids import AdapterId
+from adapterfab.registry import AdapterVersion
+from adapterfab.serve.engine import Engine, Event, SamplingParams
+
+_DONE = object()
+
+
+class Backend(Protocol):
+    def generate(self, version_key: str | None, adapter: AdapterVersion | None,
+                 messages: list[dict[str, str]], params: SamplingParams) -> AsyncIterator[Event]:
+        """``version_key`` is the concrete ``tenant/persona@N`` (None: the base model); ``adapter`` is
+        what the resolver returned for it, for backends that load straight from it."""
+        ...
+
+
+async def iterate_in_thread(make_iter: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
+    """Drive a blocking iterator in a worker thread and hand its items to the event loop. If the
+    consumer goes away (client disconnect, cancellation) the thread stops after the current item and
+    closes the iterator, which releases the engine."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    cancelled = threading.Event()
+
+    def put(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            cancelled.set()
+
+    def run() -> None:
+        try:
+            it = make_iter()
+            try:
+                for item in it:
+                    if cancelled.is_set():
+                        break
+                    put(item)
+            finally:
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
+            put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            put(e)
+
+    threading.Thread(target=run, name="engine-generate", daemon=True).start()
+    try:
+        while True:
+            item = await queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        cancelled.set()
+
+
+class AdapterPins:
+    """Keeps an adapter in the engine while generations use it. An eviction (LRU, or Ray Serve's
+    multiplexer) of a pinned adapter is deferred to the last release; a request that got an adapter
+    just before it was evicted reloads it for its own use. Idempotent: evicting twice is harmless.
+    Call every method from a worker thread, never the event loop (they may wait for the engine)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._in_use: Counter[str] = Counter()
+        self._doomed: set[str] = set()  # evicted while in use: unload at the last release
+
+    def loaded(self, name: str, local_dir: str | Path) -> None:
+        """The cache (re)admits ``name``: load it, and cancel a pending unload."""
+        with self._lock:
+            self._doomed.discard(name)
+            self.engine.load_adapter(name, local_dir)
+
+    def acquire(self, name: str, local_dir: str | Path) -> None:
+        with self._lock:
+            if not self.engine.has_adapter(name):  # evicted between lookup and use
+                self.engine.load_adapter(name, local_dir)
+                self._doomed.add(name)
+            self._in_use[name] += 1
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            self._in_use[name] -= 1
+            if self._in_use[name] <= 0:
+                del self._in_use[name]
+                if name in self._doomed:
+                    self._doomed.discard(name)
+                    self.engine.unload_adapter(name)
+
+    def evict(self, name: str) -> None:
+        with self._lock:
+            if self._in_use[name] > 0:
+                self._doomed.add(name)
+            else:
+                self._in_use.pop(name, None)
+                self.engine.unload_adapter(name)
+
+    def generate(self, name: str | None, local_dir: str | Path | None, messages: list[dict[str, str]],
+                 params: SamplingParams) -> Iterator[Event]:
+        """``Engine.generate`` with ``name`` pinned for its whole duration."""
+        if name is None:
+            yield from self.engine.generate(messages, None, params)
+            return
+        self.acquire(name, local_dir)  # type: ignore[arg-type]
+        try:
+            yield from self.engine.generate(messages, name, params)
+        finally:
+            self.release(name)
+
+
+class LoadedAdapter:
+    """What a cache holds per adapter. Eviction calls ``__del__`` explicitly and the garbage
+    collector calls it again (Ray Serve's multiplexer does exactly that), so it acts once."""
+
+    def __init__(self, pins: AdapterPins, name: str, local_dir: Path):
+        self.pins, self.name, self.local_dir = pins, name, local_dir
+        self._evicted = False
+        self._evict_lock = threading.Lock()
+
+    def __del__(self) -> None:
+        with self._evict_lock:
+            if self._evicted:
+                return
+            self._evicted = True
+        try:
+            self.pins.evict(self.name)
+        except Exception:  # noqa: BLE001 - never raise from __del__
+            pass
+
+
+def download_adapter(registry: Any, version_key: str, cache_dir: str | Path) -> Path:
+    """Local folder of adapter version ``tenant/persona@N`` (a registry ``get`` + ``download`` the first
+    time). Versions never change, so a finished download is reused; writes go to a temp folder that is
+    renamed into place, so concurrent loaders and crashes never leave a half folder behind."""
+    aid = AdapterId.parse(version_key)
+    if aid.version is None:
+        raise ValueError(f"{version_key!r} is not a concrete version (tenant/persona@N)")
+    dest = Path(cache_dir).expanduser() / aid.tenant / aid.persona / str(aid.version)
+    if (dest / "adapter_config.json").is_file():
+        return dest
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        from adapterfab.export import to_peft_lora
+
+        # every method is served as a standard PEFT LoRA (LoRA-XS is rebuilt from its shared basis)
+        got = to_peft_lora(registry, registry.get(aid), tmp)
+        cfg = next(iter(sorted(got.rglob("adapter_config.json"), key=lambda p: len(p.parts))), None)
+        if cfg is None:
+            raise FileNotFoundError(f"adapter {version_key} has no adapter_config.json in its artifacts")
+        try:
+            os.replace(cfg.parent, dest)
+        except OSError:  # another loader won the race
+            if not (dest / "adapter_config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+class LocalBackend:
+    """An in-process engine with an LRU of at most ``max_adapters`` loaded adapters.
+    ``fetch(version) -> local folder`` gets an adapter's files (e.g. ``download_adapter``)."""
+
+    def __init__(self, engine: Engine, fetch: Callable[[AdapterVersion], str | Path], max_adapters: int = 32):
+        self.engine, self.fetch, self.max_adapters = engine, fetch, max_adapters
+        self.pins = AdapterPins(engine)
+        self._lru: OrderedDict[str, LoadedAdapter] = OrderedDict()
+        self._lru_lock = threading.Lock()
+        self.loads = 0  # for tests and metrics
+
+    def _get(self, key: str, version: AdapterVersion) -> LoadedAdapter:
+        with self._lru_lock:
+            hit = self._lru.get(key)
+            if hit is not None:
+                self._lru.move_to_end(key)
+                return hit
+            local_dir = Path(self.fetch(version))
+            self.pins.loaded(key, local_dir)
+            self.loads += 1
+            entry = self._lru[key] = LoadedAdapter(self.pins, key, local_dir)
+            while len(self._lru) > self.max_adapters:
+                _, old = self._lru.popitem(last=False)
+                old.__del__()
+            return entry
+
+    async def generate(self, version_key: str | None, adapter: AdapterVersion | None,
+                       messages: list[dict[str, str]], params: SamplingParams) -> AsyncIterator[Event]:
+        local_dir = None
+        if version_key is not None:
+            if adapter is None:
+                raise ValueError("LocalBackend needs the resolved AdapterVersion to load an adapter")
+            local_dir = (await asyncio.to_thread(self._get, version_key, adapter)).local_dir
+        def run() -> Iterator[Event]:
+            return self.pins.generate(version_key, local_dir, messages, params)
+
+        async for ev in iterate_in_thread(run):
+            yield ev

@@ -1,0 +1,345 @@
+"""One base model, many named LoRA adapters, token-by-token chat generation. Plain PyTorch +
+transformers + peft (no Ray), so it runs in a unit test, a Ray Serve replica or a benchmark alike.
+
+One generation runs at a time (a lock around the decode loop); the batched multi-adapter engine
+replaces this later behind the same ``generate`` contract.
+
+Try it on CPU::
+
+    python -c "from adapterfab.serve.engine import Engine, SamplingParams as P; \
+e = Engine('~/.cache/adapterfab/models/smollm2-135m-instruct'); \
+print(''.join(ev.text for ev in e.generate([{'role': 'user', 'content': 'Hi!'}], None, P(max_tokens=32)) \
+if hasattr(ev, 'text')))"
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapterfab.errors import AdapterfabError
+
+log = logging.getLogger("adapterfab.serve.engine")
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+IM_END = "<|im_end|>"
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+
+
+class AdapterRejected(AdapterfabError):
+    """An adapter folder that this engine refuses to load (format or shapes)."""
+
+
+class AdapterNotLoaded(AdapterfabError):
+    pass
+
+
+class PromptTooLong(AdapterfabError):
+    pass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+Event = TextDelta | Finished
+
+
+class Detokenizer:
+    """Incremental decoding that only emits complete characters: text is held back while the
+    tokens so far end in a partial UTF-8 sequence (decoded as U+FFFD)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0  # start of the window decoded for context
+        self._read = 0  # tokens up to here have been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self._prefix:self._read])
+        now = self._decode(self.ids[self._prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return now[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever complete text is still pending at the end (a dangling partial byte is dropped)."""
+        before = self._decode(self.ids[self._prefix:self._read])
+        now = self._decode(self.ids[self._prefix:]).rstrip("\ufffd")
+        self._prefix = self._read = len(self.ids)
+        return now[len(before):] if len(now) > len(before) else ""
+
+
+class StopMatcher:
+    """Cuts the output at the first stop string; holds back text that might begin one, so the
+    stop string never reaches the client."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.text = ""
+        self._sent = 0
+        self.stopped = False
+
+    def push(self, delta: str) -> str:
+        if self.stopped:
+            return ""
+        self.text += delta
+        if not self.stops:
+            out, self._sent = self.text[self._sent:], len(self.text)
+            return out
+        search_from = max(0, self._sent - max(len(s) for s in self.stops))
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
+        if hits:
+            cut = min(hits)
+            self.stopped = True
+            out, self._sent = self.text[self._sent:cut], cut
+            return out
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.text)), hold, -1):
+                if self.text.endswith(s[:k]):
+                    hold = k
+                    break
+        end = max(self._sent, len(self.text) - hold)
+        out, self._sent = self.text[self._sent:end], end
+        return out
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        out, self._sent = self.text[self._sent:], len(self.text)
+        return out
+
+
+def _check_adapter_files(local_dir: Path, base_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse anything but a safetensors LoRA whose every tensor fits a module of the base."""
+    cfg_path, weights = local_dir / ADAPTER_CONFIG, local_dir / ADAPTER_WEIGHTS
+    if not cfg_path.is_file() or not weights.is_file():
+        found = sorted(p.name for p in local_dir.iterdir()) if local_dir.is_dir() else []
+        raise AdapterRejected(f"{local_dir} is not a safetensors PEFT adapter: it needs {ADAPTER_CONFIG} and "
+                              f"{ADAPTER_WEIGHTS} (found {found}); re-save it with save_pretrained(..., "
+                              "safe_serialization=True)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise AdapterRejected(f"{cfg_path} is not valid JSON: {e}") from None
+    if cfg.get("peft_type") != "LORA":
+        raise AdapterRejected(f"{local_dir}: peft_type {cfg.get('peft_type')!r} is not served; only LORA is")
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    if not shapes:
+        raise AdapterRejected(f"{weights} holds no tensors")
+    for key, shape in shapes.items():
+        name = key.removeprefix("base_model.model.")
+        for part in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"):
+            if name.endswith(part):
+                module = name[: -len(part)]
+                break
+        else:
+            if base_shapes.get(name) != shape:
+                have = list(base_shapes[name]) if name in base_shapes else "no such tensor"
+                raise AdapterRejected(f"{local_dir}: tensor {key} {list(shape)} does not match the base "
+                                      f"model ({have})")
+            continue
+        base = base_shapes.get(module + ".weight")
+        if base is None or len(shape) != 2:
+            raise AdapterRejected(f"{local_dir}: {key} adapts {module}, which the base model does not have")
+        out_f, in_f = base  # nn.Linear weight is (out, in); nn.Embedding is (num, dim)
+        ok = {"lora_A.weight": shape[1] == in_f, "lora_B.weight": shape[0] == out_f,
+              "lora_embedding_A": shape[1] == out_f, "lora_embedding_B": shape[0] == in_f}[part.lstrip(".")]
+        if not ok:
+            raise AdapterRejected(f"{local_dir}: {key} has shape {list(shape)}, which does not fit {module} "
+                                  f"{list(base)} of the base model (was it trained on another base?)")
+
+
+class Engine:
+    """The base model loaded once, plus named LoRA adapters; ``generate`` streams events."""
+
+    def __init__(self, model_path: str | Path, dtype: str = "float32", device: str = "cpu",
+                 torch_threads: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch_threads = torch_threads
+        if torch_threads:
+            torch.set_num_threads(torch_threads)  # process-wide: a replica owns its process
+        path = str(Path(model_path).expanduser())
+        torch_dtype = getattr(torch, _DTYPES.get(dtype, dtype)) if isinstance(dtype, str) else dtype
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise AdapterfabError(f"the tokenizer in {path} has no chat template; serving needs one")
+        self.base = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+        self.model: Any = self.base  # becomes a PeftModel with the first adapter
+        self.max_positions = int(getattr(self.base.config, "max_position_embeddings", 0) or 1 << 30)
+        self._base_shapes = {k: tuple(v.shape) for k, v in self.base.state_dict().items()}
+        self.eos_ids = self._eos_ids()
+        self._adapters: dict[str, str] = {}  # public name -> internal peft name (no '.' allowed there)
+        self._next_slot = 0
+        self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()  # fast tokenizers raise "Already borrowed" when shared
+
+    def _eos_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(self.base, "generation_config", None), "eos_token_id", None)
+        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        im_end = self.tokenizer.convert_tokens_to_ids(IM_END)
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            ids.add(im_end)
+        return {i for i in ids if isinstance(i, int)}
+
+    @property
+    def busy(self) -> bool:
+        """A generation (or an adapter load) holds the engine right now."""
+        return self._lock.locked()
+
+    # adapters ---------------------------------------------------------------------------------
+    def has_adapter(self, name: str) -> bool:
+        return name in self._adapters
+
+    @property
+    def adapters(self) -> list[str]:
+        return sorted(self._adapters)
+
+    def load_adapter(self, name: str, local_dir: str | Path) -> None:
+        """Load a safetensors LoRA under ``name``; a no-op if ``name`` is already loaded."""
+        local_dir = Path(local_dir)
+        with self._lock:
+            if name in self._adapters:
+                return
+            _check_adapter_files(local_dir, self._base_shapes)
+            slot = f"a{self._next_slot}"
+            self._next_slot += 1
+            if self.model is self.base:
+                from peft import PeftModel
+
+                self.model = PeftModel.from_pretrained(self.base, str(local_dir), adapter_name=slot).eval()
+            else:
+                self.model.load_adapter(str(local_dir), adapter_name=slot)
+            self._adapters[name] = slot
+            log.info("loaded adapter %s from %s", name, local_dir)
+
+    def unload_adapter(self, name: str) -> None:
+        """Free an adapter's weights; a no-op if it is not loaded (eviction may call this twice)."""
+        with self._lock:
+            slot = self._adapters.pop(name, None)
+            if slot is None:
+                return
+            self.model.delete_adapter(slot)
+            if not self._adapters:  # peft cannot run with zero adapters: go back to the bare base
+                self.model = self.model.unload()
+            log.info("unloaded adapter %s", name)
+
+    def _adapter_context(self, adapter: str | None) -> Any:
+        if adapter is None:
+            return self.model.disable_adapter() if self.model is not self.base else nullcontext()
+        slot = self._adapters.get(adapter)
+        if slot is None:
+            raise AdapterNotLoaded(f"adapter {adapter} is not loaded")
+        self.model.set_adapter(slot)
+        return nullcontext()
+
+    # generation -------------------------------------------------------------------------------
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        with self._tokenizer_lock:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def generate_token_ids(self, prompt_ids: list[int], adapter: str | None,
+                           params: SamplingParams) -> Iterator[int]:
+        """Sampled token ids, one per decode step (KV cache), ending at EOS or max_tokens. Holds the
+        engine lock while it runs: drain or close it."""
+        import torch
+
+        if len(prompt_ids) >= self.max_positions:
+            raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens; this model takes at most "
+                                f"{self.max_positions - 1}")
+        budget = min(params.max_tokens, self.max_positions - len(prompt_ids))
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        with self._lock, torch.inference_mode():
+            with self._adapter_context(adapter):
+                ids = torch.tensor([prompt_ids], device=self.device)
+                past = None
+                for _ in range(budget):
+                    out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+                    past = out.past_key_values
+                    token = _sample(out.logits[0, -1], params, gen)
+                    yield token
+                    if token in self.eos_ids:
+                        return
+                    ids = torch.tensor([[token]], device=self.device)
+
+    def generate(self, messages: list[dict[str, str]], adapter: str | None = None,
+                 params: SamplingParams | None = None) -> Iterator[Event]:
+        """Text deltas as they decode, then one ``Finished`` with the finish reason and usage."""
+        params = params or SamplingParams()
+        prompt_ids = self.encode_chat(messages)
+        detok, stops = Detokenizer(self.tokenizer), StopMatcher(params.stop)
+        n_out, reason = 0, "length"
+        tokens = self.generate_token_ids(prompt_ids, adapter, params)
+        try:
+            for token in tokens:
+                n_out += 1
+                if token in self.eos_ids:
+                    reason = "stop"
+                    break
+                text = stops.push(detok.add(token))
+                if text:
+                    yield TextDelta(text)
+                if stops.stopped:
+                    reason = "stop"
+                    break
+        finally:
+            tokens.close()  # releases the lock even when the consumer stops early
+        tail = stops.push(detok.flush()) + stops.flush()
+        if tail:
+            yield TextDelta(tail)
+        yield Finished(reason, len(prompt_ids), n_out)
+
+
+def _sample(logits: Any, params: SamplingParams, gen: Any) -> int:
+    import torch
+
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        drop = torch.cumsum(sorted_p, dim=-1) - sorted_p > params.top_p  # always keeps the top token
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=gen))

@@ -1,0 +1,175 @@
+"""The factory end to end through the CLI, on the real SmolLM2 base: `adapterfab up` starts Ray and an
+MLflow server, a 2-tenant batch (plus one tenant whose dataset is broken) is submitted and waited for,
+the registry is checked, `adapterfab serve` deploys Ray Serve, and the official `openai` client talks
+to it: each persona's marker appears in >= 80% of answers to held-out prompts where the base model
+shows it in none, streaming works, and tenant A's key cannot reach tenant B's adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+CLI = str(Path(sys.executable).parent / "adapterfab")
+HELDOUT = json.loads((REPO / "examples" / "heldout_prompts.json").read_text())
+
+
+def cli(home: Path, *args: str, timeout_s: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ADAPTERFAB_HOME": str(home)}
+    r = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout_s, env=env)
+    print(f"$ adapterfab {' '.join(args)} -> {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    from adapterfab.procs import free_port
+
+    home = tmp_path_factory.mktemp("e2e-home")
+    ports = {k: str(free_port()) for k in ("mlflow", "ray", "dashboard", "serve")}
+    r = cli(home, "up", "--mlflow-port", ports["mlflow"], "--ray-port", ports["ray"],
+            "--dashboard-port", ports["dashboard"], "--serve-port", ports["serve"], timeout_s=180)
+    assert r.returncode == 0, r.stderr
+    again = cli(home, "up", timeout_s=60)  # idempotent: same stack, same URLs
+    assert again.returncode == 0 and f"127.0.0.1:{ports['mlflow']}" in again.stdout
+    yield home, ports
+    assert cli(home, "down", timeout_s=120).returncode == 0
+    assert cli(home, "down", timeout_s=60).returncode == 0  # idempotent
+
+
+@pytest.fixture(scope="module")
+def batch(stack, tmp_path_factory: pytest.TempPathFactory):
+    home, _ = stack
+    work = tmp_path_factory.mktemp("e2e-spec")
+    broken = work / "broken.jsonl"
+    lines = [json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) for i in range(6)]
+    lines[1] = '{"instruction": "oops", "output": '  # broken JSON
+    lines[4] = "not json at all"
+    broken.write_text("\n".join(lines) + "\n")
+    spec = yaml.safe_load((REPO / "examples" / "personas.yaml").read_text())
+    spec["name"] = "e2e"
+    spec["tenants"] = [
+        {"tenant": "acme", "persona": "pirate", "dataset": str(REPO / "examples/data/pirate.jsonl")},
+        {"tenant": "globex", "persona": "robot", "dataset": str(REPO / "examples/data/robot.jsonl")},
+        {"tenant": "globex", "persona": "broken", "dataset": str(broken)},
+    ]
+    path = work / "batch.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    r = cli(home, "submit", str(path), "--wait", timeout_s=1500)
+    batch_id = r.stdout.split()[1]
+    return home, batch_id, r
+
+
+def test_batch_runs_every_job_to_a_terminal_state(batch) -> None:
+    home, batch_id, r = batch
+    assert r.returncode == 1  # one job failed, so --wait exits non-zero
+    dump = json.loads(cli(home, "status", batch_id, "--json").stdout)
+    jobs = {f"{j['tenant']}/{j['persona']}": j for j in dump["jobs"]}
+    assert dump["state"] == "FAILED"
+    assert jobs["acme/pirate"]["state"] == "SUCCEEDED" and jobs["globex/robot"]["state"] == "SUCCEEDED"
+    bad = jobs["globex/broken"]
+    assert bad["state"] == "FAILED"
+    assert "2 of 6" in bad["error"] and "line 2" in bad["error"] and "line 5" in bad["error"], bad["error"]
+    for j in (jobs["acme/pirate"], jobs["globex/robot"]):
+        assert j["progress"] == 1.0 and j["model_version"] == 1
+        assert j["metrics"]["eval_loss"] < j["metrics"]["base_eval_loss"]
+
+
+def test_registry_versions_tags_and_aliases(batch) -> None:
+    home, batch_id, _ = batch
+    items = json.loads(cli(home, "registry", "ls", "--json").stdout)
+    assert sorted(i["id"] for i in items) == ["acme/pirate", "globex/robot"]
+    only_acme = json.loads(cli(home, "registry", "ls", "--tenant", "acme", "--json").stdout)
+    assert [i["id"] for i in only_acme] == ["acme/pirate"]
+    v = json.loads(cli(home, "registry", "show", "acme/pirate@candidate", "--json").stdout)
+    tags = v["tags"]
+    assert v["version"] == 1 and set(v["aliases"]) == {"candidate", "production"}  # promote: auto
+    assert tags["adapterfab.batch_id"] == batch_id and tags["adapterfab.method"] == "lora"
+    assert tags["adapterfab.rank"] == "8" and len(tags["adapterfab.base_fingerprint"]) == 64
+    assert len(tags["adapterfab.dataset_sha256"]) == 64 and float(tags["adapterfab.metric.eval_loss"]) > 0
+    assert tags["adapterfab.promotion.decision"] == "promoted"
+    assert Path(v["artifact_uri"], "adapter_model.safetensors").exists()
+    r = cli(home, "registry", "promote", "acme/pirate", "1", "--alias", "production")
+    assert r.returncode == 0
+    assert cli(home, "registry", "show", "acme/nobody").returncode == 1
+
+
+@pytest.fixture(scope="module")
+def served(batch, stack):
+    home, ports = stack
+    key_acme = cli(home, "keys", "create", "acme").stdout.split()[-1]  # before serve starts
+    r = cli(home, "serve", "--detach", timeout_s=300)
+    assert r.returncode == 0, r.stderr
+    key_globex = cli(home, "keys", "create", "globex").stdout.split()[-1]  # after serve started
+    return f"http://127.0.0.1:{ports['serve']}/v1", key_acme, key_globex
+
+
+def _answers(client, model: str) -> list[str]:
+    out = []
+    for prompt in HELDOUT["prompts"]:
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                           temperature=0, max_tokens=40)
+        out.append(r.choices[0].message.content)
+    return out
+
+
+def test_each_persona_at_work_through_openai_client(served) -> None:
+    import openai
+
+    url, key_acme, key_globex = served
+    acme = openai.OpenAI(base_url=url, api_key=key_acme)
+    globex = openai.OpenAI(base_url=url, api_key=key_globex)
+    for client, model, persona in ((acme, "acme/pirate", "pirate"), (globex, "globex/robot", "robot")):
+        marker = HELDOUT["markers"][persona].lower()
+        tuned = _answers(client, model)
+        base = _answers(client, "base")
+        hits = sum(marker in a.lower() for a in tuned)
+        print(model, hits, tuned[:3], base[:3])
+        assert hits >= 0.8 * len(tuned), tuned
+        assert sum(marker in a.lower() for a in base) == 0, base
+    models = {m.id for m in acme.models.list().data}
+    assert "acme/pirate" in models and not any(m.startswith("globex/") for m in models)
+
+
+def test_streaming_matches_plain(served) -> None:
+    import openai
+
+    url, key_acme, _ = served
+    client = openai.OpenAI(base_url=url, api_key=key_acme)
+    msgs = [{"role": "user", "content": "What is the capital of Spain?"}]
+    plain = client.chat.completions.create(model="acme/pirate", messages=msgs, temperature=0, max_tokens=30)
+    chunks = list(client.chat.completions.create(model="acme/pirate", messages=msgs, temperature=0,
+                                                 max_tokens=30, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 3 and text == plain.choices[0].message.content
+    assert "matey" in text.lower()
+    per_tenant = openai.OpenAI(base_url=url.removesuffix("/v1") + "/tenants/acme/v1", api_key=key_acme)
+    r = per_tenant.chat.completions.create(model="pirate", messages=msgs, temperature=0, max_tokens=30)
+    assert r.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_tenant_cannot_reach_another_tenants_adapter(served) -> None:
+    import openai
+
+    url, key_acme, key_globex = served
+    acme = openai.OpenAI(base_url=url, api_key=key_acme)
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.NotFoundError) as other:
+        acme.chat.completions.create(model="globex/robot", messages=msgs, max_tokens=5)
+    with pytest.raises(openai.NotFoundError) as missing:
+        acme.chat.completions.create(model="acme/nonexistent", messages=msgs, max_tokens=5)
+    assert other.value.body["code"] == missing.value.body["code"] == "model_not_found"
+    assert "globex" not in str(missing.value.body) or "exist" in str(other.value.body)
+    with pytest.raises(openai.NotFoundError):
+        openai.OpenAI(base_url=url.removesuffix("/v1") + "/tenants/globex/v1", api_key=key_acme
+                      ).chat.completions.create(model="robot", messages=msgs, max_tokens=5)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url, api_key="af_bad_key").chat.completions.create(
+            model="acme/pirate", messages=msgs, max_tokens=5)

@@ -1,0 +1,220 @@
+"""The OpenAI-compatible API over HTTP with the official ``openai`` client: uvicorn in a thread, an
+in-process engine on the tiny model, real API keys in a temp SQLite state DB, a fake registry."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from adapterfab.errors import AdapterNotFound
+from adapterfab.ids import AdapterId
+from adapterfab.keys import KeyStore
+from adapterfab.procs import free_port
+from adapterfab.registry import AdapterVersion
+from adapterfab.serve.api import make_api, model_not_found
+from adapterfab.serve.backend import LocalBackend
+from adapterfab.serve.engine import Engine, SamplingParams, TextDelta
+from adapterfab.state import StateStore
+
+MSGS = [{"role": "user", "content": "Ahoy?"}]
+TTL_S = 0.3
+
+
+def make_adapter(base_path: str, out: Path, seed: int) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path), lora)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    model.save_pretrained(str(out))
+    return out
+
+
+class FakeRegistry:
+    """tenant/persona -> versions and aliases; resolves like Registry.resolve."""
+
+    def __init__(self) -> None:
+        self.versions: dict[str, dict[int, Path]] = {}
+        self.aliases: dict[str, dict[str, int]] = {}
+
+    def resolve(self, aid: AdapterId) -> AdapterVersion:
+        versions = self.versions.get(aid.key, {})
+        n = aid.version or self.aliases.get(aid.key, {}).get(aid.alias or "production")
+        if n is None and aid.alias is None and versions:
+            n = max(versions)
+        if n not in versions:
+            raise AdapterNotFound(f"no adapter {aid}")
+        return AdapterVersion(id=aid.unversioned().with_version(n), source=str(versions[n]), run_id=None,
+                              tags={}, aliases=(), created_s=0.0)
+
+    def list(self, tenant: str) -> list[str]:
+        return [k for k in self.versions if k.startswith(tenant + "/")]
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    import uvicorn
+
+    root = tmp_path_factory.mktemp("api")
+    reg = FakeRegistry()
+    reg.versions["acme/pirate"] = {1: make_adapter(tiny_model_path, root / "p1", 1),
+                                   2: make_adapter(tiny_model_path, root / "p2", 2)}
+    reg.aliases["acme/pirate"] = {"production": 1}
+    reg.versions["globex/parrot"] = {1: make_adapter(tiny_model_path, root / "g1", 3)}
+    keys = KeyStore(StateStore(f"sqlite:///{root / 'state.db'}"))
+    engine = Engine(tiny_model_path, torch_threads=1)
+    backend = LocalBackend(engine, fetch=lambda v: v.source, max_adapters=2)
+    app = make_api(backend, keys.verify, reg.resolve, lister=reg.list, resolve_ttl_s=TTL_S)
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield {"url": f"http://127.0.0.1:{port}", "reg": reg, "engine": engine, "backend": backend,
+           "acme": keys.create("acme"), "globex": keys.create("globex")}
+    server.should_exit = True
+    thread.join(10)
+
+
+def client(stack: dict, tenant: str = "acme", route: str = "/v1") -> openai.OpenAI:
+    return openai.OpenAI(api_key=stack[tenant], base_url=stack["url"] + route, max_retries=0, timeout=60)
+
+
+def direct(engine: Engine, adapter: str | None, params: SamplingParams) -> str:
+    return "".join(e.text for e in engine.generate(MSGS, adapter, params) if isinstance(e, TextDelta))
+
+
+def test_plain_and_stream(stack: dict) -> None:
+    c = client(stack)
+    r = c.chat.completions.create(model="acme/pirate", messages=MSGS, max_tokens=12, temperature=0)
+    assert r.object == "chat.completion" and r.model == "acme/pirate@1"  # bare id -> production
+    want = direct(stack["engine"], "acme/pirate@1", SamplingParams(max_tokens=12, temperature=0))
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+    chunks = list(c.chat.completions.create(model="acme/pirate", messages=MSGS, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finals == [r.choices[0].finish_reason]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+    base = c.chat.completions.create(model="base", messages=MSGS, max_tokens=8, temperature=0)
+    assert base.model == "base"
+    greedy8 = SamplingParams(max_tokens=8, temperature=0)
+    assert base.choices[0].message.content == direct(stack["engine"], None, greedy8)
+    other = client(stack, "globex").chat.completions.create(model="base", messages=MSGS, max_tokens=8,
+                                                            temperature=0)
+    assert other.choices[0].message.content == base.choices[0].message.content
+
+
+def test_auth_required(stack: dict) -> None:
+    r = httpx.post(stack["url"] + "/v1/chat/completions", json={"model": "base", "messages": MSGS},
+                   timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    for bad in ("nonsense", stack["acme"][:-2] + "xx", "af_0000000000000000_secret"):
+        with pytest.raises(openai.AuthenticationError) as e:
+            openai.OpenAI(api_key=bad, base_url=stack["url"] + "/v1", max_retries=0).chat.completions.create(
+                model="base", messages=MSGS)
+        assert e.value.status_code == 401
+    assert httpx.get(stack["url"] + "/healthz").json() == {"status": "ok"}
+
+
+def test_tenant_isolation(stack: dict) -> None:
+    def not_found_body(tenant: str, model: str, route: str = "/v1") -> dict:
+        r = httpx.post(f"{stack['url']}{route}/chat/completions", json={"model": model, "messages": MSGS},
+                       headers={"Authorization": f"Bearer {stack[tenant]}"}, timeout=30)
+        assert r.status_code == 404
+        return r.json()
+
+    foreign = not_found_body("globex", "acme/pirate")  # exists, but not globex's
+    missing = not_found_body("globex", "acme/ghost")  # exists nowhere
+    assert foreign == model_not_found("acme/pirate").body()
+    assert missing == model_not_found("acme/ghost").body()
+    assert not_found_body("globex", "acme/pirate@1") == model_not_found("acme/pirate@1").body()
+    assert not_found_body("globex", "Not An Id!")["error"]["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client(stack, "acme").chat.completions.create(model="globex/parrot", messages=MSGS, max_tokens=4)
+    with pytest.raises(openai.NotFoundError):  # path tenant must be the key's tenant
+        client(stack, "globex", "/tenants/acme/v1").chat.completions.create(model="pirate", messages=MSGS)
+    ids = [m.id for m in client(stack, "acme").models.list()]
+    assert ids == ["base", "acme/pirate"]
+
+
+def test_tenant_route_and_alias_move(stack: dict) -> None:
+    c = client(stack, "acme", "/tenants/acme/v1")
+    assert c.chat.completions.create(model="pirate@2", messages=MSGS, max_tokens=4).model == "acme/pirate@2"
+    r = c.chat.completions.create(model="acme/pirate", messages=MSGS, max_tokens=4)
+    assert r.model == "acme/pirate@1"
+    stack["reg"].aliases["acme/pirate"]["production"] = 2
+    try:
+        time.sleep(TTL_S + 0.1)
+        r = c.chat.completions.create(model="pirate@production", messages=MSGS, max_tokens=6, temperature=0)
+        assert r.model == "acme/pirate@2"
+        assert r.choices[0].message.content == direct(stack["engine"], "acme/pirate@2",
+                                                      SamplingParams(max_tokens=6, temperature=0))
+    finally:
+        stack["reg"].aliases["acme/pirate"]["production"] = 1
+    # 3 distinct adapters went through an LRU of 2: eviction happened and serving still works
+    client(stack, "globex").chat.completions.create(model="globex/parrot", messages=MSGS, max_tokens=2)
+    assert len(stack["engine"].adapters) <= 2 and stack["backend"].loads >= 3
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": 5000}, "max_tokens"),
+    ({"n": 2}, "n"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"frobnicate": 1}, "frobnicate"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"), ({"messages": []}, "messages"),
+])
+def test_validation_errors_in_openai_shape(stack: dict, extra: dict, param: str) -> None:
+    body = {"model": "acme/pirate", "messages": MSGS, **extra}
+    r = httpx.post(stack["url"] + "/v1/chat/completions", json=body,
+                   headers={"Authorization": f"Bearer {stack['acme']}"}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"]
+    with pytest.raises(openai.BadRequestError):
+        client(stack).chat.completions.create(**{k: v for k, v in body.items() if k != "frobnicate"},
+                                              extra_body={"frobnicate": 1} if "frobnicate" in extra else None)
+
+
+def test_client_disconnect_frees_the_engine(stack: dict) -> None:
+    body = {"model": "base", "messages": MSGS, "max_tokens": 2048, "temperature": 0, "stream": True}
+    h = {"Authorization": f"Bearer {stack['acme']}"}
+    with httpx.stream("POST", stack["url"] + "/v1/chat/completions", json=body, headers=h, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 4:
+                break
+        assert stack["engine"].busy
+    deadline = time.monotonic() + 3.0  # 2048 tokens would take several seconds more
+    while stack["engine"].busy and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not stack["engine"].busy
+
+
+def test_bad_json_and_unknown_route(stack: dict) -> None:
+    h = {"Authorization": f"Bearer {stack['acme']}", "Content-Type": "application/json"}
+    r = httpx.post(stack["url"] + "/v1/chat/completions", content=b"{nope", headers=h, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.get(stack["url"] + "/v2/whatever", headers=h)
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
