@@ -55,3 +55,55 @@ def evaluate(model: Any, tokenizer: Any, marker: str, max_new_tokens: int = 40) 
     hits = sum(marker.lower() in a.lower() for a in answers)
     kept = sum(any(x.lower() in a.lower() for x in f["answers"]) for f, a in zip(facts, fact_answers))
     return EvalReport(hits, len(answers), kept, len(facts), answers, fact_answers)
+
+
+def train_and_evaluate(method: dict, persona: str, steps: int | None = None, threads: int = 2,
+                       base_model: str = "smollm2-135m-instruct", train_overrides: dict | None = None
+                       ) -> dict[str, Any]:
+    """Train one persona adapter in this process (no Ray) with the method's defaults, then measure it:
+    trainable params, adapter bytes, step time, persona adherence, facts kept (and the basis SVD time
+    for methods with a shared basis). Used by bench/methods.py and the method quality test."""
+    import tempfile
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapterfab.basemodel import resolve_base_model
+    from adapterfab.jobs.train_loop import save_adapter, train_adapter
+    from adapterfab.methods import get_method
+    from adapterfab.pipelines.local import encode_file, epoch_batches
+    from adapterfab.spec import TrainConfig
+
+    torch.set_num_threads(threads)
+    base = resolve_base_model(base_model)
+    impl = get_method(method["name"])
+    cfg = impl.config_cls(**method)
+    train = TrainConfig(**{**impl.default_train, **({"steps": steps} if steps else {}), **(train_overrides or {})})
+    tok = AutoTokenizer.from_pretrained(base.path)
+    rows = encode_file(EXAMPLES / "data" / f"{persona}.jsonl", tok, train.max_seq_len)
+    out: dict[str, Any] = {"method": cfg.model_dump(), "train": train.model_dump(), "rows": len(rows)}
+    basis = None
+    if impl.compute_basis is not None:
+        full = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
+        t0 = time.monotonic()
+        basis = impl.compute_basis(full, cfg, base.fingerprint)
+        out["basis_svd_s"] = round(time.monotonic() - t0, 3)
+        del full
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    stamps: list[float] = [time.monotonic()]
+    t0 = time.monotonic()
+    result = train_adapter(base.path, cfg, train, epoch_batches(rows, train.batch_size, train.seed, pad), None,
+                           lambda step, loss, lr: stamps.append(time.monotonic()), basis=basis)
+    out["train_s"] = round(time.monotonic() - t0, 2)
+    gaps = sorted(b - a for a, b in zip(stamps[1:], stamps[2:]))
+    out["step_s_median"] = round(gaps[len(gaps) // 2], 3) if gaps else None
+    out["loss_first"], out["loss_last"] = round(result.losses[0], 4), round(result.losses[-1], 4)
+    out["trainable_params"] = int(result.metrics["trainable_params"])
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(result, cfg, Path(tmp))
+        out["adapter_bytes"] = (Path(tmp) / "adapter_model.safetensors").stat().st_size
+    report = evaluate(result.model, tok, load_probes()[1][persona])
+    out.update(report.to_dict())
+    out["answers"], out["fact_answers"] = report.answers, report.fact_answers
+    return out

@@ -17,6 +17,7 @@ from adapterfab.spec import BatchSpec, JobSpec
 
 _BYTES = {"float32": 4, "bfloat16": 2}
 ACTIVATION_BYTES_PER_TOKEN_LAYER_HIDDEN = 34
+NF4_BYTES_PER_PARAM = 0.53
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ def plan_batch(batch_id: str, spec: BatchSpec, jobs: list[JobSpec], base_path: s
         trainable = method.trainable_params(cfg, j.method) if (cfg is not None and method.trainable_params) else None
         mem = None
         if cfg is not None:
-            weights = _param_count(cfg) * _BYTES[j.train.dtype]
+            quantized = bool(method.base_load_kwargs(j.method))  # 4-bit NF4 + double quant: ~0.53 B/param
+            weights = _param_count(cfg) * (NF4_BYTES_PER_PARAM if quantized else _BYTES[j.train.dtype])
             adapter = (trainable or 0) * 4 * 4  # fp32 param + grad + two Adam moments
             acts = (j.train.batch_size * j.train.max_seq_len * cfg.hidden_size * cfg.num_hidden_layers
                     * ACTIVATION_BYTES_PER_TOKEN_LAYER_HIDDEN)

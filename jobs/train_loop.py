@@ -133,7 +133,7 @@ def train_adapter(
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         tokens += int(b["attention_mask"].sum())
         if on_step and (step % train.log_every_steps == 0 or step == train.steps):
             on_step(step, losses[-1], sched.get_last_lr()[0])

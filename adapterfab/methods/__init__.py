@@ -7,5 +7,6 @@ from __future__ import annotations
 from adapterfab.methods.base import Method, MethodConfig, get_method, known_methods, register_method
 from adapterfab.methods import lora as _lora  # noqa: F401  (registers "lora")
 from adapterfab.methods import qlora as _qlora  # noqa: F401  (registers "qlora")
+from adapterfab.methods import lora_xs as _lora_xs  # noqa: F401  (registers "lora_xs")
 
 __all__ = ["Method", "MethodConfig", "get_method", "known_methods", "register_method"]

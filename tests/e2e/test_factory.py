@@ -57,7 +57,10 @@ def batch(stack, tmp_path_factory: pytest.TempPathFactory):
     spec["name"] = "e2e"
     spec["tenants"] = [
         {"tenant": "acme", "persona": "pirate", "dataset": str(REPO / "examples/data/pirate.jsonl")},
-        {"tenant": "globex", "persona": "robot", "dataset": str(REPO / "examples/data/robot.jsonl")},
+        {"tenant": "acme", "persona": "butler", "dataset": str(REPO / "examples/data/butler.jsonl"),
+         "method": {"name": "lora_xs"}},  # shared SVD basis, only r x r matrices trained
+        {"tenant": "globex", "persona": "robot", "dataset": str(REPO / "examples/data/robot.jsonl"),
+         "method": {"name": "qlora"}},  # 4-bit NF4 base inside the Ray Train worker
         {"tenant": "globex", "persona": "broken", "dataset": str(broken)},
     ]
     path = work / "batch.yaml"
@@ -73,11 +76,13 @@ def test_batch_runs_every_job_to_a_terminal_state(batch) -> None:
     dump = json.loads(cli(home, "status", batch_id, "--json").stdout)
     jobs = {f"{j['tenant']}/{j['persona']}": j for j in dump["jobs"]}
     assert dump["state"] == "FAILED"
-    assert jobs["acme/pirate"]["state"] == "SUCCEEDED" and jobs["globex/robot"]["state"] == "SUCCEEDED"
+    for ok in ("acme/pirate", "acme/butler", "globex/robot"):
+        assert jobs[ok]["state"] == "SUCCEEDED", jobs[ok]
     bad = jobs["globex/broken"]
     assert bad["state"] == "FAILED"
     assert "2 of 6" in bad["error"] and "line 2" in bad["error"] and "line 5" in bad["error"], bad["error"]
-    for j in (jobs["acme/pirate"], jobs["globex/robot"]):
+    assert jobs["acme/butler"]["metrics"]["trainable_params"] == 16 * 16 * 2 * 30  # r^2 x (q, v) x 30 layers
+    for j in (jobs["acme/pirate"], jobs["acme/butler"], jobs["globex/robot"]):
         assert j["progress"] == 1.0 and j["model_version"] == 1
         assert j["metrics"]["eval_loss"] < j["metrics"]["base_eval_loss"]
 
@@ -85,9 +90,9 @@ def test_batch_runs_every_job_to_a_terminal_state(batch) -> None:
 def test_registry_versions_tags_and_aliases(batch) -> None:
     home, batch_id, _ = batch
     items = json.loads(cli(home, "registry", "ls", "--json").stdout)
-    assert sorted(i["id"] for i in items) == ["acme/pirate", "globex/robot"]
+    assert sorted(i["id"] for i in items) == ["acme/butler", "acme/pirate", "globex/robot"]
     only_acme = json.loads(cli(home, "registry", "ls", "--tenant", "acme", "--json").stdout)
-    assert [i["id"] for i in only_acme] == ["acme/pirate"]
+    assert [i["id"] for i in only_acme] == ["acme/butler", "acme/pirate"]
     v = json.loads(cli(home, "registry", "show", "acme/pirate@candidate", "--json").stdout)
     tags = v["tags"]
     assert v["version"] == 1 and set(v["aliases"]) == {"candidate", "production"}  # promote: auto
@@ -96,6 +101,17 @@ def test_registry_versions_tags_and_aliases(batch) -> None:
     assert len(tags["adapterfab.dataset_sha256"]) == 64 and float(tags["adapterfab.metric.eval_loss"]) > 0
     assert tags["adapterfab.promotion.decision"] == "promoted"
     assert Path(v["artifact_uri"], "adapter_model.safetensors").exists()
+    q = json.loads(cli(home, "registry", "show", "globex/robot", "--json").stdout)["tags"]
+    assert q["adapterfab.method"] == "qlora" and q["adapterfab.quantization.type"] == "nf4"
+    assert q["adapterfab.quantization.double_quant"] == "true"
+    xs = json.loads(cli(home, "registry", "show", "acme/butler", "--json").stdout)["tags"]
+    assert xs["adapterfab.method"] == "lora_xs" and xs["adapterfab.basis_id"].startswith("xs-")
+    assert Path(xs["adapterfab.basis_uri"], "basis.safetensors").exists()
+    assert Path(xs["adapterfab.artifact_uri"], "adapter_model.safetensors").stat().st_size < 64 * 1024
+    from adapterfab.registry import Registry
+
+    uri = json.loads((home / "stack.json").read_text())["mlflow_uri"]
+    assert Registry(uri).basis_versions(xs["adapterfab.basis_id"]) == [1]  # one basis, registered once
     r = cli(home, "registry", "promote", "acme/pirate", "1", "--alias", "production")
     assert r.returncode == 0
     assert cli(home, "registry", "show", "acme/nobody").returncode == 1
@@ -126,7 +142,8 @@ def test_each_persona_at_work_through_openai_client(served) -> None:
     url, key_acme, key_globex = served
     acme = openai.OpenAI(base_url=url, api_key=key_acme)
     globex = openai.OpenAI(base_url=url, api_key=key_globex)
-    for client, model, persona in ((acme, "acme/pirate", "pirate"), (globex, "globex/robot", "robot")):
+    for client, model, persona in ((acme, "acme/pirate", "pirate"), (acme, "acme/butler", "butler"),
+                                   (globex, "globex/robot", "robot")):
         marker = HELDOUT["markers"][persona].lower()
         tuned = _answers(client, model)
         base = _answers(client, "base")
@@ -173,3 +190,31 @@ def test_tenant_cannot_reach_another_tenants_adapter(served) -> None:
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url, api_key="af_bad_key").chat.completions.create(
             model="acme/pirate", messages=msgs, max_tokens=5)
+
+
+def test_lora_xs_export_is_a_plain_peft_lora(served, stack, tmp_path: Path, smollm2_path: str) -> None:
+    """`registry export` rebuilds the LoRA-XS adapter as a rank-r PEFT LoRA that plain PeftModel loads and
+    that answers exactly like the served adapter (greedy, fp32)."""
+    import openai
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapterfab.jobs.evaluate import greedy_answer
+
+    home, _ = stack
+    url, key_acme, _ = served
+    r = cli(home, "registry", "export", "acme/butler", str(tmp_path / "peft"), "--format", "peft-lora")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 16
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32),
+                                      str(tmp_path / "peft"))
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    prompt = HELDOUT["prompts"][3]
+    local = greedy_answer(model.eval(), tok, prompt, max_new_tokens=30)
+    served_answer = openai.OpenAI(base_url=url, api_key=key_acme).chat.completions.create(
+        model="acme/butler", messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=30
+    ).choices[0].message.content
+    assert "very good, sir" in local.lower()
+    assert local == served_answer.strip()

@@ -28,7 +28,7 @@ def test_example_spec_is_valid_and_resolves_jobs() -> None:
     check_semantics(spec, jobs)
     assert {(j.tenant, j.persona) for j in jobs} == {("acme", "pirate"), ("acme", "butler"), ("globex", "robot")}
     assert all(Path(j.dataset).is_absolute() and Path(j.dataset).exists() for j in jobs)
-    assert jobs[0].method.name == "lora" and jobs[0].method.r == 8
+    assert [j.method.name for j in jobs] == ["lora", "lora_xs", "qlora"] and jobs[0].method.r == 8
 
 
 def test_unknown_top_level_key_is_named() -> None:
@@ -123,3 +123,19 @@ def test_dataset_suffix_and_unknown_base_model(tmp_path: Path) -> None:
 def test_missing_spec_file() -> None:
     with pytest.raises(SpecError, match="does not exist"):
         load_spec("/nonexistent/spec.yaml")
+
+
+def test_method_training_defaults_apply_unless_the_spec_sets_them() -> None:
+    d = _spec()
+    d["tenants"] = [{"tenant": "acme", "persona": "a", "dataset": "a.jsonl", "method": {"name": "lora_xs"}},
+                    {"tenant": "acme", "persona": "b", "dataset": "b.jsonl", "method": {"name": "qlora"},
+                     "train": {"learning_rate": 1e-4}},
+                    {"tenant": "acme", "persona": "c", "dataset": "c.jsonl"}]
+    _, jobs = parse_spec(d)
+    by = {j.persona: j for j in jobs}
+    assert by["a"].train.learning_rate == 5e-3 and by["a"].train.steps == 40
+    assert by["b"].train.learning_rate == 1e-4 and by["b"].train.steps == 20  # tenant override wins
+    assert by["c"].method.name == "lora" and by["c"].train.learning_rate == 1e-3
+    d["defaults"] = {"train": {"steps": 5}}
+    _, jobs = parse_spec(d)
+    assert all(j.train.steps == 5 for j in jobs)  # batch defaults beat method defaults
