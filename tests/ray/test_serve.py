@@ -10,7 +10,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 
 from adapterfab.ids import AdapterId
 from adapterfab.keys import KeyStore
@@ -26,19 +25,6 @@ PIRATE = AdapterId("acme", "pirate")
 RESOLVE_TTL_S = 1.0
 
 
-def make_adapter(base_path: str, out: Path, seed: int) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path), lora)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    model.save_pretrained(str(out))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +43,11 @@ def ray_cluster() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def served(ray_cluster: None, mlflow_server: str, tiny_model_path: str,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+           tmp_path_factory: pytest.TempPathFactory, make_lora_adapter) -> Iterator[dict]:
     from adapterfab.serve.app import ServeConfig, deploy
 
     root = tmp_path_factory.mktemp("serve")
-    dirs = {n: make_adapter(tiny_model_path, root / f"v{n}", n) for n in (1, 2)}
+    dirs = {n: make_lora_adapter(tiny_model_path, root / f"v{n}", n) for n in (1, 2)}
     tracking, registry = Tracking(mlflow_server), Registry(mlflow_server)
     run_id = tracking.start_run("serve-test")
     mlflow_uri = tracking.log_dir(run_id, dirs[1], "adapter")  # v1: files in MLflow's artifact store

@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 
 from adapterfab.errors import AdapterNotFound
 from adapterfab.ids import AdapterId
@@ -27,19 +26,6 @@ MSGS = [{"role": "user", "content": "Ahoy?"}]
 TTL_S = 0.3
 
 
-def make_adapter(base_path: str, out: Path, seed: int) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path), lora)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    model.save_pretrained(str(out))
-    return out
 
 
 class FakeRegistry:
@@ -64,15 +50,15 @@ class FakeRegistry:
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def stack(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory, make_lora_adapter) -> Iterator[dict]:
     import uvicorn
 
     root = tmp_path_factory.mktemp("api")
     reg = FakeRegistry()
-    reg.versions["acme/pirate"] = {1: make_adapter(tiny_model_path, root / "p1", 1),
-                                   2: make_adapter(tiny_model_path, root / "p2", 2)}
+    reg.versions["acme/pirate"] = {1: make_lora_adapter(tiny_model_path, root / "p1", 1),
+                                   2: make_lora_adapter(tiny_model_path, root / "p2", 2)}
     reg.aliases["acme/pirate"] = {"production": 1}
-    reg.versions["globex/parrot"] = {1: make_adapter(tiny_model_path, root / "g1", 3)}
+    reg.versions["globex/parrot"] = {1: make_lora_adapter(tiny_model_path, root / "g1", 3)}
     keys = KeyStore(StateStore(f"sqlite:///{root / 'state.db'}"))
     engine = Engine(tiny_model_path, torch_threads=1)
     backend = LocalBackend(engine, fetch=lambda v: v.source, max_adapters=2)

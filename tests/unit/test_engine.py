@@ -16,27 +16,12 @@ MSGS = [{"role": "user", "content": "Tell me about the sea."}]
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
 
 
-def make_adapter(base_path: str, out: Path, seed: int, safetensors: bool = True, r: int = 4) -> Path:
-    """A LoRA on q,v with random non-zero B, so it visibly changes the output."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_path)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"],
-                                                  task_type="CAUSAL_LM"))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    peft_model.save_pretrained(str(out), safe_serialization=safetensors)
-    return out
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def adapters(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory, make_lora_adapter) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return {name: make_adapter(tiny_model_path, root / name, seed) for name, seed in (("a", 1), ("b", 2))}
+    return {name: make_lora_adapter(tiny_model_path, root / name, seed) for name, seed in (("a", 1), ("b", 2))}
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +101,11 @@ def test_unknown_adapter_and_idempotent_load_unload(engine: Engine, adapters: di
     assert not engine.has_adapter("acme/c@1") and engine.has_adapter("acme/a@1")
 
 
-def test_refuses_bin_only_and_wrong_shape(engine: Engine, tiny_model_path: str, tmp_path: Path) -> None:
+def test_refuses_bin_only_and_wrong_shape(engine: Engine, tiny_model_path: str, tmp_path: Path,
+                                          make_lora_adapter) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    binary = make_adapter(tiny_model_path, tmp_path / "bin", 3, safetensors=False)
+    binary = make_lora_adapter(tiny_model_path, tmp_path / "bin", 3, safetensors=False)
     assert not (binary / "adapter_model.safetensors").exists()
     with pytest.raises(AdapterRejected, match="safetensors"):
         engine.load_adapter("acme/bin@1", binary)
@@ -128,7 +114,7 @@ def test_refuses_bin_only_and_wrong_shape(engine: Engine, tiny_model_path: str, 
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                  num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2)).save_pretrained(other)
-    wrong = make_adapter(str(other), tmp_path / "wrong", 4)
+    wrong = make_lora_adapter(str(other), tmp_path / "wrong", 4)
     with pytest.raises(AdapterRejected, match="does not fit"):
         engine.load_adapter("acme/wrong@1", wrong)
     assert not engine.has_adapter("acme/bin@1") and not engine.has_adapter("acme/wrong@1")
