@@ -66,7 +66,7 @@ def main() -> int:
         print(json.dumps({k: v for k, v in r.items() if k not in ("method", "train")}, indent=None), flush=True)
     stamp = time.strftime("%Y-%m-%d")
     machine = f"{platform.machine()} {os.cpu_count()} CPU, CPU only"
-    out = REPO / "bench" / "results" / f"methods-{stamp}.json"
+    out = REPO / "bench" / "results" / f"methods-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"date": stamp, "machine": machine, "persona": PERSONA, "results": results}, indent=1))
     summary = "; ".join(
         f"{r['method']['name']}: {r['trainable_params']:,} params, {r['adapter_bytes'] / 1024:.0f} KiB, "
