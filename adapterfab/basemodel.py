@@ -17,6 +17,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
-    os.replace(tmp, out) if not out.exists() else None
+    if out.exists():  # another process finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def fingerprint(path: str | Path) -> str:
@@ -93,7 +97,8 @@ def fingerprint(path: str | Path) -> str:
     weights = sorted(list(p.glob("*.safetensors")) + list(p.glob("*.bin")))
     if not weights:
         raise BaseModelError(f"no weight files (*.safetensors, *.bin) in {p}")
-    stamp = [[w.name, w.stat().st_size, int(w.stat().st_mtime)] for w in weights]
+    # a cached hash is reused only while every weight file keeps its size and mtime (to the ns)
+    stamp = [[w.name, w.stat().st_size, w.stat().st_mtime_ns] for w in weights]
     if cached.exists():
         try:
             data = json.loads(cached.read_text())

@@ -1,0 +1,40 @@
+"""Base model resolution and fingerprints (a hash of the weights, not of the name)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from adapterfab.basemodel import check_base_model, fingerprint, resolve_base_model
+from adapterfab.errors import BaseModelError
+
+
+def test_local_folder_and_fingerprint(tiny_model_path: str, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_path, copy)
+    ref = resolve_base_model(str(copy))
+    assert ref.path == str(copy.resolve()) and len(ref.fingerprint) == 64
+    assert fingerprint(copy) == ref.fingerprint == fingerprint(tiny_model_path)  # same weights, same hash
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte in the weights
+    weights.write_bytes(bytes(data))
+    assert fingerprint(copy) != ref.fingerprint
+
+
+def test_refusals(tmp_path: Path) -> None:
+    with pytest.raises(BaseModelError, match="unknown base model"):
+        check_base_model("not-a-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BaseModelError, match="config.json"):
+        check_base_model(str(tmp_path / "empty"))
+    with pytest.raises(BaseModelError, match="does not download"):
+        resolve_base_model("some-org/some-model-not-cached", cache=tmp_path)
+
+
+def test_default_short_name_is_the_shipped_smollm2(smollm2_path: str) -> None:
+    check_base_model("smollm2-135m-instruct")
+    assert (Path(smollm2_path) / "model.safetensors").exists() or list(Path(smollm2_path).glob("*.safetensors"))
+    assert (Path(smollm2_path) / "tokenizer_config.json").exists()
