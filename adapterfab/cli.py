@@ -297,9 +297,10 @@ def registry_promote(adapter: str = typer.Argument(..., help="TENANT/PERSONA"),
     s = _settings()
     try:
         aid = AdapterId.parse(adapter).unversioned()
-        v = Registry(_need_mlflow(s)).set_alias(aid, check_alias(alias), version)
-        Registry(s.mlflow_uri).set_version_tags(v, {"promotion.decision": "promoted",
-                                                    "promotion.reason": f"manual: {alias} set by CLI"})
+        registry = Registry(_need_mlflow(s))
+        v = registry.set_alias(aid, check_alias(alias), version)
+        registry.set_version_tags(v, {"promotion.decision": "promoted",
+                                      "promotion.reason": f"manual: {alias} set by CLI"})
     except AdapterfabError as e:
         _fail(e)
     out.print(f"{aid}@{alias} -> version {version}")

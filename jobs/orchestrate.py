@@ -307,10 +307,10 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
     final = (BatchState.SUCCEEDED if all(j.state == JobState.SUCCEEDED for j in state.jobs(batch_id))
              else BatchState.FAILED)
     state.update_batch(batch_id, state=final, ended_s=time.time())
+    batch_run_id = state.get_batch(batch_id).mlflow_run_id
     try:
-        if batch.mlflow_run_id or state.get_batch(batch_id).mlflow_run_id:
-            Tracking(settings.mlflow_uri).end_run(state.get_batch(batch_id).mlflow_run_id,
-                                                  ok=final == BatchState.SUCCEEDED)
+        if batch_run_id:
+            Tracking(settings.mlflow_uri).end_run(batch_run_id, ok=final == BatchState.SUCCEEDED)
     except Exception:  # noqa: BLE001
         log.exception("could not close the batch run")
     return final
