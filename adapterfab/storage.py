@@ -156,6 +156,15 @@ class S3Store(ArtifactStore):
             self._client = s3_client()
         return self._client
 
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (idempotent)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self.client.create_bucket(Bucket=self.bucket)
+
     def _k(self, key: str) -> str:
         return f"{self.base}/{key}" if self.base else key
 
