@@ -6,13 +6,21 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from adapterfab.errors import RegistryError
-from adapterfab.methods import get_method
+from adapterfab.methods import Method, get_method
 from adapterfab.registry import AdapterVersion, Registry
 from adapterfab.storage import open_store
 
 FORMATS = ("peft-lora",)
+
+
+def fetch_basis(method: Method, basis_uri: str, dest: str | Path) -> Any:
+    """Download a stored shared basis (checksums verified) and load it with the method's loader."""
+    if method.load_basis is None:
+        raise RegistryError(f"method {method.name} has no shared basis to load")
+    return method.load_basis(open_store(basis_uri).download_dir(basis_uri, dest))
 
 
 def to_peft_lora(registry: Registry, v: AdapterVersion, work_dir: str | Path) -> Path:
@@ -23,9 +31,9 @@ def to_peft_lora(registry: Registry, v: AdapterVersion, work_dir: str | Path) ->
     if impl.export_peft_lora is None:
         return local
     basis_uri = v.tags.get("adapterfab.basis_uri")
-    if not basis_uri or impl.load_basis is None:
+    if not basis_uri:
         raise RegistryError(f"{v.id} is a {impl.name} adapter but its version records no basis_uri")
-    basis = impl.load_basis(open_store(basis_uri).download_dir(basis_uri, work / "basis"))
+    basis = fetch_basis(impl, basis_uri, work / "basis")
     return Path(impl.export_peft_lora(local, basis, work / "peft"))
 
 

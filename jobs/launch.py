@@ -87,12 +87,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     basis = None
     if job.basis_uri:
-        from adapterfab.methods import get_method as _get
-        from adapterfab.storage import open_store
+        from adapterfab.export import fetch_basis
 
-        local = Path(tempfile.mkdtemp(prefix="basis-"))
-        open_store(job.basis_uri).download_dir(job.basis_uri, local)
-        basis = _get(method_cfg.name).load_basis(local)
+        with tempfile.TemporaryDirectory(prefix="basis-") as tmp:  # the loaded basis lives in memory
+            basis = fetch_basis(get_method(method_cfg.name), job.basis_uri, tmp)
     result = train_adapter(job.base_model_path, method_cfg, train_cfg, epoch_batches, eval_batches, on_step,
                            basis=basis)
     with tempfile.TemporaryDirectory() as tmp:

@@ -44,7 +44,7 @@ from pydantic import Field, field_validator
 from adapterfab.errors import AdapterfabError, BaseMismatch
 from adapterfab.methods.base import Method, MethodConfig, register_method
 from adapterfab.methods.lora import ALL_LINEAR
-from adapterfab.methods.qlora import quantization_config
+from adapterfab.methods.qlora import keep_trainable_layout, quantization_config, quantization_tags
 
 if TYPE_CHECKING:  # torch is imported on first use: spec validation and the CLI stay fast
     from torch import Tensor, nn
@@ -363,11 +363,8 @@ def apply(base_model: nn.Module, cfg: LoraXSConfig, basis: Basis | None) -> Any:
     mods = _check_basis(base_model, cfg, basis)
     for p in base_model.parameters():
         p.requires_grad_(False)
-    for m in base_model.modules():
-        # bitsandbytes on CPU repacks 4-bit weights on the first no-grad eval and gradients then stop
-        # flowing (REFERENCE.md); keeping the training layout makes mid-training evals safe
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
+    if cfg.quantize == "nf4":  # mid-training evals must not repack 4-bit weights (see qlora.py)
+        keep_trainable_layout(base_model)
     scale = cfg.alpha / cfg.r
     for name, m in mods.items():
         parent_name, _, child = name.rpartition(".")
@@ -470,8 +467,7 @@ def _trainable(model_config: Any, cfg: LoraXSConfig) -> int:
 def _tags(cfg: LoraXSConfig) -> dict[str, str]:
     tags = {"lora_xs.needs_basis": "true"}
     if cfg.quantize == "nf4":
-        tags |= {"quantization.bits": "4", "quantization.type": "nf4", "quantization.double_quant": "true",
-                 "quantization.compute_dtype": "bfloat16"}
+        tags |= quantization_tags(cfg)
     return tags
 
 
@@ -489,6 +485,6 @@ LORA_XS = register_method(Method(
     name="lora_xs", config_cls=LoraXSConfig, apply=apply, base_load_kwargs=_load_kwargs,
     trainable_params=_trainable, save=_save, load=load, compute_basis=compute_basis, extra_tags=_tags,
     basis_id=_basis_id_of, save_basis=save_basis, load_basis=load_basis,
-    export_peft_lora=lambda adapter_dir, basis, out_dir: export_peft_lora(adapter_dir, basis, out_dir),
+    export_peft_lora=export_peft_lora,
     default_train=DEFAULT_TRAIN,
 ))

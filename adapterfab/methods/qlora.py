@@ -92,10 +92,11 @@ def _paged_adamw(params: list, lr: float, weight_decay: float) -> Any:
         return bnb.optim.PagedAdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def _tags(cfg: QLoraConfig) -> dict[str, str]:
-    return {"quantization.bits": "4", "quantization.type": cfg.quant_type,
-            "quantization.double_quant": str(cfg.double_quant).lower(),
-            "quantization.compute_dtype": cfg.compute_dtype}
+def quantization_tags(cfg: Any) -> dict[str, str]:
+    """Registry tags for the 4-bit base ``quantization_config(cfg)`` loads (same defaults)."""
+    return {"quantization.bits": "4", "quantization.type": getattr(cfg, "quant_type", "nf4"),
+            "quantization.double_quant": str(getattr(cfg, "double_quant", True)).lower(),
+            "quantization.compute_dtype": getattr(cfg, "compute_dtype", "bfloat16")}
 
 
 # r 16 on all linear layers: persona 10/10 and 8/8 facts kept on SmolLM2 at lr 3e-4 in 20 steps, where
@@ -104,6 +105,6 @@ DEFAULT_TRAIN = {"learning_rate": 3e-4, "steps": 20}
 
 QLORA = register_method(Method(
     name="qlora", config_cls=QLoraConfig, apply=_apply, base_load_kwargs=_load_kwargs,
-    trainable_params=_trainable, make_optimizer=_paged_adamw, extra_tags=_tags, load=_load,
+    trainable_params=_trainable, make_optimizer=_paged_adamw, extra_tags=quantization_tags, load=_load,
     default_train=DEFAULT_TRAIN,
 ))
