@@ -120,11 +120,28 @@ def fingerprint(path: str | Path) -> str:
     return digest
 
 
+def _cache_folder(name: str, cache: Path) -> Path | None:
+    """Where a converted (short name) or downloaded (s3://) base lives in the cache; None otherwise."""
+    if name in _SHORT_NAMES:
+        return cache / "models" / name
+    if name.startswith("s3://"):
+        return cache / "models" / f"s3-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    return None
+
+
+def local_folder(name: str, cache: Path | None = None) -> str | None:
+    """The base's folder if it is already on this machine (no conversion, no download), else None."""
+    folder = _cache_folder(name, cache or default_cache())
+    if folder is None:
+        folder = Path(name).expanduser()
+    return str(folder) if (folder / "config.json").exists() else None
+
+
 def resolve_base_model(name: str, cache: Path | None = None) -> BaseModelRef:
     """Return a local folder for ``name``, converting or downloading it once into the cache."""
     cache = cache or default_cache()
     if name in _SHORT_NAMES:
-        out = cache / "models" / name
+        out = _cache_folder(name, cache)
         if not (out / "config.json").exists():
             out.parent.mkdir(parents=True, exist_ok=True)
             gguf = _gguf_path(*_SHORT_NAMES[name])
@@ -136,8 +153,7 @@ def resolve_base_model(name: str, cache: Path | None = None) -> BaseModelRef:
     if name.startswith("s3://"):
         from adapterfab.storage import open_store
 
-        key = hashlib.sha256(name.encode()).hexdigest()[:16]
-        out = cache / "models" / f"s3-{key}"
+        out = _cache_folder(name, cache)
         if not (out / "config.json").exists():
             tmp = out.with_name(out.name + f".tmp{os.getpid()}")
             open_store(name).download_dir(name, tmp)

@@ -102,7 +102,7 @@ def validate(batch: Path = typer.Argument(..., help="batch spec YAML")) -> None:
 def plan(batch: Path = typer.Argument(..., help="batch spec YAML"),
          as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """The jobs a batch would run: resources, estimates and output adapter ids."""
-    from adapterfab.basemodel import default_cache
+    from adapterfab.basemodel import local_folder
     from adapterfab.jobs.plan import plan_batch
     from adapterfab.spec import check_semantics, load_spec
     from adapterfab.storage import s3_object_error
@@ -112,8 +112,8 @@ def plan(batch: Path = typer.Argument(..., help="batch spec YAML"),
         check_semantics(spec, jobs, dataset_exists=s3_object_error)
     except SpecError as e:
         _fail(e, 2)
-    base_path = default_cache() / "models" / spec.base_model if "/" not in spec.base_model else Path(spec.base_model)
-    planned = plan_batch("new-batch", spec, jobs, str(base_path))
+    # estimates need the base's config.json; plan never converts or downloads to get it
+    planned = plan_batch("new-batch", spec, jobs, local_folder(spec.base_model))
     if as_json:
         out.print_json(json.dumps([p.to_dict() for p in planned]))
         return

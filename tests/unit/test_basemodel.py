@@ -38,3 +38,12 @@ def test_default_short_name_is_the_shipped_smollm2(smollm2_path: str) -> None:
     check_base_model("smollm2-135m-instruct")
     assert (Path(smollm2_path) / "model.safetensors").exists() or list(Path(smollm2_path).glob("*.safetensors"))
     assert (Path(smollm2_path) / "tokenizer_config.json").exists()
+
+
+def test_local_folder_never_converts(tiny_model_path: str, tmp_path: Path) -> None:
+    from adapterfab.basemodel import local_folder
+
+    assert local_folder(tiny_model_path) == tiny_model_path
+    assert local_folder("smollm2-135m-instruct", cache=tmp_path) is None  # not converted in this cache
+    assert local_folder("s3://bucket/base", cache=tmp_path) is None
+    assert not (tmp_path / "models").exists()
