@@ -15,6 +15,10 @@ from pathlib import Path
 
 from adapterfab.errors import StackError
 
+# MLflow's server answers /health after ~7 s on an idle 2-core machine but took 84 s once while two
+# test suites shared the CPUs; a start is only declared failed after this long.
+SERVER_START_TIMEOUT_S = 240.0
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -58,7 +62,7 @@ class Server:
 
 
 def start_mlflow(home: Path, port: int, artifacts_destination: str | None = None,
-                 backend_uri: str | None = None, timeout_s: float = 90) -> Server:
+                 backend_uri: str | None = None, timeout_s: float = SERVER_START_TIMEOUT_S) -> Server:
     """A real MLflow tracking server process (SQLite backend and a local artifact folder by default),
     detached from the caller so it outlives the CLI."""
     home.mkdir(parents=True, exist_ok=True)

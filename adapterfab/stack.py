@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterfab.errors import StackError
-from adapterfab.procs import free_port, pid_alive, port_open, start_mlflow, stop_pid, wait_http
+from adapterfab.procs import (SERVER_START_TIMEOUT_S, free_port, pid_alive, port_open, start_mlflow, stop_pid,
+                              wait_http)
 from adapterfab.settings import (DEFAULT_DASHBOARD_PORT, DEFAULT_MLFLOW_PORT, DEFAULT_RAY_PORT,
                                  DEFAULT_SERVE_PORT, Settings)
 
@@ -67,7 +68,7 @@ def _start_ray(settings: Settings, port: int, dashboard_port: int, num_cpus: int
     log = (settings.logs / "ray.log").open("ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, **RAY_ENV}, cwd=str(settings.home))
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise StackError(f"ray start exited with {proc.returncode}; see {settings.logs / 'ray.log'}")
@@ -75,7 +76,8 @@ def _start_ray(settings: Settings, port: int, dashboard_port: int, num_cpus: int
             return proc.pid
         time.sleep(0.5)
     stop_pid(proc.pid)
-    raise StackError(f"the Ray head did not come up within 90s; see {settings.logs / 'ray.log'}")
+    raise StackError(f"the Ray head did not come up within {SERVER_START_TIMEOUT_S:.0f}s; "
+                     f"see {settings.logs / 'ray.log'}")
 
 
 def up(settings: Settings, mlflow_port: int | None = None, ray_port: int | None = None,

@@ -35,7 +35,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("e2e-home")
     ports = {k: str(free_port()) for k in ("mlflow", "ray", "dashboard", "serve")}
     r = cli(home, "up", "--mlflow-port", ports["mlflow"], "--ray-port", ports["ray"],
-            "--dashboard-port", ports["dashboard"], "--serve-port", ports["serve"], timeout_s=180)
+            "--dashboard-port", ports["dashboard"], "--serve-port", ports["serve"], timeout_s=600)
     assert r.returncode == 0, r.stderr
     again = cli(home, "up", timeout_s=60)  # idempotent: same stack, same URLs
     assert again.returncode == 0 and f"127.0.0.1:{ports['mlflow']}" in again.stdout
