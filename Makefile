@@ -7,7 +7,7 @@ export ADAPTERFAB_HOME ?= $(CURDIR)/.adapterfab
 export RAY_AUTH_MODE := disabled
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv demo test test-all test-fast down clean lint
+.PHONY: venv services demo test test-all test-fast down clean lint
 
 venv: $(STAMP)
 
@@ -26,7 +26,15 @@ $(STAMP): pyproject.toml requirements.lock
 demo: venv
 	$(BIN)/python -m adapterfab.demo examples/personas.yaml
 
-test: venv
+# PostgreSQL (Debian's package) for the tests of MLflow and the state DB on a real server; without it
+# those tests skip and say why
+services:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+	  echo "PostgreSQL is not installed and cannot be installed here: its tests will be skipped"
+
+test: venv services
 	$(BIN)/python -m pytest -q tests
 
 test-fast: venv

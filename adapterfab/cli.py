@@ -138,17 +138,22 @@ def _print_status(dump: dict) -> None:
                   f"{j['loss']:.3f}" if j["loss"] is not None else "",
                   f"{m['eval_loss']:.3f}" if "eval_loss" in m else "",
                   f"{m['base_eval_loss']:.3f}" if "base_eval_loss" in m else "",
-                  str(j["model_version"] or ""), (j["error"] or "")[:300])
+                  str(j["model_version"] or "") + (" (reused)" if j.get("reused_version") else ""),
+                  (j["error"] or "")[:300])
     out.print(t)
 
 
 @app.command()
 def submit(batch: Path = typer.Argument(..., help="batch spec YAML"),
            wait: bool = typer.Option(False, "--wait", help="show progress until every job is terminal"),
-           timeout_s: float = typer.Option(0, help="with --wait: give up waiting after this long (0: never)")
+           timeout_s: float = typer.Option(0, help="with --wait: give up waiting after this long (0: never)"),
+           force: bool = typer.Option(False, "--force", help="retrain jobs whose spec, data and code already "
+                                                            "produced a registered version (default: reuse it)"),
+           address: Optional[str] = typer.Option(None, "--address", help="run on a Ray cluster through the "
+                                                 "Ray Jobs API: http://HEAD:8265 or ray://HEAD:10001")
            ) -> None:
     """Validate and run a batch. Prints the batch id; exit code 0 (with --wait) only if all succeeded."""
-    from adapterfab.jobs.orchestrate import create_batch, launch_detached
+    from adapterfab.jobs.orchestrate import create_batch, launch_detached, new_batch_id
     from adapterfab.stack import read_stack, stack_alive
 
     from adapterfab.spec import check_semantics, load_spec
@@ -158,11 +163,22 @@ def submit(batch: Path = typer.Argument(..., help="batch spec YAML"),
     try:
         spec, jobs, _ = load_spec(batch)  # refuse a bad spec before anything else
         check_semantics(spec, jobs, dataset_exists=s3_object_error)
+        if address:
+            from adapterfab.jobs.remote import follow, submit_remote
+
+            batch_id = new_batch_id()
+            sid = submit_remote(address, batch, batch_id, force)
+            out.print(f"batch {batch_id}  (Ray Job {sid} on {address})")
+            if wait:
+                final = follow(address, batch_id, lambda line: out.print(line, markup=False), timeout_s)
+                out.print(f"Ray Job {sid}: {final}")
+                raise typer.Exit(0 if final == "SUCCEEDED" else 1)
+            return
         local = read_stack(s)
         if not s.ray_address or (local is not None and not stack_alive(local)):
             raise AdapterfabError("the local stack is not running: run `adapterfab up` first")
         _need_mlflow(s)
-        batch_id = create_batch(s, batch)
+        batch_id = create_batch(s, batch, force=force)
     except SpecError as e:
         _fail(e, 2)
     except AdapterfabError as e:
@@ -171,6 +187,35 @@ def submit(batch: Path = typer.Argument(..., help="batch spec YAML"),
     out.print(f"batch {batch_id}")
     if wait:
         raise typer.Exit(_wait(s, batch_id, timeout_s))
+
+
+@app.command()
+def run(batch: Path = typer.Argument(..., help="batch spec YAML"),
+        batch_id: Optional[str] = typer.Option(None, "--batch-id", help="id to record the batch under"),
+        force: bool = typer.Option(False, "--force", help="retrain even if an identical version exists")
+        ) -> None:
+    """Run a batch in the foreground on the Ray cluster this process belongs to (what a Ray Job or a
+    KubeRay RayJob runs; `submit --address` uses it). Exit code 0 only if every job succeeded."""
+    import logging
+    import threading
+
+    from adapterfab.jobs.orchestrate import create_batch, run_batch
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # the job log shows our progress lines
+    s = _settings()
+    try:
+        _need_mlflow(s)
+        bid = create_batch(s, batch, force=force, batch_id=batch_id)
+    except SpecError as e:
+        _fail(e, 2)
+    except AdapterfabError as e:
+        _fail(e)
+    out.print(f"batch {bid}")
+    worker = threading.Thread(target=run_batch, args=(s, bid), name="orchestrator", daemon=True)
+    worker.start()
+    code = _wait(s, bid, 0)
+    worker.join()
+    raise typer.Exit(code)
 
 
 def _wait(s: Settings, batch_id: str, timeout_s: float) -> int:
@@ -188,6 +233,7 @@ def _wait(s: Settings, batch_id: str, timeout_s: float) -> int:
                 last[j.id] = key
                 loss = f" loss {j.loss:.3f}" if j.loss is not None else ""
                 extra = f" -> version {j.model_version}" if j.model_version else ""
+                extra += " (reused: same spec, data and code; --force retrains)" if j.reused_version else ""
                 why = f": {j.error}" if j.error else ""
                 out.print(f"[{time.monotonic() - t0:6.0f}s] {j.tenant}/{j.persona} {j.state.value} "
                           f"{j.step}/{j.total_steps}{loss}{extra}{why}")
@@ -207,11 +253,28 @@ def _wait(s: Settings, batch_id: str, timeout_s: float) -> int:
 
 @app.command()
 def status(batch_id: Optional[str] = typer.Argument(None, help="a batch id (default: list batches)"),
-           as_json: bool = typer.Option(False, "--json")) -> None:
+           as_json: bool = typer.Option(False, "--json"),
+           address: Optional[str] = typer.Option(None, "--address", help="a batch submitted with "
+                                                 "`submit --address`: its Ray Job's status and log")) -> None:
     """Per-job state, progress and final metrics of a batch, or the list of batches."""
     from adapterfab.state import StateStore, dumps
 
     s = _settings()
+    if address:
+        from adapterfab.jobs.remote import remote_status
+
+        if not batch_id:
+            _fail(AdapterfabError("--address needs a batch id"), 2)
+        try:
+            info = remote_status(address, batch_id)  # type: ignore[arg-type]
+        except AdapterfabError as e:
+            _fail(e)
+        if as_json:
+            out.print(dumps(info), markup=False)
+        else:
+            out.print(f"Ray Job {info['submission_id']}: {info['status']} {info['message']}", markup=False)
+            out.print("\n".join(info["logs"].splitlines()[-40:]), markup=False)
+        return
     state = StateStore(s.state_url)
     try:
         if batch_id is None:
@@ -252,7 +315,7 @@ def registry_ls(tenant: Optional[str] = typer.Option(None, help="only this tenan
     except AdapterfabError as e:
         _fail(e)
     if as_json:
-        out.print(json.dumps([r.to_dict() for r in items], indent=2, default=str))
+        _print_json([r.to_dict() for r in items])
         return
     t = Table(title="registered adapters")
     for col in ("adapter", "versions", "aliases", "latest method", "latest eval loss"):
@@ -278,7 +341,7 @@ def registry_show(adapter: str = typer.Argument(..., help="TENANT/PERSONA[@ALIAS
     except AdapterfabError as e:
         _fail(e)
     if as_json:
-        out.print(json.dumps(v.to_dict(), indent=2, default=str))
+        _print_json(v.to_dict())
         return
     out.print(f"[bold]{v.id}[/bold]  aliases: {', '.join(v.aliases) or '-'}")
     out.print(f"  source:   {v.source}\n  files:    {v.artifact_uri}\n  run:      {v.run_id}")
@@ -286,31 +349,85 @@ def registry_show(adapter: str = typer.Argument(..., help="TENANT/PERSONA[@ALIAS
         out.print(f"  {k.removeprefix('adapterfab.')}: {val}")
 
 
+def _print_json(obj: object) -> None:
+    out.print(json.dumps(obj, indent=2, default=str), markup=False)
+
+
 @registry_app.command("promote")
 def registry_promote(adapter: str = typer.Argument(..., help="TENANT/PERSONA"),
                      version: int = typer.Argument(..., help="the version to point the alias at"),
-                     alias: str = typer.Option("production", help="alias to move")) -> None:
-    """Point an alias (default production) at a version. Serving follows without a restart."""
-    from adapterfab.ids import AdapterId, check_alias
-    from adapterfab.registry import Registry
+                     alias: str = typer.Option("production", help="alias to move"),
+                     metric: str = typer.Option("eval_loss", help="production gate: the metric compared"),
+                     margin: float = typer.Option(0.0, help="production gate: absolute improvement required"),
+                     relative_margin: float = typer.Option(0.0, help="production gate: relative improvement"),
+                     force: bool = typer.Option(False, "--force", help="skip the eval gate"),
+                     as_json: bool = typer.Option(False, "--json")) -> None:
+    """Point an alias (default production) at a version. `production` is eval-gated: the version must
+    beat the base model and the current production version on METRIC (unless --force); the decision
+    is recorded on the version either way. Serving follows without a restart."""
+    from adapterfab.ids import PRODUCTION, AdapterId, check_alias
+    from adapterfab.jobs.orchestrate import gate_decision
+    from adapterfab.promotion import Decision, Policy
+    from adapterfab.registry import TAG, Registry
 
     s = _settings()
     try:
         aid = AdapterId.parse(adapter).unversioned()
         registry = Registry(_need_mlflow(s))
-        v = registry.set_alias(aid, check_alias(alias), version)
-        registry.set_version_tags(v, {"promotion.decision": "promoted",
-                                      "promotion.reason": f"manual: {alias} set by CLI"})
+        v = registry.get(aid.with_version(version))
+        if check_alias(alias) != PRODUCTION:
+            v = registry.set_alias(aid, alias, version)
+            decision = None
+        else:
+            try:
+                policy = Policy(metric, margin, relative_margin)
+            except ValueError as e:
+                raise AdapterfabError(str(e)) from None
+            if force:
+                decision = Decision(True, "forced by `registry promote --force`", metric, None)
+            else:
+                metrics = {k.removeprefix(TAG + "metric."): val for k, val in v.tags.items()
+                           if k.startswith(TAG + "metric.")}
+                decision = gate_decision(registry, v, metrics, policy)
+            v = registry.promote(v, decision)
     except AdapterfabError as e:
         _fail(e)
-    out.print(f"{aid}@{alias} -> version {version}")
+    promoted = decision is None or decision.promoted
+    if as_json:
+        _print_json({"adapter": str(aid), "alias": alias, "version": version, "promoted": promoted,
+                     "reason": decision.reason if decision else "", "aliases": list(v.aliases)})
+    elif promoted:
+        out.print(f"{aid}@{alias} -> version {version}" + (f"  ({decision.reason})" if decision else ""))
+    else:
+        err.print(f"refused: {aid} version {version} stays out of {alias}: {decision.reason}")
+    if not promoted:
+        raise typer.Exit(3)
+
+
+@registry_app.command("rollback")
+def registry_rollback(adapter: str = typer.Argument(..., help="TENANT/PERSONA"),
+                      as_json: bool = typer.Option(False, "--json")) -> None:
+    """Move `production` back to the version it pointed at before the current one."""
+    from adapterfab.ids import AdapterId
+    from adapterfab.registry import Registry
+
+    s = _settings()
+    try:
+        aid = AdapterId.parse(adapter).unversioned()
+        old, new = Registry(_need_mlflow(s)).rollback(aid, "rollback by `registry rollback`")
+    except AdapterfabError as e:
+        _fail(e)
+    if as_json:
+        _print_json({"adapter": str(aid), "alias": "production", "from_version": old, "to_version": new})
+    else:
+        out.print(f"{aid}@production: version {old} -> version {new}")
 
 
 @registry_app.command("export")
 def registry_export(adapter: str = typer.Argument(..., help="TENANT/PERSONA[@ALIAS|@VERSION]"),
                     out_dir: Path = typer.Argument(..., help="folder to write"),
-                    fmt: str = typer.Option("peft-lora", "--format", help="peft-lora: a standard PEFT LoRA")
-                    ) -> None:
+                    fmt: str = typer.Option("peft-lora", "--format", help="peft-lora: a standard PEFT LoRA"),
+                    as_json: bool = typer.Option(False, "--json")) -> None:
     """Write an adapter as a standard rank-r PEFT LoRA folder (LoRA-XS rebuilt from its shared basis),
     loadable by PeftModel.from_pretrained, vLLM and LoRAX."""
     from adapterfab.export import export_adapter
@@ -324,6 +441,10 @@ def registry_export(adapter: str = typer.Argument(..., help="TENANT/PERSONA[@ALI
         out_path = export_adapter(reg, v, out_dir, fmt)
     except AdapterfabError as e:
         _fail(e)
+    if as_json:
+        _print_json({"adapter": str(v.id), "path": str(out_path), "format": fmt,
+                     "files": sorted(p.name for p in Path(out_path).iterdir())})
+        return
     out.print(f"{v.id} -> {out_path} ({fmt})")
 
 

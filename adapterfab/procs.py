@@ -1,19 +1,22 @@
-"""Starting and stopping the local stack's server processes (MLflow, moto's S3). Used by
-``adapterfab up`` and by the tests, so both run exactly the same servers."""
+"""Starting and stopping the local stack's server processes (MLflow, moto's S3, a throwaway PostgreSQL).
+Used by ``adapterfab up`` and by the tests, so both run exactly the same servers."""
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapterfab.errors import StackError
+from adapterfab.errors import AdapterfabError, StackError
 
 # MLflow's server answers /health after ~7 s on an idle 2-core machine but took 84 s once while two
 # test suites shared the CPUs; a start is only declared failed after this long.
@@ -64,12 +67,27 @@ class Server:
 def start_mlflow(home: Path, port: int, artifacts_destination: str | None = None,
                  backend_uri: str | None = None, timeout_s: float = SERVER_START_TIMEOUT_S) -> Server:
     """A real MLflow tracking server process (SQLite backend and a local artifact folder by default),
-    detached from the caller so it outlives the CLI."""
+    detached from the caller so it outlives the CLI. ``artifacts_destination`` may be ``s3://bucket/...``
+    (the bucket is created if missing; the server gets our S3 endpoint as MLFLOW_S3_ENDPOINT_URL) and
+    ``backend_uri`` any SQLAlchemy URL MLflow supports, e.g. ``postgresql://user@host:port/db``."""
     home.mkdir(parents=True, exist_ok=True)
     backend_uri = backend_uri or f"sqlite:///{home / 'mlflow.db'}"
     artifacts_destination = artifacts_destination or str(home / "mlflow-artifacts")
     log = home / "mlflow.log"
     env = {**os.environ, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
+    # MLflow's S3 artifact repository takes its endpoint from MLFLOW_S3_ENDPOINT_URL (or boto3's
+    # AWS_ENDPOINT_URL), never from ADAPTERFAB_S3_ENDPOINT_URL: hand it ours (an explicit
+    # MLFLOW_S3_ENDPOINT_URL wins), so an s3:// destination on MinIO, moto, ... works.
+    endpoint = os.environ.get("ADAPTERFAB_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and not os.environ.get("MLFLOW_S3_ENDPOINT_URL"):
+        env["MLFLOW_S3_ENDPOINT_URL"] = endpoint
+    if artifacts_destination.startswith("s3://"):
+        from adapterfab.storage import S3Store
+
+        try:
+            S3Store(artifacts_destination).ensure_bucket()
+        except AdapterfabError as e:
+            raise StackError(f"MLflow's artifacts destination {artifacts_destination}: {e}") from e
     cmd = [_bin("mlflow"), "server", "--backend-store-uri", backend_uri,
            "--artifacts-destination", artifacts_destination, "--serve-artifacts",
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
@@ -128,3 +146,106 @@ def stop_pid(pid: int | None, timeout_s: float = 15) -> None:
             if not pid_alive(pid):
                 return
             time.sleep(0.2)
+
+
+# PostgreSQL ------------------------------------------------------------------------------------------
+
+def postgres_bin(name: str) -> str | None:
+    """A PostgreSQL server program (initdb, pg_ctl, createdb, ...): on PATH, else in the newest
+    /usr/lib/postgresql/<version>/bin (Debian keeps most of them off PATH)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(d.split("/")[-2])
+                  if d.split("/")[-2].isdigit() else 0)
+    for d in reversed(dirs):
+        if os.access(os.path.join(d, name), os.X_OK):
+            return os.path.join(d, name)
+    return None
+
+
+@dataclass
+class Postgres(Server):
+    """A throwaway cluster: ``base`` holds data/, sock/ and the log, and is removed by ``stop_postgres``."""
+
+    base: Path = Path()
+    user: str = "postgres"
+
+    def db_url(self, database: str, driver: str = "postgresql") -> str:
+        return f"{driver}://{self.user}@127.0.0.1:{self.port}/{database}"
+
+
+def _as_postgres_user() -> dict:
+    """postgres refuses to run as root: switch to the ``postgres`` account then."""
+    return {"user": "postgres", "group": "postgres", "extra_groups": []} if os.geteuid() == 0 else {}
+
+
+def _pg_run(args: list[str], cwd: Path, timeout_s: float) -> None:
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "HOME": str(cwd)}
+    try:
+        r = subprocess.run(args, cwd=str(cwd), env=env, capture_output=True, text=True, timeout=timeout_s,
+                           start_new_session=True, **_as_postgres_user())
+    except subprocess.TimeoutExpired as e:
+        raise StackError(f"{Path(args[0]).name} did not finish within {timeout_s:.0f}s") from e
+    if r.returncode != 0:
+        raise StackError(f"{' '.join(args)} exited with {r.returncode}: {(r.stderr or r.stdout)[-2000:]}")
+
+
+def start_postgres(port: int, base: Path | None = None, timeout_s: float = 120) -> Postgres:
+    """A PostgreSQL server on 127.0.0.1:``port`` with a fresh cluster (superuser ``postgres``, trust
+    authentication, durability off: for tests and throwaway local stacks, never for data you keep).
+
+    ``base`` (default: a new folder under /tmp) must be reachable by the ``postgres`` account when
+    running as root, which is what the server then runs as. Databases: :func:`create_database`."""
+    tools = {n: postgres_bin(n) for n in ("initdb", "pg_ctl")}
+    missing = [n for n, p in tools.items() if p is None]
+    if missing:
+        raise StackError(f"PostgreSQL server programs not found: {', '.join(missing)} "
+                         "(install postgresql, e.g. `apt-get install postgresql`)")
+    made = base is None
+    base = Path(tempfile.mkdtemp(prefix="adapterfab-pg-", dir="/tmp")) if base is None else Path(base)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(base, "postgres", "postgres")
+        data, sock, log = base / "data", base / "sock", base / "postgres.log"
+        _pg_run([tools["initdb"], "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
+                 "--locale=C", "--no-sync", "--no-instructions"], base, timeout_s)
+        sock.mkdir(exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(sock, "postgres", "postgres")
+        opts = (f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off "
+                "-c synchronous_commit=off -c full_page_writes=off")
+        _pg_run([tools["pg_ctl"], "-D", str(data), "-l", str(log), "-o", opts, "-w", "-t",
+                 str(int(timeout_s)), "start"], base, timeout_s + 10)
+        pid = int((data / "postmaster.pid").read_text().split()[0])
+    except BaseException:
+        if made:
+            shutil.rmtree(base, ignore_errors=True)
+        raise
+    return Postgres(pid=pid, port=port, url=f"postgresql://postgres@127.0.0.1:{port}", log=log, base=base)
+
+
+def create_database(pg: Postgres, name: str, timeout_s: float = 60) -> str:
+    """Create database ``name``; returns its URL, ``postgresql://...`` (SQLAlchemy 2.1 and MLflow
+    connect to it with psycopg 3)."""
+    createdb = postgres_bin("createdb")
+    if createdb is None:
+        raise StackError("PostgreSQL's createdb not found")
+    _pg_run([createdb, "-h", "127.0.0.1", "-p", str(pg.port), "-U", pg.user, name], pg.base, timeout_s)
+    return pg.db_url(name)
+
+
+def stop_postgres(pg: Postgres, remove: bool = True, timeout_s: float = 30) -> None:
+    """Fast shutdown (open sessions are ended), then the folder goes (``remove``)."""
+    pg_ctl = postgres_bin("pg_ctl")
+    try:
+        if pg_ctl and pid_alive(pg.pid):
+            _pg_run([pg_ctl, "-D", str(pg.base / "data"), "-m", "fast", "-w", "-t", str(int(timeout_s)),
+                     "stop"], pg.base, timeout_s + 10)
+    except StackError:
+        pass
+    finally:
+        stop_pid(pg.pid, timeout_s=10)  # if pg_ctl could not
+        if remove:
+            shutil.rmtree(pg.base, ignore_errors=True)

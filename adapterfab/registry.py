@@ -8,6 +8,7 @@ with ``create_model_version(source=<run artifact uri>/adapter)``."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from adapterfab.ids import CANDIDATE, PRODUCTION, AdapterId
 
 EXPERIMENT = "adapterfab"
 TAG = "adapterfab."
+_INTERNAL_TAGS = frozenset({"artifact_uri", "artifact_root", "basis_uri", "dataset", "job_id"})
 
 
 def _client(uri: str):  # noqa: ANN202
@@ -61,6 +63,14 @@ class AdapterVersion:
             "tags": self.tags,
         }
 
+    def public_dict(self) -> dict[str, Any]:
+        """What a tenant sees over HTTP: lineage, metrics and the promotion decision, without where
+        the files are stored (bucket names, run ids and paths stay internal)."""
+        tags = {k.removeprefix(TAG): v for k, v in self.tags.items()
+                if k.startswith(TAG) and k.removeprefix(TAG) not in _INTERNAL_TAGS}
+        return {"id": str(self.id), "persona": self.id.persona, "version": self.id.version,
+                "aliases": list(self.aliases), "created": int(self.created_s), "lineage": tags}
+
 
 @dataclass
 class RegisteredAdapter:
@@ -71,6 +81,10 @@ class RegisteredAdapter:
     def to_dict(self) -> dict[str, Any]:
         return {"id": str(self.id), "tenant": self.id.tenant, "persona": self.id.persona,
                 "aliases": self.aliases, "versions": [v.to_dict() for v in self.versions]}
+
+    def public_dict(self) -> dict[str, Any]:
+        return {"id": str(self.id), "persona": self.id.persona, "aliases": self.aliases,
+                "versions": [v.public_dict() for v in self.versions]}
 
 
 class Tracking:
@@ -189,25 +203,111 @@ class Registry:
             raise AdapterNotFound(f"no adapter {aid}")
         return versions[-1]
 
-    def versions(self, aid: AdapterId) -> list[AdapterVersion]:
+    def _aliases(self, aid: AdapterId) -> dict[str, int]:
+        try:
+            rm = self.client.get_registered_model(aid.registry_name)
+        except _mlflow_errors():
+            return {}
+        return {a: int(v) for a, v in (getattr(rm, "aliases", None) or {}).items()}
+
+    def versions(self, aid: AdapterId, aliases: dict[str, int] | None = None) -> list[AdapterVersion]:
+        """Every version of ``aid``, oldest first: one search plus one lookup for the aliases
+        (search results carry tags but no aliases)."""
         MlflowException = _mlflow_errors()
         try:
             mvs = self.client.search_model_versions(f"name='{aid.registry_name}'")
         except MlflowException:
             return []
-        # search results carry no aliases in some MLflow versions: fetch each version fully
-        out = [self.get(aid.with_version(int(mv.version))) for mv in mvs]
+        if aliases is None:
+            aliases = self._aliases(aid)
+        by_version: dict[int, list[str]] = {}
+        for a, v in aliases.items():
+            by_version.setdefault(v, []).append(a)
+        out = [AdapterVersion(id=aid.unversioned().with_version(int(mv.version)), source=mv.source,
+                              run_id=mv.run_id, tags=dict(mv.tags or {}),
+                              aliases=tuple(sorted(by_version.get(int(mv.version), []))),
+                              created_s=(mv.creation_timestamp or 0) / 1000) for mv in mvs]
         return sorted(out, key=lambda v: v.id.version or 0)
 
+    def find(self, aid: AdapterId, tag: str, value: str) -> AdapterVersion | None:
+        """The newest version of ``aid`` whose lineage tag ``tag`` equals ``value`` (idempotent resubmit)."""
+        key = tag if tag.startswith(TAG) else TAG + tag
+        try:
+            mvs = self.client.search_model_versions(f"name='{aid.registry_name}' and tags.`{key}` = '{value}'")
+        except _mlflow_errors():
+            return None
+        if not mvs:
+            return None
+        newest = max(int(mv.version) for mv in mvs)
+        return self.get(aid.unversioned().with_version(newest))
+
     def set_alias(self, aid: AdapterId, alias: str, version: int) -> AdapterVersion:
-        self.get(aid.with_version(version))  # exists?
+        self.get(aid.unversioned().with_version(version))  # exists?
         self.client.set_registered_model_alias(aid.registry_name, alias, str(version))
-        return self.get(aid.with_version(version))
+        if alias == PRODUCTION:
+            history = self.production_history(aid)
+            if not history or history[-1] != version:
+                self._set_history(aid, [*history, version])
+        return self.get(aid.unversioned().with_version(version))
 
     def set_version_tags(self, v: AdapterVersion, tags: dict[str, Any]) -> None:
         for k, val in tags.items():
             self.client.set_model_version_tag(v.id.registry_name, str(v.id.version),
                                               k if k.startswith(TAG) else TAG + k, str(val))
+
+    # production history: every version production pointed at, in order, for rollback -----------
+    def production_history(self, aid: AdapterId) -> list[int]:
+        try:
+            rm = self.client.get_registered_model(aid.registry_name)
+        except _mlflow_errors():
+            return []
+        raw = (rm.tags or {}).get(TAG + "production_history", "")
+        try:
+            return [int(v) for v in json.loads(raw)] if raw else []
+        except (ValueError, TypeError):
+            return []
+
+    def _set_history(self, aid: AdapterId, history: list[int]) -> None:
+        self.client.set_registered_model_tag(aid.registry_name, TAG + "production_history",
+                                             json.dumps(history[-200:]))
+
+    def production(self, aid: AdapterId) -> AdapterVersion | None:
+        try:
+            return self.get(aid.unversioned().with_alias(PRODUCTION))
+        except AdapterNotFound:
+            return None
+
+    def promote(self, v: AdapterVersion, decision: Any) -> AdapterVersion:
+        """Record ``decision`` (a promotion.Decision) on ``v``; move production to it if promoted."""
+        self.set_version_tags(v, decision.tags())
+        if decision.promoted:
+            return self.set_alias(v.id, PRODUCTION, v.id.version)
+        return self.get(v.id)
+
+    def rollback(self, aid: AdapterId, reason: str = "rollback") -> tuple[int, int]:
+        """Move production back to the version it pointed at before the current one.
+        Returns (from_version, to_version); the rolled-back version records why."""
+        aid = aid.unversioned()
+        current = self.production(aid)
+        if current is None:
+            raise AdapterNotFound(f"{aid} has no production version to roll back")
+        cur = current.id.version
+        history = self.production_history(aid)
+        while history and history[-1] == cur:
+            history.pop()
+        existing = {v.id.version for v in self.versions(aid)}
+        while history and history[-1] not in existing:
+            history.pop()  # deleted versions cannot come back
+        if not history:
+            raise RegistryError(f"{aid}@production is v{cur} and no earlier production version is recorded")
+        target = history[-1]
+        self.client.set_registered_model_alias(aid.registry_name, PRODUCTION, str(target))
+        self._set_history(aid, history)
+        self.set_version_tags(current, {"promotion.decision": "rolled_back",
+                                        "promotion.reason": f"{reason}: production moved back to v{target}",
+                                        "promotion.decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                              time.gmtime())})
+        return cur, target
 
     def list(self, tenant: str | None = None) -> list[RegisteredAdapter]:
         flt = f"name LIKE 'af.{tenant}.%'" if tenant else "name LIKE 'af.%'"
@@ -220,7 +320,7 @@ class Registry:
             if tenant and aid.tenant != tenant:
                 continue
             aliases = {a: int(v) for a, v in (getattr(rm, "aliases", None) or {}).items()}
-            out.append(RegisteredAdapter(aid, aliases, self.versions(aid)))
+            out.append(RegisteredAdapter(aid, aliases, self.versions(aid, aliases)))
         return sorted(out, key=lambda r: r.id)
 
     def register_basis(self, basis_id: str, source: str, run_id: str | None, tags: dict[str, Any]) -> int:

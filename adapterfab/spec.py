@@ -3,7 +3,8 @@
     version: 1
     name: personas-demo
     base_model: smollm2-135m-instruct      # short name, HF id, local path or s3://
-    promote: auto                          # none | auto (production if eval beats the base)
+    promote: auto                          # none | auto: eval-gated, see `promotion`
+    promotion: {metric: eval_loss, margin: 0.0, relative_margin: 0.0}
     defaults:
       method: {name: lora, r: 8, alpha: 16, target_modules: [q_proj, v_proj]}
       train: {steps: 40, batch_size: 8, learning_rate: 1.0e-3}
@@ -62,6 +63,20 @@ class Resources(_Strict):
     max_concurrent_jobs: int | None = Field(None, ge=1, description="default: what the cluster fits")
 
 
+class Promotion(_Strict):
+    """The gate of ``promote: auto``: a new version becomes production only if its ``metric`` beats the
+    base model and the current production version by more than max(margin, relative_margin * |ref|)."""
+
+    metric: Literal["eval_loss", "eval_token_accuracy"] = "eval_loss"
+    margin: float = Field(0.0, ge=0.0, description="absolute improvement required")
+    relative_margin: float = Field(0.0, ge=0.0, lt=1.0, description="improvement required, as a fraction")
+
+    def policy(self) -> Any:
+        from adapterfab.promotion import Policy
+
+        return Policy(self.metric, self.margin, self.relative_margin)
+
+
 class Defaults(_Strict):
     method: dict[str, Any] = Field(default_factory=lambda: {"name": "lora"})
     train: dict[str, Any] = Field(default_factory=dict)
@@ -97,6 +112,7 @@ class BatchSpec(_Strict):
     name: str = Field(min_length=1, max_length=200)
     base_model: str = DEFAULT_BASE_MODEL
     promote: Literal["none", "auto"] = "none"
+    promotion: Promotion = Field(default_factory=Promotion)
     defaults: Defaults = Field(default_factory=Defaults)
     resources: Resources = Field(default_factory=Resources)
     tenants: list[TenantEntry] = Field(min_length=1)

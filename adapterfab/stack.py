@@ -57,17 +57,20 @@ def stack_alive(info: dict | None) -> bool:
     return bool(info) and pid_alive(info.get("ray_pid")) and pid_alive(info.get("mlflow_pid"))
 
 
-def _start_ray(settings: Settings, port: int, dashboard_port: int, num_cpus: int | None) -> int:
+def _start_ray(settings: Settings, port: int, dashboard_port: int, client_port: int, num_cpus: int | None) -> int:
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
            "--node-ip-address", "127.0.0.1", "--port", str(port),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-           "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+           "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(free_port()),
            "--disable-usage-stats"]
     if num_cpus:
         cmd += ["--num-cpus", str(num_cpus)]
     log = (settings.logs / "ray.log").open("ab")
+    # Ray Jobs run their entrypoint (`python -m adapterfab.cli run ...`) with the head's PATH: put this
+    # environment's python first, so `submit --address` to the local head finds adapterfab
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **RAY_ENV}, cwd=str(settings.home))
+                            env={**os.environ, **RAY_ENV, "PATH": path}, cwd=str(settings.home))
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -93,7 +96,8 @@ def up(settings: Settings, mlflow_port: int | None = None, ray_port: int | None 
     dashboard_port = _pick(dashboard_port, DEFAULT_DASHBOARD_PORT)
     mlflow_port = _pick(mlflow_port, DEFAULT_MLFLOW_PORT)
     serve_port = _pick(serve_port, DEFAULT_SERVE_PORT)
-    ray_pid = _start_ray(settings, ray_port, dashboard_port, num_cpus)
+    client_port = free_port()
+    ray_pid = _start_ray(settings, ray_port, dashboard_port, client_port, num_cpus)
     try:
         mlflow = start_mlflow(settings.home / "mlflow", mlflow_port, artifacts_destination, backend_store_uri)
     except Exception:
@@ -102,7 +106,9 @@ def up(settings: Settings, mlflow_port: int | None = None, ray_port: int | None 
     info = StackInfo(ray_address=f"127.0.0.1:{ray_port}", ray_pid=ray_pid,
                      dashboard_url=f"http://127.0.0.1:{dashboard_port}", mlflow_uri=mlflow.url,
                      mlflow_pid=mlflow.pid, serve_url=f"http://127.0.0.1:{serve_port}", serve_port=serve_port)
-    settings.stack_file.write_text(json.dumps(info.__dict__, indent=1))
+    # the addresses `submit --address` takes: the Jobs API (dashboard) and the Ray Client server
+    settings.stack_file.write_text(json.dumps({**info.__dict__,
+                                              "ray_client_address": f"ray://127.0.0.1:{client_port}"}, indent=1))
     try:
         wait_http(info.dashboard_url, 60)
     except StackError:

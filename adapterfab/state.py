@@ -38,6 +38,7 @@ class BatchRow(Base):
     started_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     ended_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    options: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # e.g. {"force": true}
 
 
 class JobRow(Base):
@@ -61,6 +62,7 @@ class JobRow(Base):
     started_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     ended_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reused_version: Mapped[int | None] = mapped_column(Integer, nullable=True)  # idempotent resubmit
 
 
 class ApiKeyRow(Base):
@@ -92,6 +94,7 @@ class JobView:
     started_s: float | None
     ended_s: float | None
     error: str | None
+    reused_version: int | None = None
 
     @property
     def progress(self) -> float:
@@ -113,7 +116,23 @@ def _view(row: JobRow) -> JobView:
         metrics=dict(row.metrics or {}), data_stats=dict(row.data_stats or {}),
         mlflow_run_id=row.mlflow_run_id, adapter_uri=row.adapter_uri, model_version=row.model_version,
         attempts=row.attempts, started_s=row.started_s, ended_s=row.ended_s, error=row.error,
+        reused_version=row.reused_version,
     )
+
+
+def _add_missing_columns(engine: Any) -> None:
+    """A state database made by an older adapterfab lacks newer nullable columns: add them in place
+    (``create_all`` only creates missing tables)."""
+    from sqlalchemy import inspect, text
+
+    insp = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        have = {c["name"] for c in insp.get_columns(table.name)}
+        for col in table.columns:
+            if col.name not in have and col.nullable:
+                ddl = col.type.compile(dialect=engine.dialect)
+                with engine.begin() as conn:
+                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {col.name} {ddl}'))
 
 
 class StateStore:
@@ -130,13 +149,14 @@ class StateStore:
                 dbapi_conn.execute("PRAGMA journal_mode=WAL")
                 dbapi_conn.execute("PRAGMA busy_timeout=30000")
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
 
     # batches ----------------------------------------------------------------------------------
     def create_batch(self, batch_id: str, name: str, spec_text: str, spec_path: str, base_model: str,
-                     jobs: list[dict[str, Any]]) -> None:
+                     jobs: list[dict[str, Any]], options: dict[str, Any] | None = None) -> None:
         with Session(self.engine) as s, s.begin():
             s.add(BatchRow(id=batch_id, name=name, spec_text=spec_text, spec_path=spec_path,
-                           base_model=base_model))
+                           base_model=base_model, options=options or {}))
             for j in jobs:
                 s.add(JobRow(batch_id=batch_id, **j))
 
@@ -227,7 +247,7 @@ class StateStore:
         return {
             "id": b.id, "name": b.name, "state": b.state, "base_model": b.base_model,
             "mlflow_run_id": b.mlflow_run_id, "created_s": b.created_s, "started_s": b.started_s,
-            "ended_s": b.ended_s, "error": b.error,
+            "ended_s": b.ended_s, "error": b.error, "options": b.options or {},
             "jobs": [j.to_dict() for j in self.jobs(batch_id)],
         }
 

@@ -34,7 +34,9 @@ TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
 ALLOWED: dict[JobState, frozenset[JobState]] = {
     JobState.PENDING: frozenset({JobState.PREPARING, JobState.FAILED, JobState.CANCELLED}),
-    JobState.PREPARING: frozenset({JobState.TRAINING, JobState.FAILED, JobState.CANCELLED, JobState.PENDING}),
+    # PREPARING -> SUCCEEDED: the same spec, data and code were already trained (idempotent resubmit)
+    JobState.PREPARING: frozenset({JobState.TRAINING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED,
+                                   JobState.PENDING}),
     JobState.TRAINING: frozenset({JobState.REGISTERING, JobState.FAILED, JobState.CANCELLED, JobState.PENDING}),
     JobState.REGISTERING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.PENDING}),
     JobState.SUCCEEDED: frozenset(),

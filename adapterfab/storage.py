@@ -8,6 +8,19 @@ loaded. Layout of keys: see ``AdapterId.artifact_prefix`` (``adapters/<tenant>/<
 S3 settings come from the environment or a profile, never from batch files: ``AWS_ENDPOINT_URL``
 (or ``ADAPTERFAB_S3_ENDPOINT_URL``), ``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_PROFILE``, and the
 usual credential variables.
+
+Every S3 request is retried with boto3's "standard" retry mode on 500/502/503/504, throttling
+(``SlowDown``), dropped connections and timeouts, with exponential backoff and full jitter: a random
+wait of up to ``scale * 2**(attempt-1)`` seconds, at most 20 s, where scale is 1 s for throttling and
+0.05 s for other errors (botocore 1.44); the transfer layer also re-reads a download whose body stalls.
+Settings, from the environment:
+
+- ``ADAPTERFAB_S3_MAX_ATTEMPTS`` (default 6): attempts per request, the first one included; 1 = no retry.
+- ``ADAPTERFAB_S3_CONNECT_TIMEOUT_S`` (default 5): seconds to open a connection.
+- ``ADAPTERFAB_S3_READ_TIMEOUT_S`` (default 30): seconds without a byte from the server before the
+  attempt is abandoned (and retried).
+
+They are read when a store first talks to S3 (``s3_client()``); a bad value is a StorageError.
 """
 
 from __future__ import annotations
@@ -23,6 +36,9 @@ from urllib.parse import urlparse
 from adapterfab.errors import StorageError
 
 MANIFEST = "MANIFEST.json"
+S3_MAX_ATTEMPTS_ENV, S3_CONNECT_TIMEOUT_ENV, S3_READ_TIMEOUT_ENV = (
+    "ADAPTERFAB_S3_MAX_ATTEMPTS", "ADAPTERFAB_S3_CONNECT_TIMEOUT_S", "ADAPTERFAB_S3_READ_TIMEOUT_S")
+S3_DEFAULTS = {S3_MAX_ATTEMPTS_ENV: 6, S3_CONNECT_TIMEOUT_ENV: 5.0, S3_READ_TIMEOUT_ENV: 30.0}
 
 
 def sha256_file(path: Path) -> str:
@@ -162,8 +178,22 @@ class S3Store(ArtifactStore):
 
         try:
             self.client.head_bucket(Bucket=self.bucket)
+            return
         except ClientError:
-            self.client.create_bucket(Bucket=self.bucket)
+            pass  # absent (404) or not ours (403: create_bucket says which)
+        except Exception as e:  # noqa: BLE001 - unreachable endpoint, bad configuration
+            raise StorageError(f"cannot reach the bucket s3://{self.bucket}: {e}") from e
+        kwargs: dict = {"Bucket": self.bucket}
+        region = self.client.meta.region_name
+        if region and region != "us-east-1":  # AWS wants the region named, except for us-east-1
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        try:
+            self.client.create_bucket(**kwargs)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou",):
+                raise StorageError(f"cannot create the bucket s3://{self.bucket}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - unreachable endpoint, bad credentials
+            raise StorageError(f"cannot create the bucket s3://{self.bucket}: {e}") from e
 
     def _k(self, key: str) -> str:
         return f"{self.base}/{key}" if self.base else key
@@ -175,8 +205,14 @@ class S3Store(ArtifactStore):
             raise StorageError(f"upload to {self.uri(key)} failed: {e}") from e
 
     def get_file(self, key: str, local: Path) -> None:
+        from botocore.exceptions import ClientError
+
         try:
             self.client.download_file(self.bucket, self._k(key), str(local))
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise StorageError(f"{self.uri(key)} does not exist") from e
+            raise StorageError(f"download of {self.uri(key)} failed: {e}") from e
         except Exception as e:  # noqa: BLE001
             raise StorageError(f"download of {self.uri(key)} failed: {e}") from e
 
@@ -199,16 +235,40 @@ class S3Store(ArtifactStore):
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
 
 
+def _env_number(name: str, kind: type) -> int | float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return S3_DEFAULTS[name]
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or value <= 0:
+        what = "a whole number >= 1" if kind is int else "a number of seconds > 0"
+        raise StorageError(f"{name}={raw!r} is not valid: use {what} (default {S3_DEFAULTS[name]})")
+    return value
+
+
+def s3_settings() -> dict[str, int | float]:
+    """The S3 retry and timeout settings in force (see the module docstring)."""
+    return {"max_attempts": _env_number(S3_MAX_ATTEMPTS_ENV, int),
+            "connect_timeout_s": _env_number(S3_CONNECT_TIMEOUT_ENV, float),
+            "read_timeout_s": _env_number(S3_READ_TIMEOUT_ENV, float)}
+
+
 def s3_client():  # noqa: ANN201
     import boto3
     from botocore.config import Config
 
+    settings = s3_settings()
     endpoint = os.environ.get("ADAPTERFAB_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
     session = boto3.session.Session(profile_name=os.environ.get("AWS_PROFILE") or None)
     return session.client(
         "s3",
         endpoint_url=endpoint,
-        config=Config(retries={"max_attempts": 6, "mode": "standard"}, connect_timeout=5, read_timeout=30),
+        # total_max_attempts counts the first attempt (botocore's "max_attempts" would not)
+        config=Config(retries={"total_max_attempts": settings["max_attempts"], "mode": "standard"},
+                      connect_timeout=settings["connect_timeout_s"], read_timeout=settings["read_timeout_s"]),
     )
 
 

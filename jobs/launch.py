@@ -54,7 +54,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     from adapterfab.pipelines.data import PadCollate
     from adapterfab.spec import TrainConfig
 
-    from adapterfab.jobs.train_loop import save_adapter, train_adapter
+    from adapterfab.jobs.train_loop import peak_memory_mb, save_adapter, train_adapter
 
     job = WorkerJob(**config["job"])
     torch.set_num_threads(max(1, int(job.cpus)))
@@ -80,8 +80,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     board = ray.get_actor(job.progress_board) if job.progress_board else None
 
     def on_step(step: int, loss: float, lr: float) -> None:
-        if tracking:
-            tracking.log_metrics(job.mlflow_run_id, {"loss": loss, "lr": lr}, step=step)
+        if tracking:  # per-step loss and learning rate, with the worker's system metrics
+            tracking.log_metrics(job.mlflow_run_id, {"loss": loss, "lr": lr, **peak_memory_mb()}, step=step)
         if board:
             board.update.remote(job.job_id, step, loss)
 

@@ -10,6 +10,7 @@ skips SUCCEEDED jobs and restarts the others.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,9 +28,9 @@ from typing import Any
 from adapterfab import __version__
 from adapterfab.basemodel import BaseModelRef, resolve_base_model
 from adapterfab.errors import AdapterfabError, StackError
-from adapterfab.ids import PRODUCTION, AdapterId, basis_prefix, job_id
+from adapterfab.ids import AdapterId, basis_prefix, job_id
 from adapterfab.methods import get_method
-from adapterfab.registry import Registry, Tracking
+from adapterfab.registry import TAG, Registry, Tracking
 from adapterfab.settings import Settings
 from adapterfab.spec import BatchSpec, JobSpec, check_semantics, load_spec, parse_spec
 from adapterfab.state import StateStore
@@ -44,15 +45,19 @@ def new_batch_id() -> str:
     return time.strftime("b-%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(3)
 
 
-def create_batch(settings: Settings, spec_path: str | Path) -> str:
-    """Validate a spec (schema + semantics, no compute) and record the batch and its jobs as PENDING."""
+def create_batch(settings: Settings, spec_path: str | Path, force: bool = False,
+                 batch_id: str | None = None) -> str:
+    """Validate a spec (schema + semantics, no compute) and record the batch and its jobs as PENDING.
+    ``force``: train every job even if the registry already has a version from the same spec, data
+    and code (otherwise such a job reuses that version)."""
     spec, jobs, text = load_spec(spec_path)
     check_semantics(spec, jobs, dataset_exists=s3_object_error)
-    batch_id = new_batch_id()
+    batch_id = batch_id or new_batch_id()
     StateStore(settings.state_url).create_batch(
         batch_id, spec.name, text, str(Path(spec_path).resolve()), spec.base_model,
         [{"id": job_id(batch_id, j.tenant, j.persona), "tenant": j.tenant, "persona": j.persona,
           "method": j.method.name, "total_steps": j.train.steps} for j in jobs],
+        options={"force": force},
     )
     return batch_id
 
@@ -68,13 +73,30 @@ def launch_detached(settings: Settings, batch_id: str) -> int:
     return proc.pid
 
 
+_CODE_VERSION: str | None = None
+
+
 def code_version() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{__version__}+{sha}" if sha else __version__
+    """``<package version>+<git commit>[-dirty]`` when running from a checkout, else the version."""
+    global _CODE_VERSION
+    if _CODE_VERSION is None:
+        try:
+            sha = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12", "--exclude=*"],
+                                 capture_output=True, text=True, cwd=Path(__file__).parent,
+                                 timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            sha = ""
+        _CODE_VERSION = f"{__version__}+{sha}" if sha else __version__
+    return _CODE_VERSION
+
+
+def job_fingerprint(base_fingerprint: str, job: JobSpec, dataset_sha256: str) -> str:
+    """What makes two jobs the same: base weights, method and training hyper-parameters, the data's
+    bytes and the code. A resubmitted job with the same fingerprint reuses the registered version."""
+    payload = json.dumps({"base": base_fingerprint, "method": job.method.model_dump(mode="json"),
+                          "train": job.train.model_dump(mode="json"), "data": dataset_sha256,
+                          "code": code_version()}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
 _BASIS_LOCKS: dict[str, threading.Lock] = {}
@@ -132,6 +154,7 @@ class BatchContext:
     batch_run_id: str
     board_name: str
     pad_id: int
+    force: bool = False
 
 
 def _error_text(e: BaseException) -> str:
@@ -178,6 +201,10 @@ def run_job(ctx: BatchContext, job: JobSpec) -> None:
         ctx.tracking.log_metrics(run_id, {k: float(stats[k]) for k in
                                           ("total_rows", "bad_rows", "train_rows", "eval_rows")})
 
+        fingerprint = job_fingerprint(ctx.base.fingerprint, job, stats["sha256"])
+        ctx.tracking.set_tags(run_id, {"adapterfab.job_fingerprint": fingerprint})
+        if not ctx.force and _reuse_existing(ctx, jid, run_id, aid, fingerprint):
+            return
         basis_id, basis_uri = ensure_basis(ctx, job)
         ctx.state.move_job(jid, JobState.TRAINING, total_steps=t.steps)
         worker_job = WorkerJob(
@@ -202,7 +229,8 @@ def run_job(ctx: BatchContext, job: JobSpec) -> None:
             "dataset": job.dataset, "dataset_sha256": stats["sha256"], "dataset_rows": stats["total_rows"],
             "dataset_bad_rows": stats["bad_rows"], "train_rows": stats["train_rows"],
             "eval_rows": stats["eval_rows"], "batch_id": ctx.batch_id, "job_id": jid,
-            "code_version": code_version(), "artifact_uri": artifact_uri, "artifact_root": store.root,
+            "code_version": code_version(), "job_fingerprint": fingerprint,
+            "artifact_uri": artifact_uri, "artifact_root": store.root,
             **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, float)},
             **get_method(job.method.name).extra_tags(job.method),
         }
@@ -222,16 +250,43 @@ def run_job(ctx: BatchContext, job: JobSpec) -> None:
             log.exception("could not close MLflow run %s", run_id)
 
 
+def _reuse_existing(ctx: BatchContext, jid: str, run_id: str, aid: AdapterId, fingerprint: str) -> bool:
+    """Idempotent resubmit: if a version with this job's fingerprint exists, the job succeeds with it
+    (no training, no new version). Returns whether it did."""
+    existing = ctx.registry.find(aid, "job_fingerprint", fingerprint)
+    if existing is None:
+        return False
+    metrics = {k.removeprefix(TAG + "metric."): float(v) for k, v in existing.tags.items()
+               if k.startswith(TAG + "metric.")}
+    log.info("job %s: same spec, data and code as %s; reusing it (submit --force retrains)", jid, existing.id)
+    ctx.state.move_job(jid, JobState.SUCCEEDED, adapter_uri=existing.artifact_uri, metrics=metrics,
+                       model_version=existing.id.version, reused_version=existing.id.version,
+                       step=ctx.state.job(jid).total_steps)
+    ctx.tracking.set_tags(run_id, {"adapterfab.reused_version": str(existing.id)})
+    ctx.tracking.end_run(run_id, ok=True)
+    return True
+
+
 def _maybe_promote(ctx: BatchContext, version: Any, metrics: dict[str, float]) -> None:
+    """``promote: auto``: the eval gate decides (see adapterfab.promotion); the decision is recorded on
+    the version either way. ``promote: none`` leaves production to a person (`registry promote`)."""
     if ctx.spec.promote != "auto":
         return
-    ev, base = metrics.get("eval_loss"), metrics.get("base_eval_loss")
-    if ev is not None and base is not None and ev < base:
-        ctx.registry.set_alias(version.id, PRODUCTION, version.id.version)
-        decision, reason = "promoted", f"eval_loss {ev:.4f} < base_eval_loss {base:.4f}"
-    else:
-        decision, reason = "refused", f"eval_loss {ev} does not beat base_eval_loss {base}"
-    ctx.registry.set_version_tags(version, {"promotion.decision": decision, "promotion.reason": reason})
+    decision = gate_decision(ctx.registry, version, metrics, ctx.spec.promotion.policy())
+    ctx.registry.promote(version, decision)
+    log.info("%s: %s (%s)", version.id, decision.outcome, decision.reason)
+
+
+def gate_decision(registry: Registry, version: Any, metrics: dict[str, Any], policy: Any) -> Any:
+    """The promotion decision for ``version`` against the base and the current production version."""
+    from adapterfab.promotion import decide
+
+    prod = registry.production(version.id)
+    production = None
+    if prod is not None and prod.id.version != version.id.version:
+        recorded = prod.tags.get(f"{TAG}metric.{policy.metric}")
+        production = (prod.id.version, float(recorded) if recorded is not None else None)
+    return decide(policy, metrics, production)
 
 
 def _poll_progress(ctx: BatchContext, board: Any, stop: threading.Event) -> None:
@@ -254,7 +309,20 @@ def connect_ray(settings: Settings) -> None:
         return
     if not settings.ray_address:
         raise StackError("no Ray cluster: run `adapterfab up` first (or set RAY_ADDRESS)")
-    ray.init(address=settings.ray_address, log_to_driver=False)
+    runtime_env = None
+    forwarded = worker_env()
+    if forwarded and not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a Ray Job has its own env
+        runtime_env = {"env_vars": forwarded}
+    ray.init(address=settings.ray_address, log_to_driver=False, runtime_env=runtime_env)
+
+
+FORWARDED_ENV_PREFIXES = ("AWS_", "ADAPTERFAB_S3_", "MLFLOW_S3_")
+
+
+def worker_env() -> dict[str, str]:
+    """Settings the Ray workers need to reach S3 (datasets, bases, artifacts): passed along with the
+    job, since the cluster's processes were started with another environment."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
 
 
 def run_batch(settings: Settings, batch_id: str) -> BatchState:
@@ -288,7 +356,7 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
         board_name = PROGRESS_BOARD_PREFIX + batch_id
         board = ProgressBoard.options(name=board_name, get_if_exists=True).remote()
         ctx = BatchContext(settings, state, batch_id, spec, base, tracking, Registry(settings.mlflow_uri),
-                           batch_run, board_name, pad_id)
+                           batch_run, board_name, pad_id, force=bool((batch.options or {}).get("force")))
         stop = threading.Event()
         poller = threading.Thread(target=_poll_progress, args=(ctx, board, stop), daemon=True)
         poller.start()

@@ -74,11 +74,14 @@ def forever(epoch_batches: Callable[[int], Iterable[Batch]]) -> Iterator[Batch]:
         epoch += 1
 
 
-def eval_loss(model: Any, batches: Iterable[Batch]) -> float:
-    """Mean token loss over assistant tokens (labels != -100)."""
+EVAL_METRICS = ("eval_loss", "eval_token_accuracy")  # each also measured on the base as base_<name>
+
+
+def evaluate(model: Any, batches: Iterable[Batch]) -> dict[str, float]:
+    """Over assistant tokens (labels != -100): mean token loss and next-token (argmax) accuracy."""
     import torch
 
-    total, tokens = 0.0, 0
+    total, correct, tokens = 0.0, 0, 0
     model.eval()
     with torch.no_grad():
         for b in batches:
@@ -87,10 +90,29 @@ def eval_loss(model: Any, batches: Iterable[Batch]) -> float:
             labels = b["labels"][:, 1:]
             loss = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum")
+            mask = labels != -100
             total += float(loss)
-            tokens += int((labels != -100).sum())
+            correct += int(((logits.argmax(-1) == labels) & mask).sum())
+            tokens += int(mask.sum())
     model.train()
-    return total / max(1, tokens)
+    return {"eval_loss": total / max(1, tokens), "eval_token_accuracy": correct / max(1, tokens)}
+
+
+def eval_loss(model: Any, batches: Iterable[Batch]) -> float:
+    """Mean token loss over assistant tokens (labels != -100)."""
+    return evaluate(model, batches)["eval_loss"]
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """System metrics of this process: peak resident memory, and peak CUDA memory when on a GPU."""
+    import resource
+
+    import torch
+
+    out = {"system_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["system_peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 def train_adapter(
@@ -148,9 +170,10 @@ def train_adapter(
     if eval_batches is not None:
         ev = list(eval_batches())
         if ev:
-            metrics["eval_loss"] = eval_loss(peft_model, ev)
+            metrics.update(evaluate(peft_model, ev))
             with peft_model.disable_adapter():
-                metrics["base_eval_loss"] = eval_loss(peft_model, ev)
+                metrics.update({f"base_{k}": v for k, v in evaluate(peft_model, ev).items()})
+    metrics.update(peak_memory_mb())
     return TrainResult(peft_model, metrics, losses)
 
 

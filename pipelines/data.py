@@ -92,9 +92,21 @@ class PadCollate(NumpyBatchCollateFn):
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
-    """S3 settings from the environment, the same variables as ``adapterfab.storage``."""
+    """S3 settings from the environment, the same variables as ``adapterfab.storage`` (endpoint,
+    region, credentials, and ADAPTERFAB_S3_MAX_ATTEMPTS / ADAPTERFAB_S3_CONNECT_TIMEOUT_S /
+    ADAPTERFAB_S3_READ_TIMEOUT_S for retries and timeouts)."""
+    from adapterfab.errors import StorageError
+    from adapterfab.storage import s3_settings
+
+    try:
+        settings = s3_settings()
+    except StorageError as e:
+        raise DatasetError(str(e)) from e
     kwargs: dict[str, Any] = {
         "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=int(settings["max_attempts"])),
+        "connect_timeout": float(settings["connect_timeout_s"]),
+        "request_timeout": float(settings["read_timeout_s"]),  # honoured by the AWS SDK on macOS/Windows
     }
     endpoint = os.environ.get("ADAPTERFAB_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:

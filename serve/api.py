@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API (FastAPI, no Ray): tenant keys, adapter resolution, chat completions.
 
-Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, the same under ``/tenants/{tenant}/v1/...``,
-and ``GET /healthz``. ``model`` is ``tenant/persona[@alias|@version]`` or ``base``; on a tenant route
+Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, the registry lookup
+``GET /v1/registry/adapters[/{persona}[/{version|alias}]]`` (the key's own adapters: versions, aliases,
+lineage and promotion decisions), the same under ``/tenants/{tenant}/v1/...``, and ``GET /healthz``. ``model`` is ``tenant/persona[@alias|@version]`` or ``base``; on a tenant route
 ``persona[@ref]`` is enough. A key reaches only its own tenant's adapters, and a foreign adapter gets
 the same 404 as a missing one, so nobody learns what other tenants have.
 """
@@ -24,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapterfab.errors import AdapterfabError, AdapterNotFound, BaseMismatch, RegistryError
 from adapterfab.ids import AdapterId
-from adapterfab.registry import AdapterVersion
+from adapterfab.registry import AdapterVersion, RegisteredAdapter
 from adapterfab.serve.backend import Backend
 from adapterfab.serve.engine import Finished, PromptTooLong, SamplingParams, TextDelta
 
@@ -163,9 +164,11 @@ def _sse(obj: Any) -> str:
 
 def make_api(backend: Backend, auth: Callable[[str | None], str | None],
              resolver: Callable[[AdapterId], AdapterVersion],
-             lister: Callable[[str], list[str]] | None = None, resolve_ttl_s: float = 5.0) -> FastAPI:
+             lister: Callable[[str], list[str]] | None = None, resolve_ttl_s: float = 5.0,
+             catalog: Callable[[str], list[RegisteredAdapter]] | None = None) -> FastAPI:
     """``auth(key) -> tenant | None`` and ``resolver`` are blocking (they run in a thread pool);
-    ``lister(tenant)`` names the tenant's models for ``GET /v1/models`` (base only when absent)."""
+    ``lister(tenant)`` names the tenant's models for ``GET /v1/models`` (base only when absent);
+    ``catalog(tenant)`` lists the tenant's registered adapters for ``/v1/registry/...``."""
     app = FastAPI(title="adapterfab", docs_url=None, redoc_url=None)
     resolve = ResolveCache(resolver, resolve_ttl_s)
 
@@ -238,6 +241,64 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0,
                                             "owned_by": "adapterfab" if n == BASE_MODEL else tenant}
                                            for n in names]}
+
+    async def registry_call(fn: Callable[..., Any], *args: Any) -> Any:
+        if catalog is None:
+            raise ApiError(404, "This server has no registry lookup.", code="not_found")
+        try:
+            return await run_in_threadpool(fn, *args)
+        except AdapterNotFound:
+            return None
+        except RegistryError as e:
+            log.warning("registry lookup failed: %s", e)
+            raise ApiError(503, "The adapter registry is unavailable; retry shortly.", type_="server_error",
+                           code="registry_unavailable") from None
+
+    async def own_adapters(request: Request, path_tenant: str | None) -> list[RegisteredAdapter]:
+        tenant = await tenant_of(request, path_tenant)
+        return [ra for ra in (await registry_call(catalog, tenant) or []) if ra.id.tenant == tenant]
+
+    async def registry_list(request: Request, path_tenant: str | None) -> dict[str, Any]:
+        return {"object": "list", "data": [ra.public_dict() for ra in await own_adapters(request, path_tenant)]}
+
+    async def registry_one(request: Request, path_tenant: str | None, persona: str,
+                           ref: str | None) -> dict[str, Any]:
+        found = [ra for ra in await own_adapters(request, path_tenant) if ra.id.persona == persona]
+        shown = persona if ref is None else f"{persona}@{ref}"
+        if not found:
+            raise model_not_found(shown)
+        ra = found[0]
+        if ref is None:
+            return ra.public_dict()
+        number = int(ref) if ref.isdigit() else ra.aliases.get(ref)
+        for v in ra.versions:
+            if v.id.version == number:
+                return v.public_dict()
+        raise model_not_found(shown)
+
+    @app.get("/v1/registry/adapters")
+    async def registry_list_global(request: Request) -> dict[str, Any]:
+        return await registry_list(request, None)
+
+    @app.get("/tenants/{tenant}/v1/registry/adapters")
+    async def registry_list_tenant(tenant: str, request: Request) -> dict[str, Any]:
+        return await registry_list(request, tenant)
+
+    @app.get("/v1/registry/adapters/{persona}")
+    async def registry_one_global(persona: str, request: Request) -> dict[str, Any]:
+        return await registry_one(request, None, persona, None)
+
+    @app.get("/tenants/{tenant}/v1/registry/adapters/{persona}")
+    async def registry_one_tenant(tenant: str, persona: str, request: Request) -> dict[str, Any]:
+        return await registry_one(request, tenant, persona, None)
+
+    @app.get("/v1/registry/adapters/{persona}/{ref}")
+    async def registry_version_global(persona: str, ref: str, request: Request) -> dict[str, Any]:
+        return await registry_one(request, None, persona, ref)
+
+    @app.get("/tenants/{tenant}/v1/registry/adapters/{persona}/{ref}")
+    async def registry_version_tenant(tenant: str, persona: str, ref: str, request: Request) -> dict[str, Any]:
+        return await registry_one(request, tenant, persona, ref)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

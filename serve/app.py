@@ -7,6 +7,9 @@ to a replica that already holds the adapter; the replica's loader downloads a mi
 the registry into ``adapter_cache_dir``. The caller has done ``ray.init(address=...)``::
 
     ray.init(); deploy(ServeConfig(base_model_path=..., state_url="sqlite:///...", mlflow_uri=...))
+
+On a cluster (a KubeRay RayService, ``serve deploy``), ``import_path: adapterfab.serve.app:app_builder``
+with ``args`` builds the same app: see ``app_builder`` and ``infra/k8s/rayservice.yaml``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from adapterfab.basemodel import default_cache
 from adapterfab.registry import AdapterVersion
 from adapterfab.serve.backend import AdapterPins, LoadedAdapter, download_adapter, iterate_in_thread
-from adapterfab.serve.engine import Event, SamplingParams
+from adapterfab.serve.engine import DTYPES, Event, SamplingParams
 
 log = logging.getLogger("adapterfab.serve.app")
 
@@ -40,6 +43,7 @@ class ServeConfig:
     max_adapters_per_replica: int = 32
     num_replicas: int = 1
     replica_num_cpus: float = 1.0
+    replica_num_gpus: float = 0  # > 0: each engine replica reserves GPUs and runs the model on cuda
     torch_threads: int = 2
     adapter_cache_dir: str = field(default_factory=lambda: str(default_cache() / "adapters"))
     resolve_ttl_s: float = 5.0  # how long the ingress trusts an alias resolution
@@ -55,7 +59,8 @@ class EngineDeployment:
         from adapterfab.serve.engine import Engine
 
         self.cfg = cfg
-        self.engine = Engine(cfg.base_model_path, dtype=cfg.dtype, torch_threads=cfg.torch_threads)
+        self.engine = Engine(cfg.base_model_path, dtype=cfg.dtype, torch_threads=cfg.torch_threads,
+                             device="cuda" if cfg.replica_num_gpus else "cpu")
         self.pins = AdapterPins(self.engine)
         self.registry = Registry(cfg.mlflow_uri)
         self.loads = 0
@@ -128,8 +133,7 @@ class Ingress:
             return out
 
         return make_api(RayBackend(self.engine), keys.verify, checked_resolver(registry, self.cfg.base_fingerprint),
-                        lister=lister,
-                        resolve_ttl_s=self.cfg.resolve_ttl_s)
+                        lister=lister, catalog=registry.list, resolve_ttl_s=self.cfg.resolve_ttl_s)
 
 
 def checked_resolver(registry: Any, base_fingerprint: str | None) -> Any:
@@ -149,9 +153,65 @@ def checked_resolver(registry: Any, base_fingerprint: str | None) -> Any:
 
 def build_app(cfg: ServeConfig) -> serve.Application:
     engine = serve.deployment(EngineDeployment, name="EngineDeployment").options(
-        num_replicas=cfg.num_replicas, ray_actor_options={"num_cpus": cfg.replica_num_cpus})
+        num_replicas=cfg.num_replicas,
+        ray_actor_options={"num_cpus": cfg.replica_num_cpus, "num_gpus": cfg.replica_num_gpus})
     ingress = serve.deployment(Ingress, name="Ingress").options(ray_actor_options={"num_cpus": 0})
     return ingress.bind(engine.bind(cfg), cfg)
+
+
+# app_builder's args: the required ones, then the optional ones with their types (ServeConfig's fields)
+_BUILDER_REQUIRED = ("base_model", "mlflow_uri", "state_url")
+_BUILDER_OPTIONAL: dict[str, type] = {
+    "dtype": str, "num_replicas": int, "replica_num_cpus": float, "replica_num_gpus": float,
+    "max_adapters_per_replica": int, "adapter_cache_dir": str, "torch_threads": int, "resolve_ttl_s": float}
+
+
+def _builder_arg(name: str, kind: type, value: Any) -> Any:
+    whole = not (kind is int and isinstance(value, float) and not value.is_integer())
+    ok = whole and not isinstance(value, bool)
+    try:
+        if ok:
+            return kind(value)
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"adapterfab serve app arg {name}={value!r} is not a valid {kind.__name__}")
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Ray Serve's application builder, for ``import_path: adapterfab.serve.app:app_builder`` with ``args``
+    (a RayService's ``serveConfigV2``, ``serve deploy``/``serve run`` configs).
+
+    Required args: ``base_model`` (short name, HF id, local folder or ``s3://``; resolved and fingerprinted
+    here, so the folder must be at the same path on the replicas' nodes: a shared cache),
+    ``mlflow_uri``, ``state_url``. Optional: ``dtype``, ``num_replicas``, ``replica_num_cpus``,
+    ``replica_num_gpus``, ``max_adapters_per_replica``, ``adapter_cache_dir``, ``torch_threads``,
+    ``resolve_ttl_s``. Unknown, missing or ill-typed args raise ``ValueError``."""
+    from adapterfab.basemodel import resolve_base_model
+
+    if not isinstance(args, dict):
+        raise ValueError(f"app_builder takes a mapping of args, got {type(args).__name__}")
+    unknown = sorted(set(args) - set(_BUILDER_REQUIRED) - set(_BUILDER_OPTIONAL))
+    missing = [k for k in _BUILDER_REQUIRED if args.get(k) in (None, "")]
+    if unknown or missing:
+        allowed = ", ".join((*_BUILDER_REQUIRED, *_BUILDER_OPTIONAL))
+        raise ValueError("adapterfab serve app args: "
+                         + "; ".join(filter(None, [missing and f"missing {', '.join(missing)}",
+                                                   unknown and f"unknown {', '.join(unknown)}"]))
+                         + f" (allowed: {allowed})")
+    options = {name: _builder_arg(name, kind, args[name]) for name, kind in _BUILDER_OPTIONAL.items()
+               if args.get(name) is not None}
+    bad = [
+        options.get("dtype", "float32") not in DTYPES and f"dtype must be one of {', '.join(DTYPES)}",
+        options.get("num_replicas", 1) < 1 and "num_replicas must be at least 1",
+        min(options.get("replica_num_cpus", 0), options.get("replica_num_gpus", 0)) < 0
+        and "replica_num_cpus and replica_num_gpus must not be negative",
+    ]
+    if any(bad):
+        raise ValueError("adapterfab serve app args: " + "; ".join(b for b in bad if b))
+    base = resolve_base_model(str(args["base_model"]))
+    return build_app(ServeConfig(base_model_path=base.path, state_url=str(args["state_url"]),
+                                 mlflow_uri=str(args["mlflow_uri"]), base_fingerprint=base.fingerprint,
+                                 **options))
 
 
 def deploy(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False) -> str:

@@ -31,7 +31,7 @@ log = logging.getLogger("adapterfab.serve.engine")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 IM_END = "<|im_end|>"
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16"}
 
 
@@ -197,7 +197,7 @@ class Engine:
         if torch_threads:
             torch.set_num_threads(torch_threads)  # process-wide: a replica owns its process
         path = str(Path(model_path).expanduser())
-        torch_dtype = getattr(torch, _DTYPES.get(dtype, dtype)) if isinstance(dtype, str) else dtype
+        torch_dtype = getattr(torch, DTYPES.get(dtype, dtype)) if isinstance(dtype, str) else dtype
         self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if not getattr(self.tokenizer, "chat_template", None):

@@ -220,3 +220,85 @@ def test_lora_xs_export_is_a_plain_peft_lora(served, stack, tmp_path: Path, smol
     ).choices[0].message.content
     assert "very good, sir" in local.lower()
     assert local == served_answer.strip()
+
+
+def _pirate_only_spec(work: Path, **extra: object) -> Path:
+    """The first batch's acme/pirate job again: same defaults, data, base and code."""
+    spec = yaml.safe_load((REPO / "examples" / "personas.yaml").read_text())
+    spec.update(name="e2e-again", **extra)
+    spec["tenants"] = [{"tenant": "acme", "persona": "pirate", "dataset": str(REPO / "examples/data/pirate.jsonl")}]
+    path = work / f"again-{len(extra)}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_resubmitting_the_same_job_reuses_its_version(served, stack, tmp_path: Path) -> None:
+    """Same spec, data and code: no training, no duplicate version (submitted through the Ray Client)."""
+    home, _ = stack
+    address = json.loads((home / "stack.json").read_text())["ray_client_address"]
+    r = cli(home, "submit", str(_pirate_only_spec(tmp_path)), "--wait", "--address", address, timeout_s=600)
+    assert r.returncode == 0, r.stderr
+    (job,) = json.loads(cli(home, "status", r.stdout.split()[1], "--json").stdout)["jobs"]
+    assert job["state"] == "SUCCEEDED" and job["reused_version"] == 1 and job["model_version"] == 1
+    items = {i["id"]: i for i in json.loads(cli(home, "registry", "ls", "--json").stdout)}
+    assert len(items["acme/pirate"]["versions"]) == 1  # no duplicate version
+
+
+def test_remote_submit_with_force_retrains_and_the_gate_refuses(served, stack, tmp_path: Path) -> None:
+    """`submit --address` ships the batch (spec + local dataset) to the cluster as a Ray Job; --force
+    retrains an identical job; a margin no adapter can reach makes the eval gate refuse production."""
+    home, ports = stack
+    spec = _pirate_only_spec(tmp_path, promote="auto", promotion={"metric": "eval_loss", "margin": 10.0})
+    r = cli(home, "submit", str(spec), "--force", "--wait",
+            "--address", f"http://127.0.0.1:{ports['dashboard']}", timeout_s=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+    assert "SUCCEEDED" in r.stdout
+    batch_id = r.stdout.split()[1]
+    (job,) = json.loads(cli(home, "status", batch_id, "--json").stdout)["jobs"]  # recorded by the cluster
+    assert job["state"] == "SUCCEEDED" and job["model_version"] == 2 and job["reused_version"] is None
+    remote = json.loads(cli(home, "status", batch_id, "--address", f"http://127.0.0.1:{ports['dashboard']}",
+                            "--json").stdout)
+    assert remote["status"] == "SUCCEEDED"
+    v2 = json.loads(cli(home, "registry", "show", "acme/pirate@2", "--json").stdout)
+    assert v2["tags"]["adapterfab.promotion.decision"] == "refused"
+    assert "by more than 10" in v2["tags"]["adapterfab.promotion.reason"]
+    assert v2["tags"]["adapterfab.job_fingerprint"] == json.loads(cli(
+        home, "registry", "show", "acme/pirate@1", "--json").stdout)["tags"]["adapterfab.job_fingerprint"]
+    assert json.loads(cli(home, "registry", "show", "acme/pirate@production", "--json").stdout)["version"] == 1
+
+
+def _served_version(client, deadline_s: float, want: str) -> str:  # noqa: ANN001
+    import time
+
+    t0, seen = time.monotonic(), ""
+    while time.monotonic() - t0 < deadline_s:
+        seen = client.chat.completions.create(model="acme/pirate", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=2).model
+        if seen == want:
+            return seen
+        time.sleep(1)
+    return seen
+
+
+def test_promote_and_rollback_are_followed_by_serving(served, stack) -> None:
+    import openai
+    import requests
+
+    home, _ = stack
+    url, key_acme, _ = served
+    client = openai.OpenAI(base_url=url, api_key=key_acme)
+    assert _served_version(client, 20, "acme/pirate@1") == "acme/pirate@1"
+    assert cli(home, "registry", "promote", "acme/pirate", "2", "--force").returncode == 0
+    assert _served_version(client, 20, "acme/pirate@2") == "acme/pirate@2"  # no restart
+    r = cli(home, "registry", "rollback", "acme/pirate", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["to_version"] == 1
+    assert _served_version(client, 20, "acme/pirate@1") == "acme/pirate@1"
+    # the tenant's registry lookup over HTTP: own adapters, versions, aliases and decisions
+    listing = requests.get(f"{url}/registry/adapters", headers={"Authorization": f"Bearer {key_acme}"},
+                           timeout=30).json()
+    ids = [a["id"] for a in listing["data"]]
+    assert ids == ["acme/butler", "acme/pirate"]
+    pirate = requests.get(f"{url}/registry/adapters/pirate", headers={"Authorization": f"Bearer {key_acme}"},
+                          timeout=30).json()
+    assert pirate["aliases"]["production"] == 1
+    assert pirate["versions"][1]["lineage"]["promotion.decision"] == "rolled_back"

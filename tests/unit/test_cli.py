@@ -18,8 +18,9 @@ def run(*args: str, home: Path) -> subprocess.CompletedProcess:
                           env={"PATH": "/usr/bin:/bin", "ADAPTERFAB_HOME": str(home), "HF_HUB_OFFLINE": "1"})
 
 
-@pytest.mark.parametrize("cmd", [[], ["up"], ["down"], ["validate"], ["plan"], ["submit"], ["status"], ["serve"],
-                                 ["registry", "ls"], ["registry", "show"], ["registry", "promote"], ["registry", "export"],
+@pytest.mark.parametrize("cmd", [[], ["up"], ["down"], ["validate"], ["plan"], ["submit"], ["run"], ["status"],
+                                 ["serve"], ["registry", "ls"], ["registry", "show"], ["registry", "promote"],
+                                 ["registry", "rollback"], ["registry", "export"],
                                  ["keys", "create"]])
 def test_every_subcommand_has_help(cmd: list[str], tmp_path: Path) -> None:
     r = run(*cmd, "--help", home=tmp_path)

@@ -66,3 +66,63 @@ def test_incomplete_upload_and_missing_bucket(s3_server: str, tmp_path: Path) ->
         open_store("s3://no-such-bucket").put_file(tmp_path / "adapter" / "adapter_config.json", "k")
     store.delete_prefix("adapters/acme/x/")
     assert not store.exists("adapters/acme/x/job/adapter_config.json")
+
+
+def test_dataset_roundtrip_and_missing_key(s3_server: str, tmp_path: Path) -> None:
+    """A tenant's JSONL dataset goes into S3 and comes back byte for byte; a missing key names its URI."""
+    import hashlib
+    import json
+
+    rows = [{"messages": [{"role": "user", "content": f"question {i} — café ✓"},
+                          {"role": "assistant", "content": f"Arr! answer {i}\n"}]} for i in range(40)]
+    src = tmp_path / "pirate.jsonl"
+    src.write_bytes(b"\n".join(json.dumps(r, ensure_ascii=False).encode() for r in rows) + b"\n\n")
+    store = open_store("s3://datasets")
+    store.ensure_bucket()
+    store.put_file(src, "acme/pirate.jsonl")
+    assert store.exists("acme/pirate.jsonl")
+    raw = store.client.get_object(Bucket="datasets", Key="acme/pirate.jsonl")["Body"].read()
+    assert raw == src.read_bytes()
+    store.get_file("acme/pirate.jsonl", tmp_path / "back.jsonl")
+    assert (tmp_path / "back.jsonl").read_bytes() == src.read_bytes()
+    assert hashlib.sha256((tmp_path / "back.jsonl").read_bytes()).hexdigest() == \
+        hashlib.sha256(src.read_bytes()).hexdigest()
+
+    # as a folder too (what a batch's data upload does): verified by the manifest on the way back
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "pirate.jsonl").write_bytes(src.read_bytes())
+    uri = store.upload_dir(folder, "acme/batch1/")
+    assert (store.download_dir(uri, tmp_path / "data-back") / "pirate.jsonl").read_bytes() == src.read_bytes()
+
+    assert not store.exists("acme/missing.jsonl")
+    with pytest.raises(StorageError, match=r"^s3://datasets/acme/missing\.jsonl does not exist$"):
+        store.get_file("acme/missing.jsonl", tmp_path / "missing.jsonl")
+    assert not (tmp_path / "missing.jsonl").exists()
+    with pytest.raises(StorageError, match=r"s3://datasets/acme/nothing/ has no MANIFEST"):
+        store.download_dir("s3://datasets/acme/nothing/", tmp_path / "nothing")
+
+
+def test_retry_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapterfab.storage import s3_client
+
+    for name in ("ADAPTERFAB_S3_MAX_ATTEMPTS", "ADAPTERFAB_S3_CONNECT_TIMEOUT_S",
+                 "ADAPTERFAB_S3_READ_TIMEOUT_S"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    cfg = s3_client().meta.config
+    assert (cfg.retries["total_max_attempts"], cfg.retries["mode"]) == (6, "standard")
+    assert (cfg.connect_timeout, cfg.read_timeout) == (5, 30)
+
+    monkeypatch.setenv("ADAPTERFAB_S3_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("ADAPTERFAB_S3_CONNECT_TIMEOUT_S", "0.5")
+    monkeypatch.setenv("ADAPTERFAB_S3_READ_TIMEOUT_S", "1.5")
+    cfg = s3_client().meta.config
+    assert (cfg.retries["total_max_attempts"], cfg.connect_timeout, cfg.read_timeout) == (2, 0.5, 1.5)
+
+    for name, bad in (("ADAPTERFAB_S3_MAX_ATTEMPTS", "0"), ("ADAPTERFAB_S3_MAX_ATTEMPTS", "three"),
+                      ("ADAPTERFAB_S3_READ_TIMEOUT_S", "-1")):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(StorageError, match=rf"{name}='{bad}' is not valid"):
+            s3_client()
+        monkeypatch.delenv(name)

@@ -21,9 +21,11 @@ def test_job_transitions_are_checked_and_durable(tmp_path: Path) -> None:
     s = _store(tmp_path)
     s.create_batch("b1", "n", "spec", "", "base", [{"id": "b1.acme.p", "tenant": "acme", "persona": "p",
                                                      "method": "lora", "total_steps": 10}])
+    with pytest.raises(StateError, match="not allowed"):
+        s.move_job("b1.acme.p", JobState.SUCCEEDED)  # nothing succeeds without preparing its data
     s.move_job("b1.acme.p", JobState.PREPARING)
     with pytest.raises(StateError, match="not allowed"):
-        s.move_job("b1.acme.p", JobState.SUCCEEDED)
+        s.move_job("b1.acme.p", JobState.REGISTERING)
     s.move_job("b1.acme.p", JobState.TRAINING)
     s.update_job("b1.acme.p", step=5, loss=1.5)
     with pytest.raises(StateError):

@@ -1,0 +1,100 @@
+"""Eval-gated promotion: the rule that decides whether a version may become ``production``.
+
+A version is promoted only if its eval metric beats **both** the base model (measured by the same
+worker on the same eval rows, with the adapter disabled) **and** the current production version (its
+recorded metric) by more than a margin: ``max(margin, relative_margin * |reference|)``. Every decision,
+promoted or refused, is returned as a ``Decision`` whose ``tags()`` are written on the version, so
+``registry show`` says why a version is (not) in production. Pure logic: no MLflow here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+# metric -> goal; each metric is also measured on the base model as ``base_<metric>``
+GOALS: dict[str, str] = {"eval_loss": "min", "eval_token_accuracy": "max"}
+PROMOTED, REFUSED, ROLLED_BACK = "promoted", "refused", "rolled_back"
+
+
+@dataclass(frozen=True)
+class Policy:
+    metric: str = "eval_loss"
+    margin: float = 0.0  # absolute improvement required over each reference
+    relative_margin: float = 0.0  # improvement required as a fraction of each reference
+
+    def __post_init__(self) -> None:
+        if self.metric not in GOALS:
+            raise ValueError(f"unknown promotion metric {self.metric!r}; use one of: {', '.join(GOALS)}")
+        if self.margin < 0 or self.relative_margin < 0:
+            raise ValueError("promotion margins must be >= 0")
+
+    def required(self, reference: float) -> float:
+        return max(self.margin, self.relative_margin * abs(reference))
+
+    def improvement(self, value: float, reference: float) -> float:
+        """How much better ``value`` is than ``reference`` (positive is better), whatever the goal."""
+        return reference - value if GOALS[self.metric] == "min" else value - reference
+
+
+@dataclass(frozen=True)
+class Decision:
+    promoted: bool
+    reason: str
+    metric: str
+    value: float | None
+    references: dict[str, float] = field(default_factory=dict)  # "base" / "production v3" -> value
+    decided_s: float = field(default_factory=time.time)
+
+    @property
+    def outcome(self) -> str:
+        return PROMOTED if self.promoted else REFUSED
+
+    def tags(self) -> dict[str, str]:
+        out = {"promotion.decision": self.outcome, "promotion.reason": self.reason,
+               "promotion.metric": self.metric, "promotion.decided_at": _iso(self.decided_s)}
+        if self.value is not None:
+            out["promotion.value"] = f"{self.value:.6g}"
+        for name, v in self.references.items():
+            out[f"promotion.reference.{name.replace(' ', '_')}"] = f"{v:.6g}"
+        return out
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _num(v: object) -> float | None:
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def decide(policy: Policy, metrics: dict[str, object], production: tuple[int, float | None] | None
+           ) -> Decision:
+    """``metrics``: the candidate's metrics (``<metric>`` and ``base_<metric>``); ``production``:
+    (version, its recorded metric or None) of the current production version, or None if there is none."""
+    m = policy.metric
+    value, base = _num(metrics.get(m)), _num(metrics.get(f"base_{m}"))
+    if value is None:
+        return Decision(False, f"the version has no recorded {m}", m, None)
+    if base is None:
+        return Decision(False, f"no base-model {m} was measured to compare with", m, value)
+    refs = {"base": base}
+    notes = []
+    if production is not None:
+        pv, pval = production
+        if pval is None:
+            notes.append(f"production v{pv} has no recorded {m}; compared with the base only")
+        else:
+            refs[f"production v{pv}"] = pval
+    for name, ref in refs.items():
+        gain, need = policy.improvement(value, ref), policy.required(ref)
+        if gain <= need:
+            return Decision(False, f"{m} {value:.4g} does not beat {name} {ref:.4g} by more than {need:.4g}",
+                            m, value, refs)
+    reason = f"{m} {value:.4g} beats " + " and ".join(f"{n} {r:.4g}" for n, r in refs.items())
+    if policy.margin or policy.relative_margin:
+        reason += f" (margin {policy.margin:g}, relative {policy.relative_margin:g})"
+    return Decision(True, "; ".join([reason, *notes]), m, value, refs)
