@@ -33,6 +33,7 @@ class PlannedJob:
     gpus: float
     trainable_params: int | None
     est_memory_gb: float | None
+    fused_group: str | None = None  # jobs with the same group train together over one resident base
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,8 +60,12 @@ def _param_count(cfg: Any) -> int:
 def plan_batch(batch_id: str, spec: BatchSpec, jobs: list[JobSpec], base_path: str | None = None
                ) -> list[PlannedJob]:
     cfg = _model_config(base_path)
+    group_of = {}
+    for n, g in enumerate(fusion_groups(jobs), start=1):
+        for i in g:
+            group_of[i] = f"g{n}" if len(g) > 1 else None
     out = []
-    for j in jobs:
+    for i, j in enumerate(jobs):
         method = get_method(j.method.name)
         trainable = method.trainable_params(cfg, j.method) if (cfg is not None and method.trainable_params) else None
         mem = None
@@ -77,9 +82,42 @@ def plan_batch(batch_id: str, spec: BatchSpec, jobs: list[JobSpec], base_path: s
             job_id=job_id(batch_id, j.tenant, j.persona), adapter=aid.key, registry_name=aid.registry_name,
             method=j.method.name, dataset=j.dataset, steps=j.train.steps, batch_size=j.train.batch_size,
             cpus=spec.resources.cpus_per_job, gpus=spec.resources.gpus_per_job,
-            trainable_params=trainable, est_memory_gb=mem,
+            trainable_params=trainable, est_memory_gb=mem, fused_group=group_of[i],
         ))
     return out
+
+
+FUSED_GROUP_MAX = 8  # K: more rows per step than this stops paying on one device (fused_probe.py)
+_FAMILY = {"lora": "lora", "qlora": "lora", "lora_xs": "lora_xs"}
+
+
+def fusion_key(job: JobSpec) -> tuple | None:
+    """Jobs with equal keys can train fused (jobs/fused.py): same adapter family, rank and modules on
+    the same base loaded the same way (dtype, quantization); no dropout. None: trains alone."""
+    m = job.method
+    family = _FAMILY.get(m.name)
+    if family is None or getattr(m, "dropout", 0.0):
+        return None
+    quant = tuple((k, str(v)) for k, v in sorted(m.model_dump().items())
+                  if k in ("quant_type", "double_quant", "compute_dtype", "quantize"))
+    return (family, m.name == "qlora", m.r, tuple(sorted(m.resolved_targets())), job.train.dtype,  # type: ignore[attr-defined]
+            quant)
+
+
+def fusion_groups(jobs: list[JobSpec], k_max: int = FUSED_GROUP_MAX) -> list[list[int]]:
+    """Indexes of ``jobs`` packed into fused groups of at most ``k_max`` (in spec order); a job that
+    cannot fuse, or is alone with its key, forms a group of one."""
+    by_key: dict[tuple, list[int]] = {}
+    groups: list[list[int]] = []
+    for i, j in enumerate(jobs):
+        key = fusion_key(j)
+        if key is None:
+            groups.append([i])
+            continue
+        by_key.setdefault(key, []).append(i)
+    for members in by_key.values():
+        groups += [members[i:i + k_max] for i in range(0, len(members), k_max)]
+    return sorted(groups, key=lambda g: g[0])
 
 
 def concurrency(spec: BatchSpec, cluster_cpus: float, n_jobs: int) -> int:

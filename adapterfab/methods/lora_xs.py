@@ -312,20 +312,27 @@ def _layers() -> SimpleNamespace:
 
         def save_pretrained(self, save_directory: str | Path, **_: Any) -> None:
             """``adapter_config.json`` + ``adapter_model.safetensors`` holding only the R matrices."""
-            from safetensors.torch import save_file
-
-            out = Path(save_directory)
-            out.mkdir(parents=True, exist_ok=True)
-            c = self.xs_config
-            meta = {"peft_type": PEFT_TYPE, "r": c.r, "alpha": c.alpha, "target_modules": list(self.targets),
-                    "basis_id": self.basis_id, "basis_digest": self.basis_digest,
-                    "base_fingerprint": self.base_fingerprint, "init_r": c.init_r, "quantize": c.quantize}
-            save_file(self.adapter_state_dict(), str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-            (out / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+            write_adapter(save_directory, self.xs_config, self.basis_id, self.basis_digest, self.base_fingerprint,
+                          self.targets, self.adapter_state_dict())
 
     for cls in (LoraXSLinear, LoraXSModel):
         cls.__module__, cls.__qualname__ = __name__, cls.__name__
     return SimpleNamespace(LoraXSLinear=LoraXSLinear, LoraXSModel=LoraXSModel)
+
+
+def write_adapter(save_directory: str | Path, cfg: LoraXSConfig, basis_id: str, basis_digest: str,
+                  base_fingerprint: str, targets: Any, tensors: dict[str, Tensor]) -> Path:
+    """The saved form of a LoRA-XS adapter: its config and the R matrix of every module (by module name)."""
+    from safetensors.torch import save_file
+
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"peft_type": PEFT_TYPE, "r": cfg.r, "alpha": cfg.alpha, "target_modules": list(targets),
+            "basis_id": basis_id, "basis_digest": basis_digest, "base_fingerprint": base_fingerprint,
+            "init_r": cfg.init_r, "quantize": cfg.quantize}
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (out / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+    return out
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,371 @@
+"""Fused multi-adapter training: K tenants' adapters trained in the same forward/backward pass over one
+resident base model. Plain torch, no Ray (a Ray actor holds a ``FusedTrainer`` to keep the base
+resident; benchmarks and tests call it directly).
+
+How it works:
+- ``FusedTrainer(base, family, targets, r)`` wraps every targeted Linear of the base once in a
+  ``MultiLinear``. The base stays loaded (4-bit too) and trains group after group of jobs.
+- Each step takes one micro-batch from every active job and stacks them into one batch. Every row
+  belongs to one job, and ``MultiLinear`` sends each job's rows only through that job's adapter
+  (segment by segment, like S-LoRA/punica's SGMV):
+  - LoRA (and QLoRA, the same on a 4-bit base): ``x·Aₖᵀ·Bₖᵀ`` per segment;
+  - LoRA-XS: the shared factors make ``x·A`` one product for all rows and ``·B`` another; only the
+    r×r ``Rₖ`` is applied per segment.
+- The loss is each job's own token mean, summed over jobs, so each adapter's gradient is exactly what
+  training it alone would give. Logits are computed only at positions that carry a label, which keeps
+  the (rows × tokens × vocabulary) logits tensor out of memory.
+- Every job has its own optimizer state, learning-rate schedule, gradient clipping and step count.
+  A job leaves the batch when it reaches its steps, reaches its ``early_stop_loss``, or fails
+  (a non-finite loss fails that job only).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from adapterfab.errors import AdapterfabError
+from adapterfab.jobs.train_loop import evaluate, forever, lr_lambda, peak_memory_mb
+from adapterfab.methods import MethodConfig, get_method
+from adapterfab.spec import TrainConfig
+
+Batch = dict[str, Tensor]
+FAMILIES = {"lora": "lora", "qlora": "lora", "lora_xs": "lora_xs"}
+
+
+@dataclass
+class Route:
+    """Which rows of the current batch go through which job's adapter (shared by every MultiLinear)."""
+
+    segments: list[tuple[str, int, int]] = field(default_factory=list)  # (job id, first row, end row)
+
+
+class MultiLinear(nn.Module):
+    """``base_layer(x)`` plus, for each segment of rows, that job's low-rank update."""
+
+    def __init__(self, base_layer: nn.Module, family: str, route: Route, shared: tuple[Tensor, Tensor] | None):
+        super().__init__()
+        self.base_layer, self.family, self.route = base_layer, family, route
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.a = nn.ParameterDict()  # lora: job -> A (r x in)
+        self.b = nn.ParameterDict()  # lora: job -> B (out x r); lora_xs: job -> R (r x r)
+        self.scale: dict[str, float] = {}
+        if shared is not None:  # lora_xs: A (in x r), B (r x out), frozen and shared by every job
+            dev = base_layer.weight.device
+            self.register_buffer("xs_a", shared[0].to(dev, torch.float32), persistent=False)
+            self.register_buffer("xs_b", shared[1].to(dev, torch.float32), persistent=False)
+
+    @property
+    def weight(self) -> Tensor:  # HF code reads q_proj.weight for dtype/device checks
+        return self.base_layer.weight
+
+    def add(self, job: str, params: tuple[Tensor, ...], scale: float) -> list[nn.Parameter]:
+        dev = self.base_layer.weight.device
+        made = [nn.Parameter(t.detach().to(dev, torch.float32).clone()) for t in params]
+        if self.family == "lora":
+            self.a[job], self.b[job] = made
+        else:
+            (self.b[job],) = made
+        self.scale[job] = scale
+        return made
+
+    def drop(self, job: str) -> None:
+        for d in (self.a, self.b):
+            if job in d:
+                del d[job]
+        self.scale.pop(job, None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        segs = [s for s in self.route.segments if s[0] in self.b]
+        if not segs:
+            return out
+        xf = x.float()
+        if self.family == "lora_xs":
+            h = xf @ self.xs_a  # one product for every row of every tenant
+            parts = [h[s:e] @ self.b[j] * self.scale[j] for j, s, e in segs]
+            delta = self._place(parts, segs, x.shape[0]) @ self.xs_b
+        else:
+            parts = [(xf[s:e] @ self.a[j].t()) @ self.b[j].t() * self.scale[j] for j, s, e in segs]
+            delta = self._place(parts, segs, x.shape[0])
+        return (out + delta).to(out.dtype)  # like PEFT: fp32 adapter path, result back in the base dtype
+
+    @staticmethod
+    def _place(parts: list[Tensor], segs: list[tuple[str, int, int]], rows: int) -> Tensor:
+        """Concatenate per-segment results into ``rows`` rows (zeros where no adapter applies)."""
+        pieces, at = [], 0
+        for p, (_, s, e) in zip(parts, segs):
+            if s > at:
+                pieces.append(p.new_zeros((s - at, *p.shape[1:])))
+            pieces.append(p)
+            at = e
+        if at < rows:
+            pieces.append(parts[0].new_zeros((rows - at, *parts[0].shape[1:])))
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+@dataclass
+class FusedJob:
+    job_id: str
+    method: MethodConfig
+    train: TrainConfig
+    epoch_batches: Callable[[int], Iterable[Batch]]
+    eval_batches: Callable[[], Iterable[Batch]] | None = None
+    init: dict[str, tuple[Tensor, ...]] | None = None  # module name -> (A, B) for lora, (R,) for lora_xs
+    early_stop_loss: float | None = None  # leave the batch once the train loss is at or below this
+
+
+@dataclass
+class FusedResult:
+    job_id: str
+    metrics: dict[str, float]
+    losses: list[float]
+    error: str | None = None
+    stopped_early: bool = False
+
+
+@dataclass
+class _Active:
+    job: FusedJob
+    params: list[nn.Parameter]
+    opt: Any
+    sched: Any
+    batches: Iterator[Batch]
+    step: int = 0
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+    error: str | None = None
+    early: bool = False
+
+
+def _targets(model: nn.Module, targets: Iterable[str]) -> dict[str, nn.Module]:
+    wanted = set(targets)
+    return {n: m for n, m in model.named_modules()
+            if n.rsplit(".", 1)[-1] in wanted and hasattr(m, "in_features") and not isinstance(m, MultiLinear)}
+
+
+class FusedTrainer:
+    """A resident base with K adapters trained together. ``family`` is ``lora`` (LoRA, QLoRA) or
+    ``lora_xs`` (then ``basis`` gives the shared factors)."""
+
+    def __init__(self, base: nn.Module, family: str, targets: list[str], r: int, basis: Any = None):
+        if family not in ("lora", "lora_xs"):
+            raise AdapterfabError(f"fused training supports lora, qlora and lora_xs, not {family!r}")
+        if family == "lora_xs" and basis is None:
+            raise AdapterfabError("fused lora_xs needs the shared basis")
+        self.base, self.family, self.r, self.basis = base, family, r, basis
+        self.targets = list(targets)
+        self.route = Route()
+        for p in base.parameters():
+            p.requires_grad_(False)
+        base.config.use_cache = False
+        if getattr(base, "is_loaded_in_4bit", False):  # evals between groups must not repack 4-bit weights
+            from adapterfab.methods.qlora import keep_trainable_layout
+
+            keep_trainable_layout(base)
+        self.layers: dict[str, MultiLinear] = {}
+        for name, m in _targets(base, self.targets).items():
+            parent_name, _, child = name.rpartition(".")
+            parent = base.get_submodule(parent_name) if parent_name else base
+            shared = basis.factors[name] if basis is not None else None
+            layer = MultiLinear(m, family, self.route, shared)
+            setattr(parent, child, layer)
+            self.layers[name] = layer
+        if not self.layers:
+            raise AdapterfabError(f"no modules named {self.targets} in the base")
+        self.decoder = base.get_decoder()
+        self.lm_head = base.get_output_embeddings()
+        self.jobs_trained = 0
+
+    # -- adapters -------------------------------------------------------------------------------
+    def compatible(self, method: MethodConfig) -> str | None:
+        """None if ``method`` can train in this group, else why not."""
+        fam = FAMILIES.get(method.name)
+        if fam != self.family:
+            return f"method {method.name} is not in the {self.family} family"
+        if getattr(method, "r", None) != self.r:
+            return f"rank {getattr(method, 'r', None)} differs from the group's {self.r}"
+        if sorted(method.resolved_targets()) != sorted(self.targets):  # type: ignore[attr-defined]
+            return "target modules differ"
+        if getattr(method, "dropout", 0.0):
+            return "fused training does not apply dropout; set dropout: 0"
+        return None
+
+    def _init(self, job: FusedJob, gen: torch.Generator) -> dict[str, tuple[Tensor, ...]]:
+        """LoRA: A ~ kaiming-uniform(a=√5) as PEFT does, B = 0; LoRA-XS: R = 0 (or N(0, 1e-5))."""
+        out = {}
+        for name, m in self.layers.items():
+            if self.family == "lora":
+                a = torch.empty(self.r, m.in_features)
+                bound = 1 / math.sqrt(m.in_features)  # kaiming_uniform_(a=sqrt(5)) on (r, in)
+                a.uniform_(-bound, bound, generator=gen)
+                out[name] = (a, torch.zeros(m.out_features, self.r))
+            else:
+                from adapterfab.methods.lora_xs import R_INIT_STD
+
+                rr = torch.zeros(self.r, self.r)
+                if getattr(job.method, "init_r", "zeros") == "normal":
+                    rr.normal_(0, R_INIT_STD, generator=gen)
+                out[name] = (rr,)
+        return out
+
+    def _add(self, job: FusedJob) -> _Active:
+        why = self.compatible(job.method)
+        if why:
+            raise AdapterfabError(f"job {job.job_id} cannot join this fused group: {why}")
+        init = job.init or self._init(job, torch.Generator().manual_seed(job.train.seed))
+        scale = job.method.alpha / job.method.r  # type: ignore[attr-defined]
+        params: list[nn.Parameter] = []
+        for name, layer in self.layers.items():
+            params += layer.add(job.job_id, init[name], scale)
+        impl = get_method(job.method.name)
+        opt = impl.make_optimizer(params, job.train.learning_rate, job.train.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(job.train))
+        return _Active(job, params, opt, sched, forever(job.epoch_batches))
+
+    def remove(self, job_id: str) -> None:
+        for layer in self.layers.values():
+            layer.drop(job_id)
+
+    def adapter_tensors(self, job_id: str) -> dict[str, tuple[Tensor, ...]]:
+        out = {}
+        for name, layer in self.layers.items():
+            if self.family == "lora":
+                out[name] = (layer.a[job_id].detach().cpu(), layer.b[job_id].detach().cpu())
+            else:
+                out[name] = (layer.b[job_id].detach().cpu(),)
+        return out
+
+    # -- one fused step -------------------------------------------------------------------------
+    def _losses(self, batch: Batch, segs: list[tuple[str, int, int]]) -> dict[str, Tensor]:
+        """Each job's mean token loss over its rows, computing logits only where a label is."""
+        self.route.segments = segs
+        try:
+            hidden = self.decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                                  ).last_hidden_state
+        finally:
+            self.route.segments = []
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100
+        logits = self.lm_head(hidden[:, :-1][mask]).float()
+        tok_loss = nn.functional.cross_entropy(logits, labels[mask], reduction="none")
+        row_of_token = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[mask]
+        out = {}
+        for jid, s, e in segs:
+            sel = (row_of_token >= s) & (row_of_token < e)
+            out[jid] = tok_loss[sel].sum() / sel.sum().clamp(min=1)
+        return out
+
+    def train(self, jobs: list[FusedJob], on_step: Callable[[str, int, float, float], None] | None = None
+              ) -> list[FusedResult]:
+        """Train ``jobs`` together until each is done; then evaluate each (adapter and base) and keep
+        its adapter in the trainer (``save``/``adapter_tensors``) until ``remove``."""
+        active = [self._add(j) for j in jobs]
+        t0 = time.monotonic()
+        self.base.train()
+        while True:
+            running = [a for a in active if a.error is None and not a.early and a.step < a.job.train.steps]
+            if not running:
+                break
+            micro = [next(a.batches) for a in running]
+            batch, segs = stack([(a.job.job_id, b) for a, b in zip(running, micro)])
+            losses = self._losses(batch, segs)
+            finite = {j: v for j, v in losses.items() if torch.isfinite(v)}
+            for a in running:
+                if a.job.job_id not in finite:
+                    a.error = (f"loss became {float(losses[a.job.job_id])} at step {a.step + 1}; "
+                               "lower train.learning_rate")
+                    self.remove(a.job.job_id)
+            if finite:
+                sum(finite.values()).backward()
+            for a, b in zip(running, micro):
+                if a.error:
+                    continue
+                torch.nn.utils.clip_grad_norm_(a.params, 1.0)
+                a.opt.step()
+                a.sched.step()
+                a.opt.zero_grad(set_to_none=True)
+                a.step += 1
+                a.losses.append(float(finite[a.job.job_id].detach()))
+                a.tokens += int(b["attention_mask"].sum())
+                t = a.job.train
+                if on_step and (a.step % t.log_every_steps == 0 or a.step == t.steps):
+                    on_step(a.job.job_id, a.step, a.losses[-1], a.sched.get_last_lr()[0])
+                if a.job.early_stop_loss is not None and a.losses[-1] <= a.job.early_stop_loss:
+                    a.early = True
+        train_s = time.monotonic() - t0
+        results = [self._finish(a, train_s) for a in active]
+        self.jobs_trained += sum(r.error is None for r in results)
+        return results
+
+    def _finish(self, a: _Active, train_s: float) -> FusedResult:
+        if a.error:
+            return FusedResult(a.job.job_id, {}, a.losses, a.error)
+        metrics: dict[str, float] = {
+            "train_loss": a.losses[-1], "train_loss_first": a.losses[0], "train_s": train_s,
+            "train_tokens_per_s": a.tokens / max(train_s, 1e-9), "steps": float(a.step),
+            "trainable_params": float(sum(p.numel() for p in a.params)),
+        }
+        if a.job.eval_batches is not None:
+            ev = list(a.job.eval_batches())
+            if ev:
+                metrics.update(self.evaluate(a.job.job_id, ev))
+                metrics.update({f"base_{k}": v for k, v in self.evaluate(None, ev).items()})
+        metrics.update(peak_memory_mb())
+        return FusedResult(a.job.job_id, metrics, a.losses, stopped_early=a.early)
+
+    def evaluate(self, job_id: str | None, batches: list[Batch]) -> dict[str, float]:
+        """Eval metrics with ``job_id``'s adapter on every row (None: the bare base)."""
+        max_rows = max(b["input_ids"].shape[0] for b in batches)
+        self.route.segments = [(job_id, 0, max_rows)] if job_id else []
+        try:
+            return evaluate(self.base, batches)
+        finally:
+            self.route.segments = []
+
+    # -- saving: the method's own format, loadable exactly like an adapter trained alone ------------
+    def save(self, job: FusedJob, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        tensors = self.adapter_tensors(job.job_id)
+        if self.family == "lora_xs":
+            from adapterfab.methods.lora_xs import write_adapter
+
+            b = self.basis
+            return write_adapter(out, job.method, b.id, b.digest, b.base_fingerprint, b.targets,  # type: ignore[arg-type]
+                                 {n: t[0].float().contiguous() for n, t in tensors.items()})
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        m = job.method
+        out.mkdir(parents=True, exist_ok=True)
+        LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout,  # type: ignore[attr-defined]
+                   target_modules=list(self.targets), task_type="CAUSAL_LM", bias="none",
+                   base_model_name_or_path=getattr(self.base.config, "_name_or_path", None)).save_pretrained(str(out))
+        state = {}
+        for name, (a, b) in tensors.items():
+            state[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+            state[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+        save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        return out
+
+
+def stack(items: list[tuple[str, Batch]]) -> tuple[Batch, list[tuple[str, int, int]]]:
+    """Concatenate several jobs' micro-batches (right-padded to the longest) into one batch."""
+    t = max(b["input_ids"].shape[1] for _, b in items)
+    parts: dict[str, list[Tensor]] = {"input_ids": [], "attention_mask": [], "labels": []}
+    segs, at = [], 0
+    for jid, b in items:
+        n, pad = b["input_ids"].shape[0], t - b["input_ids"].shape[1]
+        for key, fill in (("input_ids", 0), ("attention_mask", 0), ("labels", -100)):
+            parts[key].append(nn.functional.pad(b[key], (0, pad), value=fill))
+        segs.append((jid, at, at + n))
+        at += n
+    return {k: torch.cat(v) for k, v in parts.items()}, segs

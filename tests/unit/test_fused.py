@@ -1,0 +1,172 @@
+"""Fused multi-adapter training: each adapter trained in a fused batch with other tenants equals the
+adapter trained alone by the ordinary single-job loop (same initial weights, same data order), for
+LoRA and for LoRA-XS; the fused LoRA saves as a PEFT adapter that PeftModel loads; jobs with their own
+step counts, learning rates and early stop leave the batch on their own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapterfab.jobs.fused import FusedJob, FusedTrainer, stack
+from adapterfab.jobs.train_loop import save_adapter, seed_everything, train_adapter
+from adapterfab.methods import get_method
+from adapterfab.pipelines.local import encode_file, epoch_batches
+from adapterfab.spec import TrainConfig
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = {"pirate": REPO / "examples/data/pirate.jsonl", "butler": REPO / "examples/data/butler.jsonl",
+        "robot": REPO / "examples/data/robot.jsonl"}
+# different steps, batch sizes, learning rates, schedules and seeds per job
+TRAIN = {"pirate": dict(steps=6, batch_size=2, learning_rate=3e-3, seed=1),
+         "butler": dict(steps=4, batch_size=3, learning_rate=1e-3, seed=2, lr_schedule="cosine"),
+         "robot": dict(steps=5, batch_size=2, learning_rate=2e-3, seed=3, warmup_steps=2)}
+
+
+def _base(path: str):  # noqa: ANN202
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def data(tiny_model_path: str) -> dict:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    out = {}
+    for name, path in DATA.items():
+        rows = encode_file(path, tok, 64)
+        out[name] = (rows[:-4], rows[-4:])
+    return {"rows": out, "pad": tok.pad_token_id}
+
+
+def _job(name: str, method, data: dict, init=None, **extra) -> FusedJob:  # noqa: ANN001
+    train = TrainConfig(dtype="float32", **TRAIN[name])
+    rows, ev = data["rows"][name]
+    return FusedJob(f"j-{name}", method, train, epoch_batches(rows, train.batch_size, train.seed, data["pad"]),
+                    lambda: epoch_batches(ev, 4, 0, data["pad"])(0), init, **extra)
+
+
+def _alone(job: FusedJob, path: str, basis=None):  # noqa: ANN001, ANN202
+    return train_adapter(path, job.method, job.train, job.epoch_batches, job.eval_batches, basis=basis)
+
+
+def _peft_init(path: str, method, seed: int) -> dict:  # noqa: ANN001
+    """The initial LoRA weights train_adapter gets with this seed (it seeds, then PEFT initializes)."""
+    seed_everything(seed)
+    model = get_method("lora").apply(_base(path), method, None)
+    out: dict = {}
+    for n, p in model.named_parameters():
+        if "lora_A" in n:
+            out.setdefault(n.split(".lora_A")[0].removeprefix("base_model.model."), [None, None])[0] = p.detach()
+        elif "lora_B" in n:
+            out.setdefault(n.split(".lora_B")[0].removeprefix("base_model.model."), [None, None])[1] = p.detach()
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def test_fused_lora_equals_lora_trained_alone(tiny_model_path: str, data: dict, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    cfg = get_method("lora").config_cls(r=4, alpha=8, dropout=0.0)
+    jobs = [_job(n, cfg, data, init=_peft_init(tiny_model_path, cfg, TRAIN[n]["seed"])) for n in TRAIN]
+    trainer = FusedTrainer(_base(tiny_model_path), "lora", cfg.resolved_targets(), cfg.r)
+    results = {r.job_id: r for r in trainer.train(jobs)}
+    for job in jobs:
+        alone = _alone(job, tiny_model_path)
+        fused = results[job.job_id]
+        assert fused.error is None and fused.metrics["steps"] == job.train.steps
+        assert fused.losses == pytest.approx(alone.losses, rel=1e-4, abs=1e-5)
+        assert fused.metrics["eval_loss"] == pytest.approx(alone.metrics["eval_loss"], rel=1e-4)
+        assert fused.metrics["base_eval_loss"] == pytest.approx(alone.metrics["base_eval_loss"], rel=1e-5)
+        a_dir = save_adapter(alone, job.method, tmp_path / f"alone-{job.job_id}")
+        f_dir = trainer.save(job, tmp_path / f"fused-{job.job_id}")
+        a, f = load_file(str(a_dir / "adapter_model.safetensors")), load_file(str(f_dir / "adapter_model.safetensors"))
+        assert sorted(a) == sorted(f) and len(a) == 4 * 2  # q,v x A,B x 2 layers
+        for k in a:
+            assert torch.allclose(a[k], f[k], rtol=1e-3, atol=1e-5), k
+        assert any(f[k].abs().sum() > 0 for k in f if "lora_B" in k)  # it did train
+        # the fused adapter is a plain PEFT LoRA: loaded alone, it answers like the alone-trained one
+        batch = next(iter(job.eval_batches()))
+        with torch.no_grad():
+            la = PeftModel.from_pretrained(_base(tiny_model_path), str(a_dir)).eval()(input_ids=batch["input_ids"]).logits
+            lf = PeftModel.from_pretrained(_base(tiny_model_path), str(f_dir)).eval()(input_ids=batch["input_ids"]).logits
+        assert torch.allclose(la, lf, atol=1e-4)
+
+
+def test_fused_lora_xs_equals_lora_xs_trained_alone(tiny_model_path: str, data: dict, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    impl = get_method("lora_xs")
+    cfg = impl.config_cls(r=4, alpha=4)
+    basis = impl.compute_basis(_base(tiny_model_path), cfg, "f" * 64)
+    jobs = [_job(n, cfg, data) for n in TRAIN]
+    trainer = FusedTrainer(_base(tiny_model_path), "lora_xs", cfg.resolved_targets(), cfg.r, basis=basis)
+    results = {r.job_id: r for r in trainer.train(jobs)}
+    for job in jobs:
+        alone = _alone(job, tiny_model_path, basis)
+        assert results[job.job_id].losses == pytest.approx(alone.losses, rel=1e-4, abs=1e-5)
+        a_dir = save_adapter(alone, job.method, tmp_path / f"a-{job.job_id}")
+        f_dir = trainer.save(job, tmp_path / f"f-{job.job_id}")
+        a, f = load_file(str(a_dir / "adapter_model.safetensors")), load_file(str(f_dir / "adapter_model.safetensors"))
+        assert sorted(a) == sorted(f)
+        for k in a:
+            assert torch.allclose(a[k], f[k], rtol=1e-3, atol=1e-6), k
+        assert (a_dir / "adapter_config.json").read_text() == (f_dir / "adapter_config.json").read_text()
+        impl.load(_base(tiny_model_path), f_dir, basis)  # loads through the method's own checks
+
+
+def test_resident_base_trains_group_after_group_and_early_stop(tiny_model_path: str, data: dict) -> None:
+    cfg = get_method("lora").config_cls(r=4, alpha=8, dropout=0.0)
+    trainer = FusedTrainer(_base(tiny_model_path), "lora", cfg.resolved_targets(), cfg.r)
+    first = trainer.train([_job("pirate", cfg, data), _job("butler", cfg, data, early_stop_loss=1e9)])
+    by = {r.job_id: r for r in first}
+    assert by["j-butler"].stopped_early and by["j-butler"].metrics["steps"] == 1
+    assert by["j-pirate"].metrics["steps"] == 6 and not by["j-pirate"].stopped_early
+    for r in first:
+        trainer.remove(r.job_id)
+    (again,) = trainer.train([_job("robot", cfg, data)])  # same resident base, no reload
+    assert again.error is None and trainer.jobs_trained == 3
+    assert set(next(iter(trainer.layers.values())).b) == {"j-robot"}
+
+
+def test_incompatible_jobs_are_refused(tiny_model_path: str, data: dict) -> None:
+    from adapterfab.errors import AdapterfabError
+
+    cfg = get_method("lora").config_cls(r=4, alpha=8, dropout=0.0)
+    trainer = FusedTrainer(_base(tiny_model_path), "lora", cfg.resolved_targets(), cfg.r)
+    assert "rank" in trainer.compatible(cfg.model_copy(update={"r": 8}))
+    assert "dropout" in trainer.compatible(cfg.model_copy(update={"dropout": 0.1}))
+    assert "family" in trainer.compatible(get_method("lora_xs").config_cls(r=4))
+    with pytest.raises(AdapterfabError, match="cannot join"):
+        trainer.train([_job("pirate", cfg.model_copy(update={"r": 8}), data)])
+
+
+def test_stack_pads_and_routes_rows() -> None:
+    a = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long),
+         "labels": torch.ones(2, 3, dtype=torch.long)}
+    b = {k: torch.full((1, 5), 2, dtype=torch.long) for k in a}
+    batch, segs = stack([("x", a), ("y", b)])
+    assert segs == [("x", 0, 2), ("y", 2, 3)] and batch["input_ids"].shape == (3, 5)
+    assert batch["labels"][0, 3:].tolist() == [-100, -100] and batch["attention_mask"][1, 3:].tolist() == [0, 0]
+
+
+def test_planner_groups_only_compatible_jobs() -> None:
+    from adapterfab.jobs.plan import fusion_groups
+    from adapterfab.spec import parse_spec
+
+    tenants = [{"tenant": f"t{i}", "persona": "p", "dataset": "/x.jsonl"} for i in range(10)]
+    tenants[3]["method"] = {"r": 16}  # another rank
+    tenants[4]["method"] = {"name": "lora_xs"}
+    tenants[5]["method"] = {"name": "lora_xs"}
+    tenants[6]["method"] = {"name": "qlora", "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "r": 8}
+    tenants[7]["train"] = {"dtype": "float32"}  # the base loaded another way
+    _, jobs = parse_spec({"version": 1, "name": "g", "defaults": {"method": {"name": "lora", "dropout": 0.0}},
+                          "tenants": tenants})
+    groups = fusion_groups(jobs, k_max=4)
+    assert groups == [[0, 1, 2, 8], [3], [4, 5], [6], [7], [9]]
+    _, dropout = parse_spec({"version": 1, "name": "g", "tenants": tenants[:2]})  # lora's default dropout
+    assert fusion_groups(dropout) == [[0], [1]]
