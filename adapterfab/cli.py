@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -212,14 +212,25 @@ def run(batch: Path = typer.Argument(..., help="batch spec YAML"),
     except AdapterfabError as e:
         _fail(e)
     out.print(f"batch {bid}")
-    worker = threading.Thread(target=run_batch, args=(s, bid), name="orchestrator", daemon=True)
+    failure: list[BaseException] = []
+
+    def orchestrate() -> None:
+        try:
+            run_batch(s, bid)
+        except BaseException as e:  # noqa: BLE001 - reported below; the batch never started
+            failure.append(e)
+
+    worker = threading.Thread(target=orchestrate, name="orchestrator", daemon=True)
     worker.start()
-    code = _wait(s, bid, 0)
+    code = _wait(s, bid, 0, finished=lambda: not worker.is_alive())
     worker.join()
+    if failure:
+        err.print(f"the batch {bid} could not run: {failure[0]}")
     raise typer.Exit(code)
 
 
-def _wait(s: Settings, batch_id: str, timeout_s: float) -> int:
+def _wait(s: Settings, batch_id: str, timeout_s: float, finished: Any = None) -> int:
+    """Print progress until the batch is terminal; ``finished()`` says the in-process orchestrator ended."""
     from adapterfab.procs import pid_alive
     from adapterfab.state import StateStore
 
@@ -241,6 +252,8 @@ def _wait(s: Settings, batch_id: str, timeout_s: float) -> int:
         if b.state in ("SUCCEEDED", "FAILED"):
             _print_status(state.dump(batch_id))
             return 0 if b.state == "SUCCEEDED" else 1
+        if finished is not None and finished() and state.get_batch(batch_id).state not in ("SUCCEEDED", "FAILED"):
+            return 1
         if b.orchestrator_pid and not pid_alive(b.orchestrator_pid) and time.monotonic() - t0 > 10:
             b = state.get_batch(batch_id)
             if b.state not in ("SUCCEEDED", "FAILED"):

@@ -155,6 +155,8 @@ class StateStore:
     def create_batch(self, batch_id: str, name: str, spec_text: str, spec_path: str, base_model: str,
                      jobs: list[dict[str, Any]], options: dict[str, Any] | None = None) -> None:
         with Session(self.engine) as s, s.begin():
+            if s.get(BatchRow, batch_id) is not None:
+                raise StateError(f"a batch {batch_id!r} already exists; batch ids are never reused")
             s.add(BatchRow(id=batch_id, name=name, spec_text=spec_text, spec_path=spec_path,
                            base_model=base_model, options=options or {}))
             for j in jobs:

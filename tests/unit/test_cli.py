@@ -67,3 +67,21 @@ def test_plan_shows_jobs_and_ids(tmp_path: Path, smollm2_path: str) -> None:
     planned = json.loads(r.stdout)
     assert [p["adapter"] for p in planned] == ["acme/pirate", "acme/butler", "globex/robot"]
     assert planned[0]["registry_name"] == "af.acme.pirate" and planned[0]["trainable_params"] == 460800
+
+
+def test_run_without_a_cluster_fails_every_job_and_exits_1(tmp_path: Path) -> None:
+    """`run` (what a Ray Job executes) records the batch, reports why it could not run, never hangs."""
+    import json
+
+    env = {"PATH": "/usr/bin:/bin", "ADAPTERFAB_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
+           "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    r = subprocess.run([CLI, "run", str(REPO / "examples" / "personas.yaml"), "--batch-id", "b-run-1"],
+                       capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    dump = json.loads(run("status", "b-run-1", "--json", home=tmp_path).stdout)
+    assert dump["state"] == "FAILED" and len(dump["jobs"]) == 3
+    assert all(j["state"] == "FAILED" and "no Ray cluster" in j["error"] for j in dump["jobs"])
+    r = subprocess.run([CLI, "run", str(REPO / "examples" / "personas.yaml"), "--batch-id", "b-run-1"],
+                       capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 1 and "b-run-1" in r.stderr and "already exists" in r.stderr  # not overwritten
+    assert "Traceback" not in r.stderr
