@@ -61,6 +61,8 @@ class Resources(_Strict):
     cpus_per_job: float = Field(1.0, gt=0)
     gpus_per_job: float = Field(0.0, ge=0)
     max_concurrent_jobs: int | None = Field(None, ge=1, description="default: what the cluster fits")
+    fuse: bool = Field(True, description="train compatible jobs together over one resident base "
+                                         "(same method family, rank, modules, dtype; no dropout)")
 
 
 class Promotion(_Strict):

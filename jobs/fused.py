@@ -135,6 +135,7 @@ class FusedResult:
 @dataclass
 class _Active:
     job: FusedJob
+    slot: str  # the key of this job's adapter inside the layers (job ids may contain '.')
     params: list[nn.Parameter]
     opt: Any
     sched: Any
@@ -184,6 +185,8 @@ class FusedTrainer:
         self.decoder = base.get_decoder()
         self.lm_head = base.get_output_embeddings()
         self.jobs_trained = 0
+        self._slots: dict[str, str] = {}
+        self._next_slot = 0
 
     # -- adapters -------------------------------------------------------------------------------
     def compatible(self, method: MethodConfig) -> str | None:
@@ -223,26 +226,37 @@ class FusedTrainer:
             raise AdapterfabError(f"job {job.job_id} cannot join this fused group: {why}")
         init = job.init or self._init(job, torch.Generator().manual_seed(job.train.seed))
         scale = job.method.alpha / job.method.r  # type: ignore[attr-defined]
+        if job.job_id in self._slots:
+            raise AdapterfabError(f"job {job.job_id} is already in this trainer; remove it first")
+        slot = self._slots[job.job_id] = f"a{self._next_slot}"
+        self._next_slot += 1
         params: list[nn.Parameter] = []
         for name, layer in self.layers.items():
-            params += layer.add(job.job_id, init[name], scale)
+            params += layer.add(slot, init[name], scale)
         impl = get_method(job.method.name)
         opt = impl.make_optimizer(params, job.train.learning_rate, job.train.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(job.train))
-        return _Active(job, params, opt, sched, forever(job.epoch_batches))
+        return _Active(job, slot, params, opt, sched, forever(job.epoch_batches))
 
     def remove(self, job_id: str) -> None:
+        slot = self._slots.pop(job_id, None)
         for layer in self.layers.values():
-            layer.drop(job_id)
+            if slot is not None:
+                layer.drop(slot)
 
     def adapter_tensors(self, job_id: str) -> dict[str, tuple[Tensor, ...]]:
+        slot = self._slots[job_id]
         out = {}
         for name, layer in self.layers.items():
             if self.family == "lora":
-                out[name] = (layer.a[job_id].detach().cpu(), layer.b[job_id].detach().cpu())
+                out[name] = (layer.a[slot].detach().cpu(), layer.b[slot].detach().cpu())
             else:
-                out[name] = (layer.b[job_id].detach().cpu(),)
+                out[name] = (layer.b[slot].detach().cpu(),)
         return out
+
+    def slot_keys(self) -> set[str]:
+        """The job ids whose adapters the trainer holds."""
+        return set(self._slots)
 
     # -- one fused step -------------------------------------------------------------------------
     def _losses(self, batch: Batch, segs: list[tuple[str, int, int]]) -> dict[str, Tensor]:
@@ -276,12 +290,12 @@ class FusedTrainer:
             if not running:
                 break
             micro = [next(a.batches) for a in running]
-            batch, segs = stack([(a.job.job_id, b) for a, b in zip(running, micro)])
+            batch, segs = stack([(a.slot, b) for a, b in zip(running, micro)])
             losses = self._losses(batch, segs)
             finite = {j: v for j, v in losses.items() if torch.isfinite(v)}
             for a in running:
-                if a.job.job_id not in finite:
-                    a.error = (f"loss became {float(losses[a.job.job_id])} at step {a.step + 1}; "
+                if a.slot not in finite:
+                    a.error = (f"loss became {float(losses[a.slot])} at step {a.step + 1}; "
                                "lower train.learning_rate")
                     self.remove(a.job.job_id)
             if finite:
@@ -294,7 +308,7 @@ class FusedTrainer:
                 a.sched.step()
                 a.opt.zero_grad(set_to_none=True)
                 a.step += 1
-                a.losses.append(float(finite[a.job.job_id].detach()))
+                a.losses.append(float(finite[a.slot].detach()))
                 a.tokens += int(b["attention_mask"].sum())
                 t = a.job.train
                 if on_step and (a.step % t.log_every_steps == 0 or a.step == t.steps):
@@ -325,7 +339,7 @@ class FusedTrainer:
     def evaluate(self, job_id: str | None, batches: list[Batch]) -> dict[str, float]:
         """Eval metrics with ``job_id``'s adapter on every row (None: the bare base)."""
         max_rows = max(b["input_ids"].shape[0] for b in batches)
-        self.route.segments = [(job_id, 0, max_rows)] if job_id else []
+        self.route.segments = [(self._slots[job_id], 0, max_rows)] if job_id else []
         try:
             return evaluate(self.base, batches)
         finally:

@@ -118,3 +118,103 @@ def run_training_job(job: WorkerJob, train_ds: Any, eval_ds: Any, storage_path: 
     if result.checkpoint is None:
         raise RuntimeError(f"job {job.job_id} finished without a checkpoint")
     return dict(result.metrics), os.path.join(result.checkpoint.path, "adapter")
+
+
+def _fused_worker_loop(config: dict[str, Any]) -> None:
+    """Runs inside the Ray Train worker: the base loaded once, the group's jobs trained fused
+    (jobs/fused.py), each job's Ray Data shards streamed separately, each adapter saved in its folder."""
+    import json
+
+    import torch
+    from ray import train as rt
+
+    from adapterfab.jobs.fused import FAMILIES, FusedJob, FusedTrainer
+    from adapterfab.jobs.train_loop import load_base
+    from adapterfab.methods import get_method
+    from adapterfab.pipelines.data import PadCollate
+    from adapterfab.spec import TrainConfig
+
+    jobs = [WorkerJob(**d) for d in config["jobs"]]
+    first = jobs[0]
+    torch.set_num_threads(max(1, int(first.cpus)))
+    impl = get_method(first.method["name"])
+    cfgs = [impl.config_cls(**j.method) for j in jobs]
+    trains = [TrainConfig(**j.train) for j in jobs]
+    basis = None
+    if first.basis_uri:
+        from adapterfab.export import fetch_basis
+
+        with tempfile.TemporaryDirectory(prefix="basis-") as tmp:
+            basis = fetch_basis(impl, first.basis_uri, tmp)
+    base = load_base(first.base_model_path, trains[0].dtype, cfgs[0])
+    trainer = FusedTrainer(base, FAMILIES[cfgs[0].name], cfgs[0].resolved_targets(), cfgs[0].r, basis=basis)
+    collate = PadCollate(first.pad_id)
+
+    def batches(shard: Any, t: TrainConfig) -> Any:
+        return lambda epoch: shard.iter_torch_batches(
+            batch_size=t.batch_size, collate_fn=collate, local_shuffle_buffer_size=4 * t.batch_size,
+            local_shuffle_seed=t.seed + epoch)
+
+    fused = []
+    for i, (j, cfg, t) in enumerate(zip(jobs, cfgs, trains)):
+        ev = rt.get_dataset_shard(f"eval{i}")
+        fused.append(FusedJob(j.job_id, cfg, t, batches(rt.get_dataset_shard(f"train{i}"), t),
+                              lambda ev=ev, t=t: ev.iter_torch_batches(batch_size=t.batch_size, collate_fn=collate)))
+    by_id = {j.job_id: j for j in jobs}
+    tracking = None
+    if first.mlflow_uri:
+        from adapterfab.registry import Tracking
+
+        tracking = Tracking(first.mlflow_uri)
+    board = ray.get_actor(first.progress_board) if first.progress_board else None
+    from adapterfab.jobs.train_loop import peak_memory_mb
+
+    def on_step(jid: str, step: int, loss: float, lr: float) -> None:
+        run_id = by_id[jid].mlflow_run_id
+        if tracking and run_id:
+            tracking.log_metrics(run_id, {"loss": loss, "lr": lr, **peak_memory_mb()}, step=step)
+        if board:
+            board.update.remote(jid, step, loss)
+
+    results = trainer.train(fused, on_step)
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = {}
+        for i, (job, res) in enumerate(zip(fused, results)):
+            if res.error is None:
+                trainer.save(job, Path(tmp) / f"job{i}" / "adapter")
+            summary[job.job_id] = {"index": i, "metrics": res.metrics, "error": res.error}
+        (Path(tmp) / "results.json").write_text(json.dumps(summary))
+        ok = sum(r.error is None for r in results)
+        rt.report({"jobs": len(results), "succeeded": ok}, checkpoint=rt.Checkpoint.from_directory(tmp))
+
+
+def run_fused_training_job(jobs: list[WorkerJob], datasets: list[tuple[Any, Any]], storage_path: str,
+                           run_name: str) -> dict[str, tuple[dict[str, float] | None, str | None, str | None]]:
+    """Fit a fused group on Ray Train (one worker, one resident base for the group).
+    Returns job id -> (metrics, local adapter folder, error); a job's error fails only that job."""
+    import json
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    os.makedirs(storage_path, exist_ok=True)
+    ds = {}
+    for i, (train_ds, eval_ds) in enumerate(datasets):
+        ds[f"train{i}"], ds[f"eval{i}"] = train_ds, eval_ds
+    trainer = TorchTrainer(
+        _fused_worker_loop,
+        train_loop_config={"jobs": [asdict(j) for j in jobs]},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": jobs[0].cpus}),
+        datasets=ds,
+        run_config=RunConfig(name=run_name, storage_path=storage_path),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"fused group {run_name} finished without a checkpoint")
+    root = Path(result.checkpoint.path)
+    summary = json.loads((root / "results.json").read_text())
+    return {jid: (s["metrics"] if s["error"] is None else None,
+                  str(root / f"job{s['index']}" / "adapter") if s["error"] is None else None, s["error"])
+            for jid, s in summary.items()}

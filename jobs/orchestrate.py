@@ -167,56 +167,98 @@ def _error_text(e: BaseException) -> str:
     return f"{type(cause).__name__}: {cause}"[:4000]
 
 
-def run_job(ctx: BatchContext, job: JobSpec) -> None:
-    from adapterfab.jobs.launch import WorkerJob, run_training_job
+@dataclass
+class Prepared:
+    """A job whose data is ready and that must be trained (not reused)."""
+
+    job: JobSpec
+    jid: str
+    aid: AdapterId
+    run_id: str
+    data: Any  # pipelines.data.PreparedData: Ray Datasets train/eval + stats
+    stats: dict[str, Any]
+    fingerprint: str
+    basis_id: str | None
+    basis_uri: str | None
+
+
+def _fail_job(ctx: BatchContext, jid: str, run_id: str | None, e: BaseException) -> None:
+    log.error("job %s failed: %s\n%s", jid, e, "".join(traceback.format_exception(e)))
+    ctx.state.move_job(jid, JobState.FAILED, error=_error_text(e))
+    if run_id is None:
+        return
+    try:
+        ctx.tracking.set_tags(run_id, {"adapterfab.error": _error_text(e)[:4000]})
+        ctx.tracking.end_run(run_id, ok=False)
+    except Exception:  # noqa: BLE001
+        log.exception("could not close MLflow run %s", run_id)
+
+
+def prepare_job(ctx: BatchContext, job: JobSpec) -> Prepared | None:
+    """PREPARING: the MLflow child run, Ray Data (read, validate, tokenize, split), the job fingerprint
+    (a registered version with it is reused: the job succeeds here), the shared basis. None when the
+    job needs no training (already succeeded, reused, or failed here)."""
     from adapterfab.pipelines.data import prepare_dataset
 
     jid = job_id(ctx.batch_id, job.tenant, job.persona)
     aid = AdapterId(job.tenant, job.persona)
     view = ctx.state.job(jid)
     if view.state == JobState.SUCCEEDED:
-        return
+        return None
     if view.state != JobState.PENDING:
         ctx.state.move_job(jid, JobState.PENDING)
     ctx.state.move_job(jid, JobState.PREPARING, attempts=view.attempts + 1, error=None, step=0, loss=None)
-    run_id = ctx.tracking.start_run(
-        aid.key, parent_run_id=ctx.batch_run_id,
-        tags={"adapterfab.tenant": job.tenant, "adapterfab.persona": job.persona,
-              "adapterfab.batch_id": ctx.batch_id, "adapterfab.job_id": jid})
-    ctx.state.update_job(jid, mlflow_run_id=run_id)
+    run_id = None
     try:
+        run_id = ctx.tracking.start_run(
+            aid.key, parent_run_id=ctx.batch_run_id,
+            tags={"adapterfab.tenant": job.tenant, "adapterfab.persona": job.persona,
+                  "adapterfab.batch_id": ctx.batch_id, "adapterfab.job_id": jid})
+        ctx.state.update_job(jid, mlflow_run_id=run_id)
         ctx.tracking.log_params(run_id, {
             **{f"method.{k}": v for k, v in job.method.model_dump().items()},
             **{f"train.{k}": v for k, v in job.train.model_dump().items()},
             "dataset": job.dataset, "base_model": ctx.spec.base_model, "base_fingerprint": ctx.base.fingerprint,
         })
         t = job.train
-        prepared = prepare_dataset(job.dataset, ctx.base.path, max_seq_len=t.max_seq_len,
-                                   eval_fraction=t.eval_fraction, seed=t.seed,
-                                   max_bad_row_fraction=t.max_bad_row_fraction)
-        stats = prepared.stats.to_dict()
+        data = prepare_dataset(job.dataset, ctx.base.path, max_seq_len=t.max_seq_len,
+                               eval_fraction=t.eval_fraction, seed=t.seed,
+                               max_bad_row_fraction=t.max_bad_row_fraction)
+        stats = data.stats.to_dict()
         ctx.state.update_job(jid, data_stats=stats)
         ctx.tracking.log_text(run_id, json.dumps({"dataset": job.dataset, **stats}, indent=1),
                               "dataset_manifest.json")
         ctx.tracking.log_metrics(run_id, {k: float(stats[k]) for k in
                                           ("total_rows", "bad_rows", "train_rows", "eval_rows")})
-
         fingerprint = job_fingerprint(ctx.base.fingerprint, job, stats["sha256"])
         ctx.tracking.set_tags(run_id, {"adapterfab.job_fingerprint": fingerprint})
         if not ctx.force and _reuse_existing(ctx, jid, run_id, aid, fingerprint):
-            return
+            return None
         basis_id, basis_uri = ensure_basis(ctx, job)
-        ctx.state.move_job(jid, JobState.TRAINING, total_steps=t.steps)
-        worker_job = WorkerJob(
-            job_id=jid, base_model_path=ctx.base.path, method=job.method.model_dump(), train=t.model_dump(),
-            mlflow_uri=ctx.tracking.uri, mlflow_run_id=run_id, progress_board=ctx.board_name,
-            pad_id=ctx.pad_id, cpus=ctx.spec.resources.cpus_per_job, basis_uri=basis_uri)
-        attempt = ctx.state.job(jid).attempts
-        metrics, adapter_dir = run_training_job(
-            worker_job, prepared.train, prepared.eval, str(ctx.settings.home / "ray_results"),
-            run_name=f"{jid}.a{attempt}")
-        ctx.state.move_job(jid, JobState.REGISTERING, step=t.steps, loss=metrics.get("train_loss"),
-                           metrics=metrics)
+        return Prepared(job, jid, aid, run_id, data, stats, fingerprint, basis_id, basis_uri)
+    except Exception as e:  # noqa: BLE001 - the job fails, the batch goes on
+        _fail_job(ctx, jid, run_id, e)
+        return None
+
+
+def _worker_job(ctx: BatchContext, p: Prepared) -> Any:
+    from adapterfab.jobs.launch import WorkerJob
+
+    return WorkerJob(
+        job_id=p.jid, base_model_path=ctx.base.path, method=p.job.method.model_dump(),
+        train=p.job.train.model_dump(), mlflow_uri=ctx.tracking.uri, mlflow_run_id=p.run_id,
+        progress_board=ctx.board_name, pad_id=ctx.pad_id, cpus=ctx.spec.resources.cpus_per_job,
+        basis_uri=p.basis_uri)
+
+
+def register_job(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], adapter_dir: str,
+                 extra_tags: dict[str, Any] | None = None) -> None:
+    """REGISTERING -> SUCCEEDED: the artifact store, MLflow's copy, the registry version with its
+    lineage tags, the promotion gate."""
+    job, jid, aid, run_id, stats, t = p.job, p.jid, p.aid, p.run_id, p.stats, p.job.train
+    try:
+        ctx.state.move_job(jid, JobState.REGISTERING, step=int(metrics.get("steps", t.steps)),
+                           loss=metrics.get("train_loss"), metrics=metrics)
         ctx.tracking.log_metrics(run_id, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                                  step=t.steps)
         store = open_store(ctx.settings.artifacts)
@@ -229,25 +271,79 @@ def run_job(ctx: BatchContext, job: JobSpec) -> None:
             "dataset": job.dataset, "dataset_sha256": stats["sha256"], "dataset_rows": stats["total_rows"],
             "dataset_bad_rows": stats["bad_rows"], "train_rows": stats["train_rows"],
             "eval_rows": stats["eval_rows"], "batch_id": ctx.batch_id, "job_id": jid,
-            "code_version": code_version(), "job_fingerprint": fingerprint,
+            "code_version": code_version(), "job_fingerprint": p.fingerprint,
             "artifact_uri": artifact_uri, "artifact_root": store.root,
             **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, float)},
-            **get_method(job.method.name).extra_tags(job.method),
+            **get_method(job.method.name).extra_tags(job.method), **(extra_tags or {}),
         }
-        if basis_id:
-            tags.update({"basis_id": basis_id, "basis_uri": basis_uri})
+        if p.basis_id:
+            tags.update({"basis_id": p.basis_id, "basis_uri": p.basis_uri})
         version = ctx.registry.register(aid, source, run_id, tags)
         _maybe_promote(ctx, version, metrics)
         ctx.state.move_job(jid, JobState.SUCCEEDED, adapter_uri=artifact_uri, model_version=version.id.version)
         ctx.tracking.end_run(run_id, ok=True)
-    except Exception as e:  # noqa: BLE001 - the job fails, the batch goes on
-        log.error("job %s failed: %s\n%s", jid, e, traceback.format_exc())
-        ctx.state.move_job(jid, JobState.FAILED, error=_error_text(e))
-        try:
-            ctx.tracking.set_tags(run_id, {"adapterfab.error": _error_text(e)[:4000]})
-            ctx.tracking.end_run(run_id, ok=False)
-        except Exception:  # noqa: BLE001
-            log.exception("could not close MLflow run %s", run_id)
+    except Exception as e:  # noqa: BLE001
+        _fail_job(ctx, jid, run_id, e)
+
+
+def _train_alone(ctx: BatchContext, p: Prepared) -> None:
+    from adapterfab.jobs.launch import run_training_job
+
+    try:
+        ctx.state.move_job(p.jid, JobState.TRAINING, total_steps=p.job.train.steps)
+        attempt = ctx.state.job(p.jid).attempts
+        metrics, adapter_dir = run_training_job(
+            _worker_job(ctx, p), p.data.train, p.data.eval, str(ctx.settings.home / "ray_results"),
+            run_name=f"{p.jid}.a{attempt}")
+    except Exception as e:  # noqa: BLE001
+        _fail_job(ctx, p.jid, p.run_id, e)
+        return
+    register_job(ctx, p, metrics, adapter_dir, {"training": "alone"})
+
+
+def _train_fused(ctx: BatchContext, ready: list[Prepared]) -> None:
+    """One Ray Train worker, one resident base, the group's adapters trained in the same passes."""
+    from adapterfab.jobs.launch import run_fused_training_job
+
+    try:
+        for p in ready:
+            ctx.state.move_job(p.jid, JobState.TRAINING, total_steps=p.job.train.steps)
+        attempt = max(ctx.state.job(p.jid).attempts for p in ready)
+        out = run_fused_training_job([_worker_job(ctx, p) for p in ready],
+                                     [(p.data.train, p.data.eval) for p in ready],
+                                     str(ctx.settings.home / "ray_results"),
+                                     run_name=f"{ready[0].jid}.fused{len(ready)}.a{attempt}")
+    except Exception as e:  # noqa: BLE001 - the group's worker failed: every job of it fails
+        for p in ready:
+            _fail_job(ctx, p.jid, p.run_id, e)
+        return
+    peers = ",".join(f"{p.job.tenant}/{p.job.persona}" for p in ready)
+    for p in ready:
+        metrics, adapter_dir, error = out[p.jid]
+        if error is not None or metrics is None or adapter_dir is None:
+            _fail_job(ctx, p.jid, p.run_id, AdapterfabError(error or "no adapter came back"))
+            continue
+        register_job(ctx, p, metrics, adapter_dir, {"training": f"fused:{len(ready)}", "fused_with": peers})
+
+
+def run_job(ctx: BatchContext, job: JobSpec) -> None:
+    """One job alone: prepare, train on its own Ray Train worker, register."""
+    p = prepare_job(ctx, job)
+    if p is not None:
+        _train_alone(ctx, p)
+
+
+def run_group(ctx: BatchContext, group: list[JobSpec]) -> None:
+    """Jobs the planner fused (jobs/plan.py:fusion_groups): prepared one by one, trained together;
+    a group left with one job to train trains it alone."""
+    if len(group) == 1:
+        run_job(ctx, group[0])
+        return
+    ready = [p for p in (prepare_job(ctx, j) for j in group) if p is not None]
+    if len(ready) == 1:
+        _train_alone(ctx, ready[0])
+    elif ready:
+        _train_fused(ctx, ready)
 
 
 def _reuse_existing(ctx: BatchContext, jid: str, run_id: str, aid: AdapterId, fingerprint: str) -> bool:
@@ -360,9 +456,12 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
         stop = threading.Event()
         poller = threading.Thread(target=_poll_progress, args=(ctx, board, stop), daemon=True)
         poller.start()
-        n = concurrency(spec, ray.cluster_resources().get("CPU", 1), len(jobs))
+        from adapterfab.jobs.plan import fusion_groups
+
+        groups = fusion_groups(jobs) if spec.resources.fuse else [[i] for i in range(len(jobs))]
+        n = concurrency(spec, ray.cluster_resources().get("CPU", 1), len(groups))
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="job") as pool:
-            list(pool.map(lambda j: run_job(ctx, j), jobs))
+            list(pool.map(lambda g: run_group(ctx, [jobs[i] for i in g]), groups))
         stop.set()
         poller.join(timeout=5)
         ray.kill(board)

@@ -130,7 +130,7 @@ def test_resident_base_trains_group_after_group_and_early_stop(tiny_model_path: 
         trainer.remove(r.job_id)
     (again,) = trainer.train([_job("robot", cfg, data)])  # same resident base, no reload
     assert again.error is None and trainer.jobs_trained == 3
-    assert set(next(iter(trainer.layers.values())).b) == {"j-robot"}
+    assert trainer.slot_keys() == {"j-robot"} and set(next(iter(trainer.layers.values())).b) == {"a2"}
 
 
 def test_incompatible_jobs_are_refused(tiny_model_path: str, data: dict) -> None:
