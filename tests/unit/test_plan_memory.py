@@ -1,0 +1,49 @@
+"""The planner's memory estimate against a measured training step on the real SmolLM2 base: each
+config runs in its own process, and the peak resident memory it adds over the imports must lie within
+20% of what `plan` says (the figure the packing of jobs onto devices relies on)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+PROBE = r"""
+import json, resource, sys
+import torch, transformers
+from adapterfab.jobs.plan import plan_batch
+from adapterfab.jobs.train_loop import train_adapter
+from adapterfab.spec import parse_spec
+
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+
+base, bs, seq, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+rss0 = rss()
+spec, jobs = parse_spec({"version": 1, "name": "m", "tenants": [{"tenant": "a", "persona": "b", "dataset": "/x.jsonl"}],
+                         "defaults": {"method": {"name": "lora"}, "train": {"batch_size": bs, "max_seq_len": seq,
+                                                                              "dtype": dtype, "steps": 2}}})
+est = plan_batch("b", spec, jobs, base)[0].est_memory_gb
+torch.set_num_threads(2)
+ids = torch.randint(0, 1000, (bs, seq))
+batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+train_adapter(base, jobs[0].method, jobs[0].train, lambda epoch: [batch])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print("RESULT " + json.dumps({"est_gib": est, "measured_gib": (peak - rss0) / 2**30}))
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("batch_size,seq,dtype", [(8, 192, "float32"), (4, 256, "bfloat16")])
+def test_estimate_matches_measured_peak(smollm2_path: str, batch_size: int, seq: int, dtype: str) -> None:
+    r = subprocess.run([sys.executable, "-c", PROBE, smollm2_path, str(batch_size), str(seq), dtype],
+                       capture_output=True, text=True, timeout=280)
+    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    assert line, r.stderr[-3000:]
+    res = json.loads(line[-1].removeprefix("RESULT "))
+    print(res)
+    assert abs(res["est_gib"] - res["measured_gib"]) <= 0.2 * res["measured_gib"], res
