@@ -55,6 +55,8 @@ class TrainConfig(_Strict):
     seed: int = Field(0, ge=0)
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     log_every_steps: int = Field(1, ge=1)
+    checkpoint_every: int = Field(25, ge=0, description="steps between training checkpoints; a worker "
+                                  "that dies resumes from the last one (0: never)")
 
 
 class Resources(_Strict):

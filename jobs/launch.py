@@ -13,6 +13,8 @@ from typing import Any
 import ray
 
 PROGRESS_BOARD_PREFIX = "adapterfab-progress-"
+TRAIN_STATE = "train_state.pt"
+MAX_WORKER_FAILURES = 3  # a job's worker may die this often; it resumes from its last checkpoint
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,8 @@ class ProgressBoard:
     def __init__(self) -> None:
         self.progress: dict[str, dict[str, Any]] = {}
 
-    def update(self, job_id: str, step: int, loss: float) -> None:
-        self.progress[job_id] = {"step": step, "loss": loss}
+    def update(self, job_id: str, step: int, loss: float, pid: int | None = None) -> None:
+        self.progress[job_id] = {"step": step, "loss": loss, "pid": pid}
 
     def read(self) -> dict[str, dict[str, Any]]:
         return dict(self.progress)
@@ -83,7 +85,19 @@ def _worker_loop(config: dict[str, Any]) -> None:
         if tracking:  # per-step loss and learning rate, with the worker's system metrics
             tracking.log_metrics(job.mlflow_run_id, {"loss": loss, "lr": lr, **peak_memory_mb()}, step=step)
         if board:
-            board.update.remote(job.job_id, step, loss)
+            board.update.remote(job.job_id, step, loss, os.getpid())
+
+    def on_checkpoint(step: int, state: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(state, Path(tmp) / TRAIN_STATE)
+            rt.report({"step": step}, checkpoint=rt.Checkpoint.from_directory(tmp))
+
+    resume = None
+    last = rt.get_checkpoint()  # set when Ray Train restarted this worker after a failure
+    if last is not None:
+        with last.as_directory() as d:
+            if (Path(d) / TRAIN_STATE).exists():
+                resume = torch.load(Path(d) / TRAIN_STATE, weights_only=False)
 
     basis = None
     if job.basis_uri:
@@ -92,7 +106,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="basis-") as tmp:  # the loaded basis lives in memory
             basis = fetch_basis(get_method(method_cfg.name), job.basis_uri, tmp)
     result = train_adapter(job.base_model_path, method_cfg, train_cfg, epoch_batches, eval_batches, on_step,
-                           basis=basis)
+                           basis=basis, resume=resume, on_checkpoint=on_checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         save_adapter(result, method_cfg, Path(tmp) / "adapter")
         rt.report(result.metrics, checkpoint=rt.Checkpoint.from_directory(tmp))
@@ -101,7 +115,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
 def run_training_job(job: WorkerJob, train_ds: Any, eval_ds: Any, storage_path: str, run_name: str
                      ) -> tuple[dict[str, float], str]:
     """Fit one job on Ray Train; returns (metrics, local path of the saved adapter folder)."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     os.makedirs(storage_path, exist_ok=True)
@@ -110,7 +124,8 @@ def run_training_job(job: WorkerJob, train_ds: Any, eval_ds: Any, storage_path: 
         train_loop_config={"job": asdict(job)},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": job.cpus}),
         datasets={"train": train_ds, "eval": eval_ds},
-        run_config=RunConfig(name=run_name, storage_path=storage_path),
+        run_config=RunConfig(name=run_name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES)),
     )
     result = trainer.fit()
     if result.error:

@@ -124,12 +124,18 @@ def train_adapter(
     on_step: Callable[[int, float, float], None] | None = None,
     model: Any = None,
     basis: Any = None,
+    resume: dict[str, Any] | None = None,
+    on_checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Attach ``method``'s adapter to the base and train it for ``train.steps`` optimizer steps.
 
     ``on_step(step, loss, lr)`` is called every ``train.log_every_steps`` steps (1-based step).
     Eval runs once at the end (never between steps: a 4-bit base must not be evaluated mid-training,
-    see REFERENCE.md), on the adapter and on the base with the adapter disabled."""
+    see REFERENCE.md), on the adapter and on the base with the adapter disabled.
+
+    Fault tolerance: every ``train.checkpoint_every`` steps ``on_checkpoint(step, state)`` receives the
+    training state (trainable weights, optimizer and schedule state, RNG, losses so far); passing such
+    a state back as ``resume`` continues from that step on the same data order, as if never stopped."""
     import torch
 
     seed_everything(train.seed)
@@ -144,7 +150,19 @@ def train_adapter(
     t0 = time.monotonic()
     tokens = 0
     batches = forever(epoch_batches)
-    for step in range(1, train.steps + 1):
+    start = 0
+    if resume is not None:
+        named = dict(peft_model.named_parameters())
+        with torch.no_grad():
+            for name, value in resume["trainable"].items():
+                named[name].copy_(value)
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["rng"])
+        losses, tokens, start = list(resume["losses"]), int(resume["tokens"]), int(resume["step"])
+        for _ in range(start):  # the batches the interrupted run already consumed
+            next(batches)
+    for step in range(start + 1, train.steps + 1):
         b = next(batches)
         out = peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
         loss = out.loss
@@ -159,6 +177,11 @@ def train_adapter(
         tokens += int(b["attention_mask"].sum())
         if on_step and (step % train.log_every_steps == 0 or step == train.steps):
             on_step(step, losses[-1], sched.get_last_lr()[0])
+        if on_checkpoint and train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
+            on_checkpoint(step, {
+                "step": step, "losses": list(losses), "tokens": tokens, "rng": torch.get_rng_state(),
+                "trainable": {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad},
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
     train_s = time.monotonic() - t0
     metrics: dict[str, float] = {
         "train_loss": losses[-1],

@@ -101,3 +101,67 @@ def test_fused_group_on_ray_train(ray_cluster, tiny_model_path: str, mlflow_serv
         assert [m.step for m in history] == list(range(1, job.train["steps"] + 1))
     progress = ray.get(board.read.remote())
     assert progress["b.acme.zorp"]["step"] == 10 and progress["b.acme.quux"]["step"] == 6
+
+
+@pytest.mark.timeout(400)
+def test_killed_worker_resumes_from_its_checkpoint(ray_cluster, tiny_model_path: str, mlflow_server: str,
+                                                  tmp_path: Path) -> None:
+    """The training worker process is killed (SIGKILL) mid-run: Ray Train starts a new worker, which
+    resumes from the last checkpoint (every 10 steps) and finishes; the job completes once."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import ray
+
+    from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard, WorkerJob, run_training_job
+    from adapterfab.methods.lora import LoraConfig
+    from adapterfab.pipelines.data import prepare_dataset
+    from adapterfab.registry import Tracking
+    from adapterfab.spec import TrainConfig
+
+    prepared = prepare_dataset(str(_dataset(tmp_path / "d.jsonl")), tiny_model_path, max_seq_len=64,
+                               eval_fraction=0.2, seed=0, max_bad_row_fraction=0.1, timeout_s=120)
+    tracking = Tracking(mlflow_server)
+    run_id = tracking.start_run("test-kill")
+    board_name = PROGRESS_BOARD_PREFIX + "kill"
+    board = ProgressBoard.options(name=board_name).remote()
+    steps = 160
+    train = TrainConfig(steps=steps, batch_size=4, learning_rate=1e-2, dtype="float32", max_seq_len=64,
+                        checkpoint_every=10)
+    job = WorkerJob(job_id="b.acme.kill", base_model_path=tiny_model_path, method=LoraConfig(r=4).model_dump(),
+                    train=train.model_dump(), mlflow_uri=mlflow_server, mlflow_run_id=run_id,
+                    progress_board=board_name, pad_id=0, cpus=1)
+    out: dict = {}
+
+    def fit_job() -> None:
+        try:
+            out["result"] = run_training_job(job, prepared.train, prepared.eval, str(tmp_path / "results"), "kill1")
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            out["error"] = e
+
+    fit = threading.Thread(target=fit_job)
+    fit.start()
+    killed = None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and killed is None:
+        p = ray.get(board.read.remote()).get("b.acme.kill")
+        if p and p["step"] >= 35:
+            killed = (p["pid"], p["step"])
+            os.kill(p["pid"], signal.SIGKILL)
+        time.sleep(0.1)
+    assert killed is not None, "training never reached step 35"
+    assert killed[1] < steps, "the job finished before the kill; raise steps"
+    fit.join(300)
+    assert "result" in out, repr(out.get("error"))[-3000:]
+    metrics, adapter_dir = out["result"]
+    assert (Path(adapter_dir) / "adapter_model.safetensors").exists()
+    assert metrics["eval_loss"] < metrics["base_eval_loss"]
+    final = ray.get(board.read.remote())["b.acme.kill"]
+    assert final["step"] == steps and final["pid"] != killed[0]  # a new worker finished it
+    history = [m.step for m in tracking.client.get_metric_history(run_id, "loss")]
+    assert sorted(set(history)) == list(range(1, steps + 1))  # every step ran
+    resumed_from = (killed[1] // 10) * 10
+    assert history.count(resumed_from + 1) == 2  # redone once after the resume, not from scratch
+    assert history.count(1) == 1
