@@ -1,5 +1,6 @@
 """The planner's memory estimate against a measured training step on the real SmolLM2 base: each
-config runs in its own process, and the peak resident memory it adds over the imports must lie within
+config runs in its own process, and the peak resident memory of its training step (loaded weights
+included, loading's transient copies not) over the imports must lie within
 20% of what `plan` says (the figure the packing of jobs onto devices relies on)."""
 
 from __future__ import annotations
@@ -17,22 +18,28 @@ from adapterfab.jobs.plan import plan_batch
 from adapterfab.jobs.train_loop import train_adapter
 from adapterfab.spec import parse_spec
 
-def rss():
+def status(key):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
 
 base, bs, seq, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-rss0 = rss()
+rss0 = status("VmRSS")
 spec, jobs = parse_spec({"version": 1, "name": "m", "tenants": [{"tenant": "a", "persona": "b", "dataset": "/x.jsonl"}],
                          "defaults": {"method": {"name": "lora"}, "train": {"batch_size": bs, "max_seq_len": seq,
                                                                               "dtype": dtype, "steps": 2}}})
 est = plan_batch("b", spec, jobs, base)[0].est_memory_gb
 torch.set_num_threads(2)
+from adapterfab.jobs.train_loop import load_base
+model = load_base(base, dtype, jobs[0].method)
+import gc; gc.collect()
+# the peak of the training step, not of loading (a bf16 load passes through an fp32 copy): reset the
+# high-water mark to the current RSS, which holds the loaded weights
+open("/proc/self/clear_refs", "w").write("5")
 ids = torch.randint(0, 1000, (bs, seq))
 batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-train_adapter(base, jobs[0].method, jobs[0].train, lambda epoch: [batch])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+train_adapter(base, jobs[0].method, jobs[0].train, lambda epoch: [batch], model=model)
+peak = status("VmHWM")
 print("RESULT " + json.dumps({"est_gib": est, "measured_gib": (peak - rss0) / 2**30}))
 """
 
