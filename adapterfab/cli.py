@@ -382,7 +382,7 @@ def registry_promote(adapter: str = typer.Argument(..., help="TENANT/PERSONA"),
     from adapterfab.ids import PRODUCTION, AdapterId, check_alias
     from adapterfab.jobs.orchestrate import gate_decision
     from adapterfab.promotion import Decision, Policy
-    from adapterfab.registry import TAG, Registry
+    from adapterfab.registry import Registry
 
     s = _settings()
     try:
@@ -400,9 +400,7 @@ def registry_promote(adapter: str = typer.Argument(..., help="TENANT/PERSONA"),
             if force:
                 decision = Decision(True, "forced by `registry promote --force`", metric, None)
             else:
-                metrics = {k.removeprefix(TAG + "metric."): val for k, val in v.tags.items()
-                           if k.startswith(TAG + "metric.")}
-                decision = gate_decision(registry, v, metrics, policy)
+                decision = gate_decision(registry, v, v.metrics, policy)
             v = registry.promote(v, decision)
     except AdapterfabError as e:
         _fail(e)

@@ -55,6 +55,12 @@ class AdapterVersion:
         """Where serving loads the files from: our artifact store when recorded, else MLflow's copy."""
         return self.tags.get(TAG + "artifact_uri") or self.source
 
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The metrics recorded at registration (``adapterfab.metric.<name>`` tags)."""
+        prefix = TAG + "metric."
+        return {k.removeprefix(prefix): float(v) for k, v in self.tags.items() if k.startswith(prefix)}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": str(self.id), "tenant": self.id.tenant, "persona": self.id.persona,

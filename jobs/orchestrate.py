@@ -30,7 +30,7 @@ from adapterfab.basemodel import BaseModelRef, resolve_base_model
 from adapterfab.errors import AdapterfabError, StackError
 from adapterfab.ids import AdapterId, basis_prefix, job_id
 from adapterfab.methods import get_method
-from adapterfab.registry import TAG, Registry, Tracking
+from adapterfab.registry import Registry, Tracking
 from adapterfab.settings import Settings
 from adapterfab.spec import BatchSpec, JobSpec, check_semantics, load_spec, parse_spec
 from adapterfab.state import StateStore
@@ -352,8 +352,7 @@ def _reuse_existing(ctx: BatchContext, jid: str, run_id: str, aid: AdapterId, fi
     existing = ctx.registry.find(aid, "job_fingerprint", fingerprint)
     if existing is None:
         return False
-    metrics = {k.removeprefix(TAG + "metric."): float(v) for k, v in existing.tags.items()
-               if k.startswith(TAG + "metric.")}
+    metrics = existing.metrics
     log.info("job %s: same spec, data and code as %s; reusing it (submit --force retrains)", jid, existing.id)
     ctx.state.move_job(jid, JobState.SUCCEEDED, adapter_uri=existing.artifact_uri, metrics=metrics,
                        model_version=existing.id.version, reused_version=existing.id.version,
@@ -380,8 +379,7 @@ def gate_decision(registry: Registry, version: Any, metrics: dict[str, Any], pol
     prod = registry.production(version.id)
     production = None
     if prod is not None and prod.id.version != version.id.version:
-        recorded = prod.tags.get(f"{TAG}metric.{policy.metric}")
-        production = (prod.id.version, float(recorded) if recorded is not None else None)
+        production = (prod.id.version, prod.metrics.get(policy.metric))
     return decide(policy, metrics, production)
 
 
