@@ -118,13 +118,14 @@ def plan(batch: Path = typer.Argument(..., help="batch spec YAML"),
         out.print_json(json.dumps([p.to_dict() for p in planned]))
         return
     t = Table(title=f"plan: {spec.name} on {spec.base_model}")
-    for col in ("adapter", "registry model", "method", "steps x batch", "cpus", "gpus", "trainable", "est. mem",
-                "fused group"):
+    for col in ("adapter", "registry model", "method", "steps x batch", "cpus", "gpus", "trainable",
+                "est. mem / worker", "workers", "fused group"):
         t.add_column(col)
     for p in planned:
         t.add_row(p.adapter, p.registry_name, p.method, f"{p.steps} x {p.batch_size}", str(p.cpus), str(p.gpus),
                   f"{p.trainable_params:,}" if p.trainable_params else "?",
-                  f"{p.est_memory_gb} GiB" if p.est_memory_gb is not None else "?", p.fused_group or "-")
+                  f"{p.est_memory_gb} GiB" if p.est_memory_gb is not None else "?",
+                  f"{p.workers} (ZeRO-{p.zero_stage})" if p.workers > 1 else "1", p.fused_group or "-")
     out.print(t)
 
 

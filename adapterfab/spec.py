@@ -65,6 +65,15 @@ class Resources(_Strict):
     max_concurrent_jobs: int | None = Field(None, ge=1, description="default: what the cluster fits")
     fuse: bool = Field(True, description="train compatible jobs together over one resident base "
                                          "(same method family, rank, modules, dtype; no dropout)")
+    device_memory_gb: float | None = Field(
+        None, gt=0, description="memory one training worker may use (a GPU's memory, or its share of RAM "
+        "on CPU); a job whose estimate exceeds it runs on several workers with DeepSpeed ZeRO. None: no limit")
+    max_workers_per_job: int = Field(8, ge=1, le=64, description="the most data-parallel workers the "
+                                     "planner gives one job")
+    workers_per_job: int | None = Field(None, ge=1, le=64, description="force this many data-parallel "
+                                        "workers (DeepSpeed ZeRO) for every job; None: the planner decides")
+    zero_stage: Literal["auto", 2, 3] = Field("auto", description="ZeRO stage of multi-worker jobs: 2 "
+                                              "shards optimizer state and gradients, 3 also the weights")
 
 
 class Promotion(_Strict):
@@ -288,6 +297,14 @@ def check_semantics(spec: BatchSpec, jobs: list[JobSpec], dataset_exists: Any = 
                 problems.append((field, f"{job.dataset} is not readable: {e.strerror}"))
             if p.stat().st_size == 0:
                 problems.append((field, f"{job.dataset} is empty"))
+    if not problems:  # every job must fit some packing (needs the base's config.json when it is local)
+        from adapterfab.basemodel import local_folder
+        from adapterfab.jobs.plan import PlanError, plan_batch
+
+        try:
+            plan_batch("check", spec, jobs, local_folder(spec.base_model))
+        except PlanError as e:
+            problems.append(("resources", str(e)))
     if problems:
         raise SpecError(problems)
 

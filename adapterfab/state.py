@@ -63,6 +63,8 @@ class JobRow(Base):
     ended_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     reused_version: Mapped[int | None] = mapped_column(Integer, nullable=True)  # idempotent resubmit
+    # where it trains: node_id, workers, zero_stage, cpus, gpus (per worker), fused_with
+    placement: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
 
 class ApiKeyRow(Base):
@@ -95,6 +97,7 @@ class JobView:
     ended_s: float | None
     error: str | None
     reused_version: int | None = None
+    placement: dict | None = None
 
     @property
     def progress(self) -> float:
@@ -116,7 +119,7 @@ def _view(row: JobRow) -> JobView:
         metrics=dict(row.metrics or {}), data_stats=dict(row.data_stats or {}),
         mlflow_run_id=row.mlflow_run_id, adapter_uri=row.adapter_uri, model_version=row.model_version,
         attempts=row.attempts, started_s=row.started_s, ended_s=row.ended_s, error=row.error,
-        reused_version=row.reused_version,
+        reused_version=row.reused_version, placement=dict(row.placement) if row.placement else None,
     )
 
 

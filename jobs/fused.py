@@ -21,6 +21,7 @@ How it works:
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -220,11 +221,11 @@ class FusedTrainer:
                 out[name] = (rr,)
         return out
 
-    def _add(self, job: FusedJob) -> _Active:
+    def _add(self, job: FusedJob, init: dict[str, tuple[Tensor, ...]] | None = None) -> _Active:
         why = self.compatible(job.method)
         if why:
             raise AdapterfabError(f"job {job.job_id} cannot join this fused group: {why}")
-        init = job.init or self._init(job, torch.Generator().manual_seed(job.train.seed))
+        init = init or job.init or self._init(job, torch.Generator().manual_seed(job.train.seed))
         scale = job.method.alpha / job.method.r  # type: ignore[attr-defined]
         if job.job_id in self._slots:
             raise AdapterfabError(f"job {job.job_id} is already in this trainer; remove it first")
@@ -278,19 +279,57 @@ class FusedTrainer:
             out[jid] = tok_loss[sel].sum() / sel.sum().clamp(min=1)
         return out
 
-    def train(self, jobs: list[FusedJob], on_step: Callable[[str, int, float, float], None] | None = None
-              ) -> list[FusedResult]:
+    def _state(self, active: list[_Active], iteration: int) -> dict[str, Any]:
+        jobs = {}
+        for a in active:
+            jobs[a.job.job_id] = {"step": a.step, "tokens": a.tokens, "losses": list(a.losses), "error": a.error,
+                                  "early": a.early}
+            if a.error is None:
+                jobs[a.job.job_id].update({  # copies: training goes on after the callback returns
+                    "adapter": {n: tuple(t.clone() for t in ts) for n, ts in self.adapter_tensors(a.job.job_id).items()},
+                    "optimizer": copy.deepcopy(a.opt.state_dict()), "scheduler": copy.deepcopy(a.sched.state_dict())})
+        return {"iteration": iteration, "jobs": jobs}
+
+    def _resume(self, job: FusedJob, saved: dict[str, Any]) -> _Active:
+        """The job as it was at a checkpoint: weights, optimizer and schedule state, its data stream
+        advanced past the batches it consumed (one per step)."""
+        if saved["error"] is not None:
+            return _Active(job, "", [], None, None, iter(()), saved["step"], saved["tokens"], list(saved["losses"]),
+                           saved["error"], saved["early"])
+        a = self._add(job, init=saved["adapter"])
+        a.opt.load_state_dict(saved["optimizer"])
+        a.sched.load_state_dict(saved["scheduler"])
+        a.step, a.tokens, a.losses, a.early = saved["step"], saved["tokens"], list(saved["losses"]), saved["early"]
+        for _ in range(a.step):
+            next(a.batches)
+        return a
+
+    def train(self, jobs: list[FusedJob], on_step: Callable[[str, int, float, float], None] | None = None,
+              on_checkpoint: Callable[[dict[str, Any]], None] | None = None, checkpoint_every: int = 0,
+              resume: dict[str, Any] | None = None) -> list[FusedResult]:
         """Train ``jobs`` together until each is done; then evaluate each (adapter and base) and keep
-        its adapter in the trainer (``save``/``adapter_tensors``) until ``remove``."""
-        active = [self._add(j) for j in jobs]
+        its adapter in the trainer (``save``/``adapter_tensors``) until ``remove``.
+
+        Fault tolerance: every ``checkpoint_every`` fused steps ``on_checkpoint(state)`` receives every
+        job's weights, optimizer and schedule state, step, losses and stop reason; passing it back as
+        ``resume`` (to a fresh trainer over the same base) continues as if never stopped."""
+        saved = (resume or {}).get("jobs", {})
+        active = [self._resume(j, saved[j.job_id]) if j.job_id in saved else self._add(j) for j in jobs]
+        iteration = int((resume or {}).get("iteration", 0))
+        device = next(self.base.parameters()).device
         t0 = time.monotonic()
         self.base.train()
         while True:
             running = [a for a in active if a.error is None and not a.early and a.step < a.job.train.steps]
             if not running:
                 break
+            if on_checkpoint and checkpoint_every and iteration and iteration % checkpoint_every == 0 \
+                    and (resume is None or iteration != int(resume.get("iteration", 0))):
+                on_checkpoint(self._state(active, iteration))
+            iteration += 1
             micro = [next(a.batches) for a in running]
             batch, segs = stack([(a.slot, b) for a, b in zip(running, micro)])
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             losses = self._losses(batch, segs)
             finite = {j: v for j, v in losses.items() if torch.isfinite(v)}
             for a in running:

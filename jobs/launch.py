@@ -14,6 +14,7 @@ import ray
 
 PROGRESS_BOARD_PREFIX = "adapterfab-progress-"
 TRAIN_STATE = "train_state.pt"
+ZERO_DIR = "zero"  # a ZeRO job's engine checkpoint inside its Ray Train checkpoint (each worker's shard)
 MAX_WORKER_FAILURES = 3  # a job's worker may die this often; it resumes from its last checkpoint
 
 
@@ -31,6 +32,9 @@ class WorkerJob:
     pad_id: int
     cpus: float
     basis_uri: str | None = None  # shared frozen factors in the artifact store (LoRA-XS)
+    gpus: float = 0.0  # per worker; fractional values pack several jobs onto one GPU
+    workers: int = 1  # data-parallel workers; > 1 trains with DeepSpeed ZeRO (jobs/zero.py)
+    zero_stage: int | None = None
 
 
 @ray.remote(num_cpus=0)
@@ -40,8 +44,8 @@ class ProgressBoard:
     def __init__(self) -> None:
         self.progress: dict[str, dict[str, Any]] = {}
 
-    def update(self, job_id: str, step: int, loss: float, pid: int | None = None) -> None:
-        self.progress[job_id] = {"step": step, "loss": loss, "pid": pid}
+    def update(self, job_id: str, step: int, loss: float, pid: int | None = None, node: str | None = None) -> None:
+        self.progress[job_id] = {"step": step, "loss": loss, "pid": pid, "node": node}
 
     def read(self) -> dict[str, dict[str, Any]]:
         return dict(self.progress)
@@ -63,32 +67,52 @@ def _worker_loop(config: dict[str, Any]) -> None:
     method_cfg = get_method(job.method["name"]).config_cls(**job.method)
     train_cfg = TrainConfig(**job.train)
     collate = PadCollate(job.pad_id)
-    train_shard = rt.get_dataset_shard("train")
-    eval_shard = rt.get_dataset_shard("eval")
+    ctx = rt.get_context()
+    rank = ctx.get_world_rank()
+    train_shard = rt.get_dataset_shard("train")  # this worker's share of the rows
+    eval_shard = rt.get_dataset_shard("eval")  # every worker sees all of it (ZeRO-3 steps in lockstep)
+    zero = None
+    rows_per_step = train_cfg.batch_size
+    if job.workers > 1:
+        from adapterfab.jobs.zero import deepspeed_config, micro_batch
+
+        zero = deepspeed_config(job.zero_stage or 2, train_cfg.batch_size, job.workers)
+        rows_per_step = micro_batch(train_cfg.batch_size, job.workers)
+    device = None
+    if job.gpus > 0:
+        from ray.train.torch import get_device
+
+        device = get_device()
 
     def epoch_batches(epoch: int):  # noqa: ANN202
         return train_shard.iter_torch_batches(
-            batch_size=train_cfg.batch_size, collate_fn=collate,
-            local_shuffle_buffer_size=4 * train_cfg.batch_size, local_shuffle_seed=train_cfg.seed + epoch)
+            batch_size=rows_per_step, collate_fn=collate,
+            local_shuffle_buffer_size=4 * rows_per_step, local_shuffle_seed=train_cfg.seed + epoch)
 
     def eval_batches():  # noqa: ANN202
-        return eval_shard.iter_torch_batches(batch_size=train_cfg.batch_size, collate_fn=collate)
+        return eval_shard.iter_torch_batches(batch_size=rows_per_step, collate_fn=collate)
 
     tracking = None
-    if job.mlflow_uri and job.mlflow_run_id:
+    if job.mlflow_uri and job.mlflow_run_id and rank == 0:
         from adapterfab.registry import Tracking
 
         tracking = Tracking(job.mlflow_uri)
-    board = ray.get_actor(job.progress_board) if job.progress_board else None
+    board = ray.get_actor(job.progress_board) if job.progress_board and rank == 0 else None
+    node = ray.get_runtime_context().get_node_id()
 
     def on_step(step: int, loss: float, lr: float) -> None:
         if tracking:  # per-step loss and learning rate, with the worker's system metrics
             tracking.log_metrics(job.mlflow_run_id, {"loss": loss, "lr": lr, **peak_memory_mb()}, step=step)
         if board:
-            board.update.remote(job.job_id, step, loss, os.getpid())
+            board.update.remote(job.job_id, step, loss, os.getpid(), node)
 
     def on_checkpoint(step: int, state: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
+            engine = state.pop("engine", None)
+            if engine is not None:  # every worker writes its shard (the frozen base is not saved)
+                from adapterfab.jobs.zero import ZERO_TAG
+
+                engine.save_checkpoint(str(Path(tmp) / ZERO_DIR), tag=ZERO_TAG, exclude_frozen_parameters=True)
             torch.save(state, Path(tmp) / TRAIN_STATE)
             rt.report({"step": step}, checkpoint=rt.Checkpoint.from_directory(tmp))
 
@@ -98,6 +122,12 @@ def _worker_loop(config: dict[str, Any]) -> None:
         with last.as_directory() as d:
             if (Path(d) / TRAIN_STATE).exists():
                 resume = torch.load(Path(d) / TRAIN_STATE, weights_only=False)
+                if zero is not None:  # the engine reads its shards while training starts
+                    resume_dir = tempfile.mkdtemp(prefix="zero-resume-")
+                    import shutil
+
+                    shutil.copytree(Path(d) / ZERO_DIR, resume_dir, dirs_exist_ok=True)
+                    resume["engine_dir"] = resume_dir
 
     basis = None
     if job.basis_uri:
@@ -106,24 +136,50 @@ def _worker_loop(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="basis-") as tmp:  # the loaded basis lives in memory
             basis = fetch_basis(get_method(method_cfg.name), job.basis_uri, tmp)
     result = train_adapter(job.base_model_path, method_cfg, train_cfg, epoch_batches, eval_batches, on_step,
-                           basis=basis, resume=resume, on_checkpoint=on_checkpoint)
+                           basis=basis, resume=resume, on_checkpoint=on_checkpoint, zero=zero, device=device)
+    placement = {"node_id": node, "workers": job.workers, "zero_stage": job.zero_stage or 0}
+    if zero is not None:
+        from adapterfab.jobs.zero import gathered_trainable, local_fraction
+
+        placement["zero_local_param_fraction"] = local_fraction(result.model)
+        with tempfile.TemporaryDirectory() as tmp:
+            with gathered_trainable(result.model):  # every worker takes part; rank 0 writes
+                if rank == 0:
+                    save_adapter(result, method_cfg, Path(tmp) / "adapter")
+            rt.report({**result.metrics, **placement},
+                      checkpoint=rt.Checkpoint.from_directory(tmp) if rank == 0 else None)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         save_adapter(result, method_cfg, Path(tmp) / "adapter")
-        rt.report(result.metrics, checkpoint=rt.Checkpoint.from_directory(tmp))
+        rt.report({**result.metrics, **placement}, checkpoint=rt.Checkpoint.from_directory(tmp))
+
+
+def scaling(cpus: float, gpus: float, workers: int = 1) -> Any:
+    """Ray Train's ScalingConfig for a job's workers: ``cpus`` and ``gpus`` each (a fraction of a GPU
+    packs several jobs onto one device; Ray places them and sets CUDA_VISIBLE_DEVICES)."""
+    from ray.train import ScalingConfig
+
+    resources: dict[str, float] = {"CPU": cpus}
+    if gpus > 0:
+        resources["GPU"] = gpus
+    return ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources)
 
 
 def run_training_job(job: WorkerJob, train_ds: Any, eval_ds: Any, storage_path: str, run_name: str
                      ) -> tuple[dict[str, float], str]:
-    """Fit one job on Ray Train; returns (metrics, local path of the saved adapter folder)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    """Fit one job on Ray Train (``job.workers`` workers: DeepSpeed ZeRO when more than one); returns
+    (metrics, local path of the saved adapter folder)."""
+    from ray.train import DataConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     os.makedirs(storage_path, exist_ok=True)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"job": asdict(job)},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": job.cpus}),
+        scaling_config=scaling(job.cpus, job.gpus, job.workers),
+        torch_config=TorchConfig(backend="nccl" if job.gpus > 0 else "gloo"),
         datasets={"train": train_ds, "eval": eval_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(name=run_name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES)),
     )
@@ -184,20 +240,34 @@ def _fused_worker_loop(config: dict[str, Any]) -> None:
     board = ray.get_actor(first.progress_board) if first.progress_board else None
     from adapterfab.jobs.train_loop import peak_memory_mb
 
+    node = ray.get_runtime_context().get_node_id()
+
     def on_step(jid: str, step: int, loss: float, lr: float) -> None:
         run_id = by_id[jid].mlflow_run_id
         if tracking and run_id:
             tracking.log_metrics(run_id, {"loss": loss, "lr": lr, **peak_memory_mb()}, step=step)
         if board:
-            board.update.remote(jid, step, loss)
+            board.update.remote(jid, step, loss, os.getpid(), node)
 
-    results = trainer.train(fused, on_step)
+    def on_checkpoint(state: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(state, Path(tmp) / TRAIN_STATE)
+            rt.report({"iteration": state["iteration"]}, checkpoint=rt.Checkpoint.from_directory(tmp))
+
+    resume = None
+    last = rt.get_checkpoint()  # set when Ray Train restarted this worker after a failure
+    if last is not None:
+        with last.as_directory() as d:
+            if (Path(d) / TRAIN_STATE).exists():
+                resume = torch.load(Path(d) / TRAIN_STATE, weights_only=False)
+    every = min((t.checkpoint_every for t in trains if t.checkpoint_every), default=0)
+    results = trainer.train(fused, on_step, on_checkpoint=on_checkpoint, checkpoint_every=every, resume=resume)
     with tempfile.TemporaryDirectory() as tmp:
         summary = {}
         for i, (job, res) in enumerate(zip(fused, results)):
             if res.error is None:
                 trainer.save(job, Path(tmp) / f"job{i}" / "adapter")
-            summary[job.job_id] = {"index": i, "metrics": res.metrics, "error": res.error}
+            summary[job.job_id] = {"index": i, "metrics": res.metrics, "error": res.error, "node_id": node}
         (Path(tmp) / "results.json").write_text(json.dumps(summary))
         ok = sum(r.error is None for r in results)
         rt.report({"jobs": len(results), "succeeded": ok}, checkpoint=rt.Checkpoint.from_directory(tmp))
@@ -209,7 +279,7 @@ def run_fused_training_job(jobs: list[WorkerJob], datasets: list[tuple[Any, Any]
     Returns job id -> (metrics, local adapter folder, error); a job's error fails only that job."""
     import json
 
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     os.makedirs(storage_path, exist_ok=True)
@@ -219,9 +289,10 @@ def run_fused_training_job(jobs: list[WorkerJob], datasets: list[tuple[Any, Any]
     trainer = TorchTrainer(
         _fused_worker_loop,
         train_loop_config={"jobs": [asdict(j) for j in jobs]},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": jobs[0].cpus}),
+        scaling_config=scaling(jobs[0].cpus, jobs[0].gpus),
         datasets=ds,
-        run_config=RunConfig(name=run_name, storage_path=storage_path),
+        run_config=RunConfig(name=run_name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES)),
     )
     result = trainer.fit()
     if result.error:
@@ -230,6 +301,6 @@ def run_fused_training_job(jobs: list[WorkerJob], datasets: list[tuple[Any, Any]
         raise RuntimeError(f"fused group {run_name} finished without a checkpoint")
     root = Path(result.checkpoint.path)
     summary = json.loads((root / "results.json").read_text())
-    return {jid: (s["metrics"] if s["error"] is None else None,
+    return {jid: ({**s["metrics"], "node_id": s["node_id"]} if s["error"] is None else None,
                   str(root / f"job{s['index']}" / "adapter") if s["error"] is None else None, s["error"])
             for jid, s in summary.items()}

@@ -21,7 +21,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +155,7 @@ class BatchContext:
     board_name: str
     pad_id: int
     force: bool = False
+    planned: dict[str, Any] = field(default_factory=dict)  # job id -> jobs.plan.PlannedJob
 
 
 def _error_text(e: BaseException) -> str:
@@ -244,11 +245,26 @@ def prepare_job(ctx: BatchContext, job: JobSpec) -> Prepared | None:
 def _worker_job(ctx: BatchContext, p: Prepared) -> Any:
     from adapterfab.jobs.launch import WorkerJob
 
+    plan = ctx.planned.get(p.jid)
     return WorkerJob(
         job_id=p.jid, base_model_path=ctx.base.path, method=p.job.method.model_dump(),
         train=p.job.train.model_dump(), mlflow_uri=ctx.tracking.uri, mlflow_run_id=p.run_id,
         progress_board=ctx.board_name, pad_id=ctx.pad_id, cpus=ctx.spec.resources.cpus_per_job,
-        basis_uri=p.basis_uri)
+        basis_uri=p.basis_uri, gpus=ctx.spec.resources.gpus_per_job, workers=plan.workers if plan else 1,
+        zero_stage=plan.zero_stage if plan else None)
+
+
+PLACEMENT_KEYS = ("node_id", "workers", "zero_stage", "zero_local_param_fraction")
+
+
+def _start_training(ctx: BatchContext, p: Prepared, fused_with: list[str] | None = None) -> None:
+    """TRAINING, with where the planner put the job (the worker adds its node when it starts)."""
+    plan = ctx.planned.get(p.jid)
+    placement: dict[str, Any] = {"cpus": ctx.spec.resources.cpus_per_job, "gpus": ctx.spec.resources.gpus_per_job,
+                                 "workers": plan.workers if plan else 1, "zero_stage": plan.zero_stage if plan else None}
+    if fused_with:
+        placement["fused_with"] = fused_with
+    ctx.state.move_job(p.jid, JobState.TRAINING, total_steps=p.job.train.steps, placement=placement)
 
 
 def register_job(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], adapter_dir: str,
@@ -257,8 +273,13 @@ def register_job(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], adapte
     lineage tags, the promotion gate."""
     job, jid, aid, run_id, stats, t = p.job, p.jid, p.aid, p.run_id, p.stats, p.job.train
     try:
+        metrics = dict(metrics)
+        placed = {k: metrics.pop(k) for k in PLACEMENT_KEYS if k in metrics}
+        placement = {**(ctx.state.job(jid).placement or {}), **placed}
         ctx.state.move_job(jid, JobState.REGISTERING, step=int(metrics.get("steps", t.steps)),
-                           loss=metrics.get("train_loss"), metrics=metrics)
+                           loss=metrics.get("train_loss"), metrics=metrics, placement=placement)
+        if placed:
+            ctx.tracking.set_tags(run_id, {f"adapterfab.{k}": str(v) for k, v in placed.items()})
         ctx.tracking.log_metrics(run_id, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                                  step=t.steps)
         store = open_store(ctx.settings.artifacts)
@@ -275,6 +296,7 @@ def register_job(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], adapte
             "artifact_uri": artifact_uri, "artifact_root": store.root,
             **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, float)},
             **get_method(job.method.name).extra_tags(job.method), **(extra_tags or {}),
+            **{k: str(v) for k, v in placed.items() if k in ("node_id", "workers", "zero_stage")},
         }
         if p.basis_id:
             tags.update({"basis_id": p.basis_id, "basis_uri": p.basis_uri})
@@ -290,7 +312,7 @@ def _train_alone(ctx: BatchContext, p: Prepared) -> None:
     from adapterfab.jobs.launch import run_training_job
 
     try:
-        ctx.state.move_job(p.jid, JobState.TRAINING, total_steps=p.job.train.steps)
+        _start_training(ctx, p)
         attempt = ctx.state.job(p.jid).attempts
         metrics, adapter_dir = run_training_job(
             _worker_job(ctx, p), p.data.train, p.data.eval, str(ctx.settings.home / "ray_results"),
@@ -298,7 +320,9 @@ def _train_alone(ctx: BatchContext, p: Prepared) -> None:
     except Exception as e:  # noqa: BLE001
         _fail_job(ctx, p.jid, p.run_id, e)
         return
-    register_job(ctx, p, metrics, adapter_dir, {"training": "alone"})
+    plan = ctx.planned.get(p.jid)
+    how = f"zero{plan.zero_stage}:{plan.workers}" if plan and plan.workers > 1 else "alone"
+    register_job(ctx, p, metrics, adapter_dir, {"training": how})
 
 
 def _train_fused(ctx: BatchContext, ready: list[Prepared]) -> None:
@@ -307,7 +331,7 @@ def _train_fused(ctx: BatchContext, ready: list[Prepared]) -> None:
 
     try:
         for p in ready:
-            ctx.state.move_job(p.jid, JobState.TRAINING, total_steps=p.job.train.steps)
+            _start_training(ctx, p, fused_with=[q.jid for q in ready])
         attempt = max(ctx.state.job(p.jid).attempts for p in ready)
         out = run_fused_training_job([_worker_job(ctx, p) for p in ready],
                                      [(p.data.train, p.data.eval) for p in ready],
@@ -334,7 +358,7 @@ def run_job(ctx: BatchContext, job: JobSpec) -> None:
 
 
 def run_group(ctx: BatchContext, group: list[JobSpec]) -> None:
-    """Jobs the planner fused (jobs/plan.py:fusion_groups): prepared one by one, trained together;
+    """Jobs the planner fused (jobs/plan.py:execution_groups): prepared one by one, trained together;
     a group left with one job to train trains it alone."""
     if len(group) == 1:
         run_job(ctx, group[0])
@@ -390,8 +414,14 @@ def _poll_progress(ctx: BatchContext, board: Any, stop: threading.Event) -> None
         try:
             progress = ray.get(board.read.remote(), timeout=10)
             for jid, p in progress.items():
-                if ctx.state.job(jid).state == JobState.TRAINING:
-                    ctx.state.update_job(jid, step=p["step"], loss=p["loss"])
+                view = ctx.state.job(jid)
+                if view.state == JobState.TRAINING:
+                    placement = view.placement or {}
+                    if p.get("node") and placement.get("node_id") != p["node"]:
+                        ctx.state.update_job(jid, step=p["step"], loss=p["loss"],
+                                             placement={**placement, "node_id": p["node"]})
+                    else:
+                        ctx.state.update_job(jid, step=p["step"], loss=p["loss"])
         except Exception:  # noqa: BLE001 - progress is best effort
             log.debug("progress poll failed", exc_info=True)
 
@@ -454,10 +484,16 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
         stop = threading.Event()
         poller = threading.Thread(target=_poll_progress, args=(ctx, board, stop), daemon=True)
         poller.start()
-        from adapterfab.jobs.plan import fusion_groups
+        from dataclasses import replace
 
-        groups = fusion_groups(jobs) if spec.resources.fuse else [[i] for i in range(len(jobs))]
-        n = concurrency(spec, ray.cluster_resources().get("CPU", 1), len(groups))
+        from adapterfab.jobs.plan import execution_groups, plan_batch
+
+        planned = plan_batch(batch_id, spec, jobs, base.path)  # workers, ZeRO stage, fused groups
+        if not spec.resources.fuse:
+            planned = [replace(p, fused_group=None) for p in planned]
+        ctx.planned = {p.job_id: p for p in planned}
+        groups = execution_groups(planned)
+        n = concurrency(spec, ray.cluster_resources(), len(groups))
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="job") as pool:
             list(pool.map(lambda g: run_group(ctx, [jobs[i] for i in g]), groups))
         stop.set()

@@ -7,6 +7,11 @@ entry; 14 B when the model runs in bf16 and the loss upcasts), and with LoRA dro
 copy and mask of every adapted input. The constants were fitted to peak RSS
 measured on SmolLM2 (fp32 and bf16, 1.5k-4k tokens per step, within 5%), and
 tests/unit/test_plan_memory.py checks the estimate against a measured training step.
+
+Placement: a job whose estimate exceeds ``resources.device_memory_gb`` runs as a multi-worker Ray Train
+job with DeepSpeed ZeRO, on the fewest workers that fit: ZeRO-2 (gradients and optimizer state sharded)
+when that suffices, else ZeRO-3 (the frozen weights sharded too). Jobs that fit one worker and share a
+fusion key train fused, up to FUSED_GROUP_MAX per group.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class PlannedJob:
     trainable_params: int | None
     est_memory_gb: float | None
     fused_group: str | None = None  # jobs with the same group train together over one resident base
+    workers: int = 1  # data-parallel Ray Train workers (> 1: DeepSpeed ZeRO)
+    zero_stage: int | None = None  # 2 or 3 when workers > 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,37 +70,128 @@ def _param_count(cfg: Any) -> int:
     return layers * per_layer + emb + h
 
 
+class PlanError(ValueError):
+    """A job that no packing fits (the message says what to change)."""
+
+
+@dataclass(frozen=True)
+class MemoryParts:
+    """A job's training memory on one worker, in bytes, split the way ZeRO shards it."""
+
+    weights: float  # the frozen base at its training dtype (or NF4)
+    adapter_state: float  # trainable params with grads and two AdamW moments (fp32)
+    activations: float  # for the whole batch; data parallelism divides it
+    logits: float
+    gathered: float  # ZeRO-3: the largest weight one forward gathers at once (embedding or one layer)
+
+    def per_worker(self, workers: int = 1, stage: int | None = None) -> float:
+        n = max(1, workers)
+        per_batch = (self.activations + self.logits) / n
+        if stage == 3:
+            return (self.weights + self.adapter_state) / n + self.gathered + per_batch
+        if stage == 2:  # the fp32 params stay whole; gradients and moments are sharded
+            return self.weights + self.adapter_state / 4 + self.adapter_state * 3 / 4 / n + per_batch
+        return self.weights + self.adapter_state + per_batch
+
+
+def memory_parts(cfg: Any, job: JobSpec, trainable: int | None) -> MemoryParts:
+    method = get_method(job.method.name)
+    quantized = bool(method.base_load_kwargs(job.method))  # 4-bit NF4 + double quant: ~0.53 B/param
+    nbytes = _BYTES[job.train.dtype]
+    weights = _param_count(cfg) * (NF4_BYTES_PER_PARAM if quantized else nbytes)
+    adapter = (trainable or 0) * 4 * 4  # fp32 param + grad + two Adam moments
+    tokens = job.train.batch_size * job.train.max_seq_len
+    acts = tokens * cfg.hidden_size * cfg.num_hidden_layers * ACTIVATION_VALUES_PER_TOKEN_LAYER_HIDDEN * nbytes
+    logits = tokens * cfg.vocab_size * LOGIT_BYTES_PER_TOKEN_VOCAB[job.train.dtype]
+    if getattr(job.method, "dropout", 0.0):  # PEFT keeps each adapted input's dropped fp32 copy + mask
+        n_targets = len(job.method.resolved_targets())  # type: ignore[attr-defined]
+        acts += tokens * cfg.num_hidden_layers * n_targets * cfg.hidden_size * 4 * 2
+    layer = (_param_count(cfg) - cfg.vocab_size * cfg.hidden_size) / max(1, cfg.num_hidden_layers)
+    gathered = max(layer, cfg.vocab_size * cfg.hidden_size) * nbytes * 2  # the current one and a prefetch
+    return MemoryParts(weights, adapter, acts, logits, gathered)
+
+
+def placement(parts: MemoryParts | None, job: JobSpec, resources: Any) -> tuple[int, int | None, float | None]:
+    """(workers, ZeRO stage, estimated bytes per worker) for one job: one worker when it fits
+    ``device_memory_gb`` (or no limit is set); else the fewest workers up to ``max_workers_per_job``
+    that fit, with ZeRO-2 when sharding gradients and optimizer state suffices and ZeRO-3 (the weights
+    sharded too) otherwise. ``workers_per_job`` / ``zero_stage`` force the choice."""
+    forced_n, forced_stage = resources.workers_per_job, resources.zero_stage
+    forced_stage = None if forced_stage == "auto" else int(forced_stage)
+    cap = resources.device_memory_gb * 2**30 if resources.device_memory_gb else None
+    quantized = bool(get_method(job.method.name).base_load_kwargs(job.method))
+
+    def stages() -> list[int]:
+        if forced_stage:
+            return [forced_stage]
+        return [2] if quantized else [2, 3]  # a 4-bit base cannot be sharded by ZeRO-3
+
+    if forced_n is not None:
+        if forced_n == 1:
+            return 1, None, parts.per_worker() if parts else None
+        options = stages()  # the cheapest stage that fits on the forced workers, else the deepest
+        stage = next((st for st in options if parts is None or cap is None or parts.per_worker(forced_n, st) <= cap),
+                     options[-1])
+        return forced_n, stage, parts.per_worker(forced_n, stage) if parts else None
+    if parts is None or cap is None or parts.per_worker() <= cap:
+        return 1, None, parts.per_worker() if parts else None
+    for n in range(2, resources.max_workers_per_job + 1):
+        for stage in stages():
+            if parts.per_worker(n, stage) <= cap:
+                return n, stage, parts.per_worker(n, stage)
+    if quantized and forced_stage != 2:
+        why = "a 4-bit (QLoRA) base cannot be sharded with ZeRO-3"
+    else:
+        why = f"even ZeRO-{stages()[-1]} on {resources.max_workers_per_job} workers needs " \
+              f"{parts.per_worker(resources.max_workers_per_job, stages()[-1]) / 2**30:.2f} GiB per worker"
+    raise PlanError(f"{job.tenant}/{job.persona} needs {parts.per_worker() / 2**30:.2f} GiB on one worker, more "
+                    f"than resources.device_memory_gb={resources.device_memory_gb}, and {why}; give the "
+                    "workers more memory, raise resources.max_workers_per_job, or lower "
+                    "train.batch_size / train.max_seq_len")
+
+
 def plan_batch(batch_id: str, spec: BatchSpec, jobs: list[JobSpec], base_path: str | None = None
                ) -> list[PlannedJob]:
+    """Raises PlanError when a job fits no packing."""
     cfg = _model_config(base_path)
-    group_of = {}
-    for n, g in enumerate(fusion_groups(jobs), start=1):
-        for i in g:
-            group_of[i] = f"g{n}" if len(g) > 1 else None
-    out = []
-    for i, j in enumerate(jobs):
+    shapes = []
+    for j in jobs:
         method = get_method(j.method.name)
         trainable = method.trainable_params(cfg, j.method) if (cfg is not None and method.trainable_params) else None
-        mem = None
-        if cfg is not None:
-            quantized = bool(method.base_load_kwargs(j.method))  # 4-bit NF4 + double quant: ~0.53 B/param
-            weights = _param_count(cfg) * (NF4_BYTES_PER_PARAM if quantized else _BYTES[j.train.dtype])
-            adapter = (trainable or 0) * 4 * 4  # fp32 param + grad + two Adam moments
-            tokens = j.train.batch_size * j.train.max_seq_len
-            acts = (tokens * cfg.hidden_size * cfg.num_hidden_layers * ACTIVATION_VALUES_PER_TOKEN_LAYER_HIDDEN
-                    * _BYTES[j.train.dtype])
-            logits = tokens * cfg.vocab_size * LOGIT_BYTES_PER_TOKEN_VOCAB[j.train.dtype]
-            if getattr(j.method, "dropout", 0.0):  # PEFT keeps each adapted input's dropped fp32 copy + mask
-                n_targets = len(j.method.resolved_targets())  # type: ignore[attr-defined]
-                acts += tokens * cfg.num_hidden_layers * n_targets * cfg.hidden_size * 4 * 2
-            mem = round((weights + adapter + acts + logits) / 2**30, 2)
+        parts = memory_parts(cfg, j, trainable) if cfg is not None else None
+        shapes.append((trainable, placement(parts, j, spec.resources)))
+    multi = {i for i, (_, (n, _, _)) in enumerate(shapes) if n > 1}
+    group_of: dict[int, str | None] = dict.fromkeys(range(len(jobs)))
+    fused = [g for g in fusion_groups(jobs, exclude=multi) if len(g) > 1]
+    for n, g in enumerate(fused, start=1):
+        for i in g:
+            group_of[i] = f"g{n}"
+    out = []
+    for i, (j, (trainable, (workers, stage, mem))) in enumerate(zip(jobs, shapes)):
         aid = AdapterId(j.tenant, j.persona)
         out.append(PlannedJob(
             job_id=job_id(batch_id, j.tenant, j.persona), adapter=aid.key, registry_name=aid.registry_name,
             method=j.method.name, dataset=j.dataset, steps=j.train.steps, batch_size=j.train.batch_size,
             cpus=spec.resources.cpus_per_job, gpus=spec.resources.gpus_per_job,
-            trainable_params=trainable, est_memory_gb=mem, fused_group=group_of[i],
+            trainable_params=trainable, est_memory_gb=round(mem / 2**30, 2) if mem is not None else None,
+            fused_group=group_of[i], workers=workers, zero_stage=stage,
         ))
+    return out
+
+
+def execution_groups(planned: list[PlannedJob]) -> list[list[int]]:
+    """Indexes of the planned jobs as the orchestrator runs them: a fused group together, every other
+    job (single- or multi-worker) alone; in spec order."""
+    groups: dict[str, list[int]] = {}
+    out: list[list[int]] = []
+    for i, p in enumerate(planned):
+        if p.fused_group is None:
+            out.append([i])
+        elif p.fused_group in groups:
+            groups[p.fused_group].append(i)
+        else:
+            groups[p.fused_group] = [i]
+            out.append(groups[p.fused_group])
     return out
 
 
@@ -114,13 +212,14 @@ def fusion_key(job: JobSpec) -> tuple | None:
             quant)
 
 
-def fusion_groups(jobs: list[JobSpec], k_max: int = FUSED_GROUP_MAX) -> list[list[int]]:
+def fusion_groups(jobs: list[JobSpec], k_max: int = FUSED_GROUP_MAX, exclude: set[int] | frozenset = frozenset()
+                  ) -> list[list[int]]:
     """Indexes of ``jobs`` packed into fused groups of at most ``k_max`` (in spec order); a job that
-    cannot fuse, or is alone with its key, forms a group of one."""
+    cannot fuse (or is in ``exclude``: multi-worker jobs), or is alone with its key, forms a group of one."""
     by_key: dict[tuple, list[int]] = {}
     groups: list[list[int]] = []
     for i, j in enumerate(jobs):
-        key = fusion_key(j)
+        key = None if i in exclude else fusion_key(j)
         if key is None:
             groups.append([i])
             continue
@@ -130,9 +229,13 @@ def fusion_groups(jobs: list[JobSpec], k_max: int = FUSED_GROUP_MAX) -> list[lis
     return sorted(groups, key=lambda g: g[0])
 
 
-def concurrency(spec: BatchSpec, cluster_cpus: float, n_jobs: int) -> int:
-    """How many jobs run at once: what the spec caps, what the cluster's CPUs fit, at least one."""
-    fit = max(1, int(cluster_cpus // spec.resources.cpus_per_job))
+def concurrency(spec: BatchSpec, cluster: dict[str, float], n_jobs: int) -> int:
+    """How many jobs run at once: what the spec caps, what the cluster's CPUs (and GPUs, for GPU
+    jobs; fractions pack several per GPU) fit, at least one. Ray queues what does not fit yet."""
+    r = spec.resources
+    fit = max(1, int(cluster.get("CPU", 1) // r.cpus_per_job))
+    if r.gpus_per_job > 0:
+        fit = min(fit, max(1, int(cluster.get("GPU", 0) / r.gpus_per_job + 1e-9)))
     cap = spec.resources.max_concurrent_jobs or fit
     return max(1, min(cap, fit, n_jobs))
 

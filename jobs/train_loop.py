@@ -28,11 +28,14 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
-def load_base(path: str, dtype: str, method: MethodConfig) -> Any:
+def load_base(path: str, dtype: str, method: MethodConfig, device: Any = None) -> Any:
+    """The frozen base at ``dtype`` (4-bit where the method asks), on ``device`` (default: CPU)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs = get_method(method.name).base_load_kwargs(method)
+    if device is not None and str(device) != "cpu":
+        kwargs.setdefault("device_map", {"": device})
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kwargs)
     model.config.use_cache = False
     return model
@@ -83,8 +86,10 @@ def evaluate(model: Any, batches: Iterable[Batch]) -> dict[str, float]:
 
     total, correct, tokens = 0.0, 0, 0
     model.eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
         for b in batches:
+            b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
             out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
             logits = out.logits[:, :-1].float()
             labels = b["labels"][:, 1:]
@@ -126,6 +131,8 @@ def train_adapter(
     basis: Any = None,
     resume: dict[str, Any] | None = None,
     on_checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
+    zero: dict[str, Any] | None = None,
+    device: Any = None,
 ) -> TrainResult:
     """Attach ``method``'s adapter to the base and train it for ``train.steps`` optimizer steps.
 
@@ -135,60 +142,94 @@ def train_adapter(
 
     Fault tolerance: every ``train.checkpoint_every`` steps ``on_checkpoint(step, state)`` receives the
     training state (trainable weights, optimizer and schedule state, RNG, losses so far); passing such
-    a state back as ``resume`` continues from that step on the same data order, as if never stopped."""
+    a state back as ``resume`` continues from that step on the same data order, as if never stopped.
+
+    ``zero``: a DeepSpeed config (jobs/zero.py); the model trains inside a DeepSpeed engine, one of
+    several data-parallel workers. Its checkpoint state then carries the engine (``state["engine"]``,
+    to be written with ``engine.save_checkpoint``) instead of the weights and optimizer, and ``resume``
+    names the folder it was written to (``resume["engine_dir"]``)."""
     import torch
 
     seed_everything(train.seed)
     impl = get_method(method.name)
-    base = model if model is not None else load_base(base_path, train.dtype, method)
+    base = model if model is not None else load_base(base_path, train.dtype, method, device)
     peft_model = impl.apply(base, method, basis)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = impl.make_optimizer(params, train.learning_rate, train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))
+    engine = None
+    if zero is not None:
+        from adapterfab.jobs.zero import ZERO_TAG, init_engine
+
+        engine = init_engine(peft_model, opt, sched, zero)
+    device = engine.device if engine is not None else next(peft_model.parameters()).device
     losses: list[float] = []
     t0 = time.monotonic()
     tokens = 0
     batches = forever(epoch_batches)
     start = 0
     if resume is not None:
-        named = dict(peft_model.named_parameters())
-        with torch.no_grad():
-            for name, value in resume["trainable"].items():
-                named[name].copy_(value)
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
+        if engine is not None:
+            engine.load_checkpoint(resume["engine_dir"], tag=ZERO_TAG, load_module_strict=False,
+                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        else:
+            named = dict(peft_model.named_parameters())
+            with torch.no_grad():
+                for name, value in resume["trainable"].items():
+                    named[name].copy_(value)
+            opt.load_state_dict(resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])
         torch.set_rng_state(resume["rng"])
         losses, tokens, start = list(resume["losses"]), int(resume["tokens"]), int(resume["step"])
         for _ in range(start):  # the batches the interrupted run already consumed
             next(batches)
     for step in range(start + 1, train.steps + 1):
-        b = next(batches)
-        out = peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+        b = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        out = (engine or peft_model)(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                     labels=b["labels"])
         loss = out.loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {float(loss)} at step {step}; lower train.learning_rate")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        if engine is not None:  # averages gradients over the workers, clips, steps and zeroes them
+            engine.backward(loss)
+            engine.step()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         tokens += int(b["attention_mask"].sum())
+        if engine is not None:  # the step's loss over all workers' rows
+            from adapterfab.jobs.zero import mean_over_workers
+
+            losses[-1] = mean_over_workers(losses[-1], device)
         if on_step and (step % train.log_every_steps == 0 or step == train.steps):
             on_step(step, losses[-1], sched.get_last_lr()[0])
         if on_checkpoint and train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
-            on_checkpoint(step, {
-                "step": step, "losses": list(losses), "tokens": tokens, "rng": torch.get_rng_state(),
-                "trainable": {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad},
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+            state: dict[str, Any] = {"step": step, "losses": list(losses), "tokens": tokens,
+                                     "rng": torch.get_rng_state()}
+            if engine is not None:
+                state["engine"] = engine
+            else:
+                state.update({
+                    "trainable": {n: p.detach().clone() for n, p in peft_model.named_parameters()
+                                  if p.requires_grad},
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+            on_checkpoint(step, state)
     train_s = time.monotonic() - t0
+    if engine is not None:  # every worker's tokens
+        from adapterfab.jobs.zero import mean_over_workers
+
+        tokens = round(mean_over_workers(tokens, device) * torch.distributed.get_world_size())
     metrics: dict[str, float] = {
         "train_loss": losses[-1],
         "train_loss_first": losses[0],
         "train_s": train_s,
         "train_tokens_per_s": tokens / max(train_s, 1e-9),
-        "trainable_params": float(sum(p.numel() for p in params)),
+        "trainable_params": float(sum(int(getattr(p, "ds_numel", p.numel())) for p in params)),
     }
     if eval_batches is not None:
         ev = list(eval_batches())

@@ -170,3 +170,39 @@ def test_planner_groups_only_compatible_jobs() -> None:
     assert groups == [[0, 1, 2, 8], [3], [4, 5], [6], [7], [9]]
     _, dropout = parse_spec({"version": 1, "name": "g", "tenants": tenants[:2]})  # lora's default dropout
     assert fusion_groups(dropout) == [[0], [1]]
+
+
+def test_fused_group_resumes_from_its_checkpoint(tiny_model_path: str, data: dict) -> None:
+    """A fused group checkpoints every 2 steps; a fresh trainer over a fresh base, resumed from the
+    step-4 checkpoint (after one job already finished), ends with the same weights and losses as the
+    uninterrupted run; a job whose loss turned non-finite stays failed after the resume."""
+    cfg = get_method("lora").config_cls(r=4, alpha=8, dropout=0.0)
+
+    def jobs() -> list[FusedJob]:
+        return [_job(n, cfg, data, init=_peft_init(tiny_model_path, cfg, TRAIN[n]["seed"])) for n in TRAIN]
+
+    saved: list[dict] = []
+    full = FusedTrainer(_base(tiny_model_path), "lora", cfg.resolved_targets(), cfg.r)
+    results = {r.job_id: r for r in full.train(jobs(), on_checkpoint=saved.append, checkpoint_every=2)}
+    assert [s["iteration"] for s in saved] == [2, 4]  # none after the last step
+    at4 = saved[-1]
+    assert at4["jobs"]["j-butler"]["step"] == 4  # butler (4 steps) had finished at the checkpoint
+    import copy
+
+    at4 = copy.deepcopy(at4)
+    resumed_trainer = FusedTrainer(_base(tiny_model_path), "lora", cfg.resolved_targets(), cfg.r)
+    seen: list[tuple[str, int]] = []
+    resumed = {r.job_id: r for r in resumed_trainer.train(
+        jobs(), on_step=lambda j, s, loss, lr: seen.append((j, s)), resume=at4)}
+    assert sorted(seen) == [("j-pirate", 5), ("j-pirate", 6), ("j-robot", 5)]  # only the steps left
+    for jid, r in results.items():
+        assert resumed[jid].error is None
+        assert resumed[jid].losses == pytest.approx(r.losses, rel=1e-5)
+        for name, (a, b) in full.adapter_tensors(jid).items():
+            ra, rb = resumed_trainer.adapter_tensors(jid)[name]
+            torch.testing.assert_close(ra, a, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(rb, b, rtol=1e-5, atol=1e-7)
+    at4["jobs"]["j-robot"] = {**at4["jobs"]["j-robot"], "error": "loss became nan at step 3"}
+    again = {r.job_id: r for r in FusedTrainer(_base(tiny_model_path), "lora", cfg.resolved_targets(), cfg.r)
+             .train(jobs(), resume=at4)}
+    assert again["j-robot"].error == "loss became nan at step 3" and again["j-pirate"].error is None

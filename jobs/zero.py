@@ -1,0 +1,92 @@
+"""DeepSpeed ZeRO for a job whose base does not fit one worker (the planner decides: jobs/plan.py).
+
+The job runs as a multi-worker Ray Train TorchTrainer (gloo on CPU, NCCL on GPU); every worker calls
+``train_adapter`` with ``zero=deepspeed_config(...)``, which wraps the PEFT model in a DeepSpeed engine:
+ZeRO-2 shards gradients and optimizer state over the workers, ZeRO-3 also the frozen base weights
+(gathered layer by layer in the forward pass). Data parallel: each worker trains on its shard of the
+rows with ``ceil(batch_size / workers)`` rows per step and DeepSpeed averages the gradients.
+
+The adapter's weights stay fp32 (DeepSpeed's bf16 mode is off: it would cast them to bf16); a bf16
+base stays bf16. On CPU DeepSpeed's CPU accelerator is used (no ops are compiled).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator
+
+ZERO_TAG = "adapterfab"  # the tag of the engine checkpoint written at each training checkpoint
+
+
+def micro_batch(batch_size: int, workers: int) -> int:
+    return max(1, math.ceil(batch_size / max(1, workers)))
+
+
+def deepspeed_config(stage: int, batch_size: int, workers: int, clip: float = 1.0) -> dict[str, Any]:
+    micro = micro_batch(batch_size, workers)
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro * workers,
+        "gradient_clipping": clip,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,  # the method's own AdamW (torch), not DeepSpeed's fused one
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if stage == 3:  # gather a whole small layer at once; keep nothing gathered between steps
+        cfg["zero_optimization"].update({"stage3_param_persistence_threshold": 0,
+                                         "stage3_max_live_parameters": 10**8})
+    return cfg
+
+
+def init_engine(model: Any, optimizer: Any, scheduler: Any, config: dict[str, Any]) -> Any:
+    """The DeepSpeed engine around ``model``; torch.distributed must already be initialized (Ray Train
+    does it) and is reused."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=config, dist_init_required=False)
+    return engine
+
+
+def full_numel(p: Any) -> int:
+    """A parameter's size, also when ZeRO-3 has partitioned it away (``numel()`` is then 0)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def local_fraction(model: Any) -> float:
+    """The share of the model's parameters this worker holds (1.0 unless ZeRO-3 partitioned them)."""
+    total = held = 0
+    for p in model.parameters():
+        n = full_numel(p)
+        total += n
+        held += int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else n
+    return held / max(1, total)
+
+
+@contextlib.contextmanager
+def gathered_trainable(model: Any) -> Iterator[None]:
+    """Inside: the trainable (adapter) weights are whole on every worker, e.g. to save them."""
+    params = [p for p in model.parameters() if p.requires_grad and hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def mean_over_workers(value: float, device: Any = "cpu") -> float:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces only GPU tensors
+    dist.all_reduce(t)
+    return float(t[0]) / dist.get_world_size()
