@@ -1,6 +1,8 @@
-"""The orchestrator trains the planner's fused groups: three compatible LoRA jobs form one group, one
-of them fails in its data stage, and the other two train together in one Ray Train worker over one
-resident base, each registered as its own version with its lineage and promotion decision."""
+"""The orchestrator runs the planner's packing: three compatible LoRA jobs form one fused group, one of
+them fails in its data stage, and the other two train together in one Ray Train worker over one
+resident base, each registered as its own version with its lineage and promotion decision. A fourth
+job's batch (16 x 256 tokens) does not fit ``device_memory_gb``: it trains on two workers with
+DeepSpeed ZeRO-2, beside the group."""
 
 from __future__ import annotations
 
@@ -26,18 +28,19 @@ def test_batch_trains_a_fused_group(af_env: Path, tiny_model_path: str, mlflow_s
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     tenants = []
-    for name in ("zorp", "quux", "bad"):
+    for name in ("zorp", "quux", "bad", "big"):
         path = tmp_path / f"{name}.jsonl"
         rows = [json.dumps({"instruction": f"Say the number {i}.", "output": f"{name.upper()} {i}"}) for i in range(24)]
         if name == "bad":
             rows = ["not json"] * 20 + rows[:4]
         path.write_text("\n".join(rows) + "\n")
         tenants.append({"tenant": "fuse", "persona": name, "dataset": str(path)})
+    tenants[-1]["train"] = {"batch_size": 16, "max_seq_len": 256}  # ~2.5 GiB planned on one worker
     spec = {"version": 1, "name": "fused", "base_model": tiny_model_path, "promote": "auto",
             "defaults": {"method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
                          "train": {"steps": 8, "batch_size": 4, "learning_rate": 1e-2, "dtype": "float32",
                                    "max_seq_len": 64, "eval_fraction": 0.2}},
-            "tenants": tenants}
+            "resources": {"cpus_per_job": 0.5, "device_memory_gb": 1.5}, "tenants": tenants}
     spec_path = tmp_path / "batch.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     settings = Settings.load()
@@ -64,3 +67,10 @@ def test_batch_trains_a_fused_group(af_env: Path, tiny_model_path: str, mlflow_s
         assert Path(v.artifact_uri, "adapter_model.safetensors").exists()
         history = tracking.client.get_metric_history(j.mlflow_run_id, "loss")
         assert [m.step for m in history] == list(range(1, 9))
+    big = jobs["big"]
+    assert big.state.value == "SUCCEEDED", big.error
+    assert big.placement["workers"] == 2 and big.placement["zero_stage"] == 2 and big.placement["node_id"]
+    v = registry.get(AdapterId("fuse", "big").with_version(1))
+    assert v.tags[TAG + "training"] == "zero2:2" and v.tags[TAG + "workers"] == "2"
+    assert big.metrics["eval_loss"] < big.metrics["base_eval_loss"]
+    assert [m.step for m in tracking.client.get_metric_history(big.mlflow_run_id, "loss")] == list(range(1, 9))
