@@ -21,7 +21,7 @@ from adapterfab.spec import TrainConfig
 
 class ResidentWorker:
     def __init__(self, base_path: str, method: dict[str, Any], dtype: str = "float32", torch_threads: int = 0,
-                 basis_dir: str | None = None):
+                 basis_dir: str | None = None, device: str | None = None):
         import torch
 
         from adapterfab.jobs.fused import FAMILIES, FusedTrainer
@@ -34,7 +34,9 @@ class ResidentWorker:
         self.method = impl.config_cls(**method)
         basis = impl.load_basis(Path(basis_dir)) if basis_dir and impl.load_basis else None
         self.base_path = base_path
-        base = load_base(base_path, dtype, self.method)
+        if device == "cuda":  # inside a Ray GPU actor: the GPU Ray assigned (CUDA_VISIBLE_DEVICES)
+            device = "cuda:0"
+        base = load_base(base_path, dtype, self.method, device)
         self.trainer = FusedTrainer(base, FAMILIES[self.method.name], self.method.resolved_targets(),
                                     self.method.r, basis=basis)
         from transformers import AutoTokenizer
@@ -49,14 +51,13 @@ class ResidentWorker:
         job's data is read and tokenized here, the group trains fused, every adapter is evaluated and
         saved to ``out_root/<job_id>``. Returns per-job {job_id, metrics, adapter_dir, error}."""
         from adapterfab.jobs.fused import FusedJob
-        from adapterfab.pipelines.local import encode_file, epoch_batches
+        from adapterfab.pipelines.local import encode_file, epoch_batches, split_rows
 
         fused = []
         for j in jobs:
             train = TrainConfig(**j["train"])
             rows = encode_file(j["dataset"], self.tokenizer, train.max_seq_len)
-            n_eval = int(j.get("eval_rows", max(1, int(len(rows) * train.eval_fraction))))
-            tr, ev = rows[:-n_eval] if n_eval else rows, rows[-n_eval:] if n_eval else []
+            tr, ev = split_rows(rows, train.eval_fraction, j.get("eval_rows"))
             fused.append(FusedJob(j["job_id"], self.method, train,
                                   epoch_batches(tr, train.batch_size, train.seed, self.pad_id),
                                   (lambda ev=ev, bs=train.batch_size: list(epoch_batches(ev, bs, 0, self.pad_id)(0)))

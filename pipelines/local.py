@@ -20,6 +20,12 @@ def encode_file(path: str | Path, tokenizer: Any, max_seq_len: int) -> list[dict
     return rows
 
 
+def split_rows(rows: list[dict], eval_fraction: float, eval_rows: int | None = None) -> tuple[list[dict], list[dict]]:
+    """(train, eval): the last ``eval_rows`` rows (default: ``eval_fraction`` of them, at least one) held out."""
+    n_eval = int(eval_rows) if eval_rows is not None else max(1, int(len(rows) * eval_fraction))
+    return (rows[:-n_eval], rows[-n_eval:]) if n_eval else (rows, [])
+
+
 def epoch_batches(rows: list[dict], batch_size: int, seed: int, pad_id: int) -> Callable[[int], Iterator[dict]]:
     """``f(epoch)`` yields that epoch's padded batches in a seeded shuffle (what train_adapter takes)."""
 
