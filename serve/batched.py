@@ -1,0 +1,538 @@
+"""The batched multi-adapter engine: many generation requests, each for its own adapter (or none), decode
+together in one forward pass over one resident Llama-family base. Plain PyTorch (no Ray, no PEFT at run
+time), so it runs in a unit test, a Ray Serve replica or a benchmark alike.
+
+How a step works:
+- **Slots.** Every adapter on the device has a slot in a bank per target module: LoRA as padded
+  ``A[slot]`` (r_max × in) and ``B[slot]`` (out × r_max) with a per-slot scale, so adapters of different
+  ranks and module sets coexist (zeros where an adapter has no rank or no module); LoRA-XS as ``R[slot]``
+  (r × r) beside its basis' shared ``A`` (in × r) and ``B`` (r × out). Slot 0 is "no adapter" (zeros).
+- **Per-row deltas.** A target Linear computes ``x Wᵀ`` once for the whole batch, then for LoRA rows
+  ``s[slot]·(x·A[slot]ᵀ)·B[slot]ᵀ`` as a gathered batched matmul, and for LoRA-XS rows ``x·A`` and
+  ``·B`` once for the whole batch with only the r×r ``R[slot]`` per row.
+- **KV cache per request**: a preallocated ``[layers, slots, kv_heads, max_len, head_dim]`` cache; each
+  running request owns a cache row and its own positions, so requests of any length decode together.
+- **Continuous batching**: a scheduler thread admits waiting requests between decode steps (their
+  prompts are prefilled one request at a time), decodes every running request one token per step, and
+  retires finished ones; callers get text deltas as they are produced (``generate``), greedy or sampled
+  (temperature, top_p, seed), with stop strings, max_tokens and usage counts.
+
+Only Llama-shaped decoders (Llama, SmolLM2, Mistral-style GQA) are supported; others are refused.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapterfab.errors import AdapterfabError
+from adapterfab.methods.lora_xs import PEFT_TYPE as XS_PEFT_TYPE
+from adapterfab.serve.engine import (
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, DTYPES, IM_END, AdapterNotLoaded, AdapterRejected, Detokenizer, Event,
+    Finished, PromptTooLong, SamplingParams, StopMatcher, TextDelta, _sample,
+)
+
+log = logging.getLogger("adapterfab.serve.batched")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class EngineFull(AdapterfabError):
+    """Every adapter slot is held by a running request."""
+
+
+@dataclass
+class _XSBank:
+    """One LoRA-XS basis on the device: its shared factors per (layer, module) and the R of each slot."""
+
+    basis_id: str
+    r: int
+    a: dict[tuple[int, str], Any]  # in x r
+    b: dict[tuple[int, str], Any]  # r x out
+    rr: dict[tuple[int, str], Any] = field(default_factory=dict)  # [slots, r, r]
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    adapter: str | None
+    params: SamplingParams
+    out: queue.Queue
+    gen: Any
+    cache_row: int = -1
+    pos: int = 0  # tokens in the cache
+    produced: int = 0
+    last: int = -1
+    budget: int = 0
+    cancelled: bool = False
+
+
+class BatchedEngine:
+    """A resident base with up to ``max_adapters`` adapters on the device and up to ``max_batch``
+    requests decoding together; ``generate`` streams events like ``serve.engine.Engine``."""
+
+    def __init__(self, model_path: str | Path, dtype: str = "float32", device: str = "cpu",
+                 max_batch: int = 16, max_len: int = 1024, max_adapters: int = 64, max_rank: int = 64,
+                 torch_threads: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        path = str(Path(model_path).expanduser())
+        self.dtype = getattr(torch, DTYPES.get(dtype, dtype)) if isinstance(dtype, str) else dtype
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise AdapterfabError(f"the tokenizer in {path} has no chat template; serving needs one")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        cfg = model.config
+        if getattr(cfg, "model_type", "") not in ("llama", "mistral", "qwen2"):
+            raise AdapterfabError(f"the batched engine runs Llama-shaped decoders, not {cfg.model_type!r}")
+        self.model = model
+        self.cfg = cfg
+        self.layers = list(model.model.layers)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.max_len = min(max_len, int(getattr(cfg, "max_position_embeddings", max_len) or max_len))
+        self.max_batch, self.max_adapters, self.max_rank = max_batch, max_adapters, max_rank
+        shape = (len(self.layers), max_batch, self.n_kv, self.max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.linear = {(i, name): self._module(layer, name) for i, layer in enumerate(self.layers) for name in TARGETS}
+        # LoRA banks per (layer, module), created on first use; slot 0 stays zero (no adapter)
+        self.lora_a: dict[tuple[int, str], Any] = {}
+        self.lora_b: dict[tuple[int, str], Any] = {}
+        self.lora_scale = torch.zeros(max_adapters + 1, dtype=torch.float32, device=self.device)
+        self.xs: dict[str, _XSBank] = {}
+        self.xs_scale = torch.zeros(max_adapters + 1, dtype=torch.float32, device=self.device)
+        self._slot_of: dict[str, tuple[str, int, str | None]] = {}  # name -> (kind, slot, basis id)
+        self._free_slots = list(range(max_adapters, 0, -1))
+        self._in_use: collections.Counter[str] = collections.Counter()
+        self.eos_ids = self._eos_ids()
+        self._lock = threading.Lock()  # adapters and the waiting queue
+        self._tokenizer_lock = threading.Lock()
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._wake = threading.Condition(self._lock)
+        self._free_rows = list(range(max_batch - 1, -1, -1))
+        self._running: list[_Request] = []
+        self.steps = 0
+        self.batch_rows_total = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="batched-engine", daemon=True)
+        self._thread.start()
+
+    # -- set-up -----------------------------------------------------------------------------------
+    @staticmethod
+    def _module(layer: Any, name: str) -> Any:
+        return getattr(layer.self_attn, name) if name in ("q_proj", "k_proj", "v_proj", "o_proj") \
+            else getattr(layer.mlp, name)
+
+    def _eos_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        im_end = self.tokenizer.convert_tokens_to_ids(IM_END)
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            ids.add(im_end)
+        return {i for i in ids if isinstance(i, int)}
+
+    def close(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify_all()
+        self._thread.join(timeout=30)
+
+    # -- adapters ---------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        return sorted(self._slot_of)
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self._slot_of
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    def _take_slot(self) -> int:
+        if not self._free_slots:
+            raise EngineFull(f"all {self.max_adapters} adapter slots are loaded; unload one first")
+        return self._free_slots.pop()
+
+    def load_adapter(self, name: str, local_dir: str | Path, basis: Any = None) -> None:
+        """A PEFT LoRA folder, or a LoRA-XS folder with its ``basis`` (methods.lora_xs.Basis); shapes
+        are checked against the base before anything is placed. A no-op if ``name`` is loaded."""
+        local_dir = Path(local_dir)
+        with self._lock:
+            if name in self._slot_of:
+                return
+        cfg_path = local_dir / ADAPTER_CONFIG
+        if not cfg_path.exists() or not (local_dir / ADAPTER_WEIGHTS).exists():
+            raise AdapterRejected(f"{local_dir} is not an adapter folder ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("peft_type") == "LORA":
+            tensors = self._read_lora(local_dir, cfg)
+            with self._lock:
+                slot = self._take_slot()
+                self._place_lora(slot, tensors, cfg)
+                self._slot_of[name] = ("lora", slot, None)
+        elif cfg.get("peft_type") == XS_PEFT_TYPE:
+            if basis is None:
+                raise AdapterRejected(f"{name} is a LoRA-XS adapter: its basis is needed to load it")
+            rs, scale = self._read_lora_xs(local_dir, basis)
+            with self._lock:
+                slot = self._take_slot()
+                bank = self._xs_bank(basis)
+                for key, r in rs.items():
+                    bank.rr[key][slot] = r.to(self.device, self.dtype)
+                self.xs_scale[slot] = scale
+                self._slot_of[name] = ("lora_xs", slot, basis.id)
+        else:
+            raise AdapterRejected(f"{local_dir}: unknown adapter type {cfg.get('peft_type')!r}")
+        log.info("loaded adapter %s into slot %s", name, self._slot_of[name][1])
+
+    def unload_adapter(self, name: str) -> None:
+        """Free an adapter's slot; refused while a running request uses it; a no-op if not loaded."""
+        with self._lock:
+            entry = self._slot_of.get(name)
+            if entry is None:
+                return
+            if self._in_use[name]:
+                raise AdapterfabError(f"adapter {name} is in use by {self._in_use[name]} request(s)")
+            kind, slot, bid = self._slot_of.pop(name)
+            if kind == "lora":
+                for t in (*self.lora_a.values(), *self.lora_b.values()):
+                    t[slot].zero_()
+                self.lora_scale[slot] = 0
+            else:
+                for t in self.xs[bid].rr.values():  # type: ignore[index]
+                    t[slot].zero_()
+                self.xs_scale[slot] = 0
+            self._free_slots.append(slot)
+
+    def _key(self, module_path: str) -> tuple[int, str] | None:
+        parts = module_path.split(".")
+        if "layers" not in parts:
+            return None
+        i = parts.index("layers")
+        name = parts[-1]
+        return (int(parts[i + 1]), name) if name in TARGETS else None
+
+    def _read_lora(self, local_dir: Path, cfg: dict) -> dict[tuple[int, str], tuple[Any, Any]]:
+        from safetensors.torch import load_file
+
+        state = load_file(str(local_dir / ADAPTER_WEIGHTS))
+        r = int(cfg.get("r", 0))
+        if not 0 < r <= self.max_rank:
+            raise AdapterRejected(f"rank {r} is outside 1..{self.max_rank} (the engine's max_rank)")
+        pairs: dict[tuple[int, str], list[Any]] = {}
+        for k, v in state.items():
+            for part, idx in ((".lora_A.", 0), (".lora_B.", 1)):
+                if part in k:
+                    key = self._key(k.split(part)[0])
+                    if key is None or key not in self.linear:
+                        raise AdapterRejected(f"tensor {k} targets no supported module of the base")
+                    pairs.setdefault(key, [None, None])[idx] = v
+                    break
+            else:
+                raise AdapterRejected(f"unexpected tensor {k} in {local_dir}")
+        out = {}
+        for key, (a, b) in pairs.items():
+            lin = self.linear[key]
+            if a is None or b is None or tuple(a.shape) != (r, lin.in_features) or tuple(b.shape) != (lin.out_features, r):
+                raise AdapterRejected(f"{local_dir}: module {key} has shapes {getattr(a, 'shape', None)}, "
+                                      f"{getattr(b, 'shape', None)}; the base needs ({r}, {lin.in_features}) and "
+                                      f"({lin.out_features}, {r})")
+            out[key] = (a, b)
+        if not out:
+            raise AdapterRejected(f"{local_dir} holds no LoRA tensors")
+        return out
+
+    def _place_lora(self, slot: int, tensors: dict, cfg: dict) -> None:
+        import math
+
+        import torch
+
+        r = int(cfg["r"])
+        alpha = float(cfg.get("lora_alpha", r))
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        for key, (a, b) in tensors.items():
+            if key not in self.lora_a:
+                lin = self.linear[key]
+                n = self.max_adapters + 1
+                self.lora_a[key] = torch.zeros(n, self.max_rank, lin.in_features, dtype=self.dtype, device=self.device)
+                self.lora_b[key] = torch.zeros(n, lin.out_features, self.max_rank, dtype=self.dtype, device=self.device)
+            self.lora_a[key][slot].zero_()
+            self.lora_b[key][slot].zero_()
+            self.lora_a[key][slot, :r] = a.to(self.device, self.dtype)
+            self.lora_b[key][slot, :, :r] = b.to(self.device, self.dtype)
+        for key in self.lora_a:  # modules this adapter does not target stay zero for its slot
+            if key not in tensors:
+                self.lora_a[key][slot].zero_()
+                self.lora_b[key][slot].zero_()
+        self.lora_scale[slot] = scale
+
+    def _read_lora_xs(self, local_dir: Path, basis: Any) -> tuple[dict[tuple[int, str], Any], float]:
+        from adapterfab.methods.lora_xs import _read_adapter
+
+        try:
+            cfg, rs = _read_adapter(local_dir, basis)  # checks the basis id and digest
+        except AdapterfabError as e:
+            raise AdapterRejected(str(e)) from None
+        out = {}
+        for name, r in rs.items():
+            key = self._key(name)
+            if key is None or key not in self.linear or tuple(r.shape) != (basis.r, basis.r):
+                raise AdapterRejected(f"{local_dir}: R for {name} has shape {tuple(r.shape)}; needs "
+                                      f"({basis.r}, {basis.r}) on a module of the base")
+            out[key] = r
+        return out, float(cfg["alpha"]) / float(cfg["r"])
+
+    def _xs_bank(self, basis: Any) -> _XSBank:
+        import torch
+
+        bank = self.xs.get(basis.id)
+        if bank is None:
+            a, b = {}, {}
+            for name, (fa, fb) in basis.factors.items():
+                key = self._key(name)
+                if key is None or key not in self.linear:
+                    raise AdapterRejected(f"basis {basis.id}: module {name} is not in the base")
+                a[key], b[key] = fa.to(self.device, self.dtype), fb.to(self.device, self.dtype)
+            bank = _XSBank(basis.id, basis.r, a, b)
+            for key in a:
+                bank.rr[key] = torch.zeros(self.max_adapters + 1, basis.r, basis.r, dtype=self.dtype, device=self.device)
+            self.xs[basis.id] = bank
+        return bank
+
+    # -- the model, one step over rows --------------------------------------------------------------
+    def _linear(self, key: tuple[int, str], x: Any, lora_slots: Any, xs_slots: dict[str, Any]) -> Any:
+        import torch
+
+        y = self.linear[key](x)
+        if key in self.lora_a and lora_slots is not None:
+            a, b = self.lora_a[key][lora_slots], self.lora_b[key][lora_slots]  # [B, r, in], [B, out, r]
+            xa = torch.bmm(x, a.transpose(1, 2))  # [B, T, r]
+            y = y + torch.bmm(xa, b.transpose(1, 2)) * self.lora_scale[lora_slots].to(y.dtype)[:, None, None]
+        for bid, slots in xs_slots.items():
+            bank = self.xs[bid]
+            if key in bank.a:
+                xa = x @ bank.a[key]  # shared basis: one product for every row
+                xr = torch.bmm(xa, bank.rr[key][slots])  # only the r x r R per row
+                y = y + (xr @ bank.b[key]) * self.xs_scale[slots].to(y.dtype)[:, None, None]
+        return y
+
+    def _forward(self, ids: Any, rows: Any, starts: Any, lora_slots: Any, xs_slots: dict[str, Any]) -> Any:
+        """ids [B, T] of requests in cache ``rows`` [B], whose first new token sits at ``starts`` [B];
+        writes their K/V and returns the last position's logits [B, vocab]."""
+        import torch
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        bsz, t = ids.shape
+        positions = starts[:, None] + torch.arange(t, device=self.device)[None, :]
+        h = self.model.model.embed_tokens(ids)
+        cos, sin = self.model.model.rotary_emb(h, positions)
+        end = int((starts + t).max())
+        key_pos = torch.arange(end, device=self.device)
+        mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, L] causal per row
+        for i, layer in enumerate(self.layers):
+            x = layer.input_layernorm(h)
+            q = self._linear((i, "q_proj"), x, lora_slots, xs_slots).view(bsz, t, self.n_heads, self.head_dim)
+            k = self._linear((i, "k_proj"), x, lora_slots, xs_slots).view(bsz, t, self.n_kv, self.head_dim)
+            v = self._linear((i, "v_proj"), x, lora_slots, xs_slots).view(bsz, t, self.n_kv, self.head_dim)
+            q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            v = v.transpose(1, 2)
+            if t == 1:
+                self.k_cache[i, rows, :, starts] = k[:, :, 0]
+                self.v_cache[i, rows, :, starts] = v[:, :, 0]
+            else:
+                for b in range(bsz):
+                    s = int(starts[b])
+                    self.k_cache[i, rows[b], :, s:s + t] = k[b]
+                    self.v_cache[i, rows[b], :, s:s + t] = v[b]
+            keys, vals = self.k_cache[i, rows, :, :end], self.v_cache[i, rows, :, :end]
+            attn = torch.nn.functional.scaled_dot_product_attention(
+                q, keys, vals, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+            attn = attn.transpose(1, 2).reshape(bsz, t, self.n_heads * self.head_dim)
+            h = h + self._linear((i, "o_proj"), attn, lora_slots, xs_slots)
+            x = layer.post_attention_layernorm(h)
+            gate = self._linear((i, "gate_proj"), x, lora_slots, xs_slots)
+            up = self._linear((i, "up_proj"), x, lora_slots, xs_slots)
+            h = h + self._linear((i, "down_proj"), layer.mlp.act_fn(gate) * up, lora_slots, xs_slots)
+        h = self.model.model.norm(h[:, -1])
+        return self.model.lm_head(h).float()
+
+    def _slots(self, reqs: list[_Request]) -> tuple[Any, dict[str, Any]]:
+        import torch
+
+        lora = [0] * len(reqs)
+        xs: dict[str, list[int]] = {}
+        for n, r in enumerate(reqs):
+            if r.adapter is None:
+                continue
+            kind, slot, bid = self._slot_of[r.adapter]
+            if kind == "lora":
+                lora[n] = slot
+            else:
+                xs.setdefault(bid, [0] * len(reqs))[n] = slot  # type: ignore[arg-type]
+        as_t = lambda v: torch.tensor(v, device=self.device)  # noqa: E731
+        return (as_t(lora) if any(lora) else None), {b: as_t(v) for b, v in xs.items()}
+
+    # -- scheduling -------------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams) -> _Request:
+        import torch
+
+        if len(prompt_ids) >= self.max_len:
+            raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens; this engine takes at most "
+                                f"{self.max_len - 1}")
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        req = _Request(list(prompt_ids), adapter, params, queue.Queue(), gen)
+        req.budget = min(params.max_tokens, self.max_len - len(prompt_ids))
+        with self._wake:
+            if adapter is not None:
+                if adapter not in self._slot_of:
+                    raise AdapterNotLoaded(f"adapter {adapter} is not loaded")
+                self._in_use[adapter] += 1  # pinned until the request ends
+            self._waiting.append(req)
+            self._wake.notify()
+        return req
+
+    def _emit(self, req: _Request, token: int) -> bool:
+        """Send one token; True when the request is done."""
+        req.produced += 1
+        req.last = token
+        req.out.put(token)
+        if token in self.eos_ids or req.produced >= req.budget or req.cancelled:
+            return True
+        return False
+
+    def _retire(self, req: _Request) -> None:
+        req.out.put(None)
+        with self._lock:
+            if req.adapter is not None:
+                self._in_use[req.adapter] -= 1
+                if not self._in_use[req.adapter]:
+                    del self._in_use[req.adapter]
+            if req.cache_row >= 0:
+                self._free_rows.append(req.cache_row)
+                req.cache_row = -1
+
+    def _loop(self) -> None:
+        import torch
+
+        while True:
+            with self._wake:
+                while not self._stop and not self._waiting and not self._running:
+                    self._wake.wait()
+                if self._stop:
+                    return
+                admit = []
+                while self._waiting and self._free_rows:
+                    req = self._waiting.popleft()
+                    req.cache_row = self._free_rows.pop()
+                    admit.append(req)
+            try:
+                with torch.inference_mode():
+                    for req in admit:  # prefill, one request at a time
+                        if req.cancelled:
+                            self._retire(req)
+                            continue
+                        lora, xs = self._slots([req])
+                        logits = self._forward(torch.tensor([req.prompt], device=self.device),
+                                               torch.tensor([req.cache_row], device=self.device),
+                                               torch.tensor([0], device=self.device), lora, xs)
+                        req.pos = len(req.prompt)
+                        if self._emit(req, _sample(logits[0], req.params, req.gen)):
+                            self._retire(req)
+                        else:
+                            self._running.append(req)
+                    running = [r for r in self._running if not r.cancelled]
+                    for r in self._running:
+                        if r.cancelled:
+                            self._retire(r)
+                    if not running:
+                        self._running = []
+                        continue
+                    lora, xs = self._slots(running)
+                    ids = torch.tensor([[r.last] for r in running], device=self.device)
+                    rows = torch.tensor([r.cache_row for r in running], device=self.device)
+                    starts = torch.tensor([r.pos for r in running], device=self.device)
+                    logits = self._forward(ids, rows, starts, lora, xs)
+                    self.steps += 1
+                    self.batch_rows_total += len(running)
+                    still = []
+                    for n, r in enumerate(running):
+                        r.pos += 1
+                        if self._emit(r, _sample(logits[n], r.params, r.gen)):
+                            self._retire(r)
+                        else:
+                            still.append(r)
+                    self._running = still
+            except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep the engine alive
+                log.exception("engine step failed")
+                for r in {*admit, *self._running}:
+                    r.out.put(e)
+                    self._retire(r)
+                self._running = []
+
+    # -- the public contract (as serve.engine.Engine) ---------------------------------------------
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        with self._tokenizer_lock:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def generate_token_ids(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams,
+                           timeout_s: float = 600) -> Iterator[int]:
+        req = self.submit(prompt_ids, adapter, params)
+        try:
+            while True:
+                item = req.out.get(timeout=timeout_s)
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            req.cancelled = True  # a consumer that stops early frees its row at the next step
+
+    def generate(self, messages: list[dict[str, str]], adapter: str | None = None,
+                 params: SamplingParams | None = None) -> Iterator[Event]:
+        params = params or SamplingParams()
+        prompt_ids = self.encode_chat(messages)
+        detok, stops = Detokenizer(self.tokenizer), StopMatcher(params.stop)
+        n_out, reason = 0, "length"
+        tokens = self.generate_token_ids(prompt_ids, adapter, params)
+        try:
+            for token in tokens:
+                n_out += 1
+                if token in self.eos_ids:
+                    reason = "stop"
+                    break
+                text = stops.push(detok.add(token))
+                if text:
+                    yield TextDelta(text)
+                if stops.stopped:
+                    reason = "stop"
+                    break
+        finally:
+            tokens.close()
+        tail = stops.push(detok.flush()) + stops.flush()
+        if tail:
+            yield TextDelta(tail)
+        yield Finished(reason, len(prompt_ids), n_out)
+
+    def stats(self) -> dict[str, Any]:
+        return {"steps": self.steps, "mean_batch_rows": self.batch_rows_total / max(1, self.steps),
+                "adapters": len(self._slot_of), "running": len(self._running), "waiting": len(self._waiting),
+                "time": time.time()}

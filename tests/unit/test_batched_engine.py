@@ -1,0 +1,179 @@
+"""The batched multi-adapter engine against PEFT: requests for a Zipf mix of adapters (LoRA of ranks 2,
+4 and 8 on different modules, LoRA-XS on a shared basis, and the bare base) decode together, and each
+request's greedy fp32 tokens equal those of the same prompt run alone through PEFT (or LoRA-XS's own
+model) with its adapter. Also: sampling is reproducible per seed, stop strings and max_tokens end a
+request, an adapter in use cannot be unloaded, and malformed or mismatched adapters are refused."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapterfab.serve.batched import BatchedEngine
+from adapterfab.serve.engine import AdapterNotLoaded, AdapterRejected, Finished, SamplingParams, TextDelta
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+def _lora(base: str, out: Path, seed: int, r: int, targets: list[str]) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, task_type="CAUSAL_LM"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from adapterfab.methods.lora_xs import LoraXSConfig, compute_basis, write_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    out: dict = {"lora": {}, "xs": {}}
+    for name, seed, r, targets in (("pirate", 1, 4, ["q_proj", "v_proj"]), ("butler", 2, 8, ["q_proj", "v_proj"]),
+                                   ("robot", 3, 2, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                    "up_proj", "down_proj"]),
+                                   ("poet", 4, 4, ["o_proj", "down_proj"])):
+        out["lora"][name] = _lora(tiny_model_path, root / name, seed, r, targets)
+    cfg = LoraXSConfig(r=4, alpha=4)
+    basis = compute_basis(AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32), cfg, "tiny")
+    gen = torch.Generator().manual_seed(7)
+    for name in ("xs-one", "xs-two"):
+        rs = {m: torch.randn(4, 4, generator=gen) * 2.0 for m in basis.factors}
+        out["xs"][name] = write_adapter(root / name, cfg, basis.id, basis.digest, basis.base_fingerprint,
+                                        cfg.resolved_targets(), rs)
+    out["basis"] = basis
+    return out
+
+
+def _reference(base: str, adapters: dict, adapter: str | None, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens of one prompt alone, through PEFT (or LoRA-XS's model) with HF's own KV cache."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    if adapter in adapters["lora"]:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapters["lora"][adapter])).eval()
+    elif adapter in adapters["xs"]:
+        from adapterfab.methods.lora_xs import load
+
+        model = load(model, adapters["xs"][adapter], adapters["basis"]).eval()
+    ids, past, out = torch.tensor([prompt]), None, []
+    with torch.no_grad():
+        for _ in range(n):
+            res = model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            token = int(res.logits[0, -1].argmax())
+            out.append(token)
+            ids = torch.tensor([[token]])
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_path: str, adapters: dict):
+    eng = BatchedEngine(tiny_model_path, dtype="float32", max_batch=8, max_len=256, max_adapters=8, max_rank=8)
+    for name, path in adapters["lora"].items():
+        eng.load_adapter(name, path)
+    for name, path in adapters["xs"].items():
+        eng.load_adapter(name, path, basis=adapters["basis"])
+    yield eng
+    eng.close()
+
+
+def test_mixed_batch_equals_each_request_alone(engine: BatchedEngine, tiny_model_path: str, adapters: dict) -> None:
+    names = [None, "pirate", "butler", "robot", "poet", "xs-one", "xs-two"]
+    weights = [1 / (k + 1) for k in range(len(names))]  # Zipf over the adapters (and the base)
+    rng = random.Random(0)
+    vocab = engine.cfg.vocab_size
+    requests = []
+    for i in range(14):
+        adapter = rng.choices(names, weights)[0]
+        prompt = [rng.randrange(10, vocab) for _ in range(rng.randint(3, 40))]
+        requests.append((adapter, prompt))
+    eos_free = SamplingParams(max_tokens=12, temperature=0.0)
+    got: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        adapter, prompt = requests[i]
+        got[i] = list(engine.generate_token_ids(prompt, adapter, eos_free))
+
+    steps0, rows0 = engine.steps, engine.batch_rows_total
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert len(got) == len(requests)
+    assert (engine.batch_rows_total - rows0) / max(1, engine.steps - steps0) > 2  # they really decoded together
+    for i, (adapter, prompt) in enumerate(requests):
+        want = _reference(tiny_model_path, adapters, adapter, prompt, len(got[i]))
+        assert got[i] == want, (i, adapter)
+    # and the adapters matter: the same prompt differs across adapters
+    prompt = requests[0][1]
+    outs = {a: tuple(engine.generate_token_ids(prompt, a, eos_free)) for a in names}
+    assert len(set(outs.values())) >= 5, outs
+
+
+def test_sampling_stops_and_usage(engine: BatchedEngine) -> None:
+    msgs = [{"role": "user", "content": "Hello there"}]
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=123)
+    a = list(engine.generate_token_ids(engine.encode_chat(msgs), "pirate", params))
+    b = list(engine.generate_token_ids(engine.encode_chat(msgs), "pirate", params))
+    assert a == b and len(a) <= 10  # same seed, same tokens
+    events = list(engine.generate(msgs, "butler", SamplingParams(max_tokens=5, temperature=0.0)))
+    assert isinstance(events[-1], Finished) and events[-1].completion_tokens <= 5
+    assert events[-1].prompt_tokens == len(engine.encode_chat(msgs))
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    if len(text) > 2:  # a stop string taken from the greedy output ends the text before it
+        stop = text[1:3]
+        stopped = list(engine.generate(msgs, "butler", SamplingParams(max_tokens=5, temperature=0.0, stop=(stop,))))
+        cut = "".join(e.text for e in stopped if isinstance(e, TextDelta))
+        assert stop not in cut and text.startswith(cut) and stopped[-1].finish_reason == "stop"
+
+
+def test_adapters_in_use_and_bad_adapters(engine: BatchedEngine, adapters: dict, tmp_path: Path,
+                                          tiny_model_path: str) -> None:
+    with pytest.raises(AdapterNotLoaded):
+        list(engine.generate_token_ids([1, 2, 3], "nobody", GREEDY))
+    tokens = engine.generate_token_ids([5, 6, 7], "poet", SamplingParams(max_tokens=200, temperature=0.0))
+    next(tokens)
+    with pytest.raises(Exception, match="in use"):
+        engine.unload_adapter("poet")
+    tokens.close()
+    import time
+
+    deadline = time.monotonic() + 10
+    while engine.busy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    engine.unload_adapter("poet")
+    assert not engine.has_adapter("poet")
+    engine.load_adapter("poet", adapters["lora"]["poet"])  # its slot comes back
+    # wrong shapes: an adapter made for another base
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    cfg = json.loads((adapters["lora"]["pirate"] / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import load_file, save_file
+
+    state = {k: torch.cat([v, v], dim=-1) if "lora_A" in k else v
+             for k, v in load_file(str(adapters["lora"]["pirate"] / "adapter_model.safetensors")).items()}
+    save_file(state, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(AdapterRejected, match="shapes"):
+        engine.load_adapter("bad", bad)
+    with pytest.raises(AdapterRejected, match="basis"):
+        engine.load_adapter("xs-nobasis", adapters["xs"]["xs-one"])
+    assert not engine.has_adapter("bad")
