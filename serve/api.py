@@ -127,8 +127,10 @@ class ResolveCache:
     is followed without a restart, long enough to keep the registry off the hot path."""
 
     def __init__(self, resolver: Callable[[AdapterId], AdapterVersion], ttl_s: float,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 on_alias_moved: Callable[[str], Any] | None = None):
         self.resolver, self.ttl_s, self.clock = resolver, ttl_s, clock
+        self.on_alias_moved = on_alias_moved  # called with the new version key when an alias moves
         self._entries: dict[AdapterId, tuple[float, AdapterVersion | None]] = {}
 
     async def get(self, aid: AdapterId) -> AdapterVersion | None:
@@ -148,6 +150,13 @@ class ResolveCache:
                            code="registry_unavailable") from None
         if len(self._entries) >= _RESOLVE_CACHE_MAX_ENTRIES:
             self._entries.clear()
+        previous = hit[1] if hit is not None else None
+        if (self.on_alias_moved and aid.alias and version is not None and previous is not None
+                and previous.id != version.id):
+            try:  # warm the new version before its first request (prefetch)
+                self.on_alias_moved(str(version.id))
+            except Exception:  # noqa: BLE001 - a prefetch is an optimisation
+                log.warning("prefetch of %s failed", version.id, exc_info=True)
         self._entries[aid] = (now + self.ttl_s, version)
         return version
 
@@ -165,12 +174,13 @@ def _sse(obj: Any) -> str:
 def make_api(backend: Backend, auth: Callable[[str | None], str | None],
              resolver: Callable[[AdapterId], AdapterVersion],
              lister: Callable[[str], list[str]] | None = None, resolve_ttl_s: float = 5.0,
-             catalog: Callable[[str], list[RegisteredAdapter]] | None = None) -> FastAPI:
+             catalog: Callable[[str], list[RegisteredAdapter]] | None = None,
+             on_alias_moved: Callable[[str], Any] | None = None) -> FastAPI:
     """``auth(key) -> tenant | None`` and ``resolver`` are blocking (they run in a thread pool);
     ``lister(tenant)`` names the tenant's models for ``GET /v1/models`` (base only when absent);
     ``catalog(tenant)`` lists the tenant's registered adapters for ``/v1/registry/...``."""
     app = FastAPI(title="adapterfab", docs_url=None, redoc_url=None)
-    resolve = ResolveCache(resolver, resolve_ttl_s)
+    resolve = ResolveCache(resolver, resolve_ttl_s, on_alias_moved=on_alias_moved)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:

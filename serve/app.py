@@ -48,51 +48,120 @@ class ServeConfig:
     adapter_cache_dir: str = field(default_factory=lambda: str(default_cache() / "adapters"))
     resolve_ttl_s: float = 5.0  # how long the ingress trusts an alias resolution
     base_fingerprint: str | None = None  # refuse adapters trained on other base weights
+    engine: str = "batched"  # "batched": requests for any adapters decode together; "simple": one at a time
+    max_batch: int = 16  # batched: requests decoding together per replica
+    max_len: int = 2048  # batched: prompt + completion tokens per request (the KV cache is preallocated)
+    max_rank: int = 64  # batched: the largest LoRA rank a replica accepts
+    cpu_cache_mb: int = 2048  # batched: adapters kept read in RAM beside the device slots
+    min_replicas: int | None = None  # set both for autoscaling on ongoing requests
+    max_replicas: int | None = None
+    target_ongoing_requests: int = 8
+    graceful_shutdown_s: float = 30.0  # a replica that is scaled down finishes its requests first
 
 
 class EngineDeployment:
-    """One replica: the base model once, up to ``max_adapters_per_replica`` adapters (LRU, Serve's
-    multiplexer). A request without a multiplexed model id runs on the base model."""
+    """One replica: the base model once, adapters on demand by version id. Serve's multiplexer routes a
+    version's requests to replicas that hold it; with the batched engine the adapters live in tiers
+    (device slots, CPU, disk, store: ``serve.tiers``) and requests for any of them decode together."""
 
     def __init__(self, cfg: ServeConfig):
         from adapterfab.registry import Registry
-        from adapterfab.serve.engine import Engine
 
         self.cfg = cfg
-        self.engine = Engine(cfg.base_model_path, dtype=cfg.dtype, torch_threads=cfg.torch_threads,
-                             device="cuda" if cfg.replica_num_gpus else "cpu")
-        self.pins = AdapterPins(self.engine)
         self.registry = Registry(cfg.mlflow_uri)
         self.loads = 0
+        device = "cuda" if cfg.replica_num_gpus else "cpu"
+        self.tiers = None
+        if cfg.engine == "batched":
+            from adapterfab.serve.backend import download_native
+            from adapterfab.serve.batched import BatchedEngine
+            from adapterfab.serve.tiers import AdapterTiers
+
+            self.engine: Any = BatchedEngine(cfg.base_model_path, dtype=cfg.dtype, device=device,
+                                             max_batch=cfg.max_batch, max_len=cfg.max_len,
+                                             max_adapters=cfg.max_adapters_per_replica, max_rank=cfg.max_rank,
+                                             torch_threads=cfg.torch_threads)
+            self.tiers = AdapterTiers(self.engine, lambda key: download_native(self.registry, key,
+                                                                                cfg.adapter_cache_dir),
+                                      cpu_bytes=cfg.cpu_cache_mb << 20)
+        else:
+            from adapterfab.serve.engine import Engine
+
+            self.engine = Engine(cfg.base_model_path, dtype=cfg.dtype, torch_threads=cfg.torch_threads, device=device)
+        self.pins = AdapterPins(self.engine) if self.tiers is None else None
 
         # built here, not as a class decorator, so the limit comes from the config; the name must not
         # be a str attribute (Serve's method detection looks it up on the model id)
-        async def _load_adapter_for_multiplex(version_key: str) -> LoadedAdapter:
+        async def _load_adapter_for_multiplex(version_key: str) -> Any:
             return await self._load(version_key)
 
         self._get_adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(
             _load_adapter_for_multiplex)
 
-    async def _load(self, version_key: str) -> LoadedAdapter:
+    async def _load(self, version_key: str) -> Any:
+        self.loads += 1
+        if self.tiers is not None:
+            await asyncio.to_thread(self.tiers.load, version_key)
+            return TierHandle(self.tiers, version_key)
         local_dir = await asyncio.to_thread(download_adapter, self.registry, version_key,
                                             self.cfg.adapter_cache_dir)
-        await asyncio.to_thread(self.pins.loaded, version_key, local_dir)
-        self.loads += 1
+        await asyncio.to_thread(self.pins.loaded, version_key, local_dir)  # type: ignore[union-attr]
         log.info("adapter %s loaded from %s", version_key, local_dir)
-        return LoadedAdapter(self.pins, version_key, Path(local_dir))
+        return LoadedAdapter(self.pins, version_key, Path(local_dir))  # type: ignore[arg-type]
 
     async def generate(self, messages: list[dict[str, str]], params: SamplingParams) -> AsyncIterator[Event]:
         version_key = serve.get_multiplexed_model_id() or None
-        local_dir = (await self._get_adapter(version_key)).local_dir if version_key else None
+        handle = await self._get_adapter(version_key) if version_key else None
+        if self.tiers is not None:
+            from adapterfab.serve.backend import BatchedBackend
+
+            async for ev in BatchedBackend(self.engine, self.tiers).generate(version_key, None, messages, params):
+                yield ev
+            return
+
         def run() -> Iterator[Event]:
-            return self.pins.generate(version_key, local_dir, messages, params)
+            return self.pins.generate(version_key, handle.local_dir if handle else None,  # type: ignore[union-attr]
+                                      messages, params)
 
         async for ev in iterate_in_thread(run):
             yield ev
 
+    async def prefetch(self) -> bool:
+        """Load the multiplexed version now (an alias moved to it): the first request finds it warm."""
+        version_key = serve.get_multiplexed_model_id() or None
+        if version_key:
+            await self._get_adapter(version_key)
+        return version_key is not None
+
     async def stats(self) -> dict[str, Any]:
-        """What this replica holds (tests and debugging)."""
-        return {"adapters": self.engine.adapters, "loads": self.loads}
+        """What this replica holds (tests, metrics and debugging)."""
+        out: dict[str, Any] = {"adapters": self.engine.adapters, "loads": self.loads, "engine": self.cfg.engine}
+        if self.tiers is not None:
+            out.update({"tiers": self.tiers.stats(), "batching": self.engine.stats()})
+        return out
+
+    async def check_health(self) -> None:
+        """Serve restarts a replica whose engine thread died."""
+        thread = getattr(self.engine, "_thread", None)
+        if thread is not None and not thread.is_alive():
+            raise RuntimeError("the batched engine's scheduler thread stopped")
+
+
+class TierHandle:
+    """What Serve's multiplexer holds per adapter with the batched engine; its eviction (``__del__``,
+    called explicitly and again by the garbage collector) takes the adapter off the device once."""
+
+    def __init__(self, tiers: Any, key: str):
+        self.tiers, self.key, self._done = tiers, key, False
+
+    def __del__(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self.tiers.evict(self.key)  # a pinned adapter stays until its requests end (tiers LRU)
+        except Exception:  # noqa: BLE001 - never raise from __del__
+            pass
 
 
 class RayBackend:
@@ -106,6 +175,10 @@ class RayBackend:
         stream = self.handle.options(stream=True, multiplexed_model_id=version_key or "")
         async for ev in stream.generate.remote(messages, params):
             yield ev
+
+    def prefetch(self, version_key: str) -> None:
+        """Fire and forget: a replica (one that already holds it, if any) loads the version."""
+        self.handle.options(multiplexed_model_id=version_key).prefetch.remote()
 
 
 @serve.ingress()
@@ -132,8 +205,10 @@ class Ingress:
                 out.extend(f"{ra.id}@{alias}" for alias in sorted(ra.aliases))
             return out
 
-        return make_api(RayBackend(self.engine), keys.verify, checked_resolver(registry, self.cfg.base_fingerprint),
-                        lister=lister, catalog=registry.list, resolve_ttl_s=self.cfg.resolve_ttl_s)
+        backend = RayBackend(self.engine)
+        return make_api(backend, keys.verify, checked_resolver(registry, self.cfg.base_fingerprint),
+                        lister=lister, catalog=registry.list, resolve_ttl_s=self.cfg.resolve_ttl_s,
+                        on_alias_moved=backend.prefetch)
 
 
 def checked_resolver(registry: Any, base_fingerprint: str | None) -> Any:
@@ -152,8 +227,13 @@ def checked_resolver(registry: Any, base_fingerprint: str | None) -> Any:
 
 
 def build_app(cfg: ServeConfig) -> serve.Application:
+    scaling: dict[str, Any] = {"num_replicas": cfg.num_replicas}
+    if cfg.min_replicas is not None and cfg.max_replicas is not None:  # autoscale on ongoing requests
+        scaling = {"autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                                          "target_ongoing_requests": cfg.target_ongoing_requests}}
     engine = serve.deployment(EngineDeployment, name="EngineDeployment").options(
-        num_replicas=cfg.num_replicas,
+        **scaling, graceful_shutdown_timeout_s=cfg.graceful_shutdown_s,
+        max_ongoing_requests=max(cfg.max_batch * 2, 8),
         ray_actor_options={"num_cpus": cfg.replica_num_cpus, "num_gpus": cfg.replica_num_gpus})
     ingress = serve.deployment(Ingress, name="Ingress").options(ray_actor_options={"num_cpus": 0})
     return ingress.bind(engine.bind(cfg), cfg)
@@ -163,7 +243,9 @@ def build_app(cfg: ServeConfig) -> serve.Application:
 _BUILDER_REQUIRED = ("base_model", "mlflow_uri", "state_url")
 _BUILDER_OPTIONAL: dict[str, type] = {
     "dtype": str, "num_replicas": int, "replica_num_cpus": float, "replica_num_gpus": float,
-    "max_adapters_per_replica": int, "adapter_cache_dir": str, "torch_threads": int, "resolve_ttl_s": float}
+    "max_adapters_per_replica": int, "adapter_cache_dir": str, "torch_threads": int, "resolve_ttl_s": float,
+    "engine": str, "max_batch": int, "max_len": int, "max_rank": int, "cpu_cache_mb": int, "min_replicas": int,
+    "max_replicas": int, "target_ongoing_requests": int, "graceful_shutdown_s": float}
 
 
 def _builder_arg(name: str, kind: type, value: Any) -> Any:
@@ -203,6 +285,9 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     bad = [
         options.get("dtype", "float32") not in DTYPES and f"dtype must be one of {', '.join(DTYPES)}",
         options.get("num_replicas", 1) < 1 and "num_replicas must be at least 1",
+        options.get("engine", "batched") not in ("batched", "simple") and "engine must be batched or simple",
+        (options.get("min_replicas") is None) != (options.get("max_replicas") is None)
+        and "give both min_replicas and max_replicas (autoscaling) or neither",
         min(options.get("replica_num_cpus", 0), options.get("replica_num_gpus", 0)) < 0
         and "replica_num_cpus and replica_num_gpus must not be negative",
     ]

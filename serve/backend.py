@@ -183,6 +183,74 @@ def download_adapter(registry: Any, version_key: str, cache_dir: str | Path) -> 
     return dest
 
 
+_BASES: dict[str, Any] = {}  # basis URI -> loaded LoRA-XS basis (shared by every adapter on it)
+_BASES_LOCK = threading.Lock()
+
+
+def download_native(registry: Any, version_key: str, cache_dir: str | Path) -> tuple[Path, Any, bool]:
+    """The adapter version as its method saved it, for the batched engine: (local folder, LoRA-XS
+    basis or None, whether it came from the store). LoRA-XS stays R-only (kilobytes) with its basis
+    downloaded once per basis and shared. Folders are written to a temp name and renamed into place."""
+    aid = AdapterId.parse(version_key)
+    if aid.version is None:
+        raise ValueError(f"{version_key!r} is not a concrete version (tenant/persona@N)")
+    dest = Path(cache_dir).expanduser() / "native" / aid.tenant / aid.persona / str(aid.version)
+    version = None
+    from_store = not (dest / "adapter_config.json").is_file()
+    if from_store:
+        version = registry.get(aid)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            got = Path(registry.download(version, tmp))
+            cfg = next(iter(sorted(got.rglob("adapter_config.json"), key=lambda p: len(p.parts))), None)
+            if cfg is None:
+                raise FileNotFoundError(f"adapter {version_key} has no adapter_config.json in its artifacts")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(cfg.parent, dest)
+            except OSError:  # another loader won the race
+                if not (dest / "adapter_config.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    import json
+
+    if json.loads((dest / "adapter_config.json").read_text()).get("peft_type") != "LORA_XS":
+        return dest, None, from_store
+    version = version or registry.get(aid)
+    uri = version.tags.get("adapterfab.basis_uri")
+    if not uri:
+        raise ValueError(f"{version_key} is a LoRA-XS adapter but its version records no basis_uri")
+    with _BASES_LOCK:
+        basis = _BASES.get(uri)
+        if basis is None:
+            from adapterfab.export import fetch_basis
+            from adapterfab.methods import get_method
+
+            folder = Path(cache_dir).expanduser() / "bases" / uuid.uuid5(uuid.NAMESPACE_URL, uri).hex
+            basis = _BASES[uri] = fetch_basis(get_method("lora_xs"), uri, folder)
+    return dest, basis, from_store
+
+
+class BatchedBackend:
+    """An in-process batched engine (``serve.batched.BatchedEngine``) behind adapter tiers
+    (``serve.tiers.AdapterTiers``): requests for any adapters decode together."""
+
+    def __init__(self, engine: Any, tiers: Any):
+        self.engine, self.tiers = engine, tiers
+
+    async def generate(self, version_key: str | None, adapter: AdapterVersion | None,
+                       messages: list[dict[str, str]], params: SamplingParams) -> AsyncIterator[Event]:
+        if version_key is not None:
+            await asyncio.to_thread(self.tiers.acquire, version_key)  # pinned until the request ends
+        try:
+            async for ev in iterate_in_thread(lambda: self.engine.generate(messages, version_key, params)):
+                yield ev
+        finally:
+            if version_key is not None:
+                self.tiers.release(version_key)
+
+
 class LocalBackend:
     """An in-process engine with an LRU of at most ``max_adapters`` loaded adapters.
     ``fetch(version) -> local folder`` gets an adapter's files (e.g. ``download_adapter``)."""

@@ -61,6 +61,17 @@ class _XSBank:
 
 
 @dataclass
+class ParsedAdapter:
+    """An adapter read from its folder and checked against the base, not yet on the device."""
+
+    kind: str  # "lora" | "lora_xs"
+    cfg: dict
+    tensors: dict  # (layer, module) -> (A, B) for LoRA, R for LoRA-XS
+    basis: Any  # the LoRA-XS basis, else None
+    nbytes: int = 0
+
+
+@dataclass
 class _Request:
     prompt: list[int]
     adapter: str | None
@@ -169,37 +180,59 @@ class BatchedEngine:
             raise EngineFull(f"all {self.max_adapters} adapter slots are loaded; unload one first")
         return self._free_slots.pop()
 
-    def load_adapter(self, name: str, local_dir: str | Path, basis: Any = None) -> None:
-        """A PEFT LoRA folder, or a LoRA-XS folder with its ``basis`` (methods.lora_xs.Basis); shapes
-        are checked against the base before anything is placed. A no-op if ``name`` is loaded."""
+    def read_adapter(self, local_dir: str | Path, basis: Any = None) -> ParsedAdapter:
+        """Read and check an adapter folder (no engine state touched): a PEFT LoRA, or a LoRA-XS adapter
+        with its ``basis`` (methods.lora_xs.Basis). Shapes are checked against the base here."""
         local_dir = Path(local_dir)
+        cfg_path = local_dir / ADAPTER_CONFIG
+        if not cfg_path.is_file() or not (local_dir / ADAPTER_WEIGHTS).is_file():
+            raise AdapterRejected(f"{local_dir} is not an adapter folder ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except ValueError as e:
+            raise AdapterRejected(f"{cfg_path} is not valid JSON: {e}") from None
+        if cfg.get("peft_type") == "LORA":
+            tensors: dict = self._read_lora(local_dir, cfg)
+            parsed = ParsedAdapter("lora", cfg, tensors, None)
+        elif cfg.get("peft_type") == XS_PEFT_TYPE:
+            if basis is None:
+                raise AdapterRejected(f"{local_dir} is a LoRA-XS adapter: its basis is needed to load it")
+            rs, scale = self._read_lora_xs(local_dir, basis)
+            parsed = ParsedAdapter("lora_xs", {**cfg, "scale": scale}, rs, basis)
+        else:
+            raise AdapterRejected(f"{local_dir}: unknown adapter type {cfg.get('peft_type')!r}")
+        parsed.nbytes = sum(t.numel() * t.element_size() for v in parsed.tensors.values()
+                            for t in (v if isinstance(v, tuple) else (v,)))
+        return parsed
+
+    def place(self, name: str, parsed: ParsedAdapter) -> None:
+        """Put a read adapter into a free device slot under ``name`` (a no-op if it is there)."""
         with self._lock:
             if name in self._slot_of:
                 return
-        cfg_path = local_dir / ADAPTER_CONFIG
-        if not cfg_path.exists() or not (local_dir / ADAPTER_WEIGHTS).exists():
-            raise AdapterRejected(f"{local_dir} is not an adapter folder ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-        cfg = json.loads(cfg_path.read_text())
-        if cfg.get("peft_type") == "LORA":
-            tensors = self._read_lora(local_dir, cfg)
-            with self._lock:
-                slot = self._take_slot()
-                self._place_lora(slot, tensors, cfg)
+            slot = self._take_slot()
+            if parsed.kind == "lora":
+                self._place_lora(slot, parsed.tensors, parsed.cfg)
                 self._slot_of[name] = ("lora", slot, None)
-        elif cfg.get("peft_type") == XS_PEFT_TYPE:
-            if basis is None:
-                raise AdapterRejected(f"{name} is a LoRA-XS adapter: its basis is needed to load it")
-            rs, scale = self._read_lora_xs(local_dir, basis)
-            with self._lock:
-                slot = self._take_slot()
-                bank = self._xs_bank(basis)
-                for key, r in rs.items():
+            else:
+                bank = self._xs_bank(parsed.basis)
+                for key, r in parsed.tensors.items():
                     bank.rr[key][slot] = r.to(self.device, self.dtype)
-                self.xs_scale[slot] = scale
-                self._slot_of[name] = ("lora_xs", slot, basis.id)
-        else:
-            raise AdapterRejected(f"{local_dir}: unknown adapter type {cfg.get('peft_type')!r}")
-        log.info("loaded adapter %s into slot %s", name, self._slot_of[name][1])
+                self.xs_scale[slot] = parsed.cfg["scale"]
+                self._slot_of[name] = ("lora_xs", slot, parsed.basis.id)
+        log.info("placed adapter %s in slot %s", name, slot)
+
+    def load_adapter(self, name: str, local_dir: str | Path, basis: Any = None) -> None:
+        """``read_adapter`` + ``place``; a no-op if ``name`` is loaded."""
+        if name not in self._slot_of:
+            self.place(name, self.read_adapter(local_dir, basis))
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def in_use(self, name: str) -> int:
+        return self._in_use.get(name, 0)
 
     def unload_adapter(self, name: str) -> None:
         """Free an adapter's slot; refused while a running request uses it; a no-op if not loaded."""

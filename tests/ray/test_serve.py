@@ -92,7 +92,7 @@ def test_serve_end_to_end(served: dict, tiny_model_path: str) -> None:
     assert chunks[-1].choices[0].finish_reason == r1.choices[0].finish_reason
     stats = engine_stats()
     assert stats["adapters"] == ["acme/pirate@1"] and stats["loads"] == 1  # loaded once, then cached
-    cached = Path(served["cfg"].adapter_cache_dir) / "acme" / "pirate" / "1"
+    cached = Path(served["cfg"].adapter_cache_dir) / "native" / "acme" / "pirate" / "1"  # the disk tier
     assert (cached / "adapter_model.safetensors").exists()
 
     base = c.chat.completions.create(model="base", messages=MSGS, max_tokens=10, temperature=0)

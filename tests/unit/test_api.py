@@ -204,3 +204,32 @@ def test_bad_json_and_unknown_route(stack: dict) -> None:
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = httpx.get(stack["url"] + "/v2/whatever", headers=h)
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_alias_move_triggers_one_prefetch_of_the_new_version() -> None:
+    import asyncio
+
+    from adapterfab.ids import AdapterId
+    from adapterfab.serve.api import ResolveCache
+
+    reg = FakeRegistry()
+    reg.versions["acme/pirate"] = {1: Path("/v1"), 2: Path("/v2")}
+    reg.aliases["acme/pirate"] = {"production": 1}
+    now = [0.0]
+    moved: list[str] = []
+    cache = ResolveCache(reg.resolve, ttl_s=5, clock=lambda: now[0], on_alias_moved=moved.append)
+    prod, pinned = AdapterId.parse("acme/pirate@production"), AdapterId.parse("acme/pirate@1")
+
+    async def walk() -> None:
+        assert str((await cache.get(prod)).id) == "acme/pirate@1"
+        await cache.get(pinned)
+        reg.aliases["acme/pirate"]["production"] = 2
+        assert str((await cache.get(prod)).id) == "acme/pirate@1"  # still cached
+        now[0] = 6
+        assert str((await cache.get(prod)).id) == "acme/pirate@2"  # moved: prefetch @2
+        now[0] = 12
+        await cache.get(prod)  # same version again: nothing to warm
+        await cache.get(pinned)  # a concrete version never "moves"
+
+    asyncio.run(walk())
+    assert moved == ["acme/pirate@2"]
