@@ -1,10 +1,11 @@
 """The OpenAI-compatible HTTP API (FastAPI, no Ray): tenant keys, adapter resolution, chat completions.
 
-Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, the registry lookup
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (a raw prompt), ``GET /v1/models``, the registry lookup
 ``GET /v1/registry/adapters[/{persona}[/{version|alias}]]`` (the key's own adapters: versions, aliases,
 lineage and promotion decisions), the same under ``/tenants/{tenant}/v1/...``, and ``GET /healthz``. ``model`` is ``tenant/persona[@alias|@version]`` or ``base``; on a tenant route
 ``persona[@ref]`` is enough. A key reaches only its own tenant's adapters, and a foreign adapter gets
-the same 404 as a missing one, so nobody learns what other tenants have.
+the same 404 as a missing one, so nobody learns what other tenants have. With a ``RateLimiter`` each
+tenant gets a token bucket; over it, a 429 in OpenAI's error shape with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -41,15 +42,39 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no pr
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class RateLimiter:
+    """Per-tenant token buckets: ``rps`` requests per second on average, bursts of up to ``burst``;
+    ``per_tenant`` overrides the rate for named tenants. In-process: with several ingress replicas
+    each enforces its own share."""
+
+    def __init__(self, rps: float, burst: int = 20, per_tenant: dict[str, float] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.rps, self.burst, self.per_tenant, self.clock = rps, burst, dict(per_tenant or {}), clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, last refill)
+
+    def check(self, tenant: str) -> float:
+        """0 when the request may go now, else the seconds until it may (nothing is consumed then)."""
+        rate = self.per_tenant.get(tenant, self.rps)
+        now = self.clock()
+        tokens, last = self._buckets.get(tenant, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * rate)
+        if tokens >= 1.0:
+            self._buckets[tenant] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[tenant] = (tokens, now)
+        return (1.0 - tokens) / rate if rate > 0 else 60.0
 
 
 def model_not_found(model: str) -> ApiError:
@@ -70,14 +95,13 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
+class _GenerationRequest(BaseModel):
+    """What chat and text completions share: sampling, stops, streaming, one choice."""
+
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=300)
-    messages: list[ChatMessage] = Field(min_length=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -102,11 +126,42 @@ class ChatRequest(BaseModel):
             raise ValueError("stop strings must not be empty")
         return v
 
-    def sampling(self) -> SamplingParams:
+    def _params(self, max_tokens: int) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        max_tokens = self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               stop=tuple(stops), seed=self.seed)
+
+
+class ChatRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+
+    def sampling(self) -> SamplingParams:
+        return self._params(self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS)
+
+
+class CompletionRequest(_GenerationRequest):
+    """``POST /v1/completions``: a raw prompt (no chat template), one choice."""
+
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)  # OpenAI's default for completions
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
+        prompts = [v] if isinstance(v, str) else v
+        if len(prompts) != 1:
+            raise ValueError("send one prompt per request")
+        if not prompts[0]:
+            raise ValueError("the prompt is empty")
+        return v
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def sampling(self) -> SamplingParams:
+        return self._params(self.max_tokens)
 
 
 def _validation_error(errors: list[dict[str, Any]]) -> ApiError:
@@ -175,7 +230,8 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
              resolver: Callable[[AdapterId], AdapterVersion],
              lister: Callable[[str], list[str]] | None = None, resolve_ttl_s: float = 5.0,
              catalog: Callable[[str], list[RegisteredAdapter]] | None = None,
-             on_alias_moved: Callable[[str], Any] | None = None) -> FastAPI:
+             on_alias_moved: Callable[[str], Any] | None = None,
+             rate_limit: RateLimiter | None = None) -> FastAPI:
     """``auth(key) -> tenant | None`` and ``resolver`` are blocking (they run in a thread pool);
     ``lister(tenant)`` names the tenant's models for ``GET /v1/models`` (base only when absent);
     ``catalog(tenant)`` lists the tenant's registered adapters for ``/v1/registry/...``."""
@@ -207,6 +263,12 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
             raise ApiError(404, "Not found.", code="not_found")
         return tenant
 
+    def limit(tenant: str) -> None:
+        wait = rate_limit.check(tenant) if rate_limit is not None else 0.0
+        if wait > 0:
+            raise ApiError(429, f"Rate limit reached for tenant {tenant}; retry in {wait:.1f} s.", type_="requests",
+                           code="rate_limit_exceeded", headers={"Retry-After": str(max(1, round(wait + 0.5)))})
+
     async def resolve_model(tenant: str, model: str,
                             on_tenant_route: bool) -> tuple[str | None, AdapterVersion | None]:
         if model == BASE_MODEL:
@@ -221,8 +283,10 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
             raise model_not_found(model)
         return str(version.id), version
 
-    async def chat(request: Request, path_tenant: str | None) -> Any:
+    async def generation(request: Request, path_tenant: str | None, kind: str) -> Any:
+        """``kind``: "chat" (messages, the chat template) or "text" (a raw prompt)."""
         tenant = await tenant_of(request, path_tenant)
+        limit(tenant)
         try:
             body = await request.json()
         except ValueError:
@@ -230,20 +294,25 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
         if not isinstance(body, dict):
             raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
         try:
-            req = ChatRequest.model_validate(body)
+            req: Any = (ChatRequest if kind == "chat" else CompletionRequest).model_validate(body)
         except ValidationError as e:
             raise _validation_error(list(e.errors())) from None
         version_key, version = await resolve_model(tenant, req.model, path_tenant is not None)
         shown_model = version_key or BASE_MODEL
-        messages = [{"role": m.role, "content": m.content} for m in req.messages]
-        events = backend.generate(version_key, version, messages, req.sampling()).__aiter__()
+        prompt: Any = ([{"role": m.role, "content": m.content} for m in req.messages] if kind == "chat"
+                       else req.text())
+        events = backend.generate(version_key, version, prompt, req.sampling()).__aiter__()
         first = await _first_event(events, req.model, tenant)  # errors before any byte is sent
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": shown_model}
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        meta = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": shown_model}
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(_stream(meta, first, events, usage, tenant),
+            return StreamingResponse(_stream(meta, first, events, usage, tenant, kind),
                                      media_type="text/event-stream", headers=_SSE_HEADERS)
-        return await _complete(meta, first, events, tenant)
+        return await _complete(meta, first, events, tenant, kind)
+
+    async def chat(request: Request, path_tenant: str | None) -> Any:
+        return await generation(request, path_tenant, "chat")
 
     async def models(request: Request, path_tenant: str | None) -> dict[str, Any]:
         tenant = await tenant_of(request, path_tenant)
@@ -322,6 +391,14 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
     async def chat_tenant(tenant: str, request: Request) -> Any:
         return await chat(request, tenant)
 
+    @app.post("/v1/completions")
+    async def completions_global(request: Request) -> Any:
+        return await generation(request, None, "text")
+
+    @app.post("/tenants/{tenant}/v1/completions")
+    async def completions_tenant(tenant: str, request: Request) -> Any:
+        return await generation(request, tenant, "text")
+
     @app.get("/v1/models")
     async def models_global(request: Request) -> dict[str, Any]:
         return await models(request, None)
@@ -355,7 +432,7 @@ async def _first_event(events: AsyncIterator[Any], model: str, tenant: str) -> A
 
 
 async def _complete(meta: dict[str, Any], first: Any, events: AsyncIterator[Any],
-                    tenant: str) -> dict[str, Any]:
+                    tenant: str, kind: str = "chat") -> dict[str, Any]:
     parts: list[str] = []
     done: Finished | None = None
     try:
@@ -374,6 +451,10 @@ async def _complete(meta: dict[str, Any], first: Any, events: AsyncIterator[Any]
     finally:
         await _aclose(events)
     done = done or Finished("stop", 0, 0)
+    if kind == "text":
+        return {**meta, "object": "text_completion",
+                "choices": [{"index": 0, "text": "".join(parts), "finish_reason": done.finish_reason,
+                             "logprobs": None}], "usage": _usage(done)}
     return {**meta, "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
                          "finish_reason": done.finish_reason, "logprobs": None}],
@@ -381,13 +462,19 @@ async def _complete(meta: dict[str, Any], first: Any, events: AsyncIterator[Any]
 
 
 async def _stream(meta: dict[str, Any], first: Any, events: AsyncIterator[Any], include_usage: bool,
-                  tenant: str) -> AsyncIterator[str]:
+                  tenant: str, kind: str = "chat") -> AsyncIterator[str]:
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
     def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-        return _sse({**meta, "object": "chat.completion.chunk",
+        if kind == "text":
+            return _sse({**meta, "object": obj, "choices": [{"index": 0, "text": delta.get("content", ""),
+                                                             "finish_reason": finish, "logprobs": None}]})
+        return _sse({**meta, "object": obj,
                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
 
     try:
-        yield chunk({"role": "assistant", "content": ""})
+        if kind == "chat":
+            yield chunk({"role": "assistant", "content": ""})
         ev = first
         while True:
             if isinstance(ev, TextDelta):
@@ -395,8 +482,7 @@ async def _stream(meta: dict[str, Any], first: Any, events: AsyncIterator[Any], 
             elif isinstance(ev, Finished):
                 yield chunk({}, ev.finish_reason)
                 if include_usage:
-                    yield _sse({**meta, "object": "chat.completion.chunk", "choices": [],
-                                "usage": _usage(ev)})
+                    yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(ev)})
                 break
             ev = await events.__anext__()
     except StopAsyncIteration:

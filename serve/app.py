@@ -57,6 +57,9 @@ class ServeConfig:
     max_replicas: int | None = None
     target_ongoing_requests: int = 8
     graceful_shutdown_s: float = 30.0  # a replica that is scaled down finishes its requests first
+    tenant_rps: float | None = None  # per-tenant rate limit (requests/s, token bucket); None: unlimited
+    tenant_burst: int = 20
+    tenant_rps_overrides: dict = field(default_factory=dict)  # tenant -> requests/s
 
 
 class EngineDeployment:
@@ -205,10 +208,14 @@ class Ingress:
                 out.extend(f"{ra.id}@{alias}" for alias in sorted(ra.aliases))
             return out
 
+        from adapterfab.serve.api import RateLimiter
+
         backend = RayBackend(self.engine)
+        limiter = (RateLimiter(self.cfg.tenant_rps, self.cfg.tenant_burst, self.cfg.tenant_rps_overrides)
+                   if self.cfg.tenant_rps else None)
         return make_api(backend, keys.verify, checked_resolver(registry, self.cfg.base_fingerprint),
                         lister=lister, catalog=registry.list, resolve_ttl_s=self.cfg.resolve_ttl_s,
-                        on_alias_moved=backend.prefetch)
+                        on_alias_moved=backend.prefetch, rate_limit=limiter)
 
 
 def checked_resolver(registry: Any, base_fingerprint: str | None) -> Any:
@@ -245,7 +252,8 @@ _BUILDER_OPTIONAL: dict[str, type] = {
     "dtype": str, "num_replicas": int, "replica_num_cpus": float, "replica_num_gpus": float,
     "max_adapters_per_replica": int, "adapter_cache_dir": str, "torch_threads": int, "resolve_ttl_s": float,
     "engine": str, "max_batch": int, "max_len": int, "max_rank": int, "cpu_cache_mb": int, "min_replicas": int,
-    "max_replicas": int, "target_ongoing_requests": int, "graceful_shutdown_s": float}
+    "max_replicas": int, "target_ongoing_requests": int, "graceful_shutdown_s": float, "tenant_rps": float,
+    "tenant_burst": int, "tenant_rps_overrides": dict}
 
 
 def _builder_arg(name: str, kind: type, value: Any) -> Any:

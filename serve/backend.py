@@ -277,6 +277,13 @@ class LocalBackend:
                 old.__del__()
             return entry
 
+    def close(self) -> None:
+        """Unload every adapter now (not from the garbage collector at interpreter exit)."""
+        with self._lru_lock:
+            while self._lru:
+                _, old = self._lru.popitem(last=False)
+                old.__del__()
+
     async def generate(self, version_key: str | None, adapter: AdapterVersion | None,
                        messages: list[dict[str, str]], params: SamplingParams) -> AsyncIterator[Event]:
         local_dir = None

@@ -273,6 +273,11 @@ class Engine:
         return nullcontext()
 
     # generation -------------------------------------------------------------------------------
+    def encode_text(self, prompt: str) -> list[int]:
+        """A raw prompt (``/v1/completions``): the tokenizer's own special tokens, no chat template."""
+        with self._tokenizer_lock:
+            return list(self.tokenizer(prompt)["input_ids"])
+
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         with self._tokenizer_lock:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -303,11 +308,11 @@ class Engine:
                         return
                     ids = torch.tensor([[token]], device=self.device)
 
-    def generate(self, messages: list[dict[str, str]], adapter: str | None = None,
+    def generate(self, messages: list[dict[str, str]] | str, adapter: str | None = None,
                  params: SamplingParams | None = None) -> Iterator[Event]:
         """Text deltas as they decode, then one ``Finished`` with the finish reason and usage."""
         params = params or SamplingParams()
-        prompt_ids = self.encode_chat(messages)
+        prompt_ids = self.encode_chat(messages) if not isinstance(messages, str) else self.encode_text(messages)
         detok, stops = Detokenizer(self.tokenizer), StopMatcher(params.stop)
         n_out, reason = 0, "length"
         tokens = self.generate_token_ids(prompt_ids, adapter, params)

@@ -233,3 +233,50 @@ def test_alias_move_triggers_one_prefetch_of_the_new_version() -> None:
 
     asyncio.run(walk())
     assert moved == ["acme/pirate@2"]
+
+
+def test_text_completions(stack: dict) -> None:
+    c = client(stack, "acme")
+    r = c.completions.create(model="acme/pirate@2", prompt="Once upon a time", max_tokens=6, temperature=0)
+    assert r.object == "text_completion" and r.model == "acme/pirate@2"
+    engine = stack["engine"]
+    want = "".join(e.text for e in engine.generate("Once upon a time", "acme/pirate@2",
+                                                   SamplingParams(max_tokens=6, temperature=0))
+                   if isinstance(e, TextDelta))
+    assert r.choices[0].text == want and r.usage.completion_tokens == 6
+    assert r.usage.prompt_tokens == len(engine.encode_text("Once upon a time"))  # no chat template
+    chunks = list(c.completions.create(model="acme/pirate@2", prompt="Once upon a time", max_tokens=6,
+                                       temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want
+    assert chunks[-1].usage.completion_tokens == 6
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="globex/parrot", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="base", prompt=["a", "b"], max_tokens=2)
+    assert e.value.body["param"] == "prompt"
+
+
+def test_per_tenant_rate_limit(stack: dict) -> None:
+    from fastapi.testclient import TestClient
+
+    from adapterfab.serve.api import RateLimiter, make_api
+
+    now = [0.0]
+    limiter = RateLimiter(rps=0.5, burst=2, per_tenant={"globex": 100.0}, clock=lambda: now[0])
+    keys_verify = {stack["acme"]: "acme", stack["globex"]: "globex"}.get
+    app = make_api(stack["backend"], keys_verify, FakeRegistry().resolve, rate_limit=limiter)
+    http = TestClient(app)
+
+    def post(key: str) -> httpx.Response:  # an invalid body: answered 400 without generating anything
+        return http.post("/v1/chat/completions", json={"model": "base", "messages": []},
+                         headers={"Authorization": f"Bearer {key}"})
+
+    assert [post(stack["acme"]).status_code for _ in range(2)] == [400, 400]  # the burst
+    r = post(stack["acme"])
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert r.json()["error"]["type"] == "requests" and int(r.headers["retry-after"]) == 2
+    assert [post(stack["globex"]).status_code for _ in range(2)] == [400, 400]  # its own bucket
+    now[0] = 0.05  # globex's override (100/s) refills it at once; acme's 0.5/s does not
+    assert post(stack["globex"]).status_code == 400 and post(stack["acme"]).status_code == 429
+    now[0] = 2.05  # one token back for acme after 2 s at 0.5/s
+    assert post(stack["acme"]).status_code == 400 and post(stack["acme"]).status_code == 429
