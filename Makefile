@@ -26,13 +26,18 @@ $(STAMP): pyproject.toml requirements.lock
 demo: venv
 	$(BIN)/python -m adapterfab.demo examples/personas.yaml
 
-# PostgreSQL (Debian's package) for the tests of MLflow and the state DB on a real server; without it
-# those tests skip and say why
+# PostgreSQL (Debian's package) for the tests of MLflow and the state DB on a real server, and Debian's
+# chromium for the dashboard's browser tests (driven by Playwright's Python package; `playwright install`
+# is never run); without them those tests skip and say why
 services:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
 	  echo "PostgreSQL is not installed and cannot be installed here: its tests will be skipped"
+	@[ -x /usr/bin/chromium ] || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium is not installed and cannot be installed here: the dashboard's browser tests will be skipped"
 
 test: venv services
 	$(BIN)/python -m pytest -q tests

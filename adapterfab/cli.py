@@ -8,6 +8,7 @@
     adapterfab registry ls|show|promote        the MLflow registry
     adapterfab serve [--port 8000]             the OpenAI-compatible serving app (Ray Serve)
     adapterfab keys create TENANT              a new API key for a tenant
+    adapterfab keys create-operator            a dashboard key that sees every tenant
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from adapterfab.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__.split("\n\n")[0])
 registry_app = typer.Typer(no_args_is_help=True, help="Registered adapters (MLflow registry).")
-keys_app = typer.Typer(no_args_is_help=True, help="Per-tenant API keys for serving.")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys: per tenant (serving, dashboard) and operator (dashboard).")
 app.add_typer(registry_app, name="registry")
 app.add_typer(keys_app, name="keys")
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
@@ -58,20 +59,22 @@ def up(mlflow_port: Optional[int] = typer.Option(None, help="MLflow port (defaul
        serve_port: Optional[int] = typer.Option(None, help="serving HTTP port (default 8000)"),
        num_cpus: Optional[int] = typer.Option(None, help="CPUs the Ray head offers (default: all)"),
        artifacts_destination: Optional[str] = typer.Option(None, help="MLflow artifacts: a folder or s3://"),
-       backend_store_uri: Optional[str] = typer.Option(None, help="MLflow backend (default SQLite)")) -> None:
-    """Start the local stack: Ray head, MLflow tracking server. Idempotent."""
+       backend_store_uri: Optional[str] = typer.Option(None, help="MLflow backend (default SQLite)"),
+       ui_port: Optional[int] = typer.Option(None, help="dashboard UI port (default 8280 or a free one)")) -> None:
+    """Start the local stack: Ray head, MLflow tracking server, dashboard UI. Idempotent."""
     from adapterfab.stack import up as stack_up
 
     s = _settings()
     try:
         info = stack_up(s, mlflow_port, ray_port, dashboard_port, serve_port, num_cpus,
-                        artifacts_destination, backend_store_uri)
+                        artifacts_destination, backend_store_uri, ui_port)
     except AdapterfabError as e:
         _fail(e)
     out.print(f"stack up (home {s.home})")
     out.print(f"  MLflow:        {info.mlflow_uri}")
     out.print(f"  Ray dashboard: {info.dashboard_url}   (ray address {info.ray_address})")
     out.print(f"  serving:       {info.serve_url}   (start it with `adapterfab serve`)")
+    out.print(f"  dashboard UI:  {info.ui_url}   (a key: `adapterfab keys create-operator`)")
 
 
 @app.command()
@@ -473,6 +476,17 @@ def keys_create(tenant: str = typer.Argument(..., help="tenant id")) -> None:
     except AdapterfabError as e:
         _fail(e)
     out.print(f"API key for tenant {tenant} (shown once): {key}")
+
+
+@keys_app.command("create-operator")
+def keys_create_operator() -> None:
+    """Create an operator key for the dashboard: it sees every tenant's batches and adapters (serving
+    refuses it). The key is the last token printed (shown once, stored hashed)."""
+    from adapterfab.keys import KeyStore
+    from adapterfab.state import StateStore
+
+    key = KeyStore(StateStore(_settings().state_url)).create_operator()
+    out.print(f"operator API key (shown once): {key}")
 
 
 @app.command()

@@ -147,6 +147,26 @@ class Tracking:
         run = self.client.get_run(run_id)
         return f"{self.uri}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
 
+    def find_experiment_id(self, name: str = EXPERIMENT) -> str | None:
+        """The experiment's id, or None while it does not exist yet (never creates it)."""
+        try:
+            exp = self.client.get_experiment_by_name(name)
+        except Exception as e:  # noqa: BLE001 - connection errors: the server is unreachable
+            raise RegistryError(f"the MLflow server at {self.uri} is unreachable: {e}") from e
+        return exp.experiment_id if exp is not None else None
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float, float]]:
+        """(step, value, timestamp in s) of a run's metric, by step; [] when the run has none."""
+        try:
+            history = self.client.get_metric_history(run_id, key)
+        except _mlflow_errors() as e:
+            if _not_found(e):
+                return []
+            raise RegistryError(f"MLflow failed reading {key!r} of run {run_id}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - connection errors: the server is unreachable
+            raise RegistryError(f"the MLflow server at {self.uri} is unreachable: {e}") from e
+        return sorted((int(m.step), float(m.value), m.timestamp / 1000) for m in history)
+
 
 class Registry:
     def __init__(self, uri: str):

@@ -20,6 +20,7 @@ DEFAULT_MLFLOW_PORT = 5005
 DEFAULT_SERVE_PORT = 8000
 DEFAULT_RAY_PORT = 6390
 DEFAULT_DASHBOARD_PORT = 8265
+DEFAULT_UI_PORT = 8280  # our dashboard (serve/dashboard.py); 8265 is Ray's
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The local stack: a Ray head node (``ray start --head --block`` in its own process group), an MLflow
-tracking server process (SQLite + local artifact folder by default), and the serving URL Ray Serve
-will use. ``up`` and ``down`` are idempotent; what is running is recorded in ``<home>/stack.json``."""
+tracking server process (SQLite + local artifact folder by default), the dashboard UI process
+(``serve/dashboard.py``), and the serving URL Ray Serve will use. ``up`` and ``down`` are idempotent;
+what is running is recorded in ``<home>/stack.json``."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from adapterfab.errors import StackError
 from adapterfab.procs import (SERVER_START_TIMEOUT_S, free_port, pid_alive, port_open, start_mlflow, stop_pid,
                               wait_http)
 from adapterfab.settings import (DEFAULT_DASHBOARD_PORT, DEFAULT_MLFLOW_PORT, DEFAULT_RAY_PORT,
-                                 DEFAULT_SERVE_PORT, Settings)
+                                 DEFAULT_SERVE_PORT, DEFAULT_UI_PORT, Settings)
 
 # Ray Train's controller polls workers every 2 s by default, which makes every report() wait ~2 s.
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
@@ -33,9 +34,12 @@ class StackInfo:
     mlflow_pid: int
     serve_url: str
     serve_port: int
+    ui_url: str = ""  # our dashboard; dashboard_url is Ray's
+    ui_pid: int = 0
 
     def urls(self) -> dict[str, str]:
-        return {"mlflow": self.mlflow_uri, "ray_dashboard": self.dashboard_url, "serving": self.serve_url}
+        return {"mlflow": self.mlflow_uri, "ray_dashboard": self.dashboard_url, "serving": self.serve_url,
+                "ui": self.ui_url}
 
 
 def _pick(port: int | None, default: int) -> int:
@@ -83,13 +87,39 @@ def _start_ray(settings: Settings, port: int, dashboard_port: int, client_port: 
                      f"see {settings.logs / 'ray.log'}")
 
 
+def _start_ui(settings: Settings, info: StackInfo, port: int | None) -> None:
+    """The dashboard (``python -m adapterfab.serve.dashboard``) as its own process; it reads the stack's
+    URLs from ``stack.json``, so it starts after that is written, and is recorded there."""
+    port = _pick(port, DEFAULT_UI_PORT)
+    log = settings.logs / "ui.log"
+    with log.open("ab") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "adapterfab.serve.dashboard", "--port", str(port)],
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=str(settings.home),
+                                env={**os.environ, "ADAPTERFAB_HOME": str(settings.home)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/healthz", SERVER_START_TIMEOUT_S, proc, log)
+    except StackError as e:
+        stop_pid(proc.pid)
+        raise StackError(f"the dashboard UI did not start ({e}); the rest of the stack is up, "
+                         "`adapterfab up` retries it") from e
+    info.ui_url, info.ui_pid = url, proc.pid
+    record(settings, ui_url=url, ui_pid=proc.pid)
+
+
 def up(settings: Settings, mlflow_port: int | None = None, ray_port: int | None = None,
        dashboard_port: int | None = None, serve_port: int | None = None, num_cpus: int | None = None,
-       artifacts_destination: str | None = None, backend_store_uri: str | None = None) -> StackInfo:
+       artifacts_destination: str | None = None, backend_store_uri: str | None = None,
+       ui_port: int | None = None) -> StackInfo:
     settings.ensure_dirs()
     current = read_stack(settings)
     if stack_alive(current):
-        return StackInfo(**{k: current[k] for k in StackInfo.__dataclass_fields__})
+        info = StackInfo(**{k: current[k] for k in StackInfo.__dataclass_fields__ if k in current})
+        if not pid_alive(info.ui_pid):  # a stack from before the UI existed, or the UI died: same port
+            recorded = int(info.ui_url.rsplit(":", 1)[1]) if info.ui_url else None
+            _start_ui(settings, info, ui_port or recorded)
+        return info
     if current:
         down(settings)  # half-dead stack: clean it up first
     ray_port = _pick(ray_port, DEFAULT_RAY_PORT)
@@ -113,6 +143,7 @@ def up(settings: Settings, mlflow_port: int | None = None, ray_port: int | None 
         wait_http(info.dashboard_url, 60)
     except StackError:
         pass  # the dashboard is a convenience; the cluster itself is up
+    _start_ui(settings, info, ui_port)
     return info
 
 
@@ -129,7 +160,7 @@ def down(settings: Settings) -> list[str]:
                 stopped.append(f"orchestrator of {b.id}")
     except Exception:  # noqa: BLE001 - no state db yet
         pass
-    for name, key in (("ray", "ray_pid"), ("mlflow", "mlflow_pid"), ("serve", "serve_pid")):
+    for name, key in (("ui", "ui_pid"), ("ray", "ray_pid"), ("mlflow", "mlflow_pid"), ("serve", "serve_pid")):
         pid = info.get(key)
         if pid and pid_alive(pid):
             stop_pid(pid, timeout_s=10)

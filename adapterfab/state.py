@@ -62,6 +62,8 @@ class JobRow(Base):
     started_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     ended_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # when it last entered TRAINING: the dashboard's step rate (ETA) and resource-seconds (cost)
+    training_started_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     reused_version: Mapped[int | None] = mapped_column(Integer, nullable=True)  # idempotent resubmit
     # where it trains: node_id, workers, zero_stage, cpus, gpus (per worker), fused_with
     placement: Mapped[dict | None] = mapped_column(JSON, nullable=True)
@@ -74,6 +76,7 @@ class ApiKeyRow(Base):
     sha256: Mapped[str] = mapped_column(String(64), unique=True)
     created_s: Mapped[float] = mapped_column(Float, default=time.time)
     revoked: Mapped[int] = mapped_column(Integer, default=0)
+    role: Mapped[str | None] = mapped_column(String(16), nullable=True)  # None: a tenant key; "operator"
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class JobView:
     error: str | None
     reused_version: int | None = None
     placement: dict | None = None
+    training_started_s: float | None = None
 
     @property
     def progress(self) -> float:
@@ -120,6 +124,7 @@ def _view(row: JobRow) -> JobView:
         mlflow_run_id=row.mlflow_run_id, adapter_uri=row.adapter_uri, model_version=row.model_version,
         attempts=row.attempts, started_s=row.started_s, ended_s=row.ended_s, error=row.error,
         reused_version=row.reused_version, placement=dict(row.placement) if row.placement else None,
+        training_started_s=row.training_started_s,
     )
 
 
@@ -214,6 +219,8 @@ class StateStore:
             now = time.time()
             if new == JobState.PREPARING and row.started_s is None:
                 row.started_s = now
+            if new == JobState.TRAINING and old != new:
+                row.training_started_s = now
             if new.terminal:
                 row.ended_s = now
             for k, v in fields.items():
@@ -236,9 +243,9 @@ class StateStore:
                 setattr(row, k, v)
 
     # api keys ---------------------------------------------------------------------------------
-    def add_key(self, key_id: str, tenant: str, sha256: str) -> None:
+    def add_key(self, key_id: str, tenant: str, sha256: str, role: str | None = None) -> None:
         with Session(self.engine) as s, s.begin():
-            s.add(ApiKeyRow(key_id=key_id, tenant=tenant, sha256=sha256))
+            s.add(ApiKeyRow(key_id=key_id, tenant=tenant, sha256=sha256, role=role))
 
     def key_by_id(self, key_id: str) -> ApiKeyRow | None:
         with Session(self.engine, expire_on_commit=False) as s:

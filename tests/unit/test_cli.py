@@ -21,7 +21,7 @@ def run(*args: str, home: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("cmd", [[], ["up"], ["down"], ["validate"], ["plan"], ["submit"], ["run"], ["status"],
                                  ["serve"], ["registry", "ls"], ["registry", "show"], ["registry", "promote"],
                                  ["registry", "rollback"], ["registry", "export"],
-                                 ["keys", "create"]])
+                                 ["keys", "create"], ["keys", "create-operator"]])
 def test_every_subcommand_has_help(cmd: list[str], tmp_path: Path) -> None:
     r = run(*cmd, "--help", home=tmp_path)
     assert r.returncode == 0 and "Usage" in r.stdout

@@ -1,0 +1,279 @@
+"""The cluster job dashboard: a JSON API and the pages that read it (FastAPI, no Ray import).
+
+``adapterfab up`` starts it as its own process (``python -m adapterfab.serve.dashboard --port 8280``);
+it reads the state database, MLflow and the Ray dashboard named by the stack's settings. The pages are
+static files in ``dashboard_static/`` (hand-written HTML/CSS/JS, loss curves as inline SVG, nothing
+fetched from outside at run time); they poll the API every 2 s, so states and curves move without
+a reload.
+
+Every ``/api`` route needs ``Authorization: Bearer <key>``: an operator key
+(``adapterfab keys create-operator``) sees everything, a tenant key (``adapterfab keys create T``) only
+its own jobs, batches and registry entries. A batch with none of the tenant's jobs gets the same 404
+as a missing one. Routes (JSON; errors are ``{"error": {"message", "code"}}``):
+
+- ``GET /api/whoami``: ``{role, tenant, links}`` (links to MLflow and the Ray dashboard: operators)
+- ``GET /api/batches``: ``{batches: [{id, name, state, counts, progress, created_s, started_s,
+  ended_s, gpu_s, cpu_s, ...}]}``, newest first
+- ``GET /api/batches/{id}``: ``{batch, jobs: [{tenant, persona, method, state, step, total_steps,
+  progress, eta_s, loss, eval, model_version, gpu_s, cpu_s, placement, links, ...}]}``
+- ``GET /api/batches/{id}/jobs/{job_id}/loss``: ``{job_id, points: [[step, loss], ...]}`` from MLflow
+- ``GET /api/cluster``: ``{nodes, jobs, error}``: Ray nodes with resources and load, and where jobs run
+- ``GET /api/registry`` and ``/api/registry/{tenant}``: ``{tenants: [{tenant, adapters: [{id,
+  aliases, versions: [{version, aliases, metrics, decision, reason, ...}]}]}]}``
+- ``GET /api/openapi.json``: the schema; ``GET /healthz``: liveness (no key)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+from adapterfab.serve import dashboard_views as views
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from adapterfab.errors import AdapterfabError, StateError
+from adapterfab.keys import KeyStore, Principal
+from adapterfab.state import StateStore
+from adapterfab.states import JobState
+
+log = logging.getLogger("adapterfab.serve.dashboard")
+STATIC = Path(__file__).resolve().parent / "dashboard_static"
+BATCH_LIST_LIMIT = 100
+CLUSTER_RECENT_JOBS = 20
+RAY_TIMEOUT_S = 5.0
+
+
+class DashError(Exception):
+    def __init__(self, status: int, message: str, code: str):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+def _batch_not_found() -> DashError:
+    """One answer for 'missing' and 'not yours', so a 404 tells a tenant nothing."""
+    return DashError(404, "No such batch (or it has none of your jobs).", "batch_not_found")
+
+
+class Sources:
+    """The dashboard's backends: the state DB, MLflow (opened on first use: importing mlflow is slow,
+    and /healthz must answer at once) and the Ray dashboard's HTTP API."""
+
+    def __init__(self, state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | None):
+        self.state = StateStore(state_url)
+        self.keys = KeyStore(self.state)
+        self.mlflow_uri = mlflow_uri.rstrip("/") if mlflow_uri else None
+        self.ray_dashboard_url = ray_dashboard_url.rstrip("/") if ray_dashboard_url else None
+        self._tracking: Any = None
+        self._registry: Any = None
+        self._experiment_id: str | None = None
+
+    def _need_mlflow(self) -> str:
+        if not self.mlflow_uri:
+            raise DashError(503, "No MLflow server is configured (run `adapterfab up`).",
+                            "mlflow_unavailable")
+        return self.mlflow_uri
+
+    def tracking(self) -> Any:
+        if self._tracking is None:
+            from adapterfab.registry import Tracking
+
+            self._tracking = Tracking(self._need_mlflow())
+        return self._tracking
+
+    def registry(self) -> Any:
+        if self._registry is None:
+            from adapterfab.registry import Registry
+
+            self._registry = Registry(self._need_mlflow())
+        return self._registry
+
+    def experiment_id(self) -> str | None:
+        """For MLflow run links; None (no links) while MLflow is down or has no runs yet."""
+        if self._experiment_id is None and self.mlflow_uri:
+            try:
+                self._experiment_id = self.tracking().find_experiment_id()
+            except AdapterfabError:
+                return None
+        return self._experiment_id
+
+    def ray(self, path: str) -> Any:
+        if not self.ray_dashboard_url:
+            raise DashError(503, "No Ray dashboard is configured (run `adapterfab up`).", "ray_unavailable")
+        r = httpx.get(self.ray_dashboard_url + path, timeout=RAY_TIMEOUT_S)
+        r.raise_for_status()
+        return r.json()["data"]
+
+
+def principal(request: Request) -> Principal:
+    """The operator or tenant behind the request's ``Authorization: Bearer`` key; 401 without one."""
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    who = request.app.state.sources.keys.identify(key.strip()) if scheme.lower() == "bearer" else None
+    if who is None:
+        raise DashError(401, "A valid API key is required: `Authorization: Bearer <key>` "
+                             "(`adapterfab keys create-operator` or `adapterfab keys create TENANT`).",
+                        "invalid_api_key")
+    return who
+
+
+Who = Annotated[Principal, Depends(principal)]
+
+
+def create_app(state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | None) -> FastAPI:
+    src = Sources(state_url, mlflow_uri, ray_dashboard_url)
+    app = FastAPI(title="adapterfab dashboard", docs_url=None, redoc_url=None,  # their pages load a CDN
+                  openapi_url="/api/openapi.json")
+    app.state.sources = src
+
+    @app.exception_handler(DashError)
+    async def _dash_error(_: Request, e: DashError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse({"error": {"message": e.message, "code": e.code}}, e.status, headers=headers)
+
+    def visible_jobs(batch_id: str, who: Principal) -> list:
+        return [j for j in src.state.jobs(batch_id) if who.sees(j.tenant)]
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/api/whoami")
+    def whoami(who: Who) -> dict[str, Any]:
+        """The key's role and tenant, and links to the tools behind the dashboard (operators)."""
+        links = {"mlflow": src.mlflow_uri, "ray_dashboard": src.ray_dashboard_url} if who.operator else {}
+        return {"role": "operator" if who.operator else "tenant", "tenant": who.tenant, "links": links}
+
+    @app.get("/api/batches")
+    def batches(who: Who) -> dict[str, Any]:
+        """Batches, newest first, with job counts per state, progress, times and cost."""
+        now, out = time.time(), []
+        for b in src.state.list_batches(limit=BATCH_LIST_LIMIT):
+            jobs = visible_jobs(b.id, who)
+            if jobs or who.operator:
+                out.append(views.batch_dict(b, jobs, who, now))
+        return {"batches": out}
+
+    @app.get("/api/batches/{batch_id}")
+    def batch(batch_id: str, who: Who) -> dict[str, Any]:
+        """One batch and every job of it that the key may see."""
+        try:
+            b = src.state.get_batch(batch_id)
+        except StateError:
+            raise _batch_not_found() from None
+        jobs = visible_jobs(batch_id, who)
+        if not jobs and not who.operator:
+            raise _batch_not_found()
+        now, exp = time.time(), src.experiment_id() if who.operator else None
+        ids = {j.id for j in jobs}
+        out = views.batch_dict(b, jobs, who, now)
+        out["links"] = {"mlflow_run": views.mlflow_run_url(src.mlflow_uri, exp, b.mlflow_run_id)} \
+            if who.operator else {}
+        return {"batch": out, "jobs": [views.job_dict(j, who, now, ids, views.mlflow_run_url(
+            src.mlflow_uri, exp, j.mlflow_run_id)) for j in jobs]}
+
+    @app.get("/api/batches/{batch_id}/jobs/{job_id}/loss")
+    def loss(batch_id: str, job_id: str, who: Who) -> dict[str, Any]:
+        """The job's per-step training loss as MLflow recorded it: ``points`` are [step, loss]."""
+        job = next((j for j in visible_jobs(batch_id, who) if j.id == job_id), None)
+        if job is None:
+            raise DashError(404, f"No job {job_id!r} in batch {batch_id!r} (or it is not yours).",
+                            "job_not_found")
+        points: list[list[float]] = []
+        if job.mlflow_run_id:
+            try:
+                points = [[s, v] for s, v, _ in src.tracking().metric_history(job.mlflow_run_id, "loss")]
+            except AdapterfabError as e:
+                raise DashError(503, str(e), "mlflow_unavailable") from None
+        return {"job_id": job.id, "state": job.state.value, "points": points}
+
+    @app.get("/api/cluster")
+    def cluster(who: Who) -> dict[str, Any]:
+        """Ray's nodes (resources, what Ray has handed out, host load) and the jobs placed on them;
+        a tenant sees only its own jobs. ``error`` says why nodes are missing (Ray unreachable)."""
+        nodes, error = [], None
+        try:
+            raw = src.ray("/api/v0/nodes?limit=1000&detail=1")["result"]["result"]
+            usage, summary = {}, []
+            try:  # load figures are extras: the node list alone is still worth showing
+                usage = src.ray("/api/cluster_status")["clusterStatus"]["loadMetricsReport"]["usageByNode"]
+                summary = src.ray("/nodes?view=summary")["summary"]
+            except (httpx.HTTPError, KeyError, TypeError, ValueError) as e:
+                log.debug("Ray load figures unavailable: %s", e)
+            nodes = views.node_dicts(raw, usage or {}, summary or [])
+        except DashError as e:
+            error = e.message
+        except (httpx.HTTPError, KeyError, TypeError, ValueError) as e:
+            error = f"The Ray dashboard at {src.ray_dashboard_url} did not answer: {e}"
+        now, active, recent = time.time(), [], []
+        for b in src.state.list_batches(limit=BATCH_LIST_LIMIT):
+            jobs = visible_jobs(b.id, who)
+            ids = {j.id for j in jobs}
+            for j in jobs:
+                if j.state in views.ACTIVE:
+                    active.append(views.job_dict(j, who, now, ids))
+                elif j.state.terminal and j.placement and j.state != JobState.CANCELLED:
+                    recent.append(views.job_dict(j, who, now, ids))
+        recent = sorted(recent, key=lambda j: j["ended_s"] or 0, reverse=True)[:CLUSTER_RECENT_JOBS]
+        return {"nodes": nodes, "jobs": active, "recent_jobs": recent, "error": error,
+                "links": {"ray_dashboard": src.ray_dashboard_url} if who.operator else {}}
+
+    def registry_for(who: Principal, tenant: str | None) -> dict[str, Any]:
+        registry = src.registry()
+        try:
+            items = registry.list(tenant)
+        except AdapterfabError as e:
+            raise DashError(503, str(e), "registry_unavailable") from None
+        except Exception as e:  # noqa: BLE001 - MLflow's connection errors are not ours; say what failed
+            raise DashError(503, f"The MLflow registry at {src.mlflow_uri} is unreachable: {e}",
+                            "registry_unavailable") from None
+        return {"tenants": views.registry_dict(items, who, src.mlflow_uri, src.experiment_id())}
+
+    @app.get("/api/registry")
+    def registry(who: Who) -> dict[str, Any]:
+        """Per tenant: personas, versions, aliases, promotion decisions and their reasons."""
+        return registry_for(who, who.tenant)
+
+    @app.get("/api/registry/{tenant}")
+    def registry_tenant(tenant: str, who: Who) -> dict[str, Any]:
+        """One tenant's registry entries (a tenant key: only its own; another tenant is a 404)."""
+        from adapterfab.ids import check_id
+
+        try:
+            check_id(tenant, "tenant")
+        except AdapterfabError:
+            raise DashError(404, f"No tenant {tenant!r}.", "tenant_not_found") from None
+        if not who.sees(tenant):
+            raise DashError(404, f"No tenant {tenant!r}.", "tenant_not_found")
+        return registry_for(who, tenant)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def main() -> None:
+    """``python -m adapterfab.serve.dashboard [--host 127.0.0.1] [--port 8280]``: serve the dashboard
+    for the stack that ``ADAPTERFAB_HOME``'s settings name (state DB, MLflow, Ray dashboard)."""
+    import uvicorn
+
+    from adapterfab.settings import DEFAULT_UI_PORT, Settings
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=DEFAULT_UI_PORT)
+    args = ap.parse_args()
+    s = Settings.load()
+    app = create_app(s.state_url, s.mlflow_uri, s.dashboard_url)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

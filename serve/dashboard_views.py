@@ -1,0 +1,161 @@
+"""What each dashboard page shows, as JSON-ready dicts: pure functions over state rows, registry
+versions and the Ray dashboard's node JSON (no FastAPI, no Ray import), so the rules live in one place.
+
+- **Cost** of a job in resource-seconds: training seconds (the trainer's ``train_s`` when done, else the
+  time since it entered TRAINING) x workers x GPUs (CPUs) per worker, divided by the size of its fused
+  group (the group shares one worker's resources). A batch's cost is the sum over its jobs.
+- **ETA** of a training job: remaining steps / the step rate since it entered TRAINING (worker start-up
+  included, so early estimates run long).
+- **Tenant view**: a tenant key sees only its own jobs; batch state, start and end are derived from
+  those jobs, the batch's error text and other tenants' job ids (fused groups) are left out. MLflow and
+  the Ray dashboard have no per-tenant access control, so links to them go to operators only.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from adapterfab.keys import Principal
+from adapterfab.registry import TAG, AdapterVersion, RegisteredAdapter
+from adapterfab.state import BatchRow, JobView
+from adapterfab.states import BatchState, JobState
+
+EVAL_KEYS = ("eval_loss", "base_eval_loss", "eval_token_accuracy", "base_eval_token_accuracy")
+ACTIVE = frozenset({JobState.PREPARING, JobState.TRAINING, JobState.REGISTERING})
+
+
+def training_seconds(j: JobView, now: float) -> float:
+    if j.reused_version is not None:
+        return 0.0  # an idempotent resubmit trained nothing
+    if "train_s" in j.metrics:
+        return float(j.metrics["train_s"])
+    if j.training_started_s is None:
+        return 0.0
+    end = j.ended_s if j.state.terminal and j.ended_s else now
+    return max(0.0, end - j.training_started_s)
+
+
+def job_cost(j: JobView, now: float) -> tuple[float, float]:
+    """(GPU-seconds, CPU-seconds) the job held."""
+    p = j.placement or {}
+    share = len(p.get("fused_with") or []) or 1
+    held_s = training_seconds(j, now) * (p.get("workers") or 1) / share
+    return held_s * float(p.get("gpus") or 0), held_s * float(p.get("cpus") or 0)
+
+
+def eta_s(j: JobView, now: float) -> float | None:
+    if j.state != JobState.TRAINING or not j.training_started_s or j.step <= 0 or not j.total_steps:
+        return None
+    rate = j.step / max(now - j.training_started_s, 1e-6)
+    return max(0.0, (j.total_steps - j.step) / rate)
+
+
+def mlflow_run_url(mlflow_uri: str | None, experiment_id: str | None, run_id: str | None) -> str | None:
+    if not (mlflow_uri and experiment_id and run_id):
+        return None
+    return f"{mlflow_uri}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def job_dict(j: JobView, who: Principal, now: float, visible_ids: set[str],
+             run_url: str | None = None) -> dict[str, Any]:
+    gpu_s, cpu_s = job_cost(j, now)
+    placement = dict(j.placement or {})
+    if placement.get("fused_with"):
+        placement["fused_group_size"] = len(placement["fused_with"])
+        placement["fused_with"] = [i for i in placement["fused_with"] if i in visible_ids]
+    version = j.model_version or j.reused_version
+    return {
+        "id": j.id, "batch_id": j.batch_id, "tenant": j.tenant, "persona": j.persona, "method": j.method,
+        "state": j.state.value, "terminal": j.state.terminal, "step": j.step, "total_steps": j.total_steps,
+        "progress": round(j.progress, 4), "eta_s": eta_s(j, now), "loss": j.loss,
+        "eval": {k: j.metrics[k] for k in EVAL_KEYS if k in j.metrics},
+        "model_version": version, "reused": j.reused_version is not None, "error": j.error,
+        "started_s": j.started_s, "ended_s": j.ended_s, "gpu_s": round(gpu_s, 1), "cpu_s": round(cpu_s, 1),
+        "placement": placement or None, "has_loss_curve": j.mlflow_run_id is not None,
+        "links": {"registry": f"#/registry/{j.tenant}/{j.persona}/{version}" if version else None,
+                  "mlflow_run": run_url if who.operator else None},
+    }
+
+
+def _tenant_state(jobs: list[JobView], batch_state: str) -> str:
+    """A batch's state as one tenant's jobs show it (other tenants' failures are not theirs)."""
+    if not all(j.state.terminal for j in jobs):
+        pending = batch_state == BatchState.PENDING.value
+        return BatchState.PENDING.value if pending else BatchState.RUNNING.value
+    ok = all(j.state == JobState.SUCCEEDED for j in jobs)
+    return BatchState.SUCCEEDED.value if ok else BatchState.FAILED.value
+
+
+def batch_dict(b: BatchRow, jobs: list[JobView], who: Principal, now: float) -> dict[str, Any]:
+    """A batch as ``who`` sees it; ``jobs`` are already only the ones ``who`` may see (non-empty
+    for a tenant)."""
+    costs = [job_cost(j, now) for j in jobs]
+    out = {"id": b.id, "name": b.name, "state": b.state, "created_s": b.created_s, "started_s": b.started_s,
+           "ended_s": b.ended_s, "error": b.error, "jobs": len(jobs),
+           "counts": dict(Counter(j.state.value for j in jobs)),
+           "progress": round(sum(j.progress for j in jobs) / len(jobs), 4) if jobs else 0.0,
+           "gpu_s": round(sum(c[0] for c in costs), 1), "cpu_s": round(sum(c[1] for c in costs), 1)}
+    if not who.operator:
+        started = [j.started_s for j in jobs if j.started_s]
+        done = all(j.state.terminal for j in jobs)
+        out.update(state=_tenant_state(jobs, b.state), error=None, started_s=min(started, default=None),
+                   ended_s=max((j.ended_s or 0 for j in jobs), default=None) if done else None)
+    return out
+
+
+# cluster -----------------------------------------------------------------------------------------
+
+def node_dicts(nodes: list[dict], usage_by_node: dict[str, dict],
+               summary: list[dict]) -> list[dict[str, Any]]:
+    """Nodes from Ray's state API (``/api/v0/nodes``), with the resources Ray has handed out
+    (``/api/cluster_status`` usageByNode: {resource: [used, total]}) and measured host load
+    (``/nodes?view=summary``: CPU %, memory, GPU utilisation) where the dashboard reports them."""
+    load = {s.get("raylet", {}).get("nodeId"): s for s in summary}
+    out = []
+    for n in nodes:
+        nid = n.get("node_id", "")
+        total = n.get("resources_total") or {}
+        used = usage_by_node.get(nid) or {}
+        s = load.get(nid) or {}
+        mem = s.get("mem") or []
+        out.append({
+            "node_id": nid, "ip": n.get("node_ip"), "head": bool(n.get("is_head_node")),
+            "state": n.get("state"),
+            "cpus": total.get("CPU", 0.0), "gpus": total.get("GPU", 0.0),
+            "cpus_used": (used.get("CPU") or [None])[0], "gpus_used": (used.get("GPU") or [None])[0],
+            # the host's memory when the dashboard reports it (Ray's "memory" resource is a share of it)
+            "memory_gb": round((mem[0] if mem else total.get("memory", 0.0)) / 2**30, 1),
+            "cpu_percent": s.get("cpu"), "mem_percent": mem[2] if len(mem) > 2 else None,
+            "gpu_util_percent": [g.get("utilizationGpu") for g in s.get("gpus") or []],
+        })
+    return sorted(out, key=lambda n: (not n["head"], n["ip"] or "", n["node_id"]))
+
+
+# registry ----------------------------------------------------------------------------------------
+
+def version_dict(v: AdapterVersion, who: Principal, mlflow_uri: str | None,
+                 experiment_id: str | None) -> dict[str, Any]:
+    t = v.tags
+    out = {"version": v.id.version, "aliases": list(v.aliases), "created_s": v.created_s,
+           "method": t.get(TAG + "method"), "metrics": v.metrics, "batch_id": t.get(TAG + "batch_id"),
+           "decision": t.get(TAG + "promotion.decision"), "reason": t.get(TAG + "promotion.reason"),
+           "lineage": v.public_dict()["lineage"], "links": {}}
+    if who.operator and mlflow_uri:
+        version_url = f"{mlflow_uri}/#/models/{v.id.registry_name}/versions/{v.id.version}"
+        out["links"] = {"mlflow_run": mlflow_run_url(mlflow_uri, experiment_id, v.run_id),
+                        "mlflow_version": version_url}
+    return out
+
+
+def registry_dict(items: list[RegisteredAdapter], who: Principal, mlflow_uri: str | None,
+                  experiment_id: str | None) -> list[dict[str, Any]]:
+    """Adapters grouped by tenant: [{tenant, adapters: [{id, persona, aliases, versions}]}]."""
+    tenants: dict[str, list[dict]] = {}
+    for ra in items:
+        if not who.sees(ra.id.tenant):
+            continue
+        tenants.setdefault(ra.id.tenant, []).append({
+            "id": str(ra.id), "persona": ra.id.persona, "aliases": ra.aliases,
+            "versions": [version_dict(v, who, mlflow_uri, experiment_id) for v in reversed(ra.versions)]})
+    return [{"tenant": t, "adapters": a} for t, a in sorted(tenants.items())]

@@ -1,0 +1,221 @@
+"""The dashboard's JSON API (serve/dashboard.py) on a real state database and a real MLflow server:
+who may see what (operator vs tenant keys, 401 without a key, a foreign batch is the same 404 as a
+missing one), the shapes the pages read (counts, cost in GPU/CPU-seconds, ETA, loss curves from
+MLflow, promotion decisions), operator keys in the key store, and pages served with no outside asset."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from pathlib import Path
+
+import pytest
+from adapterfab.serve.dashboard import STATIC, create_app
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from adapterfab.ids import AdapterId
+from adapterfab.keys import KeyStore, Principal
+from adapterfab.promotion import Decision
+from adapterfab.registry import Registry, Tracking
+from adapterfab.state import StateStore
+from adapterfab.states import BatchState, JobState
+
+PATH = (JobState.PREPARING, JobState.TRAINING, JobState.REGISTERING)
+
+
+def _advance(state: StateStore, jid: str, to: JobState, **fields: object) -> None:
+    """Walk a job along the allowed transitions up to ``to`` (fields land on the last move)."""
+    for st in PATH:
+        if st == to:
+            break
+        state.move_job(jid, st)
+    state.move_job(jid, to, **fields)
+
+
+def _jobs(batch_id: str, *pairs: tuple[str, str]) -> list[dict]:
+    return [{"id": f"{batch_id}.{t}.{p}", "tenant": t, "persona": p, "method": "lora", "total_steps": 10}
+            for t, p in pairs]
+
+
+@pytest.fixture
+def world(tmp_path: Path, mlflow_server: str):  # noqa: ANN201
+    """Two tenants (unique names: the MLflow server is shared by the session). ``mixed``: A's job
+    training (loss logged for 5 of 10 steps) and a fused group of A's and B's finished jobs; ``b_only``:
+    B alone; ``a_ok_b_failed``: A succeeded, B failed (the batch failed)."""
+    sfx = secrets.token_hex(3)
+    a, b = f"acme-{sfx}", f"globex-{sfx}"
+    state = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    mixed, b_only, a_ok = f"mixed-{sfx}", f"bonly-{sfx}", f"aok-{sfx}"
+    state.create_batch(mixed, "mixed", "spec", "", "tiny",
+                       _jobs(mixed, (a, "pirate"), (a, "butler"), (b, "robot")))
+    state.create_batch(b_only, "only-b", "spec", "", "tiny", _jobs(b_only, (b, "solo")))
+    state.create_batch(a_ok, "split", "spec", "", "tiny", _jobs(a_ok, (a, "ok"), (b, "bad")))
+    tracking = Tracking(mlflow_server)
+    batch_run = tracking.start_run(mixed)
+    state.update_batch(mixed, state=BatchState.RUNNING, started_s=1000.0, mlflow_run_id=batch_run)
+    run = tracking.start_run(f"{a}/pirate", parent_run_id=batch_run)
+    for step, loss in enumerate([3.0, 2.5, 2.2, 2.0, 1.9], start=1):
+        tracking.log_metrics(run, {"loss": loss}, step=step)
+    pirate = f"{mixed}.{a}.pirate"
+    _advance(state, pirate, JobState.TRAINING, mlflow_run_id=run,
+             placement={"cpus": 1, "gpus": 0, "workers": 1, "node_id": "node-1"})
+    state.update_job(pirate, step=5, loss=1.9)
+    group = [f"{mixed}.{a}.butler", f"{mixed}.{b}.robot"]
+    for jid in group:
+        _advance(state, jid, JobState.SUCCEEDED, model_version=1,
+                 metrics={"train_s": 10.0, "eval_loss": 1.0, "base_eval_loss": 2.0},
+                 placement={"cpus": 1, "gpus": 0.5, "workers": 1, "node_id": "node-1", "fused_with": group})
+    _advance(state, f"{a_ok}.{a}.ok", JobState.SUCCEEDED, model_version=2)
+    _advance(state, f"{a_ok}.{b}.bad", JobState.FAILED, error=f"{b}/bad: 20 of 24 rows are malformed")
+    state.update_batch(a_ok, state=BatchState.FAILED, started_s=1.0, ended_s=2.0,
+                       error=f"1 job failed: {b}/bad")
+    reg = Registry(mlflow_server)
+    for tenant, persona, loss in ((a, "butler", 1.0), (b, "robot", 1.5)):
+        v = reg.register(AdapterId(tenant, persona), "s3://bucket/adapters/x", run,
+                         {"metric.eval_loss": str(loss), "metric.base_eval_loss": "2", "method": "lora",
+                          "batch_id": mixed, "artifact_uri": "s3://bucket/secret/place"})
+        reg.promote(v, Decision(True, f"eval_loss {loss} beats base 2", "eval_loss", loss))
+    app = create_app(state.url, mlflow_server, "http://127.0.0.1:9")  # nothing listens on port 9
+    keys = KeyStore(state)
+    client = TestClient(app)
+    op, ka, kb = keys.create_operator(), keys.create(a), keys.create(b)
+
+    def get(path: str, key: str | None):  # noqa: ANN202
+        return client.get(path, headers={"Authorization": f"Bearer {key}"} if key else {})
+
+    return {"a": a, "b": b, "mixed": mixed, "b_only": b_only, "a_ok": a_ok, "get": get, "op": op, "ka": ka,
+            "kb": kb, "pirate": pirate, "run": run, "mlflow": mlflow_server}
+
+
+def test_every_api_route_needs_a_key(world: dict) -> None:
+    get, mixed = world["get"], world["mixed"]
+    for path in ("/api/whoami", "/api/batches", f"/api/batches/{mixed}", "/api/cluster", "/api/registry",
+                 f"/api/batches/{mixed}/jobs/{world['pirate']}/loss", f"/api/registry/{world['a']}"):
+        for key in (None, "af_nope_nope", world["op"][:-2] + "xx"):
+            r = get(path, key)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
+            assert r.headers["www-authenticate"] == "Bearer"
+    assert get("/api/whoami", world["op"]).json() == {
+        "role": "operator", "tenant": None, "links": {"mlflow": world["mlflow"], "ray_dashboard": "http://127.0.0.1:9"}}
+    assert get("/api/whoami", world["ka"]).json() == {"role": "tenant", "tenant": world["a"], "links": {}}
+
+
+def test_operator_sees_every_tenant_with_counts_and_cost(world: dict) -> None:
+    get, op = world["get"], world["op"]
+    listed = {b["id"]: b for b in get("/api/batches", op).json()["batches"]}
+    assert set(listed) == {world["mixed"], world["b_only"], world["a_ok"]}
+    mixed = listed[world["mixed"]]
+    assert mixed["state"] == "RUNNING" and mixed["jobs"] == 3
+    assert mixed["counts"] == {"TRAINING": 1, "SUCCEEDED": 2}
+    # the fused pair shares one worker for 10 s: 10 x 0.5 GPU, split in two -> 2.5 GPU-s each
+    assert mixed["gpu_s"] == 5.0 and mixed["cpu_s"] >= 10.0
+    assert listed[world["a_ok"]]["error"] == f"1 job failed: {world['b']}/bad"
+    body = get(f"/api/batches/{world['mixed']}", op).json()
+    jobs = {j["id"]: j for j in body["jobs"]}
+    assert {j["tenant"] for j in jobs.values()} == {world["a"], world["b"]}
+    pirate = jobs[world["pirate"]]
+    assert pirate["state"] == "TRAINING" and pirate["progress"] == 0.5 and pirate["loss"] == 1.9
+    assert pirate["eta_s"] is not None and pirate["eta_s"] >= 0
+    assert pirate["links"]["mlflow_run"].endswith(f"/runs/{world['run']}") and "/#/experiments/" in \
+        pirate["links"]["mlflow_run"]
+    butler = jobs[f"{world['mixed']}.{world['a']}.butler"]
+    assert butler["eval"] == {"eval_loss": 1.0, "base_eval_loss": 2.0} and butler["gpu_s"] == 2.5
+    assert butler["placement"]["fused_group_size"] == 2 and len(butler["placement"]["fused_with"]) == 2
+    assert butler["links"]["registry"] == f"#/registry/{world['a']}/butler/1"
+    assert body["batch"]["links"]["mlflow_run"]
+    tenants = {t["tenant"]: t for t in get("/api/registry", op).json()["tenants"]}
+    assert {world["a"], world["b"]} <= set(tenants)
+    (robot,) = [x for x in tenants[world["b"]]["adapters"] if x["persona"] == "robot"]
+    v1 = robot["versions"][0]
+    assert robot["aliases"] == {"candidate": 1, "production": 1}
+    assert v1["decision"] == "promoted" and v1["reason"] == "eval_loss 1.5 beats base 2"
+    assert v1["metrics"]["eval_loss"] == 1.5 and v1["method"] == "lora" and v1["batch_id"] == world["mixed"]
+    assert "/#/models/af." in v1["links"]["mlflow_version"]
+
+
+def test_tenant_sees_only_its_own(world: dict) -> None:
+    get, ka, a, b = world["get"], world["ka"], world["a"], world["b"]
+    r = get("/api/batches", ka)
+    listed = {x["id"]: x for x in r.json()["batches"]}
+    assert set(listed) == {world["mixed"], world["a_ok"]} and b not in r.text
+    assert listed[world["mixed"]]["jobs"] == 2 and listed[world["mixed"]]["gpu_s"] == 2.5
+    # B's failure is not A's: A's only job succeeded, and the batch's error (naming B) is not shown
+    assert listed[world["a_ok"]]["state"] == "SUCCEEDED" and listed[world["a_ok"]]["error"] is None
+    r = get(f"/api/batches/{world['mixed']}", ka)
+    assert r.status_code == 200 and b not in r.text
+    jobs = r.json()["jobs"]
+    assert {j["tenant"] for j in jobs} == {a} and len(jobs) == 2
+    butler = next(j for j in jobs if j["persona"] == "butler")
+    assert butler["placement"]["fused_group_size"] == 2
+    assert butler["placement"]["fused_with"] == [butler["id"]]  # B's job id in the group is left out
+    assert all(j["links"]["mlflow_run"] is None for j in jobs) and r.json()["batch"]["links"] == {}
+    foreign, missing = get(f"/api/batches/{world['b_only']}", ka), get("/api/batches/no-such-batch", ka)
+    assert foreign.status_code == missing.status_code == 404 and foreign.json() == missing.json()
+    robot = f"/api/batches/{world['mixed']}/jobs/{world['mixed']}.{b}.robot/loss"
+    assert get(robot, ka).status_code == 404 and get(robot, world["kb"]).status_code == 200
+    r = get("/api/registry", ka)
+    assert [t["tenant"] for t in r.json()["tenants"]] == [a] and b not in r.text
+    assert "secret/place" not in r.text  # no storage internals
+    assert world["mlflow"] not in r.text  # and no MLflow links
+    assert get(f"/api/registry/{b}", ka).status_code == 404 == get("/api/registry/Nope!", ka).status_code
+    assert get(f"/api/registry/{a}", ka).json() == r.json()
+    r = get("/api/cluster", ka)
+    assert r.status_code == 200 and b not in r.text and r.json()["links"] == {}
+    assert get(f"/api/batches/{world['b_only']}", world["kb"]).status_code == 200
+
+
+def test_loss_curve_comes_from_mlflow(world: dict) -> None:
+    get = world["get"]
+    path = f"/api/batches/{world['mixed']}/jobs/{world['pirate']}/loss"
+    for key in (world["op"], world["ka"]):
+        body = get(path, key).json()
+        assert body["points"] == [[1, 3.0], [2, 2.5], [3, 2.2], [4, 2.0], [5, 1.9]]
+        assert body["state"] == "TRAINING"
+    no_run = f"/api/batches/{world['b_only']}/jobs/{world['b_only']}.{world['b']}.solo/loss"
+    assert get(no_run, world["kb"]).json()["points"] == []
+    assert get(f"/api/batches/{world['mixed']}/jobs/nope/loss", world["op"]).status_code == 404
+
+
+def test_cluster_lists_placed_jobs_and_says_why_nodes_are_missing(world: dict) -> None:
+    body = world["get"]("/api/cluster", world["op"]).json()
+    assert body["nodes"] == [] and "http://127.0.0.1:9" in body["error"]
+    assert [j["id"] for j in body["jobs"]] == [world["pirate"]]
+    assert body["jobs"][0]["placement"]["node_id"] == "node-1"
+    assert {j["persona"] for j in body["recent_jobs"]} >= {"butler", "robot"}
+    assert body["links"] == {"ray_dashboard": "http://127.0.0.1:9"}
+
+
+def test_operator_keys_are_hashed_refused_by_serving_and_migrated(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    state = StateStore(url)
+    keys = KeyStore(state)
+    old = keys.create("acme")
+    with state.engine.begin() as conn:  # a database from before operator keys and the TRAINING time
+        conn.execute(text("ALTER TABLE api_keys DROP COLUMN role"))
+        conn.execute(text("ALTER TABLE jobs DROP COLUMN training_started_s"))
+    keys = KeyStore(StateStore(url))
+    op = keys.create_operator()
+    assert keys.identify(op) == Principal(None) and keys.identify(op).operator
+    assert keys.verify(op) is None  # serving accepts tenant keys only
+    assert keys.identify(old) == Principal("acme") and keys.verify(old) == "acme"
+    assert not Principal("acme").sees("globex") and Principal(None).sees("globex")
+    assert keys.identify(op[:-1] + ("A" if op[-1] != "A" else "B")) is None
+    assert op.encode() not in (tmp_path / "state.db").read_bytes()
+
+
+def test_pages_are_served_with_no_outside_asset(world: dict) -> None:
+    client_get = world["get"]
+    index = client_get("/", None)
+    assert index.status_code == 200 and "<main" in index.text
+    refs = re.findall(r'(?:src|href)="([^"]+)"', index.text)
+    assert refs and all(r.startswith(("/static/", "#", "data:")) for r in refs), refs
+    for name in ("app.js", "style.css"):
+        r = client_get(f"/static/{name}", None)
+        assert r.status_code == 200
+        # no URL but the SVG namespace, which is a name, never fetched
+        assert not re.search(r"https?://(?!www\.w3\.org/2000/svg)", r.text), name
+        assert "@import" not in r.text and "cdn" not in r.text.lower()
+    assert {p.name for p in STATIC.iterdir()} == {"index.html", "app.js", "style.css"}
+    assert client_get("/docs", None).status_code == 404  # FastAPI's docs page loads a CDN: off
+    assert "/api/batches/{batch_id}" in client_get("/api/openapi.json", None).json()["paths"]
