@@ -5,6 +5,7 @@ to the batch's ProgressBoard actor, and returns the adapter as a Ray Train check
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +50,43 @@ class ProgressBoard:
 
     def read(self) -> dict[str, dict[str, Any]]:
         return dict(self.progress)
+
+
+def report_train_state(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+    """Report a training state (``train_adapter``'s or ``FusedTrainer``'s) as a Ray Train checkpoint.
+    With a ZeRO engine in it (``state["engine"]``), every worker also writes its shard of the engine
+    (the frozen base is not saved)."""
+    import torch
+    from ray import train as rt
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = state.pop("engine", None)
+        if engine is not None:
+            from adapterfab.jobs.zero import ZERO_TAG
+
+            engine.save_checkpoint(str(Path(tmp) / ZERO_DIR), tag=ZERO_TAG, exclude_frozen_parameters=True)
+        torch.save(state, Path(tmp) / TRAIN_STATE)
+        rt.report(metrics, checkpoint=rt.Checkpoint.from_directory(tmp))
+
+
+def last_train_state(with_engine: bool = False) -> dict[str, Any] | None:
+    """The training state of the last checkpoint when Ray Train restarted this worker after a failure,
+    else None. ``with_engine``: the ZeRO shards are copied to a temp folder named by
+    ``state["engine_dir"]`` (the engine loads them once training starts; the caller removes it)."""
+    import torch
+    from ray import train as rt
+
+    last = rt.get_checkpoint()
+    if last is None:
+        return None
+    with last.as_directory() as d:
+        if not (Path(d) / TRAIN_STATE).exists():
+            return None
+        state = torch.load(Path(d) / TRAIN_STATE, weights_only=False)
+        if with_engine:
+            state["engine_dir"] = tempfile.mkdtemp(prefix="zero-resume-")
+            shutil.copytree(Path(d) / ZERO_DIR, state["engine_dir"], dirs_exist_ok=True)
+    return state
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -107,36 +145,21 @@ def _worker_loop(config: dict[str, Any]) -> None:
             board.update.remote(job.job_id, step, loss, os.getpid(), node)
 
     def on_checkpoint(step: int, state: dict[str, Any]) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            engine = state.pop("engine", None)
-            if engine is not None:  # every worker writes its shard (the frozen base is not saved)
-                from adapterfab.jobs.zero import ZERO_TAG
+        report_train_state({"step": step}, state)
 
-                engine.save_checkpoint(str(Path(tmp) / ZERO_DIR), tag=ZERO_TAG, exclude_frozen_parameters=True)
-            torch.save(state, Path(tmp) / TRAIN_STATE)
-            rt.report({"step": step}, checkpoint=rt.Checkpoint.from_directory(tmp))
-
-    resume = None
-    last = rt.get_checkpoint()  # set when Ray Train restarted this worker after a failure
-    if last is not None:
-        with last.as_directory() as d:
-            if (Path(d) / TRAIN_STATE).exists():
-                resume = torch.load(Path(d) / TRAIN_STATE, weights_only=False)
-                if zero is not None:  # the engine reads its shards while training starts
-                    resume_dir = tempfile.mkdtemp(prefix="zero-resume-")
-                    import shutil
-
-                    shutil.copytree(Path(d) / ZERO_DIR, resume_dir, dirs_exist_ok=True)
-                    resume["engine_dir"] = resume_dir
-
+    resume = last_train_state(with_engine=zero is not None)
     basis = None
     if job.basis_uri:
         from adapterfab.export import fetch_basis
 
         with tempfile.TemporaryDirectory(prefix="basis-") as tmp:  # the loaded basis lives in memory
             basis = fetch_basis(get_method(method_cfg.name), job.basis_uri, tmp)
-    result = train_adapter(job.base_model_path, method_cfg, train_cfg, epoch_batches, eval_batches, on_step,
-                           basis=basis, resume=resume, on_checkpoint=on_checkpoint, zero=zero, device=device)
+    try:
+        result = train_adapter(job.base_model_path, method_cfg, train_cfg, epoch_batches, eval_batches, on_step,
+                               basis=basis, resume=resume, on_checkpoint=on_checkpoint, zero=zero, device=device)
+    finally:
+        if resume and resume.get("engine_dir"):
+            shutil.rmtree(resume["engine_dir"], ignore_errors=True)
     placement = {"node_id": node, "workers": job.workers, "zero_stage": job.zero_stage or 0}
     if zero is not None:
         from adapterfab.jobs.zero import gathered_trainable, local_fraction
@@ -250,16 +273,9 @@ def _fused_worker_loop(config: dict[str, Any]) -> None:
             board.update.remote(jid, step, loss, os.getpid(), node)
 
     def on_checkpoint(state: dict[str, Any]) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save(state, Path(tmp) / TRAIN_STATE)
-            rt.report({"iteration": state["iteration"]}, checkpoint=rt.Checkpoint.from_directory(tmp))
+        report_train_state({"iteration": state["iteration"]}, state)
 
-    resume = None
-    last = rt.get_checkpoint()  # set when Ray Train restarted this worker after a failure
-    if last is not None:
-        with last.as_directory() as d:
-            if (Path(d) / TRAIN_STATE).exists():
-                resume = torch.load(Path(d) / TRAIN_STATE, weights_only=False)
+    resume = last_train_state()
     every = min((t.checkpoint_every for t in trains if t.checkpoint_every), default=0)
     results = trainer.train(fused, on_step, on_checkpoint=on_checkpoint, checkpoint_every=every, resume=resume)
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,6 +12,7 @@ cache folder (``download_adapter``).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import threading
@@ -154,25 +155,24 @@ class LoadedAdapter:
             pass
 
 
-def download_adapter(registry: Any, version_key: str, cache_dir: str | Path) -> Path:
-    """Local folder of adapter version ``tenant/persona@N`` (a registry ``get`` + ``download`` the first
-    time). Versions never change, so a finished download is reused; writes go to a temp folder that is
-    renamed into place, so concurrent loaders and crashes never leave a half folder behind."""
+def _version_folder(version_key: str, root: Path) -> tuple[AdapterId, Path]:
     aid = AdapterId.parse(version_key)
     if aid.version is None:
         raise ValueError(f"{version_key!r} is not a concrete version (tenant/persona@N)")
-    dest = Path(cache_dir).expanduser() / aid.tenant / aid.persona / str(aid.version)
-    if (dest / "adapter_config.json").is_file():
-        return dest
+    return aid, root / aid.tenant / aid.persona / str(aid.version)
+
+
+def _install(dest: Path, version_key: str, fetch: Callable[[Path], Path]) -> None:
+    """``fetch(tmp)`` writes the adapter under a temp folder beside ``dest`` (returning where); the
+    folder holding its adapter_config.json is renamed to ``dest``, so concurrent loaders and crashes
+    never leave a half folder behind."""
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        from adapterfab.export import to_peft_lora
-
-        # every method is served as a standard PEFT LoRA (LoRA-XS is rebuilt from its shared basis)
-        got = to_peft_lora(registry, registry.get(aid), tmp)
+        got = Path(fetch(tmp))
         cfg = next(iter(sorted(got.rglob("adapter_config.json"), key=lambda p: len(p.parts))), None)
         if cfg is None:
             raise FileNotFoundError(f"adapter {version_key} has no adapter_config.json in its artifacts")
+        dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(cfg.parent, dest)
         except OSError:  # another loader won the race
@@ -180,6 +180,17 @@ def download_adapter(registry: Any, version_key: str, cache_dir: str | Path) -> 
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def download_adapter(registry: Any, version_key: str, cache_dir: str | Path) -> Path:
+    """Local folder of adapter version ``tenant/persona@N`` as a standard PEFT LoRA (a registry ``get``
+    + ``download`` the first time). Versions never change, so a finished download is reused."""
+    aid, dest = _version_folder(version_key, Path(cache_dir).expanduser())
+    if not (dest / "adapter_config.json").is_file():
+        from adapterfab.export import to_peft_lora
+
+        # every method is served as a standard PEFT LoRA (LoRA-XS is rebuilt from its shared basis)
+        _install(dest, version_key, lambda tmp: to_peft_lora(registry, registry.get(aid), tmp))
     return dest
 
 
@@ -191,31 +202,15 @@ def download_native(registry: Any, version_key: str, cache_dir: str | Path) -> t
     """The adapter version as its method saved it, for the batched engine: (local folder, LoRA-XS
     basis or None, whether it came from the store). LoRA-XS stays R-only (kilobytes) with its basis
     downloaded once per basis and shared. Folders are written to a temp name and renamed into place."""
-    aid = AdapterId.parse(version_key)
-    if aid.version is None:
-        raise ValueError(f"{version_key!r} is not a concrete version (tenant/persona@N)")
-    dest = Path(cache_dir).expanduser() / "native" / aid.tenant / aid.persona / str(aid.version)
+    aid, dest = _version_folder(version_key, Path(cache_dir).expanduser() / "native")
     version = None
     from_store = not (dest / "adapter_config.json").is_file()
     if from_store:
         version = registry.get(aid)
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            got = Path(registry.download(version, tmp))
-            cfg = next(iter(sorted(got.rglob("adapter_config.json"), key=lambda p: len(p.parts))), None)
-            if cfg is None:
-                raise FileNotFoundError(f"adapter {version_key} has no adapter_config.json in its artifacts")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.replace(cfg.parent, dest)
-            except OSError:  # another loader won the race
-                if not (dest / "adapter_config.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    import json
+        _install(dest, version_key, lambda tmp: registry.download(version, tmp))
+    from adapterfab.methods.lora_xs import PEFT_TYPE as LORA_XS
 
-    if json.loads((dest / "adapter_config.json").read_text()).get("peft_type") != "LORA_XS":
+    if json.loads((dest / "adapter_config.json").read_text()).get("peft_type") != LORA_XS:
         return dest, None, from_store
     version = version or registry.get(aid)
     uri = version.tags.get("adapterfab.basis_uri")

@@ -37,8 +37,8 @@ from typing import Any
 from adapterfab.errors import AdapterfabError
 from adapterfab.methods.lora_xs import PEFT_TYPE as XS_PEFT_TYPE
 from adapterfab.serve.engine import (
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, DTYPES, IM_END, AdapterNotLoaded, AdapterRejected, Detokenizer, Event,
-    Finished, PromptTooLong, SamplingParams, StopMatcher, TextDelta, _sample,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, DTYPES, AdapterNotLoaded, AdapterRejected,
+    PromptTooLong, SamplingParams, TextGeneration, _sample,
 )
 
 log = logging.getLogger("adapterfab.serve.batched")
@@ -86,7 +86,7 @@ class _Request:
     cancelled: bool = False
 
 
-class BatchedEngine:
+class BatchedEngine(TextGeneration):
     """A resident base with up to ``max_adapters`` adapters on the device and up to ``max_batch``
     requests decoding together; ``generate`` streams events like ``serve.engine.Engine``."""
 
@@ -129,7 +129,7 @@ class BatchedEngine:
         self._slot_of: dict[str, tuple[str, int, str | None]] = {}  # name -> (kind, slot, basis id)
         self._free_slots = list(range(max_adapters, 0, -1))
         self._in_use: collections.Counter[str] = collections.Counter()
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = self.eos_ids_of(model)
         self._lock = threading.Lock()  # adapters and the waiting queue
         self._tokenizer_lock = threading.Lock()
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -147,15 +147,6 @@ class BatchedEngine:
     def _module(layer: Any, name: str) -> Any:
         return getattr(layer.self_attn, name) if name in ("q_proj", "k_proj", "v_proj", "o_proj") \
             else getattr(layer.mlp, name)
-
-    def _eos_ids(self) -> set[int]:
-        ids = {self.tokenizer.eos_token_id}
-        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-        im_end = self.tokenizer.convert_tokens_to_ids(IM_END)
-        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
-            ids.add(im_end)
-        return {i for i in ids if isinstance(i, int)}
 
     def close(self) -> None:
         with self._wake:
@@ -520,16 +511,6 @@ class BatchedEngine:
                 self._running = []
 
     # -- the public contract (as serve.engine.Engine) ---------------------------------------------
-    def encode_text(self, prompt: str) -> list[int]:
-        """A raw prompt (``/v1/completions``): the tokenizer's own special tokens, no chat template."""
-        with self._tokenizer_lock:
-            return list(self.tokenizer(prompt)["input_ids"])
-
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        with self._tokenizer_lock:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def generate_token_ids(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams,
                            timeout_s: float = 600) -> Iterator[int]:
         req = self.submit(prompt_ids, adapter, params)
@@ -543,32 +524,6 @@ class BatchedEngine:
                 yield item
         finally:
             req.cancelled = True  # a consumer that stops early frees its row at the next step
-
-    def generate(self, messages: list[dict[str, str]] | str, adapter: str | None = None,
-                 params: SamplingParams | None = None) -> Iterator[Event]:
-        params = params or SamplingParams()
-        prompt_ids = self.encode_chat(messages) if not isinstance(messages, str) else self.encode_text(messages)
-        detok, stops = Detokenizer(self.tokenizer), StopMatcher(params.stop)
-        n_out, reason = 0, "length"
-        tokens = self.generate_token_ids(prompt_ids, adapter, params)
-        try:
-            for token in tokens:
-                n_out += 1
-                if token in self.eos_ids:
-                    reason = "stop"
-                    break
-                text = stops.push(detok.add(token))
-                if text:
-                    yield TextDelta(text)
-                if stops.stopped:
-                    reason = "stop"
-                    break
-        finally:
-            tokens.close()
-        tail = stops.push(detok.flush()) + stops.flush()
-        if tail:
-            yield TextDelta(tail)
-        yield Finished(reason, len(prompt_ids), n_out)
 
     def stats(self) -> dict[str, Any]:
         return {"steps": self.steps, "mean_batch_rows": self.batch_rows_total / max(1, self.steps),

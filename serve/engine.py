@@ -185,7 +185,68 @@ def _check_adapter_files(local_dir: Path, base_shapes: dict[str, tuple[int, ...]
                                   f"{list(base)} of the base model (was it trained on another base?)")
 
 
-class Engine:
+class TextGeneration:
+    """What both engines share above token ids: the prompt (chat template or raw text), EOS ids, and
+    ``generate``: ids -> text deltas with stop strings, then one ``Finished`` with usage. A subclass
+    sets ``tokenizer``, ``eos_ids`` (``eos_ids_of``) and ``_tokenizer_lock``, and implements
+    ``generate_token_ids(prompt_ids, adapter, params)``."""
+
+    tokenizer: Any
+    eos_ids: set[int]
+    _tokenizer_lock: threading.Lock
+
+    def generate_token_ids(self, prompt_ids: list[int], adapter: str | None,
+                           params: SamplingParams) -> Iterator[int]:
+        raise NotImplementedError
+
+    def eos_ids_of(self, model: Any) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        im_end = self.tokenizer.convert_tokens_to_ids(IM_END)
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            ids.add(im_end)
+        return {i for i in ids if isinstance(i, int)}
+
+    def encode_text(self, prompt: str) -> list[int]:
+        """A raw prompt (``/v1/completions``): the tokenizer's own special tokens, no chat template."""
+        with self._tokenizer_lock:
+            return list(self.tokenizer(prompt)["input_ids"])
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        with self._tokenizer_lock:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def generate(self, messages: list[dict[str, str]] | str, adapter: str | None = None,
+                 params: SamplingParams | None = None) -> Iterator[Event]:
+        """Text deltas as they decode, then one ``Finished`` with the finish reason and usage."""
+        params = params or SamplingParams()
+        prompt_ids = self.encode_chat(messages) if not isinstance(messages, str) else self.encode_text(messages)
+        detok, stops = Detokenizer(self.tokenizer), StopMatcher(params.stop)
+        n_out, reason = 0, "length"
+        tokens = self.generate_token_ids(prompt_ids, adapter, params)
+        try:
+            for token in tokens:
+                n_out += 1
+                if token in self.eos_ids:
+                    reason = "stop"
+                    break
+                text = stops.push(detok.add(token))
+                if text:
+                    yield TextDelta(text)
+                if stops.stopped:
+                    reason = "stop"
+                    break
+        finally:
+            tokens.close()  # releases the engine (lock or batch row) even when the consumer stops early
+        tail = stops.push(detok.flush()) + stops.flush()
+        if tail:
+            yield TextDelta(tail)
+        yield Finished(reason, len(prompt_ids), n_out)
+
+
+class Engine(TextGeneration):
     """The base model loaded once, plus named LoRA adapters; ``generate`` streams events."""
 
     def __init__(self, model_path: str | Path, dtype: str = "float32", device: str = "cpu",
@@ -206,20 +267,11 @@ class Engine:
         self.model: Any = self.base  # becomes a PeftModel with the first adapter
         self.max_positions = int(getattr(self.base.config, "max_position_embeddings", 0) or 1 << 30)
         self._base_shapes = {k: tuple(v.shape) for k, v in self.base.state_dict().items()}
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = self.eos_ids_of(self.base)
         self._adapters: dict[str, str] = {}  # public name -> internal peft name (no '.' allowed there)
         self._next_slot = 0
         self._lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()  # fast tokenizers raise "Already borrowed" when shared
-
-    def _eos_ids(self) -> set[int]:
-        ids = {self.tokenizer.eos_token_id}
-        gen_eos = getattr(getattr(self.base, "generation_config", None), "eos_token_id", None)
-        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-        im_end = self.tokenizer.convert_tokens_to_ids(IM_END)
-        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
-            ids.add(im_end)
-        return {i for i in ids if isinstance(i, int)}
 
     @property
     def busy(self) -> bool:
@@ -273,16 +325,6 @@ class Engine:
         return nullcontext()
 
     # generation -------------------------------------------------------------------------------
-    def encode_text(self, prompt: str) -> list[int]:
-        """A raw prompt (``/v1/completions``): the tokenizer's own special tokens, no chat template."""
-        with self._tokenizer_lock:
-            return list(self.tokenizer(prompt)["input_ids"])
-
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        with self._tokenizer_lock:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def generate_token_ids(self, prompt_ids: list[int], adapter: str | None,
                            params: SamplingParams) -> Iterator[int]:
         """Sampled token ids, one per decode step (KV cache), ending at EOS or max_tokens. Holds the
@@ -307,33 +349,6 @@ class Engine:
                     if token in self.eos_ids:
                         return
                     ids = torch.tensor([[token]], device=self.device)
-
-    def generate(self, messages: list[dict[str, str]] | str, adapter: str | None = None,
-                 params: SamplingParams | None = None) -> Iterator[Event]:
-        """Text deltas as they decode, then one ``Finished`` with the finish reason and usage."""
-        params = params or SamplingParams()
-        prompt_ids = self.encode_chat(messages) if not isinstance(messages, str) else self.encode_text(messages)
-        detok, stops = Detokenizer(self.tokenizer), StopMatcher(params.stop)
-        n_out, reason = 0, "length"
-        tokens = self.generate_token_ids(prompt_ids, adapter, params)
-        try:
-            for token in tokens:
-                n_out += 1
-                if token in self.eos_ids:
-                    reason = "stop"
-                    break
-                text = stops.push(detok.add(token))
-                if text:
-                    yield TextDelta(text)
-                if stops.stopped:
-                    reason = "stop"
-                    break
-        finally:
-            tokens.close()  # releases the lock even when the consumer stops early
-        tail = stops.push(detok.flush()) + stops.flush()
-        if tail:
-            yield TextDelta(tail)
-        yield Finished(reason, len(prompt_ids), n_out)
 
 
 def _sample(logits: Any, params: SamplingParams, gen: Any) -> int:
