@@ -155,7 +155,7 @@ class BatchContext:
     board_name: str
     pad_id: int
     force: bool = False
-    planned: dict[str, Any] = field(default_factory=dict)  # job id -> jobs.plan.PlannedJob
+    planned: dict[str, Any] = field(default_factory=dict)  # job id -> jobs.plan.PlannedJob (every job)
 
 
 def _error_text(e: BaseException) -> str:
@@ -245,13 +245,12 @@ def prepare_job(ctx: BatchContext, job: JobSpec) -> Prepared | None:
 def _worker_job(ctx: BatchContext, p: Prepared) -> Any:
     from adapterfab.jobs.launch import WorkerJob
 
-    plan = ctx.planned.get(p.jid)
+    plan = ctx.planned[p.jid]
     return WorkerJob(
         job_id=p.jid, base_model_path=ctx.base.path, method=p.job.method.model_dump(),
         train=p.job.train.model_dump(), mlflow_uri=ctx.tracking.uri, mlflow_run_id=p.run_id,
-        progress_board=ctx.board_name, pad_id=ctx.pad_id, cpus=ctx.spec.resources.cpus_per_job,
-        basis_uri=p.basis_uri, gpus=ctx.spec.resources.gpus_per_job, workers=plan.workers if plan else 1,
-        zero_stage=plan.zero_stage if plan else None)
+        progress_board=ctx.board_name, pad_id=ctx.pad_id, cpus=plan.cpus, basis_uri=p.basis_uri,
+        gpus=plan.gpus, workers=plan.workers, zero_stage=plan.zero_stage)
 
 
 PLACEMENT_KEYS = ("node_id", "workers", "zero_stage", "zero_local_param_fraction")
@@ -259,9 +258,9 @@ PLACEMENT_KEYS = ("node_id", "workers", "zero_stage", "zero_local_param_fraction
 
 def _start_training(ctx: BatchContext, p: Prepared, fused_with: list[str] | None = None) -> None:
     """TRAINING, with where the planner put the job (the worker adds its node when it starts)."""
-    plan = ctx.planned.get(p.jid)
-    placement: dict[str, Any] = {"cpus": ctx.spec.resources.cpus_per_job, "gpus": ctx.spec.resources.gpus_per_job,
-                                 "workers": plan.workers if plan else 1, "zero_stage": plan.zero_stage if plan else None}
+    plan = ctx.planned[p.jid]
+    placement: dict[str, Any] = {"cpus": plan.cpus, "gpus": plan.gpus, "workers": plan.workers,
+                                 "zero_stage": plan.zero_stage}
     if fused_with:
         placement["fused_with"] = fused_with
     ctx.state.move_job(p.jid, JobState.TRAINING, total_steps=p.job.train.steps, placement=placement)
@@ -320,8 +319,8 @@ def _train_alone(ctx: BatchContext, p: Prepared) -> None:
     except Exception as e:  # noqa: BLE001
         _fail_job(ctx, p.jid, p.run_id, e)
         return
-    plan = ctx.planned.get(p.jid)
-    how = f"zero{plan.zero_stage}:{plan.workers}" if plan and plan.workers > 1 else "alone"
+    plan = ctx.planned[p.jid]
+    how = f"zero{plan.zero_stage}:{plan.workers}" if plan.workers > 1 else "alone"
     register_job(ctx, p, metrics, adapter_dir, {"training": how})
 
 
