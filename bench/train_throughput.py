@@ -34,8 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parent.parent  # adapterfab itself must be installed (make setup / pip install .)
 PERSONAS = ["pirate", "butler", "robot"]
 
 
@@ -100,7 +99,10 @@ def long_chats(folder: Path, rows: int = 64, turns: int = 12) -> dict[str, str]:
     out = {}
     folder.mkdir(parents=True, exist_ok=True)
     for persona in PERSONAS:
-        pairs = [json.loads(line)["messages"] for line in (REPO / f"examples/data/{persona}.jsonl").open()]
+        raw = [json.loads(line) for line in (REPO / f"examples/data/{persona}.jsonl").open()]
+        pairs = [r["messages"] if "messages" in r else  # chat rows, or instruction/output rows
+                 [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+                 for r in raw]
         rng = random.Random(persona)
         path = folder / f"{persona}-long.jsonl"
         with path.open("w") as f:
@@ -122,10 +124,15 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--gpu-fraction", type=float, default=0.25, help="GPU per task in (b)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for MFU")
+    ap.add_argument("--baseline-jobs", type=int, default=0,
+                    help="run (a) and (b) on the first N jobs only (0: all); rates are per job, so a few show them")
+    ap.add_argument("--tokenizer", default=os.environ.get("ADAPTERFAB_TOKENIZER_DIR"),
+                    help="a folder with the SmolLM2 tokenizer (GPU mode; default: the converted SmolLM2 base)")
     args = ap.parse_args()
     if args.device == "cuda":  # the issue's standard GPU job unless given otherwise
-        defaults = {"jobs": 32, "steps": 10, "batch_size": 4, "seq": 128, "k": 4}
-        for key, value in {"jobs": 32, "steps": 20, "batch_size": 4, "seq": 512, "k": 8}.items():
+        defaults = {"jobs": 8, "steps": 10, "batch_size": 4, "seq": 128, "k": 4, "baseline_jobs": 0}
+        for key, value in {"jobs": 32, "steps": 20, "batch_size": 4, "seq": 512, "k": 8,
+                           "baseline_jobs": 8}.items():
             if getattr(args, key) == defaults[key]:
                 setattr(args, key, value)
 
@@ -138,11 +145,11 @@ def main() -> None:
     from adapterfab.basemodel import resolve_base_model
     from adapterfab.jobs.resident import resident_actor
 
-    smollm2 = resolve_base_model("smollm2-135m-instruct").path
     gpu = args.device == "cuda"
+    smollm2 = args.tokenizer if gpu and args.tokenizer else resolve_base_model("smollm2-135m-instruct").path
     cpus = os.cpu_count() or 2
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    task = ray.remote(one_job)
+    task = ray.remote(max_calls=1)(one_job)  # each task its own process, which exits (and frees the GPU)
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="af-bench-") as tmp:
         if gpu:
@@ -159,13 +166,14 @@ def main() -> None:
             jobs = make_jobs(args.jobs, args.steps, args.batch_size, args.seq)
             whole, part, actor = {"num_cpus": cpus}, {"num_cpus": 1}, {"num_cpus": cpus}
             threads, dev = cpus, None
+        few = jobs[:args.baseline_jobs or len(jobs)]
         t0 = time.monotonic()
-        seq = [ray.get(task.options(**whole).remote(base, method, j, f"{tmp}/a", threads, dev)) for j in jobs]
+        seq = [ray.get(task.options(**whole).remote(base, method, j, f"{tmp}/a", threads, dev)) for j in few]
         out["a_sequential"] = {"wall_s": time.monotonic() - t0, "jobs": seq}
         print(f"(a) sequential tasks: {out['a_sequential']['wall_s']:.1f}s", flush=True)
 
         t0 = time.monotonic()
-        conc = ray.get([task.options(**part).remote(base, method, j, f"{tmp}/b", 1, dev) for j in jobs])
+        conc = ray.get([task.options(**part).remote(base, method, j, f"{tmp}/b", 1, dev) for j in few])
         out["b_concurrent"] = {"wall_s": time.monotonic() - t0, "jobs": conc, "resources_per_task": part}
         print(f"(b) concurrent tasks ({part}): {out['b_concurrent']['wall_s']:.1f}s", flush=True)
 
@@ -176,8 +184,11 @@ def main() -> None:
         for i in range(0, len(jobs), args.k):
             fused += ray.get(worker.train.remote(jobs[i:i + args.k], f"{tmp}/c"))
         out["c_resident_fused"] = {"wall_s": time.monotonic() - t0, "jobs": fused, "k": args.k,
-                                   "load_s": ray.get(worker.stats.remote())["load_s"]}
-        print(f"(c) resident base, fused K={args.k}: {out['c_resident_fused']['wall_s']:.1f}s", flush=True)
+                                   "load_s": ray.get(worker.stats.remote())["load_s"],
+                                   "phases_s": {ph: round(sum(j["group_timing"][ph] for j in fused[::args.k]), 2)
+                                                for ph in fused[0]["group_timing"]}}
+        print(f"(c) resident base, fused K={args.k}: {out['c_resident_fused']['wall_s']:.1f}s, phases "
+              f"{out['c_resident_fused']['phases_s']}, base load {out['c_resident_fused']['load_s']:.1f}s", flush=True)
         assert all(j["error"] is None and Path(j["adapter_dir"], "adapter_model.safetensors").exists()
                    for j in fused), fused
     ray.shutdown()
@@ -187,7 +198,8 @@ def main() -> None:
         evals = [j["metrics"]["eval_loss"] for j in res["jobs"]]
         bases = [j["metrics"]["base_eval_loss"] for j in res["jobs"]]
         summary[key] = {"wall_s": round(res["wall_s"], 2),
-                        "adapters_per_hour": round(3600 * len(jobs) / res["wall_s"], 1),
+                        "jobs": len(res["jobs"]),
+                        "adapters_per_hour": round(3600 * len(res["jobs"]) / res["wall_s"], 1),
                         "mean_eval_loss": round(sum(evals) / len(evals), 4),
                         "mean_base_eval_loss": round(sum(bases) / len(bases), 4),
                         "all_beat_base": all(e < b for e, b in zip(evals, bases))}
@@ -212,7 +224,7 @@ def main() -> None:
     stamp = time.strftime("%Y-%m-%d")
     result = {"date": stamp, "machine": machine, "device": device,
               "base": f"random Llama {GPU_SHAPE}, {n_params} params" if gpu else "SmolLM2-135M-Instruct",
-              "method": method, "jobs": len(jobs), "steps": args.steps, "batch_size": args.batch_size,
+              "method": method, "jobs": len(jobs), "baseline_jobs": len(few), "steps": args.steps, "batch_size": args.batch_size,
               "max_seq_len": args.seq, "k": args.k, "summary": summary, "ratios": ratios,
               "raw": {k: {kk: vv for kk, vv in v.items() if kk != "jobs"} for k, v in out.items()}}
     path = REPO / "bench" / "results" / f"train_throughput-{device}-{stamp}.json"
@@ -220,7 +232,8 @@ def main() -> None:
     what = (f"{n_params / 1e9:.2f}B Llama-shaped QLoRA r16 all-linear" if gpu else "SmolLM2-135M LoRA r8 q,v")
     extra = (f"; MFU of the fused step {ratios['mfu_fused_step']:.1%}, end to end {ratios['mfu_end_to_end']:.1%} "
              f"(peak {args.peak_tflops:g} TFLOP/s)" if gpu else "")
-    line = (f"- {stamp} · train_throughput.py · {machine} · {what}, {len(jobs)} jobs × "
+    line = (f"- {stamp} · train_throughput.py · {machine} · {what}, {len(jobs)} jobs "
+            f"({len(few)} in (a) and (b)) × "
             f"{args.steps} steps × {args.batch_size} rows × ≤{args.seq} tokens, end to end without registry · "
             f"(a) sequential tasks {summary['a_sequential']['adapters_per_hour']}/h, "
             f"(b) concurrent {'%g-GPU' % args.gpu_fraction if gpu else '1-CPU'} tasks "
@@ -228,7 +241,9 @@ def main() -> None:
             f"(c) resident base fused K={args.k} {c}/h: {ratios['c_over_a']}× (a), {ratios['c_over_b']}× (b); "
             f"mean eval loss a/b/c {summary['a_sequential']['mean_eval_loss']}/"
             f"{summary['b_concurrent']['mean_eval_loss']}/{summary['c_resident_fused']['mean_eval_loss']} "
-            f"(base {summary['a_sequential']['mean_base_eval_loss']}){extra} "
+            f"(base {summary['a_sequential']['mean_base_eval_loss']}); (c)'s time: "
+            f"{json.dumps(out['c_resident_fused']['phases_s'])}, base load {out['c_resident_fused']['load_s']:.1f} s"
+            f"{extra} "
             f"(`{'python bench/train_throughput.py --device cuda' if gpu else '.venv/bin/python bench/train_throughput.py'}`"
             f"; bench/results/{path.name})")
     results_md = REPO / "bench" / "RESULTS.md"

