@@ -126,6 +126,9 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for MFU")
     ap.add_argument("--baseline-jobs", type=int, default=0,
                     help="run (a) and (b) on the first N jobs only (0: all); rates are per job, so a few show them")
+    ap.add_argument("--profile", action="store_true",
+                    help="after (c), profile one more fused group of K jobs (4 steps) with torch.profiler; "
+                         "writes bench/results/train_profile-<device>-<date>.txt")
     ap.add_argument("--tokenizer", default=os.environ.get("ADAPTERFAB_TOKENIZER_DIR"),
                     help="a folder with the SmolLM2 tokenizer (GPU mode; default: the converted SmolLM2 base)")
     args = ap.parse_args()
@@ -191,6 +194,13 @@ def main() -> None:
               f"{out['c_resident_fused']['phases_s']}, base load {out['c_resident_fused']['load_s']:.1f}s", flush=True)
         assert all(j["error"] is None and Path(j["adapter_dir"], "adapter_model.safetensors").exists()
                    for j in fused), fused
+        if args.profile:
+            probe = [{**j, "job_id": j["job_id"] + "-prof", "train": {**j["train"], "steps": 4}} for j in jobs[:args.k]]
+            table = ray.get(worker.profile.remote(probe, f"{tmp}/p"))
+            prof_path = REPO / "bench" / "results" / f"train_profile-{args.device}-{time.strftime('%Y-%m-%d')}.txt"
+            if not args.quick:
+                prof_path.write_text(table)
+            print(table, flush=True)
     ray.shutdown()
 
     summary = {}

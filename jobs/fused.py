@@ -11,6 +11,11 @@ How it works:
   - LoRA (and QLoRA, the same on a 4-bit base): ``x·Aₖᵀ·Bₖᵀ`` per segment;
   - LoRA-XS: the shared factors make ``x·A`` one product for all rows and ``·B`` another; only the
     r×r ``Rₖ`` is applied per segment.
+  When every job has the same number of rows in the step (the usual case: equal batch sizes), the K
+  segments are one batched matmul (``bmm`` over the stacked ``Aₖ``, ``Bₖ`` or ``Rₖ``) instead of K small
+  ones, so the launches per layer do not grow with K. On a bf16/fp16 base the adapter product runs in
+  the base's dtype (as under autocast; the adapter weights and their optimizer state stay fp32), which
+  keeps fp32 copies of every activation out of memory; an fp32 base computes it in fp32 as before.
 - The loss is each job's own token mean, summed over jobs, so each adapter's gradient is exactly what
   training it alone would give. Logits are computed only at positions that carry a label, which keeps
   the (rows × tokens × vocabulary) logits tensor out of memory.
@@ -84,20 +89,48 @@ class MultiLinear(nn.Module):
                 del d[job]
         self.scale.pop(job, None)
 
+    grouped = True  # one bmm for equal-size segments (tests switch it off to compare with the loop)
+
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
         segs = [s for s in self.route.segments if s[0] in self.b]
         if not segs:
             return out
-        xf = x.float()
+        half = x.dtype in (torch.bfloat16, torch.float16)
+        xf = x if half else x.float()
+        n = segs[0][2] - segs[0][1]
+        if self.grouped and len(segs) > 1 and segs[0][1] == 0 and segs[-1][2] == x.shape[0] \
+                and all(e - s == n and s == i * n for i, (_, s, e) in enumerate(segs)):
+            return self._grouped(out, xf, segs, n)
+        if half:
+            return self._loop(out, xf, segs, lambda t: t.to(x.dtype))
+        return self._loop(out, xf, segs, lambda t: t)
+
+    def _grouped(self, out: Tensor, xf: Tensor, segs: list[tuple[str, int, int]], n: int) -> Tensor:
+        """Every job has ``n`` rows, in order: one bmm over the K stacked adapters."""
+        k, dt = len(segs), xf.dtype
+        scale = xf.new_tensor([self.scale[j] for j, _, _ in segs]).view(k, 1, 1)
+        rows = xf.reshape(k, -1, xf.shape[-1])  # [K, n*T, in]
         if self.family == "lora_xs":
-            h = xf @ self.xs_a  # one product for every row of every tenant
-            parts = [h[s:e] @ self.b[j] * self.scale[j] for j, s, e in segs]
-            delta = self._place(parts, segs, x.shape[0]) @ self.xs_b
+            h = rows @ self.xs_a.to(dt)  # the shared basis: one product for all rows
+            r = torch.stack([self.b[j] for j, _, _ in segs]).to(dt)  # [K, r, r]
+            delta = (torch.bmm(h, r) * scale) @ self.xs_b.to(dt)
         else:
-            parts = [(xf[s:e] @ self.a[j].t()) @ self.b[j].t() * self.scale[j] for j, s, e in segs]
-            delta = self._place(parts, segs, x.shape[0])
-        return (out + delta).to(out.dtype)  # like PEFT: fp32 adapter path, result back in the base dtype
+            a = torch.stack([self.a[j] for j, _, _ in segs]).to(dt)  # [K, r, in]
+            b = torch.stack([self.b[j] for j, _, _ in segs]).to(dt)  # [K, out, r]
+            delta = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2)) * scale
+        return (out + delta.reshape(out.shape)).to(out.dtype)
+
+    def _loop(self, out: Tensor, xf: Tensor, segs: list[tuple[str, int, int]], cast) -> Tensor:  # noqa: ANN001
+        """Segment by segment (jobs with different row counts in this step)."""
+        if self.family == "lora_xs":
+            h = xf @ cast(self.xs_a)  # one product for every row of every tenant
+            parts = [h[s:e] @ cast(self.b[j]) * self.scale[j] for j, s, e in segs]
+            delta = self._place(parts, segs, xf.shape[0]) @ cast(self.xs_b)
+        else:
+            parts = [(xf[s:e] @ cast(self.a[j]).t()) @ cast(self.b[j]).t() * self.scale[j] for j, s, e in segs]
+            delta = self._place(parts, segs, xf.shape[0])
+        return (out + delta).to(out.dtype)  # the result back in the base dtype
 
     @staticmethod
     def _place(parts: list[Tensor], segs: list[tuple[str, int, int]], rows: int) -> Tensor:
@@ -186,6 +219,7 @@ class FusedTrainer:
         self.decoder = base.get_decoder()
         self.lm_head = base.get_output_embeddings()
         self.jobs_trained = 0
+        self._base_evals: dict[str, dict[str, float]] = {}  # eval rows' digest -> the frozen base's metrics
         self._slots: dict[str, str] = {}
         self._next_slot = 0
 
@@ -331,10 +365,11 @@ class FusedTrainer:
             batch, segs = stack([(a.slot, b) for a, b in zip(running, micro)])
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             losses = self._losses(batch, segs)
-            finite = {j: v for j, v in losses.items() if torch.isfinite(v)}
+            values = dict(zip(losses, torch.stack(list(losses.values())).detach().float().tolist()))  # one sync
+            finite = {j: v for j, v in losses.items() if math.isfinite(values[j])}
             for a in running:
                 if a.slot not in finite:
-                    a.error = (f"loss became {float(losses[a.slot])} at step {a.step + 1}; "
+                    a.error = (f"loss became {values[a.slot]} at step {a.step + 1}; "
                                "lower train.learning_rate")
                     self.remove(a.job.job_id)
             if finite:
@@ -347,7 +382,7 @@ class FusedTrainer:
                 a.sched.step()
                 a.opt.zero_grad(set_to_none=True)
                 a.step += 1
-                a.losses.append(float(finite[a.slot].detach()))
+                a.losses.append(values[a.slot])
                 a.tokens += int(b["attention_mask"].sum())
                 t = a.job.train
                 if on_step and (a.step % t.log_every_steps == 0 or a.step == t.steps):
@@ -371,9 +406,25 @@ class FusedTrainer:
             ev = list(a.job.eval_batches())
             if ev:
                 metrics.update(self.evaluate(a.job.job_id, ev))
-                metrics.update({f"base_{k}": v for k, v in self.evaluate(None, ev).items()})
+                metrics.update({f"base_{k}": v for k, v in self.base_evaluate(ev).items()})
         metrics.update(peak_memory_mb())
         return FusedResult(a.job.job_id, metrics, a.losses, stopped_early=a.early)
+
+    def base_evaluate(self, batches: list[Batch]) -> dict[str, float]:
+        """The bare base's eval metrics, computed once per distinct set of eval rows: the base is
+        frozen, so jobs of one dataset (many tenants' copies of a persona set) share the figure."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for b in batches:
+            for key in ("input_ids", "attention_mask", "labels"):
+                h.update(key.encode() + str(tuple(b[key].shape)).encode() + b[key].cpu().numpy().tobytes())
+        key = h.hexdigest()
+        if key not in self._base_evals:
+            if len(self._base_evals) >= 1024:
+                self._base_evals.pop(next(iter(self._base_evals)))
+            self._base_evals[key] = self.evaluate(None, batches)
+        return dict(self._base_evals[key])
 
     def evaluate(self, job_id: str | None, batches: list[Batch]) -> dict[str, float]:
         """Eval metrics with ``job_id``'s adapter on every row (None: the bare base)."""

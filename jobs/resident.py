@@ -82,6 +82,23 @@ class ResidentWorker:
             o["group_timing"] = timing
         return out
 
+    def profile(self, jobs: list[dict[str, Any]], out_root: str, row_limit: int = 30) -> str:
+        """``train(jobs)`` under torch.profiler: the table of the operators that took the most device
+        time (CPU time without a GPU), to see where a fused step goes."""
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = torch.cuda.is_available()
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            self.train(jobs, out_root)
+        table = prof.key_averages()
+        for key in (("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)):
+            try:
+                return table.table(sort_by=key, row_limit=row_limit)
+            except (AttributeError, KeyError, ValueError):
+                continue
+        return table.table(row_limit=row_limit)
+
     def stats(self) -> dict[str, Any]:
         return {"load_s": self.load_s, "jobs_trained": self.trainer.jobs_trained}
 

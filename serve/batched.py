@@ -13,7 +13,9 @@ How a step works:
 - **KV cache per request**: a preallocated ``[layers, slots, kv_heads, max_len, head_dim]`` cache; each
   running request owns a cache row and its own positions, so requests of any length decode together.
 - **Continuous batching**: a scheduler thread admits waiting requests between decode steps (their
-  prompts are prefilled one request at a time), decodes every running request one token per step, and
+  prompts are prefilled together: right-padded into one forward pass, in chunks of at most
+  ``prefill_tokens`` padded tokens, each row's logits taken at its own last prompt token), decodes every
+  running request one token per step, and
   retires finished ones; callers get text deltas as they are produced (``generate``), greedy or sampled
   (temperature, top_p, seed), with stop strings, max_tokens and usage counts.
 
@@ -92,7 +94,7 @@ class BatchedEngine(TextGeneration):
 
     def __init__(self, model_path: str | Path, dtype: str = "float32", device: str = "cpu",
                  max_batch: int = 16, max_len: int = 1024, max_adapters: int = 64, max_rank: int = 64,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, prefill_tokens: int = 8192):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -138,6 +140,9 @@ class BatchedEngine(TextGeneration):
         self._running: list[_Request] = []
         self.steps = 0
         self.batch_rows_total = 0
+        self.prefill_tokens = max(prefill_tokens, self.max_len)
+        self.prefills = 0  # prefill forward passes
+        self.prefill_rows_total = 0  # prompts they carried
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="batched-engine", daemon=True)
         self._thread.start()
@@ -356,9 +361,12 @@ class BatchedEngine(TextGeneration):
                 y = y + (xr @ bank.b[key]) * self.xs_scale[slots].to(y.dtype)[:, None, None]
         return y
 
-    def _forward(self, ids: Any, rows: Any, starts: Any, lora_slots: Any, xs_slots: dict[str, Any]) -> Any:
+    def _forward(self, ids: Any, rows: Any, starts: Any, lora_slots: Any, xs_slots: dict[str, Any],
+                 last: Any = None) -> Any:
         """ids [B, T] of requests in cache ``rows`` [B], whose first new token sits at ``starts`` [B];
-        writes their K/V and returns the last position's logits [B, vocab]."""
+        writes their K/V and returns the logits [B, vocab] at each row's index ``last`` [B] (default: the
+        last position). Right padding is harmless: a row's queries never see the keys after them, and
+        the cache slots past a prompt are overwritten as it decodes."""
         import torch
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -379,6 +387,9 @@ class BatchedEngine(TextGeneration):
             if t == 1:
                 self.k_cache[i, rows, :, starts] = k[:, :, 0]
                 self.v_cache[i, rows, :, starts] = v[:, :, 0]
+            elif not bool(starts.any()):  # a prefill from position 0: one write for every row
+                self.k_cache[i, rows, :, :t] = k
+                self.v_cache[i, rows, :, :t] = v
             else:
                 for b in range(bsz):
                     s = int(starts[b])
@@ -393,8 +404,8 @@ class BatchedEngine(TextGeneration):
             gate = self._linear((i, "gate_proj"), x, lora_slots, xs_slots)
             up = self._linear((i, "up_proj"), x, lora_slots, xs_slots)
             h = h + self._linear((i, "down_proj"), layer.mlp.act_fn(gate) * up, lora_slots, xs_slots)
-        h = self.model.model.norm(h[:, -1])
-        return self.model.lm_head(h).float()
+        h = h[:, -1] if last is None else h[torch.arange(bsz, device=self.device), last]
+        return self.model.lm_head(self.model.model.norm(h)).float()
 
     def _slots(self, reqs: list[_Request]) -> tuple[Any, dict[str, Any]]:
         import torch
@@ -468,19 +479,10 @@ class BatchedEngine(TextGeneration):
                     admit.append(req)
             try:
                 with torch.inference_mode():
-                    for req in admit:  # prefill, one request at a time
-                        if req.cancelled:
-                            self._retire(req)
-                            continue
-                        lora, xs = self._slots([req])
-                        logits = self._forward(torch.tensor([req.prompt], device=self.device),
-                                               torch.tensor([req.cache_row], device=self.device),
-                                               torch.tensor([0], device=self.device), lora, xs)
-                        req.pos = len(req.prompt)
-                        if self._emit(req, _sample(logits[0], req.params, req.gen)):
-                            self._retire(req)
-                        else:
-                            self._running.append(req)
+                    for req in [r for r in admit if r.cancelled]:
+                        self._retire(req)
+                    for chunk in self._prefill_chunks([r for r in admit if not r.cancelled]):
+                        self._prefill(chunk)
                     running = [r for r in self._running if not r.cancelled]
                     for r in self._running:
                         if r.cancelled:
@@ -510,6 +512,35 @@ class BatchedEngine(TextGeneration):
                     self._retire(r)
                 self._running = []
 
+    def _prefill_chunks(self, reqs: list[_Request]) -> list[list[_Request]]:
+        """Admitted requests by prompt length, cut so that no chunk pads to over ``prefill_tokens``."""
+        chunks: list[list[_Request]] = []
+        for req in sorted(reqs, key=lambda r: len(r.prompt)):
+            if chunks and len(req.prompt) * (len(chunks[-1]) + 1) <= self.prefill_tokens:
+                chunks[-1].append(req)
+            else:
+                chunks.append([req])
+        return chunks
+
+    def _prefill(self, reqs: list[_Request]) -> None:
+        """One forward pass over the prompts of ``reqs`` (right-padded), then each one's first token."""
+        import torch
+
+        t = max(len(r.prompt) for r in reqs)
+        ids = torch.tensor([r.prompt + [0] * (t - len(r.prompt)) for r in reqs], device=self.device)
+        lora, xs = self._slots(reqs)
+        logits = self._forward(ids, torch.tensor([r.cache_row for r in reqs], device=self.device),
+                               torch.zeros(len(reqs), dtype=torch.long, device=self.device), lora, xs,
+                               last=torch.tensor([len(r.prompt) - 1 for r in reqs], device=self.device))
+        self.prefills += 1
+        self.prefill_rows_total += len(reqs)
+        for n, req in enumerate(reqs):
+            req.pos = len(req.prompt)
+            if self._emit(req, _sample(logits[n], req.params, req.gen)):
+                self._retire(req)
+            else:
+                self._running.append(req)
+
     # -- the public contract (as serve.engine.Engine) ---------------------------------------------
     def generate_token_ids(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams,
                            timeout_s: float = 600) -> Iterator[int]:
@@ -527,5 +558,6 @@ class BatchedEngine(TextGeneration):
 
     def stats(self) -> dict[str, Any]:
         return {"steps": self.steps, "mean_batch_rows": self.batch_rows_total / max(1, self.steps),
+                "prefills": self.prefills, "mean_prefill_rows": self.prefill_rows_total / max(1, self.prefills),
                 "adapters": len(self._slot_of), "running": len(self._running), "waiting": len(self._waiting),
                 "time": time.time()}

@@ -112,6 +112,7 @@ def test_mixed_batch_equals_each_request_alone(engine: BatchedEngine, tiny_model
         got[i] = list(engine.generate_token_ids(prompt, adapter, eos_free))
 
     steps0, rows0 = engine.steps, engine.batch_rows_total
+    prefills0, prefill_rows0 = engine.prefills, engine.prefill_rows_total
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
     for t in threads:
         t.start()
@@ -119,6 +120,9 @@ def test_mixed_batch_equals_each_request_alone(engine: BatchedEngine, tiny_model
         t.join(timeout=300)
     assert len(got) == len(requests)
     assert (engine.batch_rows_total - rows0) / max(1, engine.steps - steps0) > 2  # they really decoded together
+    # and prompts of different lengths were prefilled together (right-padded) at least once
+    assert engine.prefill_rows_total - prefill_rows0 == len(requests)
+    assert engine.prefills - prefills0 < len(requests)
     for i, (adapter, prompt) in enumerate(requests):
         want = _reference(tiny_model_path, adapters, adapter, prompt, len(got[i]))
         assert got[i] == want, (i, adapter)
@@ -177,3 +181,17 @@ def test_adapters_in_use_and_bad_adapters(engine: BatchedEngine, adapters: dict,
     with pytest.raises(AdapterRejected, match="basis"):
         engine.load_adapter("xs-nobasis", adapters["xs"]["xs-one"])
     assert not engine.has_adapter("bad")
+
+
+def test_prefill_chunks_bound_the_padded_tokens(engine: BatchedEngine) -> None:
+    from adapterfab.serve.batched import _Request
+
+    reqs = [_Request([1] * n, None, GREEDY, None, None) for n in (300, 5, 40, 41, 7)]
+    old = engine.prefill_tokens
+    engine.prefill_tokens = 100
+    try:
+        chunks = engine._prefill_chunks(reqs)
+    finally:
+        engine.prefill_tokens = old
+    assert [[len(r.prompt) for r in c] for c in chunks] == [[5, 7], [40, 41], [300]]  # 3 x 40 > 100
+    assert all(max(len(r.prompt) for r in c) * len(c) <= 100 for c in chunks if len(c) > 1)

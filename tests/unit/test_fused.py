@@ -206,3 +206,87 @@ def test_fused_group_resumes_from_its_checkpoint(tiny_model_path: str, data: dic
     again = {r.job_id: r for r in FusedTrainer(_base(tiny_model_path), "lora", cfg.resolved_targets(), cfg.r)
              .train(jobs(), resume=at4)}
     assert again["j-robot"].error == "loss became nan at step 3" and again["j-pirate"].error is None
+
+
+@pytest.mark.parametrize("family", ["lora", "lora_xs"])
+def test_grouped_bmm_equals_the_segment_loop(tiny_model_path: str, data: dict, family: str) -> None:
+    """Jobs with equal row counts go through one bmm over the stacked adapters: the same losses and the
+    same gradients for every adapter as the segment-by-segment loop (which unequal row counts take)."""
+    from adapterfab.jobs.fused import MultiLinear
+
+    impl = get_method(family)
+    cfg = impl.config_cls(r=4, alpha=8, dropout=0.0) if family == "lora" else impl.config_cls(r=4, alpha=4)
+    basis = impl.compute_basis(_base(tiny_model_path), cfg, "f" * 64) if family == "lora_xs" else None
+    trainer = FusedTrainer(_base(tiny_model_path), family, cfg.resolved_targets(), cfg.r, basis=basis)
+    gen = torch.Generator().manual_seed(0)
+    actives = []
+    for name in TRAIN:
+        job = _job(name, cfg, data)
+        init = {n: tuple(torch.randn(t.shape, generator=gen) * 0.1 for t in ts)  # non-zero B and R
+                for n, ts in trainer._init(job, gen).items()}
+        actives.append(trainer._add(job, init))
+    rows = {name: next(iter(epoch_batches(data["rows"][name][0], 2, 0, data["pad"])(0))) for name in TRAIN}
+    batch, segs = stack([(a.slot, rows[n]) for a, n in zip(actives, TRAIN)])
+    assert [e - s for _, s, e in segs] == [2, 2, 2]  # equal segments: the grouped path applies
+
+    def step(grouped: bool) -> tuple[dict, list]:
+        MultiLinear.grouped = grouped
+        try:
+            losses = trainer._losses(batch, segs)
+            sum(losses.values()).backward()
+        finally:
+            MultiLinear.grouped = True
+        grads = [p.grad.clone() for a in actives for p in a.params]
+        for a in actives:
+            a.opt.zero_grad(set_to_none=True)
+        return {k: float(v.detach()) for k, v in losses.items()}, grads
+
+    calls = []
+    orig = MultiLinear._grouped
+    MultiLinear._grouped = lambda self, *a: calls.append(1) or orig(self, *a)  # noqa: E731 - count the path
+    try:
+        grouped_losses, grouped_grads = step(True)
+    finally:
+        MultiLinear._grouped = orig
+    loop_losses, loop_grads = step(False)
+    assert calls and grouped_losses == pytest.approx(loop_losses, rel=1e-5)
+    assert len(set(grouped_losses.values())) == 3  # each job's rows went through its own adapter
+    for g, l in zip(grouped_grads, loop_grads):
+        assert torch.allclose(g, l, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in grouped_grads)
+
+
+def test_fused_lora_on_a_bf16_base_tracks_fp32(tiny_model_path: str, data: dict) -> None:
+    """On a bf16 base the adapter product runs in bf16 (fp32 weights and optimizer state): the losses
+    stay within bf16 rounding of the fp32 run and the adapter still trains."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = get_method("lora").config_cls(r=4, alpha=8, dropout=0.0)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        jobs = [_job(n, cfg, data, init=_peft_init(tiny_model_path, cfg, TRAIN[n]["seed"])) for n in ("pirate", "robot")]
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=dtype)
+        trainer = FusedTrainer(base, "lora", cfg.resolved_targets(), cfg.r)
+        out[dtype] = {r.job_id: r for r in trainer.train(jobs)}
+        assert all(p.dtype == torch.float32 for layer in trainer.layers.values() for p in layer.b.values())
+    for jid, r in out[torch.float32].items():
+        half = out[torch.bfloat16][jid]
+        assert half.error is None and half.losses == pytest.approx(r.losses, rel=3e-2)
+        assert half.losses[-1] < half.losses[0]
+
+
+def test_base_eval_is_computed_once_per_eval_set(tiny_model_path: str, data: dict) -> None:
+    """Two jobs on the same eval rows share one base evaluation (the base is frozen); other rows get
+    their own, and the shared figure equals a fresh evaluation of the bare base."""
+    cfg = get_method("lora").config_cls(r=4, alpha=8, dropout=0.0)
+    trainer = FusedTrainer(_base(tiny_model_path), "lora", cfg.resolved_targets(), cfg.r)
+    calls = []
+    orig = trainer.evaluate
+    trainer.evaluate = lambda job_id, batches: calls.append(job_id) or orig(job_id, batches)  # count them
+    twin = _job("pirate", cfg, data)
+    twin.job_id = "j-pirate-2"
+    results = {r.job_id: r for r in trainer.train([_job("pirate", cfg, data), twin, _job("robot", cfg, data)])}
+    assert calls.count(None) == 2 and len(calls) == 5  # 3 adapters, 2 distinct eval sets
+    assert results["j-pirate"].metrics["base_eval_loss"] == results["j-pirate-2"].metrics["base_eval_loss"]
+    fresh = orig(None, list(_job("robot", cfg, data).eval_batches()))
+    assert results["j-robot"].metrics["base_eval_loss"] == pytest.approx(fresh["eval_loss"], rel=1e-6)
