@@ -498,9 +498,9 @@ class BatchedEngine(TextGeneration):
                     self.steps += 1
                     self.batch_rows_total += len(running)
                     still = []
-                    for n, r in enumerate(running):
+                    for r, token in zip(running, self._sample_rows(logits, running)):
                         r.pos += 1
-                        if self._emit(r, _sample(logits[n], r.params, r.gen)):
+                        if self._emit(r, token):
                             self._retire(r)
                         else:
                             still.append(r)
@@ -511,6 +511,23 @@ class BatchedEngine(TextGeneration):
                     r.out.put(e)
                     self._retire(r)
                 self._running = []
+
+    @staticmethod
+    def _sample_rows(logits: Any, reqs: list[_Request]) -> list[int]:
+        """Each row's next token: the greedy rows with one argmax and one device-to-host copy for the
+        whole batch (not a sync per row); sampled rows each with their own generator."""
+        import torch
+
+        greedy = [n for n, r in enumerate(reqs) if r.params.temperature == 0]
+        out = [0] * len(reqs)
+        if greedy:
+            picked = logits if len(greedy) == len(reqs) else logits[torch.tensor(greedy, device=logits.device)]
+            for n, token in zip(greedy, torch.argmax(picked, dim=-1).tolist()):
+                out[n] = token
+        for n, r in enumerate(reqs):
+            if r.params.temperature != 0:
+                out[n] = _sample(logits[n], r.params, r.gen)
+        return out
 
     def _prefill_chunks(self, reqs: list[_Request]) -> list[list[_Request]]:
         """Admitted requests by prompt length, cut so that no chunk pads to over ``prefill_tokens``."""
@@ -534,9 +551,9 @@ class BatchedEngine(TextGeneration):
                                last=torch.tensor([len(r.prompt) - 1 for r in reqs], device=self.device))
         self.prefills += 1
         self.prefill_rows_total += len(reqs)
-        for n, req in enumerate(reqs):
+        for req, token in zip(reqs, self._sample_rows(logits, reqs)):
             req.pos = len(req.prompt)
-            if self._emit(req, _sample(logits[n], req.params, req.gen)):
+            if self._emit(req, token):
                 self._retire(req)
             else:
                 self._running.append(req)
