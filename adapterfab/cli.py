@@ -122,14 +122,18 @@ def plan(batch: Path = typer.Argument(..., help="batch spec YAML"),
         return
     t = Table(title=f"plan: {spec.name} on {spec.base_model}")
     for col in ("adapter", "registry model", "method", "steps x batch", "cpus", "gpus", "trainable",
-                "est. mem / worker", "workers", "fused group"):
+                "est. mem / worker", "est. train", "workers", "fused group"):
         t.add_column(col)
     for p in planned:
         t.add_row(p.adapter, p.registry_name, p.method, f"{p.steps} x {p.batch_size}", str(p.cpus), str(p.gpus),
                   f"{p.trainable_params:,}" if p.trainable_params else "?",
                   f"{p.est_memory_gb} GiB" if p.est_memory_gb is not None else "?",
+                  f"≤ {p.est_train_s:g} s" if p.est_train_s is not None else "?",
                   f"{p.workers} (ZeRO-{p.zero_stage})" if p.workers > 1 else "1", p.fused_group or "-")
     out.print(t)
+    if planned and all(p.est_train_s is not None for p in planned):
+        total = sum(p.est_train_s * p.workers for p in planned)  # type: ignore[operator]
+        out.print(f"estimated training time: ≤ {total:g} job-seconds in all (steps only, rows at max_seq_len)")
 
 
 def _print_status(dump: dict) -> None:
@@ -149,22 +153,44 @@ def _print_status(dump: dict) -> None:
 
 
 @app.command()
-def submit(batch: Path = typer.Argument(..., help="batch spec YAML"),
+def submit(batch: Optional[Path] = typer.Argument(None, help="batch spec YAML (not with --resume)"),
            wait: bool = typer.Option(False, "--wait", help="show progress until every job is terminal"),
            timeout_s: float = typer.Option(0, help="with --wait: give up waiting after this long (0: never)"),
            force: bool = typer.Option(False, "--force", help="retrain jobs whose spec, data and code already "
                                                             "produced a registered version (default: reuse it)"),
            address: Optional[str] = typer.Option(None, "--address", help="run on a Ray cluster through the "
-                                                 "Ray Jobs API: http://HEAD:8265 or ray://HEAD:10001")
+                                                 "Ray Jobs API: http://HEAD:8265 or ray://HEAD:10001"),
+           resume: Optional[str] = typer.Option(None, "--resume", metavar="BATCH_ID",
+                                                help="finish a batch whose orchestrator died: SUCCEEDED jobs "
+                                                     "stay as they are, the others run again")
            ) -> None:
     """Validate and run a batch. Prints the batch id; exit code 0 (with --wait) only if all succeeded."""
-    from adapterfab.jobs.orchestrate import create_batch, launch_detached, new_batch_id
+    from adapterfab.jobs.orchestrate import create_batch, launch_detached, new_batch_id, prepare_resume
     from adapterfab.stack import read_stack, stack_alive
 
     from adapterfab.spec import check_semantics, load_spec
     from adapterfab.storage import s3_object_error
 
     s = _settings()
+    if resume:
+        if batch is not None or address:
+            _fail(AdapterfabError("--resume BATCH_ID takes no spec file and no --address"), 2)
+        try:
+            local = read_stack(s)
+            if not s.ray_address or (local is not None and not stack_alive(local)):
+                raise AdapterfabError("the local stack is not running: run `adapterfab up` first")
+            _need_mlflow(s)
+            todo = prepare_resume(s, resume)
+        except AdapterfabError as e:
+            _fail(e)
+        out.print(f"batch {resume}  (resuming: {todo} job(s) to finish)")
+        if todo:
+            launch_detached(s, resume)
+        if wait or not todo:
+            raise typer.Exit(_wait(s, resume, timeout_s))
+        return
+    if batch is None:
+        _fail(AdapterfabError("a batch spec file is needed (or --resume BATCH_ID)"), 2)
     try:
         spec, jobs, _ = load_spec(batch)  # refuse a bad spec before anything else
         check_semantics(spec, jobs, dataset_exists=s3_object_error)

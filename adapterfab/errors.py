@@ -49,3 +49,7 @@ class StateError(AdapterfabError):
 
 class BaseMismatch(AdapterfabError):
     """An adapter was trained on other base weights than the ones being served."""
+
+
+class ReplicaUnavailable(AdapterfabError):
+    """The serving replica handling a request died (or none could take it) before it finished."""

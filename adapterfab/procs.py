@@ -126,6 +126,11 @@ def pid_alive(pid: int | None) -> bool:
         done, _ = os.waitpid(pid, os.WNOHANG)
         return done == 0
     except ChildProcessError:
+        pass
+    try:  # a zombie whose parent (say, an exited CLI) is not reaping it: gone too (Linux)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return True
 
 

@@ -9,25 +9,107 @@ with ``create_model_version(source=<run artifact uri>/adapter)``."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
+import threading
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from adapterfab.errors import AdapterNotFound, RegistryError
-from adapterfab.ids import CANDIDATE, PRODUCTION, AdapterId
+from adapterfab.ids import CANDIDATE, PRODUCTION, AdapterId, check_id
 
+log = logging.getLogger("adapterfab.registry")
 EXPERIMENT = "adapterfab"
 TAG = "adapterfab."
-_INTERNAL_TAGS = frozenset({"artifact_uri", "artifact_root", "basis_uri", "dataset", "job_id"})
+_INTERNAL_TAGS = frozenset({"artifact_uri", "artifact_root", "basis_uri", "dataset", "job_id", "request"})
+# How long the factory (orchestrator, training workers) rides out an MLflow outage before a job fails.
+# Interactive callers (CLI, serving) keep MLflow's own short retries (retry_s=0).
+MLFLOW_RETRY_ENV = "ADAPTERFAB_MLFLOW_RETRY_S"
+DEFAULT_FACTORY_RETRY_S = 1800.0
 
 
-def _client(uri: str):  # noqa: ANN202
+def factory_retry_s() -> float:
+    try:
+        return max(0.0, float(os.environ.get(MLFLOW_RETRY_ENV, DEFAULT_FACTORY_RETRY_S)))
+    except ValueError:
+        return DEFAULT_FACTORY_RETRY_S
+
+
+def transient(e: BaseException) -> bool:
+    """An error that says the MLflow server is unreachable or briefly failing (connection refused or
+    reset, timeout, 5xx), not that the request was wrong: worth retrying."""
+    import requests
+
+    if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                      requests.exceptions.RetryError, ConnectionError, TimeoutError)):
+        return True
+    code = getattr(e, "error_code", "") or ""
+    if code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
+        return True
+    msg = str(e)
+    return any(s in msg for s in ("Max retries exceeded", "Connection refused", "Connection aborted",
+                                  "RemoteDisconnected", "ConnectionResetError", "failed to return code 200",
+                                  "too many 50", "Bad Gateway", "Service Unavailable", "Gateway Timeout",
+                                  "NewConnectionError", "ReadTimeout", "ConnectTimeout"))
+
+
+def with_retry(fn: Callable[[], Any], what: str, retry_s: float,
+               before_retry: Callable[[], Any] | None = None) -> Any:
+    """``fn()``, retried with exponential backoff and jitter while MLflow is unreachable, for up to
+    ``retry_s`` seconds. ``before_retry()`` (for a call that creates something) may return the thing a
+    lost-response attempt already created; it is returned instead of creating it twice."""
+    deadline = time.monotonic() + retry_s
+    delay, failures = 0.5, 0
+    while True:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - sorted below
+            if retry_s <= 0 or not transient(e) or time.monotonic() >= deadline:
+                raise
+            failures += 1
+            log.warning("MLflow unreachable (%s, attempt %d); retrying %s for up to %.0fs more", type(e).__name__,
+                        failures, what, deadline - time.monotonic())
+            time.sleep(min(delay * (0.5 + random.random()), max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 10.0)
+        if before_retry is not None:
+            try:
+                found = before_retry()
+            except Exception as e:  # noqa: BLE001
+                if not transient(e):
+                    raise
+                found = None
+            if found is not None:
+                return found
+
+
+class RetryingClient:
+    """An MlflowClient whose every call is retried through MLflow outages (``with_retry``)."""
+
+    def __init__(self, client: Any, retry_s: float):
+        self._client, self.retry_s = client, retry_s
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr) or self.retry_s <= 0:
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return with_retry(lambda: attr(*args, **kwargs), name, self.retry_s)
+
+        return call
+
+
+def _client(uri: str, retry_s: float = 0.0):  # noqa: ANN202
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return RetryingClient(client, retry_s) if retry_s > 0 else client
 
 
 def _mlflow_errors():  # noqa: ANN202
@@ -94,11 +176,12 @@ class RegisteredAdapter:
 
 
 class Tracking:
-    """Run tracking through MlflowClient (no global active run, so threads and workers are safe)."""
+    """Run tracking through MlflowClient (no global active run, so threads and workers are safe).
+    ``retry_s`` > 0: every call rides out an MLflow outage of up to that long (the factory's setting)."""
 
-    def __init__(self, uri: str):
-        self.uri = uri
-        self.client = _client(uri)
+    def __init__(self, uri: str, retry_s: float = 0.0):
+        self.uri, self.retry_s = uri, retry_s
+        self.client = _client(uri, retry_s)
 
     def experiment_id(self, name: str = EXPERIMENT) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -113,7 +196,16 @@ class Tracking:
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self.experiment_id(), run_name=name, tags=tags)
+        token = tags[TAG + "request"] = uuid.uuid4().hex  # a retried create finds an earlier one's run
+        exp = self.experiment_id()
+        raw = getattr(self.client, "_client", self.client)
+
+        def created() -> Any:
+            runs = raw.search_runs([exp], f"tags.`{TAG}request` = '{token}'", max_results=1)
+            return runs[0] if runs else None
+
+        run = with_retry(lambda: raw.create_run(exp, run_name=name, tags=tags), "create_run", self.retry_s,
+                         before_retry=created)
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -169,9 +261,11 @@ class Tracking:
 
 
 class Registry:
-    def __init__(self, uri: str):
-        self.uri = uri
-        self.client = _client(uri)
+    """The model registry. ``retry_s`` > 0: every call rides out an MLflow outage of up to that long."""
+
+    def __init__(self, uri: str, retry_s: float = 0.0):
+        self.uri, self.retry_s = uri, retry_s
+        self.client = _client(uri, retry_s)
 
     def _version(self, mv: Any) -> AdapterVersion:
         base = AdapterId.from_registry_name(mv.name)
@@ -190,9 +284,17 @@ class Registry:
         except MlflowException as e:
             if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code if hasattr(e, "error_code") else e):
                 raise RegistryError(f"cannot create registered model {name}: {e}") from e
-        mv = self.client.create_model_version(
-            name, source=source, run_id=run_id, tags={TAG + k if not k.startswith(TAG) else k: str(v)
-                                                       for k, v in tags.items()})
+        token = uuid.uuid4().hex  # a retried create finds the version an earlier attempt made
+        vtags = {TAG + k if not k.startswith(TAG) else k: str(v) for k, v in tags.items()}
+        vtags[TAG + "request"] = token
+        raw = getattr(self.client, "_client", self.client)
+
+        def created() -> Any:
+            mvs = raw.search_model_versions(f"name='{name}' and tags.`{TAG}request` = '{token}'")
+            return mvs[0] if mvs else None
+
+        mv = with_retry(lambda: raw.create_model_version(name, source=source, run_id=run_id, tags=vtags),
+                        "create_model_version", self.retry_s, before_retry=created)
         for alias in aliases:
             self.client.set_registered_model_alias(name, alias, mv.version)
         return self.get(aid.with_version(int(mv.version)))
@@ -232,7 +334,9 @@ class Registry:
     def _aliases(self, aid: AdapterId) -> dict[str, int]:
         try:
             rm = self.client.get_registered_model(aid.registry_name)
-        except _mlflow_errors():
+        except _mlflow_errors() as e:
+            if transient(e):
+                raise RegistryError(f"the MLflow registry at {self.uri} is unreachable: {e}") from e
             return {}
         return {a: int(v) for a, v in (getattr(rm, "aliases", None) or {}).items()}
 
@@ -242,7 +346,9 @@ class Registry:
         MlflowException = _mlflow_errors()
         try:
             mvs = self.client.search_model_versions(f"name='{aid.registry_name}'")
-        except MlflowException:
+        except MlflowException as e:
+            if transient(e):
+                raise RegistryError(f"the MLflow registry at {self.uri} is unreachable: {e}") from e
             return []
         if aliases is None:
             aliases = self._aliases(aid)
@@ -260,7 +366,9 @@ class Registry:
         key = tag if tag.startswith(TAG) else TAG + tag
         try:
             mvs = self.client.search_model_versions(f"name='{aid.registry_name}' and tags.`{key}` = '{value}'")
-        except _mlflow_errors():
+        except _mlflow_errors() as e:
+            if transient(e):  # an outage is not "no such version": that would train or register twice
+                raise RegistryError(f"the MLflow registry at {self.uri} is unreachable: {e}") from e
             return None
         if not mvs:
             return None
@@ -285,7 +393,9 @@ class Registry:
     def production_history(self, aid: AdapterId) -> list[int]:
         try:
             rm = self.client.get_registered_model(aid.registry_name)
-        except _mlflow_errors():
+        except _mlflow_errors() as e:
+            if transient(e):  # an empty history would overwrite the real one
+                raise RegistryError(f"the MLflow registry at {self.uri} is unreachable: {e}") from e
             return []
         raw = (rm.tags or {}).get(TAG + "production_history", "")
         try:
@@ -336,6 +446,8 @@ class Registry:
         return cur, target
 
     def list(self, tenant: str | None = None) -> list[RegisteredAdapter]:
+        if tenant is not None:  # it goes into a filter string: no quotes or LIKE wildcards get there
+            check_id(tenant, "tenant")
         flt = f"name LIKE 'af.{tenant}.%'" if tenant else "name LIKE 'af.%'"
         out = []
         for rm in self.client.search_registered_models(filter_string=flt, max_results=1000):
@@ -386,3 +498,70 @@ class Registry:
 
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest),
                                                         tracking_uri=self.uri))
+
+
+class MetricBuffer:
+    """Per-step metrics of a training worker, sent to MLflow by a background thread in batches, so an
+    MLflow outage never stalls training. Nothing is dropped: a batch leaves the buffer only once
+    MLflow took it. ``close(timeout_s)`` waits until everything is in, else raises RegistryError (the job
+    fails rather than finishing with metrics missing)."""
+
+    def __init__(self, uri: str, every_s: float = 1.0, max_batch: int = 900):
+        self.client = _client(uri)  # MLflow's own short retries per attempt; this class retries forever
+        self.every_s, self.max_batch = every_s, max_batch
+        self._pending: list[tuple[str, Any]] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self.sent = 0
+        self.failed_attempts = 0
+        self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
+        self._thread.start()
+
+    def log(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        with self._cond:
+            self._pending.extend((run_id, Metric(k, float(v), now, step)) for k, v in metrics.items())
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while True:
+            with self._cond:
+                if not self._closing:
+                    self._cond.wait(timeout=self.every_s)
+                head = self._pending[:self.max_batch]
+                closing = self._closing
+            if not head:
+                if closing:
+                    return
+                continue
+            run_id = head[0][0]
+            batch = [m for r, m in head if r == run_id]
+            try:
+                self.client.log_batch(run_id, metrics=batch)
+            except Exception as e:  # noqa: BLE001 - kept, retried with backoff
+                self.failed_attempts += 1
+                log.warning("MLflow did not take %d metric(s) (%s); %d buffered, retrying", len(batch),
+                            type(e).__name__, self.pending())
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            backoff = 0.5
+            with self._cond:
+                sent = {id(m) for m in batch}
+                self._pending = [(r, m) for r, m in self._pending if id(m) not in sent]
+                self.sent += len(batch)
+
+    def close(self, timeout_s: float) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise RegistryError(f"MLflow stayed unreachable for {timeout_s:.0f}s: {self.pending()} metric(s) "
+                                "of this job were not recorded")

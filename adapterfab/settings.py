@@ -7,6 +7,7 @@
 - ``ADAPTERFAB_ARTIFACTS``: artifact store root, a folder or ``s3://bucket/prefix``
   (default ``<home>/artifacts``).
 - ``MLFLOW_TRACKING_URI`` and ``RAY_ADDRESS`` override what ``stack.json`` says.
+- ``ADAPTERFAB_DATA_ROOTS``: where batch datasets may live (``data_roots``); unset: anywhere.
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ DEFAULT_SERVE_PORT = 8000
 DEFAULT_RAY_PORT = 6390
 DEFAULT_DASHBOARD_PORT = 8265
 DEFAULT_UI_PORT = 8280  # our dashboard (serve/dashboard.py); 8265 is Ray's
+
+
+DATA_ROOTS_ENV = "ADAPTERFAB_DATA_ROOTS"
+
+
+def data_roots() -> tuple[str, ...]:
+    """The allowed dataset locations from ``ADAPTERFAB_DATA_ROOTS``: comma-separated local folders and
+    ``s3://bucket[/prefix]`` URIs. Empty (the default): a batch may name any dataset."""
+    return tuple(r.strip() for r in os.environ.get(DATA_ROOTS_ENV, "").split(",") if r.strip())
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ Relative dataset paths are resolved against the spec file's folder.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,8 @@ from adapterfab.methods import MethodConfig, get_method, known_methods
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 DATASET_SUFFIXES = (".jsonl", ".json", ".parquet")
+DATASET_SCHEMES = ("s3", "file")
+MAX_DATASET_CHARS = 4096  # PATH_MAX: a longer path cannot name a file anyway
 
 
 class _Strict(BaseModel):
@@ -74,6 +77,10 @@ class Resources(_Strict):
                                         "workers (DeepSpeed ZeRO) for every job; None: the planner decides")
     zero_stage: Literal["auto", 2, 3] = Field("auto", description="ZeRO stage of multi-worker jobs: 2 "
                                               "shards optimizer state and gradients, 3 also the weights")
+    train_gflops_per_cpu: float = Field(50.0, gt=0, description="the rate a CPU training step achieves, for "
+                                        "the time estimate (measured on a 2-core x86 machine, SmolLM2 LoRA)")
+    train_tflops_per_gpu: float = Field(50.0, gt=0, description="the rate a GPU training step achieves, for "
+                                        "the time estimate (an H100 in the fused QLoRA step, 2026-11-23)")
 
 
 class Promotion(_Strict):
@@ -115,6 +122,21 @@ class TenantEntry(_Strict):
     def _dataset_form(cls, v: str) -> str:
         if not v or not v.strip():
             raise ValueError("dataset is empty: give a .jsonl or .parquet path or s3:// URI")
+        if len(v) > MAX_DATASET_CHARS:
+            raise ValueError(f"dataset is {len(v):,} characters long; at most {MAX_DATASET_CHARS} are "
+                             "allowed")
+        if any(ord(c) < 32 or ord(c) == 127 for c in v):
+            raise ValueError("dataset holds control characters; give a plain path or URI")
+        if "://" in v:
+            scheme, _, rest = v.partition("://")
+            if scheme not in DATASET_SCHEMES:
+                raise ValueError(f"dataset scheme {scheme[:20]!r} is not supported; use a local path, "
+                                 "file:// or s3://")
+            authority, before_at = rest.split("/", 1)[0], rest.split("@", 1)[0] if "@" in rest else ""
+            # A secret key may hold '/': "key:secret@" is looked for before any '@', not in the bucket only.
+            if "@" in authority or ":" in before_at:  # said without echoing the URI: it holds a secret
+                raise ValueError("the dataset URI holds credentials (user:secret@); remove them and set "
+                                 "AWS_* in the environment instead")
         if not v.lower().endswith(DATASET_SUFFIXES):
             raise ValueError(f"dataset {v!r} must end in one of {', '.join(DATASET_SUFFIXES)}")
         return v
@@ -184,12 +206,15 @@ def _problems(e: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def _resolve_dataset(dataset: str, root: Path | None) -> str:
-    if dataset.startswith("s3://") or "://" in dataset:
+    if dataset.startswith("s3://"):
         return dataset
-    p = Path(dataset).expanduser()
+    p = Path(dataset.removeprefix("file://")).expanduser()
     if not p.is_absolute() and root is not None:
         p = root / p
-    return str(p.resolve())
+    try:
+        return str(p.resolve())
+    except (OSError, RuntimeError):  # a symlink loop: check_semantics reports the path as unreadable
+        return os.path.abspath(p)
 
 
 def parse_spec(data: dict[str, Any] | str, root: Path | None = None) -> tuple[BatchSpec, list[JobSpec]]:
@@ -265,12 +290,49 @@ def load_spec(path: str | Path) -> tuple[BatchSpec, list[JobSpec], str]:
     return spec, jobs, text
 
 
-def check_semantics(spec: BatchSpec, jobs: list[JobSpec], dataset_exists: Any = None) -> None:
-    """Checks that touch the outside world but run no compute: datasets exist and are readable, the
-    base model can be resolved. ``dataset_exists(uri) -> str | None`` returns an error message for a
-    remote URI (the storage layer's check); local files are checked here."""
-    from adapterfab.basemodel import check_base_model
+def outside_data_roots(dataset: str, roots: tuple[str, ...]) -> bool:
+    """Whether a resolved dataset (an absolute path or s3:// URI) lies outside every allowed root
+    (local folders, ``s3://bucket[/prefix]``); no roots allow everything."""
+    if not roots:
+        return False
+    if dataset.startswith("s3://"):
+        if any(part in (".", "..") for part in dataset[len("s3://"):].split("/")):
+            return True  # S3 keeps them literally, other readers do not: never trust them under a root
+        return not any(dataset.startswith(r.rstrip("/") + "/") for r in roots if r.startswith("s3://"))
+    path = Path(dataset)  # already resolved: no '..', symlinks followed
+    return not any(path.is_relative_to(Path(r.removeprefix("file://")).expanduser().resolve())
+                   for r in roots if not r.startswith("s3://"))
 
+
+def _local_dataset_problem(p: Path) -> str | None:
+    """What is wrong with a local dataset file, or None. An OS error (a name too long, a loop of links)
+    is a problem like any other, never a crash."""
+    try:
+        if not p.exists():
+            return ("does not exist; check the path (relative paths are resolved against the spec file's "
+                    "folder)")
+        if not p.is_file():
+            return "is not a file"
+        with p.open("rb") as f:
+            f.read(1)
+        if p.stat().st_size == 0:
+            return "is empty"
+    except OSError as e:
+        return f"is not readable: {e.strerror or e}"
+    return None
+
+
+def check_semantics(spec: BatchSpec, jobs: list[JobSpec], dataset_exists: Any = None,
+                    data_roots: tuple[str, ...] | None = None) -> None:
+    """Checks that touch the outside world but run no compute: datasets lie under the allowed roots
+    (``data_roots``, default ``ADAPTERFAB_DATA_ROOTS``), exist and are readable, the base model can be
+    resolved. ``dataset_exists(uri) -> str | None`` returns an error message for a remote URI (the
+    storage layer's check); local files are checked here."""
+    from adapterfab.basemodel import check_base_model
+    from adapterfab.settings import DATA_ROOTS_ENV
+    from adapterfab.settings import data_roots as env_data_roots
+
+    roots = env_data_roots() if data_roots is None else data_roots
     problems: list[tuple[str, str]] = []
     try:
         check_base_model(spec.base_model)
@@ -278,25 +340,18 @@ def check_semantics(spec: BatchSpec, jobs: list[JobSpec], dataset_exists: Any = 
         problems.append(("base_model", str(e)))
     for i, job in enumerate(jobs):
         field = f"tenants[{i}].dataset"
+        if outside_data_roots(job.dataset, roots):
+            problems.append((field, f"{job.dataset} is outside the allowed data roots ({', '.join(roots)}); "
+                                    f"move the data there or ask the operator to extend {DATA_ROOTS_ENV}"))
+            continue
         if "://" in job.dataset:
             err = dataset_exists(job.dataset) if dataset_exists else None
             if err:
                 problems.append((field, err))
             continue
-        p = Path(job.dataset)
-        if not p.exists():
-            problems.append((field, f"{job.dataset} does not exist; check the path (relative paths are "
-                                    "resolved against the spec file's folder)"))
-        elif not p.is_file():
-            problems.append((field, f"{job.dataset} is not a file"))
-        else:
-            try:
-                with p.open("rb") as f:
-                    f.read(1)
-            except OSError as e:
-                problems.append((field, f"{job.dataset} is not readable: {e.strerror}"))
-            if p.stat().st_size == 0:
-                problems.append((field, f"{job.dataset} is empty"))
+        problem = _local_dataset_problem(Path(job.dataset))
+        if problem:
+            problems.append((field, f"{job.dataset} {problem}"))
     if not problems:  # every job must fit some packing (needs the base's config.json when it is local)
         from adapterfab.basemodel import local_folder
         from adapterfab.jobs.plan import PlanError, plan_batch

@@ -3,7 +3,10 @@
 Keys are ``/``-separated and relative to the store's root; an object's full URI is
 ``<root>/<key>``. Uploads are verified: every file's sha256 goes into a ``MANIFEST.json`` written last,
 and ``download_dir`` checks each file against it, so a half-written or corrupted adapter is never
-loaded. Layout of keys: see ``AdapterId.artifact_prefix`` (``adapters/<tenant>/<persona>/<job_id>/``).
+loaded. Each object is also checked right after its upload (``stored_matches``: S3's size and MD5 ETag,
+or the bytes read back) and uploaded again when it differs; the manifest is only written once every
+file is verified, so a corrupt or partial upload leaves no manifest, fails the job before registration,
+and can never be registered or served. Layout of keys: see ``AdapterId.artifact_prefix`` (``adapters/<tenant>/<persona>/<job_id>/``).
 
 S3 settings come from the environment or a profile, never from batch files: ``AWS_ENDPOINT_URL``
 (or ``ADAPTERFAB_S3_ENDPOINT_URL``), ``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_PROFILE``, and the
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from abc import ABC, abstractmethod
@@ -38,6 +42,7 @@ from adapterfab.errors import StorageError
 MANIFEST = "MANIFEST.json"
 S3_MAX_ATTEMPTS_ENV, S3_CONNECT_TIMEOUT_ENV, S3_READ_TIMEOUT_ENV = (
     "ADAPTERFAB_S3_MAX_ATTEMPTS", "ADAPTERFAB_S3_CONNECT_TIMEOUT_S", "ADAPTERFAB_S3_READ_TIMEOUT_S")
+UPLOAD_ATTEMPTS = 3  # an object whose stored bytes differ from the local file is uploaded again this often
 S3_DEFAULTS = {S3_MAX_ATTEMPTS_ENV: 6, S3_CONNECT_TIMEOUT_ENV: 5.0, S3_READ_TIMEOUT_ENV: 30.0}
 
 
@@ -83,19 +88,38 @@ class ArtifactStore(ABC):
     @abstractmethod
     def delete_prefix(self, prefix: str) -> None: ...
 
+    def stored_matches(self, key: str, local: Path, sha256: str) -> bool:
+        """Whether the object at ``key`` has exactly ``local``'s bytes (here: read back, sha256)."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
+            got = Path(tmp) / "object"
+            self.get_file(key, got)
+            return sha256_file(got) == sha256
+
+    def _put_verified(self, local: Path, key: str, sha256: str) -> None:
+        for _ in range(UPLOAD_ATTEMPTS):
+            self.put_file(local, key)
+            if self.stored_matches(key, local, sha256):
+                return
+        raise StorageError(f"upload of {self.uri(key)}: the stored object differed from the local file after "
+                           f"{UPLOAD_ATTEMPTS} attempts (corrupted in transit); the adapter gets no manifest "
+                           "and is never registered")
+
     def upload_dir(self, local_dir: str | Path, prefix: str) -> str:
-        """Upload every file under ``local_dir`` to ``prefix``; the manifest goes last. Returns the URI."""
+        """Upload every file under ``local_dir`` to ``prefix``, each verified once stored (re-uploaded
+        when it differs); the manifest goes last, only after every file checked out. Returns the URI."""
         local_dir = Path(local_dir)
         manifest = _manifest_of(local_dir)
         if not manifest:
             raise StorageError(f"nothing to upload in {local_dir}")
         prefix = prefix.rstrip("/") + "/"
-        for rel in manifest:
-            self.put_file(local_dir / rel, prefix + rel)
+        for rel, meta in manifest.items():
+            self._put_verified(local_dir / rel, prefix + rel, meta["sha256"])
         tmp = local_dir / MANIFEST
         tmp.write_text(json.dumps({"files": manifest}, indent=1))
         try:
-            self.put_file(tmp, prefix + MANIFEST)
+            self._put_verified(tmp, prefix + MANIFEST, sha256_file(tmp))
         finally:
             tmp.unlink(missing_ok=True)
         return self.uri(prefix)
@@ -149,6 +173,10 @@ class LocalStore(ArtifactStore):
 
     def exists(self, key: str) -> bool:
         return self._p(key).exists()
+
+    def stored_matches(self, key: str, local: Path, sha256: str) -> bool:
+        p = self._p(key)
+        return p.exists() and sha256_file(p) == sha256
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self._p(prefix), ignore_errors=True)
@@ -216,6 +244,24 @@ class S3Store(ArtifactStore):
         except Exception as e:  # noqa: BLE001
             raise StorageError(f"download of {self.uri(key)} failed: {e}") from e
 
+    def stored_matches(self, key: str, local: Path, sha256: str) -> bool:
+        """S3's own record of the object: its size, and its ETag, which is the MD5 of the bytes for a
+        single-part upload (a multipart ETag is not: then the object is read back)."""
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._k(key))
+        except Exception as e:  # noqa: BLE001
+            raise StorageError(f"cannot check the upload of {self.uri(key)}: {e}") from e
+        if int(head.get("ContentLength", -1)) != local.stat().st_size:
+            return False
+        etag = str(head.get("ETag", "")).strip('"')
+        if etag and "-" not in etag:
+            md5 = hashlib.md5(usedforsecurity=False)
+            with local.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    md5.update(chunk)
+            return md5.hexdigest() == etag
+        return super().stored_matches(key, local, sha256)
+
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
@@ -256,10 +302,18 @@ def s3_settings() -> dict[str, int | float]:
             "read_timeout_s": _env_number(S3_READ_TIMEOUT_ENV, float)}
 
 
+# botocore's DEBUG records carry credentials: the session token (botocore.auth, the canonical request)
+# and the access key id (botocore.endpoint, the signed headers). They never reach a log, at any root level.
+_CREDENTIAL_LOGGERS = ("botocore.auth", "botocore.endpoint")
+
+
 def s3_client():  # noqa: ANN201
     import boto3
     from botocore.config import Config
 
+    for name in _CREDENTIAL_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(max(logging.INFO, logger.level))
     settings = s3_settings()
     endpoint = os.environ.get("ADAPTERFAB_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
     session = boto3.session.Session(profile_name=os.environ.get("AWS_PROFILE") or None)

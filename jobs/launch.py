@@ -36,6 +36,7 @@ class WorkerJob:
     gpus: float = 0.0  # per worker; fractional values pack several jobs onto one GPU
     workers: int = 1  # data-parallel workers; > 1 trains with DeepSpeed ZeRO (jobs/zero.py)
     zero_stage: int | None = None
+    mlflow_retry_s: float = 1800.0  # how long the worker waits for MLflow to take its buffered metrics
 
 
 @ray.remote(num_cpus=0)
@@ -132,15 +133,15 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     tracking = None
     if job.mlflow_uri and job.mlflow_run_id and rank == 0:
-        from adapterfab.registry import Tracking
+        from adapterfab.registry import MetricBuffer
 
-        tracking = Tracking(job.mlflow_uri)
+        tracking = MetricBuffer(job.mlflow_uri)  # an MLflow outage never stalls training
     board = ray.get_actor(job.progress_board) if job.progress_board and rank == 0 else None
     node = ray.get_runtime_context().get_node_id()
 
     def on_step(step: int, loss: float, lr: float) -> None:
         if tracking:  # per-step loss and learning rate, with the worker's system metrics
-            tracking.log_metrics(job.mlflow_run_id, {"loss": loss, "lr": lr, **peak_memory_mb()}, step=step)
+            tracking.log(job.mlflow_run_id, {"loss": loss, "lr": lr, **peak_memory_mb()}, step=step)
         if board:
             board.update.remote(job.job_id, step, loss, os.getpid(), node)
 
@@ -160,6 +161,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     finally:
         if resume and resume.get("engine_dir"):
             shutil.rmtree(resume["engine_dir"], ignore_errors=True)
+    if tracking:  # every step's metrics are in MLflow before the job reports done (or the job fails)
+        tracking.close(job.mlflow_retry_s)
     placement = {"node_id": node, "workers": job.workers, "zero_stage": job.zero_stage or 0}
     if zero is not None:
         from adapterfab.jobs.zero import gathered_trainable, local_fraction
@@ -257,9 +260,9 @@ def _fused_worker_loop(config: dict[str, Any]) -> None:
     by_id = {j.job_id: j for j in jobs}
     tracking = None
     if first.mlflow_uri:
-        from adapterfab.registry import Tracking
+        from adapterfab.registry import MetricBuffer
 
-        tracking = Tracking(first.mlflow_uri)
+        tracking = MetricBuffer(first.mlflow_uri)  # an MLflow outage never stalls training
     board = ray.get_actor(first.progress_board) if first.progress_board else None
     from adapterfab.jobs.train_loop import peak_memory_mb
 
@@ -268,7 +271,7 @@ def _fused_worker_loop(config: dict[str, Any]) -> None:
     def on_step(jid: str, step: int, loss: float, lr: float) -> None:
         run_id = by_id[jid].mlflow_run_id
         if tracking and run_id:
-            tracking.log_metrics(run_id, {"loss": loss, "lr": lr, **peak_memory_mb()}, step=step)
+            tracking.log(run_id, {"loss": loss, "lr": lr, **peak_memory_mb()}, step=step)
         if board:
             board.update.remote(jid, step, loss, os.getpid(), node)
 
@@ -278,6 +281,8 @@ def _fused_worker_loop(config: dict[str, Any]) -> None:
     resume = last_train_state()
     every = min((t.checkpoint_every for t in trains if t.checkpoint_every), default=0)
     results = trainer.train(fused, on_step, on_checkpoint=on_checkpoint, checkpoint_every=every, resume=resume)
+    if tracking:  # every step's metrics are in MLflow before the group reports done (or it fails)
+        tracking.close(first.mlflow_retry_s)
     with tempfile.TemporaryDirectory() as tmp:
         summary = {}
         for i, (job, res) in enumerate(zip(fused, results)):

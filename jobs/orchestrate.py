@@ -30,7 +30,7 @@ from adapterfab.basemodel import BaseModelRef, resolve_base_model
 from adapterfab.errors import AdapterfabError, StackError
 from adapterfab.ids import AdapterId, basis_prefix, job_id
 from adapterfab.methods import get_method
-from adapterfab.registry import Registry, Tracking
+from adapterfab.registry import Registry, Tracking, factory_retry_s
 from adapterfab.settings import Settings
 from adapterfab.spec import BatchSpec, JobSpec, check_semantics, load_spec, parse_spec
 from adapterfab.state import StateStore
@@ -60,6 +60,28 @@ def create_batch(settings: Settings, spec_path: str | Path, force: bool = False,
         options={"force": force},
     )
     return batch_id
+
+
+def prepare_resume(settings: Settings, batch_id: str) -> int:
+    """``submit --resume``: make a batch whose orchestrator died (killed, machine rebooted) runnable
+    again. Refused while its orchestrator still runs. SUCCEEDED jobs are kept as they are; the others
+    (left PREPARING/TRAINING/REGISTERING by the dead orchestrator, or FAILED) run again when the
+    orchestrator starts (``prepare_job``). Returns how many jobs are left to run."""
+    from adapterfab.procs import pid_alive
+
+    state = StateStore(settings.state_url)
+    b = state.get_batch(batch_id)
+    if b.state in (BatchState.PENDING.value, BatchState.RUNNING.value) and pid_alive(b.orchestrator_pid):
+        raise AdapterfabError(f"batch {batch_id} is still running (orchestrator pid {b.orchestrator_pid}); "
+                              "`adapterfab status` follows it")
+    todo = [j for j in state.jobs(batch_id) if j.state != JobState.SUCCEEDED]
+    if not todo:
+        if b.state != BatchState.SUCCEEDED.value:
+            state.update_batch(batch_id, state=BatchState.SUCCEEDED, ended_s=time.time(), error=None)
+        return 0
+    state.update_batch(batch_id, state=BatchState.PENDING, ended_s=None, error=None, orchestrator_pid=None)
+    log.info("batch %s: resuming %d unfinished job(s)", batch_id, len(todo))
+    return len(todo)
 
 
 def launch_detached(settings: Settings, batch_id: str) -> int:
@@ -195,6 +217,16 @@ def _fail_job(ctx: BatchContext, jid: str, run_id: str | None, e: BaseException)
         log.exception("could not close MLflow run %s", run_id)
 
 
+def job_run_params(spec: BatchSpec, job: JobSpec, base_fingerprint: str) -> dict[str, Any]:
+    """A job's MLflow run parameters: the spec's values only, never the environment (credentials stay
+    out; a dataset URI cannot hold any, the spec refuses user:secret@)."""
+    return {
+        **{f"method.{k}": v for k, v in job.method.model_dump().items()},
+        **{f"train.{k}": v for k, v in job.train.model_dump().items()},
+        "dataset": job.dataset, "base_model": spec.base_model, "base_fingerprint": base_fingerprint,
+    }
+
+
 def prepare_job(ctx: BatchContext, job: JobSpec) -> Prepared | None:
     """PREPARING: the MLflow child run, Ray Data (read, validate, tokenize, split), the job fingerprint
     (a registered version with it is reused: the job succeeds here), the shared basis. None when the
@@ -208,6 +240,10 @@ def prepare_job(ctx: BatchContext, job: JobSpec) -> Prepared | None:
         return None
     if view.state != JobState.PENDING:
         ctx.state.move_job(jid, JobState.PENDING)
+        if not view.state.terminal and view.mlflow_run_id:  # a dead orchestrator left its run open
+            _close_orphan_run(ctx, view.mlflow_run_id)
+        if _finish_if_registered(ctx, jid, aid):  # it died after registering, before SUCCEEDED
+            return None
     ctx.state.move_job(jid, JobState.PREPARING, attempts=view.attempts + 1, error=None, step=0, loss=None)
     run_id = None
     try:
@@ -216,11 +252,7 @@ def prepare_job(ctx: BatchContext, job: JobSpec) -> Prepared | None:
             tags={"adapterfab.tenant": job.tenant, "adapterfab.persona": job.persona,
                   "adapterfab.batch_id": ctx.batch_id, "adapterfab.job_id": jid})
         ctx.state.update_job(jid, mlflow_run_id=run_id)
-        ctx.tracking.log_params(run_id, {
-            **{f"method.{k}": v for k, v in job.method.model_dump().items()},
-            **{f"train.{k}": v for k, v in job.train.model_dump().items()},
-            "dataset": job.dataset, "base_model": ctx.spec.base_model, "base_fingerprint": ctx.base.fingerprint,
-        })
+        ctx.tracking.log_params(run_id, job_run_params(ctx.spec, job, ctx.base.fingerprint))
         t = job.train
         data = prepare_dataset(job.dataset, ctx.base.path, max_seq_len=t.max_seq_len,
                                eval_fraction=t.eval_fraction, seed=t.seed,
@@ -242,6 +274,27 @@ def prepare_job(ctx: BatchContext, job: JobSpec) -> Prepared | None:
         return None
 
 
+def _close_orphan_run(ctx: BatchContext, run_id: str) -> None:
+    try:
+        ctx.tracking.set_tags(run_id, {"adapterfab.error": "orchestrator died; the job ran again (resume)"})
+        ctx.tracking.client.set_terminated(run_id, "KILLED")
+    except Exception:  # noqa: BLE001 - bookkeeping of the dead attempt only
+        log.warning("could not close the orphaned MLflow run %s", run_id, exc_info=True)
+
+
+def _finish_if_registered(ctx: BatchContext, jid: str, aid: AdapterId) -> bool:
+    """Exactly once: a job whose version was registered (its ``job_id`` tag) before its orchestrator died
+    succeeds with that version instead of training and registering again."""
+    existing = ctx.registry.find(aid, "job_id", jid)
+    if existing is None:
+        return False
+    log.info("job %s: already registered as %s before the orchestrator died", jid, existing.id)
+    ctx.state.move_job(jid, JobState.PREPARING)
+    ctx.state.move_job(jid, JobState.SUCCEEDED, adapter_uri=existing.artifact_uri, metrics=existing.metrics,
+                       model_version=existing.id.version, step=ctx.state.job(jid).total_steps)
+    return True
+
+
 def _worker_job(ctx: BatchContext, p: Prepared) -> Any:
     from adapterfab.jobs.launch import WorkerJob
 
@@ -250,7 +303,7 @@ def _worker_job(ctx: BatchContext, p: Prepared) -> Any:
         job_id=p.jid, base_model_path=ctx.base.path, method=p.job.method.model_dump(),
         train=p.job.train.model_dump(), mlflow_uri=ctx.tracking.uri, mlflow_run_id=p.run_id,
         progress_board=ctx.board_name, pad_id=ctx.pad_id, cpus=plan.cpus, basis_uri=p.basis_uri,
-        gpus=plan.gpus, workers=plan.workers, zero_stage=plan.zero_stage)
+        gpus=plan.gpus, workers=plan.workers, zero_stage=plan.zero_stage, mlflow_retry_s=ctx.tracking.retry_s)
 
 
 PLACEMENT_KEYS = ("node_id", "workers", "zero_stage", "zero_local_param_fraction")
@@ -299,7 +352,8 @@ def register_job(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], adapte
         }
         if p.basis_id:
             tags.update({"basis_id": p.basis_id, "basis_uri": p.basis_uri})
-        version = ctx.registry.register(aid, source, run_id, tags)
+        # exactly once: a retried call or a resumed batch never registers the same job twice
+        version = ctx.registry.find(aid, "job_id", jid) or ctx.registry.register(aid, source, run_id, tags)
         _maybe_promote(ctx, version, metrics)
         ctx.state.move_job(jid, JobState.SUCCEEDED, adapter_uri=artifact_uri, model_version=version.id.version)
         ctx.tracking.end_run(run_id, ok=True)
@@ -467,7 +521,8 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
         base = resolve_base_model(spec.base_model, settings.cache)
         tok = AutoTokenizer.from_pretrained(base.path)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        tracking = Tracking(settings.mlflow_uri)
+        retry_s = factory_retry_s()  # the batch rides out an MLflow outage (buffer and retry)
+        tracking = Tracking(settings.mlflow_uri, retry_s)
         batch_run = batch.mlflow_run_id or tracking.start_run(
             f"batch {spec.name}", tags={"adapterfab.batch_id": batch_id, "adapterfab.batch_name": spec.name})
         if not batch.mlflow_run_id:
@@ -478,7 +533,7 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
                                             "code_version": code_version()})
         board_name = PROGRESS_BOARD_PREFIX + batch_id
         board = ProgressBoard.options(name=board_name, get_if_exists=True).remote()
-        ctx = BatchContext(settings, state, batch_id, spec, base, tracking, Registry(settings.mlflow_uri),
+        ctx = BatchContext(settings, state, batch_id, spec, base, tracking, Registry(settings.mlflow_uri, retry_s),
                            batch_run, board_name, pad_id, force=bool((batch.options or {}).get("force")))
         stop = threading.Event()
         poller = threading.Thread(target=_poll_progress, args=(ctx, board, stop), daemon=True)
@@ -510,7 +565,7 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
     batch_run_id = state.get_batch(batch_id).mlflow_run_id
     try:
         if batch_run_id:
-            Tracking(settings.mlflow_uri).end_run(batch_run_id, ok=final == BatchState.SUCCEEDED)
+            Tracking(settings.mlflow_uri, factory_retry_s()).end_run(batch_run_id, ok=final == BatchState.SUCCEEDED)
     except Exception:  # noqa: BLE001
         log.exception("could not close the batch run")
     return final

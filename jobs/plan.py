@@ -8,6 +8,13 @@ copy and mask of every adapted input. The constants were fitted to peak RSS
 measured on SmolLM2 (fp32 and bf16, 1.5k-4k tokens per step, within 5%), and
 tests/unit/test_plan_memory.py checks the estimate against a measured training step.
 
+The time estimate of one job: its training FLOPs over the rate its resources achieve. A frozen base
+costs ~4 FLOPs per weight and token (the forward pass and the input gradients; the adapter's own
+gradients are negligible) plus causal attention (~6 × sequence × attention width × layers per token),
+counted at full ``max_seq_len`` rows, so an upper bound when rows are shorter; the rates are
+``resources.train_gflops_per_cpu`` / ``train_tflops_per_gpu`` (defaults measured here; see
+bench/RESULTS.md), times the job's workers.
+
 Placement: a job whose estimate exceeds ``resources.device_memory_gb`` runs as a multi-worker Ray Train
 job with DeepSpeed ZeRO, on the fewest workers that fit: ZeRO-2 (gradients and optimizer state sharded)
 when that suffices, else ZeRO-3 (the frozen weights sharded too). Jobs that fit one worker and share a
@@ -47,6 +54,7 @@ class PlannedJob:
     fused_group: str | None = None  # jobs with the same group train together over one resident base
     workers: int = 1  # data-parallel Ray Train workers (> 1: DeepSpeed ZeRO)
     zero_stage: int | None = None  # 2 or 3 when workers > 1
+    est_train_s: float | None = None  # training steps only (no data, eval or registration)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +76,25 @@ def _param_count(cfg: Any) -> int:
     per_layer = h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * inter + 2 * h
     emb = vocab * h * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
     return layers * per_layer + emb + h
+
+
+def train_flops(cfg: Any, job: JobSpec) -> float:
+    """FLOPs of a job's training steps on a frozen base (see the module docstring)."""
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers
+    heads = cfg.num_attention_heads
+    width = heads * (getattr(cfg, "head_dim", None) or h // heads)
+    matmul = _param_count(cfg)
+    if not getattr(cfg, "tie_word_embeddings", False):
+        matmul -= cfg.vocab_size * h  # the input embedding is a lookup; the output head is a product
+    seq = job.train.max_seq_len
+    per_token = 4 * matmul + 6 * seq * width * layers
+    return float(per_token * seq * job.train.batch_size * job.train.steps)
+
+
+def train_seconds(cfg: Any, job: JobSpec, resources: Any, workers: int = 1) -> float:
+    rate = (resources.gpus_per_job * resources.train_tflops_per_gpu * 1e12 if resources.gpus_per_job > 0
+            else resources.cpus_per_job * resources.train_gflops_per_cpu * 1e9)
+    return train_flops(cfg, job) / (rate * max(1, workers))
 
 
 class PlanError(ValueError):
@@ -175,6 +202,7 @@ def plan_batch(batch_id: str, spec: BatchSpec, jobs: list[JobSpec], base_path: s
             cpus=spec.resources.cpus_per_job, gpus=spec.resources.gpus_per_job,
             trainable_params=trainable, est_memory_gb=round(mem / 2**30, 2) if mem is not None else None,
             fused_group=group_of[i], workers=workers, zero_stage=stage,
+            est_train_s=round(train_seconds(cfg, j, spec.resources, workers), 1) if cfg is not None else None,
         ))
     return out
 

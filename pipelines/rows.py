@@ -19,6 +19,9 @@ ALPACA_KEYS = frozenset({"instruction", "input", "output", "system"})
 CHAT_KEYS = frozenset({"messages"})
 MESSAGE_KEYS = frozenset({"role", "content"})
 _UTF8_BOM = b"\xef\xbb\xbf"
+# One row's bytes at most: 8 MiB is far beyond any max_seq_len (131072 tokens is ~1 MiB of text), and
+# refusing a longer row before decoding it keeps a hostile 100 MB line from costing more than a scan.
+MAX_ROW_BYTES = 8 << 20
 # A content stand-in no template alters (no whitespace to trim, no markup) and no text contains by chance.
 _PLACEHOLDER = "AFCONTENT{}X7f3a9c"
 _PLACEHOLDER_RE = re.compile(r"AFCONTENT(\d+)X7f3a9c")
@@ -34,6 +37,10 @@ def _text(value: Any, where: str, *, required: bool) -> str | None:
         return None
     if not isinstance(value, str):
         raise RowError(f"{where} must be a string, got {type(value).__name__}")
+    try:  # JSON's "\ud800" escapes decode to lone surrogates, which no tokenizer or Arrow column takes
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RowError(f"{where} holds an unpaired UTF-16 surrogate at character {e.start}") from None
     if not value.strip():
         if required:
             raise RowError(f"{where} is empty")
@@ -108,9 +115,18 @@ def parse_jsonl(data: bytes) -> Iterator[dict[str, Any]]:
 
     Lines are decoded one by one so a bad byte costs one row, not the file.
     """
-    if data.startswith(_UTF8_BOM):
-        data = data[len(_UTF8_BOM):]
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    start = len(_UTF8_BOM) if data.startswith(_UTF8_BOM) else 0
+    number = 0
+    while start <= len(data):  # not data.split: a line over the limit is never copied
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end
+        number += 1
+        begin, start = start, end + 1
+        if end - begin > MAX_ROW_BYTES:  # refused unread: not decoded, not parsed
+            yield _entry(number, None, f"row is {end - begin:,} bytes, more than the "
+                                       f"{MAX_ROW_BYTES:,}-byte limit of one row")
+            continue
+        raw = data[begin:end]
         if not raw.strip():
             continue
         try:
@@ -122,6 +138,9 @@ def parse_jsonl(data: bytes) -> Iterator[dict[str, Any]]:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             yield _entry(number, None, f"invalid JSON: {e.msg} (column {e.colno})")
+            continue
+        except RecursionError:
+            yield _entry(number, None, "invalid JSON: nested too deeply")
             continue
         try:
             yield _entry(number, parse_record(obj), None)
@@ -137,6 +156,10 @@ def parse_parquet(data: bytes) -> Iterator[dict[str, Any]]:
     for index, row in enumerate(table.to_pylist()):
         try:
             messages = parse_record({k: v for k, v in row.items() if v is not None})
+            chars = sum(len(m["content"]) for m in messages)
+            if chars > MAX_ROW_BYTES:  # a character is at least a byte: the JSONL row limit
+                raise RowError(f"row holds {chars:,} characters, more than the {MAX_ROW_BYTES:,}-byte limit "
+                               "of one row")
         except RowError as e:
             yield _entry(index + 1, None, str(e))
         else:
@@ -155,28 +178,47 @@ def _ids(tokenizer: Any, texts: list[str], *, plain: bool) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
 
 
-def encode_messages(
-    messages: Sequence[Mapping[str, str]], tokenizer: Any, max_seq_len: int
-) -> dict[str, Any]:
-    """Chat-template, tokenize and mask one conversation.
-
-    The template is rendered with placeholders as contents and split at them: template text is
-    tokenized normally (its special tokens are real), contents with ``split_special_tokens=True`` so a
-    tenant cannot inject ``<|im_start|>system`` — and the assistant spans are exact. Labels cover the
-    assistant contents plus the special token the template puts right after each (``<|im_end|>``) so
-    the model learns to stop; everything else is ``IGNORE_INDEX``.
-    """
+def _split_render(messages: Sequence[Mapping[str, str]], tokenizer: Any,
+                  add_generation_prompt: bool = False) -> tuple[list[list[int]], list[list[int]]]:
+    """(template pieces' ids, contents' ids): the template is rendered with placeholders as contents
+    and split at them; template text is tokenized normally (its special tokens are real), contents
+    with ``split_special_tokens=True`` so a tenant cannot inject ``<|im_start|>system``. Piece i comes
+    before content i; there is one more piece than contents."""
     stand_ins = [{"role": m["role"], "content": _PLACEHOLDER.format(i)} for i, m in enumerate(messages)]
     try:
-        rendered = tokenizer.apply_chat_template(stand_ins, tokenize=False)
+        rendered = tokenizer.apply_chat_template(stand_ins, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja raises for conversations a template refuses (e.g. no system role)
         raise RowError(f"the chat template refused the conversation: {e}") from e
     parts = _PLACEHOLDER_RE.split(rendered)  # template, index, template, index, ..., template
     order = [int(i) for i in parts[1::2]]
     if order != list(range(len(messages))):
         raise RowError("the chat template does not render each message content exactly once, in order")
-    template_ids = _ids(tokenizer, parts[0::2], plain=False)
-    content_ids = _ids(tokenizer, [m["content"] for m in messages], plain=True)
+    contents = [m["content"] for m in messages]
+    return _ids(tokenizer, parts[0::2], plain=False), _ids(tokenizer, contents, plain=True)
+
+
+def encode_prompt(messages: Sequence[Mapping[str, str]], tokenizer: Any) -> list[int]:
+    """A serving prompt: the chat template with the assistant's turn opened, contents as plain text
+    (the same split tokenization as training rows, so a request cannot open a turn either)."""
+    template_ids, content_ids = _split_render(messages, tokenizer, add_generation_prompt=True)
+    ids = list(template_ids[0])
+    for content, after in zip(content_ids, template_ids[1:]):
+        ids += content + after
+    return ids
+
+
+def encode_messages(
+    messages: Sequence[Mapping[str, str]], tokenizer: Any, max_seq_len: int
+) -> dict[str, Any]:
+    """Chat-template, tokenize and mask one conversation.
+
+    Template and contents are tokenized apart (``_split_render``), so a tenant cannot inject
+    ``<|im_start|>system`` — and the assistant spans are exact. Labels cover the
+    assistant contents plus the special token the template puts right after each (``<|im_end|>``) so
+    the model learns to stop; everything else is ``IGNORE_INDEX``.
+    """
+    template_ids, content_ids = _split_render(messages, tokenizer)
     special = _special_ids(tokenizer)
 
     input_ids: list[int] = list(template_ids[0])

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapterfab.errors import AdapterfabError, AdapterNotFound, BaseMismatch, RegistryError
+from adapterfab.errors import AdapterfabError, AdapterNotFound, BaseMismatch, RegistryError, ReplicaUnavailable
 from adapterfab.ids import AdapterId
 from adapterfab.registry import AdapterVersion, RegisteredAdapter
 from adapterfab.serve.backend import Backend
@@ -36,7 +36,9 @@ BASE_MODEL = "base"
 DEFAULT_MAX_TOKENS = 256
 MAX_TOKENS_LIMIT = 2048
 MAX_STOP_STRINGS = 4
+MAX_REQUEST_BYTES = 1 << 20  # a generation request's JSON body; larger ones get a 413 unread
 _RESOLVE_CACHE_MAX_ENTRIES = 10_000
+REPLAYS = 2  # a non-streaming request whose replica died mid-generation is run again this often
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of tokens
 
 
@@ -83,11 +85,25 @@ def model_not_found(model: str) -> ApiError:
                     param="model", code="model_not_found")
 
 
+def _encodable(text: str) -> str:
+    """JSON may carry lone surrogates (``"\\ud800"``) that no tokenizer takes: refuse them as a 400."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds an unpaired UTF-16 surrogate; send valid Unicode") from None
+    return text
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
     content: str
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v: str) -> str:
+        return _encodable(v)
 
 
 class StreamOptions(BaseModel):
@@ -124,6 +140,8 @@ class _GenerationRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        for s in stops:
+            _encodable(s)
         return v
 
     def _params(self, max_tokens: int) -> SamplingParams:
@@ -155,6 +173,7 @@ class CompletionRequest(_GenerationRequest):
             raise ValueError("send one prompt per request")
         if not prompts[0]:
             raise ValueError("the prompt is empty")
+        _encodable(prompts[0])
         return v
 
     def text(self) -> str:
@@ -222,6 +241,26 @@ def _bearer(request: Request) -> str | None:
     return key.strip() if scheme.lower() == "bearer" and key.strip() else None
 
 
+async def _json_body(request: Request, max_bytes: int) -> Any:
+    """The request's JSON, refused with a 413 past ``max_bytes`` (checked on the declared length, then
+    while reading, so an oversized body is never held whole) and a 400 when it is not JSON."""
+    too_large = ApiError(413, f"The request body is larger than {max_bytes:,} bytes.",
+                         code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise ApiError(400, "The request body is not valid JSON.", code="invalid_json") from None
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
@@ -231,10 +270,11 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
              lister: Callable[[str], list[str]] | None = None, resolve_ttl_s: float = 5.0,
              catalog: Callable[[str], list[RegisteredAdapter]] | None = None,
              on_alias_moved: Callable[[str], Any] | None = None,
-             rate_limit: RateLimiter | None = None) -> FastAPI:
+             rate_limit: RateLimiter | None = None, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
     """``auth(key) -> tenant | None`` and ``resolver`` are blocking (they run in a thread pool);
     ``lister(tenant)`` names the tenant's models for ``GET /v1/models`` (base only when absent);
-    ``catalog(tenant)`` lists the tenant's registered adapters for ``/v1/registry/...``."""
+    ``catalog(tenant)`` lists the tenant's registered adapters for ``/v1/registry/...``;
+    a generation request's body over ``max_request_bytes`` gets a 413."""
     app = FastAPI(title="adapterfab", docs_url=None, redoc_url=None)
     resolve = ResolveCache(resolver, resolve_ttl_s, on_alias_moved=on_alias_moved)
 
@@ -287,10 +327,7 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
         """``kind``: "chat" (messages, the chat template) or "text" (a raw prompt)."""
         tenant = await tenant_of(request, path_tenant)
         limit(tenant)
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ApiError(400, "The request body is not valid JSON.", code="invalid_json") from None
+        body = await _json_body(request, max_request_bytes)
         if not isinstance(body, dict):
             raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
         try:
@@ -301,15 +338,24 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
         shown_model = version_key or BASE_MODEL
         prompt: Any = ([{"role": m.role, "content": m.content} for m in req.messages] if kind == "chat"
                        else req.text())
-        events = backend.generate(version_key, version, prompt, req.sampling()).__aiter__()
-        first = await _first_event(events, req.model, tenant)  # errors before any byte is sent
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         meta = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": shown_model}
-        if req.stream:
-            usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(_stream(meta, first, events, usage, tenant, kind),
-                                     media_type="text/event-stream", headers=_SSE_HEADERS)
-        return await _complete(meta, first, events, tenant, kind)
+        for attempt in range(1, REPLAYS + 2):
+            events = backend.generate(version_key, version, prompt, req.sampling()).__aiter__()
+            try:
+                first = await _first_event(events, req.model, tenant)  # errors before any byte is sent
+                if req.stream:
+                    usage = req.stream_options is not None and req.stream_options.include_usage
+                    return StreamingResponse(_stream(meta, first, events, usage, tenant, kind),
+                                             media_type="text/event-stream", headers=_SSE_HEADERS)
+                return await _complete(meta, first, events, tenant, kind)
+            except ApiError as e:
+                # nothing has reached the client yet: a request whose replica died is replayed whole
+                if e.code != "replica_unavailable" or attempt > REPLAYS:
+                    raise
+                log.warning("replaying a request of tenant %s after its replica died (%d/%d)", tenant, attempt,
+                            REPLAYS)
+        raise AssertionError("unreachable")
 
     async def chat(request: Request, path_tenant: str | None) -> Any:
         return await generation(request, path_tenant, "chat")
@@ -415,6 +461,10 @@ def _backend_error(exc: BaseException, model: str, tenant: str) -> ApiError:
     exc = cause if isinstance(cause, BaseException) else exc
     if isinstance(exc, AdapterNotFound):
         return model_not_found(model)
+    if isinstance(exc, ReplicaUnavailable):
+        log.warning("tenant %s model %s: %s", tenant, model, exc)
+        return ApiError(503, "The serving replica failed during this request; retry it.", type_="server_error",
+                        code="replica_unavailable", headers={"Retry-After": "1"})
     if isinstance(exc, PromptTooLong):
         return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
     log.error("generation failed for tenant %s model %s: %r", tenant, model, exc, exc_info=exc)

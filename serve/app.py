@@ -167,6 +167,26 @@ class TierHandle:
             pass
 
 
+REPLICA_ATTEMPTS = 3  # a request whose replica dies before answering is sent this often in all
+
+
+def _replica_died(e: BaseException) -> bool:
+    """A replica's process died or became unreachable (not an error raised by the engine's code)."""
+    from ray import exceptions as rex
+
+    kinds = tuple(k for k in (getattr(rex, "RayActorError", None), getattr(rex, "ActorDiedError", None),
+                              getattr(rex, "ActorUnavailableError", None), getattr(rex, "WorkerCrashedError", None))
+                  if k is not None)
+    seen: BaseException | None = e
+    for _ in range(5):  # RayTaskError wraps the replica's error in .cause
+        if seen is None:
+            return False
+        if isinstance(seen, kinds):
+            return True
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return False
+
+
 class RayBackend:
     """The API's backend inside Serve: stream from the engine deployment, routed by version id."""
 
@@ -175,9 +195,27 @@ class RayBackend:
 
     async def generate(self, version_key: str | None, adapter: AdapterVersion | None,
                        messages: list[dict[str, str]], params: SamplingParams) -> AsyncIterator[Event]:
+        """Failover: when the replica dies before the first event, the request goes to another replica
+        (up to REPLICA_ATTEMPTS in all); once events were sent, the death surfaces as ReplicaUnavailable
+        (the API replays a non-streaming request, and ends a stream with an error event), never a hang."""
+        from adapterfab.errors import ReplicaUnavailable
+
         stream = self.handle.options(stream=True, multiplexed_model_id=version_key or "")
-        async for ev in stream.generate.remote(messages, params):
-            yield ev
+        for attempt in range(1, REPLICA_ATTEMPTS + 1):
+            sent = False
+            try:
+                async for ev in stream.generate.remote(messages, params):
+                    sent = True
+                    yield ev
+                return
+            except Exception as e:  # noqa: BLE001 - only a replica's death is retried
+                if not _replica_died(e):
+                    raise
+                if sent or attempt == REPLICA_ATTEMPTS:
+                    raise ReplicaUnavailable(f"the serving replica died mid-request: {type(e).__name__}") from e
+                log.warning("serving replica died before answering (%s); retrying on another (%d/%d)",
+                            type(e).__name__, attempt, REPLICA_ATTEMPTS)
+                await asyncio.sleep(0.2 * attempt)
 
     def prefetch(self, version_key: str) -> None:
         """Fire and forget: a replica (one that already holds it, if any) loads the version."""

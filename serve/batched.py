@@ -260,7 +260,11 @@ class BatchedEngine(TextGeneration):
     def _read_lora(self, local_dir: Path, cfg: dict) -> dict[tuple[int, str], tuple[Any, Any]]:
         from safetensors.torch import load_file
 
-        state = load_file(str(local_dir / ADAPTER_WEIGHTS))
+        try:
+            state = load_file(str(local_dir / ADAPTER_WEIGHTS))
+        except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: refuse the adapter, keep serving
+            raise AdapterRejected(f"{ADAPTER_WEIGHTS} is not a readable safetensors file "
+                                  f"({e.__class__.__name__})") from None
         r = int(cfg.get("r", 0))
         if not 0 < r <= self.max_rank:
             raise AdapterRejected(f"rank {r} is outside 1..{self.max_rank} (the engine's max_rank)")

@@ -158,8 +158,11 @@ def _check_adapter_files(local_dir: Path, base_shapes: dict[str, tuple[int, ...]
         raise AdapterRejected(f"{local_dir}: peft_type {cfg.get('peft_type')!r} is not served; only LORA is")
     from safetensors import safe_open
 
-    with safe_open(str(weights), framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a corrupt file
+        raise AdapterRejected(f"{weights} is not a readable safetensors file: {e}") from None
     if not shapes:
         raise AdapterRejected(f"{weights} holds no tensors")
     for key, shape in shapes.items():
@@ -214,9 +217,12 @@ class TextGeneration:
             return list(self.tokenizer(prompt)["input_ids"])
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The chat template with the assistant turn opened; message contents are plain text, so
+        ``<|im_start|>system`` typed in a message cannot open a turn (as in training rows)."""
+        from adapterfab.pipelines.rows import encode_prompt
+
         with self._tokenizer_lock:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return encode_prompt(messages, self.tokenizer)
 
     def generate(self, messages: list[dict[str, str]] | str, adapter: str | None = None,
                  params: SamplingParams | None = None) -> Iterator[Event]:

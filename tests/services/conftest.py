@@ -41,6 +41,7 @@ class Seen:
 
 # fault(method, path, query, nth) -> None (forward) | 500/502/503/504 | "slowdown" (503 SlowDown)
 #                                  | "drop" (close, no answer) | ("stall", seconds) | "corrupt" (flip body)
+#                                  | "corrupt_upload" (flip the request body before the server stores it)
 Fault = Callable[[str, str, str, int], object]
 
 
@@ -100,7 +101,7 @@ class FaultProxy:
                         if action == "slowdown" else (int(action), _ERRORS[int(action)])
                     self._error(status, code, msg, path)
                     return
-                self._forward(body, corrupt=action == "corrupt")
+                self._forward(body, corrupt=action == "corrupt", corrupt_request=action == "corrupt_upload")
 
             def _error(self, status: int, code: str, msg: str, path: str) -> None:
                 xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
@@ -113,10 +114,17 @@ class FaultProxy:
                 if self.command != "HEAD":
                     self.wfile.write(xml)
 
-            def _forward(self, body: bytes, corrupt: bool) -> None:
+            def _forward(self, body: bytes, corrupt: bool, corrupt_request: bool = False) -> None:
                 conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=30)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                    if corrupt_request and body:
+                        # bit rot on the way in, with no checksum header left for the server to catch it:
+                        # the server stores bad bytes and answers 200
+                        body = bytes(b ^ 0xFF for b in body)
+                        headers = {k: v for k, v in headers.items()
+                                   if not k.lower().startswith(("x-amz-checksum", "content-md5",
+                                                                "x-amz-sdk-checksum", "x-amz-trailer"))}
                     if body or self.command in ("PUT", "POST"):
                         headers["Content-Length"] = str(len(body))
                     conn.request(self.command, self.path, body=body, headers=headers)

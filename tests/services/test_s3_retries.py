@@ -52,12 +52,13 @@ def s3(aws_env: pytest.MonkeyPatch, fault_proxy, moto_url: str):  # noqa: ANN201
     return fault_proxy, bucket, direct
 
 
-def _first_attempts_fail(kinds: list[object]):  # noqa: ANN202
-    """The first attempt of every (method, path) fails, cycling through ``kinds``; retries go through."""
+def _first_attempts_fail(kinds: list[object], methods: tuple[str, ...] | None = None):  # noqa: ANN202
+    """The first attempt of every (method, path) fails, cycling through ``kinds``; retries go through.
+    ``methods``: only requests of these methods fail."""
     cycle, lock = itertools.cycle(kinds), threading.Lock()
 
     def fault(method: str, path: str, query: str, nth: int) -> object:
-        if nth == 0:
+        if nth == 0 and (methods is None or method in methods):
             with lock:
                 return next(cycle)
         return None
@@ -78,7 +79,8 @@ def _retried_everything(seen: list, method: str) -> None:
 @pytest.mark.timeout(60)
 def test_5xx_and_dropped_connections_are_retried(s3, tmp_path: Path) -> None:
     proxy, bucket, direct = s3
-    proxy.reset(_first_attempts_fail([503, 500, "slowdown", "drop"]))
+    # uploads: the PUTs fail (the HEAD that verifies each stored object is not counted in the cycle)
+    proxy.reset(_first_attempts_fail([503, 500, "slowdown", "drop"], methods=("PUT",)))
     store = S3Store(f"s3://{bucket}/factory")
     start = time.monotonic()
     uri = store.upload_dir(_adapter(tmp_path), "adapters/acme/pirate/job1/")
@@ -201,3 +203,65 @@ def test_dataset_reads_retry_with_the_same_settings(s3, tmp_path: Path) -> None:
         _sha256(s3_filesystem(), f"{bucket}/acme/pirate.jsonl", uri)
     assert time.monotonic() - start < 15
     assert len(proxy.requests("GET", r"pirate\.jsonl$")) == 4  # ADAPTERFAB_S3_MAX_ATTEMPTS
+
+
+@pytest.mark.timeout(60)
+def test_an_upload_corrupted_in_transit_is_detected_and_sent_again(s3, tmp_path: Path) -> None:
+    proxy, bucket, direct = s3
+
+    def fault(method: str, path: str, query: str, nth: int) -> object:
+        return "corrupt_upload" if method == "PUT" and path.endswith("safetensors") and nth == 0 else None
+
+    proxy.reset(fault)
+    uri = S3Store(f"s3://{bucket}").upload_dir(_adapter(tmp_path), "adapters/acme/z/job6/")
+    assert [s.action for s in proxy.requests("PUT", r"safetensors$")] == ["corrupt_upload", "forward"]
+    stored = direct.get_object(Bucket=bucket, Key="adapters/acme/z/job6/adapter_model.safetensors")
+    assert stored["Body"].read() == FILES["adapter_model.safetensors"]  # the good copy replaced the bad one
+    proxy.reset()
+    _same(S3Store(f"s3://{bucket}").download_dir(uri, tmp_path / "dst"))
+
+
+@pytest.mark.timeout(120)
+def test_an_upload_corrupted_every_time_is_never_registered(s3, tmp_path: Path, mlflow_server: str) -> None:
+    """The orchestrator's REGISTERING step on a store whose uploads always arrive corrupted: the job fails
+    with the reason, no manifest is written (nothing can download it) and no registry version exists."""
+    from types import SimpleNamespace
+
+    from adapterfab.ids import AdapterId
+    from adapterfab.jobs.orchestrate import BatchContext, Prepared, register_job
+    from adapterfab.registry import Registry, Tracking
+    from adapterfab.settings import Settings
+    from adapterfab.spec import parse_spec
+    from adapterfab.state import StateStore
+    from adapterfab.states import JobState
+
+    proxy, bucket, direct = s3
+    proxy.reset(lambda method, path, query, nth: "corrupt_upload"
+                if method == "PUT" and path.endswith("safetensors") else None)
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    spec, jobs = parse_spec({"version": 1, "name": "corrupt", "base_model": "/nonexistent",
+                             "tenants": [{"tenant": tenant, "persona": "pirate", "dataset": "/d.jsonl"}]})
+    state = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    jid = f"b-corrupt.{tenant}.pirate"
+    state.create_batch("b-corrupt", "corrupt", "", "", "/nonexistent",
+                       [{"id": jid, "tenant": tenant, "persona": "pirate", "method": "lora", "total_steps": 1}])
+    for st in (JobState.PREPARING, JobState.TRAINING):
+        state.move_job(jid, st)
+    tracking, registry = Tracking(mlflow_server), Registry(mlflow_server)
+    run_id = tracking.start_run("corrupt-job")
+    settings = Settings(home=tmp_path, cache=tmp_path, state_url=state.url, artifacts=f"s3://{bucket}/store")
+    ctx = BatchContext(settings, state, "b-corrupt", spec, SimpleNamespace(fingerprint="f" * 64), tracking,
+                       registry, run_id, "", 0)
+    aid = AdapterId(tenant, "pirate")
+    stats = {"sha256": "0" * 64, "total_rows": 1, "bad_rows": 0, "train_rows": 1, "eval_rows": 0}
+    register_job(ctx, Prepared(jobs[0], jid, aid, run_id, None, stats, "fp", None, None),
+                 {"train_loss": 1.0, "eval_loss": 1.0}, str(_adapter(tmp_path)))
+    job = state.job(jid)
+    assert job.state == JobState.FAILED and "corrupted in transit" in job.error and job.model_version is None
+    assert len(proxy.requests("PUT", r"safetensors$")) == 3  # UPLOAD_ATTEMPTS, each one verified
+    prefix = f"store/{aid.artifact_prefix(jid)}"
+    keys = [o["Key"] for o in direct.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+    assert keys and not any(k.endswith(MANIFEST) for k in keys)  # never downloadable
+    with pytest.raises(StorageError, match="no MANIFEST"):
+        S3Store(f"s3://{bucket}/store").download_dir(f"s3://{bucket}/{prefix}", tmp_path / "dst")
+    assert registry.versions(aid) == []  # never registered

@@ -1,0 +1,202 @@
+"""Faults injected into a running factory (issue 8), on the real local stack that `adapterfab up` starts
+(Ray head, MLflow server, state DB), through the CLI, with the tiny model as the base so each job takes
+seconds:
+
+- the orchestrator is killed (SIGKILL) once one job of a 2-job batch has SUCCEEDED and the other trains; `adapterfab submit
+  --resume BATCH_ID` finishes the batch, the finished job is not trained again, and no job registers twice;
+- the MLflow server is stopped while a batch trains and started again ~10 s later (plus its start-up) on the same port and
+  store; the batch completes, and every run, per-step metric, parameter and version is there.
+
+MLflow's own HTTP retries are cut to one (MLFLOW_HTTP_REQUEST_MAX_RETRIES=1, about a second), so only
+adapterfab's buffer-and-retry can carry a batch over the outage. Killing a training *worker* is
+tests/ray/test_train_job.py and tests/ray/test_zero.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from signal import SIGKILL
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.ray]
+REPO = Path(__file__).resolve().parents[2]
+CLI = str(Path(sys.executable).parent / "adapterfab")
+STEPS = 12
+ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "ADAPTERFAB_MLFLOW_RETRY_S": "400"}
+
+
+def cli(home: Path, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, **ENV, "ADAPTERFAB_HOME": str(home)}
+    r = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout_s, env=env)
+    print(f"$ adapterfab {' '.join(args)} -> {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    from adapterfab.procs import free_port
+
+    home = tmp_path_factory.mktemp("faults-home")
+    ports = {k: str(free_port()) for k in ("mlflow", "ray", "dashboard", "serve", "ui")}
+    r = cli(home, "up", "--mlflow-port", ports["mlflow"], "--ray-port", ports["ray"], "--dashboard-port",
+            ports["dashboard"], "--serve-port", ports["serve"], "--ui-port", ports["ui"], "--num-cpus", "2")
+    assert r.returncode == 0, r.stderr
+    yield home
+    assert cli(home, "down", timeout_s=120).returncode == 0
+
+
+def write_batch(path: Path, base: str, name: str, tenants: list[tuple[str, str, str]]) -> Path:
+    spec = {"version": 1, "name": name, "base_model": base, "promote": "none",
+            "defaults": {"method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                         "train": {"steps": STEPS, "batch_size": 4, "max_seq_len": 64, "checkpoint_every": 4,
+                                   "learning_rate": 1e-3}},
+            "resources": {"cpus_per_job": 1, "fuse": False, "max_concurrent_jobs": 1},
+            "tenants": [{"tenant": t, "persona": p, "dataset": str(REPO / "examples" / "data" / f"{d}.jsonl")}
+                        for t, p, d in tenants]}
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def state(home: Path):  # noqa: ANN201
+    from adapterfab.state import StateStore
+
+    return StateStore(f"sqlite:///{home / 'state.db'}")
+
+
+def mlflow_uri(home: Path) -> str:
+    return json.loads((home / "stack.json").read_text())["mlflow_uri"]
+
+
+def wait_for(cond, timeout_s: float, what: str, poll_s: float = 0.3):  # noqa: ANN001, ANN201
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def versions_of(home: Path, adapter: str) -> list[dict]:
+    from adapterfab.ids import AdapterId
+    from adapterfab.registry import Registry
+
+    return [v.to_dict() for v in Registry(mlflow_uri(home)).versions(AdapterId.parse(adapter))]
+
+
+def test_killed_orchestrator_resumes_without_redoing_finished_jobs(stack: Path, tiny_model_path: str,
+                                                                  tmp_path: Path) -> None:
+    from adapterfab.procs import pid_alive
+
+    home = stack
+    spec = write_batch(tmp_path / "kill.yaml", tiny_model_path, "kill-orchestrator",
+                       [("acme", "k-pirate", "pirate"), ("globex", "k-robot", "robot")])
+    r = cli(home, "submit", str(spec))
+    assert r.returncode == 0, r.stderr
+    batch_id = r.stdout.split()[1]
+    st = state(home)
+
+    def one_done_one_training():  # noqa: ANN202
+        jobs = st.jobs(batch_id)
+        done = [j for j in jobs if j.state.value == "SUCCEEDED"]
+        return done if done and any(j.state.value == "TRAINING" for j in jobs) else None
+
+    done = wait_for(one_done_one_training, 400, "one SUCCEEDED job and the next one TRAINING", poll_s=0.2)
+    pid = st.get_batch(batch_id).orchestrator_pid
+    os.kill(pid, SIGKILL)  # mid-batch: one job done, the other in Ray Train
+    wait_for(lambda: not pid_alive(pid), 30, "the orchestrator to die")  # gone, or a zombie nobody reaps
+    before = {j.id: j for j in st.jobs(batch_id)}
+    print({j.id: (j.state.value, j.attempts) for j in before.values()})
+    assert st.get_batch(batch_id).state == "RUNNING"  # nobody finished it
+    finished = {j.id: j for j in done}
+
+    r = cli(home, "submit", "--resume", batch_id, "--wait", "--timeout-s", "500")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert cli(home, "submit", "--resume", batch_id).returncode == 0  # nothing left: a no-op, still exit 0
+    after = {j.id: j for j in st.jobs(batch_id)}
+    assert st.get_batch(batch_id).state == "SUCCEEDED"
+    assert all(j.state.value == "SUCCEEDED" for j in after.values()), after
+    for jid, j in finished.items():  # not trained, not registered again: same run, same version, 1 attempt
+        assert after[jid].attempts == 1 and after[jid].mlflow_run_id == j.mlflow_run_id
+        assert after[jid].model_version == j.model_version == 1 and after[jid].reused_version is None
+    for j in after.values():  # every adapter registered exactly once, by this batch's job
+        vs = versions_of(home, f"{j.tenant}/{j.persona}")
+        assert [v["version"] for v in vs] == [1], (j.id, vs)
+        assert vs[0]["tags"]["adapterfab.job_id"] == j.id
+        assert j.model_version == 1 and j.reused_version is None
+    restarted = [j for j in after.values() if j.id not in finished and before[j.id].state.value != "PENDING"]
+    assert restarted  # the job killed while TRAINING
+    from adapterfab.registry import Tracking
+
+    t = Tracking(mlflow_uri(home))
+    for j in restarted:  # the dead attempt's run is closed as KILLED, the new one FINISHED
+        assert j.attempts == before[j.id].attempts + 1
+        if before[j.id].mlflow_run_id and before[j.id].mlflow_run_id != j.mlflow_run_id:
+            assert t.client.get_run(before[j.id].mlflow_run_id).info.status == "KILLED"
+        assert t.client.get_run(j.mlflow_run_id).info.status == "FINISHED"
+
+
+def test_mlflow_outage_during_a_batch_loses_nothing(stack: Path, tiny_model_path: str, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapterfab.procs import pid_alive, start_mlflow, stop_pid
+    from adapterfab.registry import Tracking
+    from adapterfab.settings import Settings
+    from adapterfab.stack import record
+
+    home = stack
+    spec = write_batch(tmp_path / "outage.yaml", tiny_model_path, "mlflow-outage",
+                       [("initech", "o-pirate", "pirate"), ("initech", "o-robot", "robot")])
+    r = cli(home, "submit", str(spec))
+    assert r.returncode == 0, r.stderr
+    batch_id = r.stdout.split()[1]
+    st = state(home)
+    # down while the first job trains (its worker buffers per-step metrics) and before the others start
+    training = wait_for(lambda: [j.id for j in st.jobs(batch_id) if j.state.value == "TRAINING"], 300,
+                        "the first job to train", poll_s=0.2)
+    info = json.loads((home / "stack.json").read_text())
+    port = int(info["mlflow_uri"].rsplit(":", 1)[1])
+    t_down, wall_down = time.monotonic(), time.time()
+    stop_pid(info["mlflow_pid"])  # the server process is gone: connections are refused
+    time.sleep(10)  # plus the restart below (MLflow answers /health after 7-60 s here)
+    states_during = {j.id: j.state.value for j in st.jobs(batch_id)}
+    print("during the outage:", states_during)
+    assert st.get_batch(batch_id).state == "RUNNING"
+    assert not any(s == "FAILED" for s in states_during.values()), states_during
+    server = start_mlflow(home / "mlflow", port)  # same port, same SQLite store and artifact folder
+    monkeypatch.setenv("ADAPTERFAB_HOME", str(home))
+    record(Settings.load(), mlflow_pid=server.pid)  # `adapterfab down` stops the new one
+    wall_up = time.time()
+    print(f"MLflow down for {time.monotonic() - t_down:.0f}s")
+    try:
+        wait_for(lambda: st.get_batch(batch_id).state in ("SUCCEEDED", "FAILED"), 500, "the batch to end", 1.0)
+    finally:
+        if not pid_alive(server.pid):
+            stop_pid(server.pid)
+    dump = st.dump(batch_id)
+    assert dump["state"] == "SUCCEEDED", json.dumps(dump, indent=1, default=str)[-3000:]
+    t = Tracking(mlflow_uri(home))
+    batch_run = t.client.get_run(dump["mlflow_run_id"])
+    assert batch_run.data.params["jobs"] == "2" and batch_run.info.status == "FINISHED"
+    runs = t.client.search_runs([batch_run.info.experiment_id],
+                                f"tags.`adapterfab.batch_id` = '{batch_id}'", max_results=100)
+    assert len(runs) == 3  # the batch run and one run per job: none lost, none created twice
+    for j in dump["jobs"]:
+        run = t.client.get_run(j["mlflow_run_id"])
+        assert run.info.status == "FINISHED"
+        assert run.data.params["train.steps"] == str(STEPS) and "eval_loss" in run.data.metrics
+        history = t.client.get_metric_history(j["mlflow_run_id"], "loss")
+        steps = sorted(m.step for m in history)
+        assert steps == list(range(1, STEPS + 1)), steps  # every step's loss, none lost in the outage
+        during = [m.step for m in history if wall_down <= m.timestamp / 1000 <= wall_up]
+        print(j["persona"], "steps logged while MLflow was down:", during)
+        if j["id"] in training:  # it trained through the outage: its worker buffered these steps
+            assert during, [(m.step, m.timestamp / 1000) for m in history]
+        vs = versions_of(home, f"{j['tenant']}/{j['persona']}")
+        assert [v["version"] for v in vs] == [1] and vs[0]["tags"]["adapterfab.job_id"] == j["id"]
+        assert Path(vs[0]["artifact_uri"], "adapter_model.safetensors").exists()
