@@ -557,6 +557,17 @@ class MetricBuffer:
                 self._pending = [(r, m) for r, m in self._pending if id(m) not in sent]
                 self.sent += len(batch)
 
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Send what is buffered now and wait (up to ``timeout_s``) until MLflow has it; True if
+        nothing is left. Workers call it before each checkpoint, so that a worker killed after the
+        checkpoint loses no metric of the steps the checkpoint covers (the steps after it are redone)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            self._cond.notify_all()
+        while self.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not self.pending()
+
     def close(self, timeout_s: float) -> None:
         with self._cond:
             self._closing = True

@@ -146,6 +146,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
             board.update.remote(job.job_id, step, loss, os.getpid(), node)
 
     def on_checkpoint(step: int, state: dict[str, Any]) -> None:
+        if tracking:
+            tracking.flush()  # the steps this checkpoint covers are in MLflow before it counts
         report_train_state({"step": step}, state)
 
     resume = last_train_state(with_engine=zero is not None)
@@ -276,6 +278,8 @@ def _fused_worker_loop(config: dict[str, Any]) -> None:
             board.update.remote(jid, step, loss, os.getpid(), node)
 
     def on_checkpoint(state: dict[str, Any]) -> None:
+        if tracking:
+            tracking.flush()  # the steps this checkpoint covers are in MLflow before it counts
         report_train_state({"iteration": state["iteration"]}, state)
 
     resume = last_train_state()
