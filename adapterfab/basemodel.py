@@ -174,3 +174,20 @@ def resolve_base_model(name: str, cache: Path | None = None) -> BaseModelRef:
             f"at run time; download it beforehand or give a local folder ({e.__class__.__name__})"
         ) from None
     return BaseModelRef(name, local, fingerprint(local))
+
+
+def tiny_random_llama(out: str | Path, tokenizer_dir: str) -> str:
+    """A tiny Llama (2 layers, hidden 64) with random weights (seed 0) and the tokenizer and chat template
+    of ``tokenizer_dir``, saved to ``out``: the base of fast tests and of ``bench/soak.py``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)

@@ -41,22 +41,6 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def tiny_base(out: Path, tokenizer_dir: str) -> str:
-    """2 layers, hidden 64, the SmolLM2 tokenizer; random weights (seed 0): what tests/conftest.py makes."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
-
-
 def write_lora(base_path: str, out: Path, seed: int, r: int = 4) -> Path:
     """A PEFT LoRA on q,v with random non-zero A and B (so each adapter changes the output)."""
     import torch
@@ -253,13 +237,13 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from adapterfab.basemodel import resolve_base_model
+    from adapterfab.basemodel import resolve_base_model, tiny_random_llama
 
     with tempfile.TemporaryDirectory(prefix="af-soak-") as tmp:
         root = Path(tmp)
         smol = resolve_base_model("smollm2-135m-instruct").path
         if args.base == "tiny":
-            base, base_desc = tiny_base(root / "tiny", smol), "tiny random Llama (2 layers, hidden 64)"
+            base, base_desc = tiny_random_llama(root / "tiny", smol), "tiny random Llama (2 layers, hidden 64)"
         else:
             base, base_desc = resolve_base_model(args.base).path, args.base
         out = run_soak(base, root, args.duration_s, args.clients, args.tenants, args.adapters_per_tenant,

@@ -41,19 +41,9 @@ def smollm2_tokenizer(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: str) -> str:
     """2 layers, hidden 64, the real SmolLM2 tokenizer and chat template; random weights (seed 0)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from adapterfab.basemodel import tiny_random_llama
 
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    return tiny_random_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer)
 
 
 @pytest.fixture(scope="session")
