@@ -191,3 +191,23 @@ def tiny_random_llama(out: str | Path, tokenizer_dir: str) -> str:
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+def random_peft_lora(base_path: str, out: str | Path, seed: int, r: int = 4,
+                     targets: tuple[str, ...] = ("q_proj", "v_proj"), scale: float = 0.1,
+                     safetensors: bool = True) -> Path:
+    """A PEFT LoRA folder for ``base_path`` whose A and B are random and non-zero (seeded), so that each
+    adapter changes the output: the adapters of serving tests and of ``bench/soak.py``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path),
+                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), task_type="CAUSAL_LM"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    model.save_pretrained(str(out), safe_serialization=safetensors)  # False: a pickle .bin, to be refused
+    return Path(out)

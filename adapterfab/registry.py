@@ -1,6 +1,9 @@
 """MLflow: run tracking and the model registry. The only module that imports mlflow.
 
-A batch is a parent run, each job a child run (tag ``mlflow.parentRunId``). Every adapter is a version
+A batch is a run in the operators' experiment ``adapterfab``; each job is a child run (tag
+``mlflow.parentRunId``) in its tenant's own experiment ``adapterfab/tenant/<tenant>`` (tagged
+``adapterfab.tenant``), so one tenant's runs, params, metrics and artifacts never share an experiment
+with another's and MLflow's per-experiment permissions can be granted per tenant. Every adapter is a version
 of the registered model ``AdapterId.registry_name`` (``af.<tenant>.<persona>``) whose source is the
 run's ``adapter`` artifact folder, with lineage tags (``adapterfab.*``) and aliases ``candidate`` /
 ``production``. MLflow 3 refuses ``register_model`` for a plain artifact folder, so versions are made
@@ -25,12 +28,18 @@ from adapterfab.ids import CANDIDATE, PRODUCTION, AdapterId, check_id
 
 log = logging.getLogger("adapterfab.registry")
 EXPERIMENT = "adapterfab"
+TENANT_EXPERIMENT_PREFIX = EXPERIMENT + "/tenant/"
 TAG = "adapterfab."
 _INTERNAL_TAGS = frozenset({"artifact_uri", "artifact_root", "basis_uri", "dataset", "job_id", "request"})
 # How long the factory (orchestrator, training workers) rides out an MLflow outage before a job fails.
 # Interactive callers (CLI, serving) keep MLflow's own short retries (retry_s=0).
 MLFLOW_RETRY_ENV = "ADAPTERFAB_MLFLOW_RETRY_S"
 DEFAULT_FACTORY_RETRY_S = 1800.0
+
+
+def tenant_experiment(tenant: str) -> str:
+    """The MLflow experiment that holds one tenant's job runs and nobody else's."""
+    return TENANT_EXPERIMENT_PREFIX + check_id(tenant)
 
 
 def factory_retry_s() -> float:
@@ -184,20 +193,25 @@ class Tracking:
         self.client = _client(uri, retry_s)
 
     def experiment_id(self, name: str = EXPERIMENT) -> str:
+        """The experiment's id, created on first use; a tenant's experiment is tagged with its tenant."""
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
+        tenant = name.removeprefix(TENANT_EXPERIMENT_PREFIX) if name.startswith(TENANT_EXPERIMENT_PREFIX) else None
+        tags = {TAG + "tenant": check_id(tenant)} if tenant is not None else {TAG + "scope": "operators"}
         try:
-            return self.client.create_experiment(name)
+            return self.client.create_experiment(name, tags=tags)
         except _mlflow_errors():  # created concurrently
             return self.client.get_experiment_by_name(name).experiment_id
 
-    def start_run(self, name: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
+    def start_run(self, name: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
+                  experiment: str = EXPERIMENT) -> str:
+        """A new run in ``experiment`` (a job's: ``tenant_experiment(tenant)``)."""
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         token = tags[TAG + "request"] = uuid.uuid4().hex  # a retried create finds an earlier one's run
-        exp = self.experiment_id()
+        exp = self.experiment_id(experiment)
         raw = getattr(self.client, "_client", self.client)
 
         def created() -> Any:

@@ -41,23 +41,6 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def write_lora(base_path: str, out: Path, seed: int, r: int = 4) -> Path:
-    """A PEFT LoRA on q,v with random non-zero A and B (so each adapter changes the output)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path),
-                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    model.save_pretrained(str(out))
-    return out
-
-
 class Server:
     """make_api over BatchedBackend(BatchedEngine, AdapterTiers), uvicorn in a thread on a free port."""
 
@@ -192,6 +175,7 @@ def run_soak(base_path: str, workdir: Path, duration_s: float = 30, clients: int
              adapters_per_tenant: int = 2, max_tokens: int = 12, timeout_s: float = 30,
              warmup_s: float = 0) -> dict[str, Any]:
     """Build the server and the tenants (keys, adapters), warm every adapter up, then soak."""
+    from adapterfab.basemodel import random_peft_lora
     from adapterfab.keys import KeyStore
     from adapterfab.state import StateStore
 
@@ -203,7 +187,7 @@ def run_soak(base_path: str, workdir: Path, duration_s: float = 30, clients: int
         models = []
         for a in range(adapters_per_tenant):
             aid = f"{name}/persona-{a}"
-            folders[f"{aid}@1"] = write_lora(base_path, workdir / "adapters" / name / f"p{a}", seed=t * 100 + a)
+            folders[f"{aid}@1"] = random_peft_lora(base_path, workdir / "adapters" / name / f"p{a}", seed=t * 100 + a)
             models.append(aid)
         table[name] = (keys.create(name), models)
     server = Server(base_path, folders, keys, max_batch=clients, max_adapters=len(folders))

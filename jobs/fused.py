@@ -19,6 +19,9 @@ How it works:
 - The loss is each job's own token mean, summed over jobs, so each adapter's gradient is exactly what
   training it alone would give. Logits are computed only at positions that carry a label, which keeps
   the (rows × tokens × vocabulary) logits tensor out of memory.
+- Evaluation is fused the same way: after a group trains, the i-th eval batch of every adapter (and of
+  the bare base, once per distinct set of eval rows) goes into one no-grad forward, so a group's eval
+  takes about as many passes as one job's.
 - Every job has its own optimizer state, learning-rate schedule, gradient clipping and step count.
   A job leaves the batch when it reaches its steps, reaches its ``early_stop_loss``, or fails
   (a non-finite loss fails that job only).
@@ -102,9 +105,7 @@ class MultiLinear(nn.Module):
         if self.grouped and len(segs) > 1 and segs[0][1] == 0 and segs[-1][2] == x.shape[0] \
                 and all(e - s == n and s == i * n for i, (_, s, e) in enumerate(segs)):
             return self._grouped(out, xf, segs, n)
-        if half:
-            return self._loop(out, xf, segs, lambda t: t.to(x.dtype))
-        return self._loop(out, xf, segs, lambda t: t)
+        return self._loop(out, xf, segs)
 
     def _grouped(self, out: Tensor, xf: Tensor, segs: list[tuple[str, int, int]], n: int) -> Tensor:
         """Every job has ``n`` rows, in order: one bmm over the K stacked adapters."""
@@ -121,8 +122,10 @@ class MultiLinear(nn.Module):
             delta = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2)) * scale
         return (out + delta.reshape(out.shape)).to(out.dtype)
 
-    def _loop(self, out: Tensor, xf: Tensor, segs: list[tuple[str, int, int]], cast) -> Tensor:  # noqa: ANN001
-        """Segment by segment (jobs with different row counts in this step)."""
+    def _loop(self, out: Tensor, xf: Tensor, segs: list[tuple[str, int, int]]) -> Tensor:
+        """Segment by segment (jobs with different row counts in this step), in ``xf``'s dtype (the fp32
+        adapter weights are cast for a half base; ``to`` is a no-op otherwise)."""
+        cast = lambda t: t.to(xf.dtype)  # noqa: E731
         if self.family == "lora_xs":
             h = xf @ cast(self.xs_a)  # one product for every row of every tenant
             parts = [h[s:e] @ cast(self.b[j]) * self.scale[j] for j, s, e in segs]
@@ -390,41 +393,107 @@ class FusedTrainer:
                 if a.job.early_stop_loss is not None and a.losses[-1] <= a.job.early_stop_loss:
                     a.early = True
         train_s = time.monotonic() - t0
-        results = [self._finish(a, train_s) for a in active]
+        results = self._finish(active, train_s, max_rows=sum(a.job.train.batch_size for a in active))
         self.jobs_trained += sum(r.error is None for r in results)
         return results
 
-    def _finish(self, a: _Active, train_s: float) -> FusedResult:
-        if a.error:
-            return FusedResult(a.job.job_id, {}, a.losses, a.error)
-        metrics: dict[str, float] = {
-            "train_loss": a.losses[-1], "train_loss_first": a.losses[0], "train_s": train_s,
-            "train_tokens_per_s": a.tokens / max(train_s, 1e-9), "steps": float(a.step),
-            "trainable_params": float(sum(p.numel() for p in a.params)),
-        }
-        if a.job.eval_batches is not None:
-            ev = list(a.job.eval_batches())
-            if ev:
-                metrics.update(self.evaluate(a.job.job_id, ev))
-                metrics.update({f"base_{k}": v for k, v in self.base_evaluate(ev).items()})
-        metrics.update(peak_memory_mb())
-        return FusedResult(a.job.job_id, metrics, a.losses, stopped_early=a.early)
-
-    def base_evaluate(self, batches: list[Batch]) -> dict[str, float]:
-        """The bare base's eval metrics, computed once per distinct set of eval rows: the base is
-        frozen, so jobs of one dataset (many tenants' copies of a persona set) share the figure."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for b in batches:
-            for key in ("input_ids", "attention_mask", "labels"):
-                h.update(key.encode() + str(tuple(b[key].shape)).encode() + b[key].cpu().numpy().tobytes())
-        key = h.hexdigest()
-        if key not in self._base_evals:
+    def _finish(self, active: list[_Active], train_s: float, max_rows: int) -> list[FusedResult]:
+        """Every job's result; the adapters' and the bare base's evaluations run fused (``evaluate_many``),
+        the base once per distinct set of eval rows (it is frozen: jobs on one dataset share the figure)."""
+        metrics: dict[str, dict[str, float]] = {}
+        sets: list[tuple[str | None, list[Batch]]] = []
+        base_sets: dict[str, int] = {}  # eval rows' digest -> index in ``sets`` (uncached ones only)
+        want: dict[str, tuple[int, str]] = {}  # job id -> (index of its adapter's set, eval rows' digest)
+        for a in active:
+            if a.error:
+                continue
+            metrics[a.job.job_id] = {
+                "train_loss": a.losses[-1], "train_loss_first": a.losses[0], "train_s": train_s,
+                "train_tokens_per_s": a.tokens / max(train_s, 1e-9), "steps": float(a.step),
+                "trainable_params": float(sum(p.numel() for p in a.params)),
+            }
+            ev = list(a.job.eval_batches()) if a.job.eval_batches is not None else []
+            if not ev:
+                continue
+            key = _digest(ev)
+            if key not in self._base_evals and key not in base_sets:
+                base_sets[key] = len(sets)
+                sets.append((None, ev))
+            want[a.job.job_id] = (len(sets), key)
+            sets.append((a.job.job_id, ev))
+        got = self.evaluate_many(sets, max_rows) if sets else []
+        for key, i in base_sets.items():
             if len(self._base_evals) >= 1024:
                 self._base_evals.pop(next(iter(self._base_evals)))
+            self._base_evals[key] = got[i]
+        out = []
+        for a in active:
+            if a.error:
+                out.append(FusedResult(a.job.job_id, {}, a.losses, a.error))
+                continue
+            m = metrics[a.job.job_id]
+            if a.job.job_id in want:
+                i, key = want[a.job.job_id]
+                m.update(got[i])
+                m.update({f"base_{k}": v for k, v in self._base_evals[key].items()})
+            m.update(peak_memory_mb())
+            out.append(FusedResult(a.job.job_id, m, a.losses, stopped_early=a.early))
+        return out
+
+    def base_evaluate(self, batches: list[Batch]) -> dict[str, float]:
+        """The bare base's eval metrics, cached per distinct set of eval rows."""
+        key = _digest(batches)
+        if key not in self._base_evals:
             self._base_evals[key] = self.evaluate(None, batches)
         return dict(self._base_evals[key])
+
+    def evaluate_many(self, sets: list[tuple[str | None, list[Batch]]], max_rows: int) -> list[dict[str, float]]:
+        """Eval metrics (as ``evaluate``) of several sets, each ``(job id, or None for the bare base,
+        eval batches)``, fused: the i-th batch of every set is stacked into one forward of at most
+        ``max_rows`` rows (one batch alone may be more), each set's rows through its own adapter, logits
+        only where a label is, and one host sync at the end."""
+        device = next(self.base.parameters()).device
+        work = [(k, bs[i]) for i in range(max(len(bs) for _, bs in sets)) for k, (_, bs) in enumerate(sets)
+                if i < len(bs)]
+        chunks: list[list[tuple[int, Batch]]] = [[]]
+        rows = 0
+        for k, b in work:
+            n = int(b["input_ids"].shape[0])
+            if chunks[-1] and rows + n > max_rows:
+                chunks.append([])
+                rows = 0
+            chunks[-1].append((k, b))
+            rows += n
+        loss_sum, right, count = (torch.zeros(len(sets), dtype=torch.float64, device=device) for _ in range(3))
+        self.base.eval()
+        try:
+            with torch.no_grad():
+                for chunk in chunks:
+                    names = [self._slots[sets[k][0]] if sets[k][0] else f"base-{k}" for k, _ in chunk]  # type: ignore[index]
+                    batch, segs = stack([(name, b) for name, (_, b) in zip(names, chunk)])
+                    batch = {key: v.to(device, non_blocking=True) for key, v in batch.items()}
+                    self.route.segments = segs
+                    try:
+                        hidden = self.decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                                              ).last_hidden_state
+                    finally:
+                        self.route.segments = []
+                    labels = batch["labels"][:, 1:]
+                    mask = labels != -100
+                    logits = self.lm_head(hidden[:, :-1][mask]).float()
+                    target = labels[mask]
+                    tok_loss = nn.functional.cross_entropy(logits, target, reduction="none")
+                    set_of_row = torch.repeat_interleave(
+                        torch.tensor([k for k, _ in chunk], device=device),
+                        torch.tensor([e - s for _, s, e in segs], device=device))
+                    idx = set_of_row[:, None].expand_as(labels)[mask]
+                    loss_sum.index_add_(0, idx, tok_loss.double())
+                    right.index_add_(0, idx, (logits.argmax(-1) == target).double())
+                    count.index_add_(0, idx, torch.ones_like(tok_loss, dtype=torch.float64))
+        finally:
+            self.base.train()
+        return [{"eval_loss": ls / max(1.0, n), "eval_token_accuracy": c / max(1.0, n)}
+                for ls, c, n in zip(loss_sum.tolist(), right.tolist(), count.tolist())]
 
     def evaluate(self, job_id: str | None, batches: list[Batch]) -> dict[str, float]:
         """Eval metrics with ``job_id``'s adapter on every row (None: the bare base)."""
@@ -459,6 +528,17 @@ class FusedTrainer:
             state[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
         save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
         return out
+
+
+def _digest(batches: list[Batch]) -> str:
+    """What identifies a set of eval rows (the base's figure on it never changes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for b in batches:
+        for key in ("input_ids", "attention_mask", "labels"):
+            h.update(key.encode() + str(tuple(b[key].shape)).encode() + b[key].cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def stack(items: list[tuple[str, Batch]]) -> tuple[Batch, list[tuple[str, int, int]]]:

@@ -30,7 +30,7 @@ from adapterfab.basemodel import BaseModelRef, resolve_base_model
 from adapterfab.errors import AdapterfabError, StackError
 from adapterfab.ids import AdapterId, basis_prefix, job_id
 from adapterfab.methods import get_method
-from adapterfab.registry import Registry, Tracking, factory_retry_s
+from adapterfab.registry import Registry, Tracking, factory_retry_s, tenant_experiment
 from adapterfab.settings import Settings
 from adapterfab.spec import BatchSpec, JobSpec, check_semantics, load_spec, parse_spec
 from adapterfab.state import StateStore
@@ -248,7 +248,7 @@ def prepare_job(ctx: BatchContext, job: JobSpec) -> Prepared | None:
     run_id = None
     try:
         run_id = ctx.tracking.start_run(
-            aid.key, parent_run_id=ctx.batch_run_id,
+            aid.key, parent_run_id=ctx.batch_run_id, experiment=tenant_experiment(job.tenant),
             tags={"adapterfab.tenant": job.tenant, "adapterfab.persona": job.persona,
                   "adapterfab.batch_id": ctx.batch_id, "adapterfab.job_id": jid})
         ctx.state.update_job(jid, mlflow_run_id=run_id)

@@ -71,7 +71,7 @@ class Sources:
         self.ray_dashboard_url = ray_dashboard_url.rstrip("/") if ray_dashboard_url else None
         self._tracking: Any = None
         self._registry: Any = None
-        self._experiment_id: str | None = None
+        self._experiment_ids: dict[str, str] = {}
 
     def _need_mlflow(self) -> str:
         if not self.mlflow_uri:
@@ -93,14 +93,20 @@ class Sources:
             self._registry = Registry(self._need_mlflow())
         return self._registry
 
-    def experiment_id(self) -> str | None:
-        """For MLflow run links; None (no links) while MLflow is down or has no runs yet."""
-        if self._experiment_id is None and self.mlflow_uri:
+    def experiment_id(self, tenant: str | None = None) -> str | None:
+        """For MLflow run links: the operators' experiment (batch runs) or ``tenant``'s (its job runs);
+        None (no link) while MLflow is down or the experiment does not exist yet."""
+        from adapterfab.registry import EXPERIMENT, tenant_experiment
+
+        name = tenant_experiment(tenant) if tenant else EXPERIMENT
+        if name not in self._experiment_ids and self.mlflow_uri:
             try:
-                self._experiment_id = self.tracking().find_experiment_id()
+                found = self.tracking().find_experiment_id(name)
             except AdapterfabError:
                 return None
-        return self._experiment_id
+            if found is not None:
+                self._experiment_ids[name] = found
+        return self._experiment_ids.get(name)
 
     def ray(self, path: str) -> Any:
         if not self.ray_dashboard_url:
@@ -168,13 +174,13 @@ def create_app(state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | 
         jobs = visible_jobs(batch_id, who)
         if not jobs and not who.operator:
             raise _batch_not_found()
-        now, exp = time.time(), src.experiment_id() if who.operator else None
-        ids = {j.id for j in jobs}
+        now, ids = time.time(), {j.id for j in jobs}
         out = views.batch_dict(b, jobs, who, now)
-        out["links"] = {"mlflow_run": views.mlflow_run_url(src.mlflow_uri, exp, b.mlflow_run_id)} \
+        out["links"] = {"mlflow_run": views.mlflow_run_url(src.mlflow_uri, src.experiment_id(), b.mlflow_run_id)} \
             if who.operator else {}
         return {"batch": out, "jobs": [views.job_dict(j, who, now, ids, views.mlflow_run_url(
-            src.mlflow_uri, exp, j.mlflow_run_id)) for j in jobs]}
+            src.mlflow_uri, src.experiment_id(j.tenant), j.mlflow_run_id) if who.operator else None)
+            for j in jobs]}
 
     @app.get("/api/batches/{batch_id}/jobs/{job_id}/loss")
     def loss(batch_id: str, job_id: str, who: Who) -> dict[str, Any]:
@@ -231,7 +237,7 @@ def create_app(state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | 
         except Exception as e:  # noqa: BLE001 - MLflow's connection errors are not ours; say what failed
             raise DashError(503, f"The MLflow registry at {src.mlflow_uri} is unreachable: {e}",
                             "registry_unavailable") from None
-        return {"tenants": views.registry_dict(items, who, src.mlflow_uri, src.experiment_id())}
+        return {"tenants": views.registry_dict(items, who, src.mlflow_uri, src.experiment_id)}
 
     @app.get("/api/registry")
     def registry(who: Who) -> dict[str, Any]:

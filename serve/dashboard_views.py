@@ -14,6 +14,7 @@ versions and the Ray dashboard's node JSON (no FastAPI, no Ray import), so the r
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from adapterfab.keys import Principal
@@ -135,7 +136,8 @@ def node_dicts(nodes: list[dict], usage_by_node: dict[str, dict],
 # registry ----------------------------------------------------------------------------------------
 
 def version_dict(v: AdapterVersion, who: Principal, mlflow_uri: str | None,
-                 experiment_id: str | None) -> dict[str, Any]:
+                 experiment_of: Callable[[str], str | None]) -> dict[str, Any]:
+    """``experiment_of(tenant)``: the id of the tenant's MLflow experiment, which holds the version's run."""
     t = v.tags
     out = {"version": v.id.version, "aliases": list(v.aliases), "created_s": v.created_s,
            "method": t.get(TAG + "method"), "metrics": v.metrics, "batch_id": t.get(TAG + "batch_id"),
@@ -143,13 +145,13 @@ def version_dict(v: AdapterVersion, who: Principal, mlflow_uri: str | None,
            "lineage": v.public_dict()["lineage"], "links": {}}
     if who.operator and mlflow_uri:
         version_url = f"{mlflow_uri}/#/models/{v.id.registry_name}/versions/{v.id.version}"
-        out["links"] = {"mlflow_run": mlflow_run_url(mlflow_uri, experiment_id, v.run_id),
+        out["links"] = {"mlflow_run": mlflow_run_url(mlflow_uri, experiment_of(v.id.tenant), v.run_id),
                         "mlflow_version": version_url}
     return out
 
 
 def registry_dict(items: list[RegisteredAdapter], who: Principal, mlflow_uri: str | None,
-                  experiment_id: str | None) -> list[dict[str, Any]]:
+                  experiment_of: Callable[[str], str | None]) -> list[dict[str, Any]]:
     """Adapters grouped by tenant: [{tenant, adapters: [{id, persona, aliases, versions}]}]."""
     tenants: dict[str, list[dict]] = {}
     for ra in items:
@@ -157,5 +159,5 @@ def registry_dict(items: list[RegisteredAdapter], who: Principal, mlflow_uri: st
             continue
         tenants.setdefault(ra.id.tenant, []).append({
             "id": str(ra.id), "persona": ra.id.persona, "aliases": ra.aliases,
-            "versions": [version_dict(v, who, mlflow_uri, experiment_id) for v in reversed(ra.versions)]})
+            "versions": [version_dict(v, who, mlflow_uri, experiment_of) for v in reversed(ra.versions)]})
     return [{"tenant": t, "adapters": a} for t, a in sorted(tenants.items())]

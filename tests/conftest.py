@@ -5,6 +5,9 @@
 - ``tiny_model_path``: a tiny random Llama with the SmolLM2 tokenizer (fast unit tests).
 - ``af_env``: an isolated ADAPTERFAB_HOME for one test.
 - ``make_lora_adapter``: writes a PEFT LoRA (q,v, random non-zero B) for a base, to serve or load.
+
+Helpers that test modules import (this folder is on sys.path once this conftest is loaded):
+``stack_cli.run_cli`` / ``stack_cli.stack_up``.
 """
 
 from __future__ import annotations
@@ -74,23 +77,13 @@ def examples_copy(tmp_path: Path) -> Path:
 
 def _make_lora_adapter(base_path: str, out: Path, seed: int, safetensors: bool = True, r: int = 4) -> Path:
     """A LoRA on q,v with random non-zero A and B, so it visibly changes the output."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from adapterfab.basemodel import random_peft_lora
 
-    model = AutoModelForCausalLM.from_pretrained(base_path)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"],
-                                                  task_type="CAUSAL_LM"))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    peft_model.save_pretrained(str(out), safe_serialization=safetensors)
-    return Path(out)
+    return random_peft_lora(base_path, out, seed, r=r, scale=0.5, safetensors=safetensors)
 
 
 @pytest.fixture(scope="session")
 def make_lora_adapter():  # noqa: ANN201
     """``make_lora_adapter(base_path, out, seed, safetensors=True, r=4) -> Path``."""
     return _make_lora_adapter
+

@@ -10,17 +10,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from stack_cli import run_cli, stack_up
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
-CLI = str(Path(sys.executable).parent / "adapterfab")
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -35,21 +34,15 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is miss
 
 
 def cli(home: Path, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
-    r = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout_s,
-                       env={**os.environ, "ADAPTERFAB_HOME": str(home)})
-    print(f"$ adapterfab {' '.join(args)} -> {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    return r
+    return run_cli(home, *args, timeout_s=timeout_s)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory):
-    from adapterfab.procs import free_port, pid_alive, port_open, stop_pid
+    from adapterfab.procs import pid_alive, port_open, stop_pid
 
     home = tmp_path_factory.mktemp("ui-home")
-    ports = {k: str(free_port()) for k in ("mlflow", "ray", "dashboard", "serve", "ui")}
-    r = cli(home, "up", "--mlflow-port", ports["mlflow"], "--ray-port", ports["ray"], "--dashboard-port",
-            ports["dashboard"], "--serve-port", ports["serve"], "--ui-port", ports["ui"])
-    assert r.returncode == 0, r.stderr
+    ports = stack_up(home)
     info = json.loads((home / "stack.json").read_text())
     assert info["ui_url"] == f"http://127.0.0.1:{ports['ui']}" and info["ui_url"] in r.stdout
     assert pid_alive(info["ui_pid"])

@@ -7,36 +7,26 @@ shows it in none, streaming works, and tenant A's key cannot reach tenant B's ad
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from stack_cli import run_cli, stack_up
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
-CLI = str(Path(sys.executable).parent / "adapterfab")
 HELDOUT = json.loads((REPO / "examples" / "heldout_prompts.json").read_text())
 
 
 def cli(home: Path, *args: str, timeout_s: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ADAPTERFAB_HOME": str(home)}
-    r = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout_s, env=env)
-    print(f"$ adapterfab {' '.join(args)} -> {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
+    return run_cli(home, *args, timeout_s=timeout_s)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory):
-    from adapterfab.procs import free_port
-
     home = tmp_path_factory.mktemp("e2e-home")
-    ports = {k: str(free_port()) for k in ("mlflow", "ray", "dashboard", "serve")}
-    r = cli(home, "up", "--mlflow-port", ports["mlflow"], "--ray-port", ports["ray"],
-            "--dashboard-port", ports["dashboard"], "--serve-port", ports["serve"], timeout_s=600)
-    assert r.returncode == 0, r.stderr
+    ports = stack_up(home)
     again = cli(home, "up", timeout_s=60)  # idempotent: same stack, same URLs
     assert again.returncode == 0 and f"127.0.0.1:{ports['mlflow']}" in again.stdout
     yield home, ports
@@ -117,6 +107,25 @@ def test_registry_versions_tags_and_aliases(batch) -> None:
     r = cli(home, "registry", "promote", "acme/pirate", "1", "--alias", "production")
     assert r.returncode == 0
     assert cli(home, "registry", "show", "acme/nobody").returncode == 1
+
+
+def test_each_tenants_runs_are_in_its_own_mlflow_experiment(batch) -> None:
+    from adapterfab.registry import Tracking, tenant_experiment
+
+    home, batch_id, _ = batch
+    dump = json.loads(cli(home, "status", batch_id, "--json").stdout)
+    t = Tracking(json.loads((home / "stack.json").read_text())["mlflow_uri"])
+    batch_run = t.client.get_run(dump["mlflow_run_id"])
+    assert t.client.get_experiment(batch_run.info.experiment_id).name == "adapterfab"
+    for tenant in ("acme", "globex"):
+        exp = t.client.get_experiment_by_name(tenant_experiment(tenant))
+        assert exp.tags["adapterfab.tenant"] == tenant
+        runs = t.client.search_runs([exp.experiment_id], max_results=100)
+        mine = sorted(j["persona"] for j in dump["jobs"] if j["tenant"] == tenant)
+        assert sorted(r.data.tags["adapterfab.persona"] for r in runs) == mine  # every one, only its own
+        assert {r.data.tags["adapterfab.tenant"] for r in runs} == {tenant}
+        assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {batch_run.info.run_id}
+    assert not t.client.search_runs([batch_run.info.experiment_id], "tags.`adapterfab.tenant` != ''")
 
 
 @pytest.fixture(scope="module")

@@ -16,37 +16,28 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from signal import SIGKILL
 
 import pytest
 import yaml
+from stack_cli import run_cli, stack_up
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.ray]
 REPO = Path(__file__).resolve().parents[2]
-CLI = str(Path(sys.executable).parent / "adapterfab")
 STEPS = 12
 ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "ADAPTERFAB_MLFLOW_RETRY_S": "400"}
 
 
 def cli(home: Path, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, **ENV, "ADAPTERFAB_HOME": str(home)}
-    r = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout_s, env=env)
-    print(f"$ adapterfab {' '.join(args)} -> {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
+    return run_cli(home, *args, timeout_s=timeout_s, env=ENV)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory):
-    from adapterfab.procs import free_port
-
     home = tmp_path_factory.mktemp("faults-home")
-    ports = {k: str(free_port()) for k in ("mlflow", "ray", "dashboard", "serve", "ui")}
-    r = cli(home, "up", "--mlflow-port", ports["mlflow"], "--ray-port", ports["ray"], "--dashboard-port",
-            ports["dashboard"], "--serve-port", ports["serve"], "--ui-port", ports["ui"], "--num-cpus", "2")
-    assert r.returncode == 0, r.stderr
+    stack_up(home, "--num-cpus", "2", env=ENV)
     yield home
     assert cli(home, "down", timeout_s=120).returncode == 0
 
@@ -145,7 +136,7 @@ def test_killed_orchestrator_resumes_without_redoing_finished_jobs(stack: Path, 
 def test_mlflow_outage_during_a_batch_loses_nothing(stack: Path, tiny_model_path: str, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from adapterfab.procs import pid_alive, start_mlflow, stop_pid
-    from adapterfab.registry import Tracking
+    from adapterfab.registry import Tracking, tenant_experiment
     from adapterfab.settings import Settings
     from adapterfab.stack import record
 
@@ -183,8 +174,9 @@ def test_mlflow_outage_during_a_batch_loses_nothing(stack: Path, tiny_model_path
     t = Tracking(mlflow_uri(home))
     batch_run = t.client.get_run(dump["mlflow_run_id"])
     assert batch_run.data.params["jobs"] == "2" and batch_run.info.status == "FINISHED"
-    runs = t.client.search_runs([batch_run.info.experiment_id],
-                                f"tags.`adapterfab.batch_id` = '{batch_id}'", max_results=100)
+    exps = [batch_run.info.experiment_id] + [t.find_experiment_id(tenant_experiment(tn))
+                                             for tn in {j["tenant"] for j in dump["jobs"]}]
+    runs = t.client.search_runs(exps, f"tags.`adapterfab.batch_id` = '{batch_id}'", max_results=100)
     assert len(runs) == 3  # the batch run and one run per job: none lost, none created twice
     for j in dump["jobs"]:
         run = t.client.get_run(j["mlflow_run_id"])

@@ -14,25 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from adapterfab.basemodel import random_peft_lora
 from adapterfab.serve.batched import BatchedEngine
 from adapterfab.serve.engine import AdapterNotLoaded, AdapterRejected, Finished, SamplingParams, TextDelta
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
-
-
-def _lora(base: str, out: Path, seed: int, r: int, targets: list[str]) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, task_type="CAUSAL_LM"))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
-    model.save_pretrained(str(out))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +33,7 @@ def adapters(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> 
                                    ("robot", 3, 2, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                     "up_proj", "down_proj"]),
                                    ("poet", 4, 4, ["o_proj", "down_proj"])):
-        out["lora"][name] = _lora(tiny_model_path, root / name, seed, r, targets)
+        out["lora"][name] = random_peft_lora(tiny_model_path, root / name, seed, r, tuple(targets), scale=0.4)
     cfg = LoraXSConfig(r=4, alpha=4)
     basis = compute_basis(AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32), cfg, "tiny")
     gen = torch.Generator().manual_seed(7)

@@ -17,7 +17,7 @@ from sqlalchemy import text
 from adapterfab.ids import AdapterId
 from adapterfab.keys import KeyStore, Principal
 from adapterfab.promotion import Decision
-from adapterfab.registry import Registry, Tracking
+from adapterfab.registry import Registry, Tracking, tenant_experiment
 from adapterfab.state import StateStore
 from adapterfab.states import BatchState, JobState
 
@@ -54,7 +54,7 @@ def world(tmp_path: Path, mlflow_server: str):  # noqa: ANN201
     tracking = Tracking(mlflow_server)
     batch_run = tracking.start_run(mixed)
     state.update_batch(mixed, state=BatchState.RUNNING, started_s=1000.0, mlflow_run_id=batch_run)
-    run = tracking.start_run(f"{a}/pirate", parent_run_id=batch_run)
+    run = tracking.start_run(f"{a}/pirate", parent_run_id=batch_run, experiment=tenant_experiment(a))
     for step, loss in enumerate([3.0, 2.5, 2.2, 2.0, 1.9], start=1):
         tracking.log_metrics(run, {"loss": loss}, step=step)
     pirate = f"{mixed}.{a}.pirate"
@@ -117,13 +117,15 @@ def test_operator_sees_every_tenant_with_counts_and_cost(world: dict) -> None:
     pirate = jobs[world["pirate"]]
     assert pirate["state"] == "TRAINING" and pirate["progress"] == 0.5 and pirate["loss"] == 1.9
     assert pirate["eta_s"] is not None and pirate["eta_s"] >= 0
-    assert pirate["links"]["mlflow_run"].endswith(f"/runs/{world['run']}") and "/#/experiments/" in \
-        pirate["links"]["mlflow_run"]
+    tracking = Tracking(world["mlflow"])  # a job's run is in its tenant's experiment, the batch's in ours
+    a_exp = tracking.find_experiment_id(tenant_experiment(world["a"]))
+    assert pirate["links"]["mlflow_run"] == f"{world['mlflow']}/#/experiments/{a_exp}/runs/{world['run']}"
     butler = jobs[f"{world['mixed']}.{world['a']}.butler"]
     assert butler["eval"] == {"eval_loss": 1.0, "base_eval_loss": 2.0} and butler["gpu_s"] == 2.5
     assert butler["placement"]["fused_group_size"] == 2 and len(butler["placement"]["fused_with"]) == 2
     assert butler["links"]["registry"] == f"#/registry/{world['a']}/butler/1"
-    assert body["batch"]["links"]["mlflow_run"]
+    ops_exp = tracking.find_experiment_id()
+    assert body["batch"]["links"]["mlflow_run"].startswith(f"{world['mlflow']}/#/experiments/{ops_exp}/runs/")
     tenants = {t["tenant"]: t for t in get("/api/registry", op).json()["tenants"]}
     assert {world["a"], world["b"]} <= set(tenants)
     (robot,) = [x for x in tenants[world["b"]]["adapters"] if x["persona"] == "robot"]

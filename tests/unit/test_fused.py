@@ -277,16 +277,27 @@ def test_fused_lora_on_a_bf16_base_tracks_fp32(tiny_model_path: str, data: dict)
 
 def test_base_eval_is_computed_once_per_eval_set(tiny_model_path: str, data: dict) -> None:
     """Two jobs on the same eval rows share one base evaluation (the base is frozen); other rows get
-    their own, and the shared figure equals a fresh evaluation of the bare base."""
+    their own, and the shared figure equals a fresh evaluation of the bare base. All of a group's
+    evaluations run fused, in passes of at most the group's training rows."""
     cfg = get_method("lora").config_cls(r=4, alpha=8, dropout=0.0)
     trainer = FusedTrainer(_base(tiny_model_path), "lora", cfg.resolved_targets(), cfg.r)
     calls = []
-    orig = trainer.evaluate
-    trainer.evaluate = lambda job_id, batches: calls.append(job_id) or orig(job_id, batches)  # count them
+    orig = trainer.evaluate_many
+    trainer.evaluate_many = lambda sets, max_rows: calls.append(([j for j, _ in sets], max_rows)) or orig(sets, max_rows)
     twin = _job("pirate", cfg, data)
     twin.job_id = "j-pirate-2"
     results = {r.job_id: r for r in trainer.train([_job("pirate", cfg, data), twin, _job("robot", cfg, data)])}
-    assert calls.count(None) == 2 and len(calls) == 5  # 3 adapters, 2 distinct eval sets
+    (sets, max_rows), = calls  # one fused evaluation for the group
+    assert sets.count(None) == 2 and len(sets) == 5 and max_rows == 2 + 2 + 2  # 3 adapters, 2 distinct eval sets
     assert results["j-pirate"].metrics["base_eval_loss"] == results["j-pirate-2"].metrics["base_eval_loss"]
-    fresh = orig(None, list(_job("robot", cfg, data).eval_batches()))
-    assert results["j-robot"].metrics["base_eval_loss"] == pytest.approx(fresh["eval_loss"], rel=1e-6)
+    fresh = trainer.evaluate(None, list(_job("robot", cfg, data).eval_batches()))
+    assert results["j-robot"].metrics["base_eval_loss"] == pytest.approx(fresh["eval_loss"], rel=1e-5)
+    for jid in ("j-pirate", "j-robot"):  # each adapter's fused figures equal its own evaluation's
+        alone = trainer.evaluate(jid, list(_job(jid.removeprefix("j-"), cfg, data).eval_batches()))
+        for k in ("eval_loss", "eval_token_accuracy"):
+            assert results[jid].metrics[k] == pytest.approx(alone[k], rel=1e-5), (jid, k)
+    later = _job("robot", cfg, data)
+    later.job_id = "j-robot-3"
+    (r3,) = trainer.train([later])  # a later group on known eval rows: the cached base figure, no base pass
+    assert calls[1][0] == ["j-robot-3"]
+    assert r3.metrics["base_eval_loss"] == results["j-robot"].metrics["base_eval_loss"]

@@ -195,6 +195,23 @@ def test_cli_registry_ls_shows_one_tenant(registered: dict, tmp_path: Path) -> N
     assert r.returncode == 1 and "invalid tenant id" in r.stderr and r.stdout.strip() == ""
 
 
+def test_each_tenant_has_its_own_mlflow_experiment(registered: dict) -> None:
+    from adapterfab.registry import EXPERIMENT, tenant_experiment
+
+    t, a, a_corp = Tracking(registered["uri"]), registered["a"], registered["a_corp"]
+    runs = {tn: t.start_run(f"{tn}/pirate", tags={"adapterfab.tenant": tn}, experiment=tenant_experiment(tn))
+            for tn in (a, a_corp)}
+    for tn, other in ((a, a_corp), (a_corp, a)):
+        exp = t.client.get_experiment_by_name(tenant_experiment(tn))
+        assert exp.name == f"{EXPERIMENT}/tenant/{tn}" and exp.tags["adapterfab.tenant"] == tn
+        assert t.client.get_run(runs[tn]).info.experiment_id == exp.experiment_id
+        assert [r.info.run_id for r in t.client.search_runs([exp.experiment_id])] == [runs[tn]]
+        assert exp.experiment_id != t.client.get_experiment_by_name(tenant_experiment(other)).experiment_id
+    for hostile in ("../x", "", "ISO", "a/b", "x" * 64):
+        with pytest.raises(InvalidId):
+            tenant_experiment(hostile)
+
+
 # -- dashboard -------------------------------------------------------------------------------------
 
 

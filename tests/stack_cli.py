@@ -1,0 +1,32 @@
+"""The ``adapterfab`` CLI in a subprocess, and `adapterfab up` on free ports: the real stack of the
+end-to-end, fault and browser tests (``from stack_cli import run_cli, stack_up``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+CLI = str(Path(sys.executable).parent / "adapterfab")
+
+
+def run_cli(home: Path, *args: str, timeout_s: float = 600, env: dict[str, str] | None = None,
+            ) -> subprocess.CompletedProcess:
+    """``adapterfab ARGS`` with ADAPTERFAB_HOME=home (plus ``env``); prints the tail of its output."""
+    r = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout_s,
+                       env={**os.environ, **(env or {}), "ADAPTERFAB_HOME": str(home)})
+    print(f"$ adapterfab {' '.join(args)} -> {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def stack_up(home: Path, *extra: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """`adapterfab up` on free ports (MLflow, Ray, Ray dashboard, Serve, UI); returns the ports."""
+    from adapterfab.procs import free_port
+
+    ports = {k: str(free_port()) for k in ("mlflow", "ray", "dashboard", "serve", "ui")}
+    r = run_cli(home, "up", "--mlflow-port", ports["mlflow"], "--ray-port", ports["ray"], "--dashboard-port",
+                ports["dashboard"], "--serve-port", ports["serve"], "--ui-port", ports["ui"], *extra, env=env)
+    assert r.returncode == 0, r.stderr
+    return ports
