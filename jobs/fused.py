@@ -297,17 +297,32 @@ class FusedTrainer:
         return set(self._slots)
 
     # -- one fused step -------------------------------------------------------------------------
-    def _losses(self, batch: Batch, segs: list[tuple[str, int, int]]) -> dict[str, Tensor]:
-        """Each job's mean token loss over its rows, computing logits only where a label is."""
+    def _forward(self, batch: Batch, segs: list[tuple[str, int, int]]) -> tuple[Tensor, Tensor]:
+        """Run a stacked batch (on the CPU) through the decoder on the base's device, each segment's rows
+        through its own adapter: (hidden states, labels), aligned so position t predicts label t.
+
+        Rows are right-padded (``stack``, the collators), so under causal attention no real token can
+        see a pad, and the attention mask changes no output that carries a label. It is then not passed:
+        SDPA takes its fused causal path (FlashAttention on a GPU) instead of a masked kernel. A batch
+        that is not right-padded keeps its mask."""
+        device = next(self.base.parameters()).device
+        mask = batch["attention_mask"]
+        right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
+        ids = batch["input_ids"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
         self.route.segments = segs
         try:
-            hidden = self.decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                                  ).last_hidden_state
+            hidden = self.decoder(input_ids=ids, attention_mask=None if right_padded else
+                                  mask.to(device, non_blocking=True)).last_hidden_state
         finally:
             self.route.segments = []
-        labels = batch["labels"][:, 1:]
+        return hidden[:, :-1], labels[:, 1:]
+
+    def _losses(self, batch: Batch, segs: list[tuple[str, int, int]]) -> dict[str, Tensor]:
+        """Each job's mean token loss over its rows, computing logits only where a label is."""
+        hidden, labels = self._forward(batch, segs)
         mask = labels != -100
-        logits = self.lm_head(hidden[:, :-1][mask]).float()
+        logits = self.lm_head(hidden[mask]).float()
         tok_loss = nn.functional.cross_entropy(logits, labels[mask], reduction="none")
         row_of_token = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[mask]
         out = {}
@@ -353,7 +368,6 @@ class FusedTrainer:
         saved = (resume or {}).get("jobs", {})
         active = [self._resume(j, saved[j.job_id]) if j.job_id in saved else self._add(j) for j in jobs]
         iteration = int((resume or {}).get("iteration", 0))
-        device = next(self.base.parameters()).device
         t0 = time.monotonic()
         self.base.train()
         while True:
@@ -366,7 +380,6 @@ class FusedTrainer:
             iteration += 1
             micro = [next(a.batches) for a in running]
             batch, segs = stack([(a.slot, b) for a, b in zip(running, micro)])
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             losses = self._losses(batch, segs)
             values = dict(zip(losses, torch.stack(list(losses.values())).detach().float().tolist()))  # one sync
             finite = {j: v for j, v in losses.items() if math.isfinite(values[j])}
@@ -471,16 +484,9 @@ class FusedTrainer:
                 for chunk in chunks:
                     names = [self._slots[sets[k][0]] if sets[k][0] else f"base-{k}" for k, _ in chunk]  # type: ignore[index]
                     batch, segs = stack([(name, b) for name, (_, b) in zip(names, chunk)])
-                    batch = {key: v.to(device, non_blocking=True) for key, v in batch.items()}
-                    self.route.segments = segs
-                    try:
-                        hidden = self.decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                                              ).last_hidden_state
-                    finally:
-                        self.route.segments = []
-                    labels = batch["labels"][:, 1:]
+                    hidden, labels = self._forward(batch, segs)
                     mask = labels != -100
-                    logits = self.lm_head(hidden[:, :-1][mask]).float()
+                    logits = self.lm_head(hidden[mask]).float()
                     target = labels[mask]
                     tok_loss = nn.functional.cross_entropy(logits, target, reduction="none")
                     set_of_row = torch.repeat_interleave(

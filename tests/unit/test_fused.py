@@ -301,3 +301,29 @@ def test_base_eval_is_computed_once_per_eval_set(tiny_model_path: str, data: dic
     (r3,) = trainer.train([later])  # a later group on known eval rows: the cached base figure, no base pass
     assert calls[1][0] == ["j-robot-3"]
     assert r3.metrics["base_eval_loss"] == results["j-robot"].metrics["base_eval_loss"]
+
+
+def test_right_padded_batches_skip_the_attention_mask(tiny_model_path: str, data: dict) -> None:
+    """A right-padded batch runs without an attention mask (SDPA's fused causal path) and gives the
+    losses the masked forward gives; a batch padded otherwise keeps its mask."""
+    cfg = get_method("lora").config_cls(r=4, alpha=8, dropout=0.0)
+    trainer = FusedTrainer(_base(tiny_model_path), "lora", cfg.resolved_targets(), cfg.r)
+    active = trainer._add(_job("robot", cfg, data))
+    batch = next(iter(epoch_batches(data["rows"]["robot"][0], 3, 0, data["pad"])(0)))
+    assert not bool(batch["attention_mask"].all())  # rows of different lengths: there is padding
+    seen = []
+    forward = trainer.decoder.forward
+    trainer.decoder.forward = lambda **kw: seen.append(kw["attention_mask"]) or forward(**kw)
+    segs = [(active.slot, 0, 3)]
+    unmasked = trainer._losses(batch, segs)[active.slot]
+    assert seen[-1] is None
+    trainer.route.segments = segs
+    with torch.no_grad():  # the same rows with their mask, as the single-job loop runs them
+        masked = trainer.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    trainer.route.segments = []
+    labels = batch["labels"][:, 1:]
+    ref = torch.nn.functional.cross_entropy(masked[:, :-1].reshape(-1, masked.shape[-1]), labels.reshape(-1))
+    assert float(unmasked) == pytest.approx(float(ref), rel=1e-5)
+    left = {k: torch.flip(v, dims=[1]) for k, v in batch.items()}  # padding first: the mask is needed
+    trainer._losses(left, segs)
+    assert seen[-1] is not None and torch.equal(seen[-1], left["attention_mask"])
