@@ -67,6 +67,7 @@ class MultiLinear(nn.Module):
         self.a = nn.ParameterDict()  # lora: job -> A (r x in)
         self.b = nn.ParameterDict()  # lora: job -> B (out x r); lora_xs: job -> R (r x r)
         self.scale: dict[str, float] = {}
+        self._scale_cache: dict[tuple, Tensor] = {}  # (jobs, dtype, device) -> their scales, when unequal
         if shared is not None:  # lora_xs: A (in x r), B (r x out), frozen and shared by every job
             dev = base_layer.weight.device
             self.register_buffer("xs_a", shared[0].to(dev, torch.float32), persistent=False)
@@ -84,6 +85,7 @@ class MultiLinear(nn.Module):
         else:
             (self.b[job],) = made
         self.scale[job] = scale
+        self._scale_cache.clear()
         return made
 
     def drop(self, job: str) -> None:
@@ -91,6 +93,7 @@ class MultiLinear(nn.Module):
             if job in d:
                 del d[job]
         self.scale.pop(job, None)
+        self._scale_cache.clear()
 
     grouped = True  # one bmm for equal-size segments (tests switch it off to compare with the loop)
 
@@ -110,7 +113,7 @@ class MultiLinear(nn.Module):
     def _grouped(self, out: Tensor, xf: Tensor, segs: list[tuple[str, int, int]], n: int) -> Tensor:
         """Every job has ``n`` rows, in order: one bmm over the K stacked adapters."""
         k, dt = len(segs), xf.dtype
-        scale = xf.new_tensor([self.scale[j] for j, _, _ in segs]).view(k, 1, 1)
+        scale = self._scales(segs, xf)
         rows = xf.reshape(k, -1, xf.shape[-1])  # [K, n*T, in]
         if self.family == "lora_xs":
             h = rows @ self.xs_a.to(dt)  # the shared basis: one product for all rows
@@ -121,6 +124,18 @@ class MultiLinear(nn.Module):
             b = torch.stack([self.b[j] for j, _, _ in segs]).to(dt)  # [K, out, r]
             delta = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2)) * scale
         return (out + delta.reshape(out.shape)).to(out.dtype)
+
+    def _scales(self, segs: list[tuple[str, int, int]], like: Tensor) -> float | Tensor:
+        """The K jobs' alpha/r: one float when they agree (the usual case), else a [K, 1, 1] tensor on the
+        device, made once per set of jobs. Building it every step would copy host to device in every
+        layer, and each such copy waits for the GPU: the CPU could no longer queue layers ahead."""
+        values = [self.scale[j] for j, _, _ in segs]
+        if all(v == values[0] for v in values):
+            return values[0]
+        key = (tuple(j for j, _, _ in segs), like.dtype, like.device)
+        if key not in self._scale_cache:
+            self._scale_cache[key] = like.new_tensor(values).view(len(values), 1, 1)
+        return self._scale_cache[key]
 
     def _loop(self, out: Tensor, xf: Tensor, segs: list[tuple[str, int, int]]) -> Tensor:
         """Segment by segment (jobs with different row counts in this step), in ``xf``'s dtype (the fp32

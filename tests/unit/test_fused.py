@@ -209,19 +209,23 @@ def test_fused_group_resumes_from_its_checkpoint(tiny_model_path: str, data: dic
 
 
 @pytest.mark.parametrize("family", ["lora", "lora_xs"])
-def test_grouped_bmm_equals_the_segment_loop(tiny_model_path: str, data: dict, family: str) -> None:
+@pytest.mark.parametrize("alphas", [(8, 8, 8), (8, 16, 2)], ids=["same-scale", "own-scales"])
+def test_grouped_bmm_equals_the_segment_loop(tiny_model_path: str, data: dict, family: str, alphas: tuple) -> None:
     """Jobs with equal row counts go through one bmm over the stacked adapters: the same losses and the
-    same gradients for every adapter as the segment-by-segment loop (which unequal row counts take)."""
+    same gradients for every adapter as the segment-by-segment loop (which unequal row counts take),
+    whether the jobs share one alpha/r or each has its own."""
     from adapterfab.jobs.fused import MultiLinear
 
     impl = get_method(family)
-    cfg = impl.config_cls(r=4, alpha=8, dropout=0.0) if family == "lora" else impl.config_cls(r=4, alpha=4)
+    cfgs = [impl.config_cls(r=4, alpha=a, dropout=0.0) if family == "lora" else impl.config_cls(r=4, alpha=a)
+            for a in alphas]
+    cfg = cfgs[0]
     basis = impl.compute_basis(_base(tiny_model_path), cfg, "f" * 64) if family == "lora_xs" else None
     trainer = FusedTrainer(_base(tiny_model_path), family, cfg.resolved_targets(), cfg.r, basis=basis)
     gen = torch.Generator().manual_seed(0)
     actives = []
-    for name in TRAIN:
-        job = _job(name, cfg, data)
+    for name, c in zip(TRAIN, cfgs):
+        job = _job(name, c, data)
         init = {n: tuple(torch.randn(t.shape, generator=gen) * 0.1 for t in ts)  # non-zero B and R
                 for n, ts in trainer._init(job, gen).items()}
         actives.append(trainer._add(job, init))
