@@ -21,12 +21,12 @@ def run_cli(home: Path, *args: str, timeout_s: float = 600, env: dict[str, str] 
     return r
 
 
-def stack_up(home: Path, *extra: str, env: dict[str, str] | None = None) -> dict[str, str]:
-    """`adapterfab up` on free ports (MLflow, Ray, Ray dashboard, Serve, UI); returns the ports."""
+def stack_up(home: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[dict[str, str], str]:
+    """`adapterfab up` on free ports (MLflow, Ray, Ray dashboard, Serve, UI): (the ports, what it printed)."""
     from adapterfab.procs import free_port
 
     ports = {k: str(free_port()) for k in ("mlflow", "ray", "dashboard", "serve", "ui")}
     r = run_cli(home, "up", "--mlflow-port", ports["mlflow"], "--ray-port", ports["ray"], "--dashboard-port",
                 ports["dashboard"], "--serve-port", ports["serve"], "--ui-port", ports["ui"], *extra, env=env)
     assert r.returncode == 0, r.stderr
-    return ports
+    return ports, r.stdout

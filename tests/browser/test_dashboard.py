@@ -42,9 +42,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     from adapterfab.procs import pid_alive, port_open, stop_pid
 
     home = tmp_path_factory.mktemp("ui-home")
-    ports = stack_up(home)
+    ports, printed = stack_up(home)
     info = json.loads((home / "stack.json").read_text())
-    assert info["ui_url"] == f"http://127.0.0.1:{ports['ui']}" and info["ui_url"] in r.stdout
+    assert info["ui_url"] == f"http://127.0.0.1:{ports['ui']}" and info["ui_url"] in printed
     assert pid_alive(info["ui_pid"])
     stop_pid(info["ui_pid"])  # a UI that died: `up` (idempotent otherwise) starts it again, same URL
     again = cli(home, "up", timeout_s=300)

@@ -26,7 +26,7 @@ def cli(home: Path, *args: str, timeout_s: float = 900) -> subprocess.CompletedP
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("e2e-home")
-    ports = stack_up(home)
+    ports, _ = stack_up(home)
     again = cli(home, "up", timeout_s=60)  # idempotent: same stack, same URLs
     assert again.returncode == 0 and f"127.0.0.1:{ports['mlflow']}" in again.stdout
     yield home, ports

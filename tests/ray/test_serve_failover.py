@@ -11,7 +11,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from signal import SIGKILL
 
 import httpx
