@@ -312,9 +312,11 @@ class FusedTrainer:
         return set(self._slots)
 
     # -- one fused step -------------------------------------------------------------------------
-    def _forward(self, batch: Batch, segs: list[tuple[str, int, int]]) -> tuple[Tensor, Tensor]:
+    def _forward(self, batch: Batch, segs: list[tuple[str, int, int]]) -> tuple[Tensor, Tensor, Tensor]:
         """Run a stacked batch (on the CPU) through the decoder on the base's device, each segment's rows
-        through its own adapter: (hidden states, labels), aligned so position t predicts label t.
+        through its own adapter: (hidden states, labels, each row's index in ``segs``), aligned so
+        position t predicts label t. Nothing here waits for the GPU: the host-side tensors are made on
+        the CPU and copied without blocking.
 
         Rows are right-padded (``stack``, the collators), so under causal attention no real token can
         see a pad, and the attention mask changes no output that carries a label. It is then not passed:
@@ -325,26 +327,27 @@ class FusedTrainer:
         right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
         ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
+        seg_of_row = torch.repeat_interleave(torch.arange(len(segs)), torch.tensor([e - s for _, s, e in segs]))
+        seg_of_row = seg_of_row.to(device, non_blocking=True)
         self.route.segments = segs
         try:
             hidden = self.decoder(input_ids=ids, attention_mask=None if right_padded else
                                   mask.to(device, non_blocking=True)).last_hidden_state
         finally:
             self.route.segments = []
-        return hidden[:, :-1], labels[:, 1:]
+        return hidden[:, :-1], labels[:, 1:], seg_of_row
 
     def _losses(self, batch: Batch, segs: list[tuple[str, int, int]]) -> dict[str, Tensor]:
         """Each job's mean token loss over its rows, computing logits only where a label is."""
-        hidden, labels = self._forward(batch, segs)
+        hidden, labels, seg_of_row = self._forward(batch, segs)
         mask = labels != -100
-        logits = self.lm_head(hidden[mask]).float()
+        logits = self.lm_head(hidden[mask]).float()  # the step's one wait for the GPU (a boolean index)
         tok_loss = nn.functional.cross_entropy(logits, labels[mask], reduction="none")
-        row_of_token = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[mask]
-        out = {}
-        for jid, s, e in segs:
-            sel = (row_of_token >= s) & (row_of_token < e)
-            out[jid] = tok_loss[sel].sum() / sel.sum().clamp(min=1)
-        return out
+        seg_of_token = seg_of_row[:, None].expand_as(labels)[mask]
+        # per-job sums without a boolean index per job (each would wait for the GPU)
+        sums = tok_loss.new_zeros(len(segs)).index_add(0, seg_of_token, tok_loss)
+        counts = torch.bincount(seg_of_token, minlength=len(segs)).clamp(min=1)
+        return {jid: sums[k] / counts[k] for k, (jid, _, _) in enumerate(segs)}
 
     def _state(self, active: list[_Active], iteration: int) -> dict[str, Any]:
         jobs = {}
@@ -499,15 +502,13 @@ class FusedTrainer:
                 for chunk in chunks:
                     names = [self._slots[sets[k][0]] if sets[k][0] else f"base-{k}" for k, _ in chunk]  # type: ignore[index]
                     batch, segs = stack([(name, b) for name, (_, b) in zip(names, chunk)])
-                    hidden, labels = self._forward(batch, segs)
+                    hidden, labels, seg_of_row = self._forward(batch, segs)
                     mask = labels != -100
                     logits = self.lm_head(hidden[mask]).float()
                     target = labels[mask]
                     tok_loss = nn.functional.cross_entropy(logits, target, reduction="none")
-                    set_of_row = torch.repeat_interleave(
-                        torch.tensor([k for k, _ in chunk], device=device),
-                        torch.tensor([e - s for _, s, e in segs], device=device))
-                    idx = set_of_row[:, None].expand_as(labels)[mask]
+                    set_of_seg = torch.tensor([k for k, _ in chunk]).to(device, non_blocking=True)
+                    idx = set_of_seg[seg_of_row][:, None].expand_as(labels)[mask]
                     loss_sum.index_add_(0, idx, tok_loss.double())
                     right.index_add_(0, idx, (logits.argmax(-1) == target).double())
                     count.index_add_(0, idx, torch.ones_like(tok_loss, dtype=torch.float64))
