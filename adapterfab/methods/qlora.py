@@ -1,5 +1,7 @@
 """QLoRA (Dettmers et al. 2023): the frozen base in 4-bit NormalFloat with double quantization and
-bf16 compute, LoRA on all linear layers, paged AdamW. The only module that imports bitsandbytes.
+bf16 compute, LoRA on all linear layers, paged AdamW (see ``_paged_adamw``: the state of small
+tensors is never paged, and then torch's AdamW does the same update). The only module that imports
+bitsandbytes.
 
 The adapter is a standard PEFT LoRA adapter; the registry records that it was trained on a 4-bit base
 (``quantization.*`` tags) so serving can choose to load the base the same way.
@@ -82,9 +84,24 @@ def _load(base: Any, adapter_dir: Any, basis: Any = None) -> Any:
     return PeftModel.from_pretrained(base, str(adapter_dir))
 
 
+PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages only optimizer state of tensors this large or larger
+
+
 def _paged_adamw(params: list, lr: float, weight_decay: float) -> Any:
+    """Paged AdamW (32-bit state). bitsandbytes pages the state of tensors of at least
+    ``PAGED_MIN_NUMEL`` elements and keeps smaller ones in plain device memory. When every trainable
+    tensor is smaller (LoRA factors up to r·in < 100k, the usual case) nothing would be paged, and the
+    same AdamW update runs as torch's multi-tensor AdamW: bitsandbytes' step launches one kernel per
+    tensor and waits for the whole device after each (``torch.cuda.synchronize``), which for a fused
+    group of K adapters is K × (tensors) waits per step. Adapters with a larger tensor get
+    ``bnb.optim.PagedAdamW``."""
     import warnings
 
+    import torch
+
+    params = list(params)
+    if all(p.numel() < PAGED_MIN_NUMEL for p in params):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
     import bitsandbytes as bnb
 
     with warnings.catch_warnings():  # on CPU it falls back to non-paged behaviour and says so

@@ -103,3 +103,33 @@ def test_method_matrix(name: str, tiny_model_path: str, tmp_path: Path) -> None:
     loaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=b["input_ids"]).logits, trained_logits, rtol=0, atol=1e-5)
+
+
+def test_qlora_optimizer_pages_only_large_state_and_matches_bitsandbytes() -> None:
+    """QLoRA's paged AdamW: with every trainable tensor under bitsandbytes' paging threshold (nothing
+    would be paged) it is torch's multi-tensor AdamW, and that makes the same updates as
+    bitsandbytes' PagedAdamW; a tensor at the threshold gets PagedAdamW itself."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from adapterfab.methods.qlora import PAGED_MIN_NUMEL
+
+    make = get_method("qlora").make_optimizer
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(16, 64, generator=gen), torch.randn(64, 16, generator=gen)]  # LoRA A and B
+    grads = [[torch.randn(t.shape, generator=gen) for t in start] for _ in range(5)]
+    runs = []
+    for build in (lambda ps: make(ps, 1e-2, 0.01),
+                  lambda ps: bnb.optim.PagedAdamW(ps, lr=1e-2, weight_decay=0.01)):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = build(params)
+        for g in grads:
+            for p, gp in zip(params, g):
+                p.grad = gp.clone()
+            opt.step()
+        runs.append((type(opt), [p.detach() for p in params]))
+    (ours, mine), (_, theirs) = runs
+    assert ours is torch.optim.AdamW
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(mine[0], start[0])  # it did step
+    big = torch.nn.Parameter(torch.zeros(PAGED_MIN_NUMEL))
+    assert isinstance(make([big], 1e-2, 0.0), bnb.optim.PagedAdamW)
