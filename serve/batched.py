@@ -381,6 +381,9 @@ class BatchedEngine(TextGeneration):
         end = int((starts + t).max())
         key_pos = torch.arange(end, device=self.device)
         mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, L] causal per row
+        # read once, not per layer (each read waits for the GPU)
+        from_zero = t > 1 and not bool(starts.any())
+        row_starts = list(zip(rows.tolist(), starts.tolist())) if t > 1 and not from_zero else []
         for i, layer in enumerate(self.layers):
             x = layer.input_layernorm(h)
             q = self._linear((i, "q_proj"), x, lora_slots, xs_slots).view(bsz, t, self.n_heads, self.head_dim)
@@ -391,14 +394,13 @@ class BatchedEngine(TextGeneration):
             if t == 1:
                 self.k_cache[i, rows, :, starts] = k[:, :, 0]
                 self.v_cache[i, rows, :, starts] = v[:, :, 0]
-            elif not bool(starts.any()):  # a prefill from position 0: one write for every row
+            elif from_zero:  # a prefill from position 0: one write for every row
                 self.k_cache[i, rows, :, :t] = k
                 self.v_cache[i, rows, :, :t] = v
             else:
-                for b in range(bsz):
-                    s = int(starts[b])
-                    self.k_cache[i, rows[b], :, s:s + t] = k[b]
-                    self.v_cache[i, rows[b], :, s:s + t] = v[b]
+                for b, (row, s) in enumerate(row_starts):
+                    self.k_cache[i, row, :, s:s + t] = k[b]
+                    self.v_cache[i, row, :, s:s + t] = v[b]
             keys, vals = self.k_cache[i, rows, :, :end], self.v_cache[i, rows, :, :end]
             attn = torch.nn.functional.scaled_dot_product_attention(
                 q, keys, vals, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
