@@ -471,13 +471,6 @@ class FusedTrainer:
             out.append(FusedResult(a.job.job_id, m, a.losses, stopped_early=a.early))
         return out
 
-    def base_evaluate(self, batches: list[Batch]) -> dict[str, float]:
-        """The bare base's eval metrics, cached per distinct set of eval rows."""
-        key = _digest(batches)
-        if key not in self._base_evals:
-            self._base_evals[key] = self.evaluate(None, batches)
-        return dict(self._base_evals[key])
-
     def evaluate_many(self, sets: list[tuple[str | None, list[Batch]]], max_rows: int) -> list[dict[str, float]]:
         """Eval metrics (as ``evaluate``) of several sets, each ``(job id, or None for the bare base,
         eval batches)``, fused: the i-th batch of every set is stacked into one forward of at most
