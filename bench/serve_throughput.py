@@ -7,7 +7,8 @@ adapter popularity Zipf over M adapters, in the same run:
   naive  PEFT with per-request adapter switching, one request at a time (serve/engine.py's Engine,
          LocalBackend with an LRU of one adapter: the Hugging Face PEFT baseline of S-LoRA's paper)
 
-The clients run in a process of their own (``drive_elsewhere``). It reports output tokens/s, requests/s,
+The clients run in a process of their own (``drive_elsewhere``). ``engine_direct`` also drives the engine
+with no HTTP in between (its ceiling; on a GPU with and without CUDA graphs). It reports output tokens/s, requests/s,
 time to first token and p50/p99 latency per M, the ratios the issue targets (ours / naive at M=100, ours at M=max / ours at M=1, ours / base), and the adapter cold
 load (artifact store -> first token) p50 for LoRA-XS and LoRA r=16. Writes
 bench/results/serve_throughput-<device>-<date>.json and a line in bench/RESULTS.md.
@@ -141,6 +142,44 @@ def _drive_sync(url: str, key: str, models: list[str], clients: int, max_tokens:
     return asyncio.run(drive(url, key, models, clients, max_tokens))
 
 
+def engine_direct(engine, models: list[str], clients: int, max_tokens: int) -> dict:  # noqa: ANN001
+    """The engine's own ceiling: ``clients`` threads call ``generate_token_ids`` directly (no HTTP, no
+    JSON, no SSE; the threads only wait on queues), so the decode loop alone sets the pace."""
+    from adapterfab.serve.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    prompts = [engine.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+    todo = list(enumerate(models))
+    lock = threading.Lock()
+    tokens, lat = [0], []
+    steps0 = engine.steps
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i, model = todo.pop(0)
+            t0 = time.monotonic()
+            n = sum(1 for _ in engine.generate_token_ids(prompts[i % len(prompts)], None if model == "base" else model,
+                                                         params))
+            with lock:
+                tokens[0] += n
+                lat.append(time.monotonic() - t0)
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - t0
+    steps = engine.steps - steps0
+    return {"requests": len(lat), "wall_s": round(wall, 2), "output_tokens": tokens[0],
+            "tokens_per_s": round(tokens[0] / wall, 2), "decode_steps": steps,
+            "wall_ms_per_step": round(1000 * wall / max(1, steps), 2), "latency_p50_s": round(statistics.median(lat), 3)}
+
+
 def cold_loads(engine, store_root: Path, folders: dict[str, Path], basis, n: int) -> dict:  # noqa: ANN001
     """Artifact store (a local folder store) -> disk -> RAM -> device -> first token, per fresh adapter."""
     from adapterfab.serve.engine import SamplingParams
@@ -260,10 +299,31 @@ def main() -> None:
                 print(f"ours M={m}", run, flush=True)
             out["batching"] = engine.stats()
             out["tiers"] = tiers.stats()
+            # the engine alone (no HTTP): base, and Zipf over the most adapters
+            out["engine_direct"] = {"base": engine_direct(engine, ["base"] * args.requests, args.clients,
+                                                          args.max_tokens),
+                                    f"m{max(ms)}": engine_direct(engine, zipf_keys(max(ms), args.requests, max(ms)),
+                                                                 args.clients, args.max_tokens)}
+            print("engine direct", out["engine_direct"], flush=True)
         finally:
             server.stop()
             engine.close()
         del engine, tiers
+        if gpu:  # the same engine without CUDA graphs (eager decode steps), driven directly
+            eager = BatchedEngine(base, dtype=dtype, device=device, max_batch=args.clients, max_len=512,
+                                  max_adapters=max(ms), max_rank=8, torch_threads=threads, cuda_graphs=False)
+            try:
+                for k in zipf_keys(max(ms), max(ms), 1):
+                    eager.load_adapter(k, folders[k])
+                engine_direct(eager, zipf_keys(1, args.clients, 1), args.clients, args.max_tokens)  # warm-up
+                out["engine_direct_eager"] = {
+                    "base": engine_direct(eager, ["base"] * args.requests, args.clients, args.max_tokens),
+                    f"m{max(ms)}": engine_direct(eager, zipf_keys(max(ms), args.requests, max(ms)), args.clients,
+                                                 args.max_tokens)}
+                print("engine direct, eager", out["engine_direct_eager"], flush=True)
+            finally:
+                eager.close()
+            del eager
         # LoRA r=16 and LoRA-XS r=16 cold loads: artifact store -> first token
         cold_engine = BatchedEngine(base, dtype=dtype, device=device, max_batch=4, max_len=64, max_adapters=32,
                                     max_rank=16, torch_threads=threads)
@@ -324,9 +384,13 @@ def main() -> None:
                       f"p99 {runs[f'ours_m{m}']['latency_p99_s']} s, TTFT p50 {runs[f'ours_m{m}']['ttft_p50_s']} s)"
                       for m in ms)
     naive = ", ".join(f"M={m} {runs[f'naive_m{m}']['tokens_per_s']} tok/s" for m in ms if f"naive_m{m}" in runs)
+    direct = "; ".join(f"{label} base {d['base']['tokens_per_s']} tok/s ({d['base']['wall_ms_per_step']} ms/step), "
+                       f"M={m_hi} {d[f'm{m_hi}']['tokens_per_s']} tok/s ({d[f'm{m_hi}']['wall_ms_per_step']} ms/step)"
+                       for label, d in (("graphs" if gpu else "eager", out["engine_direct"]),
+                                        ("eager", out.get("engine_direct_eager"))) if d)
     line = (f"- {stamp} · serve_throughput.py · {machine} · {base_name}, LoRA r8 q,v, Zipf, {args.clients} "
             f"streaming clients, {args.max_tokens} tokens · ours {per_m}; base alone {runs['base']['tokens_per_s']} "
-            f"tok/s; naive PEFT {naive}; ratios {json.dumps(ratios)}; cold load store→first token p50 "
+            f"tok/s; naive PEFT {naive}; engine alone, no HTTP: {direct}; ratios {json.dumps(ratios)}; cold load store→first token p50 "
             f"LoRA r16 {out['cold_load_lora_r16']['p50_s']} s, LoRA-XS r16 {out['cold_load_lora_xs_r16']['p50_s']} s "
             f"(`{'python bench/serve_throughput.py --device cuda' if gpu else '.venv/bin/python bench/serve_throughput.py'}`"
             f"; bench/results/{path.name})")

@@ -52,6 +52,7 @@ class ServeConfig:
     max_batch: int = 16  # batched: requests decoding together per replica
     max_len: int = 2048  # batched: prompt + completion tokens per request (the KV cache is preallocated)
     max_rank: int = 64  # batched: the largest LoRA rank a replica accepts
+    cuda_graphs: bool = True  # batched on a GPU: decode steps replayed from CUDA graphs (one per shape bucket)
     cpu_cache_mb: int = 2048  # batched: adapters kept read in RAM beside the device slots
     min_replicas: int | None = None  # set both for autoscaling on ongoing requests
     max_replicas: int | None = None
@@ -83,7 +84,8 @@ class EngineDeployment:
             self.engine: Any = BatchedEngine(cfg.base_model_path, dtype=cfg.dtype, device=device,
                                              max_batch=cfg.max_batch, max_len=cfg.max_len,
                                              max_adapters=cfg.max_adapters_per_replica, max_rank=cfg.max_rank,
-                                             torch_threads=cfg.torch_threads)
+                                             torch_threads=cfg.torch_threads,
+                                             cuda_graphs=cfg.cuda_graphs and device == "cuda")
             self.tiers = AdapterTiers(self.engine, lambda key: download_native(self.registry, key,
                                                                                 cfg.adapter_cache_dir),
                                       cpu_bytes=cfg.cpu_cache_mb << 20)
@@ -291,10 +293,14 @@ _BUILDER_OPTIONAL: dict[str, type] = {
     "max_adapters_per_replica": int, "adapter_cache_dir": str, "torch_threads": int, "resolve_ttl_s": float,
     "engine": str, "max_batch": int, "max_len": int, "max_rank": int, "cpu_cache_mb": int, "min_replicas": int,
     "max_replicas": int, "target_ongoing_requests": int, "graceful_shutdown_s": float, "tenant_rps": float,
-    "tenant_burst": int, "tenant_rps_overrides": dict}
+    "tenant_burst": int, "tenant_rps_overrides": dict, "cuda_graphs": bool}
 
 
 def _builder_arg(name: str, kind: type, value: Any) -> Any:
+    if kind is bool:  # YAML gives true/false; 0, 1 or "yes" are refused, not guessed at
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"adapterfab serve app arg {name}={value!r} is not a valid bool")
     whole = not (kind is int and isinstance(value, float) and not value.is_integer())
     ok = whole and not isinstance(value, bool)
     try:

@@ -12,6 +12,16 @@ How a step works:
   ``·B`` once for the whole batch with only the r×r ``R[slot]`` per row.
 - **KV cache per request**: a preallocated ``[layers, slots, kv_heads, max_len, head_dim]`` cache; each
   running request owns a cache row and its own positions, so requests of any length decode together.
+  Rows are handed out lowest first, so the running requests sit in the first rows of the cache.
+- **Decode step with static shapes**: a decode step runs over the first ``nb`` cache rows (idle rows
+  among them compute a dummy token at position 0, in rows nobody owns) and attends over the first
+  ``span`` cache positions as a view of the cache (no gather); LoRA factors are gathered only up to the
+  highest rank in the batch. It reads nothing back from the device until the logits. With
+  ``cuda_graphs`` (the default on CUDA) ``nb``, ``span`` and that rank are rounded up to buckets and
+  each bucket's step is captured once in a CUDA graph and replayed, so a decode step costs a few
+  launches instead of several per layer (issue 6: eager per-layer launches dominate small decode
+  steps). A graph is recaptured when a new adapter bank (a module no adapter used yet, or a new
+  LoRA-XS basis) appears; adapters placed in existing banks are in-place writes the graphs see.
 - **Continuous batching**: a scheduler thread admits waiting requests between decode steps (their
   prompts are prefilled together: right-padded into one forward pass, in chunks of at most
   ``prefill_tokens`` padded tokens, each row's logits taken at its own last prompt token), decodes every
@@ -25,6 +35,7 @@ Only Llama-shaped decoders (Llama, SmolLM2, Mistral-style GQA) are supported; ot
 from __future__ import annotations
 
 import collections
+import heapq
 import json
 import logging
 import queue
@@ -88,13 +99,32 @@ class _Request:
     cancelled: bool = False
 
 
+@dataclass
+class _Graph:
+    """One captured decode step: its static input ([rows, nb] long: ids, positions, LoRA slots, one row
+    per LoRA-XS basis) and output (logits [nb, vocab]) tensors."""
+
+    graph: Any
+    inp: Any
+    out: Any
+
+
+def _bucket(n: int, cap: int, smallest: int) -> int:
+    """The smallest power-of-two multiple of ``smallest`` that holds ``n``, at most ``cap``."""
+    b = smallest
+    while b < n:
+        b *= 2
+    return min(b, cap)
+
+
 class BatchedEngine(TextGeneration):
     """A resident base with up to ``max_adapters`` adapters on the device and up to ``max_batch``
     requests decoding together; ``generate`` streams events like ``serve.engine.Engine``."""
 
     def __init__(self, model_path: str | Path, dtype: str = "float32", device: str = "cpu",
                  max_batch: int = 16, max_len: int = 1024, max_adapters: int = 64, max_rank: int = 64,
-                 torch_threads: int | None = None, prefill_tokens: int = 8192):
+                 torch_threads: int | None = None, prefill_tokens: int = 8192, cuda_graphs: bool | None = None,
+                 buckets: bool | None = None, max_graphs: int = 64):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -126,6 +156,7 @@ class BatchedEngine(TextGeneration):
         self.lora_a: dict[tuple[int, str], Any] = {}
         self.lora_b: dict[tuple[int, str], Any] = {}
         self.lora_scale = torch.zeros(max_adapters + 1, dtype=torch.float32, device=self.device)
+        self.lora_rank = [0] * (max_adapters + 1)  # per slot
         self.xs: dict[str, _XSBank] = {}
         self.xs_scale = torch.zeros(max_adapters + 1, dtype=torch.float32, device=self.device)
         self._slot_of: dict[str, tuple[str, int, str | None]] = {}  # name -> (kind, slot, basis id)
@@ -136,13 +167,27 @@ class BatchedEngine(TextGeneration):
         self._tokenizer_lock = threading.Lock()
         self._waiting: collections.deque[_Request] = collections.deque()
         self._wake = threading.Condition(self._lock)
-        self._free_rows = list(range(max_batch - 1, -1, -1))
+        self._free_rows = list(range(max_batch))  # a heap: the lowest free row is taken first
         self._running: list[_Request] = []
         self.steps = 0
         self.batch_rows_total = 0
         self.prefill_tokens = max(prefill_tokens, self.max_len)
         self.prefills = 0  # prefill forward passes
         self.prefill_rows_total = 0  # prompts they carried
+        if cuda_graphs and self.device.type != "cuda":
+            raise AdapterfabError(f"cuda_graphs needs a CUDA device, not {self.device}")
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        self.buckets = self.cuda_graphs if buckets is None else bool(buckets)  # static (bucketed) decode shapes
+        if self.cuda_graphs and not self.buckets:
+            raise AdapterfabError("cuda_graphs needs bucketed decode shapes")
+        self.max_graphs = max_graphs
+        self._graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
+        self._graph_pool: Any = None
+        self._banks_version = 0  # bumped when a bank tensor is created: graphs captured before miss it
+        self._graphs_version = 0
+        self.graph_captures = 0
+        self.graph_replays = 0
+        self.decode_shapes: collections.Counter[tuple] = collections.Counter()  # (nb, span, rank, bases) -> steps
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="batched-engine", daemon=True)
         self._thread.start()
@@ -243,6 +288,7 @@ class BatchedEngine(TextGeneration):
                 for t in (*self.lora_a.values(), *self.lora_b.values()):
                     t[slot].zero_()
                 self.lora_scale[slot] = 0
+                self.lora_rank[slot] = 0
             else:
                 for t in self.xs[bid].rr.values():  # type: ignore[index]
                     t[slot].zero_()
@@ -305,6 +351,7 @@ class BatchedEngine(TextGeneration):
                 n = self.max_adapters + 1
                 self.lora_a[key] = torch.zeros(n, self.max_rank, lin.in_features, dtype=self.dtype, device=self.device)
                 self.lora_b[key] = torch.zeros(n, lin.out_features, self.max_rank, dtype=self.dtype, device=self.device)
+                self._banks_version += 1
             self.lora_a[key][slot].zero_()
             self.lora_b[key][slot].zero_()
             self.lora_a[key][slot, :r] = a.to(self.device, self.dtype)
@@ -314,6 +361,7 @@ class BatchedEngine(TextGeneration):
                 self.lora_a[key][slot].zero_()
                 self.lora_b[key][slot].zero_()
         self.lora_scale[slot] = scale
+        self.lora_rank[slot] = r
 
     def _read_lora_xs(self, local_dir: Path, basis: Any) -> tuple[dict[tuple[int, str], Any], float]:
         from adapterfab.methods.lora_xs import _read_adapter
@@ -346,17 +394,20 @@ class BatchedEngine(TextGeneration):
             for key in a:
                 bank.rr[key] = torch.zeros(self.max_adapters + 1, basis.r, basis.r, dtype=self.dtype, device=self.device)
             self.xs[basis.id] = bank
+            self._banks_version += 1
         return bank
 
     # -- the model, one step over rows --------------------------------------------------------------
-    def _linear(self, key: tuple[int, str], x: Any, lora_slots: Any, xs_slots: dict[str, Any]) -> Any:
+    def _linear(self, key: tuple[int, str], x: Any, lora: tuple[Any, int] | None, xs_slots: dict[str, Any]) -> Any:
+        """``x Wᵀ`` plus each row's adapter delta; ``lora`` is (slot per row, rank to gather up to)."""
         import torch
 
         y = self.linear[key](x)
-        if key in self.lora_a and lora_slots is not None:
-            a, b = self.lora_a[key][lora_slots], self.lora_b[key][lora_slots]  # [B, r, in], [B, out, r]
+        if lora is not None and key in self.lora_a:
+            slots, r = lora
+            a, b = self.lora_a[key][slots, :r], self.lora_b[key][slots, :, :r]  # [B, r, in], [B, out, r]
             xa = torch.bmm(x, a.transpose(1, 2))  # [B, T, r]
-            y = y + torch.bmm(xa, b.transpose(1, 2)) * self.lora_scale[lora_slots].to(y.dtype)[:, None, None]
+            y = y + torch.bmm(xa, b.transpose(1, 2)) * self.lora_scale[slots].to(y.dtype)[:, None, None]
         for bid, slots in xs_slots.items():
             bank = self.xs[bid]
             if key in bank.a:
@@ -365,69 +416,148 @@ class BatchedEngine(TextGeneration):
                 y = y + (xr @ bank.b[key]) * self.xs_scale[slots].to(y.dtype)[:, None, None]
         return y
 
-    def _forward(self, ids: Any, rows: Any, starts: Any, lora_slots: Any, xs_slots: dict[str, Any],
-                 last: Any = None) -> Any:
-        """ids [B, T] of requests in cache ``rows`` [B], whose first new token sits at ``starts`` [B];
-        writes their K/V and returns the logits [B, vocab] at each row's index ``last`` [B] (default: the
-        last position). Right padding is harmless: a row's queries never see the keys after them, and
-        the cache slots past a prompt are overwritten as it decodes."""
-        import torch
+    def _block(self, i: int, layer: Any, h: Any, cos: Any, sin: Any, lora: Any, xs: dict[str, Any],
+               attend: Any) -> Any:
+        """One decoder layer; ``attend(i, q, k, v)`` stores K/V in the cache and returns attention."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        bsz, t = ids.shape
-        positions = starts[:, None] + torch.arange(t, device=self.device)[None, :]
-        h = self.model.model.embed_tokens(ids)
-        cos, sin = self.model.model.rotary_emb(h, positions)
-        end = int((starts + t).max())
-        key_pos = torch.arange(end, device=self.device)
-        mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, L] causal per row
-        # read once, not per layer (each read waits for the GPU)
-        from_zero = t > 1 and not bool(starts.any())
-        row_starts = list(zip(rows.tolist(), starts.tolist())) if t > 1 and not from_zero else []
-        for i, layer in enumerate(self.layers):
-            x = layer.input_layernorm(h)
-            q = self._linear((i, "q_proj"), x, lora_slots, xs_slots).view(bsz, t, self.n_heads, self.head_dim)
-            k = self._linear((i, "k_proj"), x, lora_slots, xs_slots).view(bsz, t, self.n_kv, self.head_dim)
-            v = self._linear((i, "v_proj"), x, lora_slots, xs_slots).view(bsz, t, self.n_kv, self.head_dim)
-            q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-            v = v.transpose(1, 2)
-            if t == 1:
-                self.k_cache[i, rows, :, starts] = k[:, :, 0]
-                self.v_cache[i, rows, :, starts] = v[:, :, 0]
-            elif from_zero:  # a prefill from position 0: one write for every row
-                self.k_cache[i, rows, :, :t] = k
-                self.v_cache[i, rows, :, :t] = v
-            else:
-                for b, (row, s) in enumerate(row_starts):
-                    self.k_cache[i, row, :, s:s + t] = k[b]
-                    self.v_cache[i, row, :, s:s + t] = v[b]
-            keys, vals = self.k_cache[i, rows, :, :end], self.v_cache[i, rows, :, :end]
-            attn = torch.nn.functional.scaled_dot_product_attention(
-                q, keys, vals, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
-            attn = attn.transpose(1, 2).reshape(bsz, t, self.n_heads * self.head_dim)
-            h = h + self._linear((i, "o_proj"), attn, lora_slots, xs_slots)
-            x = layer.post_attention_layernorm(h)
-            gate = self._linear((i, "gate_proj"), x, lora_slots, xs_slots)
-            up = self._linear((i, "up_proj"), x, lora_slots, xs_slots)
-            h = h + self._linear((i, "down_proj"), layer.mlp.act_fn(gate) * up, lora_slots, xs_slots)
-        h = h[:, -1] if last is None else h[torch.arange(bsz, device=self.device), last]
-        return self.model.lm_head(self.model.model.norm(h)).float()
+        bsz, t = h.shape[:2]
+        x = layer.input_layernorm(h)
+        q = self._linear((i, "q_proj"), x, lora, xs).view(bsz, t, self.n_heads, self.head_dim)
+        k = self._linear((i, "k_proj"), x, lora, xs).view(bsz, t, self.n_kv, self.head_dim)
+        v = self._linear((i, "v_proj"), x, lora, xs).view(bsz, t, self.n_kv, self.head_dim)
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        attn = attend(i, q, k, v.transpose(1, 2))
+        attn = attn.transpose(1, 2).reshape(bsz, t, self.n_heads * self.head_dim)
+        h = h + self._linear((i, "o_proj"), attn, lora, xs)
+        x = layer.post_attention_layernorm(h)
+        gate = self._linear((i, "gate_proj"), x, lora, xs)
+        up = self._linear((i, "up_proj"), x, lora, xs)
+        return h + self._linear((i, "down_proj"), layer.mlp.act_fn(gate) * up, lora, xs)
 
-    def _slots(self, reqs: list[_Request]) -> tuple[Any, dict[str, Any]]:
+    def _prefill_forward(self, ids: Any, rows: Any, lora: Any, xs: dict[str, Any], last: Any) -> Any:
+        """Prompts ``ids`` [B, T] (right-padded) from position 0 into cache ``rows`` [B]; returns the
+        logits [B, vocab] at each row's last prompt token ``last`` [B]. A prompt attends only to its own
+        keys, so attention runs on them directly with the fused causal kernel (no mask, no cache read);
+        right padding is harmless: no real token sees a pad, and the pads' cache slots are overwritten
+        as the request decodes."""
         import torch
 
-        lora = [0] * len(reqs)
-        xs: dict[str, list[int]] = {}
-        for n, r in enumerate(reqs):
-            if r.adapter is None:
+        bsz, t = ids.shape
+        h = self.model.model.embed_tokens(ids)
+        cos, sin = self.model.model.rotary_emb(h, torch.arange(t, device=self.device)[None, :].expand(bsz, t))
+
+        def attend(i: int, q: Any, k: Any, v: Any) -> Any:
+            self.k_cache[i, rows, :, :t] = k
+            self.v_cache[i, rows, :, :t] = v
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+
+        for i, layer in enumerate(self.layers):
+            h = self._block(i, layer, h, cos, sin, lora, xs, attend)
+        h = h[torch.arange(bsz, device=self.device), last]
+        return self.model.lm_head(self.model.model.norm(h)).float()
+
+    def _decode_core(self, inp: Any, nb: int, span: int, r: int, bids: tuple[str, ...]) -> Any:
+        """One decode step over cache rows ``0..nb-1`` with static shapes (what a CUDA graph captures):
+        ``inp`` [3 + len(bids), nb] holds each row's last token, its position, its LoRA slot and its slot
+        in each LoRA-XS basis ``bids``; attention reads cache positions ``0..span-1`` (a view) under a
+        mask of each row's own positions. Returns the logits [nb, vocab]; nothing is read back."""
+        import torch
+
+        ids, pos = inp[0], inp[1]
+        lora = (inp[2], r) if r else None
+        xs = {bid: inp[3 + j] for j, bid in enumerate(bids)}
+        rows = torch.arange(nb, device=self.device)
+        h = self.model.model.embed_tokens(ids[:, None])
+        cos, sin = self.model.model.rotary_emb(h, pos[:, None])
+        mask = (torch.arange(span, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+
+        def attend(i: int, q: Any, k: Any, v: Any) -> Any:
+            self.k_cache[i, rows, :, pos] = k[:, :, 0]
+            self.v_cache[i, rows, :, pos] = v[:, :, 0]
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, self.k_cache[i, :nb, :, :span], self.v_cache[i, :nb, :, :span], attn_mask=mask,
+                enable_gqa=self.n_kv != self.n_heads)
+
+        for i, layer in enumerate(self.layers):
+            h = self._block(i, layer, h, cos, sin, lora, xs, attend)
+        return self.model.lm_head(self.model.model.norm(h[:, 0])).float()
+
+    def _adapter_table(self, reqs: list[_Request], at: list[int], n: int) -> tuple[list[int], int, dict[str, list[int]]]:
+        """Per row of an ``n``-row batch (request k sits at row ``at[k]``): its LoRA slot (0: none), the
+        highest LoRA rank among them, and its slot in each LoRA-XS basis that has rows."""
+        lora, rank, xs = [0] * n, 0, {}
+        for req, i in zip(reqs, at):
+            if req.adapter is None:
                 continue
-            kind, slot, bid = self._slot_of[r.adapter]
+            kind, slot, bid = self._slot_of[req.adapter]
             if kind == "lora":
-                lora[n] = slot
+                lora[i] = slot
+                rank = max(rank, self.lora_rank[slot])
             else:
-                xs.setdefault(bid, [0] * len(reqs))[n] = slot  # type: ignore[arg-type]
-        as_t = lambda v: torch.tensor(v, device=self.device)  # noqa: E731
-        return (as_t(lora) if any(lora) else None), {b: as_t(v) for b, v in xs.items()}
+                xs.setdefault(bid, [0] * n)[i] = slot
+        return lora, rank, xs
+
+    def _decode(self, running: list[_Request]) -> Any:
+        """The logits [nb, vocab] of one decode step; request ``q``'s row is ``q.cache_row``."""
+        import torch
+
+        nb = max(q.cache_row for q in running) + 1
+        span = max(q.pos for q in running) + 1
+        lora, r, xs = self._adapter_table(running, [q.cache_row for q in running], nb)
+        if self.buckets:
+            nb_b = _bucket(nb, self.max_batch, 1)
+            span = _bucket(span, self.max_len, 64)
+            r = _bucket(r, self.max_rank, 8) if r else 0
+            lora += [0] * (nb_b - nb)
+            xs = {b: v + [0] * (nb_b - nb) for b, v in xs.items()}
+            nb = nb_b
+        ids, pos = [0] * nb, [0] * nb  # idle rows: a dummy token at position 0 of a row nobody owns
+        for q in running:
+            ids[q.cache_row], pos[q.cache_row] = q.last, q.pos
+        bids = tuple(sorted(xs))
+        self.decode_shapes[(nb, span, r, bids)] += 1
+        host = torch.tensor([ids, pos, lora, *(xs[b] for b in bids)], dtype=torch.long)
+        if self.cuda_graphs:
+            return self._replay((nb, span, r, bids), host)
+        return self._decode_core(host.to(self.device), nb, span, r, bids)
+
+    def _replay(self, key: tuple, host: Any) -> Any:
+        """Run the decode step ``key`` = (nb, span, rank, bases) from its CUDA graph (captured on first use)."""
+        if self._graphs_version != self._banks_version:  # a new bank: graphs captured before miss it
+            self._graphs.clear()
+            self._graphs_version = self._banks_version
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._capture(key, host)
+        else:
+            self._graphs.move_to_end(key)
+            g.inp.copy_(host, non_blocking=True)
+        g.graph.replay()
+        self.graph_replays += 1
+        return g.out
+
+    def _capture(self, key: tuple, host: Any) -> _Graph:
+        import torch
+
+        inp = host.to(self.device)
+        with self._lock:  # no adapter is placed (no bank created) while the step is captured
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up: lazy handles and workspaces before capture; its
+                self._decode_core(inp, *key)  # cache writes are the ones the replay makes again
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+                out = self._decode_core(inp, *key)
+        if self._graph_pool is None:
+            self._graph_pool = graph.pool()  # every bucket's graph shares one memory pool (replays are serial)
+        g = self._graphs[key] = _Graph(graph, inp, out)
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        self.graph_captures += 1
+        return g
 
     # -- scheduling -------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams) -> _Request:
@@ -466,7 +596,7 @@ class BatchedEngine(TextGeneration):
                 if not self._in_use[req.adapter]:
                     del self._in_use[req.adapter]
             if req.cache_row >= 0:
-                self._free_rows.append(req.cache_row)
+                heapq.heappush(self._free_rows, req.cache_row)
                 req.cache_row = -1
 
     def _loop(self) -> None:
@@ -481,7 +611,7 @@ class BatchedEngine(TextGeneration):
                 admit = []
                 while self._waiting and self._free_rows:
                     req = self._waiting.popleft()
-                    req.cache_row = self._free_rows.pop()
+                    req.cache_row = heapq.heappop(self._free_rows)
                     admit.append(req)
             try:
                 with torch.inference_mode():
@@ -496,15 +626,11 @@ class BatchedEngine(TextGeneration):
                     if not running:
                         self._running = []
                         continue
-                    lora, xs = self._slots(running)
-                    ids = torch.tensor([[r.last] for r in running], device=self.device)
-                    rows = torch.tensor([r.cache_row for r in running], device=self.device)
-                    starts = torch.tensor([r.pos for r in running], device=self.device)
-                    logits = self._forward(ids, rows, starts, lora, xs)
+                    logits = self._decode(running)
                     self.steps += 1
                     self.batch_rows_total += len(running)
                     still = []
-                    for r, token in zip(running, self._sample_rows(logits, running)):
+                    for r, token in zip(running, self._sample_rows(logits, running, [q.cache_row for q in running])):
                         r.pos += 1
                         if self._emit(r, token):
                             self._retire(r)
@@ -519,20 +645,20 @@ class BatchedEngine(TextGeneration):
                 self._running = []
 
     @staticmethod
-    def _sample_rows(logits: Any, reqs: list[_Request]) -> list[int]:
-        """Each row's next token: the greedy rows with one argmax and one device-to-host copy for the
-        whole batch (not a sync per row); sampled rows each with their own generator."""
+    def _sample_rows(logits: Any, reqs: list[_Request], rows: list[int] | None = None) -> list[int]:
+        """Each request's next token from its logits row (``rows[k]`` for request k, default k): the
+        greedy ones with one argmax and one device-to-host copy for the whole batch (not a sync per
+        request); sampled ones each with their own generator."""
         import torch
 
-        greedy = [n for n, r in enumerate(reqs) if r.params.temperature == 0]
+        rows = rows if rows is not None else list(range(len(reqs)))
         out = [0] * len(reqs)
-        if greedy:
-            picked = logits if len(greedy) == len(reqs) else logits[torch.tensor(greedy, device=logits.device)]
-            for n, token in zip(greedy, torch.argmax(picked, dim=-1).tolist()):
-                out[n] = token
+        if any(r.params.temperature == 0 for r in reqs):
+            best = torch.argmax(logits, dim=-1).tolist()
+            out = [best[row] for row in rows]
         for n, r in enumerate(reqs):
             if r.params.temperature != 0:
-                out[n] = _sample(logits[n], r.params, r.gen)
+                out[n] = _sample(logits[rows[n]], r.params, r.gen)
         return out
 
     def _prefill_chunks(self, reqs: list[_Request]) -> list[list[_Request]]:
@@ -551,10 +677,10 @@ class BatchedEngine(TextGeneration):
 
         t = max(len(r.prompt) for r in reqs)
         ids = torch.tensor([r.prompt + [0] * (t - len(r.prompt)) for r in reqs], device=self.device)
-        lora, xs = self._slots(reqs)
-        logits = self._forward(ids, torch.tensor([r.cache_row for r in reqs], device=self.device),
-                               torch.zeros(len(reqs), dtype=torch.long, device=self.device), lora, xs,
-                               last=torch.tensor([len(r.prompt) - 1 for r in reqs], device=self.device))
+        lora, rank, xs = self._adapter_table(reqs, list(range(len(reqs))), len(reqs))
+        as_t = lambda v: torch.tensor(v, device=self.device)  # noqa: E731
+        logits = self._prefill_forward(ids, as_t([r.cache_row for r in reqs]), (as_t(lora), rank) if rank else None,
+                                       {b: as_t(v) for b, v in xs.items()}, as_t([len(r.prompt) - 1 for r in reqs]))
         self.prefills += 1
         self.prefill_rows_total += len(reqs)
         for req, token in zip(reqs, self._sample_rows(logits, reqs)):
@@ -581,6 +707,8 @@ class BatchedEngine(TextGeneration):
 
     def stats(self) -> dict[str, Any]:
         return {"steps": self.steps, "mean_batch_rows": self.batch_rows_total / max(1, self.steps),
+                "cuda_graphs": self.cuda_graphs, "graph_captures": self.graph_captures,
+                "graph_replays": self.graph_replays, "decode_shapes": len(self.decode_shapes),
                 "prefills": self.prefills, "mean_prefill_rows": self.prefill_rows_total / max(1, self.prefills),
                 "adapters": len(self._slot_of), "running": len(self._running), "waiting": len(self._waiting),
                 "time": time.time()}

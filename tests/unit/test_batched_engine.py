@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -69,9 +70,12 @@ def _reference(base: str, adapters: dict, adapter: str | None, prompt: list[int]
     return out
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_path: str, adapters: dict):
-    eng = BatchedEngine(tiny_model_path, dtype="float32", max_batch=8, max_len=256, max_adapters=8, max_rank=8)
+@pytest.fixture(scope="module", params=["exact", "bucketed"])
+def engine(request: pytest.FixtureRequest, tiny_model_path: str, adapters: dict):
+    """Exact decode shapes (CPU's default), and the bucketed static shapes that CUDA graphs capture
+    (run eagerly here): rows, cache span and LoRA rank rounded up, idle rows computing dummies."""
+    eng = BatchedEngine(tiny_model_path, dtype="float32", max_batch=8, max_len=256, max_adapters=8, max_rank=16,
+                        buckets=request.param == "bucketed")
     for name, path in adapters["lora"].items():
         eng.load_adapter(name, path)
     for name, path in adapters["xs"].items():
@@ -105,6 +109,15 @@ def test_mixed_batch_equals_each_request_alone(engine: BatchedEngine, tiny_model
     for t in threads:
         t.join(timeout=300)
     assert len(got) == len(requests)
+    deadline = time.monotonic() + 10  # a row is freed just after its request's last event
+    while len(engine._free_rows) < 8 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(engine._free_rows) == list(range(8))  # every cache row came back
+    if engine.buckets:  # static shapes: powers of two rows, spans of 64, 128, ... and LoRA ranks 8 or 16
+        assert all(nb in (1, 2, 4, 8) and span in (64, 128, 256) and r in (0, 8, 16)
+                   for nb, span, r, _ in engine.decode_shapes)
+    else:  # exact shapes: the highest rank in the batch, not the engine's max_rank
+        assert {r for _, _, r, _ in engine.decode_shapes} <= {0, 2, 4, 8}
     assert (engine.batch_rows_total - rows0) / max(1, engine.steps - steps0) > 2  # they really decoded together
     # and prompts of different lengths were prefilled together (right-padded) at least once
     assert engine.prefill_rows_total - prefill_rows0 == len(requests)
@@ -144,8 +157,6 @@ def test_adapters_in_use_and_bad_adapters(engine: BatchedEngine, adapters: dict,
     with pytest.raises(Exception, match="in use"):
         engine.unload_adapter("poet")
     tokens.close()
-    import time
-
     deadline = time.monotonic() + 10
     while engine.busy and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -167,6 +178,13 @@ def test_adapters_in_use_and_bad_adapters(engine: BatchedEngine, adapters: dict,
     with pytest.raises(AdapterRejected, match="basis"):
         engine.load_adapter("xs-nobasis", adapters["xs"]["xs-one"])
     assert not engine.has_adapter("bad")
+
+
+def test_shape_buckets() -> None:
+    from adapterfab.serve.batched import _bucket
+
+    assert [_bucket(n, 64, 1) for n in (1, 2, 3, 5, 33, 64, 70)] == [1, 2, 4, 8, 64, 64, 64]
+    assert [_bucket(n, 1000, 64) for n in (1, 64, 65, 600)] == [64, 64, 128, 1000]
 
 
 def test_prefill_chunks_bound_the_padded_tokens(engine: BatchedEngine) -> None:

@@ -459,6 +459,10 @@ def test_app_builder_refuses_bad_args(tiny_model_path: str) -> None:
         app_builder({**ok, "num_replicas": "two"})
     with pytest.raises(ValueError, match="dtype"):
         app_builder({**ok, "dtype": "int3"})
+    with pytest.raises(ValueError, match="cuda_graphs=1 is not a valid bool"):
+        app_builder({**ok, "cuda_graphs": 1})
+    with pytest.raises(ValueError, match="max_batch=True is not a valid int"):
+        app_builder({**ok, "max_batch": True})
 
 
 def _entrypoints(objs: list[Obj]) -> list[tuple[Obj, list[str]]]:
