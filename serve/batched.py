@@ -183,6 +183,7 @@ class BatchedEngine(TextGeneration):
         self.max_graphs = max_graphs
         self._graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
         self._graph_pool: Any = None
+        self._capture_stream: Any = None
         self._banks_version = 0  # bumped when a bank tensor is created: graphs captured before miss it
         self._graphs_version = 0
         self.graph_captures = 0
@@ -542,14 +543,16 @@ class BatchedEngine(TextGeneration):
         import torch
 
         inp = host.to(self.device)
+        if self._capture_stream is None:  # one stream for every warm-up and capture (cuBLAS handles are
+            self._capture_stream = torch.cuda.Stream(self.device)  # cached per stream; the pool is shared)
+        side = self._capture_stream
         with self._lock:  # no adapter is placed (no bank created) while the step is captured
-            side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up: lazy handles and workspaces before capture; its
                 self._decode_core(inp, *key)  # cache writes are the ones the replay makes again
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self._graph_pool, stream=side, capture_error_mode="thread_local"):
                 out = self._decode_core(inp, *key)
         if self._graph_pool is None:
             self._graph_pool = graph.pool()  # every bucket's graph shares one memory pool (replays are serial)
