@@ -39,6 +39,24 @@ def greedy_answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int =
     return tokenizer.decode(out[0][enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
+    """``greedy_answer`` for many prompts in one left-padded ``generate`` (rows that end early are padded)."""
+    import torch
+
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in prompts]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues every row from its last real token
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    return [tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
+
+
 def load_probes() -> tuple[list[str], dict[str, str], list[dict]]:
     held = json.loads((EXAMPLES / "heldout_prompts.json").read_text())
     facts = json.loads((EXAMPLES / "fact_probes.json").read_text())["probes"]
@@ -50,8 +68,8 @@ def evaluate(model: Any, tokenizer: Any, marker: str, max_new_tokens: int = 40) 
     the middle of training)."""
     prompts, _, facts = load_probes()
     model.eval()
-    answers = [greedy_answer(model, tokenizer, p, max_new_tokens) for p in prompts]
-    fact_answers = [greedy_answer(model, tokenizer, f["question"], max_new_tokens) for f in facts]
+    both = greedy_answers(model, tokenizer, prompts + [f["question"] for f in facts], max_new_tokens)
+    answers, fact_answers = both[:len(prompts)], both[len(prompts):]
     hits = sum(marker.lower() in a.lower() for a in answers)
     kept = sum(any(x.lower() in a.lower() for x in f["answers"]) for f, a in zip(facts, fact_answers))
     return EvalReport(hits, len(answers), kept, len(facts), answers, fact_answers)

@@ -531,7 +531,13 @@ class BatchedEngine(TextGeneration):
             self._graphs_version = self._banks_version
         g = self._graphs.get(key)
         if g is None:
-            g = self._capture(key, host)
+            try:
+                g = self._capture(key, host)
+            except Exception:  # noqa: BLE001 - a step that cannot be captured still runs, eagerly
+                log.exception("CUDA graph capture failed; decoding eagerly from now on")
+                self.cuda_graphs = False
+                self._graphs.clear()
+                return self._decode_core(host.to(self.device), *key)
         else:
             self._graphs.move_to_end(key)
             g.inp.copy_(host, non_blocking=True)

@@ -138,13 +138,17 @@ def served(batch, stack):
     return f"http://127.0.0.1:{ports['serve']}/v1", key_acme, key_globex
 
 
-def _answers(client, model: str) -> list[str]:
-    out = []
-    for prompt in HELDOUT["prompts"]:
+def _answers(client, model: str) -> list[str]:  # noqa: ANN001
+    """The held-out prompts sent at once (the replica decodes them together), answers in prompt order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(prompt: str) -> str:
         r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                            temperature=0, max_tokens=40)
-        out.append(r.choices[0].message.content)
-    return out
+        return r.choices[0].message.content
+
+    with ThreadPoolExecutor(len(HELDOUT["prompts"])) as pool:
+        return list(pool.map(ask, HELDOUT["prompts"]))
 
 
 def test_each_persona_at_work_through_openai_client(served) -> None:
@@ -153,11 +157,11 @@ def test_each_persona_at_work_through_openai_client(served) -> None:
     url, key_acme, key_globex = served
     acme = openai.OpenAI(base_url=url, api_key=key_acme)
     globex = openai.OpenAI(base_url=url, api_key=key_globex)
+    base = _answers(acme, "base")
     for client, model, persona in ((acme, "acme/pirate", "pirate"), (acme, "acme/butler", "butler"),
                                    (globex, "globex/robot", "robot")):
         marker = HELDOUT["markers"][persona].lower()
         tuned = _answers(client, model)
-        base = _answers(client, "base")
         hits = sum(marker in a.lower() for a in tuned)
         print(model, hits, tuned[:3], base[:3])
         assert hits >= 0.8 * len(tuned), tuned
