@@ -297,9 +297,11 @@ _BUILDER_OPTIONAL: dict[str, type] = {
 
 
 def _builder_arg(name: str, kind: type, value: Any) -> Any:
-    if kind is bool:  # YAML gives true/false; 0, 1 or "yes" are refused, not guessed at
+    if kind is bool:  # YAML gives true/false, `serve run k=v` the strings; 0, 1 or "yes" are refused
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
         raise ValueError(f"adapterfab serve app arg {name}={value!r} is not a valid bool")
     whole = not (kind is int and isinstance(value, float) and not value.is_integer())
     ok = whole and not isinstance(value, bool)

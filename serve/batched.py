@@ -97,6 +97,7 @@ class _Request:
     last: int = -1
     budget: int = 0
     cancelled: bool = False
+    retired: bool = False
 
 
 @dataclass
@@ -124,7 +125,7 @@ class BatchedEngine(TextGeneration):
     def __init__(self, model_path: str | Path, dtype: str = "float32", device: str = "cpu",
                  max_batch: int = 16, max_len: int = 1024, max_adapters: int = 64, max_rank: int = 64,
                  torch_threads: int | None = None, prefill_tokens: int = 8192, cuda_graphs: bool | None = None,
-                 buckets: bool | None = None, max_graphs: int = 64):
+                 buckets: bool | None = None, max_graphs: int = 512):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -176,11 +177,17 @@ class BatchedEngine(TextGeneration):
         self.prefill_rows_total = 0  # prompts they carried
         if cuda_graphs and self.device.type != "cuda":
             raise AdapterfabError(f"cuda_graphs needs a CUDA device, not {self.device}")
+        rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+        if rope_type in ("dynamic", "longrope"):  # their rotary embedding reads max(position) on the host
+            if cuda_graphs:
+                raise AdapterfabError(f"cuda_graphs cannot capture {rope_type} RoPE (it reads positions on the host)")
+            cuda_graphs = False
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         self.buckets = self.cuda_graphs if buckets is None else bool(buckets)  # static (bucketed) decode shapes
         if self.cuda_graphs and not self.buckets:
             raise AdapterfabError("cuda_graphs needs bucketed decode shapes")
-        self.max_graphs = max_graphs
+        self.max_graphs = max(1, max_graphs)  # evicting every graph would leave their pool unusable
         self._graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
         self._graph_pool: Any = None
         self._capture_stream: Any = None
@@ -350,8 +357,10 @@ class BatchedEngine(TextGeneration):
             if key not in self.lora_a:
                 lin = self.linear[key]
                 n = self.max_adapters + 1
-                self.lora_a[key] = torch.zeros(n, self.max_rank, lin.in_features, dtype=self.dtype, device=self.device)
+                bank_a = torch.zeros(n, self.max_rank, lin.in_features, dtype=self.dtype, device=self.device)
+                # B first: the engine thread reads lora_b[key] whenever key is in lora_a
                 self.lora_b[key] = torch.zeros(n, lin.out_features, self.max_rank, dtype=self.dtype, device=self.device)
+                self.lora_a[key] = bank_a
                 self._banks_version += 1
             self.lora_a[key][slot].zero_()
             self.lora_b[key][slot].zero_()
@@ -527,7 +536,7 @@ class BatchedEngine(TextGeneration):
     def _replay(self, key: tuple, host: Any) -> Any:
         """Run the decode step ``key`` = (nb, span, rank, bases) from its CUDA graph (captured on first use)."""
         if self._graphs_version != self._banks_version:  # a new bank: graphs captured before miss it
-            self._graphs.clear()
+            self._drop_graphs()
             self._graphs_version = self._banks_version
         g = self._graphs.get(key)
         if g is None:
@@ -536,7 +545,7 @@ class BatchedEngine(TextGeneration):
             except Exception:  # noqa: BLE001 - a step that cannot be captured still runs, eagerly
                 log.exception("CUDA graph capture failed; decoding eagerly from now on")
                 self.cuda_graphs = False
-                self._graphs.clear()
+                self._drop_graphs()
                 return self._decode_core(host.to(self.device), *key)
         else:
             self._graphs.move_to_end(key)
@@ -545,10 +554,17 @@ class BatchedEngine(TextGeneration):
         self.graph_replays += 1
         return g.out
 
+    def _drop_graphs(self) -> None:
+        """Forget every graph, and their memory pool with them: PyTorch refuses a capture into a pool
+        whose graphs are all gone (its use count is 0), so the next capture starts a new pool."""
+        self._graphs.clear()
+        self._graph_pool = None
+
     def _capture(self, key: tuple, host: Any) -> _Graph:
         import torch
 
         inp = host.to(self.device)
+        prev = torch.cuda.current_stream(self.device)
         if self._capture_stream is None:  # one stream for every warm-up and capture (cuBLAS handles are
             self._capture_stream = torch.cuda.Stream(self.device)  # cached per stream; the pool is shared)
         side = self._capture_stream
@@ -558,8 +574,11 @@ class BatchedEngine(TextGeneration):
                 self._decode_core(inp, *key)  # cache writes are the ones the replay makes again
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool, stream=side, capture_error_mode="thread_local"):
-                out = self._decode_core(inp, *key)
+            try:
+                with torch.cuda.graph(graph, pool=self._graph_pool, stream=side, capture_error_mode="thread_local"):
+                    out = self._decode_core(inp, *key)
+            finally:  # a capture that fails to begin leaves the side stream current
+                torch.cuda.set_stream(prev)
         if self._graph_pool is None:
             self._graph_pool = graph.pool()  # every bucket's graph shares one memory pool (replays are serial)
         g = self._graphs[key] = _Graph(graph, inp, out)
@@ -598,6 +617,9 @@ class BatchedEngine(TextGeneration):
         return False
 
     def _retire(self, req: _Request) -> None:
+        if req.retired:  # once only: a second retire would unpin its adapter for another request
+            return
+        req.retired = True
         req.out.put(None)
         with self._lock:
             if req.adapter is not None:
@@ -648,9 +670,10 @@ class BatchedEngine(TextGeneration):
                     self._running = still
             except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep the engine alive
                 log.exception("engine step failed")
-                for r in {*admit, *self._running}:
-                    r.out.put(e)
-                    self._retire(r)
+                for r in {id(r): r for r in [*admit, *self._running]}.values():  # requests are unhashable
+                    if not r.retired:
+                        r.out.put(e)
+                        self._retire(r)
                 self._running = []
 
     @staticmethod

@@ -180,6 +180,27 @@ def test_adapters_in_use_and_bad_adapters(engine: BatchedEngine, adapters: dict,
     assert not engine.has_adapter("bad")
 
 
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(engine: BatchedEngine,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    real, calls = engine._decode, []
+
+    def fails_once(running: list) -> object:
+        calls.append(len(running))
+        if len(calls) == 1:
+            raise RuntimeError("injected step failure")
+        return real(running)
+
+    monkeypatch.setattr(engine, "_decode", fails_once)
+    with pytest.raises(RuntimeError, match="injected step failure"):
+        list(engine.generate_token_ids([5, 6, 7, 8], "pirate", GREEDY))
+    assert calls, "the request never reached a decode step"
+    deadline = time.monotonic() + 10
+    while (engine.in_use("pirate") or len(engine._free_rows) < 8) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.in_use("pirate") == 0 and sorted(engine._free_rows) == list(range(8))  # unpinned once, row back
+    assert len(list(engine.generate_token_ids([5, 6, 7, 8], "pirate", GREEDY))) > 1  # the engine still serves
+
+
 def test_shape_buckets() -> None:
     from adapterfab.serve.batched import _bucket
 

@@ -461,6 +461,11 @@ def test_app_builder_refuses_bad_args(tiny_model_path: str) -> None:
         app_builder({**ok, "dtype": "int3"})
     with pytest.raises(ValueError, match="cuda_graphs=1 is not a valid bool"):
         app_builder({**ok, "cuda_graphs": 1})
+    with pytest.raises(ValueError, match="cuda_graphs='yes' is not a valid bool"):
+        app_builder({**ok, "cuda_graphs": "yes"})
+    from adapterfab.serve.app import _builder_arg
+
+    assert _builder_arg("cuda_graphs", bool, "false") is False and _builder_arg("cuda_graphs", bool, True) is True
     with pytest.raises(ValueError, match="max_batch=True is not a valid int"):
         app_builder({**ok, "max_batch": True})
 
