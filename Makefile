@@ -7,7 +7,7 @@ export ADAPTERFAB_HOME ?= $(CURDIR)/.adapterfab
 export RAY_AUTH_MODE := disabled
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv services demo test test-all test-fast down clean lint gpu-tok
+.PHONY: venv services demo test test-fast down clean gpu-tok
 
 venv: $(STAMP)
 
