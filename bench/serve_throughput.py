@@ -180,6 +180,12 @@ def engine_direct(engine, models: list[str], clients: int, max_tokens: int) -> d
             "wall_ms_per_step": round(1000 * wall / max(1, steps), 2), "latency_p50_s": round(statistics.median(lat), 3)}
 
 
+def direct_runs(engine, m: int, requests: int, clients: int, max_tokens: int) -> dict:  # noqa: ANN001
+    """``engine_direct`` on the bare base, then Zipf over ``m`` adapters."""
+    return {"base": engine_direct(engine, ["base"] * requests, clients, max_tokens),
+            f"m{m}": engine_direct(engine, zipf_keys(m, requests, m), clients, max_tokens)}
+
+
 def cold_loads(engine, store_root: Path, folders: dict[str, Path], basis, n: int) -> dict:  # noqa: ANN001
     """Artifact store (a local folder store) -> disk -> RAM -> device -> first token, per fresh adapter."""
     from adapterfab.serve.engine import SamplingParams
@@ -300,10 +306,7 @@ def main() -> None:
             out["batching"] = engine.stats()
             out["tiers"] = tiers.stats()
             # the engine alone (no HTTP): base, and Zipf over the most adapters
-            out["engine_direct"] = {"base": engine_direct(engine, ["base"] * args.requests, args.clients,
-                                                          args.max_tokens),
-                                    f"m{max(ms)}": engine_direct(engine, zipf_keys(max(ms), args.requests, max(ms)),
-                                                                 args.clients, args.max_tokens)}
+            out["engine_direct"] = direct_runs(engine, max(ms), args.requests, args.clients, args.max_tokens)
             print("engine direct", out["engine_direct"], flush=True)
         finally:
             server.stop()
@@ -316,10 +319,8 @@ def main() -> None:
                 for k in zipf_keys(max(ms), max(ms), 1):
                     eager.load_adapter(k, folders[k])
                 engine_direct(eager, zipf_keys(1, args.clients, 1), args.clients, args.max_tokens)  # warm-up
-                out["engine_direct_eager"] = {
-                    "base": engine_direct(eager, ["base"] * args.requests, args.clients, args.max_tokens),
-                    f"m{max(ms)}": engine_direct(eager, zipf_keys(max(ms), args.requests, max(ms)), args.clients,
-                                                 args.max_tokens)}
+                out["engine_direct_eager"] = direct_runs(eager, max(ms), args.requests, args.clients,
+                                                         args.max_tokens)
                 print("engine direct, eager", out["engine_direct_eager"], flush=True)
             finally:
                 eager.close()

@@ -530,11 +530,14 @@ class BatchedEngine(TextGeneration):
         self.decode_shapes[(nb, span, r, bids)] += 1
         host = torch.tensor([ids, pos, lora, *(xs[b] for b in bids)], dtype=torch.long)
         if self.cuda_graphs:
-            return self._replay((nb, span, r, bids), host)
+            logits = self._replay((nb, span, r, bids), host)
+            if logits is not None:
+                return logits
         return self._decode_core(host.to(self.device), nb, span, r, bids)
 
     def _replay(self, key: tuple, host: Any) -> Any:
-        """Run the decode step ``key`` = (nb, span, rank, bases) from its CUDA graph (captured on first use)."""
+        """Run the decode step ``key`` = (nb, span, rank, bases) from its CUDA graph (captured on first use);
+        None when it cannot be captured (graphs are then off and the caller runs the step eagerly)."""
         if self._graphs_version != self._banks_version:  # a new bank: graphs captured before miss it
             self._drop_graphs()
             self._graphs_version = self._banks_version
@@ -546,7 +549,7 @@ class BatchedEngine(TextGeneration):
                 log.exception("CUDA graph capture failed; decoding eagerly from now on")
                 self.cuda_graphs = False
                 self._drop_graphs()
-                return self._decode_core(host.to(self.device), *key)
+                return None
         else:
             self._graphs.move_to_end(key)
             g.inp.copy_(host, non_blocking=True)
@@ -569,10 +572,10 @@ class BatchedEngine(TextGeneration):
             self._capture_stream = torch.cuda.Stream(self.device)  # cached per stream; the pool is shared)
         side = self._capture_stream
         with self._lock:  # no adapter is placed (no bank created) while the step is captured
-            side.wait_stream(torch.cuda.current_stream(self.device))
+            side.wait_stream(prev)
             with torch.cuda.stream(side):  # warm-up: lazy handles and workspaces before capture; its
                 self._decode_core(inp, *key)  # cache writes are the ones the replay makes again
-            torch.cuda.current_stream(self.device).wait_stream(side)
+            prev.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, pool=self._graph_pool, stream=side, capture_error_mode="thread_local"):
