@@ -29,18 +29,13 @@ class EvalReport:
 
 
 def greedy_answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 40) -> str:
-    import torch
-
-    enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0][enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    """The model's greedy answer to one user prompt (its chat template applied)."""
+    return greedy_answers(model, tokenizer, [prompt], max_new_tokens)[0]
 
 
 def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
-    """``greedy_answer`` for many prompts in one left-padded ``generate`` (rows that end early are padded)."""
+    """Greedy answers to many user prompts in one left-padded ``generate`` (rows that end early are padded);
+    one prompt alone has no padding, so its answer is the same as generating it by itself."""
     import torch
 
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,

@@ -509,13 +509,14 @@ class BatchedEngine(TextGeneration):
                 xs.setdefault(bid, [0] * n)[i] = slot
         return lora, rank, xs
 
-    def _decode(self, running: list[_Request]) -> Any:
-        """The logits [nb, vocab] of one decode step; request ``q``'s row is ``q.cache_row``."""
+    def _decode(self, running: list[_Request], rows: list[int]) -> Any:
+        """The logits [nb, vocab] of one decode step; request ``running[i]``'s row is ``rows[i]`` (its
+        ``cache_row``)."""
         import torch
 
-        nb = max(q.cache_row for q in running) + 1
+        nb = max(rows) + 1
         span = max(q.pos for q in running) + 1
-        lora, r, xs = self._adapter_table(running, [q.cache_row for q in running], nb)
+        lora, r, xs = self._adapter_table(running, rows, nb)
         if self.buckets:
             nb_b = _bucket(nb, self.max_batch, 1)
             span = _bucket(span, self.max_len, 64)
@@ -660,11 +661,12 @@ class BatchedEngine(TextGeneration):
                     if not running:
                         self._running = []
                         continue
-                    logits = self._decode(running)
+                    rows = [q.cache_row for q in running]
+                    logits = self._decode(running, rows)
                     self.steps += 1
                     self.batch_rows_total += len(running)
                     still = []
-                    for r, token in zip(running, self._sample_rows(logits, running, [q.cache_row for q in running])):
+                    for r, token in zip(running, self._sample_rows(logits, running, rows)):
                         r.pos += 1
                         if self._emit(r, token):
                             self._retire(r)

@@ -50,6 +50,35 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer:
 
 
 @pytest.fixture(scope="session")
+def mixed_adapters(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Adapters of ``tiny_model_path`` for the serving engine's mixed batches: ``lora`` {pirate (r4, q,v),
+    butler (r8, q,v), robot (r2, all seven linear modules), poet (r4, o,down)}, ``xs`` {xs-one, xs-two}
+    (LoRA-XS r4 on the shared ``basis``), all with random non-zero weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from adapterfab.basemodel import random_peft_lora
+    from adapterfab.methods.lora_xs import LoraXSConfig, compute_basis, write_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    out: dict = {"lora": {}, "xs": {}}
+    for name, seed, r, targets in (("pirate", 1, 4, ["q_proj", "v_proj"]), ("butler", 2, 8, ["q_proj", "v_proj"]),
+                                   ("robot", 3, 2, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                    "up_proj", "down_proj"]),
+                                   ("poet", 4, 4, ["o_proj", "down_proj"])):
+        out["lora"][name] = random_peft_lora(tiny_model_path, root / name, seed, r, tuple(targets), scale=0.4)
+    cfg = LoraXSConfig(r=4, alpha=4)
+    basis = compute_basis(AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32), cfg, "tiny")
+    gen = torch.Generator().manual_seed(7)
+    for name in ("xs-one", "xs-two"):
+        rs = {m: torch.randn(4, 4, generator=gen) * 2.0 for m in basis.factors}
+        out["xs"][name] = write_adapter(root / name, cfg, basis.id, basis.digest, basis.base_fingerprint,
+                                        cfg.resolved_targets(), rs)
+    out["basis"] = basis
+    return out
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     from adapterfab.procs import free_port, start_mlflow, stop_pid
 

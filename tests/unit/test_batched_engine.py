@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterfab.basemodel import random_peft_lora
 from adapterfab.serve.batched import BatchedEngine
 from adapterfab.serve.engine import AdapterNotLoaded, AdapterRejected, Finished, SamplingParams, TextDelta
 
@@ -23,27 +22,8 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    from adapterfab.methods.lora_xs import LoraXSConfig, compute_basis, write_adapter
-
-    root = tmp_path_factory.mktemp("adapters")
-    out: dict = {"lora": {}, "xs": {}}
-    for name, seed, r, targets in (("pirate", 1, 4, ["q_proj", "v_proj"]), ("butler", 2, 8, ["q_proj", "v_proj"]),
-                                   ("robot", 3, 2, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                    "up_proj", "down_proj"]),
-                                   ("poet", 4, 4, ["o_proj", "down_proj"])):
-        out["lora"][name] = random_peft_lora(tiny_model_path, root / name, seed, r, tuple(targets), scale=0.4)
-    cfg = LoraXSConfig(r=4, alpha=4)
-    basis = compute_basis(AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32), cfg, "tiny")
-    gen = torch.Generator().manual_seed(7)
-    for name in ("xs-one", "xs-two"):
-        rs = {m: torch.randn(4, 4, generator=gen) * 2.0 for m in basis.factors}
-        out["xs"][name] = write_adapter(root / name, cfg, basis.id, basis.digest, basis.base_fingerprint,
-                                        cfg.resolved_targets(), rs)
-    out["basis"] = basis
-    return out
+def adapters(mixed_adapters: dict) -> dict:
+    return mixed_adapters
 
 
 def _reference(base: str, adapters: dict, adapter: str | None, prompt: list[int], n: int) -> list[int]:
@@ -184,11 +164,11 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(engine: Batched
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     real, calls = engine._decode, []
 
-    def fails_once(running: list) -> object:
+    def fails_once(running: list, rows: list) -> object:
         calls.append(len(running))
         if len(calls) == 1:
             raise RuntimeError("injected step failure")
-        return real(running)
+        return real(running, rows)
 
     monkeypatch.setattr(engine, "_decode", fails_once)
     with pytest.raises(RuntimeError, match="injected step failure"):
