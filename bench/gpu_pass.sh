@@ -2,10 +2,11 @@
 # One pass of the GPU-only checks on a lent device machine (README "GPU checks"). Run it from the repo root
 # after the wheel bundle is installed (`source /tmp/gpu-stage/device-install.sh`, see ../shared/gpu):
 #
-#   bash bench/gpu_pass.sh install tests train serve      # any of the steps, in order
+#   bash bench/gpu_pass.sh install tests step train serve      # any of the steps, in order
 #
 #   install  pip-installs adapterfab itself (no deps, offline) into /tmp/site
 #   tests    python -m pytest tests/gpu
+#   step     bench/fused_step.py --device cuda --profile (the fused step alone against plain PEFT; ~2 min)
 #   train    bench/train_throughput.py --device cuda
 #   serve    bench/serve_throughput.py --device cuda
 #
@@ -31,6 +32,9 @@ for step in "$@"; do
     tests)
       (cd /tmp && python3 -m pytest -q -p no:cacheprovider -m gpu "$repo/tests/gpu") 2>&1 | tee "$out/tests.log"
       rc=${PIPESTATUS[0]};;
+    step)
+      (cd /tmp && python3 "$repo/bench/fused_step.py" --device cuda --profile ${STEP_ARGS:-}) 2>&1 | tee "$out/step.log"
+      rc=${PIPESTATUS[0]};;
     train)
       (cd /tmp && python3 "$repo/bench/train_throughput.py" --device cuda ${TRAIN_ARGS:-}) 2>&1 | tee "$out/train.log"
       rc=${PIPESTATUS[0]};;
@@ -42,6 +46,6 @@ for step in "$@"; do
   echo "== $step: rc=$rc in $(( $(date +%s) - t0 )) s" | tee -a "$out/steps.log"
   [ "$rc" = 0 ] || status=1
 done
-cp "$repo"/bench/results/*-cuda-*.json "$out/" 2>/dev/null
+cp "$repo"/bench/results/*-cuda-*.json "$repo"/bench/results/*-cuda-*.txt "$out/" 2>/dev/null
 cp "$repo/bench/RESULTS.md" "$out/" 2>/dev/null
 exit $status

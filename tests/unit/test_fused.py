@@ -331,3 +331,21 @@ def test_right_padded_batches_skip_the_attention_mask(tiny_model_path: str, data
     left = {k: torch.flip(v, dims=[1]) for k, v in batch.items()}  # padding first: the mask is needed
     trainer._losses(left, segs)
     assert seen[-1] is not None and torch.equal(seen[-1], left["attention_mask"])
+
+
+def test_fused_step_bench_runs(tmp_path: Path) -> None:
+    """bench/fused_step.py (the GPU pass's `step`) on a tiny shape: the three variants run over the same
+    rows and report their step times."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(REPO / "bench/fused_step.py"), "--shape", "tiny", "--k", "3", "--seq", "32",
+                        "--steps", "2", "--warmup", "1", "--quick"], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])
+    res = out["results"]
+    assert res["peft"]["rows"] == res["fused"]["rows"] == 3 * 4 and res["fused1"]["rows"] == 4
+    assert res["peft"]["label_tokens"] == res["fused"]["label_tokens"] == 3 * res["fused1"]["label_tokens"] > 0
+    assert all(v["step_ms"] > 0 for v in res.values()) and out["ratios"]["fused_over_peft_time"] > 0
