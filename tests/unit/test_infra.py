@@ -403,6 +403,8 @@ def test_mlflow_server_on_postgres_with_s3_artifacts(objects: list[Obj]) -> None
     assert argv[:2] == ["mlflow", "server"] and "--serve-artifacts" in argv
     assert opts["--backend-store-uri"].startswith("postgresql://")
     assert opts["--artifacts-destination"].startswith("s3://")
+    env = {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"  # as adapterfab up starts it
 
 
 def test_gpu_worker_groups(objects: list[Obj]) -> None:
