@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import threading
@@ -27,6 +28,7 @@ from adapterfab.registry import AdapterVersion
 from adapterfab.serve.engine import Engine, Event, SamplingParams
 
 _DONE = object()
+log = logging.getLogger("adapterfab.serve")
 
 
 class Backend(Protocol):
@@ -162,16 +164,64 @@ def _version_folder(version_key: str, root: Path) -> tuple[AdapterId, Path]:
     return aid, root / aid.tenant / aid.persona / str(aid.version)
 
 
-def _install(dest: Path, version_key: str, fetch: Callable[[Path], Path]) -> None:
+SOURCE_FILE = ".adapterfab-source"  # in a cached version's folder: which registered files it holds
+
+
+def _source_of(version: AdapterVersion) -> str:
+    """What tells one registered version's files from another's under the same name and number: the
+    MLflow run that produced them (unique per training run) and where they are stored."""
+    return json.dumps({"run_id": version.run_id, "artifact_uri": version.artifact_uri}, sort_keys=True)
+
+
+def _holds(dest: Path, version: AdapterVersion) -> bool:
+    try:
+        return (dest / "adapter_config.json").is_file() and (dest / SOURCE_FILE).read_text() == _source_of(version)
+    except OSError:
+        return False
+
+
+def _cached(registry: Any, aid: AdapterId, dest: Path) -> tuple[bool, AdapterVersion | None]:
+    """(whether ``dest`` holds the files of ``aid`` as this registry has it, the registry's version or
+    None when the registry could not be asked).
+
+    The cache folder is per machine and keyed by ``tenant/persona/N``, which another registry reuses
+    for other weights: a recreated stack (``make clean``), another MLflow server. A cached folder whose
+    recorded source is not this registry's version is stale and is moved away, so the wrong adapter is
+    never served. With the registry unreachable a cached folder is used as it is (serving rides out an
+    MLflow outage); a version the registry no longer has is refused (AdapterNotFound)."""
+    from adapterfab.errors import RegistryError
+
+    installed = (dest / "adapter_config.json").is_file()
+    try:
+        version = registry.get(aid)
+    except RegistryError:
+        if installed:
+            log.warning("the registry is unreachable: serving the cached %s unchecked", aid)
+            return True, None
+        raise
+    if installed and not _holds(dest, version):
+        log.warning("the cached %s holds other files than this registry's version: fetching them", aid)
+        stale = dest.with_name(f".{dest.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.replace(dest, stale)
+        except OSError:  # another loader moved it first
+            pass
+        shutil.rmtree(stale, ignore_errors=True)
+        installed = _holds(dest, version)  # another loader may have installed the right one since
+    return installed, version
+
+
+def _install(dest: Path, version: AdapterVersion, fetch: Callable[[Path], Path]) -> None:
     """``fetch(tmp)`` writes the adapter under a temp folder beside ``dest`` (returning where); the
-    folder holding its adapter_config.json is renamed to ``dest``, so concurrent loaders and crashes
-    never leave a half folder behind."""
+    folder holding its adapter_config.json gets the version's source recorded (``SOURCE_FILE``) and is
+    renamed to ``dest``, so concurrent loaders and crashes never leave a half folder behind."""
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         got = Path(fetch(tmp))
         cfg = next(iter(sorted(got.rglob("adapter_config.json"), key=lambda p: len(p.parts))), None)
         if cfg is None:
-            raise FileNotFoundError(f"adapter {version_key} has no adapter_config.json in its artifacts")
+            raise FileNotFoundError(f"adapter {version.id} has no adapter_config.json in its artifacts")
+        (cfg.parent / SOURCE_FILE).write_text(_source_of(version))
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(cfg.parent, dest)
@@ -183,14 +233,16 @@ def _install(dest: Path, version_key: str, fetch: Callable[[Path], Path]) -> Non
 
 
 def download_adapter(registry: Any, version_key: str, cache_dir: str | Path) -> Path:
-    """Local folder of adapter version ``tenant/persona@N`` as a standard PEFT LoRA (a registry ``get``
-    + ``download`` the first time). Versions never change, so a finished download is reused."""
+    """Local folder of adapter version ``tenant/persona@N`` as a standard PEFT LoRA: a registry ``get``
+    + ``download`` the first time; later a registry ``get`` checks that the cached folder holds this
+    registry's version (``_cached``)."""
     aid, dest = _version_folder(version_key, Path(cache_dir).expanduser())
-    if not (dest / "adapter_config.json").is_file():
+    installed, version = _cached(registry, aid, dest)
+    if not installed:
         from adapterfab.export import to_peft_lora
 
         # every method is served as a standard PEFT LoRA (LoRA-XS is rebuilt from its shared basis)
-        _install(dest, version_key, lambda tmp: to_peft_lora(registry, registry.get(aid), tmp))
+        _install(dest, version, lambda tmp: to_peft_lora(registry, version, tmp))  # type: ignore[arg-type]
     return dest
 
 
@@ -203,11 +255,10 @@ def download_native(registry: Any, version_key: str, cache_dir: str | Path) -> t
     basis or None, whether it came from the store). LoRA-XS stays R-only (kilobytes) with its basis
     downloaded once per basis and shared. Folders are written to a temp name and renamed into place."""
     aid, dest = _version_folder(version_key, Path(cache_dir).expanduser() / "native")
-    version = None
-    from_store = not (dest / "adapter_config.json").is_file()
+    installed, version = _cached(registry, aid, dest)
+    from_store = not installed
     if from_store:
-        version = registry.get(aid)
-        _install(dest, version_key, lambda tmp: registry.download(version, tmp))
+        _install(dest, version, lambda tmp: registry.download(version, tmp))  # type: ignore[arg-type]
     from adapterfab.methods.lora_xs import PEFT_TYPE as LORA_XS
 
     if json.loads((dest / "adapter_config.json").read_text()).get("peft_type") != LORA_XS:
