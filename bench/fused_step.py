@@ -79,12 +79,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def peak_mb(device: str) -> float | None:
-    import torch
+def peak_mb() -> float | None:
+    """Peak CUDA memory since ``reset_peak`` (None on CPU), as the training loop records it."""
+    from adapterfab.jobs.train_loop import peak_memory_mb
 
-    if device.startswith("cuda"):
-        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return None
+    gpu = peak_memory_mb().get("system_peak_gpu_mem_mb")
+    return round(gpu, 1) if gpu is not None else None
 
 
 def reset_peak(device: str) -> None:
@@ -124,7 +124,7 @@ def run_peft(args: argparse.Namespace, dtype, targets: list[str]) -> dict:  # no
     for _ in range(args.steps):
         step()
     sync(args.device)
-    out = {"step_s": (time.perf_counter() - t0) / args.steps, "peak_mb": peak_mb(args.device),
+    out = {"step_s": (time.perf_counter() - t0) / args.steps, "peak_mb": peak_mb(),
            "rows": int(ids.shape[0]), "label_tokens": int((labels[:, 1:] != -100).sum())}
     if args.profile:
         out["profile"] = profile(step, args.device)
@@ -159,7 +159,7 @@ def run_fused(args: argparse.Namespace, dtype, targets: list[str], k: int) -> di
     train("warm", args.warmup)
     sync(args.device)
     reset_peak(args.device)
-    out = {"step_s": train("timed", args.steps) / args.steps, "peak_mb": peak_mb(args.device),
+    out = {"step_s": train("timed", args.steps) / args.steps, "peak_mb": peak_mb(),
            "rows": k * args.rows, "label_tokens": sum(int((b["labels"][:, 1:] != -100).sum()) for b in parts)}
     if args.profile:  # one step of the trainer's own loop (adapters added and evaluated-less finish included)
         out["profile"] = profile(lambda: train("prof", 1), args.device)
