@@ -21,6 +21,7 @@ and a line in bench/RESULTS.md.
 
     .venv/bin/python bench/fused_step.py                       # CPU: SmolLM2-135M shape, fp32
     python bench/fused_step.py --device cuda --shape gpu       # GPU: issue 5's 0.96B shape, bf16
+    .venv/bin/python bench/fused_step.py --shape host --k 16   # host cost of a step of the GPU job's layers
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ SHAPES = {  # hidden, MLP, layers, heads / KV heads; vocabulary 49,152 (the Smol
                 "num_key_value_heads": 3, "max_position_embeddings": 2048, "tie_word_embeddings": True},
     "gpu": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16, "num_attention_heads": 16,
             "num_key_value_heads": 8, "max_position_embeddings": 2048},  # bench/train_throughput.py GPU_SHAPE
+    # the GPU job's structure (16 layers x 7 adapted modules) at sizes whose compute is negligible: the
+    # step time is then what the host spends issuing the step's operations (one thread, as the one Python
+    # thread that feeds a GPU), the part of a GPU step that no GPU makes faster
+    "host": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 16, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "max_position_embeddings": 512, "vocab_size": 1024},
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "max_position_embeddings": 512, "vocab_size": 1024},  # smoke tests
 }
@@ -197,11 +203,12 @@ def main() -> None:
 
     cuda = args.device.startswith("cuda")
     args.shape = args.shape or ("gpu" if cuda else "smollm2")
-    args.seq = args.seq or (512 if cuda else 128)
-    args.steps = args.steps or (20 if cuda else 5)
+    host = args.shape == "host"
+    args.seq = args.seq or (512 if cuda else 16 if host else 128)
+    args.steps = args.steps or (20 if cuda or host else 5)
     dtype = torch.bfloat16 if cuda else torch.float32
     if not cuda:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(1 if host else os.cpu_count() or 1)
     targets = ALL_LINEAR if args.targets == "all-linear" else ["q_proj", "v_proj"]
     n_params = sum(p.numel() for p in make_base(args.shape, dtype, "meta").parameters())
 
@@ -233,7 +240,8 @@ def main() -> None:
     result = {"date": stamp, "machine": machine, "shape": {args.shape: SHAPES[args.shape]}, "params": n_params,
               "dtype": str(dtype).removeprefix("torch."), "k": args.k, "rows": args.rows, "seq": args.seq,
               "r": args.r, "targets": targets, "steps": args.steps, "results": res, "ratios": ratios}
-    path = REPO / "bench" / "results" / f"fused_step-{device}-{stamp}.json"
+    default_shape = args.shape == ("gpu" if cuda else "smollm2")
+    path = REPO / "bench" / "results" / f"fused_step-{device}-{'' if default_shape else args.shape + '-'}{'' if args.k == 8 else 'k%d-' % args.k}{stamp}.json"
     path.write_text(json.dumps(result, indent=1))
     if tables:
         path.with_suffix(".profile.txt").write_text("\n".join(f"--- {k}\n{t}" for k, t in tables.items()))
@@ -248,7 +256,8 @@ def main() -> None:
             f"{result['dtype']}, LoRA r{args.r} {args.targets}, K={args.k} × {args.rows} rows × {args.seq} tokens, "
             f"{args.steps} timed steps · {fig('peft')}; {fig('fused')}; {fig('fused1')}; fused/peft step time "
             f"{ratios['fused_over_peft_time']}× (`{'python' if cuda else '.venv/bin/python'} bench/fused_step.py"
-            f"{' --device cuda' if cuda else ''}`; bench/results/{path.name})")
+            f"{' --device cuda' if cuda else ''}{'' if default_shape else ' --shape ' + args.shape}"
+            f"{' --k %d' % args.k if args.k != 8 else ''}`; bench/results/{path.name})")
     results_md = REPO / "bench" / "RESULTS.md"
     results_md.write_text(results_md.read_text().rstrip("\n") + "\n" + line + "\n")
     print(line)

@@ -5,33 +5,39 @@ resident; benchmarks and tests call it directly).
 How it works:
 - ``FusedTrainer(base, family, targets, r)`` wraps every targeted Linear of the base once in a
   ``MultiLinear``. The base stays loaded (4-bit too) and trains group after group of jobs.
+- **Slots.** Every job's trainable tensors live in one row of flat ``[slots, P]`` buffers (``_Slots``):
+  its weights, its gradient and its two AdamW moments, P being one adapter's parameter count. A layer's
+  bank (``MultiLinear.a`` [slots, r, in] and ``.b`` [slots, out, r] for LoRA, ``.b`` [slots, r, r] = R
+  for LoRA-XS) is a view of its columns; gradients accumulate straight into the gradient buffer.
 - Each step takes one micro-batch from every active job and stacks them into one batch. Every row
-  belongs to one job, and ``MultiLinear`` sends each job's rows only through that job's adapter
-  (segment by segment, like S-LoRA/punica's SGMV):
-  - LoRA (and QLoRA, the same on a 4-bit base): ``x·Aₖᵀ·Bₖᵀ`` per segment;
-  - LoRA-XS: the shared factors make ``x·A`` one product for all rows and ``·B`` another; only the
-    r×r ``Rₖ`` is applied per segment.
-  When every job has the same number of rows in the step (the usual case: equal batch sizes), the K
-  segments are one batched matmul (``bmm`` over the stacked ``Aₖ``, ``Bₖ`` or ``Rₖ``) instead of K small
-  ones, so the launches per layer do not grow with K. On a bf16/fp16 base the adapter product runs in
-  the base's dtype (as under autocast; the adapter weights and their optimizer state stay fp32), which
-  keeps fp32 copies of every activation out of memory; an fp32 base computes it in fp32 as before.
+  belongs to one job, and ``MultiLinear`` sends each row through its job's adapter: the row's slot
+  gathers its factors from the bank (one ``index_select`` per bank and layer, whatever K), then
+  ``x·Aᵀ`` and ``·Bᵀ`` are batched matmuls over the rows, the second one adding onto the base output
+  (``baddbmm``). LoRA-XS: the shared factors make ``x·A`` one product for all rows and ``·B`` another
+  (``addmm``); only the r×r ``R`` is gathered per row. Rows of any count per job, jobs with their own
+  alpha/r, and rows with no adapter (the bare base, in evaluation) all take this one path. On a
+  bf16/fp16 base the adapter product runs in the base's dtype (as under autocast; the slot buffers stay
+  fp32), which keeps fp32 copies of every activation out of memory.
 - The loss is each job's own token mean, summed over jobs, so each adapter's gradient is exactly what
   training it alone would give. Logits are computed only at positions that carry a label, which keeps
   the (rows × tokens × vocabulary) logits tensor out of memory.
+- **One optimizer step for all jobs.** Gradient clipping (each job's own norm) and AdamW (each job's
+  own learning rate and schedule, weight decay and step count, torch's AdamW arithmetic) run on the
+  whole ``[slots, P]`` buffers with per-slot coefficients: about a dozen operations per step for any K
+  and any number of layers, where K separate optimizers cost K × (tensors) operations. Jobs that left
+  the batch keep their rows unchanged (zero coefficients).
 - Evaluation is fused the same way: after a group trains, the i-th eval batch of every adapter (and of
   the bare base, once per distinct set of eval rows) goes into one no-grad forward, so a group's eval
   takes about as many passes as one job's.
-- Every job has its own optimizer state, learning-rate schedule, gradient clipping and step count.
-  A job leaves the batch when it reaches its steps, reaches its ``early_stop_loss``, or fails
-  (a non-finite loss fails that job only).
+- A job leaves the batch when it reaches its steps, reaches its ``early_stop_loss``, or fails (a
+  non-finite loss fails that job only).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,32 +48,82 @@ from torch import Tensor, nn
 
 from adapterfab.errors import AdapterfabError
 from adapterfab.jobs.train_loop import evaluate, forever, lr_lambda, peak_memory_mb
-from adapterfab.methods import MethodConfig, get_method
+from adapterfab.methods import MethodConfig
 from adapterfab.spec import TrainConfig
 
 Batch = dict[str, Tensor]
 FAMILIES = {"lora": "lora", "qlora": "lora", "lora_xs": "lora_xs"}
+# The optimizer every fused-capable method trains with alone (torch's AdamW defaults; QLoRA's paged
+# AdamW is the same update, paging only moves large states to host memory). _Slots.step repeats it.
+BETAS, EPS, MAX_GRAD_NORM = (0.9, 0.999), 1e-8, 1.0
+CHECKPOINT_FORMAT = "slots-1"
+# A bank layer is a strided view of the slot buffers; torch warns that such a parameter's gradient
+# (a view of the gradient buffer, same strides) is not "dense", then accumulates into it in place.
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
 
-@dataclass
 class Route:
-    """Which rows of the current batch go through which job's adapter (shared by every MultiLinear)."""
+    """Which rows of the current batch go through which adapter slot, shared by every MultiLinear.
+    ``segments``: (slot, first row, end row), the slot None for rows that take the bare base;
+    ``scales``: slot -> alpha/r (set by the trainer). The per-row tensors are made once per batch and
+    device (one host-to-device copy per step, not per layer)."""
 
-    segments: list[tuple[str, int, int]] = field(default_factory=list)  # (job id, first row, end row)
+    def __init__(self) -> None:
+        self.scales: dict[int, float] = {}
+        self._segments: list[tuple[int | None, int, int]] = []
+        self._rows: dict[tuple, tuple[Tensor, Tensor | None, float]] = {}
+
+    @property
+    def segments(self) -> list[tuple[int | None, int, int]]:
+        return self._segments
+
+    @segments.setter
+    def segments(self, segs: list[tuple[int | None, int, int]]) -> None:
+        self._segments = list(segs)
+        self._rows = {}
+
+    def rows(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, float] | None:
+        """For a batch of ``n`` rows: (the slot of each group of rows, each group's scale as [groups, 1, 1]
+        or None when one scale applies to all, that one scale); None when no row has an adapter. A group
+        is one job's rows when every job has the same number of rows, in order and covering the batch
+        (the usual fused step: one gather per job); otherwise every row is its own group."""
+        key = (n, device, dtype)
+        if key in self._rows:
+            return self._rows[key]
+        segs = self._segments
+        size = segs[0][2] - segs[0][1] if segs else 0
+        if segs and all(s is not None and lo == i * size and hi - lo == size for i, (s, lo, hi) in enumerate(segs)) \
+                and len(segs) * size == n:
+            slot = [s for s, _, _ in segs]  # type: ignore[misc]
+            scale = [self.scales[s] for s in slot]
+        else:
+            slot, scale = [0] * n, [0.0] * n
+            for s, lo, hi in segs:
+                if s is not None:
+                    for i in range(lo, min(hi, n)):
+                        slot[i], scale[i] = s, self.scales[s]
+        if not any(scale):
+            return None
+        idx = torch.tensor(slot).to(device, non_blocking=True)
+        uniform = scale[0] if all(v == scale[0] for v in scale) else None
+        per_group = None if uniform is not None else \
+            torch.tensor(scale, dtype=dtype).view(len(scale), 1, 1).to(device, non_blocking=True)
+        self._rows[key] = (idx, per_group, uniform or 1.0)
+        return self._rows[key]
 
 
 class MultiLinear(nn.Module):
-    """``base_layer(x)`` plus, for each segment of rows, that job's low-rank update."""
+    """``base_layer(x)`` plus, for every row of ``x``, the low-rank update of that row's slot (or none)."""
 
-    def __init__(self, base_layer: nn.Module, family: str, route: Route, shared: tuple[Tensor, Tensor] | None):
+    def __init__(self, base_layer: nn.Module, family: str, route: Route, r: int,
+                 shared: tuple[Tensor, Tensor] | None):
         super().__init__()
-        self.base_layer, self.family, self.route = base_layer, family, route
+        self.base_layer, self.family, self.route, self.r = base_layer, family, route, r
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
-        self.a = nn.ParameterDict()  # lora: job -> A (r x in)
-        self.b = nn.ParameterDict()  # lora: job -> B (out x r); lora_xs: job -> R (r x r)
-        self.scale: dict[str, float] = {}
-        self._scale_cache: dict[tuple, Tensor] = {}  # (jobs, dtype, device) -> their scales, when unequal
+        self.a: nn.Parameter | None = None  # lora: [slots, r, in] (views of the trainer's slot buffers)
+        self.b: nn.Parameter | None = None  # lora: [slots, out, r]; lora_xs: [slots, r, r] (R)
+        self._shared: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         if shared is not None:  # lora_xs: A (in x r), B (r x out), frozen and shared by every job
             dev = base_layer.weight.device
             self.register_buffer("xs_a", shared[0].to(dev, torch.float32), persistent=False)
@@ -77,91 +133,149 @@ class MultiLinear(nn.Module):
     def weight(self) -> Tensor:  # HF code reads q_proj.weight for dtype/device checks
         return self.base_layer.weight
 
-    def add(self, job: str, params: tuple[Tensor, ...], scale: float) -> list[nn.Parameter]:
-        dev = self.base_layer.weight.device
-        made = [nn.Parameter(t.detach().to(dev, torch.float32).clone()) for t in params]
+    def shapes(self) -> list[tuple[int, ...]]:
+        """One adapter's tensors in this layer, in slot-buffer order."""
         if self.family == "lora":
-            self.a[job], self.b[job] = made
+            return [(self.r, self.in_features), (self.out_features, self.r)]
+        return [(self.r, self.r)]
+
+    def bind(self, banks: list[tuple[Tensor, Tensor]]) -> None:
+        """Point the layer at its columns of the slot buffers: (weights, gradients) per tensor."""
+        params = []
+        for w, g in banks:
+            p = nn.Parameter(w)
+            p.grad = g
+            params.append(p)
+        if self.family == "lora":
+            self.a, self.b = params
         else:
-            (self.b[job],) = made
-        self.scale[job] = scale
-        self._scale_cache.clear()
-        return made
+            (self.b,) = params
 
-    def drop(self, job: str) -> None:
-        for d in (self.a, self.b):
-            if job in d:
-                del d[job]
-        self.scale.pop(job, None)
-        self._scale_cache.clear()
-
-    grouped = True  # one bmm for equal-size segments (tests switch it off to compare with the loop)
+    def _factors(self, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+        """LoRA-XS's frozen shared factors in the compute dtype (cast once, not every step)."""
+        if dt not in self._shared:
+            self._shared[dt] = (self.xs_a.to(dt), self.xs_b.to(dt))
+        return self._shared[dt]
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
-        segs = [s for s in self.route.segments if s[0] in self.b]
-        if not segs:
+        if self.b is None or not self.route.segments:
             return out
         half = x.dtype in (torch.bfloat16, torch.float16)
         xf = x if half else x.float()
-        n = segs[0][2] - segs[0][1]
-        if self.grouped and len(segs) > 1 and segs[0][1] == 0 and segs[-1][2] == x.shape[0] \
-                and all(e - s == n and s == i * n for i, (_, s, e) in enumerate(segs)):
-            return self._grouped(out, xf, segs, n)
-        return self._loop(out, xf, segs)
-
-    def _grouped(self, out: Tensor, xf: Tensor, segs: list[tuple[str, int, int]], n: int) -> Tensor:
-        """Every job has ``n`` rows, in order: one bmm over the K stacked adapters."""
-        k, dt = len(segs), xf.dtype
-        scale = self._scales(segs, xf)
-        rows = xf.reshape(k, -1, xf.shape[-1])  # [K, n*T, in]
+        dt, n = xf.dtype, x.shape[0]
+        got = self.route.rows(n, x.device, dt)
+        if got is None:
+            return out
+        idx, per_group, scale = got
+        groups = idx.shape[0]  # jobs (each job's rows together) or rows
+        x3 = xf.reshape(groups, -1, xf.shape[-1])  # [groups, tokens of the group, in]
         if self.family == "lora_xs":
-            h = rows @ self.xs_a.to(dt)  # the shared basis: one product for all rows
-            r = torch.stack([self.b[j] for j, _, _ in segs]).to(dt)  # [K, r, r]
-            delta = (torch.bmm(h, r) * scale) @ self.xs_b.to(dt)
-        else:
-            a = torch.stack([self.a[j] for j, _, _ in segs]).to(dt)  # [K, r, in]
-            b = torch.stack([self.b[j] for j, _, _ in segs]).to(dt)  # [K, out, r]
-            delta = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2)) * scale
-        return (out + delta.reshape(out.shape)).to(out.dtype)
+            xs_a, xs_b = self._factors(dt)
+            rr = self.b.index_select(0, idx).to(dt)  # each group's R: [groups, r, r]
+            h = torch.bmm(x3 @ xs_a, rr if per_group is None else rr * per_group)  # x·A once for all rows, ·R per group
+            o2 = out.reshape(-1, out.shape[-1])
+            if o2.dtype == dt:
+                return torch.addmm(o2, h.reshape(-1, self.r), xs_b, alpha=scale).reshape(out.shape)
+            return (o2 + scale * (h.reshape(-1, self.r) @ xs_b)).to(out.dtype).reshape(out.shape)
+        a = self.a.index_select(0, idx).to(dt)  # [groups, r, in]
+        b = self.b.index_select(0, idx).to(dt)  # [groups, out, r]
+        h = torch.bmm(x3, a.transpose(1, 2))  # [groups, tokens, r]
+        if per_group is not None:
+            h = h * per_group
+        o3 = out.reshape(groups, -1, out.shape[-1])
+        if o3.dtype == dt:  # base output + scale · h·Bᵀ in one kernel
+            return torch.baddbmm(o3, h, b.transpose(1, 2), alpha=scale).reshape(out.shape)
+        return (o3 + scale * torch.bmm(h, b.transpose(1, 2))).to(out.dtype).reshape(out.shape)
 
-    def _scales(self, segs: list[tuple[str, int, int]], like: Tensor) -> float | Tensor:
-        """The K jobs' alpha/r: one float when they agree (the usual case), else a [K, 1, 1] tensor on the
-        device, made once per set of jobs. Building it every step would copy host to device in every
-        layer, and each such copy waits for the GPU: the CPU could no longer queue layers ahead."""
-        values = [self.scale[j] for j, _, _ in segs]
-        if all(v == values[0] for v in values):
-            return values[0]
-        key = (tuple(j for j, _, _ in segs), like.dtype, like.device)
-        if key not in self._scale_cache:
-            self._scale_cache[key] = like.new_tensor(values).view(len(values), 1, 1)
-        return self._scale_cache[key]
 
-    def _loop(self, out: Tensor, xf: Tensor, segs: list[tuple[str, int, int]]) -> Tensor:
-        """Segment by segment (jobs with different row counts in this step), in ``xf``'s dtype (the fp32
-        adapter weights are cast for a half base; ``to`` is a no-op otherwise)."""
-        cast = lambda t: t.to(xf.dtype)  # noqa: E731
-        if self.family == "lora_xs":
-            h = xf @ cast(self.xs_a)  # one product for every row of every tenant
-            parts = [h[s:e] @ cast(self.b[j]) * self.scale[j] for j, s, e in segs]
-            delta = self._place(parts, segs, xf.shape[0]) @ cast(self.xs_b)
-        else:
-            parts = [(xf[s:e] @ cast(self.a[j]).t()) @ cast(self.b[j]).t() * self.scale[j] for j, s, e in segs]
-            delta = self._place(parts, segs, xf.shape[0])
-        return (out + delta).to(out.dtype)  # the result back in the base dtype
+class _Slots:
+    """Every adapter's trainable tensors, gradients and AdamW moments as rows of flat ``[capacity, P]``
+    fp32 buffers on the base's device; each layer's banks are views of its columns."""
 
-    @staticmethod
-    def _place(parts: list[Tensor], segs: list[tuple[str, int, int]], rows: int) -> Tensor:
-        """Concatenate per-segment results into ``rows`` rows (zeros where no adapter applies)."""
-        pieces, at = [], 0
-        for p, (_, s, e) in zip(parts, segs):
-            if s > at:
-                pieces.append(p.new_zeros((s - at, *p.shape[1:])))
-            pieces.append(p)
-            at = e
-        if at < rows:
-            pieces.append(parts[0].new_zeros((rows - at, *parts[0].shape[1:])))
-        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    def __init__(self, layers: dict[str, MultiLinear], device: torch.device):
+        self.layers, self.device = layers, device
+        self.columns: list[tuple[MultiLinear, list[tuple[int, tuple[int, ...]]]]] = []
+        at = 0
+        for layer in layers.values():
+            cols = []
+            for shape in layer.shapes():
+                cols.append((at, shape))
+                at += math.prod(shape)
+            self.columns.append((layer, cols))
+        self.width = at  # P: one adapter's parameter count
+        self.capacity = 0
+        self.w = self.g = self.m = self.v = torch.zeros(0, self.width, device=device)
+        self.free: list[int] = []
+
+    def reserve(self, n: int) -> None:
+        """Room for ``n`` more adapters (grows the buffers and rebinds the layers' banks)."""
+        if len(self.free) >= n:
+            return
+        old, cap = self.capacity, self.capacity + n - len(self.free)
+        bufs = []
+        for t in (self.w, self.g, self.m, self.v):
+            new = torch.zeros(cap, self.width, device=self.device)
+            new[:old] = t
+            bufs.append(new)
+        self.w, self.g, self.m, self.v = bufs
+        self.capacity = cap
+        self.free = sorted(self.free + list(range(old, cap)))
+        for layer, cols in self.columns:
+            layer.bind([(self.w[:, at:at + math.prod(s)].view(cap, *s), self.g[:, at:at + math.prod(s)].view(cap, *s))
+                        for at, s in cols])
+
+    def take(self, tensors: dict[str, tuple[Tensor, ...]], names: list[str]) -> int:
+        """A free slot holding ``tensors`` (layer name -> its tensors) and fresh optimizer state."""
+        self.reserve(1)
+        slot = self.free.pop(0)
+        with torch.no_grad():
+            for name, (layer, cols) in zip(names, self.columns):
+                for (at, shape), t in zip(cols, tensors[name]):
+                    self.w[slot, at:at + math.prod(shape)] = t.detach().reshape(-1).to(self.device, torch.float32)
+        return slot
+
+    def release(self, slot: int) -> None:
+        for t in (self.w, self.g, self.m, self.v):
+            t[slot].zero_()
+        self.free = sorted(self.free + [slot])
+
+    def tensors(self, slot: int, names: list[str]) -> dict[str, tuple[Tensor, ...]]:
+        """A slot's adapter as layer name -> its tensors (fp32 copies on the CPU)."""
+        row = self.w[slot].detach().to("cpu", copy=True)
+        return {name: tuple(row[at:at + math.prod(s)].view(*s) for at, s in cols)
+                for name, (_, cols) in zip(names, self.columns)}
+
+    def step(self, hyper: dict[int, tuple[float, float, int]]) -> None:
+        """Clip each slot's gradient to norm ``MAX_GRAD_NORM`` (as ``clip_grad_norm_`` over its tensors),
+        then one AdamW update of the slots in ``hyper`` (slot -> (learning rate, weight decay, step
+        number counting this one)); every other row keeps its weights and moments."""
+        b1, b2 = BETAS
+        coef = torch.zeros(self.capacity, 6)
+        coef[:, 0] = 1.0  # weight decay factor
+        coef[:, 3] = 1.0  # beta2 factor
+        coef[:, 5] = 1.0  # sqrt of bias correction 2
+        for slot, (lr, wd, t) in hyper.items():
+            coef[slot] = torch.tensor([1 - lr * wd, 1 - b1, -lr / (1 - b1 ** t), b2, 1 - b2, math.sqrt(1 - b2 ** t)],
+                                      dtype=torch.float64).float()
+        c = coef.to(self.device, non_blocking=True)
+        decay, w1, step_size, beta2, w2, bc2 = (c[:, i:i + 1] for i in range(6))
+        g = self.g
+        norm = torch.linalg.vector_norm(g, dim=1, keepdim=True)
+        g.mul_(torch.clamp(MAX_GRAD_NORM / (norm + 1e-6), max=1.0))
+        self.w.mul_(decay)
+        self.m.lerp_(g, w1)
+        self.v.mul_(beta2).addcmul_(g, g * w2)
+        denom = (self.v.sqrt() / bc2).add_(EPS)
+        self.w.addcdiv_(self.m * step_size, denom)
+        g.zero_()
+
+    def state(self, slot: int) -> dict[str, Tensor]:
+        return {"exp_avg": self.m[slot].detach().clone(), "exp_avg_sq": self.v[slot].detach().clone()}
+
+    def load_state(self, slot: int, state: dict[str, Tensor]) -> None:
+        self.m[slot] = state["exp_avg"].to(self.device)
+        self.v[slot] = state["exp_avg_sq"].to(self.device)
 
 
 @dataclass
@@ -187,10 +301,7 @@ class FusedResult:
 @dataclass
 class _Active:
     job: FusedJob
-    slot: str  # the key of this job's adapter inside the layers (job ids may contain '.')
-    params: list[nn.Parameter]
-    opt: Any
-    sched: Any
+    slot: int  # the job's row in the slot buffers (-1 once it failed and gave its slot back)
     batches: Iterator[Batch]
     step: int = 0
     tokens: int = 0
@@ -198,7 +309,9 @@ class _Active:
     error: str | None = None
     early: bool = False
 
-
+    def lr(self) -> float:
+        """The learning rate of the job's next step (LambdaLR's: base rate × schedule(steps done))."""
+        return self.job.train.learning_rate * lr_lambda(self.job.train)(self.step)
 def _targets(model: nn.Module, targets: Iterable[str]) -> dict[str, nn.Module]:
     wanted = set(targets)
     return {n: m for n, m in model.named_modules()
@@ -229,17 +342,18 @@ class FusedTrainer:
             parent_name, _, child = name.rpartition(".")
             parent = base.get_submodule(parent_name) if parent_name else base
             shared = basis.factors[name] if basis is not None else None
-            layer = MultiLinear(m, family, self.route, shared)
+            layer = MultiLinear(m, family, self.route, r, shared)
             setattr(parent, child, layer)
             self.layers[name] = layer
         if not self.layers:
             raise AdapterfabError(f"no modules named {self.targets} in the base")
         self.decoder = base.get_decoder()
         self.lm_head = base.get_output_embeddings()
+        self.device = next(base.parameters()).device
+        self.slots = _Slots(self.layers, self.device)
         self.jobs_trained = 0
         self._base_evals: dict[str, dict[str, float]] = {}  # eval rows' digest -> the frozen base's metrics
-        self._slots: dict[str, str] = {}
-        self._next_slot = 0
+        self._slot_of: dict[str, int] = {}  # job id -> its slot
 
     # -- adapters -------------------------------------------------------------------------------
     def compatible(self, method: MethodConfig) -> str | None:
@@ -277,42 +391,28 @@ class FusedTrainer:
         why = self.compatible(job.method)
         if why:
             raise AdapterfabError(f"job {job.job_id} cannot join this fused group: {why}")
-        init = init or job.init or self._init(job, torch.Generator().manual_seed(job.train.seed))
-        scale = job.method.alpha / job.method.r  # type: ignore[attr-defined]
-        if job.job_id in self._slots:
+        if job.job_id in self._slot_of:
             raise AdapterfabError(f"job {job.job_id} is already in this trainer; remove it first")
-        slot = self._slots[job.job_id] = f"a{self._next_slot}"
-        self._next_slot += 1
-        params: list[nn.Parameter] = []
-        for name, layer in self.layers.items():
-            params += layer.add(slot, init[name], scale)
-        impl = get_method(job.method.name)
-        opt = impl.make_optimizer(params, job.train.learning_rate, job.train.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(job.train))
-        return _Active(job, slot, params, opt, sched, forever(job.epoch_batches))
+        init = init or job.init or self._init(job, torch.Generator().manual_seed(job.train.seed))
+        slot = self._slot_of[job.job_id] = self.slots.take(init, list(self.layers))
+        self.route.scales[slot] = job.method.alpha / job.method.r  # type: ignore[attr-defined]
+        return _Active(job, slot, forever(job.epoch_batches))
 
     def remove(self, job_id: str) -> None:
-        slot = self._slots.pop(job_id, None)
-        for layer in self.layers.values():
-            if slot is not None:
-                layer.drop(slot)
+        slot = self._slot_of.pop(job_id, None)
+        if slot is not None:
+            self.slots.release(slot)
+            self.route.scales.pop(slot, None)
 
     def adapter_tensors(self, job_id: str) -> dict[str, tuple[Tensor, ...]]:
-        slot = self._slots[job_id]
-        out = {}
-        for name, layer in self.layers.items():
-            if self.family == "lora":
-                out[name] = (layer.a[slot].detach().cpu(), layer.b[slot].detach().cpu())
-            else:
-                out[name] = (layer.b[slot].detach().cpu(),)
-        return out
+        return self.slots.tensors(self._slot_of[job_id], list(self.layers))
 
     def slot_keys(self) -> set[str]:
         """The job ids whose adapters the trainer holds."""
-        return set(self._slots)
+        return set(self._slot_of)
 
     # -- one fused step -------------------------------------------------------------------------
-    def _forward(self, batch: Batch, segs: list[tuple[str, int, int]]) -> tuple[Tensor, Tensor, Tensor]:
+    def _forward(self, batch: Batch, segs: list[tuple[int | None, int, int]]) -> tuple[Tensor, Tensor, Tensor]:
         """Run a stacked batch (on the CPU) through the decoder on the base's device, each segment's rows
         through its own adapter: (hidden states, labels, each row's index in ``segs``), aligned so
         position t predicts label t. Nothing here waits for the GPU: the host-side tensors are made on
@@ -322,7 +422,7 @@ class FusedTrainer:
         see a pad, and the attention mask changes no output that carries a label. It is then not passed:
         SDPA takes its fused causal path (FlashAttention on a GPU) instead of a masked kernel. A batch
         that is not right-padded keeps its mask."""
-        device = next(self.base.parameters()).device
+        device = self.device
         mask = batch["attention_mask"]
         right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
         ids = batch["input_ids"].to(device, non_blocking=True)
@@ -337,8 +437,9 @@ class FusedTrainer:
             self.route.segments = []
         return hidden[:, :-1], labels[:, 1:], seg_of_row
 
-    def _losses(self, batch: Batch, segs: list[tuple[str, int, int]]) -> dict[str, Tensor]:
-        """Each job's mean token loss over its rows, computing logits only where a label is."""
+    def _losses(self, batch: Batch, segs: list[tuple[int | None, int, int]]) -> Tensor:
+        """Each segment's mean token loss over its rows ([segments]), computing logits only where a
+        label is."""
         hidden, labels, seg_of_row = self._forward(batch, segs)
         mask = labels != -100
         logits = self.lm_head(hidden[mask]).float()  # the step's one wait for the GPU (a boolean index)
@@ -347,28 +448,26 @@ class FusedTrainer:
         # per-job sums without a boolean index per job (each would wait for the GPU)
         sums = tok_loss.new_zeros(len(segs)).index_add(0, seg_of_token, tok_loss)
         counts = torch.bincount(seg_of_token, minlength=len(segs)).clamp(min=1)
-        return {jid: sums[k] / counts[k] for k, (jid, _, _) in enumerate(segs)}
+        return sums / counts
 
     def _state(self, active: list[_Active], iteration: int) -> dict[str, Any]:
         jobs = {}
         for a in active:
             jobs[a.job.job_id] = {"step": a.step, "tokens": a.tokens, "losses": list(a.losses), "error": a.error,
                                   "early": a.early}
-            if a.error is None:
-                jobs[a.job.job_id].update({  # copies: training goes on after the callback returns
-                    "adapter": {n: tuple(t.clone() for t in ts) for n, ts in self.adapter_tensors(a.job.job_id).items()},
-                    "optimizer": copy.deepcopy(a.opt.state_dict()), "scheduler": copy.deepcopy(a.sched.state_dict())})
-        return {"iteration": iteration, "jobs": jobs}
+            if a.error is None:  # copies: training goes on after the callback returns
+                jobs[a.job.job_id].update({"adapter": self.adapter_tensors(a.job.job_id),
+                                           "optimizer": self.slots.state(a.slot)})
+        return {"format": CHECKPOINT_FORMAT, "iteration": iteration, "jobs": jobs}
 
     def _resume(self, job: FusedJob, saved: dict[str, Any]) -> _Active:
-        """The job as it was at a checkpoint: weights, optimizer and schedule state, its data stream
-        advanced past the batches it consumed (one per step)."""
+        """The job as it was at a checkpoint: weights, optimizer state and step (its schedule follows
+        from the step), its data stream advanced past the batches it consumed (one per step)."""
         if saved["error"] is not None:
-            return _Active(job, "", [], None, None, iter(()), saved["step"], saved["tokens"], list(saved["losses"]),
+            return _Active(job, -1, iter(()), saved["step"], saved["tokens"], list(saved["losses"]),
                            saved["error"], saved["early"])
         a = self._add(job, init=saved["adapter"])
-        a.opt.load_state_dict(saved["optimizer"])
-        a.sched.load_state_dict(saved["scheduler"])
+        self.slots.load_state(a.slot, saved["optimizer"])
         a.step, a.tokens, a.losses, a.early = saved["step"], saved["tokens"], list(saved["losses"]), saved["early"]
         for _ in range(a.step):
             next(a.batches)
@@ -381,9 +480,13 @@ class FusedTrainer:
         its adapter in the trainer (``save``/``adapter_tensors``) until ``remove``.
 
         Fault tolerance: every ``checkpoint_every`` fused steps ``on_checkpoint(state)`` receives every
-        job's weights, optimizer and schedule state, step, losses and stop reason; passing it back as
-        ``resume`` (to a fresh trainer over the same base) continues as if never stopped."""
+        job's weights, optimizer state, step, losses and stop reason; passing it back as ``resume`` (to
+        a fresh trainer over the same base) continues as if never stopped."""
+        if resume is not None and resume.get("format") != CHECKPOINT_FORMAT:
+            raise AdapterfabError("this fused group's checkpoint was written by another version of adapterfab; "
+                                  "train the group again from the start")
         saved = (resume or {}).get("jobs", {})
+        self.slots.reserve(len(jobs))
         active = [self._resume(j, saved[j.job_id]) if j.job_id in saved else self._add(j) for j in jobs]
         iteration = int((resume or {}).get("iteration", 0))
         t0 = time.monotonic()
@@ -399,29 +502,33 @@ class FusedTrainer:
             micro = [next(a.batches) for a in running]
             batch, segs = stack([(a.slot, b) for a, b in zip(running, micro)])
             losses = self._losses(batch, segs)
-            values = dict(zip(losses, torch.stack(list(losses.values())).detach().float().tolist()))  # one sync
-            finite = {j: v for j, v in losses.items() if math.isfinite(values[j])}
-            for a in running:
-                if a.slot not in finite:
-                    a.error = (f"loss became {values[a.slot]} at step {a.step + 1}; "
-                               "lower train.learning_rate")
-                    self.remove(a.job.job_id)
-            if finite:
-                sum(finite.values()).backward()
-            for a, b in zip(running, micro):
+            values = losses.detach().float().tolist()  # the step's one read of the device
+            failed = []
+            for a, v in zip(running, values):
+                if not math.isfinite(v):
+                    a.error = f"loss became {v} at step {a.step + 1}; lower train.learning_rate"
+                    failed.append(a)
+            ok = [i for i, v in enumerate(values) if math.isfinite(v)]
+            if len(ok) == len(values):
+                losses.sum().backward()
+            elif ok:  # a failed job's rows add nothing to the others' gradients
+                losses.index_select(0, torch.tensor(ok).to(self.device, non_blocking=True)).sum().backward()
+            hyper = {a.slot: (a.lr(), a.job.train.weight_decay, a.step + 1) for a in running if a.error is None}
+            if hyper:
+                self.slots.step(hyper)
+            for a in failed:  # its slot goes back (zeroed) only after the backward pass that read it
+                self.remove(a.job.job_id)
+                a.slot = -1
+            for a, b, v in zip(running, micro, values):
                 if a.error:
                     continue
-                torch.nn.utils.clip_grad_norm_(a.params, 1.0)
-                a.opt.step()
-                a.sched.step()
-                a.opt.zero_grad(set_to_none=True)
                 a.step += 1
-                a.losses.append(values[a.slot])
+                a.losses.append(v)
                 a.tokens += int(b["attention_mask"].sum())
                 t = a.job.train
                 if on_step and (a.step % t.log_every_steps == 0 or a.step == t.steps):
-                    on_step(a.job.job_id, a.step, a.losses[-1], a.sched.get_last_lr()[0])
-                if a.job.early_stop_loss is not None and a.losses[-1] <= a.job.early_stop_loss:
+                    on_step(a.job.job_id, a.step, v, a.lr())
+                if a.job.early_stop_loss is not None and v <= a.job.early_stop_loss:
                     a.early = True
         train_s = time.monotonic() - t0
         results = self._finish(active, train_s, max_rows=sum(a.job.train.batch_size for a in active))
@@ -441,7 +548,7 @@ class FusedTrainer:
             metrics[a.job.job_id] = {
                 "train_loss": a.losses[-1], "train_loss_first": a.losses[0], "train_s": train_s,
                 "train_tokens_per_s": a.tokens / max(train_s, 1e-9), "steps": float(a.step),
-                "trainable_params": float(sum(p.numel() for p in a.params)),
+                "trainable_params": float(self.slots.width),
             }
             ev = list(a.job.eval_batches()) if a.job.eval_batches is not None else []
             if not ev:
@@ -476,7 +583,7 @@ class FusedTrainer:
         eval batches)``, fused: the i-th batch of every set is stacked into one forward of at most
         ``max_rows`` rows (one batch alone may be more), each set's rows through its own adapter, logits
         only where a label is, and one host sync at the end."""
-        device = next(self.base.parameters()).device
+        device = self.device
         work = [(k, bs[i]) for i in range(max(len(bs) for _, bs in sets)) for k, (_, bs) in enumerate(sets)
                 if i < len(bs)]
         chunks: list[list[tuple[int, Batch]]] = [[]]
@@ -493,7 +600,7 @@ class FusedTrainer:
         try:
             with torch.no_grad():
                 for chunk in chunks:
-                    names = [self._slots[sets[k][0]] if sets[k][0] else f"base-{k}" for k, _ in chunk]  # type: ignore[index]
+                    names = [self._slot_of[sets[k][0]] if sets[k][0] else None for k, _ in chunk]  # type: ignore[index]
                     batch, segs = stack([(name, b) for name, (_, b) in zip(names, chunk)])
                     hidden, labels, seg_of_row = self._forward(batch, segs)
                     mask = labels != -100
@@ -513,7 +620,7 @@ class FusedTrainer:
     def evaluate(self, job_id: str | None, batches: list[Batch]) -> dict[str, float]:
         """Eval metrics with ``job_id``'s adapter on every row (None: the bare base)."""
         max_rows = max(b["input_ids"].shape[0] for b in batches)
-        self.route.segments = [(self._slots[job_id], 0, max_rows)] if job_id else []
+        self.route.segments = [(self._slot_of[job_id], 0, max_rows)] if job_id else []
         try:
             return evaluate(self.base, batches)
         finally:
@@ -556,7 +663,7 @@ def _digest(batches: list[Batch]) -> str:
     return h.hexdigest()
 
 
-def stack(items: list[tuple[str, Batch]]) -> tuple[Batch, list[tuple[str, int, int]]]:
+def stack(items: list[tuple[Any, Batch]]) -> tuple[Batch, list[tuple[Any, int, int]]]:
     """Concatenate several jobs' micro-batches (right-padded to the longest) into one batch."""
     t = max(b["input_ids"].shape[1] for _, b in items)
     parts: dict[str, list[Tensor]] = {"input_ids": [], "attention_mask": [], "labels": []}
