@@ -57,16 +57,15 @@ FAMILIES = {"lora": "lora", "qlora": "lora", "lora_xs": "lora_xs"}
 # AdamW is the same update, paging only moves large states to host memory). _Slots.step repeats it.
 BETAS, EPS, MAX_GRAD_NORM = (0.9, 0.999), 1e-8, 1.0
 CHECKPOINT_FORMAT = "slots-1"
-# A bank layer is a strided view of the slot buffers; torch warns that such a parameter's gradient
-# (a view of the gradient buffer, same strides) is not "dense", then accumulates into it in place.
-warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+NULL_SLOT = 0  # a row of the slot buffers that stays zero: rows with no adapter gather it
 
 
 class Route:
     """Which rows of the current batch go through which adapter slot, shared by every MultiLinear.
     ``segments``: (slot, first row, end row), the slot None for rows that take the bare base;
-    ``scales``: slot -> alpha/r (set by the trainer). The per-row tensors are made once per batch and
-    device (one host-to-device copy per step, not per layer)."""
+    ``scales``: slot -> alpha/r (set by the trainer). Rows with no adapter gather the all-zero
+    ``NULL_SLOT`` at scale 0, so no adapter's weights (not even non-finite ones) reach them. The per-row
+    tensors are made once per batch and device (one host-to-device copy per step, not per layer)."""
 
     def __init__(self) -> None:
         self.scales: dict[int, float] = {}
@@ -97,7 +96,7 @@ class Route:
             slot = [s for s, _, _ in segs]  # type: ignore[misc]
             scale = [self.scales[s] for s in slot]
         else:
-            slot, scale = [0] * n, [0.0] * n
+            slot, scale = [NULL_SLOT] * n, [0.0] * n
             for s, lo, hi in segs:
                 if s is not None:
                     for i in range(lo, min(hi, n)):
@@ -122,6 +121,7 @@ class MultiLinear(nn.Module):
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.a: nn.Parameter | None = None  # lora: [slots, r, in] (views of the trainer's slot buffers)
+        self.grads: list[tuple[nn.Parameter, Tensor]] = []  # each bank and its view of the gradient buffer
         self.b: nn.Parameter | None = None  # lora: [slots, out, r]; lora_xs: [slots, r, r] (R)
         self._shared: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         if shared is not None:  # lora_xs: A (in x r), B (r x out), frozen and shared by every job
@@ -142,10 +142,12 @@ class MultiLinear(nn.Module):
     def bind(self, banks: list[tuple[Tensor, Tensor]]) -> None:
         """Point the layer at its columns of the slot buffers: (weights, gradients) per tensor."""
         params = []
+        self.grads = []
         for w, g in banks:
             p = nn.Parameter(w)
             p.grad = g
             params.append(p)
+            self.grads.append((p, g))
         if self.family == "lora":
             self.a, self.b = params
         else:
@@ -191,7 +193,8 @@ class MultiLinear(nn.Module):
 
 class _Slots:
     """Every adapter's trainable tensors, gradients and AdamW moments as rows of flat ``[capacity, P]``
-    fp32 buffers on the base's device; each layer's banks are views of its columns."""
+    fp32 buffers on the base's device; each layer's banks are views of its columns. Row ``NULL_SLOT``
+    is never handed out and stays zero."""
 
     def __init__(self, layers: dict[str, MultiLinear], device: torch.device):
         self.layers, self.device = layers, device
@@ -207,12 +210,14 @@ class _Slots:
         self.capacity = 0
         self.w = self.g = self.m = self.v = torch.zeros(0, self.width, device=device)
         self.free: list[int] = []
+        self.reserve(0)  # the null row
 
     def reserve(self, n: int) -> None:
         """Room for ``n`` more adapters (grows the buffers and rebinds the layers' banks)."""
-        if len(self.free) >= n:
+        if len(self.free) >= n and self.capacity:
             return
-        old, cap = self.capacity, self.capacity + n - len(self.free)
+        old = self.capacity
+        cap = max(old + n - len(self.free), NULL_SLOT + 1)
         bufs = []
         for t in (self.w, self.g, self.m, self.v):
             new = torch.zeros(cap, self.width, device=self.device)
@@ -220,7 +225,7 @@ class _Slots:
             bufs.append(new)
         self.w, self.g, self.m, self.v = bufs
         self.capacity = cap
-        self.free = sorted(self.free + list(range(old, cap)))
+        self.free = sorted(self.free + [i for i in range(old, cap) if i != NULL_SLOT])
         for layer, cols in self.columns:
             layer.bind([(self.w[:, at:at + math.prod(s)].view(cap, *s), self.g[:, at:at + math.prod(s)].view(cap, *s))
                         for at, s in cols])
@@ -232,6 +237,9 @@ class _Slots:
         with torch.no_grad():
             for name, (layer, cols) in zip(names, self.columns):
                 for (at, shape), t in zip(cols, tensors[name]):
+                    if tuple(t.shape) != shape:
+                        self.release(slot)
+                        raise AdapterfabError(f"{name}: initial tensor of shape {tuple(t.shape)}, expected {shape}")
                     self.w[slot, at:at + math.prod(shape)] = t.detach().reshape(-1).to(self.device, torch.float32)
         return slot
 
@@ -265,10 +273,25 @@ class _Slots:
         g.mul_(torch.clamp(MAX_GRAD_NORM / (norm + 1e-6), max=1.0))
         self.w.mul_(decay)
         self.m.lerp_(g, w1)
-        self.v.mul_(beta2).addcmul_(g, g * w2)
-        denom = (self.v.sqrt() / bc2).add_(EPS)
-        self.w.addcdiv_(self.m * step_size, denom)
+        self.v.mul_(beta2).addcmul_(g * w2, g)  # one [slots, P] temporary at a time
+        d = self.v.sqrt()
+        d.div_(bc2).add_(EPS)
+        torch.div(self.m, d, out=d)
+        self.w.addcmul_(d, step_size)  # w - lr/bc1 · m/denom, as torch's addcdiv
         g.zero_()
+
+    def backward(self, loss: Tensor) -> None:
+        """``loss.backward()`` into the gradient buffer. A bank's ``.grad`` that something reset (a
+        ``zero_grad(set_to_none=True)`` on the base) is pointed back at it first: autograd would
+        otherwise put the gradient in a fresh tensor the step never reads."""
+        for layer, _ in self.columns:
+            for p, g in layer.grads:
+                if p.grad is not g:
+                    p.grad = g
+        with warnings.catch_warnings():  # a bank is a strided view of the buffers; torch warns that its
+            # gradient (a view with the same strides) is not "dense", then accumulates into it in place
+            warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+            loss.backward()
 
     def state(self, slot: int) -> dict[str, Tensor]:
         return {"exp_avg": self.m[slot].detach().clone(), "exp_avg_sq": self.v[slot].detach().clone()}
@@ -483,8 +506,9 @@ class FusedTrainer:
         job's weights, optimizer state, step, losses and stop reason; passing it back as ``resume`` (to
         a fresh trainer over the same base) continues as if never stopped."""
         if resume is not None and resume.get("format") != CHECKPOINT_FORMAT:
-            raise AdapterfabError("this fused group's checkpoint was written by another version of adapterfab; "
-                                  "train the group again from the start")
+            warnings.warn("this fused group's checkpoint was written by another version of adapterfab: "
+                          "the group trains again from the start", stacklevel=2)
+            resume = None
         saved = (resume or {}).get("jobs", {})
         self.slots.reserve(len(jobs))
         active = [self._resume(j, saved[j.job_id]) if j.job_id in saved else self._add(j) for j in jobs]
@@ -510,9 +534,9 @@ class FusedTrainer:
                     failed.append(a)
             ok = [i for i, v in enumerate(values) if math.isfinite(v)]
             if len(ok) == len(values):
-                losses.sum().backward()
+                self.slots.backward(losses.sum())
             elif ok:  # a failed job's rows add nothing to the others' gradients
-                losses.index_select(0, torch.tensor(ok).to(self.device, non_blocking=True)).sum().backward()
+                self.slots.backward(losses.index_select(0, torch.tensor(ok).to(self.device, non_blocking=True)).sum())
             hyper = {a.slot: (a.lr(), a.job.train.weight_decay, a.step + 1) for a in running if a.error is None}
             if hyper:
                 self.slots.step(hyper)
