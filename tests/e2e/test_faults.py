@@ -154,6 +154,10 @@ def test_mlflow_outage_during_a_batch_loses_nothing(stack: Path, tiny_model_path
     port = int(info["mlflow_uri"].rsplit(":", 1)[1])
     t_down, wall_down = time.monotonic(), time.time()
     stop_pid(info["mlflow_pid"])  # the server process is gone: connections are refused
+    # down until the first job has taken steps (the state DB has them from Ray, not from MLflow): its Ray
+    # Train worker can need 20+ s to start on 2 busy CPUs, and a job in TRAINING may not step yet
+    wait_for(lambda: [j for j in st.jobs(batch_id) if j.id in training and (j.step > 0 or j.state.value != "TRAINING")],
+             300, "the first job's steps while MLflow is down", poll_s=0.2)
     time.sleep(10)  # plus the restart below (MLflow answers /health after 7-60 s here)
     states_during = {j.id: j.state.value for j in st.jobs(batch_id)}
     print("during the outage:", states_during)
