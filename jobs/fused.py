@@ -197,7 +197,8 @@ class _Slots:
     is never handed out and stays zero."""
 
     def __init__(self, layers: dict[str, MultiLinear], device: torch.device):
-        self.layers, self.device = layers, device
+        self.device = device
+        self.names = list(layers)  # layer name of each entry of ``columns``
         self.columns: list[tuple[MultiLinear, list[tuple[int, tuple[int, ...]]]]] = []
         at = 0
         for layer in layers.values():
@@ -230,12 +231,12 @@ class _Slots:
             layer.bind([(self.w[:, at:at + math.prod(s)].view(cap, *s), self.g[:, at:at + math.prod(s)].view(cap, *s))
                         for at, s in cols])
 
-    def take(self, tensors: dict[str, tuple[Tensor, ...]], names: list[str]) -> int:
+    def take(self, tensors: dict[str, tuple[Tensor, ...]]) -> int:
         """A free slot holding ``tensors`` (layer name -> its tensors) and fresh optimizer state."""
         self.reserve(1)
         slot = self.free.pop(0)
         with torch.no_grad():
-            for name, (layer, cols) in zip(names, self.columns):
+            for name, (_, cols) in zip(self.names, self.columns):
                 for (at, shape), t in zip(cols, tensors[name]):
                     if tuple(t.shape) != shape:
                         self.release(slot)
@@ -248,11 +249,11 @@ class _Slots:
             t[slot].zero_()
         self.free = sorted(self.free + [slot])
 
-    def tensors(self, slot: int, names: list[str]) -> dict[str, tuple[Tensor, ...]]:
+    def tensors(self, slot: int) -> dict[str, tuple[Tensor, ...]]:
         """A slot's adapter as layer name -> its tensors (fp32 copies on the CPU)."""
         row = self.w[slot].detach().to("cpu", copy=True)
         return {name: tuple(row[at:at + math.prod(s)].view(*s) for at, s in cols)
-                for name, (_, cols) in zip(names, self.columns)}
+                for name, (_, cols) in zip(self.names, self.columns)}
 
     def step(self, hyper: dict[int, tuple[float, float, int]]) -> None:
         """Clip each slot's gradient to norm ``MAX_GRAD_NORM`` (as ``clip_grad_norm_`` over its tensors),
@@ -264,8 +265,7 @@ class _Slots:
         coef[:, 3] = 1.0  # beta2 factor
         coef[:, 5] = 1.0  # sqrt of bias correction 2
         for slot, (lr, wd, t) in hyper.items():
-            coef[slot] = torch.tensor([1 - lr * wd, 1 - b1, -lr / (1 - b1 ** t), b2, 1 - b2, math.sqrt(1 - b2 ** t)],
-                                      dtype=torch.float64).float()
+            coef[slot] = torch.tensor([1 - lr * wd, 1 - b1, -lr / (1 - b1 ** t), b2, 1 - b2, math.sqrt(1 - b2 ** t)])
         c = coef.to(self.device, non_blocking=True)
         decay, w1, step_size, beta2, w2, bc2 = (c[:, i:i + 1] for i in range(6))
         g = self.g
@@ -335,6 +335,8 @@ class _Active:
     def lr(self) -> float:
         """The learning rate of the job's next step (LambdaLR's: base rate × schedule(steps done))."""
         return self.job.train.learning_rate * lr_lambda(self.job.train)(self.step)
+
+
 def _targets(model: nn.Module, targets: Iterable[str]) -> dict[str, nn.Module]:
     wanted = set(targets)
     return {n: m for n, m in model.named_modules()
@@ -417,7 +419,7 @@ class FusedTrainer:
         if job.job_id in self._slot_of:
             raise AdapterfabError(f"job {job.job_id} is already in this trainer; remove it first")
         init = init or job.init or self._init(job, torch.Generator().manual_seed(job.train.seed))
-        slot = self._slot_of[job.job_id] = self.slots.take(init, list(self.layers))
+        slot = self._slot_of[job.job_id] = self.slots.take(init)
         self.route.scales[slot] = job.method.alpha / job.method.r  # type: ignore[attr-defined]
         return _Active(job, slot, forever(job.epoch_batches))
 
@@ -428,7 +430,7 @@ class FusedTrainer:
             self.route.scales.pop(slot, None)
 
     def adapter_tensors(self, job_id: str) -> dict[str, tuple[Tensor, ...]]:
-        return self.slots.tensors(self._slot_of[job_id], list(self.layers))
+        return self.slots.tensors(self._slot_of[job_id])
 
     def slot_keys(self) -> set[str]:
         """The job ids whose adapters the trainer holds."""
