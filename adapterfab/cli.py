@@ -112,11 +112,12 @@ def plan(batch: Path = typer.Argument(..., help="batch spec YAML"),
 
     try:
         spec, jobs, _ = load_spec(batch)
-        check_semantics(spec, jobs, dataset_exists=s3_object_error)
+        # estimates need the base's config.json; plan never converts or downloads to get it
+        planned = check_semantics(spec, jobs, dataset_exists=s3_object_error, batch_id="new-batch")
     except SpecError as e:
         _fail(e, 2)
-    # estimates need the base's config.json; plan never converts or downloads to get it
-    planned = plan_batch("new-batch", spec, jobs, local_folder(spec.base_model))
+    if planned is None:
+        planned = plan_batch("new-batch", spec, jobs, local_folder(spec.base_model))
     if as_json:
         out.print_json(json.dumps([p.to_dict() for p in planned]))
         return
@@ -136,11 +137,17 @@ def plan(batch: Path = typer.Argument(..., help="batch spec YAML"),
         out.print(f"estimated training time: ≤ {total:g} job-seconds in all (steps only, rows at max_seq_len)")
 
 
-def _print_status(dump: dict) -> None:
+STATUS_ROWS = 50  # a batch with more jobs shows its counts and the jobs not yet succeeded (--json: all)
+
+
+def _print_status(dump: dict, every_job: bool = False) -> None:
+    jobs = dump["jobs"]
+    shown = jobs if every_job or len(jobs) <= STATUS_ROWS else \
+        [j for j in jobs if j["state"] != "SUCCEEDED"][:STATUS_ROWS]
     t = Table(title=f"batch {dump['id']} ({dump['name']}): {dump['state']}")
     for col in ("adapter", "method", "state", "progress", "loss", "eval loss", "base eval", "version", "error"):
         t.add_column(col, overflow="fold")
-    for j in dump["jobs"]:
+    for j in shown:
         m = j["metrics"] or {}
         t.add_row(f"{j['tenant']}/{j['persona']}", j["method"], j["state"],
                   f"{j['step']}/{j['total_steps']} ({100 * j['progress']:.0f}%)",
@@ -149,7 +156,15 @@ def _print_status(dump: dict) -> None:
                   f"{m['base_eval_loss']:.3f}" if "base_eval_loss" in m else "",
                   str(j["model_version"] or "") + (" (reused)" if j.get("reused_version") else ""),
                   (j["error"] or "")[:300])
-    out.print(t)
+    if shown:
+        out.print(t)
+    if len(shown) < len(jobs):
+        counts: dict[str, int] = {}
+        for j in jobs:
+            counts[j["state"]] = counts.get(j["state"], 0) + 1
+        out.print(f"batch {dump['id']} ({dump['name']}): {dump['state']}, {len(jobs)} jobs: "
+                  + ", ".join(f"{n} {st}" for st, n in sorted(counts.items()))
+                  + f"; {len(shown)} shown (--all: every job; --json: everything)", markup=False)
 
 
 @app.command()
@@ -192,12 +207,12 @@ def submit(batch: Optional[Path] = typer.Argument(None, help="batch spec YAML (n
     if batch is None:
         _fail(AdapterfabError("a batch spec file is needed (or --resume BATCH_ID)"), 2)
     try:
-        spec, jobs, _ = load_spec(batch)  # refuse a bad spec before anything else
-        check_semantics(spec, jobs, dataset_exists=s3_object_error)
+        checked = load_spec(batch)  # refuse a bad spec before anything else; validated and planned once
+        batch_id = new_batch_id()
+        planned = check_semantics(checked[0], checked[1], dataset_exists=s3_object_error, batch_id=batch_id)
         if address:
             from adapterfab.jobs.remote import follow, submit_remote
 
-            batch_id = new_batch_id()
             sid = submit_remote(address, batch, batch_id, force)
             out.print(f"batch {batch_id}  (Ray Job {sid} on {address})")
             if wait:
@@ -209,7 +224,7 @@ def submit(batch: Optional[Path] = typer.Argument(None, help="batch spec YAML (n
         if not s.ray_address or (local is not None and not stack_alive(local)):
             raise AdapterfabError("the local stack is not running: run `adapterfab up` first")
         _need_mlflow(s)
-        batch_id = create_batch(s, batch, force=force)
+        batch_id = create_batch(s, batch, force=force, batch_id=batch_id, checked=(*checked, planned))
     except SpecError as e:
         _fail(e, 2)
     except AdapterfabError as e:
@@ -267,9 +282,11 @@ def _wait(s: Settings, batch_id: str, timeout_s: float, finished: Any = None) ->
     state = StateStore(s.state_url)
     t0 = time.monotonic()
     last: dict[str, tuple] = {}
+    since = 0.0
     while True:
         b = state.get_batch(batch_id)
-        for j in state.jobs(batch_id):
+        polled = time.time()
+        for j in state.jobs_changed(batch_id, since - 2.0):  # what changed since the last poll (clock slack)
             key = (j.state.value, j.step)
             if last.get(j.id) != key:
                 last[j.id] = key
@@ -279,6 +296,7 @@ def _wait(s: Settings, batch_id: str, timeout_s: float, finished: Any = None) ->
                 why = f": {j.error}" if j.error else ""
                 out.print(f"[{time.monotonic() - t0:6.0f}s] {j.tenant}/{j.persona} {j.state.value} "
                           f"{j.step}/{j.total_steps}{loss}{extra}{why}")
+        since = polled
         if b.state in ("SUCCEEDED", "FAILED"):
             _print_status(state.dump(batch_id))
             return 0 if b.state == "SUCCEEDED" else 1
@@ -298,6 +316,8 @@ def _wait(s: Settings, batch_id: str, timeout_s: float, finished: Any = None) ->
 @app.command()
 def status(batch_id: Optional[str] = typer.Argument(None, help="a batch id (default: list batches)"),
            as_json: bool = typer.Option(False, "--json"),
+           every_job: bool = typer.Option(False, "--all", help="every job of a large batch, not only those "
+                                                               "still running or failed"),
            address: Optional[str] = typer.Option(None, "--address", help="a batch submitted with "
                                                  "`submit --address`: its Ray Job's status and log")) -> None:
     """Per-job state, progress and final metrics of a batch, or the list of batches."""
@@ -323,9 +343,9 @@ def status(batch_id: Optional[str] = typer.Argument(None, help="a batch id (defa
     try:
         if batch_id is None:
             rows = [{"id": b.id, "name": b.name, "state": b.state, "created_s": b.created_s,
-                     "jobs": len(state.jobs(b.id))} for b in state.list_batches()]
+                     "jobs": sum(state.job_counts(b.id).values())} for b in state.list_batches()]
             if as_json:
-                out.print(dumps(rows))
+                sys.stdout.write(dumps(rows) + "\n")
                 return
             t = Table(title="batches")
             for col in ("id", "name", "state", "jobs", "created"):
@@ -338,10 +358,10 @@ def status(batch_id: Optional[str] = typer.Argument(None, help="a batch id (defa
         dump = state.dump(batch_id)
     except AdapterfabError as e:
         _fail(e)
-    if as_json:
-        out.print(dumps(dump))
+    if as_json:  # written as is: a console renderer takes seconds over a thousand jobs
+        sys.stdout.write(dumps(dump) + "\n")
     else:
-        _print_status(dump)
+        _print_status(dump, every_job)
 
 
 @registry_app.command("ls")

@@ -18,7 +18,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,11 +191,16 @@ class Tracking:
     def __init__(self, uri: str, retry_s: float = 0.0):
         self.uri, self.retry_s = uri, retry_s
         self.client = _client(uri, retry_s)
+        self._experiments: dict[str, str] = {}  # name -> id (experiments are never renamed here)
+        self._artifact_uris: dict[str, str] = {}  # run id -> its artifact root, from create_run
 
     def experiment_id(self, name: str = EXPERIMENT) -> str:
         """The experiment's id, created on first use; a tenant's experiment is tagged with its tenant."""
+        if name in self._experiments:
+            return self._experiments[name]
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
+            self._experiments[name] = exp.experiment_id
             return exp.experiment_id
         tenant = name.removeprefix(TENANT_EXPERIMENT_PREFIX) if name.startswith(TENANT_EXPERIMENT_PREFIX) else None
         tags = {TAG + "tenant": check_id(tenant)} if tenant is not None else {TAG + "scope": "operators"}
@@ -220,7 +225,29 @@ class Tracking:
 
         run = with_retry(lambda: raw.create_run(exp, run_name=name, tags=tags), "create_run", self.retry_s,
                          before_retry=created)
+        self._artifact_uris[run.info.run_id] = run.info.artifact_uri
         return run.info.run_id
+
+    def log_batch(self, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+                  tags: dict[str, Any] | None = None, step: int = 0,
+                  history: list[tuple[str, float, int, int]] | None = None) -> None:
+        """Params, metrics (at ``step``), tags and earlier metrics (``history``: (key, value, timestamp
+        ms, step)) in as few calls as MLflow allows (1,000 entries, 100 params per call)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        items: list[tuple[str, Any]] = [("p", Param(k, str(v)[:6000])) for k, v in (params or {}).items()]
+        items += [("t", RunTag(k, str(v)[:8000])) for k, v in (tags or {}).items()]
+        items += [("m", Metric(k, float(v), now, step)) for k, v in (metrics or {}).items()]
+        items += [("m", Metric(k, float(v), int(ts), int(st))) for k, v, ts, st in (history or [])]
+        while items:
+            chunk, n_params = [], 0
+            while items and len(chunk) < 1000 and (items[0][0] != "p" or n_params < 100):
+                kind, item = items.pop(0)
+                n_params += kind == "p"
+                chunk.append((kind, item))
+            self.client.log_batch(run_id, metrics=[i for k, i in chunk if k == "m"],
+                                  params=[i for k, i in chunk if k == "p"], tags=[i for k, i in chunk if k == "t"])
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -244,7 +271,8 @@ class Tracking:
 
     def log_dir(self, run_id: str, local_dir: str | Path, artifact_path: str) -> str:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
-        return f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        root = self._artifact_uris.get(run_id) or self.client.get_run(run_id).info.artifact_uri
+        return f"{root}/{artifact_path}"
 
     def end_run(self, run_id: str, ok: bool) -> None:
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
@@ -280,6 +308,7 @@ class Registry:
     def __init__(self, uri: str, retry_s: float = 0.0):
         self.uri, self.retry_s = uri, retry_s
         self.client = _client(uri, retry_s)
+        self._models: set[str] = set()  # registered models this client made or saw (never deleted here)
 
     def _version(self, mv: Any) -> AdapterVersion:
         base = AdapterId.from_registry_name(mv.name)
@@ -290,14 +319,11 @@ class Registry:
         )
 
     def register(self, aid: AdapterId, source: str, run_id: str | None, tags: dict[str, Any],
-                 aliases: tuple[str, ...] = (CANDIDATE,)) -> AdapterVersion:
+                 aliases: tuple[str, ...] = (CANDIDATE,), fetch: bool = True) -> AdapterVersion:
+        """A new version with ``tags`` and ``aliases``. ``fetch=False``: the returned version is built
+        from what was sent (one MLflow call less); its creation time is then this call's."""
         name = aid.registry_name
-        MlflowException = _mlflow_errors()
-        try:
-            self.client.create_registered_model(name, tags={TAG + "tenant": aid.tenant, TAG + "persona": aid.persona})
-        except MlflowException as e:
-            if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code if hasattr(e, "error_code") else e):
-                raise RegistryError(f"cannot create registered model {name}: {e}") from e
+        self._ensure_model(aid)
         token = uuid.uuid4().hex  # a retried create finds the version an earlier attempt made
         vtags = {TAG + k if not k.startswith(TAG) else k: str(v) for k, v in tags.items()}
         vtags[TAG + "request"] = token
@@ -311,7 +337,10 @@ class Registry:
                         "create_model_version", self.retry_s, before_retry=created)
         for alias in aliases:
             self.client.set_registered_model_alias(name, alias, mv.version)
-        return self.get(aid.with_version(int(mv.version)))
+        if fetch:
+            return self.get(aid.with_version(int(mv.version)))
+        return AdapterVersion(aid.unversioned().with_version(int(mv.version)), source, run_id, vtags,
+                              tuple(aliases), (getattr(mv, "creation_timestamp", None) or time.time() * 1000) / 1000)
 
     def get(self, aid: AdapterId) -> AdapterVersion:
         """The version ``aid`` names exactly (version or alias)."""
@@ -427,6 +456,42 @@ class Registry:
         except AdapterNotFound:
             return None
 
+    def _ensure_model(self, aid: AdapterId) -> bool:
+        """The registered model of ``aid`` exists afterwards; True when this call created it (it then
+        has no versions, aliases or history yet)."""
+        name = aid.registry_name
+        if name in self._models:
+            return False
+        try:
+            self.client.create_registered_model(name, tags={TAG + "tenant": aid.tenant, TAG + "persona": aid.persona})
+            created = True
+        except _mlflow_errors() as e:
+            if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code if hasattr(e, "error_code") else e):
+                raise RegistryError(f"cannot create registered model {name}: {e}") from e
+            created = False
+        self._models.add(name)
+        return created
+
+    def register_gated(self, aid: AdapterId, source: str, run_id: str | None, tags: dict[str, Any],
+                       decide: Callable[[AdapterVersion | None], Any] | None) -> tuple[AdapterVersion, Any]:
+        """``register`` with the promotion gate decided first, against the current production version
+        (``decide(production) -> Decision``, None: no gate): the decision's tags go into the version as
+        it is made and ``production`` moves to it when promoted, with no extra tag writes. A model this
+        call creates has no production version and no history to read. Returns (the version, the
+        decision or None)."""
+        new_model = self._ensure_model(aid)
+        decision = decide(None if new_model else self.production(aid)) if decide is not None else None
+        if decision is not None:
+            tags = {**tags, **decision.tags()}
+        v = self.register(aid, source, run_id, tags, fetch=False)
+        if decision is not None and decision.promoted:
+            self.client.set_registered_model_alias(aid.registry_name, PRODUCTION, str(v.id.version))
+            history = [] if new_model else self.production_history(aid)
+            if not history or history[-1] != v.id.version:
+                self._set_history(aid, [*history, v.id.version])
+            v = AdapterVersion(v.id, v.source, v.run_id, v.tags, (*v.aliases, PRODUCTION), v.created_s)
+        return v, decision
+
     def promote(self, v: AdapterVersion, decision: Any) -> AdapterVersion:
         """Record ``decision`` (a promotion.Decision) on ``v``; move production to it if promoted."""
         self.set_version_tags(v, decision.tags())
@@ -460,20 +525,34 @@ class Registry:
         return cur, target
 
     def list(self, tenant: str | None = None) -> list[RegisteredAdapter]:
+        """Every registered adapter (of ``tenant``) with its versions and aliases: the registered models
+        and the versions are each read in pages (as many as there are), two searches in all for up to
+        a thousand models and ten thousand versions, whatever the number of adapters."""
         if tenant is not None:  # it goes into a filter string: no quotes or LIKE wildcards get there
             check_id(tenant, "tenant")
         flt = f"name LIKE 'af.{tenant}.%'" if tenant else "name LIKE 'af.%'"
-        out = []
-        for rm in self.client.search_registered_models(filter_string=flt, max_results=1000):
+        adapters: dict[str, RegisteredAdapter] = {}
+        for rm in _pages(lambda token: self.client.search_registered_models(
+                filter_string=flt, max_results=MODELS_PAGE, page_token=token)):
             try:
                 aid = AdapterId.from_registry_name(rm.name)
             except Exception:  # noqa: BLE001 - not ours
                 continue
-            if tenant and aid.tenant != tenant:
+            if tenant and aid.tenant != tenant:  # LIKE's "_" matches any character
                 continue
-            aliases = {a: int(v) for a, v in (getattr(rm, "aliases", None) or {}).items()}
-            out.append(RegisteredAdapter(aid, aliases, self.versions(aid, aliases)))
-        return sorted(out, key=lambda r: r.id)
+            adapters[rm.name] = RegisteredAdapter(aid, {a: int(v) for a, v in (getattr(rm, "aliases", None) or {}).items()})
+        for mv in _pages(lambda token: self.client.search_model_versions(
+                filter_string=flt, max_results=VERSIONS_PAGE, page_token=token)):
+            ra = adapters.get(mv.name)
+            if ra is None:
+                continue
+            names = tuple(sorted(a for a, v in ra.aliases.items() if v == int(mv.version)))
+            ra.versions.append(AdapterVersion(id=ra.id.with_version(int(mv.version)), source=mv.source,
+                                              run_id=mv.run_id, tags=dict(mv.tags or {}), aliases=names,
+                                              created_s=(mv.creation_timestamp or 0) / 1000))
+        for ra in adapters.values():
+            ra.versions.sort(key=lambda v: v.id.version or 0)
+        return sorted(adapters.values(), key=lambda r: r.id)
 
     def register_basis(self, basis_id: str, source: str, run_id: str | None, tags: dict[str, Any]) -> int:
         """A shared LoRA-XS basis as a version of ``afbasis.<basis_id>`` (one version per basis id)."""
@@ -514,6 +593,21 @@ class Registry:
                                                         tracking_uri=self.uri))
 
 
+MODELS_PAGE = 1000  # MLflow's most registered models per search
+VERSIONS_PAGE = 10000
+
+
+def _pages(search: Callable[[str | None], Any]) -> Iterator[Any]:
+    """Every result of a paged MLflow search (``search(page_token)``)."""
+    token = None
+    while True:
+        page = search(token)
+        yield from page
+        token = getattr(page, "token", None)
+        if not token:
+            return
+
+
 class MetricBuffer:
     """Per-step metrics of a training worker, sent to MLflow by a background thread in batches, so an
     MLflow outage never stalls training. Nothing is dropped: a batch leaves the buffer only once
@@ -541,6 +635,24 @@ class MetricBuffer:
     def pending(self) -> int:
         with self._cond:
             return len(self._pending)
+
+    def peek(self, run_ids: list[str]) -> dict[str, list[tuple[str, float, int, int]]]:
+        """The metrics of ``run_ids`` not yet in MLflow, as (key, value, timestamp ms, step) per run."""
+        wanted, out = set(run_ids), {}
+        with self._cond:
+            for r, m in self._pending:
+                if r in wanted:
+                    out.setdefault(r, []).append((m.key, m.value, m.timestamp, m.step))
+        return out
+
+    def take(self, run_ids: list[str]) -> dict[str, list[tuple[str, float, int, int]]]:
+        """Like ``peek``, and the caller sends them from now on (``log_metric_tuples``). One this
+        buffer is sending right now may reach MLflow twice; MLflow keeps one of identical metrics."""
+        wanted = set(run_ids)
+        out = self.peek(run_ids)
+        with self._cond:
+            self._pending = [(r, m) for r, m in self._pending if r not in wanted]
+        return out
 
     def _run(self) -> None:
         backoff = 0.5

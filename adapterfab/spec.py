@@ -81,6 +81,9 @@ class Resources(_Strict):
                                         "the time estimate (measured on a 2-core x86 machine, SmolLM2 LoRA)")
     train_tflops_per_gpu: float = Field(50.0, gt=0, description="the rate a GPU training step achieves, for "
                                         "the time estimate (an H100 in the fused QLoRA step, 2026-11-23)")
+    trainer_keep_warm_s: float = Field(120.0, ge=0, le=86400, description="how long a resident trainer "
+                                       "(base loaded, device held) waits idle for the next batch on the same "
+                                       "base before it frees its device")
 
 
 class Promotion(_Strict):
@@ -323,11 +326,12 @@ def _local_dataset_problem(p: Path) -> str | None:
 
 
 def check_semantics(spec: BatchSpec, jobs: list[JobSpec], dataset_exists: Any = None,
-                    data_roots: tuple[str, ...] | None = None) -> None:
+                    data_roots: tuple[str, ...] | None = None, batch_id: str = "check") -> list[Any] | None:
     """Checks that touch the outside world but run no compute: datasets lie under the allowed roots
     (``data_roots``, default ``ADAPTERFAB_DATA_ROOTS``), exist and are readable, the base model can be
-    resolved. ``dataset_exists(uri) -> str | None`` returns an error message for a remote URI (the
-    storage layer's check); local files are checked here."""
+    resolved, and every job fits some packing. ``dataset_exists(uri) -> str | None`` returns an error
+    message for a remote URI (the storage layer's check); local files are checked here. Returns the
+    plan it checked (``jobs.plan.plan_batch`` under ``batch_id``)."""
     from adapterfab.basemodel import check_base_model
     from adapterfab.settings import DATA_ROOTS_ENV
     from adapterfab.settings import data_roots as env_data_roots
@@ -352,16 +356,18 @@ def check_semantics(spec: BatchSpec, jobs: list[JobSpec], dataset_exists: Any = 
         problem = _local_dataset_problem(Path(job.dataset))
         if problem:
             problems.append((field, f"{job.dataset} {problem}"))
+    planned = None
     if not problems:  # every job must fit some packing (needs the base's config.json when it is local)
         from adapterfab.basemodel import local_folder
         from adapterfab.jobs.plan import PlanError, plan_batch
 
         try:
-            plan_batch("check", spec, jobs, local_folder(spec.base_model))
+            planned = plan_batch(batch_id, spec, jobs, local_folder(spec.base_model))
         except PlanError as e:
             problems.append(("resources", str(e)))
     if problems:
         raise SpecError(problems)
+    return planned
 
 
 def spec_hash(text: str) -> str:

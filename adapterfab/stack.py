@@ -20,6 +20,7 @@ from adapterfab.settings import (DEFAULT_DASHBOARD_PORT, DEFAULT_MLFLOW_PORT, DE
                                  DEFAULT_SERVE_PORT, DEFAULT_UI_PORT, Settings)
 
 # Ray Train's controller polls workers every 2 s by default, which makes every report() wait ~2 s.
+EXTRA_IDLE_WORKERS = 6  # idle Ray workers kept beyond one per CPU (~100 MB each)
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
            "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
@@ -73,8 +74,12 @@ def _start_ray(settings: Settings, port: int, dashboard_port: int, client_port: 
     # Ray Jobs run their entrypoint (`python -m adapterfab.cli run ...`) with the head's PATH: put this
     # environment's python first, so `submit --address` to the local head finds adapterfab
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    # Resident trainers and the batch's actors are workers too: with Ray's default soft limit (one worker
+    # per CPU) every idle data-task worker is killed after a second and the next Ray Data window starts
+    # new ones (a Python start and its imports each, seconds of CPU on a small machine)
+    workers = {"RAY_num_workers_soft_limit": str((num_cpus or os.cpu_count() or 2) + EXTRA_IDLE_WORKERS)}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **RAY_ENV, "PATH": path}, cwd=str(settings.home))
+                            env={**os.environ, **RAY_ENV, **workers, "PATH": path}, cwd=str(settings.home))
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -39,6 +39,8 @@ class BatchRow(Base):
     ended_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     options: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # e.g. {"force": true}
+    plan: Mapped[list | None] = mapped_column(JSON, nullable=True)  # jobs.plan.PlannedJob dicts, made at submit
+    stats: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # where the run's time went (jobs/factory.py)
 
 
 class JobRow(Base):
@@ -67,6 +69,9 @@ class JobRow(Base):
     reused_version: Mapped[int | None] = mapped_column(Integer, nullable=True)  # idempotent resubmit
     # where it trains: node_id, workers, zero_stage, cpus, gpus (per worker), fused_with
     placement: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # when anything of the job last changed: `--wait` and the dashboard read only what changed
+    updated_s: Mapped[float | None] = mapped_column(Float, nullable=True, default=time.time, onupdate=time.time,
+                                                    index=True)
 
 
 class ApiKeyRow(Base):
@@ -161,12 +166,13 @@ class StateStore:
 
     # batches ----------------------------------------------------------------------------------
     def create_batch(self, batch_id: str, name: str, spec_text: str, spec_path: str, base_model: str,
-                     jobs: list[dict[str, Any]], options: dict[str, Any] | None = None) -> None:
+                     jobs: list[dict[str, Any]], options: dict[str, Any] | None = None,
+                     plan: list[dict[str, Any]] | None = None) -> None:
         with Session(self.engine) as s, s.begin():
             if s.get(BatchRow, batch_id) is not None:
                 raise StateError(f"a batch {batch_id!r} already exists; batch ids are never reused")
             s.add(BatchRow(id=batch_id, name=name, spec_text=spec_text, spec_path=spec_path,
-                           base_model=base_model, options=options or {}))
+                           base_model=base_model, options=options or {}, plan=plan))
             for j in jobs:
                 s.add(JobRow(batch_id=batch_id, **j))
 
@@ -198,6 +204,25 @@ class StateStore:
         with Session(self.engine) as s:
             return [_view(r) for r in s.scalars(select(JobRow).where(JobRow.batch_id == batch_id)
                                                 .order_by(JobRow.tenant, JobRow.persona))]
+
+    def jobs_changed(self, batch_id: str, since_s: float) -> list[JobView]:
+        """The batch's jobs changed after ``since_s`` (epoch seconds)."""
+        with Session(self.engine) as s:
+            return [_view(r) for r in s.scalars(select(JobRow).where(JobRow.batch_id == batch_id,
+                                                                      JobRow.updated_s > since_s)
+                                                .order_by(JobRow.tenant, JobRow.persona))]
+
+    def job_counts(self, batch_id: str) -> dict[str, int]:
+        """How many of the batch's jobs are in each state (one aggregate query)."""
+        from sqlalchemy import func
+
+        with Session(self.engine) as s:
+            return {st: n for st, n in s.execute(select(JobRow.state, func.count()).where(JobRow.batch_id == batch_id)
+                                                 .group_by(JobRow.state))}
+
+    def jobs_by_id(self, job_ids: list[str]) -> list[JobView]:
+        with Session(self.engine) as s:
+            return [_view(r) for r in s.scalars(select(JobRow).where(JobRow.id.in_(job_ids)))]
 
     def job(self, job_id: str) -> JobView:
         with Session(self.engine) as s:
@@ -231,6 +256,49 @@ class StateStore:
                      extra={"tenant": view.tenant, "adapter_id": f"{view.tenant}/{view.persona}", "job_id": job_id})
         return view
 
+    def move_jobs(self, job_ids: list[str], new: JobState, **fields: Any) -> None:
+        """``move_job`` for several jobs in one transaction (a fused group entering TRAINING)."""
+        moved = []
+        with Session(self.engine) as s, s.begin():
+            rows = {r.id: r for r in s.scalars(select(JobRow).where(JobRow.id.in_(job_ids)))}
+            now = time.time()
+            for jid in job_ids:
+                row = rows.get(jid)
+                if row is None:
+                    raise StateError(f"no job {jid!r}")
+                old = JobState(row.state)
+                if not can_move(old, new):
+                    raise StateError(f"job {jid}: {old.value} -> {new.value} is not allowed")
+                row.state = new.value
+                if new == JobState.PREPARING and row.started_s is None:
+                    row.started_s = now
+                if new == JobState.TRAINING and old != new:
+                    row.training_started_s = now
+                if new.terminal:
+                    row.ended_s = now
+                for k, v in fields.items():
+                    setattr(row, k, v)
+                if old != new:
+                    moved.append((old, row.tenant, row.persona, jid))
+        for old, tenant, persona, jid in moved:
+            log.info("job state %s -> %s", old.value, new.value,
+                     extra={"tenant": tenant, "adapter_id": f"{tenant}/{persona}", "job_id": jid})
+
+    def update_progress(self, progress: dict[str, tuple[int, float | None]]) -> int:
+        """Step and loss of the TRAINING jobs among ``progress`` (job id -> (step, loss)), in one
+        transaction; jobs that left TRAINING keep their final figures. Returns the rows written."""
+        if not progress:
+            return 0
+        from sqlalchemy import bindparam, update
+
+        stmt = (update(JobRow).where(JobRow.id == bindparam("jid"), JobRow.state == JobState.TRAINING.value)
+                .values(step=bindparam("s"), loss=bindparam("l"), updated_s=bindparam("u"))
+                .execution_options(synchronize_session=False))
+        now = time.time()
+        with self.engine.begin() as conn:
+            res = conn.execute(stmt, [{"jid": j, "s": int(st), "l": loss, "u": now} for j, (st, loss) in progress.items()])
+        return int(res.rowcount or 0)
+
     def update_job(self, job_id: str, **fields: Any) -> None:
         """Progress and metrics, no state change."""
         if "state" in fields:
@@ -259,7 +327,7 @@ class StateStore:
         return {
             "id": b.id, "name": b.name, "state": b.state, "base_model": b.base_model,
             "mlflow_run_id": b.mlflow_run_id, "created_s": b.created_s, "started_s": b.started_s,
-            "ended_s": b.ended_s, "error": b.error, "options": b.options or {},
+            "ended_s": b.ended_s, "error": b.error, "options": b.options or {}, "stats": b.stats or {},
             "jobs": [j.to_dict() for j in self.jobs(batch_id)],
         }
 

@@ -39,6 +39,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,12 @@ FAMILIES = {"lora": "lora", "qlora": "lora", "lora_xs": "lora_xs"}
 BETAS, EPS, MAX_GRAD_NORM = (0.9, 0.999), 1e-8, 1.0
 CHECKPOINT_FORMAT = "slots-1"
 NULL_SLOT = 0  # a row of the slot buffers that stays zero: rows with no adapter gather it
+# The fixed cost of one more forward/backward in a step, in FLOPs of the device's compute: a step's rows
+# are split by length only where the padding saved is worth more (see length_chunks). On a CPU a chunk's
+# operations cost ~60 ms at ~100 GFLOP/s (SmolLM2: ~15 tokens' compute, so splitting pays for little
+# padding); a GPU step is bound by launching kernels (~25 ms at ~400 TFLOP/s: thousands of tokens)
+CHUNK_OVERHEAD_FLOPS = {"cpu": 6e9, "cuda": 1e13}
+LENGTH_QUANTUM = 8  # chunks are cut between rows whose lengths differ after rounding up to this
 
 
 class Route:
@@ -69,6 +76,7 @@ class Route:
 
     def __init__(self) -> None:
         self.scales: dict[int, float] = {}
+        self.dropout = 0.0  # LoRA dropout on the adapted inputs while training (one rate per group)
         self._segments: list[tuple[int | None, int, int]] = []
         self._rows: dict[tuple, tuple[Tensor, Tensor | None, float]] = {}
 
@@ -80,6 +88,22 @@ class Route:
     def segments(self, segs: list[tuple[int | None, int, int]]) -> None:
         self._segments = list(segs)
         self._rows = {}
+
+    def snapshot(self) -> tuple[list, dict]:
+        """The routing of the forward pass under way, to replay it exactly (``installed``)."""
+        return self._segments, self._rows
+
+    @contextmanager
+    def installed(self, snap: tuple[list, dict]) -> Iterator[None]:
+        """The routing of ``snap`` while the block runs: an activation-checkpointed layer recomputed in
+        the backward pass, after the forward's routing was cleared, must send each row through the same
+        adapter as the forward did (else the adapters' gradients would be silently wrong)."""
+        saved = (self._segments, self._rows)
+        self._segments, self._rows = snap
+        try:
+            yield
+        finally:
+            self._segments, self._rows = saved
 
     def rows(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, float] | None:
         """For a batch of ``n`` rows: (the slot of each group of rows, each group's scale as [groups, 1, 1]
@@ -182,6 +206,8 @@ class MultiLinear(nn.Module):
             return (o2 + scale * (h.reshape(-1, self.r) @ xs_b)).to(out.dtype).reshape(out.shape)
         a = self.a.index_select(0, idx).to(dt)  # [groups, r, in]
         b = self.b.index_select(0, idx).to(dt)  # [groups, out, r]
+        if self.training and self.route.dropout:  # as PEFT: dropout on the adapter's input only
+            x3 = nn.functional.dropout(x3, self.route.dropout, training=True)
         h = torch.bmm(x3, a.transpose(1, 2))  # [groups, tokens, r]
         if per_group is not None:
             h = h * per_group
@@ -331,6 +357,7 @@ class _Active:
     losses: list[float] = field(default_factory=list)
     error: str | None = None
     early: bool = False
+    flops: float = 0.0  # model FLOPs its steps spent (ModelFlops.step)
 
     def lr(self) -> float:
         """The learning rate of the job's next step (LambdaLR's: base rate × schedule(steps done))."""
@@ -347,7 +374,8 @@ class FusedTrainer:
     """A resident base with K adapters trained together. ``family`` is ``lora`` (LoRA, QLoRA) or
     ``lora_xs`` (then ``basis`` gives the shared factors)."""
 
-    def __init__(self, base: nn.Module, family: str, targets: list[str], r: int, basis: Any = None):
+    def __init__(self, base: nn.Module, family: str, targets: list[str], r: int, basis: Any = None,
+                 checkpointing: bool = False, chunk_overhead_tokens: int | None = None):
         if family not in ("lora", "lora_xs"):
             raise AdapterfabError(f"fused training supports lora, qlora and lora_xs, not {family!r}")
         if family == "lora_xs" and basis is None:
@@ -376,6 +404,13 @@ class FusedTrainer:
         self.lm_head = base.get_output_embeddings()
         self.device = next(base.parameters()).device
         self.slots = _Slots(self.layers, self.device)
+        self.flops = ModelFlops.of(base)
+        # a step's rows are split into length chunks when the padding saved outweighs this many tokens
+        per_token = max(1.0, 4.0 * self.flops.body)
+        self.chunk_overhead_tokens = chunk_overhead_tokens if chunk_overhead_tokens is not None else \
+            max(1, round(CHUNK_OVERHEAD_FLOPS.get(self.device.type, CHUNK_OVERHEAD_FLOPS["cuda"]) / per_token))
+        self.checkpointing = False
+        self.set_checkpointing(checkpointing)
         self.jobs_trained = 0
         self._base_evals: dict[str, dict[str, float]] = {}  # eval rows' digest -> the frozen base's metrics
         self._slot_of: dict[str, int] = {}  # job id -> its slot
@@ -390,9 +425,30 @@ class FusedTrainer:
             return f"rank {getattr(method, 'r', None)} differs from the group's {self.r}"
         if sorted(method.resolved_targets()) != sorted(self.targets):  # type: ignore[attr-defined]
             return "target modules differ"
-        if getattr(method, "dropout", 0.0):
-            return "fused training does not apply dropout; set dropout: 0"
         return None
+
+    def set_checkpointing(self, on: bool) -> None:
+        """Activation checkpointing of the decoder layers (recomputed in the backward pass: less memory
+        for large K, about a third more compute). The recompute replays the forward's routing."""
+        layers = [m for m in self.decoder.modules() if hasattr(type(m), "gradient_checkpointing")
+                  and m is not self.decoder]
+        if on and not layers:
+            raise AdapterfabError("this base model's layers do not support activation checkpointing")
+        for m in layers:
+            m.gradient_checkpointing = on
+            m._gradient_checkpointing_func = self._checkpoint
+        self.checkpointing = on
+
+    def _checkpoint(self, fn: Callable[..., Any], *args: Any) -> Any:
+        from torch.utils.checkpoint import checkpoint
+
+        snap = self.route.snapshot()
+
+        def replay(*a: Any) -> Any:
+            with self.route.installed(snap):
+                return fn(*a)
+
+        return checkpoint(replay, *args, use_reentrant=False)
 
     def _init(self, job: FusedJob, gen: torch.Generator) -> dict[str, tuple[Tensor, ...]]:
         """LoRA: A ~ kaiming-uniform(a=√5) as PEFT does, B = 0; LoRA-XS: R = 0 (or N(0, 1e-5))."""
@@ -462,24 +518,48 @@ class FusedTrainer:
             self.route.segments = []
         return hidden[:, :-1], labels[:, 1:], seg_of_row
 
+    def _token_losses(self, batch: Batch, segs: list[tuple[int | None, int, int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(loss of every labelled token, its row's index in ``segs``, its logits, its label), with logits
+        computed only where a label is. The labelled positions are found on the host (the batch is on
+        the CPU), so selecting them does not wait for the GPU."""
+        hidden, _, _ = self._forward(batch, segs)
+        labels = batch["labels"][:, 1:]
+        flat = (labels != -100).reshape(-1).nonzero().squeeze(1)
+        seg_of_row = torch.repeat_interleave(torch.arange(len(segs)), torch.tensor([e - s for _, s, e in segs]))
+        seg_of_token = seg_of_row[:, None].expand_as(labels).reshape(-1)[flat].to(self.device, non_blocking=True)
+        target = labels.reshape(-1)[flat].to(self.device, non_blocking=True)
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat.to(self.device, non_blocking=True))
+        logits = self.lm_head(picked).float()
+        return nn.functional.cross_entropy(logits, target, reduction="none"), seg_of_token, logits, target
+
     def _losses(self, batch: Batch, segs: list[tuple[int | None, int, int]]) -> Tensor:
-        """Each segment's mean token loss over its rows ([segments]), computing logits only where a
-        label is."""
-        hidden, labels, seg_of_row = self._forward(batch, segs)
-        mask = labels != -100
-        logits = self.lm_head(hidden[mask]).float()  # the step's one wait for the GPU (a boolean index)
-        tok_loss = nn.functional.cross_entropy(logits, labels[mask], reduction="none")
-        seg_of_token = seg_of_row[:, None].expand_as(labels)[mask]
-        # per-job sums without a boolean index per job (each would wait for the GPU)
+        """Each segment's mean token loss over its rows ([segments])."""
+        tok_loss, seg_of_token, _, _ = self._token_losses(batch, segs)
+        per_seg = torch.tensor([int((batch["labels"][lo:hi, 1:] != -100).sum()) for _, lo, hi in segs])
         sums = tok_loss.new_zeros(len(segs)).index_add(0, seg_of_token, tok_loss)
-        counts = torch.bincount(seg_of_token, minlength=len(segs)).clamp(min=1)
-        return sums / counts
+        return sums / per_seg.clamp(min=1).to(self.device, non_blocking=True)
+
+    def _step_losses(self, running: list[_Active], micro: list[Batch]) -> Tensor:
+        """One fused step's forward: each running job's mean token loss over its micro-batch ([jobs]).
+        The rows are split into length chunks (``length_chunks``) when that saves enough padding, each
+        chunk one forward; a job's loss sums its tokens over the chunks, so the figure (and the
+        gradient) does not depend on the split."""
+        pieces = step_chunks([(a.slot, b) for a, b in zip(running, micro)], self.chunk_overhead_tokens)
+        counts = torch.tensor([max(1, sum(row_stats(b)[1])) for b in micro])
+        total: Tensor | None = None
+        for batch, segs, job_of_seg in pieces:
+            tok_loss, seg_of_token, _, _ = self._token_losses(batch, segs)
+            job_of_token = torch.tensor(job_of_seg).to(self.device, non_blocking=True)[seg_of_token]
+            part = tok_loss.new_zeros(len(running)).index_add(0, job_of_token, tok_loss)
+            total = part if total is None else total + part
+        assert total is not None
+        return total / counts.to(self.device, non_blocking=True)
 
     def _state(self, active: list[_Active], iteration: int) -> dict[str, Any]:
         jobs = {}
         for a in active:
             jobs[a.job.job_id] = {"step": a.step, "tokens": a.tokens, "losses": list(a.losses), "error": a.error,
-                                  "early": a.early}
+                                  "early": a.early, "flops": a.flops}
             if a.error is None:  # copies: training goes on after the callback returns
                 jobs[a.job.job_id].update({"adapter": self.adapter_tensors(a.job.job_id),
                                            "optimizer": self.slots.state(a.slot)})
@@ -494,19 +574,29 @@ class FusedTrainer:
         a = self._add(job, init=saved["adapter"])
         self.slots.load_state(a.slot, saved["optimizer"])
         a.step, a.tokens, a.losses, a.early = saved["step"], saved["tokens"], list(saved["losses"]), saved["early"]
+        a.flops = float(saved.get("flops", 0.0))
         for _ in range(a.step):
             next(a.batches)
         return a
 
     def train(self, jobs: list[FusedJob], on_step: Callable[[str, int, float, float], None] | None = None,
               on_checkpoint: Callable[[dict[str, Any]], None] | None = None, checkpoint_every: int = 0,
-              resume: dict[str, Any] | None = None) -> list[FusedResult]:
+              resume: dict[str, Any] | None = None,
+              on_iteration: Callable[[list[tuple[str, int, float]]], None] | None = None) -> list[FusedResult]:
         """Train ``jobs`` together until each is done; then evaluate each (adapter and base) and keep
         its adapter in the trainer (``save``/``adapter_tensors``) until ``remove``.
 
         Fault tolerance: every ``checkpoint_every`` fused steps ``on_checkpoint(state)`` receives every
         job's weights, optimizer state, step, losses and stop reason; passing it back as ``resume`` (to
-        a fresh trainer over the same base) continues as if never stopped."""
+        a fresh trainer over the same base) continues as if never stopped.
+
+        ``on_iteration(progress)`` is called once per fused step with every job that took it: (job id,
+        its step, its loss), so progress reporting costs one call per group and step, not per job.
+        The jobs must agree on LoRA dropout (the planner groups them so)."""
+        rates = {float(getattr(j.method, "dropout", 0.0) or 0.0) for j in jobs}
+        if len(rates) > 1:
+            raise AdapterfabError(f"jobs of one fused group must share one LoRA dropout, not {sorted(rates)}")
+        self.route.dropout = rates.pop() if rates else 0.0
         if resume is not None and resume.get("format") != CHECKPOINT_FORMAT:
             warnings.warn("this fused group's checkpoint was written by another version of adapterfab: "
                           "the group trains again from the start", stacklevel=2)
@@ -526,8 +616,7 @@ class FusedTrainer:
                 on_checkpoint(self._state(active, iteration))
             iteration += 1
             micro = [next(a.batches) for a in running]
-            batch, segs = stack([(a.slot, b) for a, b in zip(running, micro)])
-            losses = self._losses(batch, segs)
+            losses = self._step_losses(running, micro)
             values = losses.detach().float().tolist()  # the step's one read of the device
             failed = []
             for a, v in zip(running, values):
@@ -545,17 +634,22 @@ class FusedTrainer:
             for a in failed:  # its slot goes back (zeroed) only after the backward pass that read it
                 self.remove(a.job.job_id)
                 a.slot = -1
+            progress = []
             for a, b, v in zip(running, micro, values):
                 if a.error:
                     continue
                 a.step += 1
                 a.losses.append(v)
-                a.tokens += int(b["attention_mask"].sum())
+                a.tokens += sum(row_stats(b)[0])
+                a.flops += self.flops.step(b)
                 t = a.job.train
                 if on_step and (a.step % t.log_every_steps == 0 or a.step == t.steps):
                     on_step(a.job.job_id, a.step, v, a.lr())
+                progress.append((a.job.job_id, a.step, v))
                 if a.job.early_stop_loss is not None and v <= a.job.early_stop_loss:
                     a.early = True
+            if on_iteration:
+                on_iteration(progress)
         train_s = time.monotonic() - t0
         results = self._finish(active, train_s, max_rows=sum(a.job.train.batch_size for a in active))
         self.jobs_trained += sum(r.error is None for r in results)
@@ -574,7 +668,7 @@ class FusedTrainer:
             metrics[a.job.job_id] = {
                 "train_loss": a.losses[-1], "train_loss_first": a.losses[0], "train_s": train_s,
                 "train_tokens_per_s": a.tokens / max(train_s, 1e-9), "steps": float(a.step),
-                "trainable_params": float(self.slots.width),
+                "trainable_params": float(self.slots.width), "train_flops": a.flops,
             }
             ev = list(a.job.eval_batches()) if a.job.eval_batches is not None else []
             if not ev:
@@ -701,3 +795,96 @@ def stack(items: list[tuple[Any, Batch]]) -> tuple[Batch, list[tuple[Any, int, i
         segs.append((jid, at, at + n))
         at += n
     return {k: torch.cat(v) for k, v in parts.items()}, segs
+
+
+@dataclass(frozen=True)
+class ModelFlops:
+    """The FLOPs a training step spends on a frozen base, counted as spent: ~4 per weight and token in
+    the decoder's matrices (the forward and the input gradients; frozen weights get no gradient),
+    the output head only at labelled positions (logits are computed nowhere else), causal attention
+    ~6 x length x width per token and layer, and no embedding lookups. Padding is not counted."""
+
+    body: int  # weights of the decoder layers' matrices
+    head: int  # weights of the output head
+    attn_width: int  # query heads x head size
+    layers: int
+
+    @classmethod
+    def of(cls, base: nn.Module) -> ModelFlops:
+        decoder = base.get_decoder()
+        head = base.get_output_embeddings()
+        body = sum(m.in_features * m.out_features for m in decoder.modules()
+                   if hasattr(m, "in_features") and hasattr(m, "out_features") and not isinstance(m, MultiLinear))
+        cfg = base.config
+        heads = getattr(cfg, "num_attention_heads", 0) or 0
+        head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else 0)
+        return cls(body, head.in_features * head.out_features, heads * head_dim,
+                   int(getattr(cfg, "num_hidden_layers", 0) or 0))
+
+    def step(self, batch: Batch) -> float:
+        """FLOPs of one training step over ``batch`` (its real tokens and labelled positions)."""
+        lengths, labelled = row_stats(batch)
+        attention = 6.0 * self.attn_width * self.layers * sum(n * n for n in lengths)
+        return 4.0 * self.body * sum(lengths) + 4.0 * self.head * sum(labelled) + attention
+
+
+def row_stats(batch: Batch) -> tuple[list[int], list[int]]:
+    """Each row's length and labelled next-token positions: what ``padded_batch`` recorded, else
+    counted here (a batch made some other way)."""
+    lengths = getattr(batch, "lengths", None)
+    labelled = getattr(batch, "labelled", None)
+    if lengths is None or labelled is None:
+        lengths = batch["attention_mask"].sum(1).tolist()
+        labelled = (batch["labels"][:, 1:] != -100).sum(1).tolist()
+    return lengths, labelled
+
+
+def length_chunks(lengths: list[int], overhead_tokens: int, quantum: int = LENGTH_QUANTUM) -> list[list[int]]:
+    """Rows (their indexes into ``lengths``) split into chunks of similar length, each padded only to
+    its own longest row: the split (cut in length order) that minimises padded tokens plus
+    ``overhead_tokens`` per chunk. One chunk of every row when splitting saves nothing."""
+    if not lengths:
+        return []
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    sizes = [lengths[i] for i in order]
+    cuts = [k for k in range(1, len(sizes)) if -(-sizes[k] // quantum) != -(-sizes[k - 1] // quantum)]
+    ends = [0, *cuts, len(sizes)]
+    best: list[tuple[float, int]] = [(0.0, -1)]  # (cost up to ends[j], index of the previous cut)
+    for j in range(1, len(ends)):
+        best.append(min((best[i][0] + sizes[ends[j] - 1] * (ends[j] - ends[i]) + overhead_tokens, i)
+                        for i in range(j)))
+    out, j = [], len(ends) - 1
+    while j > 0:
+        i = best[j][1]
+        out.append(order[ends[i]:ends[j]])
+        j = i
+    return out[::-1]
+
+
+def step_chunks(items: list[tuple[Any, Batch]], overhead_tokens: int
+                ) -> list[tuple[Batch, list[tuple[Any, int, int]], list[int]]]:
+    """A fused step's micro-batches (``(slot, batch)`` per job) as the forwards to run: (stacked batch,
+    its segments, each segment's job index into ``items``). Rows of different lengths go into chunks
+    (``length_chunks``) instead of all being padded to the longest; within a chunk each job's rows stay
+    together. With one chunk it is ``stack`` of the whole step (each job's rows in one segment)."""
+    rows = [(j, i, int(n)) for j, (_, b) in enumerate(items) for i, n in enumerate(row_stats(b)[0])]
+    plan = length_chunks([n for _, _, n in rows], overhead_tokens)
+    rows_of = [row_stats(b)[0] for _, b in items]
+    if len(plan) <= 1:
+        batch, segs = stack(items)
+        return [(batch, segs, list(range(len(items))))]
+    out = []
+    for chunk in plan:
+        picked: dict[int, list[int]] = {}
+        for k in sorted(chunk, key=lambda k: rows[k][:2]):
+            picked.setdefault(rows[k][0], []).append(rows[k][1])
+        parts, job_of_seg = [], []
+        for j, idx in picked.items():
+            b = items[j][1]
+            sel = torch.tensor(idx)
+            width = max(rows_of[j][i] for i in idx)
+            parts.append((items[j][0], {k: b[k][sel, :width] for k in ("input_ids", "attention_mask", "labels")}))
+            job_of_seg.append(j)
+        batch, segs = stack(parts)
+        out.append((batch, segs, job_of_seg))
+    return out

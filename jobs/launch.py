@@ -1,6 +1,8 @@
-"""Ray Train wiring: one adapter job = one TorchTrainer run whose worker streams its tenant's Ray Data
-shard into ``train_loop.train_adapter``, logs per-step loss to the job's MLflow run, reports progress
-to the batch's ProgressBoard actor, and returns the adapter as a Ray Train checkpoint."""
+"""Ray Train wiring for jobs too big for one worker: one job = one TorchTrainer run whose workers
+(DeepSpeed ZeRO when more than one) stream the tenant's Ray Data shard into ``train_loop.train_adapter``,
+log per-step loss to the job's MLflow run, report progress to the batch's ProgressBoard actor, and
+return the adapter as a Ray Train checkpoint. Jobs that fit one worker train on resident trainers
+(``jobs/trainers.py``). The batch's ProgressBoard actor lives here too."""
 
 from __future__ import annotations
 
@@ -41,16 +43,34 @@ class WorkerJob:
 
 @ray.remote(num_cpus=0)
 class ProgressBoard:
-    """Latest (step, loss) per job of a batch, written by workers and read by the orchestrator."""
+    """Latest (step, loss) per job of a batch, written by workers and read by the orchestrator. A fused
+    group reports all its jobs in one call (``update_many``); the orchestrator reads only what changed
+    since its last read (``changes``), so progress costs O(groups) calls and O(changed jobs) writes."""
 
     def __init__(self) -> None:
         self.progress: dict[str, dict[str, Any]] = {}
+        self.version = 0
+        self._changed: dict[str, int] = {}  # job id -> version of its last update
 
     def update(self, job_id: str, step: int, loss: float, pid: int | None = None, node: str | None = None) -> None:
+        self.version += 1
         self.progress[job_id] = {"step": step, "loss": loss, "pid": pid, "node": node}
+        self._changed[job_id] = self.version
+
+    def update_many(self, items: list[tuple[str, int, float, int | None, str | None]]) -> None:
+        for job_id, step, loss, pid, node in items:
+            self.update(job_id, step, loss, pid, node)
 
     def read(self) -> dict[str, dict[str, Any]]:
         return dict(self.progress)
+
+    def ping(self) -> bool:
+        """Trainers ask: the board lives exactly as long as the batch's orchestrator."""
+        return True
+
+    def changes(self, since: int) -> tuple[int, dict[str, dict[str, Any]]]:
+        """(current version, the jobs updated after version ``since``)."""
+        return self.version, {j: self.progress[j] for j, v in self._changed.items() if v > since}
 
 
 def report_train_state(metrics: dict[str, Any], state: dict[str, Any]) -> None:
@@ -217,115 +237,3 @@ def run_training_job(job: WorkerJob, train_ds: Any, eval_ds: Any, storage_path: 
     if result.checkpoint is None:
         raise RuntimeError(f"job {job.job_id} finished without a checkpoint")
     return dict(result.metrics), os.path.join(result.checkpoint.path, "adapter")
-
-
-def _fused_worker_loop(config: dict[str, Any]) -> None:
-    """Runs inside the Ray Train worker: the base loaded once, the group's jobs trained fused
-    (jobs/fused.py), each job's Ray Data shards streamed separately, each adapter saved in its folder."""
-    import json
-
-    import torch
-    from ray import train as rt
-
-    from adapterfab.jobs.fused import FAMILIES, FusedJob, FusedTrainer
-    from adapterfab.jobs.train_loop import load_base
-    from adapterfab.methods import get_method
-    from adapterfab.pipelines.data import PadCollate
-    from adapterfab.spec import TrainConfig
-
-    jobs = [WorkerJob(**d) for d in config["jobs"]]
-    first = jobs[0]
-    torch.set_num_threads(max(1, int(first.cpus)))
-    impl = get_method(first.method["name"])
-    cfgs = [impl.config_cls(**j.method) for j in jobs]
-    trains = [TrainConfig(**j.train) for j in jobs]
-    basis = None
-    if first.basis_uri:
-        from adapterfab.export import fetch_basis
-
-        with tempfile.TemporaryDirectory(prefix="basis-") as tmp:
-            basis = fetch_basis(impl, first.basis_uri, tmp)
-    base = load_base(first.base_model_path, trains[0].dtype, cfgs[0])
-    trainer = FusedTrainer(base, FAMILIES[cfgs[0].name], cfgs[0].resolved_targets(), cfgs[0].r, basis=basis)
-    collate = PadCollate(first.pad_id)
-
-    def batches(shard: Any, t: TrainConfig) -> Any:
-        return lambda epoch: shard.iter_torch_batches(
-            batch_size=t.batch_size, collate_fn=collate, local_shuffle_buffer_size=4 * t.batch_size,
-            local_shuffle_seed=t.seed + epoch)
-
-    fused = []
-    for i, (j, cfg, t) in enumerate(zip(jobs, cfgs, trains)):
-        ev = rt.get_dataset_shard(f"eval{i}")
-        fused.append(FusedJob(j.job_id, cfg, t, batches(rt.get_dataset_shard(f"train{i}"), t),
-                              lambda ev=ev, t=t: ev.iter_torch_batches(batch_size=t.batch_size, collate_fn=collate)))
-    by_id = {j.job_id: j for j in jobs}
-    tracking = None
-    if first.mlflow_uri:
-        from adapterfab.registry import MetricBuffer
-
-        tracking = MetricBuffer(first.mlflow_uri)  # an MLflow outage never stalls training
-    board = ray.get_actor(first.progress_board) if first.progress_board else None
-    from adapterfab.jobs.train_loop import peak_memory_mb
-
-    node = ray.get_runtime_context().get_node_id()
-
-    def on_step(jid: str, step: int, loss: float, lr: float) -> None:
-        run_id = by_id[jid].mlflow_run_id
-        if tracking and run_id:
-            tracking.log(run_id, {"loss": loss, "lr": lr, **peak_memory_mb()}, step=step)
-        if board:
-            board.update.remote(jid, step, loss, os.getpid(), node)
-
-    def on_checkpoint(state: dict[str, Any]) -> None:
-        if tracking:
-            tracking.flush()  # the steps this checkpoint covers are in MLflow before it counts
-        report_train_state({"iteration": state["iteration"]}, state)
-
-    resume = last_train_state()
-    every = min((t.checkpoint_every for t in trains if t.checkpoint_every), default=0)
-    results = trainer.train(fused, on_step, on_checkpoint=on_checkpoint, checkpoint_every=every, resume=resume)
-    if tracking:  # every step's metrics are in MLflow before the group reports done (or it fails)
-        tracking.close(first.mlflow_retry_s)
-    with tempfile.TemporaryDirectory() as tmp:
-        summary = {}
-        for i, (job, res) in enumerate(zip(fused, results)):
-            if res.error is None:
-                trainer.save(job, Path(tmp) / f"job{i}" / "adapter")
-            summary[job.job_id] = {"index": i, "metrics": res.metrics, "error": res.error, "node_id": node}
-        (Path(tmp) / "results.json").write_text(json.dumps(summary))
-        ok = sum(r.error is None for r in results)
-        rt.report({"jobs": len(results), "succeeded": ok}, checkpoint=rt.Checkpoint.from_directory(tmp))
-
-
-def run_fused_training_job(jobs: list[WorkerJob], datasets: list[tuple[Any, Any]], storage_path: str,
-                           run_name: str) -> dict[str, tuple[dict[str, float] | None, str | None, str | None]]:
-    """Fit a fused group on Ray Train (one worker, one resident base for the group).
-    Returns job id -> (metrics, local adapter folder, error); a job's error fails only that job."""
-    import json
-
-    from ray.train import FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
-    os.makedirs(storage_path, exist_ok=True)
-    ds = {}
-    for i, (train_ds, eval_ds) in enumerate(datasets):
-        ds[f"train{i}"], ds[f"eval{i}"] = train_ds, eval_ds
-    trainer = TorchTrainer(
-        _fused_worker_loop,
-        train_loop_config={"jobs": [asdict(j) for j in jobs]},
-        scaling_config=scaling(jobs[0].cpus, jobs[0].gpus),
-        datasets=ds,
-        run_config=RunConfig(name=run_name, storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES)),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"fused group {run_name} finished without a checkpoint")
-    root = Path(result.checkpoint.path)
-    summary = json.loads((root / "results.json").read_text())
-    return {jid: ({**s["metrics"], "node_id": s["node_id"]} if s["error"] is None else None,
-                  str(root / f"job{s['index']}" / "adapter") if s["error"] is None else None, s["error"])
-            for jid, s in summary.items()}

@@ -19,8 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,16 +28,20 @@ from adapterfab import __version__
 from adapterfab.basemodel import BaseModelRef, resolve_base_model
 from adapterfab.errors import AdapterfabError, StackError
 from adapterfab.ids import AdapterId, basis_prefix, job_id
+from adapterfab.jobs.registrar import Prepared, error_text, fail_job, gate_decision, register_job
 from adapterfab.methods import get_method
-from adapterfab.registry import Registry, Tracking, factory_retry_s, tenant_experiment
+from adapterfab.registry import Registry, Tracking, factory_retry_s
 from adapterfab.settings import Settings
 from adapterfab.spec import BatchSpec, JobSpec, check_semantics, load_spec, parse_spec
 from adapterfab.state import StateStore
 from adapterfab.states import BatchState, JobState
 from adapterfab.storage import MANIFEST, open_store, s3_object_error
 
+__all__ = ["Prepared", "register_job", "gate_decision", "create_batch", "run_batch", "prepare_resume",
+           "launch_detached", "BatchContext"]
 log = logging.getLogger("adapterfab.orchestrate")
-PROGRESS_POLL_S = 1.0
+_error_text = error_text
+_fail_job = fail_job
 
 
 def new_batch_id() -> str:
@@ -47,18 +49,23 @@ def new_batch_id() -> str:
 
 
 def create_batch(settings: Settings, spec_path: str | Path, force: bool = False,
-                 batch_id: str | None = None) -> str:
-    """Validate a spec (schema + semantics, no compute) and record the batch and its jobs as PENDING.
+                 batch_id: str | None = None, checked: tuple[Any, Any, str, Any] | None = None) -> str:
+    """Validate a spec (schema + semantics, no compute), plan it, and record the batch, its jobs (as
+    PENDING) and the plan, which the orchestrator runs as it is: a submit validates and plans once.
     ``force``: train every job even if the registry already has a version from the same spec, data
     and code (otherwise such a job reuses that version)."""
-    spec, jobs, text = load_spec(spec_path)
-    check_semantics(spec, jobs, dataset_exists=s3_object_error)
-    batch_id = batch_id or new_batch_id()
+    if checked is not None:  # (spec, jobs, text, plan) the caller loaded and checked under ``batch_id``
+        spec, jobs, text, planned = checked
+    else:
+        spec, jobs, text = load_spec(spec_path)
+        batch_id = batch_id or new_batch_id()
+        planned = check_semantics(spec, jobs, dataset_exists=s3_object_error, batch_id=batch_id)
+    assert batch_id is not None
     StateStore(settings.state_url).create_batch(
         batch_id, spec.name, text, str(Path(spec_path).resolve()), spec.base_model,
         [{"id": job_id(batch_id, j.tenant, j.persona), "tenant": j.tenant, "persona": j.persona,
           "method": j.method.name, "total_steps": j.train.steps} for j in jobs],
-        options={"force": force},
+        options={"force": force}, plan=[p.to_dict() for p in planned] if planned is not None else None,
     )
     return batch_id
 
@@ -197,43 +204,7 @@ class BatchContext:
     pad_id: int
     force: bool = False
     planned: dict[str, Any] = field(default_factory=dict)  # job id -> jobs.plan.PlannedJob (every job)
-
-
-def _error_text(e: BaseException) -> str:
-    if isinstance(e, AdapterfabError):
-        return str(e)
-    cause = e
-    # Ray wraps worker errors; show the innermost message a person can act on
-    while getattr(cause, "__cause__", None) is not None:
-        cause = cause.__cause__
-    return f"{type(cause).__name__}: {cause}"[:4000]
-
-
-@dataclass
-class Prepared:
-    """A job whose data is ready and that must be trained (not reused)."""
-
-    job: JobSpec
-    jid: str
-    aid: AdapterId
-    run_id: str
-    data: Any  # pipelines.data.PreparedData: Ray Datasets train/eval + stats
-    stats: dict[str, Any]
-    fingerprint: str
-    basis_id: str | None
-    basis_uri: str | None
-
-
-def _fail_job(ctx: BatchContext, jid: str, run_id: str | None, e: BaseException) -> None:
-    log.error("job %s failed: %s\n%s", jid, e, "".join(traceback.format_exception(e)))
-    ctx.state.move_job(jid, JobState.FAILED, error=_error_text(e))
-    if run_id is None:
-        return
-    try:
-        ctx.tracking.set_tags(run_id, {"adapterfab.error": _error_text(e)[:4000]})
-        ctx.tracking.end_run(run_id, ok=False)
-    except Exception:  # noqa: BLE001
-        log.exception("could not close MLflow run %s", run_id)
+    factory: Any = None  # jobs.factory.Factory while it runs (its timings afterwards)
 
 
 def job_run_params(spec: BatchSpec, job: JobSpec, base_fingerprint: str) -> dict[str, Any]:
@@ -244,53 +215,6 @@ def job_run_params(spec: BatchSpec, job: JobSpec, base_fingerprint: str) -> dict
         **{f"train.{k}": v for k, v in job.train.model_dump().items()},
         "dataset": job.dataset, "base_model": spec.base_model, "base_fingerprint": base_fingerprint,
     }
-
-
-def prepare_job(ctx: BatchContext, job: JobSpec) -> Prepared | None:
-    """PREPARING: the MLflow child run, Ray Data (read, validate, tokenize, split), the job fingerprint
-    (a registered version with it is reused: the job succeeds here), the shared basis. None when the
-    job needs no training (already succeeded, reused, or failed here)."""
-    from adapterfab.pipelines.data import prepare_dataset
-
-    jid = job_id(ctx.batch_id, job.tenant, job.persona)
-    aid = AdapterId(job.tenant, job.persona)
-    view = ctx.state.job(jid)
-    if view.state == JobState.SUCCEEDED:
-        return None
-    if view.state != JobState.PENDING:
-        ctx.state.move_job(jid, JobState.PENDING)
-        if not view.state.terminal and view.mlflow_run_id:  # a dead orchestrator left its run open
-            _close_orphan_run(ctx, view.mlflow_run_id)
-        if _finish_if_registered(ctx, jid, aid):  # it died after registering, before SUCCEEDED
-            return None
-    ctx.state.move_job(jid, JobState.PREPARING, attempts=view.attempts + 1, error=None, step=0, loss=None)
-    run_id = None
-    try:
-        run_id = ctx.tracking.start_run(
-            aid.key, parent_run_id=ctx.batch_run_id, experiment=tenant_experiment(job.tenant),
-            tags={"adapterfab.tenant": job.tenant, "adapterfab.persona": job.persona,
-                  "adapterfab.batch_id": ctx.batch_id, "adapterfab.job_id": jid})
-        ctx.state.update_job(jid, mlflow_run_id=run_id)
-        ctx.tracking.log_params(run_id, job_run_params(ctx.spec, job, ctx.base.fingerprint))
-        t = job.train
-        data = prepare_dataset(job.dataset, ctx.base.path, max_seq_len=t.max_seq_len,
-                               eval_fraction=t.eval_fraction, seed=t.seed,
-                               max_bad_row_fraction=t.max_bad_row_fraction)
-        stats = data.stats.to_dict()
-        ctx.state.update_job(jid, data_stats=stats)
-        ctx.tracking.log_text(run_id, json.dumps({"dataset": job.dataset, **stats}, indent=1),
-                              "dataset_manifest.json")
-        ctx.tracking.log_metrics(run_id, {k: float(stats[k]) for k in
-                                          ("total_rows", "bad_rows", "train_rows", "eval_rows")})
-        fingerprint = job_fingerprint(ctx.base.fingerprint, job, stats["sha256"])
-        ctx.tracking.set_tags(run_id, {"adapterfab.job_fingerprint": fingerprint})
-        if not ctx.force and _reuse_existing(ctx, jid, run_id, aid, fingerprint):
-            return None
-        basis_id, basis_uri = ensure_basis(ctx, job)
-        return Prepared(job, jid, aid, run_id, data, stats, fingerprint, basis_id, basis_uri)
-    except Exception as e:  # noqa: BLE001 - the job fails, the batch goes on
-        _fail_job(ctx, jid, run_id, e)
-        return None
 
 
 def _close_orphan_run(ctx: BatchContext, run_id: str) -> None:
@@ -314,134 +238,6 @@ def _finish_if_registered(ctx: BatchContext, jid: str, aid: AdapterId) -> bool:
     return True
 
 
-def _worker_job(ctx: BatchContext, p: Prepared) -> Any:
-    from adapterfab.jobs.launch import WorkerJob
-
-    plan = ctx.planned[p.jid]
-    return WorkerJob(
-        job_id=p.jid, base_model_path=ctx.base.path, method=p.job.method.model_dump(),
-        train=p.job.train.model_dump(), mlflow_uri=ctx.tracking.uri, mlflow_run_id=p.run_id,
-        progress_board=ctx.board_name, pad_id=ctx.pad_id, cpus=plan.cpus, basis_uri=p.basis_uri,
-        gpus=plan.gpus, workers=plan.workers, zero_stage=plan.zero_stage, mlflow_retry_s=ctx.tracking.retry_s)
-
-
-PLACEMENT_KEYS = ("node_id", "workers", "zero_stage", "zero_local_param_fraction")
-
-
-def _start_training(ctx: BatchContext, p: Prepared, fused_with: list[str] | None = None) -> None:
-    """TRAINING, with where the planner put the job (the worker adds its node when it starts)."""
-    plan = ctx.planned[p.jid]
-    placement: dict[str, Any] = {"cpus": plan.cpus, "gpus": plan.gpus, "workers": plan.workers,
-                                 "zero_stage": plan.zero_stage}
-    if fused_with:
-        placement["fused_with"] = fused_with
-    ctx.state.move_job(p.jid, JobState.TRAINING, total_steps=p.job.train.steps, placement=placement)
-
-
-def register_job(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], adapter_dir: str,
-                 extra_tags: dict[str, Any] | None = None) -> None:
-    """REGISTERING -> SUCCEEDED: the artifact store, MLflow's copy, the registry version with its
-    lineage tags, the promotion gate."""
-    job, jid, aid, run_id, stats, t = p.job, p.jid, p.aid, p.run_id, p.stats, p.job.train
-    try:
-        metrics = dict(metrics)
-        placed = {k: metrics.pop(k) for k in PLACEMENT_KEYS if k in metrics}
-        placement = {**(ctx.state.job(jid).placement or {}), **placed}
-        ctx.state.move_job(jid, JobState.REGISTERING, step=int(metrics.get("steps", t.steps)),
-                           loss=metrics.get("train_loss"), metrics=metrics, placement=placement)
-        if placed:
-            ctx.tracking.set_tags(run_id, {f"adapterfab.{k}": str(v) for k, v in placed.items()})
-        ctx.tracking.log_metrics(run_id, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                                 step=t.steps)
-        store = open_store(ctx.settings.artifacts)
-        artifact_uri = store.upload_dir(adapter_dir, aid.artifact_prefix(jid))
-        source = ctx.tracking.log_dir(run_id, adapter_dir, "adapter")
-        tags = {
-            "tenant": job.tenant, "persona": job.persona, "method": job.method.name,
-            "rank": getattr(job.method, "r", ""), **job.method.tags(),
-            "base_model": ctx.spec.base_model, "base_fingerprint": ctx.base.fingerprint,
-            "dataset": job.dataset, "dataset_sha256": stats["sha256"], "dataset_rows": stats["total_rows"],
-            "dataset_bad_rows": stats["bad_rows"], "train_rows": stats["train_rows"],
-            "eval_rows": stats["eval_rows"], "batch_id": ctx.batch_id, "job_id": jid,
-            "code_version": code_version(), "job_fingerprint": p.fingerprint,
-            "artifact_uri": artifact_uri, "artifact_root": store.root,
-            **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, float)},
-            **get_method(job.method.name).extra_tags(job.method), **(extra_tags or {}),
-            **{k: str(v) for k, v in placed.items() if k in ("node_id", "workers", "zero_stage")},
-        }
-        if p.basis_id:
-            tags.update({"basis_id": p.basis_id, "basis_uri": p.basis_uri})
-        # exactly once: a retried call or a resumed batch never registers the same job twice
-        version = ctx.registry.find(aid, "job_id", jid) or ctx.registry.register(aid, source, run_id, tags)
-        _maybe_promote(ctx, version, metrics)
-        ctx.state.move_job(jid, JobState.SUCCEEDED, adapter_uri=artifact_uri, model_version=version.id.version)
-        ctx.tracking.end_run(run_id, ok=True)
-    except Exception as e:  # noqa: BLE001
-        _fail_job(ctx, jid, run_id, e)
-
-
-def _train_alone(ctx: BatchContext, p: Prepared) -> None:
-    from adapterfab.jobs.launch import run_training_job
-
-    try:
-        _start_training(ctx, p)
-        attempt = ctx.state.job(p.jid).attempts
-        metrics, adapter_dir = run_training_job(
-            _worker_job(ctx, p), p.data.train, p.data.eval, str(ctx.settings.home / "ray_results"),
-            run_name=f"{p.jid}.a{attempt}")
-    except Exception as e:  # noqa: BLE001
-        _fail_job(ctx, p.jid, p.run_id, e)
-        return
-    plan = ctx.planned[p.jid]
-    how = f"zero{plan.zero_stage}:{plan.workers}" if plan.workers > 1 else "alone"
-    register_job(ctx, p, metrics, adapter_dir, {"training": how})
-
-
-def _train_fused(ctx: BatchContext, ready: list[Prepared]) -> None:
-    """One Ray Train worker, one resident base, the group's adapters trained in the same passes."""
-    from adapterfab.jobs.launch import run_fused_training_job
-
-    try:
-        for p in ready:
-            _start_training(ctx, p, fused_with=[q.jid for q in ready])
-        attempt = max(ctx.state.job(p.jid).attempts for p in ready)
-        out = run_fused_training_job([_worker_job(ctx, p) for p in ready],
-                                     [(p.data.train, p.data.eval) for p in ready],
-                                     str(ctx.settings.home / "ray_results"),
-                                     run_name=f"{ready[0].jid}.fused{len(ready)}.a{attempt}")
-    except Exception as e:  # noqa: BLE001 - the group's worker failed: every job of it fails
-        for p in ready:
-            _fail_job(ctx, p.jid, p.run_id, e)
-        return
-    peers = ",".join(f"{p.job.tenant}/{p.job.persona}" for p in ready)
-    for p in ready:
-        metrics, adapter_dir, error = out[p.jid]
-        if error is not None or metrics is None or adapter_dir is None:
-            _fail_job(ctx, p.jid, p.run_id, AdapterfabError(error or "no adapter came back"))
-            continue
-        register_job(ctx, p, metrics, adapter_dir, {"training": f"fused:{len(ready)}", "fused_with": peers})
-
-
-def run_job(ctx: BatchContext, job: JobSpec) -> None:
-    """One job alone: prepare, train on its own Ray Train worker, register."""
-    p = prepare_job(ctx, job)
-    if p is not None:
-        _train_alone(ctx, p)
-
-
-def run_group(ctx: BatchContext, group: list[JobSpec]) -> None:
-    """Jobs the planner fused (jobs/plan.py:execution_groups): prepared one by one, trained together;
-    a group left with one job to train trains it alone."""
-    if len(group) == 1:
-        run_job(ctx, group[0])
-        return
-    ready = [p for p in (prepare_job(ctx, j) for j in group) if p is not None]
-    if len(ready) == 1:
-        _train_alone(ctx, ready[0])
-    elif ready:
-        _train_fused(ctx, ready)
-
-
 def _reuse_existing(ctx: BatchContext, jid: str, run_id: str, aid: AdapterId, fingerprint: str) -> bool:
     """Idempotent resubmit: if a version with this job's fingerprint exists, the job succeeds with it
     (no training, no new version). Returns whether it did."""
@@ -456,46 +252,6 @@ def _reuse_existing(ctx: BatchContext, jid: str, run_id: str, aid: AdapterId, fi
     ctx.tracking.set_tags(run_id, {"adapterfab.reused_version": str(existing.id)})
     ctx.tracking.end_run(run_id, ok=True)
     return True
-
-
-def _maybe_promote(ctx: BatchContext, version: Any, metrics: dict[str, float]) -> None:
-    """``promote: auto``: the eval gate decides (see adapterfab.promotion); the decision is recorded on
-    the version either way. ``promote: none`` leaves production to a person (`registry promote`)."""
-    if ctx.spec.promote != "auto":
-        return
-    decision = gate_decision(ctx.registry, version, metrics, ctx.spec.promotion.policy())
-    ctx.registry.promote(version, decision)
-    log.info("%s: %s (%s)", version.id, decision.outcome, decision.reason)
-
-
-def gate_decision(registry: Registry, version: Any, metrics: dict[str, Any], policy: Any) -> Any:
-    """The promotion decision for ``version`` against the base and the current production version."""
-    from adapterfab.promotion import decide
-
-    prod = registry.production(version.id)
-    production = None
-    if prod is not None and prod.id.version != version.id.version:
-        production = (prod.id.version, prod.metrics.get(policy.metric))
-    return decide(policy, metrics, production)
-
-
-def _poll_progress(ctx: BatchContext, board: Any, stop: threading.Event) -> None:
-    import ray
-
-    while not stop.wait(PROGRESS_POLL_S):
-        try:
-            progress = ray.get(board.read.remote(), timeout=10)
-            for jid, p in progress.items():
-                view = ctx.state.job(jid)
-                if view.state == JobState.TRAINING:
-                    placement = view.placement or {}
-                    if p.get("node") and placement.get("node_id") != p["node"]:
-                        ctx.state.update_job(jid, step=p["step"], loss=p["loss"],
-                                             placement={**placement, "node_id": p["node"]})
-                    else:
-                        ctx.state.update_job(jid, step=p["step"], loss=p["loss"])
-        except Exception:  # noqa: BLE001 - progress is best effort
-            log.debug("progress poll failed", exc_info=True)
 
 
 def connect_ray(settings: Settings) -> None:
@@ -521,18 +277,36 @@ def worker_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
 
 
+def load_plan(batch: Any, spec: BatchSpec, jobs: list[JobSpec], base_path: str) -> list[Any]:
+    """The plan recorded at submit (``create_batch``); a batch recorded before plans were stored is
+    planned here."""
+    from dataclasses import replace
+
+    from adapterfab.jobs.plan import PlannedJob, plan_batch
+
+    if batch.plan:
+        planned = [PlannedJob(**p) for p in batch.plan]
+    else:
+        planned = plan_batch(batch.id, spec, jobs, base_path)
+    if not spec.resources.fuse:
+        planned = [replace(p, fused_group=None) for p in planned]
+    return planned
+
+
 def run_batch(settings: Settings, batch_id: str) -> BatchState:
     import ray
     from transformers import AutoTokenizer
 
+    from adapterfab.jobs.factory import Factory
     from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard
-    from adapterfab.jobs.plan import concurrency
+    from adapterfab.jobs.plan import balanced_groups, concurrency, execution_groups
 
     state = StateStore(settings.state_url)
     batch = state.get_batch(batch_id)
     spec, jobs = parse_spec(batch.spec_text, root=Path(batch.spec_path).parent if batch.spec_path else None)
     state.update_batch(batch_id, state=BatchState.RUNNING, started_s=time.time(), error=None,
                        orchestrator_pid=os.getpid())
+    factory = None
     try:
         if not settings.mlflow_uri:
             raise StackError("no MLflow server: run `adapterfab up` first (or set MLFLOW_TRACKING_URI)")
@@ -554,23 +328,16 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
         board = ProgressBoard.options(name=board_name, get_if_exists=True).remote()
         ctx = BatchContext(settings, state, batch_id, spec, base, tracking, Registry(settings.mlflow_uri, retry_s),
                            batch_run, board_name, pad_id, force=bool((batch.options or {}).get("force")))
-        stop = threading.Event()
-        poller = threading.Thread(target=_poll_progress, args=(ctx, board, stop), daemon=True)
-        poller.start()
-        from dataclasses import replace
-
-        from adapterfab.jobs.plan import execution_groups, plan_batch
-
-        planned = plan_batch(batch_id, spec, jobs, base.path)  # workers, ZeRO stage, fused groups
-        if not spec.resources.fuse:
-            planned = [replace(p, fused_group=None) for p in planned]
+        planned = load_plan(batch, spec, jobs, base.path)
         ctx.planned = {p.job_id: p for p in planned}
         groups = execution_groups(planned)
-        n = concurrency(spec, ray.cluster_resources(), len(groups))
-        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="job") as pool:
-            list(pool.map(lambda g: run_group(ctx, [jobs[i] for i in g]), groups))
-        stop.set()
-        poller.join(timeout=5)
+        cluster = ray.cluster_resources()
+        slots = concurrency(spec, cluster, len(jobs))
+        devices = slots if spec.resources.gpus_per_job == 0 else max(1, min(slots, int(cluster.get("GPU", 1))))
+        groups = balanced_groups(jobs, groups, devices)  # a fused group may be cut to keep every device busy
+        slots = min(slots, len(groups))
+        factory = ctx.factory = Factory(ctx, jobs, planned, groups, slots)
+        factory.run()
         ray.kill(board)
     except Exception as e:  # noqa: BLE001 - the batch cannot run at all: fail every unfinished job
         log.exception("batch %s failed", batch_id)
@@ -580,7 +347,7 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
         state.update_batch(batch_id, error=_error_text(e))
     final = (BatchState.SUCCEEDED if all(j.state == JobState.SUCCEEDED for j in state.jobs(batch_id))
              else BatchState.FAILED)
-    state.update_batch(batch_id, state=final, ended_s=time.time())
+    state.update_batch(batch_id, state=final, ended_s=time.time(), stats=factory.stats() if factory else None)
     batch_run_id = state.get_batch(batch_id).mlflow_run_id
     try:
         if batch_run_id:

@@ -55,6 +55,7 @@ class PlannedJob:
     workers: int = 1  # data-parallel Ray Train workers (> 1: DeepSpeed ZeRO)
     zero_stage: int | None = None  # 2 or 3 when workers > 1
     est_train_s: float | None = None  # training steps only (no data, eval or registration)
+    est_weights_gb: float | None = None  # of est_memory_gb: the base's weights (shared by a fused group)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,11 +183,13 @@ def plan_batch(batch_id: str, spec: BatchSpec, jobs: list[JobSpec], base_path: s
     """Raises PlanError when a job fits no packing."""
     cfg = _model_config(base_path)
     shapes = []
+    weights = []
     for j in jobs:
         method = get_method(j.method.name)
         trainable = method.trainable_params(cfg, j.method) if (cfg is not None and method.trainable_params) else None
         parts = memory_parts(cfg, j, trainable) if cfg is not None else None
         shapes.append((trainable, placement(parts, j, spec.resources)))
+        weights.append(round(parts.weights / 2**30, 3) if parts is not None else None)
     multi = {i for i, (_, (n, _, _)) in enumerate(shapes) if n > 1}
     group_of: dict[int, str | None] = dict.fromkeys(range(len(jobs)))
     fused = [g for g in fusion_groups(jobs, exclude=multi) if len(g) > 1]
@@ -203,8 +206,22 @@ def plan_batch(batch_id: str, spec: BatchSpec, jobs: list[JobSpec], base_path: s
             trainable_params=trainable, est_memory_gb=round(mem / 2**30, 2) if mem is not None else None,
             fused_group=group_of[i], workers=workers, zero_stage=stage,
             est_train_s=round(train_seconds(cfg, j, spec.resources, workers), 1) if cfg is not None else None,
+            est_weights_gb=weights[i],
         ))
     return out
+
+
+def needs_activation_checkpointing(members: list[PlannedJob], jobs: list[JobSpec], device_memory_gb: float | None
+                                   ) -> bool:
+    """Whether a fused group trains with activation checkpointing: a member's method asks for it, or the
+    group's estimate (the base's weights once, plus every member's adapter, activations and logits)
+    exceeds ``device_memory_gb``."""
+    if any(getattr(j.method, "gradient_checkpointing", False) for j in jobs):
+        return True
+    if not device_memory_gb or any(p.est_memory_gb is None or p.est_weights_gb is None for p in members):
+        return False
+    weights = max(p.est_weights_gb or 0.0 for p in members)
+    return weights + sum((p.est_memory_gb or 0.0) - (p.est_weights_gb or 0.0) for p in members) > device_memory_gb
 
 
 def execution_groups(planned: list[PlannedJob]) -> list[list[int]]:
@@ -227,17 +244,52 @@ FUSED_GROUP_MAX = 8  # K: more rows per step than this stops paying on one devic
 _FAMILY = {"lora": "lora", "qlora": "lora", "lora_xs": "lora_xs"}
 
 
-def fusion_key(job: JobSpec) -> tuple | None:
-    """Jobs with equal keys can train fused (jobs/fused.py): same adapter family, rank and modules on
-    the same base loaded the same way (dtype, quantization); no dropout. None: trains alone."""
-    m = job.method
-    family = _FAMILY.get(m.name)
-    if family is None or getattr(m, "dropout", 0.0):
+def trainer_key(method: Any, dtype: str) -> tuple | None:
+    """What a resident trainer is built for (jobs/resident.py): the adapter family, rank and modules on
+    the base loaded the same way (dtype, quantization). Jobs with equal keys can share a trainer; None:
+    no resident trainer can train this method."""
+    family = _FAMILY.get(method.name)
+    if family is None:
         return None
-    quant = tuple((k, str(v)) for k, v in sorted(m.model_dump().items())
+    quant = tuple((k, str(v)) for k, v in sorted(method.model_dump().items())
                   if k in ("quant_type", "double_quant", "compute_dtype", "quantize"))
-    return (family, m.name == "qlora", m.r, tuple(sorted(m.resolved_targets())), job.train.dtype,  # type: ignore[attr-defined]
-            quant)
+    return (family, method.name == "qlora", method.r, tuple(sorted(method.resolved_targets())), dtype, quant)
+
+
+def fusion_key(job: JobSpec) -> tuple | None:
+    """Jobs with equal keys can train fused (jobs/fused.py): the same trainer key and the same LoRA
+    dropout (one rate per fused step). None: trains alone."""
+    key = trainer_key(job.method, job.train.dtype)
+    return None if key is None else (*key, float(getattr(job.method, "dropout", 0.0) or 0.0))
+
+
+def balanced_groups(jobs: list[JobSpec], groups: list[list[int]], slots: int, k_max: int = FUSED_GROUP_MAX
+                    ) -> list[list[int]]:
+    """The planner's fused groups re-cut for ``slots`` trainers computing at once: each fusion key's jobs
+    in as few groups of at most ``k_max`` as keep every slot busy, sizes as equal as possible (12 jobs
+    on 2 trainers: 6 + 6, not 8 + 4 with one trainer idle half the time). Groups of one stay alone.
+    ``slots`` counts devices that compute side by side (CPU slots, whole GPUs: trainers sharing one GPU
+    gain nothing from smaller groups)."""
+    by_key: dict[tuple, list[int]] = {}
+    singles: list[list[int]] = []
+    for g in groups:
+        key = fusion_key(jobs[g[0]]) if len(g) > 1 else None
+        if key is None:
+            singles.append(g)
+        else:
+            by_key.setdefault(key, []).extend(g)
+    out = list(singles)
+    for members in by_key.values():
+        n = len(members)
+        count = max(-(-n // k_max), min(n, slots))
+        count = min(n, -(-count // slots) * slots) if slots > 1 else count
+        size, extra = divmod(n, count)
+        at = 0
+        for i in range(count):
+            take = size + (1 if i < extra else 0)
+            out.append(members[at:at + take])
+            at += take
+    return sorted(out, key=lambda g: g[0])
 
 
 def fusion_groups(jobs: list[JobSpec], k_max: int = FUSED_GROUP_MAX, exclude: set[int] | frozenset = frozenset()

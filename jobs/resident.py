@@ -1,27 +1,78 @@
-"""A resident-base worker: loads the base model once (quantized when the method asks) and trains group
-after group of jobs fused (``jobs/fused.py``), each job's adapter saved to its own folder.
+"""The resident trainer: loads the base once (quantized when the method asks) and trains fused group after
+fused group of jobs (``jobs/fused.py``) for as long as it lives. Plain Python, no Ray: the factory runs it
+inside a long-lived Ray actor (``jobs/trainers.py``), benchmarks and tests call it directly.
 
-``ResidentWorker`` is plain Python; ``resident_actor()`` makes it a Ray actor, so the base stays
-loaded in one process for as long as the actor lives::
+A group arrives as a ``GroupTask``: each job's tokenized train and eval rows (prepared by Ray Data in
+the orchestrator), its method and training settings, and the file the group checkpoints to. The
+trainer returns each job's metrics, losses and adapter files (``JobOutcome``); saving them to the
+artifact store and registering them happens elsewhere (``jobs/registrar.py``), off the trainer's path.
 
-    Worker = resident_actor()
-    w = Worker.options(num_cpus=2).remote(base_path, method_dict, torch_threads=2)
-    ray.get(w.train.remote([job_dict, ...], out_root))
+    w = ResidentWorker(base_path, {"name": "lora", "r": 8, "dropout": 0.0}, dtype="float32")
+    result = w.train_group(GroupTask("g1", [GroupJob("job-a", method, train, rows, eval_rows)]))
+
+Fault tolerance: every ``checkpoint_every`` fused steps (the smallest of the group's jobs' settings) the
+group's state goes to ``task.checkpoint_path`` (written whole, then renamed into place). A trainer that
+finds that file when a group starts resumes from it, so a group whose trainer was killed continues on
+another one where it stopped.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from adapterfab.methods import get_method
 from adapterfab.spec import TrainConfig
 
+Rows = list[dict[str, Any]]  # each {"input_ids": [...], "labels": [...]}
+
+
+@dataclass
+class GroupJob:
+    job_id: str
+    method: dict[str, Any]  # MethodConfig.model_dump()
+    train: dict[str, Any]  # TrainConfig.model_dump()
+    train_rows: Rows
+    eval_rows: Rows = field(default_factory=list)
+    run_id: str | None = None  # the job's MLflow run (per-step metrics)
+
+
+@dataclass
+class GroupTask:
+    group_id: str
+    jobs: list[GroupJob]
+    pad_id: int = 0
+    checkpoint_path: str | None = None
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class JobOutcome:
+    job_id: str
+    metrics: dict[str, float]
+    losses: list[float]
+    error: str | None = None
+    files: dict[str, bytes] | None = None  # the adapter folder (name -> bytes); None when it failed
+    pending_metrics: list[tuple[str, float, int, int]] = field(default_factory=list)  # (key, value, ms, step) not yet in MLflow
+
+
+@dataclass
+class GroupResult:
+    outcomes: list[JobOutcome]
+    timing: dict[str, float]  # seconds: build (rows -> batches), train, eval, save; flops; resumed_from
+    trainer: dict[str, Any]  # pid, load_s, warm (the base was loaded before this group), groups trained
+    extra: dict[str, Any] | None = None  # what the checkpoint this group resumed from carried (checkpoint_extra)
+
 
 class ResidentWorker:
     def __init__(self, base_path: str, method: dict[str, Any], dtype: str = "float32", torch_threads: int = 0,
-                 basis_dir: str | None = None, device: str | None = None):
+                 basis: Any = None, device: str | None = None, basis_dir: str | None = None):
         import torch
 
         from adapterfab.jobs.fused import FAMILIES, FusedTrainer
@@ -32,52 +83,124 @@ class ResidentWorker:
         t0 = time.monotonic()
         impl = get_method(method["name"])
         self.method = impl.config_cls(**method)
-        basis = impl.load_basis(Path(basis_dir)) if basis_dir and impl.load_basis else None
-        self.base_path = base_path
+        if basis is None and basis_dir and impl.load_basis:
+            basis = impl.load_basis(Path(basis_dir))
+        self.base_path, self.dtype = base_path, dtype
         if device == "cuda":  # inside a Ray GPU actor: the GPU Ray assigned (CUDA_VISIBLE_DEVICES)
             device = "cuda:0"
         base = load_base(base_path, dtype, self.method, device)
         self.trainer = FusedTrainer(base, FAMILIES[self.method.name], self.method.resolved_targets(),
                                     self.method.r, basis=basis)
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(base_path)
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.load_s = time.monotonic() - t0
+        self.groups_trained = 0
+        self._tokenizer: Any = None
 
-    def train(self, jobs: list[dict[str, Any]], out_root: str) -> list[dict[str, Any]]:
-        """``jobs``: {job_id, dataset (a local JSONL), train (TrainConfig fields), eval_rows?}. Each
-        job's data is read and tokenized here, the group trains fused, every adapter is evaluated and
-        saved to ``out_root/<job_id>``. Returns per-job {job_id, metrics, adapter_dir, error}."""
+    def train_group(self, task: GroupTask,
+                    on_step: Callable[[str, int, float, float], None] | None = None,
+                    on_iteration: Callable[[list[tuple[str, int, float]]], None] | None = None,
+                    checkpoint_extra: Callable[[], dict[str, Any]] | None = None) -> GroupResult:
+        """Train ``task``'s jobs fused, evaluate them (fused, base figures cached), return each job's
+        adapter files and metrics; the trainer keeps nothing of the group afterwards.
+        ``checkpoint_extra()`` is stored with each checkpoint (the caller's metrics not yet in MLflow)
+        and comes back as ``GroupResult.extra`` from a group that resumed from it."""
+        import torch
+
         from adapterfab.jobs.fused import FusedJob
-        from adapterfab.pipelines.local import encode_file, epoch_batches, split_rows
+        from adapterfab.pipelines.local import epoch_batches
 
+        warm = self.groups_trained > 0
         t0 = time.monotonic()
         fused = []
+        for j in task.jobs:
+            train = TrainConfig(**j.train)
+            cfg = get_method(j.method["name"]).config_cls(**j.method)
+            ev = j.eval_rows
+            fused.append(FusedJob(
+                j.job_id, cfg, train, epoch_batches(j.train_rows, train.batch_size, train.seed, task.pad_id),
+                (lambda ev=ev, bs=train.batch_size: list(epoch_batches(ev, bs, 0, task.pad_id, shuffle=False)(0)))
+                if ev else None))
+        resume = _load_checkpoint(task.checkpoint_path)
+        every = min((f.train.checkpoint_every for f in fused if f.train.checkpoint_every), default=0)
+
+        def on_checkpoint(state: dict[str, Any]) -> None:
+            if checkpoint_extra:
+                state["extra"] = checkpoint_extra()
+            _save_checkpoint(state, task.checkpoint_path)  # type: ignore[arg-type]
+
+        first_step_at: list[float] = []
+
+        def iteration(progress: list[tuple[str, int, float]]) -> None:
+            if not first_step_at:
+                first_step_at.append(time.time())
+            if on_iteration:
+                on_iteration(progress)
+
+        self.trainer.set_checkpointing(task.activation_checkpointing)
+        t1 = time.monotonic()
+        try:
+            results = self.trainer.train(fused, on_step, on_checkpoint=on_checkpoint if task.checkpoint_path else None,
+                                         checkpoint_every=every, resume=resume, on_iteration=iteration)
+        except BaseException:  # the group stops (an error, or a caller gone): the trainer stays usable
+            for job in fused:
+                self.trainer.remove(job.job_id)
+            raise
+        finally:
+            self.trainer.set_checkpointing(False)
+        t2 = time.monotonic()
+        outcomes = []
+        with tempfile.TemporaryDirectory(prefix="af-group-") as tmp:
+            for job, res in zip(fused, results):
+                files = None
+                if res.error is None:
+                    folder = self.trainer.save(job, Path(tmp) / job.job_id)
+                    files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+                self.trainer.remove(job.job_id)
+                outcomes.append(JobOutcome(job.job_id, dict(res.metrics), list(res.losses), res.error, files))
+        train_s = max((r.metrics.get("train_s", 0.0) for r in results), default=0.0)
+        timing = {"build_s": t1 - t0, "train_s": train_s, "eval_s": max(0.0, t2 - t1 - train_s),
+                  "save_s": time.monotonic() - t2, "flops": sum(r.metrics.get("train_flops", 0.0) for r in results),
+                  "resumed_from": float((resume or {}).get("iteration", 0)), "jobs": float(len(fused)),
+                  "first_step_at": first_step_at[0] if first_step_at else 0.0}
+        self.groups_trained += 1
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return GroupResult(outcomes, timing, {"pid": os.getpid(), "load_s": self.load_s, "warm": warm,
+                                              "groups_trained": self.groups_trained}, (resume or {}).get("extra"))
+
+    # -- the benchmarks' entry point: jobs read from local JSONL files --------------------------------
+    def train(self, jobs: list[dict[str, Any]], out_root: str) -> list[dict[str, Any]]:
+        """``jobs``: {job_id, dataset (a local JSONL), train (TrainConfig fields), eval_rows?}. Each
+        job's data is read and tokenized here, the group trains fused, every adapter is saved to
+        ``out_root/<job_id>``. Returns per-job {job_id, metrics, adapter_dir, error, group_timing}."""
+        from transformers import AutoTokenizer
+
+        from adapterfab.pipelines.local import encode_file, split_rows
+
+        t0 = time.monotonic()
+        if self._tokenizer is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.base_path)
+        tok = self._tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        group = []
         for j in jobs:
             train = TrainConfig(**j["train"])
-            rows = encode_file(j["dataset"], self.tokenizer, train.max_seq_len)
+            rows = encode_file(j["dataset"], tok, train.max_seq_len)
             tr, ev = split_rows(rows, train.eval_fraction, j.get("eval_rows"))
-            fused.append(FusedJob(j["job_id"], self.method, train,
-                                  epoch_batches(tr, train.batch_size, train.seed, self.pad_id),
-                                  (lambda ev=ev, bs=train.batch_size: list(epoch_batches(ev, bs, 0, self.pad_id)(0)))
-                                  if ev else None))
-        t1 = time.monotonic()
-        results = self.trainer.train(fused)
-        t2 = time.monotonic()
+            group.append(GroupJob(j["job_id"], self.method.model_dump(), train.model_dump(), tr, ev))
+        prepare_s = time.monotonic() - t0
+        result = self.train_group(GroupTask(f"bench-{jobs[0]['job_id']}", group, pad))
         out = []
-        for job, res in zip(fused, results):
+        for o in result.outcomes:
             adapter_dir = None
-            if res.error is None:
-                adapter_dir = str(self.trainer.save(job, Path(out_root) / job.job_id))
-            self.trainer.remove(job.job_id)
-            out.append({"job_id": job.job_id, "metrics": res.metrics, "adapter_dir": adapter_dir,
-                        "error": res.error})
-        # the group's wall time by phase: read + tokenize, fused train (+ eval of adapter and base), save
-        timing = {"prepare_s": t1 - t0, "train_s": max((r.metrics.get("train_s", 0.0) for r in results), default=0.0),
-                  "eval_s": 0.0, "save_s": time.monotonic() - t2}
-        timing["eval_s"] = max(0.0, t2 - t1 - timing["train_s"])
+            if o.files is not None:
+                folder = Path(out_root) / o.job_id
+                folder.mkdir(parents=True, exist_ok=True)
+                for name, data in o.files.items():
+                    (folder / name).write_bytes(data)
+                adapter_dir = str(folder)
+            out.append({"job_id": o.job_id, "metrics": o.metrics, "adapter_dir": adapter_dir, "error": o.error})
+        timing = {"prepare_s": prepare_s + result.timing["build_s"], "train_s": result.timing["train_s"],
+                  "eval_s": result.timing["eval_s"], "save_s": result.timing["save_s"]}
         for o in out:
             o["group_timing"] = timing
         return out
@@ -100,7 +223,36 @@ class ResidentWorker:
         return table.table(row_limit=row_limit)
 
     def stats(self) -> dict[str, Any]:
-        return {"load_s": self.load_s, "jobs_trained": self.trainer.jobs_trained}
+        return {"load_s": self.load_s, "jobs_trained": self.trainer.jobs_trained, "groups_trained": self.groups_trained}
+
+
+def _save_checkpoint(state: dict[str, Any], path: str) -> None:
+    """Written to a temporary file beside ``path`` and renamed over it: a trainer killed while writing
+    leaves the previous checkpoint whole."""
+    import torch
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load_checkpoint(path: str | None) -> dict[str, Any] | None:
+    import torch
+
+    if not path or not Path(path).exists():
+        return None
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - an unreadable checkpoint costs the group its progress, not its jobs
+        warnings.warn(f"cannot read the group checkpoint {path} ({e}); the group trains from the start", stacklevel=2)
+        return None
 
 
 def resident_actor() -> Any:

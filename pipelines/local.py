@@ -26,12 +26,15 @@ def split_rows(rows: list[dict], eval_fraction: float, eval_rows: int | None = N
     return (rows[:-n_eval], rows[-n_eval:]) if n_eval else (rows, [])
 
 
-def epoch_batches(rows: list[dict], batch_size: int, seed: int, pad_id: int) -> Callable[[int], Iterator[dict]]:
-    """``f(epoch)`` yields that epoch's padded batches in a seeded shuffle (what train_adapter takes)."""
+def epoch_batches(rows: list[dict], batch_size: int, seed: int, pad_id: int,
+                  shuffle: bool = True) -> Callable[[int], Iterator[dict]]:
+    """``f(epoch)`` yields that epoch's padded batches in a seeded shuffle (what train_adapter takes);
+    ``shuffle=False``: in the rows' order (evaluation)."""
 
     def f(epoch: int) -> Iterator[dict]:
         order = list(range(len(rows)))
-        random.Random(seed * 1000 + epoch).shuffle(order)
+        if shuffle:
+            random.Random(seed * 1000 + epoch).shuffle(order)
         for i in range(0, len(order), batch_size):
             chunk = [rows[j] for j in order[i:i + batch_size]]
             yield padded_batch({"input_ids": [r["input_ids"] for r in chunk],

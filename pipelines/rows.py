@@ -247,7 +247,16 @@ def is_eval_row(messages_json: str, eval_fraction: float, seed: int) -> bool:
     return split_score(messages_json, seed) < eval_fraction
 
 
-def padded_batch(rows: Mapping[str, Sequence[Sequence[int]]], pad_id: int) -> dict[str, Any]:
+class PaddedBatch(dict):
+    """A padded batch (``input_ids``, ``labels``, ``attention_mask`` tensors) that also knows, as plain
+    Python ints, each row's length and how many of its next-token positions carry a label: a fused
+    step plans its chunks and counts its FLOPs from them without a tensor operation per job."""
+
+    lengths: list[int]
+    labelled: list[int]
+
+
+def padded_batch(rows: Mapping[str, Sequence[Sequence[int]]], pad_id: int) -> PaddedBatch:
     """Right-pad a batch of variable-length rows into tensors (the trainer's ``collate_fn``).
 
     Accepts what Ray Data hands a collate function (numpy object arrays of arrays) as well as lists.
@@ -262,11 +271,17 @@ def padded_batch(rows: Mapping[str, Sequence[Sequence[int]]], pad_id: int) -> di
     out_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     out_labels = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
+    lengths, labelled = [], []
     for i, (row_ids, row_labels) in enumerate(zip(ids, labels)):
         n = len(row_ids)
         if len(row_labels) != n:
             raise ValueError(f"row {i}: {n} input_ids but {len(row_labels)} labels")
         out_ids[i, :n] = torch.from_numpy(np.asarray(row_ids, dtype=np.int64))
-        out_labels[i, :n] = torch.from_numpy(np.asarray(row_labels, dtype=np.int64))
+        lab = np.asarray(row_labels, dtype=np.int64)
+        out_labels[i, :n] = torch.from_numpy(lab)
         mask[i, :n] = 1
-    return {"input_ids": out_ids, "labels": out_labels, "attention_mask": mask}
+        lengths.append(n)
+        labelled.append(int((lab[1:] != IGNORE_INDEX).sum()))
+    out = PaddedBatch(input_ids=out_ids, labels=out_labels, attention_mask=mask)
+    out.lengths, out.labelled = lengths, labelled
+    return out

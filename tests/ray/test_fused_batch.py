@@ -1,8 +1,8 @@
 """The orchestrator runs the planner's packing: three compatible LoRA jobs form one fused group, one of
-them fails in its data stage, and the other two train together in one Ray Train worker over one
-resident base, each registered as its own version with its lineage and promotion decision. A fourth
-job's batch (16 x 256 tokens) does not fit ``device_memory_gb``: it trains on two workers with
-DeepSpeed ZeRO-2, beside the group."""
+them fails in its data stage, and the other two train together on one resident trainer (one base),
+each registered as its own version with its lineage and promotion decision. A fourth job's batch
+(16 x 256 tokens) does not fit ``device_memory_gb``: it trains on two Ray Train workers with DeepSpeed
+ZeRO-2. One job at a time (``max_concurrent_jobs: 1``), so the group is not cut to fill a second slot."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_batch_trains_a_fused_group(af_env: Path, tiny_model_path: str, mlflow_s
             "defaults": {"method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
                          "train": {"steps": 8, "batch_size": 4, "learning_rate": 1e-2, "dtype": "float32",
                                    "max_seq_len": 64, "eval_fraction": 0.2}},
-            "resources": {"cpus_per_job": 0.5, "device_memory_gb": 1.5}, "tenants": tenants}
+            "resources": {"cpus_per_job": 0.5, "device_memory_gb": 1.5, "max_concurrent_jobs": 1}, "tenants": tenants}
     spec_path = tmp_path / "batch.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     settings = Settings.load()

@@ -63,46 +63,6 @@ def test_training_job_on_ray_train(ray_cluster, tiny_model_path: str, mlflow_ser
     assert ray.get(board.read.remote())["b.acme.zorp"]["step"] == 12
 
 
-@pytest.mark.timeout(300)
-def test_fused_group_on_ray_train(ray_cluster, tiny_model_path: str, mlflow_server: str, tmp_path: Path) -> None:
-    """Two tenants' jobs trained fused in one Ray Train worker (one resident base): each gets its own
-    adapter, metrics, MLflow loss history and progress."""
-    import ray
-
-    from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard, WorkerJob, run_fused_training_job
-    from adapterfab.methods.lora import LoraConfig
-    from adapterfab.pipelines.data import prepare_dataset
-    from adapterfab.registry import Tracking
-    from adapterfab.spec import TrainConfig
-
-    tracking = Tracking(mlflow_server)
-    board_name = PROGRESS_BOARD_PREFIX + "fused"
-    board = ProgressBoard.options(name=board_name).remote()
-    jobs, datasets = [], []
-    for name, steps in (("zorp", 10), ("quux", 6)):
-        path = _dataset(tmp_path / f"{name}.jsonl")
-        path.write_text(path.read_text().replace("ZORP", name.upper()))
-        p = prepare_dataset(str(path), tiny_model_path, max_seq_len=64, eval_fraction=0.2, seed=0,
-                            max_bad_row_fraction=0.1, timeout_s=120)
-        datasets.append((p.train, p.eval))
-        train = TrainConfig(steps=steps, batch_size=4, learning_rate=1e-2, dtype="float32", max_seq_len=64)
-        jobs.append(WorkerJob(job_id=f"b.acme.{name}", base_model_path=tiny_model_path,
-                              method=LoraConfig(r=4, dropout=0.0).model_dump(), train=train.model_dump(),
-                              mlflow_uri=mlflow_server, mlflow_run_id=tracking.start_run(name),
-                              progress_board=board_name, pad_id=0, cpus=1))
-    out = run_fused_training_job(jobs, datasets, str(tmp_path / "results"), "fused-t1")
-    assert sorted(out) == ["b.acme.quux", "b.acme.zorp"]
-    for job in jobs:
-        metrics, adapter_dir, error = out[job.job_id]
-        assert error is None and metrics["eval_loss"] < metrics["base_eval_loss"]
-        assert metrics["steps"] == job.train["steps"]
-        assert (Path(adapter_dir) / "adapter_model.safetensors").exists()
-        history = tracking.client.get_metric_history(job.mlflow_run_id, "loss")
-        assert [m.step for m in history] == list(range(1, job.train["steps"] + 1))
-    progress = ray.get(board.read.remote())
-    assert progress["b.acme.zorp"]["step"] == 10 and progress["b.acme.quux"]["step"] == 6
-
-
 @pytest.mark.timeout(400)
 def test_killed_worker_resumes_from_its_checkpoint(ray_cluster, tiny_model_path: str, mlflow_server: str,
                                                   tmp_path: Path) -> None:

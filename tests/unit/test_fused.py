@@ -149,10 +149,12 @@ def test_incompatible_jobs_are_refused(tiny_model_path: str, data: dict) -> None
     cfg = get_method("lora").config_cls(r=4, alpha=8, dropout=0.0)
     trainer = FusedTrainer(_base(tiny_model_path), "lora", cfg.resolved_targets(), cfg.r)
     assert "rank" in trainer.compatible(cfg.model_copy(update={"r": 8}))
-    assert "dropout" in trainer.compatible(cfg.model_copy(update={"dropout": 0.1}))
+    assert trainer.compatible(cfg.model_copy(update={"dropout": 0.1})) is None  # dropout trains fused
     assert "family" in trainer.compatible(get_method("lora_xs").config_cls(r=4))
     with pytest.raises(AdapterfabError, match="cannot join"):
         trainer.train([_job("pirate", cfg.model_copy(update={"r": 8}), data)])
+    with pytest.raises(AdapterfabError, match="one LoRA dropout"):  # one rate per group
+        trainer.train([_job("pirate", cfg, data), _job("robot", cfg.model_copy(update={"dropout": 0.1}), data)])
 
 
 def test_stack_pads_and_routes_rows() -> None:
@@ -178,8 +180,32 @@ def test_planner_groups_only_compatible_jobs() -> None:
                           "tenants": tenants})
     groups = fusion_groups(jobs, k_max=4)
     assert groups == [[0, 1, 2, 8], [3], [4, 5], [6], [7], [9]]
-    _, dropout = parse_spec({"version": 1, "name": "g", "tenants": tenants[:2]})  # lora's default dropout
-    assert fusion_groups(dropout) == [[0], [1]]
+    _, dropout = parse_spec({"version": 1, "name": "g", "tenants": tenants[:3]})  # lora's default dropout
+    assert fusion_groups(dropout) == [[0, 1, 2]]  # the same rate fuses
+    mixed = [dropout[0], dropout[1].model_copy(update={"method": dropout[1].method.model_copy(update={"dropout": 0.1})})]
+    assert fusion_groups(mixed) == [[0], [1]]  # one rate per fused step
+
+
+def test_groups_are_recut_to_keep_every_trainer_busy() -> None:
+    from adapterfab.jobs.plan import balanced_groups, fusion_groups
+    from adapterfab.spec import parse_spec
+
+    def spec(n: int, extra: dict | None = None) -> list:
+        tenants = [{"tenant": f"t{i}", "persona": "p", "dataset": "/x.jsonl"} for i in range(n)]
+        if extra:
+            tenants.append({"tenant": "other", "persona": "p", "dataset": "/x.jsonl", **extra})
+        return parse_spec({"version": 1, "name": "g", "tenants": tenants})[1]
+
+    twelve = spec(12)
+    assert [len(g) for g in fusion_groups(twelve)] == [8, 4]
+    assert [len(g) for g in balanced_groups(twelve, fusion_groups(twelve), slots=2)] == [6, 6]
+    assert [len(g) for g in balanced_groups(twelve, fusion_groups(twelve), slots=1)] == [6, 6]  # ceil(12/8) groups
+    thirty_two = spec(32)
+    assert [len(g) for g in balanced_groups(thirty_two, fusion_groups(thirty_two), slots=2)] == [8, 8, 8, 8]
+    three = spec(3, {"method": {"name": "lora_xs"}})
+    got = balanced_groups(three, fusion_groups(three), slots=2)
+    assert got == [[0, 1], [2], [3]]  # the lone LoRA-XS job stays alone
+    assert sorted(i for g in balanced_groups(spec(64), fusion_groups(spec(64)), 3) for i in g) == list(range(64))
 
 
 def test_fused_group_resumes_from_its_checkpoint(tiny_model_path: str, data: dict) -> None:
@@ -453,3 +479,91 @@ def test_fused_step_bench_runs(tmp_path: Path) -> None:
     assert res["peft"]["rows"] == res["fused"]["rows"] == 3 * 4 and res["fused1"]["rows"] == 4
     assert res["peft"]["label_tokens"] == res["fused"]["label_tokens"] == 3 * res["fused1"]["label_tokens"] > 0
     assert all(v["step_ms"] > 0 for v in res.values()) and out["ratios"]["fused_over_peft_time"] > 0
+
+
+def _trained(tiny_model_path: str, data: dict, cfg, seed: int = 0, **trainer_kw) -> tuple[FusedTrainer, dict]:  # noqa: ANN001
+    """Every TRAIN job trained fused from the same initial weights and global RNG state."""
+    inits = {n: _peft_init(tiny_model_path, cfg, TRAIN[n]["seed"]) for n in TRAIN}
+    trainer = FusedTrainer(_base(tiny_model_path), "lora", cfg.resolved_targets(), cfg.r, **trainer_kw)
+    torch.manual_seed(seed)  # the dropout masks' stream
+    results = {r.job_id: r for r in trainer.train([_job(n, cfg, data, init=inits[n]) for n in TRAIN])}
+    return trainer, results
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_activation_checkpointing_trains_exactly_as_without(tiny_model_path: str, data: dict, dropout: float) -> None:
+    """With activation checkpointing the decoder layers are recomputed in the backward pass, after the
+    forward's routing is gone; each row must still go through its own adapter (and see the same
+    dropout mask), so every adapter ends where it ends without checkpointing."""
+    cfg = get_method("lora").config_cls(r=4, alpha=8, dropout=dropout)
+    plain, plain_results = _trained(tiny_model_path, data, cfg)
+    ckpt, ckpt_results = _trained(tiny_model_path, data, cfg, checkpointing=True)
+    assert ckpt.checkpointing and not plain.checkpointing
+    for jid, r in plain_results.items():
+        assert ckpt_results[jid].losses == pytest.approx(r.losses, rel=1e-5, abs=1e-6)
+        _assert_same_adapter(ckpt, plain, jid, rtol=1e-5, atol=1e-7)
+    assert any(float(t[1].abs().sum()) > 0 for t in plain.adapter_tensors("j-pirate").values())  # it trained
+
+
+def test_dropout_is_applied_in_training_only(tiny_model_path: str, data: dict) -> None:
+    """Fused LoRA dropout drops adapter inputs while training (two runs with other masks differ, and
+    differ from no dropout) and never in evaluation (the eval figures are the adapter's own)."""
+    with_p = get_method("lora").config_cls(r=4, alpha=8, dropout=0.5)
+    a, ra = _trained(tiny_model_path, data, with_p, seed=1)
+    b, rb = _trained(tiny_model_path, data, with_p, seed=2)
+    _, rz = _trained(tiny_model_path, data, with_p.model_copy(update={"dropout": 0.0}), seed=1)
+    assert ra["j-pirate"].losses[1:] != pytest.approx(rb["j-pirate"].losses[1:], rel=1e-4)
+    assert ra["j-pirate"].losses[1:] != pytest.approx(rz["j-pirate"].losses[1:], rel=1e-4)
+    job = _job("pirate", with_p, data)
+    again = a.evaluate("j-pirate", list(job.eval_batches()))
+    assert again["eval_loss"] == pytest.approx(ra["j-pirate"].metrics["eval_loss"], rel=1e-6)
+
+
+def test_rows_split_by_length_train_as_one_padded_batch(tiny_model_path: str, data: dict) -> None:
+    """A step whose rows are split into length chunks (each padded to its own longest row) gives every
+    job the loss and the adapter it gets from one batch padded to the longest row."""
+    from adapterfab.jobs.fused import step_chunks
+
+    cfg = get_method("lora").config_cls(r=4, alpha=8, dropout=0.0)
+    one, one_results = _trained(tiny_model_path, data, cfg, chunk_overhead_tokens=10**9)
+    split, split_results = _trained(tiny_model_path, data, cfg, chunk_overhead_tokens=0)
+    for jid, r in one_results.items():
+        assert split_results[jid].losses == pytest.approx(r.losses, rel=1e-5, abs=1e-6)
+        _assert_same_adapter(split, one, jid, rtol=1e-4, atol=1e-6)
+    # the split really happened on these rows, and padded fewer tokens
+    micro = [next(iter(epoch_batches(data["rows"][n][0], 3, 0, data["pad"])(0))) for n in TRAIN]
+    chunks = step_chunks(list(enumerate(micro)), 0)
+    single = step_chunks(list(enumerate(micro)), 10**9)
+    assert len(chunks) > 1 and len(single) == 1
+    assert sum(int(b["input_ids"].numel()) for b, _, _ in chunks) < single[0][0]["input_ids"].numel()
+    assert sum(int(b["attention_mask"].sum()) for b, _, _ in chunks) == int(single[0][0]["attention_mask"].sum())
+
+
+def test_length_chunks_partition_rows_and_cut_only_where_it_pays() -> None:
+    from adapterfab.jobs.fused import length_chunks
+
+    lengths = [50, 60, 55, 58, 300, 310, 305, 52]
+    chunks = length_chunks(lengths, overhead_tokens=100)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    assert [sorted(lengths[i] for i in c) for c in chunks] == [[50, 52, 55, 58, 60], [300, 305, 310]]
+    assert len(length_chunks(lengths, overhead_tokens=10**6)) == 1  # saving ~1,250 tokens is not worth it
+    assert length_chunks([], 100) == []
+
+
+def test_model_flops_count_what_a_step_spends(tiny_model_path: str) -> None:
+    """4 FLOPs per decoder weight and real token, the head's only at labelled positions, causal attention;
+    no embedding, no padding."""
+    from adapterfab.jobs.fused import ModelFlops
+    from adapterfab.pipelines.rows import padded_batch
+
+    base = _base(tiny_model_path)
+    cfg = base.config
+    f = ModelFlops.of(base)
+    h, inter, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    assert f.body == n * (2 * h * h + 2 * h * kv + 3 * h * inter) and f.head == h * cfg.vocab_size
+    batch = padded_batch({"input_ids": [[1, 2, 3], [4, 5, 6, 7, 8]], "labels": [[-100, 2, 3], [-100, -100, 6, 7, -100]]}, 0)
+    want = 4 * f.body * 8 + 4 * f.head * (2 + 2) + 6 * h * n * (9 + 25)
+    assert f.step(batch) == want
+    plain = {k: v for k, v in batch.items()}  # no recorded row stats: counted from the tensors
+    assert f.step(plain) == want

@@ -1,0 +1,465 @@
+"""One batch through the factory, its stages pipelined:
+
+    prepare (window of groups) ──► queue of ready groups ──► trainer slots ──► registrar
+    MLflow runs, Ray Data           bounded: at most           resident trainers  artifact store, MLflow,
+    (one execution per window),     AHEAD_GROUPS_PER_SLOT      (jobs/trainers.py)  registry (jobs/registrar.py)
+    reuse check, LoRA-XS basis      groups per slot wait       train fused groups  on its own threads
+
+- **Prepare** runs ahead of training in windows of ``WINDOW_JOBS`` jobs: each window's MLflow runs are
+  made on a few threads and its datasets go through one Ray Data execution (``prepare_many``), while
+  the trainers train earlier groups. It stops when enough groups wait, so memory stays bounded.
+- **Train**: one thread per trainer slot takes the next ready group (preferring the key of the trainer it
+  holds), leases a resident trainer for it and hands it the group's rows. A group whose trainer dies
+  resumes from its checkpoint on another trainer. Multi-worker (DeepSpeed ZeRO) jobs run on Ray Train.
+- **Register**: each finished job goes to the registrar's threads; the slot goes straight on.
+- **Progress**: trainers report each group's step to the batch's board once per step (not per job); the
+  orchestrator writes what changed once a second, in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from adapterfab.errors import AdapterfabError
+from adapterfab.ids import AdapterId, job_id
+from adapterfab.jobs.registrar import Prepared, Registrar, fail_job, register_job
+from adapterfab.registry import tenant_experiment
+from adapterfab.spec import JobSpec
+from adapterfab.states import JobState
+
+if TYPE_CHECKING:
+    from adapterfab.jobs.orchestrate import BatchContext
+    from adapterfab.jobs.plan import PlannedJob
+
+log = logging.getLogger("adapterfab.factory")
+# jobs whose data one Ray Data execution prepares: the first window is one group per trainer slot (the
+# first steps wait for it), later ones grow up to this (each execution costs ~0.3-1 s whatever its size)
+WINDOW_JOBS = 128
+PREPARE_THREADS = 4  # MLflow round trips of preparation that overlap
+AHEAD_GROUPS_PER_SLOT = 2  # prepared groups waiting per trainer slot before preparation pauses (at least)
+PROGRESS_POLL_S = 1.0
+
+
+@dataclass
+class GroupItem:
+    gid: str
+    prepared: list[Prepared]
+    spec: Any  # trainers.TrainerSpec; None for a multi-worker job (Ray Train + ZeRO)
+    checkpointing: bool = False
+
+    @property
+    def key(self) -> str | None:
+        return self.spec.key() if self.spec is not None else None
+
+
+class GroupQueue:
+    """Ready groups, in the order they were prepared; a consumer may prefer a key (its trainer's)."""
+
+    def __init__(self) -> None:
+        self._items: list[GroupItem] = []
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def put(self, item: GroupItem) -> None:
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def take(self, prefer_key: str | None = None) -> GroupItem | None:
+        """The next group (the first with ``prefer_key`` if one is ready); None once closed and empty."""
+        with self._cond:
+            while not self._items and not self._closed:
+                self._cond.wait()
+            if not self._items:
+                return None
+            at = next((i for i, it in enumerate(self._items) if prefer_key and it.key == prefer_key), 0)
+            item = self._items.pop(at)
+            self._cond.notify_all()
+            return item
+
+    def wait_below(self, groups: int, jobs: int) -> None:
+        """Until fewer than ``groups`` groups or fewer than ``jobs`` jobs wait (memory stays bounded)."""
+        with self._cond:
+            while len(self._items) >= groups and sum(len(i.prepared) for i in self._items) >= jobs:
+                self._cond.wait()
+
+
+class Factory:
+    def __init__(self, ctx: BatchContext, jobs: list[JobSpec], planned: list[PlannedJob], groups: list[list[int]],
+                 slots: int):
+        from adapterfab.jobs.trainers import TrainerPool
+
+        self.ctx, self.jobs, self.planned, self.groups, self.slots = ctx, jobs, planned, groups, slots
+        self.queue = GroupQueue()
+        self.registrar = Registrar(ctx)
+        self.pool = TrainerPool(ctx.batch_id, ctx.spec.resources.trainer_keep_warm_s)
+        self.checkpoints = ctx.settings.home / "checkpoints" / ctx.batch_id
+        # where the batch's time went (seconds summed over threads): the batch's ``stats`` afterwards
+        self.timing: dict[str, float] = {k: 0.0 for k in (
+            "prepare_s", "data_s", "acquire_s", "group_build_s", "group_train_s", "group_eval_s", "group_save_s",
+            "register_s", "flops")}
+        self.first_step_s: float | None = None  # epoch seconds of the first progress report
+        self.trainers: dict[str, dict[str, Any]] = {}  # name -> {groups, warm (its base was loaded before)}
+        self._zero_running = 0
+        self._lock = threading.Lock()
+
+    def stats(self) -> dict[str, Any]:
+        return {"slots": self.slots, "groups": len(self.groups), "first_step_s": self.first_step_s,
+                **{k: round(v, 3) for k, v in self.timing.items()}, "trainers": self.trainers}
+
+    def _add(self, **seconds: float) -> None:
+        with self._lock:
+            for k, v in seconds.items():
+                self.timing[k] = self.timing.get(k, 0.0) + v
+
+    # -- the whole batch --------------------------------------------------------------------------------
+    def run(self) -> None:
+        import ray
+
+        self.board = ray.get_actor(self.ctx.board_name)
+        stop = threading.Event()
+        poller = threading.Thread(target=self._poll, args=(stop,), name="progress", daemon=True)
+        poller.start()
+        preparer = threading.Thread(target=self._prepare_all, name="prepare", daemon=True)
+        preparer.start()
+        slots = [threading.Thread(target=self._slot, args=(i,), name=f"slot{i}", daemon=True)
+                 for i in range(self.slots)]
+        for t in slots:
+            t.start()
+        for t in [preparer, *slots]:
+            t.join()
+        self.registrar.close()
+        self.pool.close()
+        stop.set()
+        poller.join(timeout=5)
+        self._poll_once()
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
+
+    # -- prepare ----------------------------------------------------------------------------------------
+    def _prepare_all(self) -> None:
+        try:
+            window: list[int] = []
+            # jobs in the window being filled: the first group of every slot (every trainer starts as soon
+            # as it can), then doubling up to WINDOW_JOBS
+            size = sum(len(g) for g in self.groups[:self.slots])
+            for n, g in enumerate(self.groups):
+                window.append(n)
+                if sum(len(self.groups[i]) for i in window) >= size or n == len(self.groups) - 1:
+                    self.queue.wait_below(max(AHEAD_GROUPS_PER_SLOT * self.slots, 2), WINDOW_JOBS)
+                    self._prepare_window(window)
+                    window = []
+                    size = min(WINDOW_JOBS, max(2 * size, len(g)))
+        except BaseException as e:  # noqa: BLE001 - every job not yet handed on fails with the reason
+            log.exception("preparing batch %s failed", self.ctx.batch_id)
+            for j in self.ctx.state.jobs(self.ctx.batch_id):
+                if j.state in (JobState.PENDING, JobState.PREPARING):
+                    fail_job(self.ctx, j.id, j.mlflow_run_id, AdapterfabError(f"preparation failed: {e}"))
+        finally:
+            self.queue.close()
+
+    def _prepare_window(self, window: list[int]) -> None:
+        from adapterfab.pipelines.data import DataRequest, prepare_many
+
+        t0 = time.monotonic()
+        members = [i for n in window for i in self.groups[n]]
+        with ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prep") as threads:
+            begun = [b for b in threads.map(self._begin, members) if b is not None]
+            requests = [DataRequest(jid, self.jobs[i].dataset, self.jobs[i].train.max_seq_len,
+                                    self.jobs[i].train.eval_fraction, self.jobs[i].train.seed,
+                                    self.jobs[i].train.max_bad_row_fraction) for i, jid, _, _, _ in begun]
+            t1 = time.monotonic()
+            rows = prepare_many(requests, self.ctx.base.path) if requests else {}
+            self._add(data_s=time.monotonic() - t1)
+            done = threads.map(lambda b: self._after_data(b, rows[b[1]]), begun)
+            ready = {p.jid: p for p in done if p is not None}
+        self._add(prepare_s=time.monotonic() - t0)
+        for n in window:
+            group = [ready[jid] for i in self.groups[n] if (jid := self.planned[i].job_id) in ready]
+            if not group:
+                continue
+            first = self.planned[self.groups[n][0]]
+            if first.workers > 1:
+                self.queue.put(GroupItem(f"g{n}", group, None))
+                continue
+            from adapterfab.jobs.plan import needs_activation_checkpointing
+
+            members = [self.planned[i] for i in self.groups[n]]
+            ckpt = needs_activation_checkpointing(members, [p.job for p in group],
+                                                  self.ctx.spec.resources.device_memory_gb)
+            self.queue.put(GroupItem(f"g{n}", group, self._spec(group[0]), ckpt))
+
+    def _begin(self, i: int) -> tuple[int, str, AdapterId, str, int] | None:
+        """PENDING -> PREPARING with the job's MLflow run; None when the job needs nothing more
+        (already succeeded, or registered before its orchestrator died) or failed here."""
+        from adapterfab.jobs.orchestrate import _close_orphan_run, _finish_if_registered
+
+        ctx, job = self.ctx, self.jobs[i]
+        jid, aid = job_id(ctx.batch_id, job.tenant, job.persona), AdapterId(job.tenant, job.persona)
+        try:
+            view = ctx.state.job(jid)
+            if view.state == JobState.SUCCEEDED:
+                return None
+            if view.state != JobState.PENDING:
+                ctx.state.move_job(jid, JobState.PENDING)
+                if not view.state.terminal and view.mlflow_run_id:  # a dead orchestrator left its run open
+                    _close_orphan_run(ctx, view.mlflow_run_id)
+                if _finish_if_registered(ctx, jid, aid):  # it died after registering, before SUCCEEDED
+                    return None
+            run_id = ctx.tracking.start_run(
+                aid.key, parent_run_id=ctx.batch_run_id, experiment=tenant_experiment(job.tenant),
+                tags={"adapterfab.tenant": job.tenant, "adapterfab.persona": job.persona,
+                      "adapterfab.batch_id": ctx.batch_id, "adapterfab.job_id": jid})
+            ctx.state.move_job(jid, JobState.PREPARING, attempts=view.attempts + 1, error=None, step=0, loss=None,
+                               mlflow_run_id=run_id)
+            return i, jid, aid, run_id, view.attempts + 1
+        except Exception as e:  # noqa: BLE001 - the job fails, the batch goes on
+            fail_job(ctx, jid, None, e)
+            return None
+
+    def _after_data(self, begun: tuple[int, str, AdapterId, str, int], rows: Any) -> Prepared | None:
+        """The job's data stats into the state and its MLflow run (one batched call), the reuse check,
+        the shared basis; a Prepared job to train, or None."""
+        from adapterfab.jobs.orchestrate import _reuse_existing, ensure_basis, job_fingerprint, job_run_params
+
+        ctx = self.ctx
+        i, jid, aid, run_id, attempt = begun
+        job = self.jobs[i]
+        try:
+            if isinstance(rows, BaseException):
+                raise rows
+            stats = rows.stats.to_dict()
+            ctx.state.update_job(jid, data_stats=stats)
+            fingerprint = job_fingerprint(ctx.base.fingerprint, job, stats["sha256"])
+            ctx.tracking.log_batch(run_id, params=job_run_params(ctx.spec, job, ctx.base.fingerprint),
+                                   metrics={k: float(stats[k]) for k in ("total_rows", "bad_rows", "train_rows",
+                                                                          "eval_rows")},
+                                   tags={"adapterfab.job_fingerprint": fingerprint})
+            ctx.tracking.log_text(run_id, json.dumps({"dataset": job.dataset, **stats}, indent=1),
+                                  "dataset_manifest.json")
+            if not ctx.force and _reuse_existing(ctx, jid, run_id, aid, fingerprint):
+                return None
+            basis_id, basis_uri = ensure_basis(ctx, job)
+            return Prepared(job, jid, aid, run_id, rows, stats, fingerprint, basis_id, basis_uri, attempt)
+        except Exception as e:  # noqa: BLE001
+            fail_job(ctx, jid, run_id, e)
+            return None
+
+    def _spec(self, p: Prepared) -> Any:
+        from adapterfab.jobs.trainers import TrainerSpec
+
+        plan = self.ctx.planned[p.jid]
+        return TrainerSpec(self.ctx.base.path, self.ctx.base.fingerprint, p.job.method.model_dump(),
+                           p.job.train.dtype, p.basis_uri, plan.cpus, plan.gpus)
+
+    # -- train --------------------------------------------------------------------------------------------
+    def _slot(self, index: int) -> None:
+        lease = None
+        try:
+            lease = self._prewarm(index)
+            while (item := self.queue.take(lease.key if lease else None)) is not None:
+                if item.spec is None:  # a multi-worker job: Ray Train, beside the trainers
+                    if lease is not None:
+                        self.pool.release(lease, retire=True)
+                        lease = None
+                    self._train_zero(item)
+                    continue
+                if lease is not None and lease.key != item.key:
+                    self.pool.release(lease, retire=True)  # its device goes to the other base or shape
+                    lease = None
+                lease = self._train_group(lease, item)
+        except BaseException:  # noqa: BLE001 - logged; the jobs it held were failed where it happened
+            log.exception("trainer slot %d stopped", index)
+        finally:
+            if lease is not None:
+                self.pool.release(lease, retire=self._zero_running > 0)  # else it stays warm
+
+    def _register(self, p: Prepared, outcome: Any, tags: dict[str, Any]) -> None:
+        from adapterfab.jobs.registrar import register_outcome
+
+        t0 = time.monotonic()
+        register_outcome(self.ctx, p, outcome, tags)
+        self._add(register_s=time.monotonic() - t0)
+
+    def _prewarm(self, index: int) -> Any:
+        """Start (or lease) the trainer this slot's first group will need while its data is prepared,
+        when that is known before preparation (no shared basis to compute first)."""
+        from adapterfab.methods import get_method
+
+        if index >= len(self.groups):
+            return None
+        first = self.groups[index][0]
+        job, plan = self.jobs[first], self.planned[first]
+        if plan.workers > 1 or get_method(job.method.name).compute_basis is not None:
+            return None
+        from adapterfab.jobs.trainers import TrainerSpec
+
+        spec = TrainerSpec(self.ctx.base.path, self.ctx.base.fingerprint, job.method.model_dump(), job.train.dtype,
+                           None, plan.cpus, plan.gpus)
+        try:
+            return self.pool.acquire(spec)
+        except Exception:  # noqa: BLE001 - the group's own acquire reports it
+            log.warning("could not start a trainer ahead of slot %d's first group", index, exc_info=True)
+            return None
+
+    def _train_group(self, lease: Any, item: GroupItem) -> Any:
+        """Train ``item`` on ``lease``'s trainer (acquired here when None); a trainer that dies is replaced
+        and the group resumes from its checkpoint. Returns the lease the slot holds afterwards."""
+        import ray
+
+        from adapterfab.jobs.resident import GroupJob, GroupTask
+        from adapterfab.jobs.trainers import MAX_GROUP_ATTEMPTS, LeaseLost
+
+        ctx = self.ctx
+        ids = [p.jid for p in item.prepared]
+        task = GroupTask(item.gid, [GroupJob(p.jid, p.job.method.model_dump(), p.job.train.model_dump(),
+                                             p.data.train, p.data.eval, p.run_id) for p in item.prepared],
+                         ctx.pad_id, str(self.checkpoints / f"{item.gid}.pt"), item.checkpointing)
+        result, error = None, None
+        for attempt in range(1, MAX_GROUP_ATTEMPTS + 1):
+            try:
+                if lease is None:
+                    t0 = time.monotonic()
+                    lease = self.pool.acquire(item.spec)
+                    self._add(acquire_s=time.monotonic() - t0)
+                self._start_training(item, lease)
+                result = self.pool.train(lease, task, self.board, ctx.tracking.uri)
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                log.warning("group %s: trainer %s died (%s); attempt %d of %d resumes from its checkpoint",
+                            item.gid, lease.name if lease else "?", type(e).__name__, attempt, MAX_GROUP_ATTEMPTS)
+                if lease is not None:
+                    self.pool.forget(lease)
+                lease, error = None, e
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(getattr(e, "cause", None), LeaseLost) and lease is not None:
+                    self.pool.forget(lease)
+                    lease, error = None, e
+                    continue
+                error = e
+                break
+            except Exception as e:  # noqa: BLE001 - no trainer could be had (resources, a base that fails to load)
+                error = e
+                break
+        if result is None:
+            for p in item.prepared:
+                fail_job(ctx, p.jid, p.run_id, error or AdapterfabError("the group's trainer failed"))
+            return lease
+        t = result.timing
+        if t.get("first_step_at"):
+            with self._lock:
+                self.first_step_s = min(self.first_step_s or t["first_step_at"], t["first_step_at"])
+        self._add(group_build_s=t["build_s"], group_train_s=t["train_s"], group_eval_s=t["eval_s"],
+                  group_save_s=t["save_s"], flops=t["flops"])
+        with self._lock:
+            seen = self.trainers.setdefault(result.trainer.get("name", "?"), {"groups": 0, "warm": result.trainer.get("warm")})
+            seen["groups"] += 1
+        peers = ",".join(f"{p.job.tenant}/{p.job.persona}" for p in item.prepared)
+        how = f"fused:{len(item.prepared)}" if len(item.prepared) > 1 else "alone"
+        by_id = {p.jid: p for p in item.prepared}
+        for o in result.outcomes:
+            p = by_id[o.job_id]
+            if o.error is not None:
+                fail_job(ctx, p.jid, p.run_id, AdapterfabError(o.error))
+                continue
+            o.metrics["node_id"] = result.trainer.get("node_id")
+            o.metrics["resumed_from_iteration"] = t["resumed_from"]
+            tags = {"training": how, "trainer": result.trainer.get("name", "")}
+            if len(item.prepared) > 1:
+                tags["fused_with"] = peers
+            self.registrar.run(self._register, p, o, tags)
+        del ids
+        return lease
+
+    def _start_training(self, item: GroupItem, lease: Any) -> None:
+        """TRAINING, with where the group trains (the trainer, its node, whether its base was warm)."""
+        ctx = self.ctx
+        ids = [p.jid for p in item.prepared]
+        plan = ctx.planned[ids[0]]
+        placement: dict[str, Any] = {"cpus": plan.cpus, "gpus": plan.gpus, "workers": 1, "zero_stage": None,
+                                     "group": item.gid, "trainer": lease.name, "trainer_pid": lease.info.get("pid"),
+                                     "node_id": lease.info.get("node_id"),
+                                     "warm": bool(lease.info.get("groups_trained")),
+                                     "activation_checkpointing": item.checkpointing}
+        if len(ids) > 1:
+            placement["fused_with"] = ids
+        current = {j.id: j.state for j in ctx.state.jobs_by_id(ids)}
+        todo = [j for j in ids if current.get(j) != JobState.TRAINING]
+        if todo:
+            ctx.state.move_jobs(todo, JobState.TRAINING, placement=placement)
+        if len(todo) < len(ids):  # a resumed group: the same jobs on another trainer
+            for j in ids:
+                if j not in todo:
+                    ctx.state.update_job(j, placement=placement)
+
+    def _train_zero(self, item: GroupItem) -> None:
+        """A job too big for one worker: Ray Train with DeepSpeed ZeRO on several workers."""
+        import ray
+
+        from adapterfab.jobs.launch import WorkerJob, run_training_job
+        from adapterfab.jobs.trainers import retire_idle_trainers
+
+        ctx = self.ctx
+        with self._lock:
+            self._zero_running += 1
+        try:
+            retire_idle_trainers()  # their devices are what the ZeRO workers wait for
+            for p in item.prepared:
+                plan = ctx.planned[p.jid]
+                try:
+                    ctx.state.move_job(p.jid, JobState.TRAINING, total_steps=p.job.train.steps,
+                                       placement={"cpus": plan.cpus, "gpus": plan.gpus, "workers": plan.workers,
+                                                  "zero_stage": plan.zero_stage})
+                    job = WorkerJob(
+                        job_id=p.jid, base_model_path=ctx.base.path, method=p.job.method.model_dump(),
+                        train=p.job.train.model_dump(), mlflow_uri=ctx.tracking.uri, mlflow_run_id=p.run_id,
+                        progress_board=ctx.board_name, pad_id=ctx.pad_id, cpus=plan.cpus, basis_uri=p.basis_uri,
+                        gpus=plan.gpus, workers=plan.workers, zero_stage=plan.zero_stage,
+                        mlflow_retry_s=ctx.tracking.retry_s)
+                    train_ds = ray.data.from_items([_listed(r) for r in p.data.train])
+                    eval_ds = ray.data.from_items([_listed(r) for r in p.data.eval])
+                    metrics, adapter_dir = run_training_job(job, train_ds, eval_ds, str(ctx.settings.home / "ray_results"),
+                                                            run_name=f"{p.jid}.a{p.attempt}")
+                except Exception as e:  # noqa: BLE001
+                    fail_job(ctx, p.jid, p.run_id, e)
+                    continue
+                register_job(ctx, p, metrics, adapter_dir, {"training": f"zero{plan.zero_stage}:{plan.workers}"})
+        finally:
+            with self._lock:
+                self._zero_running -= 1
+
+    # -- progress -----------------------------------------------------------------------------------------
+    def _poll(self, stop: threading.Event) -> None:
+        self._since = 0
+        while not stop.wait(PROGRESS_POLL_S):
+            self._poll_once()
+
+    def _poll_once(self) -> None:
+        import ray
+
+        try:
+            board = ray.get_actor(self.ctx.board_name)
+            version, changes = ray.get(board.changes.remote(getattr(self, "_since", 0)), timeout=10)
+            self._since = version
+            if changes:
+                with self._lock:
+                    if self.first_step_s is None:
+                        self.first_step_s = time.time()
+                self.ctx.state.update_progress({j: (c["step"], c["loss"]) for j, c in changes.items()})
+        except Exception:  # noqa: BLE001 - progress is best effort
+            log.debug("progress poll failed", exc_info=True)
+
+
+def _listed(row: dict[str, Any]) -> dict[str, list[int]]:
+    return {"input_ids": [int(x) for x in row["input_ids"]], "labels": [int(x) for x in row["labels"]]}

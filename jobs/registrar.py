@@ -1,0 +1,172 @@
+"""REGISTERING, off the trainers' path: a finished job's adapter goes to the artifact store and MLflow,
+becomes a registry version with its lineage tags, and passes the promotion gate, while the trainers
+go on with the next groups.
+
+``Registrar`` is a small thread pool in the orchestrator; ``register_job`` is one job's registration.
+MLflow calls are batched: the job's final metrics, the per-step metrics its trainer had not sent yet
+and its placement tags go in one ``log_batch``; the version is created with every lineage tag and the
+promotion decision at once (the gate is decided before the version exists), then its aliases are set.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapterfab.errors import AdapterfabError
+from adapterfab.ids import AdapterId
+from adapterfab.methods import get_method
+from adapterfab.spec import JobSpec
+from adapterfab.states import JobState
+from adapterfab.storage import open_store
+
+if TYPE_CHECKING:
+    from adapterfab.jobs.orchestrate import BatchContext
+
+log = logging.getLogger("adapterfab.registrar")
+REGISTRAR_THREADS = 4  # MLflow round trips overlap; the server does the work
+PLACEMENT_KEYS = ("node_id", "workers", "zero_stage", "zero_local_param_fraction")
+
+
+@dataclass
+class Prepared:
+    """A job whose data is ready and that must be trained (not reused)."""
+
+    job: JobSpec
+    jid: str
+    aid: AdapterId
+    run_id: str
+    data: Any  # pipelines.data.PreparedRows (or PreparedData for a Ray Train job)
+    stats: dict[str, Any]
+    fingerprint: str
+    basis_id: str | None
+    basis_uri: str | None
+    attempt: int = 1  # the job's attempts so far, this one included
+
+
+def error_text(e: BaseException) -> str:
+    if isinstance(e, AdapterfabError):
+        return str(e)
+    cause = e
+    # Ray wraps worker errors; show the innermost message a person can act on
+    while getattr(cause, "__cause__", None) is not None:
+        cause = cause.__cause__
+    return f"{type(cause).__name__}: {cause}"[:4000]
+
+
+def fail_job(ctx: BatchContext, jid: str, run_id: str | None, e: BaseException) -> None:
+    log.error("job %s failed: %s\n%s", jid, e, "".join(traceback.format_exception(e)))
+    ctx.state.move_job(jid, JobState.FAILED, error=error_text(e))
+    if run_id is None:
+        return
+    try:
+        ctx.tracking.log_batch(run_id, tags={"adapterfab.error": error_text(e)[:4000]})
+        ctx.tracking.end_run(run_id, ok=False)
+    except Exception:  # noqa: BLE001
+        log.exception("could not close MLflow run %s", run_id)
+
+
+def gate_decision(registry: Any, version: Any, metrics: dict[str, Any], policy: Any) -> Any:
+    """The promotion decision for ``version`` against the base and the current production version."""
+    from adapterfab.promotion import decide
+
+    prod = registry.production(version.id)
+    production = None
+    if prod is not None and prod.id.version != version.id.version:
+        production = (prod.id.version, prod.metrics.get(policy.metric))
+    return decide(policy, metrics, production)
+
+
+def register_job(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], adapter_dir: str,
+                 extra_tags: dict[str, Any] | None = None,
+                 history: list[tuple[str, float, int, int]] | None = None) -> None:
+    """REGISTERING -> SUCCEEDED: the artifact store, MLflow's copy, the registry version with its
+    lineage tags and promotion decision. ``history``: per-step metrics the trainer had not yet sent."""
+    from adapterfab.jobs.orchestrate import code_version
+
+    job, jid, aid, run_id, stats, t = p.job, p.jid, p.aid, p.run_id, p.stats, p.job.train
+    try:
+        metrics = dict(metrics)
+        placed = {k: metrics.pop(k) for k in PLACEMENT_KEYS if k in metrics}
+        placement = {**(ctx.state.job(jid).placement or {}), **placed}
+        ctx.state.move_job(jid, JobState.REGISTERING, step=int(metrics.get("steps", t.steps)),
+                           loss=metrics.get("train_loss"), metrics=metrics, placement=placement)
+        ctx.tracking.log_batch(run_id, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                               tags={f"adapterfab.{k}": str(v) for k, v in placed.items()}, step=t.steps,
+                               history=history)
+        store = open_store(ctx.settings.artifacts)
+        artifact_uri = store.upload_dir(adapter_dir, aid.artifact_prefix(jid))
+        source = ctx.tracking.log_dir(run_id, adapter_dir, "adapter")
+        tags = {
+            "tenant": job.tenant, "persona": job.persona, "method": job.method.name,
+            "rank": getattr(job.method, "r", ""), **job.method.tags(),
+            "base_model": ctx.spec.base_model, "base_fingerprint": ctx.base.fingerprint,
+            "dataset": job.dataset, "dataset_sha256": stats["sha256"], "dataset_rows": stats["total_rows"],
+            "dataset_bad_rows": stats["bad_rows"], "train_rows": stats["train_rows"],
+            "eval_rows": stats["eval_rows"], "batch_id": ctx.batch_id, "job_id": jid,
+            "code_version": code_version(), "job_fingerprint": p.fingerprint,
+            "artifact_uri": artifact_uri, "artifact_root": store.root,
+            **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, float)},
+            **get_method(job.method.name).extra_tags(job.method), **(extra_tags or {}),
+            **{k: str(v) for k, v in placed.items() if k in ("node_id", "workers", "zero_stage")},
+        }
+        if p.basis_id:
+            tags.update({"basis_id": p.basis_id, "basis_uri": p.basis_uri})
+        # exactly once: a job that ran before (a resumed batch, a retried group) never registers twice
+        version = ctx.registry.find(aid, "job_id", jid) if p.attempt > 1 else None
+        if version is None:
+            decide = None
+            if ctx.spec.promote == "auto":
+                from adapterfab.promotion import decide as gate
+
+                policy = ctx.spec.promotion.policy()
+
+                def decide(prod: Any) -> Any:
+                    current = None if prod is None else (prod.id.version, prod.metrics.get(policy.metric))
+                    return gate(policy, metrics, current)
+
+            version, decision = ctx.registry.register_gated(aid, source, run_id, tags, decide)
+            if decision is not None:
+                log.info("%s: %s (%s)", version.id, decision.outcome, decision.reason)
+        ctx.state.move_job(jid, JobState.SUCCEEDED, adapter_uri=artifact_uri, model_version=version.id.version)
+        ctx.tracking.end_run(run_id, ok=True)
+    except Exception as e:  # noqa: BLE001
+        fail_job(ctx, jid, run_id, e)
+
+
+def register_outcome(ctx: BatchContext, p: Prepared, outcome: Any, extra_tags: dict[str, Any]) -> None:
+    """A trainer's ``JobOutcome``: its adapter files written to a folder, then ``register_job``."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="af-adapter-") as tmp:
+            for name, data in (outcome.files or {}).items():
+                (Path(tmp) / name).write_bytes(data)
+            register_job(ctx, p, outcome.metrics, tmp, extra_tags, outcome.pending_metrics)
+    except Exception as e:  # noqa: BLE001 - the job fails, the batch goes on
+        fail_job(ctx, p.jid, p.run_id, e)
+
+
+class Registrar:
+    """Registers finished jobs on a few threads while the trainers train the next groups."""
+
+    def __init__(self, ctx: BatchContext, threads: int = REGISTRAR_THREADS):
+        self.ctx = ctx
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="register")
+        self._futures: list[Future] = []
+
+    def submit(self, p: Prepared, outcome: Any, extra_tags: dict[str, Any]) -> Future:
+        return self.run(register_outcome, self.ctx, p, outcome, extra_tags)
+
+    def run(self, fn: Any, *args: Any) -> Future:
+        """``fn(*args)`` on the registrar's threads (a registration wrapped by its caller)."""
+        f = self._pool.submit(fn, *args)
+        self._futures.append(f)
+        return f
+
+    def close(self) -> None:
+        """Wait for every registration handed in."""
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,217 @@
+"""Resident trainers on a real local Ray cluster (jobs/trainers.py): a leased trainer trains a fused group
+from rows Ray Data prepared; released, it stays warm and the next batch on the same base gets the same
+process with its base loaded; a trainer leased to one batch is never handed to another; an idle trainer
+ends after its keep-warm time and frees its CPU. Through the orchestrator: a trainer killed mid-group
+costs the group only the steps since its checkpoint (it resumes on a new trainer; every job is
+registered once), and two batches on the same base share a warm trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.ray]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _dataset(path: Path, word: str, n: int = 24) -> str:
+    path.write_text("".join(json.dumps({"instruction": f"Say the number {i}.", "output": f"{word} {i} {word}"}) + "\n"
+                            for i in range(n)))
+    return str(path)
+
+
+def _spec(tiny_model_path: str):  # noqa: ANN202
+    from adapterfab.jobs.trainers import TrainerSpec
+    from adapterfab.methods.lora import LoraConfig
+
+    return TrainerSpec(tiny_model_path, "f" * 64, LoraConfig(r=4, alpha=8, dropout=0.0).model_dump(), "float32",
+                       None, 1.0, 0.0)
+
+
+def _task(tiny_model_path: str, tmp_path: Path, names: dict[str, int], runs: dict[str, str] | None = None):  # noqa: ANN202
+    from adapterfab.jobs.resident import GroupJob, GroupTask
+    from adapterfab.methods.lora import LoraConfig
+    from adapterfab.pipelines.data import DataRequest, prepare_many
+    from adapterfab.spec import TrainConfig
+
+    reqs = [DataRequest(n, _dataset(tmp_path / f"{n}.jsonl", n.upper()), 64, 0.2, 0, 0.1) for n in names]
+    rows = prepare_many(reqs, tiny_model_path, timeout_s=120)
+    jobs = []
+    for n, steps in names.items():
+        train = TrainConfig(steps=steps, batch_size=4, learning_rate=1e-2, dtype="float32", max_seq_len=64)
+        jobs.append(GroupJob(n, LoraConfig(r=4, alpha=8, dropout=0.0).model_dump(), train.model_dump(),
+                             rows[n].train, rows[n].eval, (runs or {}).get(n)))
+    return GroupTask("g1", jobs, 0)
+
+
+@pytest.mark.timeout(300)
+def test_a_resident_trainer_trains_groups_and_stays_warm(ray_cluster, tiny_model_path: str, mlflow_server: str,
+                                                          tmp_path: Path) -> None:
+    import ray
+
+    from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard
+    from adapterfab.jobs.trainers import TrainerPool, trainers_info
+    from adapterfab.registry import Tracking
+
+    tracking = Tracking(mlflow_server)
+    runs = {n: tracking.start_run(n) for n in ("zorp", "quux")}
+    board_name = PROGRESS_BOARD_PREFIX + "warm-test"
+    board = ProgressBoard.options(name=board_name).remote()
+    spec = _spec(tiny_model_path)
+    a = TrainerPool("batch-a", keep_warm_s=30)
+    lease = a.acquire(spec)
+    assert lease.info["groups_trained"] == 0 and lease.key == spec.key()
+    result = a.train(lease, _task(tiny_model_path, tmp_path, {"zorp": 10, "quux": 6}, runs), board, mlflow_server)
+    by = {o.job_id: o for o in result.outcomes}
+    for name, steps in (("zorp", 10), ("quux", 6)):
+        o = by[name]
+        assert o.error is None and o.metrics["steps"] == steps and o.metrics["eval_loss"] < o.metrics["base_eval_loss"]
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(o.files or {})
+        # every step's loss reaches MLflow: sent by the trainer, or handed back for the registrar to send
+        tracking.log_batch(runs[name], history=o.pending_metrics)
+        assert sorted({m.step for m in tracking.client.get_metric_history(runs[name], "loss")}) == list(range(1, steps + 1))
+    progress = ray.get(board.read.remote())
+    assert progress["zorp"]["step"] == 10 and progress["quux"]["step"] == 6
+    assert result.trainer["warm"] is False and result.timing["flops"] > 0
+    a.release(lease)
+
+    b = TrainerPool("batch-b", keep_warm_s=30)  # the next batch on the same base: the same warm process
+    again = b.acquire(spec)
+    assert again.name == lease.name and again.info["pid"] == lease.info["pid"] and again.info["groups_trained"] == 1
+    c = TrainerPool("batch-c", keep_warm_s=30)  # leased to batch-b: batch-c gets a trainer of its own
+    other = c.acquire(spec)
+    assert other.name != again.name
+    names = {t["name"]: t for t in trainers_info()}
+    assert names[again.name]["owner"] == "batch-b" and names[other.name]["owner"] == "batch-c"
+    b.release(again, retire=True)  # its CPU is wanted: it ends now
+    ray.get(other.handle.lease.remote("batch-c", 60, 1.0))  # batch-c now asks for 1 s of warmth
+    c.release(other)  # released, it ends by itself a second later
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and trainers_info():
+        time.sleep(0.5)
+    assert trainers_info() == []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and ray.available_resources().get("CPU", 0) < 2:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == 2  # both trainers gave their CPU back
+    for pool in (a, b, c):
+        pool.close()
+
+
+def _no_trainers() -> None:
+    from adapterfab.jobs.trainers import retire_idle_trainers, trainers_info
+
+    retire_idle_trainers()
+    deadline = time.monotonic() + 30
+    while trainers_info() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert trainers_info() == []
+
+
+def _batch(tmp_path: Path, tiny_model_path: str, name: str, tenants: list[str], steps: int, every: int) -> Path:
+    spec = {"version": 1, "name": name, "base_model": tiny_model_path, "promote": "auto",
+            "defaults": {"method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                         "train": {"steps": steps, "batch_size": 4, "learning_rate": 1e-2, "dtype": "float32",
+                                   "max_seq_len": 64, "eval_fraction": 0.2, "checkpoint_every": every}},
+            "resources": {"cpus_per_job": 1, "trainer_keep_warm_s": 60},
+            "tenants": [{"tenant": t, "persona": "p", "dataset": _dataset(tmp_path / f"{name}-{t}.jsonl", t.upper())}
+                        for t in tenants]}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.timeout(480)
+def test_a_killed_trainer_costs_its_group_only_the_steps_since_its_checkpoint(
+        ray_cluster, af_env: Path, tiny_model_path: str, mlflow_server: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGKILL to a trainer process once its group has checkpointed: the orchestrator gives the group to a
+    new trainer, which resumes at the checkpoint; every job succeeds with one registry version, its
+    loss history has every step, and it did not train from the start again."""
+    from adapterfab.ids import AdapterId
+    from adapterfab.jobs.orchestrate import create_batch, run_batch
+    from adapterfab.registry import Registry, Tracking
+    from adapterfab.settings import Settings
+    from adapterfab.state import StateStore
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    steps = 400
+    spec_path = _batch(tmp_path, tiny_model_path, "kill", ["ka", "kb", "kc"], steps, every=20)
+    settings = Settings.load()
+    settings.ensure_dirs()
+    batch_id = create_batch(settings, spec_path)
+    state = StateStore(settings.state_url)
+    killed: dict = {}
+
+    def killer() -> None:
+        deadline = time.monotonic() + 300
+        folder = settings.home / "checkpoints" / batch_id
+        while time.monotonic() < deadline and not killed:
+            for ckpt in folder.glob("g*.pt") if folder.exists() else []:
+                for j in state.jobs(batch_id):
+                    p = j.placement or {}
+                    if j.state.value == "TRAINING" and p.get("trainer_pid") and p.get("group") == ckpt.stem:
+                        killed.update(pid=p["trainer_pid"], trainer=p["trainer"], jobs=set(p.get("fused_with") or [j.id]))
+                        os.kill(p["trainer_pid"], signal.SIGKILL)
+                        return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    final = run_batch(settings, batch_id)
+    thread.join(5)
+    assert killed, "no trainer was killed: the group ended before its first checkpoint"
+    jobs = {j.id: j for j in state.jobs(batch_id)}
+    assert final.value == "SUCCEEDED", {j.id: j.error for j in jobs.values()}
+    registry, tracking = Registry(mlflow_server), Tracking(mlflow_server)
+    for j in jobs.values():
+        assert [v.id.version for v in registry.versions(AdapterId(j.tenant, j.persona))] == [1]  # registered once
+        history = tracking.client.get_metric_history(j.mlflow_run_id, "loss")
+        assert sorted({m.step for m in history}) == list(range(1, steps + 1))  # no step lost
+        if j.id in killed["jobs"]:
+            assert j.placement["trainer"] != killed["trainer"]  # finished on another trainer
+            assert j.metrics["resumed_from_iteration"] >= 20  # from its checkpoint, not from the start
+        else:
+            assert j.metrics["resumed_from_iteration"] == 0
+    assert not (settings.home / "checkpoints" / batch_id).exists()  # cleaned up once registered
+
+
+@pytest.mark.timeout(480)
+def test_two_batches_on_the_same_base_share_a_warm_trainer(ray_cluster, af_env: Path, tiny_model_path: str,
+                                                           mlflow_server: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapterfab.jobs.orchestrate import create_batch, run_batch
+    from adapterfab.settings import Settings
+    from adapterfab.state import StateStore
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    settings = Settings.load()
+    settings.ensure_dirs()
+    state = StateStore(settings.state_url)
+    _no_trainers()  # the earlier tests' trainers, warm on the same base, are not this test's
+    first = create_batch(settings, _batch(tmp_path, tiny_model_path, "one", ["wa", "wb", "wc", "wd"], 4, 25))
+    assert run_batch(settings, first).value == "SUCCEEDED"
+    trainers_one = {j.placement["trainer"] for j in state.jobs(first)}
+    assert all(j.placement["warm"] is False for j in state.jobs(first))
+    second = create_batch(settings, _batch(tmp_path, tiny_model_path, "two", ["we", "wf"], 4, 25))
+    assert run_batch(settings, second).value == "SUCCEEDED"
+    two = state.jobs(second)
+    assert all(j.placement["warm"] is True for j in two)  # the base was loaded already
+    assert {j.placement["trainer"] for j in two} <= trainers_one
+    stats = state.get_batch(second).stats
+    assert stats["trainers"] and all(t["warm"] for t in stats["trainers"].values())
