@@ -121,6 +121,16 @@ def _client(uri: str, retry_s: float = 0.0):  # noqa: ANN202
     return RetryingClient(client, retry_s) if retry_s > 0 else client
 
 
+def _stores(client: Any) -> tuple[Any, Any]:
+    """The tracking and registry stores behind an MlflowClient (or its retrying wrapper). The client's
+    own methods add round trips a factory pays per job: ``set_terminated`` fetches the run to print its
+    URL, ``set_registered_model_alias`` fetches the model to refuse prompts, and every first artifact
+    upload of a run fetches the run for its artifact root. (MLflow's internal layout, pinned in
+    requirements.lock; tests run these paths against a real server.)"""
+    raw = getattr(client, "_client", client)
+    return raw._tracking_client.store, raw._get_registry_client().store
+
+
 def _mlflow_errors():  # noqa: ANN202
     from mlflow.exceptions import MlflowException
 
@@ -226,6 +236,14 @@ class Tracking:
         run = with_retry(lambda: raw.create_run(exp, run_name=name, tags=tags), "create_run", self.retry_s,
                          before_retry=created)
         self._artifact_uris[run.info.run_id] = run.info.artifact_uri
+        try:  # its uploads then need no lookup of the run's artifact root (MLflow caches repos by run)
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+            from mlflow.tracking._tracking_service import utils as tracking_utils
+
+            tracking_utils._artifact_repos_cache[run.info.run_id] = get_artifact_repository(
+                run.info.artifact_uri, tracking_uri=self.uri)
+        except Exception:  # noqa: BLE001 - only a saved round trip
+            pass
         return run.info.run_id
 
     def log_batch(self, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
@@ -275,7 +293,12 @@ class Tracking:
         return f"{root}/{artifact_path}"
 
     def end_run(self, run_id: str, ok: bool) -> None:
-        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+        from mlflow.entities import RunStatus
+
+        store, _ = _stores(self.client)
+        status = RunStatus.from_string("FINISHED" if ok else "FAILED")
+        with_retry(lambda: store.update_run_info(run_id, run_status=status, end_time=int(time.time() * 1000),
+                                                 run_name=None), "end_run", self.retry_s)
 
     def run_url(self, run_id: str) -> str:
         run = self.client.get_run(run_id)
@@ -333,10 +356,14 @@ class Registry:
             mvs = raw.search_model_versions(f"name='{name}' and tags.`{TAG}request` = '{token}'")
             return mvs[0] if mvs else None
 
-        mv = with_retry(lambda: raw.create_model_version(name, source=source, run_id=run_id, tags=vtags),
+        from mlflow.entities.model_registry import ModelVersionTag
+
+        _, store = _stores(self.client)
+        mv = with_retry(lambda: store.create_model_version(name, source, run_id,
+                                                           tags=[ModelVersionTag(k, v) for k, v in vtags.items()]),
                         "create_model_version", self.retry_s, before_retry=created)
         for alias in aliases:
-            self.client.set_registered_model_alias(name, alias, mv.version)
+            self._alias(name, alias, mv.version)
         if fetch:
             return self.get(aid.with_version(int(mv.version)))
         return AdapterVersion(aid.unversioned().with_version(int(mv.version)), source, run_id, vtags,
@@ -456,14 +483,20 @@ class Registry:
         except AdapterNotFound:
             return None
 
-    def _ensure_model(self, aid: AdapterId) -> bool:
-        """The registered model of ``aid`` exists afterwards; True when this call created it (it then
-        has no versions, aliases or history yet)."""
+    def _alias(self, name: str, alias: str, version: Any) -> None:
+        """Point ``alias`` at ``version`` of a model this factory registered (never a prompt)."""
+        _, store = _stores(self.client)
+        with_retry(lambda: store.set_registered_model_alias(name, alias, str(version)), "set_alias", self.retry_s)
+
+    def _ensure_model(self, aid: AdapterId, extra_tags: dict[str, str] | None = None) -> bool:
+        """The registered model of ``aid`` exists afterwards; True when this call created it (with
+        ``extra_tags``; it then has no versions or aliases yet)."""
         name = aid.registry_name
         if name in self._models:
             return False
         try:
-            self.client.create_registered_model(name, tags={TAG + "tenant": aid.tenant, TAG + "persona": aid.persona})
+            self.client.create_registered_model(name, tags={TAG + "tenant": aid.tenant, TAG + "persona": aid.persona,
+                                                            **(extra_tags or {})})
             created = True
         except _mlflow_errors() as e:
             if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code if hasattr(e, "error_code") else e):
@@ -479,16 +512,24 @@ class Registry:
         it is made and ``production`` moves to it when promoted, with no extra tag writes. A model this
         call creates has no production version and no history to read. Returns (the version, the
         decision or None)."""
-        new_model = self._ensure_model(aid)
-        decision = decide(None if new_model else self.production(aid)) if decide is not None else None
+        # a model made here has no production version: its gate is decided before it exists, and when
+        # version 1 is promoted the model is created with that production history already
+        first = decide(None) if decide is not None else None
+        history_tag = {TAG + "production_history": "[1]"} if first is not None and first.promoted else None
+        new_model = self._ensure_model(aid, history_tag)
+        decision = first if new_model else (decide(self.production(aid)) if decide is not None else None)
         if decision is not None:
             tags = {**tags, **decision.tags()}
         v = self.register(aid, source, run_id, tags, fetch=False)
         if decision is not None and decision.promoted:
-            self.client.set_registered_model_alias(aid.registry_name, PRODUCTION, str(v.id.version))
-            history = [] if new_model else self.production_history(aid)
-            if not history or history[-1] != v.id.version:
-                self._set_history(aid, [*history, v.id.version])
+            self._alias(aid.registry_name, PRODUCTION, v.id.version)
+            if new_model and history_tag:  # created with history [1]: right unless a race took version 1
+                if v.id.version != 1:
+                    self._set_history(aid, [v.id.version])
+            else:
+                history = self.production_history(aid)
+                if not history or history[-1] != v.id.version:
+                    self._set_history(aid, [*history, v.id.version])
             v = AdapterVersion(v.id, v.source, v.run_id, v.tags, (*v.aliases, PRODUCTION), v.created_s)
         return v, decision
 

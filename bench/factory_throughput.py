@@ -27,6 +27,7 @@ line in bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -288,6 +289,20 @@ def control_plane(home: Path, batch_id: str, tenant: str) -> dict:
     return out
 
 
+def machine(cpus: int) -> str:
+    """The CPU's model, core count and whether it has AVX-512 (bf16 and fp32 speed differ a lot)."""
+    model, flags = platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == platform.machine():
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    return f"{model}, {cpus} CPU, {'AVX-512' if 'avx512f' in flags else 'no AVX-512'}, CPU only"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=32)
@@ -299,6 +314,7 @@ def main() -> None:
     ap.add_argument("--cpus-per-job", type=float, default=1.0)
     ap.add_argument("--tiny", action="store_true", help="control plane: 1,000 one-step jobs on a tiny random Llama")
     ap.add_argument("--smoke", action="store_true", help="a few tiny jobs; no result file")
+    ap.add_argument("--keep", action="store_true", help="keep the stack's home (logs, state DB) after the run")
     args = ap.parse_args()
     if args.tiny or args.smoke:
         args.jobs = 1000 if args.tiny and args.jobs == 32 else (6 if args.smoke else args.jobs)
@@ -310,8 +326,10 @@ def main() -> None:
     from adapterfab.basemodel import resolve_base_model, tiny_random_llama
 
     cpus = os.cpu_count() or 2
-    with tempfile.TemporaryDirectory(prefix="af-factory-bench-") as tmp:
+    with contextlib.nullcontext(tempfile.mkdtemp(prefix="af-factory-bench-")) if args.keep else \
+            tempfile.TemporaryDirectory(prefix="af-factory-bench-") as tmp:
         work = Path(tmp)
+        print(f"work folder {work}", flush=True)
         home = work / "home"
         smollm2 = resolve_base_model("smollm2-135m-instruct").path
         base = tiny_random_llama(work / "tiny", smollm2) if (args.tiny or args.smoke) else smollm2
@@ -346,8 +364,7 @@ def main() -> None:
     ratios = {"submit_over_naive": round(submit["adapters_per_hour"] / naive["adapters_per_hour"], 2),
               "submit_over_fused": round(submit["adapters_per_hour"] / fused["adapters_per_hour"], 2)}
     non_compute = (submit["wall_s"] - fused["wall_s"]) / submit["jobs"]
-    result = {"date": time.strftime("%Y-%m-%d"), "mode": mode,
-              "machine": f"{platform.machine()} {cpus} CPU, CPU only", "base": "tiny random Llama" if base != smollm2
+    result = {"date": time.strftime("%Y-%m-%d"), "mode": mode, "machine": machine(cpus), "base": "tiny random Llama" if base != smollm2
               else "SmolLM2-135M-Instruct", "jobs": args.jobs, "steps": args.steps, "batch_size": args.batch_size,
               "max_seq_len": args.seq, "submit": submit, "warm_probe": warm, "naive": naive, "fused": fused,
               "ratios": ratios, "non_compute_s_per_job": round(non_compute, 3), "control_plane": cp}

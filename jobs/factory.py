@@ -23,7 +23,7 @@ import logging
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +66,7 @@ class GroupQueue:
         self._items: list[GroupItem] = []
         self._closed = False
         self._cond = threading.Condition()
+        self.drained = threading.Event()  # closed and empty: no group will come any more
 
     def put(self, item: GroupItem) -> None:
         with self._cond:
@@ -83,6 +84,7 @@ class GroupQueue:
             while not self._items and not self._closed:
                 self._cond.wait()
             if not self._items:
+                self.drained.set()
                 return None
             at = next((i for i, it in enumerate(self._items) if prefer_key and it.key == prefer_key), 0)
             item = self._items.pop(at)
@@ -96,15 +98,47 @@ class GroupQueue:
                 self._cond.wait()
 
 
+def start_trainers(pool: Any, base: Any, jobs: list[JobSpec], planned: list[PlannedJob], groups: list[list[int]],
+                   slots: int, called_off: threading.Event) -> list[Future]:
+    """Lease (or start) the trainer each slot's first group will need, in the background, as soon as
+    the batch is planned: while the orchestrator makes MLflow runs and Ray Data prepares the first
+    groups, the trainers start and load the base. Known ahead only for groups whose trainer needs no
+    shared basis computed first (LoRA, QLoRA). One future per slot, of a Lease or None; a trainer still
+    waiting for resources when ``called_off`` is set (no group is left) is not started."""
+    from adapterfab.jobs.trainers import TrainerSpec
+    from adapterfab.methods import get_method
+
+    def lease(n: int) -> Any:
+        first = groups[n][0]
+        job, plan = jobs[first], planned[first]
+        if plan.workers > 1 or get_method(job.method.name).compute_basis is not None:
+            return None
+        spec = TrainerSpec(base.path, base.fingerprint, job.method.model_dump(), job.train.dtype, None, plan.cpus,
+                           plan.gpus)
+        try:
+            return pool.acquire(spec, called_off=called_off)
+        except Exception:  # noqa: BLE001 - the group's own acquire reports it
+            log.warning("could not start a trainer ahead of group %d", n, exc_info=True)
+            return None
+
+    threads = ThreadPoolExecutor(max(1, min(slots, len(groups))), thread_name_prefix="prewarm")
+    futures = [threads.submit(lease, n) for n in range(min(slots, len(groups)))]
+    threads.shutdown(wait=False)
+    return futures
+
+
 class Factory:
     def __init__(self, ctx: BatchContext, jobs: list[JobSpec], planned: list[PlannedJob], groups: list[list[int]],
-                 slots: int):
+                 slots: int, pool: Any = None, early: list[Future] | None = None,
+                 queue: GroupQueue | None = None):
         from adapterfab.jobs.trainers import TrainerPool
 
         self.ctx, self.jobs, self.planned, self.groups, self.slots = ctx, jobs, planned, groups, slots
-        self.queue = GroupQueue()
+        self.queue = queue or GroupQueue()
         self.registrar = Registrar(ctx)
-        self.pool = TrainerPool(ctx.batch_id, ctx.spec.resources.trainer_keep_warm_s)
+        self.pool = pool or TrainerPool(ctx.batch_id, ctx.spec.resources.trainer_keep_warm_s)
+        self.early = early if early is not None else \
+            start_trainers(self.pool, ctx.base, jobs, planned, groups, slots, self.queue.drained)
         self.checkpoints = ctx.settings.home / "checkpoints" / ctx.batch_id
         # where the batch's time went (seconds summed over threads): the batch's ``stats`` afterwards
         self.timing: dict[str, float] = {k: 0.0 for k in (
@@ -174,15 +208,22 @@ class Factory:
 
         t0 = time.monotonic()
         members = [i for n in window for i in self.groups[n]]
-        with ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prep") as threads:
-            begun = [b for b in threads.map(self._begin, members) if b is not None]
-            requests = [DataRequest(jid, self.jobs[i].dataset, self.jobs[i].train.max_seq_len,
-                                    self.jobs[i].train.eval_fraction, self.jobs[i].train.seed,
-                                    self.jobs[i].train.max_bad_row_fraction) for i, jid, _, _, _ in begun]
+        requests = [DataRequest(self.planned[i].job_id, self.jobs[i].dataset, self.jobs[i].train.max_seq_len,
+                                self.jobs[i].train.eval_fraction, self.jobs[i].train.seed,
+                                self.jobs[i].train.max_bad_row_fraction) for i in members]
+
+        def data() -> dict[str, Any]:  # Ray Data runs while the jobs' MLflow runs are made
             t1 = time.monotonic()
-            rows = prepare_many(requests, self.ctx.base.path) if requests else {}
-            self._add(data_s=time.monotonic() - t1)
-            done = threads.map(lambda b: self._after_data(b, rows[b[1]]), begun)
+            try:
+                return prepare_many(requests, self.ctx.base.path)
+            finally:
+                self._add(data_s=time.monotonic() - t1)
+
+        with ThreadPoolExecutor(PREPARE_THREADS + 1, thread_name_prefix="prep") as threads:
+            rows = threads.submit(data)
+            begun = [b for b in threads.map(self._begin, members) if b is not None]
+            prepared = rows.result()
+            done = threads.map(lambda b: self._after_data(b, prepared[b[1]]), begun)
             ready = {p.jid: p for p in done if p is not None}
         self._add(prepare_s=time.monotonic() - t0)
         for n in window:
@@ -293,24 +334,12 @@ class Factory:
         self._add(register_s=time.monotonic() - t0)
 
     def _prewarm(self, index: int) -> Any:
-        """Start (or lease) the trainer this slot's first group will need while its data is prepared,
-        when that is known before preparation (no shared basis to compute first)."""
-        from adapterfab.methods import get_method
-
-        if index >= len(self.groups):
+        """The trainer ``start_trainers`` leased for this slot's first group, or None."""
+        if index >= len(self.early):
             return None
-        first = self.groups[index][0]
-        job, plan = self.jobs[first], self.planned[first]
-        if plan.workers > 1 or get_method(job.method.name).compute_basis is not None:
-            return None
-        from adapterfab.jobs.trainers import TrainerSpec
-
-        spec = TrainerSpec(self.ctx.base.path, self.ctx.base.fingerprint, job.method.model_dump(), job.train.dtype,
-                           None, plan.cpus, plan.gpus)
         try:
-            return self.pool.acquire(spec)
-        except Exception:  # noqa: BLE001 - the group's own acquire reports it
-            log.warning("could not start a trainer ahead of slot %d's first group", index, exc_info=True)
+            return self.early[index].result()
+        except Exception:  # noqa: BLE001 - logged where it failed
             return None
 
     def _train_group(self, lease: Any, item: GroupItem) -> Any:

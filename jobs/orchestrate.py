@@ -297,21 +297,32 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
     import ray
     from transformers import AutoTokenizer
 
-    from adapterfab.jobs.factory import Factory
+    from adapterfab.jobs.factory import Factory, GroupQueue, start_trainers
     from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard
     from adapterfab.jobs.plan import balanced_groups, concurrency, execution_groups
+    from adapterfab.jobs.trainers import TrainerPool
 
     state = StateStore(settings.state_url)
     batch = state.get_batch(batch_id)
     spec, jobs = parse_spec(batch.spec_text, root=Path(batch.spec_path).parent if batch.spec_path else None)
     state.update_batch(batch_id, state=BatchState.RUNNING, started_s=time.time(), error=None,
                        orchestrator_pid=os.getpid())
-    factory = None
+    factory = pool = None
     try:
         if not settings.mlflow_uri:
             raise StackError("no MLflow server: run `adapterfab up` first (or set MLFLOW_TRACKING_URI)")
         connect_ray(settings)
         base = resolve_base_model(spec.base_model, settings.cache)
+        planned = load_plan(batch, spec, jobs, base.path)
+        groups = execution_groups(planned)
+        cluster = ray.cluster_resources()
+        slots = concurrency(spec, cluster, len(jobs))
+        devices = slots if spec.resources.gpus_per_job == 0 else max(1, min(slots, int(cluster.get("GPU", 1))))
+        groups = balanced_groups(jobs, groups, devices)  # a fused group may be cut to keep every device busy
+        slots = min(slots, len(groups))
+        pool = TrainerPool(batch_id, spec.resources.trainer_keep_warm_s)
+        queue = GroupQueue()
+        early = start_trainers(pool, base, jobs, planned, groups, slots, queue.drained)  # start while the rest sets up
         tok = AutoTokenizer.from_pretrained(base.path)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         retry_s = factory_retry_s()  # the batch rides out an MLflow outage (buffer and retry)
@@ -328,19 +339,14 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
         board = ProgressBoard.options(name=board_name, get_if_exists=True).remote()
         ctx = BatchContext(settings, state, batch_id, spec, base, tracking, Registry(settings.mlflow_uri, retry_s),
                            batch_run, board_name, pad_id, force=bool((batch.options or {}).get("force")))
-        planned = load_plan(batch, spec, jobs, base.path)
         ctx.planned = {p.job_id: p for p in planned}
-        groups = execution_groups(planned)
-        cluster = ray.cluster_resources()
-        slots = concurrency(spec, cluster, len(jobs))
-        devices = slots if spec.resources.gpus_per_job == 0 else max(1, min(slots, int(cluster.get("GPU", 1))))
-        groups = balanced_groups(jobs, groups, devices)  # a fused group may be cut to keep every device busy
-        slots = min(slots, len(groups))
-        factory = ctx.factory = Factory(ctx, jobs, planned, groups, slots)
+        factory = ctx.factory = Factory(ctx, jobs, planned, groups, slots, pool, early, queue)
         factory.run()
         ray.kill(board)
     except Exception as e:  # noqa: BLE001 - the batch cannot run at all: fail every unfinished job
         log.exception("batch %s failed", batch_id)
+        if pool is not None:
+            pool.close()  # the trainers started ahead go back (or end after their keep-warm time)
         for j in state.jobs(batch_id):
             if not j.state.terminal:
                 state.move_job(j.id, JobState.FAILED, error=f"batch failed: {_error_text(e)}")

@@ -41,7 +41,8 @@ LEASE_TTL_S = 90.0  # a lease not renewed for this long ends (its orchestrator d
 RENEW_EVERY_S = 15.0
 REAP_EVERY_S = 1.0
 MAX_GROUP_ATTEMPTS = 4  # a group whose trainer died resumes on another trainer until this many tries
-EVICT_AFTER_S = 2.0  # a new trainer that cannot be placed this long retires idle trainers of other keys
+EVICT_AFTER_S = 2.0  # a new trainer that cannot be placed this long retires idle trainers of other keys (and
+# again every EVICT_AFTER_S while it waits: trainers of other batches go idle as their work ends)
 PROGRESS_EVERY_S = 0.5  # a trainer reports a group's progress at most this often
 OWNER_CHECK_S = 2.0  # how often a training trainer checks that its batch's orchestrator still lives
 _SPAWN_GUARD = threading.Lock()
@@ -49,6 +50,10 @@ _SPAWN_GUARD = threading.Lock()
 
 class LeaseLost(RuntimeError):
     """The trainer was leased to someone else (the lease expired) or is shutting down."""
+
+
+class NoTrainerNeeded(RuntimeError):
+    """A wait for a trainer's resources was called off: the batch has no more work for it."""
 
 
 @dataclass(frozen=True)
@@ -307,29 +312,36 @@ class TrainerPool:
     def __init__(self, owner: str, keep_warm_s: float):
         self.owner, self.keep_warm_s = owner, keep_warm_s
         self._held: dict[str, Lease] = {}
+        self._claiming: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew, name="trainer-leases", daemon=True)
         self._renewer.start()
 
-    def acquire(self, spec: TrainerSpec, timeout_s: float = 1800.0) -> Lease:
-        """A trainer for ``spec``: a warm idle one with its key if any (no base load), else a new one."""
+    def acquire(self, spec: TrainerSpec, timeout_s: float = 1800.0, called_off: threading.Event | None = None) -> Lease:
+        """A trainer for ``spec``: a warm idle one with its key if any (no base load), else a new one.
+        Waiting for a new one's resources ends with ``NoTrainerNeeded`` once ``called_off`` is set."""
         key = spec.key()
         for name in _trainer_names(key):
-            h = _handle(name)
-            if h is None or name in self._held:
-                continue
+            with self._lock:  # one claim per trainer among this pool's threads (one lease holder: the batch)
+                if name in self._held or name in self._claiming:
+                    continue
+                self._claiming.add(name)
             try:
-                info = ray.get(h.lease.remote(self.owner, LEASE_TTL_S, self.keep_warm_s), timeout=30)
+                h = _handle(name)
+                info = ray.get(h.lease.remote(self.owner, LEASE_TTL_S, self.keep_warm_s), timeout=30) if h else None
             except Exception:  # noqa: BLE001 - it is ending or died: try the next
-                continue
+                info = None
+            finally:
+                with self._lock:
+                    self._claiming.discard(name)
             if info is not None:
                 log.info("leased warm trainer %s (%d groups trained on it; its base load took %.1fs)", name,
                          info["groups_trained"], info["load_s"])
                 return self._keep(Lease(spec, key, name, h, info))
-        return self._spawn(spec, key, timeout_s)
+        return self._spawn(spec, key, timeout_s, called_off)
 
-    def _spawn(self, spec: TrainerSpec, key: str, timeout_s: float) -> Lease:
+    def _spawn(self, spec: TrainerSpec, key: str, timeout_s: float, called_off: threading.Event | None) -> Lease:
         name = f"{NAME_PREFIX}{key}-{uuid.uuid4().hex[:8]}"
         options: dict[str, Any] = {"name": name, "namespace": NAMESPACE, "lifetime": "detached",
                                    "num_cpus": spec.cpus, "max_concurrency": 4, "max_restarts": 0}
@@ -338,21 +350,24 @@ class TrainerPool:
         with _SPAWN_GUARD:
             h = _actor_class().options(**options).remote(asdict(spec), self.keep_warm_s, self.owner)
         ref = h.lease.remote(self.owner, LEASE_TTL_S, self.keep_warm_s)
-        deadline, evicted = time.monotonic() + timeout_s, False
-        t0 = time.monotonic()
+        deadline = time.monotonic() + timeout_s
+        t0 = evicted = time.monotonic()
         while True:
-            ready, _ = ray.wait([ref], timeout=1.0)
+            ready, _ = ray.wait([ref], timeout=0.5)
             if ready:
                 info = ray.get(ref)  # raises if the trainer failed to start (bad base, out of memory)
                 if info is None:
                     raise LeaseLost(f"new trainer {name} refused its first lease")
                 log.info("started trainer %s in %.1fs (base load %.1fs)", name, time.monotonic() - t0, info["load_s"])
                 return self._keep(Lease(spec, key, name, h, info))
-            if not evicted and time.monotonic() - t0 > EVICT_AFTER_S:
-                evicted = True  # waiting for resources: idle trainers of other bases/shapes give theirs up
+            if time.monotonic() - evicted > EVICT_AFTER_S:
+                evicted = time.monotonic()  # waiting for resources: idle trainers of other keys give theirs up
                 n = retire_idle_trainers(except_key=key)
                 if n:
                     log.info("retired %d idle trainer(s) of other keys to place %s", n, name)
+            if called_off is not None and called_off.is_set():
+                ray.kill(h, no_restart=True)
+                raise NoTrainerNeeded(f"trainer {name} was not needed after all")
             if time.monotonic() > deadline:
                 ray.kill(h, no_restart=True)
                 raise TimeoutError(f"no resources for a trainer ({spec.cpus} CPU, {spec.gpus} GPU) within {timeout_s:.0f}s")

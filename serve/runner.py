@@ -25,6 +25,9 @@ def serve_forever(settings: Settings, port: int | None = None, base_model: str =
     if not settings.mlflow_uri:
         raise StackError("no MLflow server known: run `adapterfab up` first (or set MLFLOW_TRACKING_URI)")
     connect_ray(settings)
+    from adapterfab.jobs.trainers import retire_idle_trainers
+
+    retire_idle_trainers()  # warm training trainers hold devices the replicas need; busy ones stay
     base = resolve_base_model(base_model, settings.cache)
     cfg = ServeConfig(base_model_path=base.path, state_url=settings.state_url, mlflow_uri=settings.mlflow_uri,
                       dtype=dtype, num_replicas=replicas, base_fingerprint=base.fingerprint,

@@ -317,3 +317,46 @@ def test_promote_and_rollback_are_followed_by_serving(served, stack) -> None:
                           timeout=30).json()
     assert pirate["aliases"]["production"] == 1
     assert pirate["versions"][1]["lineage"]["promotion.decision"] == "rolled_back"
+
+
+def test_a_64_job_batch_through_submit(stack, tiny_model_path: str, tmp_path: Path) -> None:
+    """Mass production through the CLI, as a user runs it: 64 tenants' jobs on the tiny base in one
+    `submit --wait` (fused groups on resident trainers, beside the serving replica); every job trains
+    once, registers one version and is found by the registry; the batch's stats say where its time
+    went; a second batch on the same base finds its trainer warm (no base load)."""
+    home, _ = stack
+    rows = (REPO / "examples/data/robot.jsonl").read_text().splitlines()
+    tenants = []
+    for i in range(64):
+        path = tmp_path / f"m{i:02d}.jsonl"
+        path.write_text("\n".join(rows[i % 40:i % 40 + 12]) + "\n")
+        tenants.append({"tenant": f"mass{i:02d}", "persona": "robot", "dataset": str(path)})
+    spec = {"version": 1, "name": "mass", "base_model": tiny_model_path, "promote": "auto",
+            "defaults": {"method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                         "train": {"steps": 3, "batch_size": 2, "max_seq_len": 64, "learning_rate": 1e-2,
+                                   "dtype": "float32", "eval_fraction": 0.2}},
+            "resources": {"cpus_per_job": 1}, "tenants": tenants}
+    path = tmp_path / "mass.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    r = cli(home, "submit", str(path), "--wait", timeout_s=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    batch_id = r.stdout.split()[1]
+    dump = json.loads(cli(home, "status", batch_id, "--json").stdout)
+    jobs = dump["jobs"]
+    assert len(jobs) == 64 and all(j["state"] == "SUCCEEDED" and j["model_version"] == 1 for j in jobs)
+    assert all(j["step"] == 3 and j["metrics"]["train_flops"] > 0 for j in jobs)
+    sizes = [len(j["placement"]["fused_with"]) for j in jobs]
+    assert max(sizes) <= 8 and sum(s > 1 for s in sizes) >= 56  # fused groups of up to 8
+    stats = dump["stats"]
+    assert stats["groups"] >= 8 and 1 <= len(stats["trainers"]) <= 2 and stats["first_step_s"]
+    assert sum(t["groups"] for t in stats["trainers"].values()) == stats["groups"]
+    one = json.loads(cli(home, "registry", "ls", "--tenant", "mass07", "--json").stdout)
+    assert [a["id"] for a in one] == ["mass07/robot"] and len(one[0]["versions"]) == 1
+    assert one[0]["versions"][0]["tags"]["adapterfab.training"].startswith("fused:")
+    # the next batch on the same base: its trainer is one of these, still warm
+    spec["name"], spec["tenants"] = "mass-again", [{**t, "tenant": t["tenant"] + "b"} for t in tenants[:2]]
+    path.write_text(yaml.safe_dump(spec))
+    r = cli(home, "submit", str(path), "--wait", timeout_s=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    again = json.loads(cli(home, "status", r.stdout.split()[1], "--json").stdout)
+    assert all(j["placement"]["warm"] and j["placement"]["trainer"] in stats["trainers"] for j in again["jobs"])
