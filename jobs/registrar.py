@@ -140,12 +140,14 @@ def register_job(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], adapte
 
 
 def register_outcome(ctx: BatchContext, p: Prepared, outcome: Any, extra_tags: dict[str, Any]) -> None:
-    """A trainer's ``JobOutcome``: its adapter files written to a folder, then ``register_job``."""
+    """A trainer's ``JobOutcome``: its adapter's folder written here (off the trainer), then
+    ``register_job``."""
+    from adapterfab.jobs.fused import write_exported
+
     try:
         with tempfile.TemporaryDirectory(prefix="af-adapter-") as tmp:
-            for name, data in (outcome.files or {}).items():
-                (Path(tmp) / name).write_bytes(data)
-            register_job(ctx, p, outcome.metrics, tmp, extra_tags, outcome.pending_metrics)
+            write_exported(outcome.adapter, Path(tmp) / "adapter")
+            register_job(ctx, p, outcome.metrics, str(Path(tmp) / "adapter"), extra_tags, outcome.pending_metrics)
     except Exception as e:  # noqa: BLE001 - the job fails, the batch goes on
         fail_job(ctx, p.jid, p.run_id, e)
 

@@ -58,14 +58,14 @@ class JobOutcome:
     metrics: dict[str, float]
     losses: list[float]
     error: str | None = None
-    files: dict[str, bytes] | None = None  # the adapter folder (name -> bytes); None when it failed
+    adapter: Any = None  # jobs.fused.ExportedAdapter (write_exported writes its folder); None when it failed
     pending_metrics: list[tuple[str, float, int, int]] = field(default_factory=list)  # (key, value, ms, step) not yet in MLflow
 
 
 @dataclass
 class GroupResult:
     outcomes: list[JobOutcome]
-    timing: dict[str, float]  # seconds: build (rows -> batches), train, eval, save; flops; resumed_from
+    timing: dict[str, float]  # seconds: build (rows -> batches), train, eval, save (export); flops; resumed_from
     trainer: dict[str, Any]  # pid, load_s, warm (the base was loaded before this group), groups trained
     extra: dict[str, Any] | None = None  # what the checkpoint this group resumed from carried (checkpoint_extra)
 
@@ -148,14 +148,10 @@ class ResidentWorker:
             self.trainer.set_checkpointing(False)
         t2 = time.monotonic()
         outcomes = []
-        with tempfile.TemporaryDirectory(prefix="af-group-") as tmp:
-            for job, res in zip(fused, results):
-                files = None
-                if res.error is None:
-                    folder = self.trainer.save(job, Path(tmp) / job.job_id)
-                    files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-                self.trainer.remove(job.job_id)
-                outcomes.append(JobOutcome(job.job_id, dict(res.metrics), list(res.losses), res.error, files))
+        for job, res in zip(fused, results):  # the files are written by whoever registers them
+            exported = self.trainer.export(job) if res.error is None else None
+            self.trainer.remove(job.job_id)
+            outcomes.append(JobOutcome(job.job_id, dict(res.metrics), list(res.losses), res.error, exported))
         train_s = max((r.metrics.get("train_s", 0.0) for r in results), default=0.0)
         timing = {"build_s": t1 - t0, "train_s": train_s, "eval_s": max(0.0, t2 - t1 - train_s),
                   "save_s": time.monotonic() - t2, "flops": sum(r.metrics.get("train_flops", 0.0) for r in results),
@@ -189,15 +185,13 @@ class ResidentWorker:
             group.append(GroupJob(j["job_id"], self.method.model_dump(), train.model_dump(), tr, ev))
         prepare_s = time.monotonic() - t0
         result = self.train_group(GroupTask(f"bench-{jobs[0]['job_id']}", group, pad))
+        from adapterfab.jobs.fused import write_exported
+
         out = []
         for o in result.outcomes:
             adapter_dir = None
-            if o.files is not None:
-                folder = Path(out_root) / o.job_id
-                folder.mkdir(parents=True, exist_ok=True)
-                for name, data in o.files.items():
-                    (folder / name).write_bytes(data)
-                adapter_dir = str(folder)
+            if o.adapter is not None:
+                adapter_dir = str(write_exported(o.adapter, Path(out_root) / o.job_id))
             out.append({"job_id": o.job_id, "metrics": o.metrics, "adapter_dir": adapter_dir, "error": o.error})
         timing = {"prepare_s": prepare_s + result.timing["build_s"], "train_s": result.timing["train_s"],
                   "eval_s": result.timing["eval_s"], "save_s": result.timing["save_s"]}

@@ -81,7 +81,10 @@ def test_a_resident_trainer_trains_groups_and_stays_warm(ray_cluster, tiny_model
     for name, steps in (("zorp", 10), ("quux", 6)):
         o = by[name]
         assert o.error is None and o.metrics["steps"] == steps and o.metrics["eval_loss"] < o.metrics["base_eval_loss"]
-        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(o.files or {})
+        from adapterfab.jobs.fused import write_exported
+
+        folder = write_exported(o.adapter, tmp_path / f"adapter-{name}")  # written by the registrar, off the trainer
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= {f.name for f in folder.iterdir()}
         # every step's loss reaches MLflow: sent by the trainer, or handed back for the registrar to send
         tracking.log_batch(runs[name], history=o.pending_metrics)
         assert sorted({m.step for m in tracking.client.get_metric_history(runs[name], "loss")}) == list(range(1, steps + 1))
