@@ -148,6 +148,29 @@ def _add_missing_columns(engine: Any) -> None:
                     conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {col.name} {ddl}'))
 
 
+def _apply_move(row: JobRow, new: JobState, now: float, fields: dict[str, Any]) -> JobState:
+    """A checked state change of ``row`` (with its timestamps and ``fields``); returns the old state."""
+    old = JobState(row.state)
+    if not can_move(old, new):
+        raise StateError(f"job {row.id}: {old.value} -> {new.value} is not allowed")
+    row.state = new.value
+    if new == JobState.PREPARING and row.started_s is None:
+        row.started_s = now
+    if new == JobState.TRAINING and old != new:
+        row.training_started_s = now
+    if new.terminal:
+        row.ended_s = now
+    for k, v in fields.items():
+        setattr(row, k, v)
+    return old
+
+
+def _log_move(old: JobState, new: JobState, tenant: str, persona: str, job_id: str) -> None:
+    if old != new:
+        log.info("job state %s -> %s", old.value, new.value,
+                 extra={"tenant": tenant, "adapter_id": f"{tenant}/{persona}", "job_id": job_id})
+
+
 class StateStore:
     def __init__(self, url: str):
         self.url = url
@@ -237,23 +260,9 @@ class StateStore:
             row = s.get(JobRow, job_id)
             if row is None:
                 raise StateError(f"no job {job_id!r}")
-            old = JobState(row.state)
-            if not can_move(old, new):
-                raise StateError(f"job {job_id}: {old.value} -> {new.value} is not allowed")
-            row.state = new.value
-            now = time.time()
-            if new == JobState.PREPARING and row.started_s is None:
-                row.started_s = now
-            if new == JobState.TRAINING and old != new:
-                row.training_started_s = now
-            if new.terminal:
-                row.ended_s = now
-            for k, v in fields.items():
-                setattr(row, k, v)
+            old = _apply_move(row, new, time.time(), fields)
             view = _view(row)
-        if old != new:
-            log.info("job state %s -> %s", old.value, new.value,
-                     extra={"tenant": view.tenant, "adapter_id": f"{view.tenant}/{view.persona}", "job_id": job_id})
+        _log_move(old, new, view.tenant, view.persona, job_id)
         return view
 
     def move_jobs(self, job_ids: list[str], new: JobState, **fields: Any) -> None:
@@ -266,23 +275,9 @@ class StateStore:
                 row = rows.get(jid)
                 if row is None:
                     raise StateError(f"no job {jid!r}")
-                old = JobState(row.state)
-                if not can_move(old, new):
-                    raise StateError(f"job {jid}: {old.value} -> {new.value} is not allowed")
-                row.state = new.value
-                if new == JobState.PREPARING and row.started_s is None:
-                    row.started_s = now
-                if new == JobState.TRAINING and old != new:
-                    row.training_started_s = now
-                if new.terminal:
-                    row.ended_s = now
-                for k, v in fields.items():
-                    setattr(row, k, v)
-                if old != new:
-                    moved.append((old, row.tenant, row.persona, jid))
+                moved.append((_apply_move(row, new, now, fields), row.tenant, row.persona, jid))
         for old, tenant, persona, jid in moved:
-            log.info("job state %s -> %s", old.value, new.value,
-                     extra={"tenant": tenant, "adapter_id": f"{tenant}/{persona}", "job_id": jid})
+            _log_move(old, new, tenant, persona, jid)
 
     def update_progress(self, progress: dict[str, tuple[int, float | None]]) -> int:
         """Step and loss of the TRAINING jobs among ``progress`` (job id -> (step, loss)), in one

@@ -276,9 +276,10 @@ class _Slots:
         self.free = sorted(self.free + [slot])
 
     def tensors(self, slot: int) -> dict[str, tuple[Tensor, ...]]:
-        """A slot's adapter as layer name -> its tensors (fp32 copies on the CPU)."""
-        row = self.w[slot].detach().to("cpu", copy=True)
-        return {name: tuple(row[at:at + math.prod(s)].view(*s) for at, s in cols)
+        """A slot's adapter as layer name -> its tensors (fp32 copies on the CPU, each with a storage of its
+        own: a view of the whole row would carry the whole row into every pickled or saved tensor)."""
+        row = self.w[slot].detach().to("cpu")
+        return {name: tuple(row[at:at + math.prod(s)].view(*s).clone() for at, s in cols)
                 for name, (_, cols) in zip(self.names, self.columns)}
 
     def step(self, hyper: dict[int, tuple[float, float, int]]) -> None:

@@ -567,3 +567,21 @@ def test_model_flops_count_what_a_step_spends(tiny_model_path: str) -> None:
     assert f.step(batch) == want
     plain = {k: v for k, v in batch.items()}  # no recorded row stats: counted from the tensors
     assert f.step(plain) == want
+
+
+def test_an_exported_adapter_travels_at_its_own_size(tiny_model_path: str, data: dict, tmp_path: Path) -> None:
+    """A resident trainer hands each adapter back through Ray (pickled): every tensor must own its storage,
+    or each one would carry the job's whole slot row (an all-linear r16 adapter of a 1B model 100x over)."""
+    import pickle
+
+    from adapterfab.jobs.fused import write_exported
+
+    cfg = get_method("lora").config_cls(r=4, alpha=8, dropout=0.0)
+    trainer = FusedTrainer(_base(tiny_model_path), "lora", cfg.resolved_targets(), cfg.r)
+    job = _job("pirate", cfg, data)
+    trainer.train([job])
+    exported = trainer.export(job)
+    size = sum(t.numel() * t.element_size() for ts in exported.tensors.values() for t in ts)
+    assert len(pickle.dumps(exported)) < 1.5 * size + 10_000
+    folder = write_exported(pickle.loads(pickle.dumps(exported)), tmp_path / "a")
+    assert (folder / "adapter_model.safetensors").exists() and (folder / "adapter_config.json").exists()
