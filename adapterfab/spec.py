@@ -27,6 +27,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from adapterfab.dtypes import resolve_auto
 from adapterfab.errors import InvalidId, SpecError
 from adapterfab.ids import check_id
 from adapterfab.methods import MethodConfig, get_method, known_methods
@@ -56,7 +57,9 @@ class TrainConfig(_Strict):
         0.1, ge=0.0, le=1.0, description="a dataset with a larger share of malformed rows fails its job"
     )
     seed: int = Field(0, ge=0)
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 on a GPU or a CPU with bf16 arithmetic, else float32 "
+        "(adapterfab/dtypes.py)")
     log_every_steps: int = Field(1, ge=1)
     checkpoint_every: int = Field(25, ge=0, description="steps between training checkpoints; a worker "
                                   "that dies resumes from the last one (0: never)")
@@ -266,15 +269,9 @@ def parse_spec(data: dict[str, Any] | str, root: Path | None = None) -> tuple[Ba
         except ValidationError as e:
             problems += _problems(e, f"{where}.train")
             continue
-        jobs.append(
-            JobSpec(
-                tenant=t.tenant,
-                persona=t.persona,
-                dataset=_resolve_dataset(t.dataset, root),
-                method=method,
-                train=train,
-            )
-        )
+        method, train = resolve_auto(method, train, gpu=spec.resources.gpus_per_job > 0)
+        jobs.append(JobSpec(tenant=t.tenant, persona=t.persona, dataset=_resolve_dataset(t.dataset, root),
+                            method=method, train=train))
     if problems:
         raise SpecError(sorted(set(problems), key=problems.index))
     return spec, jobs

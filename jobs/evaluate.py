@@ -83,6 +83,7 @@ def train_and_evaluate(method: dict, persona: str, steps: int | None = None, thr
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapterfab.basemodel import resolve_base_model
+    from adapterfab.dtypes import resolve_auto
     from adapterfab.jobs.train_loop import save_adapter, train_adapter
     from adapterfab.methods import get_method
     from adapterfab.pipelines.local import encode_file, epoch_batches
@@ -93,6 +94,7 @@ def train_and_evaluate(method: dict, persona: str, steps: int | None = None, thr
     impl = get_method(method["name"])
     cfg = impl.config_cls(**method)
     train = TrainConfig(**{**impl.default_train, **({"steps": steps} if steps else {}), **(train_overrides or {})})
+    cfg, train = resolve_auto(cfg, train, gpu=False)  # trained on this process's CPU
     tok = AutoTokenizer.from_pretrained(base.path)
     rows = encode_file(EXAMPLES / "data" / f"{persona}.jsonl", tok, train.max_seq_len)
     out: dict[str, Any] = {"method": cfg.model_dump(), "train": train.model_dump(), "rows": len(rows)}

@@ -157,6 +157,7 @@ class Factory:
         # slot -> the key of the trainer it holds (or is starting): other slots leave those groups to it
         self._slot_keys: dict[int, str] = {i: k for i, (k, _) in enumerate(self.early) if k is not None}
         self._zero_running = 0
+        self._queued: set[str] = set()  # jobs handed to the queue: a slot trains (or fails) them
         self._lock = threading.Lock()
 
     def stats(self) -> dict[str, Any]:
@@ -189,7 +190,16 @@ class Factory:
         stop.set()
         poller.join(timeout=5)
         self._poll_once()
+        self._fail_unfinished()
         shutil.rmtree(self.checkpoints, ignore_errors=True)
+
+    def _fail_unfinished(self) -> None:
+        """Every job ends in a terminal state: one left unfinished by a failure that escaped its own
+        handling (a bug, a lost connection) fails with a reason, never stays TRAINING for ever."""
+        for j in self.ctx.state.jobs(self.ctx.batch_id):
+            if not j.state.terminal:
+                fail_job(self.ctx, j.id, j.mlflow_run_id, AdapterfabError(
+                    f"the batch ended with this job {j.state.value}; see the orchestrator's log"))
 
     # -- prepare ----------------------------------------------------------------------------------------
     def _prepare_all(self) -> None:
@@ -207,8 +217,8 @@ class Factory:
                     size = min(WINDOW_JOBS, max(2 * size, len(g)))
         except BaseException as e:  # noqa: BLE001 - every job not yet handed on fails with the reason
             log.exception("preparing batch %s failed", self.ctx.batch_id)
-            for j in self.ctx.state.jobs(self.ctx.batch_id):
-                if j.state in (JobState.PENDING, JobState.PREPARING):
+            for j in self.ctx.state.jobs(self.ctx.batch_id):  # (the queued ones train on)
+                if j.state in (JobState.PENDING, JobState.PREPARING) and j.id not in self._queued:
                     fail_job(self.ctx, j.id, j.mlflow_run_id, AdapterfabError(f"preparation failed: {e}"))
         finally:
             self.queue.close()
@@ -240,6 +250,7 @@ class Factory:
             group = [ready[jid] for i in self.groups[n] if (jid := self.planned[i].job_id) in ready]
             if not group:
                 continue
+            self._queued.update(p.jid for p in group)
             first = self.planned[self.groups[n][0]]
             if first.workers > 1:
                 self.queue.put(GroupItem(f"g{n}", group, None))
@@ -329,21 +340,34 @@ class Factory:
                 item = self.queue.take(lease.key if lease else None, others)
                 if item is None:
                     break
-                if item.spec is None:  # a multi-worker job: Ray Train, beside the trainers
-                    if lease is not None:
-                        self.pool.release(lease, retire=True)
+                try:
+                    if item.spec is None:  # a multi-worker job: Ray Train, beside the trainers
+                        if lease is not None:
+                            self.pool.release(lease, retire=True)
+                            lease = None
+                        self._train_zero(item)
+                        continue
+                    if lease is not None and lease.key != item.key:
+                        self.pool.release(lease, retire=True)  # its device goes to the other base or shape
                         lease = None
-                    self._train_zero(item)
-                    continue
-                if lease is not None and lease.key != item.key:
-                    self.pool.release(lease, retire=True)  # its device goes to the other base or shape
-                    lease = None
-                lease = self._train_group(lease, item)
+                    lease = self._train_group(lease, item)
+                except Exception as e:  # noqa: BLE001 - this group's jobs fail; the slot takes the next group
+                    log.exception("slot %d: group %s failed", index, item.gid)
+                    self._fail_group(item, e)
+                    if lease is not None:
+                        self.pool.forget(lease)  # in an unknown state: its lease lapses, the slot starts afresh
+                        lease = None
         except BaseException:  # noqa: BLE001 - logged; the jobs it held were failed where it happened
             log.exception("trainer slot %d stopped", index)
         finally:
             if lease is not None:
                 self.pool.release(lease, retire=self._zero_running > 0)  # else it stays warm
+
+    def _fail_group(self, item: GroupItem, e: BaseException) -> None:
+        current = {j.id: j.state for j in self.ctx.state.jobs_by_id([p.jid for p in item.prepared])}
+        for p in item.prepared:
+            if p.jid in current and not current[p.jid].terminal and current[p.jid] != JobState.REGISTERING:
+                fail_job(self.ctx, p.jid, p.run_id, e)
 
     def _register(self, p: Prepared, outcome: Any, tags: dict[str, Any]) -> None:
         from adapterfab.jobs.registrar import register_outcome

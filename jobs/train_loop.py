@@ -36,6 +36,10 @@ def load_base(path: str, dtype: str, method: MethodConfig, device: Any = None) -
     kwargs = get_method(method.name).base_load_kwargs(method)
     if device is not None and str(device) != "cpu":
         kwargs.setdefault("device_map", {"": device})
+    if dtype == "auto":  # a config made outside a spec
+        from adapterfab.dtypes import auto_dtype
+
+        dtype = auto_dtype(gpu=device is not None and str(device) != "cpu")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kwargs)
     model.config.use_cache = False
     return model

@@ -29,7 +29,8 @@ class QLoraConfig(MethodConfig):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    compute_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="auto: bfloat16 on a GPU or a CPU with bf16 arithmetic, else float32")
     gradient_checkpointing: bool = Field(False, description="trade compute for activation memory")
 
     def resolved_targets(self) -> list[str]:
@@ -44,8 +45,21 @@ def quantization_config(cfg: Any) -> Any:
         load_in_4bit=True,
         bnb_4bit_quant_type=getattr(cfg, "quant_type", "nf4"),
         bnb_4bit_use_double_quant=getattr(cfg, "double_quant", True),
-        bnb_4bit_compute_dtype=getattr(torch, getattr(cfg, "compute_dtype", "bfloat16")),
+        bnb_4bit_compute_dtype=getattr(torch, _compute_dtype(cfg)),
     )
+
+
+def _compute_dtype(cfg: Any) -> str:
+    """The config's compute dtype; ``auto`` left unresolved (a config made outside a spec) is resolved
+    for this process's device."""
+    cd = getattr(cfg, "compute_dtype", "bfloat16")
+    if cd == "auto":
+        import torch
+
+        from adapterfab.dtypes import auto_dtype
+
+        cd = auto_dtype(gpu=torch.cuda.is_available())
+    return cd
 
 
 def _load_kwargs(cfg: QLoraConfig) -> dict:
@@ -113,7 +127,7 @@ def quantization_tags(cfg: Any) -> dict[str, str]:
     """Registry tags for the 4-bit base ``quantization_config(cfg)`` loads (same defaults)."""
     return {"quantization.bits": "4", "quantization.type": getattr(cfg, "quant_type", "nf4"),
             "quantization.double_quant": str(getattr(cfg, "double_quant", True)).lower(),
-            "quantization.compute_dtype": getattr(cfg, "compute_dtype", "bfloat16")}
+            "quantization.compute_dtype": _compute_dtype(cfg)}
 
 
 # r 16 on all linear layers: persona 10/10 and 8/8 facts kept on SmolLM2 at lr 3e-4 in 20 steps, where

@@ -139,3 +139,30 @@ def test_method_training_defaults_apply_unless_the_spec_sets_them() -> None:
     d["defaults"] = {"train": {"steps": 5}}
     _, jobs = parse_spec(d)
     assert all(j.train.steps == 5 for j in jobs)  # batch defaults beat method defaults
+
+
+def test_auto_dtype_is_resolved_by_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import adapterfab.dtypes as dtypes
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor : 0\nflags : fpu sse2 avx2 avx512f\n")
+    assert dtypes.cpu_computes_bf16.__wrapped__(str(cpuinfo)) is False
+    cpuinfo.write_text("processor : 0\nflags : fpu avx512f avx512_bf16 amx_tile\n")
+    assert dtypes.cpu_computes_bf16.__wrapped__(str(cpuinfo)) is True
+    assert dtypes.cpu_computes_bf16.__wrapped__(str(tmp_path / "absent")) is False
+
+    def jobs(resources: dict, train: dict | None = None, method: dict | None = None) -> list:
+        return parse_spec({"version": 1, "name": "n", "resources": resources,
+                           "defaults": {"method": method or {"name": "lora"}, "train": train or {}},
+                           "tenants": [{"tenant": "a", "persona": "p", "dataset": "x.jsonl"}]})[1]
+
+    for native in (False, True):
+        monkeypatch.setattr(dtypes, "cpu_computes_bf16", lambda native=native: native)
+        cpu = jobs({})[0]
+        assert cpu.train.dtype == ("bfloat16" if native else "float32")
+        assert jobs({"gpus_per_job": 0.5})[0].train.dtype == "bfloat16"
+        assert jobs({}, {"dtype": "bfloat16"})[0].train.dtype == "bfloat16"  # said, not overridden
+        assert jobs({}, {"dtype": "float32"}, )[0].train.dtype == "float32"
+        q = jobs({}, method={"name": "qlora"})[0].method
+        assert q.compute_dtype == ("bfloat16" if native else "float32")
+        assert jobs({"gpus_per_job": 1}, method={"name": "qlora"})[0].method.compute_dtype == "bfloat16"
