@@ -42,10 +42,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     assert cli(home, "down", timeout_s=120).returncode == 0
 
 
-def write_batch(path: Path, base: str, name: str, tenants: list[tuple[str, str, str]]) -> Path:
+def write_batch(path: Path, base: str, name: str, tenants: list[tuple[str, str, str]], steps: int = STEPS) -> Path:
     spec = {"version": 1, "name": name, "base_model": base, "promote": "none",
             "defaults": {"method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-                         "train": {"steps": STEPS, "batch_size": 4, "max_seq_len": 64, "checkpoint_every": 4,
+                         "train": {"steps": steps, "batch_size": 4, "max_seq_len": 64, "checkpoint_every": 4,
                                    "learning_rate": 1e-3}},
             "resources": {"cpus_per_job": 1, "fuse": False, "max_concurrent_jobs": 1},
             "tenants": [{"tenant": t, "persona": p, "dataset": str(REPO / "examples" / "data" / f"{d}.jsonl")}
@@ -86,8 +86,10 @@ def test_killed_orchestrator_resumes_without_redoing_finished_jobs(stack: Path, 
     from adapterfab.procs import pid_alive
 
     home = stack
+    # long enough that the second job still trains once the first is registered: a resident trainer
+    # takes the next job as soon as a job's steps end, while the first registers (12 steps: ~1.5 s)
     spec = write_batch(tmp_path / "kill.yaml", tiny_model_path, "kill-orchestrator",
-                       [("acme", "k-pirate", "pirate"), ("globex", "k-robot", "robot")])
+                       [("acme", "k-pirate", "pirate"), ("globex", "k-robot", "robot")], steps=240)
     r = cli(home, "submit", str(spec))
     assert r.returncode == 0, r.stderr
     batch_id = r.stdout.split()[1]

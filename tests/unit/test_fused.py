@@ -175,8 +175,9 @@ def test_planner_groups_only_compatible_jobs() -> None:
     tenants[4]["method"] = {"name": "lora_xs"}
     tenants[5]["method"] = {"name": "lora_xs"}
     tenants[6]["method"] = {"name": "qlora", "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "r": 8}
-    tenants[7]["train"] = {"dtype": "float32"}  # the base loaded another way
-    _, jobs = parse_spec({"version": 1, "name": "g", "defaults": {"method": {"name": "lora", "dropout": 0.0}},
+    tenants[7]["train"] = {"dtype": "bfloat16"}  # the base loaded another way
+    _, jobs = parse_spec({"version": 1, "name": "g", "defaults": {"method": {"name": "lora", "dropout": 0.0},
+                                                                  "train": {"dtype": "float32"}},
                           "tenants": tenants})
     groups = fusion_groups(jobs, k_max=4)
     assert groups == [[0, 1, 2, 8], [3], [4, 5], [6], [7], [9]]
