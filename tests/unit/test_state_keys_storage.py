@@ -71,3 +71,25 @@ def test_store_rooted_at_the_adapter_folder(tmp_path: Path) -> None:
     uri = LocalStore(tmp_path / "store").upload_dir(src, "adapters/acme/p/j/")
     got = LocalStore(uri).download_dir(uri, tmp_path / "dst")  # root == the adapter's own folder
     assert (got / "adapter_model.safetensors").read_bytes() == b"weights"
+
+
+def test_a_factory_never_ends_a_batch_with_an_unfinished_job(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from adapterfab.jobs.factory import Factory
+
+    s = _store(tmp_path)
+    jobs = [{"id": f"b1.t{i}.p", "tenant": f"t{i}", "persona": "p", "method": "lora", "total_steps": 3}
+            for i in range(4)]
+    s.create_batch("b1", "n", "spec", "", "base", jobs)
+    s.move_job("b1.t1.p", JobState.PREPARING)
+    for jid in ("b1.t2.p", "b1.t3.p"):
+        s.move_job(jid, JobState.PREPARING)
+        s.move_job(jid, JobState.TRAINING)
+    s.move_job("b1.t3.p", JobState.FAILED, error="its own reason")
+    Factory._fail_unfinished(SimpleNamespace(ctx=SimpleNamespace(batch_id="b1", state=s)))
+    after = {j.id: j for j in s.jobs("b1")}
+    assert {j: v.state for j, v in after.items()} == {f"b1.t{i}.p": JobState.FAILED for i in range(4)}
+    assert "ended with this job PENDING" in after["b1.t0.p"].error
+    assert "ended with this job TRAINING" in after["b1.t2.p"].error
+    assert after["b1.t3.p"].error == "its own reason"  # a terminal job keeps its state and reason
