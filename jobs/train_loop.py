@@ -34,12 +34,13 @@ def load_base(path: str, dtype: str, method: MethodConfig, device: Any = None) -
     from transformers import AutoModelForCausalLM
 
     kwargs = get_method(method.name).base_load_kwargs(method)
-    if device is not None and str(device) != "cpu":
+    on_device = device is not None and str(device) != "cpu"
+    if on_device:
         kwargs.setdefault("device_map", {"": device})
     if dtype == "auto":  # a config made outside a spec
         from adapterfab.dtypes import auto_dtype
 
-        dtype = auto_dtype(gpu=device is not None and str(device) != "cpu")
+        dtype = auto_dtype(gpu=on_device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kwargs)
     model.config.use_cache = False
     return model
