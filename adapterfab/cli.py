@@ -137,34 +137,10 @@ def plan(batch: Path = typer.Argument(..., help="batch spec YAML"),
         out.print(f"estimated training time: ≤ {total:g} job-seconds in all (steps only, rows at max_seq_len)")
 
 
-STATUS_ROWS = 50  # a batch with more jobs shows its counts and the jobs not yet succeeded (--json: all)
-
-
 def _print_status(dump: dict, every_job: bool = False) -> None:
-    jobs = dump["jobs"]
-    shown = jobs if every_job or len(jobs) <= STATUS_ROWS else \
-        [j for j in jobs if j["state"] != "SUCCEEDED"][:STATUS_ROWS]
-    t = Table(title=f"batch {dump['id']} ({dump['name']}): {dump['state']}")
-    for col in ("adapter", "method", "state", "progress", "loss", "eval loss", "base eval", "version", "error"):
-        t.add_column(col, overflow="fold")
-    for j in shown:
-        m = j["metrics"] or {}
-        t.add_row(f"{j['tenant']}/{j['persona']}", j["method"], j["state"],
-                  f"{j['step']}/{j['total_steps']} ({100 * j['progress']:.0f}%)",
-                  f"{j['loss']:.3f}" if j["loss"] is not None else "",
-                  f"{m['eval_loss']:.3f}" if "eval_loss" in m else "",
-                  f"{m['base_eval_loss']:.3f}" if "base_eval_loss" in m else "",
-                  str(j["model_version"] or "") + (" (reused)" if j.get("reused_version") else ""),
-                  (j["error"] or "")[:300])
-    if shown:
-        out.print(t)
-    if len(shown) < len(jobs):
-        counts: dict[str, int] = {}
-        for j in jobs:
-            counts[j["state"]] = counts.get(j["state"], 0) + 1
-        out.print(f"batch {dump['id']} ({dump['name']}): {dump['state']}, {len(jobs)} jobs: "
-                  + ", ".join(f"{n} {st}" for st, n in sorted(counts.items()))
-                  + f"; {len(shown)} shown (--all: every job; --json: everything)", markup=False)
+    from adapterfab.status import print_status
+
+    print_status(dump, every_job, out)
 
 
 @app.command()
@@ -295,7 +271,7 @@ def _wait(s: Settings, batch_id: str, timeout_s: float, finished: Any = None) ->
                 extra += " (reused: same spec, data and code; --force retrains)" if j.reused_version else ""
                 why = f": {j.error}" if j.error else ""
                 out.print(f"[{time.monotonic() - t0:6.0f}s] {j.tenant}/{j.persona} {j.state.value} "
-                          f"{j.step}/{j.total_steps}{loss}{extra}{why}")
+                          f"{j.step}/{j.total_steps}{loss}{extra}{why}", markup=False)
         since = polled
         if b.state in ("SUCCEEDED", "FAILED"):
             _print_status(state.dump(batch_id))
@@ -320,8 +296,10 @@ def status(batch_id: Optional[str] = typer.Argument(None, help="a batch id (defa
                                                                "still running or failed"),
            address: Optional[str] = typer.Option(None, "--address", help="a batch submitted with "
                                                  "`submit --address`: its Ray Job's status and log")) -> None:
-    """Per-job state, progress and final metrics of a batch, or the list of batches."""
+    """Per-job state, progress and final metrics of a batch, or the list of batches. (On the default
+    SQLite state DB the `adapterfab` command answers this in adapterfab.status, without this module.)"""
     from adapterfab.state import StateStore, dumps
+    from adapterfab.status import status_json
 
     s = _settings()
     if address:
@@ -345,21 +323,17 @@ def status(batch_id: Optional[str] = typer.Argument(None, help="a batch id (defa
             rows = [{"id": b.id, "name": b.name, "state": b.state, "created_s": b.created_s,
                      "jobs": sum(state.job_counts(b.id).values())} for b in state.list_batches()]
             if as_json:
-                sys.stdout.write(dumps(rows) + "\n")
-                return
-            t = Table(title="batches")
-            for col in ("id", "name", "state", "jobs", "created"):
-                t.add_column(col)
-            for r in rows:
-                t.add_row(r["id"], r["name"], r["state"], str(r["jobs"]),
-                          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_s"])))
-            out.print(t if rows else "no batches yet: `adapterfab submit BATCH.yaml`")
+                sys.stdout.write(status_json(rows) + "\n")
+            else:
+                from adapterfab.status import print_batches
+
+                print_batches(rows, out)
             return
         dump = state.dump(batch_id)
     except AdapterfabError as e:
         _fail(e)
     if as_json:  # written as is: a console renderer takes seconds over a thousand jobs
-        sys.stdout.write(dumps(dump) + "\n")
+        sys.stdout.write(status_json(dump) + "\n")
     else:
         _print_status(dump, every_job)
 

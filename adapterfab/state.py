@@ -5,10 +5,8 @@ with tenant and job id, and commits it; so ``adapterfab status`` works after the
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import JSON, Float, Integer, String, Text, create_engine, event, select
@@ -16,6 +14,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from adapterfab.errors import StateError
 from adapterfab.states import BatchState, JobState, can_move
+from adapterfab.status import BATCH_COLUMNS, JOB_COLUMNS, JobView, batch_dump, dumps, job_view
 
 log = logging.getLogger("adapterfab.state")
 
@@ -84,53 +83,8 @@ class ApiKeyRow(Base):
     role: Mapped[str | None] = mapped_column(String(16), nullable=True)  # None: a tenant key; "operator"
 
 
-@dataclass(frozen=True)
-class JobView:
-    id: str
-    batch_id: str
-    tenant: str
-    persona: str
-    method: str
-    state: JobState
-    step: int
-    total_steps: int
-    loss: float | None
-    metrics: dict
-    data_stats: dict
-    mlflow_run_id: str | None
-    adapter_uri: str | None
-    model_version: int | None
-    attempts: int
-    started_s: float | None
-    ended_s: float | None
-    error: str | None
-    reused_version: int | None = None
-    placement: dict | None = None
-    training_started_s: float | None = None
-
-    @property
-    def progress(self) -> float:
-        if self.state == JobState.SUCCEEDED:
-            return 1.0
-        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d["state"] = self.state.value
-        d["progress"] = round(self.progress, 4)
-        return d
-
-
 def _view(row: JobRow) -> JobView:
-    return JobView(
-        id=row.id, batch_id=row.batch_id, tenant=row.tenant, persona=row.persona, method=row.method,
-        state=JobState(row.state), step=row.step, total_steps=row.total_steps, loss=row.loss,
-        metrics=dict(row.metrics or {}), data_stats=dict(row.data_stats or {}),
-        mlflow_run_id=row.mlflow_run_id, adapter_uri=row.adapter_uri, model_version=row.model_version,
-        attempts=row.attempts, started_s=row.started_s, ended_s=row.ended_s, error=row.error,
-        reused_version=row.reused_version, placement=dict(row.placement) if row.placement else None,
-        training_started_s=row.training_started_s,
-    )
+    return job_view({k: getattr(row, k) for k in JOB_COLUMNS})
 
 
 def _add_missing_columns(engine: Any) -> None:
@@ -318,14 +272,9 @@ class StateStore:
             return row
 
     def dump(self, batch_id: str) -> dict[str, Any]:
+        """The batch and its jobs as `status --json` prints them (adapterfab.status)."""
         b = self.get_batch(batch_id)
-        return {
-            "id": b.id, "name": b.name, "state": b.state, "base_model": b.base_model,
-            "mlflow_run_id": b.mlflow_run_id, "created_s": b.created_s, "started_s": b.started_s,
-            "ended_s": b.ended_s, "error": b.error, "options": b.options or {}, "stats": b.stats or {},
-            "jobs": [j.to_dict() for j in self.jobs(batch_id)],
-        }
+        return batch_dump({k: getattr(b, k) for k in BATCH_COLUMNS}, self.jobs(batch_id))
 
 
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=str)
+__all__ = ["ApiKeyRow", "BatchRow", "JobRow", "JobView", "StateStore", "dumps"]
