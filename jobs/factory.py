@@ -212,7 +212,7 @@ class Factory:
                 window.append(n)
                 if sum(len(self.groups[i]) for i in window) >= size or n == len(self.groups) - 1:
                     self.queue.wait_below(max(AHEAD_GROUPS_PER_SLOT * self.slots, 2), WINDOW_JOBS)
-                    self._prepare_window(window)
+                    self._prepare_window(window, first=n < self.slots)
                     window = []
                     size = min(WINDOW_JOBS, max(2 * size, len(g)))
         except BaseException as e:  # noqa: BLE001 - every job not yet handed on fails with the reason
@@ -223,8 +223,10 @@ class Factory:
         finally:
             self.queue.close()
 
-    def _prepare_window(self, window: list[int]) -> None:
-        from adapterfab.pipelines.data import DataRequest, prepare_many
+    def _prepare_window(self, window: list[int], first: bool = False) -> None:
+        """One window's MLflow runs and data; the first window's small files are prepared in this process
+        (the first steps wait for them, and a Ray Data execution takes seconds to start)."""
+        from adapterfab.pipelines.data import FIRST_WINDOW_IN_PROCESS_BYTES, DataRequest, prepare_many
 
         t0 = time.monotonic()
         members = [i for n in window for i in self.groups[n]]
@@ -235,7 +237,8 @@ class Factory:
         def data() -> dict[str, Any]:  # Ray Data runs while the jobs' MLflow runs are made
             t1 = time.monotonic()
             try:
-                return prepare_many(requests, self.ctx.base.path)
+                return prepare_many(requests, self.ctx.base.path,
+                                    in_process_bytes=FIRST_WINDOW_IN_PROCESS_BYTES if first else 0)
             finally:
                 self._add(data_s=time.monotonic() - t1)
 

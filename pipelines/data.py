@@ -334,6 +334,11 @@ def prepare_dataset(uri: str, tokenizer_path: str, *, max_seq_len: int, eval_fra
 # execution (one task set, ~0.3 s of overhead), not one per file.
 DATA_TASK_NUM_CPUS = 0
 MAX_READ_BLOCKS = 4
+# A Ray Data execution's start costs seconds before its first row: ~7 s for a trivial one on a fresh
+# 2-CPU cluster, ~14 s for this one (its task workers start and import the tokenizer) while trainers load
+# their bases. The factory's first window is what the first training step waits for, so ``prepare_many``
+# may run a small set of files (``in_process_bytes``) through the same UDFs in the calling process.
+FIRST_WINDOW_IN_PROCESS_BYTES = 4 << 20
 _TAGGED = pa.schema([("req", pa.int64()), ("line", pa.int64()), ("messages", pa.string()), ("error", pa.string())])
 
 
@@ -391,19 +396,22 @@ def _rows(cols: dict[str, np.ndarray], mask: np.ndarray) -> list[dict[str, np.nd
             for i, lab in zip(cols["input_ids"][mask], cols["labels"][mask])]
 
 
-def prepare_many(requests: list[DataRequest], tokenizer_path: str, timeout_s: float = 300
-                 ) -> dict[str, PreparedRows | DatasetError]:
+def prepare_many(requests: list[DataRequest], tokenizer_path: str, timeout_s: float = 300,
+                 in_process_bytes: int = 0) -> dict[str, PreparedRows | DatasetError]:
     """Read, validate, template, tokenize and split several jobs' datasets in one Ray Data execution per
     filesystem. Each job gets its own rows and stats, or its own DatasetError (a missing file, a bad
     share of bad rows, ...): one job's data never affects another's. Same checks as
-    ``prepare_dataset``; a file named by several jobs is read once."""
+    ``prepare_dataset``; a file named by several jobs is read once. A filesystem's files that total at
+    most ``in_process_bytes`` go through the same UDFs in this process instead (no execution to start)."""
     out: dict[str, PreparedRows | DatasetError] = {}
     by_fs: dict[str, tuple[pafs.FileSystem, dict[str, list[tuple[int, str]]]]] = {}
     sha: dict[int, str] = {}
+    size: dict[str, int] = {}
     for i, r in enumerate(requests):
         try:
             fs, path, fmt = _resolve(r.uri)
             sha[i] = _sha256(fs, path, r.uri)
+            size[path] = fs.get_file_info(path).size or 0
         except DatasetError as e:
             out[r.key] = e
             continue
@@ -412,8 +420,10 @@ def prepare_many(requests: list[DataRequest], tokenizer_path: str, timeout_s: fl
     for kind, (fs, wanted) in by_fs.items():
         todo = [i for reqs in wanted.values() for i, _ in reqs]
         label = f"{len(todo)} dataset(s) ({requests[todo[0]].uri}, ...)"
+        run = _run_tagged_here if sum(size[p] for p in wanted) <= in_process_bytes else _run_tagged
         try:
-            table = _within(timeout_s, label, lambda fs=fs, wanted=wanted: _run_tagged(fs, wanted, requests, tokenizer_path))
+            table = _within(timeout_s, label,
+                            lambda fs=fs, wanted=wanted, run=run: run(fs, wanted, requests, tokenizer_path))
         except DatasetError as e:
             for i in todo:
                 out[requests[i].key] = e
@@ -438,16 +448,41 @@ def prepare_many(requests: list[DataRequest], tokenizer_path: str, timeout_s: fl
     return out
 
 
+def _params(wanted: dict[str, list[tuple[int, str]]], requests: list[DataRequest]) -> dict[int, tuple[int, int]]:
+    return {i: (requests[i].max_seq_len, requests[i].seed) for reqs in wanted.values() for i, _ in reqs}
+
+
+def _tagged_table(tables: list[pa.Table]) -> pa.Table:
+    schema = _TOKENIZED.append(pa.field("req", pa.int64()))
+    return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]) if tables \
+        else schema.empty_table()
+
+
+def _run_tagged_here(fs: pafs.FileSystem, wanted: dict[str, list[tuple[int, str]]], requests: list[DataRequest],
+                     tokenizer_path: str) -> pa.Table:
+    """``_run_tagged``'s UDFs on the same blocks (one file per parse, ROWS_PER_BLOCK rows per tokenize),
+    in this process."""
+    params, tables = _params(wanted, requests), []
+    for path in wanted:
+        try:
+            with fs.open_input_stream(path) as f:
+                data = f.read()
+        except OSError as e:
+            raise DatasetError(f"cannot read {path}: {e}") from e
+        parsed = _parse_tagged({"bytes": np.array([data], dtype=object), "path": np.array([path], dtype=object)},
+                               wanted)
+        for start in range(0, parsed.num_rows, ROWS_PER_BLOCK):
+            tables.append(_tokenize_tagged(parsed.slice(start, ROWS_PER_BLOCK), tokenizer_path, params))
+    return _tagged_table(tables)
+
+
 def _run_tagged(fs: pafs.FileSystem, wanted: dict[str, list[tuple[int, str]]], requests: list[DataRequest],
                 tokenizer_path: str) -> pa.Table:
     paths = list(wanted)
-    params = {i: (requests[i].max_seq_len, requests[i].seed) for reqs in wanted.values() for i, _ in reqs}
+    params = _params(wanted, requests)
     ds = (ray.data.read_binary_files(paths, filesystem=fs, include_paths=True, num_cpus=DATA_TASK_NUM_CPUS,
                                      override_num_blocks=min(len(paths), MAX_READ_BLOCKS))
           .map_batches(_parse_tagged, batch_size=1, fn_kwargs={"wanted": wanted}, num_cpus=DATA_TASK_NUM_CPUS)
           .map_batches(_tokenize_tagged, batch_size=ROWS_PER_BLOCK, batch_format="pyarrow",
                        num_cpus=DATA_TASK_NUM_CPUS, fn_kwargs={"tokenizer_path": tokenizer_path, "params": params}))
-    tables = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
-    schema = _TOKENIZED.append(pa.field("req", pa.int64()))
-    return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]) if tables \
-        else schema.empty_table()
+    return _tagged_table(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))

@@ -226,3 +226,38 @@ def test_timeout_fails_instead_of_hanging() -> None:
     with pytest.raises(DatasetError, match="failed: ZeroDivisionError"):
         _within(5, "x.jsonl", lambda: 1 / 0)
     assert _within(5, "x.jsonl", lambda: 42) == 42
+
+
+@pytest.mark.timeout(240)
+def test_many_datasets_in_process_equal_ray_data(ray_local, tmp_path: Path, smollm2_path: str) -> None:
+    """``prepare_many``'s in-process path (the factory's first, small window) gives exactly what its Ray
+    Data execution gives: the same rows, splits and stats per job, the same per-job errors, no mixing."""
+    from adapterfab.pipelines.data import DataRequest, prepare_many
+
+    parquet = tmp_path / "p.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"messages": json.dumps(_good("pq", i)["messages"])} for i in range(0, 16, 2)]),
+                   parquet)
+    files = {"a": _write_jsonl(tmp_path / "a.jsonl", _good_lines("a", 12)),
+             "b": _write_jsonl(tmp_path / "b.jsonl", _good_lines("b", 17, BROKEN)),
+             "big": _write_jsonl(tmp_path / "big.jsonl", _good_lines("big", 1200)),  # more than one tokenize block
+             "pq": parquet, "gone": tmp_path / "missing.jsonl",
+             "junk": _write_jsonl(tmp_path / "junk.jsonl", [b"[1]", b"{}"])}
+    reqs = [DataRequest(f"j-{k}", str(p), 96 if k == "b" else 256, 0.2, 3, 0.2) for k, p in files.items()]
+    reqs.append(DataRequest("j-a-again", str(files["a"]), 64, 0.5, 7, 0.1))  # one file, two jobs, own settings
+
+    def view(out: dict) -> dict:
+        return {k: (type(v).__name__, str(v)) if isinstance(v, Exception) else
+                ([r["input_ids"].tolist() for r in v.train], [r["labels"].tolist() for r in v.eval], v.stats)
+                for k, v in out.items()}
+
+    in_ray = view(prepare_many(reqs, smollm2_path, timeout_s=180))
+    here = view(prepare_many(reqs, smollm2_path, timeout_s=180, in_process_bytes=1 << 30))
+    assert here == in_ray
+    assert in_ray["j-gone"][0] == "DatasetError" and "not found" in in_ray["j-gone"][1]
+    assert "none of its 2 rows is usable" in in_ray["j-junk"][1]
+    assert in_ray["j-b"][2].bad_rows == 3 and len(in_ray["j-big"][0]) + len(in_ray["j-big"][1]) == 1200
+    assert in_ray["j-a-again"][:2] != in_ray["j-a"][:2]  # its own max_seq_len and split seed
+    assert in_ray["j-a"][0] and in_ray["j-a"][0] != in_ray["j-b"][0]
