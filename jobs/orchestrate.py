@@ -261,6 +261,9 @@ def connect_ray(settings: Settings) -> None:
         return
     if not settings.ray_address:
         raise StackError("no Ray cluster: run `adapterfab up` first (or set RAY_ADDRESS)")
+    # this driver runs the Ray Data executions: with usage stats on, each one also starts (and feeds) a
+    # usage-collection actor, a whole Python process on a 2-CPU node, to report to nobody (we are offline)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     runtime_env = None
     forwarded = worker_env()
     if forwarded and not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a Ray Job has its own env

@@ -338,7 +338,7 @@ MAX_READ_BLOCKS = 4
 # 2-CPU cluster, ~14 s for this one (its task workers start and import the tokenizer) while trainers load
 # their bases. The factory's first window is what the first training step waits for, so ``prepare_many``
 # may run a small set of files (``in_process_bytes``) through the same UDFs in the calling process.
-FIRST_WINDOW_IN_PROCESS_BYTES = 4 << 20
+FIRST_WINDOW_IN_PROCESS_BYTES = int(os.environ.get("ADAPTERFAB_FIRST_WINDOW_IN_PROCESS_BYTES", 4 << 20))  # 0: never
 _TAGGED = pa.schema([("req", pa.int64()), ("line", pa.int64()), ("messages", pa.string()), ("error", pa.string())])
 
 
