@@ -71,20 +71,15 @@ _JSON_BATCH = ("options", "stats")
 
 def job_view(m: Mapping[str, Any]) -> JobView:
     """A job's view from its row's columns (JSON columns already decoded)."""
-    return JobView(
-        id=m["id"], batch_id=m["batch_id"], tenant=m["tenant"], persona=m["persona"], method=m["method"],
-        state=JobState(m["state"]), step=m["step"], total_steps=m["total_steps"], loss=m["loss"],
-        metrics=dict(m["metrics"] or {}), data_stats=dict(m["data_stats"] or {}),
-        mlflow_run_id=m["mlflow_run_id"], adapter_uri=m["adapter_uri"], model_version=m["model_version"],
-        attempts=m["attempts"], started_s=m["started_s"], ended_s=m["ended_s"], error=m["error"],
-        reused_version=m["reused_version"], placement=dict(m["placement"]) if m["placement"] else None,
-        training_started_s=m["training_started_s"],
-    )
+    d = {k: m[k] for k in JOB_COLUMNS}
+    d.update(state=JobState(d["state"]), metrics=dict(d["metrics"] or {}), data_stats=dict(d["data_stats"] or {}),
+             placement=dict(d["placement"]) if d["placement"] else None)
+    return JobView(**d)
 
 
 def batch_dump(b: Mapping[str, Any], jobs: list[JobView]) -> dict[str, Any]:
-    """What `status --json` prints: the batch's columns and every job's view."""
-    return {**{k: b[k] for k in BATCH_COLUMNS[:9]}, "options": b["options"] or {}, "stats": b["stats"] or {},
+    """What `status --json` prints: the batch's columns (its JSON ones {} when empty) and every job's view."""
+    return {**{k: (b[k] or {}) if k in _JSON_BATCH else b[k] for k in BATCH_COLUMNS},
             "jobs": [j.to_dict() for j in jobs]}
 
 

@@ -136,8 +136,8 @@ def _resolve(uri: str) -> tuple[pafs.FileSystem, str, str]:
     return fs, path, FORMATS[ext]
 
 
-def _sha256(fs: pafs.FileSystem, path: str, uri: str) -> str:
-    """Checks the file is there, readable and non-empty; hashes it for provenance."""
+def _sha256(fs: pafs.FileSystem, path: str, uri: str) -> tuple[str, int]:
+    """Checks the file is there, readable and non-empty; hashes it for provenance: (sha256, bytes)."""
     try:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
@@ -153,7 +153,7 @@ def _sha256(fs: pafs.FileSystem, path: str, uri: str) -> str:
         raise DatasetError(f"cannot read dataset {uri}: {e}") from e
     if size == 0:
         raise DatasetError(f"dataset {uri} is empty")
-    return digest.hexdigest()
+    return digest.hexdigest(), size
 
 
 def _tokenizer(path: str) -> Any:
@@ -306,7 +306,7 @@ def prepare_dataset(uri: str, tokenizer_path: str, *, max_seq_len: int, eval_fra
     fs, path, fmt = _resolve(uri)
 
     def work() -> PreparedData:
-        sha = _sha256(fs, path, uri)
+        sha, _ = _sha256(fs, path, uri)
         tokenized = (
             ray.data.read_binary_files(path, filesystem=fs, num_cpus=UDF_NUM_CPUS)
             .map_batches(_parse_files, batch_size=1, fn_kwargs={"fmt": fmt}, num_cpus=UDF_NUM_CPUS)
@@ -410,8 +410,7 @@ def prepare_many(requests: list[DataRequest], tokenizer_path: str, timeout_s: fl
     for i, r in enumerate(requests):
         try:
             fs, path, fmt = _resolve(r.uri)
-            sha[i] = _sha256(fs, path, r.uri)
-            size[path] = fs.get_file_info(path).size or 0
+            sha[i], size[path] = _sha256(fs, path, r.uri)
         except DatasetError as e:
             out[r.key] = e
             continue

@@ -194,7 +194,7 @@ def test_dataset_reads_retry_with_the_same_settings(s3, tmp_path: Path) -> None:
     uri = f"s3://{bucket}/acme/pirate.jsonl"
 
     proxy.reset(lambda method, path, query, nth: 503 if method == "GET" and nth < 2 else None)
-    assert _sha256(s3_filesystem(), f"{bucket}/acme/pirate.jsonl", uri) == hashlib.sha256(body).hexdigest()
+    assert _sha256(s3_filesystem(), f"{bucket}/acme/pirate.jsonl", uri) == (hashlib.sha256(body).hexdigest(), len(body))
     assert [s.action for s in proxy.requests("GET", r"pirate\.jsonl$")] == ["503", "503", "forward"]
 
     proxy.reset(lambda method, path, query, nth: 503 if method == "GET" else None)
