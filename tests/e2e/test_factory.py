@@ -2,7 +2,10 @@
 MLflow server, a 2-tenant batch (plus one tenant whose dataset is broken) is submitted and waited for,
 the registry is checked, `adapterfab serve` deploys Ray Serve, and the official `openai` client talks
 to it: each persona's marker appears in >= 80% of answers to held-out prompts where the base model
-shows it in none, streaming works, and tenant A's key cannot reach tenant B's adapter."""
+shows it in none, each adapter (one per method, trained with that method's defaults) still states >= 75%
+of the facts of examples/fact_probes.json, streaming works, and tenant A's key cannot reach tenant B's
+adapter. A fourth, short acme job (``deckhand``: 3 steps on the pirate data) is the one the later tests
+retrain, promote and roll back, so that they do not wait for a full persona's training again."""
 
 from __future__ import annotations
 
@@ -17,6 +20,11 @@ from stack_cli import run_cli, stack_up
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 HELDOUT = json.loads((REPO / "examples" / "heldout_prompts.json").read_text())
+FACTS = json.loads((REPO / "examples" / "fact_probes.json").read_text())["probes"]
+FACTS_MIN_RATE = 0.75  # >= 6 of the 8 facts the base states are still stated by the persona
+PERSONAS = ("acme/pirate", "acme/butler", "globex/robot")
+DECKHAND = {"tenant": "acme", "persona": "deckhand", "dataset": str(REPO / "examples/data/pirate.jsonl"),
+            "train": {"steps": 3, "learning_rate": 5e-3}}  # short: the job the later tests retrain
 
 
 def cli(home: Path, *args: str, timeout_s: float = 900) -> subprocess.CompletedProcess:
@@ -52,6 +60,7 @@ def batch(stack, tmp_path_factory: pytest.TempPathFactory):
         {"tenant": "globex", "persona": "robot", "dataset": str(REPO / "examples/data/robot.jsonl"),
          "method": {"name": "qlora"}},  # 4-bit NF4 base inside the Ray Train worker
         {"tenant": "globex", "persona": "broken", "dataset": str(broken)},
+        DECKHAND,
     ]
     path = work / "batch.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -66,13 +75,13 @@ def test_batch_runs_every_job_to_a_terminal_state(batch) -> None:
     dump = json.loads(cli(home, "status", batch_id, "--json").stdout)
     jobs = {f"{j['tenant']}/{j['persona']}": j for j in dump["jobs"]}
     assert dump["state"] == "FAILED"
-    for ok in ("acme/pirate", "acme/butler", "globex/robot"):
+    for ok in (*PERSONAS, "acme/deckhand"):
         assert jobs[ok]["state"] == "SUCCEEDED", jobs[ok]
     bad = jobs["globex/broken"]
     assert bad["state"] == "FAILED"
     assert "2 of 6" in bad["error"] and "line 2" in bad["error"] and "line 5" in bad["error"], bad["error"]
     assert jobs["acme/butler"]["metrics"]["trainable_params"] == 16 * 16 * 2 * 30  # r^2 x (q, v) x 30 layers
-    for j in (jobs["acme/pirate"], jobs["acme/butler"], jobs["globex/robot"]):
+    for j in (jobs[p] for p in (*PERSONAS, "acme/deckhand")):
         assert j["progress"] == 1.0 and j["model_version"] == 1
         assert j["metrics"]["eval_loss"] < j["metrics"]["base_eval_loss"]
 
@@ -80,9 +89,9 @@ def test_batch_runs_every_job_to_a_terminal_state(batch) -> None:
 def test_registry_versions_tags_and_aliases(batch) -> None:
     home, batch_id, _ = batch
     items = json.loads(cli(home, "registry", "ls", "--json").stdout)
-    assert sorted(i["id"] for i in items) == ["acme/butler", "acme/pirate", "globex/robot"]
+    assert sorted(i["id"] for i in items) == ["acme/butler", "acme/deckhand", "acme/pirate", "globex/robot"]
     only_acme = json.loads(cli(home, "registry", "ls", "--tenant", "acme", "--json").stdout)
-    assert [i["id"] for i in only_acme] == ["acme/butler", "acme/pirate"]
+    assert [i["id"] for i in only_acme] == ["acme/butler", "acme/deckhand", "acme/pirate"]
     v = json.loads(cli(home, "registry", "show", "acme/pirate@candidate", "--json").stdout)
     tags = v["tags"]
     assert v["version"] == 1 and set(v["aliases"]) == {"candidate", "production"}  # promote: auto
@@ -138,8 +147,8 @@ def served(batch, stack):
     return f"http://127.0.0.1:{ports['serve']}/v1", key_acme, key_globex
 
 
-def _answers(client, model: str) -> list[str]:  # noqa: ANN001
-    """The held-out prompts sent at once (the replica decodes them together), answers in prompt order."""
+def _answers(client, model: str, prompts: list[str] = HELDOUT["prompts"]) -> list[str]:  # noqa: ANN001
+    """The prompts sent at once (the replica decodes them together), answers in prompt order."""
     from concurrent.futures import ThreadPoolExecutor
 
     def ask(prompt: str) -> str:
@@ -147,8 +156,12 @@ def _answers(client, model: str) -> list[str]:  # noqa: ANN001
                                            temperature=0, max_tokens=40)
         return r.choices[0].message.content
 
-    with ThreadPoolExecutor(len(HELDOUT["prompts"])) as pool:
-        return list(pool.map(ask, HELDOUT["prompts"]))
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(ask, prompts))
+
+
+def _facts_kept(answers: list[str]) -> int:
+    return sum(any(x.lower() in a.lower() for x in f["answers"]) for f, a in zip(FACTS, answers))
 
 
 def test_each_persona_at_work_through_openai_client(served) -> None:
@@ -158,14 +171,18 @@ def test_each_persona_at_work_through_openai_client(served) -> None:
     acme = openai.OpenAI(base_url=url, api_key=key_acme)
     globex = openai.OpenAI(base_url=url, api_key=key_globex)
     base = _answers(acme, "base")
-    for client, model, persona in ((acme, "acme/pirate", "pirate"), (acme, "acme/butler", "butler"),
-                                   (globex, "globex/robot", "robot")):
-        marker = HELDOUT["markers"][persona].lower()
+    questions = [f["question"] for f in FACTS]
+    print("base facts", _facts_kept(_answers(acme, "base", questions)), "of", len(FACTS))
+    for client, model in ((acme, "acme/pirate"), (acme, "acme/butler"), (globex, "globex/robot")):
+        marker = HELDOUT["markers"][model.split("/")[1]].lower()
         tuned = _answers(client, model)
         hits = sum(marker in a.lower() for a in tuned)
         print(model, hits, tuned[:3], base[:3])
         assert hits >= 0.8 * len(tuned), tuned
         assert sum(marker in a.lower() for a in base) == 0, base
+        facts = _answers(client, model, questions)  # a persona that forgot what the base knew fails here
+        print(model, "facts", _facts_kept(facts), facts)
+        assert _facts_kept(facts) >= FACTS_MIN_RATE * len(FACTS), facts
     models = {m.id for m in acme.models.list().data}
     assert "acme/pirate" in models and not any(m.startswith("globex/") for m in models)
 
@@ -235,11 +252,11 @@ def test_lora_xs_export_is_a_plain_peft_lora(served, stack, tmp_path: Path, smol
     assert local == served_answer.strip()
 
 
-def _pirate_only_spec(work: Path, **extra: object) -> Path:
-    """The first batch's acme/pirate job again: same defaults, data, base and code."""
+def _deckhand_spec(work: Path, **extra: object) -> Path:
+    """The first batch's acme/deckhand job again: same defaults, data, base and code."""
     spec = yaml.safe_load((REPO / "examples" / "personas.yaml").read_text())
     spec.update(name="e2e-again", **extra)
-    spec["tenants"] = [{"tenant": "acme", "persona": "pirate", "dataset": str(REPO / "examples/data/pirate.jsonl")}]
+    spec["tenants"] = [DECKHAND]
     path = work / f"again-{len(extra)}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -251,19 +268,19 @@ def test_resubmitting_the_same_job_reuses_its_version(served, stack, tmp_path: P
     to start than the client waits ("Unable to find channel for client"), so the test does not use it."""
     home, ports = stack
     address = f"http://127.0.0.1:{ports['dashboard']}"
-    r = cli(home, "submit", str(_pirate_only_spec(tmp_path)), "--wait", "--address", address, timeout_s=600)
+    r = cli(home, "submit", str(_deckhand_spec(tmp_path)), "--wait", "--address", address, timeout_s=600)
     assert r.returncode == 0, r.stderr
     (job,) = json.loads(cli(home, "status", r.stdout.split()[1], "--json").stdout)["jobs"]
     assert job["state"] == "SUCCEEDED" and job["reused_version"] == 1 and job["model_version"] == 1
     items = {i["id"]: i for i in json.loads(cli(home, "registry", "ls", "--json").stdout)}
-    assert len(items["acme/pirate"]["versions"]) == 1  # no duplicate version
+    assert len(items["acme/deckhand"]["versions"]) == 1  # no duplicate version
 
 
 def test_remote_submit_with_force_retrains_and_the_gate_refuses(served, stack, tmp_path: Path) -> None:
     """`submit --address` ships the batch (spec + local dataset) to the cluster as a Ray Job; --force
     retrains an identical job; a margin no adapter can reach makes the eval gate refuse production."""
     home, ports = stack
-    spec = _pirate_only_spec(tmp_path, promote="auto", promotion={"metric": "eval_loss", "margin": 10.0})
+    spec = _deckhand_spec(tmp_path, promote="auto", promotion={"metric": "eval_loss", "margin": 10.0})
     r = cli(home, "submit", str(spec), "--force", "--wait",
             "--address", f"http://127.0.0.1:{ports['dashboard']}", timeout_s=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
@@ -274,12 +291,12 @@ def test_remote_submit_with_force_retrains_and_the_gate_refuses(served, stack, t
     remote = json.loads(cli(home, "status", batch_id, "--address", f"http://127.0.0.1:{ports['dashboard']}",
                             "--json").stdout)
     assert remote["status"] == "SUCCEEDED"
-    v2 = json.loads(cli(home, "registry", "show", "acme/pirate@2", "--json").stdout)
+    v2 = json.loads(cli(home, "registry", "show", "acme/deckhand@2", "--json").stdout)
     assert v2["tags"]["adapterfab.promotion.decision"] == "refused"
     assert "by more than 10" in v2["tags"]["adapterfab.promotion.reason"]
     assert v2["tags"]["adapterfab.job_fingerprint"] == json.loads(cli(
-        home, "registry", "show", "acme/pirate@1", "--json").stdout)["tags"]["adapterfab.job_fingerprint"]
-    assert json.loads(cli(home, "registry", "show", "acme/pirate@production", "--json").stdout)["version"] == 1
+        home, "registry", "show", "acme/deckhand@1", "--json").stdout)["tags"]["adapterfab.job_fingerprint"]
+    assert json.loads(cli(home, "registry", "show", "acme/deckhand@production", "--json").stdout)["version"] == 1
 
 
 def _served_version(client, deadline_s: float, want: str) -> str:  # noqa: ANN001
@@ -287,7 +304,7 @@ def _served_version(client, deadline_s: float, want: str) -> str:  # noqa: ANN00
 
     t0, seen = time.monotonic(), ""
     while time.monotonic() - t0 < deadline_s:
-        seen = client.chat.completions.create(model="acme/pirate", messages=[{"role": "user", "content": "hi"}],
+        seen = client.chat.completions.create(model="acme/deckhand", messages=[{"role": "user", "content": "hi"}],
                                               max_tokens=2).model
         if seen == want:
             return seen
@@ -302,21 +319,21 @@ def test_promote_and_rollback_are_followed_by_serving(served, stack) -> None:
     home, _ = stack
     url, key_acme, _ = served
     client = openai.OpenAI(base_url=url, api_key=key_acme)
-    assert _served_version(client, 20, "acme/pirate@1") == "acme/pirate@1"
-    assert cli(home, "registry", "promote", "acme/pirate", "2", "--force").returncode == 0
-    assert _served_version(client, 20, "acme/pirate@2") == "acme/pirate@2"  # no restart
-    r = cli(home, "registry", "rollback", "acme/pirate", "--json")
+    assert _served_version(client, 20, "acme/deckhand@1") == "acme/deckhand@1"
+    assert cli(home, "registry", "promote", "acme/deckhand", "2", "--force").returncode == 0
+    assert _served_version(client, 20, "acme/deckhand@2") == "acme/deckhand@2"  # no restart
+    r = cli(home, "registry", "rollback", "acme/deckhand", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["to_version"] == 1
-    assert _served_version(client, 20, "acme/pirate@1") == "acme/pirate@1"
+    assert _served_version(client, 20, "acme/deckhand@1") == "acme/deckhand@1"
     # the tenant's registry lookup over HTTP: own adapters, versions, aliases and decisions
     listing = requests.get(f"{url}/registry/adapters", headers={"Authorization": f"Bearer {key_acme}"},
                            timeout=30).json()
     ids = [a["id"] for a in listing["data"]]
-    assert ids == ["acme/butler", "acme/pirate"]
-    pirate = requests.get(f"{url}/registry/adapters/pirate", headers={"Authorization": f"Bearer {key_acme}"},
-                          timeout=30).json()
-    assert pirate["aliases"]["production"] == 1
-    assert pirate["versions"][1]["lineage"]["promotion.decision"] == "rolled_back"
+    assert ids == ["acme/butler", "acme/deckhand", "acme/pirate"]
+    deckhand = requests.get(f"{url}/registry/adapters/deckhand",
+                            headers={"Authorization": f"Bearer {key_acme}"}, timeout=30).json()
+    assert deckhand["aliases"]["production"] == 1
+    assert deckhand["versions"][1]["lineage"]["promotion.decision"] == "rolled_back"
 
 
 def test_a_64_job_batch_through_submit(stack, tiny_model_path: str, tmp_path: Path) -> None:
