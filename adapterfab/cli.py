@@ -52,6 +52,22 @@ def _need_mlflow(s: Settings) -> str:
     return s.mlflow_uri  # type: ignore[return-value]
 
 
+def _registry(s: Settings) -> Any:
+    """The MLflow registry with the state database's catalogue (adapterfab/registry_index.py), which
+    listings read and changes made here keep current; without a usable state database, MLflow alone."""
+    from adapterfab.registry import Registry
+    from adapterfab.registry_index import RegistryIndex
+
+    uri = _need_mlflow(s)
+    try:
+        index = RegistryIndex(s.state_url)
+    except Exception as e:  # noqa: BLE001 - the catalogue is a cache of MLflow: list from MLflow instead
+        err.print(f"warning: the state database at {s.state_url} is unusable ({e}); reading MLflow alone",
+                  markup=False)
+        index = None
+    return Registry(uri, index=index)
+
+
 @app.command()
 def up(mlflow_port: Optional[int] = typer.Option(None, help="MLflow port (default 5005 or a free one)"),
        ray_port: Optional[int] = typer.Option(None, help="Ray GCS port (default 6390 or a free one)"),
@@ -340,30 +356,27 @@ def status(batch_id: Optional[str] = typer.Argument(None, help="a batch id (defa
 
 @registry_app.command("ls")
 def registry_ls(tenant: Optional[str] = typer.Option(None, help="only this tenant's adapters"),
+                refresh: bool = typer.Option(False, "--refresh", help="read MLflow itself (and, without "
+                                             "--tenant, rebuild the catalogue): changes made in MLflow directly"),
                 as_json: bool = typer.Option(False, "--json")) -> None:
-    """Registered adapters with their versions and aliases."""
+    """Registered adapters with their versions and aliases, from the state database's catalogue of the
+    registry (adapterfab keeps it current with its own changes; --refresh reads MLflow)."""
     from adapterfab.ids import check_id
-    from adapterfab.registry import Registry
 
     s = _settings()
     try:
         if tenant:
             check_id(tenant, "tenant")
-        items = Registry(_need_mlflow(s)).list(tenant)
+        items = _registry(s).list(tenant, refresh=refresh)
     except AdapterfabError as e:
         _fail(e)
-    if as_json:
-        _print_json([r.to_dict() for r in items])
-        return
-    t = Table(title="registered adapters")
-    for col in ("adapter", "versions", "aliases", "latest method", "latest eval loss"):
-        t.add_column(col)
-    for r in items:
-        last = r.versions[-1] if r.versions else None
-        t.add_row(str(r.id), str(len(r.versions)), ", ".join(f"{a}=v{v}" for a, v in sorted(r.aliases.items())),
-                  last.tags.get("adapterfab.method", "") if last else "",
-                  last.tags.get("adapterfab.metric.eval_loss", "") if last else "")
-    out.print(t if items else "no adapters registered yet")
+    from adapterfab.registry_view import print_adapters
+    from adapterfab.status import status_json
+
+    if as_json:  # written as is (10,000 versions are ~15 MB, which a console renderer takes seconds over)
+        sys.stdout.write(status_json([r.to_dict() for r in items]) + "\n")
+    else:
+        print_adapters([r.to_dict() for r in items], out)
 
 
 @registry_app.command("show")
@@ -406,12 +419,11 @@ def registry_promote(adapter: str = typer.Argument(..., help="TENANT/PERSONA"),
     from adapterfab.ids import PRODUCTION, AdapterId, check_alias
     from adapterfab.jobs.orchestrate import gate_decision
     from adapterfab.promotion import Decision, Policy
-    from adapterfab.registry import Registry
 
     s = _settings()
     try:
         aid = AdapterId.parse(adapter).unversioned()
-        registry = Registry(_need_mlflow(s))
+        registry = _registry(s)
         v = registry.get(aid.with_version(version))
         if check_alias(alias) != PRODUCTION:
             v = registry.set_alias(aid, alias, version)
@@ -445,12 +457,11 @@ def registry_rollback(adapter: str = typer.Argument(..., help="TENANT/PERSONA"),
                       as_json: bool = typer.Option(False, "--json")) -> None:
     """Move `production` back to the version it pointed at before the current one."""
     from adapterfab.ids import AdapterId
-    from adapterfab.registry import Registry
 
     s = _settings()
     try:
         aid = AdapterId.parse(adapter).unversioned()
-        old, new = Registry(_need_mlflow(s)).rollback(aid, "rollback by `registry rollback`")
+        old, new = _registry(s).rollback(aid, "rollback by `registry rollback`")
     except AdapterfabError as e:
         _fail(e)
     if as_json:

@@ -163,12 +163,10 @@ class AdapterVersion:
         return {k.removeprefix(prefix): float(v) for k, v in self.tags.items() if k.startswith(prefix)}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": str(self.id), "tenant": self.id.tenant, "persona": self.id.persona,
-            "version": self.id.version, "aliases": list(self.aliases), "source": self.source,
-            "artifact_uri": self.artifact_uri, "run_id": self.run_id, "created_s": self.created_s,
-            "tags": self.tags,
-        }
+        from adapterfab.registry_view import version_dict
+
+        return version_dict(self.id.tenant, self.id.persona, self.id.version, list(self.aliases), self.source,
+                            self.run_id, self.created_s, self.tags)
 
     def public_dict(self) -> dict[str, Any]:
         """What a tenant sees over HTTP: lineage, metrics and the promotion decision, without where
@@ -186,8 +184,9 @@ class RegisteredAdapter:
     versions: list[AdapterVersion] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": str(self.id), "tenant": self.id.tenant, "persona": self.id.persona,
-                "aliases": self.aliases, "versions": [v.to_dict() for v in self.versions]}
+        from adapterfab.registry_view import adapter_dict
+
+        return adapter_dict(self.id.tenant, self.id.persona, self.aliases, [v.to_dict() for v in self.versions])
 
     def public_dict(self) -> dict[str, Any]:
         return {"id": str(self.id), "persona": self.id.persona, "aliases": self.aliases,
@@ -326,25 +325,61 @@ class Tracking:
 
 
 class Registry:
-    """The model registry. ``retry_s`` > 0: every call rides out an MLflow outage of up to that long."""
+    """The model registry. ``retry_s`` > 0: every call rides out an MLflow outage of up to that long.
+    ``index``: the catalogue in the state database (adapterfab/registry_index.py) that this registry
+    keeps up to date with its own changes and that ``list`` reads once it is complete."""
 
-    def __init__(self, uri: str, retry_s: float = 0.0):
-        self.uri, self.retry_s = uri, retry_s
-        self.client = _client(uri, retry_s)
+    def __init__(self, uri: str, retry_s: float = 0.0, index: Any = None):
+        self.uri, self.retry_s, self.index = uri, retry_s, index
+        self._client: Any = None  # made on first use: a listing from the catalogue never imports mlflow
         self._models: set[str] = set()  # registered models this client made or saw (never deleted here)
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = _client(self.uri, self.retry_s)
+        return self._client
+
+    def _catalogue(self, what: str, fn: Callable[[Any], None]) -> None:
+        """A change to the catalogue after MLflow took it; if the catalogue cannot take it, it is marked
+        incomplete (the next full listing rebuilds it from MLflow) and the caller's change stands."""
+        if self.index is None:
+            return
+        try:
+            fn(self.index)
+        except Exception as e:  # noqa: BLE001 - the catalogue is a cache of MLflow, never the record
+            log.warning("the registry catalogue missed %s (%s); the next listing rebuilds it from MLflow", what, e)
+            try:
+                self.index.invalidate()
+            except Exception:  # noqa: BLE001
+                log.exception("cannot mark the registry catalogue incomplete")
+
+    def _catalogue_adapter(self, aid: AdapterId) -> None:
+        """Re-read one adapter (its aliases and versions) from MLflow into the catalogue."""
+        if self.index is None:
+            return
+        aid, at = aid.unversioned(), time.time()  # a version catalogued meanwhile is newer: put keeps it
+
+        def refresh(index: Any) -> None:
+            aliases = self._aliases(aid)
+            index.put([RegisteredAdapter(aid, aliases, self.versions(aid, aliases))], at)
+
+        self._catalogue(str(aid), refresh)
 
     def _version(self, mv: Any) -> AdapterVersion:
         base = AdapterId.from_registry_name(mv.name)
         return AdapterVersion(
-            id=base.with_version(int(mv.version)), source=mv.source, run_id=mv.run_id,
+            id=base.with_version(int(mv.version)), source=mv.source, run_id=mv.run_id or None,
             tags=dict(mv.tags or {}), aliases=tuple(getattr(mv, "aliases", []) or []),
             created_s=(mv.creation_timestamp or 0) / 1000,
         )
 
     def register(self, aid: AdapterId, source: str, run_id: str | None, tags: dict[str, Any],
-                 aliases: tuple[str, ...] = (CANDIDATE,), fetch: bool = True) -> AdapterVersion:
+                 aliases: tuple[str, ...] = (CANDIDATE,), fetch: bool = True, catalogue: bool = True
+                 ) -> AdapterVersion:
         """A new version with ``tags`` and ``aliases``. ``fetch=False``: the returned version is built
-        from what was sent (one MLflow call less); its creation time is then this call's."""
+        from what was sent (one MLflow call less); its creation time is then this call's.
+        ``catalogue=False``: the caller adds it to the catalogue."""
         name = aid.registry_name
         self._ensure_model(aid)
         token = uuid.uuid4().hex  # a retried create finds the version an earlier attempt made
@@ -365,9 +400,13 @@ class Registry:
         for alias in aliases:
             self._alias(name, alias, mv.version)
         if fetch:
-            return self.get(aid.with_version(int(mv.version)))
-        return AdapterVersion(aid.unversioned().with_version(int(mv.version)), source, run_id, vtags,
-                              tuple(aliases), (getattr(mv, "creation_timestamp", None) or time.time() * 1000) / 1000)
+            v = self.get(aid.with_version(int(mv.version)))
+        else:
+            v = AdapterVersion(aid.unversioned().with_version(int(mv.version)), source, run_id, vtags, tuple(aliases),
+                               (getattr(mv, "creation_timestamp", None) or time.time() * 1000) / 1000)
+        if catalogue:
+            self._catalogue(str(v.id), lambda index: index.add_version(v))
+        return v
 
     def get(self, aid: AdapterId) -> AdapterVersion:
         """The version ``aid`` names exactly (version or alias)."""
@@ -426,7 +465,7 @@ class Registry:
         for a, v in aliases.items():
             by_version.setdefault(v, []).append(a)
         out = [AdapterVersion(id=aid.unversioned().with_version(int(mv.version)), source=mv.source,
-                              run_id=mv.run_id, tags=dict(mv.tags or {}),
+                              run_id=mv.run_id or None, tags=dict(mv.tags or {}),
                               aliases=tuple(sorted(by_version.get(int(mv.version), []))),
                               created_s=(mv.creation_timestamp or 0) / 1000) for mv in mvs]
         return sorted(out, key=lambda v: v.id.version or 0)
@@ -452,12 +491,15 @@ class Registry:
             history = self.production_history(aid)
             if not history or history[-1] != version:
                 self._set_history(aid, [*history, version])
+        self._catalogue_adapter(aid)
         return self.get(aid.unversioned().with_version(version))
 
-    def set_version_tags(self, v: AdapterVersion, tags: dict[str, Any]) -> None:
+    def set_version_tags(self, v: AdapterVersion, tags: dict[str, Any], catalogue: bool = True) -> None:
         for k, val in tags.items():
             self.client.set_model_version_tag(v.id.registry_name, str(v.id.version),
                                               k if k.startswith(TAG) else TAG + k, str(val))
+        if catalogue:
+            self._catalogue_adapter(v.id)
 
     # production history: every version production pointed at, in order, for rollback -----------
     def production_history(self, aid: AdapterId) -> list[int]:
@@ -520,7 +562,7 @@ class Registry:
         decision = first if new_model else (decide(self.production(aid)) if decide is not None else None)
         if decision is not None:
             tags = {**tags, **decision.tags()}
-        v = self.register(aid, source, run_id, tags, fetch=False)
+        v = self.register(aid, source, run_id, tags, fetch=False, catalogue=False)
         if decision is not None and decision.promoted:
             self._alias(aid.registry_name, PRODUCTION, v.id.version)
             if new_model and history_tag:  # created with history [1]: right unless a race took version 1
@@ -531,11 +573,12 @@ class Registry:
                 if not history or history[-1] != v.id.version:
                     self._set_history(aid, [*history, v.id.version])
             v = AdapterVersion(v.id, v.source, v.run_id, v.tags, (*v.aliases, PRODUCTION), v.created_s)
+        self._catalogue(str(v.id), lambda index: index.add_version(v))
         return v, decision
 
     def promote(self, v: AdapterVersion, decision: Any) -> AdapterVersion:
         """Record ``decision`` (a promotion.Decision) on ``v``; move production to it if promoted."""
-        self.set_version_tags(v, decision.tags())
+        self.set_version_tags(v, decision.tags(), catalogue=not decision.promoted)
         if decision.promoted:
             return self.set_alias(v.id, PRODUCTION, v.id.version)
         return self.get(v.id)
@@ -562,13 +605,31 @@ class Registry:
         self.set_version_tags(current, {"promotion.decision": "rolled_back",
                                         "promotion.reason": f"{reason}: production moved back to v{target}",
                                         "promotion.decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                              time.gmtime())})
+                                                                              time.gmtime())})  # catalogued
         return cur, target
 
-    def list(self, tenant: str | None = None) -> list[RegisteredAdapter]:
-        """Every registered adapter (of ``tenant``) with its versions and aliases: the registered models
-        and the versions are each read in pages (as many as there are), two searches in all for up to
-        a thousand models and ten thousand versions, whatever the number of adapters."""
+    def list(self, tenant: str | None = None, refresh: bool = False) -> list[RegisteredAdapter]:
+        """Every registered adapter (of ``tenant``) with its versions and aliases: from the catalogue
+        when this registry has one and it is complete (``refresh``: from MLflow regardless), else from
+        MLflow, whose full listing then rebuilds the catalogue."""
+        if tenant is not None:
+            check_id(tenant, "tenant")
+        if self.index is not None and not refresh:
+            try:
+                if self.index.complete():
+                    return self.index.list(tenant)
+            except Exception as e:  # noqa: BLE001 - the catalogue is a cache: MLflow answers instead
+                log.warning("the registry catalogue cannot be read (%s); listing from MLflow", e)
+        started = time.time()
+        items = self.list_from_mlflow(tenant)
+        if tenant is None:
+            self._catalogue("a rebuild", lambda index: index.rebuild(items, started))
+        return items
+
+    def list_from_mlflow(self, tenant: str | None = None) -> list[RegisteredAdapter]:
+        """The listing as MLflow has it: the registered models and the versions are each read in pages
+        (as many as there are), two searches in all for up to a thousand models and ten thousand
+        versions, whatever the number of adapters."""
         if tenant is not None:  # it goes into a filter string: no quotes or LIKE wildcards get there
             check_id(tenant, "tenant")
         flt = f"name LIKE 'af.{tenant}.%'" if tenant else "name LIKE 'af.%'"
@@ -589,7 +650,7 @@ class Registry:
                 continue
             names = tuple(sorted(a for a, v in ra.aliases.items() if v == int(mv.version)))
             ra.versions.append(AdapterVersion(id=ra.id.with_version(int(mv.version)), source=mv.source,
-                                              run_id=mv.run_id, tags=dict(mv.tags or {}), aliases=names,
+                                              run_id=mv.run_id or None, tags=dict(mv.tags or {}), aliases=names,
                                               created_s=(mv.creation_timestamp or 0) / 1000))
         for ra in adapters.values():
             ra.versions.sort(key=lambda v: v.id.version or 0)

@@ -83,6 +83,32 @@ class ApiKeyRow(Base):
     role: Mapped[str | None] = mapped_column(String(16), nullable=True)  # None: a tenant key; "operator"
 
 
+# the registry's catalogue (adapterfab/registry_index.py): MLflow is the registry of record ------
+class RegistryModelRow(Base):
+    __tablename__ = "registry_models"
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)  # af.<tenant>.<persona>
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    aliases: Mapped[dict] = mapped_column(JSON, default=dict)  # alias -> version
+    indexed_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class RegistryVersionRow(Base):
+    __tablename__ = "registry_versions"
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    source: Mapped[str] = mapped_column(Text)
+    run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    tags: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_s: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class RegistryIndexMetaRow(Base):
+    __tablename__ = "registry_index_meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[float] = mapped_column(Float)
+
+
 def _view(row: JobRow) -> JobView:
     return job_view({k: getattr(row, k) for k in JOB_COLUMNS})
 

@@ -229,7 +229,13 @@ def fast_main(argv: list[str]) -> int | None:
 
 def main() -> None:
     """The `adapterfab` command (see adapterfab.cli)."""
-    code = fast_main(sys.argv[1:])
+    argv = sys.argv[1:]
+    if argv[:2] == ["registry", "ls"]:
+        from adapterfab.registry_view import fast_ls
+
+        code = fast_ls(argv[2:])
+    else:
+        code = fast_main(argv)
     if code is not None:
         sys.exit(code)
     from adapterfab.cli import main as full

@@ -31,6 +31,7 @@ from adapterfab.ids import AdapterId, basis_prefix, job_id
 from adapterfab.jobs.registrar import Prepared, error_text, fail_job, gate_decision, register_job
 from adapterfab.methods import get_method
 from adapterfab.registry import Registry, Tracking, factory_retry_s
+from adapterfab.registry_index import RegistryIndex
 from adapterfab.settings import Settings
 from adapterfab.spec import BatchSpec, JobSpec, check_semantics, load_spec, parse_spec
 from adapterfab.state import StateStore
@@ -340,7 +341,7 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
                                             "code_version": code_version()})
         board_name = PROGRESS_BOARD_PREFIX + batch_id
         board = ProgressBoard.options(name=board_name, get_if_exists=True).remote()
-        ctx = BatchContext(settings, state, batch_id, spec, base, tracking, Registry(settings.mlflow_uri, retry_s),
+        ctx = BatchContext(settings, state, batch_id, spec, base, tracking, Registry(settings.mlflow_uri, retry_s, RegistryIndex(state)),
                            batch_run, board_name, pad_id, force=bool((batch.options or {}).get("force")))
         ctx.planned = {p.job_id: p for p in planned}
         factory = ctx.factory = Factory(ctx, jobs, planned, groups, slots, pool, early, queue)

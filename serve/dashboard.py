@@ -89,8 +89,9 @@ class Sources:
     def registry(self) -> Any:
         if self._registry is None:
             from adapterfab.registry import Registry
+            from adapterfab.registry_index import RegistryIndex
 
-            self._registry = Registry(self._need_mlflow())
+            self._registry = Registry(self._need_mlflow(), index=RegistryIndex(self.state))
         return self._registry
 
     def experiment_id(self, tenant: str | None = None) -> str | None:
