@@ -43,6 +43,7 @@ log = logging.getLogger("adapterfab.factory")
 # first steps wait for it), later ones grow up to this (each execution costs ~0.3-1 s whatever its size)
 WINDOW_JOBS = 128
 PREPARE_THREADS = 4  # MLflow round trips of preparation that overlap
+EARLY_TRAINER_WAIT_S = 60.0  # on CPUs, the second window waits this long at most for the first trainers
 AHEAD_GROUPS_PER_SLOT = 2  # prepared groups waiting per trainer slot before preparation pauses (at least)
 PROGRESS_POLL_S = 1.0
 
@@ -212,7 +213,10 @@ class Factory:
                 window.append(n)
                 if sum(len(self.groups[i]) for i in window) >= size or n == len(self.groups) - 1:
                     self.queue.wait_below(max(AHEAD_GROUPS_PER_SLOT * self.slots, 2), WINDOW_JOBS)
-                    self._prepare_window(window, first=n < self.slots)
+                    first = n < self.slots
+                    self._prepare_window(window, first=first)
+                    if first:
+                        self._await_early_trainers()
                     window = []
                     size = min(WINDOW_JOBS, max(2 * size, len(g)))
         except BaseException as e:  # noqa: BLE001 - every job not yet handed on fails with the reason
@@ -222,6 +226,22 @@ class Factory:
                     fail_job(self.ctx, j.id, j.mlflow_run_id, AdapterfabError(f"preparation failed: {e}"))
         finally:
             self.queue.close()
+
+    def _await_early_trainers(self) -> None:
+        """After the first window, until the trainers started ahead for it are up (at most
+        EARLY_TRAINER_WAIT_S), when they train on CPUs: the next window's Ray Data execution would take
+        those CPUs from the trainers' start and first steps, which the whole batch waits for, while the
+        groups it prepares are not needed until the first ones are trained."""
+        if any(self.planned[g[0]].gpus > 0 for g in self.groups[:self.slots]):
+            return  # trainers on GPUs: their start hardly needs the CPUs data preparation uses
+        deadline = time.monotonic() + EARLY_TRAINER_WAIT_S
+        for _, future in self.early:
+            if future is None:
+                continue
+            try:
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - a trainer slow to start (or failed: its slot reports it)
+                return
 
     def _prepare_window(self, window: list[int], first: bool = False) -> None:
         """One window's MLflow runs and data; the first window's small files are prepared in this process

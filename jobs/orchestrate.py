@@ -303,7 +303,7 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
 
     from adapterfab.jobs.factory import Factory, GroupQueue, start_trainers
     from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard
-    from adapterfab.jobs.plan import balanced_groups, concurrency, execution_groups
+    from adapterfab.jobs.plan import balanced_groups, concurrency, execution_groups, starter_groups
     from adapterfab.jobs.trainers import TrainerPool
 
     state = StateStore(settings.state_url)
@@ -324,6 +324,7 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
         devices = slots if spec.resources.gpus_per_job == 0 else max(1, min(slots, int(cluster.get("GPU", 1))))
         groups = balanced_groups(jobs, groups, devices)  # a fused group may be cut to keep every device busy
         slots = min(slots, len(groups))
+        groups = starter_groups(groups, slots)  # each slot's first group small: first steps and adapters early
         pool = TrainerPool(batch_id, spec.resources.trainer_keep_warm_s)
         queue = GroupQueue()
         early = start_trainers(pool, base, jobs, planned, groups, slots, queue.drained)  # start while the rest sets up

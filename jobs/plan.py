@@ -292,6 +292,24 @@ def balanced_groups(jobs: list[JobSpec], groups: list[list[int]], slots: int, k_
     return sorted(out, key=lambda g: g[0])
 
 
+STARTER_GROUP_JOBS = 2  # the first group each trainer slot trains, when it has more than one to train
+
+
+def starter_groups(groups: list[list[int]], slots: int, size: int = STARTER_GROUP_JOBS) -> list[list[int]]:
+    """The first group of each of ``slots`` trainers cut to its first ``size`` jobs, the rest of it queued
+    right behind, when the batch has more groups than slots. A fused step costs about its rows on a
+    device that is already full (a CPU, a busy GPU), so a starter group of 2 reaches its first step in a
+    quarter of a K=8 group's step and its adapters come out first, while the slot's total work stays
+    the same; the first window of data (the starters) is small and quick to prepare. A batch with one
+    group per slot or fewer is left as it is (there, splitting would only add a group)."""
+    if size < 1 or slots < 1 or len(groups) <= slots:
+        return groups
+    head, rest = groups[:slots], groups[slots:]
+    starters = [g[:size] for g in head]
+    remainders = [g[size:] for g in head if len(g) > size]
+    return starters + remainders + rest
+
+
 def fusion_groups(jobs: list[JobSpec], k_max: int = FUSED_GROUP_MAX, exclude: set[int] | frozenset = frozenset()
                   ) -> list[list[int]]:
     """Indexes of ``jobs`` packed into fused groups of at most ``k_max`` (in spec order); a job that

@@ -209,6 +209,19 @@ def test_groups_are_recut_to_keep_every_trainer_busy() -> None:
     assert sorted(i for g in balanced_groups(spec(64), fusion_groups(spec(64)), 3) for i in g) == list(range(64))
 
 
+def test_each_slot_starts_with_a_small_group_when_it_has_more_to_train() -> None:
+    from adapterfab.jobs.plan import starter_groups
+
+    eight = [list(range(i, i + 8)) for i in range(0, 32, 8)]  # 32 jobs in 4 groups of 8 on 2 slots
+    got = starter_groups(eight, slots=2)
+    assert [len(g) for g in got] == [2, 2, 6, 6, 8, 8]
+    assert got[:2] == [[0, 1], [8, 9]] and got[2] == list(range(2, 8))  # a group's rest right behind it
+    assert sorted(i for g in got for i in g) == list(range(32))  # every job once
+    assert starter_groups(eight[:2], slots=2) == eight[:2]  # one group per slot: left as it is
+    assert starter_groups([[0], [1, 2, 3], [4, 5]], slots=1) == [[0], [1, 2, 3], [4, 5]]  # a single starts
+    assert starter_groups([[0, 1, 2], [3], [4, 5]], slots=2) == [[0, 1], [3], [2], [4, 5]]
+
+
 def test_fused_group_resumes_from_its_checkpoint(tiny_model_path: str, data: dict) -> None:
     """A fused group checkpoints every 2 steps; a fresh trainer over a fresh base, resumed from the
     step-4 checkpoint (after one job already finished), ends with the same weights and losses as the
