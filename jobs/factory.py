@@ -43,7 +43,7 @@ log = logging.getLogger("adapterfab.factory")
 # first steps wait for it), later ones grow up to this (each execution costs ~0.3-1 s whatever its size)
 WINDOW_JOBS = 128
 PREPARE_THREADS = 4  # MLflow round trips of preparation that overlap
-EARLY_TRAINER_WAIT_S = 60.0  # on CPUs, the second window waits this long at most for the first trainers
+FIRST_STEP_WAIT_S = 90.0  # on CPUs, the second window waits this long at most for the first step
 AHEAD_GROUPS_PER_SLOT = 2  # prepared groups waiting per trainer slot before preparation pauses (at least)
 PROGRESS_POLL_S = 1.0
 
@@ -154,6 +154,7 @@ class Factory:
             "prepare_s", "data_s", "acquire_s", "group_build_s", "group_train_s", "group_eval_s", "group_save_s",
             "register_s", "flops")}
         self.first_step_s: float | None = None  # epoch seconds of the first progress report
+        self.stepped = threading.Event()  # a first progress report came (or training is over)
         self.trainers: dict[str, dict[str, Any]] = {}  # name -> {groups, warm (its base was loaded before)}
         # slot -> the key of the trainer it holds (or is starting): other slots leave those groups to it
         self._slot_keys: dict[int, str] = {i: k for i, (k, _) in enumerate(self.early) if k is not None}
@@ -216,7 +217,7 @@ class Factory:
                     first = n < self.slots
                     self._prepare_window(window, first=first)
                     if first:
-                        self._await_early_trainers()
+                        self._await_first_steps()
                     window = []
                     size = min(WINDOW_JOBS, max(2 * size, len(g)))
         except BaseException as e:  # noqa: BLE001 - every job not yet handed on fails with the reason
@@ -227,21 +228,16 @@ class Factory:
         finally:
             self.queue.close()
 
-    def _await_early_trainers(self) -> None:
-        """After the first window, until the trainers started ahead for it are up (at most
-        EARLY_TRAINER_WAIT_S), when they train on CPUs: the next window's Ray Data execution would take
-        those CPUs from the trainers' start and first steps, which the whole batch waits for, while the
-        groups it prepares are not needed until the first ones are trained."""
-        if any(self.planned[g[0]].gpus > 0 for g in self.groups[:self.slots]):
-            return  # trainers on GPUs: their start hardly needs the CPUs data preparation uses
-        deadline = time.monotonic() + EARLY_TRAINER_WAIT_S
-        for _, future in self.early:
-            if future is None:
-                continue
-            try:
-                future.result(timeout=max(0.0, deadline - time.monotonic()))
-            except Exception:  # noqa: BLE001 - a trainer slow to start (or failed: its slot reports it)
-                return
+    def _await_first_steps(self) -> None:
+        """After the first window, until the first training step is reported (at most FIRST_STEP_WAIT_S),
+        when the trainers train on CPUs: the next window's Ray Data execution would take those CPUs from
+        the trainers' start and first steps, which the whole batch waits for, while the groups it
+        prepares are not needed before the first (starter) groups are trained."""
+        if not any(f is not None for _, f in self.early) or \
+                any(self.planned[g[0]].gpus > 0 for g in self.groups[:self.slots]):
+            return  # no trainer started ahead, or trainers on GPUs (their start hardly needs these CPUs)
+        if self._queued:  # the first window has something to train (else, reused or failed: go on)
+            self.stepped.wait(FIRST_STEP_WAIT_S)
 
     def _prepare_window(self, window: list[int], first: bool = False) -> None:
         """One window's MLflow runs and data; the first window's small files are prepared in this process
@@ -411,16 +407,24 @@ class Factory:
     def _train_group(self, lease: Any, item: GroupItem) -> Any:
         """Train ``item`` on ``lease``'s trainer (acquired here when None); a trainer that dies is replaced
         and the group resumes from its checkpoint. Returns the lease the slot holds afterwards."""
-        import ray
-
         from adapterfab.jobs.resident import GroupJob, GroupTask
-        from adapterfab.jobs.trainers import MAX_GROUP_ATTEMPTS, LeaseLost
 
         ctx = self.ctx
-        ids = [p.jid for p in item.prepared]
         task = GroupTask(item.gid, [GroupJob(p.jid, p.job.method.model_dump(), p.job.train.model_dump(),
                                              p.data.train, p.data.eval, p.run_id) for p in item.prepared],
                          ctx.pad_id, str(self.checkpoints / f"{item.gid}.pt"), item.checkpointing)
+        try:
+            return self._run_group(lease, item, task)
+        finally:
+            self.stepped.set()  # the group ended (trained or failed): no first step to wait for from it
+
+    def _run_group(self, lease: Any, item: GroupItem, task: Any) -> Any:
+        """``_train_group``'s work: the tries on trainers, then the outcomes to the registrar."""
+        import ray
+
+        from adapterfab.jobs.trainers import MAX_GROUP_ATTEMPTS, LeaseLost
+
+        ctx = self.ctx
         result, error = None, None
         for attempt in range(1, MAX_GROUP_ATTEMPTS + 1):
             try:
@@ -474,7 +478,6 @@ class Factory:
             if len(item.prepared) > 1:
                 tags["fused_with"] = peers
             self.registrar.run(self._register, p, o, tags)
-        del ids
         return lease
 
     def _start_training(self, item: GroupItem, lease: Any) -> None:
@@ -551,6 +554,7 @@ class Factory:
                 with self._lock:
                     if self.first_step_s is None:
                         self.first_step_s = time.time()
+                self.stepped.set()
                 self.ctx.state.update_progress({j: (c["step"], c["loss"]) for j, c in changes.items()})
         except Exception:  # noqa: BLE001 - progress is best effort
             log.debug("progress poll failed", exc_info=True)

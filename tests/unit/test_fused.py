@@ -222,6 +222,35 @@ def test_each_slot_starts_with_a_small_group_when_it_has_more_to_train() -> None
     assert starter_groups([[0, 1, 2], [3], [4, 5]], slots=2) == [[0, 1], [3], [2], [4, 5]]
 
 
+def test_second_window_waits_for_the_first_step_on_cpu_trainers() -> None:
+    """Factory._await_first_steps: on CPU trainers started ahead, the next window's preparation waits
+    until a first step is reported (or a group ends); not when nothing of the first window trains,
+    nor on GPU trainers."""
+    import threading
+    import time
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from adapterfab.jobs import factory as fm
+
+    def made(gpus: float, queued: set) -> fm.Factory:
+        f = fm.Factory.__new__(fm.Factory)  # only what the wait reads
+        f.early, f.groups, f.slots, f._queued = [("k", Future())], [[0], [1]], 1, queued
+        f.planned = [SimpleNamespace(gpus=gpus), SimpleNamespace(gpus=gpus)]
+        f.stepped = threading.Event()
+        return f
+
+    f = made(0.0, {"b.t.p"})
+    threading.Timer(0.5, f.stepped.set).start()  # the progress poll sees a first step
+    t0 = time.monotonic()
+    f._await_first_steps()
+    assert 0.4 < time.monotonic() - t0 < 5
+    for f in (made(0.0, set()), made(0.5, {"b.t.p"})):  # nothing to train / GPU trainers: no wait
+        t0 = time.monotonic()
+        f._await_first_steps()
+        assert time.monotonic() - t0 < 0.2 and not f.stepped.is_set()
+
+
 def test_fused_group_resumes_from_its_checkpoint(tiny_model_path: str, data: dict) -> None:
     """A fused group checkpoints every 2 steps; a fresh trainer over a fresh base, resumed from the
     step-4 checkpoint (after one job already finished), ends with the same weights and losses as the
