@@ -61,9 +61,26 @@ class PlannedJob:
         return asdict(self)
 
 
+# what the plan reads of a base's config; a config.json that names them all (and whether the embeddings
+# are tied, whose default differs by architecture) is read as it is, without importing transformers
+# (seconds of every `submit`); any other goes through AutoConfig
+PLAN_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
 def _model_config(base_path: str | None) -> Any:
     if not base_path or not (Path(base_path) / "config.json").exists():
         return None
+    from types import SimpleNamespace
+
+    try:
+        raw = json.loads((Path(base_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        raw = None
+    if isinstance(raw, dict) and all(isinstance(raw.get(k), int) for k in PLAN_CONFIG_KEYS) \
+            and isinstance(raw.get("tie_word_embeddings"), bool) and "text_config" not in raw:
+        return SimpleNamespace(**{k: raw[k] for k in (*PLAN_CONFIG_KEYS, "tie_word_embeddings")},
+                               num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+                               head_dim=raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"])
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(base_path)

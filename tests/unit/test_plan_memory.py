@@ -65,3 +65,28 @@ def test_estimate_matches_measured_peak(smollm2_path: str, batch_size: int, seq:
     res = json.loads(line[-1].removeprefix("RESULT "))
     print(res)
     assert abs(res["est_gib"] - res["measured_gib"]) <= 0.2 * res["measured_gib"], res
+
+
+def test_plan_reads_a_plain_config_as_autoconfig_does(tiny_model_path: str, tmp_path) -> None:
+    """The planner reads a Llama-shaped config.json without transformers; every field it uses equals
+    AutoConfig's, and a config that leaves one out (here the tied embeddings, whose default differs
+    by architecture) goes through AutoConfig."""
+    import json
+    import shutil
+
+    from transformers import AutoConfig
+
+    from adapterfab.jobs.plan import _model_config, _param_count
+
+    fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+              "tie_word_embeddings", "num_key_value_heads", "head_dim")
+    light, full = _model_config(tiny_model_path), AutoConfig.from_pretrained(tiny_model_path)
+    assert type(light).__name__ == "SimpleNamespace"
+    assert {f: getattr(light, f) for f in fields} == {f: getattr(full, f) for f in fields}
+    assert _param_count(light) == _param_count(full)
+    other = tmp_path / "untied"
+    shutil.copytree(tiny_model_path, other)
+    raw = json.loads((other / "config.json").read_text())
+    raw.pop("tie_word_embeddings", None)
+    (other / "config.json").write_text(json.dumps(raw))
+    assert type(_model_config(str(other))).__name__ == "LlamaConfig"
