@@ -216,7 +216,7 @@ class Factory:
                     self.queue.wait_below(max(AHEAD_GROUPS_PER_SLOT * self.slots, 2), WINDOW_JOBS)
                     first = n < self.slots
                     self._prepare_window(window, first=first)
-                    if first:
+                    if first and n < len(self.groups) - 1:  # a next window will come
                         self._await_first_steps()
                     window = []
                     size = min(WINDOW_JOBS, max(2 * size, len(g)))

@@ -309,6 +309,12 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
     state = StateStore(settings.state_url)
     batch = state.get_batch(batch_id)
     spec, jobs = parse_spec(batch.spec_text, root=Path(batch.spec_path).parent if batch.spec_path else None)
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a Ray Job (`submit --address`) runs in the home:
+        # it starts in its unpacked working_dir, which the runtime-env agent of another node on the same
+        # machine can replace while the batch runs, and libraries imported later (torch._dynamo, through
+        # peft, at the first registration) read the cwd (the spec's relative paths are resolved above)
+        settings.home.mkdir(parents=True, exist_ok=True)
+        os.chdir(settings.home)
     state.update_batch(batch_id, state=BatchState.RUNNING, started_s=time.time(), error=None,
                        orchestrator_pid=os.getpid())
     factory = pool = None
