@@ -525,14 +525,18 @@ def serve(port: Optional[int] = typer.Option(None, help="HTTP port (default: the
           base_model: str = typer.Option("smollm2-135m-instruct", help="the shared base model"),
           detach: bool = typer.Option(False, "--detach", help="deploy and return; the app stays on Ray"),
           replicas: int = typer.Option(1, help="engine replicas"),
-          dtype: str = typer.Option("float32", help="float32 or bfloat16")) -> None:
+          dtype: str = typer.Option("float32", help="float32 or bfloat16"),
+          registry_catalogue: bool = typer.Option(
+              True, "--registry-catalogue/--registry-from-mlflow",
+              help="list /v1/models and /v1/registry from the registry catalogue (fast at any size), or "
+                   "from MLflow on every request (sees changes made in MLflow's UI at once)")) -> None:
     """Serve every tenant's adapters from one base model: OpenAI-compatible /v1/chat/completions."""
     from adapterfab.serve.runner import serve_forever
 
     s = _settings()
     try:
         url = serve_forever(s, port=port, base_model=base_model, detach=detach, replicas=replicas, dtype=dtype,
-                            announce=lambda u: out.print(f"serving on {u}  (OpenAI base_url {u}/v1)"))
+                            registry_catalogue=registry_catalogue, announce=lambda u: out.print(f"serving on {u}  (OpenAI base_url {u}/v1)"))
     except AdapterfabError as e:
         _fail(e)
     if detach:

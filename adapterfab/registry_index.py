@@ -2,8 +2,9 @@
 instead of paging MLflow's REST search, which costs ~8 ms a version on the local server (10,000
 versions: over a minute) because every version's tags travel as JSON through protobuf both ways.
 
-MLflow stays the registry of record: serving resolves aliases and lists a tenant's `/v1/models` there,
-never here; `registry ls` and the dashboard's registry pages read the catalogue. The catalogue is
+MLflow stays the registry of record: serving resolves aliases there, never here; `registry ls`, the
+dashboard's registry pages and the server's listings (`/v1/models`, `/v1/registry`) read the catalogue
+(a serving ingress completes an incomplete one in the background). The catalogue is
 written by ``Registry`` after each change adapterfab makes (a version registered, an alias moved,
 tags set) and rebuilt from MLflow whole whenever it is not known to be complete: on first use, after
 a write to it failed, and on ``registry ls --refresh`` (for changes made in MLflow itself, e.g. its

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,10 @@ class ServeConfig:
     tenant_rps: float | None = None  # per-tenant rate limit (requests/s, token bucket); None: unlimited
     tenant_burst: int = 20
     tenant_rps_overrides: dict = field(default_factory=dict)  # tenant -> requests/s
+    # /v1/models and /v1/registry list from the registry's catalogue in the state database (a tenant's
+    # listing costs one indexed query however many other tenants there are); False: from MLflow on every
+    # request (for registries changed outside adapterfab, e.g. in MLflow's UI, with no `registry ls --refresh`)
+    registry_catalogue: bool = True
 
 
 class EngineDeployment:
@@ -227,7 +232,8 @@ class RayBackend:
 @serve.ingress()
 class Ingress:
     """HTTP entry: the FastAPI app with the production auth (keys in the state DB, read per request so
-    new keys work at once), resolver (MLflow registry) and the engine handle."""
+    new keys work at once), resolver (MLflow registry), listings (the registry catalogue in the state DB,
+    ``registry_catalogue``) and the engine handle."""
 
     def __init__(self, engine: DeploymentHandle, cfg: ServeConfig):
         self.engine, self.cfg = engine, cfg
@@ -235,11 +241,14 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> Any:
         from adapterfab.keys import KeyStore
         from adapterfab.registry import Registry
+        from adapterfab.registry_index import RegistryIndex
         from adapterfab.serve.api import make_api
         from adapterfab.state import StateStore
 
-        keys = KeyStore(StateStore(self.cfg.state_url))
-        registry = Registry(self.cfg.mlflow_uri)
+        state = StateStore(self.cfg.state_url)
+        keys = KeyStore(state)
+        registry = Registry(self.cfg.mlflow_uri, index=RegistryIndex(state) if self.cfg.registry_catalogue else None)
+        complete_catalogue(registry)
 
         def lister(tenant: str) -> list[str]:
             out = []
@@ -256,6 +265,25 @@ class Ingress:
         return make_api(backend, keys.verify, checked_resolver(registry, self.cfg.base_fingerprint),
                         lister=lister, catalog=registry.list, resolve_ttl_s=self.cfg.resolve_ttl_s,
                         on_alias_moved=backend.prefetch, rate_limit=limiter)
+
+
+def complete_catalogue(registry: Any) -> threading.Thread | None:
+    """Until the registry's catalogue is complete (a registry never listed whole: a stack from before the
+    catalogue, or one whose catalogue missed a write), listings go to MLflow; one full listing from MLflow,
+    in the background, completes it. None: nothing to do."""
+    if registry.index is None:
+        return None
+
+    def run() -> None:
+        try:
+            if not registry.index.complete():
+                registry.list()  # a full listing from MLflow rebuilds the catalogue
+        except Exception as e:  # noqa: BLE001 - listings keep going to MLflow; the next start retries
+            log.warning("cannot complete the registry catalogue from MLflow (%s); listing from MLflow", e)
+
+    t = threading.Thread(target=run, name="registry-catalogue", daemon=True)
+    t.start()
+    return t
 
 
 def checked_resolver(registry: Any, base_fingerprint: str | None) -> Any:
@@ -293,7 +321,8 @@ _BUILDER_OPTIONAL: dict[str, type] = {
     "max_adapters_per_replica": int, "adapter_cache_dir": str, "torch_threads": int, "resolve_ttl_s": float,
     "engine": str, "max_batch": int, "max_len": int, "max_rank": int, "cpu_cache_mb": int, "min_replicas": int,
     "max_replicas": int, "target_ongoing_requests": int, "graceful_shutdown_s": float, "tenant_rps": float,
-    "tenant_burst": int, "tenant_rps_overrides": dict, "cuda_graphs": bool}
+    "tenant_burst": int, "tenant_rps_overrides": dict, "cuda_graphs": bool,
+    "registry_catalogue": bool}
 
 
 def _builder_arg(name: str, kind: type, value: Any) -> Any:

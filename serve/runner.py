@@ -14,7 +14,7 @@ from adapterfab.settings import DEFAULT_SERVE_PORT, Settings
 
 def serve_forever(settings: Settings, port: int | None = None, base_model: str = "smollm2-135m-instruct",
                   detach: bool = False, replicas: int = 1, dtype: str = "float32",
-                  announce: Callable[[str], None] = print) -> str:
+                  registry_catalogue: bool = True, announce: Callable[[str], None] = print) -> str:
     import ray
     from ray import serve
 
@@ -31,7 +31,8 @@ def serve_forever(settings: Settings, port: int | None = None, base_model: str =
     base = resolve_base_model(base_model, settings.cache)
     cfg = ServeConfig(base_model_path=base.path, state_url=settings.state_url, mlflow_uri=settings.mlflow_uri,
                       dtype=dtype, num_replicas=replicas, base_fingerprint=base.fingerprint,
-                      adapter_cache_dir=str(settings.cache / "adapters"))
+                      adapter_cache_dir=str(settings.cache / "adapters"),
+                      registry_catalogue=registry_catalogue)
     port = port or settings.extra.get("serve_port") or DEFAULT_SERVE_PORT
     url = deploy(cfg, port=port)
     record(settings, serve_url=url, serve_port=port)

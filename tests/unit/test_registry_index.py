@@ -173,3 +173,21 @@ def test_registry_ls_is_answered_without_sqlalchemy_typer_or_mlflow(mlflow_serve
     table = subprocess.run([CLI, "registry", "ls"], capture_output=True, text=True, env=env, timeout=120)
     assert table.returncode == 0 and f"{t}/pirate" in table.stdout and "lora[x]" in table.stdout
     assert "candidate=v1, production=v1" in table.stdout
+
+
+def test_the_server_completes_the_catalogue_and_lists_from_it(mlflow_server: str, tmp_path: Path) -> None:
+    """The serving ingress's registry (serve/app.py): an incomplete catalogue is completed by one full
+    listing in the background; from then on a tenant's listing (/v1/models, /v1/registry) is the
+    catalogue's, not MLflow's; without a catalogue (`serve --registry-from-mlflow`) nothing runs."""
+    from adapterfab.serve.app import complete_catalogue
+
+    reg = Registry(mlflow_server, index=RegistryIndex(f"sqlite:///{tmp_path}/state.db"))
+    aid = AdapterId(_tenant(), "owl")
+    reg.register(aid, "s3://bucket/o/1", None, {})
+    assert not reg.index.complete()
+    complete_catalogue(reg).join(120)
+    assert reg.index.complete() and _dicts(reg.list()) == _dicts(reg.list_from_mlflow())
+    Registry(mlflow_server).client.set_registered_model_alias(aid.registry_name, "canary", "1")  # MLflow directly
+    assert [r.aliases for r in reg.list(aid.tenant)] == [{CANDIDATE: 1}]  # read from the catalogue
+    assert [r.aliases for r in reg.list(aid.tenant, refresh=True)] == [{CANDIDATE: 1, "canary": 1}]
+    assert complete_catalogue(Registry(mlflow_server)) is None
