@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from adapterfab.errors import InvalidId
 
 ID_PATTERN = r"[a-z0-9][a-z0-9-]{0,62}"
-_ID_RE = re.compile(rf"^{ID_PATTERN}$")
-_ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_ID_RE = re.compile(ID_PATTERN)  # all patterns here are used with fullmatch: "$" would take "x\n"
+_ALIAS_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 # MLflow reserves "latest" and aliases that look like versions ("v1"), so ours are words.
 RESERVED_ALIASES = frozenset({"latest"})
 CANDIDATE = "candidate"
@@ -23,9 +23,14 @@ PRODUCTION = "production"
 REGISTRY_PREFIX = "af"
 
 
+def is_decimal(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes "²" and other Unicode digits, which ``int`` refuses."""
+    return bool(re.fullmatch(r"[0-9]+", text))
+
+
 def check_id(value: str, kind: str = "tenant") -> str:
     """Return ``value`` if it is a valid tenant/persona id, else raise InvalidId naming the rule."""
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         shown = repr(value) if isinstance(value, str) and len(value) <= 80 else repr(str(value)[:80]) + "..."
         raise InvalidId(
             f"invalid {kind} id {shown}: use 1-63 characters of lowercase a-z, 0-9 and '-', "
@@ -35,7 +40,8 @@ def check_id(value: str, kind: str = "tenant") -> str:
 
 
 def check_alias(value: str) -> str:
-    if not _ALIAS_RE.match(value) or value in RESERVED_ALIASES or re.match(r"^v\d+$", value):
+    if not isinstance(value, str) or not _ALIAS_RE.fullmatch(value) or value in RESERVED_ALIASES \
+            or re.fullmatch(r"v[0-9]+", value):
         raise InvalidId(f"invalid alias {value!r}: use a lowercase word like 'production' or 'candidate'")
     return value
 
@@ -70,7 +76,7 @@ class AdapterId:
             if "@" in rest:
                 raise InvalidId(f"invalid adapter id {text!r}: nothing after '@'")
             return cls(tenant, persona)
-        if ref.isdigit():
+        if is_decimal(ref):
             return cls(tenant, persona, version=int(ref))
         return cls(tenant, persona, alias=ref)
 
@@ -118,7 +124,7 @@ class AdapterId:
 
 def basis_prefix(basis_id: str) -> str:
     """Key prefix of a shared LoRA-XS basis in the artifact store: ``bases/<basis_id>/``."""
-    if not re.match(r"^[a-z0-9][a-z0-9-]{0,80}$", basis_id):
+    if not isinstance(basis_id, str) or not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,80}", basis_id):
         raise InvalidId(f"invalid basis id {basis_id!r}")
     return f"bases/{basis_id}/"
 
@@ -132,11 +138,11 @@ def basis_registry_name(basis_id: str) -> str:
     return f"{BASIS_REGISTRY_PREFIX}.{basis_id}"
 
 
-_JOB_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,200}$")
+_JOB_RE = re.compile(r"[a-z0-9][a-z0-9.-]{0,200}")
 
 
 def check_job_id(value: str) -> str:
-    if not _JOB_RE.match(value) or ".." in value:
+    if not isinstance(value, str) or not _JOB_RE.fullmatch(value) or ".." in value:
         raise InvalidId(f"invalid job id {value!r}")
     return value
 

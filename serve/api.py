@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapterfab.errors import AdapterfabError, AdapterNotFound, BaseMismatch, RegistryError, ReplicaUnavailable
-from adapterfab.ids import AdapterId
+from adapterfab.ids import AdapterId, is_decimal
 from adapterfab.registry import AdapterVersion, RegisteredAdapter
 from adapterfab.serve.backend import Backend
 from adapterfab.serve.engine import Finished, PromptTooLong, SamplingParams, TextDelta
@@ -36,6 +36,8 @@ BASE_MODEL = "base"
 DEFAULT_MAX_TOKENS = 256
 MAX_TOKENS_LIMIT = 2048
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256  # per stop string: each one is matched against the output's tail at every token
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # a 64-bit integer, as vLLM's server takes it
 MAX_REQUEST_BYTES = 1 << 20  # a generation request's JSON body; larger ones get a 413 unread
 _RESOLVE_CACHE_MAX_ENTRIES = 10_000
 REPLAYS = 2  # a non-streaming request whose replica died mid-generation is run again this often
@@ -122,7 +124,7 @@ class _GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     user: str | None = Field(None, max_length=256)
 
     @field_validator("n")
@@ -140,6 +142,8 @@ class _GenerationRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters")
         for s in stops:
             _encodable(s)
         return v
@@ -247,7 +251,7 @@ async def _json_body(request: Request, max_bytes: int) -> Any:
     too_large = ApiError(413, f"The request body is larger than {max_bytes:,} bytes.",
                          code="request_too_large")
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
+    if is_decimal(declared) and int(declared) > max_bytes:
         raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -395,7 +399,7 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
         ra = found[0]
         if ref is None:
             return ra.public_dict()
-        number = int(ref) if ref.isdigit() else ra.aliases.get(ref)
+        number = int(ref) if is_decimal(ref) else ra.aliases.get(ref)
         for v in ra.versions:
             if v.id.version == number:
                 return v.public_dict()

@@ -285,10 +285,27 @@ class BatchedBackend:
     def __init__(self, engine: Any, tiers: Any):
         self.engine, self.tiers = engine, tiers
 
+    async def _acquire(self, key: str) -> None:
+        """Pin ``key`` (loading it may take a while, in a thread). A request cancelled meanwhile (its client
+        went away) leaves the thread running: the pin it takes is released as soon as it is taken, so
+        cancellations never leak pinned slots."""
+        fut = asyncio.get_running_loop().run_in_executor(None, self.tiers.acquire, key)
+
+        def release_orphan(f: asyncio.Future) -> None:
+            if not f.cancelled() and f.exception() is None:
+                self.tiers.release(key)
+
+        try:
+            await asyncio.shield(fut)
+        except BaseException:
+            if not fut.done() or (not fut.cancelled() and fut.exception() is None):
+                fut.add_done_callback(release_orphan)  # runs at once when the pin is already taken
+            raise
+
     async def generate(self, version_key: str | None, adapter: AdapterVersion | None,
                        messages: list[dict[str, str]], params: SamplingParams) -> AsyncIterator[Event]:
         if version_key is not None:
-            await asyncio.to_thread(self.tiers.acquire, version_key)  # pinned until the request ends
+            await self._acquire(version_key)  # pinned until the request ends
         try:
             async for ev in iterate_in_thread(lambda: self.engine.generate(messages, version_key, params)):
                 yield ev

@@ -51,7 +51,7 @@ from adapterfab.errors import AdapterfabError
 from adapterfab.methods.lora_xs import PEFT_TYPE as XS_PEFT_TYPE
 from adapterfab.serve.engine import (
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, DTYPES, AdapterNotLoaded, AdapterRejected,
-    PromptTooLong, SamplingParams, TextGeneration, _sample,
+    PromptTooLong, SamplingParams, TextGeneration, _sample, seed_of,
 )
 
 log = logging.getLogger("adapterfab.serve.batched")
@@ -599,7 +599,7 @@ class BatchedEngine(TextGeneration):
             raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens; this engine takes at most "
                                 f"{self.max_len - 1}")
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        gen.manual_seed(seed_of(params))
         req = _Request(list(prompt_ids), adapter, params, queue.Queue(), gen)
         req.budget = min(params.max_tokens, self.max_len - len(prompt_ids))
         with self._wake:
@@ -619,6 +619,12 @@ class BatchedEngine(TextGeneration):
         if token in self.eos_ids or req.produced >= req.budget or req.cancelled:
             return True
         return False
+
+    def _fail(self, req: _Request, error: BaseException) -> None:
+        """End one request with ``error`` (raised to its caller); the others go on."""
+        if not req.retired:
+            req.out.put(error)
+            self._retire(req)
 
     def _retire(self, req: _Request) -> None:
         if req.retired:  # once only: a second retire would unpin its adapter for another request
@@ -653,8 +659,13 @@ class BatchedEngine(TextGeneration):
                     for req in [r for r in admit if r.cancelled]:
                         self._retire(req)
                     for chunk in self._prefill_chunks([r for r in admit if not r.cancelled]):
-                        self._prefill(chunk)
-                    running = [r for r in self._running if not r.cancelled]
+                        try:
+                            self._prefill(chunk)
+                        except Exception as e:  # noqa: BLE001 - this chunk's requests fail, the running rows go on
+                            log.exception("prefill failed")
+                            for r in chunk:
+                                self._fail(r, e)
+                    running = [r for r in self._running if not r.cancelled and not r.retired]
                     for r in self._running:
                         if r.cancelled:
                             self._retire(r)
@@ -668,7 +679,9 @@ class BatchedEngine(TextGeneration):
                     still = []
                     for r, token in zip(running, self._sample_rows(logits, running, rows)):
                         r.pos += 1
-                        if self._emit(r, token):
+                        if isinstance(token, Exception):
+                            self._fail(r, token)
+                        elif self._emit(r, token):
                             self._retire(r)
                         else:
                             still.append(r)
@@ -676,16 +689,15 @@ class BatchedEngine(TextGeneration):
             except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep the engine alive
                 log.exception("engine step failed")
                 for r in {id(r): r for r in [*admit, *self._running]}.values():  # requests are unhashable
-                    if not r.retired:
-                        r.out.put(e)
-                        self._retire(r)
+                    self._fail(r, e)
                 self._running = []
 
     @staticmethod
-    def _sample_rows(logits: Any, reqs: list[_Request], rows: list[int] | None = None) -> list[int]:
+    def _sample_rows(logits: Any, reqs: list[_Request], rows: list[int] | None = None) -> list[Any]:
         """Each request's next token from its logits row (``rows[k]`` for request k, default k): the
         greedy ones with one argmax and one device-to-host copy for the whole batch (not a sync per
-        request); sampled ones each with their own generator."""
+        request); sampled ones each with their own generator. A row whose sampling fails gets its
+        exception instead of a token: that request fails alone."""
         import torch
 
         rows = rows if rows is not None else list(range(len(reqs)))
@@ -695,7 +707,11 @@ class BatchedEngine(TextGeneration):
             out = [best[row] for row in rows]
         for n, r in enumerate(reqs):
             if r.params.temperature != 0:
-                out[n] = _sample(logits[rows[n]], r.params, r.gen)
+                try:
+                    out[n] = _sample(logits[rows[n]], r.params, r.gen)
+                except Exception as e:  # noqa: BLE001 - this row's request fails alone, the batch goes on
+                    log.warning("sampling failed for one request (%s: %s)", type(e).__name__, e)
+                    out[n] = e
         return out
 
     def _prefill_chunks(self, reqs: list[_Request]) -> list[list[_Request]]:
@@ -722,7 +738,9 @@ class BatchedEngine(TextGeneration):
         self.prefill_rows_total += len(reqs)
         for req, token in zip(reqs, self._sample_rows(logits, reqs)):
             req.pos = len(req.prompt)
-            if self._emit(req, token):
+            if isinstance(token, Exception):
+                self._fail(req, token)
+            elif self._emit(req, token):
                 self._retire(req)
             else:
                 self._running.append(req)

@@ -125,12 +125,15 @@ class StopMatcher:
             self.stopped = True
             out, self._sent = self.text[self._sent:cut], cut
             return out
-        hold = 0
+        hold = 0  # the longest tail of the text that begins a stop string: held back
         for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.text)), hold, -1):
-                if self.text.endswith(s[:k]):
-                    hold = k
+            tail = self.text[-(len(s) - 1):] if len(s) > 1 else ""
+            i = tail.find(s[0])
+            while i >= 0 and len(tail) - i > hold:  # only where the stop string's first character is
+                if s.startswith(tail[i:]):
+                    hold = len(tail) - i
                     break
+                i = tail.find(s[0], i + 1)
         end = max(self._sent, len(self.text) - hold)
         out, self._sent = self.text[self._sent:end], end
         return out
@@ -342,7 +345,7 @@ class Engine(TextGeneration):
                                 f"{self.max_positions - 1}")
         budget = min(params.max_tokens, self.max_positions - len(prompt_ids))
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        gen.manual_seed(seed_of(params))
         with self._lock, torch.inference_mode():
             with self._adapter_context(adapter):
                 ids = torch.tensor([prompt_ids], device=self.device)
@@ -357,12 +360,21 @@ class Engine(TextGeneration):
                     ids = torch.tensor([[token]], device=self.device)
 
 
+def seed_of(params: SamplingParams) -> int:
+    """The generator seed of a request: its own (any integer, folded into torch's 64-bit range) or random."""
+    return params.seed % (1 << 64) if params.seed is not None else random.getrandbits(63)
+
+
 def _sample(logits: Any, params: SamplingParams, gen: Any) -> int:
     import torch
 
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    logits = logits.float()
+    # shifted so that the largest logit is 0 before the division: however small the temperature, the
+    # scaled logits stay in [-inf, 0] with one 0, and the softmax is finite (a vanishing temperature is
+    # greedy) instead of inf/inf = NaN; the floor keeps a denormal temperature from becoming 0 in float32
+    probs = torch.softmax((logits - logits.max()) / max(params.temperature, 1e-30), dim=-1)
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         drop = torch.cumsum(sorted_p, dim=-1) - sorted_p > params.top_p  # always keeps the top token

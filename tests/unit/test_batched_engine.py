@@ -200,3 +200,46 @@ def test_prefill_chunks_bound_the_padded_tokens(engine: BatchedEngine) -> None:
         engine.prefill_tokens = old
     assert [[len(r.prompt) for r in c] for c in chunks] == [[5, 7], [40, 41], [300]]  # 3 x 40 > 100
     assert all(max(len(r.prompt) for r in c) * len(c) <= 100 for c in chunks if len(c) > 1)
+
+
+def test_a_request_whose_sampling_fails_fails_alone(engine: BatchedEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-row isolation in the scheduler: one request's sampling error ends that request only; a request
+    decoding beside it (same steps, sampled too) finishes, and the failed one's pin and row come back."""
+    import adapterfab.serve.batched as batched
+
+    real = batched._sample
+
+    def sample(logits: object, params: SamplingParams, gen: object) -> int:
+        if params.top_p == 0.123:
+            raise RuntimeError("injected sampling failure")
+        return real(logits, params, gen)
+
+    monkeypatch.setattr(batched, "_sample", sample)
+    ok_params = SamplingParams(max_tokens=24, temperature=0.7, seed=1)
+    ok_tokens: list[int] = []
+    started = threading.Event()
+
+    def other() -> None:
+        for t in engine.generate_token_ids([9, 8, 7, 6, 5], "butler", ok_params):
+            ok_tokens.append(t)
+            started.set()
+
+    th = threading.Thread(target=other)
+    th.start()
+    assert started.wait(30)
+    with pytest.raises(RuntimeError, match="injected sampling failure"):
+        list(engine.generate_token_ids([5, 6, 7, 8], "pirate", SamplingParams(max_tokens=8, temperature=1.0,
+                                                                              top_p=0.123)))
+    th.join(60)
+    alone = list(engine.generate_token_ids([9, 8, 7, 6, 5], "butler", ok_params))
+    assert ok_tokens == alone  # the neighbour went on undisturbed, to the same seeded tokens
+    deadline = time.monotonic() + 10
+    while (engine.in_use("pirate") or len(engine._free_rows) < 8) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.in_use("pirate") == 0 and sorted(engine._free_rows) == list(range(8))
+
+
+def test_a_vanishing_temperature_samples_the_greedy_token(engine: BatchedEngine) -> None:
+    greedy = list(engine.generate_token_ids([5, 6, 7, 8], "pirate", SamplingParams(max_tokens=6, temperature=0.0)))
+    tiny = list(engine.generate_token_ids([5, 6, 7, 8], "pirate", SamplingParams(max_tokens=6, temperature=1e-40)))
+    assert tiny == greedy

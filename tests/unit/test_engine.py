@@ -153,3 +153,24 @@ def test_stop_matcher_across_deltas() -> None:
     assert "".join(out) == "hello ENding and " and m.stopped
     m2 = StopMatcher(("END",))
     assert m2.push("abc E") == "abc " and m2.flush() == "E"
+
+
+def test_stop_matcher_holds_back_exactly_what_may_begin_a_stop_string() -> None:
+    """The held-back tail (found from the stop strings' first characters) against the plain definition
+    (the longest tail of the text that is a proper prefix of a stop string), on random text."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(300):
+        stops = tuple("".join(rng.choice("abc") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 3)))
+        m, text, sent = StopMatcher(stops), "", ""
+        for _ in range(rng.randint(1, 12)):
+            delta = "".join(rng.choice("abcd") for _ in range(rng.randint(0, 3)))
+            text += delta
+            sent += m.push(delta)
+            hit = [i for i in (text.find(s) for s in stops) if i >= 0]
+            if hit:
+                assert m.stopped and sent == text[:min(hit)]
+                break
+            hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            assert sent == text[:len(text) - hold], (stops, text, sent)

@@ -439,6 +439,9 @@ def test_malformed_bodies_are_400_invalid_json(api: dict, name: str, body: bytes
     ({"temperature": "hot"}, "temperature"),
     ({"model": "a" * 10_000}, "model"),
     ({"model": ""}, "model"),
+    ({"seed": 2**70}, "seed"),
+    ({"seed": -(2**63) - 1}, "seed"),
+    ({"stop": ["x" * 257]}, "stop"),
 ])
 def test_malformed_fields_are_400_naming_the_param(api: dict, patch: dict, param: str) -> None:
     body = {"model": "acme/pirate", "messages": [{"role": "user", "content": "Hi"}], **patch}
@@ -457,7 +460,9 @@ def test_lone_surrogate_prompt_is_400(api: dict) -> None:
 
 @pytest.mark.parametrize("model", [v for k, v in HOSTILE_IDS.items() if k not in ("10k", "empty")]
                          + ["acme/../globex/parrot", "acme/\u0440irate", "acme/pirate@../../1",
-                            "/acme/pirate", "acme/pirate@0", "acme/pirate@99999999999999999999"])
+                            "/acme/pirate", "acme/pirate@0", "acme/pirate@99999999999999999999",
+                            "acme/pirate\n", "acme\n/pirate", "acme/pirate@candidate\n", "acme/pirate@\u00b2",
+                            "acme/pirate@\u0661"])
 def test_hostile_model_names_are_404_model_not_found(api: dict, model: str) -> None:
     for route in ("/v1/chat/completions", "/tenants/acme/v1/chat/completions"):
         r = api["http"].post(route, headers=api["h"],
@@ -517,3 +522,14 @@ def test_corrupt_safetensors_is_refused_by_the_batched_engine(tiny_model_path: s
     bad = _corrupt_copy(good_adapter, tmp_path / "bad", b"\x00" * 64)
     with pytest.raises(AdapterRejected):
         eng.read_adapter(bad)
+
+
+@pytest.mark.parametrize("patch", [{"temperature": 1e-40}, {"temperature": 5e-324, "top_p": 1e-9},
+                                   {"seed": 2**63 - 1}, {"seed": -(2**63)}, {"stop": ["y" * 256]}])
+def test_extreme_but_valid_sampling_values_are_served(api: dict, patch: dict) -> None:
+    """A vanishing temperature (greedy in the limit; it used to give NaN probabilities and a 500) and the
+    seed range's ends are answered, not refused and not failed."""
+    body = {"model": "acme/pirate", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}], **patch}
+    r = api["http"].post("/v1/chat/completions", headers=api["h"], json=body)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0, r.text
+    _ok(api)

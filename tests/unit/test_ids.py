@@ -39,3 +39,14 @@ def test_check_id_message_names_rule() -> None:
         AdapterId("acme", "pirate", version=1, alias="production")
     with pytest.raises(InvalidId):
         AdapterId("acme", "pirate").artifact_prefix("../x")
+
+
+@pytest.mark.parametrize("text", ["acme/pirate\n", "acme\n/pirate", "acme/pirate@v1\n", "acme/pirate@\u00b2",
+                                  "acme/pirate@\u0661\u0662", "acme/pirate@candidate\n"])
+def test_trailing_newlines_and_unicode_digits_are_refused(text: str) -> None:
+    """Ids are matched whole (a regex "$" also matches before a final newline) and versions are ASCII
+    digits ("\u00b2".isdigit() is True, int() refuses it)."""
+    with pytest.raises(InvalidId):
+        AdapterId.parse(text)
+    with pytest.raises(InvalidId):
+        check_id(text.split("/")[0] + "\n")

@@ -149,6 +149,8 @@ def test_http_registry_lookup_own_adapters_only(mlflow_server: str, tmp_path: Pa
     assert other.json()["error"]["code"] == missing.json()["error"]["code"] == "model_not_found"
     assert get("/tenants/httpb/v1/registry/adapters", ka).status_code == 404
     assert get("/v1/registry/adapters/pirate/9", ka).status_code == 404
+    for ref in ("%C2%B2", "%D9%A1", "1%0A"):  # Unicode digits and a trailing newline: 404, never a 500
+        assert get(f"/v1/registry/adapters/pirate/{ref}", ka).status_code == 404
     assert [a["id"] for a in get("/v1/registry/adapters", kb).json()["data"]] == ["httpb/secret"]
     assert client.get("/v1/registry/adapters").status_code == 401
 

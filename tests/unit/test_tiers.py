@@ -182,3 +182,48 @@ def test_a_thousand_lora_xs_adapters_resident(tiny_model_path: str, tmp_path: Pa
         print(f"{n} LoRA-XS adapters placed in {load_s:.2f}s")
     finally:
         eng.close()
+
+
+def test_a_request_cancelled_while_its_adapter_loads_leaves_no_pin() -> None:
+    """BatchedBackend: a client that goes away while its adapter is still being made resident (the load
+    runs on in a thread) must not leave the pin the load takes: it is released as soon as it is taken,
+    and a request that completes releases its own."""
+    import asyncio
+    import threading
+
+    from adapterfab.serve.backend import BatchedBackend
+    from adapterfab.serve.engine import Finished, SamplingParams
+
+    class SlowTiers:
+        def __init__(self) -> None:
+            self.pins, self.loading = 0, threading.Event()
+
+        def acquire(self, key: str) -> None:
+            self.loading.set()
+            time.sleep(0.3)
+            self.pins += 1
+
+        def release(self, key: str) -> None:
+            self.pins -= 1
+
+    class OneEventEngine:
+        def generate(self, messages, key, params):  # noqa: ANN001, ANN201
+            yield Finished("stop", 1, 0)
+
+    tiers = SlowTiers()
+    backend = BatchedBackend(OneEventEngine(), tiers)
+
+    async def consume() -> list:
+        return [ev async for ev in backend.generate("acme/pirate@1", None, [], SamplingParams())]
+
+    async def main() -> None:
+        task = asyncio.create_task(consume())
+        await asyncio.to_thread(tiers.loading.wait, 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.6)  # the load finishes after the cancellation
+        assert tiers.pins == 0
+        assert len(await consume()) == 1 and tiers.pins == 0
+
+    asyncio.run(main())
