@@ -30,7 +30,20 @@ log = logging.getLogger("adapterfab.registry")
 EXPERIMENT = "adapterfab"
 TENANT_EXPERIMENT_PREFIX = EXPERIMENT + "/tenant/"
 TAG = "adapterfab."
-_INTERNAL_TAGS = frozenset({"artifact_uri", "artifact_root", "basis_uri", "dataset", "job_id", "request"})
+# The lineage a tenant sees (HTTP registry routes, the dashboard): an allowlist, so a tag added later
+# stays internal until named here. Internal: where files are (artifact_uri/root, basis_uri, dataset,
+# base_model: buckets and paths), where it trained (node_id, trainer), whom it trained with (fused_with:
+# other tenants' adapter ids), job ids (they name the batch's other tenants on failure) and requests.
+TENANT_LINEAGE = frozenset({
+    "tenant", "persona", "method", "rank", "base_fingerprint", "dataset_sha256", "dataset_rows", "dataset_bad_rows",
+    "train_rows", "eval_rows", "batch_id", "code_version", "job_fingerprint", "basis_id", "training", "workers",
+    "zero_stage", "lora_xs.needs_basis"})
+TENANT_LINEAGE_PREFIXES = ("method.", "metric.", "promotion.", "quantization.")
+
+
+def tenant_visible(key: str) -> bool:
+    """Whether a lineage tag (without the ``adapterfab.`` prefix) may be shown to the adapter's tenant."""
+    return key in TENANT_LINEAGE or key.startswith(TENANT_LINEAGE_PREFIXES)
 # How long the factory (orchestrator, training workers) rides out an MLflow outage before a job fails.
 # Interactive callers (CLI, serving) keep MLflow's own short retries (retry_s=0).
 MLFLOW_RETRY_ENV = "ADAPTERFAB_MLFLOW_RETRY_S"
@@ -169,10 +182,10 @@ class AdapterVersion:
                             self.run_id, self.created_s, self.tags)
 
     def public_dict(self) -> dict[str, Any]:
-        """What a tenant sees over HTTP: lineage, metrics and the promotion decision, without where
-        the files are stored (bucket names, run ids and paths stay internal)."""
+        """What a tenant sees over HTTP: lineage, metrics and the promotion decision (``tenant_visible``
+        tags only: bucket names, paths, nodes, run ids and other tenants' names stay internal)."""
         tags = {k.removeprefix(TAG): v for k, v in self.tags.items()
-                if k.startswith(TAG) and k.removeprefix(TAG) not in _INTERNAL_TAGS}
+                if k.startswith(TAG) and tenant_visible(k.removeprefix(TAG))}
         return {"id": str(self.id), "persona": self.id.persona, "version": self.id.version,
                 "aliases": list(self.aliases), "created": int(self.created_s), "lineage": tags}
 

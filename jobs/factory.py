@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterfab.errors import AdapterfabError
 from adapterfab.ids import AdapterId, job_id
-from adapterfab.jobs.registrar import Prepared, Registrar, fail_job, register_job
+from adapterfab.jobs.registrar import Prepared, Registrar, error_text, fail_job, group_error_for, register_job
 from adapterfab.registry import tenant_experiment
 from adapterfab.spec import JobSpec
 from adapterfab.states import JobState
@@ -452,8 +452,12 @@ class Factory:
                 error = e
                 break
         if result is None:
+            error = error or AdapterfabError("the group's trainer failed")
+            if len(item.prepared) > 1:
+                log.error("group %s failed: %s", item.gid, error_text(error))
             for p in item.prepared:
-                fail_job(ctx, p.jid, p.run_id, error or AdapterfabError("the group's trainer failed"))
+                fail_job(ctx, p.jid, p.run_id, group_error_for(p, item.prepared, error) if len(item.prepared) > 1
+                         else error)
             return lease
         t = result.timing
         if t.get("first_step_at"):

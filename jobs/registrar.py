@@ -11,6 +11,7 @@ promotion decision at once (the gate is decided before the version exists), then
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,6 +58,17 @@ def error_text(e: BaseException) -> str:
     while getattr(cause, "__cause__", None) is not None:
         cause = cause.__cause__
     return f"{type(cause).__name__}: {cause}"[:4000]
+
+
+def group_error_for(p: Prepared, group: list[Prepared], e: BaseException) -> AdapterfabError:
+    """A shared group's failure as one member's job records it (its tenant reads it): the other members'
+    job ids and adapter ids are replaced, so it never names another tenant's job (the log keeps all)."""
+    text = error_text(e)
+    for q in group:
+        if q.jid != p.jid:
+            for name in (q.jid, str(q.aid)):  # whole ids only: "b.acme.pi" is not a part of "b.acme.pirate"
+                text = re.sub(rf"(?<![a-z0-9./-]){re.escape(name)}(?![a-z0-9-])", "<another job of its group>", text)
+    return AdapterfabError(text)
 
 
 def fail_job(ctx: BatchContext, jid: str, run_id: str | None, e: BaseException) -> None:

@@ -431,3 +431,25 @@ def test_run_params_hold_the_spec_only(s3_secrets: dict, mlflow_server: str,
     with pytest.raises(SpecError, match="holds credentials"):  # nor can a dataset URI carry one in
         parse_spec({**spec, "tenants": [{**spec["tenants"][0],
                                          "dataset": f"s3://{AWS_KEY_ID}:{AWS_SECRET}@tenant-data/p.jsonl"}]})
+
+
+def test_a_failed_shared_group_names_no_other_tenants_job() -> None:
+    """A fused group of three tenants' jobs fails with an error naming one of them: each member's job
+    records the error with the other members' job and adapter ids replaced (its own kept whole)."""
+    from adapterfab.errors import AdapterfabError
+    from adapterfab.ids import AdapterId
+    from adapterfab.jobs.registrar import Prepared, group_error_for
+
+    def prep(tenant: str, persona: str) -> Prepared:
+        aid = AdapterId(tenant, persona)
+        return Prepared(None, f"b-1.{tenant}.{persona}", aid, "run", None, {}, "fp", None, None)
+
+    acme, globex, acme_pi = prep("acme", "pirate"), prep("globex", "parrot"), prep("acme", "pi")
+    group = [acme, globex, acme_pi]
+    e = AdapterfabError("job b-1.globex.parrot: row 3 of globex/parrot@2 is empty; b-1.acme.pirate and "
+                        "acme/pirate waited; b-1.acme.pi too")
+    for_acme = str(group_error_for(acme, group, e))
+    assert "globex" not in for_acme and "b-1.acme.pirate" in for_acme and "acme/pirate" in for_acme
+    assert "b-1.acme.pi " not in for_acme and "b-1.acme.pi too" not in for_acme
+    for_globex = str(group_error_for(globex, group, e))
+    assert "acme" not in for_globex and "b-1.globex.parrot" in for_globex and "globex/parrot@2" in for_globex

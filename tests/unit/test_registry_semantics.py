@@ -202,3 +202,24 @@ def test_old_state_database_gains_new_columns(tmp_path: Path) -> None:
     assert state.get_batch("b-old").options is None
     state.create_batch("b-new", "new", "x", "", "m", [], options={"force": True})
     assert state.get_batch("b-new").options == {"force": True}
+
+
+def test_a_tenant_sees_only_its_own_lineage() -> None:
+    """The lineage a tenant reads (HTTP registry routes, dashboard) is an allowlist: the tags a fused
+    registration writes that name other tenants, buckets, paths or nodes stay internal; a tag nobody
+    named yet stays internal too."""
+    from adapterfab.registry import AdapterVersion
+
+    internal = {"fused_with": "globex/parrot,initech/robot", "base_model": "s3://secret-bucket/bases/x",
+                "node_id": "a1b2c3", "trainer": "trainer-3", "job_id": "b-1.globex.parrot",
+                "artifact_uri": "s3://bucket/acme/p/1", "artifact_root": "s3://bucket", "dataset": "/srv/data/x.jsonl",
+                "basis_uri": "s3://bucket/bases/b", "request": "r-1", "some_future_tag": "globex"}
+    shown = {"method": "lora", "rank": "8", "method.r": "8", "metric.eval_loss": "0.5", "training": "fused:3",
+             "promotion.decision": "promoted", "quantization.bits": "4", "dataset_sha256": "d" * 64,
+             "base_fingerprint": "f" * 64, "batch_id": "b-1", "workers": "1"}
+    v = AdapterVersion(AdapterId("acme", "pirate", version=1), "mlflow-artifacts:/x", "run-1",
+                       {TAG + k: val for k, val in {**internal, **shown}.items()}, ("candidate",), 0.0)
+    lineage = v.public_dict()["lineage"]
+    assert lineage == shown
+    text = json.dumps(v.public_dict())
+    assert not any(val in text for val in internal.values())
