@@ -6,7 +6,9 @@ cluster), and submits the Ray Job ``python -m adapterfab.cli run batch.yaml --ba
 cluster, ``run`` records the batch in the cluster's state database and runs it in the foreground; the
 cluster's own settings (``MLFLOW_TRACKING_URI``, ``ADAPTERFAB_ARTIFACTS``, ``ADAPTERFAB_STATE_URL`` in
 its environment) say where MLflow and the artifacts live. The submitter's S3 settings (``AWS_*``,
-``ADAPTERFAB_S3_*``) travel as the job's environment so the cluster can read ``s3://`` datasets.
+``ADAPTERFAB_S3_*``: endpoint, region, profile name) travel as the job's environment so the cluster can
+read ``s3://`` datasets; its credentials never do (Ray's Jobs API shows a job's environment to anyone
+who reaches the dashboard): the cluster reads S3 with its own.
 
 Addresses: the dashboard's ``http://<head>:8265`` or a Ray Client ``ray://<head>:10001``.
 """

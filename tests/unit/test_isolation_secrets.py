@@ -453,3 +453,35 @@ def test_a_failed_shared_group_names_no_other_tenants_job() -> None:
     assert "b-1.acme.pi " not in for_acme and "b-1.acme.pi too" not in for_acme
     for_globex = str(group_error_for(globex, group, e))
     assert "acme" not in for_globex and "b-1.globex.parrot" in for_globex and "globex/parrot@2" in for_globex
+
+
+def test_credentials_never_travel_in_a_jobs_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What goes into a Ray job's runtime_env (shown by Ray's Jobs API and dashboard): S3 settings but no
+    credential value. On this machine's cluster the credentials go to an owner-only AWS credentials
+    file that boto3 reads; to a remote cluster (`submit --address`) they do not go at all."""
+    import stat
+
+    import boto3
+
+    from adapterfab.jobs.orchestrate import worker_env
+
+    secret, token = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYSECRET", "FwoGZXIvYXdzEXAMPLETOKEN"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEKEYID")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", token)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
+    monkeypatch.setenv("ADAPTERFAB_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    for env in (worker_env(tmp_path / "secrets"), worker_env()):
+        text = json.dumps(env)
+        assert secret not in text and token not in text and "AKIAEXAMPLEKEYID" not in text
+        assert env["AWS_DEFAULT_REGION"] == "eu-west-3" and env["ADAPTERFAB_S3_ENDPOINT_URL"] == "http://127.0.0.1:9"
+    local = worker_env(tmp_path / "secrets")
+    path = Path(local["AWS_SHARED_CREDENTIALS_FILE"])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.parent == tmp_path / "secrets"
+    assert "AWS_SHARED_CREDENTIALS_FILE" not in worker_env()
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):  # a worker without its own
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(path))
+    creds = boto3.session.Session().get_credentials().get_frozen_credentials()
+    assert (creds.access_key, creds.secret_key, creds.token) == ("AKIAEXAMPLEKEYID", secret, token)
