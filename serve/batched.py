@@ -39,7 +39,6 @@ import heapq
 import json
 import logging
 import queue
-import random
 import threading
 import time
 from collections.abc import Iterator
@@ -592,6 +591,9 @@ class BatchedEngine(TextGeneration):
         return g
 
     # -- scheduling -------------------------------------------------------------------------------
+    def prompt_token_limit(self) -> int:
+        return self.max_len - 1
+
     def submit(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams) -> _Request:
         import torch
 

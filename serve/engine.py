@@ -227,10 +227,33 @@ class TextGeneration:
         with self._tokenizer_lock:
             return encode_prompt(messages, self.tokenizer)
 
+    def prompt_token_limit(self) -> int:
+        """The most prompt tokens this engine takes."""
+        raise NotImplementedError
+
+    def _max_token_bytes(self) -> int:
+        """The most UTF-8 bytes any vocabulary entry is written with (at least the bytes it stands for)."""
+        cached = getattr(self, "_token_bytes", None)
+        if cached is None:
+            vocab = self.tokenizer.get_vocab()
+            cached = self._token_bytes = max((len(t.encode("utf-8", "replace")) for t in vocab), default=1)
+        return cached
+
+    def check_prompt_size(self, messages: list[dict[str, str]] | str) -> None:
+        """Refuse, before tokenizing it (under the replica-wide tokenizer lock), text that cannot fit:
+        no token stands for more bytes than the longest vocabulary entry, and a character is at least one
+        byte, so more characters than that times the token limit is too long for certain."""
+        chars = len(messages) if isinstance(messages, str) else sum(len(m.get("content") or "") for m in messages)
+        limit = self.prompt_token_limit()
+        if chars > limit * self._max_token_bytes():
+            raise PromptTooLong(f"the prompt has {chars} characters, more than fit in this engine's {limit} "
+                                "tokens")
+
     def generate(self, messages: list[dict[str, str]] | str, adapter: str | None = None,
                  params: SamplingParams | None = None) -> Iterator[Event]:
         """Text deltas as they decode, then one ``Finished`` with the finish reason and usage."""
         params = params or SamplingParams()
+        self.check_prompt_size(messages)
         prompt_ids = self.encode_chat(messages) if not isinstance(messages, str) else self.encode_text(messages)
         detok, stops = Detokenizer(self.tokenizer), StopMatcher(params.stop)
         n_out, reason = 0, "length"
@@ -334,6 +357,9 @@ class Engine(TextGeneration):
         return nullcontext()
 
     # generation -------------------------------------------------------------------------------
+    def prompt_token_limit(self) -> int:
+        return self.max_positions - 1
+
     def generate_token_ids(self, prompt_ids: list[int], adapter: str | None,
                            params: SamplingParams) -> Iterator[int]:
         """Sampled token ids, one per decode step (KV cache), ending at EOS or max_tokens. Holds the

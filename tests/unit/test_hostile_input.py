@@ -533,3 +533,21 @@ def test_extreme_but_valid_sampling_values_are_served(api: dict, patch: dict) ->
     r = api["http"].post("/v1/chat/completions", headers=api["h"], json=body)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0, r.text
     _ok(api)
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenized(api: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt that cannot fit (more characters than the token limit times the longest vocabulary entry)
+    is a 400 without reaching the tokenizer, whose lock every request of the replica shares; a prompt
+    near the bound still is tokenized and judged by its token count."""
+    engine = api["engine"]
+    calls: list[int] = []
+    real = engine.encode_chat
+    monkeypatch.setattr(engine, "encode_chat", lambda m: calls.append(1) or real(m))
+    big = "x" * (engine.prompt_token_limit() * engine._max_token_bytes() + 1)
+    body = {"model": "base", "messages": [{"role": "user", "content": big}], "max_tokens": 2}
+    _error(api["http"].post("/v1/chat/completions", headers=api["h"], json=body), 400, "context_length_exceeded")
+    assert calls == []
+    body["messages"][0]["content"] = "word " * 3000
+    _error(api["http"].post("/v1/chat/completions", headers=api["h"], json=body), 400, "context_length_exceeded")
+    assert calls == [1]
+    _ok(api)
