@@ -126,8 +126,24 @@ class RetryingClient:
         return call
 
 
+_MLFLOW_IMPORT = threading.Lock()
+
+
+def _import_mlflow() -> None:
+    """Import mlflow once, under a lock. Its package imports are circular: two threads importing different
+    parts of it at once (a serving replica resolving concurrent requests while its catalogue thread lists)
+    see a partially initialised module, fail with ImportError, and leave it broken for the process."""
+    with _MLFLOW_IMPORT:
+        import mlflow  # noqa: F401
+        import mlflow.artifacts  # noqa: F401
+        import mlflow.entities  # noqa: F401
+        import mlflow.exceptions  # noqa: F401
+        import mlflow.tracking  # noqa: F401
+
+
 def _client(uri: str, retry_s: float = 0.0):  # noqa: ANN202
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+    _import_mlflow()
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -145,6 +161,7 @@ def _stores(client: Any) -> tuple[Any, Any]:
 
 
 def _mlflow_errors():  # noqa: ANN202
+    _import_mlflow()
     from mlflow.exceptions import MlflowException
 
     return MlflowException
@@ -345,12 +362,15 @@ class Registry:
     def __init__(self, uri: str, retry_s: float = 0.0, index: Any = None):
         self.uri, self.retry_s, self.index = uri, retry_s, index
         self._client: Any = None  # made on first use: a listing from the catalogue never imports mlflow
+        self._client_lock = threading.Lock()
         self._models: set[str] = set()  # registered models this client made or saw (never deleted here)
 
     @property
     def client(self) -> Any:
         if self._client is None:
-            self._client = _client(self.uri, self.retry_s)
+            with self._client_lock:  # one client for the threads of a serving replica
+                if self._client is None:
+                    self._client = _client(self.uri, self.retry_s)
         return self._client
 
     def _catalogue(self, what: str, fn: Callable[[Any], None]) -> None:
@@ -642,9 +662,17 @@ class Registry:
     def list_from_mlflow(self, tenant: str | None = None) -> list[RegisteredAdapter]:
         """The listing as MLflow has it: the registered models and the versions are each read in pages
         (as many as there are), two searches in all for up to a thousand models and ten thousand
-        versions, whatever the number of adapters."""
+        versions, whatever the number of adapters. MLflow unreachable: RegistryError."""
         if tenant is not None:  # it goes into a filter string: no quotes or LIKE wildcards get there
             check_id(tenant, "tenant")
+        try:
+            return self._list_from_mlflow(tenant)
+        except Exception as e:
+            if transient(e):
+                raise RegistryError(f"the MLflow registry at {self.uri} is unreachable: {e}") from e
+            raise
+
+    def _list_from_mlflow(self, tenant: str | None) -> list[RegisteredAdapter]:
         flt = f"name LIKE 'af.{tenant}.%'" if tenant else "name LIKE 'af.%'"
         adapters: dict[str, RegisteredAdapter] = {}
         for rm in _pages(lambda token: self.client.search_registered_models(
@@ -702,6 +730,7 @@ class Registry:
 
             root = v.tags.get(TAG + "artifact_root") or uri
             return open_store(root).download_dir(uri, dest)
+        _import_mlflow()
         import mlflow.artifacts
 
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest),

@@ -6,6 +6,7 @@ the tenant's HTTP registry lookup (own adapters only, storage internals hidden),
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -223,3 +224,37 @@ def test_a_tenant_sees_only_its_own_lineage() -> None:
     assert lineage == shown
     text = json.dumps(v.public_dict())
     assert not any(val in text for val in internal.values())
+
+
+RACE = '''
+import sys, threading
+from adapterfab.registry import Registry, _mlflow_errors
+from adapterfab.ids import AdapterId
+from adapterfab.errors import RegistryError
+assert "mlflow" not in sys.modules
+reg = Registry("http://127.0.0.1:9")  # nothing listens: every lookup is "unreachable", never an ImportError
+n = 12
+barrier = threading.Barrier(n)
+errors = []
+def one(i):
+    barrier.wait()
+    try:
+        [_mlflow_errors, reg.list, lambda: reg.get(AdapterId.parse("acme/pirate@1"))][i % 3]()
+    except Exception as e:
+        errors.append(f"{type(e).__name__}: {e}")
+threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+[t.start() for t in threads]; [t.join() for t in threads]
+print("\\n".join(errors))
+'''
+
+
+def test_first_mlflow_use_from_many_threads_at_once() -> None:
+    """A serving replica's first requests resolve in several threads while its catalogue thread lists:
+    mlflow's circular package imports, raced, failed with ImportError and left the replica answering
+    503 to every request (found by the fresh-clone make test)."""
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    out = subprocess.run([sys.executable, "-c", RACE], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    errors = [e for e in out.stdout.splitlines() if e]
+    assert len(errors) == 8 and all(e.startswith("RegistryError") for e in errors), errors
+    assert not any("import" in e for e in errors), errors
