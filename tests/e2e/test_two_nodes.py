@@ -1,7 +1,7 @@
 """A batch on a two-node Ray cluster started with `ray start` on this machine: a head and a worker node,
 one CPU each (their own resources), MLflow beside them. `adapterfab submit --address` targets the
-existing cluster through its Jobs API; the batch's two jobs are in training at the same time, one on
-each node (the state database records each job's node), and both register their versions."""
+existing cluster through its Jobs API; the batch starts a resident trainer on each node, its jobs train
+on them (the state database records each job's node) and both register their versions."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def two_nodes(tmp_path: Path, mlflow_server: str):
 
 
 @pytest.mark.timeout(900)
-def test_batch_spreads_over_two_nodes(two_nodes, tiny_model_path: str, mlflow_server: str, tmp_path: Path,
+def test_a_batch_starts_a_trainer_on_each_node(two_nodes, tiny_model_path: str, mlflow_server: str, tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from adapterfab.ids import AdapterId
     from adapterfab.registry import TAG, Registry, Tracking
@@ -84,7 +84,7 @@ def test_batch_spreads_over_two_nodes(two_nodes, tiny_model_path: str, mlflow_se
             "defaults": {"method": {"name": "lora", "r": 4, "dropout": 0.0},
                          "train": {"steps": 40, "batch_size": 4, "learning_rate": 1e-2, "dtype": "float32",
                                    "max_seq_len": 64, "eval_fraction": 0.2}},
-            # one CPU per job, one CPU per node; unfused, so each job needs a node of its own
+            # one CPU per job, one CPU per node; unfused: each trainer (1 CPU) needs a node of its own
             "resources": {"cpus_per_job": 1, "fuse": False}, "tenants": tenants}
     spec_path = tmp_path / "batch.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
@@ -100,14 +100,19 @@ def test_batch_spreads_over_two_nodes(two_nodes, tiny_model_path: str, mlflow_se
     (batch,) = store.list_batches()
     jobs = store.jobs(batch.id)
     assert [j.state.value for j in jobs] == ["SUCCEEDED", "SUCCEEDED"], [j.error for j in jobs]
+    # The batch started a resident trainer on each node at once (two slots, one CPU each). Which trainer
+    # trains which job is the queue's choice: a trainer that is up first may train both jobs before the
+    # other has loaded the base (seen in CI), so the jobs' nodes are not asserted to differ.
+    from ray.util.state import list_actors
+
+    from adapterfab.jobs.trainers import NAME_PREFIX
+
+    trainers = [a for a in list_actors(address=address, filters=[("class_name", "=", "TrainerActor")], detail=True,
+                                       raise_on_missing_output=False)
+                if (a.name or "").startswith(NAME_PREFIX)]
+    assert {a.node_id for a in trainers} == set(nodes), [(a.name, a.node_id, a.state) for a in trainers]
     placed = {j.persona: j.placement["node_id"] for j in jobs}
-    assert set(placed.values()) == set(nodes), placed  # one job on each node
-    # and at the same time: each job's time in training (from TRAINING, worker start-up included, to its
-    # end) overlaps the other's. Their loss curves need not overlap: a 40-step job on the tiny model trains
-    # in ~6 s, less than the spread of Ray Train's start-up on two busy CPUs.
-    north, south = sorted(jobs, key=lambda j: j.persona)
-    assert north.training_started_s < south.ended_s and south.training_started_s < north.ended_s, \
-        [(j.persona, j.training_started_s, j.ended_s) for j in jobs]
+    assert set(placed.values()) <= set(nodes), placed
     tracking = Tracking(mlflow_server)
     assert all(len(tracking.client.get_metric_history(j.mlflow_run_id, "loss")) == 40 for j in jobs)
     registry = Registry(mlflow_server)
