@@ -65,8 +65,8 @@ def two_nodes(tmp_path: Path, mlflow_server: str):
 
 
 @pytest.mark.timeout(900)
-def test_a_batch_on_two_nodes_asks_a_trainer_per_node(two_nodes, tiny_model_path: str, mlflow_server: str, tmp_path: Path,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_batch_on_two_nodes_asks_a_trainer_per_node(two_nodes, tiny_model_path: str, mlflow_server: str,
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from adapterfab.ids import AdapterId
     from adapterfab.registry import TAG, Registry, Tracking
     from adapterfab.settings import Settings
