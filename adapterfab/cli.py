@@ -7,8 +7,9 @@
     adapterfab status [BATCH_ID] [--json]      per-job state, progress, metrics
     adapterfab registry ls|show|promote        the MLflow registry
     adapterfab serve [--port 8000]             the OpenAI-compatible serving app (Ray Serve)
-    adapterfab keys create TENANT              a new API key for a tenant
+    adapterfab keys create TENANT [--expires]  a new API key for a tenant
     adapterfab keys create-operator            a dashboard key that sees every tenant
+    adapterfab keys list|revoke|rotate         key lifecycle (takes effect on running servers)
 """
 
 from __future__ import annotations
@@ -294,7 +295,8 @@ def _wait(s: Settings, batch_id: str, timeout_s: float, finished: Any = None) ->
             return 0 if b.state == "SUCCEEDED" else 1
         if finished is not None and finished() and state.get_batch(batch_id).state not in ("SUCCEEDED", "FAILED"):
             return 1
-        if b.orchestrator_pid and not pid_alive(b.orchestrator_pid) and time.monotonic() - t0 > 10:
+        if b.orchestrator_pid and not pid_alive(b.orchestrator_pid, b.orchestrator_token) \
+                and time.monotonic() - t0 > 10:
             b = state.get_batch(batch_id)
             if b.state not in ("SUCCEEDED", "FAILED"):
                 err.print(f"the orchestrator of {batch_id} died; see {s.logs / (batch_id + '.log')}")
@@ -495,29 +497,96 @@ def registry_export(adapter: str = typer.Argument(..., help="TENANT/PERSONA[@ALI
     out.print(f"{v.id} -> {out_path} ({fmt})")
 
 
-@keys_app.command("create")
-def keys_create(tenant: str = typer.Argument(..., help="tenant id")) -> None:
-    """Create an API key for TENANT; the key is the last token printed (shown once, stored hashed)."""
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str | None, what: str) -> float | None:
+    """``90``, ``90s``, ``15m``, ``12h``, ``30d`` -> seconds; None stays None."""
+    if text is None:
+        return None
+    import re
+
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)", text.strip())
+    if not m or float(m.group(1)) <= 0:
+        _fail(AdapterfabError(f"invalid {what} {text!r}: use a positive number of seconds, or 15m, 12h, 30d"))
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+
+
+def _key_store():  # noqa: ANN202
     from adapterfab.keys import KeyStore
     from adapterfab.state import StateStore
 
-    s = _settings()
+    return KeyStore(StateStore(_settings().state_url))
+
+
+_EXPIRES_HELP = "the key ends after this long (seconds, or 15m, 12h, 30d); default: never"
+
+
+@keys_app.command("create")
+def keys_create(tenant: str = typer.Argument(..., help="tenant id"),
+                expires: Optional[str] = typer.Option(None, "--expires", help=_EXPIRES_HELP)) -> None:
+    """Create an API key for TENANT; the key is the last token printed (shown once, stored hashed)."""
+    ttl = _duration(expires, "--expires")
     try:
-        key = KeyStore(StateStore(s.state_url)).create(tenant)
+        key = _key_store().create(tenant, ttl_s=ttl)
     except AdapterfabError as e:
         _fail(e)
     out.print(f"API key for tenant {tenant} (shown once): {key}")
 
 
 @keys_app.command("create-operator")
-def keys_create_operator() -> None:
+def keys_create_operator(expires: Optional[str] = typer.Option(None, "--expires", help=_EXPIRES_HELP)) -> None:
     """Create an operator key for the dashboard: it sees every tenant's batches and adapters (serving
     refuses it). The key is the last token printed (shown once, stored hashed)."""
-    from adapterfab.keys import KeyStore
-    from adapterfab.state import StateStore
-
-    key = KeyStore(StateStore(_settings().state_url)).create_operator()
+    key = _key_store().create_operator(ttl_s=_duration(expires, "--expires"))
     out.print(f"operator API key (shown once): {key}")
+
+
+@keys_app.command("list")
+def keys_list(tenant: Optional[str] = typer.Option(None, "--tenant", help="only this tenant's keys"),
+              operators: bool = typer.Option(False, "--operators", help="only operator keys"),
+              as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every key's id, tenant (or operator), dates and status (active, expired, revoked); never a secret."""
+    now = time.time()
+    try:
+        keys = _key_store().list(tenant=tenant, operators=operators)
+    except AdapterfabError as e:
+        _fail(e)
+    if as_json:
+        _print_json([k.as_dict(now) for k in keys])
+        return
+    table = Table("key id", "tenant", "created", "expires", "status", "rotated to")
+    stamp = lambda t: "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(t))  # noqa: E731
+    for k in keys:
+        table.add_row(k.key_id, k.tenant or "(operator)", stamp(k.created_s), stamp(k.expires_s), k.status(now),
+                      k.rotated_to or "")
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key: str = typer.Argument(..., help="the key id (as `keys list` shows it) or the key")) -> None:
+    """End a key now: running servers and the dashboard refuse it from their next request."""
+    try:
+        info = _key_store().revoke(key)
+    except AdapterfabError as e:
+        _fail(e)
+    out.print(f"revoked key {info.key_id} ({info.tenant or 'operator'})")
+
+
+@keys_app.command("rotate")
+def keys_rotate(key: str = typer.Argument(..., help="the key id (as `keys list` shows it) or the key"),
+                grace: Optional[str] = typer.Option(None, "--grace",
+                                                    help="the old key keeps working this long (e.g. 1h); default: ends now"),
+                expires: Optional[str] = typer.Option(None, "--expires", help=_EXPIRES_HELP)) -> None:
+    """A new key for the same tenant (or operator); the old one ends now or after --grace. The new key is
+    the last token printed (shown once)."""
+    grace_s = _duration(grace, "--grace") or 0.0
+    try:
+        new, old = _key_store().rotate(key, grace_s=grace_s, ttl_s=_duration(expires, "--expires"))
+    except AdapterfabError as e:
+        _fail(e)
+    ends = "now" if not grace_s else time.strftime("at %Y-%m-%d %H:%M:%S", time.localtime(old.expires_s))
+    out.print(f"key {old.key_id} ends {ends}; new key for {old.tenant or 'operator'} (shown once): {new}")
 
 
 @app.command()
@@ -529,14 +598,20 @@ def serve(port: Optional[int] = typer.Option(None, help="HTTP port (default: the
           registry_catalogue: bool = typer.Option(
               True, "--registry-catalogue/--registry-from-mlflow",
               help="list /v1/models and /v1/registry from the registry catalogue (fast at any size), or "
-                   "from MLflow on every request (sees changes made in MLflow's UI at once)")) -> None:
+                   "from MLflow on every request (sees changes made in MLflow's UI at once)"),
+          tenant_rps: Optional[float] = typer.Option(
+              None, "--tenant-rps", min=0,
+              help="requests per second each tenant may send, on every route (default 50; 0: unlimited)"),
+          tenant_burst: Optional[int] = typer.Option(None, "--tenant-burst", min=1,
+                                                     help="requests a tenant may send at once (default 100)")) -> None:
     """Serve every tenant's adapters from one base model: OpenAI-compatible /v1/chat/completions."""
     from adapterfab.serve.runner import serve_forever
 
     s = _settings()
     try:
         url = serve_forever(s, port=port, base_model=base_model, detach=detach, replicas=replicas, dtype=dtype,
-                            registry_catalogue=registry_catalogue, announce=lambda u: out.print(f"serving on {u}  (OpenAI base_url {u}/v1)"))
+                            registry_catalogue=registry_catalogue, tenant_rps=tenant_rps,
+                            tenant_burst=tenant_burst, announce=lambda u: out.print(f"serving on {u}  (OpenAI base_url {u}/v1)"))
     except AdapterfabError as e:
         _fail(e)
     if detach:

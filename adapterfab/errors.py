@@ -53,3 +53,7 @@ class BaseMismatch(AdapterfabError):
 
 class ReplicaUnavailable(AdapterfabError):
     """The serving replica handling a request died (or none could take it) before it finished."""
+
+
+class ApiKeyError(AdapterfabError):
+    """A key id that names no key, a key that has ended, or a bad lifetime."""

@@ -4,15 +4,24 @@ and compared in constant time. Keys live in the state database, so keys created 
 
 Two kinds: a tenant key (``create``) reaches that tenant's adapters, batches and registry entries;
 an operator key (``create_operator``, role ``operator``) sees every tenant on the dashboard. Serving
-accepts tenant keys only: ``verify`` returns None for an operator key."""
+accepts tenant keys only: ``verify`` returns None for an operator key.
+
+Lifecycle: a key may expire (``ttl_s``); ``revoke`` ends it; ``rotate`` issues a new key of the same
+tenant or role and ends the old one now or after a grace period (clients switch over meanwhile).
+Servers read the store on every request, so each takes effect on running servers at once."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from adapterfab.errors import ApiKeyError
 from adapterfab.ids import check_id
 from adapterfab.state import ApiKeyRow, StateStore
 
@@ -38,22 +47,102 @@ class Principal:
         return self.operator or tenant == self.tenant
 
 
-class KeyStore:
-    def __init__(self, state: StateStore):
-        self.state = state
+_KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
 
-    def _new(self, tenant: str, role: str | None) -> str:
+
+def key_id_of(key_or_id: str) -> str:
+    """The key id in ``af_<key_id>_<secret>``, or ``key_or_id`` itself when it is a bare key id."""
+    text = key_or_id.strip()
+    parts = text.split("_", 2)
+    if len(parts) == 3 and parts[0] == PREFIX:
+        text = parts[1]
+    if not _KEY_ID_RE.fullmatch(text):
+        raise ApiKeyError(f"{key_or_id[:40]!r} is neither a key id (16 hex digits) nor an af_ key")
+    return text
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What ``keys list`` shows: never the key or its hash."""
+
+    key_id: str
+    tenant: str | None  # None: an operator key
+    created_s: float
+    expires_s: float | None
+    revoked_s: float | None
+    rotated_to: str | None
+
+    def status(self, now: float) -> str:
+        if self.revoked_s is not None:
+            return "revoked"
+        if self.expires_s is not None and self.expires_s <= now:
+            return "expired"
+        return "active"
+
+    def as_dict(self, now: float) -> dict[str, Any]:
+        return {"key_id": self.key_id, "tenant": self.tenant, "role": OPERATOR if self.tenant is None else "tenant",
+                "created": self.created_s, "expires": self.expires_s, "revoked": self.revoked_s,
+                "rotated_to": self.rotated_to, "status": self.status(now)}
+
+
+def _info(row: ApiKeyRow) -> KeyInfo:
+    revoked_s = (row.revoked_s or row.created_s) if row.revoked else None
+    return KeyInfo(row.key_id, None if row.role == OPERATOR else row.tenant, row.created_s, row.expires_s,
+                   revoked_s, row.rotated_to)
+
+
+class KeyStore:
+    def __init__(self, state: StateStore, clock: Callable[[], float] = time.time):
+        self.state, self.clock = state, clock
+
+    def _new(self, tenant: str, role: str | None, ttl_s: float | None) -> str:
+        if ttl_s is not None and not ttl_s > 0:
+            raise ApiKeyError(f"a key's lifetime must be positive, not {ttl_s}")
         key_id = secrets.token_hex(8)
         key = f"{PREFIX}_{key_id}_{secrets.token_urlsafe(24)}"
-        self.state.add_key(key_id, tenant, _hash(key), role=role)
+        self.state.add_key(key_id, tenant, _hash(key), role=role,
+                           expires_s=None if ttl_s is None else self.clock() + ttl_s)
         return key
 
-    def create(self, tenant: str) -> str:
-        return self._new(check_id(tenant, "tenant"), None)
+    def create(self, tenant: str, ttl_s: float | None = None) -> str:
+        """A new key for ``tenant``; it expires after ``ttl_s`` seconds (None: never)."""
+        return self._new(check_id(tenant, "tenant"), None, ttl_s)
 
-    def create_operator(self) -> str:
+    def create_operator(self, ttl_s: float | None = None) -> str:
         """A key that sees every tenant's batches and adapters on the dashboard (not a serving key)."""
-        return self._new("", OPERATOR)
+        return self._new("", OPERATOR, ttl_s)
+
+    def list(self, tenant: str | None = None, operators: bool = False) -> list[KeyInfo]:
+        """Every key (``tenant``: that tenant's; ``operators``: operator keys only), oldest first."""
+        if tenant is not None:
+            check_id(tenant, "tenant")
+        return [_info(r) for r in self.state.list_keys(tenant=tenant, role=OPERATOR if operators else None)]
+
+    def revoke(self, key_or_id: str) -> KeyInfo:
+        """End a key now (a running server refuses it from its next request)."""
+        row = self.state.revoke_key(key_id_of(key_or_id), self.clock())
+        if row is None:
+            raise ApiKeyError(f"no key {key_id_of(key_or_id)}")
+        return _info(row)
+
+    def rotate(self, key_or_id: str, grace_s: float = 0.0, ttl_s: float | None = None) -> tuple[str, KeyInfo]:
+        """A new key of the same tenant (or operator role); the old one ends now, or after ``grace_s``
+        seconds while clients switch over. Returns the new key and the old key's record."""
+        if grace_s < 0:
+            raise ApiKeyError(f"the grace period must be 0 or more seconds, not {grace_s}")
+        key_id = key_id_of(key_or_id)
+        row = self.state.key_by_id(key_id)
+        if row is None:
+            raise ApiKeyError(f"no key {key_id}")
+        if row.revoked or (row.expires_s is not None and row.expires_s <= self.clock()):
+            raise ApiKeyError(f"key {key_id} has already ended; create a new one")
+        key = (self.create_operator(ttl_s) if row.role == OPERATOR else self.create(row.tenant, ttl_s))
+        new_id = key_id_of(key)
+        now = self.clock()
+        old = self.state.revoke_key(key_id, now, expires_s=now + grace_s if grace_s > 0 else None,
+                                    rotated_to=new_id)
+        assert old is not None
+        return key, _info(old)
 
     def _row(self, key: str | None) -> ApiKeyRow | None:
         if not key or len(key) > 200:
@@ -62,7 +151,7 @@ class KeyStore:
         if len(parts) != 3 or parts[0] != PREFIX:
             return None
         row = self.state.key_by_id(parts[1])
-        if row is None or row.revoked:
+        if row is None or row.revoked or (row.expires_s is not None and row.expires_s <= self.clock()):
             return None
         return row if hmac.compare_digest(row.sha256, _hash(key)) else None
 

@@ -119,9 +119,35 @@ def start_moto(home: Path, port: int, timeout_s: float = 30) -> Server:
     return Server(proc.pid, port, url, log)
 
 
-def pid_alive(pid: int | None) -> bool:
+def proc_token(pid: int | None) -> str | None:
+    """What identifies process ``pid`` beyond its number: host, boot and start time (``/proc``). A pid
+    recorded with its token is never mistaken for a later process that got the same number (after a
+    reboot, or once pids wrap). None where it cannot be read (no such process, no /proc)."""
+    if not pid:
+        return None
+    try:
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]  # field 22: starttime
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except (OSError, IndexError):
+        return None
+    return f"{socket.gethostname()}:{boot}:{start}"
+
+
+def token_host(token: str | None) -> str | None:
+    return token.split(":", 1)[0] if token else None
+
+
+def pid_alive(pid: int | None, token: str | None = None) -> bool:
+    """Whether ``pid`` runs (a zombie does not); with the ``token`` recorded when it started
+    (``proc_token``), whether it is still that process."""
     if not pid:
         return False
+    if token is not None:
+        if token_host(token) != socket.gethostname():
+            return False  # not a process of this machine: nothing here to check or stop
+        current = proc_token(pid)
+        if current is not None and current != token:
+            return False  # the number now belongs to another process
     try:
         os.kill(pid, 0)
     except OSError:
@@ -138,9 +164,10 @@ def pid_alive(pid: int | None) -> bool:
         return True
 
 
-def stop_pid(pid: int | None, timeout_s: float = 15) -> None:
-    """SIGTERM the process group, then SIGKILL if it lingers."""
-    if not pid_alive(pid):
+def stop_pid(pid: int | None, timeout_s: float = 15, token: str | None = None) -> None:
+    """SIGTERM the process group, then SIGKILL if it lingers; with ``token``, only if ``pid`` is still
+    the process that token was taken from."""
+    if not pid_alive(pid, token):
         return
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:

@@ -36,7 +36,7 @@ TAG = "adapterfab."
 # other tenants' adapter ids), job ids (they name the batch's other tenants on failure) and requests.
 TENANT_LINEAGE = frozenset({
     "tenant", "persona", "method", "rank", "base_fingerprint", "dataset_sha256", "dataset_rows", "dataset_bad_rows",
-    "train_rows", "eval_rows", "batch_id", "code_version", "job_fingerprint", "basis_id", "training", "workers",
+    "train_rows", "eval_rows", "eval_sha256", "batch_id", "code_version", "job_fingerprint", "basis_id", "training", "workers",
     "zero_stage", "lora_xs.needs_basis"})
 TENANT_LINEAGE_PREFIXES = ("method.", "metric.", "promotion.", "quantization.")
 
@@ -221,6 +221,22 @@ class RegisteredAdapter:
     def public_dict(self) -> dict[str, Any]:
         return {"id": str(self.id), "persona": self.id.persona, "aliases": self.aliases,
                 "versions": [v.public_dict() for v in self.versions]}
+
+    def resolve(self, aid: AdapterId) -> AdapterVersion:
+        """``aid`` among these versions, by ``Registry.resolve``'s rules (a bare id: production, else
+        candidate, else the newest)."""
+        if aid.version is not None:
+            number: int | None = aid.version
+        elif aid.alias is not None:
+            number = self.aliases.get(aid.alias)
+        else:
+            number = self.aliases.get(PRODUCTION, self.aliases.get(CANDIDATE))
+            if number is None and self.versions:
+                number = self.versions[-1].id.version
+        for v in self.versions:
+            if v.id.version == number:
+                return v
+        raise AdapterNotFound(f"no adapter {aid}")
 
 
 class Tracking:
@@ -472,6 +488,22 @@ class Registry:
         if not versions:
             raise AdapterNotFound(f"no adapter {aid}")
         return versions[-1]
+
+    def resolve_from_catalogue(self, aid: AdapterId) -> AdapterVersion:
+        """``resolve`` from the registry's catalogue in the state database: what serving answers with
+        while MLflow is unreachable (the catalogue holds every change adapterfab made). RegistryError when
+        there is no complete catalogue to answer from."""
+        try:
+            if self.index is None or not self.index.complete():
+                raise RegistryError("no complete registry catalogue to resolve from")
+            ra = self.index.adapter(aid)
+        except RegistryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the state database failing too
+            raise RegistryError(f"the registry catalogue cannot be read: {e}") from e
+        if ra is None:
+            raise AdapterNotFound(f"no adapter {aid}")
+        return ra.resolve(aid)
 
     def _aliases(self, aid: AdapterId) -> dict[str, int]:
         try:

@@ -2,7 +2,8 @@
 instead of paging MLflow's REST search, which costs ~8 ms a version on the local server (10,000
 versions: over a minute) because every version's tags travel as JSON through protobuf both ways.
 
-MLflow stays the registry of record: serving resolves aliases there, never here; `registry ls`, the
+MLflow stays the registry of record: serving resolves aliases there, and here only while MLflow is
+unreachable (``Registry.resolve_from_catalogue``); `registry ls`, the
 dashboard's registry pages and the server's listings (`/v1/models`, `/v1/registry`) read the catalogue
 (a serving ingress completes an incomplete one in the background). The catalogue is
 written by ``Registry`` after each change adapterfab makes (a version registered, an alias moved,
@@ -84,14 +85,22 @@ class RegistryIndex:
             c.execute(delete(RegistryIndexMetaRow).where(RegistryIndexMetaRow.key == COMPLETE))
             c.execute(RegistryIndexMetaRow.__table__.insert().values(key=COMPLETE, value=started))
 
-    def list(self, tenant: str | None = None) -> list[Any]:
-        """Every catalogued adapter (of ``tenant``) as ``Registry.list`` returns it."""
+    def adapter(self, aid: AdapterId) -> Any:
+        """One catalogued adapter (``RegisteredAdapter``, every version), or None."""
+        found = self.list(name=aid.registry_name)
+        return found[0] if found else None
+
+    def list(self, tenant: str | None = None, name: str | None = None) -> list[Any]:
+        """Every catalogued adapter (of ``tenant``; or the one registered as ``name``) as ``Registry.list``
+        returns it."""
         from adapterfab.registry import AdapterVersion, RegisteredAdapter
 
         m, v = RegistryModelRow, RegistryVersionRow
         models, versions = select(m.name, m.aliases), select(v.name, v.version, v.source, v.run_id, v.tags, v.created_s)
         if tenant is not None:
             models, versions = models.where(m.tenant == tenant), versions.where(v.tenant == tenant)
+        if name is not None:
+            models, versions = models.where(m.name == name), versions.where(v.name == name)
         with self.engine.connect() as c:
             out = {name: RegisteredAdapter(AdapterId.from_registry_name(name), {a: int(n) for a, n in aliases.items()})
                    for name, aliases in c.execute(models)}

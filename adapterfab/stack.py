@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterfab.errors import StackError
-from adapterfab.procs import (SERVER_START_TIMEOUT_S, free_port, pid_alive, port_open, start_mlflow, stop_pid,
-                              wait_http)
+from adapterfab.procs import (SERVER_START_TIMEOUT_S, free_port, pid_alive, port_open, proc_token, start_mlflow,
+                              stop_pid, wait_http)
 from adapterfab.settings import (DEFAULT_DASHBOARD_PORT, DEFAULT_MLFLOW_PORT, DEFAULT_RAY_PORT,
                                  DEFAULT_SERVE_PORT, DEFAULT_UI_PORT, Settings)
 
@@ -58,8 +58,14 @@ def read_stack(settings: Settings) -> dict | None:
         return None
 
 
+def _token(info: dict, key: str) -> str | None:
+    """The start token recorded with ``info[key]`` (a stack from before tokens has none)."""
+    return (info.get("proc_tokens") or {}).get(key)
+
+
 def stack_alive(info: dict | None) -> bool:
-    return bool(info) and pid_alive(info.get("ray_pid")) and pid_alive(info.get("mlflow_pid"))
+    return bool(info) and pid_alive(info.get("ray_pid"), _token(info, "ray_pid")) \
+        and pid_alive(info.get("mlflow_pid"), _token(info, "mlflow_pid"))
 
 
 def _start_ray(settings: Settings, port: int, dashboard_port: int, client_port: int, num_cpus: int | None) -> int:
@@ -121,7 +127,7 @@ def up(settings: Settings, mlflow_port: int | None = None, ray_port: int | None 
     current = read_stack(settings)
     if stack_alive(current):
         info = StackInfo(**{k: current[k] for k in StackInfo.__dataclass_fields__ if k in current})
-        if not pid_alive(info.ui_pid):  # a stack from before the UI existed, or the UI died: same port
+        if not pid_alive(info.ui_pid, _token(current, "ui_pid")):  # no UI yet, or it died: same port
             recorded = int(info.ui_url.rsplit(":", 1)[1]) if info.ui_url else None
             _start_ui(settings, info, ui_port or recorded)
         return info
@@ -143,7 +149,9 @@ def up(settings: Settings, mlflow_port: int | None = None, ray_port: int | None 
                      mlflow_pid=mlflow.pid, serve_url=f"http://127.0.0.1:{serve_port}", serve_port=serve_port)
     # the addresses `submit --address` takes: the Jobs API (dashboard) and the Ray Client server
     settings.stack_file.write_text(json.dumps({**info.__dict__,
-                                              "ray_client_address": f"ray://127.0.0.1:{client_port}"}, indent=1))
+                                              "ray_client_address": f"ray://127.0.0.1:{client_port}",
+                                              "proc_tokens": {"ray_pid": proc_token(ray_pid),
+                                                              "mlflow_pid": proc_token(mlflow.pid)}}, indent=1))
     try:
         wait_http(info.dashboard_url, 60)
     except StackError:
@@ -160,21 +168,30 @@ def down(settings: Settings) -> list[str]:
         from adapterfab.state import StateStore
 
         for b in StateStore(settings.state_url).list_batches(limit=200):
-            if b.state in ("PENDING", "RUNNING") and pid_alive(b.orchestrator_pid):
-                stop_pid(b.orchestrator_pid, timeout_s=5)
+            token = b.orchestrator_token
+            if b.state in ("PENDING", "RUNNING") and pid_alive(b.orchestrator_pid, token):
+                stop_pid(b.orchestrator_pid, timeout_s=5, token=token)
                 stopped.append(f"orchestrator of {b.id}")
     except Exception:  # noqa: BLE001 - no state db yet
         pass
+    # a recorded pid is stopped only while it is still the process that was recorded (its start token):
+    # after a reboot the number may belong to anything
     for name, key in (("ui", "ui_pid"), ("ray", "ray_pid"), ("mlflow", "mlflow_pid"), ("serve", "serve_pid")):
         pid = info.get(key)
-        if pid and pid_alive(pid):
-            stop_pid(pid, timeout_s=10)
+        if pid and pid_alive(pid, _token(info, key)):
+            stop_pid(pid, timeout_s=10, token=_token(info, key))
             stopped.append(name)
     settings.stack_file.unlink(missing_ok=True)
     return stopped
 
 
 def record(settings: Settings, **fields: object) -> None:
+    """Add ``fields`` to stack.json; a ``*_pid`` field gets its process's start token beside it."""
     info = read_stack(settings) or {}
     info.update(fields)
+    tokens = dict(info.get("proc_tokens") or {})
+    for k, v in fields.items():
+        if k.endswith("_pid") and isinstance(v, int):
+            tokens[k] = proc_token(v)
+    info["proc_tokens"] = tokens
     settings.stack_file.write_text(json.dumps(info, indent=1))

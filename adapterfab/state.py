@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import JSON, Float, Integer, String, Text, create_engine, event, select
@@ -33,6 +34,9 @@ class BatchRow(Base):
     base_model: Mapped[str] = mapped_column(Text, default="")
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     orchestrator_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # host, boot and start time of that pid (procs.proc_token): a later process with the same number is
+    # never taken for the orchestrator (claim_batch, `adapterfab down`)
+    orchestrator_token: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_s: Mapped[float] = mapped_column(Float, default=time.time)
     started_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     ended_s: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -81,6 +85,9 @@ class ApiKeyRow(Base):
     created_s: Mapped[float] = mapped_column(Float, default=time.time)
     revoked: Mapped[int] = mapped_column(Integer, default=0)
     role: Mapped[str | None] = mapped_column(String(16), nullable=True)  # None: a tenant key; "operator"
+    expires_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # None: never expires
+    revoked_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # when it was revoked
+    rotated_to: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the key id that replaced it
 
 
 # the registry's catalogue (adapterfab/registry_index.py): MLflow is the registry of record ------
@@ -166,6 +173,21 @@ class StateStore:
                 dbapi_conn.execute("PRAGMA busy_timeout=30000")
         Base.metadata.create_all(self.engine)
         _add_missing_columns(self.engine)
+        # read-check-write transactions (job moves, batch claims) lock before they read: SQLite's
+        # BEGIN IMMEDIATE on an engine of their own; elsewhere SELECT ... FOR UPDATE (with_for_update)
+        self._locking = self.engine
+        if url.startswith("sqlite:///") and ":memory:" not in url:  # (an in-memory database is one connection's)
+            self._locking = create_engine(url, connect_args={"timeout": 30})
+
+            @event.listens_for(self._locking, "connect")
+            def _manual(dbapi_conn, _rec):  # noqa: ANN001 - SQLAlchemy emits BEGIN, not the driver
+                dbapi_conn.isolation_level = None
+                dbapi_conn.execute("PRAGMA journal_mode=WAL")
+                dbapi_conn.execute("PRAGMA busy_timeout=30000")
+
+            @event.listens_for(self._locking, "begin")
+            def _immediate(conn):  # noqa: ANN001
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     # batches ----------------------------------------------------------------------------------
     def create_batch(self, batch_id: str, name: str, spec_text: str, spec_path: str, base_model: str,
@@ -186,6 +208,47 @@ class StateStore:
                 raise StateError(f"no batch {batch_id!r}; `adapterfab status` lists batches")
             s.expunge(row)
             return row
+
+    def claim_batch(self, batch_id: str, pid: int, token: str | None,
+                    alive: Callable[[int | None, str | None], bool]) -> BatchRow | None:
+        """Make ``pid`` (with its start ``token``) the batch's one orchestrator, atomically: None (and
+        nothing changed) while another live orchestrator holds it (``alive(pid, token)``), else the
+        batch as it was before the claim. Two orchestrators started at once for one batch (two
+        ``submit --resume``) cannot both run it."""
+        with Session(self._locking, expire_on_commit=False) as s, s.begin():
+            row = s.get(BatchRow, batch_id, with_for_update=True)
+            if row is None:
+                raise StateError(f"no batch {batch_id!r}; `adapterfab status` lists batches")
+            held = row.orchestrator_pid
+            if held and (held, row.orchestrator_token) != (pid, token) and alive(held, row.orchestrator_token):
+                return None
+            before = {c: getattr(row, c) for c in ("state", "orchestrator_pid", "orchestrator_token")}
+            row.orchestrator_pid, row.orchestrator_token = pid, token
+            s.flush()
+            s.expunge(row)
+        for k, v in before.items():
+            setattr(row, k, v)
+        return row
+
+    def reopen_batch(self, batch_id: str, alive: Callable[[int | None, str | None], bool]) -> list[JobView]:
+        """``submit --resume``: the batch back to PENDING, atomically refused (StateError) while a live
+        orchestrator holds it. Returns its unfinished jobs (none: the batch is marked SUCCEEDED)."""
+        with Session(self._locking, expire_on_commit=False) as s, s.begin():
+            row = s.get(BatchRow, batch_id, with_for_update=True)
+            if row is None:
+                raise StateError(f"no batch {batch_id!r}; `adapterfab status` lists batches")
+            if row.state in (BatchState.PENDING.value, BatchState.RUNNING.value) \
+                    and alive(row.orchestrator_pid, row.orchestrator_token):
+                raise StateError(f"batch {batch_id} is still running (orchestrator pid {row.orchestrator_pid}); "
+                                 "`adapterfab status` follows it")
+            todo = [_view(j) for j in s.scalars(select(JobRow).where(JobRow.batch_id == batch_id))
+                    if j.state != JobState.SUCCEEDED.value]
+            if todo:  # the next orchestrator claims it (claim_batch)
+                row.state, row.ended_s, row.error = BatchState.PENDING.value, None, None
+                row.orchestrator_pid = row.orchestrator_token = None
+            elif row.state != BatchState.SUCCEEDED.value:
+                row.state, row.ended_s, row.error = BatchState.SUCCEEDED.value, time.time(), None
+        return todo
 
     def list_batches(self, limit: int = 50) -> list[BatchRow]:
         with Session(self.engine, expire_on_commit=False) as s:
@@ -235,9 +298,10 @@ class StateStore:
             return _view(row)
 
     def move_job(self, job_id: str, new: JobState, **fields: Any) -> JobView:
-        """The one place a job changes state: checks the transition, records it, logs it."""
-        with Session(self.engine) as s, s.begin():
-            row = s.get(JobRow, job_id)
+        """The one place a job changes state: checks the transition, records it, logs it (the row locked
+        from the read to the write: two processes cannot both make the same move)."""
+        with Session(self._locking) as s, s.begin():
+            row = s.get(JobRow, job_id, with_for_update=True)
             if row is None:
                 raise StateError(f"no job {job_id!r}")
             old = _apply_move(row, new, time.time(), fields)
@@ -248,8 +312,8 @@ class StateStore:
     def move_jobs(self, job_ids: list[str], new: JobState, **fields: Any) -> None:
         """``move_job`` for several jobs in one transaction (a fused group entering TRAINING)."""
         moved = []
-        with Session(self.engine) as s, s.begin():
-            rows = {r.id: r for r in s.scalars(select(JobRow).where(JobRow.id.in_(job_ids)))}
+        with Session(self._locking) as s, s.begin():
+            rows = {r.id: r for r in s.scalars(select(JobRow).where(JobRow.id.in_(job_ids)).with_for_update())}
             now = time.time()
             for jid in job_ids:
                 row = rows.get(jid)
@@ -286,15 +350,47 @@ class StateStore:
                 setattr(row, k, v)
 
     # api keys ---------------------------------------------------------------------------------
-    def add_key(self, key_id: str, tenant: str, sha256: str, role: str | None = None) -> None:
+    def add_key(self, key_id: str, tenant: str, sha256: str, role: str | None = None,
+                expires_s: float | None = None) -> None:
         with Session(self.engine) as s, s.begin():
-            s.add(ApiKeyRow(key_id=key_id, tenant=tenant, sha256=sha256, role=role))
+            s.add(ApiKeyRow(key_id=key_id, tenant=tenant, sha256=sha256, role=role, expires_s=expires_s))
 
     def key_by_id(self, key_id: str) -> ApiKeyRow | None:
         with Session(self.engine, expire_on_commit=False) as s:
             row = s.get(ApiKeyRow, key_id)
             if row is not None:
                 s.expunge(row)
+            return row
+
+    def list_keys(self, tenant: str | None = None, role: str | None = None) -> list[ApiKeyRow]:
+        """Keys, oldest first: a tenant's (``tenant``), operator keys (``role``), or all."""
+        with Session(self.engine, expire_on_commit=False) as s:
+            q = select(ApiKeyRow).order_by(ApiKeyRow.created_s, ApiKeyRow.key_id)
+            if tenant is not None:
+                q = q.where(ApiKeyRow.tenant == tenant, ApiKeyRow.role.is_(None))
+            if role is not None:
+                q = q.where(ApiKeyRow.role == role)
+            rows = list(s.scalars(q))
+            s.expunge_all()
+            return rows
+
+    def revoke_key(self, key_id: str, now: float, expires_s: float | None = None,
+                   rotated_to: str | None = None) -> ApiKeyRow | None:
+        """Revoke a key now, or (``expires_s``) let it expire then if that is sooner than it would.
+        None: no such key."""
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            row = s.get(ApiKeyRow, key_id)
+            if row is None:
+                return None
+            if expires_s is None:
+                if not row.revoked:
+                    row.revoked, row.revoked_s = 1, now
+            elif row.expires_s is None or expires_s < row.expires_s:
+                row.expires_s = expires_s
+            if rotated_to is not None:
+                row.rotated_to = rotated_to
+            s.flush()
+            s.expunge(row)
             return row
 
     def dump(self, batch_id: str) -> dict[str, Any]:

@@ -147,6 +147,15 @@ class ArtifactStore(ABC):
         return local_dir
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's bytes, or a folder's entries (a rename in it), to disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class LocalStore(ArtifactStore):
     def __init__(self, root: str | Path):
         self.path = Path(str(root).removeprefix("file://")).expanduser().resolve()
@@ -159,11 +168,16 @@ class LocalStore(ArtifactStore):
         return p
 
     def put_file(self, local: Path, key: str) -> None:
+        """Copied beside, flushed to disk, then renamed into place and the folder flushed: a file (and
+        the manifest, written last) that exists after a crash or power loss is whole, so a version is
+        never registered over bytes the disk had not kept."""
         dest = self._p(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + f".part{os.getpid()}")
         shutil.copyfile(local, tmp)
+        fsync_path(tmp)
         os.replace(tmp, dest)
+        fsync_path(dest.parent)
 
     def get_file(self, key: str, local: Path) -> None:
         src = self._p(key)

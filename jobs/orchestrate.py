@@ -78,19 +78,14 @@ def prepare_resume(settings: Settings, batch_id: str) -> int:
     orchestrator starts (``prepare_job``). Returns how many jobs are left to run."""
     from adapterfab.procs import pid_alive
 
-    state = StateStore(settings.state_url)
-    b = state.get_batch(batch_id)
-    if b.state in (BatchState.PENDING.value, BatchState.RUNNING.value) and pid_alive(b.orchestrator_pid):
-        raise AdapterfabError(f"batch {batch_id} is still running (orchestrator pid {b.orchestrator_pid}); "
-                              "`adapterfab status` follows it")
-    todo = [j for j in state.jobs(batch_id) if j.state != JobState.SUCCEEDED]
-    if not todo:
-        if b.state != BatchState.SUCCEEDED.value:
-            state.update_batch(batch_id, state=BatchState.SUCCEEDED, ended_s=time.time(), error=None)
-        return 0
-    state.update_batch(batch_id, state=BatchState.PENDING, ended_s=None, error=None, orchestrator_pid=None)
-    log.info("batch %s: resuming %d unfinished job(s)", batch_id, len(todo))
+    todo = StateStore(settings.state_url).reopen_batch(batch_id, pid_alive)  # atomic check and reopen
+    if todo:
+        log.info("batch %s: resuming %d unfinished job(s)", batch_id, len(todo))
     return len(todo)
+
+
+class BatchHeld(AdapterfabError):
+    """Another live orchestrator runs the batch (two `submit --resume` at once): this one stands down."""
 
 
 def launch_detached(settings: Settings, batch_id: str) -> int:
@@ -100,8 +95,7 @@ def launch_detached(settings: Settings, batch_id: str) -> int:
     proc = subprocess.Popen([sys.executable, "-m", "adapterfab.jobs.orchestrate", batch_id],
                             stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "ADAPTERFAB_HOME": str(settings.home)})
-    StateStore(settings.state_url).update_batch(batch_id, orchestrator_pid=proc.pid)
-    return proc.pid
+    return proc.pid  # it claims the batch itself (StateStore.claim_batch): one orchestrator per batch
 
 
 _CODE_VERSION: str | None = None
@@ -327,6 +321,17 @@ def load_plan(batch: Any, spec: BatchSpec, jobs: list[JobSpec], base_path: str) 
 
 
 def run_batch(settings: Settings, batch_id: str) -> BatchState:
+    from adapterfab.procs import pid_alive, proc_token
+
+    state = StateStore(settings.state_url)  # the claim first: `submit --wait` follows this pid from here
+    batch = state.claim_batch(batch_id, os.getpid(), proc_token(os.getpid()), pid_alive)
+    if batch is None:
+        held = state.get_batch(batch_id)
+        raise BatchHeld(f"batch {batch_id} is run by orchestrator pid {held.orchestrator_pid}; not starting another")
+    if BatchState(batch.state).terminal:  # reopened, then finished by the orchestrator that won the claim
+        log.warning("batch %s already ended %s; nothing to run", batch_id, batch.state)
+        return BatchState(batch.state)
+
     import ray
     from transformers import AutoTokenizer
 
@@ -334,9 +339,6 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
     from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard
     from adapterfab.jobs.plan import balanced_groups, concurrency, execution_groups, starter_groups
     from adapterfab.jobs.trainers import TrainerPool
-
-    state = StateStore(settings.state_url)
-    batch = state.get_batch(batch_id)
     spec, jobs = parse_spec(batch.spec_text, root=Path(batch.spec_path).parent if batch.spec_path else None)
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a Ray Job (`submit --address`) runs in the home:
         # it starts in its unpacked working_dir, which the runtime-env agent of another node on the same
@@ -344,8 +346,7 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
         # peft, at the first registration) read the cwd (the spec's relative paths are resolved above)
         settings.home.mkdir(parents=True, exist_ok=True)
         os.chdir(settings.home)
-    state.update_batch(batch_id, state=BatchState.RUNNING, started_s=time.time(), error=None,
-                       orchestrator_pid=os.getpid())
+    state.update_batch(batch_id, state=BatchState.RUNNING, started_s=time.time(), error=None)
     factory = pool = None
     try:
         if not settings.mlflow_uri:
@@ -409,7 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m adapterfab.jobs.orchestrate BATCH_ID", file=sys.stderr)
         return 2
-    final = run_batch(Settings.load(), argv[0])
+    try:
+        final = run_batch(Settings.load(), argv[0])
+    except BatchHeld as e:
+        log.warning("%s", e)
+        return 3
     return 0 if final == BatchState.SUCCEEDED else 1
 
 

@@ -85,12 +85,22 @@ def fail_job(ctx: BatchContext, jid: str, run_id: str | None, e: BaseException) 
 
 def gate_decision(registry: Any, version: Any, metrics: dict[str, Any], policy: Any) -> Any:
     """The promotion decision for ``version`` against the base and the current production version."""
-    from adapterfab.promotion import decide
+    from adapterfab.promotion import Decision, decide
 
     prod = registry.production(version.id)
     production = None
     if prod is not None and prod.id.version != version.id.version:
         production = (prod.id.version, prod.metrics.get(policy.metric))
+        mine, theirs = (v.tags.get("adapterfab.eval_sha256") for v in (version, prod))
+        if mine and theirs and mine != theirs:  # figures measured on different rows say nothing of each other
+            against_base = decide(policy, metrics, None)
+            if not against_base.promoted:
+                return against_base
+            return Decision(False, f"production v{prod.id.version} was evaluated on other rows than this "
+                                   f"version (a different eval split), so their {policy.metric} figures cannot "
+                                   f"be compared; {against_base.reason}. Promote it by hand after review "
+                                   f"(`adapterfab registry promote {version.id.unversioned()} {version.id.version} "
+                                   "--force`)", policy.metric, against_base.value, against_base.references)
     return decide(policy, metrics, production)
 
 
@@ -120,7 +130,8 @@ def register_job(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], adapte
             "base_model": ctx.spec.base_model, "base_fingerprint": ctx.base.fingerprint,
             "dataset": job.dataset, "dataset_sha256": stats["sha256"], "dataset_rows": stats["total_rows"],
             "dataset_bad_rows": stats["bad_rows"], "train_rows": stats["train_rows"],
-            "eval_rows": stats["eval_rows"], "batch_id": ctx.batch_id, "job_id": jid,
+            "eval_rows": stats["eval_rows"], "eval_sha256": stats.get("eval_sha256", ""),
+            "batch_id": ctx.batch_id, "job_id": jid,
             "code_version": code_version(), "job_fingerprint": p.fingerprint,
             "artifact_uri": artifact_uri, "artifact_root": store.root,
             **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, float)},

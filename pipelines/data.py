@@ -66,6 +66,9 @@ class DataStats:
     truncated_rows: int  # usable rows cut at max_seq_len
     train_tokens: int  # sum of sequence lengths in the train split
     sha256: str  # of the raw file bytes
+    # which rows the eval split holds (their content hashes and token counts): two versions whose eval
+    # figures share it were measured on the same rows, so the promotion gate may compare them
+    eval_sha256: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -267,6 +270,13 @@ def _within(timeout_s: float, uri: str, work: Callable[[], T]) -> T:
     return result["value"]
 
 
+def _rows_fingerprint(scores: np.ndarray, num_tokens: np.ndarray) -> str:
+    """The identity of a set of rows, whatever their order: each row's split score (a hash of its
+    messages and the split seed) with its token count (after truncation), sorted."""
+    pairs = sorted(zip(scores.tolist(), num_tokens.tolist()))
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:32]
+
+
 def _check_and_split(uri: str, s: dict[str, np.ndarray], sha: str, eval_fraction: float,
                      max_bad_row_fraction: float) -> tuple[DataStats, tuple[int, int], np.ndarray, np.ndarray]:
     """A tokenized file's rows (``_summary``'s columns) checked against the bad-row limit and split:
@@ -292,6 +302,7 @@ def _check_and_split(uri: str, s: dict[str, np.ndarray], sha: str, eval_fraction
         train_rows=int(train_mask.sum()), eval_rows=int(eval_mask.sum()),
         truncated_rows=int((s["truncated"] & ok).sum()),
         train_tokens=int(s["num_tokens"][train_mask].sum()), sha256=sha,
+        eval_sha256=_rows_fingerprint(s["score"][eval_mask], s["num_tokens"][eval_mask]),
     )
     return stats, (forced_eval, forced_train), train_mask, eval_mask
 

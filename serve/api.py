@@ -10,6 +10,7 @@ tenant gets a token bucket; over it, a 429 in OpenAI's error shape with ``Retry-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -202,7 +203,9 @@ def _validation_error(errors: list[dict[str, Any]]) -> ApiError:
 
 class ResolveCache:
     """Resolutions (including 'not found') live ``ttl_s`` seconds: short enough that an alias move
-    is followed without a restart, long enough to keep the registry off the hot path."""
+    is followed without a restart, long enough to keep the registry off the hot path. While the
+    registry is unreachable, an expired resolution is served as it was (stale but valid: the version
+    it names exists) and retried after another ``ttl_s``; only an id never resolved gets a 503."""
 
     def __init__(self, resolver: Callable[[AdapterId], AdapterVersion], ttl_s: float,
                  clock: Callable[[], float] = time.monotonic,
@@ -222,8 +225,12 @@ class ResolveCache:
             version = None
         except BaseMismatch as e:
             raise ApiError(400, str(e), param="model", code="adapter_base_mismatch") from None
-        except RegistryError as e:  # the registry is down: say so, and cache nothing
-            log.warning("registry lookup of %s failed: %s", aid, e)
+        except RegistryError as e:
+            if hit is not None:  # the registry is down: keep answering as before, ask again in ttl_s
+                log.warning("registry lookup of %s failed (%s); serving its last resolution", aid, e)
+                self._entries[aid] = (now + self.ttl_s, hit[1])
+                return hit[1]
+            log.warning("registry lookup of %s failed: %s", aid, e)  # nothing to answer with: say so
             raise ApiError(503, "The adapter registry is unavailable; retry shortly.", type_="server_error",
                            code="registry_unavailable") from None
         if len(self._entries) >= _RESOLVE_CACHE_MAX_ENTRIES:
@@ -305,6 +312,7 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
         if path_tenant is not None and path_tenant != tenant:
             raise ApiError(404, "Not found.", code="not_found")
+        limit(tenant)  # every route a tenant reaches counts against its rate
         return tenant
 
     def limit(tenant: str) -> None:
@@ -330,7 +338,6 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
     async def generation(request: Request, path_tenant: str | None, kind: str) -> Any:
         """``kind``: "chat" (messages, the chat template) or "text" (a raw prompt)."""
         tenant = await tenant_of(request, path_tenant)
-        limit(tenant)
         body = await _json_body(request, max_request_bytes)
         if not isinstance(body, dict):
             raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
@@ -345,7 +352,8 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         meta = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": shown_model}
         for attempt in range(1, REPLAYS + 2):
-            events = backend.generate(version_key, version, prompt, req.sampling()).__aiter__()
+            events = backend.generate(version_key, version, prompt,
+                                      dataclasses.replace(req.sampling(), tenant=tenant)).__aiter__()
             try:
                 first = await _first_event(events, req.model, tenant)  # errors before any byte is sent
                 if req.stream:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,10 @@ from adapterfab.serve.engine import DTYPES, Event, SamplingParams
 log = logging.getLogger("adapterfab.serve.app")
 
 APP_NAME = "adapterfab"
+
+
+DEFAULT_TENANT_RPS = 50.0
+DEFAULT_TENANT_BURST = 100
 
 
 @dataclass(frozen=True)
@@ -59,8 +65,10 @@ class ServeConfig:
     max_replicas: int | None = None
     target_ongoing_requests: int = 8
     graceful_shutdown_s: float = 30.0  # a replica that is scaled down finishes its requests first
-    tenant_rps: float | None = None  # per-tenant rate limit (requests/s, token bucket); None: unlimited
-    tenant_burst: int = 20
+    # per-tenant rate limit on every route (requests/s, token bucket of tenant_burst); None or 0: unlimited
+    tenant_rps: float | None = DEFAULT_TENANT_RPS
+    tenant_burst: int = DEFAULT_TENANT_BURST
+    tenant_max_rows: int | None = None  # batched: rows one tenant may hold (None: 3/4 of max_batch; 0: all)
     tenant_rps_overrides: dict = field(default_factory=dict)  # tenant -> requests/s
     # /v1/models and /v1/registry list from the registry's catalogue in the state database (a tenant's
     # listing costs one indexed query however many other tenants there are); False: from MLflow on every
@@ -90,7 +98,8 @@ class EngineDeployment:
                                              max_batch=cfg.max_batch, max_len=cfg.max_len,
                                              max_adapters=cfg.max_adapters_per_replica, max_rank=cfg.max_rank,
                                              torch_threads=cfg.torch_threads,
-                                             cuda_graphs=cfg.cuda_graphs and device == "cuda")
+                                             cuda_graphs=cfg.cuda_graphs and device == "cuda",
+                                             tenant_max_rows=cfg.tenant_max_rows)
             self.tiers = AdapterTiers(self.engine, lambda key: download_native(self.registry, key,
                                                                                 cfg.adapter_cache_dir),
                                       cpu_bytes=cfg.cpu_cache_mb << 20)
@@ -245,6 +254,10 @@ class Ingress:
         from adapterfab.serve.api import make_api
         from adapterfab.state import StateStore
 
+        # a lookup with MLflow down fails within seconds (then the catalogue answers), not after MLflow's
+        # default retries and 120 s timeout (this replica's process only)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         state = StateStore(self.cfg.state_url)
         keys = KeyStore(state)
         registry = Registry(self.cfg.mlflow_uri, index=RegistryIndex(state) if self.cfg.registry_catalogue else None)
@@ -286,12 +299,30 @@ def complete_catalogue(registry: Any) -> threading.Thread | None:
     return t
 
 
-def checked_resolver(registry: Any, base_fingerprint: str | None) -> Any:
-    """``registry.resolve`` that refuses versions whose recorded base fingerprint is not ours."""
-    from adapterfab.errors import BaseMismatch
+REGISTRY_BACKOFF_S = 5.0  # after MLflow failed a lookup, lookups go to the catalogue this long
+
+
+def checked_resolver(registry: Any, base_fingerprint: str | None, clock: Any = time.monotonic,
+                     backoff_s: float = REGISTRY_BACKOFF_S) -> Any:
+    """``registry.resolve`` that refuses versions whose recorded base fingerprint is not ours. While
+    MLflow is unreachable it resolves from the registry's catalogue in the state database (what
+    adapterfab last registered and promoted), and asks MLflow again only after ``backoff_s`` so requests
+    do not each wait out a dead connection."""
+    from adapterfab.errors import BaseMismatch, RegistryError
+
+    down_until = [0.0]
+
+    def lookup(aid: Any) -> AdapterVersion:
+        if clock() >= down_until[0]:
+            try:
+                return registry.resolve(aid)
+            except RegistryError as e:
+                down_until[0] = clock() + backoff_s
+                log.warning("MLflow lookup of %s failed (%s); resolving from the registry catalogue", aid, e)
+        return registry.resolve_from_catalogue(aid)  # RegistryError when it cannot answer either
 
     def resolve(aid: Any) -> AdapterVersion:
-        v = registry.resolve(aid)
+        v = lookup(aid)
         fp = v.tags.get("adapterfab.base_fingerprint")
         if base_fingerprint and fp and fp != base_fingerprint:
             raise BaseMismatch(f"adapter {v.id} was trained on base weights {fp[:12]}..., but this server "
@@ -321,7 +352,7 @@ _BUILDER_OPTIONAL: dict[str, type] = {
     "max_adapters_per_replica": int, "adapter_cache_dir": str, "torch_threads": int, "resolve_ttl_s": float,
     "engine": str, "max_batch": int, "max_len": int, "max_rank": int, "cpu_cache_mb": int, "min_replicas": int,
     "max_replicas": int, "target_ongoing_requests": int, "graceful_shutdown_s": float, "tenant_rps": float,
-    "tenant_burst": int, "tenant_rps_overrides": dict, "cuda_graphs": bool,
+    "tenant_burst": int, "tenant_rps_overrides": dict, "cuda_graphs": bool, "tenant_max_rows": int,
     "registry_catalogue": bool}
 
 

@@ -124,7 +124,7 @@ class BatchedEngine(TextGeneration):
     def __init__(self, model_path: str | Path, dtype: str = "float32", device: str = "cpu",
                  max_batch: int = 16, max_len: int = 1024, max_adapters: int = 64, max_rank: int = 64,
                  torch_threads: int | None = None, prefill_tokens: int = 8192, cuda_graphs: bool | None = None,
-                 buckets: bool | None = None, max_graphs: int = 512):
+                 buckets: bool | None = None, max_graphs: int = 512, tenant_max_rows: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -148,6 +148,12 @@ class BatchedEngine(TextGeneration):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.max_len = min(max_len, int(getattr(cfg, "max_position_embeddings", max_len) or max_len))
         self.max_batch, self.max_adapters, self.max_rank = max_batch, max_adapters, max_rank
+        # fair admission: waiting requests are admitted tenant by tenant (the tenant holding the fewest
+        # rows first), and one tenant holds at most this many rows, so others always find one free
+        # (default three quarters of the batch; 0: no cap). Requests without a tenant are not capped.
+        if tenant_max_rows is None:
+            tenant_max_rows = max(1, (3 * max_batch) // 4)
+        self.tenant_max_rows = tenant_max_rows if tenant_max_rows > 0 else max_batch
         shape = (len(self.layers), max_batch, self.n_kv, self.max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -651,16 +657,13 @@ class BatchedEngine(TextGeneration):
                     self._wake.wait()
                 if self._stop:
                     return
-                admit = []
-                while self._waiting and self._free_rows:
-                    req = self._waiting.popleft()
-                    req.cache_row = heapq.heappop(self._free_rows)
-                    admit.append(req)
+                dropped = self._drop_cancelled_waiting()
+                admit = self._admit()
+            for req in dropped:  # cancelled while queued: never admitted, its pin released now
+                self._retire(req)
             try:
                 with torch.inference_mode():
-                    for req in [r for r in admit if r.cancelled]:
-                        self._retire(req)
-                    for chunk in self._prefill_chunks([r for r in admit if not r.cancelled]):
+                    for chunk in self._prefill_chunks(admit):
                         try:
                             self._prefill(chunk)
                         except Exception as e:  # noqa: BLE001 - this chunk's requests fail, the running rows go on
@@ -693,6 +696,39 @@ class BatchedEngine(TextGeneration):
                 for r in {id(r): r for r in [*admit, *self._running]}.values():  # requests are unhashable
                     self._fail(r, e)
                 self._running = []
+
+    def _drop_cancelled_waiting(self) -> list[_Request]:
+        """Waiting requests whose client went away leave the queue (caller holds the lock)."""
+        if not any(r.cancelled for r in self._waiting):
+            return []
+        dropped = [r for r in self._waiting if r.cancelled]
+        self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+        return dropped
+
+    def _admit(self) -> list[_Request]:
+        """Waiting requests for the free rows (caller holds the lock): round-robin over tenants, the one
+        holding the fewest rows first (ties: the longest waiting), none beyond ``tenant_max_rows``; within
+        a tenant, first come first served. One tenant's flood cannot hold every row or starve another."""
+        if not self._waiting or not self._free_rows:
+            return []
+        held: collections.Counter[str | None] = collections.Counter(r.params.tenant for r in self._running)
+        queues: dict[str | None, collections.deque[_Request]] = {}
+        for r in self._waiting:  # per tenant, in arrival order; dict order: whose oldest request came first
+            queues.setdefault(r.params.tenant, collections.deque()).append(r)
+        admit: list[_Request] = []
+        while self._free_rows:
+            open_ = [t for t, q in queues.items() if q and (t is None or held[t] < self.tenant_max_rows)]
+            if not open_:
+                break
+            tenant = min(open_, key=lambda t: held[t])  # min keeps the first of equals: the longest waiting
+            req = queues[tenant].popleft()
+            held[tenant] += 1
+            req.cache_row = heapq.heappop(self._free_rows)
+            admit.append(req)
+        if admit:
+            taken = {id(r) for r in admit}
+            self._waiting = collections.deque(r for r in self._waiting if id(r) not in taken)
+        return admit
 
     @staticmethod
     def _sample_rows(logits: Any, reqs: list[_Request], rows: list[int] | None = None) -> list[Any]:
@@ -768,4 +804,5 @@ class BatchedEngine(TextGeneration):
                 "graph_replays": self.graph_replays, "decode_shapes": len(self.decode_shapes),
                 "prefills": self.prefills, "mean_prefill_rows": self.prefill_rows_total / max(1, self.prefills),
                 "adapters": len(self._slot_of), "running": len(self._running), "waiting": len(self._waiting),
+                "free_rows": len(self._free_rows), "in_use": sum(self._in_use.values()),
                 "time": time.time()}

@@ -226,6 +226,9 @@ def create_app(state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | 
                 elif j.state.terminal and j.placement and j.state != JobState.CANCELLED:
                     recent.append(views.job_dict(j, who, now, ids))
         recent = sorted(recent, key=lambda j: j["ended_s"] or 0, reverse=True)[:CLUSTER_RECENT_JOBS]
+        if not who.operator:  # a tenant sees the nodes its own jobs ran on, by pseudonym, without load
+            mine = {(j["placement"] or {}).get("node_id") for j in [*active, *recent]}
+            nodes = [n for n in (views.tenant_node_dict(n, who.tenant) for n in nodes) if n["node_id"] in mine]
         return {"nodes": nodes, "jobs": active, "recent_jobs": recent, "error": error,
                 "links": {"ray_dashboard": src.ray_dashboard_url} if who.operator else {}}
 

@@ -13,6 +13,8 @@ versions and the Ray dashboard's node JSON (no FastAPI, no Ray import), so the r
 
 from __future__ import annotations
 
+import hashlib
+
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -58,6 +60,28 @@ def mlflow_run_url(mlflow_uri: str | None, experiment_id: str | None, run_id: st
     return f"{mlflow_uri}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+# what a tenant sees of where its job ran (an allowlist: a key added later stays operator-only):
+# no trainer names or pids, group ids, or Ray node ids; the node is a per-tenant pseudonym
+TENANT_PLACEMENT = frozenset({"cpus", "gpus", "workers", "zero_stage", "zero_local_param_fraction", "warm",
+                              "activation_checkpointing", "fused_with", "fused_group_size"})
+
+
+def node_alias(tenant: str, node_id: str | None) -> str | None:
+    """A tenant's name for a Ray node: stable across pages and requests, different per tenant, and no
+    way back to the node id (which Ray's own APIs would map to an IP)."""
+    if not node_id:
+        return None
+    return "node-" + hashlib.sha256(f"{tenant}\0{node_id}".encode()).hexdigest()[:8]
+
+
+def tenant_node_dict(node: dict[str, Any], tenant: str) -> dict[str, Any]:
+    """A node as a tenant sees it: its size, not its address, id or load (load shows others' work)."""
+    return {"node_id": node_alias(tenant, node["node_id"]), "ip": None, "head": node["head"],
+            "state": node["state"], "cpus": node["cpus"], "gpus": node["gpus"], "memory_gb": node["memory_gb"],
+            "cpus_used": None, "gpus_used": None, "cpu_percent": None, "mem_percent": None,
+            "gpu_util_percent": []}
+
+
 def job_dict(j: JobView, who: Principal, now: float, visible_ids: set[str],
              run_url: str | None = None) -> dict[str, Any]:
     gpu_s, cpu_s = job_cost(j, now)
@@ -65,6 +89,11 @@ def job_dict(j: JobView, who: Principal, now: float, visible_ids: set[str],
     if placement.get("fused_with"):
         placement["fused_group_size"] = len(placement["fused_with"])
         placement["fused_with"] = [i for i in placement["fused_with"] if i in visible_ids]
+    if not who.operator and placement:
+        node = node_alias(j.tenant, placement.get("node_id"))
+        placement = {k: v for k, v in placement.items() if k in TENANT_PLACEMENT}
+        if node:
+            placement["node_id"] = node
     version = j.model_version or j.reused_version
     return {
         "id": j.id, "batch_id": j.batch_id, "tenant": j.tenant, "persona": j.persona, "method": j.method,

@@ -54,6 +54,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    tenant: str | None = None  # who asked: the batched engine admits tenants' requests in turn
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from adapterfab.settings import DEFAULT_SERVE_PORT, Settings
 
 def serve_forever(settings: Settings, port: int | None = None, base_model: str = "smollm2-135m-instruct",
                   detach: bool = False, replicas: int = 1, dtype: str = "float32",
-                  registry_catalogue: bool = True, announce: Callable[[str], None] = print) -> str:
+                  registry_catalogue: bool = True, tenant_rps: float | None = None, tenant_burst: int | None = None,
+                  announce: Callable[[str], None] = print) -> str:
     import ray
     from ray import serve
 
@@ -32,7 +33,9 @@ def serve_forever(settings: Settings, port: int | None = None, base_model: str =
     cfg = ServeConfig(base_model_path=base.path, state_url=settings.state_url, mlflow_uri=settings.mlflow_uri,
                       dtype=dtype, num_replicas=replicas, base_fingerprint=base.fingerprint,
                       adapter_cache_dir=str(settings.cache / "adapters"),
-                      registry_catalogue=registry_catalogue)
+                      registry_catalogue=registry_catalogue,
+                      **({"tenant_rps": tenant_rps} if tenant_rps is not None else {}),
+                      **({"tenant_burst": tenant_burst} if tenant_burst is not None else {}))
     port = port or settings.extra.get("serve_port") or DEFAULT_SERVE_PORT
     url = deploy(cfg, port=port)
     record(settings, serve_url=url, serve_port=port)

@@ -101,6 +101,7 @@ class AdapterTiers:
         with self._lock:
             counts = {k: self.counts.get(k, 0) for k in COUNTERS}
             return {**counts, "device_resident": len(self._device), "cpu_resident": len(self._cpu),
+                    "pins": sum(self._pins.values()),
                     "cpu_bytes": self._cpu_used, "load_p50_s": pct(0.5), "load_p99_s": pct(0.99)}
 
     # -- internals --------------------------------------------------------------------------------

@@ -221,10 +221,10 @@ async function pageCluster() {
     parts.push(h("div", { class: "scroll" }, h("table", { id: "nodes" },
       h("thead", {}, h("tr", {}, ["Node", "State", "CPUs in use", "GPUs in use", "CPU load", "Memory", "GPU load", "Jobs here"].map((x) => h("th", {}, x)))),
       h("tbody", {}, c.nodes.map((n) => h("tr", { "data-node-id": n.node_id },
-        h("td", {}, n.ip || "?", n.head ? h("span", { class: "tag" }, "head") : null, h("div", { class: "muted mono" }, shortId(n.node_id))),
+        h("td", {}, n.ip || n.node_id || "?", n.head ? h("span", { class: "tag" }, "head") : null, n.ip ? h("div", { class: "muted mono" }, shortId(n.node_id)) : null),
         h("td", {}, badge(n.state)),
         h("td", {}, n.cpus_used !== null ? bar(n.cpus ? n.cpus_used / n.cpus : 0, `${n.cpus_used} / ${n.cpus}`) : `? / ${n.cpus}`),
-        h("td", {}, n.gpus ? bar(n.gpus_used / n.gpus, `${n.gpus_used} / ${n.gpus}`) : "none"),
+        h("td", {}, !n.gpus ? "none" : n.gpus_used !== null ? bar(n.gpus_used / n.gpus, `${n.gpus_used} / ${n.gpus}`) : `? / ${n.gpus}`),
         h("td", {}, fmtPct(n.cpu_percent)), h("td", {}, `${fmtPct(n.mem_percent)} of ${n.memory_gb} GB`),
         h("td", {}, n.gpu_util_percent.length ? n.gpu_util_percent.map(fmtPct).join(" · ") : "–"),
         h("td", { class: "num" }, onNode(n))))))));

@@ -371,3 +371,58 @@ def test_a_64_job_batch_through_submit(stack, tiny_model_path: str, tmp_path: Pa
     one = json.loads(cli(home, "registry", "ls", "--tenant", "mass07", "--json").stdout)
     assert [a["id"] for a in one] == ["mass07/robot"] and len(one[0]["versions"]) == 1
     assert one[0]["versions"][0]["tags"]["adapterfab.training"].startswith("fused:")
+
+
+def test_a_tenant_key_crawl_finds_no_other_tenant_and_no_secret(served, stack) -> None:
+    """After the 64-tenant batch (fused groups of up to 8 tenants each) and the Ray Job of the remote
+    submit: every dashboard and serving route a tenant's key reaches, crawled, names no other tenant,
+    persona, job id, Ray node id or IP; Ray's Jobs API shows no AWS credential in any job's environment;
+    no API key appears in any log of the stack or the Ray session."""
+    import re
+
+    import httpx
+
+    home, ports = stack
+    key = cli(home, "keys", "create", "mass07").stdout.split()[-1]
+    h = {"Authorization": f"Bearer {key}"}
+    ui, api = f"http://127.0.0.1:{ports['ui']}", served[0]
+    bodies: dict[str, str] = {}
+
+    def get(url: str) -> dict:
+        r = httpx.get(url, headers=h, timeout=60)
+        assert r.status_code == 200, (url, r.status_code, r.text[:500])
+        bodies[url] = r.text
+        return r.json()
+
+    for path in ("/api/whoami", "/api/cluster", "/api/registry", "/api/registry/mass07"):
+        get(ui + path)
+    batches = get(ui + "/api/batches")["batches"]
+    assert len(batches) == 1
+    detail = get(f"{ui}/api/batches/{batches[0]['id']}")
+    (job,) = detail["jobs"]
+    get(f"{ui}/api/batches/{batches[0]['id']}/jobs/{job['id']}/loss")
+    for path in ("/models", "/registry/adapters", "/registry/adapters/robot", "/registry/adapters/robot/1"):
+        get(api + path)
+    get(api.replace("/v1", "/tenants/mass07/v1") + "/models")
+    text = "\n".join(bodies.values())
+    assert job["placement"]["fused_group_size"] > 1  # it trained beside other tenants' jobs
+    assert set(re.findall(r"mass\d\d", text)) == {"mass07"}
+    nodes = httpx.get(f"http://127.0.0.1:{ports['dashboard']}/api/v0/nodes?limit=100", timeout=60).json()
+    node_ids = [n["node_id"] for n in nodes["data"]["result"]["result"]]
+    for other in ("acme", "globex", "pirate", "butler", "deckhand", "127.0.0.1", *node_ids):
+        assert other not in text, (other, [u for u, b in bodies.items() if other in b])
+
+    ray_jobs = httpx.get(f"http://127.0.0.1:{ports['dashboard']}/api/jobs/", timeout=60).json()
+    assert ray_jobs, "the remote submit's Ray Job is listed"
+    for j in ray_jobs:
+        env = (j.get("runtime_env") or {}).get("env_vars") or {}
+        assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env), env
+    secrets = [key, served[1], served[2]]
+    logs = [*(home / "logs").rglob("*"), *Path("/tmp/ray/session_latest/logs").resolve().rglob("*")]
+    scanned = 0
+    for f in logs:
+        if f.is_file() and f.stat().st_size < 64 << 20:
+            data = f.read_bytes()
+            scanned += 1
+            assert not any(s.encode() in data for s in secrets), f
+    assert scanned > 10

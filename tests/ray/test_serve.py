@@ -137,3 +137,152 @@ def test_serve_auth_and_isolation(served: dict) -> None:
     acme = openai.OpenAI(api_key=served["acme"], base_url=served["url"] + "/v1", max_retries=0)
     acme_models = [m.id for m in acme.models.list()]
     assert "acme/pirate" in acme_models and "acme/pirate@production" in acme_models
+
+
+@pytest.mark.timeout(120)
+def test_revoked_rotated_and_expired_keys_on_a_running_server(served: dict) -> None:
+    """Key lifecycle through the running server: a revoked key is refused from its next request, a rotated
+    key keeps working through its grace period only, an expired key is refused."""
+    keys = served["keys"]
+
+    def status(key: str) -> int:
+        return httpx.get(served["url"] + "/v1/models", headers={"Authorization": f"Bearer {key}"},
+                         timeout=30).status_code
+
+    doomed = keys.create("acme")
+    assert status(doomed) == 200
+    keys.revoke(doomed)
+    assert status(doomed) == 401
+    old = keys.create("acme")
+    new, info = keys.rotate(old, grace_s=3)
+    assert info.rotated_to == new.split("_")[1] and status(old) == 200 and status(new) == 200
+    time.sleep(3.5)
+    assert status(old) == 401 and status(new) == 200
+    short = keys.create("acme", ttl_s=1.5)
+    assert status(short) == 200
+    time.sleep(2)
+    assert status(short) == 401
+    assert {k.key_id: k.status(time.time()) for k in keys.list("acme")}[short.split("_")[1]] == "expired"
+
+
+HOSTILE = [  # (what, body): each must get an answer below 500, never disturb anyone else
+    ("vanishing temperature", {"temperature": 1e-40}),
+    ("zero top_p", {"temperature": 1.0, "top_p": 1e-30}),
+    ("64-bit seed", {"temperature": 1.0, "seed": -(1 << 63)}),
+    ("seed past 64 bits", {"seed": 1 << 70}),
+    ("huge max_tokens", {"max_tokens": 10 ** 9}),
+    ("zero max_tokens", {"max_tokens": 0}),
+    ("NaN-ish temperature", {"temperature": 1e308}),
+    ("negative temperature", {"temperature": -1}),
+    ("long stop string", {"stop": ["x" * 100_000]}),
+    ("many stops", {"stop": ["a", "b", "c", "d", "e"]}),
+    ("n", {"n": 3}),
+    ("unknown field", {"logit_bias": {"1": 100}}),
+    ("model with a newline", {"model": "evil/x\n"}),
+    ("model with a Unicode digit", {"model": "evil/x@²"}),
+    ("model path traversal", {"model": "../../etc/passwd"}),
+    ("another tenant's adapter", {"model": "globex/robot"}),
+    ("a 10,000-character model", {"model": "e" * 10_000}),
+    ("lone surrogate", {"messages": [{"role": "user", "content": "\ud800"}]}),
+    ("empty messages", {"messages": []}),
+    ("huge prompt", {"messages": [{"role": "user", "content": "ha " * 300_000}]}),
+]
+
+
+@pytest.mark.timeout(400)
+def test_abuse_and_aborts_leave_other_tenants_and_the_replica_whole(served: dict) -> None:
+    """Two tenants' load (streams and plain requests, two adapters contending for the replica's one device
+    slot, and the base) runs while a third tenant sends hostile sampling values and ids and clients abort in
+    every phase (while queued, during a cold load, waiting for the slot, mid-stream). Every victim request
+    succeeds, no hostile one gets a 5xx, and the engine's rows, pins and slots come back to idle."""
+    import json as _json
+    import threading
+
+    from adapterfab.storage import LocalStore
+
+    url, keys = served["url"], served["keys"]
+    robot = AdapterId("globex", "robot")
+    store = LocalStore(Path(served["cfg"].adapter_cache_dir).parent / "artifacts")
+    uri = store.upload_dir(served["dirs"][1], robot.artifact_prefix("b9.globex.robot"))
+    tracking = Tracking(served["registry"].uri)
+    run_id = tracking.start_run("abuse-test")
+    source = tracking.log_dir(run_id, served["dirs"][1], "adapter")
+    served["registry"].register(robot, source, run_id, {"artifact_uri": uri, "artifact_root": store.root},
+                                aliases=("production",))
+    tracking.end_run(run_id, ok=True)
+    victims = {"acme": keys.create("acme"), "globex": keys.create("globex")}
+    evil = keys.create("evil")
+    failures: list[str] = []
+    hostile_statuses: dict[str, int] = {}
+
+    def post(key: str, body: dict, timeout: float = 120) -> httpx.Response:
+        # the body as JSON text with escapes: a lone surrogate travels as "\\ud800" (httpx's json= cannot encode it)
+        return httpx.post(url + "/v1/chat/completions", content=_json.dumps(body), timeout=timeout,
+                          headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+
+    def victim(tenant: str, model: str, i: int) -> None:
+        body = {"model": model, "messages": [{"role": "user", "content": f"Hello {i}"}], "max_tokens": 12,
+                "temperature": 0.7, "seed": i, "stream": i % 2 == 0}
+        try:
+            r = post(victims[tenant], body)
+            text = r.text
+            ok = r.status_code == 200 and ("[DONE]" in text if body["stream"] else r.json()["choices"])
+            if not ok or "error" in text:
+                failures.append(f"{tenant} {model} #{i}: {r.status_code} {text[:300]}")
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"{tenant} {model} #{i}: {type(e).__name__}: {e}")
+
+    def hostile() -> None:
+        for what, extra in HOSTILE:
+            body = {"model": "base", "messages": MSGS, "max_tokens": 8, **extra}
+            r = post(evil, body)
+            hostile_statuses[what] = r.status_code
+
+    def abort_after(delay_s: float, model: str) -> None:
+        """A client that goes away after delay_s: while queued, loading, waiting for the slot or mid-stream."""
+        body = {"model": model, "messages": MSGS, "max_tokens": 200, "stream": True}
+        try:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=delay_s,
+                              headers={"Authorization": f"Bearer {victims['acme']}"}) as r:
+                for _ in r.iter_lines():
+                    pass
+        except httpx.TimeoutException:
+            pass  # the abort
+
+    def abort_mid_stream(model: str) -> None:
+        body = {"model": model, "messages": MSGS, "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {victims['acme']}"}) as r:
+            for n, _ in enumerate(r.iter_lines()):
+                if n >= 3:
+                    break  # closes the connection mid-stream
+
+    threads = [threading.Thread(target=hostile)]
+    models = [("globex", "globex/robot"), ("acme", "acme/pirate@2"), ("globex", "base"), ("acme", "acme/pirate@1")]
+    for i in range(16):
+        tenant, model = models[i % len(models)]
+        threads.append(threading.Thread(target=victim, args=(tenant, model, i)))
+    for j, delay in enumerate((0.05, 0.2, 0.5, 1.0, 2.0, 4.0)):
+        threads.append(threading.Thread(target=abort_after, args=(delay, ["acme/pirate@1", "acme/pirate@2"][j % 2])))
+    threads += [threading.Thread(target=abort_mid_stream, args=(m,)) for m in ("acme/pirate@2", "base")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not failures, failures
+    assert len(hostile_statuses) == len(HOSTILE)
+    assert all(s < 500 for s in hostile_statuses.values()), hostile_statuses
+    assert hostile_statuses["another tenant's adapter"] == 404
+    assert hostile_statuses["vanishing temperature"] == 200 and hostile_statuses["64-bit seed"] == 200
+    deadline, stats = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:  # every aborted request's row, pin and slot comes back
+        stats = engine_stats()
+        b, tiers = stats["batching"], stats["tiers"]
+        if (b["running"], b["waiting"], b["in_use"], tiers["pins"]) == (0, 0, 0, 0) \
+                and b["free_rows"] == served["cfg"].max_batch:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"the replica did not come back to idle: {_json.dumps(stats)[:2000]}")
+    ok = post(victims["globex"], {"model": "globex/robot", "messages": MSGS, "max_tokens": 4})
+    assert ok.status_code == 200  # and it still serves

@@ -243,3 +243,104 @@ def test_a_vanishing_temperature_samples_the_greedy_token(engine: BatchedEngine)
     greedy = list(engine.generate_token_ids([5, 6, 7, 8], "pirate", SamplingParams(max_tokens=6, temperature=0.0)))
     tiny = list(engine.generate_token_ids([5, 6, 7, 8], "pirate", SamplingParams(max_tokens=6, temperature=1e-40)))
     assert tiny == greedy
+
+
+@pytest.fixture()
+def four_rows(tiny_model_path: str, adapters: dict):
+    """Four decode rows, no end-of-sequence token (every request runs to its max_tokens)."""
+    eng = BatchedEngine(tiny_model_path, dtype="float32", max_batch=4, max_len=512, max_adapters=4, max_rank=16)
+    eng.eos_ids = set()
+    eng.load_adapter("pirate", adapters["lora"]["pirate"])
+    yield eng
+    eng.close()
+
+
+def _drain(eng: BatchedEngine, prompt: list[int], adapter: str | None, params: SamplingParams,
+           done: list[tuple[str, float]], tag: str) -> threading.Thread:
+    def run() -> None:
+        for _ in eng.generate_token_ids(prompt, adapter, params):
+            pass
+        done.append((tag, time.monotonic()))
+
+    th = threading.Thread(target=run)
+    th.start()
+    return th
+
+
+def test_one_tenants_flood_leaves_rows_for_another(four_rows: BatchedEngine) -> None:
+    """A tenant sending more long requests than there are rows holds at most tenant_max_rows (3 of 4) of
+    them: another tenant's short request is admitted at once and finishes before any of the flood."""
+    eng = four_rows
+    assert eng.tenant_max_rows == 3
+    done: list[tuple[str, float]] = []
+    hog = SamplingParams(max_tokens=150, temperature=0.0, tenant="hog")
+    threads = [_drain(eng, [5 + i, 6, 7, 8], "pirate", hog, done, "hog") for i in range(6)]
+    deadline = time.monotonic() + 30
+    while len(eng._running) < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)  # a scheduler without the cap fills the fourth row here
+    assert sum(r.params.tenant == "hog" for r in eng._running) == 3
+    threads.append(_drain(eng, [9, 9, 9], None, SamplingParams(max_tokens=5, temperature=0.0, tenant="late"),
+                          done, "late"))
+    for th in threads:
+        th.join(120)
+    assert [tag for tag, _ in done][0] == "late", done
+    assert len(done) == 7 and sorted(eng._free_rows) == [0, 1, 2, 3]
+
+
+def test_admission_takes_tenants_in_turn() -> None:
+    """The admission policy alone: free rows go round-robin to the tenant holding the fewest rows (ties:
+    whose oldest request came first), first come first served within a tenant, nobody past the cap."""
+    import collections
+    import queue
+
+    from adapterfab.serve.batched import _Request
+
+    class Policy:
+        _admit = BatchedEngine._admit
+
+    def req(tenant: str | None, n: int) -> _Request:
+        r = _Request([n], None, SamplingParams(tenant=tenant), queue.Queue(), None)
+        r.pos = n  # an id to read the order by
+        return r
+
+    p = Policy()
+    p.tenant_max_rows = 3
+    p._running = [req("a", 0)]
+    p._waiting = collections.deque([req("a", 1), req("a", 2), req("a", 3), req("a", 4), req("b", 5), req("b", 6),
+                                    req(None, 7), req("c", 8)])
+    p._free_rows = list(range(6))
+    admitted = [(r.params.tenant, r.pos) for r in p._admit()]
+    # b, None and c hold no rows: they come first, in arrival order; then a (1 held) and b/None/c (1 each)
+    assert admitted == [("b", 5), (None, 7), ("c", 8), ("a", 1), ("b", 6), ("a", 2)]
+    assert [(r.params.tenant, r.pos) for r in p._waiting] == [("a", 3), ("a", 4)]  # a is at its cap of 3
+    assert p._free_rows == []
+
+
+def test_a_request_cancelled_while_queued_is_never_admitted(four_rows: BatchedEngine) -> None:
+    """Every row busy: a queued request whose client goes away leaves the queue, releasing its adapter
+    pin at the next step, without taking a row or a prefill."""
+    eng = four_rows
+    eng.tenant_max_rows = 4
+    done: list[tuple[str, float]] = []
+    busy = SamplingParams(max_tokens=200, temperature=0.0, tenant="t")
+    threads = [_drain(eng, [5 + i, 6, 7], None, busy, done, "busy") for i in range(4)]
+    deadline = time.monotonic() + 30
+    while len(eng._running) < 4 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    prefills = eng.prefills
+    gen = eng.generate_token_ids([1, 2, 3], "pirate", SamplingParams(max_tokens=4, temperature=0.0, tenant="t"))
+    waiter = threading.Thread(target=lambda: next(gen, None))
+    waiter.start()
+    while not eng._waiting and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert eng.in_use("pirate") == 1
+    eng._waiting[0].cancelled = True  # what the generator's close does when the client goes away
+    while eng.in_use("pirate") and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert eng.in_use("pirate") == 0 and not eng._waiting
+    assert len(eng._running) == 4 and eng.prefills == prefills  # the busy rows go on; nothing prefilled
+    waiter.join(30)
+    for th in threads:
+        th.join(120)
+    assert sorted(eng._free_rows) == [0, 1, 2, 3]

@@ -21,7 +21,8 @@ def run(*args: str, home: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("cmd", [[], ["up"], ["down"], ["validate"], ["plan"], ["submit"], ["run"], ["status"],
                                  ["serve"], ["registry", "ls"], ["registry", "show"], ["registry", "promote"],
                                  ["registry", "rollback"], ["registry", "export"],
-                                 ["keys", "create"], ["keys", "create-operator"]])
+                                 ["keys", "create"], ["keys", "create-operator"], ["keys", "list"],
+                                 ["keys", "revoke"], ["keys", "rotate"]])
 def test_every_subcommand_has_help(cmd: list[str], tmp_path: Path) -> None:
     r = run(*cmd, "--help", home=tmp_path)
     assert r.returncode == 0 and "Usage" in r.stdout
@@ -85,3 +86,30 @@ def test_run_without_a_cluster_fails_every_job_and_exits_1(tmp_path: Path) -> No
                        capture_output=True, text=True, timeout=180, env=env)
     assert r.returncode == 1 and "b-run-1" in r.stderr and "already exists" in r.stderr  # not overwritten
     assert "Traceback" not in r.stderr
+
+
+def test_keys_lifecycle_from_the_cli(tmp_path: Path) -> None:
+    import json
+
+    key = run("keys", "create", "acme", "--expires", "30d", home=tmp_path).stdout.split()[-1]
+    op = run("keys", "create-operator", home=tmp_path).stdout.split()[-1]
+    listed = json.loads(run("keys", "list", "--json", home=tmp_path).stdout)
+    assert [(k["tenant"], k["role"], k["status"]) for k in listed] == [("acme", "tenant", "active"),
+                                                                       (None, "operator", "active")]
+    assert 29 * 86400 < listed[0]["expires"] - listed[0]["created"] <= 30 * 86400
+    assert key not in json.dumps(listed) and op.split("_", 2)[2] not in json.dumps(listed)
+    r = run("keys", "rotate", key, "--grace", "1h", home=tmp_path)
+    assert r.returncode == 0 and "new key for acme" in r.stdout, r.stderr
+    new = r.stdout.split()[-1]
+    assert new.startswith("af_") and new != key
+    r = run("keys", "revoke", listed[1]["key_id"], home=tmp_path)
+    assert r.returncode == 0 and "revoked" in r.stdout
+    after = {k["key_id"]: k for k in json.loads(run("keys", "list", "--json", home=tmp_path).stdout)}
+    assert after[listed[1]["key_id"]]["status"] == "revoked"
+    assert after[key.split("_")[1]]["rotated_to"] == new.split("_")[1]
+    assert [k["tenant"] for k in json.loads(run("keys", "list", "--tenant", "acme", "--json", home=tmp_path).stdout)] \
+        == ["acme", "acme"]
+    for bad in (["keys", "create", "acme", "--expires", "soon"], ["keys", "revoke", "0" * 16],
+                ["keys", "revoke", "not-a-key"], ["keys", "list", "--tenant", "../x"]):
+        r = run(*bad, home=tmp_path)
+        assert r.returncode == 1 and "error" in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)

@@ -59,7 +59,8 @@ def world(tmp_path: Path, mlflow_server: str):  # noqa: ANN201
         tracking.log_metrics(run, {"loss": loss}, step=step)
     pirate = f"{mixed}.{a}.pirate"
     _advance(state, pirate, JobState.TRAINING, mlflow_run_id=run,
-             placement={"cpus": 1, "gpus": 0, "workers": 1, "node_id": "node-1"})
+             placement={"cpus": 1, "gpus": 0, "workers": 1, "node_id": "node-1", "trainer": "trainer-7",
+                        "trainer_pid": 4242, "group": "g-17"})
     state.update_job(pirate, step=5, loss=1.9)
     group = [f"{mixed}.{a}.butler", f"{mixed}.{b}.robot"]
     for jid in group:
@@ -221,3 +222,26 @@ def test_pages_are_served_with_no_outside_asset(world: dict) -> None:
     assert {p.name for p in STATIC.iterdir()} == {"index.html", "app.js", "style.css"}
     assert client_get("/docs", None).status_code == 404  # FastAPI's docs page loads a CDN: off
     assert "/api/batches/{batch_id}" in client_get("/api/openapi.json", None).json()["paths"]
+
+
+def test_a_tenant_sees_nodes_by_pseudonym_without_load_or_trainers(world: dict) -> None:
+    """Where a tenant's jobs ran, without the Ray node id (Ray's APIs map it to an IP), the trainer's name
+    and pid or the group id; the node's pseudonym differs per tenant; the operator sees it all."""
+    from adapterfab.serve.dashboard_views import node_alias, tenant_node_dict
+
+    get, a, b = world["get"], world["a"], world["b"]
+    mine = get("/api/cluster", world["ka"]).json()
+    pirate = next(j for j in mine["jobs"] if j["id"] == world["pirate"])
+    assert pirate["placement"] == {"cpus": 1, "gpus": 0, "workers": 1, "node_id": node_alias(a, "node-1")}
+    assert "node-1" not in str(mine) and "trainer-7" not in str(mine) and "4242" not in str(mine)
+    assert node_alias(a, "node-1") != node_alias(b, "node-1") and node_alias(a, "node-1").startswith("node-")
+    body = get(f"/api/batches/{world['mixed']}", world["ka"]).json()
+    assert "node-1" not in str(body) and "g-17" not in str(body)
+    op = get("/api/cluster", world["op"]).json()
+    assert next(j for j in op["jobs"] if j["id"] == world["pirate"])["placement"]["trainer_pid"] == 4242
+    node = {"node_id": "abc123", "ip": "10.1.2.3", "head": True, "state": "ALIVE", "cpus": 8.0, "gpus": 1.0,
+            "memory_gb": 64.0, "cpus_used": 3.0, "gpus_used": 0.5, "cpu_percent": 40.0, "mem_percent": 20.0,
+            "gpu_util_percent": [90]}
+    seen = tenant_node_dict(node, a)
+    assert seen["ip"] is None and seen["node_id"] == node_alias(a, "abc123") and seen["cpus"] == 8.0
+    assert seen["cpus_used"] is None and seen["cpu_percent"] is None and seen["gpu_util_percent"] == []

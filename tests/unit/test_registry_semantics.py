@@ -258,3 +258,23 @@ def test_first_mlflow_use_from_many_threads_at_once() -> None:
     errors = [e for e in out.stdout.splitlines() if e]
     assert len(errors) == 8 and all(e.startswith("RegistryError") for e in errors), errors
     assert not any("import" in e for e in errors), errors
+
+
+def test_the_gate_compares_with_production_only_on_the_same_eval_rows(mlflow_server: str) -> None:
+    """Production's recorded eval loss was measured on its own eval split: a candidate evaluated on other
+    rows (new data) is not promoted on a comparison of unlike figures; on the same rows it is compared."""
+    reg = Registry(mlflow_server)
+    aid = AdapterId("gate", "rows")
+    v1 = _register(reg, aid, 2.0, eval_sha256="a" * 32)
+    reg.promote(v1, gate_decision(reg, v1, _metrics(v1), Policy()))
+    assert reg.production(aid).id.version == 1
+    v2 = _register(reg, aid, 1.0, eval_sha256="b" * 32)  # a far lower loss, on other rows
+    d2 = gate_decision(reg, v2, _metrics(v2), Policy())
+    assert not d2.promoted and "evaluated on other rows" in d2.reason and "--force" in d2.reason
+    v3 = _register(reg, aid, 3.5, eval_sha256="b" * 32)  # does not even beat the base: that is the reason
+    d3 = gate_decision(reg, v3, _metrics(v3), Policy())
+    assert not d3.promoted and "does not beat base" in d3.reason
+    v4 = _register(reg, aid, 1.5, eval_sha256="a" * 32)  # the same rows as production: compared, and better
+    d4 = gate_decision(reg, v4, _metrics(v4), Policy())
+    assert d4.promoted and "production v1 2" in d4.reason
+    assert reg.get(aid.with_version(4)).public_dict()["lineage"]["eval_sha256"] == "a" * 32

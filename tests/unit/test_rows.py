@@ -229,3 +229,20 @@ def test_padded_batch_from_numpy_objects() -> None:
 def test_padded_batch_rejects_mismatch() -> None:
     with pytest.raises(ValueError, match="row 0"):
         padded_batch({"input_ids": [[1, 2]], "labels": [[1]]}, pad_id=0)
+
+
+def test_the_eval_split_fingerprint_names_the_rows_not_their_order() -> None:
+    """What the promotion gate compares: the same eval rows in any order give one fingerprint; another
+    row, or the same row truncated to another length, gives another."""
+    from adapterfab.pipelines.data import _rows_fingerprint
+    from adapterfab.pipelines.rows import split_score
+
+    rows = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(6)]
+    scores = np.array([split_score(json.dumps(m), 7) for m in rows])
+    tokens = np.array([10, 11, 12, 13, 14, 15])
+    fp = _rows_fingerprint(scores, tokens)
+    order = np.array([3, 1, 5, 0, 2, 4])
+    assert _rows_fingerprint(scores[order], tokens[order]) == fp and len(fp) == 32
+    assert _rows_fingerprint(scores[:5], tokens[:5]) != fp
+    assert _rows_fingerprint(scores, tokens + np.array([0, 0, 0, 0, 0, 1])) != fp
+    assert _rows_fingerprint(np.array([split_score(json.dumps(m), 8) for m in rows]), tokens) != fp  # another split seed

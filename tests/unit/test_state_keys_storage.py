@@ -93,3 +93,53 @@ def test_a_factory_never_ends_a_batch_with_an_unfinished_job(tmp_path: Path) -> 
     assert "ended with this job PENDING" in after["b1.t0.p"].error
     assert "ended with this job TRAINING" in after["b1.t2.p"].error
     assert after["b1.t3.p"].error == "its own reason"  # a terminal job keeps its state and reason
+
+
+def test_key_lifecycle_list_revoke_rotate_expire(tmp_path: Path) -> None:
+    from adapterfab.errors import ApiKeyError
+
+    now = [1000.0]
+    ks = KeyStore(_store(tmp_path), clock=lambda: now[0])
+    a, b = ks.create("acme"), ks.create("acme", ttl_s=60)
+    op = ks.create_operator()
+    g = ks.create("globex")
+    assert [k.key_id for k in ks.list("acme")] == [a.split("_")[1], b.split("_")[1]]
+    assert [k.key_id for k in ks.list(operators=True)] == [op.split("_")[1]] and len(ks.list()) == 4
+    listed = ks.list("acme")[1].as_dict(now[0])
+    assert listed["expires"] == 1060.0 and listed["status"] == "active" and listed["tenant"] == "acme"
+    assert not any(a.split("_", 2)[2] in str(k.as_dict(now[0])) for k in ks.list())  # no secret listed
+    now[0] = 1061.0
+    assert ks.verify(b) is None and ks.list("acme")[1].status(now[0]) == "expired"
+    with pytest.raises(ApiKeyError, match="already ended"):
+        ks.rotate(b)
+    assert ks.revoke(a.split("_")[1]).status(now[0]) == "revoked" and ks.verify(a) is None
+    assert ks.revoke(a).revoked_s == 1061.0  # revoking twice keeps the first time
+    new_g, old_g = ks.rotate(g, grace_s=30)
+    assert ks.verify(g) == "globex" and ks.verify(new_g) == "globex" and old_g.rotated_to == new_g.split("_")[1]
+    now[0] = 1092.0
+    assert ks.verify(g) is None and ks.verify(new_g) == "globex"
+    new_op, _ = ks.rotate(op)
+    assert ks.identify(op) is None and ks.identify(new_op).operator and ks.verify(new_op) is None
+    for bad in ("", "nothex", "af_zz_y", "0" * 15):
+        with pytest.raises(ApiKeyError):
+            ks.revoke(bad)
+    with pytest.raises(ApiKeyError, match="no key"):
+        ks.revoke("0" * 16)
+    with pytest.raises(ApiKeyError):
+        ks.create("acme", ttl_s=0)
+    with pytest.raises(ApiKeyError):
+        ks.rotate(new_g, grace_s=-1)
+
+
+def test_an_older_state_database_gets_the_key_lifecycle_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "state.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE api_keys (key_id VARCHAR(32) PRIMARY KEY, tenant VARCHAR(64), sha256 VARCHAR(64) "
+                "UNIQUE, created_s FLOAT, revoked INTEGER, role VARCHAR(16))")
+    con.commit()
+    con.close()
+    ks = KeyStore(StateStore(f"sqlite:///{db}"))
+    k = ks.create("acme", ttl_s=100)
+    assert ks.verify(k) == "acme" and ks.list("acme")[0].expires_s is not None

@@ -1,0 +1,172 @@
+"""Control-plane races (issue 19): job moves lock the row from read to write, one orchestrator per
+batch (an atomic claim; a duplicate `submit --resume` stands down), and recorded pids are checked
+against their start token before anything is stopped (a reused pid is never killed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from adapterfab.errors import StateError
+from adapterfab.procs import pid_alive, proc_token, stop_pid
+from adapterfab.state import StateStore
+from adapterfab.states import JobState
+
+
+def _batch(url: str, batch_id: str = "b1", jobs: int = 1) -> StateStore:
+    s = StateStore(url)
+    s.create_batch(batch_id, "n", "spec", "", "base", [
+        {"id": f"{batch_id}.acme.p{i}", "tenant": "acme", "persona": f"p{i}", "method": "lora", "total_steps": 4}
+        for i in range(jobs)])
+    return s
+
+
+def test_racing_moves_of_one_job_serialise(tmp_path: Path) -> None:
+    """Two processes' stores move one REGISTERING job at the same instant, one to SUCCEEDED and one to
+    FAILED: each time exactly one move happens and the other is refused as a transition from the state the
+    first left (never both applied, never a 'database is locked')."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    _batch(url)
+    jid = "b1.acme.p0"
+    a, b = StateStore(url), StateStore(url)  # own engines and connections, as two processes have
+    for _ in range(25):
+        a.move_job(jid, JobState.PENDING) if a.job(jid).state != JobState.PENDING else None
+        for st in (JobState.PREPARING, JobState.TRAINING, JobState.REGISTERING):
+            a.move_job(jid, st)
+        barrier, results = threading.Barrier(2), {}
+
+        def move(store: StateStore, to: JobState) -> None:
+            barrier.wait()
+            try:
+                store.move_job(jid, to)
+                results[to] = "moved"
+            except StateError as e:
+                results[to] = f"refused: {e}"
+            except Exception as e:  # noqa: BLE001 - what the test must never see
+                results[to] = f"error: {type(e).__name__}: {e}"
+
+        threads = [threading.Thread(target=move, args=(a, JobState.SUCCEEDED)),
+                   threading.Thread(target=move, args=(b, JobState.FAILED))]
+        [t.start() for t in threads]
+        [t.join(60) for t in threads]
+        assert sorted(v.split(":")[0] for v in results.values()) == ["moved", "refused"], results
+        final = a.job(jid).state
+        assert results[final] == "moved"
+        if final == JobState.SUCCEEDED:  # a SUCCEEDED job never moves again: start over with a new one
+            _batch(url, f"b{_ + 2}")
+            jid = f"b{_ + 2}.acme.p0"
+
+
+CLAIMER = """
+import os, sys, time
+from adapterfab.procs import pid_alive, proc_token
+from adapterfab.state import StateStore
+s = StateStore(sys.argv[1])
+claimed = s.claim_batch("b1", os.getpid(), proc_token(os.getpid()), pid_alive)
+print("claimed" if claimed is not None else "held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_one_orchestrator_per_batch(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    s = _batch(url, jobs=2)
+    holder = subprocess.Popen([sys.executable, "-c", CLAIMER, url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        me = os.getpid()
+        assert s.claim_batch("b1", me, proc_token(me), pid_alive) is None  # a live orchestrator holds it
+        with pytest.raises(StateError, match="still running"):
+            s.reopen_batch("b1", pid_alive)
+        b = s.get_batch("b1")
+        assert b.orchestrator_pid == holder.pid and b.orchestrator_token == proc_token(holder.pid)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(s.reopen_batch("b1", pid_alive)) == 2  # its orchestrator died: resumable
+    assert s.get_batch("b1").orchestrator_pid is None
+    # two orchestrators started at once for the reopened batch: exactly one gets it
+    barrier, won = threading.Barrier(2), []
+    live = {111111, 222222}
+
+    def claim(pid: int) -> None:
+        store = StateStore(url)
+        barrier.wait()
+        if store.claim_batch("b1", pid, f"tok-{pid}", lambda p, t: p in live) is not None:
+            won.append(pid)
+
+    threads = [threading.Thread(target=claim, args=(p,)) for p in sorted(live)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert len(won) == 1 and s.get_batch("b1").orchestrator_pid == won[0]
+    assert s.claim_batch("b1", won[0], f"tok-{won[0]}", lambda p, t: p in live) is not None  # re-claim: its own
+
+
+def test_a_recorded_pid_is_stopped_only_while_it_is_the_same_process(tmp_path: Path) -> None:
+    """stack.json from before a reboot names a pid that now belongs to something else: `down` leaves it."""
+    from adapterfab.settings import Settings
+    from adapterfab.stack import down
+
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        token = proc_token(sleeper.pid)
+        assert token and pid_alive(sleeper.pid, token) and pid_alive(sleeper.pid)
+        host, boot, start = token.split(":")
+        stale = f"{host}:{boot}:{int(start) - 100}"  # the same number, an earlier process
+        assert not pid_alive(sleeper.pid, stale) and not pid_alive(sleeper.pid, f"elsewhere:{boot}:{start}")
+        stop_pid(sleeper.pid, timeout_s=1, token=stale)
+        assert sleeper.poll() is None
+        home = tmp_path / "home"
+        home.mkdir()
+        settings = Settings(home=home, cache=tmp_path / "cache", state_url=f"sqlite:///{home / 'state.db'}",
+                            artifacts=str(tmp_path / "artifacts"))
+        (home / "stack.json").write_text(json.dumps({"ray_pid": sleeper.pid, "mlflow_pid": sleeper.pid,
+                                                     "proc_tokens": {"ray_pid": stale, "mlflow_pid": stale}}))
+        assert down(settings) == [] and sleeper.poll() is None
+        stop_pid(sleeper.pid, timeout_s=5, token=token)  # its own token: stopped (and reaped by pid_alive,
+        assert not pid_alive(sleeper.pid) and not Path(f"/proc/{sleeper.pid}").exists()  # so no exit code here)
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+
+
+def test_the_local_store_flushes_every_file_before_the_manifest_names_it(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Durability is not observable without pulling the power, so the order of the calls is checked: each
+    file's bytes are flushed before its rename and its folder after, and the manifest (which makes the
+    upload count) is renamed last."""
+    import adapterfab.storage as storage
+    from adapterfab.storage import LocalStore
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    monkeypatch.setattr(storage.os, "replace", replace)
+    src = tmp_path / "adapter"
+    src.mkdir()
+    (src / "adapter_model.safetensors").write_bytes(b"w" * 100)
+    (src / "adapter_config.json").write_text("{}")
+    store = LocalStore(tmp_path / "store")
+    store.upload_dir(src, "acme/pirate/1")
+    dest = store.path / "acme" / "pirate" / "1"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "MANIFEST.json"):
+        i = events.index(("replace", str(dest / name)))
+        assert events[i - 1][0] == "fsync" and events[i - 1][1].startswith(str(dest / name) + ".part")
+        assert events[i + 1] == ("fsync", str(dest))
+    assert [e for e in events if e[0] == "replace"][-1] == ("replace", str(dest / "MANIFEST.json"))
