@@ -178,6 +178,19 @@ class CpuMeter:
             out[group] = round(out.get(group, 0.0) + spent, 1)
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
+    def top(self, n: int = 12) -> dict[str, float]:
+        """CPU seconds by command (its program and first words), the ``n`` largest: where the
+        non-trainer CPU goes, process kind by process kind."""
+        out: dict[str, float] = {}
+        for pid, (cmd, used) in self.last.items():
+            spent = used - self.first.get(pid, used)
+            if spent <= 0:
+                continue
+            words = cmd.split()
+            name = " ".join([Path(words[0]).name, *words[1:3]])[:80] if words else "?"
+            out[name] = round(out.get(name, 0.0) + spent, 1)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1])[:n])
+
 
 def run_submit(home: Path, spec: dict, work: Path, tag: str) -> dict:
     import yaml
@@ -203,7 +216,8 @@ def run_submit(home: Path, spec: dict, work: Path, tag: str) -> dict:
             "mean_base_eval_loss": round(sum(j["metrics"].get("base_eval_loss", 0) for j in jobs) / len(jobs), 4),
             "all_beat_base": all(j["metrics"].get("eval_loss", 9e9) < j["metrics"].get("base_eval_loss", 0) for j in jobs),
             "warm_trainers": [n for n, t in stats.get("trainers", {}).items() if t.get("warm")],
-            "stats": stats, "cpu_s_by_process": meter.by_group()}
+            "stats": stats, "cpu_s_by_process": meter.by_group(),
+            "cpu_s_top_commands": meter.top()}
 
 
 def run_naive(base: str, spec: dict, sample: int, work: Path, threads: int) -> dict:
