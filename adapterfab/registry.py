@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapterfab import faults
 from adapterfab.errors import AdapterNotFound, RegistryError
 from adapterfab.ids import CANDIDATE, PRODUCTION, AdapterId, check_id
 
@@ -628,6 +629,7 @@ class Registry:
         if decision is not None:
             tags = {**tags, **decision.tags()}
         v = self.register(aid, source, run_id, tags, fetch=False, catalogue=False)
+        faults.reached("REGISTERED")
         if decision is not None and decision.promoted:
             self._alias(aid.registry_name, PRODUCTION, v.id.version)
             if new_model and history_tag:  # created with history [1]: right unless a race took version 1
@@ -640,6 +642,27 @@ class Registry:
             v = AdapterVersion(v.id, v.source, v.run_id, v.tags, (*v.aliases, PRODUCTION), v.created_s)
         self._catalogue(str(v.id), lambda index: index.add_version(v))
         return v, decision
+
+    def complete_promotion(self, v: AdapterVersion) -> AdapterVersion:
+        """Finish what ``register_gated`` began when its process died between writing ``v`` and moving
+        ``production``: a version the gate promoted (its ``promotion.decision`` tag) becomes production,
+        at the end of the history, unless production is already on it or on a newer version (a later
+        decision stands)."""
+        from adapterfab.promotion import PROMOTED
+
+        if v.tags.get(TAG + "promotion.decision") != PROMOTED or PRODUCTION in v.aliases:
+            return v
+        aid = v.id.unversioned()
+        current = self.production(aid)
+        if current is not None and current.id.version >= v.id.version:
+            return v
+        log.info("%s: its promotion was interrupted; completing it", v.id)
+        self._alias(aid.registry_name, PRODUCTION, v.id.version)
+        history = self.production_history(aid)
+        if not history or history[-1] != v.id.version:
+            self._set_history(aid, [*history, v.id.version])
+        self._catalogue_adapter(aid)
+        return AdapterVersion(v.id, v.source, v.run_id, v.tags, (*v.aliases, PRODUCTION), v.created_s)
 
     def promote(self, v: AdapterVersion, decision: Any) -> AdapterVersion:
         """Record ``decision`` (a promotion.Decision) on ``v``; move production to it if promoted."""

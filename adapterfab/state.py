@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import JSON, Float, Integer, String, Text, create_engine, event, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from adapterfab import faults
 from adapterfab.errors import StateError
 from adapterfab.states import BatchState, JobState, can_move
 from adapterfab.status import BATCH_COLUMNS, JOB_COLUMNS, JobView, batch_dump, dumps, job_view
@@ -156,6 +157,17 @@ def _log_move(old: JobState, new: JobState, tenant: str, persona: str, job_id: s
     if old != new:
         log.info("job state %s -> %s", old.value, new.value,
                  extra={"tenant": tenant, "adapter_id": f"{tenant}/{persona}", "job_id": job_id})
+
+
+class LockRow(Base):
+    """A named lock held by one process (pid and start token) across processes and batches, e.g.
+    registering one job fingerprint (two identical batches at once register one version)."""
+    __tablename__ = "locks"
+    key: Mapped[str] = mapped_column(String(400), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(300))
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    token: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_s: Mapped[float] = mapped_column(Float, default=time.time)
 
 
 class StateStore:
@@ -307,6 +319,7 @@ class StateStore:
             old = _apply_move(row, new, time.time(), fields)
             view = _view(row)
         _log_move(old, new, view.tenant, view.persona, job_id)
+        faults.reached(new.value)
         return view
 
     def move_jobs(self, job_ids: list[str], new: JobState, **fields: Any) -> None:
@@ -322,6 +335,8 @@ class StateStore:
                 moved.append((_apply_move(row, new, now, fields), row.tenant, row.persona, jid))
         for old, tenant, persona, jid in moved:
             _log_move(old, new, tenant, persona, jid)
+        if moved:
+            faults.reached(new.value)
 
     def update_progress(self, progress: dict[str, tuple[int, float | None]]) -> int:
         """Step and loss of the TRAINING jobs among ``progress`` (job id -> (step, loss)), in one
@@ -348,6 +363,34 @@ class StateStore:
                 raise StateError(f"no job {job_id!r}")
             for k, v in fields.items():
                 setattr(row, k, v)
+
+    # locks ------------------------------------------------------------------------------------
+    def try_lock(self, key: str, holder: str, pid: int, token: str | None,
+                 alive: Callable[[int | None, str | None], bool]) -> str | None:
+        """Take the lock ``key`` for ``holder`` (held by process ``pid`` with start ``token``): None when
+        taken (or already ours), else the live holder's name. A holder whose process is gone
+        (``alive(pid, token)`` false: killed mid-work) loses the lock to the next taker."""
+        from sqlalchemy.exc import IntegrityError
+
+        try:
+            with Session(self._locking) as s, s.begin():
+                row = s.get(LockRow, key, with_for_update=True)
+                if row is not None and row.holder != holder and alive(row.pid, row.token):
+                    return row.holder
+                if row is None:
+                    s.add(LockRow(key=key, holder=holder, pid=pid, token=token, created_s=time.time()))
+                else:
+                    row.holder, row.pid, row.token, row.created_s = holder, pid, token, time.time()
+        except IntegrityError:  # another process inserted it first (databases without BEGIN IMMEDIATE)
+            return "another process"
+        return None
+
+    def unlock(self, key: str, holder: str) -> None:
+        """Release ``key`` if ``holder`` holds it."""
+        from sqlalchemy import delete
+
+        with Session(self._locking) as s, s.begin():
+            s.execute(delete(LockRow).where(LockRow.key == key, LockRow.holder == holder))
 
     # api keys ---------------------------------------------------------------------------------
     def add_key(self, key_id: str, tenant: str, sha256: str, role: str | None = None,

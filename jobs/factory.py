@@ -294,10 +294,12 @@ class Factory:
                 return None
             if view.state != JobState.PENDING:
                 ctx.state.move_job(jid, JobState.PENDING)
+                if _finish_if_registered(ctx, jid, aid):  # it died after registering, before SUCCEEDED
+                    if not view.state.terminal and view.mlflow_run_id:  # the run that registered it
+                        ctx.tracking.end_run(view.mlflow_run_id, ok=True)
+                    return None
                 if not view.state.terminal and view.mlflow_run_id:  # a dead orchestrator left its run open
                     _close_orphan_run(ctx, view.mlflow_run_id)
-                if _finish_if_registered(ctx, jid, aid):  # it died after registering, before SUCCEEDED
-                    return None
             run_id = ctx.tracking.start_run(
                 aid.key, parent_run_id=ctx.batch_run_id, experiment=tenant_experiment(job.tenant),
                 tags={"adapterfab.tenant": job.tenant, "adapterfab.persona": job.persona,

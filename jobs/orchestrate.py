@@ -227,6 +227,7 @@ def _finish_if_registered(ctx: BatchContext, jid: str, aid: AdapterId) -> bool:
     if existing is None:
         return False
     log.info("job %s: already registered as %s before the orchestrator died", jid, existing.id)
+    existing = ctx.registry.complete_promotion(existing)
     ctx.state.move_job(jid, JobState.PREPARING)
     ctx.state.move_job(jid, JobState.SUCCEEDED, adapter_uri=existing.artifact_uri, metrics=existing.metrics,
                        model_version=existing.id.version, step=ctx.state.job(jid).total_steps)
@@ -241,11 +242,11 @@ def _reuse_existing(ctx: BatchContext, jid: str, run_id: str, aid: AdapterId, fi
         return False
     metrics = existing.metrics
     log.info("job %s: same spec, data and code as %s; reusing it (submit --force retrains)", jid, existing.id)
+    ctx.tracking.set_tags(run_id, {"adapterfab.reused_version": str(existing.id)})
+    ctx.tracking.end_run(run_id, ok=True)  # before SUCCEEDED: a resumed batch never revisits a SUCCEEDED job
     ctx.state.move_job(jid, JobState.SUCCEEDED, adapter_uri=existing.artifact_uri, metrics=metrics,
                        model_version=existing.id.version, reused_version=existing.id.version,
                        step=ctx.state.job(jid).total_steps)
-    ctx.tracking.set_tags(run_id, {"adapterfab.reused_version": str(existing.id)})
-    ctx.tracking.end_run(run_id, ok=True)
     return True
 
 
@@ -410,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m adapterfab.jobs.orchestrate BATCH_ID", file=sys.stderr)
         return 2
+    from adapterfab import faults
+
+    if armed := faults.arm_from_env():
+        log.warning("fault injection armed: this orchestrator kills itself at %s", armed)
     try:
         final = run_batch(Settings.load(), argv[0])
     except BatchHeld as e:

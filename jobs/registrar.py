@@ -10,10 +10,14 @@ promotion decision at once (the gate is decided before the version exists), then
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import tempfile
+import time
 import traceback
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("adapterfab.registrar")
 REGISTRAR_THREADS = 4  # MLflow round trips overlap; the server does the work
 PLACEMENT_KEYS = ("node_id", "workers", "zero_stage", "zero_local_param_fraction")
+REGISTER_LOCK_WAIT_S = 600.0  # how long a job waits for an identical job of another batch to register
 
 
 @dataclass
@@ -104,14 +109,41 @@ def gate_decision(registry: Any, version: Any, metrics: dict[str, Any], policy: 
     return decide(policy, metrics, production)
 
 
+@contextlib.contextmanager
+def fingerprint_lock(ctx: BatchContext, p: Prepared) -> Iterator[None]:
+    """Registration of ``p``'s adapter and job fingerprint, one job at a time across processes: two
+    identical batches running at once (each job trained before either registered) register one
+    version, and the second reuses it. A holder that died mid-registration loses the lock."""
+    from adapterfab.procs import pid_alive, proc_token
+
+    key, pid = f"register:{p.aid}:{p.fingerprint}", os.getpid()
+    token = proc_token(pid)
+    deadline = time.monotonic() + REGISTER_LOCK_WAIT_S
+    while (holder := ctx.state.try_lock(key, p.jid, pid, token, pid_alive)) is not None:
+        if time.monotonic() > deadline:
+            raise AdapterfabError(f"{p.aid}: an identical job ({holder}) has been registering for "
+                                  f"{REGISTER_LOCK_WAIT_S:.0f} s; resume this batch once it is done")
+        time.sleep(0.5)
+    try:
+        yield
+    finally:
+        ctx.state.unlock(key, p.jid)
+
+
+def reuse_twin(ctx: BatchContext, p: Prepared) -> bool:
+    """The job succeeds with the version an identical job (same fingerprint) of another batch registered
+    while this one trained; its own adapter is not registered. Returns whether it did."""
+    from adapterfab.jobs.orchestrate import _reuse_existing
+
+    return _reuse_existing(ctx, p.jid, p.run_id, p.aid, p.fingerprint)
+
+
 def register_job(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], adapter_dir: str,
                  extra_tags: dict[str, Any] | None = None,
                  history: list[tuple[str, float, int, int]] | None = None) -> None:
     """REGISTERING -> SUCCEEDED: the artifact store, MLflow's copy, the registry version with its
     lineage tags and promotion decision. ``history``: per-step metrics the trainer had not yet sent."""
-    from adapterfab.jobs.orchestrate import code_version
-
-    job, jid, aid, run_id, stats, t = p.job, p.jid, p.aid, p.run_id, p.stats, p.job.train
+    jid, run_id, t = p.jid, p.run_id, p.job.train
     try:
         metrics = dict(metrics)
         placed = {k: metrics.pop(k) for k in PLACEMENT_KEYS if k in metrics}
@@ -121,45 +153,60 @@ def register_job(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], adapte
         ctx.tracking.log_batch(run_id, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                                tags={f"adapterfab.{k}": str(v) for k, v in placed.items()}, step=t.steps,
                                history=history)
-        store = open_store(ctx.settings.artifacts)
-        artifact_uri = store.upload_dir(adapter_dir, aid.artifact_prefix(jid))
-        source = ctx.tracking.log_dir(run_id, adapter_dir, "adapter")
-        tags = {
-            "tenant": job.tenant, "persona": job.persona, "method": job.method.name,
-            "rank": getattr(job.method, "r", ""), **job.method.tags(),
-            "base_model": ctx.spec.base_model, "base_fingerprint": ctx.base.fingerprint,
-            "dataset": job.dataset, "dataset_sha256": stats["sha256"], "dataset_rows": stats["total_rows"],
-            "dataset_bad_rows": stats["bad_rows"], "train_rows": stats["train_rows"],
-            "eval_rows": stats["eval_rows"], "eval_sha256": stats.get("eval_sha256", ""),
-            "batch_id": ctx.batch_id, "job_id": jid,
-            "code_version": code_version(), "job_fingerprint": p.fingerprint,
-            "artifact_uri": artifact_uri, "artifact_root": store.root,
-            **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, float)},
-            **get_method(job.method.name).extra_tags(job.method), **(extra_tags or {}),
-            **{k: str(v) for k, v in placed.items() if k in ("node_id", "workers", "zero_stage")},
-        }
-        if p.basis_id:
-            tags.update({"basis_id": p.basis_id, "basis_uri": p.basis_uri})
-        # exactly once: a job that ran before (a resumed batch, a retried group) never registers twice
-        version = ctx.registry.find(aid, "job_id", jid) if p.attempt > 1 else None
-        if version is None:
-            decide = None
-            if ctx.spec.promote == "auto":
-                from adapterfab.promotion import decide as gate
-
-                policy = ctx.spec.promotion.policy()
-
-                def decide(prod: Any) -> Any:
-                    current = None if prod is None else (prod.id.version, prod.metrics.get(policy.metric))
-                    return gate(policy, metrics, current)
-
-            version, decision = ctx.registry.register_gated(aid, source, run_id, tags, decide)
-            if decision is not None:
-                log.info("%s: %s (%s)", version.id, decision.outcome, decision.reason)
-        ctx.state.move_job(jid, JobState.SUCCEEDED, adapter_uri=artifact_uri, model_version=version.id.version)
-        ctx.tracking.end_run(run_id, ok=True)
+        with contextlib.nullcontext() if ctx.force else fingerprint_lock(ctx, p):
+            _register_locked(ctx, p, metrics, adapter_dir, placed, extra_tags)
     except Exception as e:  # noqa: BLE001
         fail_job(ctx, jid, run_id, e)
+
+
+def _register_locked(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], adapter_dir: str,
+                     placed: dict[str, Any], extra_tags: dict[str, Any] | None) -> None:
+    """The registration proper, under the job fingerprint's lock (none with ``--force``)."""
+    from adapterfab.jobs.orchestrate import code_version
+
+    job, jid, aid, run_id, stats = p.job, p.jid, p.aid, p.run_id, p.stats
+    # exactly once: a job that ran before (a resumed batch, a retried group) never registers twice
+    version = ctx.registry.find(aid, "job_id", jid) if p.attempt > 1 else None
+    if version is not None:  # registered before its orchestrator died: that version stands
+        ctx.tracking.end_run(run_id, ok=True)
+        ctx.state.move_job(jid, JobState.SUCCEEDED, adapter_uri=version.artifact_uri, model_version=version.id.version)
+        return
+    if not ctx.force and reuse_twin(ctx, p):
+        return
+    store = open_store(ctx.settings.artifacts)
+    artifact_uri = store.upload_dir(adapter_dir, aid.artifact_prefix(jid))
+    source = ctx.tracking.log_dir(run_id, adapter_dir, "adapter")
+    tags = {
+        "tenant": job.tenant, "persona": job.persona, "method": job.method.name,
+        "rank": getattr(job.method, "r", ""), **job.method.tags(),
+        "base_model": ctx.spec.base_model, "base_fingerprint": ctx.base.fingerprint,
+        "dataset": job.dataset, "dataset_sha256": stats["sha256"], "dataset_rows": stats["total_rows"],
+        "dataset_bad_rows": stats["bad_rows"], "train_rows": stats["train_rows"],
+        "eval_rows": stats["eval_rows"], "eval_sha256": stats.get("eval_sha256", ""),
+        "batch_id": ctx.batch_id, "job_id": jid,
+        "code_version": code_version(), "job_fingerprint": p.fingerprint,
+        "artifact_uri": artifact_uri, "artifact_root": store.root,
+        **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, float)},
+        **get_method(job.method.name).extra_tags(job.method), **(extra_tags or {}),
+        **{k: str(v) for k, v in placed.items() if k in ("node_id", "workers", "zero_stage")},
+    }
+    if p.basis_id:
+        tags.update({"basis_id": p.basis_id, "basis_uri": p.basis_uri})
+    decide = None
+    if ctx.spec.promote == "auto":
+        from adapterfab.promotion import decide as gate
+
+        policy = ctx.spec.promotion.policy()
+
+        def decide(prod: Any) -> Any:
+            current = None if prod is None else (prod.id.version, prod.metrics.get(policy.metric))
+            return gate(policy, metrics, current)
+
+    version, decision = ctx.registry.register_gated(aid, source, run_id, tags, decide)
+    if decision is not None:
+        log.info("%s: %s (%s)", version.id, decision.outcome, decision.reason)
+    ctx.tracking.end_run(run_id, ok=True)  # before SUCCEEDED: a resumed batch never revisits a SUCCEEDED job
+    ctx.state.move_job(jid, JobState.SUCCEEDED, adapter_uri=artifact_uri, model_version=version.id.version)
 
 
 def register_outcome(ctx: BatchContext, p: Prepared, outcome: Any, extra_tags: dict[str, Any]) -> None:

@@ -198,3 +198,91 @@ def test_mlflow_outage_during_a_batch_loses_nothing(stack: Path, tiny_model_path
         vs = versions_of(home, f"{j['tenant']}/{j['persona']}")
         assert [v["version"] for v in vs] == [1] and vs[0]["tags"]["adapterfab.job_id"] == j["id"]
         assert Path(vs[0]["artifact_uri"], "adapter_model.safetensors").exists()
+
+
+KILL_POINTS = ["PREPARING", "TRAINING", "REGISTERING", "REGISTERED", "SUCCEEDED"]
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_orchestrator_killed_at_each_job_transition(stack: Path, tiny_model_path: str, tmp_path: Path,
+                                                     point: str) -> None:
+    """SIGKILL of the orchestrator right after it commits a job's move into ``point`` (``REGISTERED``: the
+    registry version written, production not yet moved to it), then `submit --resume`: every job ends
+    SUCCEEDED with exactly one version, registered by its own job, production on it with history [1]
+    (the gate promotes each first version), and every job's MLflow run FINISHED."""
+    from adapterfab.ids import AdapterId
+    from adapterfab.procs import pid_alive
+    from adapterfab.registry import Registry, Tracking
+
+    home, tag = stack, point.lower()
+    path = write_batch(tmp_path / "kill.yaml", tiny_model_path, f"kill-at-{tag}",
+                       [("acme", f"{tag}-pirate", "pirate"), ("globex", f"{tag}-robot", "robot")])
+    spec = yaml.safe_load(path.read_text())
+    spec["promote"] = "auto"
+    path.write_text(yaml.safe_dump(spec))
+    r = run_cli(home, "submit", str(path), env={**ENV, "ADAPTERFAB_FAULT_KILL": point})
+    assert r.returncode == 0, r.stderr
+    batch_id = r.stdout.split()[1]
+    st = state(home)
+    pid = wait_for(lambda: st.get_batch(batch_id).orchestrator_pid, 60, "the orchestrator to start")
+    wait_for(lambda: not pid_alive(pid), 300, f"the orchestrator to kill itself at {point}")
+    before = {j.id: j for j in st.jobs(batch_id)}
+    print(point, {j.id: (j.state.value, j.attempts) for j in before.values()})
+    assert st.get_batch(batch_id).state == "RUNNING"  # died mid-batch: nobody finished it
+    at = "REGISTERING" if point == "REGISTERED" else point
+    assert any(j.state.value == at for j in before.values()), before  # it died right at that move
+
+    r = cli(home, "submit", "--resume", batch_id, "--wait", "--timeout-s", "400")
+    assert r.returncode == 0, r.stdout + r.stderr
+    after = {j.id: j for j in st.jobs(batch_id)}
+    assert st.get_batch(batch_id).state == "SUCCEEDED"
+    registry, tracking = Registry(mlflow_uri(home)), Tracking(mlflow_uri(home))
+    for j in after.values():
+        assert j.state.value == "SUCCEEDED", (j.id, j.state, j.error)
+        aid = AdapterId(j.tenant, j.persona)
+        vs = registry.versions(aid)
+        assert [v.id.version for v in vs] == [1], (j.id, [v.to_dict() for v in vs])  # exactly once
+        assert vs[0].tags["adapterfab.job_id"] == j.id and j.model_version == 1 and j.reused_version is None
+        assert vs[0].tags["adapterfab.promotion.decision"] == "promoted"
+        prod = registry.production(aid)
+        assert prod is not None and prod.id.version == 1, (j.id, point)  # an interrupted promotion completed
+        assert registry.production_history(aid) == [1]
+        assert tracking.client.get_run(j.mlflow_run_id).info.status == "FINISHED", (j.id, point)
+        if before[j.id].state.value == "SUCCEEDED":  # finished before the kill: left alone
+            assert j.attempts == before[j.id].attempts and j.mlflow_run_id == before[j.id].mlflow_run_id
+
+
+def test_identical_batches_at_once_register_each_adapter_once(stack: Path, tiny_model_path: str,
+                                                              tmp_path: Path) -> None:
+    """The same spec submitted twice at once: both batches succeed, each adapter has exactly one version
+    (with production on it and history [1]); in each pair of twin jobs one registered it and the other
+    reused it, whether it saw the version before training or only at registration (the fingerprint lock)."""
+    from adapterfab.ids import AdapterId
+    from adapterfab.registry import Registry
+
+    home = stack
+    path = write_batch(tmp_path / "twins.yaml", tiny_model_path, "twins",
+                       [("acme", "twin-pirate", "pirate"), ("globex", "twin-robot", "robot")])
+    spec = yaml.safe_load(path.read_text())
+    spec["promote"] = "auto"
+    path.write_text(yaml.safe_dump(spec))
+    procs = [subprocess.Popen([str(REPO / ".venv" / "bin" / "adapterfab"), "submit", str(path), "--wait",
+                               "--timeout-s", "500"], env={**os.environ, **ENV, "ADAPTERFAB_HOME": str(home)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    batch_ids = [out.split()[1] for out, _ in outs]
+    st, registry = state(home), Registry(mlflow_uri(home))
+    jobs = [j for b in batch_ids for j in st.jobs(b)]
+    assert len(jobs) == 4 and all(j.state.value == "SUCCEEDED" for j in jobs), [(j.id, j.state, j.error) for j in jobs]
+    for persona in ("twin-pirate", "twin-robot"):
+        twins = [j for j in jobs if j.persona == persona]
+        aid = AdapterId(twins[0].tenant, persona)
+        vs = registry.versions(aid)
+        assert [v.id.version for v in vs] == [1], [v.to_dict() for v in vs]
+        assert sorted((j.reused_version or 0) for j in twins) == [0, 1], [(j.id, j.reused_version) for j in twins]
+        registered = next(j for j in twins if j.reused_version is None)
+        assert vs[0].tags["adapterfab.job_id"] == registered.id
+        assert all(j.model_version == 1 for j in twins)
+        assert registry.production(aid).id.version == 1 and registry.production_history(aid) == [1]
+    print({j.id: (j.reused_version, j.attempts) for j in jobs})

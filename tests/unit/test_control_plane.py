@@ -109,6 +109,39 @@ def test_one_orchestrator_per_batch(tmp_path: Path) -> None:
     assert s.claim_batch("b1", won[0], f"tok-{won[0]}", lambda p, t: p in live) is not None  # re-claim: its own
 
 
+def test_a_named_lock_has_one_live_holder(tmp_path: Path) -> None:
+    """The registration lock of a job fingerprint (jobs/registrar.fingerprint_lock): one holder at a time
+    among racing processes, re-taken by its holder, released by its holder only, and taken over from a
+    holder whose process died."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    s = StateStore(url)
+    live = {111111, 222222, 333333}
+    alive = lambda p, t: p in live  # noqa: E731
+    barrier, won = threading.Barrier(3), []
+
+    def take(pid: int) -> None:
+        store = StateStore(url)
+        barrier.wait()
+        if store.try_lock("register:a/b:fp", f"job-{pid}", pid, f"tok-{pid}", alive) is None:
+            won.append(pid)
+
+    threads = [threading.Thread(target=take, args=(p,)) for p in sorted(live)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert len(won) == 1
+    winner = won[0]
+    other = next(p for p in live if p != winner)
+    assert s.try_lock("register:a/b:fp", f"job-{other}", other, f"tok-{other}", alive) == f"job-{winner}"
+    assert s.try_lock("register:a/b:fp", f"job-{winner}", winner, f"tok-{winner}", alive) is None  # its own
+    s.unlock("register:a/b:fp", f"job-{other}")  # not the holder: nothing released
+    assert s.try_lock("register:a/b:fp", f"job-{other}", other, f"tok-{other}", alive) == f"job-{winner}"
+    assert s.try_lock("register:a/b:other", f"job-{other}", other, f"tok-{other}", alive) is None  # another key
+    live.discard(winner)  # the holder was killed mid-registration: the next taker gets it
+    assert s.try_lock("register:a/b:fp", f"job-{other}", other, f"tok-{other}", alive) is None
+    s.unlock("register:a/b:fp", f"job-{other}")
+    assert s.try_lock("register:a/b:fp", "job-new", 333333, "tok-333333", alive) is None
+
+
 def test_a_recorded_pid_is_stopped_only_while_it_is_the_same_process(tmp_path: Path) -> None:
     """stack.json from before a reboot names a pid that now belongs to something else: `down` leaves it."""
     from adapterfab.settings import Settings

@@ -278,3 +278,35 @@ def test_the_gate_compares_with_production_only_on_the_same_eval_rows(mlflow_ser
     d4 = gate_decision(reg, v4, _metrics(v4), Policy())
     assert d4.promoted and "production v1 2" in d4.reason
     assert reg.get(aid.with_version(4)).public_dict()["lineage"]["eval_sha256"] == "a" * 32
+
+
+def test_an_interrupted_promotion_is_completed_unless_a_later_one_stands(mlflow_server: str) -> None:
+    """A process that died between writing a version the gate promoted and moving production to it
+    (registry.register_gated): ``complete_promotion`` moves production and the history on; a version the
+    gate refused, or one older than the current production, is left as it is."""
+    from adapterfab.promotion import Decision
+
+    reg = Registry(mlflow_server)
+    aid = AdapterId("gate", "interrupted")
+    v1 = _register(reg, aid, 2.0)
+    reg.promote(v1, gate_decision(reg, v1, _metrics(v1), Policy()))
+    v2 = _register(reg, aid, 1.0)
+    d2 = gate_decision(reg, v2, _metrics(v2), Policy())
+    assert d2.promoted and isinstance(d2, Decision)
+    reg.set_version_tags(v2, d2.tags())  # the decision written with the version, then the process died
+    v2 = reg.get(v2.id)
+    assert reg.production(aid).id.version == 1
+    done = reg.complete_promotion(v2)
+    assert "production" in done.aliases and reg.production(aid).id.version == 2
+    assert reg.production_history(aid) == [1, 2]
+    assert reg.complete_promotion(reg.get(v2.id)).id.version == 2 and reg.production_history(aid) == [1, 2]
+    refused = _register(reg, aid, 2.9)
+    d3 = gate_decision(reg, refused, _metrics(refused), Policy())
+    reg.set_version_tags(refused, d3.tags())
+    assert not d3.promoted
+    reg.complete_promotion(reg.get(refused.id))
+    assert reg.production(aid).id.version == 2  # a refused version never becomes production
+    v4 = _register(reg, aid, 0.5)
+    reg.promote(v4, gate_decision(reg, v4, _metrics(v4), Policy()))
+    reg.complete_promotion(reg.get(v2.id))  # an older interrupted promotion does not undo a later one
+    assert reg.production(aid).id.version == 4 and reg.production_history(aid) == [1, 2, 4]
