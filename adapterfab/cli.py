@@ -269,7 +269,6 @@ def run(batch: Path = typer.Argument(..., help="batch spec YAML"),
 
 def _wait(s: Settings, batch_id: str, timeout_s: float, finished: Any = None) -> int:
     """Print progress until the batch is terminal; ``finished()`` says the in-process orchestrator ended."""
-    from adapterfab.procs import pid_alive
     from adapterfab.state import StateStore
 
     state = StateStore(s.state_url)
@@ -295,8 +294,7 @@ def _wait(s: Settings, batch_id: str, timeout_s: float, finished: Any = None) ->
             return 0 if b.state == "SUCCEEDED" else 1
         if finished is not None and finished() and state.get_batch(batch_id).state not in ("SUCCEEDED", "FAILED"):
             return 1
-        if b.orchestrator_pid and not pid_alive(b.orchestrator_pid, b.orchestrator_token) \
-                and time.monotonic() - t0 > 10:
+        if b.orchestrator_pid and not state.orchestrator_alive(b) and time.monotonic() - t0 > 10:
             b = state.get_batch(batch_id)
             if b.state not in ("SUCCEEDED", "FAILED"):
                 err.print(f"the orchestrator of {batch_id} died; see {s.logs / (batch_id + '.log')}")

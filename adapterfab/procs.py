@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +136,25 @@ def proc_token(pid: int | None) -> str | None:
 
 def token_host(token: str | None) -> str | None:
     return token.split(":", 1)[0] if token else None
+
+
+HEARTBEAT_S = 5.0  # how often an orchestrator marks its claim as live (state.StateStore.heartbeat)
+LEASE_S = 30.0  # a claim of another host with no heartbeat for this long is taken for dead
+
+
+def token_is_remote(token: str | None) -> bool:
+    """Whether ``token`` (``proc_token``) names a process of another host: its pid means nothing here."""
+    return bool(token) and token.count(":") >= 2 and token_host(token) != socket.gethostname()
+
+
+def holder_alive(pid: int | None, token: str | None, beat_s: float | None,
+                 alive: Callable[[int | None, str | None], bool] | None = None, lease_s: float = LEASE_S) -> bool:
+    """Whether the process that holds a claim (a batch's orchestrator, a lock) still runs: on this host,
+    its pid with its start token (``alive``, default ``pid_alive``); on another host, whose pids cannot
+    be checked from here, whether its last heartbeat ``beat_s`` is younger than ``lease_s``."""
+    if token_is_remote(token):
+        return beat_s is not None and time.time() - beat_s < lease_s
+    return (alive or pid_alive)(pid, token)
 
 
 def pid_alive(pid: int | None, token: str | None = None) -> bool:

@@ -15,6 +15,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from adapterfab import faults
 from adapterfab.errors import StateError
+from adapterfab.procs import holder_alive
 from adapterfab.states import BatchState, JobState, can_move
 from adapterfab.status import BATCH_COLUMNS, JOB_COLUMNS, JobView, batch_dump, dumps, job_view
 
@@ -38,6 +39,9 @@ class BatchRow(Base):
     # host, boot and start time of that pid (procs.proc_token): a later process with the same number is
     # never taken for the orchestrator (claim_batch, `adapterfab down`)
     orchestrator_token: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # the orchestrator's last sign of life (every procs.HEARTBEAT_S): how a claim made on another host is
+    # judged, where its pid cannot be checked
+    heartbeat_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_s: Mapped[float] = mapped_column(Float, default=time.time)
     started_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     ended_s: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -232,10 +236,11 @@ class StateStore:
             if row is None:
                 raise StateError(f"no batch {batch_id!r}; `adapterfab status` lists batches")
             held = row.orchestrator_pid
-            if held and (held, row.orchestrator_token) != (pid, token) and alive(held, row.orchestrator_token):
+            if held and (held, row.orchestrator_token) != (pid, token) \
+                    and holder_alive(held, row.orchestrator_token, row.heartbeat_s, alive):
                 return None
-            before = {c: getattr(row, c) for c in ("state", "orchestrator_pid", "orchestrator_token")}
-            row.orchestrator_pid, row.orchestrator_token = pid, token
+            before = {c: getattr(row, c) for c in ("state", "orchestrator_pid", "orchestrator_token", "heartbeat_s")}
+            row.orchestrator_pid, row.orchestrator_token, row.heartbeat_s = pid, token, time.time()
             s.flush()
             s.expunge(row)
         for k, v in before.items():
@@ -250,7 +255,7 @@ class StateStore:
             if row is None:
                 raise StateError(f"no batch {batch_id!r}; `adapterfab status` lists batches")
             if row.state in (BatchState.PENDING.value, BatchState.RUNNING.value) \
-                    and alive(row.orchestrator_pid, row.orchestrator_token):
+                    and holder_alive(row.orchestrator_pid, row.orchestrator_token, row.heartbeat_s, alive):
                 raise StateError(f"batch {batch_id} is still running (orchestrator pid {row.orchestrator_pid}); "
                                  "`adapterfab status` follows it")
             todo = [_view(j) for j in s.scalars(select(JobRow).where(JobRow.batch_id == batch_id))
@@ -261,6 +266,20 @@ class StateStore:
             elif row.state != BatchState.SUCCEEDED.value:
                 row.state, row.ended_s, row.error = BatchState.SUCCEEDED.value, time.time(), None
         return todo
+
+    def heartbeat(self, batch_id: str, pid: int, token: str | None) -> bool:
+        """The orchestrator ``pid`` (``token``) is alive; False when it no longer holds the batch."""
+        from sqlalchemy import update
+
+        with self.engine.begin() as conn:
+            res = conn.execute(update(BatchRow).where(BatchRow.id == batch_id, BatchRow.orchestrator_pid == pid,
+                                                      BatchRow.orchestrator_token == token)
+                               .values(heartbeat_s=time.time()))
+        return bool(res.rowcount)
+
+    def orchestrator_alive(self, batch: BatchRow) -> bool:
+        """Whether ``batch``'s recorded orchestrator still runs (on another host: it beats)."""
+        return holder_alive(batch.orchestrator_pid, batch.orchestrator_token, batch.heartbeat_s)
 
     def list_batches(self, limit: int = 50) -> list[BatchRow]:
         with Session(self.engine, expire_on_commit=False) as s:
@@ -366,16 +385,18 @@ class StateStore:
 
     # locks ------------------------------------------------------------------------------------
     def try_lock(self, key: str, holder: str, pid: int, token: str | None,
-                 alive: Callable[[int | None, str | None], bool]) -> str | None:
+                 alive: Callable[[int | None, str | None], bool], lease_s: float = 600.0) -> str | None:
         """Take the lock ``key`` for ``holder`` (held by process ``pid`` with start ``token``): None when
         taken (or already ours), else the live holder's name. A holder whose process is gone
-        (``alive(pid, token)`` false: killed mid-work) loses the lock to the next taker."""
+        (``alive(pid, token)`` false: killed mid-work) loses the lock to the next taker; a holder on
+        another host, whose pid cannot be checked, holds it for ``lease_s`` at most."""
         from sqlalchemy.exc import IntegrityError
 
         try:
             with Session(self._locking) as s, s.begin():
                 row = s.get(LockRow, key, with_for_update=True)
-                if row is not None and row.holder != holder and alive(row.pid, row.token):
+                if row is not None and row.holder != holder \
+                        and holder_alive(row.pid, row.token, row.created_s, alive, lease_s):
                     return row.holder
                 if row is None:
                     s.add(LockRow(key=key, holder=holder, pid=pid, token=token, created_s=time.time()))

@@ -332,6 +332,31 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
     if BatchState(batch.state).terminal:  # reopened, then finished by the orchestrator that won the claim
         log.warning("batch %s already ended %s; nothing to run", batch_id, batch.state)
         return BatchState(batch.state)
+    beating = threading.Event()
+    threading.Thread(target=_heartbeat, args=(state, batch_id, beating), name="heartbeat", daemon=True).start()
+    try:
+        return _run_claimed(settings, state, batch_id, batch)
+    finally:
+        beating.set()
+
+
+def _heartbeat(state: StateStore, batch_id: str, stop: threading.Event) -> None:
+    """The claim's sign of life, every HEARTBEAT_S: what an orchestrator on another host (a Ray Job's
+    node), whose pid cannot be checked, is judged by (procs.holder_alive)."""
+    from adapterfab.procs import HEARTBEAT_S, proc_token
+
+    pid = os.getpid()
+    token = proc_token(pid)
+    while not stop.wait(HEARTBEAT_S):
+        try:
+            if not state.heartbeat(batch_id, pid, token):
+                log.error("batch %s is no longer claimed by this orchestrator (pid %s)", batch_id, pid)
+                return
+        except Exception:  # noqa: BLE001 - a busy database: the next beat
+            log.warning("heartbeat of batch %s not written", batch_id, exc_info=True)
+
+
+def _run_claimed(settings: Settings, state: StateStore, batch_id: str, batch: Any) -> BatchState:
 
     import ray
     from transformers import AutoTokenizer

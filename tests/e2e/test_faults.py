@@ -101,7 +101,9 @@ def test_killed_orchestrator_resumes_without_redoing_finished_jobs(stack: Path, 
         return done if done and any(j.state.value == "TRAINING" for j in jobs) else None
 
     done = wait_for(one_done_one_training, 400, "one SUCCEEDED job and the next one TRAINING", poll_s=0.2)
-    pid = st.get_batch(batch_id).orchestrator_pid
+    b = st.get_batch(batch_id)
+    pid = b.orchestrator_pid
+    assert time.time() - b.heartbeat_s < 15  # it beats (every 5 s): how a remote orchestrator is judged alive
     os.kill(pid, SIGKILL)  # mid-batch: one job done, the other in Ray Train
     wait_for(lambda: not pid_alive(pid), 30, "the orchestrator to die")  # gone, or a zombie nobody reaps
     before = {j.id: j for j in st.jobs(batch_id)}

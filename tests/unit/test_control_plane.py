@@ -109,6 +109,44 @@ def test_one_orchestrator_per_batch(tmp_path: Path) -> None:
     assert s.claim_batch("b1", won[0], f"tok-{won[0]}", lambda p, t: p in live) is not None  # re-claim: its own
 
 
+def test_a_claim_made_on_another_host_lives_by_its_heartbeat(tmp_path: Path) -> None:
+    """An orchestrator on another host (a Ray Job on a cluster node, the state DB shared) cannot be
+    checked by pid from here: its claim holds while it beats and is taken over once its heartbeat is
+    older than the lease; `--wait` and `--resume` judge it the same way."""
+    from sqlalchemy import update
+
+    from adapterfab.procs import LEASE_S
+    from adapterfab.state import BatchRow
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    s = _batch(url, jobs=2)
+    remote = "node-7.cluster:0b5e1d3c-boot:123456"
+    assert s.claim_batch("b1", 4242, remote, pid_alive) is not None  # the remote orchestrator claims it
+    assert s.orchestrator_alive(s.get_batch("b1"))
+    me = os.getpid()
+    assert s.claim_batch("b1", me, proc_token(me), pid_alive) is None  # it beats: held
+    with pytest.raises(StateError, match="still running"):
+        s.reopen_batch("b1", pid_alive)
+    assert s.heartbeat("b1", 4242, remote) and not s.heartbeat("b1", me, proc_token(me))  # only the holder beats
+
+    def age(seconds: float) -> None:
+        with s.engine.begin() as conn:
+            conn.execute(update(BatchRow).where(BatchRow.id == "b1").values(heartbeat_s=time.time() - seconds))
+
+    age(LEASE_S / 2)
+    assert s.orchestrator_alive(s.get_batch("b1"))
+    age(LEASE_S + 1)  # silent longer than the lease: gone
+    assert not s.orchestrator_alive(s.get_batch("b1"))
+    assert len(s.reopen_batch("b1", pid_alive)) == 2
+    assert s.claim_batch("b1", me, proc_token(me), pid_alive) is not None
+    b = s.get_batch("b1")
+    assert b.orchestrator_pid == me and time.time() - b.heartbeat_s < 5
+    # a lock held on another host: kept for its lease, then taken over
+    assert s.try_lock("register:a/b:fp", "job-r", 4242, remote, pid_alive, lease_s=60) is None
+    assert s.try_lock("register:a/b:fp", "job-l", me, proc_token(me), pid_alive, lease_s=60) == "job-r"
+    assert s.try_lock("register:a/b:fp", "job-l", me, proc_token(me), pid_alive, lease_s=0) is None
+
+
 def test_a_named_lock_has_one_live_holder(tmp_path: Path) -> None:
     """The registration lock of a job fingerprint (jobs/registrar.fingerprint_lock): one holder at a time
     among racing processes, re-taken by its holder, released by its holder only, and taken over from a
