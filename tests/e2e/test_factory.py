@@ -27,8 +27,15 @@ DECKHAND = {"tenant": "acme", "persona": "deckhand", "dataset": str(REPO / "exam
             "train": {"steps": 3, "learning_rate": 5e-3}}  # short: the job the later tests retrain
 
 
-def cli(home: Path, *args: str, timeout_s: float = 900) -> subprocess.CompletedProcess:
-    return run_cli(home, *args, timeout_s=timeout_s)
+def cli(home: Path, *args: str, timeout_s: float = 900, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess:
+    return run_cli(home, *args, timeout_s=timeout_s, env=env)
+
+
+# credentials in the shell of a remote submit (the artifact store here is a folder: never used); the key
+# crawl looks for them in Ray's Jobs API, MLflow and every log
+SUBMITTER_AWS = {"AWS_ACCESS_KEY_ID": "AKIACRAWLTEST0000001", "AWS_SECRET_ACCESS_KEY": "crawl-secret-4f1c9e2ab7d3",
+                 "AWS_SESSION_TOKEN": "crawl-session-token-8e6a0b5c"}
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +289,7 @@ def test_remote_submit_with_force_retrains_and_the_gate_refuses(served, stack, t
     home, ports = stack
     spec = _deckhand_spec(tmp_path, promote="auto", promotion={"metric": "eval_loss", "margin": 10.0})
     r = cli(home, "submit", str(spec), "--force", "--wait",
-            "--address", f"http://127.0.0.1:{ports['dashboard']}", timeout_s=900)
+            "--address", f"http://127.0.0.1:{ports['dashboard']}", timeout_s=900, env=SUBMITTER_AWS)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
     assert "SUCCEEDED" in r.stdout
     batch_id = r.stdout.split()[1]
@@ -376,8 +383,9 @@ def test_a_64_job_batch_through_submit(stack, tiny_model_path: str, tmp_path: Pa
 def test_a_tenant_key_crawl_finds_no_other_tenant_and_no_secret(served, stack) -> None:
     """After the 64-tenant batch (fused groups of up to 8 tenants each) and the Ray Job of the remote
     submit: every dashboard and serving route a tenant's key reaches, crawled, names no other tenant,
-    persona, job id, Ray node id or IP; Ray's Jobs API shows no AWS credential in any job's environment;
-    no API key appears in any log of the stack or the Ray session."""
+    persona, job id, Ray node id or IP; the remote submitter's AWS credentials and the API keys appear
+    nowhere in Ray's Jobs API, in MLflow (runs' parameters and tags, models' and versions' tags) or in any
+    log of the stack or the Ray session."""
     import re
 
     import httpx
@@ -414,10 +422,23 @@ def test_a_tenant_key_crawl_finds_no_other_tenant_and_no_secret(served, stack) -
 
     ray_jobs = httpx.get(f"http://127.0.0.1:{ports['dashboard']}/api/jobs/", timeout=60).json()
     assert ray_jobs, "the remote submit's Ray Job is listed"
+    secrets = [key, served[1], served[2], *SUBMITTER_AWS.values()]
     for j in ray_jobs:
         env = (j.get("runtime_env") or {}).get("env_vars") or {}
         assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env), env
-    secrets = [key, served[1], served[2]]
+        assert not any(s in json.dumps(j) for s in secrets), j
+    # MLflow: every run's parameters and tags, every registered model's and version's tags
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(json.loads((home / "stack.json").read_text())["mlflow_uri"])
+    exps = [e.experiment_id for e in mlflow.search_experiments()]
+    runs = mlflow.search_runs(exps, max_results=5000)
+    assert len(runs) > 64  # the batches' runs and every job's
+    recorded = [json.dumps([r.data.params, r.data.tags]) for r in runs]
+    for m in mlflow.search_registered_models(max_results=1000):
+        recorded.append(json.dumps(m.tags))
+        recorded += [json.dumps(v.tags) for v in mlflow.search_model_versions(f"name='{m.name}'")]
+    assert not [r[:300] for r in recorded if any(s in r for s in secrets)]
     logs = [*(home / "logs").rglob("*"), *Path("/tmp/ray/session_latest/logs").resolve().rglob("*")]
     scanned = 0
     for f in logs:
