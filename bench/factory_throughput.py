@@ -399,6 +399,8 @@ def main() -> None:
         ports = free_ports()
         r = cli(home, "up", "--mlflow-port", ports["mlflow"], "--ray-port", ports["ray"], "--dashboard-port",
                 ports["dashboard"], "--serve-port", ports["serve"], "--ui-port", ports["ui"])
+        if r.returncode != 0 and "retries it" in r.stderr:  # a port taken between picking and binding
+            r = cli(home, "up")
         if r.returncode != 0:
             raise SystemExit(f"adapterfab up failed:\n{r.stderr}")
         try:
