@@ -325,7 +325,8 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
     from adapterfab.procs import pid_alive, proc_token
 
     state = StateStore(settings.state_url)  # the claim first: `submit --wait` follows this pid from here
-    batch = state.claim_batch(batch_id, os.getpid(), proc_token(os.getpid()), pid_alive)
+    pid, token = os.getpid(), proc_token(os.getpid())
+    batch = state.claim_batch(batch_id, pid, token, pid_alive)
     if batch is None:
         held = state.get_batch(batch_id)
         raise BatchHeld(f"batch {batch_id} is run by orchestrator pid {held.orchestrator_pid}; not starting another")
@@ -333,20 +334,19 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
         log.warning("batch %s already ended %s; nothing to run", batch_id, batch.state)
         return BatchState(batch.state)
     beating = threading.Event()
-    threading.Thread(target=_heartbeat, args=(state, batch_id, beating), name="heartbeat", daemon=True).start()
+    threading.Thread(target=_heartbeat, args=(state, batch_id, pid, token, beating), name="heartbeat",
+                     daemon=True).start()
     try:
         return _run_claimed(settings, state, batch_id, batch)
     finally:
         beating.set()
 
 
-def _heartbeat(state: StateStore, batch_id: str, stop: threading.Event) -> None:
+def _heartbeat(state: StateStore, batch_id: str, pid: int, token: str | None, stop: threading.Event) -> None:
     """The claim's sign of life, every HEARTBEAT_S: what an orchestrator on another host (a Ray Job's
     node), whose pid cannot be checked, is judged by (procs.holder_alive)."""
-    from adapterfab.procs import HEARTBEAT_S, proc_token
+    from adapterfab.procs import HEARTBEAT_S
 
-    pid = os.getpid()
-    token = proc_token(pid)
     while not stop.wait(HEARTBEAT_S):
         try:
             if not state.heartbeat(batch_id, pid, token):
@@ -357,7 +357,6 @@ def _heartbeat(state: StateStore, batch_id: str, stop: threading.Event) -> None:
 
 
 def _run_claimed(settings: Settings, state: StateStore, batch_id: str, batch: Any) -> BatchState:
-
     import ray
     from transformers import AutoTokenizer
 

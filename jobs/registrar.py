@@ -130,14 +130,6 @@ def fingerprint_lock(ctx: BatchContext, p: Prepared) -> Iterator[None]:
         ctx.state.unlock(key, p.jid)
 
 
-def reuse_twin(ctx: BatchContext, p: Prepared) -> bool:
-    """The job succeeds with the version an identical job (same fingerprint) of another batch registered
-    while this one trained; its own adapter is not registered. Returns whether it did."""
-    from adapterfab.jobs.orchestrate import _reuse_existing
-
-    return _reuse_existing(ctx, p.jid, p.run_id, p.aid, p.fingerprint)
-
-
 def register_job(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], adapter_dir: str,
                  extra_tags: dict[str, Any] | None = None,
                  history: list[tuple[str, float, int, int]] | None = None) -> None:
@@ -162,7 +154,7 @@ def register_job(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], adapte
 def _register_locked(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], adapter_dir: str,
                      placed: dict[str, Any], extra_tags: dict[str, Any] | None) -> None:
     """The registration proper, under the job fingerprint's lock (none with ``--force``)."""
-    from adapterfab.jobs.orchestrate import code_version
+    from adapterfab.jobs.orchestrate import _reuse_existing, code_version
 
     job, jid, aid, run_id, stats = p.job, p.jid, p.aid, p.run_id, p.stats
     # exactly once: a job that ran before (a resumed batch, a retried group) never registers twice
@@ -171,7 +163,8 @@ def _register_locked(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], ad
         ctx.tracking.end_run(run_id, ok=True)
         ctx.state.move_job(jid, JobState.SUCCEEDED, adapter_uri=version.artifact_uri, model_version=version.id.version)
         return
-    if not ctx.force and reuse_twin(ctx, p):
+    # an identical job of another batch registered while this one trained: its version stands
+    if not ctx.force and _reuse_existing(ctx, jid, run_id, aid, p.fingerprint):
         return
     store = open_store(ctx.settings.artifacts)
     artifact_uri = store.upload_dir(adapter_dir, aid.artifact_prefix(jid))
