@@ -7,8 +7,9 @@ one run on one local stack (`adapterfab up` in a temporary home, on free ports):
           and saves, one after another with every CPU; timed on a sample of the jobs (its rate per job
           does not depend on N)
   fused   the resident fused trainer alone on the same jobs (jobs/resident.py as Ray actors, as many as
-          the batch's trainer slots, the same groups), rows tokenized beforehand, bases loaded before
-          the clock starts: the compute the factory cannot avoid
+          the batch's trainer slots, the same groups), the same train and eval rows (the product's
+          own preparation, pipelines/data.py, run beforehand), bases loaded before the clock starts:
+          the compute the factory cannot avoid
 
 and reports adapters/hour of each, `ratios.submit_over_naive` and `ratios.submit_over_fused`, the
 seconds from submit to the first training step, the batch's own stage timings (`adapterfab status
@@ -246,20 +247,25 @@ def run_fused(ray_address: str, base: str, spec: dict, slots: int, cpus: float, 
     from adapterfab.jobs.plan import balanced_groups, fusion_groups
     from adapterfab.jobs.resident import GroupJob, GroupTask, resident_actor
     from adapterfab.jobs.trainers import retire_idle_trainers
-    from adapterfab.pipelines.local import encode_file, split_rows
+    from adapterfab.pipelines.data import DataRequest, prepare_many
     from adapterfab.spec import parse_spec
 
     _, jobs = parse_spec(spec)
     groups = balanced_groups(jobs, fusion_groups(jobs), slots)
     tok = AutoTokenizer.from_pretrained(base)
     gpu = "cuda" if gpus else None
+    # the rows submit trains and evaluates: the product's own preparation (same split), run here
+    data = prepare_many([DataRequest(f"f{i}", j.dataset, j.train.max_seq_len, j.train.eval_fraction, j.train.seed,
+                                     j.train.max_bad_row_fraction) for i, j in enumerate(jobs)],
+                        base, in_process_bytes=1 << 40)
     tasks = []
     for n, g in enumerate(groups):
         members = []
         for i in g:
-            j = jobs[i]
-            tr, ev = split_rows(encode_file(j.dataset, tok, j.train.max_seq_len), j.train.eval_fraction)
-            members.append(GroupJob(f"f{i}", j.method.model_dump(), j.train.model_dump(), tr, ev))
+            j, rows = jobs[i], data[f"f{i}"]
+            if isinstance(rows, Exception):
+                raise rows
+            members.append(GroupJob(f"f{i}", j.method.model_dump(), j.train.model_dump(), rows.train, rows.eval))
         tasks.append(GroupTask(f"g{n}", members, tok.pad_token_id))
     ray.init(address=ray_address, log_to_driver=False)
     try:

@@ -29,6 +29,7 @@ from typing import Any
 
 from adapterfab.methods import get_method
 from adapterfab.spec import TrainConfig
+from adapterfab.threads import use_torch_threads
 
 Rows = list[dict[str, Any]]  # each {"input_ids": [...], "labels": [...]}
 
@@ -73,13 +74,11 @@ class GroupResult:
 class ResidentWorker:
     def __init__(self, base_path: str, method: dict[str, Any], dtype: str = "float32", torch_threads: int = 0,
                  basis: Any = None, device: str | None = None, basis_dir: str | None = None):
-        import torch
-
         from adapterfab.jobs.fused import FAMILIES, FusedTrainer
         from adapterfab.jobs.train_loop import load_base
 
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
+        self.torch_threads = torch_threads
+        use_torch_threads(torch_threads)
         t0 = time.monotonic()
         impl = get_method(method["name"])
         self.method = impl.config_cls(**method)
@@ -108,6 +107,7 @@ class ResidentWorker:
         from adapterfab.jobs.fused import FusedJob
         from adapterfab.pipelines.local import epoch_batches
 
+        use_torch_threads(self.torch_threads)  # this call's thread, not __init__'s (adapterfab/threads.py)
         warm = self.groups_trained > 0
         t0 = time.monotonic()
         fused = []

@@ -52,6 +52,7 @@ from adapterfab.serve.engine import (
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, DTYPES, AdapterNotLoaded, AdapterRejected,
     PromptTooLong, SamplingParams, TextGeneration, _sample, seed_of,
 )
+from adapterfab.threads import use_torch_threads
 
 log = logging.getLogger("adapterfab.serve.batched")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -128,8 +129,8 @@ class BatchedEngine(TextGeneration):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
+        self.torch_threads = torch_threads
+        use_torch_threads(torch_threads)
         path = str(Path(model_path).expanduser())
         self.dtype = getattr(torch, DTYPES.get(dtype, dtype)) if isinstance(dtype, str) else dtype
         self.device = torch.device(device)
@@ -651,6 +652,7 @@ class BatchedEngine(TextGeneration):
     def _loop(self) -> None:
         import torch
 
+        use_torch_threads(self.torch_threads)  # the loop's own thread (adapterfab/threads.py)
         while True:
             with self._wake:
                 while not self._stop and not self._waiting and not self._running:

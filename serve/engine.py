@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterfab.errors import AdapterfabError
+from adapterfab.threads import use_torch_threads
 
 log = logging.getLogger("adapterfab.serve.engine")
 
@@ -288,8 +289,7 @@ class Engine(TextGeneration):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch_threads = torch_threads
-        if torch_threads:
-            torch.set_num_threads(torch_threads)  # process-wide: a replica owns its process
+        use_torch_threads(torch_threads)
         path = str(Path(model_path).expanduser())
         torch_dtype = getattr(torch, DTYPES.get(dtype, dtype)) if isinstance(dtype, str) else dtype
         self.device = device
@@ -367,6 +367,7 @@ class Engine(TextGeneration):
         engine lock while it runs: drain or close it."""
         import torch
 
+        use_torch_threads(self.torch_threads)  # the caller's thread (adapterfab/threads.py)
         if len(prompt_ids) >= self.max_positions:
             raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens; this model takes at most "
                                 f"{self.max_positions - 1}")
