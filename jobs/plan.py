@@ -24,6 +24,7 @@ fusion key train fused, up to FUSED_GROUP_MAX per group.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -309,7 +310,8 @@ def balanced_groups(jobs: list[JobSpec], groups: list[list[int]], slots: int, k_
     return sorted(out, key=lambda g: g[0])
 
 
-STARTER_GROUP_JOBS = 2  # the first group each trainer slot trains, when it has more than one to train
+# the first group each trainer slot trains, when it has more than one to train (0: no starter groups)
+STARTER_GROUP_JOBS = int(os.environ.get("ADAPTERFAB_STARTER_GROUP_JOBS", 2))
 
 
 def starter_groups(groups: list[list[int]], slots: int, size: int = STARTER_GROUP_JOBS) -> list[list[int]]:

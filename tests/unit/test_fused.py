@@ -222,6 +222,19 @@ def test_each_slot_starts_with_a_small_group_when_it_has_more_to_train() -> None
     assert starter_groups([[0, 1, 2], [3], [4, 5]], slots=2) == [[0, 1], [3], [2], [4, 5]]
 
 
+def test_starter_groups_can_be_switched_off_for_a_deployment() -> None:
+    """``ADAPTERFAB_STARTER_GROUP_JOBS=0`` (read when the planner loads, as the orchestrator does): every
+    slot starts on its full group (on a CPU whose K=8 step is short, a few seconds less per batch)."""
+    import subprocess
+    import sys
+
+    code = ("from adapterfab.jobs.plan import starter_groups; "
+            "print(starter_groups([list(range(i, i + 8)) for i in range(0, 32, 8)], slots=2))")
+    env = {**__import__("os").environ, "ADAPTERFAB_STARTER_GROUP_JOBS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str([list(range(i, i + 8)) for i in range(0, 32, 8)])
+
+
 def test_second_window_waits_for_the_first_step_on_cpu_trainers() -> None:
     """Factory._await_first_steps: on CPU trainers started ahead, the next window's preparation waits
     until a first step is reported (or a group ends); not when nothing of the first window trains,
