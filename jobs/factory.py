@@ -409,12 +409,14 @@ class Factory:
     def _train_group(self, lease: Any, item: GroupItem) -> Any:
         """Train ``item`` on ``lease``'s trainer (acquired here when None); a trainer that dies is replaced
         and the group resumes from its checkpoint. Returns the lease the slot holds afterwards."""
+        from adapterfab import faults
         from adapterfab.jobs.resident import GroupJob, GroupTask
 
         ctx = self.ctx
         task = GroupTask(item.gid, [GroupJob(p.jid, p.job.method.model_dump(), p.job.train.model_dump(),
                                              p.data.train, p.data.eval, p.run_id) for p in item.prepared],
-                         ctx.pad_id, str(self.checkpoints / f"{item.gid}.pt"), item.checkpointing)
+                         ctx.pad_id, str(self.checkpoints / f"{item.gid}.pt"), item.checkpointing,
+                         fail_at_step=1 if faults.fail_group([p.job.tenant for p in item.prepared]) else 0)
         try:
             return self._run_group(lease, item, task)
         finally:

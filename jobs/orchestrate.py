@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     from adapterfab import faults
 
     if armed := faults.arm_from_env():
-        log.warning("fault injection armed: this orchestrator kills itself at %s", armed)
+        log.warning("fault injection armed: %s", armed)
     try:
         final = run_batch(Settings.load(), argv[0])
     except BatchHeld as e:

@@ -56,12 +56,23 @@ class Prepared:
 
 
 def error_text(e: BaseException) -> str:
-    if isinstance(e, AdapterfabError):
-        return str(e)
+    """What a job records of ``e`` (its tenant reads it): the message a person can act on, never Ray's
+    wrapper text, which names the worker's pid, IP, actor id and source paths (the log keeps all)."""
     cause = e
-    # Ray wraps worker errors; show the innermost message a person can act on
-    while getattr(cause, "__cause__", None) is not None:
-        cause = cause.__cause__
+    while True:
+        inner = getattr(cause, "cause", None)  # RayTaskError(X): the exception the worker raised
+        if isinstance(inner, BaseException) and type(cause).__module__.startswith("ray."):
+            cause = inner
+        elif isinstance(cause, AdapterfabError):  # ours: already the message to show
+            break
+        elif getattr(cause, "__cause__", None) is not None:
+            cause = cause.__cause__
+        else:
+            break
+    if type(cause).__module__.startswith("ray."):  # the worker itself failed (died, unreachable, lost)
+        return f"{type(cause).__name__}: the trainer's Ray worker failed (the orchestrator's log has the details)"
+    if isinstance(cause, AdapterfabError):
+        return str(cause)[:4000]
     return f"{type(cause).__name__}: {cause}"[:4000]
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapterfab.errors import AdapterfabError
 from adapterfab.methods import get_method
 from adapterfab.spec import TrainConfig
 from adapterfab.threads import use_torch_threads
@@ -51,6 +52,7 @@ class GroupTask:
     pad_id: int = 0
     checkpoint_path: str | None = None
     activation_checkpointing: bool = False
+    fail_at_step: int = 0  # > 0: the group raises at this step (a fault injected by adapterfab/faults.py)
 
 
 @dataclass
@@ -132,6 +134,9 @@ class ResidentWorker:
         def iteration(progress: list[tuple[str, int, float]]) -> None:
             if not first_step_at:
                 first_step_at.append(time.time())
+            if task.fail_at_step and any(step >= task.fail_at_step for _, step, _ in progress):
+                raise AdapterfabError(f"injected fault: group {task.group_id} of jobs "
+                                      f"{', '.join(j.job_id for j in task.jobs)} fails at step {task.fail_at_step}")
             if on_iteration:
                 on_iteration(progress)
 

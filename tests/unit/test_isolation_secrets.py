@@ -455,6 +455,33 @@ def test_a_failed_shared_group_names_no_other_tenants_job() -> None:
     assert "acme" not in for_globex and "b-1.globex.parrot" in for_globex and "globex/parrot@2" in for_globex
 
 
+def test_a_trainers_error_reaches_the_job_without_rays_worker_details() -> None:
+    """A trainer actor's exception comes back wrapped by Ray, whose text names the worker's pid, IP, actor
+    id and source paths: the job (which its tenant reads) records the message the trainer raised and
+    nothing of the wrapper; a worker that died is named as such, without its node."""
+    import ray.exceptions
+
+    from adapterfab.errors import AdapterfabError
+    from adapterfab.jobs.registrar import error_text
+
+    def wrapped(e: BaseException) -> BaseException:
+        return ray.exceptions.RayTaskError("TrainerActor.train_group", 'Traceback:\n  File "/srv/jobs/fused.py"',
+                                           e, pid=4242, ip="10.1.2.3", actor_id="ab12cd34ef56").as_instanceof_cause()
+
+    ours = wrapped(AdapterfabError("loss became nan at step 3; lower train.learning_rate"))
+    assert isinstance(ours, AdapterfabError)  # Ray's wrapper is also the raised class
+    assert error_text(ours) == "loss became nan at step 3; lower train.learning_rate"
+    theirs = wrapped(ValueError("shapes (4, 8) and (8, 5) do not match"))
+    assert error_text(theirs) == "ValueError: shapes (4, 8) and (8, 5) do not match"
+    died = error_text(ray.exceptions.ActorDiedError())
+    assert died.startswith("ActorDiedError: ") and "worker failed" in died
+    for text in (error_text(ours), error_text(theirs), died):
+        assert not any(s in text for s in ("4242", "10.1.2.3", "ab12cd34ef56", "/srv/", "pid=", "ip="))
+    chained = AdapterfabError("dataset s3://b/x.jsonl cannot be read")
+    chained.__cause__ = OSError("connection reset")
+    assert error_text(chained) == "dataset s3://b/x.jsonl cannot be read"  # ours is the message, not its cause
+
+
 def test_credentials_never_travel_in_a_jobs_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What goes into a Ray job's runtime_env (shown by Ray's Jobs API and dashboard): S3 settings but no
     credential value. On this machine's cluster the credentials go to an owner-only AWS credentials
