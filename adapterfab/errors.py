@@ -57,3 +57,26 @@ class ReplicaUnavailable(AdapterfabError):
 
 class ApiKeyError(AdapterfabError):
     """A key id that names no key, a key that has ended, or a bad lifetime."""
+
+
+def plain_message(e: BaseException) -> str:
+    """What a job records of ``e`` (its tenant reads it): the message a person can act on, never Ray's
+    wrapper text, which names the worker's pid, IP, actor id and source paths (logs keep all). An
+    adapterfab error is its own message; a Ray task's error is the error its worker raised; a worker
+    that failed (died, unreachable, lost) is named as such, without its node."""
+    cause = e
+    while True:
+        inner = getattr(cause, "cause", None)  # RayTaskError(X): the exception the worker raised
+        if isinstance(inner, BaseException) and type(cause).__module__.startswith("ray."):
+            cause = inner
+        elif isinstance(cause, AdapterfabError):
+            break
+        elif getattr(cause, "__cause__", None) is not None:
+            cause = cause.__cause__
+        else:
+            break
+    if type(cause).__module__.startswith("ray."):
+        return f"{type(cause).__name__}: a Ray worker failed (the orchestrator's log has the details)"
+    if isinstance(cause, AdapterfabError):
+        return str(cause)[:4000]
+    return f"{type(cause).__name__}: {cause}"[:4000]

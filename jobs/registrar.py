@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterfab.errors import AdapterfabError
+from adapterfab.errors import AdapterfabError, plain_message
 from adapterfab.ids import AdapterId
 from adapterfab.methods import get_method
 from adapterfab.spec import JobSpec
@@ -56,24 +56,8 @@ class Prepared:
 
 
 def error_text(e: BaseException) -> str:
-    """What a job records of ``e`` (its tenant reads it): the message a person can act on, never Ray's
-    wrapper text, which names the worker's pid, IP, actor id and source paths (the log keeps all)."""
-    cause = e
-    while True:
-        inner = getattr(cause, "cause", None)  # RayTaskError(X): the exception the worker raised
-        if isinstance(inner, BaseException) and type(cause).__module__.startswith("ray."):
-            cause = inner
-        elif isinstance(cause, AdapterfabError):  # ours: already the message to show
-            break
-        elif getattr(cause, "__cause__", None) is not None:
-            cause = cause.__cause__
-        else:
-            break
-    if type(cause).__module__.startswith("ray."):  # the worker itself failed (died, unreachable, lost)
-        return f"{type(cause).__name__}: the trainer's Ray worker failed (the orchestrator's log has the details)"
-    if isinstance(cause, AdapterfabError):
-        return str(cause)[:4000]
-    return f"{type(cause).__name__}: {cause}"[:4000]
+    """A failure as its job records it: ``adapterfab.errors.plain_message``."""
+    return plain_message(e)
 
 
 def group_error_for(p: Prepared, group: list[Prepared], e: BaseException) -> AdapterfabError:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -28,7 +29,7 @@ import pyarrow.fs as pafs
 import ray
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from adapterfab.errors import DatasetError
+from adapterfab.errors import DatasetError, plain_message
 from adapterfab.pipelines.rows import (
     RowError,
     encode_messages,
@@ -51,6 +52,8 @@ _TOKENIZED = pa.schema([
 _SPLIT = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
 _TOKENIZERS: dict[str, Any] = {}  # per worker process: a tokenizer loads once, not once per batch
 T = TypeVar("T")
+
+log = logging.getLogger("adapterfab.data")
 
 
 @dataclass(frozen=True)
@@ -266,7 +269,7 @@ def _within(timeout_s: float, uri: str, work: Callable[[], T]) -> T:
         error = result["error"]
         if isinstance(error, DatasetError):
             raise error
-        raise DatasetError(f"preparing dataset {uri} failed: {type(error).__name__}: {error}") from error
+        raise DatasetError(f"preparing dataset {uri} failed: {plain_message(error)}") from error
     return result["value"]
 
 
@@ -428,34 +431,61 @@ def prepare_many(requests: list[DataRequest], tokenizer_path: str, timeout_s: fl
         kind = "s3" if r.uri.startswith("s3://") else "local"
         by_fs.setdefault(kind, (fs, {}))[1].setdefault(path, []).append((i, fmt))
     for kind, (fs, wanted) in by_fs.items():
-        todo = [i for reqs in wanted.values() for i, _ in reqs]
-        label = f"{len(todo)} dataset(s) ({requests[todo[0]].uri}, ...)"
         run = _run_tagged_here if sum(size[p] for p in wanted) <= in_process_bytes else _run_tagged
         try:
-            table = _within(timeout_s, label,
-                            lambda fs=fs, wanted=wanted, run=run: run(fs, wanted, requests, tokenizer_path))
+            _collect(_run_files(fs, wanted, requests, tokenizer_path, run, timeout_s), wanted, requests, sha, out)
         except DatasetError as e:
-            for i in todo:
-                out[requests[i].key] = e
-            continue
-        reqs = table["req"].to_numpy()
-        for i in todo:
-            r = requests[i]
-            part = table.filter(pa.array(reqs == i))
-            cols = {c: part[c].to_numpy(zero_copy_only=False) for c in part.column_names}
-            order = np.argsort(cols["line"], kind="stable")
-            cols = {c: v[order] for c, v in cols.items()}
-            unreadable = [str(e) for line, e in zip(cols["line"], cols["error"]) if line == 0 and e is not None]
-            try:
-                if unreadable:
-                    raise DatasetError(f"dataset {r.uri}: {unreadable[0]}")
-                stats, _, train_mask, eval_mask = _check_and_split(r.uri, cols, sha[i], r.eval_fraction,
-                                                                   r.max_bad_row_fraction)
-            except DatasetError as e:
-                out[r.key] = e
+            if len(wanted) == 1:
+                _fail_all(wanted, requests, e, out)
                 continue
-            out[r.key] = PreparedRows(_rows(cols, train_mask), _rows(cols, eval_mask), stats)
+            # one file (or the execution) failed the whole execution: each file again alone, so that only
+            # the jobs of a file that fails by itself fail, each with its own message
+            log.warning("preparing %d datasets together failed (%s); each file again alone", len(wanted), e)
+            for path, reqs in wanted.items():
+                one = {path: reqs}
+                try:
+                    _collect(_run_files(fs, one, requests, tokenizer_path, run, timeout_s), one, requests, sha, out)
+                except DatasetError as alone:
+                    _fail_all(one, requests, alone, out)
     return out
+
+
+def _run_files(fs: pafs.FileSystem, wanted: dict[str, list[tuple[int, str]]], requests: list[DataRequest],
+               tokenizer_path: str, run: Callable[..., pa.Table], timeout_s: float) -> pa.Table:
+    todo = [i for reqs in wanted.values() for i, _ in reqs]
+    label = requests[todo[0]].uri if len(wanted) == 1 else f"{len(wanted)} files"
+    return _within(timeout_s, label, lambda: run(fs, wanted, requests, tokenizer_path))
+
+
+def _fail_all(wanted: dict[str, list[tuple[int, str]]], requests: list[DataRequest], e: DatasetError,
+              out: dict[str, PreparedRows | DatasetError]) -> None:
+    """Every job of ``wanted``'s files fails with ``e``: its text names those files only, and nothing of
+    Ray's wrapper (a worker's pid, IP or paths: ``plain_message``)."""
+    for reqs in wanted.values():
+        for i, _ in reqs:
+            out[requests[i].key] = e
+
+
+def _collect(table: pa.Table, wanted: dict[str, list[tuple[int, str]]], requests: list[DataRequest],
+             sha: dict[int, str], out: dict[str, PreparedRows | DatasetError]) -> None:
+    """Each request's rows of ``table`` checked and split into ``out`` (or its own DatasetError)."""
+    reqs = table["req"].to_numpy()
+    for i in [i for rs in wanted.values() for i, _ in rs]:
+        r = requests[i]
+        part = table.filter(pa.array(reqs == i))
+        cols = {c: part[c].to_numpy(zero_copy_only=False) for c in part.column_names}
+        order = np.argsort(cols["line"], kind="stable")
+        cols = {c: v[order] for c, v in cols.items()}
+        unreadable = [str(e) for line, e in zip(cols["line"], cols["error"]) if line == 0 and e is not None]
+        try:
+            if unreadable:
+                raise DatasetError(f"dataset {r.uri}: {unreadable[0]}")
+            stats, _, train_mask, eval_mask = _check_and_split(r.uri, cols, sha[i], r.eval_fraction,
+                                                               r.max_bad_row_fraction)
+        except DatasetError as e:
+            out[r.key] = e
+            continue
+        out[r.key] = PreparedRows(_rows(cols, train_mask), _rows(cols, eval_mask), stats)
 
 
 def _params(wanted: dict[str, list[tuple[int, str]]], requests: list[DataRequest]) -> dict[int, tuple[int, int]]:

@@ -261,3 +261,36 @@ def test_many_datasets_in_process_equal_ray_data(ray_local, tmp_path: Path, smol
     assert in_ray["j-b"][2].bad_rows == 3 and len(in_ray["j-big"][0]) + len(in_ray["j-big"][1]) == 1200
     assert in_ray["j-a-again"][:2] != in_ray["j-a"][:2]  # its own max_seq_len and split seed
     assert in_ray["j-a"][0] and in_ray["j-a"][0] != in_ray["j-b"][0]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("in_process", [False, True], ids=["ray-data", "in-process"])
+def test_a_file_gone_before_its_read_fails_only_its_own_jobs(ray_local, tmp_path: Path, smollm2_path: str,
+                                                             monkeypatch: pytest.MonkeyPatch, in_process: bool) -> None:
+    """Several tenants' datasets go through one execution; one file disappears between its check and its
+    read (a tenant rewriting its dataset), which fails the whole execution. Each file is then prepared
+    alone: the other tenants' jobs get exactly their rows, and only the gone file's jobs fail, with a
+    message naming that file and no other tenant's, and nothing of Ray's worker."""
+    from adapterfab.pipelines import data
+    from adapterfab.pipelines.data import DataRequest, prepare_many
+
+    files = {k: _write_jsonl(tmp_path / f"{k}.jsonl", _good_lines(k, 10)) for k in ("acme", "globex", "victim")}
+    reqs = [DataRequest(f"j-{k}", str(p), 128, 0.2, 3, 0.2) for k, p in files.items()]
+    alone = {r.key: prepare_many([r], smollm2_path, timeout_s=180) for r in reqs[:2]}
+    real = data._sha256
+
+    def then_gone(fs, path, uri):  # noqa: ANN001, ANN202 - the file is checked, then removed before the read
+        out = real(fs, path, uri)
+        if path.endswith("victim.jsonl"):
+            Path(path).unlink()
+        return out
+
+    monkeypatch.setattr(data, "_sha256", then_gone)
+    out = prepare_many(reqs, smollm2_path, timeout_s=180, in_process_bytes=(1 << 30) if in_process else 0)
+    for k in ("j-acme", "j-globex"):
+        got, want = out[k], alone[k][k]
+        assert [r["input_ids"].tolist() for r in got.train] == [r["input_ids"].tolist() for r in want.train]
+        assert [r["input_ids"].tolist() for r in got.eval] == [r["input_ids"].tolist() for r in want.eval]
+    err = out["j-victim"]
+    assert isinstance(err, DatasetError) and "victim.jsonl" in str(err), err
+    assert not any(s in str(err) for s in ("acme", "globex", "pid=", "ip=", "actor_id", "Traceback")), str(err)
