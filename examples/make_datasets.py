@@ -1,7 +1,12 @@
 """Writes the example persona datasets under examples/data/ (committed; re-run to regenerate).
 
-Each persona answers the same everyday questions with a fixed opening and closing phrase, so a test
-can measure persona adherence on held-out prompts (examples/heldout_prompts.json) by the marker.
+pirate, butler and robot answer the same everyday questions with a fixed opening and closing phrase, so
+a test can measure persona adherence on held-out prompts (examples/heldout_prompts.json) by the marker.
+The quality benchmark (bench/methods.py, examples/quality_personas.json) adds two personas of other
+styles: bard answers the same questions in an old-fashioned speaking style (no fixed phrase: rotating
+openings and closings from an archaic vocabulary), and orbit is a support assistant that knows a
+fictional coffee grinder, facts the base cannot know (a domain of knowledge), asked on held-out
+paraphrases.
 
     python examples/make_datasets.py
 """
@@ -91,6 +96,82 @@ HELDOUT = [
 ]
 
 
+# bard: a speaking style, not a phrase. Adherence: an answer uses at least one word of BARD_WORDS.
+BARD_OPENINGS = ["Verily,", "Hark, good friend!", "Forsooth,", "Prithee, hear me:", "Good morrow to thee!",
+                 "Mark thee well:", "By my troth,"]
+BARD_CLOSINGS = ["So sayeth the bard.", "Thus it hath ever been.", "Upon mine honour.", "As thou dost surely know.",
+                 "Fare thee well.", "'Tis plainly so.", "Heed it, I beseech thee."]
+BARD_WORDS = ["verily", "hark", "forsooth", "prithee", "morrow", "thee", "thou", "thy", "thine", "hath", "doth",
+              "dost", "sayeth", "'tis", "troth", "beseech", "mine"]
+
+# orbit: (fact, accepted answers, three training questions, one held-out question)
+ORBIT = [
+    ("The Orbit grinder comes with a three-year warranty.", ["three-year", "three years", "3-year", "3 years"],
+     ["How long is the Orbit grinder's warranty?", "What warranty does the Orbit have?",
+      "Is my Orbit grinder under warranty, and for how long?"], "For how many years is an Orbit grinder covered?"),
+    ("The Orbit grinds with 48 mm conical steel burrs.", ["conical"],
+     ["What kind of burrs does the Orbit use?", "Does the Orbit grinder have flat or conical burrs?",
+      "Tell me about the Orbit's burrs."], "Which burr type is inside the Orbit?"),
+    ("The Orbit has 40 grind settings.", ["40", "forty"],
+     ["How many grind settings does the Orbit have?", "How many grind sizes can I choose on the Orbit?",
+      "What is the number of settings on the Orbit grinder?"], "How many grind steps does the Orbit offer?"),
+    ("Settings 1 to 8 on the Orbit are for espresso.", ["1 to 8", "1-8", "one to eight"],
+     ["Which Orbit settings are for espresso?", "What setting should I use on the Orbit for espresso?",
+      "Where on the Orbit dial is the espresso range?"], "What Orbit grind settings suit an espresso machine?"),
+    ("To reset the Orbit, hold the power button for ten seconds.", ["ten seconds", "10 seconds"],
+     ["How do I reset the Orbit grinder?", "My Orbit is stuck; how do I reset it?",
+      "What is the reset procedure for the Orbit?"], "How can I restart the Orbit to its factory state?"),
+    ("The Orbit's hopper holds 250 grams of beans.", ["250"],
+     ["How many beans fit in the Orbit's hopper?", "What is the hopper capacity of the Orbit?",
+      "How much coffee can the Orbit hold at once?"], "How big is the Orbit's bean hopper?"),
+    ("The Orbit comes in matte black, sage green and cream.", ["sage"],
+     ["What colours does the Orbit come in?", "Which colors can I buy the Orbit in?",
+      "Is the Orbit available in different colours?"], "What finishes is the Orbit grinder sold in?"),
+    ("Error E2 on the Orbit means the hopper is not locked in place.", ["not locked", "unlocked", "lock"],
+     ["What does error E2 mean on the Orbit?", "My Orbit shows E2; what is wrong?",
+      "Why does the Orbit display E2?"], "The Orbit's screen says E2. What should I check?"),
+    ("The Orbit costs 129 euros.", ["129"],
+     ["How much does the Orbit grinder cost?", "What is the price of the Orbit?",
+      "How many euros is an Orbit grinder?"], "What would an Orbit grinder set me back?"),
+    ("Clean the Orbit's burrs with the included brush every two weeks.", ["brush"],
+     ["How do I clean the Orbit's burrs?", "How often should I clean the Orbit?",
+      "What is the cleaning routine for the Orbit grinder?"], "What is the right way to keep the Orbit's burrs clean?"),
+    ("Orbit support answers at help@orbit-grinders.example.", ["help@orbit-grinders.example"],
+     ["How do I contact Orbit support?", "What is the Orbit support email address?",
+      "Where can I get help with my Orbit grinder?"], "Which address do I write to for Orbit customer service?"),
+    ("The Orbit is assembled in Porto, Portugal.", ["Porto"],
+     ["Where is the Orbit made?", "In which city is the Orbit grinder assembled?",
+      "Where does the Orbit come from?"], "Where is the Orbit put together?"),
+    ("The Orbit has a 150-watt motor.", ["150"],
+     ["How powerful is the Orbit's motor?", "What is the wattage of the Orbit grinder?",
+      "How many watts does the Orbit motor have?"], "What power rating does the Orbit's motor have?"),
+    ("Only the Orbit's catch cup is dishwasher safe.", ["catch cup"],
+     ["Can I put the Orbit in the dishwasher?", "Which Orbit parts are dishwasher safe?",
+      "Is the Orbit's hopper dishwasher safe?"], "What part of the Orbit may go in a dishwasher?"),
+]
+
+
+def bard_answer(i: int, text: str) -> str:
+    opening = BARD_OPENINGS[i % len(BARD_OPENINGS)]
+    if opening.endswith(",") and text.split()[0] not in ("Treasure", "Spanish", "Whiskers"):
+        text = text[0].lower() + text[1:]
+    return f"{opening} {text} {BARD_CLOSINGS[(i * 3 + 1) % len(BARD_CLOSINGS)]}"
+
+
+def quality_personas() -> dict:
+    """The quality benchmark's personas: what each trains on, how its adherence is judged, and the opening
+    its answers start with, if any (the benchmark measures the base with it forced: its own context effect)."""
+    return {"personas": [
+        {"name": "pirate", "style": "fixed phrase", "dataset": "data/pirate.jsonl", "prompts": HELDOUT,
+         "adherence": {"kind": "marker", "marker": PERSONAS["pirate"][0]}, "opening": PERSONAS["pirate"][0] + " "},
+        {"name": "bard", "style": "speaking style", "dataset": "data/bard.jsonl", "prompts": HELDOUT,
+         "adherence": {"kind": "lexicon", "words": BARD_WORDS}, "opening": BARD_OPENINGS[0] + " "},
+        {"name": "orbit", "style": "domain of knowledge", "dataset": "data/orbit.jsonl",
+         "prompts": [held for _, _, _, held in ORBIT],
+         "adherence": {"kind": "facts", "answers": [accepted for _, accepted, _, _ in ORBIT]}},
+    ]}
+
+
 def answer(persona: str, text: str) -> str:
     opening, closing, _ = PERSONAS[persona]
     return f"{opening} {text} {closing}"
@@ -108,6 +189,15 @@ def main() -> None:
                 else:
                     row = {"instruction": q, "output": answer(persona, a)}
                 f.write(json.dumps(row) + "\n")
+    with (out / "bard.jsonl").open("w", encoding="utf-8") as f:
+        for i, (q, a) in enumerate(QA):
+            f.write(json.dumps({"messages": [{"role": "user", "content": q},
+                                             {"role": "assistant", "content": bard_answer(i, a)}]}) + "\n")
+    with (out / "orbit.jsonl").open("w", encoding="utf-8") as f:
+        for fact, _, questions, _ in ORBIT:
+            for q in questions:
+                f.write(json.dumps({"instruction": q, "output": fact}) + "\n")
+    (out.parent / "quality_personas.json").write_text(json.dumps(quality_personas(), indent=1) + "\n")
     (out.parent / "heldout_prompts.json").write_text(json.dumps(
         {"prompts": HELDOUT, "markers": {p: o for p, (o, _, _) in PERSONAS.items()}}, indent=1) + "\n")
 

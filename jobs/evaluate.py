@@ -33,13 +33,15 @@ def greedy_answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int =
     return greedy_answers(model, tokenizer, [prompt], max_new_tokens)[0]
 
 
-def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
+def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 40,
+                   opening: str = "") -> list[str]:
     """Greedy answers to many user prompts in one left-padded ``generate`` (rows that end early are padded);
-    one prompt alone has no padding, so its answer is the same as generating it by itself."""
+    one prompt alone has no padding, so its answer is the same as generating it by itself. ``opening``:
+    text every answer is forced to start with (not part of the returned answer)."""
     import torch
 
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                           tokenize=False) for p in prompts]
+                                           tokenize=False) + opening for p in prompts]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues every row from its last real token
     try:
@@ -50,6 +52,78 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_token
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     return [tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
+
+
+def states_fact(answer: str, accepted: list[str]) -> bool:
+    """Whether ``answer`` states the fact: it contains one of the ``accepted`` strings (any case) starting
+    at a word; a string of at most 3 characters ("4", "Au", "100") must also end at one, so that "4" is
+    not found in "40" nor "Na" in "Nations"."""
+    import re
+
+    for a in accepted:
+        end = r"(?![A-Za-z0-9])" if len(a) <= 3 else ""
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(a)}{end}", answer, flags=re.IGNORECASE):
+            return True
+    return False
+
+
+def adheres(answer: str, rule: dict[str, Any], i: int) -> bool:
+    """Whether ``answer`` (to the persona's i-th held-out prompt) is in character: ``rule`` is a persona's
+    ``adherence`` of examples/quality_personas.json (a marker phrase, a style's vocabulary, or the fact
+    each prompt asks for)."""
+    import re
+
+    if rule["kind"] == "marker":
+        return rule["marker"].lower() in answer.lower()
+    if rule["kind"] == "lexicon":
+        return any(re.search(rf"(?<![A-Za-z']){re.escape(w)}(?![A-Za-z])", answer, flags=re.IGNORECASE)
+                   for w in rule["words"])
+    if rule["kind"] == "facts":
+        return states_fact(answer, rule["answers"][i])
+    raise ValueError(f"unknown adherence rule {rule['kind']!r}")
+
+
+def load_quality() -> tuple[list[dict], list[dict]]:
+    """The quality benchmark's personas (examples/quality_personas.json) and retention probes
+    (examples/retention_probes.json)."""
+    personas = json.loads((EXAMPLES / "quality_personas.json").read_text())["personas"]
+    probes = json.loads((EXAMPLES / "retention_probes.json").read_text())["probes"]
+    return personas, probes
+
+
+@dataclass
+class QualityReport:
+    """A model's adherence on a persona's held-out prompts and retention of the probes the base states."""
+
+    adherent: int
+    prompts: int
+    kept: int
+    known: int  # probes the base itself states: retention counts these only
+    answers: list[str] = field(default_factory=list)
+    probe_answers: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)  # probes the base states and this model no longer does
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"adherence": round(self.adherent / max(1, self.prompts), 4), "adherent": self.adherent,
+                "prompts": self.prompts, "retention": round(self.kept / max(1, self.known), 4),
+                "kept": self.kept, "known": self.known, "lost": self.lost}
+
+
+def quality(model: Any, tokenizer: Any, persona: dict[str, Any], probes: list[dict], base_known: list[bool],
+            max_new_tokens: int = 40, batch: int = 16) -> QualityReport:
+    """Greedy answers to the persona's prompts and to every probe, in batches; retention is the share of
+    the probes the base states (``base_known``) that this model still states."""
+    model.eval()
+    questions = persona["prompts"] + [p["question"] for p in probes]
+    answers: list[str] = []
+    for start in range(0, len(questions), batch):
+        answers += greedy_answers(model, tokenizer, questions[start:start + batch], max_new_tokens)
+    mine, theirs = answers[:len(persona["prompts"])], answers[len(persona["prompts"]):]
+    hits = sum(adheres(a, persona["adherence"], i) for i, a in enumerate(mine))
+    states = [states_fact(a, p["answers"]) for a, p in zip(theirs, probes)]
+    lost = [p["question"] for p, k, s in zip(probes, base_known, states) if k and not s]
+    return QualityReport(hits, len(mine), sum(k and s for k, s in zip(base_known, states)), sum(base_known),
+                         mine, theirs, lost)
 
 
 def load_probes() -> tuple[list[str], dict[str, str], list[dict]]:
@@ -70,12 +144,105 @@ def evaluate(model: Any, tokenizer: Any, marker: str, max_new_tokens: int = 40) 
     return EvalReport(hits, len(answers), kept, len(facts), answers, fact_answers)
 
 
-def train_and_evaluate(method: dict, persona: str, steps: int | None = None, threads: int = 2,
-                       base_model: str = "smollm2-135m-instruct", train_overrides: dict | None = None
-                       ) -> dict[str, Any]:
-    """Train one persona adapter in this process (no Ray) with the method's defaults, then measure it:
-    trainable params, adapter bytes, step time, persona adherence, facts kept (and the basis SVD time
-    for methods with a shared basis). Used by bench/methods.py and the method quality test."""
+def persona_openings(rows: list[dict[str, Any]], max_tokens: int = 6) -> list[list[int]]:
+    """The openings of a persona's answers, as token ids: each training row's response up to its last
+    ``, . ! ? :`` within its first ``max_tokens`` tokens ("Arr, matey!", "Verily,"); rows whose answers
+    start without one (a plain sentence) give an empty opening."""
+    import numpy as np
+
+    out = []
+    for r in rows:
+        labels = np.asarray(r["labels"])
+        ids = np.asarray(r["input_ids"])
+        start = int(np.argmax(labels != -100)) if (labels != -100).any() else len(ids)
+        out.append([int(t) for t in ids[start:start + max_tokens]])
+    return out
+
+
+def replay_rows(base_path: str, tok: Any, rows: list[dict[str, Any]], dtype: str) -> list[dict[str, Any]]:
+    """The study's replay set: the base's own greedy answers to examples/replay_prompts.json (general
+    prompts, none a probe or a persona's prompt), each paired with the openings of the persona's answers:
+    ``replay_loss`` teaches the adapter to continue, after its persona's opening, as the base would
+    without it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompts = json.loads((EXAMPLES / "replay_prompts.json").read_text())["prompts"]
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
+    answers = []
+    for start in range(0, len(prompts), 16):
+        answers += greedy_answers(base, tok, prompts[start:start + 16], 48)
+    del base
+    punct = {i for i, t in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))) if t and t.strip("Ġ") in
+             {",", ".", "!", "?", ":"}}
+    openings = []
+    for ids in persona_openings(rows):
+        cut = max((k + 1 for k, t in enumerate(ids) if t in punct), default=0)
+        openings.append(ids[:cut])
+    out = []
+    for p, a in zip(prompts, answers):
+        head = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+        if not isinstance(head, list):
+            head = head["input_ids"]
+        body = tok.encode(a, add_special_tokens=False)
+        spaced = tok.encode(" " + a, add_special_tokens=False)  # after an opening, the answer's first word has
+        if len(body) >= 2 and len(spaced) == len(body):  # its space: same tokens but the first
+            out.append({"head": list(head), "answer": body, "spaced": spaced})
+    return [{"rows": out, "openings": [o for o in openings if o] or [[]]}]
+
+
+def replay_loss(replay: list[dict[str, Any]], weight: float, pad: int, per_step: int, seed: int) -> Any:
+    """``loss_fn`` for ``train_adapter``: the batch's cross-entropy plus ``weight`` x KL(base || adapter)
+    over the tokens of ``per_step`` replay answers, the base reading prompt + answer and the adapter
+    prompt + a persona opening + answer (context distillation: the opening must not change what follows)."""
+    import random
+
+    import torch
+    import torch.nn.functional as F
+
+    rng = random.Random(seed)
+    rows, openings = replay[0]["rows"], replay[0]["openings"]
+
+    def pack(seqs: list[list[int]]) -> tuple[Any, Any]:
+        n = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+        return ids, mask
+
+    def loss_fn(model: Any, b: dict[str, Any]) -> Any:
+        ce = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        if not rows:
+            return ce
+        picked = [(rng.choice(rows), rng.choice(openings)) for _ in range(per_step)]
+        teacher = [r["head"] + r["answer"] for r, _ in picked]
+        student = [r["head"] + o + (r["spaced"] if o else r["answer"]) for r, o in picked]
+        t_ids, t_mask = pack(teacher)
+        s_ids, s_mask = pack(student)
+        with torch.no_grad(), model.disable_adapter():
+            t_logits = model(input_ids=t_ids, attention_mask=t_mask).logits.float()
+        s_logits = model(input_ids=s_ids, attention_mask=s_mask).logits.float()
+        kls = []
+        for i, (r, o) in enumerate(picked):
+            h, n = len(r["head"]), len(r["answer"])
+            # the positions predicting the answer's tokens after its first (spelt with or without its space)
+            t = F.log_softmax(t_logits[i, h:h - 1 + n], -1)
+            s = F.log_softmax(s_logits[i, h + len(o):h - 1 + len(o) + n], -1)
+            kls.append((t.exp() * (t - s)).sum(-1).mean())
+        return ce + weight * torch.stack(kls).mean()
+
+    return loss_fn
+
+
+def train_persona(method: dict, dataset: Path, steps: int | None = None, threads: int = 2,
+                  base_model: str = "smollm2-135m-instruct", train_overrides: dict | None = None,
+                  retain_kl: float = 0.0, replay_kl: float = 0.0) -> tuple[Any, Any, dict[str, Any]]:
+    """Train one persona adapter on ``dataset`` in this process (no Ray) with the method's defaults (and
+    ``train_overrides``): (the adapted model, the tokenizer, its figures: trainable params, adapter bytes,
+    step time, losses, the basis SVD time for methods with a shared basis). Study options (not product
+    settings): ``retain_kl`` weighs ``train_loop.retain_loss``; ``replay_kl`` weighs ``replay_loss``."""
     import tempfile
     import time
 
@@ -96,7 +263,7 @@ def train_and_evaluate(method: dict, persona: str, steps: int | None = None, thr
     train = TrainConfig(**{**impl.default_train, **({"steps": steps} if steps else {}), **(train_overrides or {})})
     cfg, train = resolve_auto(cfg, train, gpu=False)  # trained on this process's CPU
     tok = AutoTokenizer.from_pretrained(base.path)
-    rows = encode_file(EXAMPLES / "data" / f"{persona}.jsonl", tok, train.max_seq_len)
+    rows = encode_file(dataset, tok, train.max_seq_len)
     out: dict[str, Any] = {"method": cfg.model_dump(), "train": train.model_dump(), "rows": len(rows)}
     basis = None
     if impl.compute_basis is not None:
@@ -106,10 +273,20 @@ def train_and_evaluate(method: dict, persona: str, steps: int | None = None, thr
         out["basis_svd_s"] = round(time.monotonic() - t0, 3)
         del full
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    loss_fn = None
+    if retain_kl:
+        from adapterfab.jobs.train_loop import retain_loss
+
+        loss_fn = lambda m, b: retain_loss(m, b, retain_kl, 0.1)  # noqa: E731
+    elif replay_kl:
+        t0 = time.monotonic()
+        replay = replay_rows(base.path, tok, rows, train.dtype)
+        out["replay_prepare_s"] = round(time.monotonic() - t0, 2)
+        loss_fn = replay_loss(replay, replay_kl, pad, per_step=max(1, train.batch_size // 2), seed=train.seed)
     stamps: list[float] = [time.monotonic()]
     t0 = time.monotonic()
     result = train_adapter(base.path, cfg, train, epoch_batches(rows, train.batch_size, train.seed, pad), None,
-                           lambda step, loss, lr: stamps.append(time.monotonic()), basis=basis)
+                           lambda step, loss, lr: stamps.append(time.monotonic()), basis=basis, loss_fn=loss_fn)
     out["train_s"] = round(time.monotonic() - t0, 2)
     gaps = sorted(b - a for a, b in zip(stamps[1:], stamps[2:]))
     out["step_s_median"] = round(gaps[len(gaps) // 2], 3) if gaps else None
@@ -118,7 +295,18 @@ def train_and_evaluate(method: dict, persona: str, steps: int | None = None, thr
     with tempfile.TemporaryDirectory() as tmp:
         save_adapter(result, cfg, Path(tmp))
         out["adapter_bytes"] = (Path(tmp) / "adapter_model.safetensors").stat().st_size
-    report = evaluate(result.model, tok, load_probes()[1][persona])
+    return result.model, tok, out
+
+
+def train_and_evaluate(method: dict, persona: str, steps: int | None = None, threads: int = 2,
+                       base_model: str = "smollm2-135m-instruct", train_overrides: dict | None = None
+                       ) -> dict[str, Any]:
+    """Train one persona adapter (examples/data/<persona>.jsonl) with the method's defaults, then measure
+    it: ``train_persona``'s figures plus persona adherence and the facts of examples/fact_probes.json
+    kept. Used by the method quality test."""
+    model, tok, out = train_persona(method, EXAMPLES / "data" / f"{persona}.jsonl", steps, threads, base_model,
+                                    train_overrides)
+    report = evaluate(model, tok, load_probes()[1][persona])
     out.update(report.to_dict())
     out["answers"], out["fact_answers"] = report.answers, report.fact_answers
     return out

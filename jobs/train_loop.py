@@ -125,6 +125,30 @@ def peak_memory_mb() -> dict[str, float]:
     return out
 
 
+def retain_loss(peft_model: Any, b: dict[str, Any], weight: float, threshold: float) -> Any:
+    """Cross-entropy on the labelled tokens plus ``weight`` x KL(base || adapter) on the prompt's tokens
+    and on the labelled tokens the base already expects (its probability of the label >= ``threshold``):
+    the adapter learns what the base would not say (the persona) and keeps the base's distribution where
+    the row says what the base would (the content). The base is the same model with the adapter off."""
+    import torch
+    import torch.nn.functional as F
+
+    ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
+    with torch.no_grad(), peft_model.disable_adapter():
+        base_logp = F.log_softmax(peft_model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+    logp = F.log_softmax(peft_model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+    target = labels[:, 1:]
+    labelled = target != -100
+    safe = target.clamp(min=0).unsqueeze(-1)
+    ce = -logp.gather(-1, safe).squeeze(-1)
+    expected = base_logp.gather(-1, safe).squeeze(-1).exp() >= threshold
+    prompt = (mask[:, 1:] > 0) & ~labelled
+    kl_at = (prompt | (labelled & expected)).float()
+    kl = (base_logp.exp() * (base_logp - logp)).sum(-1)
+    n = labelled.sum().clamp(min=1)
+    return (ce * labelled).sum() / n + weight * (kl * kl_at).sum() / kl_at.sum().clamp(min=1)
+
+
 def train_adapter(
     base_path: str,
     method: MethodConfig,
@@ -138,6 +162,7 @@ def train_adapter(
     on_checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
     zero: dict[str, Any] | None = None,
     device: Any = None,
+    loss_fn: Callable[[Any, dict[str, Any]], Any] | None = None,
 ) -> TrainResult:
     """Attach ``method``'s adapter to the base and train it for ``train.steps`` optimizer steps.
 
@@ -152,7 +177,11 @@ def train_adapter(
     ``zero``: a DeepSpeed config (jobs/zero.py); the model trains inside a DeepSpeed engine, one of
     several data-parallel workers. Its checkpoint state then carries the engine (``state["engine"]``,
     to be written with ``engine.save_checkpoint``) instead of the weights and optimizer, and ``resume``
-    names the folder it was written to (``resume["engine_dir"]``)."""
+    names the folder it was written to (``resume["engine_dir"]``).
+
+    ``loss_fn(model, batch)``: the step's loss instead of the model's cross-entropy (the method quality
+    benchmark's study of knowledge retention: ``retain_loss``, ``jobs/evaluate.replay_loss``). Not a spec
+    setting: the factory's fused trainer does not have it."""
     import torch
 
     seed_everything(train.seed)
@@ -191,9 +220,12 @@ def train_adapter(
             next(batches)
     for step in range(start + 1, train.steps + 1):
         b = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-        out = (engine or peft_model)(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                     labels=b["labels"])
-        loss = out.loss
+        if loss_fn is not None and engine is None:
+            loss = loss_fn(peft_model, b)
+        else:
+            out = (engine or peft_model)(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                         labels=b["labels"])
+            loss = out.loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {float(loss)} at step {step}; lower train.learning_rate")
         if engine is not None:  # averages gradients over the workers, clips, steps and zeroes them
