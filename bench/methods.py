@@ -55,6 +55,7 @@ def run_base(base_model: str, threads: int, limit: int | None) -> dict:
         out["adherence"][persona["name"]] = r.to_dict()["adherence"]
         if n == 0:
             out["known"] = [states_fact(a, p["answers"]) for a, p in zip(r.probe_answers, probes)]
+            out["answers"] = r.probe_answers
     # the persona's own context effect: the base, its answers forced to start with the persona's opening
     for persona in personas:
         if persona.get("opening"):
@@ -68,10 +69,15 @@ def run_base(base_model: str, threads: int, limit: int | None) -> dict:
 
 
 def run_one(method_json: str, persona_name: str, known: list[bool], steps: int | None, threads: int,
-            base_model: str, train: dict, retain_kl: float = 0.0, replay_kl: float = 0.0) -> dict:
+            base_model: str, train: dict, retain_kl: float = 0.0, replay_kl: float = 0.0,
+            base_answers: list[str] | None = None) -> dict:
     import resource
 
-    from adapterfab.jobs.evaluate import EXAMPLES, load_quality, quality, train_persona
+    from adapterfab.jobs.evaluate import EXAMPLES, forced_retention, forced_rows, load_quality, quality, train_persona
+
+    def forced_retention_of_base(model, rows, pad):  # noqa: ANN001, ANN202 - the adapter switched off
+        with model.disable_adapter():
+            return forced_retention(model, rows, pad)
 
     personas, probes = load_quality()
     persona = next(p for p in personas if p["name"] == persona_name)
@@ -81,6 +87,17 @@ def run_one(method_json: str, persona_name: str, known: list[bool], steps: int |
     report = quality(model, tok, persona, probes[:len(known)], known)
     out["eval_s"] = round(time.monotonic() - t0, 2)
     out.update(report.to_dict())
+    # the cheap signal a job could compute (no generation): the fact chosen greedily after the base's own
+    # answer up to it, over the probes where the base does the same; compared with generated retention
+    t0 = time.monotonic()
+    rows = forced_rows(tok, probes[:len(known)], base_answers)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    base_ok = forced_retention_of_base(model, rows, pad)
+    mine = forced_retention(model, rows, pad)
+    counted = [i for i, ok in enumerate(base_ok) if ok]
+    out["forced_retention"] = round(sum(bool(mine[i]) for i in counted) / max(1, len(counted)), 4)
+    out["forced_probes"] = len(counted)
+    out["forced_s"] = round(time.monotonic() - t0, 2)
     out["answers"], out["probe_answers"] = report.answers, report.probe_answers
     out["persona"] = persona_name
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -171,10 +188,10 @@ def main() -> int:
         print("RESULT " + json.dumps(run_base(args.base_model, args.threads, 8 if args.smoke else None)), flush=True)
         return 0
     if args.one:
-        known = json.loads(Path(args.known).read_text())
-        print("RESULT " + json.dumps(run_one(args.one, args.persona, known, args.steps, args.threads,
+        base = json.loads(Path(args.known).read_text())
+        print("RESULT " + json.dumps(run_one(args.one, args.persona, base["known"], args.steps, args.threads,
                                              args.base_model, json.loads(args.train), args.retain_kl,
-                                             args.replay_kl)), flush=True)
+                                             args.replay_kl, base["answers"])), flush=True)
         return 0
     return run_matrix(args)
 
@@ -201,7 +218,7 @@ def run_matrix(args: argparse.Namespace) -> int:
                       "base_retention_with_opening": base["retention_with_opening"]}), flush=True)
     results = []
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(base["known"], f)
+        json.dump({"known": base["known"], "answers": base["answers"]}, f)
     for name in args.methods.split(","):
         spec = {**DEFAULT_METHODS.get(name, {"name": name}), **json.loads(args.method)}
         for persona in personas:
@@ -209,8 +226,9 @@ def run_matrix(args: argparse.Namespace) -> int:
                    *common, *retain]
             r = _child(cmd + (["--steps", str(steps)] if steps else []))
             results.append(r)
-            print(json.dumps({k: r[k] for k in ("persona", "adherence", "retention", "lost", "adapter_bytes",
-                                                "step_s_median", "train_s", "eval_s")} | {"method": name}), flush=True)
+            print(json.dumps({k: r[k] for k in ("persona", "adherence", "retention", "forced_retention", "lost",
+                                                "adapter_bytes", "step_s_median", "train_s", "eval_s", "forced_s")}
+                             | {"method": name}), flush=True)
     os.unlink(f.name)
     if args.smoke:
         assert all(0 <= r["adherence"] <= 1 and 0 <= r["retention"] <= 1 for r in results)
@@ -231,7 +249,7 @@ def run_matrix(args: argparse.Namespace) -> int:
         by_method.setdefault(r["method"]["name"], []).append(r)
     summary = "; ".join(
         f"{m}: " + ", ".join(f"{r['persona']} adherence {r['adherent']}/{r['prompts']} retention {r['kept']}/{r['known']}"
-                              for r in rs)
+                              f" (teacher-forced {r['forced_retention']:.0%} of {r['forced_probes']})" for r in rs)
         + f" ({rs[0]['adapter_bytes'] / 1024:.0f} KiB, {rs[0]['step_s_median']} s/step)"
         for m, rs in by_method.items())
     overrides = "".join(f" --{k} '{v}'" for k, v in (("train", args.train), ("method", args.method)) if v != "{}")

@@ -126,6 +126,68 @@ def quality(model: Any, tokenizer: Any, persona: dict[str, Any], probes: list[di
                          mine, theirs, lost)
 
 
+def fact_span(answer: str, accepted: list[str]) -> tuple[int, int] | None:
+    """Where ``answer`` states the fact (``states_fact``'s first match): (start, end) characters, or None."""
+    import re
+
+    best = None
+    for a in accepted:
+        end = r"(?![A-Za-z0-9])" if len(a) <= 3 else ""
+        m = re.search(rf"(?<![A-Za-z0-9]){re.escape(a)}{end}", answer, flags=re.IGNORECASE)
+        if m and (best is None or m.start() < best[0]):
+            best = (m.start(), m.end())
+    return best
+
+
+def forced_rows(tokenizer: Any, probes: list[dict], base_answers: list[str]) -> list[dict[str, Any]]:
+    """Teacher-forced retention rows: each probe's prompt and the base's own answer up to where it states
+    the fact, then the fact's tokens as labels. A model keeps the fact when its greedy choice at every
+    label is the label (``forced_retention``): one forward per probe, no generation. Probes the base's
+    answer does not state (or whose fact does not start at a token boundary) give no row (None)."""
+    rows: list[dict[str, Any]] = []
+    for p, a in zip(probes, base_answers):
+        span = fact_span(a, p["answers"])
+        if span is None:
+            rows.append(None)
+            continue
+        head = tokenizer.apply_chat_template([{"role": "user", "content": p["question"]}],
+                                             add_generation_prompt=True, tokenize=True)
+        if not isinstance(head, list):
+            head = head["input_ids"]
+        before = tokenizer.encode(a[:span[0]].rstrip(), add_special_tokens=False)  # the fact keeps its space
+        whole = tokenizer.encode(a[:span[1]], add_special_tokens=False)
+        if whole[:len(before)] != before or len(whole) == len(before):
+            rows.append(None)
+            continue
+        rows.append({"ids": list(head) + whole, "labels_from": len(head) + len(before)})
+    return rows
+
+
+def forced_retention(model: Any, rows: list[dict[str, Any] | None], pad: int, batch: int = 16) -> list[bool | None]:
+    """For each row of ``forced_rows``: whether the model's greedy choice is the fact at every one of the
+    fact's tokens, given the base's answer before it (None where the row is None)."""
+    import torch
+
+    real = [(i, r) for i, r in enumerate(rows) if r is not None]
+    out: list[bool | None] = [None] * len(rows)
+    model.eval()
+    for start in range(0, len(real), batch):
+        chunk = real[start:start + batch]
+        n = max(len(r["ids"]) for _, r in chunk)
+        ids = torch.full((len(chunk), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), n), dtype=torch.long)
+        for k, (_, r) in enumerate(chunk):
+            ids[k, :len(r["ids"])] = torch.tensor(r["ids"])
+            mask[k, :len(r["ids"])] = 1
+        with torch.no_grad():
+            picks = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+        for k, (i, r) in enumerate(chunk):
+            f = r["labels_from"]
+            want = torch.tensor(r["ids"][f:])
+            out[i] = bool((picks[k, f - 1:len(r["ids"]) - 1] == want).all())
+    return out
+
+
 def load_probes() -> tuple[list[str], dict[str, str], list[dict]]:
     held = json.loads((EXAMPLES / "heldout_prompts.json").read_text())
     facts = json.loads((EXAMPLES / "fact_probes.json").read_text())["probes"]

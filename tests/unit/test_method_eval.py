@@ -111,3 +111,29 @@ def test_methods_bench_smoke() -> None:
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "smoke: 4 runs" in r.stdout
     assert set((repo / "bench" / "results").glob("methods-*.json")) == before
+
+
+def test_teacher_forced_retention_on_the_real_base(smollm2_path: str) -> None:
+    """The cheap retention signal (no generation): after the base's own answer up to the fact, the base
+    chooses the fact greedily on (nearly) every probe it states; a base whose last layers are broken
+    does not."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapterfab.jobs.evaluate import forced_retention, forced_rows, load_quality
+
+    torch.set_num_threads(2)
+    probes = load_quality()[1][:24]
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    rows = forced_rows(tok, probes, [p["base_answer"] for p in probes])
+    assert sum(r is not None for r in rows) >= 20
+    tokens = {tuple(r["ids"][r["labels_from"]:]) for r in rows if r is not None}
+    assert len(tokens) >= 15  # the facts' own tokens, not one shared token
+    kept = forced_retention(model, rows, tok.pad_token_id)
+    assert sum(bool(k) for k in kept) >= 0.9 * sum(k is not None for k in kept)
+    with torch.no_grad():
+        for layer in model.model.layers[-8:]:
+            layer.mlp.down_proj.weight.mul_(-3.0)
+    broken = forced_retention(model, rows, tok.pad_token_id)
+    assert sum(bool(k) for k in broken) <= 0.5 * sum(bool(k) for k in kept)
