@@ -3,7 +3,7 @@
 held-out prompts). A persona adapter keeps what the base knew when its answer to a probe still states
 the fact (``adapterfab.jobs.evaluate.states_fact``). Each kept probe records the base's own answer.
 
-    .venv/bin/python examples/make_probes.py     # about a minute on a CPU
+    .venv/bin/python examples/make_probes.py     # half a minute on a CPU
 
 Re-run after changing the candidates; the file is committed so that nothing runs the base to read it.
 """
@@ -126,7 +126,6 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    sys.path.insert(0, str(HERE.parent.parent))
     from adapterfab.basemodel import resolve_base_model
     from adapterfab.jobs.evaluate import greedy_answers, states_fact
     from make_datasets import HELDOUT, QA  # noqa: I001 - this folder's script
