@@ -221,7 +221,7 @@ def persona_openings(rows: list[dict[str, Any]], max_tokens: int = 6) -> list[li
     return out
 
 
-def replay_rows(base_path: str, tok: Any, rows: list[dict[str, Any]], dtype: str) -> list[dict[str, Any]]:
+def replay_rows(base_path: str, tok: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The study's replay set: the base's own greedy answers to examples/replay_prompts.json (general
     prompts, none a probe or a persona's prompt), each paired with the openings of the persona's answers:
     ``replay_loss`` teaches the adapter to continue, after its persona's opening, as the base would
@@ -250,10 +250,10 @@ def replay_rows(base_path: str, tok: Any, rows: list[dict[str, Any]], dtype: str
         spaced = tok.encode(" " + a, add_special_tokens=False)  # after an opening, the answer's first word has
         if len(body) >= 2 and len(spaced) == len(body):  # its space: same tokens but the first
             out.append({"head": list(head), "answer": body, "spaced": spaced})
-    return [{"rows": out, "openings": [o for o in openings if o] or [[]]}]
+    return {"rows": out, "openings": [o for o in openings if o] or [[]]}
 
 
-def replay_loss(replay: list[dict[str, Any]], weight: float, pad: int, per_step: int, seed: int) -> Any:
+def replay_loss(replay: dict[str, Any], weight: float, pad: int, per_step: int, seed: int) -> Any:
     """``loss_fn`` for ``train_adapter``: the batch's cross-entropy plus ``weight`` x KL(base || adapter)
     over the tokens of ``per_step`` replay answers, the base reading prompt + answer and the adapter
     prompt + a persona opening + answer (context distillation: the opening must not change what follows)."""
@@ -263,7 +263,7 @@ def replay_loss(replay: list[dict[str, Any]], weight: float, pad: int, per_step:
     import torch.nn.functional as F
 
     rng = random.Random(seed)
-    rows, openings = replay[0]["rows"], replay[0]["openings"]
+    rows, openings = replay["rows"], replay["openings"]
 
     def pack(seqs: list[list[int]]) -> tuple[Any, Any]:
         n = max(len(s) for s in seqs)
@@ -342,7 +342,7 @@ def train_persona(method: dict, dataset: Path, steps: int | None = None, threads
         loss_fn = lambda m, b: retain_loss(m, b, retain_kl, 0.1)  # noqa: E731
     elif replay_kl:
         t0 = time.monotonic()
-        replay = replay_rows(base.path, tok, rows, train.dtype)
+        replay = replay_rows(base.path, tok, rows)
         out["replay_prepare_s"] = round(time.monotonic() - t0, 2)
         loss_fn = replay_loss(replay, replay_kl, pad, per_step=max(1, train.batch_size // 2), seed=train.seed)
     stamps: list[float] = [time.monotonic()]
