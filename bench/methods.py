@@ -39,32 +39,25 @@ def run_base(base_model: str, threads: int, limit: int | None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapterfab.basemodel import resolve_base_model
-    from adapterfab.jobs.evaluate import load_quality, quality
+    from adapterfab.jobs.evaluate import greedy_in_batches, load_quality, quality, states_fact
 
     torch.set_num_threads(threads)
     personas, probes = load_quality()
     probes = probes[:limit]
     base = resolve_base_model(base_model)
     tok = AutoTokenizer.from_pretrained(base.path)
-    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
-    from adapterfab.jobs.evaluate import greedy_answers, states_fact
-
-    out: dict = {"adherence": {}, "retention_with_opening": {}}
-    for n, persona in enumerate(personas):
-        r = quality(model, tok, persona, probes if n == 0 else [], [True] * len(probes) if n == 0 else [])
-        out["adherence"][persona["name"]] = r.to_dict()["adherence"]
-        if n == 0:
-            out["known"] = [states_fact(a, p["answers"]) for a, p in zip(r.probe_answers, probes)]
-            out["answers"] = r.probe_answers
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32).eval()
+    questions = [p["question"] for p in probes]
+    answers = greedy_in_batches(model, tok, questions)
+    known = [states_fact(a, p["answers"]) for a, p in zip(answers, probes)]
+    out: dict = {"known": known, "answers": answers, "retention_with_opening": {},
+                 "adherence": {p["name"]: quality(model, tok, p, [], []).to_dict()["adherence"] for p in personas}}
     # the persona's own context effect: the base, its answers forced to start with the persona's opening
     for persona in personas:
         if persona.get("opening"):
-            answers = []
-            for start in range(0, len(probes), 16):
-                answers += greedy_answers(model, tok, [p["question"] for p in probes[start:start + 16]],
-                                          opening=persona["opening"])
-            kept = sum(k and states_fact(a, p["answers"]) for k, a, p in zip(out["known"], answers, probes))
-            out["retention_with_opening"][persona["name"]] = round(kept / max(1, sum(out["known"])), 4)
+            opened = greedy_in_batches(model, tok, questions, opening=persona["opening"])
+            kept = sum(k and states_fact(a, p["answers"]) for k, a, p in zip(known, opened, probes))
+            out["retention_with_opening"][persona["name"]] = round(kept / max(1, sum(known)), 4)
     return out
 
 

@@ -127,7 +127,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapterfab.basemodel import resolve_base_model
-    from adapterfab.jobs.evaluate import greedy_answers, states_fact
+    from adapterfab.jobs.evaluate import greedy_in_batches, states_fact
     from make_datasets import HELDOUT, QA  # noqa: I001 - this folder's script
 
     asked = {q.lower() for q, _ in QA} | {q.lower() for q in HELDOUT}
@@ -136,9 +136,7 @@ def main() -> int:
     base = resolve_base_model("smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(base.path)
     model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32).eval()
-    answers = []
-    for start in range(0, len(todo), 16):
-        answers += greedy_answers(model, tok, [q for _, q, _ in todo[start:start + 16]])
+    answers = greedy_in_batches(model, tok, [q for _, q, _ in todo])
     probes, missed = [], []
     for (topic, q, accepted), a in zip(todo, answers):
         (probes if states_fact(a, accepted) else missed).append(

@@ -54,17 +54,53 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_token
     return [tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
 
 
+def greedy_in_batches(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 40,
+                      opening: str = "", batch: int = 16) -> list[str]:
+    """``greedy_answers`` over ``prompts`` ``batch`` at a time (bounded padding and memory)."""
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch):
+        answers += greedy_answers(model, tokenizer, prompts[start:start + batch], max_new_tokens, opening=opening)
+    return answers
+
+
+def pad_rows(seqs: list[list[int]], pad: int) -> tuple[Any, Any]:
+    """Token id lists right-padded into one batch: (input_ids, attention_mask)."""
+    import torch
+
+    n = max(len(q) for q in seqs)
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, q in enumerate(seqs):
+        ids[i, :len(q)] = torch.tensor(q)
+        mask[i, :len(q)] = 1
+    return ids, mask
+
+
+def prompt_ids(tokenizer: Any, question: str) -> list[int]:
+    """A user prompt through the chat template, up to where the assistant's answer starts."""
+    head = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                         tokenize=True)
+    return list(head if isinstance(head, list) else head["input_ids"])
+
+
+def fact_span(answer: str, accepted: list[str]) -> tuple[int, int] | None:
+    """Where ``answer`` states the fact (its first match; see ``states_fact``): (start, end) characters, or None."""
+    import re
+
+    best = None
+    for a in accepted:
+        end = r"(?![A-Za-z0-9])" if len(a) <= 3 else ""
+        m = re.search(rf"(?<![A-Za-z0-9]){re.escape(a)}{end}", answer, flags=re.IGNORECASE)
+        if m and (best is None or m.start() < best[0]):
+            best = (m.start(), m.end())
+    return best
+
+
 def states_fact(answer: str, accepted: list[str]) -> bool:
     """Whether ``answer`` states the fact: it contains one of the ``accepted`` strings (any case) starting
     at a word; a string of at most 3 characters ("4", "Au", "100") must also end at one, so that "4" is
     not found in "40" nor "Na" in "Nations"."""
-    import re
-
-    for a in accepted:
-        end = r"(?![A-Za-z0-9])" if len(a) <= 3 else ""
-        if re.search(rf"(?<![A-Za-z0-9]){re.escape(a)}{end}", answer, flags=re.IGNORECASE):
-            return True
-    return False
+    return fact_span(answer, accepted) is not None
 
 
 def adheres(answer: str, rule: dict[str, Any], i: int) -> bool:
@@ -115,28 +151,13 @@ def quality(model: Any, tokenizer: Any, persona: dict[str, Any], probes: list[di
     the probes the base states (``base_known``) that this model still states."""
     model.eval()
     questions = persona["prompts"] + [p["question"] for p in probes]
-    answers: list[str] = []
-    for start in range(0, len(questions), batch):
-        answers += greedy_answers(model, tokenizer, questions[start:start + batch], max_new_tokens)
+    answers = greedy_in_batches(model, tokenizer, questions, max_new_tokens, batch=batch)
     mine, theirs = answers[:len(persona["prompts"])], answers[len(persona["prompts"]):]
     hits = sum(adheres(a, persona["adherence"], i) for i, a in enumerate(mine))
     states = [states_fact(a, p["answers"]) for a, p in zip(theirs, probes)]
     lost = [p["question"] for p, k, s in zip(probes, base_known, states) if k and not s]
     return QualityReport(hits, len(mine), sum(k and s for k, s in zip(base_known, states)), sum(base_known),
                          mine, theirs, lost)
-
-
-def fact_span(answer: str, accepted: list[str]) -> tuple[int, int] | None:
-    """Where ``answer`` states the fact (``states_fact``'s first match): (start, end) characters, or None."""
-    import re
-
-    best = None
-    for a in accepted:
-        end = r"(?![A-Za-z0-9])" if len(a) <= 3 else ""
-        m = re.search(rf"(?<![A-Za-z0-9]){re.escape(a)}{end}", answer, flags=re.IGNORECASE)
-        if m and (best is None or m.start() < best[0]):
-            best = (m.start(), m.end())
-    return best
 
 
 def forced_rows(tokenizer: Any, probes: list[dict], base_answers: list[str]) -> list[dict[str, Any]]:
@@ -150,16 +171,13 @@ def forced_rows(tokenizer: Any, probes: list[dict], base_answers: list[str]) -> 
         if span is None:
             rows.append(None)
             continue
-        head = tokenizer.apply_chat_template([{"role": "user", "content": p["question"]}],
-                                             add_generation_prompt=True, tokenize=True)
-        if not isinstance(head, list):
-            head = head["input_ids"]
+        head = prompt_ids(tokenizer, p["question"])
         before = tokenizer.encode(a[:span[0]].rstrip(), add_special_tokens=False)  # the fact keeps its space
         whole = tokenizer.encode(a[:span[1]], add_special_tokens=False)
         if whole[:len(before)] != before or len(whole) == len(before):
             rows.append(None)
             continue
-        rows.append({"ids": list(head) + whole, "labels_from": len(head) + len(before)})
+        rows.append({"ids": head + whole, "labels_from": len(head) + len(before)})
     return rows
 
 
@@ -173,12 +191,7 @@ def forced_retention(model: Any, rows: list[dict[str, Any] | None], pad: int, ba
     model.eval()
     for start in range(0, len(real), batch):
         chunk = real[start:start + batch]
-        n = max(len(r["ids"]) for _, r in chunk)
-        ids = torch.full((len(chunk), n), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), n), dtype=torch.long)
-        for k, (_, r) in enumerate(chunk):
-            ids[k, :len(r["ids"])] = torch.tensor(r["ids"])
-            mask[k, :len(r["ids"])] = 1
+        ids, mask = pad_rows([r["ids"] for _, r in chunk], pad)
         with torch.no_grad():
             picks = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
         for k, (i, r) in enumerate(chunk):
@@ -206,18 +219,24 @@ def evaluate(model: Any, tokenizer: Any, marker: str, max_new_tokens: int = 40) 
     return EvalReport(hits, len(answers), kept, len(facts), answers, fact_answers)
 
 
-def persona_openings(rows: list[dict[str, Any]], max_tokens: int = 6) -> list[list[int]]:
+def persona_openings(tokenizer: Any, rows: list[dict[str, Any]], max_tokens: int = 6) -> list[list[int]]:
     """The openings of a persona's answers, as token ids: each training row's response up to its last
     ``, . ! ? :`` within its first ``max_tokens`` tokens ("Arr, matey!", "Verily,"); rows whose answers
-    start without one (a plain sentence) give an empty opening."""
+    start without one (a plain sentence) give none. Empty when no row has one."""
     import numpy as np
 
+    punct = {i for i, t in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+             if t and t.strip("Ġ") in {",", ".", "!", "?", ":"}}
     out = []
     for r in rows:
         labels = np.asarray(r["labels"])
-        ids = np.asarray(r["input_ids"])
-        start = int(np.argmax(labels != -100)) if (labels != -100).any() else len(ids)
-        out.append([int(t) for t in ids[start:start + max_tokens]])
+        if not (labels != -100).any():
+            continue
+        start = int(np.argmax(labels != -100))
+        ids = [int(t) for t in np.asarray(r["input_ids"])[start:start + max_tokens]]
+        cut = max((k + 1 for k, t in enumerate(ids) if t in punct), default=0)
+        if cut:
+            out.append(ids[:cut])
     return out
 
 
@@ -231,26 +250,15 @@ def replay_rows(base_path: str, tok: Any, rows: list[dict[str, Any]]) -> dict[st
 
     prompts = json.loads((EXAMPLES / "replay_prompts.json").read_text())["prompts"]
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
-    answers = []
-    for start in range(0, len(prompts), 16):
-        answers += greedy_answers(base, tok, prompts[start:start + 16], 48)
+    answers = greedy_in_batches(base, tok, prompts, 48)
     del base
-    punct = {i for i, t in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))) if t and t.strip("Ġ") in
-             {",", ".", "!", "?", ":"}}
-    openings = []
-    for ids in persona_openings(rows):
-        cut = max((k + 1 for k, t in enumerate(ids) if t in punct), default=0)
-        openings.append(ids[:cut])
     out = []
     for p, a in zip(prompts, answers):
-        head = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-        if not isinstance(head, list):
-            head = head["input_ids"]
         body = tok.encode(a, add_special_tokens=False)
         spaced = tok.encode(" " + a, add_special_tokens=False)  # after an opening, the answer's first word has
         if len(body) >= 2 and len(spaced) == len(body):  # its space: same tokens but the first
-            out.append({"head": list(head), "answer": body, "spaced": spaced})
-    return {"rows": out, "openings": [o for o in openings if o] or [[]]}
+            out.append({"head": prompt_ids(tok, p), "answer": body, "spaced": spaced})
+    return {"rows": out, "openings": persona_openings(tok, rows) or [[]]}
 
 
 def replay_loss(replay: dict[str, Any], weight: float, pad: int, per_step: int, seed: int) -> Any:
@@ -265,15 +273,6 @@ def replay_loss(replay: dict[str, Any], weight: float, pad: int, per_step: int, 
     rng = random.Random(seed)
     rows, openings = replay["rows"], replay["openings"]
 
-    def pack(seqs: list[list[int]]) -> tuple[Any, Any]:
-        n = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), n), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
-        return ids, mask
-
     def loss_fn(model: Any, b: dict[str, Any]) -> Any:
         ce = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
         if not rows:
@@ -281,8 +280,8 @@ def replay_loss(replay: dict[str, Any], weight: float, pad: int, per_step: int, 
         picked = [(rng.choice(rows), rng.choice(openings)) for _ in range(per_step)]
         teacher = [r["head"] + r["answer"] for r, _ in picked]
         student = [r["head"] + o + (r["spaced"] if o else r["answer"]) for r, o in picked]
-        t_ids, t_mask = pack(teacher)
-        s_ids, s_mask = pack(student)
+        t_ids, t_mask = pad_rows(teacher, pad)
+        s_ids, s_mask = pad_rows(student, pad)
         with torch.no_grad(), model.disable_adapter():
             t_logits = model(input_ids=t_ids, attention_mask=t_mask).logits.float()
         s_logits = model(input_ids=s_ids, attention_mask=s_mask).logits.float()
