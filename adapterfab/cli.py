@@ -396,6 +396,9 @@ def registry_show(adapter: str = typer.Argument(..., help="TENANT/PERSONA[@ALIAS
         return
     out.print(f"[bold]{v.id}[/bold]  aliases: {', '.join(v.aliases) or '-'}")
     out.print(f"  source:   {v.source}\n  files:    {v.artifact_uri}\n  run:      {v.run_id}")
+    from adapterfab.retention import describe
+
+    out.print(f"  {describe(v.metrics) or 'retention not measured'}")
     for k, val in sorted(v.tags.items()):
         out.print(f"  {k.removeprefix('adapterfab.')}: {val}")
 
@@ -411,10 +414,13 @@ def registry_promote(adapter: str = typer.Argument(..., help="TENANT/PERSONA"),
                      metric: str = typer.Option("eval_loss", help="production gate: the metric compared"),
                      margin: float = typer.Option(0.0, help="production gate: absolute improvement required"),
                      relative_margin: float = typer.Option(0.0, help="production gate: relative improvement"),
+                     min_retention: float = typer.Option(0.9, help="production gate: the share of the base's "
+                                                         "probe facts the version must keep (0: no check)"),
                      force: bool = typer.Option(False, "--force", help="skip the eval gate"),
                      as_json: bool = typer.Option(False, "--json")) -> None:
     """Point an alias (default production) at a version. `production` is eval-gated: the version must
-    beat the base model and the current production version on METRIC (unless --force); the decision
+    keep MIN_RETENTION of the facts the base states and beat the base model and the current production
+    version on METRIC (unless --force); the decision
     is recorded on the version either way. Serving follows without a restart."""
     from adapterfab.ids import PRODUCTION, AdapterId, check_alias
     from adapterfab.jobs.orchestrate import gate_decision
@@ -430,7 +436,7 @@ def registry_promote(adapter: str = typer.Argument(..., help="TENANT/PERSONA"),
             decision = None
         else:
             try:
-                policy = Policy(metric, margin, relative_margin)
+                policy = Policy(metric, margin, relative_margin, min_retention)
             except ValueError as e:
                 raise AdapterfabError(str(e)) from None
             if force:

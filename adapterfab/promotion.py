@@ -1,8 +1,11 @@
 """Eval-gated promotion: the rule that decides whether a version may become ``production``.
 
-A version is promoted only if its eval metric beats **both** the base model (measured by the same
-worker on the same eval rows, with the adapter disabled) **and** the current production version (its
-recorded metric) by more than a margin: ``max(margin, relative_margin * |reference|)``. Every decision,
+A version is promoted only if it keeps at least ``min_retention`` of the probe facts the base states
+(adapterfab/retention.py; a version on whose probes the base states nothing, or one measured without
+them, is not held back by it and the decision says so) **and** its eval metric beats **both** the base
+model (measured by the same worker on the same eval rows, with the adapter disabled) **and** the current
+production version (its recorded metric) by more than a margin: ``max(margin, relative_margin *
+|reference|)``. Every decision,
 promoted or refused, is returned as a ``Decision`` whose ``tags()`` are written on the version, so
 ``registry show`` says why a version is (not) in production. Pure logic: no MLflow here.
 """
@@ -11,6 +14,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+
+from adapterfab import retention
 
 # metric -> goal; each metric is also measured on the base model as ``base_<metric>``
 GOALS: dict[str, str] = {"eval_loss": "min", "eval_token_accuracy": "max"}
@@ -22,12 +27,15 @@ class Policy:
     metric: str = "eval_loss"
     margin: float = 0.0  # absolute improvement required over each reference
     relative_margin: float = 0.0  # improvement required as a fraction of each reference
+    min_retention: float = 0.9  # share of the base's probe facts the version must keep (0: no check)
 
     def __post_init__(self) -> None:
         if self.metric not in GOALS:
             raise ValueError(f"unknown promotion metric {self.metric!r}; use one of: {', '.join(GOALS)}")
         if self.margin < 0 or self.relative_margin < 0:
             raise ValueError("promotion margins must be >= 0")
+        if not 0.0 <= self.min_retention <= 1.0:
+            raise ValueError("min_retention must be between 0 and 1")
 
     def required(self, reference: float) -> float:
         return max(self.margin, self.relative_margin * abs(reference))
@@ -77,12 +85,19 @@ def decide(policy: Policy, metrics: dict[str, object], production: tuple[int, fl
     (version, its recorded metric or None) of the current production version, or None if there is none."""
     m = policy.metric
     value, base = _num(metrics.get(m)), _num(metrics.get(f"base_{m}"))
+    notes = []
+    if policy.min_retention > 0:
+        kept, said = _num(metrics.get("retention")), retention.describe(metrics)
+        if kept is not None and kept < policy.min_retention:
+            return Decision(False, f"{said} is below the minimum {policy.min_retention:g}: the adapter has "
+                                   "forgotten what the base knew (train less, or a lower learning rate)", m, value)
+        notes.append(f"{said} (minimum {policy.min_retention:g})" if kept is not None else
+                     (said or "no retention was measured") + "; not checked")
     if value is None:
         return Decision(False, f"the version has no recorded {m}", m, None)
     if base is None:
         return Decision(False, f"no base-model {m} was measured to compare with", m, value)
     refs = {"base": base}
-    notes = []
     if production is not None:
         pv, pval = production
         if pval is None:

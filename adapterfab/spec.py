@@ -96,11 +96,31 @@ class Promotion(_Strict):
     metric: Literal["eval_loss", "eval_token_accuracy"] = "eval_loss"
     margin: float = Field(0.0, ge=0.0, description="absolute improvement required")
     relative_margin: float = Field(0.0, ge=0.0, lt=1.0, description="improvement required, as a fraction")
+    min_retention: float = Field(0.9, ge=0.0, le=1.0, description="the share of the probe facts the base "
+                                 "states that the adapter must still state (adapterfab/retention.py); 0: no check")
 
     def policy(self) -> Any:
         from adapterfab.promotion import Policy
 
-        return Policy(self.metric, self.margin, self.relative_margin)
+        return Policy(self.metric, self.margin, self.relative_margin, self.min_retention)
+
+
+MAX_PROBES = 200  # a tenant's own retention probes per entry
+
+
+class Probe(_Strict):
+    """A fact the base model knows, asked of every adapter to measure what it kept: an answer states
+    the fact when it contains one of ``answers`` (any case, starting at a word)."""
+
+    question: str = Field(min_length=1, max_length=1000)
+    answers: tuple[str, ...] = Field(min_length=1, max_length=20)
+
+    @field_validator("answers")
+    @classmethod
+    def _answers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not a.strip() or len(a) > 200 for a in v):
+            raise ValueError("each accepted answer must be 1 to 200 characters, not blank")
+        return v
 
 
 class Defaults(_Strict):
@@ -114,6 +134,8 @@ class TenantEntry(_Strict):
     dataset: str
     method: dict[str, Any] | None = None
     train: dict[str, Any] | None = None
+    probes: list[Probe] = Field(default_factory=list, max_length=MAX_PROBES, description="the tenant's own "
+                                "retention probes, asked with the shipped ones (adapterfab/retention.py)")
 
     @field_validator("tenant", "persona")
     @classmethod
@@ -177,6 +199,7 @@ class JobSpec(BaseModel):
     dataset: str
     method: MethodConfig
     train: TrainConfig
+    probes: tuple[Probe, ...] = ()
 
 
 def _merge_method(default: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
@@ -271,7 +294,7 @@ def parse_spec(data: dict[str, Any] | str, root: Path | None = None) -> tuple[Ba
             continue
         method, train = resolve_auto(method, train, gpu=spec.resources.gpus_per_job > 0)
         jobs.append(JobSpec(tenant=t.tenant, persona=t.persona, dataset=_resolve_dataset(t.dataset, root),
-                            method=method, train=train))
+                            method=method, train=train, probes=tuple(t.probes)))
     if problems:
         raise SpecError(sorted(set(problems), key=problems.index))
     return spec, jobs

@@ -148,7 +148,7 @@ def print_status(dump: dict, every_job: bool = False, console: Any = None) -> No
     shown = jobs if every_job or len(jobs) <= STATUS_ROWS else \
         [j for j in jobs if j["state"] != "SUCCEEDED"][:STATUS_ROWS]
     t = Table(title=escape(f"batch {dump['id']} ({dump['name']}): {dump['state']}"))
-    for col in ("adapter", "method", "state", "progress", "loss", "eval loss", "base eval", "version", "error"):
+    for col in ("adapter", "method", "state", "progress", "loss", "eval loss", "base eval", "retention", "version", "error"):
         t.add_column(col, overflow="fold")
     for j in shown:
         m = j["metrics"] or {}
@@ -157,6 +157,8 @@ def print_status(dump: dict, every_job: bool = False, console: Any = None) -> No
                  f"{j['loss']:.3f}" if j["loss"] is not None else "",
                  f"{m['eval_loss']:.3f}" if "eval_loss" in m else "",
                  f"{m['base_eval_loss']:.3f}" if "base_eval_loss" in m else "",
+                 f"{m['retention']:.0%} ({m['retention_kept']:.0f}/{m['retention_known']:.0f})" if "retention" in m
+                 else "",  # of the probe facts the base states (adapterfab/retention.py)
                  str(j["model_version"] or "") + (" (reused)" if j.get("reused_version") else ""),
                  (j["error"] or "")[:300])
         t.add_row(*map(escape, cells))  # an error text such as "[q_proj]" is data, not markup

@@ -216,6 +216,9 @@ def run_submit(home: Path, spec: dict, work: Path, tag: str) -> dict:
             "mean_eval_loss": round(sum(j["metrics"].get("eval_loss", 0) for j in jobs) / len(jobs), 4),
             "mean_base_eval_loss": round(sum(j["metrics"].get("base_eval_loss", 0) for j in jobs) / len(jobs), 4),
             "all_beat_base": all(j["metrics"].get("eval_loss", 9e9) < j["metrics"].get("base_eval_loss", 0) for j in jobs),
+            # what retention (adapterfab/retention.py) added to each job: the base's answers and the probe rows
+            "retention_s_per_job": round(sum(j["metrics"].get("retention_s", 0) for j in jobs) / len(jobs), 2),
+            "mean_retention": round(sum(j["metrics"].get("retention", 0) for j in jobs) / len(jobs), 4),
             "warm_trainers": [n for n, t in stats.get("trainers", {}).items() if t.get("warm")],
             "stats": stats, "cpu_s_by_process": meter.by_group(),
             "cpu_s_top_commands": meter.top()}
@@ -239,8 +242,11 @@ def run_naive(base: str, spec: dict, sample: int, work: Path, threads: int) -> d
             "mean_eval_loss": round(sum(e["eval_loss"] for e in evals) / len(evals), 4)}
 
 
-def run_fused(ray_address: str, base: str, spec: dict, slots: int, cpus: float, gpus: float = 0.0) -> dict:
-    """The resident fused trainers alone: the batch's groups on ``slots`` trainer actors."""
+def run_fused(ray_address: str, base: str, spec: dict, slots: int, cpus: float, gpus: float = 0.0,
+              probe_cache: str | None = None) -> dict:
+    """The resident fused trainers alone: the batch's groups on ``slots`` trainer actors, with the same
+    work per job as submit's trainers (eval and retention on the shipped probes, the base's answers
+    from the same cache folder)."""
     import ray
     from transformers import AutoTokenizer
 
@@ -248,6 +254,7 @@ def run_fused(ray_address: str, base: str, spec: dict, slots: int, cpus: float, 
     from adapterfab.jobs.resident import GroupJob, GroupTask, resident_actor
     from adapterfab.jobs.trainers import retire_idle_trainers
     from adapterfab.pipelines.data import DataRequest, prepare_many
+    from adapterfab.retention import job_probes
     from adapterfab.spec import parse_spec
 
     _, jobs = parse_spec(spec)
@@ -265,8 +272,9 @@ def run_fused(ray_address: str, base: str, spec: dict, slots: int, cpus: float, 
             j, rows = jobs[i], data[f"f{i}"]
             if isinstance(rows, Exception):
                 raise rows
-            members.append(GroupJob(f"f{i}", j.method.model_dump(), j.train.model_dump(), rows.train, rows.eval))
-        tasks.append(GroupTask(f"g{n}", members, tok.pad_token_id))
+            members.append(GroupJob(f"f{i}", j.method.model_dump(), j.train.model_dump(), rows.train, rows.eval,
+                                    probes=job_probes(j.probes)))
+        tasks.append(GroupTask(f"g{n}", members, tok.pad_token_id, probe_cache=probe_cache))
     ray.init(address=ray_address, log_to_driver=False)
     try:
         retire_idle_trainers()  # the submit's warm trainers hold the CPUs
@@ -430,7 +438,8 @@ def main() -> None:
             naive = run_naive(base, spec, args.naive_sample, work, 1 if gpu else cpus)
             print(f"naive: {naive['adapters_per_hour']}/h ({naive['per_job_s']} s per job)", flush=True)
             stack = json.loads((home / "stack.json").read_text())
-            fused = run_fused(stack["ray_address"], base, spec, submit["stats"].get("slots", 1), args.cpus_per_job, gpus)
+            fused = run_fused(stack["ray_address"], base, spec, submit["stats"].get("slots", 1), args.cpus_per_job, gpus,
+                              str(home / "cache" / "retention"))
             print(f"fused compute only: {fused['adapters_per_hour']}/h ({fused['wall_s']} s)", flush=True)
         finally:
             cli(home, "down", timeout_s=300)
@@ -462,7 +471,9 @@ def main() -> None:
             f"{naive['adapters_per_hour']}/h (sample of {naive['jobs']}), fused compute only "
             f"{fused['adapters_per_hour']}/h: submit/naive {ratios['submit_over_naive']}×, submit/fused "
             f"{ratios['submit_over_fused']}×; first step {submit['first_step_after_submit_s']} s after submit "
-            f"(warm trainers: {warm['first_step_after_submit_s']} s); non-compute {result['non_compute_s_per_job']} s/job"
+            f"(warm trainers: {warm['first_step_after_submit_s']} s); non-compute {result['non_compute_s_per_job']} s/job; "
+            f"retention measured on every job (mean {submit['mean_retention']:.2f}), {submit['retention_s_per_job']} s/job "
+            f"in submit (the fused pass does the same, the naive one does not)"
             + (f"; MFU of the fused step {ratios['mfu_fused_step']:.1%} alone, {ratios['mfu_submit_step']:.1%} in submit, "
                f"{ratios['mfu_submit_end_to_end']:.1%} end to end (peak {args.peak_tflops:g} TFLOP/s)" if gpu else "")
             + (f"; status {cp['status_command_ms']} ms (command) / {cp['status_query_ms']} ms (query), dashboard batch "

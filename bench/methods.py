@@ -1,7 +1,7 @@
 """The method quality benchmark on the SmolLM2-135M base (CPU): every method trained with its defaults on
 every persona of examples/quality_personas.json (a fixed phrase, a speaking style, a domain of
 knowledge), each measured for persona adherence on held-out prompts and for retention of the facts of
-examples/retention_probes.json that the base itself states (its answers computed in the same run), plus
+adapterfab/retention_probes.json that the base itself states (its answers computed in the same run), plus
 trainable params, adapter bytes, step time and peak memory. Each (method, persona) trains in its own
 process. Writes bench/results/methods-<date>.json and a line in bench/RESULTS.md.
 

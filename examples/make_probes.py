@@ -1,4 +1,4 @@
-"""Writes examples/retention_probes.json: factual questions over several topics that the shipped base
+"""Writes adapterfab/retention_probes.json: factual questions over several topics that the shipped base
 (SmolLM2-135M-Instruct, greedy) answers correctly and that no example persona's data asks (nor its
 held-out prompts). A persona adapter keeps what the base knew when its answer to a probe still states
 the fact (``adapterfab.jobs.evaluate.states_fact``). Each kept probe records the base's own answer.
@@ -141,7 +141,7 @@ def main() -> int:
     for (topic, q, accepted), a in zip(todo, answers):
         (probes if states_fact(a, accepted) else missed).append(
             {"topic": topic, "question": q, "answers": accepted, "base_answer": a})
-    (HERE / "retention_probes.json").write_text(json.dumps({
+    (HERE.parent / "adapterfab" / "retention_probes.json").write_text(json.dumps({
         "_comment": "Facts the SmolLM2-135M-Instruct base states (greedy, 40 new tokens), none asked by the "
                     "example personas' data; written by examples/make_probes.py.",
         "probes": probes}, indent=1, ensure_ascii=False) + "\n")

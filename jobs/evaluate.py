@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapterfab.retention import fact_span, forced_row, prompt_ids, shipped_probes
+
+__all__ = ["fact_span", "prompt_ids"]  # re-exported: the benchmark and examples/make_probes.py use them here
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -49,6 +52,7 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_token
     finally:
         tokenizer.padding_side = side
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     return [tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
@@ -76,26 +80,6 @@ def pad_rows(seqs: list[list[int]], pad: int) -> tuple[Any, Any]:
     return ids, mask
 
 
-def prompt_ids(tokenizer: Any, question: str) -> list[int]:
-    """A user prompt through the chat template, up to where the assistant's answer starts."""
-    head = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                         tokenize=True)
-    return list(head if isinstance(head, list) else head["input_ids"])
-
-
-def fact_span(answer: str, accepted: list[str]) -> tuple[int, int] | None:
-    """Where ``answer`` states the fact (its first match; see ``states_fact``): (start, end) characters, or None."""
-    import re
-
-    best = None
-    for a in accepted:
-        end = r"(?![A-Za-z0-9])" if len(a) <= 3 else ""
-        m = re.search(rf"(?<![A-Za-z0-9]){re.escape(a)}{end}", answer, flags=re.IGNORECASE)
-        if m and (best is None or m.start() < best[0]):
-            best = (m.start(), m.end())
-    return best
-
-
 def states_fact(answer: str, accepted: list[str]) -> bool:
     """Whether ``answer`` states the fact: it contains one of the ``accepted`` strings (any case) starting
     at a word; a string of at most 3 characters ("4", "Au", "100") must also end at one, so that "4" is
@@ -121,9 +105,9 @@ def adheres(answer: str, rule: dict[str, Any], i: int) -> bool:
 
 def load_quality() -> tuple[list[dict], list[dict]]:
     """The quality benchmark's personas (examples/quality_personas.json) and retention probes
-    (examples/retention_probes.json)."""
+    (adapterfab/retention_probes.json)."""
     personas = json.loads((EXAMPLES / "quality_personas.json").read_text())["personas"]
-    probes = json.loads((EXAMPLES / "retention_probes.json").read_text())["probes"]
+    probes = shipped_probes()
     return personas, probes
 
 
@@ -160,25 +144,9 @@ def quality(model: Any, tokenizer: Any, persona: dict[str, Any], probes: list[di
                          mine, theirs, lost)
 
 
-def forced_rows(tokenizer: Any, probes: list[dict], base_answers: list[str]) -> list[dict[str, Any]]:
-    """Teacher-forced retention rows: each probe's prompt and the base's own answer up to where it states
-    the fact, then the fact's tokens as labels. A model keeps the fact when its greedy choice at every
-    label is the label (``forced_retention``): one forward per probe, no generation. Probes the base's
-    answer does not state (or whose fact does not start at a token boundary) give no row (None)."""
-    rows: list[dict[str, Any]] = []
-    for p, a in zip(probes, base_answers):
-        span = fact_span(a, p["answers"])
-        if span is None:
-            rows.append(None)
-            continue
-        head = prompt_ids(tokenizer, p["question"])
-        before = tokenizer.encode(a[:span[0]].rstrip(), add_special_tokens=False)  # the fact keeps its space
-        whole = tokenizer.encode(a[:span[1]], add_special_tokens=False)
-        if whole[:len(before)] != before or len(whole) == len(before):
-            rows.append(None)
-            continue
-        rows.append({"ids": head + whole, "labels_from": len(head) + len(before)})
-    return rows
+def forced_rows(tokenizer: Any, probes: list[dict], base_answers: list[str]) -> list[dict[str, Any] | None]:
+    """``adapterfab.retention.forced_row`` of each probe and the base's answer to it."""
+    return [forced_row(tokenizer, p["question"], p["answers"], a) for p, a in zip(probes, base_answers)]
 
 
 def forced_retention(model: Any, rows: list[dict[str, Any] | None], pad: int, batch: int = 16) -> list[bool | None]:
@@ -189,16 +157,45 @@ def forced_retention(model: Any, rows: list[dict[str, Any] | None], pad: int, ba
     real = [(i, r) for i, r in enumerate(rows) if r is not None]
     out: list[bool | None] = [None] * len(rows)
     model.eval()
+    device = next(model.parameters()).device
     for start in range(0, len(real), batch):
         chunk = real[start:start + batch]
         ids, mask = pad_rows([r["ids"] for _, r in chunk], pad)
         with torch.no_grad():
-            picks = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+            picks = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.argmax(-1).cpu()
         for k, (i, r) in enumerate(chunk):
             f = r["labels_from"]
             want = torch.tensor(r["ids"][f:])
             out[i] = bool((picks[k, f - 1:len(r["ids"]) - 1] == want).all())
     return out
+
+
+def retention_of(peft_model: Any, tokenizer: Any, probes: list[dict], cache: str | None, base_path: str
+                 ) -> dict[str, float]:
+    """A job's retention metrics (adapterfab/retention.py) measured on a PEFT model outside the fused
+    trainer (a job on several ZeRO workers): the base's answers (adapter disabled; from the answer
+    cache where it has them), their rows, the base's own test of them and the adapter's, one forward
+    per row, no prefix sharing."""
+    import time
+
+    from adapterfab import retention
+
+    t0 = time.monotonic()
+    dtype = str(next(peft_model.parameters()).dtype)
+    cache_ = retention.AnswerCache(cache, base_path, dtype, next(peft_model.parameters()).device.type)
+    new = cache_.missing([p["question"] for p in probes])
+    if new:
+        with peft_model.disable_adapter():
+            cache_.add(dict(zip(new, greedy_in_batches(peft_model, tokenizer, new, retention.MAX_NEW_TOKENS,
+                                                        batch=retention.generate_batch(len(new))))))
+    rows = [forced_row(tokenizer, p["question"], list(p["answers"]), cache_.answers[p["question"]]) for p in probes]
+    real = [r for r in rows if r is not None]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with peft_model.disable_adapter():
+        base_ok = forced_retention(peft_model, real, pad)
+    mine = forced_retention(peft_model, real, pad)
+    known = [bool(m) for b, m in zip(base_ok, mine) if b]
+    return retention.metrics(len(probes), len(known), sum(known), time.monotonic() - t0)
 
 
 def load_probes() -> tuple[list[str], dict[str, str], list[dict]]:

@@ -411,12 +411,15 @@ class Factory:
         and the group resumes from its checkpoint. Returns the lease the slot holds afterwards."""
         from adapterfab import faults
         from adapterfab.jobs.resident import GroupJob, GroupTask
+        from adapterfab.retention import job_probes
 
         ctx = self.ctx
         task = GroupTask(item.gid, [GroupJob(p.jid, p.job.method.model_dump(), p.job.train.model_dump(),
-                                             p.data.train, p.data.eval, p.run_id) for p in item.prepared],
+                                             p.data.train, p.data.eval, p.run_id, job_probes(p.job.probes))
+                                    for p in item.prepared],
                          ctx.pad_id, str(self.checkpoints / f"{item.gid}.pt"), item.checkpointing,
-                         fail_at_step=1 if faults.fail_group([p.job.tenant for p in item.prepared]) else 0)
+                         fail_at_step=1 if faults.fail_group([p.job.tenant for p in item.prepared]) else 0,
+                         probe_cache=str(ctx.settings.home / "cache" / "retention"))
         try:
             return self._run_group(lease, item, task)
         finally:
@@ -515,6 +518,7 @@ class Factory:
 
         from adapterfab.jobs.launch import WorkerJob, run_training_job
         from adapterfab.jobs.trainers import retire_idle_trainers
+        from adapterfab.retention import job_probes
 
         ctx = self.ctx
         with self._lock:
@@ -532,7 +536,8 @@ class Factory:
                         train=p.job.train.model_dump(), mlflow_uri=ctx.tracking.uri, mlflow_run_id=p.run_id,
                         progress_board=ctx.board_name, pad_id=ctx.pad_id, cpus=plan.cpus, basis_uri=p.basis_uri,
                         gpus=plan.gpus, workers=plan.workers, zero_stage=plan.zero_stage,
-                        mlflow_retry_s=ctx.tracking.retry_s)
+                        mlflow_retry_s=ctx.tracking.retry_s, probes=job_probes(p.job.probes),
+                        probe_cache=str(ctx.settings.home / "cache" / "retention"))
                     train_ds = ray.data.from_items([_listed(r) for r in p.data.train])
                     eval_ds = ray.data.from_items([_listed(r) for r in p.data.eval])
                     metrics, adapter_dir = run_training_job(job, train_ds, eval_ds, str(ctx.settings.home / "ray_results"),

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from adapterfab import retention
 from adapterfab.errors import AdapterfabError
 from adapterfab.jobs.train_loop import evaluate, forever, lr_lambda, peak_memory_mb
 from adapterfab.methods import MethodConfig
@@ -337,6 +338,9 @@ class FusedJob:
     eval_batches: Callable[[], Iterable[Batch]] | None = None
     init: dict[str, tuple[Tensor, ...]] | None = None  # module name -> (A, B) for lora, (R,) for lora_xs
     early_stop_loss: float | None = None  # leave the batch once the train loss is at or below this
+    # retention rows (adapterfab/retention.forced_row, None: a probe the base's answer does not state),
+    # asked for after training; they ride in the group's fused eval forwards
+    probe_rows: Callable[[], list[dict[str, Any] | None]] | None = None
 
 
 @dataclass
@@ -414,6 +418,7 @@ class FusedTrainer:
         self.set_checkpointing(checkpointing)
         self.jobs_trained = 0
         self._base_evals: dict[str, dict[str, float]] = {}  # eval rows' digest -> the frozen base's metrics
+        self._base_forced: dict[tuple[int, ...], bool] = {}  # retention row -> the base picks its fact itself
         self._slot_of: dict[str, int] = {}  # job id -> its slot
 
     # -- adapters -------------------------------------------------------------------------------
@@ -658,11 +663,18 @@ class FusedTrainer:
 
     def _finish(self, active: list[_Active], train_s: float, max_rows: int) -> list[FusedResult]:
         """Every job's result; the adapters' and the bare base's evaluations run fused (``evaluate_many``),
-        the base once per distinct set of eval rows (it is frozen: jobs on one dataset share the figure)."""
+        the base once per distinct set of eval rows (it is frozen: jobs on one dataset share the figure).
+        The jobs' retention rows are tested in the same phase, fused across the group (``forced_many``):
+        each adapter on its job's rows, the bare base once per row (cached), and a probe counts for a job
+        only when the base picks the fact itself."""
         metrics: dict[str, dict[str, float]] = {}
         sets: list[tuple[str | None, list[Batch]]] = []
         base_sets: dict[str, int] = {}  # eval rows' digest -> index in ``sets`` (uncached ones only)
         want: dict[str, tuple[int, str]] = {}  # job id -> (index of its adapter's set, eval rows' digest)
+        probes: dict[str, tuple[int, int, list[tuple[int, ...]]]] = {}  # job id -> (set, probes asked, row keys)
+        base_rows: dict[tuple[int, ...], dict[str, Any]] = {}  # rows the base has not been checked on
+        forced: list[tuple[str | None, list[dict[str, Any]]]] = []  # retention rows: (job id, its rows)
+        rows_s = 0.0  # the base's answers to new probes, and the rows made of them
         for a in active:
             if a.error:
                 continue
@@ -671,6 +683,20 @@ class FusedTrainer:
                 "train_tokens_per_s": a.tokens / max(train_s, 1e-9), "steps": float(a.step),
                 "trainable_params": float(self.slots.width), "train_flops": a.flops,
             }
+            asked = None
+            if a.job.probe_rows is not None:
+                t_rows = time.monotonic()
+                try:
+                    asked = a.job.probe_rows()
+                except Exception as e:  # noqa: BLE001 - the job keeps its adapter; the gate says none was measured
+                    warnings.warn(f"job {a.job.job_id}: retention not measured: {e}", stacklevel=2)
+                rows_s += time.monotonic() - t_rows
+            if asked is not None:
+                rows = [r for r in asked if r is not None]
+                keys = [_row_key(r) for r in rows]
+                base_rows.update({k: r for k, r in zip(keys, rows) if k not in self._base_forced})
+                probes[a.job.job_id] = (len(forced), len(asked), keys)
+                forced.append((a.job.job_id, rows))
             ev = list(a.job.eval_batches()) if a.job.eval_batches is not None else []
             if not ev:
                 continue
@@ -680,11 +706,25 @@ class FusedTrainer:
                 sets.append((None, ev))
             want[a.job.job_id] = (len(sets), key)
             sets.append((a.job.job_id, ev))
+        if base_rows:
+            forced.append((None, list(base_rows.values())))
         got = self.evaluate_many(sets, max_rows) if sets else []
+        t_forced = time.monotonic()
+        try:
+            row_ok = self.forced_many(forced) if forced else []
+        except Exception as e:  # noqa: BLE001 - as above, for the whole group
+            warnings.warn(f"retention not measured for this group: {e}", stacklevel=2)
+            probes, base_rows = {}, {}
+        forced_s = time.monotonic() - t_forced
         for key, i in base_sets.items():
             if len(self._base_evals) >= 1024:
                 self._base_evals.pop(next(iter(self._base_evals)))
             self._base_evals[key] = got[i]
+        if base_rows:
+            if len(self._base_forced) > 100_000:
+                self._base_forced.clear()
+            self._base_forced.update(zip(base_rows, row_ok[-1]))
+        per_job_s = (rows_s + forced_s) / max(1, len(probes))  # what retention added to each job
         out = []
         for a in active:
             if a.error:
@@ -695,6 +735,10 @@ class FusedTrainer:
                 i, key = want[a.job.job_id]
                 m.update(got[i])
                 m.update({f"base_{k}": v for k, v in self._base_evals[key].items()})
+            if a.job.job_id in probes:
+                i, asked, keys = probes[a.job.job_id]
+                known = [ok for k, ok in zip(keys, row_ok[i]) if self._base_forced.get(k)]
+                m.update(retention.metrics(asked, len(known), sum(known), per_job_s))
             m.update(peak_memory_mb())
             out.append(FusedResult(a.job.job_id, m, a.losses, stopped_early=a.early))
         return out
@@ -737,6 +781,73 @@ class FusedTrainer:
             self.base.train()
         return [{"eval_loss": ls / max(1.0, n), "eval_token_accuracy": c / max(1.0, n)}
                 for ls, c, n in zip(loss_sum.tolist(), right.tolist(), count.tolist())]
+
+    def forced_many(self, sets: list[tuple[str | None, list[dict[str, Any]]]], rows_per_pass: int = 16
+                    ) -> list[list[bool]]:
+        """The retention test (adapterfab/retention.py) of several sets, each ``(job id, or None for the
+        bare base, rows)``: for every row, whether the greedy choice is the row's token at each of its
+        labels (``ids[labels_from:]``). Fused like ``evaluate_many``, and the rows' common prefix (the
+        chat template's system turn) runs once per set: its keys and values are given to each row of
+        the set, whose own tokens then run in passes of ``rows_per_pass`` rows, shortest first."""
+        from transformers import DynamicCache
+
+        device = self.device
+        flat = [(k, i, r) for k, (_, rows) in enumerate(sets) for i, r in enumerate(rows)]
+        out: list[list[bool]] = [[False] * len(rows) for _, rows in sets]
+        if not flat:
+            return out
+        first = flat[0][2]["ids"]
+        p = min(min(r["labels_from"] for _, _, r in flat) - 1, min(len(r["ids"]) for _, _, r in flat))
+        for _, _, r in flat:
+            while p and r["ids"][:p] != first[:p]:
+                p -= 1
+        slots = [self._slot_of[j] if j else None for j, _ in sets]
+        flat.sort(key=lambda x: len(x[2]["ids"]))
+        verdicts: list[tuple[list[tuple[int, int]], Tensor]] = []
+        self.base.eval()
+        try:
+            with torch.no_grad():
+                prefix = None
+                if p:  # one row per set through its adapter
+                    self.route.segments = [(s, k, k + 1) for k, s in enumerate(slots)]
+                    ids = torch.tensor([first[:p]] * len(sets)).to(device, non_blocking=True)
+                    prefix = self.decoder(input_ids=ids, use_cache=True).past_key_values
+                for start in range(0, len(flat), rows_per_pass):
+                    part = flat[start:start + rows_per_pass]
+                    n = max(len(r["ids"]) for _, _, r in part) - p
+                    ids = torch.zeros((len(part), n), dtype=torch.long)
+                    labels = torch.full((len(part), n), -100, dtype=torch.long)
+                    for i, (_, _, r) in enumerate(part):
+                        tail = torch.tensor(r["ids"][p:])
+                        ids[i, :len(tail)] = tail
+                        labels[i, r["labels_from"] - p - 1:len(tail) - 1] = tail[r["labels_from"] - p:]
+                    segs, at = [], 0
+                    for i in range(1, len(part) + 1):  # runs of rows of one set
+                        if i == len(part) or part[i][0] != part[at][0]:
+                            segs.append((slots[part[at][0]], at, i))
+                            at = i
+                    self.route.segments = segs
+                    cache = None
+                    if prefix is not None:
+                        which = torch.tensor([k for k, _, _ in part]).to(device, non_blocking=True)
+                        cache = DynamicCache()
+                        for layer, kv in enumerate(prefix.layers):
+                            cache.update(kv.keys.index_select(0, which), kv.values.index_select(0, which), layer)
+                    hidden = self.decoder(input_ids=ids.to(device, non_blocking=True), past_key_values=cache,
+                                          use_cache=cache is not None).last_hidden_state
+                    mask = labels != -100
+                    picks = self.lm_head(hidden[mask.to(device)]).argmax(-1)
+                    row = torch.arange(len(part))[:, None].expand_as(labels)[mask].to(device, non_blocking=True)
+                    wrong = torch.zeros(len(part), device=device).index_add_(
+                        0, row, (picks != labels[mask].to(device, non_blocking=True)).float())
+                    verdicts.append(([(k, i) for k, i, _ in part], wrong))
+        finally:
+            self.route.segments = []
+            self.base.train()
+        for where, wrong in verdicts:
+            for (k, i), w in zip(where, wrong.tolist()):
+                out[k][i] = w == 0
+        return out
 
     def evaluate(self, job_id: str | None, batches: list[Batch]) -> dict[str, float]:
         """Eval metrics with ``job_id``'s adapter on every row (None: the bare base)."""
@@ -802,6 +913,11 @@ def write_exported(a: ExportedAdapter, out_dir: str | Path) -> Path:
         state[f"base_model.model.{name}.lora_B.weight"] = lora_b.contiguous()
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def _row_key(row: dict[str, Any]) -> tuple[int, ...]:
+    """What identifies a retention row (its tokens and where its fact starts)."""
+    return (row["labels_from"], *row["ids"])
 
 
 def _digest(batches: list[Batch]) -> str:

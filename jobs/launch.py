@@ -39,6 +39,8 @@ class WorkerJob:
     workers: int = 1  # data-parallel workers; > 1 trains with DeepSpeed ZeRO (jobs/zero.py)
     zero_stage: int | None = None
     mlflow_retry_s: float = 1800.0  # how long the worker waits for MLflow to take its buffered metrics
+    probes: list[dict[str, Any]] | None = None  # retention probes {question, answers} (adapterfab/retention.py)
+    probe_cache: str | None = None  # folder of the base's answers to them
 
 
 @ray.remote(num_cpus=0)
@@ -183,6 +185,13 @@ def _worker_loop(config: dict[str, Any]) -> None:
     finally:
         if resume and resume.get("engine_dir"):
             shutil.rmtree(resume["engine_dir"], ignore_errors=True)
+    if job.probes:  # every worker takes part (ZeRO-3 gathers each layer's weights for its forward)
+        from transformers import AutoTokenizer
+
+        from adapterfab.jobs.evaluate import retention_of
+
+        result.metrics.update(retention_of(result.model, AutoTokenizer.from_pretrained(job.base_model_path),
+                                           job.probes, job.probe_cache, job.base_model_path))
     if tracking:  # every step's metrics are in MLflow before the job reports done (or the job fails)
         tracking.close(job.mlflow_retry_s)
     placement = {"node_id": node, "workers": job.workers, "zero_stage": job.zero_stage or 0}

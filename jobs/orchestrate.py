@@ -118,9 +118,11 @@ def code_version() -> str:
 def job_fingerprint(base_fingerprint: str, job: JobSpec, dataset_sha256: str) -> str:
     """What makes two jobs the same: base weights, method and training hyper-parameters, the data's
     bytes and the code. A resubmitted job with the same fingerprint reuses the registered version."""
-    payload = json.dumps({"base": base_fingerprint, "method": job.method.model_dump(mode="json"),
-                          "train": job.train.model_dump(mode="json"), "data": dataset_sha256,
-                          "code": code_version()}, sort_keys=True)
+    fields = {"base": base_fingerprint, "method": job.method.model_dump(mode="json"),
+              "train": job.train.model_dump(mode="json"), "data": dataset_sha256, "code": code_version()}
+    if job.probes:  # its own retention probes are part of what the version records
+        fields["probes"] = [p.model_dump(mode="json") for p in job.probes]
+    payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 

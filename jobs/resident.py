@@ -43,6 +43,7 @@ class GroupJob:
     train_rows: Rows
     eval_rows: Rows = field(default_factory=list)
     run_id: str | None = None  # the job's MLflow run (per-step metrics)
+    probes: list[dict[str, Any]] | None = None  # retention probes {question, answers} (None: not measured)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class GroupTask:
     checkpoint_path: str | None = None
     activation_checkpointing: bool = False
     fail_at_step: int = 0  # > 0: the group raises at this step (a fault injected by adapterfab/faults.py)
+    probe_cache: str | None = None  # folder of the base's answers to retention probes (adapterfab/retention.py)
 
 
 @dataclass
@@ -95,6 +97,49 @@ class ResidentWorker:
         self.load_s = time.monotonic() - t0
         self.groups_trained = 0
         self._tokenizer: Any = None
+        self._answers: Any = None  # retention.AnswerCache: probe -> the base's own answer (it never changes)
+        self._rows: dict[tuple[str, tuple[str, ...]], Any] = {}  # (probe, accepted answers) -> its row
+
+    def _tok(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.base_path)
+        return self._tokenizer
+
+    def probe_rows(self, probes: list[dict[str, Any]], cache: str | None = None) -> list[dict[str, Any] | None]:
+        """The retention rows of ``probes`` (adapterfab/retention.py): the bare base answers the probes it
+        has not answered before (greedy, in batches; once per trainer, or once per base, dtype and
+        device where ``cache`` names a folder), each answer makes its row. Called after a group has
+        trained, while its adapters wait in their slots (the base itself is unchanged)."""
+        from adapterfab import retention
+        from adapterfab.jobs.evaluate import greedy_in_batches
+
+        tok = self._tok()
+        if self._answers is None or (cache and self._answers.path is None):
+            base = self.trainer.base
+            self._answers = retention.AnswerCache(cache, self.base_path, str(next(base.parameters()).dtype),
+                                                  self.trainer.device.type)
+        new = self._answers.missing([p["question"] for p in probes])
+        if new:
+            base = self.trainer.base
+            base.eval()
+            try:
+                answers = greedy_in_batches(base, tok, new, retention.MAX_NEW_TOKENS,
+                                            batch=retention.generate_batch(len(new)))
+            finally:
+                base.train()
+            self._answers.add(dict(zip(new, answers)))
+            if len(self._rows) > 20_000:
+                self._rows.clear()
+        out = []
+        for p in probes:
+            key = (p["question"], tuple(p["answers"]))
+            if key not in self._rows:
+                self._rows[key] = retention.forced_row(tok, p["question"], list(p["answers"]),
+                                                       self._answers.answers[p["question"]])
+            out.append(self._rows[key])
+        return out
 
     def train_group(self, task: GroupTask,
                     on_step: Callable[[str, int, float, float], None] | None = None,
@@ -120,7 +165,8 @@ class ResidentWorker:
             fused.append(FusedJob(
                 j.job_id, cfg, train, epoch_batches(j.train_rows, train.batch_size, train.seed, task.pad_id),
                 (lambda ev=ev, bs=train.batch_size: list(epoch_batches(ev, bs, 0, task.pad_id, shuffle=False)(0)))
-                if ev else None))
+                if ev else None,
+                probe_rows=(lambda probes=j.probes: self.probe_rows(probes, task.probe_cache)) if j.probes else None))
         resume = _load_checkpoint(task.checkpoint_path)
         every = min((f.train.checkpoint_every for f in fused if f.train.checkpoint_every), default=0)
 
@@ -173,14 +219,10 @@ class ResidentWorker:
         """``jobs``: {job_id, dataset (a local JSONL), train (TrainConfig fields), eval_rows?}. Each
         job's data is read and tokenized here, the group trains fused, every adapter is saved to
         ``out_root/<job_id>``. Returns per-job {job_id, metrics, adapter_dir, error, group_timing}."""
-        from transformers import AutoTokenizer
-
         from adapterfab.pipelines.local import encode_file, split_rows
 
         t0 = time.monotonic()
-        if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.base_path)
-        tok = self._tokenizer
+        tok = self._tok()
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         group = []
         for j in jobs:

@@ -24,7 +24,8 @@ from adapterfab.registry import TAG, AdapterVersion, RegisteredAdapter
 from adapterfab.state import BatchRow, JobView
 from adapterfab.states import BatchState, JobState
 
-EVAL_KEYS = ("eval_loss", "base_eval_loss", "eval_token_accuracy", "base_eval_token_accuracy")
+EVAL_KEYS = ("eval_loss", "base_eval_loss", "eval_token_accuracy", "base_eval_token_accuracy",
+             "retention", "retention_known", "retention_kept")  # retention: adapterfab/retention.py
 ACTIVE = frozenset({JobState.PREPARING, JobState.TRAINING, JobState.REGISTERING})
 
 

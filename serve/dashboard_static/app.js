@@ -151,12 +151,25 @@ async function pageBatches() {
       h("tbody", {}, rows)))) };
 }
 
+// the share of the probe facts the base states that the adapter still states (adapterfab/retention.py)
+function retentionText(m) {
+  if (m.retention_known === undefined) return null;
+  if (!Number(m.retention_known)) return "retention: base knows no probe";
+  return `retention ${fmtPct(100 * Number(m.retention))} (${Number(m.retention_kept)}/${Number(m.retention_known)})`;
+}
+
+function retentionLine(m) {
+  const text = retentionText(m);
+  return text ? h("div", { class: "muted retention", title: "facts the base states that the adapter still states" }, text) : null;
+}
+
 function jobRow(j) {
   const c = curves[j.id] || { points: [] };
   const ev = j.eval;
   const evalCell = ev.eval_loss !== undefined
     ? h("span", { title: "held-out loss: adapter vs base" }, `${fmtNum(ev.eval_loss)} (base ${fmtNum(ev.base_eval_loss)})`,
-      ev.eval_token_accuracy !== undefined ? h("div", { class: "muted" }, `token acc ${fmtPct(100 * ev.eval_token_accuracy)}`) : null)
+      ev.eval_token_accuracy !== undefined ? h("div", { class: "muted" }, `token acc ${fmtPct(100 * ev.eval_token_accuracy)}`) : null,
+      retentionLine(ev))
     : "–";
   const version = j.model_version ? link(j.links.registry, `v${j.model_version}`) : null;
   return h("tr", { "data-job-id": j.id, class: j.id === selected ? "selected" : null, onclick: () => { selected = j.id; refresh(); } },
@@ -244,13 +257,14 @@ async function pageRegistry(tenant, persona, version) {
     t.adapters.map((a) => h("div", { class: "card" },
       h("h3", {}, a.id, " ", Object.entries(a.aliases).sort().map(([al, v]) => h("span", { class: "tag" }, `${al} → v${v}`))),
       h("div", { class: "scroll" }, h("table", {},
-        h("thead", {}, h("tr", {}, ["Version", "Aliases", "Created", "Method", "Eval loss (base)", "Decision", "Reason", "Batch", "Links"].map((c) => h("th", {}, c)))),
+        h("thead", {}, h("tr", {}, ["Version", "Aliases", "Created", "Method", "Eval loss (base)", "Retention", "Decision", "Reason", "Batch", "Links"].map((c) => h("th", {}, c)))),
         h("tbody", {}, a.versions.map((v) => {
           const rid = `v-${t.tenant}-${a.persona}-${v.version}`;
           return h("tr", { id: rid, class: rid === target ? "selected" : null },
             h("td", {}, "v" + v.version), h("td", {}, v.aliases.join(", ") || "–"), h("td", {}, fmtTime(v.created_s)),
             h("td", {}, v.method || "–"),
             h("td", {}, v.metrics.eval_loss !== undefined ? `${fmtNum(v.metrics.eval_loss)} (${fmtNum(v.metrics.base_eval_loss)})` : "–"),
+            h("td", {}, retentionText(v.metrics) || "–"),
             h("td", {}, v.decision ? badge(v.decision) : "–"), h("td", { class: "reason" }, v.reason || "–"),
             h("td", {}, v.batch_id ? h("a", { href: "#/batches/" + encodeURIComponent(v.batch_id), class: "mono" }, v.batch_id) : "–"),
             h("td", {}, link(v.links.mlflow_version, "MLflow", true) || "–"));

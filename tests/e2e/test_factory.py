@@ -60,6 +60,8 @@ def batch(stack, tmp_path_factory: pytest.TempPathFactory):
     broken.write_text("\n".join(lines) + "\n")
     spec = yaml.safe_load((REPO / "examples" / "personas.yaml").read_text())
     spec["name"] = "e2e"
+    # these tests promote the batch's adapters; the retention gate (default 0.9) has its own test below
+    spec["promotion"] = {"min_retention": 0.0}
     spec["tenants"] = [
         {"tenant": "acme", "persona": "pirate", "dataset": str(REPO / "examples/data/pirate.jsonl")},
         {"tenant": "acme", "persona": "butler", "dataset": str(REPO / "examples/data/butler.jsonl"),
@@ -91,6 +93,12 @@ def test_batch_runs_every_job_to_a_terminal_state(batch) -> None:
     for j in (jobs[p] for p in (*PERSONAS, "acme/deckhand")):
         assert j["progress"] == 1.0 and j["model_version"] == 1
         assert j["metrics"]["eval_loss"] < j["metrics"]["base_eval_loss"]
+        m = j["metrics"]  # every job measured on the shipped probes, against the base's own answers
+        assert m["retention_probes"] >= 50 and m["retention_known"] >= 0.6 * m["retention_probes"]  # 4-bit: 46
+        assert 0 < m["retention"] <= 1 and m["retention_kept"] == round(m["retention"] * m["retention_known"])
+    print("retention of the defaults (retention, its seconds, train seconds):",
+          {p: (round(jobs[p]["metrics"]["retention"], 3), round(jobs[p]["metrics"]["retention_s"], 2),
+               round(jobs[p]["metrics"]["train_s"], 1)) for p in (*PERSONAS, "acme/deckhand")})
 
 
 def test_registry_versions_tags_and_aliases(batch) -> None:
@@ -106,6 +114,7 @@ def test_registry_versions_tags_and_aliases(batch) -> None:
     assert tags["adapterfab.rank"] == "8" and len(tags["adapterfab.base_fingerprint"]) == 64
     assert len(tags["adapterfab.dataset_sha256"]) == 64 and float(tags["adapterfab.metric.eval_loss"]) > 0
     assert tags["adapterfab.promotion.decision"] == "promoted"
+    assert float(tags["adapterfab.metric.retention"]) > 0 and "retention" not in tags["adapterfab.promotion.reason"]
     assert Path(v["artifact_uri"], "adapter_model.safetensors").exists()
     q = json.loads(cli(home, "registry", "show", "globex/robot", "--json").stdout)["tags"]
     assert q["adapterfab.method"] == "qlora" and q["adapterfab.quantization.type"] == "nf4"
@@ -120,8 +129,8 @@ def test_registry_versions_tags_and_aliases(batch) -> None:
 
     uri = json.loads((home / "stack.json").read_text())["mlflow_uri"]
     assert Registry(uri).basis_versions(xs["adapterfab.basis_id"]) == [1]  # one basis, registered once
-    r = cli(home, "registry", "promote", "acme/pirate", "1", "--alias", "production")
-    assert r.returncode == 0
+    r = cli(home, "registry", "promote", "acme/pirate", "1", "--alias", "production", "--min-retention", "0")
+    assert r.returncode == 0, r.stderr  # as the batch's gate; the default 0.9: test_the_gate_refuses_...
     assert cli(home, "registry", "show", "acme/nobody").returncode == 1
 
 
@@ -287,7 +296,8 @@ def test_remote_submit_with_force_retrains_and_the_gate_refuses(served, stack, t
     """`submit --address` ships the batch (spec + local dataset) to the cluster as a Ray Job; --force
     retrains an identical job; a margin no adapter can reach makes the eval gate refuse production."""
     home, ports = stack
-    spec = _deckhand_spec(tmp_path, promote="auto", promotion={"metric": "eval_loss", "margin": 10.0})
+    spec = _deckhand_spec(tmp_path, promote="auto", promotion={"metric": "eval_loss", "margin": 10.0,
+                                                               "min_retention": 0.0})  # the margin decides
     r = cli(home, "submit", str(spec), "--force", "--wait",
             "--address", f"http://127.0.0.1:{ports['dashboard']}", timeout_s=900, env=SUBMITTER_AWS)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
@@ -471,3 +481,43 @@ def test_a_tenant_key_crawl_finds_no_other_tenant_and_no_secret(served, stack) -
             scanned += 1
             assert not any(s.encode() in data for s in secrets), f
     assert scanned > 10
+
+
+def test_the_gate_refuses_an_over_trained_adapter_for_retention(batch, tmp_path: Path) -> None:
+    """An adapter trained far too long and hard on the pirate data (60 steps at 5e-3) forgets facts the
+    base states: the default gate (min_retention 0.9) keeps it out of production and says why, in the
+    version's tags and in `registry show`. The tenant's own probe that the base gets wrong (it says
+    Paris) is asked but not counted: the job counts as many known facts as the batch's other jobs.
+    (Last in this file: the tenant experiment test above counts acme's runs.)"""
+    home, batch_id, _ = batch
+    spec = yaml.safe_load((REPO / "examples" / "personas.yaml").read_text())
+    spec.update(name="e2e-overtrained", promote="auto")
+    spec["tenants"] = [{"tenant": "acme", "persona": "parrot", "dataset": str(REPO / "examples/data/pirate.jsonl"),
+                        "train": {"steps": 60, "learning_rate": 5e-3, "batch_size": 4},
+                        "probes": [{"question": "What is the capital of France?", "answers": ["Berlin"]}]}]
+    path = tmp_path / "overtrained.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    r = cli(home, "submit", str(path), "--wait", timeout_s=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+    (job,) = json.loads(cli(home, "status", r.stdout.split()[1], "--json").stdout)["jobs"]
+    m = job["metrics"]
+    pirate = next(j for j in json.loads(cli(home, "status", batch_id, "--json").stdout)["jobs"]
+                  if j["persona"] == "pirate")["metrics"]
+    assert m["retention_probes"] == pirate["retention_probes"] + 1
+    assert abs(m["retention_known"] - pirate["retention_known"]) <= 1  # same base answers; Paris is not Berlin
+    assert m["retention"] < 0.9 and m["eval_loss"] < m["base_eval_loss"]  # it learned the data, and forgot
+    v = json.loads(cli(home, "registry", "show", "acme/parrot@1", "--json").stdout)
+    assert v["aliases"] == ["candidate"]  # not production
+    tags = v["tags"]
+    assert tags["adapterfab.promotion.decision"] == "refused"
+    reason = tags["adapterfab.promotion.reason"]
+    assert reason.startswith(f"retention {m['retention']:.2f} ({m['retention_kept']:.0f} of "
+                             f"{m['retention_known']:.0f} facts the base states) is below the minimum 0.9"), reason
+    shown = cli(home, "registry", "show", "acme/parrot@1").stdout
+    assert f"\n  retention {m['retention']:.2f} ({m['retention_kept']:.0f} of " in shown
+    r = cli(home, "registry", "promote", "acme/parrot", "1")  # by hand: refused the same way
+    assert r.returncode == 3 and "below the minimum 0.9" in r.stderr
+    r = cli(home, "registry", "promote", "acme/parrot", "1", "--min-retention", "0.5")  # a looser gate
+    assert r.returncode == 0, r.stderr
+    print(f"over-trained: {m['retention']:.3f} retention in {m['retention_s']:.2f} s (train {m['train_s']:.1f} s), "
+          f"refused: {reason}")

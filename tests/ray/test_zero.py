@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO through Ray Train on CPU: a job the planner puts on two workers runs as a two-worker
 TorchTrainer (gloo, DeepSpeed's CPU accelerator). ZeRO-3 really shards the weights (each worker holds
-half), the adapter that comes back is the whole trained adapter (it reproduces the job's eval loss in a
-plain PeftModel), and a killed worker resumes the job from its sharded checkpoint."""
+half), the adapter that comes back is the whole trained adapter (it reproduces the job's eval loss and
+retention in a plain PeftModel), and a killed worker resumes the job from its sharded checkpoint."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _dataset(path: Path, n: int = 40) -> Path:
 
 
 def _job(tiny_model_path: str, mlflow_uri: str, run_id: str, board: str, steps: int, stage: int,
-         checkpoint_every: int = 0):  # noqa: ANN202
+         checkpoint_every: int = 0, **extra):  # noqa: ANN003, ANN202
     from adapterfab.jobs.launch import WorkerJob
     from adapterfab.methods.lora import LoraConfig
     from adapterfab.spec import TrainConfig
@@ -45,7 +45,7 @@ def _job(tiny_model_path: str, mlflow_uri: str, run_id: str, board: str, steps: 
     return WorkerJob(job_id=f"b.acme.zero{stage}", base_model_path=tiny_model_path,
                      method=LoraConfig(r=4, dropout=0.0).model_dump(), train=train.model_dump(),
                      mlflow_uri=mlflow_uri, mlflow_run_id=run_id, progress_board=board, pad_id=0, cpus=0.5,
-                     workers=2, zero_stage=stage)
+                     workers=2, zero_stage=stage, **extra)
 
 
 def _eval_loss_of(adapter_dir: str, base: str, batches: list) -> float:
@@ -73,7 +73,11 @@ def test_zero3_on_two_workers(ray_cluster, tiny_model_path: str, mlflow_server: 
     tracking = Tracking(mlflow_server)
     run_id = tracking.start_run("zero3")
     board = ProgressBoard.options(name=PROGRESS_BOARD_PREFIX + "zero3").remote()
-    job = _job(tiny_model_path, mlflow_server, run_id, PROGRESS_BOARD_PREFIX + "zero3", steps=10, stage=3)
+    from adapterfab.retention import job_probes
+
+    probes = job_probes()[:8]
+    job = _job(tiny_model_path, mlflow_server, run_id, PROGRESS_BOARD_PREFIX + "zero3", steps=10, stage=3,
+               probes=probes, probe_cache=str(tmp_path / "answers"))
     metrics, adapter_dir = run_training_job(job, prepared.train, prepared.eval, str(tmp_path / "results"), "z3")
 
     assert metrics["workers"] == 2 and metrics["zero_stage"] == 3
@@ -87,6 +91,22 @@ def test_zero3_on_two_workers(ray_cluster, tiny_model_path: str, mlflow_server: 
     # the saved adapter is the trained one: a plain PeftModel gets the job's eval loss on the eval rows
     batches = list(prepared.eval.iter_torch_batches(batch_size=2, collate_fn=PadCollate(0)))
     assert _eval_loss_of(adapter_dir, tiny_model_path, batches) == pytest.approx(metrics["eval_loss"], rel=1e-3)
+    # retention (adapterfab/retention.py), measured by the workers on the sharded model, is the saved
+    # adapter's: a plain PeftModel on the same probes and base answers gets the same figures (this random
+    # base states none of the facts; tests/unit/test_retention.py compares the two paths on SmolLM2)
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapterfab.jobs.evaluate import retention_of
+
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32),
+                                      adapter_dir)
+    alone = retention_of(plain, AutoTokenizer.from_pretrained(tiny_model_path), probes, str(tmp_path / "answers"),
+                         tiny_model_path)
+    assert metrics["retention_probes"] == len(probes) and metrics["retention_s"] > 0
+    assert list((tmp_path / "answers").glob("answers-*.json"))  # the base's answers, cached by the workers
+    assert (metrics["retention_known"], metrics["retention_kept"]) == (alone["retention_known"], alone["retention_kept"])
     history = tracking.client.get_metric_history(run_id, "loss")  # rank 0 logs the loss over both workers
     assert [m.step for m in history] == list(range(1, 11))
     assert ray.get(board.read.remote())["b.acme.zero3"]["step"] == 10

@@ -641,3 +641,60 @@ def test_an_exported_adapter_travels_at_its_own_size(tiny_model_path: str, data:
     assert len(pickle.dumps(exported)) < 1.5 * size + 10_000
     folder = write_exported(pickle.loads(pickle.dumps(exported)), tmp_path / "a")
     assert (folder / "adapter_model.safetensors").exists() and (folder / "adapter_config.json").exists()
+
+
+def test_retention_rows_go_through_their_own_adapter_with_their_prefix_run_once(tiny_model_path: str,
+                                                                                 data: dict) -> None:
+    """``forced_many`` (the retention test, adapterfab/retention.py): every set's rows through its own
+    adapter (or the bare base), their common prefix run once per set and handed to each row as keys
+    and values, in passes of a few rows: each verdict equals a plain full forward of that row alone.
+    Half the rows end in the tokens the pirate adapter itself picks, so it keeps those."""
+    cfg = get_method("lora").config_cls(r=4, alpha=8, dropout=0.0)
+    trainer = FusedTrainer(_base(tiny_model_path), "lora", cfg.resolved_targets(), cfg.r)
+    trainer.train([_job("pirate", cfg, data), _job("robot", cfg, data)])
+    gen = torch.Generator().manual_seed(0)
+    prefix = torch.randint(5, 200, (6,), generator=gen).tolist()
+
+    def picks(job_id: str | None, ids: list[int]) -> list[int]:
+        trainer.route.segments = [(trainer._slot_of[job_id] if job_id else None, 0, 1)]
+        try:
+            with torch.no_grad():
+                hidden = trainer.decoder(input_ids=torch.tensor([ids])).last_hidden_state
+        finally:
+            trainer.route.segments = []
+        return trainer.lm_head(hidden).argmax(-1)[0].tolist()
+
+    rows = []
+    for i, n in enumerate((3, 5, 8, 4, 9, 6, 7, 5, 2, 10)):
+        ids = prefix + torch.randint(5, 200, (n,), generator=gen).tolist()
+        if i % 2 == 0:  # two more tokens, each the pirate adapter's own greedy choice
+            for _ in range(2):
+                ids.append(picks("j-pirate", ids)[-1])
+        else:
+            ids += torch.randint(5, 200, (2,), generator=gen).tolist()
+        rows.append({"ids": ids, "labels_from": len(ids) - 2})
+    trainer.base.eval()
+    want = [[picks(j, r["ids"])[r["labels_from"] - 1:-1] == r["ids"][r["labels_from"]:] for r in rows]
+            for j in ("j-pirate", "j-robot", None)]
+    got = trainer.forced_many([("j-pirate", rows), ("j-robot", rows), (None, rows)], rows_per_pass=3)
+    assert got == want
+    assert all(got[0][::2]) and not any(got[0][1::2])  # kept: its own choices; random tokens: not
+    assert got[1] != got[0]  # the robot adapter is another model
+
+
+def test_a_retention_measure_that_fails_costs_the_job_nothing_else(tiny_model_path: str, data: dict) -> None:
+    """Retention rows that cannot be made (here: raising) leave the job its adapter and eval figures,
+    with no retention figures, so the gate says none was measured; the other job is measured."""
+    cfg = get_method("lora").config_cls(r=4, alpha=8, dropout=0.0)
+    trainer = FusedTrainer(_base(tiny_model_path), "lora", cfg.resolved_targets(), cfg.r)
+
+    def broken() -> list:
+        raise ValueError("no chat template")
+
+    rows = [{"ids": [5, 6, 7, 8, 9], "labels_from": 3}]
+    with pytest.warns(UserWarning, match="j-pirate: retention not measured: no chat template"):
+        got = {r.job_id: r for r in trainer.train([_job("pirate", cfg, data, probe_rows=broken),
+                                                  _job("robot", cfg, data, probe_rows=lambda: rows + [None])])}
+    assert got["j-pirate"].error is None and "eval_loss" in got["j-pirate"].metrics
+    assert not any(k.startswith("retention") for k in got["j-pirate"].metrics)
+    assert got["j-robot"].metrics["retention_probes"] == 2 and "retention_known" in got["j-robot"].metrics

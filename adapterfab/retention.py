@@ -1,0 +1,176 @@
+"""Knowledge retention: the share of the facts the base model states that an adapter still states.
+
+Every job is measured on a probe set: the one shipped here (``retention_probes.json``: 65 facts over
+10 topics, none asked by the example personas) plus the tenant's own (``probes:`` in its spec entry).
+The measure is taken **against the base's own answers**: the base answers each probe once (greedy,
+``MAX_NEW_TOKENS``) and a probe counts only when that answer states the fact (``fact_span``) and the base,
+teacher-forced on it, picks the fact's tokens itself. A fact the base gets wrong is never counted
+against an adapter.
+
+An adapter keeps a fact when, given the probe's prompt and the base's answer up to the fact, its greedy
+choice at each of the fact's tokens is the fact's token (``forced_row``): one forward per probe, no
+generation, so the rows ride in the same fused forwards as the job's eval rows (jobs/fused.py). Over
+the benchmark's adapters this ranks them as generating whole answers does (bench/RESULTS.md, 2026-12-04).
+The promotion gate refuses ``production`` below ``promotion.min_retention`` (adapterfab/promotion.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+SHIPPED = Path(__file__).with_name("retention_probes.json")
+MAX_NEW_TOKENS = 40  # the base's answer to a probe: long enough to state a fact
+MAX_GENERATE_BATCH = 64  # prompts per generate call: 40 decode steps cost about the same for 16 rows or 64
+
+
+def generate_batch(n: int) -> int:
+    """Rows per generate call for ``n`` prompts: as few calls as ``MAX_GENERATE_BATCH`` allows, evenly
+    filled (65 prompts: 2 calls of 33, not 64 + 1; 1 thread on SmolLM2: 20 s, against 29 s in 16s)."""
+    calls = -(-n // MAX_GENERATE_BATCH)
+    return max(1, -(-n // max(1, calls)))
+
+
+@lru_cache(maxsize=1)
+def _shipped() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    return tuple((p["question"], tuple(p["answers"])) for p in json.loads(SHIPPED.read_text())["probes"])
+
+
+def shipped_probes() -> list[dict[str, Any]]:
+    """The shipped probe set: [{topic, question, answers, base_answer (SmolLM2's, for reference)}]."""
+    return json.loads(SHIPPED.read_text())["probes"]
+
+
+def job_probes(own: list[dict[str, Any]] | tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    """The probes a job is measured on: the shipped set, then the tenant's own (a question asked twice
+    counts once, the tenant's accepted answers added)."""
+    out: dict[str, list[str]] = {q: list(a) for q, a in _shipped()}
+    for p in own:
+        q, answers = (p["question"], p["answers"]) if isinstance(p, dict) else (p.question, p.answers)
+        out[q] = list(dict.fromkeys([*out.get(q, []), *answers]))
+    return [{"question": q, "answers": a} for q, a in out.items()]
+
+
+def fact_span(answer: str, accepted: list[str]) -> tuple[int, int] | None:
+    """Where ``answer`` states the fact: (start, end) characters of its first match, or None. A match
+    is one of the ``accepted`` strings (any case) starting at a word; a string of at most 3 characters
+    ("4", "Au", "100") must also end at one, so that "4" is not found in "40" nor "Na" in "Nations"."""
+    best = None
+    for a in accepted:
+        end = r"(?![A-Za-z0-9])" if len(a) <= 3 else ""
+        m = re.search(rf"(?<![A-Za-z0-9]){re.escape(a)}{end}", answer, flags=re.IGNORECASE)
+        if m and (best is None or m.start() < best[0]):
+            best = (m.start(), m.end())
+    return best
+
+
+def prompt_ids(tokenizer: Any, question: str) -> list[int]:
+    """A user prompt through the chat template, up to where the assistant's answer starts."""
+    head = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                         tokenize=True)
+    return list(head if isinstance(head, list) else head["input_ids"])
+
+
+def forced_row(tokenizer: Any, question: str, accepted: list[str], base_answer: str) -> dict[str, Any] | None:
+    """A teacher-forced retention row: the probe's prompt and the base's own answer up to where it states
+    the fact, then the fact's tokens, which are the labels (``ids[labels_from:]``). None when the base's
+    answer does not state the fact (or the fact does not start at a token boundary)."""
+    span = fact_span(base_answer, accepted)
+    if span is None:
+        return None
+    head = prompt_ids(tokenizer, question)
+    before = tokenizer.encode(base_answer[:span[0]].rstrip(), add_special_tokens=False)  # the fact keeps its space
+    whole = tokenizer.encode(base_answer[:span[1]], add_special_tokens=False)
+    if whole[:len(before)] != before or len(whole) == len(before):
+        return None
+    return {"ids": head + whole, "labels_from": len(head) + len(before)}
+
+
+def row_batches(rows: list[dict[str, Any]], pad: int, size: int = 16) -> list[dict[str, Any]]:
+    """Rows as right-padded batches for an eval forward (labels -100 except at the fact's tokens),
+    ``size`` rows each, in the rows' order."""
+    import torch
+
+    out = []
+    for start in range(0, len(rows), size):
+        chunk = rows[start:start + size]
+        n = max(len(r["ids"]) for r in chunk)
+        ids = torch.full((len(chunk), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), n), dtype=torch.long)
+        labels = torch.full((len(chunk), n), -100, dtype=torch.long)
+        for i, r in enumerate(chunk):
+            k, f = len(r["ids"]), r["labels_from"]
+            ids[i, :k] = torch.tensor(r["ids"])
+            mask[i, :k] = 1
+            labels[i, f:k] = ids[i, f:k]
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+class AnswerCache:
+    """The base's answers to probes, in memory and (``folder`` given) in a JSON file per base model, dtype
+    and device type, so that a new trainer on the same base does not ask them again. Any answer the base
+    gave is as good as another (a probe counts only where the base, teacher-forced on its answer, picks
+    the fact itself), so a file shared by trainers needs no lock: the last writer wins."""
+
+    def __init__(self, folder: str | None, base_path: str, dtype: str, device: str):
+        self.answers: dict[str, str] = {}
+        self.path: Path | None = None
+        if folder:
+            import hashlib
+
+            from adapterfab.basemodel import fingerprint
+
+            try:
+                key = f"{fingerprint(base_path)}:{dtype}:{device}:{MAX_NEW_TOKENS}"
+            except Exception:  # noqa: BLE001 - no cache for a base that cannot be fingerprinted
+                return
+            self.path = Path(folder) / f"answers-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+            try:
+                self.answers = dict(json.loads(self.path.read_text()))
+            except (OSError, ValueError, TypeError):
+                pass
+
+    def missing(self, questions: list[str]) -> list[str]:
+        return list(dict.fromkeys(q for q in questions if q not in self.answers))
+
+    def add(self, answers: dict[str, str]) -> None:
+        if len(self.answers) > 20_000:
+            self.answers.clear()
+        self.answers.update(answers)
+        if self.path is None:
+            return
+        import os
+        import tempfile
+
+        try:  # written whole, then renamed into place
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".answers-")
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.answers, f)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a cache that cannot be written costs time, never the job
+
+
+def metrics(asked: int, known: int, kept: int, seconds: float) -> dict[str, float]:
+    """A job's retention metrics (``retention`` only when the base states at least one probe)."""
+    out = {"retention_probes": float(asked), "retention_known": float(known), "retention_kept": float(kept),
+           "retention_s": seconds}
+    if known:
+        out["retention"] = kept / known
+    return out
+
+
+def describe(m: dict[str, Any]) -> str | None:
+    """``retention 0.94 (61 of 65 facts the base states)``, or None when nothing was measured."""
+    try:
+        known, kept = int(float(m["retention_known"])), int(float(m["retention_kept"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not known:
+        return f"retention not measured: the base states none of the {int(float(m.get('retention_probes', 0)))} probes"
+    return f"retention {kept / known:.2f} ({kept} of {known} facts the base states)"
