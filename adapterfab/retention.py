@@ -135,11 +135,13 @@ class AnswerCache:
                 pass
 
     def missing(self, questions: list[str]) -> list[str]:
+        """The ``questions`` not answered yet (a cache grown past 20,000 answers starts again first, so
+        that every question of this call is either here or in the returned list)."""
+        if len(self.answers) > 20_000:
+            self.answers.clear()
         return list(dict.fromkeys(q for q in questions if q not in self.answers))
 
     def add(self, answers: dict[str, str]) -> None:
-        if len(self.answers) > 20_000:
-            self.answers.clear()
         self.answers.update(answers)
         if self.path is None:
             return

@@ -675,6 +675,8 @@ class FusedTrainer:
         base_rows: dict[tuple[int, ...], dict[str, Any]] = {}  # rows the base has not been checked on
         forced: list[tuple[str | None, list[dict[str, Any]]]] = []  # retention rows: (job id, its rows)
         rows_s = 0.0  # the base's answers to new probes, and the rows made of them
+        if len(self._base_forced) > 100_000:  # before this group's rows are looked up, never between
+            self._base_forced.clear()
         for a in active:
             if a.error:
                 continue
@@ -721,8 +723,6 @@ class FusedTrainer:
                 self._base_evals.pop(next(iter(self._base_evals)))
             self._base_evals[key] = got[i]
         if base_rows:
-            if len(self._base_forced) > 100_000:
-                self._base_forced.clear()
             self._base_forced.update(zip(base_rows, row_ok[-1]))
         per_job_s = (rows_s + forced_s) / max(1, len(probes))  # what retention added to each job
         out = []
