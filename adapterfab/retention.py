@@ -9,7 +9,7 @@ against an adapter.
 
 An adapter keeps a fact when, given the probe's prompt and the base's answer up to the fact, its greedy
 choice at each of the fact's tokens is the fact's token (``forced_row``): one forward per probe, no
-generation, so the rows ride in the same fused forwards as the job's eval rows (jobs/fused.py). Over
+generation, fused across a group's adapters in its eval phase (jobs/fused.py ``forced_many``). Over
 the benchmark's adapters this ranks them as generating whole answers does (bench/RESULTS.md, 2026-12-04).
 The promotion gate refuses ``production`` below ``promotion.min_retention`` (adapterfab/promotion.py).
 """
@@ -89,27 +89,6 @@ def forced_row(tokenizer: Any, question: str, accepted: list[str], base_answer: 
     return {"ids": head + whole, "labels_from": len(head) + len(before)}
 
 
-def row_batches(rows: list[dict[str, Any]], pad: int, size: int = 16) -> list[dict[str, Any]]:
-    """Rows as right-padded batches for an eval forward (labels -100 except at the fact's tokens),
-    ``size`` rows each, in the rows' order."""
-    import torch
-
-    out = []
-    for start in range(0, len(rows), size):
-        chunk = rows[start:start + size]
-        n = max(len(r["ids"]) for r in chunk)
-        ids = torch.full((len(chunk), n), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), n), dtype=torch.long)
-        labels = torch.full((len(chunk), n), -100, dtype=torch.long)
-        for i, r in enumerate(chunk):
-            k, f = len(r["ids"]), r["labels_from"]
-            ids[i, :k] = torch.tensor(r["ids"])
-            mask[i, :k] = 1
-            labels[i, f:k] = ids[i, f:k]
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return out
-
-
 class AnswerCache:
     """The base's answers to probes, in memory and (``folder`` given) in a JSON file per base model, dtype
     and device type, so that a new trainer on the same base does not ask them again. Any answer the base
@@ -156,6 +135,21 @@ class AnswerCache:
             os.replace(tmp, self.path)
         except OSError:
             pass  # a cache that cannot be written costs time, never the job
+
+
+def probe_rows(base: Any, tokenizer: Any, probes: list[dict[str, Any]], cache: AnswerCache
+               ) -> list[dict[str, Any] | None]:
+    """The retention rows of ``probes`` (``forced_row``, None where the base's answer does not state the
+    fact): ``base`` (the bare base, adapters disabled by the caller) answers the probes ``cache`` has not
+    seen, greedy, in as few generate calls as ``generate_batch`` gives."""
+    from adapterfab.jobs.evaluate import greedy_in_batches
+
+    new = cache.missing([p["question"] for p in probes])
+    if new:
+        answers = greedy_in_batches(base, tokenizer, new, MAX_NEW_TOKENS, batch=generate_batch(len(new)))
+        cache.add(dict(zip(new, answers)))
+    return [forced_row(tokenizer, p["question"], list(p["answers"]), cache.answers[p["question"]])
+            for p in probes]
 
 
 def metrics(asked: int, known: int, kept: int, seconds: float) -> dict[str, float]:

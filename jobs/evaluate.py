@@ -181,15 +181,10 @@ def retention_of(peft_model: Any, tokenizer: Any, probes: list[dict], cache: str
     from adapterfab import retention
 
     t0 = time.monotonic()
-    dtype = str(next(peft_model.parameters()).dtype)
-    cache_ = retention.AnswerCache(cache, base_path, dtype, next(peft_model.parameters()).device.type)
-    new = cache_.missing([p["question"] for p in probes])
-    if new:
-        with peft_model.disable_adapter():
-            cache_.add(dict(zip(new, greedy_in_batches(peft_model, tokenizer, new, retention.MAX_NEW_TOKENS,
-                                                        batch=retention.generate_batch(len(new))))))
-    rows = [forced_row(tokenizer, p["question"], list(p["answers"]), cache_.answers[p["question"]]) for p in probes]
-    real = [r for r in rows if r is not None]
+    first = next(peft_model.parameters())
+    answers = retention.AnswerCache(cache, base_path, str(first.dtype), first.device.type)
+    with peft_model.disable_adapter():
+        real = [r for r in retention.probe_rows(peft_model, tokenizer, probes, answers) if r is not None]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with peft_model.disable_adapter():
         base_ok = forced_retention(peft_model, real, pad)

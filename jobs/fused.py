@@ -339,7 +339,7 @@ class FusedJob:
     init: dict[str, tuple[Tensor, ...]] | None = None  # module name -> (A, B) for lora, (R,) for lora_xs
     early_stop_loss: float | None = None  # leave the batch once the train loss is at or below this
     # retention rows (adapterfab/retention.forced_row, None: a probe the base's answer does not state),
-    # asked for after training; they ride in the group's fused eval forwards
+    # asked for after training; tested fused across the group's adapters (``forced_many``)
     probe_rows: Callable[[], list[dict[str, Any] | None]] | None = None
 
 

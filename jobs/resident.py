@@ -98,7 +98,6 @@ class ResidentWorker:
         self.groups_trained = 0
         self._tokenizer: Any = None
         self._answers: Any = None  # retention.AnswerCache: probe -> the base's own answer (it never changes)
-        self._rows: dict[tuple[str, tuple[str, ...]], Any] = {}  # (probe, accepted answers) -> its row
 
     def _tok(self) -> Any:
         if self._tokenizer is None:
@@ -108,38 +107,21 @@ class ResidentWorker:
         return self._tokenizer
 
     def probe_rows(self, probes: list[dict[str, Any]], cache: str | None = None) -> list[dict[str, Any] | None]:
-        """The retention rows of ``probes`` (adapterfab/retention.py): the bare base answers the probes it
-        has not answered before (greedy, in batches; once per trainer, or once per base, dtype and
-        device where ``cache`` names a folder), each answer makes its row. Called after a group has
-        trained, while its adapters wait in their slots (the base itself is unchanged)."""
+        """The retention rows of ``probes`` (adapterfab/retention.probe_rows): the bare base answers the
+        probes it has not answered before (once per trainer, or once per base, dtype and device where
+        ``cache`` names a folder). Called after a group has trained, while its adapters wait in their
+        slots (the base itself is unchanged)."""
         from adapterfab import retention
-        from adapterfab.jobs.evaluate import greedy_in_batches
 
-        tok = self._tok()
+        base = self.trainer.base
         if self._answers is None or (cache and self._answers.path is None):
-            base = self.trainer.base
             self._answers = retention.AnswerCache(cache, self.base_path, str(next(base.parameters()).dtype),
                                                   self.trainer.device.type)
-        new = self._answers.missing([p["question"] for p in probes])
-        if new:
-            base = self.trainer.base
-            base.eval()
-            try:
-                answers = greedy_in_batches(base, tok, new, retention.MAX_NEW_TOKENS,
-                                            batch=retention.generate_batch(len(new)))
-            finally:
-                base.train()
-            self._answers.add(dict(zip(new, answers)))
-            if len(self._rows) > 20_000:
-                self._rows.clear()
-        out = []
-        for p in probes:
-            key = (p["question"], tuple(p["answers"]))
-            if key not in self._rows:
-                self._rows[key] = retention.forced_row(tok, p["question"], list(p["answers"]),
-                                                       self._answers.answers[p["question"]])
-            out.append(self._rows[key])
-        return out
+        base.eval()
+        try:
+            return retention.probe_rows(base, self._tok(), probes, self._answers)
+        finally:
+            base.train()
 
     def train_group(self, task: GroupTask,
                     on_step: Callable[[str, int, float, float], None] | None = None,
