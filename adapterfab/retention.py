@@ -142,14 +142,21 @@ def probe_rows(base: Any, tokenizer: Any, probes: list[dict[str, Any]], cache: A
     """The retention rows of ``probes`` (``forced_row``, None where the base's answer does not state the
     fact): ``base`` (the bare base, adapters disabled by the caller) answers the probes ``cache`` has not
     seen, greedy, in as few generate calls as ``generate_batch`` gives."""
+    base_answers(base, tokenizer, [p["question"] for p in probes], cache)
+    return [forced_row(tokenizer, p["question"], list(p["answers"]), cache.answers[p["question"]])
+            for p in probes]
+
+
+def base_answers(base: Any, tokenizer: Any, questions: list[str], cache: AnswerCache) -> dict[str, str]:
+    """The base's greedy answers to ``questions`` (``MAX_NEW_TOKENS``): those ``cache`` has not seen are
+    asked, in as few generate calls as ``generate_batch`` gives, and added to it."""
     from adapterfab.jobs.evaluate import greedy_in_batches
 
-    new = cache.missing([p["question"] for p in probes])
+    new = cache.missing(questions)
     if new:
         answers = greedy_in_batches(base, tokenizer, new, MAX_NEW_TOKENS, batch=generate_batch(len(new)))
         cache.add(dict(zip(new, answers)))
-    return [forced_row(tokenizer, p["question"], list(p["answers"]), cache.answers[p["question"]])
-            for p in probes]
+    return {q: cache.answers[q] for q in questions}
 
 
 def metrics(asked: int, known: int, kept: int, seconds: float) -> dict[str, float]:

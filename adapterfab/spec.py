@@ -63,6 +63,10 @@ class TrainConfig(_Strict):
     log_every_steps: int = Field(1, ge=1)
     checkpoint_every: int = Field(25, ge=0, description="steps between training checkpoints; a worker "
                                   "that dies resumes from the last one (0: never)")
+    replay_weight: float = Field(0.0, ge=0.0, le=100.0, description="weight of replay, which keeps what the "
+                                 "base knew: KL(base || adapter) on the base's own answers to general prompts "
+                                 "after the persona's openings (adapterfab/replay.py); 0: off")
+    replay_per_step: int = Field(1, ge=1, le=64, description="replayed answers per job and step")
 
 
 class Resources(_Strict):

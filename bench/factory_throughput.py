@@ -121,7 +121,8 @@ def batch_spec(name: str, base: str, paths: list[str], steps: int, batch_size: i
             "defaults": {"method": GPU_METHOD if gpu else CPU_METHOD,
                          "train": {"steps": steps, "batch_size": batch_size, "max_seq_len": seq,
                                    "learning_rate": 3e-4 if gpu else 1e-3, "dtype": "bfloat16" if gpu else "float32",
-                                   "eval_fraction": 0.1, "checkpoint_every": 25}},
+                                   "eval_fraction": 0.1, "checkpoint_every": 25,
+                                   "replay_weight": 0.0}},  # issue 18's jobs: plain LoRA (replay: bench/methods.py)
             "resources": {"cpus_per_job": cpus, "gpus_per_job": gpus},
             "tenants": [{"tenant": f"t{i:04d}", "persona": PERSONAS[i % 3], "dataset": p, "train": {"seed": i}}
                         for i, p in enumerate(paths)]}

@@ -74,8 +74,10 @@ def run_one(method_json: str, persona_name: str, known: list[bool], steps: int |
 
     personas, probes = load_quality()
     persona = next(p for p in personas if p["name"] == persona_name)
+    if replay_kl:  # the product's setting (adapterfab/replay.py)
+        train = {**train, "replay_weight": replay_kl}
     model, tok, out = train_persona(json.loads(method_json), EXAMPLES / persona["dataset"], steps, threads,
-                                    base_model, train, retain_kl, replay_kl)
+                                    base_model, train, retain_kl)
     t0 = time.monotonic()
     report = quality(model, tok, persona, probes[:len(known)], known)
     out["eval_s"] = round(time.monotonic() - t0, 2)
@@ -151,7 +153,7 @@ def main() -> int:
     ap.add_argument("--retain-kl", type=float, default=0.0, help="study: a KL term to the base in the loss "
                     "(jobs/train_loop.retain_loss); not a product setting")
     ap.add_argument("--replay-kl", type=float, default=0.0, help="study: distil the base's own answers to general "
-                    "prompts, after the persona's opening, into the adapter (jobs/evaluate.replay_loss)")
+                    "prompts, after the persona's opening, into the adapter: train.replay_weight (adapterfab/replay.py)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="tiny random base, 2 steps, 8 probes: no result file")
     ap.add_argument("--one", help=argparse.SUPPRESS)

@@ -211,91 +211,14 @@ def evaluate(model: Any, tokenizer: Any, marker: str, max_new_tokens: int = 40) 
     return EvalReport(hits, len(answers), kept, len(facts), answers, fact_answers)
 
 
-def persona_openings(tokenizer: Any, rows: list[dict[str, Any]], max_tokens: int = 6) -> list[list[int]]:
-    """The openings of a persona's answers, as token ids: each training row's response up to its last
-    ``, . ! ? :`` within its first ``max_tokens`` tokens ("Arr, matey!", "Verily,"); rows whose answers
-    start without one (a plain sentence) give none. Empty when no row has one."""
-    import numpy as np
-
-    punct = {i for i, t in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
-             if t and t.strip("Ġ") in {",", ".", "!", "?", ":"}}
-    out = []
-    for r in rows:
-        labels = np.asarray(r["labels"])
-        if not (labels != -100).any():
-            continue
-        start = int(np.argmax(labels != -100))
-        ids = [int(t) for t in np.asarray(r["input_ids"])[start:start + max_tokens]]
-        cut = max((k + 1 for k, t in enumerate(ids) if t in punct), default=0)
-        if cut:
-            out.append(ids[:cut])
-    return out
-
-
-def replay_rows(base_path: str, tok: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The study's replay set: the base's own greedy answers to examples/replay_prompts.json (general
-    prompts, none a probe or a persona's prompt), each paired with the openings of the persona's answers:
-    ``replay_loss`` teaches the adapter to continue, after its persona's opening, as the base would
-    without it."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    prompts = json.loads((EXAMPLES / "replay_prompts.json").read_text())["prompts"]
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
-    answers = greedy_in_batches(base, tok, prompts, 48)
-    del base
-    out = []
-    for p, a in zip(prompts, answers):
-        body = tok.encode(a, add_special_tokens=False)
-        spaced = tok.encode(" " + a, add_special_tokens=False)  # after an opening, the answer's first word has
-        if len(body) >= 2 and len(spaced) == len(body):  # its space: same tokens but the first
-            out.append({"head": prompt_ids(tok, p), "answer": body, "spaced": spaced})
-    return {"rows": out, "openings": persona_openings(tok, rows) or [[]]}
-
-
-def replay_loss(replay: dict[str, Any], weight: float, pad: int, per_step: int, seed: int) -> Any:
-    """``loss_fn`` for ``train_adapter``: the batch's cross-entropy plus ``weight`` x KL(base || adapter)
-    over the tokens of ``per_step`` replay answers, the base reading prompt + answer and the adapter
-    prompt + a persona opening + answer (context distillation: the opening must not change what follows)."""
-    import random
-
-    import torch
-    import torch.nn.functional as F
-
-    rng = random.Random(seed)
-    rows, openings = replay["rows"], replay["openings"]
-
-    def loss_fn(model: Any, b: dict[str, Any]) -> Any:
-        ce = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
-        if not rows:
-            return ce
-        picked = [(rng.choice(rows), rng.choice(openings)) for _ in range(per_step)]
-        teacher = [r["head"] + r["answer"] for r, _ in picked]
-        student = [r["head"] + o + (r["spaced"] if o else r["answer"]) for r, o in picked]
-        t_ids, t_mask = pad_rows(teacher, pad)
-        s_ids, s_mask = pad_rows(student, pad)
-        with torch.no_grad(), model.disable_adapter():
-            t_logits = model(input_ids=t_ids, attention_mask=t_mask).logits.float()
-        s_logits = model(input_ids=s_ids, attention_mask=s_mask).logits.float()
-        kls = []
-        for i, (r, o) in enumerate(picked):
-            h, n = len(r["head"]), len(r["answer"])
-            # the positions predicting the answer's tokens after its first (spelt with or without its space)
-            t = F.log_softmax(t_logits[i, h:h - 1 + n], -1)
-            s = F.log_softmax(s_logits[i, h + len(o):h - 1 + len(o) + n], -1)
-            kls.append((t.exp() * (t - s)).sum(-1).mean())
-        return ce + weight * torch.stack(kls).mean()
-
-    return loss_fn
-
-
 def train_persona(method: dict, dataset: Path, steps: int | None = None, threads: int = 2,
                   base_model: str = "smollm2-135m-instruct", train_overrides: dict | None = None,
-                  retain_kl: float = 0.0, replay_kl: float = 0.0) -> tuple[Any, Any, dict[str, Any]]:
+                  retain_kl: float = 0.0) -> tuple[Any, Any, dict[str, Any]]:
     """Train one persona adapter on ``dataset`` in this process (no Ray) with the method's defaults (and
     ``train_overrides``): (the adapted model, the tokenizer, its figures: trainable params, adapter bytes,
     step time, losses, the basis SVD time for methods with a shared basis). Study options (not product
-    settings): ``retain_kl`` weighs ``train_loop.retain_loss``; ``replay_kl`` weighs ``replay_loss``."""
+    setting): ``retain_kl`` weighs ``train_loop.retain_loss``. Replay (``train.replay_weight``) runs as a
+    job's does, the base's answers asked of the model with its adapter disabled (adapterfab/replay.py)."""
     import tempfile
     import time
 
@@ -331,15 +254,23 @@ def train_persona(method: dict, dataset: Path, steps: int | None = None, threads
         from adapterfab.jobs.train_loop import retain_loss
 
         loss_fn = lambda m, b: retain_loss(m, b, retain_kl, 0.1)  # noqa: E731
-    elif replay_kl:
+
+    def replay(model: Any) -> Any:
+        if train.replay_weight <= 0:
+            return None
+        from adapterfab import replay as rp
+        from adapterfab.retention import AnswerCache
+
         t0 = time.monotonic()
-        replay = replay_rows(base.path, tok, rows)
+        got = rp.for_peft_model(model, tok, rows, train, AnswerCache(None, base.path, str(train.dtype), "cpu"))
         out["replay_prepare_s"] = round(time.monotonic() - t0, 2)
-        loss_fn = replay_loss(replay, replay_kl, pad, per_step=max(1, train.batch_size // 2), seed=train.seed)
+        return got
+
     stamps: list[float] = [time.monotonic()]
     t0 = time.monotonic()
     result = train_adapter(base.path, cfg, train, epoch_batches(rows, train.batch_size, train.seed, pad), None,
-                           lambda step, loss, lr: stamps.append(time.monotonic()), basis=basis, loss_fn=loss_fn)
+                           lambda step, loss, lr: stamps.append(time.monotonic()), basis=basis, loss_fn=loss_fn,
+                           replay=replay)
     out["train_s"] = round(time.monotonic() - t0, 2)
     gaps = sorted(b - a for a, b in zip(stamps[1:], stamps[2:]))
     out["step_s_median"] = round(gaps[len(gaps) // 2], 3) if gaps else None

@@ -51,6 +51,7 @@ from adapterfab import retention
 from adapterfab.errors import AdapterfabError
 from adapterfab.jobs.train_loop import evaluate, forever, lr_lambda, peak_memory_mb
 from adapterfab.methods import MethodConfig
+from adapterfab.replay import ReplayRow, ReplaySet
 from adapterfab.spec import TrainConfig
 
 Batch = dict[str, Tensor]
@@ -341,6 +342,8 @@ class FusedJob:
     # retention rows (adapterfab/retention.forced_row, None: a probe the base's answer does not state),
     # asked for after training; tested fused across the group's adapters (``forced_many``)
     probe_rows: Callable[[], list[dict[str, Any] | None]] | None = None
+    # the base's answers distilled back after the persona's openings at every step (adapterfab/replay.py)
+    replay: ReplaySet | None = None
 
 
 @dataclass
@@ -363,6 +366,7 @@ class _Active:
     error: str | None = None
     early: bool = False
     flops: float = 0.0  # model FLOPs its steps spent (ModelFlops.step)
+    replay_loss: float | None = None  # its last step's replay term (weight x KL; adapterfab/replay.py)
 
     def lr(self) -> float:
         """The learning rate of the job's next step (LambdaLR's: base rate × schedule(steps done))."""
@@ -561,6 +565,49 @@ class FusedTrainer:
         assert total is not None
         return total / counts.to(self.device, non_blocking=True)
 
+    def _replay_losses(self, running: list[_Active]) -> tuple[Tensor, list[float]] | None:
+        """Each running job's replay term ([jobs]; 0 for a job without replay) and the FLOPs it spent
+        (adapterfab/replay.py): ``weight`` x the mean, over the answer tokens of the rows it draws for
+        this step, of KL(base || adapter), the bare base reading prompt + answer (no gradient) and the
+        job's adapter prompt + one of its persona's openings + answer. A row drawn by several jobs is
+        read by the base once. Logits only at the answer's tokens after its first (spelt with or
+        without its leading space, the rest is the same tokens)."""
+        draws = [(i, a.job.replay.draw(a.step), a.job.replay.weight) for i, a in enumerate(running)
+                 if _replays(a.job)]
+        if not draws:
+            return None
+        teach: dict[ReplayRow, int] = {}
+        for _, rows, _ in draws:
+            for r, _ in rows:
+                teach.setdefault(r, len(teach))
+        t_batch = _label_rows([(list(r.head) + list(r.answer), len(r.head) + 1) for r in teach])
+        offsets = torch.tensor([0, *[len(r.answer) - 1 for r in teach]]).cumsum(0).tolist()
+        with torch.no_grad():
+            _, _, t_logits, _ = self._token_losses(t_batch, [(None, 0, len(teach))])
+            t_logp = torch.log_softmax(t_logits.float(), -1)
+        rows, segs, order = [], [], []
+        for i, drawn, _ in draws:
+            at = len(rows)
+            for r, o in drawn:
+                rows.append((list(r.head) + list(o) + list(r.spaced if o else r.answer), len(r.head) + len(o) + 1))
+                t0 = offsets[teach[r]]
+                order.extend(range(t0, t0 + len(r.answer) - 1))
+            segs.append((running[i].slot, at, len(rows)))
+        s_batch = _label_rows(rows)
+        _, seg_of_token, s_logits, _ = self._token_losses(s_batch, segs)
+        t = t_logp.index_select(0, torch.tensor(order).to(self.device, non_blocking=True))
+        kl = (t.exp() * (t - torch.log_softmax(s_logits.float(), -1))).sum(-1)
+        counts = torch.tensor([sum(len(r.answer) - 1 for r, _ in drawn) for _, drawn, _ in draws])
+        per_seg = kl.new_zeros(len(draws)).index_add(0, seg_of_token, kl) / counts.clamp(min=1).to(self.device)
+        weights = torch.tensor([w for _, _, w in draws], dtype=per_seg.dtype).to(self.device, non_blocking=True)
+        where = torch.tensor([i for i, _, _ in draws]).to(self.device, non_blocking=True)
+        out = per_seg.new_zeros(len(running)).index_add(0, where, weights * per_seg)
+        flops = [0.0] * len(running)
+        teacher_share = self.flops.step(t_batch) / 2 / len(draws)  # a forward only: about half a step
+        for (i, _, _), (_, lo, hi) in zip(draws, segs):
+            flops[i] = self.flops.step(_label_rows(rows[lo:hi])) + teacher_share
+        return out, flops
+
     def _state(self, active: list[_Active], iteration: int) -> dict[str, Any]:
         jobs = {}
         for a in active:
@@ -622,18 +669,21 @@ class FusedTrainer:
                 on_checkpoint(self._state(active, iteration))
             iteration += 1
             micro = [next(a.batches) for a in running]
-            losses = self._step_losses(running, micro)
-            values = losses.detach().float().tolist()  # the step's one read of the device
+            losses = self._step_losses(running, micro)  # the persona's loss: what each job reports
+            replay = self._replay_losses(running)
+            total = losses if replay is None else losses + replay[0]  # what each job's gradient follows
+            values, totals = torch.stack([losses.detach().float(), total.detach().float()]).tolist()  # one read
             failed = []
-            for a, v in zip(running, values):
-                if not math.isfinite(v):
-                    a.error = f"loss became {v} at step {a.step + 1}; lower train.learning_rate"
+            for a, v, tv in zip(running, values, totals):
+                if not math.isfinite(tv):
+                    what = v if not math.isfinite(v) else f"{tv} with replay"
+                    a.error = f"loss became {what} at step {a.step + 1}; lower train.learning_rate"
                     failed.append(a)
-            ok = [i for i, v in enumerate(values) if math.isfinite(v)]
+            ok = [i for i, v in enumerate(totals) if math.isfinite(v)]
             if len(ok) == len(values):
-                self.slots.backward(losses.sum())
+                self.slots.backward(total.sum())
             elif ok:  # a failed job's rows add nothing to the others' gradients
-                self.slots.backward(losses.index_select(0, torch.tensor(ok).to(self.device, non_blocking=True)).sum())
+                self.slots.backward(total.index_select(0, torch.tensor(ok).to(self.device, non_blocking=True)).sum())
             hyper = {a.slot: (a.lr(), a.job.train.weight_decay, a.step + 1) for a in running if a.error is None}
             if hyper:
                 self.slots.step(hyper)
@@ -641,13 +691,15 @@ class FusedTrainer:
                 self.remove(a.job.job_id)
                 a.slot = -1
             progress = []
-            for a, b, v in zip(running, micro, values):
+            for k, (a, b, v) in enumerate(zip(running, micro, values)):
                 if a.error:
                     continue
                 a.step += 1
                 a.losses.append(v)
                 a.tokens += sum(row_stats(b)[0])
-                a.flops += self.flops.step(b)
+                a.flops += self.flops.step(b) + (replay[1][k] if replay is not None else 0.0)
+                if replay is not None and _replays(a.job):
+                    a.replay_loss = totals[k] - v
                 t = a.job.train
                 if on_step and (a.step % t.log_every_steps == 0 or a.step == t.steps):
                     on_step(a.job.job_id, a.step, v, a.lr())
@@ -685,6 +737,8 @@ class FusedTrainer:
                 "train_tokens_per_s": a.tokens / max(train_s, 1e-9), "steps": float(a.step),
                 "trainable_params": float(self.slots.width), "train_flops": a.flops,
             }
+            if a.replay_loss is not None:
+                metrics[a.job.job_id]["replay_loss"] = a.replay_loss
             asked = None
             if a.job.probe_rows is not None:
                 t_rows = time.monotonic()
@@ -929,6 +983,24 @@ def _digest(batches: list[Batch]) -> str:
         for key in ("input_ids", "attention_mask", "labels"):
             h.update(key.encode() + str(tuple(b[key].shape)).encode() + b[key].cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def _replays(job: FusedJob) -> bool:
+    return job.replay is not None and bool(job.replay.rows) and job.replay.weight > 0
+
+
+def _label_rows(rows: list[tuple[list[int], int]]) -> Batch:
+    """Token id rows, each labelled from a position to its end (``(ids, from)``), right-padded into one batch."""
+    n = max(len(ids) for ids, _ in rows)
+    ids_t = torch.zeros((len(rows), n), dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    labels = torch.full((len(rows), n), -100, dtype=torch.long)
+    for i, (ids, start) in enumerate(rows):
+        row = torch.tensor(ids)
+        ids_t[i, :len(ids)] = row
+        mask[i, :len(ids)] = 1
+        labels[i, start:len(ids)] = row[start:]
+    return {"input_ids": ids_t, "attention_mask": mask, "labels": labels}
 
 
 def stack(items: list[tuple[Any, Batch]]) -> tuple[Batch, list[tuple[Any, int, int]]]:

@@ -179,9 +179,24 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
         with tempfile.TemporaryDirectory(prefix="basis-") as tmp:  # the loaded basis lives in memory
             basis = fetch_basis(get_method(method_cfg.name), job.basis_uri, tmp)
+    def replay(model: Any) -> Any:  # the job's replay set: the base's answers, the persona's openings
+        if train_cfg.replay_weight <= 0:
+            return None
+        from transformers import AutoTokenizer
+
+        from adapterfab import replay as rp
+        from adapterfab import retention
+
+        first = next(model.parameters())  # ZeRO workers generate together: no cache one of them could hit alone
+        cache = retention.AnswerCache(job.probe_cache if zero is None else None, job.base_model_path,
+                                      str(first.dtype), first.device.type)
+        return rp.for_peft_model(model, AutoTokenizer.from_pretrained(job.base_model_path),
+                                 list(train_shard.iter_rows()), train_cfg, cache)
+
     try:
         result = train_adapter(job.base_model_path, method_cfg, train_cfg, epoch_batches, eval_batches, on_step,
-                               basis=basis, resume=resume, on_checkpoint=on_checkpoint, zero=zero, device=device)
+                               basis=basis, resume=resume, on_checkpoint=on_checkpoint, zero=zero, device=device,
+                               replay=replay)
     finally:
         if resume and resume.get("engine_dir"):
             shutil.rmtree(resume["engine_dir"], ignore_errors=True)

@@ -114,14 +114,34 @@ class ResidentWorker:
         from adapterfab import retention
 
         base = self.trainer.base
-        if self._answers is None or (cache and self._answers.path is None):
-            self._answers = retention.AnswerCache(cache, self.base_path, str(next(base.parameters()).dtype),
-                                                  self.trainer.device.type)
         base.eval()
         try:
-            return retention.probe_rows(base, self._tok(), probes, self._answers)
+            return retention.probe_rows(base, self._tok(), probes, self._answer_cache(cache))
         finally:
             base.train()
+
+    def _answer_cache(self, cache: str | None) -> Any:
+        from adapterfab import retention
+
+        if self._answers is None or (cache and self._answers.path is None):
+            base = self.trainer.base
+            self._answers = retention.AnswerCache(cache, self.base_path, str(next(base.parameters()).dtype),
+                                                  self.trainer.device.type)
+        return self._answers
+
+    def replay_set(self, rows: Rows, train: TrainConfig, cache: str | None = None) -> Any:
+        """A job's replay (adapterfab/replay.py): the bare base's answers to the shipped general prompts
+        (asked once per trainer, or once per base, dtype and device where ``cache`` names a folder; the
+        same cache as the retention probes'), with the openings of the job's own training ``rows``."""
+        from adapterfab import replay, retention
+
+        base = self.trainer.base
+        base.eval()
+        try:
+            answers = retention.base_answers(base, self._tok(), list(replay.prompts()), self._answer_cache(cache))
+        finally:
+            base.train()
+        return replay.make_set(self._tok(), answers, rows, train)
 
     def train_group(self, task: GroupTask,
                     on_step: Callable[[str, int, float, float], None] | None = None,
@@ -148,7 +168,8 @@ class ResidentWorker:
                 j.job_id, cfg, train, epoch_batches(j.train_rows, train.batch_size, train.seed, task.pad_id),
                 (lambda ev=ev, bs=train.batch_size: list(epoch_batches(ev, bs, 0, task.pad_id, shuffle=False)(0)))
                 if ev else None,
-                probe_rows=(lambda probes=j.probes: self.probe_rows(probes, task.probe_cache)) if j.probes else None))
+                probe_rows=(lambda probes=j.probes: self.probe_rows(probes, task.probe_cache)) if j.probes else None,
+                replay=self.replay_set(j.train_rows, train, task.probe_cache) if train.replay_weight > 0 else None))
         resume = _load_checkpoint(task.checkpoint_path)
         every = min((f.train.checkpoint_every for f in fused if f.train.checkpoint_every), default=0)
 

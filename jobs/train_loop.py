@@ -163,6 +163,7 @@ def train_adapter(
     zero: dict[str, Any] | None = None,
     device: Any = None,
     loss_fn: Callable[[Any, dict[str, Any]], Any] | None = None,
+    replay: Callable[[Any], Any] | None = None,
 ) -> TrainResult:
     """Attach ``method``'s adapter to the base and train it for ``train.steps`` optimizer steps.
 
@@ -180,8 +181,12 @@ def train_adapter(
     names the folder it was written to (``resume["engine_dir"]``).
 
     ``loss_fn(model, batch)``: the step's loss instead of the model's cross-entropy (the method quality
-    benchmark's study of knowledge retention: ``retain_loss``, ``jobs/evaluate.replay_loss``). Not a spec
-    setting: the factory's fused trainer does not have it."""
+    benchmark's study of knowledge retention: ``retain_loss``). Not a spec setting: the factory's fused
+    trainer does not have it.
+
+    ``replay(peft_model)``: the job's ``adapterfab.replay.ReplaySet`` (or None), asked for once the adapter
+    is attached; with one, each step's loss adds ``weight`` x ``replay.replay_kl`` over the rows it draws
+    for that step (the reported loss stays the cross-entropy), as the fused trainer does."""
     import torch
 
     seed_everything(train.seed)
@@ -198,6 +203,9 @@ def train_adapter(
 
         engine = init_engine(peft_model, opt, sched, zero)
     device = engine.device if engine is not None else next(peft_model.parameters()).device
+    replayed = replay(peft_model) if replay is not None else None
+    if replayed is not None and not (replayed.rows and replayed.weight > 0):
+        replayed = None
     losses: list[float] = []
     t0 = time.monotonic()
     tokens = 0
@@ -226,6 +234,12 @@ def train_adapter(
             out = (engine or peft_model)(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                          labels=b["labels"])
             loss = out.loss
+        reported = loss
+        if replayed is not None:
+            from adapterfab.replay import replay_kl
+
+            term = replayed.weight * replay_kl(engine or peft_model, peft_model, replayed.draw(step - 1), device)
+            loss = loss + term
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {float(loss)} at step {step}; lower train.learning_rate")
         if engine is not None:  # averages gradients over the workers, clips, steps and zeroes them
@@ -237,7 +251,7 @@ def train_adapter(
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(float(reported.detach()))
         tokens += int(b["attention_mask"].sum())
         if engine is not None:  # the step's loss over all workers' rows
             from adapterfab.jobs.zero import mean_over_workers
@@ -268,6 +282,8 @@ def train_adapter(
         "train_tokens_per_s": tokens / max(train_s, 1e-9),
         "trainable_params": float(sum(int(getattr(p, "ds_numel", p.numel())) for p in params)),
     }
+    if replayed is not None and train.steps > start:
+        metrics["replay_loss"] = float(term.detach())  # the last step's replay term (weight x KL)
     if eval_batches is not None:
         ev = list(eval_batches())
         if ev:

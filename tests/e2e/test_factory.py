@@ -96,6 +96,8 @@ def test_batch_runs_every_job_to_a_terminal_state(batch) -> None:
         m = j["metrics"]  # every job measured on the shipped probes, against the base's own answers
         assert m["retention_probes"] >= 50 and m["retention_known"] >= 0.6 * m["retention_probes"]  # 4-bit: 46
         assert 0 < m["retention"] <= 1 and m["retention_kept"] == round(m["retention"] * m["retention_known"])
+    # every method's defaults replay the base's own answers (adapterfab/replay.py)
+    assert all(jobs[p]["metrics"]["replay_loss"] > 0 for p in PERSONAS)
     print("retention of the defaults (retention, its seconds, train seconds):",
           {p: (round(jobs[p]["metrics"]["retention"], 3), round(jobs[p]["metrics"]["retention_s"], 2),
                round(jobs[p]["metrics"]["train_s"], 1)) for p in (*PERSONAS, "acme/deckhand")})
@@ -484,7 +486,7 @@ def test_a_tenant_key_crawl_finds_no_other_tenant_and_no_secret(served, stack) -
 
 
 def test_the_gate_refuses_an_over_trained_adapter_for_retention(batch, tmp_path: Path) -> None:
-    """An adapter trained far too long and hard on the pirate data (60 steps at 5e-3) forgets facts the
+    """An adapter trained far too hard on the pirate data (20 steps at 1e-2, no replay) forgets facts the
     base states: the default gate (min_retention 0.9) keeps it out of production and says why, in the
     version's tags and in `registry show`. The tenant's own probe that the base gets wrong (it says
     Paris) is asked but not counted: the job counts as many known facts as the batch's other jobs.
@@ -493,7 +495,7 @@ def test_the_gate_refuses_an_over_trained_adapter_for_retention(batch, tmp_path:
     spec = yaml.safe_load((REPO / "examples" / "personas.yaml").read_text())
     spec.update(name="e2e-overtrained", promote="auto")
     spec["tenants"] = [{"tenant": "acme", "persona": "parrot", "dataset": str(REPO / "examples/data/pirate.jsonl"),
-                        "train": {"steps": 60, "learning_rate": 5e-3, "batch_size": 4},
+                        "train": {"steps": 20, "learning_rate": 1e-2, "batch_size": 4, "replay_weight": 0},
                         "probes": [{"question": "What is the capital of France?", "answers": ["Berlin"]}]}]
     path = tmp_path / "overtrained.yaml"
     path.write_text(yaml.safe_dump(spec))

@@ -136,9 +136,14 @@ def test_method_training_defaults_apply_unless_the_spec_sets_them() -> None:
     assert by["a"].train.learning_rate == 5e-3 and by["a"].train.steps == 40
     assert by["b"].train.learning_rate == 1e-4 and by["b"].train.steps == 20  # tenant override wins
     assert by["c"].method.name == "lora" and by["c"].train.learning_rate == 1e-3
-    d["defaults"] = {"train": {"steps": 5}}
+    assert (by["a"].train.replay_weight, by["b"].train.replay_weight, by["c"].train.replay_weight) == (2.0, 2.0, 5.0)
+    d["defaults"] = {"train": {"steps": 5, "replay_weight": 0}}
     _, jobs = parse_spec(d)
-    assert all(j.train.steps == 5 for j in jobs)  # batch defaults beat method defaults
+    assert all(j.train.steps == 5 and j.train.replay_weight == 0 for j in jobs)  # batch defaults beat method defaults
+    d["defaults"] = {"train": {"replay_weight": -1, "replay_per_step": 0}}
+    with pytest.raises(SpecError) as e:
+        parse_spec(d)
+    assert {"defaults.train.replay_weight", "defaults.train.replay_per_step"} <= set(_fields(e.value))
 
 
 def test_auto_dtype_is_resolved_by_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
