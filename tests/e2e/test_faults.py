@@ -46,7 +46,7 @@ def write_batch(path: Path, base: str, name: str, tenants: list[tuple[str, str, 
     spec = {"version": 1, "name": name, "base_model": base, "promote": "none",
             "defaults": {"method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
                          "train": {"steps": steps, "batch_size": 4, "max_seq_len": 64, "checkpoint_every": 4,
-                                   "learning_rate": 1e-3}},
+                                   "learning_rate": 1e-3, "replay_weight": 0}},  # faults under test, not replay
             "resources": {"cpus_per_job": 1, "fuse": False, "max_concurrent_jobs": 1},
             "tenants": [{"tenant": t, "persona": p, "dataset": str(REPO / "examples" / "data" / f"{d}.jsonl")}
                         for t, p, d in tenants]}

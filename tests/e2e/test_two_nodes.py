@@ -83,7 +83,8 @@ def test_a_batch_on_two_nodes_asks_a_trainer_per_node(two_nodes, tiny_model_path
     spec = {"version": 1, "name": "two-nodes", "base_model": tiny_model_path,
             "defaults": {"method": {"name": "lora", "r": 4, "dropout": 0.0},
                          "train": {"steps": 40, "batch_size": 4, "learning_rate": 1e-2, "dtype": "float32",
-                                   "max_seq_len": 64, "eval_fraction": 0.2}},
+                                   "max_seq_len": 64, "eval_fraction": 0.2,
+                                   "replay_weight": 0}},  # placement is under test here, not replay
             # one CPU per job, one CPU per node; unfused: each trainer (1 CPU) needs a node of its own
             "resources": {"cpus_per_job": 1, "fuse": False}, "tenants": tenants}
     spec_path = tmp_path / "batch.yaml"
