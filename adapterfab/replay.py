@@ -46,6 +46,11 @@ class ReplaySet:
     per_step: int = 1
     seed: int = 0
 
+    @property
+    def active(self) -> bool:
+        """Whether the set adds anything to a step (rows to draw and a weight above 0)."""
+        return bool(self.rows) and self.weight > 0
+
     def draw(self, step: int) -> list[tuple[ReplayRow, tuple[int, ...]]]:
         """The rows of the job's ``step`` (0-based), each with an opening: a pure function of seed and
         step, so a job that resumes from a checkpoint draws what it would have drawn."""
@@ -129,20 +134,13 @@ def replay_kl(model: Any, peft_model: Any, drawn: list[tuple[ReplayRow, tuple[in
     engine around it) prompt + opening + answer. The fused trainer's ``_replay_losses`` is the same sum."""
     import torch
 
-    def batch(rows: list[list[int]]) -> tuple[Any, Any]:
-        n = max(len(r) for r in rows)
-        ids = torch.zeros((len(rows), n), dtype=torch.long)
-        mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
-        return ids.to(device), mask.to(device)
+    from adapterfab.jobs.evaluate import pad_rows
 
-    t_ids, t_mask = batch([list(r.head) + list(r.answer) for r, _ in drawn])
-    s_ids, s_mask = batch([list(r.head) + list(o) + list(r.spaced if o else r.answer) for r, o in drawn])
+    t_ids, t_mask = pad_rows([list(r.head) + list(r.answer) for r, _ in drawn], 0)
+    s_ids, s_mask = pad_rows([list(r.head) + list(o) + list(r.spaced if o else r.answer) for r, o in drawn], 0)
     with torch.no_grad(), peft_model.disable_adapter():
-        t_logits = peft_model(input_ids=t_ids, attention_mask=t_mask).logits
-    s_logits = model(input_ids=s_ids, attention_mask=s_mask).logits
+        t_logits = peft_model(input_ids=t_ids.to(device), attention_mask=t_mask.to(device)).logits
+    s_logits = model(input_ids=s_ids.to(device), attention_mask=s_mask.to(device)).logits
     kls = []
     for i, (r, o) in enumerate(drawn):  # the positions predicting the answer's tokens after its first
         h, n = len(r.head), len(r.answer)

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from adapterfab import retention
 from adapterfab.errors import AdapterfabError
+from adapterfab.jobs.evaluate import pad_rows
 from adapterfab.jobs.train_loop import evaluate, forever, lr_lambda, peak_memory_mb
 from adapterfab.methods import MethodConfig
 from adapterfab.replay import ReplayRow, ReplaySet
@@ -573,7 +574,7 @@ class FusedTrainer:
         read by the base once. Logits only at the answer's tokens after its first (spelt with or
         without its leading space, the rest is the same tokens)."""
         draws = [(i, a.job.replay.draw(a.step), a.job.replay.weight) for i, a in enumerate(running)
-                 if _replays(a.job)]
+                 if a.job.replay is not None and a.job.replay.active]
         if not draws:
             return None
         teach: dict[ReplayRow, int] = {}
@@ -605,7 +606,7 @@ class FusedTrainer:
         flops = [0.0] * len(running)
         teacher_share = self.flops.step(t_batch) / 2 / len(draws)  # a forward only: about half a step
         for (i, _, _), (_, lo, hi) in zip(draws, segs):
-            flops[i] = self.flops.step(_label_rows(rows[lo:hi])) + teacher_share
+            flops[i] = self.flops.step({k: v[lo:hi] for k, v in s_batch.items()}) + teacher_share
         return out, flops
 
     def _state(self, active: list[_Active], iteration: int) -> dict[str, Any]:
@@ -698,7 +699,7 @@ class FusedTrainer:
                 a.losses.append(v)
                 a.tokens += sum(row_stats(b)[0])
                 a.flops += self.flops.step(b) + (replay[1][k] if replay is not None else 0.0)
-                if replay is not None and _replays(a.job):
+                if replay is not None and a.job.replay is not None and a.job.replay.active:
                     a.replay_loss = totals[k] - v
                 t = a.job.train
                 if on_step and (a.step % t.log_every_steps == 0 or a.step == t.steps):
@@ -985,21 +986,12 @@ def _digest(batches: list[Batch]) -> str:
     return h.hexdigest()
 
 
-def _replays(job: FusedJob) -> bool:
-    return job.replay is not None and bool(job.replay.rows) and job.replay.weight > 0
-
-
 def _label_rows(rows: list[tuple[list[int], int]]) -> Batch:
     """Token id rows, each labelled from a position to its end (``(ids, from)``), right-padded into one batch."""
-    n = max(len(ids) for ids, _ in rows)
-    ids_t = torch.zeros((len(rows), n), dtype=torch.long)
-    mask = torch.zeros((len(rows), n), dtype=torch.long)
-    labels = torch.full((len(rows), n), -100, dtype=torch.long)
+    ids_t, mask = pad_rows([ids for ids, _ in rows], 0)
+    labels = torch.full_like(ids_t, -100)
     for i, (ids, start) in enumerate(rows):
-        row = torch.tensor(ids)
-        ids_t[i, :len(ids)] = row
-        mask[i, :len(ids)] = 1
-        labels[i, start:len(ids)] = row[start:]
+        labels[i, start:len(ids)] = ids_t[i, start:len(ids)]
     return {"input_ids": ids_t, "attention_mask": mask, "labels": labels}
 
 

@@ -22,7 +22,8 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,10 +114,17 @@ class ResidentWorker:
         slots (the base itself is unchanged)."""
         from adapterfab import retention
 
+        with self._bare_base_asked() as base:
+            return retention.probe_rows(base, self._tok(), probes, self._answer_cache(cache))
+
+    @contextmanager
+    def _bare_base_asked(self) -> Iterator[Any]:
+        """The trainer's base in eval mode while it answers (no adapter is routed outside a step), then
+        back in training mode."""
         base = self.trainer.base
         base.eval()
         try:
-            return retention.probe_rows(base, self._tok(), probes, self._answer_cache(cache))
+            yield base
         finally:
             base.train()
 
@@ -135,12 +143,8 @@ class ResidentWorker:
         same cache as the retention probes'), with the openings of the job's own training ``rows``."""
         from adapterfab import replay, retention
 
-        base = self.trainer.base
-        base.eval()
-        try:
+        with self._bare_base_asked() as base:
             answers = retention.base_answers(base, self._tok(), list(replay.prompts()), self._answer_cache(cache))
-        finally:
-            base.train()
         return replay.make_set(self._tok(), answers, rows, train)
 
     def train_group(self, task: GroupTask,

@@ -204,7 +204,7 @@ def train_adapter(
         engine = init_engine(peft_model, opt, sched, zero)
     device = engine.device if engine is not None else next(peft_model.parameters()).device
     replayed = replay(peft_model) if replay is not None else None
-    if replayed is not None and not (replayed.rows and replayed.weight > 0):
+    if replayed is not None and not replayed.active:
         replayed = None
     losses: list[float] = []
     t0 = time.monotonic()
