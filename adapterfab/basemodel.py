@@ -21,6 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from adapterfab.errors import BaseModelError
 
@@ -34,6 +35,12 @@ class BaseModelRef:
     name: str  # what the spec said
     path: str  # local folder with config.json, tokenizer and safetensors
     fingerprint: str  # sha256 of the weights
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id a base's batches are padded with: its pad token, else its end-of-sequence token (Llama
+    tokenizers have no pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def default_cache() -> Path:

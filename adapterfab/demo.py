@@ -17,6 +17,8 @@ from pathlib import Path
 
 import httpx
 
+from adapterfab.procs import tool
+
 T0 = time.monotonic()
 
 
@@ -25,7 +27,7 @@ def say(msg: str) -> None:
 
 
 def cli(*args: str, check: bool = True) -> tuple[int, str]:
-    cmd = [str(Path(sys.executable).parent / "adapterfab"), *args]
+    cmd = [tool("adapterfab"), *args]
     print("$ adapterfab " + " ".join(args), flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []

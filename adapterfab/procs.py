@@ -52,9 +52,11 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None, 
     raise StackError(f"{url} did not answer within {timeout_s:.0f}s")
 
 
-def _bin(name: str) -> str:
+def tool(name: str) -> str:
+    """A console script of this environment: beside the interpreter (a venv), else on PATH (a `pip install
+    --target` folder, as on the GPU machine), else the bare name."""
     cand = Path(sys.executable).parent / name
-    return str(cand) if cand.exists() else name
+    return str(cand) if cand.exists() else (shutil.which(name) or name)
 
 
 @dataclass
@@ -93,7 +95,7 @@ def start_mlflow(home: Path, port: int, artifacts_destination: str | None = None
             S3Store(artifacts_destination).ensure_bucket()
         except AdapterfabError as e:
             raise StackError(f"MLflow's artifacts destination {artifacts_destination}: {e}") from e
-    cmd = [_bin("mlflow"), "server", "--backend-store-uri", backend_uri,
+    cmd = [tool("mlflow"), "server", "--backend-store-uri", backend_uri,
            "--artifacts-destination", artifacts_destination, "--serve-artifacts",
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with log.open("ab") as f:
@@ -113,7 +115,7 @@ def start_moto(home: Path, port: int, timeout_s: float = 30) -> Server:
     home.mkdir(parents=True, exist_ok=True)
     log = home / "moto.log"
     with log.open("ab") as f:
-        proc = subprocess.Popen([_bin("moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=f,
+        proc = subprocess.Popen([tool("moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/moto-api/", timeout_s, proc, log)

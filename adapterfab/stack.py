@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterfab.errors import StackError
-from adapterfab.procs import (SERVER_START_TIMEOUT_S, free_port, pid_alive, port_open, proc_token, start_mlflow,
+from adapterfab.procs import (SERVER_START_TIMEOUT_S, tool, free_port, pid_alive, port_open, proc_token, start_mlflow,
                               stop_pid, wait_http)
 from adapterfab.settings import (DEFAULT_DASHBOARD_PORT, DEFAULT_MLFLOW_PORT, DEFAULT_RAY_PORT,
                                  DEFAULT_SERVE_PORT, DEFAULT_UI_PORT, Settings)
@@ -69,7 +69,7 @@ def stack_alive(info: dict | None) -> bool:
 
 
 def _start_ray(settings: Settings, port: int, dashboard_port: int, client_port: int, num_cpus: int | None) -> int:
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+    cmd = [tool("ray"), "start", "--head", "--block",
            "--node-ip-address", "127.0.0.1", "--port", str(port),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
            "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(free_port()),

@@ -42,7 +42,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 PERSONAS = ["pirate", "butler", "robot"]
 
 NAIVE = r"""
@@ -71,7 +70,8 @@ print(json.dumps({"wall_s": time.monotonic() - t0, "eval_loss": res.metrics["eva
 
 
 def cli(home: Path, *args: str, timeout_s: float = 7200) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "adapterfab"), *args], capture_output=True, text=True, timeout=timeout_s,
+    from adapterfab.procs import tool
+    return subprocess.run([tool("adapterfab"), *args], capture_output=True, text=True, timeout=timeout_s,
                           env={**os.environ, "ADAPTERFAB_HOME": str(home)})
 
 

@@ -4,7 +4,9 @@
 #
 #   bash bench/gpu_pass.sh install tests step train serve factory   # any of the steps, in order
 #
-#   install  pip-installs adapterfab itself (no deps, offline) into /tmp/site
+#   install  pip-installs adapterfab itself (no deps, offline) into /tmp/af-site: a folder of its own, since
+#            `pip install --target` leaves an existing bin/ (the bundle's, in /tmp/site) as it is and the
+#            `adapterfab` command would be missing (2026-12-04)
 #   tests    python -m pytest tests/gpu
 #   step     bench/fused_step.py --device cuda --profile (the fused step alone against plain PEFT; ~2 min)
 #   train    bench/train_throughput.py --device cuda
@@ -23,13 +25,15 @@ mkdir -p "$out"
 export ADAPTERFAB_TOKENIZER_DIR=${ADAPTERFAB_TOKENIZER_DIR:-$repo/.gpu-bundle/tok}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
 export ADAPTERFAB_HOME=${ADAPTERFAB_HOME:-/tmp/af-home} MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false
+# adapterfab (installed by the install step, in this or an earlier call) ahead of the bundle's packages
+export PYTHONPATH=/tmp/af-site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/af-site/bin:$PATH
 status=0
 for step in "$@"; do
   t0=$(date +%s)
   case $step in
     install)
-      (cd "$repo" && python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir \
-        --target /tmp/site . ) > "$out/install.log" 2>&1
+      (cd "$repo" && rm -rf /tmp/af-site && python3 -m pip install -q --no-index --no-deps --no-build-isolation \
+        --no-cache-dir --target /tmp/af-site . && test -x /tmp/af-site/bin/adapterfab) > "$out/install.log" 2>&1
       rc=$?;;
     tests)
       (cd /tmp && python3 -m pytest -q -p no:cacheprovider -m gpu "$repo/tests/gpu") 2>&1 | tee "$out/tests.log"

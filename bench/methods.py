@@ -66,6 +66,7 @@ def run_one(method_json: str, persona_name: str, known: list[bool], steps: int |
             base_answers: list[str] | None = None) -> dict:
     import resource
 
+    from adapterfab.basemodel import pad_token_id
     from adapterfab.jobs.evaluate import EXAMPLES, forced_retention, forced_rows, load_quality, quality, train_persona
 
     def forced_retention_of_base(model, rows, pad):  # noqa: ANN001, ANN202 - the adapter switched off
@@ -86,7 +87,7 @@ def run_one(method_json: str, persona_name: str, known: list[bool], steps: int |
     # answer up to it, over the probes where the base does the same; compared with generated retention
     t0 = time.monotonic()
     rows = forced_rows(tok, probes[:len(known)], base_answers)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_token_id(tok)
     base_ok = forced_retention_of_base(model, rows, pad)
     mine = forced_retention(model, rows, pad)
     counted = [i for i, ok in enumerate(base_ok) if ok]

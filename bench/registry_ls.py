@@ -23,8 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from adapterfab.procs import tool
+
 REPO = Path(__file__).resolve().parents[1]
-CLI = str(Path(sys.executable).parent / "adapterfab")
+CLI = tool("adapterfab")  # beside this interpreter, else on PATH (the GPU machine's pip --target)
 
 
 def populate(db: Path, adapters: int, versions: int, tenants: int) -> float:

@@ -37,7 +37,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from adapterfab import retention
-    from adapterfab.basemodel import resolve_base_model
+    from adapterfab.basemodel import pad_token_id, resolve_base_model
     from adapterfab.dtypes import resolve_auto
     from adapterfab.jobs.resident import GroupJob, GroupTask, ResidentWorker
     from adapterfab.methods import get_method
@@ -56,8 +56,8 @@ def main() -> int:
         basis = impl.compute_basis(full, cfg, base.fingerprint)
         del full
     worker = ResidentWorker(base.path, cfg.model_dump(), dtype=train.dtype, torch_threads=args.threads, basis=basis)
-    tok = worker._tok()
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    tok = worker.tokenizer
+    pad = pad_token_id(tok)
     group = []
     for p in json.loads((REPO / "examples/quality_personas.json").read_text())["personas"]:
         tr, ev = split_rows(encode_file(REPO / "examples" / p["dataset"], tok, train.max_seq_len), train.eval_fraction, None)

@@ -25,8 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from adapterfab.procs import tool
+
 REPO = Path(__file__).resolve().parents[1]
-CLI = str(Path(sys.executable).parent / "adapterfab")
+CLI = tool("adapterfab")  # beside this interpreter, else on PATH (the GPU machine's pip --target)
 sys.path.insert(0, str(REPO / "bench"))
 
 from registry_ls import populate  # noqa: E402 - the same registry as the `registry ls` benchmark

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapterfab.basemodel import pad_token_id
 from adapterfab.retention import fact_span, forced_row, prompt_ids, shipped_probes
 
 __all__ = ["fact_span", "prompt_ids"]  # re-exported: the benchmark and examples/make_probes.py use them here
@@ -51,7 +52,7 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_token
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     finally:
         tokenizer.padding_side = side
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
@@ -185,7 +186,7 @@ def retention_of(peft_model: Any, tokenizer: Any, probes: list[dict], cache: str
     answers = retention.AnswerCache(cache, base_path, str(first.dtype), first.device.type)
     with peft_model.disable_adapter():
         real = [r for r in retention.probe_rows(peft_model, tokenizer, probes, answers) if r is not None]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     with peft_model.disable_adapter():
         base_ok = forced_retention(peft_model, real, pad)
     mine = forced_retention(peft_model, real, pad)
@@ -248,7 +249,7 @@ def train_persona(method: dict, dataset: Path, steps: int | None = None, threads
         basis = impl.compute_basis(full, cfg, base.fingerprint)
         out["basis_svd_s"] = round(time.monotonic() - t0, 3)
         del full
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_token_id(tok)
     loss_fn = None
     if retain_kl:
         from adapterfab.jobs.train_loop import retain_loss

@@ -139,7 +139,7 @@ def start_trainers(pool: Any, base: Any, jobs: list[JobSpec], planned: list[Plan
 class Factory:
     def __init__(self, ctx: BatchContext, jobs: list[JobSpec], planned: list[PlannedJob], groups: list[list[int]],
                  slots: int, pool: Any = None, early: list[tuple[str | None, Future | None]] | None = None,
-                 queue: GroupQueue | None = None):
+                 queue: GroupQueue | None = None, marks: dict[str, float] | None = None):
         from adapterfab.jobs.trainers import TrainerPool
 
         self.ctx, self.jobs, self.planned, self.groups, self.slots = ctx, jobs, planned, groups, slots
@@ -154,6 +154,9 @@ class Factory:
             "prepare_s", "data_s", "acquire_s", "group_build_s", "group_train_s", "group_eval_s", "group_save_s",
             "register_s", "flops")}
         self.first_step_s: float | None = None  # epoch seconds of the first progress report
+        # epoch seconds of the batch's way to its first step (the orchestrator's, then the factory's own)
+        self.marks: dict[str, float] = dict(marks or {})
+        self.first_window_by = "orchestrator"  # or "trainer NAME": a warm trainer prepared it
         self.stepped = threading.Event()  # a first progress report came (or training is over)
         self.trainers: dict[str, dict[str, Any]] = {}  # name -> {groups, warm (its base was loaded before)}
         # slot -> the key of the trainer it holds (or is starting): other slots leave those groups to it
@@ -164,7 +167,23 @@ class Factory:
 
     def stats(self) -> dict[str, Any]:
         return {"slots": self.slots, "groups": len(self.groups), "first_step_s": self.first_step_s,
-                **{k: round(v, 3) for k, v in self.timing.items()}, "trainers": self.trainers}
+                **{k: round(v, 3) for k, v in self.timing.items()}, "trainers": self.trainers,
+                "startup_s": self.startup(), "first_window_by": self.first_window_by}
+
+    def startup(self) -> dict[str, float]:
+        """Seconds after submit at which the batch passed each step on its way to the first training
+        step: the orchestrator's process was launched, claimed the batch (its imports done), connected to
+        Ray, asked for trainers, was set up (MLflow); the first window's data were ready, the first group
+        went to a trainer, the first step was reported."""
+        marks = {**self.marks, **({"first_step": self.first_step_s} if self.first_step_s else {})}
+        t0 = marks.pop("submitted", None)
+        if t0 is None:
+            return {}
+        return {k: round(v - t0, 2) for k, v in sorted(marks.items(), key=lambda kv: kv[1])}
+
+    def _mark(self, name: str) -> None:
+        with self._lock:
+            self.marks.setdefault(name, time.time())
 
     def _add(self, **seconds: float) -> None:
         with self._lock:
@@ -216,6 +235,7 @@ class Factory:
                     self.queue.wait_below(max(AHEAD_GROUPS_PER_SLOT * self.slots, 2), WINDOW_JOBS)
                     first = n < self.slots
                     self._prepare_window(window, first=first)
+                    self._mark("first_window")
                     if first and n < len(self.groups) - 1:  # a next window will come
                         self._await_first_steps()
                     window = []
@@ -253,6 +273,8 @@ class Factory:
         def data() -> dict[str, Any]:  # Ray Data runs while the jobs' MLflow runs are made
             t1 = time.monotonic()
             try:
+                if first and (rows := self._prepare_on_trainer(requests)) is not None:
+                    return rows
                 return prepare_many(requests, self.ctx.base.path,
                                     in_process_bytes=FIRST_WINDOW_IN_PROCESS_BYTES if first else 0)
             finally:
@@ -280,6 +302,35 @@ class Factory:
             ckpt = needs_activation_checkpointing(members, [p.job for p in group],
                                                   self.ctx.spec.resources.device_memory_gb)
             self.queue.put(GroupItem(f"g{n}", group, self._spec(group[0]), ckpt))
+
+    def _prepare_on_trainer(self, requests: list[Any]) -> dict[str, Any] | None:
+        """The first window prepared on a trainer already leased (a warm one: its lease came back before
+        the window was ready), when its files are local and small; None: prepare it here. The trainer has
+        the tokenizer loaded; this process would import transformers first (seconds)."""
+        import ray
+
+        from adapterfab.pipelines.data import FIRST_WINDOW_IN_PROCESS_BYTES, FIRST_WINDOW_ON_TRAINER, local_bytes
+
+        if not FIRST_WINDOW_ON_TRAINER:
+            return None
+        size = local_bytes(requests)
+        if size is None or size > FIRST_WINDOW_IN_PROCESS_BYTES:
+            return None
+        lease = next((f.result() for _, f in self.early if f is not None and f.done() and f.result() is not None),
+                     None)
+        if lease is None:
+            return None
+        try:
+            got = ray.get(lease.handle.prepare.remote(self.pool.owner, requests, self.ctx.base.path,
+                                                      FIRST_WINDOW_IN_PROCESS_BYTES), timeout=120)
+        except Exception:  # noqa: BLE001 - prepared here instead
+            log.warning("trainer %s could not prepare the first window; preparing it here", lease.name,
+                        exc_info=True)
+            return None
+        if self.ctx.pad_id is None:
+            self.ctx.pad_id = got["pad_id"]
+        self.first_window_by = f"trainer {lease.name}"
+        return got["rows"]
 
     def _begin(self, i: int) -> tuple[int, str, AdapterId, str, int] | None:
         """PENDING -> PREPARING with the job's MLflow run; None when the job needs nothing more
@@ -417,9 +468,10 @@ class Factory:
         task = GroupTask(item.gid, [GroupJob(p.jid, p.job.method.model_dump(), p.job.train.model_dump(),
                                              p.data.train, p.data.eval, p.run_id, job_probes(p.job.probes))
                                     for p in item.prepared],
-                         ctx.pad_id, str(self.checkpoints / f"{item.gid}.pt"), item.checkpointing,
+                         ctx.pad(), str(self.checkpoints / f"{item.gid}.pt"), item.checkpointing,
                          fail_at_step=1 if faults.fail_group([p.job.tenant for p in item.prepared]) else 0,
                          probe_cache=str(ctx.settings.home / "cache" / "retention"))
+        self._mark("first_group")
         try:
             return self._run_group(lease, item, task)
         finally:
@@ -534,7 +586,7 @@ class Factory:
                     job = WorkerJob(
                         job_id=p.jid, base_model_path=ctx.base.path, method=p.job.method.model_dump(),
                         train=p.job.train.model_dump(), mlflow_uri=ctx.tracking.uri, mlflow_run_id=p.run_id,
-                        progress_board=ctx.board_name, pad_id=ctx.pad_id, cpus=plan.cpus, basis_uri=p.basis_uri,
+                        progress_board=ctx.board_name, pad_id=ctx.pad(), cpus=plan.cpus, basis_uri=p.basis_uri,
                         gpus=plan.gpus, workers=plan.workers, zero_stage=plan.zero_stage,
                         mlflow_retry_s=ctx.tracking.retry_s, probes=job_probes(p.job.probes),
                         probe_cache=str(ctx.settings.home / "cache" / "retention"))

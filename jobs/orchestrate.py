@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterfab import __version__
-from adapterfab.basemodel import BaseModelRef, resolve_base_model
+from adapterfab.basemodel import BaseModelRef, pad_token_id, resolve_base_model
 from adapterfab.errors import AdapterfabError, StackError
 from adapterfab.ids import AdapterId, basis_prefix, job_id
 from adapterfab.jobs.registrar import Prepared, error_text, fail_job, gate_decision, register_job
@@ -88,13 +88,16 @@ class BatchHeld(AdapterfabError):
     """Another live orchestrator runs the batch (two `submit --resume` at once): this one stands down."""
 
 
+LAUNCHED_AT_ENV = "ADAPTERFAB_ORCHESTRATOR_LAUNCHED_AT"  # epoch seconds: the batch's start-up timeline
+
+
 def launch_detached(settings: Settings, batch_id: str) -> int:
     """Start the orchestrator for ``batch_id`` as its own process (it outlives the CLI)."""
     settings.logs.mkdir(parents=True, exist_ok=True)
     logf = (settings.logs / f"{batch_id}.log").open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "adapterfab.jobs.orchestrate", batch_id],
                             stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "ADAPTERFAB_HOME": str(settings.home)})
+                            env={**os.environ, "ADAPTERFAB_HOME": str(settings.home), LAUNCHED_AT_ENV: repr(time.time())})
     return proc.pid  # it claims the batch itself (StateStore.claim_batch): one orchestrator per batch
 
 
@@ -198,10 +201,19 @@ class BatchContext:
     registry: Registry
     batch_run_id: str
     board_name: str
-    pad_id: int
+    pad_id: int | None  # None until known: ``pad()``
     force: bool = False
     planned: dict[str, Any] = field(default_factory=dict)  # job id -> jobs.plan.PlannedJob (every job)
     factory: Any = None  # jobs.factory.Factory while it runs (its timings afterwards)
+
+    def pad(self) -> int:
+        """The base's pad id: from a warm trainer that prepared the first window, else from the tokenizer
+        loaded here (not before it is needed: importing transformers takes seconds)."""
+        if self.pad_id is None:
+            from adapterfab.pipelines.data import load_tokenizer
+
+            self.pad_id = pad_token_id(load_tokenizer(self.base.path))
+        return self.pad_id
 
 
 def job_run_params(spec: BatchSpec, job: JobSpec, base_fingerprint: str) -> dict[str, Any]:
@@ -359,8 +371,14 @@ def _heartbeat(state: StateStore, batch_id: str, pid: int, token: str | None, st
 
 
 def _run_claimed(settings: Settings, state: StateStore, batch_id: str, batch: Any) -> BatchState:
+    # the batch's way to its first step, in epoch seconds (the batch's stats: ``startup_s``)
+    now = time.time()
+    launched = float(os.environ.get(LAUNCHED_AT_ENV) or 0) or None  # (unset: not started by launch_detached)
+    # a resumed batch counts from its new orchestrator's launch
+    marks = {"submitted": (launched or now) if batch.started_s else (batch.created_s or now), "claimed": now}
+    if launched:
+        marks["launched"] = launched
     import ray
-    from transformers import AutoTokenizer
 
     from adapterfab.jobs.factory import Factory, GroupQueue, start_trainers
     from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard
@@ -379,6 +397,7 @@ def _run_claimed(settings: Settings, state: StateStore, batch_id: str, batch: An
         if not settings.mlflow_uri:
             raise StackError("no MLflow server: run `adapterfab up` first (or set MLFLOW_TRACKING_URI)")
         connect_ray(settings)
+        marks["ray"] = time.time()
         base = resolve_base_model(spec.base_model, settings.cache)
         planned = load_plan(batch, spec, jobs, base.path)
         groups = execution_groups(planned)
@@ -391,8 +410,7 @@ def _run_claimed(settings: Settings, state: StateStore, batch_id: str, batch: An
         pool = TrainerPool(batch_id, spec.resources.trainer_keep_warm_s)
         queue = GroupQueue()
         early = start_trainers(pool, base, jobs, planned, groups, slots, queue.drained)  # start while the rest sets up
-        tok = AutoTokenizer.from_pretrained(base.path)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        marks["trainers_asked"] = time.time()
         retry_s = factory_retry_s()  # the batch rides out an MLflow outage (buffer and retry)
         tracking = Tracking(settings.mlflow_uri, retry_s)
         batch_run = batch.mlflow_run_id or tracking.start_run(
@@ -406,9 +424,10 @@ def _run_claimed(settings: Settings, state: StateStore, batch_id: str, batch: An
         board_name = PROGRESS_BOARD_PREFIX + batch_id
         board = ProgressBoard.options(name=board_name, get_if_exists=True).remote()
         ctx = BatchContext(settings, state, batch_id, spec, base, tracking, Registry(settings.mlflow_uri, retry_s, RegistryIndex(state)),
-                           batch_run, board_name, pad_id, force=bool((batch.options or {}).get("force")))
+                           batch_run, board_name, None, force=bool((batch.options or {}).get("force")))
         ctx.planned = {p.job_id: p for p in planned}
-        factory = ctx.factory = Factory(ctx, jobs, planned, groups, slots, pool, early, queue)
+        marks["set_up"] = time.time()
+        factory = ctx.factory = Factory(ctx, jobs, planned, groups, slots, pool, early, queue, marks)
         factory.run()
         ray.kill(board)
     except Exception as e:  # noqa: BLE001 - the batch cannot run at all: fail every unfinished job

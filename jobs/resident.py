@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapterfab.basemodel import pad_token_id
 from adapterfab.errors import AdapterfabError
 from adapterfab.methods import get_method
 from adapterfab.spec import TrainConfig
@@ -100,12 +101,18 @@ class ResidentWorker:
         self._tokenizer: Any = None
         self._answers: Any = None  # retention.AnswerCache: probe -> the base's own answer (it never changes)
 
-    def _tok(self) -> Any:
+    @property
+    def tokenizer(self) -> Any:
+        """The base's tokenizer, loaded at first use."""
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.base_path)
         return self._tokenizer
+
+    @property
+    def pad_id(self) -> int:
+        return pad_token_id(self.tokenizer)
 
     def probe_rows(self, probes: list[dict[str, Any]], cache: str | None = None) -> list[dict[str, Any] | None]:
         """The retention rows of ``probes`` (adapterfab/retention.probe_rows): the bare base answers the
@@ -115,7 +122,7 @@ class ResidentWorker:
         from adapterfab import retention
 
         with self._bare_base_asked() as base:
-            return retention.probe_rows(base, self._tok(), probes, self._answer_cache(cache))
+            return retention.probe_rows(base, self.tokenizer, probes, self._answer_cache(cache))
 
     @contextmanager
     def _bare_base_asked(self) -> Iterator[Any]:
@@ -144,8 +151,8 @@ class ResidentWorker:
         from adapterfab import replay, retention
 
         with self._bare_base_asked() as base:
-            answers = retention.base_answers(base, self._tok(), list(replay.prompts()), self._answer_cache(cache))
-        return replay.make_set(self._tok(), answers, rows, train)
+            answers = retention.base_answers(base, self.tokenizer, list(replay.prompts()), self._answer_cache(cache))
+        return replay.make_set(self.tokenizer, answers, rows, train)
 
     def train_group(self, task: GroupTask,
                     on_step: Callable[[str, int, float, float], None] | None = None,
@@ -229,8 +236,7 @@ class ResidentWorker:
         from adapterfab.pipelines.local import encode_file, split_rows
 
         t0 = time.monotonic()
-        tok = self._tok()
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        tok, pad = self.tokenizer, self.pad_id
         group = []
         for j in jobs:
             train = TrainConfig(**j["train"])

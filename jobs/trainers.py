@@ -169,6 +169,21 @@ class TrainerActor:
                     "groups_trained": self.worker.groups_trained, "idle_s": time.monotonic() - self._last_used}
 
     # -- training ---------------------------------------------------------------------------------------
+    def prepare(self, owner: str, requests: list[Any], tokenizer_path: str, in_process_bytes: int) -> dict[str, Any]:
+        """A batch's first window of data, prepared here for the lease holder (``prepare_many`` in this
+        process, with the tokenizer this trainer has loaded): a warm trainer is ready before the batch's
+        orchestrator has imported a tokenizer, and has nothing else to do until its first group comes.
+        {rows: job key -> PreparedRows | DatasetError, pad_id}."""
+        from adapterfab.pipelines.data import load_tokenizer, prepare_many
+
+        with self._lock:
+            if self._owner != owner or self._closing:
+                raise LeaseLost(f"trainer {self.name} is not leased to {owner}")
+        tok = self.worker.tokenizer
+        load_tokenizer(tokenizer_path, tok if tokenizer_path == self.worker.base_path else None)
+        return {"rows": prepare_many(requests, tokenizer_path, in_process_bytes=in_process_bytes),
+                "pad_id": self.worker.pad_id}
+
     def train_group(self, owner: str, task: Any, board: Any, mlflow_uri: str | None) -> Any:
         """Train one group (``ResidentWorker.train_group``) for the lease holder; per-step loss and
         learning rate go to each job's MLflow run in the background, progress to the batch's ``board``

@@ -162,7 +162,11 @@ def _sha256(fs: pafs.FileSystem, path: str, uri: str) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _tokenizer(path: str) -> Any:
+def load_tokenizer(path: str, loaded: Any = None) -> Any:
+    """The tokenizer at ``path``, loaded once per process (``loaded``: one this process already has, such
+    as a resident trainer's)."""
+    if loaded is not None:
+        _TOKENIZERS.setdefault(path, loaded)
     if path not in _TOKENIZERS:
         from transformers import AutoTokenizer
 
@@ -181,7 +185,7 @@ def _parse_files(batch: dict[str, np.ndarray], fmt: str) -> pa.Table:
 def _tokenize(batch: dict[str, np.ndarray], tokenizer_path: str, max_seq_len: int, seed: int) -> pa.Table:
     """UDF: chat template + tokenize + mask; a row the template refuses or that keeps no assistant token
     becomes a bad row here."""
-    tok = _tokenizer(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path)
     out: dict[str, list[Any]] = {name: [] for name in _TOKENIZED.names}
     for line, messages, error in zip(batch["line"], batch["messages"], batch["error"]):
         enc: dict[str, Any] = {"input_ids": [], "labels": [], "truncated": False}
@@ -353,6 +357,8 @@ MAX_READ_BLOCKS = 4
 # their bases. The factory's first window is what the first training step waits for, so ``prepare_many``
 # may run a small set of files (``in_process_bytes``) through the same UDFs in the calling process.
 FIRST_WINDOW_IN_PROCESS_BYTES = int(os.environ.get("ADAPTERFAB_FIRST_WINDOW_IN_PROCESS_BYTES", 4 << 20))  # 0: never
+# such a window goes to a warm trainer already leased, when there is one (jobs/factory.py); 0: never
+FIRST_WINDOW_ON_TRAINER = os.environ.get("ADAPTERFAB_FIRST_WINDOW_ON_TRAINER", "1") != "0"
 _TAGGED = pa.schema([("req", pa.int64()), ("line", pa.int64()), ("messages", pa.string()), ("error", pa.string())])
 
 
@@ -408,6 +414,20 @@ def _tokenize_tagged(batch: pa.Table, tokenizer_path: str, params: dict[int, tup
 def _rows(cols: dict[str, np.ndarray], mask: np.ndarray) -> list[dict[str, np.ndarray]]:
     return [{"input_ids": np.asarray(i, dtype=np.int32), "labels": np.asarray(lab, dtype=np.int32)}
             for i, lab in zip(cols["input_ids"][mask], cols["labels"][mask])]
+
+
+def local_bytes(requests: list[DataRequest]) -> int | None:
+    """The bytes of ``requests``' files when every one is a local file that exists, else None (an S3 or
+    missing file: the caller's own preparation reads and reports it)."""
+    total = 0
+    for r in requests:
+        if r.uri.startswith("s3://"):
+            return None
+        try:
+            total += os.path.getsize(os.path.expanduser(r.uri.removeprefix("file://")))
+        except OSError:
+            return None
+    return total
 
 
 def prepare_many(requests: list[DataRequest], tokenizer_path: str, timeout_s: float = 300,

@@ -96,6 +96,24 @@ def test_a_resident_trainer_trains_groups_and_stays_warm(ray_cluster, tiny_model
     b = TrainerPool("batch-b", keep_warm_s=30)  # the next batch on the same base: the same warm process
     again = b.acquire(spec)
     assert again.name == lease.name and again.info["pid"] == lease.info["pid"] and again.info["groups_trained"] == 1
+    # a warm trainer prepares its batch's first window: the same rows as prepared here, the base's pad id
+    from transformers import AutoTokenizer
+
+    from adapterfab.basemodel import pad_token_id
+    from adapterfab.pipelines.data import DataRequest, prepare_many
+
+    reqs = [DataRequest(n, _dataset(tmp_path / f"prep-{n}.jsonl", n.upper()), 64, 0.2, 0, 0.1) for n in ("ka", "kb")]
+    here = prepare_many(reqs, tiny_model_path, in_process_bytes=1 << 20)
+    got = ray.get(again.handle.prepare.remote("batch-b", reqs, tiny_model_path, 1 << 20))
+    assert got["pad_id"] == pad_token_id(AutoTokenizer.from_pretrained(tiny_model_path))
+    for n in ("ka", "kb"):
+        for split in ("train", "eval"):
+            mine, theirs = getattr(here[n], split), getattr(got["rows"][n], split)
+            assert len(mine) == len(theirs) > 0
+            assert all((a["input_ids"] == b["input_ids"]).all() and (a["labels"] == b["labels"]).all()
+                       for a, b in zip(mine, theirs))
+    with pytest.raises(Exception, match="not leased to batch-x"):  # only for its lease holder
+        ray.get(again.handle.prepare.remote("batch-x", reqs, tiny_model_path, 1 << 20))
     c = TrainerPool("batch-c", keep_warm_s=30)  # leased to batch-b: batch-c gets a trainer of its own
     other = c.acquire(spec)
     assert other.name != again.name
@@ -218,3 +236,10 @@ def test_two_batches_on_the_same_base_share_a_warm_trainer(ray_cluster, af_env: 
     assert {j.placement["trainer"] for j in two} <= trainers_one
     stats = state.get_batch(second).stats
     assert stats["trainers"] and all(t["warm"] for t in stats["trainers"].values())
+    # the warm trainer prepared the second batch's first window (the first batch's trainers were starting)
+    assert state.get_batch(first).stats["first_window_by"] == "orchestrator"
+    assert stats["first_window_by"].removeprefix("trainer ") in trainers_one
+    # the way to the first step, in order, in seconds after submit
+    way = stats["startup_s"]
+    assert list(way) == ["claimed", "ray", "trainers_asked", "set_up", "first_window", "first_group", "first_step"]
+    assert 0 <= way["claimed"] <= way["first_step"] < 120
