@@ -235,7 +235,6 @@ class Factory:
                     self.queue.wait_below(max(AHEAD_GROUPS_PER_SLOT * self.slots, 2), WINDOW_JOBS)
                     first = n < self.slots
                     self._prepare_window(window, first=first)
-                    self._mark("first_window")
                     if first and n < len(self.groups) - 1:  # a next window will come
                         self._await_first_steps()
                     window = []
@@ -284,6 +283,7 @@ class Factory:
             rows = threads.submit(data)
             begun = [b for b in threads.map(self._begin, members) if b is not None]
             prepared = rows.result()
+            self._mark("first_window")  # (before any group of it is queued)
             done = threads.map(lambda b: self._after_data(b, prepared[b[1]]), begun)
             ready = {p.jid: p for p in done if p is not None}
         self._add(prepare_s=time.monotonic() - t0)
@@ -316,8 +316,9 @@ class Factory:
         size = local_bytes(requests)
         if size is None or size > FIRST_WINDOW_IN_PROCESS_BYTES:
             return None
-        lease = next((f.result() for _, f in self.early if f is not None and f.done() and f.result() is not None),
-                     None)
+        here = ray.get_runtime_context().get_node_id()  # the files were found on this node only
+        lease = next((le for _, f in self.early if f is not None and f.done() and not f.exception()
+                      and (le := f.result()) is not None and le.info.get("node_id") == here), None)
         if lease is None:
             return None
         try:

@@ -373,7 +373,10 @@ def _heartbeat(state: StateStore, batch_id: str, pid: int, token: str | None, st
 def _run_claimed(settings: Settings, state: StateStore, batch_id: str, batch: Any) -> BatchState:
     # the batch's way to its first step, in epoch seconds (the batch's stats: ``startup_s``)
     now = time.time()
-    launched = float(os.environ.get(LAUNCHED_AT_ENV) or 0) or None  # (unset: not started by launch_detached)
+    try:  # (unset: not started by launch_detached)
+        launched = float(os.environ.get(LAUNCHED_AT_ENV) or 0) or None
+    except ValueError:
+        launched = None
     # a resumed batch counts from its new orchestrator's launch
     marks = {"submitted": (launched or now) if batch.started_s else (batch.created_s or now), "claimed": now}
     if launched:

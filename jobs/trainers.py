@@ -109,6 +109,8 @@ class TrainerActor:
         self.name = ray.get_runtime_context().get_actor_name()
         self.keep_warm_s = keep_warm_s
         self._lock = threading.Lock()
+        # a first window being prepared (``prepare``) uses the tokenizer that training uses: a group waits
+        self._preparing = threading.Lock()
         self._owner: str | None = owner  # born leased to whoever started it: nobody retires it meanwhile
         self._lease_until = time.monotonic() + LEASE_TTL_S if owner else 0.0
         self._busy = False
@@ -179,10 +181,11 @@ class TrainerActor:
         with self._lock:
             if self._owner != owner or self._closing:
                 raise LeaseLost(f"trainer {self.name} is not leased to {owner}")
-        tok = self.worker.tokenizer
-        load_tokenizer(tokenizer_path, tok if tokenizer_path == self.worker.base_path else None)
-        return {"rows": prepare_many(requests, tokenizer_path, in_process_bytes=in_process_bytes),
-                "pad_id": self.worker.pad_id}
+        with self._preparing:
+            tok = self.worker.tokenizer
+            load_tokenizer(tokenizer_path, tok if tokenizer_path == self.worker.base_path else None)
+            return {"rows": prepare_many(requests, tokenizer_path, in_process_bytes=in_process_bytes),
+                    "pad_id": self.worker.pad_id}
 
     def train_group(self, owner: str, task: Any, board: Any, mlflow_uri: str | None) -> Any:
         """Train one group (``ResidentWorker.train_group``) for the lease holder; per-step loss and
@@ -198,6 +201,8 @@ class TrainerActor:
             if self._busy:
                 raise LeaseLost(f"trainer {self.name} is already training a group")
             self._busy, self._lease_until = True, max(self._lease_until, time.monotonic() + LEASE_TTL_S)
+        with self._preparing:  # a window its orchestrator gave up waiting for is finished first
+            pass
         orphaned = threading.Event()
         watcher = threading.Thread(target=self._watch_owner, args=(board, orphaned), name="owner-watch", daemon=True)
         watcher.start()
