@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterfab.errors import StackError
-from adapterfab.procs import (SERVER_START_TIMEOUT_S, tool, free_port, pid_alive, port_open, proc_token, start_mlflow,
-                              stop_pid, wait_http)
+from adapterfab.procs import (SERVER_START_TIMEOUT_S, free_port, pid_alive, port_open, proc_token, start_mlflow,
+                              stop_pid, tool, wait_http)
 from adapterfab.settings import (DEFAULT_DASHBOARD_PORT, DEFAULT_MLFLOW_PORT, DEFAULT_RAY_PORT,
                                  DEFAULT_SERVE_PORT, DEFAULT_UI_PORT, Settings)
 

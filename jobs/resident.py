@@ -98,17 +98,15 @@ class ResidentWorker:
                                     self.method.r, basis=basis)
         self.load_s = time.monotonic() - t0
         self.groups_trained = 0
-        self._tokenizer: Any = None
         self._answers: Any = None  # retention.AnswerCache: probe -> the base's own answer (it never changes)
 
     @property
     def tokenizer(self) -> Any:
-        """The base's tokenizer, loaded at first use."""
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
+        """The base's tokenizer: this process's one (loaded at first use), which the data preparation
+        here (``TrainerActor.prepare``) uses too."""
+        from adapterfab.pipelines.data import load_tokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.base_path)
-        return self._tokenizer
+        return load_tokenizer(self.base_path)
 
     @property
     def pad_id(self) -> int:

@@ -176,14 +176,12 @@ class TrainerActor:
         process, with the tokenizer this trainer has loaded): a warm trainer is ready before the batch's
         orchestrator has imported a tokenizer, and has nothing else to do until its first group comes.
         {rows: job key -> PreparedRows | DatasetError, pad_id}."""
-        from adapterfab.pipelines.data import load_tokenizer, prepare_many
+        from adapterfab.pipelines.data import prepare_many
 
         with self._lock:
             if self._owner != owner or self._closing:
                 raise LeaseLost(f"trainer {self.name} is not leased to {owner}")
-        with self._preparing:
-            tok = self.worker.tokenizer
-            load_tokenizer(tokenizer_path, tok if tokenizer_path == self.worker.base_path else None)
+        with self._preparing:  # (the worker's tokenizer is the one prepare_many loads for its base)
             return {"rows": prepare_many(requests, tokenizer_path, in_process_bytes=in_process_bytes),
                     "pad_id": self.worker.pad_id}
 

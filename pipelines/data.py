@@ -162,11 +162,9 @@ def _sha256(fs: pafs.FileSystem, path: str, uri: str) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def load_tokenizer(path: str, loaded: Any = None) -> Any:
-    """The tokenizer at ``path``, loaded once per process (``loaded``: one this process already has, such
-    as a resident trainer's)."""
-    if loaded is not None:
-        _TOKENIZERS.setdefault(path, loaded)
+def load_tokenizer(path: str) -> Any:
+    """The tokenizer at ``path``, loaded once per process (a resident trainer's training and data
+    preparation share it)."""
     if path not in _TOKENIZERS:
         from transformers import AutoTokenizer
 
@@ -424,8 +422,8 @@ def local_bytes(requests: list[DataRequest]) -> int | None:
         if r.uri.startswith("s3://"):
             return None
         try:
-            total += os.path.getsize(os.path.expanduser(r.uri.removeprefix("file://")))
-        except OSError:
+            total += os.path.getsize(_resolve(r.uri)[1])
+        except (DatasetError, OSError):
             return None
     return total
 
