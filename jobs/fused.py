@@ -68,6 +68,11 @@ NULL_SLOT = 0  # a row of the slot buffers that stays zero: rows with no adapter
 # padding); a GPU step is bound by launching kernels (~25 ms at ~400 TFLOP/s: thousands of tokens)
 CHUNK_OVERHEAD_FLOPS = {"cpu": 6e9, "cuda": 1e13}
 LENGTH_QUANTUM = 8  # chunks are cut between rows whose lengths differ after rounding up to this
+# Padded tokens per pass of the retention test (``forced_many``). On a CPU passes of 16 to 128 rows cost
+# the same per row (bench/RESULTS.md, 2026-12-04), and ~512 tokens is the 16 rows it always ran; a GPU
+# pass of 16 rows is bound by launching kernels (the H200 run: ~50 ms a pass, 0.21 s of retention per
+# job), so there a pass takes as many rows as this many tokens allow
+FORCED_PASS_TOKENS = {"cpu": 512, "cuda": 16384}
 
 
 class Route:
@@ -837,13 +842,14 @@ class FusedTrainer:
         return [{"eval_loss": ls / max(1.0, n), "eval_token_accuracy": c / max(1.0, n)}
                 for ls, c, n in zip(loss_sum.tolist(), right.tolist(), count.tolist())]
 
-    def forced_many(self, sets: list[tuple[str | None, list[dict[str, Any]]]], rows_per_pass: int = 16
+    def forced_many(self, sets: list[tuple[str | None, list[dict[str, Any]]]], rows_per_pass: int | None = None
                     ) -> list[list[bool]]:
         """The retention test (adapterfab/retention.py) of several sets, each ``(job id, or None for the
         bare base, rows)``: for every row, whether the greedy choice is the row's token at each of its
         labels (``ids[labels_from:]``). Fused like ``evaluate_many``, and the rows' common prefix (the
         chat template's system turn) runs once per set: its keys and values are given to each row of
-        the set, whose own tokens then run in passes of ``rows_per_pass`` rows, shortest first."""
+        the set, whose own tokens then run in passes, shortest first: of ``rows_per_pass`` rows when
+        given, else of as many rows as ``FORCED_PASS_TOKENS`` of the device allows (``pass_sizes``)."""
         from transformers import DynamicCache
 
         device = self.device
@@ -867,8 +873,11 @@ class FusedTrainer:
                     self.route.segments = [(s, k, k + 1) for k, s in enumerate(slots)]
                     ids = torch.tensor([first[:p]] * len(sets)).to(device, non_blocking=True)
                     prefix = self.decoder(input_ids=ids, use_cache=True).past_key_values
-                for start in range(0, len(flat), rows_per_pass):
-                    part = flat[start:start + rows_per_pass]
+                budget = FORCED_PASS_TOKENS.get(device.type, FORCED_PASS_TOKENS["cuda"])
+                start = 0
+                for size in pass_sizes([len(r["ids"]) - p for _, _, r in flat], budget, rows_per_pass):
+                    part = flat[start:start + size]
+                    start += size
                     n = max(len(r["ids"]) for _, _, r in part) - p
                     ids = torch.zeros((len(part), n), dtype=torch.long)
                     labels = torch.full((len(part), n), -100, dtype=torch.long)
@@ -968,6 +977,23 @@ def write_exported(a: ExportedAdapter, out_dir: str | Path) -> Path:
         state[f"base_model.model.{name}.lora_B.weight"] = lora_b.contiguous()
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def pass_sizes(lengths: list[int], tokens: int, rows: int | None = None) -> list[int]:
+    """Rows per pass over rows of ``lengths`` sorted shortest first: ``rows`` each when given, else as
+    many as keep a pass (its rows padded to its longest) within ``tokens``, at least one."""
+    sizes: list[int] = []
+    at = 0
+    while at < len(lengths):
+        if rows:
+            n = min(rows, len(lengths) - at)
+        else:
+            n = 1
+            while at + n < len(lengths) and (n + 1) * max(1, lengths[at + n]) <= tokens:
+                n += 1
+        sizes.append(n)
+        at += n
+    return sizes
 
 
 def _row_key(row: dict[str, Any]) -> tuple[int, ...]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from adapterfab.jobs import fused
 from adapterfab.jobs.fused import FusedJob, FusedTrainer, stack
 from adapterfab.jobs.train_loop import save_adapter, seed_everything, train_adapter
 from adapterfab.methods import get_method
@@ -644,7 +645,7 @@ def test_an_exported_adapter_travels_at_its_own_size(tiny_model_path: str, data:
 
 
 def test_retention_rows_go_through_their_own_adapter_with_their_prefix_run_once(tiny_model_path: str,
-                                                                                 data: dict) -> None:
+                                                                                 data: dict, monkeypatch) -> None:
     """``forced_many`` (the retention test, adapterfab/retention.py): every set's rows through its own
     adapter (or the bare base), their common prefix run once per set and handed to each row as keys
     and values, in passes of a few rows: each verdict equals a plain full forward of that row alone.
@@ -678,8 +679,21 @@ def test_retention_rows_go_through_their_own_adapter_with_their_prefix_run_once(
             for j in ("j-pirate", "j-robot", None)]
     got = trainer.forced_many([("j-pirate", rows), ("j-robot", rows), (None, rows)], rows_per_pass=3)
     assert got == want
+    for tokens in (40, 10_000):  # passes sized by padded tokens (the default): the same verdicts
+        monkeypatch.setitem(fused.FORCED_PASS_TOKENS, "cpu", tokens)
+        assert trainer.forced_many([("j-pirate", rows), ("j-robot", rows), (None, rows)]) == want
     assert all(got[0][::2]) and not any(got[0][1::2])  # kept: its own choices; random tokens: not
     assert got[1] != got[0]  # the robot adapter is another model
+
+
+def test_retention_passes_are_sized_by_padded_tokens() -> None:
+    """A pass of the retention test takes rows (shortest first) while its rows padded to its longest fit
+    the token budget, at least one row; a fixed row count overrides it."""
+    assert fused.pass_sizes([10, 10, 12, 20, 30, 50], 40) == [3, 1, 1, 1]
+    assert fused.pass_sizes([5] * 10, 20) == [4, 4, 2]
+    assert fused.pass_sizes([100, 200], 16) == [1, 1]  # a row longer than the budget passes alone
+    assert fused.pass_sizes([5] * 10, 20, rows=3) == [3, 3, 3, 1]
+    assert fused.pass_sizes([], 20) == []
 
 
 def test_a_retention_measure_that_fails_costs_the_job_nothing_else(tiny_model_path: str, data: dict) -> None:
