@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# the CPU wheel of torch that lies on this machine's disk (see README)
+	# torch first: pip picks the CPU build this machine has (README, "Two commands")
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
 	# DeepSpeed compiles no ops at install; the CPU accelerator builds what it needs lazily

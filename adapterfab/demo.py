@@ -105,7 +105,7 @@ def main(spec_path: str = "examples/personas.yaml") -> int:
           f"      -H 'Authorization: Bearer {keys[tenant0['tenant']]}' -H 'Content-Type: application/json' \\\n"
           f"      -d '{{\"model\": \"{tenant0['tenant']}/{tenant0['persona']}\", \"temperature\": 0, "
           f"\"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of Spain?\"}}]}}'")
-    print("  stop it:    .venv/bin/adapterfab down   (or `make down`)")
+    print(f"  stop it:    make down   (or ADAPTERFAB_HOME={settings.home} .venv/bin/adapterfab down)")
     return 0
 
 
