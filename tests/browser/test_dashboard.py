@@ -3,7 +3,7 @@ that `adapterfab up` starts, while a small 2-tenant batch on the tiny model trai
 key, the batch's jobs move to a terminal state without a reload, loss curves are drawn from MLflow's
 per-step history, the cluster page shows Ray's node and where the jobs ran, the registry page shows the
 promotion decisions, and a tenant's key neither lists nor opens another tenant's batch. Screenshots of
-each page are written to docs/dashboard-*.png (the README shows them)."""
+each page are written to docs/dashboard-*.png (docs/dashboard.md shows them)."""
 
 from __future__ import annotations
 
