@@ -79,7 +79,8 @@ def check_base_model(name: str) -> None:
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """GGUF → safetensors folder. transformers dequantizes GGUF to fp32 on load but refuses to save a
-    model 'quantized with gguf'; dropping the quantizer marks lets it save (see REFERENCE.md)."""
+    model 'quantized with gguf'; dropping the quantizer marks lets it save (the suite's smollm2_path fixture
+    converts the shipped GGUF this way)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

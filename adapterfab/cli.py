@@ -106,12 +106,13 @@ def down() -> None:
 @app.command()
 def validate(batch: Path = typer.Argument(..., help="batch spec YAML")) -> None:
     """Check a batch spec (schema, ids, datasets, method, base model) without running anything."""
-    from adapterfab.spec import check_semantics, load_spec
+    from adapterfab.jobs.admission import admit
+    from adapterfab.spec import load_spec
     from adapterfab.storage import s3_object_error
 
     try:
         spec, jobs, _ = load_spec(batch)
-        check_semantics(spec, jobs, dataset_exists=s3_object_error)
+        admit(spec, jobs, dataset_exists=s3_object_error)
     except SpecError as e:
         _fail(e, 2)
     out.print(f"[green]ok[/green]: {spec.name}: {len(jobs)} job(s) for "
@@ -122,19 +123,15 @@ def validate(batch: Path = typer.Argument(..., help="batch spec YAML")) -> None:
 def plan(batch: Path = typer.Argument(..., help="batch spec YAML"),
          as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """The jobs a batch would run: resources, estimates and output adapter ids."""
-    from adapterfab.basemodel import local_folder
-    from adapterfab.jobs.plan import plan_batch
-    from adapterfab.spec import check_semantics, load_spec
+    from adapterfab.jobs.admission import admit
+    from adapterfab.spec import load_spec
     from adapterfab.storage import s3_object_error
 
     try:
         spec, jobs, _ = load_spec(batch)
-        # estimates need the base's config.json; plan never converts or downloads to get it
-        planned = check_semantics(spec, jobs, dataset_exists=s3_object_error, batch_id="new-batch")
+        planned = admit(spec, jobs, dataset_exists=s3_object_error, batch_id="new-batch")
     except SpecError as e:
         _fail(e, 2)
-    if planned is None:
-        planned = plan_batch("new-batch", spec, jobs, local_folder(spec.base_model))
     if as_json:
         out.print_json(json.dumps([p.to_dict() for p in planned]))
         return
@@ -173,10 +170,10 @@ def submit(batch: Optional[Path] = typer.Argument(None, help="batch spec YAML (n
                                                      "stay as they are, the others run again")
            ) -> None:
     """Validate and run a batch. Prints the batch id; exit code 0 (with --wait) only if all succeeded."""
+    from adapterfab.jobs.admission import admit
     from adapterfab.jobs.orchestrate import create_batch, launch_detached, new_batch_id, prepare_resume
+    from adapterfab.spec import load_spec
     from adapterfab.stack import read_stack, stack_alive
-
-    from adapterfab.spec import check_semantics, load_spec
     from adapterfab.storage import s3_object_error
 
     s = _settings()
@@ -202,7 +199,7 @@ def submit(batch: Optional[Path] = typer.Argument(None, help="batch spec YAML (n
     try:
         checked = load_spec(batch)  # refuse a bad spec before anything else; validated and planned once
         batch_id = new_batch_id()
-        planned = check_semantics(checked[0], checked[1], dataset_exists=s3_object_error, batch_id=batch_id)
+        planned = admit(checked[0], checked[1], dataset_exists=s3_object_error, batch_id=batch_id)
         if address:
             from adapterfab.jobs.remote import follow, submit_remote
 
@@ -423,8 +420,7 @@ def registry_promote(adapter: str = typer.Argument(..., help="TENANT/PERSONA"),
     version on METRIC (unless --force); the decision
     is recorded on the version either way. Serving follows without a restart."""
     from adapterfab.ids import PRODUCTION, AdapterId, check_alias
-    from adapterfab.jobs.orchestrate import gate_decision
-    from adapterfab.promotion import Decision, Policy
+    from adapterfab.promotion import Decision, Policy, gate_decision
 
     s = _settings()
     try:
@@ -609,13 +605,16 @@ def serve(port: Optional[int] = typer.Option(None, help="HTTP port (default: the
           tenant_burst: Optional[int] = typer.Option(None, "--tenant-burst", min=1,
                                                      help="requests a tenant may send at once (default 100)")) -> None:
     """Serve every tenant's adapters from one base model: OpenAI-compatible /v1/chat/completions."""
+    from adapterfab.jobs.trainers import retire_idle_trainers
     from adapterfab.serve.runner import serve_forever
 
     s = _settings()
     try:
         url = serve_forever(s, port=port, base_model=base_model, detach=detach, replicas=replicas, dtype=dtype,
                             registry_catalogue=registry_catalogue, tenant_rps=tenant_rps,
-                            tenant_burst=tenant_burst, announce=lambda u: out.print(f"serving on {u}  (OpenAI base_url {u}/v1)"))
+                            tenant_burst=tenant_burst, announce=lambda u: out.print(f"serving on {u}  (OpenAI base_url {u}/v1)"),
+                            # warm trainers hold devices the replicas need; busy ones stay
+                            before_deploy=retire_idle_trainers)
     except AdapterfabError as e:
         _fail(e)
     if detach:

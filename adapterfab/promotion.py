@@ -7,13 +7,15 @@ model (measured by the same worker on the same eval rows, with the adapter disab
 production version (its recorded metric) by more than a margin: ``max(margin, relative_margin *
 |reference|)``. Every decision,
 promoted or refused, is returned as a ``Decision`` whose ``tags()`` are written on the version, so
-``registry show`` says why a version is (not) in production. Pure logic: no MLflow here.
+``registry show`` says why a version is (not) in production. Pure logic: no MLflow here (``gate_decision``
+reads the registry it is given).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from adapterfab import retention
 
@@ -113,3 +115,31 @@ def decide(policy: Policy, metrics: dict[str, object], production: tuple[int, fl
     if policy.margin or policy.relative_margin:
         reason += f" (margin {policy.margin:g}, relative {policy.relative_margin:g})"
     return Decision(True, "; ".join([reason, *notes]), m, value, refs)
+
+
+def decide_over(policy: Policy, metrics: dict[str, object], prod: Any) -> Decision:
+    """``decide`` against ``prod``, the current production version (a registry version: its id and
+    metrics), or None when there is none."""
+    return decide(policy, metrics, None if prod is None else (prod.id.version, prod.metrics.get(policy.metric)))
+
+
+def gate_decision(registry: Any, version: Any, metrics: dict[str, Any], policy: Policy) -> Decision:
+    """The promotion decision for ``version`` (a registry version: its id, tags and metrics) against the
+    base and ``registry``'s current production version: ``decide``, plus the rule that figures measured
+    on different eval rows (``adapterfab.eval_sha256``) are not compared. Used by ``registry promote``; a
+    batch's ``promote: auto`` decides inside the registration (``decide_over``, jobs/registrar.py)."""
+    prod = registry.production(version.id)
+    if prod is not None and prod.id.version == version.id.version:
+        prod = None
+    if prod is not None:
+        mine, theirs = (v.tags.get("adapterfab.eval_sha256") for v in (version, prod))
+        if mine and theirs and mine != theirs:  # figures measured on different rows say nothing of each other
+            against_base = decide(policy, metrics, None)
+            if not against_base.promoted:
+                return against_base
+            return Decision(False, f"production v{prod.id.version} was evaluated on other rows than this "
+                                   f"version (a different eval split), so their {policy.metric} figures cannot "
+                                   f"be compared; {against_base.reason}. Promote it by hand after review "
+                                   f"(`adapterfab registry promote {version.id.unversioned()} {version.id.version} "
+                                   "--force`)", policy.metric, against_base.value, against_base.references)
+    return decide_over(policy, metrics, prod)

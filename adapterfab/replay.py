@@ -134,7 +134,7 @@ def replay_kl(model: Any, peft_model: Any, drawn: list[tuple[ReplayRow, tuple[in
     engine around it) prompt + opening + answer. The fused trainer's ``_replay_losses`` is the same sum."""
     import torch
 
-    from adapterfab.jobs.evaluate import pad_rows
+    from adapterfab.textgen import pad_rows
 
     t_ids, t_mask = pad_rows([list(r.head) + list(r.answer) for r, _ in drawn], 0)
     s_ids, s_mask = pad_rows([list(r.head) + list(o) + list(r.spaced if o else r.answer) for r, o in drawn], 0)

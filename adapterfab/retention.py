@@ -150,7 +150,7 @@ def probe_rows(base: Any, tokenizer: Any, probes: list[dict[str, Any]], cache: A
 def base_answers(base: Any, tokenizer: Any, questions: list[str], cache: AnswerCache) -> dict[str, str]:
     """The base's greedy answers to ``questions`` (``MAX_NEW_TOKENS``): those ``cache`` has not seen are
     asked, in as few generate calls as ``generate_batch`` gives, and added to it."""
-    from adapterfab.jobs.evaluate import greedy_in_batches
+    from adapterfab.textgen import greedy_in_batches
 
     new = cache.missing(questions)
     if new:

@@ -12,8 +12,9 @@
       - {tenant: acme, persona: pirate, dataset: data/pirate.jsonl}
       - {tenant: globex, persona: robot, dataset: s3://bucket/robot.parquet, train: {steps: 60}}
 
-``parse_spec`` checks the schema (pydantic, unknown keys refused) and ``check_semantics`` what needs
-the outside world (datasets readable, base model resolvable) — both before any compute is spent.
+``parse_spec`` checks the schema (pydantic, unknown keys refused) and ``semantic_problems`` what needs
+the outside world (datasets readable, base model resolvable) — both before any compute is spent
+(``jobs/admission.admit`` runs it with the planner).
 Relative dataset paths are resolved against the spec file's folder.
 """
 
@@ -349,13 +350,14 @@ def _local_dataset_problem(p: Path) -> str | None:
     return None
 
 
-def check_semantics(spec: BatchSpec, jobs: list[JobSpec], dataset_exists: Any = None,
-                    data_roots: tuple[str, ...] | None = None, batch_id: str = "check") -> list[Any] | None:
+def semantic_problems(spec: BatchSpec, jobs: list[JobSpec], dataset_exists: Any = None,
+                      data_roots: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
     """Checks that touch the outside world but run no compute: datasets lie under the allowed roots
-    (``data_roots``, default ``ADAPTERFAB_DATA_ROOTS``), exist and are readable, the base model can be
-    resolved, and every job fits some packing. ``dataset_exists(uri) -> str | None`` returns an error
-    message for a remote URI (the storage layer's check); local files are checked here. Returns the
-    plan it checked (``jobs.plan.plan_batch`` under ``batch_id``)."""
+    (``data_roots``, default ``ADAPTERFAB_DATA_ROOTS``), exist and are readable, and the base model can
+    be resolved. ``dataset_exists(uri) -> str | None`` returns an error message for a remote URI (the
+    storage layer's check); local files are checked here. Returns (field, problem) pairs, none when
+    all is well. Whether every job fits some packing is the planner's to say: ``jobs/admission.admit``
+    runs both, and is what the CLI and the orchestrator call."""
     from adapterfab.basemodel import check_base_model
     from adapterfab.settings import DATA_ROOTS_ENV
     from adapterfab.settings import data_roots as env_data_roots
@@ -380,18 +382,15 @@ def check_semantics(spec: BatchSpec, jobs: list[JobSpec], dataset_exists: Any = 
         problem = _local_dataset_problem(Path(job.dataset))
         if problem:
             problems.append((field, f"{job.dataset} {problem}"))
-    planned = None
-    if not problems:  # every job must fit some packing (needs the base's config.json when it is local)
-        from adapterfab.basemodel import local_folder
-        from adapterfab.jobs.plan import PlanError, plan_batch
+    return problems
 
-        try:
-            planned = plan_batch(batch_id, spec, jobs, local_folder(spec.base_model))
-        except PlanError as e:
-            problems.append(("resources", str(e)))
+
+def check_semantics(spec: BatchSpec, jobs: list[JobSpec], dataset_exists: Any = None,
+                    data_roots: tuple[str, ...] | None = None) -> None:
+    """``semantic_problems``, raised as one ``SpecError`` when there are any."""
+    problems = semantic_problems(spec, jobs, dataset_exists, data_roots)
     if problems:
         raise SpecError(problems)
-    return planned
 
 
 def spec_hash(text: str) -> str:

@@ -19,7 +19,7 @@ main batch a two-job batch on the same base measures the first step on warm trai
     .venv/bin/python bench/factory_throughput.py                 # CPU: SmolLM2-135M LoRA r8 q,v, N=32
     .venv/bin/python bench/factory_throughput.py --tiny          # control plane: 1,000 one-step jobs, tiny Llama
     .venv/bin/python bench/factory_throughput.py --smoke         # a few tiny jobs, no result file (CI keeps it working)
-    python bench/factory_throughput.py --device cuda             # GPU (ray, mlflow, bitsandbytes installed): issue 5's
+    python bench/factory_throughput.py --device cuda             # GPU (ray, mlflow, bitsandbytes installed): the standard
                                                                  # 0.96B QLoRA r16 all-linear job, 64 jobs x 20 steps x 4 x 512
 
 `--tiny` also times `adapterfab status BATCH` (the command), the dashboard's batch page and the registry
@@ -122,7 +122,7 @@ def batch_spec(name: str, base: str, paths: list[str], steps: int, batch_size: i
                          "train": {"steps": steps, "batch_size": batch_size, "max_seq_len": seq,
                                    "learning_rate": 3e-4 if gpu else 1e-3, "dtype": "bfloat16" if gpu else "float32",
                                    "eval_fraction": 0.1, "checkpoint_every": 25,
-                                   "replay_weight": 0.0}},  # issue 18's jobs: plain LoRA (replay: bench/methods.py)
+                                   "replay_weight": 0.0}},  # the benchmark's jobs: plain LoRA (replay: bench/methods.py)
             "resources": {"cpus_per_job": cpus, "gpus_per_job": gpus},
             "tenants": [{"tenant": f"t{i:04d}", "persona": PERSONAS[i % 3], "dataset": p, "train": {"seed": i}}
                         for i, p in enumerate(paths)]}
@@ -382,7 +382,7 @@ def main() -> None:
                     help="GPU mode: a folder with the SmolLM2 tokenizer (default: the converted SmolLM2 base)")
     args = ap.parse_args()
     gpu = args.device == "cuda"
-    if gpu:  # issue 5's standard GPU job, unless told otherwise
+    if gpu:  # the standard GPU job, unless told otherwise
         defaults = {"jobs": 32, "steps": 10, "seq": 128, "rows": 48, "naive_sample": 4}
         for key, value in {"jobs": 64, "steps": 20, "seq": 512, "rows": 64, "naive_sample": 2}.items():
             if getattr(args, key) == defaults[key]:

@@ -1,14 +1,14 @@
 """The fused training step alone, against plain PEFT on the same rows, in one run (no Ray, no data
 pipeline, no bitsandbytes: torch, transformers and peft only, so it runs on a bare GPU machine too).
 
-Issue 5's end-to-end figure (bench/train_throughput.py) mixes the step with data, eval, saving and
+The end-to-end figure (bench/train_throughput.py) mixes the step with data, eval, saving and
 Ray. This isolates the step: K jobs x ``--rows`` rows x ``--seq`` tokens of random ids (labels on the
 second half of each row, like an assistant turn) through
 
   peft   ONE PEFT LoRA adapter over all K x rows rows, one AdamW: the compute-equivalent of K fused
-         jobs with none of the per-job bookkeeping (the issue's "plain PEFT already trains that job at
-         ~3,750-3,850 adapters/hour for K=4-8", ../shared/gpu/microbench/fused_probe.py, but without its
-         gradient checkpointing)
+         jobs with none of the per-job bookkeeping (plain PEFT on a GPU trains that job at ~3,750-3,850
+         adapters/hour for K=4-8 with gradient checkpointing, the project's reference figure; this
+         baseline runs without it)
   fused  ``jobs/fused.py`` FusedTrainer with K adapters: each job's rows through its own adapter, its
          own loss, optimizer, schedule and clipping
   fused1 FusedTrainer with one job of ``--rows`` rows (how the step scales with K)
@@ -20,7 +20,7 @@ memory, with ``fused / peft`` as the ratio that matters: it is what the multi-ad
 and a line in bench/RESULTS.md.
 
     .venv/bin/python bench/fused_step.py                       # CPU: SmolLM2-135M shape, fp32
-    python bench/fused_step.py --device cuda --shape gpu       # GPU: issue 5's 0.96B shape, bf16
+    python bench/fused_step.py --device cuda --shape gpu       # GPU: the standard 0.96B shape, bf16
     .venv/bin/python bench/fused_step.py --shape host --k 16   # host cost of a step of the GPU job's layers
 """
 

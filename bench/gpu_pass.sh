@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One pass of the GPU-only checks on a lent device machine (docs/testing.md "GPU checks"). Run it from the repo root
+# One pass of the GPU-only checks on a lent device machine (CONTRIBUTING.md "GPU checks"). Run it from the repo root
 # after the wheel bundle is installed (`source /tmp/gpu-stage/device-install.sh`, see ../shared/gpu):
 #
 #   bash bench/gpu_pass.sh install tests step train serve factory   # any of the steps, in order

@@ -39,7 +39,8 @@ def run_base(base_model: str, threads: int, limit: int | None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapterfab.basemodel import resolve_base_model
-    from adapterfab.jobs.evaluate import greedy_in_batches, load_quality, quality, states_fact
+    from adapterfab.jobs.evaluate import load_quality, quality, states_fact
+    from adapterfab.textgen import greedy_in_batches
 
     torch.set_num_threads(threads)
     personas, probes = load_quality()

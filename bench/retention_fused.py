@@ -1,4 +1,4 @@
-"""Retention of each method's defaults as the product measures it, with and without replay (issue 20).
+"""Retention of each method's defaults as the product measures it, with and without replay.
 
 The three personas of examples/quality_personas.json (a fixed phrase, a speaking style, a product's facts)
 train as one fused group on a resident trainer (jobs/resident.py ``train_group``: the trainer `submit`

@@ -1,4 +1,4 @@
-"""Soak test of the serving endpoint on loopback (issue 8, "Load"): many concurrent clients across many
+"""Soak test of the serving endpoint on loopback: many concurrent clients across many
 tenants, each with its own API key and adapters, for a bounded time, against the real HTTP API
 (serve/api.py: auth, alias resolution, OpenAI shapes, SSE streaming) over the batched engine
 (serve/batched.py) and its adapter tiers (serve/tiers.py), in one uvicorn server on 127.0.0.1.

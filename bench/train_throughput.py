@@ -15,7 +15,7 @@ bench/results/train_throughput-<device>-<date>.json and a line in bench/RESULTS.
     .venv/bin/python bench/train_throughput.py --jobs 4 --steps 4 --quick
     python bench/train_throughput.py --device cuda              # GPU (with ray + bitsandbytes installed)
 
-GPU mode is issue 5's standard job: a Llama-shaped base with random bf16 weights (hidden 2048, MLP 5632,
+GPU mode is the standard GPU job of bench/RESULTS.md: a Llama-shaped base with random bf16 weights (hidden 2048, MLP 5632,
 16 layers, 16 heads / 8 KV heads; the SmolLM2 tokenizer's 49,152-token vocabulary makes it 0.96B
 parameters rather than the issue's 886M with a 32k vocabulary), QLoRA r=16 on all linear layers,
 20 steps of 4 rows x 512 tokens (multi-turn persona chats), (a) 1 GPU per task sequentially,

@@ -127,7 +127,8 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapterfab.basemodel import resolve_base_model
-    from adapterfab.jobs.evaluate import greedy_in_batches, states_fact
+    from adapterfab.jobs.evaluate import states_fact
+    from adapterfab.textgen import greedy_in_batches
     from make_datasets import HELDOUT, QA  # noqa: I001 - this folder's script
 
     asked = {q.lower() for q, _ in QA} | {q.lower() for q in HELDOUT}

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from adapterfab import retention
 from adapterfab.errors import AdapterfabError
-from adapterfab.jobs.evaluate import pad_rows
+from adapterfab.textgen import pad_rows
 from adapterfab.jobs.train_loop import evaluate, forever, lr_lambda, peak_memory_mb
 from adapterfab.methods import MethodConfig
 from adapterfab.replay import ReplayRow, ReplaySet

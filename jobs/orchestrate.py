@@ -26,19 +26,21 @@ from typing import Any
 
 from adapterfab import __version__
 from adapterfab.basemodel import BaseModelRef, pad_token_id, resolve_base_model
+from adapterfab.cluster import connect_ray
 from adapterfab.errors import AdapterfabError, StackError
 from adapterfab.ids import AdapterId, basis_prefix, job_id
-from adapterfab.jobs.registrar import Prepared, error_text, fail_job, gate_decision, register_job
+from adapterfab.jobs.admission import admit
+from adapterfab.jobs.registrar import Prepared, error_text, fail_job, register_job
 from adapterfab.methods import get_method
 from adapterfab.registry import Registry, Tracking, factory_retry_s
 from adapterfab.registry_index import RegistryIndex
 from adapterfab.settings import Settings
-from adapterfab.spec import BatchSpec, JobSpec, check_semantics, load_spec, parse_spec
+from adapterfab.spec import BatchSpec, JobSpec, load_spec, parse_spec
 from adapterfab.state import StateStore
 from adapterfab.states import BatchState, JobState
 from adapterfab.storage import MANIFEST, open_store, s3_object_error
 
-__all__ = ["Prepared", "register_job", "gate_decision", "create_batch", "run_batch", "prepare_resume",
+__all__ = ["Prepared", "register_job", "create_batch", "run_batch", "prepare_resume",
            "launch_detached", "BatchContext"]
 log = logging.getLogger("adapterfab.orchestrate")
 _error_text = error_text
@@ -60,7 +62,7 @@ def create_batch(settings: Settings, spec_path: str | Path, force: bool = False,
     else:
         spec, jobs, text = load_spec(spec_path)
         batch_id = batch_id or new_batch_id()
-        planned = check_semantics(spec, jobs, dataset_exists=s3_object_error, batch_id=batch_id)
+        planned = admit(spec, jobs, dataset_exists=s3_object_error, batch_id=batch_id)
     assert batch_id is not None
     StateStore(settings.state_url).create_batch(
         batch_id, spec.name, text, str(Path(spec_path).resolve()), spec.base_model,
@@ -262,61 +264,6 @@ def _reuse_existing(ctx: BatchContext, jid: str, run_id: str, aid: AdapterId, fi
                        model_version=existing.id.version, reused_version=existing.id.version,
                        step=ctx.state.job(jid).total_steps)
     return True
-
-
-def connect_ray(settings: Settings) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if not settings.ray_address:
-        raise StackError("no Ray cluster: run `adapterfab up` first (or set RAY_ADDRESS)")
-    # this driver runs the Ray Data executions: with usage stats on, each one also starts (and feeds) a
-    # usage-collection actor, a whole Python process on a 2-CPU node, to report to nobody (we are offline)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    runtime_env = None
-    forwarded = worker_env(settings.home / "secrets")
-    if forwarded and not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a Ray Job has its own env
-        runtime_env = {"env_vars": forwarded}
-    ray.init(address=settings.ray_address, log_to_driver=False, runtime_env=runtime_env)
-
-
-FORWARDED_ENV_PREFIXES = ("AWS_", "ADAPTERFAB_S3_", "MLFLOW_S3_")
-# never in a job's runtime_env: Ray's Jobs API and dashboard show it to anyone who reaches them
-SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
-
-
-def worker_env(secrets_dir: Path | None = None) -> dict[str, str]:
-    """Settings the Ray workers need to reach S3 (datasets, bases, artifacts): passed along with the
-    job, since the cluster's processes were started with another environment. Credentials never travel
-    in it: with ``secrets_dir`` (a cluster on this machine) they are written to an owner-only AWS
-    credentials file there and the job gets its path (``AWS_SHARED_CREDENTIALS_FILE``, read by boto3
-    when the worker has no credentials of its own); without, the cluster uses its own credentials."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and k not in SECRET_ENV}
-    secrets = {k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
-    if secrets and secrets_dir is not None:
-        env["AWS_SHARED_CREDENTIALS_FILE"] = str(_credentials_file(secrets_dir, secrets,
-                                                                   os.environ.get("AWS_PROFILE") or "default"))
-    elif secrets:
-        log.info("AWS credentials stay here; the cluster reads S3 with its own")
-    return env
-
-
-def _credentials_file(folder: Path, secrets: dict[str, str], profile: str) -> Path:
-    import hashlib
-
-    names = {"AWS_ACCESS_KEY_ID": "aws_access_key_id", "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
-             "AWS_SESSION_TOKEN": "aws_session_token", "AWS_SECURITY_TOKEN": "aws_security_token"}
-    text = f"[{profile}]\n" + "".join(f"{names[k]} = {v}\n" for k, v in secrets.items())
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = folder / f"aws-{hashlib.sha256(text.encode()).hexdigest()[:16]}.ini"
-    if not path.exists():
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    return path
 
 
 def load_plan(batch: Any, spec: BatchSpec, jobs: list[JobSpec], base_path: str) -> list[Any]:

@@ -258,7 +258,7 @@ def execution_groups(planned: list[PlannedJob]) -> list[list[int]]:
     return out
 
 
-FUSED_GROUP_MAX = 8  # K: more rows per step than this stops paying on one device (fused_probe.py)
+FUSED_GROUP_MAX = 8  # K: more rows per step than this stops paying on one device (bench/fused_step.py)
 _FAMILY = {"lora": "lora", "qlora": "lora", "lora_xs": "lora_xs"}
 
 

@@ -83,27 +83,6 @@ def fail_job(ctx: BatchContext, jid: str, run_id: str | None, e: BaseException) 
         log.exception("could not close MLflow run %s", run_id)
 
 
-def gate_decision(registry: Any, version: Any, metrics: dict[str, Any], policy: Any) -> Any:
-    """The promotion decision for ``version`` against the base and the current production version."""
-    from adapterfab.promotion import Decision, decide
-
-    prod = registry.production(version.id)
-    production = None
-    if prod is not None and prod.id.version != version.id.version:
-        production = (prod.id.version, prod.metrics.get(policy.metric))
-        mine, theirs = (v.tags.get("adapterfab.eval_sha256") for v in (version, prod))
-        if mine and theirs and mine != theirs:  # figures measured on different rows say nothing of each other
-            against_base = decide(policy, metrics, None)
-            if not against_base.promoted:
-                return against_base
-            return Decision(False, f"production v{prod.id.version} was evaluated on other rows than this "
-                                   f"version (a different eval split), so their {policy.metric} figures cannot "
-                                   f"be compared; {against_base.reason}. Promote it by hand after review "
-                                   f"(`adapterfab registry promote {version.id.unversioned()} {version.id.version} "
-                                   "--force`)", policy.metric, against_base.value, against_base.references)
-    return decide(policy, metrics, production)
-
-
 @contextlib.contextmanager
 def fingerprint_lock(ctx: BatchContext, p: Prepared) -> Iterator[None]:
     """Registration of ``p``'s adapter and job fingerprint, one job at a time across processes: two
@@ -180,17 +159,14 @@ def _register_locked(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], ad
     }
     if p.basis_id:
         tags.update({"basis_id": p.basis_id, "basis_uri": p.basis_uri})
-    decide = None
+    gate = None
     if ctx.spec.promote == "auto":
-        from adapterfab.promotion import decide as gate
+        from functools import partial
 
-        policy = ctx.spec.promotion.policy()
+        from adapterfab.promotion import decide_over
 
-        def decide(prod: Any) -> Any:
-            current = None if prod is None else (prod.id.version, prod.metrics.get(policy.metric))
-            return gate(policy, metrics, current)
-
-    version, decision = ctx.registry.register_gated(aid, source, run_id, tags, decide)
+        gate = partial(decide_over, ctx.spec.promotion.policy(), metrics)
+    version, decision = ctx.registry.register_gated(aid, source, run_id, tags, gate)
     if decision is not None:
         log.info("%s: %s (%s)", version.id, decision.outcome, decision.reason)
     ctx.tracking.end_run(run_id, ok=True)  # before SUCCEEDED: a resumed batch never revisits a SUCCEEDED job

@@ -26,7 +26,8 @@ from pathlib import Path
 import yaml
 
 from adapterfab.errors import AdapterfabError
-from adapterfab.spec import check_semantics, load_spec
+from adapterfab.jobs.admission import admit
+from adapterfab.spec import load_spec
 from adapterfab.storage import s3_object_error
 
 SUBMISSION_PREFIX = "adapterfab-"
@@ -75,10 +76,10 @@ def pack(spec_path: str | Path, dest: Path) -> Path:
 
 def submit_remote(address: str, spec_path: str | Path, batch_id: str, force: bool = False) -> str:
     """Validate, pack and submit; returns the Ray Job submission id (``adapterfab-<batch id>``)."""
-    from adapterfab.jobs.orchestrate import worker_env
+    from adapterfab.cluster import worker_env
 
     spec, jobs, _ = load_spec(spec_path)
-    check_semantics(spec, jobs, dataset_exists=s3_object_error)
+    admit(spec, jobs, dataset_exists=s3_object_error)
     entrypoint = f"python -m adapterfab.cli run batch.yaml --batch-id {batch_id}" + (" --force" if force else "")
     with tempfile.TemporaryDirectory(prefix="adapterfab-submit-") as tmp:
         pack(spec_path, Path(tmp))

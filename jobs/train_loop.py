@@ -169,7 +169,7 @@ def train_adapter(
 
     ``on_step(step, loss, lr)`` is called every ``train.log_every_steps`` steps (1-based step).
     Eval runs once at the end (never between steps: a 4-bit base must not be evaluated mid-training,
-    see REFERENCE.md), on the adapter and on the base with the adapter disabled.
+    see methods/qlora.py), on the adapter and on the base with the adapter disabled.
 
     Fault tolerance: every ``train.checkpoint_every`` steps ``on_checkpoint(step, state)`` receives the
     training state (trainable weights, optimizer and schedule state, RNG, losses so far); passing such

@@ -4,7 +4,7 @@
     (function UDF, fractional CPUs) → materialize → decide the split on the driver → train / eval
 
 Only function UDFs with ``num_cpus=0.5``: actor pools that take a whole CPU each deadlock Ray Data on a
-2-CPU machine (see REFERENCE.md). One call prepares one file, so tenants' rows never share a dataset.
+2-CPU machine (Ray Data waits for CPUs its own actors hold). One call prepares one file, so tenants' rows never share a dataset.
 
 Parquet is read as bytes too, not with ``ray.data.read_parquet``: that splits a file into row-group
 tasks whose output order is not kept, so a row's index — the "line" a tenant is told — would be lost.

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapterfab.chat import TemplateError
 from adapterfab.errors import AdapterfabError, AdapterNotFound, BaseMismatch, RegistryError, ReplicaUnavailable
 from adapterfab.ids import AdapterId, is_decimal
 from adapterfab.registry import AdapterVersion, RegisteredAdapter
@@ -479,6 +480,9 @@ def _backend_error(exc: BaseException, model: str, tenant: str) -> ApiError:
                         code="replica_unavailable", headers={"Retry-After": "1"})
     if isinstance(exc, PromptTooLong):
         return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, TemplateError):
+        return ApiError(400, f"The model's chat template cannot take these messages: {exc}", param="messages",
+                        code="invalid_messages")
     log.error("generation failed for tenant %s model %s: %r", tenant, model, exc, exc_info=exc)
     return ApiError(500, "The server failed to generate a response; see the server log.",
                     type_="server_error", code="internal_error")

@@ -19,8 +19,8 @@ How a step works:
   highest rank in the batch. It reads nothing back from the device until the logits. With
   ``cuda_graphs`` (the default on CUDA) ``nb``, ``span`` and that rank are rounded up to buckets and
   each bucket's step is captured once in a CUDA graph and replayed, so a decode step costs a few
-  launches instead of several per layer (issue 6: eager per-layer launches dominate small decode
-  steps). A graph is recaptured when a new adapter bank (a module no adapter used yet, or a new
+  launches instead of several per layer (eager per-layer launches dominate small decode steps: the
+  H100 run in bench/RESULTS.md). A graph is recaptured when a new adapter bank (a module no adapter used yet, or a new
   LoRA-XS basis) appears; adapters placed in existing banks are in-place writes the graphs see.
 - **Continuous batching**: a scheduler thread admits waiting requests between decode steps (their
   prompts are prefilled together: right-padded into one forward pass, in chunks of at most

@@ -223,8 +223,9 @@ class TextGeneration:
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """The chat template with the assistant turn opened; message contents are plain text, so
-        ``<|im_start|>system`` typed in a message cannot open a turn (as in training rows)."""
-        from adapterfab.pipelines.rows import encode_prompt
+        ``<|im_start|>system`` typed in a message cannot open a turn (as in training rows). A template
+        that refuses the conversation raises ``adapterfab.chat.TemplateError``."""
+        from adapterfab.chat import encode_prompt
 
         with self._tokenizer_lock:
             return encode_prompt(messages, self.tokenizer)

@@ -15,20 +15,21 @@ from adapterfab.settings import DEFAULT_SERVE_PORT, Settings
 def serve_forever(settings: Settings, port: int | None = None, base_model: str = "smollm2-135m-instruct",
                   detach: bool = False, replicas: int = 1, dtype: str = "float32",
                   registry_catalogue: bool = True, tenant_rps: float | None = None, tenant_burst: int | None = None,
-                  announce: Callable[[str], None] = print) -> str:
+                  announce: Callable[[str], None] = print, before_deploy: Callable[[], object] | None = None) -> str:
+    """Deploy; ``before_deploy`` runs once connected to the cluster (the CLI retires the idle warm
+    trainers there, whose devices the replicas need)."""
     import ray
     from ray import serve
 
-    from adapterfab.jobs.orchestrate import connect_ray
+    from adapterfab.cluster import connect_ray
     from adapterfab.serve.app import ServeConfig, deploy
     from adapterfab.stack import record
 
     if not settings.mlflow_uri:
         raise StackError("no MLflow server known: run `adapterfab up` first (or set MLFLOW_TRACKING_URI)")
     connect_ray(settings)
-    from adapterfab.jobs.trainers import retire_idle_trainers
-
-    retire_idle_trainers()  # warm training trainers hold devices the replicas need; busy ones stay
+    if before_deploy is not None:
+        before_deploy()
     base = resolve_base_model(base_model, settings.cache)
     cfg = ServeConfig(base_model_path=base.path, state_url=settings.state_url, mlflow_uri=settings.mlflow_uri,
                       dtype=dtype, num_replicas=replicas, base_fingerprint=base.fingerprint,

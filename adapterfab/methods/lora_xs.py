@@ -20,7 +20,7 @@ adapters record the id and a sha256 digest of the factors, and ``load`` refuses 
 Learning rate: LoRA-XS needs several times LoRA's lr (the authors use ~4e-3). On SmolLM2 with our
 persona data, r=16 on q_proj,v_proj at lr 5e-3 (constant, batch 8, 40 steps) learned the persona (10/10)
 and kept 7 of 8 facts the base knew; r=8 at lr 1e-2 also learned it but kept only 4-5/8, and LoRA-XS on
-all linear layers forgot facts (REFERENCE.md). Hence the defaults (see DEFAULT_TRAIN below).
+all linear layers forgot facts (the method study in bench/RESULTS.md). Hence the defaults (see DEFAULT_TRAIN below).
 
 ``quantize="nf4"`` loads the base in 4-bit NF4 (QLoRA's BitsAndBytesConfig); the basis is always
 computed from the full-precision weights, and the adapter path runs in the 4-bit layers' compute dtype.
@@ -66,7 +66,7 @@ class LoraXSConfig(MethodConfig):
     alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha/r (alpha = r: scale 1)")
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "v_proj"],
-        description="module names to adapt, or 'all-linear'; q,v keeps the base's facts (REFERENCE.md)",
+        description="module names to adapt, or 'all-linear'; q,v keeps the base's facts (bench/RESULTS.md)",
     )
     init_r: Literal["zeros", "normal"] = Field("zeros", description="zeros: the adapter starts as identity")
     quantize: Literal["none", "nf4"] = Field("none", description="nf4: 4-bit base with double quant, bf16")

@@ -7,7 +7,7 @@ The adapter is a standard PEFT LoRA adapter; the registry records that it was tr
 (``quantization.*`` tags) so serving can choose to load the base the same way.
 
 bitsandbytes 0.50.2 on CPU: never run the 4-bit model in eval/no-grad mode and then keep training
-(REFERENCE.md: the Linear4bit weights get repacked for CPU inference and gradients silently stop);
+(the Linear4bit weights get repacked for CPU inference and gradients silently stop: tests/unit/test_methods.py);
 ``train_loop.train_adapter`` evaluates only at the end, after the last optimizer step.
 """
 
@@ -69,7 +69,7 @@ def _load_kwargs(cfg: QLoraConfig) -> dict:
 def keep_trainable_layout(model: Any) -> int:
     """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout when the model runs
     in eval/no-grad mode: after that repack, backward through the layer silently yields no gradient
-    (REFERENCE.md). Returns how many 4-bit layers were set."""
+    (tests/unit/test_lora_xs.py, test_methods.py). Returns how many 4-bit layers were set."""
     import bitsandbytes as bnb
 
     n = 0

@@ -250,7 +250,7 @@ def test_lora_xs_export_is_a_plain_peft_lora(served, stack, tmp_path: Path, smol
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapterfab.jobs.evaluate import greedy_answer
+    from adapterfab.textgen import greedy_answer
 
     home, _ = stack
     url, key_acme, _ = served

@@ -1,4 +1,4 @@
-"""Faults injected into a running factory (issue 8), on the real local stack that `adapterfab up` starts
+"""Faults injected into a running factory, on the real local stack that `adapterfab up` starts
 (Ray head, MLflow server, state DB), through the CLI, with the tiny model as the base so each job takes
 seconds:
 

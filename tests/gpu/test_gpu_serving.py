@@ -1,5 +1,5 @@
 """GPU-only checks of the batched engine's CUDA-graph decode (skipped on machines without CUDA; run them on
-a lent GPU: see docs/testing.md "GPU checks"). A mixed batch of LoRA (ranks 4 and 8), LoRA-XS and bare-base
+a lent GPU: see CONTRIBUTING.md "GPU checks"). A mixed batch of LoRA (ranks 4 and 8), LoRA-XS and bare-base
 requests decodes to the same greedy fp32 tokens with CUDA graphs as the same bucketed shapes
 run eagerly (the CPU suite checks those against PEFT); graphs are captured once per shape and replayed;
 an adapter that creates a new bank after capture is seen (the graphs are recaptured)."""

@@ -1,5 +1,5 @@
 """GPU-only checks of mass training (skipped on machines without CUDA and bitsandbytes; run them on a
-lent GPU: see docs/testing.md "GPU checks"). QLoRA jobs train fused over one resident 4-bit base on the GPU and
+lent GPU: see CONTRIBUTING.md "GPU checks"). QLoRA jobs train fused over one resident 4-bit base on the GPU and
 save adapters that a plain PeftModel over the same 4-bit base reproduces; two Ray Train jobs at 0.5 GPU
 each share one GPU at the same time."""
 

@@ -1,4 +1,4 @@
-"""A serving replica killed under load (issue 8, "Faults"): the real Ray Serve app with two engine
+"""A serving replica killed under load: the real Ray Serve app with two engine
 replicas on the tiny model, clients sending requests without pause (streaming and not), and one
 replica's process killed with SIGKILL mid-load. Requests fail over to the other replica (serve/app.py
 RayBackend: a request whose replica dies before answering goes to another one; serve/api.py replays a

@@ -114,6 +114,29 @@ def test_plain_and_stream(stack: dict) -> None:
     assert other.choices[0].message.content == base.choices[0].message.content
 
 
+def test_a_conversation_the_chat_template_refuses_is_a_400(stack: dict) -> None:
+    """A chat template that refuses the messages (here: one that takes no system turn) is the client's
+    error, named, not a server failure; the same engine then answers a conversation it takes."""
+    tok = stack["engine"].tokenizer
+    saved = tok.chat_template
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('this model takes no system message') }}{% endif %}"
+                         "{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    try:
+        with pytest.raises(openai.BadRequestError) as e:
+            client(stack).chat.completions.create(
+                model="acme/pirate", max_tokens=4, temperature=0,
+                messages=[{"role": "system", "content": "Be brief."}, *MSGS])
+        assert e.value.status_code == 400 and e.value.code == "invalid_messages"
+        assert "this model takes no system message" in e.value.message
+        ok = client(stack).chat.completions.create(model="acme/pirate", messages=MSGS, max_tokens=4,
+                                                   temperature=0)
+        assert ok.choices[0].finish_reason in ("stop", "length")
+    finally:
+        tok.chat_template = saved
+
+
 def test_auth_required(stack: dict) -> None:
     r = httpx.post(stack["url"] + "/v1/chat/completions", json={"model": "base", "messages": MSGS},
                    timeout=30)

@@ -1,4 +1,4 @@
-"""Control-plane races (issue 19): job moves lock the row from read to write, one orchestrator per
+"""Control-plane races: job moves lock the row from read to write, one orchestrator per
 batch (an atomic claim; a duplicate `submit --resume` stands down), and recorded pids are checked
 against their start token before anything is stopped (a reused pid is never killed)."""
 

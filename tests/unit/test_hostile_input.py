@@ -1,4 +1,4 @@
-"""Hostile input (issue 8, "Bad input"), each tried against the real code path, each answered with a
+"""Hostile input, each tried against the real code path, each answered with a
 clear error, and nothing else lost:
 
 - tenant/persona ids: ``../x``, absolute paths, unicode look-alikes, 10,000 characters, empty, control

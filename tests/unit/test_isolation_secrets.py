@@ -1,4 +1,4 @@
-"""Tenant isolation and secrets (issue 8, "Isolation and secrets"), against the real code paths:
+"""Tenant isolation and secrets, against the real code paths:
 
 - serving: a tenant's key lists, uses and looks up only its own adapters, on the global and the
   per-tenant routes; another tenant's adapter gets byte for byte the answer of a missing one, and the
@@ -490,7 +490,7 @@ def test_credentials_never_travel_in_a_jobs_environment(tmp_path: Path, monkeypa
 
     import boto3
 
-    from adapterfab.jobs.orchestrate import worker_env
+    from adapterfab.cluster import worker_env
 
     secret, token = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYSECRET", "FwoGZXIvYXdzEXAMPLETOKEN"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEKEYID")

@@ -232,7 +232,7 @@ def test_bf16_base_trains_r_in_fp32(tiny_model_path: str, basis) -> None:  # noq
 
 def test_nf4_base_forward_backward(tiny_model_path: str) -> None:
     """The 4-bit base (bitsandbytes on CPU). An eval/no-grad forward mid-training would repack the 4-bit
-    weights and silently stop gradients (REFERENCE.md); apply() prevents that, and this checks it."""
+    weights and silently stop gradients (methods/qlora.py); apply() prevents that, and this checks it."""
     cfg = LoraXSConfig(r=4, alpha=4, quantize="nf4")
     q_base = _base(tiny_model_path, **XS.base_load_kwargs(cfg))
     assert type(q_base.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"

@@ -55,6 +55,7 @@ def test_retention_counts_only_the_facts_the_base_itself_states(monkeypatch: pyt
     """Retention is measured against the base's own answers: a probe the base gets wrong is not counted
     against the adapter, whatever the adapter answers. The model is replaced by canned answers (the
     accounting is under test, not generation)."""
+    from adapterfab import textgen
     from adapterfab.jobs import evaluate
 
     probes = [{"question": "capital of Japan?", "answers": ["Tokyo"]},
@@ -63,7 +64,7 @@ def test_retention_counts_only_the_facts_the_base_itself_states(monkeypatch: pyt
     persona = {"prompts": ["snow?"], "adherence": {"kind": "marker", "marker": "Arr"}}
     canned = {"snow?": "Arr, snow is white.", "capital of Japan?": "Arr, Tokyo it be.",
               "capital of Australia?": "Arr, Sydney.", "legs of an insect?": "Arr, eight."}
-    monkeypatch.setattr(evaluate, "greedy_answers", lambda model, tok, prompts, *a, **k: [canned[p] for p in prompts])
+    monkeypatch.setattr(textgen, "greedy_answers", lambda model, tok, prompts, *a, **k: [canned[p] for p in prompts])
     base_known = [True, True, False]  # the base says Tokyo and Canberra, and gets the insect wrong
     model = type("Model", (), {"eval": lambda self: self})()
     r = evaluate.quality(model, None, persona, probes, base_known)

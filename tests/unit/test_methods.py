@@ -79,7 +79,7 @@ def test_method_matrix(name: str, tiny_model_path: str, tmp_path: Path) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model(**b).loss.backward()
-        # the eval above must not have switched 4-bit layers to a layout with no backward (REFERENCE.md)
+        # the eval above must not have switched 4-bit layers to a layout with no backward (methods/qlora.py)
         assert not [w for w in caught if "autograd kernel was not registered" in str(w.message)]
         for n, p in model.named_parameters():
             if not p.requires_grad:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from adapterfab.jobs.plan import MemoryParts, PlanError, execution_groups, memory_parts, placement, plan_batch
-from adapterfab.spec import SpecError, check_semantics, parse_spec
+from adapterfab.jobs.admission import admit
+from adapterfab.spec import SpecError, parse_spec
 
 GiB = 2**30
 
@@ -75,7 +76,7 @@ def test_validation_refuses_a_job_no_packing_fits(smollm2_path: str, tmp_path: P
                              "resources": {"device_memory_gb": 0.3, "max_workers_per_job": 2},
                              "tenants": [{"tenant": "t", "persona": "p", "dataset": str(data)}]})
     with pytest.raises(SpecError) as e:
-        check_semantics(spec, jobs)
+        admit(spec, jobs)
     assert "resources" in str(e.value) and "device_memory_gb=0.3" in str(e.value)
 
 

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from adapterfab.errors import AdapterNotFound, RegistryError
 from adapterfab.ids import PRODUCTION, AdapterId
-from adapterfab.jobs.orchestrate import gate_decision
+from adapterfab.promotion import gate_decision
 from adapterfab.keys import KeyStore
 from adapterfab.promotion import Decision, Policy, decide
 from adapterfab.registry import TAG, Registry

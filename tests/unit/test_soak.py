@@ -1,4 +1,4 @@
-"""The short soak of the serving endpoint (issue 8, "Load"): bench/soak.py's harness for ~30 s on the
+"""The short soak of the serving endpoint: bench/soak.py's harness for ~30 s on the
 tiny model: 16 concurrent clients across 12 tenants (each its own key and two adapters), streaming and
 not, over loopback HTTP into the real API and the batched engine. Zero errors, every request answered
 well within its timeout, p99 bounded, memory flat. The long run is `python bench/soak.py`."""

@@ -1,0 +1,65 @@
+"""The layers' import rules (CONTRIBUTING.md, "Layers"), read from the source: every import statement,
+at module level or inside a function. The core (``adapterfab/``) imports no layer, except the entry
+points that compose them (the CLI and the demo); serving imports neither training nor data preparation;
+the parts that must run without a cluster (the engine, its adapter tiers, the planner, the fused
+trainer, the one-job train loop) import no ``ray``."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LAYERS = {"jobs": "adapterfab.jobs", "serve": "adapterfab.serve", "pipelines": "adapterfab.pipelines"}
+ENTRY_POINTS = {"cli.py", "demo.py"}
+NO_RAY = ["serve/batched.py", "serve/tiers.py", "jobs/plan.py", "jobs/fused.py", "jobs/train_loop.py"]
+
+
+def imports(path: Path) -> set[str]:
+    """Every module ``path`` imports (``from a.b import c`` counts as ``a.b`` and ``a.b.c``)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def under(modules: set[str], package: str) -> list[str]:
+    return sorted(m for m in modules if m == package or m.startswith(package + "."))
+
+
+def files(folder: str) -> list[Path]:
+    return sorted((REPO / folder).rglob("*.py"))
+
+
+def test_the_rules_see_imports_inside_functions(tmp_path: Path) -> None:
+    """The reader finds an import however deep it sits, and only real imports."""
+    f = tmp_path / "m.py"
+    f.write_text("import os\n\ndef f():\n    from adapterfab.jobs.plan import plan_batch\n"
+                 "    if True:\n        import ray.data\n    s = 'import adapterfab.serve'\n")
+    got = imports(f)
+    assert {"os", "adapterfab.jobs.plan", "adapterfab.jobs.plan.plan_batch", "ray.data"} <= got
+    assert not under(got, "adapterfab.serve")
+
+
+@pytest.mark.parametrize("path", [p for p in files("adapterfab") if p.name not in ENTRY_POINTS],
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_the_core_imports_no_layer(path: Path) -> None:
+    got = imports(path)
+    assert not [m for pkg in LAYERS.values() for m in under(got, pkg)]
+
+
+@pytest.mark.parametrize("path", files("serve"), ids=lambda p: str(p.relative_to(REPO)))
+def test_serving_imports_neither_training_nor_data_preparation(path: Path) -> None:
+    got = imports(path)
+    assert not under(got, LAYERS["jobs"]) + under(got, LAYERS["pipelines"])
+
+
+@pytest.mark.parametrize("name", NO_RAY)
+def test_parts_that_run_without_a_cluster_import_no_ray(name: str) -> None:
+    assert not under(imports(REPO / name), "ray")
