@@ -7,7 +7,7 @@ export ADAPTERFAB_HOME ?= $(CURDIR)/.adapterfab
 export RAY_AUTH_MODE := disabled
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv services demo test test-fast down clean gpu-tok
+.PHONY: venv services demo lint test test-fast down clean gpu-tok
 
 venv: $(STAMP)
 
@@ -39,7 +39,11 @@ services:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium is not installed and cannot be installed here: the dashboard's browser tests will be skipped"
 
-test: venv services
+# the lint rules (pyproject.toml [tool.ruff.lint]) first: seconds, and a failure names file and line
+lint: venv
+	$(BIN)/ruff check .
+
+test: venv services lint
 	$(BIN)/python -m pytest -q tests
 
 test-fast: venv

@@ -18,7 +18,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -27,7 +27,9 @@ from rich.table import Table
 from adapterfab.errors import AdapterfabError, SpecError
 from adapterfab.settings import Settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__.split("\n\n")[0])
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__.split("\n\n")[0]
+)
 registry_app = typer.Typer(no_args_is_help=True, help="Registered adapters (MLflow registry).")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys: per tenant (serving, dashboard) and operator (dashboard).")
 app.add_typer(registry_app, name="registry")
@@ -70,14 +72,14 @@ def _registry(s: Settings) -> Any:
 
 
 @app.command()
-def up(mlflow_port: Optional[int] = typer.Option(None, help="MLflow port (default 5005 or a free one)"),
-       ray_port: Optional[int] = typer.Option(None, help="Ray GCS port (default 6390 or a free one)"),
-       dashboard_port: Optional[int] = typer.Option(None, help="Ray dashboard port (default 8265)"),
-       serve_port: Optional[int] = typer.Option(None, help="serving HTTP port (default 8000)"),
-       num_cpus: Optional[int] = typer.Option(None, help="CPUs the Ray head offers (default: all)"),
-       artifacts_destination: Optional[str] = typer.Option(None, help="MLflow artifacts: a folder or s3://"),
-       backend_store_uri: Optional[str] = typer.Option(None, help="MLflow backend (default SQLite)"),
-       ui_port: Optional[int] = typer.Option(None, help="dashboard UI port (default 8280 or a free one)")) -> None:
+def up(mlflow_port: int | None = typer.Option(None, help="MLflow port (default 5005 or a free one)"),
+       ray_port: int | None = typer.Option(None, help="Ray GCS port (default 6390 or a free one)"),
+       dashboard_port: int | None = typer.Option(None, help="Ray dashboard port (default 8265)"),
+       serve_port: int | None = typer.Option(None, help="serving HTTP port (default 8000)"),
+       num_cpus: int | None = typer.Option(None, help="CPUs the Ray head offers (default: all)"),
+       artifacts_destination: str | None = typer.Option(None, help="MLflow artifacts: a folder or s3://"),
+       backend_store_uri: str | None = typer.Option(None, help="MLflow backend (default SQLite)"),
+       ui_port: int | None = typer.Option(None, help="dashboard UI port (default 8280 or a free one)")) -> None:
     """Start the local stack: Ray head, MLflow tracking server, dashboard UI. Idempotent."""
     from adapterfab.stack import up as stack_up
 
@@ -158,14 +160,14 @@ def _print_status(dump: dict, every_job: bool = False) -> None:
 
 
 @app.command()
-def submit(batch: Optional[Path] = typer.Argument(None, help="batch spec YAML (not with --resume)"),
+def submit(batch: Path | None = typer.Argument(None, help="batch spec YAML (not with --resume)"),
            wait: bool = typer.Option(False, "--wait", help="show progress until every job is terminal"),
            timeout_s: float = typer.Option(0, help="with --wait: give up waiting after this long (0: never)"),
            force: bool = typer.Option(False, "--force", help="retrain jobs whose spec, data and code already "
                                                             "produced a registered version (default: reuse it)"),
-           address: Optional[str] = typer.Option(None, "--address", help="run on a Ray cluster through the "
+           address: str | None = typer.Option(None, "--address", help="run on a Ray cluster through the "
                                                  "Ray Jobs API: http://HEAD:8265 or ray://HEAD:10001"),
-           resume: Optional[str] = typer.Option(None, "--resume", metavar="BATCH_ID",
+           resume: str | None = typer.Option(None, "--resume", metavar="BATCH_ID",
                                                 help="finish a batch whose orchestrator died: SUCCEEDED jobs "
                                                      "stay as they are, the others run again")
            ) -> None:
@@ -227,7 +229,7 @@ def submit(batch: Optional[Path] = typer.Argument(None, help="batch spec YAML (n
 
 @app.command()
 def run(batch: Path = typer.Argument(..., help="batch spec YAML"),
-        batch_id: Optional[str] = typer.Option(None, "--batch-id", help="id to record the batch under"),
+        batch_id: str | None = typer.Option(None, "--batch-id", help="id to record the batch under"),
         force: bool = typer.Option(False, "--force", help="retrain even if an identical version exists")
         ) -> None:
     """Run a batch in the foreground on the Ray cluster this process belongs to (what a Ray Job or a
@@ -303,11 +305,11 @@ def _wait(s: Settings, batch_id: str, timeout_s: float, finished: Any = None) ->
 
 
 @app.command()
-def status(batch_id: Optional[str] = typer.Argument(None, help="a batch id (default: list batches)"),
+def status(batch_id: str | None = typer.Argument(None, help="a batch id (default: list batches)"),
            as_json: bool = typer.Option(False, "--json"),
            every_job: bool = typer.Option(False, "--all", help="every job of a large batch, not only those "
                                                                "still running or failed"),
-           address: Optional[str] = typer.Option(None, "--address", help="a batch submitted with "
+           address: str | None = typer.Option(None, "--address", help="a batch submitted with "
                                                  "`submit --address`: its Ray Job's status and log")) -> None:
     """Per-job state, progress and final metrics of a batch, or the list of batches. (On the default
     SQLite state DB the `adapterfab` command answers this in adapterfab.status, without this module.)"""
@@ -352,7 +354,7 @@ def status(batch_id: Optional[str] = typer.Argument(None, help="a batch id (defa
 
 
 @registry_app.command("ls")
-def registry_ls(tenant: Optional[str] = typer.Option(None, help="only this tenant's adapters"),
+def registry_ls(tenant: str | None = typer.Option(None, help="only this tenant's adapters"),
                 refresh: bool = typer.Option(False, "--refresh", help="read MLflow itself (and, without "
                                              "--tenant, rebuild the catalogue): changes made in MLflow directly"),
                 as_json: bool = typer.Option(False, "--json")) -> None:
@@ -524,7 +526,7 @@ _EXPIRES_HELP = "the key ends after this long (seconds, or 15m, 12h, 30d); defau
 
 @keys_app.command("create")
 def keys_create(tenant: str = typer.Argument(..., help="tenant id"),
-                expires: Optional[str] = typer.Option(None, "--expires", help=_EXPIRES_HELP)) -> None:
+                expires: str | None = typer.Option(None, "--expires", help=_EXPIRES_HELP)) -> None:
     """Create an API key for TENANT; the key is the last token printed (shown once, stored hashed)."""
     ttl = _duration(expires, "--expires")
     try:
@@ -535,7 +537,7 @@ def keys_create(tenant: str = typer.Argument(..., help="tenant id"),
 
 
 @keys_app.command("create-operator")
-def keys_create_operator(expires: Optional[str] = typer.Option(None, "--expires", help=_EXPIRES_HELP)) -> None:
+def keys_create_operator(expires: str | None = typer.Option(None, "--expires", help=_EXPIRES_HELP)) -> None:
     """Create an operator key for the dashboard: it sees every tenant's batches and adapters (serving
     refuses it). The key is the last token printed (shown once, stored hashed)."""
     key = _key_store().create_operator(ttl_s=_duration(expires, "--expires"))
@@ -543,7 +545,7 @@ def keys_create_operator(expires: Optional[str] = typer.Option(None, "--expires"
 
 
 @keys_app.command("list")
-def keys_list(tenant: Optional[str] = typer.Option(None, "--tenant", help="only this tenant's keys"),
+def keys_list(tenant: str | None = typer.Option(None, "--tenant", help="only this tenant's keys"),
               operators: bool = typer.Option(False, "--operators", help="only operator keys"),
               as_json: bool = typer.Option(False, "--json")) -> None:
     """Every key's id, tenant (or operator), dates and status (active, expired, revoked); never a secret."""
@@ -574,10 +576,13 @@ def keys_revoke(key: str = typer.Argument(..., help="the key id (as `keys list` 
 
 
 @keys_app.command("rotate")
-def keys_rotate(key: str = typer.Argument(..., help="the key id (as `keys list` shows it) or the key"),
-                grace: Optional[str] = typer.Option(None, "--grace",
-                                                    help="the old key keeps working this long (e.g. 1h); default: ends now"),
-                expires: Optional[str] = typer.Option(None, "--expires", help=_EXPIRES_HELP)) -> None:
+def keys_rotate(
+    key: str = typer.Argument(..., help="the key id (as `keys list` shows it) or the key"),
+    grace: str | None = typer.Option(
+        None, "--grace", help="the old key keeps working this long (e.g. 1h); default: ends now"
+    ),
+    expires: str | None = typer.Option(None, "--expires", help=_EXPIRES_HELP),
+) -> None:
     """A new key for the same tenant (or operator); the old one ends now or after --grace. The new key is
     the last token printed (shown once)."""
     grace_s = _duration(grace, "--grace") or 0.0
@@ -590,7 +595,7 @@ def keys_rotate(key: str = typer.Argument(..., help="the key id (as `keys list` 
 
 
 @app.command()
-def serve(port: Optional[int] = typer.Option(None, help="HTTP port (default: the stack's, 8000)"),
+def serve(port: int | None = typer.Option(None, help="HTTP port (default: the stack's, 8000)"),
           base_model: str = typer.Option("smollm2-135m-instruct", help="the shared base model"),
           detach: bool = typer.Option(False, "--detach", help="deploy and return; the app stays on Ray"),
           replicas: int = typer.Option(1, help="engine replicas"),
@@ -599,10 +604,10 @@ def serve(port: Optional[int] = typer.Option(None, help="HTTP port (default: the
               True, "--registry-catalogue/--registry-from-mlflow",
               help="list /v1/models and /v1/registry from the registry catalogue (fast at any size), or "
                    "from MLflow on every request (sees changes made in MLflow's UI at once)"),
-          tenant_rps: Optional[float] = typer.Option(
+          tenant_rps: float | None = typer.Option(
               None, "--tenant-rps", min=0,
               help="requests per second each tenant may send, on every route (default 50; 0: unlimited)"),
-          tenant_burst: Optional[int] = typer.Option(None, "--tenant-burst", min=1,
+          tenant_burst: int | None = typer.Option(None, "--tenant-burst", min=1,
                                                      help="requests a tenant may send at once (default 100)")) -> None:
     """Serve every tenant's adapters from one base model: OpenAI-compatible /v1/chat/completions."""
     from adapterfab.jobs.trainers import retire_idle_trainers
@@ -610,11 +615,20 @@ def serve(port: Optional[int] = typer.Option(None, help="HTTP port (default: the
 
     s = _settings()
     try:
-        url = serve_forever(s, port=port, base_model=base_model, detach=detach, replicas=replicas, dtype=dtype,
-                            registry_catalogue=registry_catalogue, tenant_rps=tenant_rps,
-                            tenant_burst=tenant_burst, announce=lambda u: out.print(f"serving on {u}  (OpenAI base_url {u}/v1)"),
-                            # warm trainers hold devices the replicas need; busy ones stay
-                            before_deploy=retire_idle_trainers)
+        url = serve_forever(
+            s,
+            port=port,
+            base_model=base_model,
+            detach=detach,
+            replicas=replicas,
+            dtype=dtype,
+            registry_catalogue=registry_catalogue,
+            tenant_rps=tenant_rps,
+            tenant_burst=tenant_burst,
+            announce=lambda u: out.print(f"serving on {u}  (OpenAI base_url {u}/v1)"),
+            # warm trainers hold devices the replicas need; busy ones stay
+            before_deploy=retire_idle_trainers,
+        )
     except AdapterfabError as e:
         _fail(e)
     if detach:

@@ -35,10 +35,29 @@ TAG = "adapterfab."
 # stays internal until named here. Internal: where files are (artifact_uri/root, basis_uri, dataset,
 # base_model: buckets and paths), where it trained (node_id, trainer), whom it trained with (fused_with:
 # other tenants' adapter ids), job ids (they name the batch's other tenants on failure) and requests.
-TENANT_LINEAGE = frozenset({
-    "tenant", "persona", "method", "rank", "base_fingerprint", "dataset_sha256", "dataset_rows", "dataset_bad_rows",
-    "train_rows", "eval_rows", "eval_sha256", "batch_id", "code_version", "job_fingerprint", "basis_id", "training", "workers",
-    "zero_stage", "lora_xs.needs_basis"})
+TENANT_LINEAGE = frozenset(
+    {
+        "tenant",
+        "persona",
+        "method",
+        "rank",
+        "base_fingerprint",
+        "dataset_sha256",
+        "dataset_rows",
+        "dataset_bad_rows",
+        "train_rows",
+        "eval_rows",
+        "eval_sha256",
+        "batch_id",
+        "code_version",
+        "job_fingerprint",
+        "basis_id",
+        "training",
+        "workers",
+        "zero_stage",
+        "lora_xs.needs_basis",
+    }
+)
 TENANT_LINEAGE_PREFIXES = ("method.", "metric.", "promotion.", "quantization.")
 
 
@@ -738,7 +757,9 @@ class Registry:
                 continue
             if tenant and aid.tenant != tenant:  # LIKE's "_" matches any character
                 continue
-            adapters[rm.name] = RegisteredAdapter(aid, {a: int(v) for a, v in (getattr(rm, "aliases", None) or {}).items()})
+            adapters[rm.name] = RegisteredAdapter(
+                aid, {a: int(v) for a, v in (getattr(rm, "aliases", None) or {}).items()}
+            )
         for mv in _pages(lambda token: self.client.search_model_versions(
                 filter_string=flt, max_results=VERSIONS_PAGE, page_token=token)):
             ra = adapters.get(mv.name)

@@ -110,7 +110,9 @@ class RegistryIndex:
             if ra is None:
                 continue
             names = tuple(sorted(a for a, n in ra.aliases.items() if n == version))
-            ra.versions.append(AdapterVersion(ra.id.with_version(version), source, run_id, tags or {}, names, created_s))
+            ra.versions.append(
+                AdapterVersion(ra.id.with_version(version), source, run_id, tags or {}, names, created_s)
+            )
         return sorted(out.values(), key=lambda r: r.id)
 
 

@@ -14,10 +14,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterfab.errors import StackError
-from adapterfab.procs import (SERVER_START_TIMEOUT_S, free_port, pid_alive, port_open, proc_token, start_mlflow,
-                              stop_pid, tool, wait_http)
-from adapterfab.settings import (DEFAULT_DASHBOARD_PORT, DEFAULT_MLFLOW_PORT, DEFAULT_RAY_PORT,
-                                 DEFAULT_SERVE_PORT, DEFAULT_UI_PORT, Settings)
+from adapterfab.procs import (
+    SERVER_START_TIMEOUT_S,
+    free_port,
+    pid_alive,
+    port_open,
+    proc_token,
+    start_mlflow,
+    stop_pid,
+    tool,
+    wait_http,
+)
+from adapterfab.settings import (
+    DEFAULT_DASHBOARD_PORT,
+    DEFAULT_MLFLOW_PORT,
+    DEFAULT_RAY_PORT,
+    DEFAULT_SERVE_PORT,
+    DEFAULT_UI_PORT,
+    Settings,
+)
 
 # Ray Train's controller polls workers every 2 s by default, which makes every report() wait ~2 s.
 EXTRA_IDLE_WORKERS = 6  # idle Ray workers kept beyond one per CPU (~100 MB each)

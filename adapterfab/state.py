@@ -369,7 +369,9 @@ class StateStore:
                 .execution_options(synchronize_session=False))
         now = time.time()
         with self.engine.begin() as conn:
-            res = conn.execute(stmt, [{"jid": j, "s": int(st), "l": loss, "u": now} for j, (st, loss) in progress.items()])
+            res = conn.execute(
+                stmt, [{"jid": j, "s": int(st), "l": loss, "u": now} for j, (st, loss) in progress.items()]
+            )
         return int(res.rowcount or 0)
 
     def update_job(self, job_id: str, **fields: Any) -> None:

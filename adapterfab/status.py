@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from adapterfab.errors import StateError
 from adapterfab.states import JobState
@@ -148,7 +149,18 @@ def print_status(dump: dict, every_job: bool = False, console: Any = None) -> No
     shown = jobs if every_job or len(jobs) <= STATUS_ROWS else \
         [j for j in jobs if j["state"] != "SUCCEEDED"][:STATUS_ROWS]
     t = Table(title=escape(f"batch {dump['id']} ({dump['name']}): {dump['state']}"))
-    for col in ("adapter", "method", "state", "progress", "loss", "eval loss", "base eval", "retention", "version", "error"):
+    for col in (
+        "adapter",
+        "method",
+        "state",
+        "progress",
+        "loss",
+        "eval loss",
+        "base eval",
+        "retention",
+        "version",
+        "error",
+    ):
         t.add_column(col, overflow="fold")
     for j in shown:
         m = j["metrics"] or {}

@@ -6,7 +6,8 @@ and ``download_dir`` checks each file against it, so a half-written or corrupted
 loaded. Each object is also checked right after its upload (``stored_matches``: S3's size and MD5 ETag,
 or the bytes read back) and uploaded again when it differs; the manifest is only written once every
 file is verified, so a corrupt or partial upload leaves no manifest, fails the job before registration,
-and can never be registered or served. Layout of keys: see ``AdapterId.artifact_prefix`` (``adapters/<tenant>/<persona>/<job_id>/``).
+and can never be registered or served. Layout of keys: see ``AdapterId.artifact_prefix``
+(``adapters/<tenant>/<persona>/<job_id>/``).
 
 S3 settings come from the environment or a profile, never from batch files: ``AWS_ENDPOINT_URL``
 (or ``ADAPTERFAB_S3_ENDPOINT_URL``), ``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_PROFILE``, and the

@@ -19,8 +19,8 @@ main batch a two-job batch on the same base measures the first step on warm trai
     .venv/bin/python bench/factory_throughput.py                 # CPU: SmolLM2-135M LoRA r8 q,v, N=32
     .venv/bin/python bench/factory_throughput.py --tiny          # control plane: 1,000 one-step jobs, tiny Llama
     .venv/bin/python bench/factory_throughput.py --smoke         # a few tiny jobs, no result file (CI keeps it working)
-    python bench/factory_throughput.py --device cuda             # GPU (ray, mlflow, bitsandbytes installed): the standard
-                                                                 # 0.96B QLoRA r16 all-linear job, 64 jobs x 20 steps x 4 x 512
+    python bench/factory_throughput.py --device cuda             # GPU (ray, mlflow, bitsandbytes installed):
+                                          # the standard 0.96B QLoRA r16 all-linear job, 64 jobs x 20 steps x 4 x 512
 
 `--tiny` also times `adapterfab status BATCH` (the command), the dashboard's batch page and the registry
 lookups with 1,000 jobs and versions. Writes bench/results/factory_throughput-<mode>-<date>.json and a
@@ -117,15 +117,30 @@ GPU_METHOD = {"name": "qlora", "r": 16, "alpha": 32, "dropout": 0.0, "target_mod
 def batch_spec(name: str, base: str, paths: list[str], steps: int, batch_size: int, seq: int, cpus: float,
                gpus: float = 0.0) -> dict:
     gpu = gpus > 0
-    return {"version": 1, "name": name, "base_model": base, "promote": "auto",
-            "defaults": {"method": GPU_METHOD if gpu else CPU_METHOD,
-                         "train": {"steps": steps, "batch_size": batch_size, "max_seq_len": seq,
-                                   "learning_rate": 3e-4 if gpu else 1e-3, "dtype": "bfloat16" if gpu else "float32",
-                                   "eval_fraction": 0.1, "checkpoint_every": 25,
-                                   "replay_weight": 0.0}},  # the benchmark's jobs: plain LoRA (replay: bench/methods.py)
-            "resources": {"cpus_per_job": cpus, "gpus_per_job": gpus},
-            "tenants": [{"tenant": f"t{i:04d}", "persona": PERSONAS[i % 3], "dataset": p, "train": {"seed": i}}
-                        for i, p in enumerate(paths)]}
+    return {
+        "version": 1,
+        "name": name,
+        "base_model": base,
+        "promote": "auto",
+        "defaults": {
+            "method": GPU_METHOD if gpu else CPU_METHOD,
+            "train": {
+                "steps": steps,
+                "batch_size": batch_size,
+                "max_seq_len": seq,
+                "learning_rate": 3e-4 if gpu else 1e-3,
+                "dtype": "bfloat16" if gpu else "float32",
+                "eval_fraction": 0.1,
+                "checkpoint_every": 25,
+                "replay_weight": 0.0,
+            },
+        },  # the benchmark's jobs: plain LoRA (replay: bench/methods.py)
+        "resources": {"cpus_per_job": cpus, "gpus_per_job": gpus},
+        "tenants": [
+            {"tenant": f"t{i:04d}", "persona": PERSONAS[i % 3], "dataset": p, "train": {"seed": i}}
+            for i, p in enumerate(paths)
+        ],
+    }
 
 
 class CpuMeter:
@@ -210,19 +225,24 @@ def run_submit(home: Path, spec: dict, work: Path, tag: str) -> dict:
     jobs = dump["jobs"]
     stats = dump.get("stats") or {}
     first = stats.get("first_step_s")
-    return {"batch_id": batch_id, "wall_s": round(wall, 2), "jobs": len(jobs),
-            "succeeded": sum(j["state"] == "SUCCEEDED" for j in jobs),
-            "adapters_per_hour": round(3600 * len(jobs) / wall, 1),
-            "first_step_after_submit_s": round(first - t0, 2) if first else None,
-            "mean_eval_loss": round(sum(j["metrics"].get("eval_loss", 0) for j in jobs) / len(jobs), 4),
-            "mean_base_eval_loss": round(sum(j["metrics"].get("base_eval_loss", 0) for j in jobs) / len(jobs), 4),
-            "all_beat_base": all(j["metrics"].get("eval_loss", 9e9) < j["metrics"].get("base_eval_loss", 0) for j in jobs),
-            # what retention (adapterfab/retention.py) added to each job: the base's answers and the probe rows
-            "retention_s_per_job": round(sum(j["metrics"].get("retention_s", 0) for j in jobs) / len(jobs), 2),
-            "mean_retention": round(sum(j["metrics"].get("retention", 0) for j in jobs) / len(jobs), 4),
-            "warm_trainers": [n for n, t in stats.get("trainers", {}).items() if t.get("warm")],
-            "stats": stats, "cpu_s_by_process": meter.by_group(),
-            "cpu_s_top_commands": meter.top()}
+    return {
+        "batch_id": batch_id,
+        "wall_s": round(wall, 2),
+        "jobs": len(jobs),
+        "succeeded": sum(j["state"] == "SUCCEEDED" for j in jobs),
+        "adapters_per_hour": round(3600 * len(jobs) / wall, 1),
+        "first_step_after_submit_s": round(first - t0, 2) if first else None,
+        "mean_eval_loss": round(sum(j["metrics"].get("eval_loss", 0) for j in jobs) / len(jobs), 4),
+        "mean_base_eval_loss": round(sum(j["metrics"].get("base_eval_loss", 0) for j in jobs) / len(jobs), 4),
+        "all_beat_base": all(j["metrics"].get("eval_loss", 9e9) < j["metrics"].get("base_eval_loss", 0) for j in jobs),
+        # what retention (adapterfab/retention.py) added to each job: the base's answers and the probe rows
+        "retention_s_per_job": round(sum(j["metrics"].get("retention_s", 0) for j in jobs) / len(jobs), 2),
+        "mean_retention": round(sum(j["metrics"].get("retention", 0) for j in jobs) / len(jobs), 4),
+        "warm_trainers": [n for n, t in stats.get("trainers", {}).items() if t.get("warm")],
+        "stats": stats,
+        "cpu_s_by_process": meter.by_group(),
+        "cpu_s_top_commands": meter.top(),
+    }
 
 
 def run_naive(base: str, spec: dict, sample: int, work: Path, threads: int) -> dict:
@@ -249,12 +269,12 @@ def run_fused(ray_address: str, base: str, spec: dict, slots: int, cpus: float, 
     work per job as submit's trainers (eval and retention on the shipped probes, the base's answers
     from the same cache folder)."""
     import ray
-    from transformers import AutoTokenizer
-
     from adapterfab.jobs.plan import balanced_groups, fusion_groups
     from adapterfab.jobs.resident import GroupJob, GroupTask, resident_actor
     from adapterfab.jobs.trainers import retire_idle_trainers
     from adapterfab.pipelines.data import DataRequest, prepare_many
+    from transformers import AutoTokenizer
+
     from adapterfab.retention import job_probes
     from adapterfab.spec import parse_spec
 
@@ -302,13 +322,20 @@ def run_fused(ray_address: str, base: str, spec: dict, slots: int, cpus: float, 
         ray.shutdown()
     n = sum(len(r.outcomes) for r in results)
     flops = sum(r.timing["flops"] for r in results)
-    return {"jobs": n, "wall_s": round(wall, 2), "adapters_per_hour": round(3600 * n / wall, 1),
-            "flops": flops, "step_s": sum(r.timing["train_s"] for r in results),
-            "groups": len(tasks), "trainers": len(load_s), "base_load_s": [round(s["load_s"], 2) for s in load_s],
-            "train_s": round(sum(r.timing["train_s"] for r in results), 2),
-            "eval_s": round(sum(r.timing["eval_s"] for r in results), 2),
-            "achieved_gflops": round(flops / max(1e-9, sum(r.timing["train_s"] for r in results)) / 1e9 * len(load_s), 1),
-            "mean_eval_loss": round(sum(o.metrics.get("eval_loss", 0) for r in results for o in r.outcomes) / n, 4)}
+    return {
+        "jobs": n,
+        "wall_s": round(wall, 2),
+        "adapters_per_hour": round(3600 * n / wall, 1),
+        "flops": flops,
+        "step_s": sum(r.timing["train_s"] for r in results),
+        "groups": len(tasks),
+        "trainers": len(load_s),
+        "base_load_s": [round(s["load_s"], 2) for s in load_s],
+        "train_s": round(sum(r.timing["train_s"] for r in results), 2),
+        "eval_s": round(sum(r.timing["eval_s"] for r in results), 2),
+        "achieved_gflops": round(flops / max(1e-9, sum(r.timing["train_s"] for r in results)) / 1e9 * len(load_s), 1),
+        "mean_eval_loss": round(sum(o.metrics.get("eval_loss", 0) for r in results for o in r.outcomes) / n, 4),
+    }
 
 
 def control_plane(home: Path, batch_id: str, tenant: str) -> dict:
@@ -424,8 +451,11 @@ def main() -> None:
             spec = batch_spec(f"factory-{mode}", base, paths, args.steps, args.batch_size, args.seq, args.cpus_per_job,
                               gpus)
             submit = run_submit(home, spec, work, "main")
-            print(f"submit: {submit['wall_s']} s for {submit['jobs']} jobs = {submit['adapters_per_hour']}/h, first step "
-                  f"{submit['first_step_after_submit_s']} s after submit; stats {submit['stats']}", flush=True)
+            print(
+                f"submit: {submit['wall_s']} s for {submit['jobs']} jobs = {submit['adapters_per_hour']}/h, first step "
+                f"{submit['first_step_after_submit_s']} s after submit; stats {submit['stats']}",
+                flush=True,
+            )
             warm_spec = batch_spec(f"factory-{mode}-warm", base, paths[:2], args.steps, args.batch_size, args.seq,
                                    args.cpus_per_job, gpus)
             for t in warm_spec["tenants"]:
@@ -439,8 +469,15 @@ def main() -> None:
             naive = run_naive(base, spec, args.naive_sample, work, 1 if gpu else cpus)
             print(f"naive: {naive['adapters_per_hour']}/h ({naive['per_job_s']} s per job)", flush=True)
             stack = json.loads((home / "stack.json").read_text())
-            fused = run_fused(stack["ray_address"], base, spec, submit["stats"].get("slots", 1), args.cpus_per_job, gpus,
-                              str(home / "cache" / "retention"))
+            fused = run_fused(
+                stack["ray_address"],
+                base,
+                spec,
+                submit["stats"].get("slots", 1),
+                args.cpus_per_job,
+                gpus,
+                str(home / "cache" / "retention"),
+            )
             print(f"fused compute only: {fused['adapters_per_hour']}/h ({fused['wall_s']} s)", flush=True)
         finally:
             cli(home, "down", timeout_s=300)
@@ -454,33 +491,59 @@ def main() -> None:
         st = submit["stats"]
         ratios["mfu_fused_step"] = round(fused["flops"] / max(1e-9, fused["step_s"]) / peak, 4)
         ratios["mfu_submit_step"] = round(st["flops"] / max(1e-9, st["group_train_s"]) / peak, 4)
-        ratios["mfu_submit_end_to_end"] = round(st["flops"] / submit["wall_s"] / (peak * max(1, torch.cuda.device_count())), 4)
+        ratios["mfu_submit_end_to_end"] = round(
+            st["flops"] / submit["wall_s"] / (peak * max(1, torch.cuda.device_count())), 4
+        )
     what = (f"random Llama {n_params / 1e9:.2f}B QLoRA r16 all-linear" if gpu else
             ("tiny random Llama" if base != smollm2 else "SmolLM2-135M-Instruct") + " LoRA r8 q,v")
-    result = {"date": time.strftime("%Y-%m-%d"), "mode": mode, "machine": machine(cpus, gpu), "base": what, "jobs": args.jobs, "steps": args.steps, "batch_size": args.batch_size,
-              "max_seq_len": args.seq, "submit": submit, "warm_probe": warm, "naive": naive, "fused": fused,
-              "ratios": ratios, "non_compute_s_per_job": round(non_compute, 3), "control_plane": cp}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "mode": mode,
+        "machine": machine(cpus, gpu),
+        "base": what,
+        "jobs": args.jobs,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "max_seq_len": args.seq,
+        "submit": submit,
+        "warm_probe": warm,
+        "naive": naive,
+        "fused": fused,
+        "ratios": ratios,
+        "non_compute_s_per_job": round(non_compute, 3),
+        "control_plane": cp,
+    }
     print(json.dumps({"ratios": ratios, "non_compute_s_per_job": result["non_compute_s_per_job"]}, indent=1))
     if args.smoke:
         return
     out = REPO / "bench" / "results" / f"factory_throughput-{mode}-{result['date']}.json"
     out.write_text(json.dumps(result, indent=1))
     flag = " --tiny" if args.tiny else (" --device cuda" if gpu else "")
-    line = (f"- {result['date']} · factory_throughput.py{flag} · {result['machine']} · "
-            f"{result['base']}, {args.jobs} jobs × {args.steps} steps × {args.batch_size} rows × "
-            f"≤{args.seq} tokens · submit {submit['adapters_per_hour']}/h ({submit['wall_s']} s), naive "
-            f"{naive['adapters_per_hour']}/h (sample of {naive['jobs']}), fused compute only "
-            f"{fused['adapters_per_hour']}/h: submit/naive {ratios['submit_over_naive']}×, submit/fused "
-            f"{ratios['submit_over_fused']}×; first step {submit['first_step_after_submit_s']} s after submit "
-            f"(warm trainers: {warm['first_step_after_submit_s']} s); non-compute {result['non_compute_s_per_job']} s/job; "
-            f"retention measured on every job (mean {submit['mean_retention']:.2f}), {submit['retention_s_per_job']} s/job "
-            f"in submit (the fused pass does the same, the naive one does not)"
-            + (f"; MFU of the fused step {ratios['mfu_fused_step']:.1%} alone, {ratios['mfu_submit_step']:.1%} in submit, "
-               f"{ratios['mfu_submit_end_to_end']:.1%} end to end (peak {args.peak_tflops:g} TFLOP/s)" if gpu else "")
-            + (f"; status {cp['status_command_ms']} ms (command) / {cp['status_query_ms']} ms (query), dashboard batch "
-               f"{cp['dashboard_batch_ms']} ms, registry ls --tenant {cp['registry_ls_tenant_ms']} ms, all "
-               f"{cp['registry_ls_all_ms']} ms over {cp['registry_versions']} versions" if cp else "")
-            + f" (`.venv/bin/python bench/factory_throughput.py{flag}`; bench/results/{out.name})")
+    line = (
+        f"- {result['date']} · factory_throughput.py{flag} · {result['machine']} · "
+        f"{result['base']}, {args.jobs} jobs × {args.steps} steps × {args.batch_size} rows × "
+        f"≤{args.seq} tokens · submit {submit['adapters_per_hour']}/h ({submit['wall_s']} s), naive "
+        f"{naive['adapters_per_hour']}/h (sample of {naive['jobs']}), fused compute only "
+        f"{fused['adapters_per_hour']}/h: submit/naive {ratios['submit_over_naive']}×, submit/fused "
+        f"{ratios['submit_over_fused']}×; first step {submit['first_step_after_submit_s']} s after submit "
+        f"(warm trainers: {warm['first_step_after_submit_s']} s); non-compute {result['non_compute_s_per_job']} s/job; "
+        f"retention measured on every job (mean {submit['mean_retention']:.2f}), {submit['retention_s_per_job']} s/job "
+        f"in submit (the fused pass does the same, the naive one does not)"
+        + (
+            f"; MFU of the fused step {ratios['mfu_fused_step']:.1%} alone, {ratios['mfu_submit_step']:.1%} in submit, "
+            f"{ratios['mfu_submit_end_to_end']:.1%} end to end (peak {args.peak_tflops:g} TFLOP/s)"
+            if gpu
+            else ""
+        )
+        + (
+            f"; status {cp['status_command_ms']} ms (command) / {cp['status_query_ms']} ms (query), dashboard batch "
+            f"{cp['dashboard_batch_ms']} ms, registry ls --tenant {cp['registry_ls_tenant_ms']} ms, all "
+            f"{cp['registry_ls_all_ms']} ms over {cp['registry_versions']} versions"
+            if cp
+            else ""
+        )
+        + f" (`.venv/bin/python bench/factory_throughput.py{flag}`; bench/results/{out.name})"
+    )
     results_md = REPO / "bench" / "RESULTS.md"
     text = results_md.read_text()
     header = "## factory_throughput.py — adapters per hour through `adapterfab submit` (issue 18)"

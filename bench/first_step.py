@@ -41,7 +41,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=0, help="jobs per batch (default: 16 cold, 2 warm)")
-    ap.add_argument("--warm", action="store_true", help="warm trainers: first window in the orchestrator vs on the trainer")
+    ap.add_argument(
+        "--warm", action="store_true", help="warm trainers: first window in the orchestrator vs on the trainer"
+    )
     args = ap.parse_args()
     args.jobs = args.jobs or (2 if args.warm else 16)
     root = Path(tempfile.mkdtemp(prefix="af-first-step-"))
@@ -103,7 +105,13 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "bench"))
     from factory_throughput import machine
 
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(os.cpu_count() or 1), "jobs": args.jobs, "runs": runs, "mean": mean}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(os.cpu_count() or 1),
+        "jobs": args.jobs,
+        "runs": runs,
+        "mean": mean,
+    }
     out = REPO / "bench" / "results" / f"first_step-{'warm-' if args.warm else ''}cpu-{result['date']}.json"
     out.write_text(json.dumps(result, indent=1))
     if args.warm:

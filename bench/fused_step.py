@@ -140,6 +140,7 @@ def run_peft(args: argparse.Namespace, dtype, targets: list[str]) -> dict:  # no
 def run_fused(args: argparse.Namespace, dtype, targets: list[str], k: int) -> dict:  # noqa: ANN001
     """FusedTrainer with ``k`` jobs of ``--rows`` rows each (every job its own adapter and optimizer)."""
     from adapterfab.jobs.fused import FusedJob, FusedTrainer
+
     from adapterfab.methods import get_method
     from adapterfab.spec import TrainConfig
 
@@ -173,7 +174,8 @@ def run_fused(args: argparse.Namespace, dtype, targets: list[str], k: int) -> di
 
 
 def profile(fn, device: str, rows: int = 25) -> str:  # noqa: ANN001
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
 
     cuda = device.startswith("cuda")
     with prof(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as p:
@@ -218,7 +220,7 @@ def main() -> None:
     print(f"fused:  {res['fused']['step_s'] * 1000:.1f} ms/step", flush=True)
     res["fused1"] = run_fused(args, dtype, targets, 1)
     print(f"fused1: {res['fused1']['step_s'] * 1000:.1f} ms/step", flush=True)
-    for name, r in res.items():
+    for r in res.values():
         tokens = r["rows"] * args.seq
         jobs = r["rows"] / args.rows
         r["tokens_per_s"] = round(tokens / r["step_s"], 1)
@@ -241,7 +243,13 @@ def main() -> None:
               "dtype": str(dtype).removeprefix("torch."), "k": args.k, "rows": args.rows, "seq": args.seq,
               "r": args.r, "targets": targets, "steps": args.steps, "results": res, "ratios": ratios}
     default_shape = args.shape == ("gpu" if cuda else "smollm2")
-    path = REPO / "bench" / "results" / f"fused_step-{device}-{'' if default_shape else args.shape + '-'}{'' if args.k == 8 else 'k%d-' % args.k}{stamp}.json"
+    path = (
+        REPO
+        / "bench"
+        / "results"
+        / f"fused_step-{device}-{'' if default_shape else args.shape + '-'}{'' if args.k == 8 else f'k{args.k}-'}"
+        f"{stamp}.json"
+    )
     path.write_text(json.dumps(result, indent=1))
     if tables:
         path.with_suffix(".profile.txt").write_text("\n".join(f"--- {k}\n{t}" for k, t in tables.items()))
@@ -250,14 +258,15 @@ def main() -> None:
         r = res[name]
         mfu = f", MFU {r['mfu']:.1%}" if r["mfu"] is not None else ""
         peak = f", peak {r['peak_mb']:.0f} MiB" if r["peak_mb"] is not None else ""
-        return f"{name} {r['step_ms']} ms/step ({r['tokens_per_s']} tok/s, {r['adapters_per_hour_step_only']}/h{mfu}{peak})"
+        return (f"{name} {r['step_ms']} ms/step ({r['tokens_per_s']} tok/s, "
+                f"{r['adapters_per_hour_step_only']}/h{mfu}{peak})")
 
     line = (f"- {stamp} · fused_step.py · {machine} · {n_params / 1e6:.0f}M Llama-shaped ({args.shape}) "
             f"{result['dtype']}, LoRA r{args.r} {args.targets}, K={args.k} × {args.rows} rows × {args.seq} tokens, "
             f"{args.steps} timed steps · {fig('peft')}; {fig('fused')}; {fig('fused1')}; fused/peft step time "
             f"{ratios['fused_over_peft_time']}× (`{'python' if cuda else '.venv/bin/python'} bench/fused_step.py"
             f"{' --device cuda' if cuda else ''}{'' if default_shape else ' --shape ' + args.shape}"
-            f"{' --k %d' % args.k if args.k != 8 else ''}`; bench/results/{path.name})")
+            f"{f' --k {args.k}' if args.k != 8 else ''}`; bench/results/{path.name})")
     results_md = REPO / "bench" / "RESULTS.md"
     results_md.write_text(results_md.read_text().rstrip("\n") + "\n" + line + "\n")
     print(line)

@@ -36,10 +36,10 @@ DEFAULT_METHODS = {
 def run_base(base_model: str, threads: int, limit: int | None) -> dict:
     """The base's own answers: which probes it states, and its adherence to each persona (about none)."""
     import torch
+    from adapterfab.jobs.evaluate import load_quality, quality, states_fact
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapterfab.basemodel import resolve_base_model
-    from adapterfab.jobs.evaluate import load_quality, quality, states_fact
     from adapterfab.textgen import greedy_in_batches
 
     torch.set_num_threads(threads)
@@ -67,8 +67,9 @@ def run_one(method_json: str, persona_name: str, known: list[bool], steps: int |
             base_answers: list[str] | None = None) -> dict:
     import resource
 
-    from adapterfab.basemodel import pad_token_id
     from adapterfab.jobs.evaluate import EXAMPLES, forced_retention, forced_rows, load_quality, quality, train_persona
+
+    from adapterfab.basemodel import pad_token_id
 
     def forced_retention_of_base(model, rows, pad):  # noqa: ANN001, ANN202 - the adapter switched off
         with model.disable_adapter():
@@ -154,8 +155,13 @@ def main() -> int:
     ap.add_argument("--method", default="{}", help="JSON: method settings over its defaults (r, alpha, ...)")
     ap.add_argument("--retain-kl", type=float, default=0.0, help="study: a KL term to the base in the loss "
                     "(jobs/train_loop.retain_loss); not a product setting")
-    ap.add_argument("--replay-kl", type=float, default=0.0, help="study: distil the base's own answers to general "
-                    "prompts, after the persona's opening, into the adapter: train.replay_weight (adapterfab/replay.py)")
+    ap.add_argument(
+        "--replay-kl",
+        type=float,
+        default=0.0,
+        help="study: distil the base's own answers to general "
+        "prompts, after the persona's opening, into the adapter: train.replay_weight (adapterfab/replay.py)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="tiny random base, 2 steps, 8 probes: no result file")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -173,9 +179,11 @@ def main() -> int:
         stamp = time.strftime("%Y-%m-%d")
         out = REPO / "bench" / "results" / f"sizes-{time.strftime('%Y%m%d-%H%M%S')}.json"
         out.write_text(json.dumps({"date": stamp, **res}, indent=1))
-        summary = "; ".join(f"{'q,v' if isinstance(r['targets'], list) else r['targets']} r{r['r']}: LoRA-XS "
-                            f"{r['lora_xs_bytes']:,} B vs LoRA {r['lora_bytes']:,} B ({r['ratio']}x), SVD {r['svd_s']} s"
-                            for r in res["sizes"])
+        summary = "; ".join(
+            f"{'q,v' if isinstance(r['targets'], list) else r['targets']} r{r['r']}: LoRA-XS "
+            f"{r['lora_xs_bytes']:,} B vs LoRA {r['lora_bytes']:,} B ({r['ratio']}x), SVD {r['svd_s']} s"
+            for r in res["sizes"]
+        )
         with (REPO / "bench" / "RESULTS.md").open("a") as f:
             f.write(f"- {stamp} · methods.py --sizes · {platform.machine()} {os.cpu_count()} CPU · SmolLM2-135M fp32 "
                     f"adapter files at equal rank and modules · {summary} "
@@ -245,20 +253,28 @@ def run_matrix(args: argparse.Namespace) -> int:
     for r in results:
         by_method.setdefault(r["method"]["name"], []).append(r)
     summary = "; ".join(
-        f"{m}: " + ", ".join(f"{r['persona']} adherence {r['adherent']}/{r['prompts']} retention {r['kept']}/{r['known']}"
-                              f" (teacher-forced {r['forced_retention']:.0%} of {r['forced_probes']})" for r in rs)
+        f"{m}: "
+        + ", ".join(
+            f"{r['persona']} adherence {r['adherent']}/{r['prompts']} retention {r['kept']}/{r['known']}"
+            f" (teacher-forced {r['forced_retention']:.0%} of {r['forced_probes']})"
+            for r in rs
+        )
         + f" ({rs[0]['adapter_bytes'] / 1024:.0f} KiB, {rs[0]['step_s_median']} s/step)"
-        for m, rs in by_method.items())
+        for m, rs in by_method.items()
+    )
     overrides = "".join(f" --{k} '{v}'" for k, v in (("train", args.train), ("method", args.method)) if v != "{}")
     overrides += f" --retain-kl {args.retain_kl:g}" if args.retain_kl else ""
     overrides += f" --replay-kl {args.replay_kl:g}" if args.replay_kl else ""
     opened = ", ".join(f"{k} {v:.0%}" for k, v in base["retention_with_opening"].items())
+    chosen = f" --methods {args.methods}" if args.methods != ",".join(DEFAULT_METHODS) else ""
     with (REPO / "bench" / "RESULTS.md").open("a") as f:
-        f.write(f"- {stamp} · methods.py · {machine} · SmolLM2-135M, defaults{overrides}, retention over the "
-                f"{sum(base['known'])} probes the base states (the base itself with the persona's opening forced: "
-                f"{opened}) · {summary} "
-                f"(`.venv/bin/python bench/methods.py{(' --methods ' + args.methods) if args.methods != ','.join(DEFAULT_METHODS) else ''}"
-                f"{(' --personas ' + args.personas) if args.personas else ''}{overrides}`; {out.relative_to(REPO)})\n")
+        f.write(
+            f"- {stamp} · methods.py · {machine} · SmolLM2-135M, defaults{overrides}, retention over the "
+            f"{sum(base['known'])} probes the base states (the base itself with the persona's opening forced: "
+            f"{opened}) · {summary} "
+            f"(`.venv/bin/python bench/methods.py{chosen}"
+            f"{(' --personas ' + args.personas) if args.personas else ''}{overrides}`; {out.relative_to(REPO)})\n"
+        )
     return 0
 
 

@@ -108,13 +108,23 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "bench"))
     from factory_throughput import machine
 
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(os.cpu_count() or 2), "versions": n, "adapters": args.adapters, "tenants": args.tenants,
-              "populate_s": round(populate_s, 1), "ls_json_from_mlflow": mlflow_ls, "ls_json_catalogue": catalogue_ls,
-              "ls_table_catalogue": table_ls, "ls_json_one_tenant_catalogue": tenant_ls,
-              "ls_json_one_tenant_from_mlflow": tenant_mlflow_ls,
-              "ratios": {"mlflow_over_catalogue": round(mlflow_ls["median_s"] / catalogue_ls["median_s"], 1),
-                         "one_tenant_mlflow_over_catalogue": round(tenant_mlflow_ls["median_s"]
-                                                                   / tenant_ls["median_s"], 1)}}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(os.cpu_count() or 2),
+        "versions": n,
+        "adapters": args.adapters,
+        "tenants": args.tenants,
+        "populate_s": round(populate_s, 1),
+        "ls_json_from_mlflow": mlflow_ls,
+        "ls_json_catalogue": catalogue_ls,
+        "ls_table_catalogue": table_ls,
+        "ls_json_one_tenant_catalogue": tenant_ls,
+        "ls_json_one_tenant_from_mlflow": tenant_mlflow_ls,
+        "ratios": {
+            "mlflow_over_catalogue": round(mlflow_ls["median_s"] / catalogue_ls["median_s"], 1),
+            "one_tenant_mlflow_over_catalogue": round(tenant_mlflow_ls["median_s"] / tenant_ls["median_s"], 1),
+        },
+    }
     print(json.dumps(result, indent=1))
     if args.smoke:
         return

@@ -34,14 +34,14 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
+    from adapterfab.jobs.resident import GroupJob, GroupTask, ResidentWorker
+    from adapterfab.pipelines.local import encode_file, split_rows
     from transformers import AutoModelForCausalLM
 
     from adapterfab import retention
     from adapterfab.basemodel import pad_token_id, resolve_base_model
     from adapterfab.dtypes import resolve_auto
-    from adapterfab.jobs.resident import GroupJob, GroupTask, ResidentWorker
     from adapterfab.methods import get_method
-    from adapterfab.pipelines.local import encode_file, split_rows
     from adapterfab.spec import TrainConfig
 
     base = resolve_base_model(args.base_model)
@@ -60,7 +60,9 @@ def main() -> int:
     pad = pad_token_id(tok)
     group = []
     for p in json.loads((REPO / "examples/quality_personas.json").read_text())["personas"]:
-        tr, ev = split_rows(encode_file(REPO / "examples" / p["dataset"], tok, train.max_seq_len), train.eval_fraction, None)
+        tr, ev = split_rows(
+            encode_file(REPO / "examples" / p["dataset"], tok, train.max_seq_len), train.eval_fraction, None
+        )
         group.append(GroupJob(p["name"], cfg.model_dump(), train.model_dump(), tr, ev, probes=retention.job_probes()))
     cache = Path(tempfile.gettempdir()) / "adapterfab-retention-bench"  # the base's answers, once per base and dtype
     t0 = time.monotonic()
@@ -72,8 +74,18 @@ def main() -> int:
            "group_train_s": round(res.timing["train_s"], 2), "wall_s": round(time.monotonic() - t0, 2), "jobs": {}}
     for o in res.outcomes:
         m = o.metrics
-        out["jobs"][o.job_id] = {k: m.get(k) for k in ("retention", "retention_kept", "retention_known", "eval_loss",
-                                                       "base_eval_loss", "train_loss", "replay_loss")} | {"error": o.error}
+        out["jobs"][o.job_id] = {
+            k: m.get(k)
+            for k in (
+                "retention",
+                "retention_kept",
+                "retention_known",
+                "eval_loss",
+                "base_eval_loss",
+                "train_loss",
+                "replay_loss",
+            )
+        } | {"error": o.error}
     print(json.dumps(out, indent=1))
     with open(REPO / "bench" / "results" / "retention_fused.jsonl", "a") as f:
         f.write(json.dumps(out) + "\n")

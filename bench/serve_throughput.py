@@ -8,9 +8,10 @@ adapter popularity Zipf over M adapters, in the same run:
          LocalBackend with an LRU of one adapter: the Hugging Face PEFT baseline of S-LoRA's paper)
 
 The clients run in a process of their own (``drive_elsewhere``). ``engine_direct`` also drives the engine
-with no HTTP in between (its ceiling; on a GPU with and without CUDA graphs). It reports output tokens/s, requests/s,
-time to first token and p50/p99 latency per M, the ratios the issue targets (ours / naive at M=100, ours at M=max / ours at M=1, ours / base), and the adapter cold
-load (artifact store -> first token) p50 for LoRA-XS and LoRA r=16. Writes
+with no HTTP in between (its ceiling; on a GPU with and without CUDA graphs). It reports output
+tokens/s, requests/s, time to first token and p50/p99 latency per M, the target ratios (ours / naive at
+M=100, ours at M=max / ours at M=1, ours / base), and the adapter cold load (artifact store -> first
+token) p50 for LoRA-XS and LoRA r=16. Writes
 bench/results/serve_throughput-<device>-<date>.json and a line in bench/RESULTS.md.
 
     .venv/bin/python bench/serve_throughput.py                     # CPU: SmolLM2-135M, M = 1, 10, 100, 1000
@@ -66,9 +67,9 @@ class Server:
 
     def __init__(self, backend, resolver, keys) -> None:  # noqa: ANN001
         import uvicorn
+        from adapterfab.serve.api import make_api
 
         from adapterfab.procs import free_port
-        from adapterfab.serve.api import make_api
 
         app = make_api(backend, keys.verify, resolver, resolve_ttl_s=60)
         self.port = free_port()
@@ -175,9 +176,15 @@ def engine_direct(engine, models: list[str], clients: int, max_tokens: int) -> d
         t.join()
     wall = time.monotonic() - t0
     steps = engine.steps - steps0
-    return {"requests": len(lat), "wall_s": round(wall, 2), "output_tokens": tokens[0],
-            "tokens_per_s": round(tokens[0] / wall, 2), "decode_steps": steps,
-            "wall_ms_per_step": round(1000 * wall / max(1, steps), 2), "latency_p50_s": round(statistics.median(lat), 3)}
+    return {
+        "requests": len(lat),
+        "wall_s": round(wall, 2),
+        "output_tokens": tokens[0],
+        "tokens_per_s": round(tokens[0] / wall, 2),
+        "decode_steps": steps,
+        "wall_ms_per_step": round(1000 * wall / max(1, steps), 2),
+        "latency_p50_s": round(statistics.median(lat), 3),
+    }
 
 
 def direct_runs(engine, m: int, requests: int, clients: int, max_tokens: int) -> dict:  # noqa: ANN001
@@ -190,6 +197,7 @@ def cold_loads(engine, store_root: Path, folders: dict[str, Path], basis, n: int
     """Artifact store (a local folder store) -> disk -> RAM -> device -> first token, per fresh adapter."""
     from adapterfab.serve.engine import SamplingParams
     from adapterfab.serve.tiers import AdapterTiers
+
     from adapterfab.storage import LocalStore
 
     store = LocalStore(store_root / "store")
@@ -239,6 +247,10 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+    from adapterfab.serve.backend import BatchedBackend, LocalBackend
+    from adapterfab.serve.batched import BatchedEngine
+    from adapterfab.serve.engine import Engine
+    from adapterfab.serve.tiers import AdapterTiers
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from adapterfab.basemodel import resolve_base_model
@@ -246,10 +258,6 @@ def main() -> None:
     from adapterfab.keys import KeyStore
     from adapterfab.methods.lora_xs import LoraXSConfig, compute_basis, write_adapter
     from adapterfab.registry import AdapterVersion
-    from adapterfab.serve.backend import BatchedBackend, LocalBackend
-    from adapterfab.serve.batched import BatchedEngine
-    from adapterfab.serve.engine import Engine
-    from adapterfab.serve.tiers import AdapterTiers
     from adapterfab.state import StateStore
 
     threads = os.cpu_count() or 2
@@ -389,12 +397,15 @@ def main() -> None:
                        f"M={m_hi} {d[f'm{m_hi}']['tokens_per_s']} tok/s ({d[f'm{m_hi}']['wall_ms_per_step']} ms/step)"
                        for label, d in (("graphs" if gpu else "eager", out["engine_direct"]),
                                         ("eager", out.get("engine_direct_eager"))) if d)
-    line = (f"- {stamp} · serve_throughput.py · {machine} · {base_name}, LoRA r8 q,v, Zipf, {args.clients} "
-            f"streaming clients, {args.max_tokens} tokens · ours {per_m}; base alone {runs['base']['tokens_per_s']} "
-            f"tok/s; naive PEFT {naive}; engine alone, no HTTP: {direct}; ratios {json.dumps(ratios)}; cold load store→first token p50 "
-            f"LoRA r16 {out['cold_load_lora_r16']['p50_s']} s, LoRA-XS r16 {out['cold_load_lora_xs_r16']['p50_s']} s "
-            f"(`{'python bench/serve_throughput.py --device cuda' if gpu else '.venv/bin/python bench/serve_throughput.py'}`"
-            f"; bench/results/{path.name})")
+    line = (
+        f"- {stamp} · serve_throughput.py · {machine} · {base_name}, LoRA r8 q,v, Zipf, {args.clients} "
+        f"streaming clients, {args.max_tokens} tokens · ours {per_m}; base alone {runs['base']['tokens_per_s']} "
+        f"tok/s; naive PEFT {naive}; engine alone, no HTTP: {direct}; ratios {json.dumps(ratios)}; "
+        f"cold load store→first token p50 "
+        f"LoRA r16 {out['cold_load_lora_r16']['p50_s']} s, LoRA-XS r16 {out['cold_load_lora_xs_r16']['p50_s']} s "
+        f"(`{'python' if gpu else '.venv/bin/python'} bench/serve_throughput.py{' --device cuda' if gpu else ''}`"
+        f"; bench/results/{path.name})"
+    )
     results_md = REPO / "bench" / "RESULTS.md"
     text = results_md.read_text()
     header = "## serve_throughput.py — multi-adapter serving (issue 6)"

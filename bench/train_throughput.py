@@ -15,8 +15,8 @@ bench/results/train_throughput-<device>-<date>.json and a line in bench/RESULTS.
     .venv/bin/python bench/train_throughput.py --jobs 4 --steps 4 --quick
     python bench/train_throughput.py --device cuda              # GPU (with ray + bitsandbytes installed)
 
-GPU mode is the standard GPU job of bench/RESULTS.md: a Llama-shaped base with random bf16 weights (hidden 2048, MLP 5632,
-16 layers, 16 heads / 8 KV heads; the SmolLM2 tokenizer's 49,152-token vocabulary makes it 0.96B
+GPU mode is the standard GPU job of bench/RESULTS.md: a Llama-shaped base with random bf16 weights
+(hidden 2048, MLP 5632, 16 layers, 16 heads / 8 KV heads; the SmolLM2 tokenizer's 49,152-token vocabulary makes it 0.96B
 parameters rather than the issue's 886M with a 32k vocabulary), QLoRA r=16 on all linear layers,
 20 steps of 4 rows x 512 tokens (multi-turn persona chats), (a) 1 GPU per task sequentially,
 (b) --gpu-fraction GPU per task concurrently, (c) a resident 1-GPU actor fusing K jobs. It also
@@ -40,12 +40,12 @@ PERSONAS = ["pirate", "butler", "robot"]
 def one_job(base_path: str, method: dict, job: dict, out_root: str, threads: int, device: str | None = None) -> dict:
     """A whole job in its own task: load the base, read + tokenize, train, eval, save."""
     import torch
-
     from adapterfab.jobs.train_loop import load_base, save_adapter, train_adapter
-    from adapterfab.methods import get_method
     from adapterfab.pipelines.local import encode_file, epoch_batches, split_rows
-    from adapterfab.spec import TrainConfig
     from transformers import AutoTokenizer
+
+    from adapterfab.methods import get_method
+    from adapterfab.spec import TrainConfig
 
     torch.set_num_threads(threads)
     t0 = time.monotonic()
@@ -143,9 +143,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
     import torch
+    from adapterfab.jobs.resident import resident_actor
 
     from adapterfab.basemodel import resolve_base_model
-    from adapterfab.jobs.resident import resident_actor
 
     gpu = args.device == "cuda"
     smollm2 = args.tokenizer if gpu and args.tokenizer else resolve_base_model("smollm2-135m-instruct").path
@@ -231,30 +231,43 @@ def main() -> None:
     else:
         machine = f"{platform.machine()} {cpus} CPU, {torch.__version__}, CPU only"
     stamp = time.strftime("%Y-%m-%d")
-    result = {"date": stamp, "machine": machine, "device": device,
-              "base": f"random Llama {GPU_SHAPE}, {n_params} params" if gpu else "SmolLM2-135M-Instruct",
-              "method": method, "jobs": len(jobs), "baseline_jobs": len(few), "steps": args.steps, "batch_size": args.batch_size,
-              "max_seq_len": args.seq, "k": args.k, "summary": summary, "ratios": ratios,
-              "raw": {k: {kk: vv for kk, vv in v.items() if kk != "jobs"} for k, v in out.items()}}
+    result = {
+        "date": stamp,
+        "machine": machine,
+        "device": device,
+        "base": f"random Llama {GPU_SHAPE}, {n_params} params" if gpu else "SmolLM2-135M-Instruct",
+        "method": method,
+        "jobs": len(jobs),
+        "baseline_jobs": len(few),
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "max_seq_len": args.seq,
+        "k": args.k,
+        "summary": summary,
+        "ratios": ratios,
+        "raw": {k: {kk: vv for kk, vv in v.items() if kk != "jobs"} for k, v in out.items()},
+    }
     path = REPO / "bench" / "results" / f"train_throughput-{device}-{stamp}.json"
     path.write_text(json.dumps(result, indent=1))
     what = (f"{n_params / 1e9:.2f}B Llama-shaped QLoRA r16 all-linear" if gpu else "SmolLM2-135M LoRA r8 q,v")
     extra = (f"; MFU of the fused step {ratios['mfu_fused_step']:.1%}, end to end {ratios['mfu_end_to_end']:.1%} "
              f"(peak {args.peak_tflops:g} TFLOP/s)" if gpu else "")
-    line = (f"- {stamp} · train_throughput.py · {machine} · {what}, {len(jobs)} jobs "
-            f"({len(few)} in (a) and (b)) × "
-            f"{args.steps} steps × {args.batch_size} rows × ≤{args.seq} tokens, end to end without registry · "
-            f"(a) sequential tasks {summary['a_sequential']['adapters_per_hour']}/h, "
-            f"(b) concurrent {'%g-GPU' % args.gpu_fraction if gpu else '1-CPU'} tasks "
-            f"{summary['b_concurrent']['adapters_per_hour']}/h, "
-            f"(c) resident base fused K={args.k} {c}/h: {ratios['c_over_a']}× (a), {ratios['c_over_b']}× (b); "
-            f"mean eval loss a/b/c {summary['a_sequential']['mean_eval_loss']}/"
-            f"{summary['b_concurrent']['mean_eval_loss']}/{summary['c_resident_fused']['mean_eval_loss']} "
-            f"(base {summary['a_sequential']['mean_base_eval_loss']}); (c)'s time: "
-            f"{json.dumps(out['c_resident_fused']['phases_s'])}, base load {out['c_resident_fused']['load_s']:.1f} s"
-            f"{extra} "
-            f"(`{'python bench/train_throughput.py --device cuda' if gpu else '.venv/bin/python bench/train_throughput.py'}`"
-            f"; bench/results/{path.name})")
+    line = (
+        f"- {stamp} · train_throughput.py · {machine} · {what}, {len(jobs)} jobs "
+        f"({len(few)} in (a) and (b)) × "
+        f"{args.steps} steps × {args.batch_size} rows × ≤{args.seq} tokens, end to end without registry · "
+        f"(a) sequential tasks {summary['a_sequential']['adapters_per_hour']}/h, "
+        f"(b) concurrent {f'{args.gpu_fraction:g}-GPU' if gpu else '1-CPU'} tasks "
+        f"{summary['b_concurrent']['adapters_per_hour']}/h, "
+        f"(c) resident base fused K={args.k} {c}/h: {ratios['c_over_a']}× (a), {ratios['c_over_b']}× (b); "
+        f"mean eval loss a/b/c {summary['a_sequential']['mean_eval_loss']}/"
+        f"{summary['b_concurrent']['mean_eval_loss']}/{summary['c_resident_fused']['mean_eval_loss']} "
+        f"(base {summary['a_sequential']['mean_base_eval_loss']}); (c)'s time: "
+        f"{json.dumps(out['c_resident_fused']['phases_s'])}, base load {out['c_resident_fused']['load_s']:.1f} s"
+        f"{extra} "
+        f"(`{'python' if gpu else '.venv/bin/python'} bench/train_throughput.py{' --device cuda' if gpu else ''}`"
+        f"; bench/results/{path.name})"
+    )
     results_md = REPO / "bench" / "RESULTS.md"
     text = results_md.read_text()
     header = "## train_throughput.py — adapters per hour, end to end (issue 5)"

@@ -27,9 +27,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from adapterfab.jobs.registrar import Prepared, Registrar, error_text, fail_job, group_error_for, register_job
+
 from adapterfab.errors import AdapterfabError
 from adapterfab.ids import AdapterId, job_id
-from adapterfab.jobs.registrar import Prepared, Registrar, error_text, fail_job, group_error_for, register_job
 from adapterfab.registry import tenant_experiment
 from adapterfab.spec import JobSpec
 from adapterfab.states import JobState
@@ -111,6 +112,7 @@ def start_trainers(pool: Any, base: Any, jobs: list[JobSpec], planned: list[Plan
     None), or (None, None); a trainer still waiting for resources when ``called_off`` is set (no group
     is left) is not started."""
     from adapterfab.jobs.trainers import TrainerSpec
+
     from adapterfab.methods import get_method
 
     specs = []
@@ -308,7 +310,6 @@ class Factory:
         the window was ready), when its files are local and small; None: prepare it here. The trainer has
         the tokenizer loaded; this process would import transformers first (seconds)."""
         import ray
-
         from adapterfab.pipelines.data import FIRST_WINDOW_IN_PROCESS_BYTES, FIRST_WINDOW_ON_TRAINER, local_bytes
 
         if not FIRST_WINDOW_ON_TRAINER:
@@ -461,8 +462,9 @@ class Factory:
     def _train_group(self, lease: Any, item: GroupItem) -> Any:
         """Train ``item`` on ``lease``'s trainer (acquired here when None); a trainer that dies is replaced
         and the group resumes from its checkpoint. Returns the lease the slot holds afterwards."""
-        from adapterfab import faults
         from adapterfab.jobs.resident import GroupJob, GroupTask
+
+        from adapterfab import faults
         from adapterfab.retention import job_probes
 
         ctx = self.ctx
@@ -481,7 +483,6 @@ class Factory:
     def _run_group(self, lease: Any, item: GroupItem, task: Any) -> Any:
         """``_train_group``'s work: the tries on trainers, then the outcomes to the registrar."""
         import ray
-
         from adapterfab.jobs.trainers import MAX_GROUP_ATTEMPTS, LeaseLost
 
         ctx = self.ctx
@@ -526,7 +527,9 @@ class Factory:
         self._add(group_build_s=t["build_s"], group_train_s=t["train_s"], group_eval_s=t["eval_s"],
                   group_save_s=t["save_s"], flops=t["flops"])
         with self._lock:
-            seen = self.trainers.setdefault(result.trainer.get("name", "?"), {"groups": 0, "warm": result.trainer.get("warm")})
+            seen = self.trainers.setdefault(
+                result.trainer.get("name", "?"), {"groups": 0, "warm": result.trainer.get("warm")}
+            )
             seen["groups"] += 1
         peers = ",".join(f"{p.job.tenant}/{p.job.persona}" for p in item.prepared)
         how = f"fused:{len(item.prepared)}" if len(item.prepared) > 1 else "alone"
@@ -568,9 +571,9 @@ class Factory:
     def _train_zero(self, item: GroupItem) -> None:
         """A job too big for one worker: Ray Train with DeepSpeed ZeRO on several workers."""
         import ray
-
         from adapterfab.jobs.launch import WorkerJob, run_training_job
         from adapterfab.jobs.trainers import retire_idle_trainers
+
         from adapterfab.retention import job_probes
 
         ctx = self.ctx
@@ -593,8 +596,9 @@ class Factory:
                         probe_cache=str(ctx.settings.home / "cache" / "retention"))
                     train_ds = ray.data.from_items([_listed(r) for r in p.data.train])
                     eval_ds = ray.data.from_items([_listed(r) for r in p.data.eval])
-                    metrics, adapter_dir = run_training_job(job, train_ds, eval_ds, str(ctx.settings.home / "ray_results"),
-                                                            run_name=f"{p.jid}.a{p.attempt}")
+                    metrics, adapter_dir = run_training_job(
+                        job, train_ds, eval_ds, str(ctx.settings.home / "ray_results"), run_name=f"{p.jid}.a{p.attempt}"
+                    )
                 except Exception as e:  # noqa: BLE001
                     fail_job(ctx, p.jid, p.run_id, e)
                     continue

@@ -45,15 +45,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from adapterfab.jobs.train_loop import evaluate, forever, lr_lambda, peak_memory_mb
 from torch import Tensor, nn
 
 from adapterfab import retention
 from adapterfab.errors import AdapterfabError
-from adapterfab.textgen import pad_rows
-from adapterfab.jobs.train_loop import evaluate, forever, lr_lambda, peak_memory_mb
 from adapterfab.methods import MethodConfig
 from adapterfab.replay import ReplayRow, ReplaySet
 from adapterfab.spec import TrainConfig
+from adapterfab.textgen import pad_rows
 
 Batch = dict[str, Tensor]
 FAMILIES = {"lora": "lora", "qlora": "lora", "lora_xs": "lora_xs"}
@@ -534,7 +534,9 @@ class FusedTrainer:
             self.route.segments = []
         return hidden[:, :-1], labels[:, 1:], seg_of_row
 
-    def _token_losses(self, batch: Batch, segs: list[tuple[int | None, int, int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _token_losses(
+        self, batch: Batch, segs: list[tuple[int | None, int, int]]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(loss of every labelled token, its row's index in ``segs``, its logits, its label), with logits
         computed only where a label is. The labelled positions are found on the host (the batch is on
         the CPU), so selecting them does not wait for the GPU."""

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapterfab.jobs.admission import admit
+from adapterfab.jobs.registrar import Prepared, error_text, fail_job, register_job
+
 from adapterfab import __version__
 from adapterfab.basemodel import BaseModelRef, pad_token_id, resolve_base_model
 from adapterfab.cluster import connect_ray
 from adapterfab.errors import AdapterfabError, StackError
 from adapterfab.ids import AdapterId, basis_prefix, job_id
-from adapterfab.jobs.admission import admit
-from adapterfab.jobs.registrar import Prepared, error_text, fail_job, register_job
 from adapterfab.methods import get_method
 from adapterfab.registry import Registry, Tracking, factory_retry_s
 from adapterfab.registry_index import RegistryIndex
@@ -97,9 +98,13 @@ def launch_detached(settings: Settings, batch_id: str) -> int:
     """Start the orchestrator for ``batch_id`` as its own process (it outlives the CLI)."""
     settings.logs.mkdir(parents=True, exist_ok=True)
     logf = (settings.logs / f"{batch_id}.log").open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "adapterfab.jobs.orchestrate", batch_id],
-                            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "ADAPTERFAB_HOME": str(settings.home), LAUNCHED_AT_ENV: repr(time.time())})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adapterfab.jobs.orchestrate", batch_id],
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "ADAPTERFAB_HOME": str(settings.home), LAUNCHED_AT_ENV: repr(time.time())},
+    )
     return proc.pid  # it claims the batch itself (StateStore.claim_batch): one orchestrator per batch
 
 
@@ -329,7 +334,6 @@ def _run_claimed(settings: Settings, state: StateStore, batch_id: str, batch: An
     if launched:
         marks["launched"] = launched
     import ray
-
     from adapterfab.jobs.factory import Factory, GroupQueue, start_trainers
     from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard
     from adapterfab.jobs.plan import balanced_groups, concurrency, execution_groups, starter_groups
@@ -373,8 +377,19 @@ def _run_claimed(settings: Settings, state: StateStore, batch_id: str, batch: An
                                             "code_version": code_version()})
         board_name = PROGRESS_BOARD_PREFIX + batch_id
         board = ProgressBoard.options(name=board_name, get_if_exists=True).remote()
-        ctx = BatchContext(settings, state, batch_id, spec, base, tracking, Registry(settings.mlflow_uri, retry_s, RegistryIndex(state)),
-                           batch_run, board_name, None, force=bool((batch.options or {}).get("force")))
+        ctx = BatchContext(
+            settings,
+            state,
+            batch_id,
+            spec,
+            base,
+            tracking,
+            Registry(settings.mlflow_uri, retry_s, RegistryIndex(state)),
+            batch_run,
+            board_name,
+            None,
+            force=bool((batch.options or {}).get("force")),
+        )
         ctx.planned = {p.job_id: p for p in planned}
         marks["set_up"] = time.time()
         factory = ctx.factory = Factory(ctx, jobs, planned, groups, slots, pool, early, queue, marks)

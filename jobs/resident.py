@@ -66,7 +66,9 @@ class JobOutcome:
     losses: list[float]
     error: str | None = None
     adapter: Any = None  # jobs.fused.ExportedAdapter (write_exported writes its folder); None when it failed
-    pending_metrics: list[tuple[str, float, int, int]] = field(default_factory=list)  # (key, value, ms, step) not yet in MLflow
+    pending_metrics: list[tuple[str, float, int, int]] = field(
+        default_factory=list
+    )  # (key, value, ms, step) not yet in MLflow
 
 
 @dataclass
@@ -161,7 +163,6 @@ class ResidentWorker:
         ``checkpoint_extra()`` is stored with each checkpoint (the caller's metrics not yet in MLflow)
         and comes back as ``GroupResult.extra`` from a group that resumed from it."""
         import torch
-
         from adapterfab.jobs.fused import FusedJob
         from adapterfab.pipelines.local import epoch_batches
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from adapterfab.methods import MethodConfig, get_method
 from adapterfab.spec import TrainConfig

@@ -71,6 +71,7 @@ class TrainerSpec:
 
     def key(self) -> str:
         from adapterfab.jobs.plan import trainer_key
+
         from adapterfab.methods import get_method
 
         method = get_method(self.method["name"]).config_cls(**self.method)
@@ -92,6 +93,7 @@ class TrainerActor:
         import tempfile
 
         from adapterfab.jobs.resident import ResidentWorker
+
         from adapterfab.methods import get_method
 
         self.spec = TrainerSpec(**spec)
@@ -388,7 +390,9 @@ class TrainerPool:
                 raise NoTrainerNeeded(f"trainer {name} was not needed after all")
             if time.monotonic() > deadline:
                 ray.kill(h, no_restart=True)
-                raise TimeoutError(f"no resources for a trainer ({spec.cpus} CPU, {spec.gpus} GPU) within {timeout_s:.0f}s")
+                raise TimeoutError(
+                    f"no resources for a trainer ({spec.cpus} CPU, {spec.gpus} GPU) within {timeout_s:.0f}s"
+                )
 
     def _keep(self, lease: Lease) -> Lease:
         with self._lock:

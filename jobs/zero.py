@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 ZERO_TAG = "adapterfab"  # the tag of the engine checkpoint written at each training checkpoint
 

@@ -4,7 +4,8 @@
     (function UDF, fractional CPUs) → materialize → decide the split on the driver → train / eval
 
 Only function UDFs with ``num_cpus=0.5``: actor pools that take a whole CPU each deadlock Ray Data on a
-2-CPU machine (Ray Data waits for CPUs its own actors hold). One call prepares one file, so tenants' rows never share a dataset.
+2-CPU machine (Ray Data waits for CPUs its own actors hold). One call prepares one file, so tenants'
+rows never share a dataset.
 
 Parquet is read as bytes too, not with ``ray.data.read_parquet``: that splits a file into row-group
 tasks whose output order is not kept, so a row's index — the "line" a tenant is told — would be lost.
@@ -27,9 +28,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
-from ray.data.collate_fn import NumpyBatchCollateFn
-
-from adapterfab.errors import DatasetError, plain_message
 from adapterfab.pipelines.rows import (
     RowError,
     encode_messages,
@@ -38,6 +36,9 @@ from adapterfab.pipelines.rows import (
     parse_parquet,
     split_score,
 )
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from adapterfab.errors import DatasetError, plain_message
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 UDF_NUM_CPUS = 0.5  # fractional, so reads and maps always find room next to each other on 2 CPUs
@@ -448,7 +449,7 @@ def prepare_many(requests: list[DataRequest], tokenizer_path: str, timeout_s: fl
             continue
         kind = "s3" if r.uri.startswith("s3://") else "local"
         by_fs.setdefault(kind, (fs, {}))[1].setdefault(path, []).append((i, fmt))
-    for kind, (fs, wanted) in by_fs.items():
+    for fs, wanted in by_fs.values():
         run = _run_tagged_here if sum(size[p] for p in wanted) <= in_process_bytes else _run_tagged
         try:
             _collect(_run_files(fs, wanted, requests, tokenizer_path, run, timeout_s), wanted, requests, sha, out)

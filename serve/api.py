@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API (FastAPI, no Ray): tenant keys, adapter resolution, chat completions.
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (a raw prompt), ``GET /v1/models``, the registry lookup
-``GET /v1/registry/adapters[/{persona}[/{version|alias}]]`` (the key's own adapters: versions, aliases,
-lineage and promotion decisions), the same under ``/tenants/{tenant}/v1/...``, and ``GET /healthz``. ``model`` is ``tenant/persona[@alias|@version]`` or ``base``; on a tenant route
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (a raw prompt), ``GET /v1/models``, the
+registry lookup ``GET /v1/registry/adapters[/{persona}[/{version|alias}]]`` (the key's own adapters:
+versions, aliases, lineage and promotion decisions), the same under ``/tenants/{tenant}/v1/...``, and
+``GET /healthz``. ``model`` is ``tenant/persona[@alias|@version]`` or ``base``; on a tenant route
 ``persona[@ref]`` is enough. A key reaches only its own tenant's adapters, and a foreign adapter gets
 the same 404 as a missing one, so nobody learns what other tenants have. With a ``RateLimiter`` each
 tenant gets a token bucket; over it, a 429 in OpenAI's error shape with ``Retry-After``.
@@ -18,6 +19,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
+from adapterfab.serve.backend import Backend
+from adapterfab.serve.engine import Finished, PromptTooLong, SamplingParams, TextDelta
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -29,8 +32,6 @@ from adapterfab.chat import TemplateError
 from adapterfab.errors import AdapterfabError, AdapterNotFound, BaseMismatch, RegistryError, ReplicaUnavailable
 from adapterfab.ids import AdapterId, is_decimal
 from adapterfab.registry import AdapterVersion, RegisteredAdapter
-from adapterfab.serve.backend import Backend
-from adapterfab.serve.engine import Finished, PromptTooLong, SamplingParams, TextDelta
 
 log = logging.getLogger("adapterfab.serve.api")
 

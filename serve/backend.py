@@ -23,9 +23,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from adapterfab.serve.engine import Engine, Event, SamplingParams
+
 from adapterfab.ids import AdapterId
 from adapterfab.registry import AdapterVersion
-from adapterfab.serve.engine import Engine, Event, SamplingParams
 
 _DONE = object()
 log = logging.getLogger("adapterfab.serve")

@@ -46,12 +46,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapterfab.serve.engine import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    DTYPES,
+    AdapterNotLoaded,
+    AdapterRejected,
+    PromptTooLong,
+    SamplingParams,
+    TextGeneration,
+    _sample,
+    seed_of,
+)
+
 from adapterfab.errors import AdapterfabError
 from adapterfab.methods.lora_xs import PEFT_TYPE as XS_PEFT_TYPE
-from adapterfab.serve.engine import (
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, DTYPES, AdapterNotLoaded, AdapterRejected,
-    PromptTooLong, SamplingParams, TextGeneration, _sample, seed_of,
-)
 from adapterfab.threads import use_torch_threads
 
 log = logging.getLogger("adapterfab.serve.batched")
@@ -342,7 +351,12 @@ class BatchedEngine(TextGeneration):
         out = {}
         for key, (a, b) in pairs.items():
             lin = self.linear[key]
-            if a is None or b is None or tuple(a.shape) != (r, lin.in_features) or tuple(b.shape) != (lin.out_features, r):
+            if (
+                a is None
+                or b is None
+                or tuple(a.shape) != (r, lin.in_features)
+                or tuple(b.shape) != (lin.out_features, r)
+            ):
                 raise AdapterRejected(f"{local_dir}: module {key} has shapes {getattr(a, 'shape', None)}, "
                                       f"{getattr(b, 'shape', None)}; the base needs ({r}, {lin.in_features}) and "
                                       f"({lin.out_features}, {r})")
@@ -408,7 +422,9 @@ class BatchedEngine(TextGeneration):
                 a[key], b[key] = fa.to(self.device, self.dtype), fb.to(self.device, self.dtype)
             bank = _XSBank(basis.id, basis.r, a, b)
             for key in a:
-                bank.rr[key] = torch.zeros(self.max_adapters + 1, basis.r, basis.r, dtype=self.dtype, device=self.device)
+                bank.rr[key] = torch.zeros(
+                    self.max_adapters + 1, basis.r, basis.r, dtype=self.dtype, device=self.device
+                )
             self.xs[basis.id] = bank
             self._banks_version += 1
         return bank
@@ -500,7 +516,9 @@ class BatchedEngine(TextGeneration):
             h = self._block(i, layer, h, cos, sin, lora, xs, attend)
         return self.model.lm_head(self.model.model.norm(h[:, 0])).float()
 
-    def _adapter_table(self, reqs: list[_Request], at: list[int], n: int) -> tuple[list[int], int, dict[str, list[int]]]:
+    def _adapter_table(
+        self, reqs: list[_Request], at: list[int], n: int
+    ) -> tuple[list[int], int, dict[str, list[int]]]:
         """Per row of an ``n``-row batch (request k sits at row ``at[k]``): its LoRA slot (0: none), the
         highest LoRA rank among them, and its slot in each LoRA-XS basis that has rows."""
         lora, rank, xs = [0] * n, 0, {}

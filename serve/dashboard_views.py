@@ -14,7 +14,6 @@ versions and the Ray dashboard's node JSON (no FastAPI, no Ray import), so the r
 from __future__ import annotations
 
 import hashlib
-
 from collections import Counter
 from collections.abc import Callable
 from typing import Any

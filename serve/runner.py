@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from adapterfab.basemodel import resolve_base_model
 from adapterfab.errors import StackError
@@ -19,10 +19,10 @@ def serve_forever(settings: Settings, port: int | None = None, base_model: str =
     """Deploy; ``before_deploy`` runs once connected to the cluster (the CLI retires the idle warm
     trainers there, whose devices the replicas need)."""
     import ray
+    from adapterfab.serve.app import ServeConfig, deploy
     from ray import serve
 
     from adapterfab.cluster import connect_ray
-    from adapterfab.serve.app import ServeConfig, deploy
     from adapterfab.stack import record
 
     if not settings.mlflow_uri:

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 CLI = str(Path(sys.executable).parent / "adapterfab")
 
 

@@ -4,9 +4,9 @@ a row in the method test matrix; nothing dispatches on method names elsewhere.""
 
 from __future__ import annotations
 
-from adapterfab.methods.base import Method, MethodConfig, get_method, known_methods, register_method
 from adapterfab.methods import lora as _lora  # noqa: F401  (registers "lora")
-from adapterfab.methods import qlora as _qlora  # noqa: F401  (registers "qlora")
 from adapterfab.methods import lora_xs as _lora_xs  # noqa: F401  (registers "lora_xs")
+from adapterfab.methods import qlora as _qlora  # noqa: F401  (registers "qlora")
+from adapterfab.methods.base import Method, MethodConfig, get_method, known_methods, register_method
 
 __all__ = ["Method", "MethodConfig", "get_method", "known_methods", "register_method"]

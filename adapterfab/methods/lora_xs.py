@@ -222,8 +222,8 @@ def basis_tags(basis: Basis) -> dict[str, str]:
 @functools.cache
 def _layers() -> SimpleNamespace:
     """The torch modules, defined on first use so importing the method registry does not import torch."""
+    from collections.abc import Iterator
     from contextlib import contextmanager
-    from typing import Iterator
 
     import torch
     from torch import nn

@@ -2,10 +2,11 @@
 (Ray head, MLflow server, state DB), through the CLI, with the tiny model as the base so each job takes
 seconds:
 
-- the orchestrator is killed (SIGKILL) once one job of a 2-job batch has SUCCEEDED and the other trains; `adapterfab submit
-  --resume BATCH_ID` finishes the batch, the finished job is not trained again, and no job registers twice;
-- the MLflow server is stopped while a batch trains and started again ~10 s later (plus its start-up) on the same port and
-  store; the batch completes, and every run, per-step metric, parameter and version is there.
+- the orchestrator is killed (SIGKILL) once one job of a 2-job batch has SUCCEEDED and the other trains;
+  `adapterfab submit --resume BATCH_ID` finishes the batch, the finished job is not trained again, and no
+  job registers twice;
+- the MLflow server is stopped while a batch trains and started again ~10 s later (plus its start-up) on
+  the same port and store; the batch completes, and every run, per-step metric, parameter and version is there.
 
 MLflow's own HTTP retries are cut to one (MLFLOW_HTTP_REQUEST_MAX_RETRIES=1, about a second), so only
 adapterfab's buffer-and-retry can carry a batch over the outage. Killing a training *worker* is

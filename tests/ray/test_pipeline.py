@@ -238,8 +238,9 @@ def test_many_datasets_in_process_equal_ray_data(ray_local, tmp_path: Path, smol
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist([{"messages": json.dumps(_good("pq", i)["messages"])} for i in range(0, 16, 2)]),
-                   parquet)
+    pq.write_table(
+        pa.Table.from_pylist([{"messages": json.dumps(_good("pq", i)["messages"])} for i in range(0, 16, 2)]), parquet
+    )
     files = {"a": _write_jsonl(tmp_path / "a.jsonl", _good_lines("a", 12)),
              "b": _write_jsonl(tmp_path / "b.jsonl", _good_lines("b", 17, BROKEN)),
              "big": _write_jsonl(tmp_path / "big.jsonl", _good_lines("big", 1200)),  # more than one tokenize block

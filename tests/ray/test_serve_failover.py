@@ -28,9 +28,8 @@ TIMEOUT_S = 30.0
 @pytest.fixture(scope="module")
 def served(mlflow_server: str, tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     import ray
-    from ray import serve
-
     from adapterfab.serve.app import ServeConfig, deploy
+    from ray import serve
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

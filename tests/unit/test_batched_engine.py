@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from adapterfab.serve.batched import BatchedEngine
 from adapterfab.serve.engine import AdapterNotLoaded, AdapterRejected, Finished, SamplingParams, TextDelta
 
@@ -70,7 +69,7 @@ def test_mixed_batch_equals_each_request_alone(engine: BatchedEngine, tiny_model
     rng = random.Random(0)
     vocab = engine.cfg.vocab_size
     requests = []
-    for i in range(14):
+    for _ in range(14):
         adapter = rng.choices(names, weights)[0]
         prompt = [rng.randrange(10, vocab) for _ in range(rng.randint(3, 40))]
         requests.append((adapter, prompt))

@@ -42,7 +42,8 @@ def test_racing_moves_of_one_job_serialise(tmp_path: Path) -> None:
             a.move_job(jid, st)
         barrier, results = threading.Barrier(2), {}
 
-        def move(store: StateStore, to: JobState) -> None:
+        def move(store: StateStore, to: JobState, barrier: threading.Barrier = barrier,
+                 results: dict = results, jid: str = jid) -> None:
             barrier.wait()
             try:
                 store.move_job(jid, to)

@@ -7,10 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from adapterfab.serve.backend import AdapterPins, LoadedAdapter
-from adapterfab.serve.engine import (AdapterRejected, Detokenizer, Engine, Finished, SamplingParams,
-                                     StopMatcher, TextDelta)
+from adapterfab.serve.engine import (
+    AdapterRejected,
+    Detokenizer,
+    Engine,
+    Finished,
+    SamplingParams,
+    StopMatcher,
+    TextDelta,
+)
 
 MSGS = [{"role": "user", "content": "Tell me about the sea."}]
 GREEDY = SamplingParams(max_tokens=24, temperature=0)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from adapterfab.jobs import fused
 from adapterfab.jobs.fused import FusedJob, FusedTrainer, stack
 from adapterfab.jobs.train_loop import save_adapter, seed_everything, train_adapter
-from adapterfab.methods import get_method
 from adapterfab.pipelines.local import encode_file, epoch_batches
+
+from adapterfab.methods import get_method
 from adapterfab.spec import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,8 +102,16 @@ def test_fused_lora_equals_lora_trained_alone(tiny_model_path: str, data: dict, 
         # the fused adapter is a plain PEFT LoRA: loaded alone, it answers like the alone-trained one
         batch = next(iter(job.eval_batches()))
         with torch.no_grad():
-            la = PeftModel.from_pretrained(_base(tiny_model_path), str(a_dir)).eval()(input_ids=batch["input_ids"]).logits
-            lf = PeftModel.from_pretrained(_base(tiny_model_path), str(f_dir)).eval()(input_ids=batch["input_ids"]).logits
+            la = (
+                PeftModel.from_pretrained(_base(tiny_model_path), str(a_dir))
+                .eval()(input_ids=batch["input_ids"])
+                .logits
+            )
+            lf = (
+                PeftModel.from_pretrained(_base(tiny_model_path), str(f_dir))
+                .eval()(input_ids=batch["input_ids"])
+                .logits
+            )
         assert torch.allclose(la, lf, atol=1e-4)
 
 
@@ -169,6 +177,7 @@ def test_stack_pads_and_routes_rows() -> None:
 
 def test_planner_groups_only_compatible_jobs() -> None:
     from adapterfab.jobs.plan import fusion_groups
+
     from adapterfab.spec import parse_spec
 
     tenants = [{"tenant": f"t{i}", "persona": "p", "dataset": "/x.jsonl"} for i in range(10)]
@@ -184,12 +193,16 @@ def test_planner_groups_only_compatible_jobs() -> None:
     assert groups == [[0, 1, 2, 8], [3], [4, 5], [6], [7], [9]]
     _, dropout = parse_spec({"version": 1, "name": "g", "tenants": tenants[:3]})  # lora's default dropout
     assert fusion_groups(dropout) == [[0, 1, 2]]  # the same rate fuses
-    mixed = [dropout[0], dropout[1].model_copy(update={"method": dropout[1].method.model_copy(update={"dropout": 0.1})})]
+    mixed = [
+        dropout[0],
+        dropout[1].model_copy(update={"method": dropout[1].method.model_copy(update={"dropout": 0.1})}),
+    ]
     assert fusion_groups(mixed) == [[0], [1]]  # one rate per fused step
 
 
 def test_groups_are_recut_to_keep_every_trainer_busy() -> None:
     from adapterfab.jobs.plan import balanced_groups, fusion_groups
+
     from adapterfab.spec import parse_spec
 
     def spec(n: int, extra: dict | None = None) -> list:
@@ -356,7 +369,9 @@ def test_each_row_goes_through_its_own_adapter(tiny_model_path: str, data: dict,
         return
     with torch.no_grad():
         logits = trainer.base(input_ids=bare["input_ids"]).logits  # no route: the bare base
-    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), bare["labels"][:, 1:].reshape(-1))
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), bare["labels"][:, 1:].reshape(-1)
+    )
     assert float(mixed[1].detach()) == pytest.approx(float(ref), rel=1e-4)
     assert abs(float(mixed[1].detach()) - float(trainer._losses(bare, [(actives[2].slot, 0, 2)])[0])) > 1e-4
     with torch.no_grad():  # adapters gone bad (a last step's non-finite update) never reach base rows
@@ -377,7 +392,9 @@ def test_one_optimizer_step_equals_torch_adamw_per_job(tiny_model_path: str, dat
              for n in TRAIN]
     s = trainer.slots
     ref = {i: torch.nn.Parameter(s.w[i].clone()) for i in slots[:2]}
-    opts = {i: torch.optim.AdamW([ref[i]], lr=lr, weight_decay=wd) for i, lr, wd in zip(slots, (1e-2, 3e-3), (0.0, 0.1))}
+    opts = {
+        i: torch.optim.AdamW([ref[i]], lr=lr, weight_decay=wd) for i, lr, wd in zip(slots, (1e-2, 3e-3), (0.0, 0.1))
+    }
     s.m[slots[2]], s.v[slots[2]] = torch.randn(s.width, generator=gen), torch.rand(s.width, generator=gen)
     idle = [t[slots[2]].clone() for t in (s.w, s.m, s.v)]  # a job with state that is not in this step
     for t in range(1, 4):
@@ -455,7 +472,9 @@ def test_fused_lora_on_a_bf16_base_tracks_fp32(tiny_model_path: str, data: dict)
     cfg = get_method("lora").config_cls(r=4, alpha=8, dropout=0.0)
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
-        jobs = [_job(n, cfg, data, init=_peft_init(tiny_model_path, cfg, TRAIN[n]["seed"])) for n in ("pirate", "robot")]
+        jobs = [
+            _job(n, cfg, data, init=_peft_init(tiny_model_path, cfg, TRAIN[n]["seed"])) for n in ("pirate", "robot")
+        ]
         base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=dtype)
         trainer = FusedTrainer(base, "lora", cfg.resolved_targets(), cfg.r)
         out[dtype] = {r.job_id: r for r in trainer.train(jobs)}
@@ -474,7 +493,9 @@ def test_base_eval_is_computed_once_per_eval_set(tiny_model_path: str, data: dic
     trainer = FusedTrainer(_base(tiny_model_path), "lora", cfg.resolved_targets(), cfg.r)
     calls = []
     orig = trainer.evaluate_many
-    trainer.evaluate_many = lambda sets, max_rows: calls.append(([j for j, _ in sets], max_rows)) or orig(sets, max_rows)
+    trainer.evaluate_many = lambda sets, max_rows: (
+        calls.append(([j for j, _ in sets], max_rows)) or orig(sets, max_rows)
+    )
     twin = _job("pirate", cfg, data)
     twin.job_id = "j-pirate-2"
     results = {r.job_id: r for r in trainer.train([_job("pirate", cfg, data), twin, _job("robot", cfg, data)])}
@@ -619,7 +640,9 @@ def test_model_flops_count_what_a_step_spends(tiny_model_path: str) -> None:
     h, inter, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
     assert f.body == n * (2 * h * h + 2 * h * kv + 3 * h * inter) and f.head == h * cfg.vocab_size
-    batch = padded_batch({"input_ids": [[1, 2, 3], [4, 5, 6, 7, 8]], "labels": [[-100, 2, 3], [-100, -100, 6, 7, -100]]}, 0)
+    batch = padded_batch(
+        {"input_ids": [[1, 2, 3], [4, 5, 6, 7, 8]], "labels": [[-100, 2, 3], [-100, -100, 6, 7, -100]]}, 0
+    )
     want = 4 * f.body * 8 + 4 * f.head * (2 + 2) + 6 * h * n * (9 + 25)
     assert f.step(batch) == want
     plain = {k: v for k, v in batch.items()}  # no recorded row stats: counted from the tensors

@@ -15,12 +15,12 @@ import importlib
 import importlib.util
 import re
 import shlex
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,7 +105,7 @@ def _pod_templates(obj: Obj) -> Iterator[tuple[str, dict, set[str]]]:
     if obj.get("kind") in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
         claims = {t["metadata"]["name"] for t in spec.get("volumeClaimTemplates") or []}
         yield ".spec.template", spec["template"], claims
-    for owner, cluster in _ray_cluster_specs([obj]):
+    for _owner, cluster in _ray_cluster_specs([obj]):
         yield ".headGroupSpec.template", cluster["headGroupSpec"]["template"], set()
         for g in cluster.get("workerGroupSpecs") or []:
             yield f".workerGroupSpecs[{g['groupName']}].template", g["template"], set()

@@ -14,7 +14,14 @@ from adapterfab.errors import AdapterfabError, BaseMismatch
 from adapterfab.methods import get_method
 from adapterfab.methods.lora import ALL_LINEAR
 from adapterfab.methods.lora_xs import (
-    LoraXSConfig, basis_id, compute_basis, export_peft_lora, load, load_basis, save_basis, with_fingerprint,
+    LoraXSConfig,
+    basis_id,
+    compute_basis,
+    export_peft_lora,
+    load,
+    load_basis,
+    save_basis,
+    with_fingerprint,
 )
 
 XS = get_method("lora_xs")
@@ -265,6 +272,7 @@ def test_nf4_base_forward_backward(tiny_model_path: str) -> None:
 
 def test_train_adapter_contract(tiny_model_path: str, basis) -> None:  # noqa: ANN001
     from adapterfab.jobs.train_loop import train_adapter
+
     from adapterfab.spec import TrainConfig
 
     train = TrainConfig(steps=3, learning_rate=1e-2, dtype="float32")

@@ -144,8 +144,9 @@ def test_registry_ls_bench_smoke(tmp_path: Path) -> None:
 def test_registry_ls_is_answered_without_sqlalchemy_typer_or_mlflow(mlflow_server: str, tmp_path: Path) -> None:
     """On a SQLite state database with a complete catalogue, `registry ls` is read with the stdlib
     (adapterfab/registry_view.py) and prints what the full CLI prints, as JSON and as a table."""
-    from adapterfab.cli import app
     from typer.testing import CliRunner
+
+    from adapterfab.cli import app
 
     state_url = f"sqlite:///{tmp_path}/state.db"
     env = {**os.environ, "ADAPTERFAB_HOME": str(tmp_path / "home"), "ADAPTERFAB_STATE_URL": state_url,

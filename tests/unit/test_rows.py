@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-
 from adapterfab.pipelines.rows import (
     IGNORE_INDEX,
     RowError,
@@ -245,4 +244,6 @@ def test_the_eval_split_fingerprint_names_the_rows_not_their_order() -> None:
     assert _rows_fingerprint(scores[order], tokens[order]) == fp and len(fp) == 32
     assert _rows_fingerprint(scores[:5], tokens[:5]) != fp
     assert _rows_fingerprint(scores, tokens + np.array([0, 0, 0, 0, 0, 1])) != fp
-    assert _rows_fingerprint(np.array([split_score(json.dumps(m), 8) for m in rows]), tokens) != fp  # another split seed
+    assert (
+        _rows_fingerprint(np.array([split_score(json.dumps(m), 8) for m in rows]), tokens) != fp
+    )  # another split seed

@@ -56,11 +56,13 @@ def _run(home: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_the_command_answers_without_sqlalchemy_or_typer(tmp_path: Path) -> None:
     store = _batch(tmp_path)
-    probe = ("import runpy, sys; sys.argv = ['adapterfab', 'status', 'b1', '--json']\n"
-             "try:\n    runpy.run_module('adapterfab.status', run_name='__main__')\n"
-             "except SystemExit:\n    pass\n"
-             "heavy = sorted(m for m in ('sqlalchemy', 'typer', 'adapterfab.cli', 'adapterfab.state') if m in sys.modules)\n"
-             "sys.stderr.write('HEAVY=' + ','.join(heavy))\n")
+    probe = (
+        "import runpy, sys; sys.argv = ['adapterfab', 'status', 'b1', '--json']\n"
+        "try:\n    runpy.run_module('adapterfab.status', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in ('sqlalchemy', 'typer', 'adapterfab.cli', 'adapterfab.state') if m in sys.modules)\n"
+        "sys.stderr.write('HEAVY=' + ','.join(heavy))\n"
+    )
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "ADAPTERFAB_HOME": str(tmp_path)})
     assert r.stderr.strip().endswith("HEAVY="), r.stderr
