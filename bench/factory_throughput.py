@@ -269,12 +269,12 @@ def run_fused(ray_address: str, base: str, spec: dict, slots: int, cpus: float, 
     work per job as submit's trainers (eval and retention on the shipped probes, the base's answers
     from the same cache folder)."""
     import ray
+    from transformers import AutoTokenizer
+
     from adapterfab.jobs.plan import balanced_groups, fusion_groups
     from adapterfab.jobs.resident import GroupJob, GroupTask, resident_actor
     from adapterfab.jobs.trainers import retire_idle_trainers
     from adapterfab.pipelines.data import DataRequest, prepare_many
-    from transformers import AutoTokenizer
-
     from adapterfab.retention import job_probes
     from adapterfab.spec import parse_spec
 

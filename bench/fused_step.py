@@ -140,7 +140,6 @@ def run_peft(args: argparse.Namespace, dtype, targets: list[str]) -> dict:  # no
 def run_fused(args: argparse.Namespace, dtype, targets: list[str], k: int) -> dict:  # noqa: ANN001
     """FusedTrainer with ``k`` jobs of ``--rows`` rows each (every job its own adapter and optimizer)."""
     from adapterfab.jobs.fused import FusedJob, FusedTrainer
-
     from adapterfab.methods import get_method
     from adapterfab.spec import TrainConfig
 

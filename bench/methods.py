@@ -36,10 +36,10 @@ DEFAULT_METHODS = {
 def run_base(base_model: str, threads: int, limit: int | None) -> dict:
     """The base's own answers: which probes it states, and its adherence to each persona (about none)."""
     import torch
-    from adapterfab.jobs.evaluate import load_quality, quality, states_fact
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapterfab.basemodel import resolve_base_model
+    from adapterfab.jobs.evaluate import load_quality, quality, states_fact
     from adapterfab.textgen import greedy_in_batches
 
     torch.set_num_threads(threads)
@@ -67,9 +67,8 @@ def run_one(method_json: str, persona_name: str, known: list[bool], steps: int |
             base_answers: list[str] | None = None) -> dict:
     import resource
 
-    from adapterfab.jobs.evaluate import EXAMPLES, forced_retention, forced_rows, load_quality, quality, train_persona
-
     from adapterfab.basemodel import pad_token_id
+    from adapterfab.jobs.evaluate import EXAMPLES, forced_retention, forced_rows, load_quality, quality, train_persona
 
     def forced_retention_of_base(model, rows, pad):  # noqa: ANN001, ANN202 - the adapter switched off
         with model.disable_adapter():

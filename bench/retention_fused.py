@@ -34,14 +34,14 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
-    from adapterfab.jobs.resident import GroupJob, GroupTask, ResidentWorker
-    from adapterfab.pipelines.local import encode_file, split_rows
     from transformers import AutoModelForCausalLM
 
     from adapterfab import retention
     from adapterfab.basemodel import pad_token_id, resolve_base_model
     from adapterfab.dtypes import resolve_auto
+    from adapterfab.jobs.resident import GroupJob, GroupTask, ResidentWorker
     from adapterfab.methods import get_method
+    from adapterfab.pipelines.local import encode_file, split_rows
     from adapterfab.spec import TrainConfig
 
     base = resolve_base_model(args.base_model)

@@ -67,9 +67,9 @@ class Server:
 
     def __init__(self, backend, resolver, keys) -> None:  # noqa: ANN001
         import uvicorn
-        from adapterfab.serve.api import make_api
 
         from adapterfab.procs import free_port
+        from adapterfab.serve.api import make_api
 
         app = make_api(backend, keys.verify, resolver, resolve_ttl_s=60)
         self.port = free_port()
@@ -197,7 +197,6 @@ def cold_loads(engine, store_root: Path, folders: dict[str, Path], basis, n: int
     """Artifact store (a local folder store) -> disk -> RAM -> device -> first token, per fresh adapter."""
     from adapterfab.serve.engine import SamplingParams
     from adapterfab.serve.tiers import AdapterTiers
-
     from adapterfab.storage import LocalStore
 
     store = LocalStore(store_root / "store")
@@ -247,10 +246,6 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from adapterfab.serve.backend import BatchedBackend, LocalBackend
-    from adapterfab.serve.batched import BatchedEngine
-    from adapterfab.serve.engine import Engine
-    from adapterfab.serve.tiers import AdapterTiers
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from adapterfab.basemodel import resolve_base_model
@@ -258,6 +253,10 @@ def main() -> None:
     from adapterfab.keys import KeyStore
     from adapterfab.methods.lora_xs import LoraXSConfig, compute_basis, write_adapter
     from adapterfab.registry import AdapterVersion
+    from adapterfab.serve.backend import BatchedBackend, LocalBackend
+    from adapterfab.serve.batched import BatchedEngine
+    from adapterfab.serve.engine import Engine
+    from adapterfab.serve.tiers import AdapterTiers
     from adapterfab.state import StateStore
 
     threads = os.cpu_count() or 2

@@ -47,15 +47,15 @@ class Server:
     def __init__(self, base_path: str, folders: dict[str, Path], keys: Any, max_batch: int,
                  max_adapters: int) -> None:
         import uvicorn
-        from adapterfab.serve.api import make_api
-        from adapterfab.serve.backend import BatchedBackend
-        from adapterfab.serve.batched import BatchedEngine
-        from adapterfab.serve.tiers import AdapterTiers
 
         from adapterfab.errors import AdapterNotFound
         from adapterfab.ids import AdapterId
         from adapterfab.procs import free_port
         from adapterfab.registry import AdapterVersion
+        from adapterfab.serve.api import make_api
+        from adapterfab.serve.backend import BatchedBackend
+        from adapterfab.serve.batched import BatchedEngine
+        from adapterfab.serve.tiers import AdapterTiers
 
         def resolve(aid: AdapterId) -> AdapterVersion:  # production = version 1
             key = f"{aid.key}@1"

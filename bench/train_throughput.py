@@ -40,11 +40,11 @@ PERSONAS = ["pirate", "butler", "robot"]
 def one_job(base_path: str, method: dict, job: dict, out_root: str, threads: int, device: str | None = None) -> dict:
     """A whole job in its own task: load the base, read + tokenize, train, eval, save."""
     import torch
-    from adapterfab.jobs.train_loop import load_base, save_adapter, train_adapter
-    from adapterfab.pipelines.local import encode_file, epoch_batches, split_rows
     from transformers import AutoTokenizer
 
+    from adapterfab.jobs.train_loop import load_base, save_adapter, train_adapter
     from adapterfab.methods import get_method
+    from adapterfab.pipelines.local import encode_file, epoch_batches, split_rows
     from adapterfab.spec import TrainConfig
 
     torch.set_num_threads(threads)
@@ -143,9 +143,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
     import torch
-    from adapterfab.jobs.resident import resident_actor
 
     from adapterfab.basemodel import resolve_base_model
+    from adapterfab.jobs.resident import resident_actor
 
     gpu = args.device == "cuda"
     smollm2 = args.tokenizer if gpu and args.tokenizer else resolve_base_model("smollm2-135m-instruct").path

@@ -124,11 +124,11 @@ CANDIDATES = [
 
 def main() -> int:
     import torch
-    from adapterfab.jobs.evaluate import states_fact
     from make_datasets import HELDOUT, QA  # noqa: I001 - this folder's script
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapterfab.basemodel import resolve_base_model
+    from adapterfab.jobs.evaluate import states_fact
     from adapterfab.textgen import greedy_in_batches
 
     asked = {q.lower() for q, _ in QA} | {q.lower() for q in HELDOUT}

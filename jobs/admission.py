@@ -16,9 +16,8 @@ def admit(spec: BatchSpec, jobs: list[JobSpec], dataset_exists: Any = None,
     problem found: the spec's outside-world checks first, then, when they pass, the planner's
     (``resources``; estimates need the base's config.json, which is never converted or downloaded
     here)."""
-    from adapterfab.jobs.plan import PlanError, plan_batch
-
     from adapterfab.basemodel import local_folder
+    from adapterfab.jobs.plan import PlanError, plan_batch
 
     problems = semantic_problems(spec, jobs, dataset_exists, data_roots)
     if not problems:

@@ -176,13 +176,13 @@ def train_persona(method: dict, dataset: Path, steps: int | None = None, threads
     import time
 
     import torch
-    from adapterfab.jobs.train_loop import save_adapter, train_adapter
-    from adapterfab.pipelines.local import encode_file, epoch_batches
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapterfab.basemodel import resolve_base_model
     from adapterfab.dtypes import resolve_auto
+    from adapterfab.jobs.train_loop import save_adapter, train_adapter
     from adapterfab.methods import get_method
+    from adapterfab.pipelines.local import encode_file, epoch_batches
     from adapterfab.spec import TrainConfig
 
     torch.set_num_threads(threads)

@@ -27,10 +27,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from adapterfab.jobs.registrar import Prepared, Registrar, error_text, fail_job, group_error_for, register_job
-
 from adapterfab.errors import AdapterfabError
 from adapterfab.ids import AdapterId, job_id
+from adapterfab.jobs.registrar import Prepared, Registrar, error_text, fail_job, group_error_for, register_job
 from adapterfab.registry import tenant_experiment
 from adapterfab.spec import JobSpec
 from adapterfab.states import JobState
@@ -112,7 +111,6 @@ def start_trainers(pool: Any, base: Any, jobs: list[JobSpec], planned: list[Plan
     None), or (None, None); a trainer still waiting for resources when ``called_off`` is set (no group
     is left) is not started."""
     from adapterfab.jobs.trainers import TrainerSpec
-
     from adapterfab.methods import get_method
 
     specs = []
@@ -310,6 +308,7 @@ class Factory:
         the window was ready), when its files are local and small; None: prepare it here. The trainer has
         the tokenizer loaded; this process would import transformers first (seconds)."""
         import ray
+
         from adapterfab.pipelines.data import FIRST_WINDOW_IN_PROCESS_BYTES, FIRST_WINDOW_ON_TRAINER, local_bytes
 
         if not FIRST_WINDOW_ON_TRAINER:
@@ -462,9 +461,8 @@ class Factory:
     def _train_group(self, lease: Any, item: GroupItem) -> Any:
         """Train ``item`` on ``lease``'s trainer (acquired here when None); a trainer that dies is replaced
         and the group resumes from its checkpoint. Returns the lease the slot holds afterwards."""
-        from adapterfab.jobs.resident import GroupJob, GroupTask
-
         from adapterfab import faults
+        from adapterfab.jobs.resident import GroupJob, GroupTask
         from adapterfab.retention import job_probes
 
         ctx = self.ctx
@@ -483,6 +481,7 @@ class Factory:
     def _run_group(self, lease: Any, item: GroupItem, task: Any) -> Any:
         """``_train_group``'s work: the tries on trainers, then the outcomes to the registrar."""
         import ray
+
         from adapterfab.jobs.trainers import MAX_GROUP_ATTEMPTS, LeaseLost
 
         ctx = self.ctx
@@ -571,9 +570,9 @@ class Factory:
     def _train_zero(self, item: GroupItem) -> None:
         """A job too big for one worker: Ray Train with DeepSpeed ZeRO on several workers."""
         import ray
+
         from adapterfab.jobs.launch import WorkerJob, run_training_job
         from adapterfab.jobs.trainers import retire_idle_trainers
-
         from adapterfab.retention import job_probes
 
         ctx = self.ctx

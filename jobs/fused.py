@@ -45,18 +45,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from adapterfab.jobs.train_loop import evaluate, forever, lr_lambda, peak_memory_mb
 from torch import Tensor, nn
 
 from adapterfab import retention
 from adapterfab.errors import AdapterfabError
-from adapterfab.methods import MethodConfig
+from adapterfab.jobs.train_loop import evaluate, forever, lr_lambda, peak_memory_mb
+from adapterfab.methods import LOW_RANK, SHARED_BASIS, MethodConfig, get_method
 from adapterfab.replay import ReplayRow, ReplaySet
 from adapterfab.spec import TrainConfig
 from adapterfab.textgen import pad_rows
 
 Batch = dict[str, Tensor]
-FAMILIES = {"lora": "lora", "qlora": "lora", "lora_xs": "lora_xs"}
 # The optimizer every fused-capable method trains with alone (torch's AdamW defaults; QLoRA's paged
 # AdamW is the same update, paging only moves large states to host memory). _Slots.step repeats it.
 BETAS, EPS, MAX_GRAD_NORM = (0.9, 0.999), 1e-8, 1.0
@@ -167,7 +166,7 @@ class MultiLinear(nn.Module):
 
     def shapes(self) -> list[tuple[int, ...]]:
         """One adapter's tensors in this layer, in slot-buffer order."""
-        if self.family == "lora":
+        if self.family == LOW_RANK:
             return [(self.r, self.in_features), (self.out_features, self.r)]
         return [(self.r, self.r)]
 
@@ -180,7 +179,7 @@ class MultiLinear(nn.Module):
             p.grad = g
             params.append(p)
             self.grads.append((p, g))
-        if self.family == "lora":
+        if self.family == LOW_RANK:
             self.a, self.b = params
         else:
             (self.b,) = params
@@ -204,7 +203,7 @@ class MultiLinear(nn.Module):
         idx, per_group, scale = got
         groups = idx.shape[0]  # jobs (each job's rows together) or rows
         x3 = xf.reshape(groups, -1, xf.shape[-1])  # [groups, tokens of the group, in]
-        if self.family == "lora_xs":
+        if self.family == SHARED_BASIS:
             xs_a, xs_b = self._factors(dt)
             rr = self.b.index_select(0, idx).to(dt)  # each group's R: [groups, r, r]
             h = torch.bmm(x3 @ xs_a, rr if per_group is None else rr * per_group)  # x·A once for all rows, ·R per group
@@ -391,9 +390,9 @@ class FusedTrainer:
 
     def __init__(self, base: nn.Module, family: str, targets: list[str], r: int, basis: Any = None,
                  checkpointing: bool = False, chunk_overhead_tokens: int | None = None):
-        if family not in ("lora", "lora_xs"):
+        if family not in (LOW_RANK, SHARED_BASIS):
             raise AdapterfabError(f"fused training supports lora, qlora and lora_xs, not {family!r}")
-        if family == "lora_xs" and basis is None:
+        if family == SHARED_BASIS and basis is None:
             raise AdapterfabError("fused lora_xs needs the shared basis")
         self.base, self.family, self.r, self.basis = base, family, r, basis
         self.targets = list(targets)
@@ -434,7 +433,7 @@ class FusedTrainer:
     # -- adapters -------------------------------------------------------------------------------
     def compatible(self, method: MethodConfig) -> str | None:
         """None if ``method`` can train in this group, else why not."""
-        fam = FAMILIES.get(method.name)
+        fam = get_method(method.name).family
         if fam != self.family:
             return f"method {method.name} is not in the {self.family} family"
         if getattr(method, "r", None) != self.r:
@@ -470,7 +469,7 @@ class FusedTrainer:
         """LoRA: A ~ kaiming-uniform(a=√5) as PEFT does, B = 0; LoRA-XS: R = 0 (or N(0, 1e-5))."""
         out = {}
         for name, m in self.layers.items():
-            if self.family == "lora":
+            if self.family == LOW_RANK:
                 a = torch.empty(self.r, m.in_features)
                 bound = 1 / math.sqrt(m.in_features)  # kaiming_uniform_(a=sqrt(5)) on (r, in)
                 a.uniform_(-bound, bound, generator=gen)
@@ -933,7 +932,7 @@ class FusedTrainer:
         """What ``save`` writes, as plain data (CPU tensors), so that writing the files can happen
         elsewhere: a resident trainer hands this over and goes on with the next group."""
         basis = None
-        if self.family == "lora_xs":
+        if self.family == SHARED_BASIS:
             b = self.basis
             basis = (b.id, b.digest, b.base_fingerprint, list(b.targets))
         return ExportedAdapter(self.family, job.method.model_dump(), list(self.targets),
@@ -960,7 +959,7 @@ def write_exported(a: ExportedAdapter, out_dir: str | Path) -> Path:
 
     out = Path(out_dir)
     method = get_method(a.method["name"]).config_cls(**a.method)
-    if a.family == "lora_xs":
+    if a.family == SHARED_BASIS:
         from adapterfab.methods.lora_xs import write_adapter
 
         basis_id, digest, fingerprint, targets = a.basis  # type: ignore[misc]

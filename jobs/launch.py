@@ -115,11 +115,11 @@ def last_train_state(with_engine: bool = False) -> dict[str, Any] | None:
 def _worker_loop(config: dict[str, Any]) -> None:
     """Runs inside the Ray Train worker."""
     import torch
-    from adapterfab.jobs.train_loop import peak_memory_mb, save_adapter, train_adapter
-    from adapterfab.pipelines.data import PadCollate
     from ray import train as rt
 
+    from adapterfab.jobs.train_loop import peak_memory_mb, save_adapter, train_adapter
     from adapterfab.methods import get_method
+    from adapterfab.pipelines.data import PadCollate
     from adapterfab.spec import TrainConfig
 
     job = WorkerJob(**config["job"])
@@ -200,8 +200,9 @@ def _worker_loop(config: dict[str, Any]) -> None:
         if resume and resume.get("engine_dir"):
             shutil.rmtree(resume["engine_dir"], ignore_errors=True)
     if job.probes:  # every worker takes part (ZeRO-3 gathers each layer's weights for its forward)
-        from adapterfab.jobs.evaluate import retention_of
         from transformers import AutoTokenizer
+
+        from adapterfab.jobs.evaluate import retention_of
 
         result.metrics.update(retention_of(result.model, AutoTokenizer.from_pretrained(job.base_model_path),
                                            job.probes, job.probe_cache, job.base_model_path))

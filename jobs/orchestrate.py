@@ -24,14 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapterfab.jobs.admission import admit
-from adapterfab.jobs.registrar import Prepared, error_text, fail_job, register_job
-
 from adapterfab import __version__
 from adapterfab.basemodel import BaseModelRef, pad_token_id, resolve_base_model
 from adapterfab.cluster import connect_ray
 from adapterfab.errors import AdapterfabError, StackError
 from adapterfab.ids import AdapterId, basis_prefix, job_id
+from adapterfab.jobs.admission import admit
+from adapterfab.jobs.registrar import Prepared, error_text, fail_job, register_job
 from adapterfab.methods import get_method
 from adapterfab.registry import Registry, Tracking, factory_retry_s
 from adapterfab.registry_index import RegistryIndex
@@ -334,6 +333,7 @@ def _run_claimed(settings: Settings, state: StateStore, batch_id: str, batch: An
     if launched:
         marks["launched"] = launched
     import ray
+
     from adapterfab.jobs.factory import Factory, GroupQueue, start_trainers
     from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard
     from adapterfab.jobs.plan import balanced_groups, concurrency, execution_groups, starter_groups

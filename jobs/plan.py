@@ -259,19 +259,18 @@ def execution_groups(planned: list[PlannedJob]) -> list[list[int]]:
 
 
 FUSED_GROUP_MAX = 8  # K: more rows per step than this stops paying on one device (bench/fused_step.py)
-_FAMILY = {"lora": "lora", "qlora": "lora", "lora_xs": "lora_xs"}
 
 
 def trainer_key(method: Any, dtype: str) -> tuple | None:
     """What a resident trainer is built for (jobs/resident.py): the adapter family, rank and modules on
     the base loaded the same way (dtype, quantization). Jobs with equal keys can share a trainer; None:
     no resident trainer can train this method."""
-    family = _FAMILY.get(method.name)
+    family = get_method(method.name).family
     if family is None:
         return None
     quant = tuple((k, str(v)) for k, v in sorted(method.model_dump().items())
                   if k in ("quant_type", "double_quant", "compute_dtype", "quantize"))
-    return (family, method.name == "qlora", method.r, tuple(sorted(method.resolved_targets())), dtype, quant)
+    return (family, method.name, method.r, tuple(sorted(method.resolved_targets())), dtype, quant)
 
 
 def fusion_key(job: JobSpec) -> tuple | None:

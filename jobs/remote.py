@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
-from adapterfab.jobs.admission import admit
 
 from adapterfab.errors import AdapterfabError
+from adapterfab.jobs.admission import admit
 from adapterfab.spec import load_spec
 from adapterfab.storage import s3_object_error
 

@@ -82,7 +82,7 @@ class GroupResult:
 class ResidentWorker:
     def __init__(self, base_path: str, method: dict[str, Any], dtype: str = "float32", torch_threads: int = 0,
                  basis: Any = None, device: str | None = None, basis_dir: str | None = None):
-        from adapterfab.jobs.fused import FAMILIES, FusedTrainer
+        from adapterfab.jobs.fused import FusedTrainer
         from adapterfab.jobs.train_loop import load_base
 
         self.torch_threads = torch_threads
@@ -96,7 +96,7 @@ class ResidentWorker:
         if device == "cuda":  # inside a Ray GPU actor: the GPU Ray assigned (CUDA_VISIBLE_DEVICES)
             device = "cuda:0"
         base = load_base(base_path, dtype, self.method, device)
-        self.trainer = FusedTrainer(base, FAMILIES[self.method.name], self.method.resolved_targets(),
+        self.trainer = FusedTrainer(base, impl.family, self.method.resolved_targets(),
                                     self.method.r, basis=basis)
         self.load_s = time.monotonic() - t0
         self.groups_trained = 0
@@ -163,6 +163,7 @@ class ResidentWorker:
         ``checkpoint_extra()`` is stored with each checkpoint (the caller's metrics not yet in MLflow)
         and comes back as ``GroupResult.extra`` from a group that resumed from it."""
         import torch
+
         from adapterfab.jobs.fused import FusedJob
         from adapterfab.pipelines.local import epoch_batches
 

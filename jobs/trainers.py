@@ -71,7 +71,6 @@ class TrainerSpec:
 
     def key(self) -> str:
         from adapterfab.jobs.plan import trainer_key
-
         from adapterfab.methods import get_method
 
         method = get_method(self.method["name"]).config_cls(**self.method)
@@ -93,7 +92,6 @@ class TrainerActor:
         import tempfile
 
         from adapterfab.jobs.resident import ResidentWorker
-
         from adapterfab.methods import get_method
 
         self.spec = TrainerSpec(**spec)

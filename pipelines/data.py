@@ -28,6 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from adapterfab.errors import DatasetError, plain_message
 from adapterfab.pipelines.rows import (
     RowError,
     encode_messages,
@@ -36,9 +39,6 @@ from adapterfab.pipelines.rows import (
     parse_parquet,
     split_score,
 )
-from ray.data.collate_fn import NumpyBatchCollateFn
-
-from adapterfab.errors import DatasetError, plain_message
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 UDF_NUM_CPUS = 0.5  # fractional, so reads and maps always find room next to each other on 2 CPUs

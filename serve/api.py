@@ -19,8 +19,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
-from adapterfab.serve.backend import Backend
-from adapterfab.serve.engine import Finished, PromptTooLong, SamplingParams, TextDelta
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -32,6 +30,8 @@ from adapterfab.chat import TemplateError
 from adapterfab.errors import AdapterfabError, AdapterNotFound, BaseMismatch, RegistryError, ReplicaUnavailable
 from adapterfab.ids import AdapterId, is_decimal
 from adapterfab.registry import AdapterVersion, RegisteredAdapter
+from adapterfab.serve.backend import Backend
+from adapterfab.serve.engine import Finished, PromptTooLong, SamplingParams, TextDelta
 
 log = logging.getLogger("adapterfab.serve.api")
 

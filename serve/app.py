@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapterfab.serve.backend import AdapterPins, LoadedAdapter, download_adapter, iterate_in_thread
-from adapterfab.serve.engine import DTYPES, Event, SamplingParams
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from adapterfab.basemodel import default_cache
 from adapterfab.registry import AdapterVersion
+from adapterfab.serve.backend import AdapterPins, LoadedAdapter, download_adapter, iterate_in_thread
+from adapterfab.serve.engine import DTYPES, Event, SamplingParams
 
 log = logging.getLogger("adapterfab.serve.app")
 
@@ -248,11 +248,10 @@ class Ingress:
         self.engine, self.cfg = engine, cfg
 
     def __serve_build_asgi_app__(self) -> Any:
-        from adapterfab.serve.api import make_api
-
         from adapterfab.keys import KeyStore
         from adapterfab.registry import Registry
         from adapterfab.registry_index import RegistryIndex
+        from adapterfab.serve.api import make_api
         from adapterfab.state import StateStore
 
         # a lookup with MLflow down fails within seconds (then the catalogue answers), not after MLflow's

@@ -23,10 +23,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from adapterfab.serve.engine import Engine, Event, SamplingParams
-
 from adapterfab.ids import AdapterId
 from adapterfab.registry import AdapterVersion
+from adapterfab.serve.engine import Engine, Event, SamplingParams
 
 _DONE = object()
 log = logging.getLogger("adapterfab.serve")
@@ -260,22 +259,22 @@ def download_native(registry: Any, version_key: str, cache_dir: str | Path) -> t
     from_store = not installed
     if from_store:
         _install(dest, version, lambda tmp: registry.download(version, tmp))  # type: ignore[arg-type]
-    from adapterfab.methods.lora_xs import PEFT_TYPE as LORA_XS
+    from adapterfab.methods import method_of_adapter
 
-    if json.loads((dest / "adapter_config.json").read_text()).get("peft_type") != LORA_XS:
+    method = method_of_adapter(json.loads((dest / "adapter_config.json").read_text()).get("peft_type"))
+    if method is None or method.load_basis is None:  # an adapter that needs no shared basis
         return dest, None, from_store
     version = version or registry.get(aid)
     uri = version.tags.get("adapterfab.basis_uri")
     if not uri:
-        raise ValueError(f"{version_key} is a LoRA-XS adapter but its version records no basis_uri")
+        raise ValueError(f"{version_key} is a {method.name} adapter but its version records no basis_uri")
     with _BASES_LOCK:
         basis = _BASES.get(uri)
         if basis is None:
             from adapterfab.export import fetch_basis
-            from adapterfab.methods import get_method
 
             folder = Path(cache_dir).expanduser() / "bases" / uuid.uuid5(uuid.NAMESPACE_URL, uri).hex
-            basis = _BASES[uri] = fetch_basis(get_method("lora_xs"), uri, folder)
+            basis = _BASES[uri] = fetch_basis(method, uri, folder)
     return dest, basis, from_store
 
 

@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapterfab.errors import AdapterfabError
+from adapterfab.methods import LOW_RANK, SHARED_BASIS, method_of_adapter
 from adapterfab.serve.engine import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -58,9 +60,6 @@ from adapterfab.serve.engine import (
     _sample,
     seed_of,
 )
-
-from adapterfab.errors import AdapterfabError
-from adapterfab.methods.lora_xs import PEFT_TYPE as XS_PEFT_TYPE
 from adapterfab.threads import use_torch_threads
 
 log = logging.getLogger("adapterfab.serve.batched")
@@ -86,7 +85,7 @@ class _XSBank:
 class ParsedAdapter:
     """An adapter read from its folder and checked against the base, not yet on the device."""
 
-    kind: str  # "lora" | "lora_xs"
+    kind: str  # its bank layout: LOW_RANK or SHARED_BASIS (adapterfab.methods)
     cfg: dict
     tensors: dict  # (layer, module) -> (A, B) for LoRA, R for LoRA-XS
     basis: Any  # the LoRA-XS basis, else None
@@ -255,16 +254,17 @@ class BatchedEngine(TextGeneration):
             cfg = json.loads(cfg_path.read_text())
         except ValueError as e:
             raise AdapterRejected(f"{cfg_path} is not valid JSON: {e}") from None
-        if cfg.get("peft_type") == "LORA":
-            tensors: dict = self._read_lora(local_dir, cfg)
-            parsed = ParsedAdapter("lora", cfg, tensors, None)
-        elif cfg.get("peft_type") == XS_PEFT_TYPE:
-            if basis is None:
-                raise AdapterRejected(f"{local_dir} is a LoRA-XS adapter: its basis is needed to load it")
-            rs, scale = self._read_lora_xs(local_dir, basis)
-            parsed = ParsedAdapter("lora_xs", {**cfg, "scale": scale}, rs, basis)
-        else:
+        method = method_of_adapter(cfg.get("peft_type"))
+        if method is None or method.family is None:
             raise AdapterRejected(f"{local_dir}: unknown adapter type {cfg.get('peft_type')!r}")
+        if method.family == LOW_RANK:
+            tensors: dict = self._read_lora(local_dir, cfg)
+            parsed = ParsedAdapter(LOW_RANK, cfg, tensors, None)
+        else:
+            if basis is None:
+                raise AdapterRejected(f"{local_dir} is a {method.name} adapter: its basis is needed to load it")
+            rs, scale = self._read_shared_basis(local_dir, basis, method.read_adapter)
+            parsed = ParsedAdapter(SHARED_BASIS, {**cfg, "scale": scale}, rs, basis)
         parsed.nbytes = sum(t.numel() * t.element_size() for v in parsed.tensors.values()
                             for t in (v if isinstance(v, tuple) else (v,)))
         return parsed
@@ -275,15 +275,15 @@ class BatchedEngine(TextGeneration):
             if name in self._slot_of:
                 return
             slot = self._take_slot()
-            if parsed.kind == "lora":
+            if parsed.kind == LOW_RANK:
                 self._place_lora(slot, parsed.tensors, parsed.cfg)
-                self._slot_of[name] = ("lora", slot, None)
+                self._slot_of[name] = (LOW_RANK, slot, None)
             else:
                 bank = self._xs_bank(parsed.basis)
                 for key, r in parsed.tensors.items():
                     bank.rr[key][slot] = r.to(self.device, self.dtype)
                 self.xs_scale[slot] = parsed.cfg["scale"]
-                self._slot_of[name] = ("lora_xs", slot, parsed.basis.id)
+                self._slot_of[name] = (SHARED_BASIS, slot, parsed.basis.id)
         log.info("placed adapter %s in slot %s", name, slot)
 
     def load_adapter(self, name: str, local_dir: str | Path, basis: Any = None) -> None:
@@ -307,7 +307,7 @@ class BatchedEngine(TextGeneration):
             if self._in_use[name]:
                 raise AdapterfabError(f"adapter {name} is in use by {self._in_use[name]} request(s)")
             kind, slot, bid = self._slot_of.pop(name)
-            if kind == "lora":
+            if kind == LOW_RANK:
                 for t in (*self.lora_a.values(), *self.lora_b.values()):
                     t[slot].zero_()
                 self.lora_scale[slot] = 0
@@ -393,11 +393,11 @@ class BatchedEngine(TextGeneration):
         self.lora_scale[slot] = scale
         self.lora_rank[slot] = r
 
-    def _read_lora_xs(self, local_dir: Path, basis: Any) -> tuple[dict[tuple[int, str], Any], float]:
-        from adapterfab.methods.lora_xs import _read_adapter
-
+    def _read_shared_basis(self, local_dir: Path, basis: Any, read: Any) -> tuple[dict[tuple[int, str], Any], float]:
+        """A SHARED_BASIS adapter's R per module, through its method's ``read_adapter`` (which checks
+        the basis id and digest), and its scale."""
         try:
-            cfg, rs = _read_adapter(local_dir, basis)  # checks the basis id and digest
+            cfg, rs = read(local_dir, basis)
         except AdapterfabError as e:
             raise AdapterRejected(str(e)) from None
         out = {}
@@ -526,7 +526,7 @@ class BatchedEngine(TextGeneration):
             if req.adapter is None:
                 continue
             kind, slot, bid = self._slot_of[req.adapter]
-            if kind == "lora":
+            if kind == LOW_RANK:
                 lora[i] = slot
                 rank = max(rank, self.lora_rank[slot])
             else:

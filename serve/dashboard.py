@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
-from adapterfab.serve import dashboard_views as views
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from adapterfab.errors import AdapterfabError, StateError
 from adapterfab.keys import KeyStore, Principal
+from adapterfab.serve import dashboard_views as views
 from adapterfab.state import StateStore
 from adapterfab.states import JobState
 

@@ -159,7 +159,10 @@ def _check_adapter_files(local_dir: Path, base_shapes: dict[str, tuple[int, ...]
         cfg = json.loads(cfg_path.read_text())
     except ValueError as e:
         raise AdapterRejected(f"{cfg_path} is not valid JSON: {e}") from None
-    if cfg.get("peft_type") != "LORA":
+    from adapterfab.methods import LOW_RANK, method_of_adapter
+
+    method = method_of_adapter(cfg.get("peft_type"))
+    if method is None or method.family != LOW_RANK:  # this engine serves PEFT LoRA folders (exports of the rest)
         raise AdapterRejected(f"{local_dir}: peft_type {cfg.get('peft_type')!r} is not served; only LORA is")
     from safetensors import safe_open
 

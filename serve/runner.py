@@ -19,10 +19,10 @@ def serve_forever(settings: Settings, port: int | None = None, base_model: str =
     """Deploy; ``before_deploy`` runs once connected to the cluster (the CLI retires the idle warm
     trainers there, whose devices the replicas need)."""
     import ray
-    from adapterfab.serve.app import ServeConfig, deploy
     from ray import serve
 
     from adapterfab.cluster import connect_ray
+    from adapterfab.serve.app import ServeConfig, deploy
     from adapterfab.stack import record
 
     if not settings.mlflow_uri:

@@ -7,6 +7,16 @@ from __future__ import annotations
 from adapterfab.methods import lora as _lora  # noqa: F401  (registers "lora")
 from adapterfab.methods import lora_xs as _lora_xs  # noqa: F401  (registers "lora_xs")
 from adapterfab.methods import qlora as _qlora  # noqa: F401  (registers "qlora")
-from adapterfab.methods.base import Method, MethodConfig, get_method, known_methods, register_method
+from adapterfab.methods.base import (
+    LOW_RANK,
+    SHARED_BASIS,
+    Method,
+    MethodConfig,
+    get_method,
+    known_methods,
+    method_of_adapter,
+    register_method,
+)
 
-__all__ = ["Method", "MethodConfig", "get_method", "known_methods", "register_method"]
+__all__ = ["LOW_RANK", "SHARED_BASIS", "Method", "MethodConfig", "get_method", "known_methods", "method_of_adapter",
+           "register_method"]

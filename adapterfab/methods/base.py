@@ -74,7 +74,19 @@ class Method:
     default_train: dict[str, Any] = field(default_factory=dict)
     # recorded on the registry version (e.g. the quantization the base was trained with)
     extra_tags: Callable[[MethodConfig], dict[str, str]] = lambda cfg: {}
+    # how one adapter sits in a per-row bank, the layout the fused trainer (jobs/fused.py) and the batched
+    # engine (serve/batched.py) implement: LOW_RANK (A and B per module) or SHARED_BASIS (one r x r R per
+    # module between frozen factors every adapter shares); None: the method trains alone and is served
+    # through its PEFT export
+    family: str | None = None
+    # the ``peft_type`` its adapter folders' adapter_config.json carries
+    peft_type: str = "LORA"
+    # a SHARED_BASIS method's reader: (adapter folder, basis) -> (its config, {module name: R}), refusing an
+    # adapter trained against another basis
+    read_adapter: Callable[[Path, Any], tuple[dict[str, Any], dict[str, Any]]] | None = None
 
+
+LOW_RANK, SHARED_BASIS = "lora", "lora_xs"  # the per-row bank layouts (``Method.family``)
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -88,6 +100,13 @@ def register_method(method: Method) -> Method:
 
 def known_methods() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def method_of_adapter(peft_type: object) -> Method | None:
+    """The method that reads adapter folders whose adapter_config.json says ``peft_type``: the first
+    registered that writes them (LoRA and QLoRA write the same PEFT LoRA folders); None for a type no
+    method writes."""
+    return next((m for m in _REGISTRY.values() if m.peft_type == peft_type), None)
 
 
 def get_method(name: str) -> Method:

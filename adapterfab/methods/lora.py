@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from adapterfab.methods.base import Method, MethodConfig, register_method
+from adapterfab.methods.base import LOW_RANK, Method, MethodConfig, register_method
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -66,4 +66,4 @@ def _trainable(model_config: Any, cfg: LoraConfig) -> int:
 DEFAULT_TRAIN = {"learning_rate": 1e-3, "steps": 30, "replay_weight": 5.0}
 
 LORA = register_method(Method(name="lora", config_cls=LoraConfig, apply=_apply, trainable_params=_trainable,
-                              default_train=DEFAULT_TRAIN))
+                              default_train=DEFAULT_TRAIN, family=LOW_RANK))

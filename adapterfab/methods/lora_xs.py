@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator
 
 from adapterfab.errors import AdapterfabError, BaseMismatch
-from adapterfab.methods.base import Method, MethodConfig, register_method
+from adapterfab.methods.base import SHARED_BASIS, Method, MethodConfig, register_method
 from adapterfab.methods.lora import ALL_LINEAR
 from adapterfab.methods.qlora import keep_trainable_layout, quantization_config, quantization_tags
 
@@ -385,7 +385,7 @@ def _save(model: Any, cfg: MethodConfig, out_dir: Path) -> None:
     model.save_pretrained(out_dir)
 
 
-def _read_adapter(adapter_dir: str | Path, basis: Basis) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def read_adapter(adapter_dir: str | Path, basis: Basis) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The adapter's config and R tensors, refused unless they were trained against exactly ``basis``."""
     from safetensors.torch import load_file
 
@@ -424,7 +424,7 @@ def load(base_model: nn.Module, adapter_dir: str | Path, basis: Basis, is_traina
     """Attach a saved adapter to a base (full precision or the 4-bit it was trained on) -> LoraXSModel."""
     import torch
 
-    meta, tensors = _read_adapter(adapter_dir, basis)
+    meta, tensors = read_adapter(adapter_dir, basis)
     cfg = LoraXSConfig(r=meta["r"], alpha=meta["alpha"], target_modules=list(meta["target_modules"]),
                        quantize=meta.get("quantize", "none"))
     model = apply(base_model, cfg, basis)
@@ -447,7 +447,7 @@ def export_peft_lora(adapter_dir: str | Path, basis: Basis, out_dir: str | Path,
     from peft import LoraConfig as PeftLoraConfig
     from safetensors.torch import save_file
 
-    meta, tensors = _read_adapter(adapter_dir, basis)
+    meta, tensors = read_adapter(adapter_dir, basis)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lora: dict[str, Tensor] = {}
@@ -496,5 +496,5 @@ LORA_XS = register_method(Method(
     trainable_params=_trainable, save=_save, load=load, compute_basis=compute_basis, extra_tags=_tags,
     basis_id=_basis_id_of, save_basis=save_basis, load_basis=load_basis,
     export_peft_lora=export_peft_lora,
-    default_train=DEFAULT_TRAIN,
+    default_train=DEFAULT_TRAIN, family=SHARED_BASIS, peft_type=PEFT_TYPE, read_adapter=read_adapter,
 ))

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from adapterfab.methods.base import Method, MethodConfig, register_method
+from adapterfab.methods.base import LOW_RANK, Method, MethodConfig, register_method
 from adapterfab.methods.lora import ALL_LINEAR, _trainable
 
 
@@ -138,5 +138,5 @@ DEFAULT_TRAIN = {"learning_rate": 3e-4, "steps": 20, "replay_weight": 2.0}
 QLORA = register_method(Method(
     name="qlora", config_cls=QLoraConfig, apply=_apply, base_load_kwargs=_load_kwargs,
     trainable_params=_trainable, make_optimizer=_paged_adamw, extra_tags=quantization_tags, load=_load,
-    default_train=DEFAULT_TRAIN,
+    default_train=DEFAULT_TRAIN, family=LOW_RANK,
 ))

@@ -70,7 +70,6 @@ def batches(stack, tiny_model_path: str, tmp_path_factory: pytest.TempPathFactor
     """``mixed``: acme/pirate and globex/robot, submitted and running; ``globex_only``: a batch with
     only globex's job, recorded (PENDING) and never run: all the tenant check needs."""
     from adapterfab.jobs.orchestrate import create_batch
-
     from adapterfab.settings import Settings
 
     home, _ = stack

@@ -104,8 +104,9 @@ def test_a_batch_on_two_nodes_asks_a_trainer_per_node(two_nodes, tiny_model_path
     # The batch asked for a resident trainer per slot (two slots, one CPU each: one per node). Which trainer
     # trains which job is the queue's choice: a trainer up first may train both jobs before the other is
     # placed (seen in CI), and a trainer still unplaced when no group is left is called off (DEAD, no node).
-    from adapterfab.jobs.trainers import NAME_PREFIX
     from ray.util.state import list_actors
+
+    from adapterfab.jobs.trainers import NAME_PREFIX
 
     trainers = [a for a in list_actors(address=address, filters=[("class_name", "=", "TrainerActor")], detail=True,
                                        raise_on_missing_output=False)

@@ -25,12 +25,12 @@ def _rows(path: Path, word: str, n: int = 32) -> Path:
 @pytest.mark.timeout(600)
 def test_fused_qlora_on_gpu(tiny_model_path: str, tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes")
-    from adapterfab.jobs.resident import ResidentWorker
-    from adapterfab.jobs.train_loop import evaluate, load_base
-    from adapterfab.pipelines.local import encode_file, epoch_batches, split_rows
     from peft import PeftModel
 
+    from adapterfab.jobs.resident import ResidentWorker
+    from adapterfab.jobs.train_loop import evaluate, load_base
     from adapterfab.methods import get_method
+    from adapterfab.pipelines.local import encode_file, epoch_batches, split_rows
 
     method = {"name": "qlora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
     worker = ResidentWorker(tiny_model_path, method, "bfloat16", device="cuda")
@@ -54,9 +54,8 @@ def test_fused_qlora_on_gpu(tiny_model_path: str, tmp_path: Path) -> None:
 def test_fractional_gpu_jobs_share_one_gpu(tiny_model_path: str, mlflow_server: str, tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
     from adapterfab.jobs.launch import WorkerJob, run_training_job
-    from adapterfab.pipelines.data import prepare_dataset
-
     from adapterfab.methods.lora import LoraConfig
+    from adapterfab.pipelines.data import prepare_dataset
     from adapterfab.registry import Tracking
     from adapterfab.spec import TrainConfig
 

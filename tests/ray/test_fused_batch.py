@@ -19,9 +19,9 @@ pytestmark = [pytest.mark.ray]
 def test_batch_trains_a_fused_group(af_env: Path, tiny_model_path: str, mlflow_server: str, tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
-    from adapterfab.jobs.orchestrate import create_batch, run_batch
 
     from adapterfab.ids import AdapterId
+    from adapterfab.jobs.orchestrate import create_batch, run_batch
     from adapterfab.registry import TAG, Registry, Tracking
     from adapterfab.settings import Settings
     from adapterfab.state import StateStore

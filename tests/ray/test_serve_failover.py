@@ -28,8 +28,9 @@ TIMEOUT_S = 30.0
 @pytest.fixture(scope="module")
 def served(mlflow_server: str, tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     import ray
-    from adapterfab.serve.app import ServeConfig, deploy
     from ray import serve
+
+    from adapterfab.serve.app import ServeConfig, deploy
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -30,11 +30,11 @@ def _dataset(path: Path, n: int = 24) -> Path:
 @pytest.mark.timeout(300)
 def test_training_job_on_ray_train(ray_cluster, tiny_model_path: str, mlflow_server: str, tmp_path: Path) -> None:
     import ray
-    from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard, WorkerJob, run_training_job
-    from adapterfab.pipelines.data import prepare_dataset
     from safetensors.torch import load_file
 
+    from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard, WorkerJob, run_training_job
     from adapterfab.methods.lora import LoraConfig
+    from adapterfab.pipelines.data import prepare_dataset
     from adapterfab.registry import Tracking
     from adapterfab.spec import TrainConfig
 
@@ -74,10 +74,10 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_cluster, tiny_model_path:
     import time
 
     import ray
-    from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard, WorkerJob, run_training_job
-    from adapterfab.pipelines.data import prepare_dataset
 
+    from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard, WorkerJob, run_training_job
     from adapterfab.methods.lora import LoraConfig
+    from adapterfab.pipelines.data import prepare_dataset
     from adapterfab.registry import Tracking
     from adapterfab.spec import TrainConfig
 

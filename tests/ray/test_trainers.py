@@ -37,7 +37,6 @@ def _dataset(path: Path, word: str, n: int = 24) -> str:
 
 def _spec(tiny_model_path: str):  # noqa: ANN202
     from adapterfab.jobs.trainers import TrainerSpec
-
     from adapterfab.methods.lora import LoraConfig
 
     return TrainerSpec(tiny_model_path, "f" * 64, LoraConfig(r=4, alpha=8, dropout=0.0).model_dump(), "float32",
@@ -46,9 +45,8 @@ def _spec(tiny_model_path: str):  # noqa: ANN202
 
 def _task(tiny_model_path: str, tmp_path: Path, names: dict[str, int], runs: dict[str, str] | None = None):  # noqa: ANN202
     from adapterfab.jobs.resident import GroupJob, GroupTask
-    from adapterfab.pipelines.data import DataRequest, prepare_many
-
     from adapterfab.methods.lora import LoraConfig
+    from adapterfab.pipelines.data import DataRequest, prepare_many
     from adapterfab.spec import TrainConfig
 
     reqs = [DataRequest(n, _dataset(tmp_path / f"{n}.jsonl", n.upper()), 64, 0.2, 0, 0.1) for n in names]
@@ -65,9 +63,9 @@ def _task(tiny_model_path: str, tmp_path: Path, names: dict[str, int], runs: dic
 def test_a_resident_trainer_trains_groups_and_stays_warm(ray_cluster, tiny_model_path: str, mlflow_server: str,
                                                           tmp_path: Path) -> None:
     import ray
+
     from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard
     from adapterfab.jobs.trainers import TrainerPool, trainers_info
-
     from adapterfab.registry import Tracking
 
     tracking = Tracking(mlflow_server)
@@ -101,10 +99,10 @@ def test_a_resident_trainer_trains_groups_and_stays_warm(ray_cluster, tiny_model
     again = b.acquire(spec)
     assert again.name == lease.name and again.info["pid"] == lease.info["pid"] and again.info["groups_trained"] == 1
     # a warm trainer prepares its batch's first window: the same rows as prepared here, the base's pad id
-    from adapterfab.pipelines.data import DataRequest, prepare_many
     from transformers import AutoTokenizer
 
     from adapterfab.basemodel import pad_token_id
+    from adapterfab.pipelines.data import DataRequest, prepare_many
 
     reqs = [DataRequest(n, _dataset(tmp_path / f"prep-{n}.jsonl", n.upper()), 64, 0.2, 0, 0.1) for n in ("ka", "kb")]
     here = prepare_many(reqs, tiny_model_path, in_process_bytes=1 << 20)
@@ -168,9 +166,8 @@ def test_a_killed_trainer_costs_its_group_only_the_steps_since_its_checkpoint(
     """SIGKILL to a trainer process once its group has checkpointed: the orchestrator gives the group to a
     new trainer, which resumes at the checkpoint; every job succeeds with one registry version, its
     loss history has every step, and it did not train from the start again."""
-    from adapterfab.jobs.orchestrate import create_batch, run_batch
-
     from adapterfab.ids import AdapterId
+    from adapterfab.jobs.orchestrate import create_batch, run_batch
     from adapterfab.registry import Registry, Tracking
     from adapterfab.settings import Settings
     from adapterfab.state import StateStore
@@ -224,7 +221,6 @@ def test_two_batches_on_the_same_base_share_a_warm_trainer(ray_cluster, af_env: 
                                                            mlflow_server: str, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from adapterfab.jobs.orchestrate import create_batch, run_batch
-
     from adapterfab.settings import Settings
     from adapterfab.state import StateStore
 

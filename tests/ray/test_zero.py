@@ -37,7 +37,6 @@ def _dataset(path: Path, n: int = 40) -> Path:
 def _job(tiny_model_path: str, mlflow_uri: str, run_id: str, board: str, steps: int, stage: int,
          checkpoint_every: int = 0, **extra):  # noqa: ANN003, ANN202
     from adapterfab.jobs.launch import WorkerJob
-
     from adapterfab.methods.lora import LoraConfig
     from adapterfab.spec import TrainConfig
 
@@ -51,9 +50,10 @@ def _job(tiny_model_path: str, mlflow_uri: str, run_id: str, board: str, steps: 
 
 def _eval_loss_of(adapter_dir: str, base: str, batches: list) -> float:
     import torch
-    from adapterfab.jobs.train_loop import evaluate
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from adapterfab.jobs.train_loop import evaluate
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter_dir)
     return evaluate(model, batches)["eval_loss"]
@@ -62,10 +62,10 @@ def _eval_loss_of(adapter_dir: str, base: str, batches: list) -> float:
 @pytest.mark.timeout(400)
 def test_zero3_on_two_workers(ray_cluster, tiny_model_path: str, mlflow_server: str, tmp_path: Path) -> None:
     import ray
-    from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard, run_training_job
-    from adapterfab.pipelines.data import PadCollate, prepare_dataset
     from safetensors.torch import load_file
 
+    from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard, run_training_job
+    from adapterfab.pipelines.data import PadCollate, prepare_dataset
     from adapterfab.registry import Tracking
 
     prepared = prepare_dataset(str(_dataset(tmp_path / "d.jsonl")), tiny_model_path, max_seq_len=64,
@@ -95,9 +95,10 @@ def test_zero3_on_two_workers(ray_cluster, tiny_model_path: str, mlflow_server: 
     # adapter's: a plain PeftModel on the same probes and base answers gets the same figures (this random
     # base states none of the facts; tests/unit/test_retention.py compares the two paths on SmolLM2)
     import torch
-    from adapterfab.jobs.evaluate import retention_of
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapterfab.jobs.evaluate import retention_of
 
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32),
                                       adapter_dir)
@@ -121,9 +122,9 @@ def test_killed_zero_worker_resumes_from_sharded_checkpoint(ray_cluster, tiny_mo
     state): rank 0's process is killed after step 12; Ray Train restarts the group, which loads the
     step-10 checkpoint and finishes; steps 11-12 are redone once, nothing from scratch."""
     import ray
+
     from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard, run_training_job
     from adapterfab.pipelines.data import prepare_dataset
-
     from adapterfab.registry import Tracking
 
     prepared = prepare_dataset(str(_dataset(tmp_path / "d.jsonl")), tiny_model_path, max_seq_len=64,

@@ -185,9 +185,8 @@ def test_dataset_reads_retry_with_the_same_settings(s3, tmp_path: Path) -> None:
     """The data stage reads datasets with pyarrow's S3 filesystem: the same env settings apply."""
     import hashlib
 
-    from adapterfab.pipelines.data import _sha256, s3_filesystem
-
     from adapterfab.errors import DatasetError
+    from adapterfab.pipelines.data import _sha256, s3_filesystem
 
     proxy, bucket, direct = s3
     body = b"".join(b'{"instruction": "q%d", "output": "a%d"}\n' % (i, i) for i in range(40))
@@ -228,9 +227,8 @@ def test_an_upload_corrupted_every_time_is_never_registered(s3, tmp_path: Path, 
     with the reason, no manifest is written (nothing can download it) and no registry version exists."""
     from types import SimpleNamespace
 
-    from adapterfab.jobs.orchestrate import BatchContext, Prepared, register_job
-
     from adapterfab.ids import AdapterId
+    from adapterfab.jobs.orchestrate import BatchContext, Prepared, register_job
     from adapterfab.registry import Registry, Tracking
     from adapterfab.settings import Settings
     from adapterfab.spec import parse_spec

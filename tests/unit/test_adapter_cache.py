@@ -8,12 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from adapterfab.serve.backend import SOURCE_FILE, download_adapter, download_native
 
 from adapterfab.errors import RegistryError
 from adapterfab.ids import AdapterId
 from adapterfab.procs import free_port
 from adapterfab.registry import Registry, Tracking
+from adapterfab.serve.backend import SOURCE_FILE, download_adapter, download_native
 from adapterfab.storage import LocalStore
 
 

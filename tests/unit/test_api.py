@@ -11,15 +11,15 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from adapterfab.serve.api import make_api, model_not_found
-from adapterfab.serve.backend import LocalBackend
-from adapterfab.serve.engine import Engine, SamplingParams, TextDelta
 
 from adapterfab.errors import AdapterNotFound
 from adapterfab.ids import AdapterId
 from adapterfab.keys import KeyStore
 from adapterfab.procs import free_port
 from adapterfab.registry import AdapterVersion
+from adapterfab.serve.api import make_api, model_not_found
+from adapterfab.serve.backend import LocalBackend
+from adapterfab.serve.engine import Engine, SamplingParams, TextDelta
 from adapterfab.state import StateStore
 
 MSGS = [{"role": "user", "content": "Ahoy?"}]
@@ -232,9 +232,8 @@ def test_bad_json_and_unknown_route(stack: dict) -> None:
 def test_alias_move_triggers_one_prefetch_of_the_new_version() -> None:
     import asyncio
 
-    from adapterfab.serve.api import ResolveCache
-
     from adapterfab.ids import AdapterId
+    from adapterfab.serve.api import ResolveCache
 
     reg = FakeRegistry()
     reg.versions["acme/pirate"] = {1: Path("/v1"), 2: Path("/v2")}
@@ -281,8 +280,9 @@ def test_text_completions(stack: dict) -> None:
 
 
 def test_per_tenant_rate_limit(stack: dict) -> None:
-    from adapterfab.serve.api import RateLimiter, make_api
     from fastapi.testclient import TestClient
+
+    from adapterfab.serve.api import RateLimiter, make_api
 
     now = [0.0]
     limiter = RateLimiter(rps=0.5, burst=2, per_tenant={"globex": 100.0}, clock=lambda: now[0])

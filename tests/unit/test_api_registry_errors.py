@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adapterfab.serve.api import make_api
-from adapterfab.serve.app import checked_resolver
 from fastapi.testclient import TestClient
 
 from adapterfab.errors import RegistryError
 from adapterfab.ids import AdapterId
 from adapterfab.keys import KeyStore
 from adapterfab.registry import AdapterVersion
+from adapterfab.serve.api import make_api
+from adapterfab.serve.app import checked_resolver
 from adapterfab.state import StateStore
 
 
@@ -73,6 +73,7 @@ def test_registry_down_serves_the_last_resolution() -> None:
     import asyncio
 
     import pytest
+
     from adapterfab.serve.api import ApiError, ResolveCache
 
     reg = FlakyRegistry("a" * 64)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from adapterfab.serve.batched import BatchedEngine
 from adapterfab.serve.engine import AdapterNotLoaded, AdapterRejected, Finished, SamplingParams, TextDelta
 

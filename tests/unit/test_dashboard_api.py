@@ -10,7 +10,6 @@ import secrets
 from pathlib import Path
 
 import pytest
-from adapterfab.serve.dashboard import STATIC, create_app
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
@@ -18,6 +17,7 @@ from adapterfab.ids import AdapterId
 from adapterfab.keys import KeyStore, Principal
 from adapterfab.promotion import Decision
 from adapterfab.registry import Registry, Tracking, tenant_experiment
+from adapterfab.serve.dashboard import STATIC, create_app
 from adapterfab.state import StateStore
 from adapterfab.states import BatchState, JobState
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from adapterfab.serve.backend import AdapterPins, LoadedAdapter
 from adapterfab.serve.engine import (
     AdapterRejected,

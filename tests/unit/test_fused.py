@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from adapterfab.jobs import fused
 from adapterfab.jobs.fused import FusedJob, FusedTrainer, stack
 from adapterfab.jobs.train_loop import save_adapter, seed_everything, train_adapter
-from adapterfab.pipelines.local import encode_file, epoch_batches
-
 from adapterfab.methods import get_method
+from adapterfab.pipelines.local import encode_file, epoch_batches
 from adapterfab.spec import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,7 +177,6 @@ def test_stack_pads_and_routes_rows() -> None:
 
 def test_planner_groups_only_compatible_jobs() -> None:
     from adapterfab.jobs.plan import fusion_groups
-
     from adapterfab.spec import parse_spec
 
     tenants = [{"tenant": f"t{i}", "persona": "p", "dataset": "/x.jsonl"} for i in range(10)]
@@ -202,7 +201,6 @@ def test_planner_groups_only_compatible_jobs() -> None:
 
 def test_groups_are_recut_to_keep_every_trainer_busy() -> None:
     from adapterfab.jobs.plan import balanced_groups, fusion_groups
-
     from adapterfab.spec import parse_spec
 
     def spec(n: int, extra: dict | None = None) -> list:

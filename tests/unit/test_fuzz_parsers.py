@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from adapterfab.pipelines.rows import ROLES, RowError, parse_jsonl, parse_record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from adapterfab.pipelines.rows import ROLES, RowError, parse_jsonl, parse_record
 from adapterfab.spec import SpecError, parse_spec
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -31,6 +31,11 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
+
+from adapterfab.errors import AdapterNotFound, InvalidId, SpecError
+from adapterfab.ids import AdapterId
+from adapterfab.keys import KeyStore
 from adapterfab.pipelines.rows import (
     MAX_ROW_BYTES,
     encode_messages,
@@ -38,15 +43,10 @@ from adapterfab.pipelines.rows import (
     parse_jsonl,
     parse_parquet,
 )
+from adapterfab.registry import AdapterVersion
 from adapterfab.serve.api import MAX_REQUEST_BYTES, make_api
 from adapterfab.serve.backend import LocalBackend
 from adapterfab.serve.engine import AdapterRejected, Engine
-from fastapi.testclient import TestClient
-
-from adapterfab.errors import AdapterNotFound, InvalidId, SpecError
-from adapterfab.ids import AdapterId
-from adapterfab.keys import KeyStore
-from adapterfab.registry import AdapterVersion
 from adapterfab.spec import check_semantics, outside_data_roots, parse_spec
 from adapterfab.state import StateStore
 
@@ -222,6 +222,7 @@ def test_one_bad_row_each_and_the_rest_still_parsed() -> None:
     assert "unpaired UTF-16 surrogate" in got[5]  # else Arrow and the tokenizer fail the whole file
     # the Ray Data UDF that runs this on a whole file builds its Arrow table from these rows
     import numpy as np
+
     from adapterfab.pipelines.data import _parse_files
 
     table = _parse_files({"bytes": np.array([b"\n".join(lines)], dtype=object)}, "jsonl")
@@ -251,8 +252,9 @@ def test_a_100_mb_line_is_refused_unread_and_the_next_row_kept(tmp_path: Path) -
 
 def test_the_local_reader_trains_on_the_good_rows_of_a_hostile_file(tmp_path: Path,
                                                                     smollm2_tokenizer: str) -> None:
-    from adapterfab.pipelines.local import encode_file
     from transformers import AutoTokenizer
+
+    from adapterfab.pipelines.local import encode_file
 
     tok = AutoTokenizer.from_pretrained(smollm2_tokenizer)
     path = tmp_path / "mixed.jsonl"
@@ -275,9 +277,8 @@ def test_parquet_huge_cell_is_one_bad_row(tmp_path: Path) -> None:
 
 
 def test_empty_and_blank_datasets(tmp_path: Path) -> None:
-    from adapterfab.pipelines import data
-
     from adapterfab.errors import DatasetError
+    from adapterfab.pipelines import data
 
     empty, blank = tmp_path / "empty.jsonl", tmp_path / "blank.jsonl"
     empty.write_bytes(b"")

@@ -26,7 +26,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from adapterfab.serve.api import make_api, model_not_found
 from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -36,6 +35,7 @@ from adapterfab.errors import AdapterNotFound, InvalidId, SpecError, StorageErro
 from adapterfab.ids import ID_PATTERN, AdapterId, basis_prefix
 from adapterfab.keys import KeyStore
 from adapterfab.registry import AdapterVersion, RegisteredAdapter, Registry, Tracking
+from adapterfab.serve.api import make_api, model_not_found
 from adapterfab.state import StateStore
 from adapterfab.storage import LocalStore
 
@@ -411,7 +411,6 @@ def test_no_s3_secret_in_validation_errors_logs_or_cli_output(s3_secrets: dict, 
 def test_run_params_hold_the_spec_only(s3_secrets: dict, mlflow_server: str,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from adapterfab.jobs.orchestrate import job_run_params
-
     from adapterfab.spec import parse_spec
 
     monkeypatch.setenv("ADAPTERFAB_API_KEY", "af_0123456789abcdef_" + "s" * 32)
@@ -437,10 +436,9 @@ def test_run_params_hold_the_spec_only(s3_secrets: dict, mlflow_server: str,
 def test_a_failed_shared_group_names_no_other_tenants_job() -> None:
     """A fused group of three tenants' jobs fails with an error naming one of them: each member's job
     records the error with the other members' job and adapter ids replaced (its own kept whole)."""
-    from adapterfab.jobs.registrar import Prepared, group_error_for
-
     from adapterfab.errors import AdapterfabError
     from adapterfab.ids import AdapterId
+    from adapterfab.jobs.registrar import Prepared, group_error_for
 
     def prep(tenant: str, persona: str) -> Prepared:
         aid = AdapterId(tenant, persona)
@@ -462,9 +460,9 @@ def test_a_trainers_error_reaches_the_job_without_rays_worker_details() -> None:
     id and source paths: the job (which its tenant reads) records the message the trainer raised and
     nothing of the wrapper; a worker that died is named as such, without its node."""
     import ray.exceptions
-    from adapterfab.jobs.registrar import error_text
 
     from adapterfab.errors import AdapterfabError
+    from adapterfab.jobs.registrar import error_text
 
     def wrapped(e: BaseException) -> BaseException:
         return ray.exceptions.RayTaskError("TrainerActor.train_group", 'Traceback:\n  File "/srv/jobs/fused.py"',

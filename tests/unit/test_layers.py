@@ -2,7 +2,8 @@
 at module level or inside a function. The core (``adapterfab/``) imports no layer, except the entry
 points that compose them (the CLI and the demo); serving imports neither training nor data preparation;
 the parts that must run without a cluster (the engine, its adapter tiers, the planner, the fused
-trainer, the one-job train loop) import no ``ray``."""
+trainer, the one-job train loop) import no ``ray``; and outside ``methods/`` no code names a method or
+its adapter type to branch on it (what a method is, it declares: ``adapterfab.methods.Method``)."""
 
 from __future__ import annotations
 
@@ -63,3 +64,37 @@ def test_serving_imports_neither_training_nor_data_preparation(path: Path) -> No
 @pytest.mark.parametrize("name", NO_RAY)
 def test_parts_that_run_without_a_cluster_import_no_ray(name: str) -> None:
     assert not under(imports(REPO / name), "ray")
+
+
+METHOD_NAMES = {"lora", "qlora", "lora_xs", "LORA", "LORA_XS"}
+
+
+def method_literals(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every string constant in ``path`` that is exactly a method's name or adapter type,
+    docstrings left out."""
+    tree = ast.parse(path.read_text(), str(path))
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [(n.lineno, n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in METHOD_NAMES
+            and id(n) not in docs]
+
+
+@pytest.mark.parametrize("path", [p for d in ("jobs", "serve", "pipelines") for p in files(d)],
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_no_layer_branches_on_a_method_name(path: Path) -> None:
+    assert method_literals(path) == []
+
+
+def test_every_method_declares_its_layout_and_adapter_type() -> None:
+    from adapterfab.methods import LOW_RANK, SHARED_BASIS, get_method, known_methods, method_of_adapter
+
+    for name in known_methods():
+        m = get_method(name)
+        assert m.family in (LOW_RANK, SHARED_BASIS, None), name
+        assert method_of_adapter(m.peft_type) is not None and method_of_adapter(m.peft_type).peft_type == m.peft_type
+        if m.family == SHARED_BASIS:  # served and fused from its R per module over a basis it can load
+            assert m.read_adapter is not None and m.load_basis is not None, name
+    assert method_of_adapter("LORA").name == "lora"  # LoRA and QLoRA write the same folders: LoRA's reader
+    assert method_of_adapter("IA3") is None

@@ -272,7 +272,6 @@ def test_nf4_base_forward_backward(tiny_model_path: str) -> None:
 
 def test_train_adapter_contract(tiny_model_path: str, basis) -> None:  # noqa: ANN001
     from adapterfab.jobs.train_loop import train_adapter
-
     from adapterfab.spec import TrainConfig
 
     train = TrainConfig(steps=3, learning_rate=1e-2, dtype="float32")

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from adapterfab.jobs.evaluate import EXAMPLES, train_and_evaluate
 
 
@@ -54,9 +55,8 @@ def test_retention_counts_only_the_facts_the_base_itself_states(monkeypatch: pyt
     """Retention is measured against the base's own answers: a probe the base gets wrong is not counted
     against the adapter, whatever the adapter answers. The model is replaced by canned answers (the
     accounting is under test, not generation)."""
-    from adapterfab.jobs import evaluate
-
     from adapterfab import textgen
+    from adapterfab.jobs import evaluate
 
     probes = [{"question": "capital of Japan?", "answers": ["Tokyo"]},
               {"question": "capital of Australia?", "answers": ["Canberra"]},
@@ -76,8 +76,8 @@ def test_the_studys_kl_term_is_zero_while_the_adapter_is_the_base(tiny_model_pat
     """bench/methods.py --retain-kl: with a fresh LoRA (B = 0, so the adapter is the base) the loss is the
     plain cross-entropy; once trained it is larger by the KL term."""
     import torch
-    from adapterfab.jobs.train_loop import load_base, retain_loss
 
+    from adapterfab.jobs.train_loop import load_base, retain_loss
     from adapterfab.methods import get_method
 
     impl = get_method("lora")
@@ -119,8 +119,9 @@ def test_teacher_forced_retention_on_the_real_base(smollm2_path: str) -> None:
     chooses the fact greedily on (nearly) every probe it states; a base whose last layers are broken
     does not."""
     import torch
-    from adapterfab.jobs.evaluate import forced_retention, forced_rows, load_quality
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapterfab.jobs.evaluate import forced_retention, forced_rows, load_quality
 
     torch.set_num_threads(2)
     probes = load_quality()[1][:24]

@@ -74,8 +74,9 @@ def test_plan_reads_a_plain_config_as_autoconfig_does(tiny_model_path: str, tmp_
     import json
     import shutil
 
-    from adapterfab.jobs.plan import _model_config, _param_count
     from transformers import AutoConfig
+
+    from adapterfab.jobs.plan import _model_config, _param_count
 
     fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
               "tie_word_embeddings", "num_key_value_heads", "head_dim")

@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from adapterfab.jobs.admission import admit
 from adapterfab.jobs.plan import MemoryParts, PlanError, execution_groups, memory_parts, placement, plan_batch
-
 from adapterfab.spec import SpecError, parse_spec
 
 GiB = 2**30

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
-from adapterfab.jobs.plan import train_flops, train_seconds
 
+from adapterfab.jobs.plan import train_flops, train_seconds
 from adapterfab.spec import parse_spec
 
 REPO = Path(__file__).resolve().parents[2]

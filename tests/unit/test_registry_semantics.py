@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from adapterfab.serve.api import make_api
-from adapterfab.serve.app import checked_resolver
 from fastapi.testclient import TestClient
 
 from adapterfab.errors import AdapterNotFound, RegistryError
@@ -21,6 +19,8 @@ from adapterfab.ids import PRODUCTION, AdapterId
 from adapterfab.keys import KeyStore
 from adapterfab.promotion import Decision, Policy, decide, gate_decision
 from adapterfab.registry import TAG, Registry
+from adapterfab.serve.api import make_api
+from adapterfab.serve.app import checked_resolver
 from adapterfab.state import StateStore
 
 CLI = str(Path(sys.executable).parent / "adapterfab")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from adapterfab.jobs.fused import FusedTrainer
 
 from adapterfab import replay
+from adapterfab.jobs.fused import FusedTrainer
 from adapterfab.methods import get_method
 from adapterfab.spec import TrainConfig
 from tests.unit.test_fused import TRAIN, _base, _job, _peft_init, data  # noqa: F401 - the fixture
@@ -55,8 +55,9 @@ def test_fused_replay_trains_each_job_as_it_trains_alone(tiny_model_path: str, d
                                                           tmp_path: Path) -> None:
     """Two jobs with replay (other weights, rows per step, seeds) and one without, fused, end where each
     ends trained alone by ``train_adapter`` with the same replay; and replay changed what they learnt."""
-    from adapterfab.jobs.train_loop import save_adapter
     from safetensors.torch import load_file
+
+    from adapterfab.jobs.train_loop import save_adapter
 
     cfg = get_method("lora").config_cls(r=4, alpha=8, dropout=0.0)
     sets = {"pirate": _set(tok, data["rows"]["pirate"][0], 3.0, 1, 1),

@@ -94,10 +94,10 @@ def test_retention_is_measured_against_the_base_own_answers_in_the_trainer(smoll
     more: one the base gets wrong ("Berlin" for France's capital: the base says Paris), which gives no
     row and is not counted, and one it states (Tokyo), which counts. An adapter barely trained keeps
     every fact the base states."""
-    from adapterfab.jobs.resident import GroupJob, GroupTask, ResidentWorker
-    from adapterfab.pipelines.local import encode_file, split_rows
     from transformers import AutoTokenizer
 
+    from adapterfab.jobs.resident import GroupJob, GroupTask, ResidentWorker
+    from adapterfab.pipelines.local import encode_file, split_rows
     from adapterfab.spec import TrainConfig
 
     tok = AutoTokenizer.from_pretrained(smollm2_path)
@@ -128,10 +128,11 @@ def test_retention_is_measured_against_the_base_own_answers_in_the_trainer(smoll
     # a job on several ZeRO workers is measured on a PeftModel (jobs/evaluate.retention_of, no fused
     # trainer): the same adapter gets the same figures there
     import torch
-    from adapterfab.jobs.evaluate import retention_of
-    from adapterfab.jobs.fused import write_exported
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from adapterfab.jobs.evaluate import retention_of
+    from adapterfab.jobs.fused import write_exported
 
     outcome = w.train_group(GroupTask("g3", jobs[1:], tok.pad_token_id, probe_cache=str(tmp_path))).outcomes[0]
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32),

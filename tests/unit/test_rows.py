@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+
 from adapterfab.pipelines.rows import (
     IGNORE_INDEX,
     RowError,

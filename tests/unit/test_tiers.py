@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from adapterfab.serve.batched import BatchedEngine
 from adapterfab.serve.engine import SamplingParams
 from adapterfab.serve.tiers import AdapterBusy, AdapterTiers
-
 from adapterfab.storage import LocalStore
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
