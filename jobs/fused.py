@@ -5,7 +5,7 @@ resident; benchmarks and tests call it directly).
 How it works:
 - ``FusedTrainer(base, family, targets, r)`` wraps every targeted Linear of the base once in a
   ``MultiLinear``. The base stays loaded (4-bit too) and trains group after group of jobs.
-- **Slots.** Every job's trainable tensors live in one row of flat ``[slots, P]`` buffers (``_Slots``):
+- **Slots.** Every job's trainable tensors live in one row of flat ``[slots, P]`` buffers (``Slots``):
   its weights, its gradient and its two AdamW moments, P being one adapter's parameter count. A layer's
   bank (``MultiLinear.a`` [slots, r, in] and ``.b`` [slots, out, r] for LoRA, ``.b`` [slots, r, r] = R
   for LoRA-XS) is a view of its columns; gradients accumulate straight into the gradient buffer.
@@ -39,7 +39,6 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,290 +48,24 @@ from torch import Tensor, nn
 
 from adapterfab import retention
 from adapterfab.errors import AdapterfabError
-from adapterfab.jobs.train_loop import evaluate, forever, lr_lambda, peak_memory_mb
+from adapterfab.jobs.fused_bank import MultiLinear, Route, Slots, _targets
+from adapterfab.jobs.fused_batches import (
+    CHUNK_OVERHEAD_FLOPS,
+    Batch,
+    ModelFlops,
+    _digest,
+    _label_rows,
+    _row_key,
+    row_stats,
+    step_chunks,
+)
+from adapterfab.jobs.fused_eval import FusedEvaluation
+from adapterfab.jobs.train_loop import forever, lr_lambda, peak_memory_mb
 from adapterfab.methods import LOW_RANK, SHARED_BASIS, MethodConfig, get_method
 from adapterfab.replay import ReplayRow, ReplaySet
 from adapterfab.spec import TrainConfig
-from adapterfab.textgen import pad_rows
 
-Batch = dict[str, Tensor]
-# The optimizer every fused-capable method trains with alone (torch's AdamW defaults; QLoRA's paged
-# AdamW is the same update, paging only moves large states to host memory). _Slots.step repeats it.
-BETAS, EPS, MAX_GRAD_NORM = (0.9, 0.999), 1e-8, 1.0
 CHECKPOINT_FORMAT = "slots-1"
-NULL_SLOT = 0  # a row of the slot buffers that stays zero: rows with no adapter gather it
-# The fixed cost of one more forward/backward in a step, in FLOPs of the device's compute: a step's rows
-# are split by length only where the padding saved is worth more (see length_chunks). On a CPU a chunk's
-# operations cost ~60 ms at ~100 GFLOP/s (SmolLM2: ~15 tokens' compute, so splitting pays for little
-# padding); a GPU step is bound by launching kernels (~25 ms at ~400 TFLOP/s: thousands of tokens)
-CHUNK_OVERHEAD_FLOPS = {"cpu": 6e9, "cuda": 1e13}
-LENGTH_QUANTUM = 8  # chunks are cut between rows whose lengths differ after rounding up to this
-# Padded tokens per pass of the retention test (``forced_many``). On a CPU passes of 16 to 128 rows cost
-# the same per row (bench/RESULTS.md, 2026-12-04), and ~512 tokens is the 16 rows it always ran; a GPU
-# pass of 16 rows is bound by launching kernels (the H200 run: ~50 ms a pass, 0.21 s of retention per
-# job), so there a pass takes as many rows as this many tokens allow
-FORCED_PASS_TOKENS = {"cpu": 512, "cuda": 16384}
-
-
-class Route:
-    """Which rows of the current batch go through which adapter slot, shared by every MultiLinear.
-    ``segments``: (slot, first row, end row), the slot None for rows that take the bare base;
-    ``scales``: slot -> alpha/r (set by the trainer). Rows with no adapter gather the all-zero
-    ``NULL_SLOT`` at scale 0, so no adapter's weights (not even non-finite ones) reach them. The per-row
-    tensors are made once per batch and device (one host-to-device copy per step, not per layer)."""
-
-    def __init__(self) -> None:
-        self.scales: dict[int, float] = {}
-        self.dropout = 0.0  # LoRA dropout on the adapted inputs while training (one rate per group)
-        self._segments: list[tuple[int | None, int, int]] = []
-        self._rows: dict[tuple, tuple[Tensor, Tensor | None, float]] = {}
-
-    @property
-    def segments(self) -> list[tuple[int | None, int, int]]:
-        return self._segments
-
-    @segments.setter
-    def segments(self, segs: list[tuple[int | None, int, int]]) -> None:
-        self._segments = list(segs)
-        self._rows = {}
-
-    def snapshot(self) -> tuple[list, dict]:
-        """The routing of the forward pass under way, to replay it exactly (``installed``)."""
-        return self._segments, self._rows
-
-    @contextmanager
-    def installed(self, snap: tuple[list, dict]) -> Iterator[None]:
-        """The routing of ``snap`` while the block runs: an activation-checkpointed layer recomputed in
-        the backward pass, after the forward's routing was cleared, must send each row through the same
-        adapter as the forward did (else the adapters' gradients would be silently wrong)."""
-        saved = (self._segments, self._rows)
-        self._segments, self._rows = snap
-        try:
-            yield
-        finally:
-            self._segments, self._rows = saved
-
-    def rows(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, float] | None:
-        """For a batch of ``n`` rows: (the slot of each group of rows, each group's scale as [groups, 1, 1]
-        or None when one scale applies to all, that one scale); None when no row has an adapter. A group
-        is one job's rows when every job has the same number of rows, in order and covering the batch
-        (the usual fused step: one gather per job); otherwise every row is its own group."""
-        key = (n, device, dtype)
-        if key in self._rows:
-            return self._rows[key]
-        segs = self._segments
-        size = segs[0][2] - segs[0][1] if segs else 0
-        if segs and all(s is not None and lo == i * size and hi - lo == size for i, (s, lo, hi) in enumerate(segs)) \
-                and len(segs) * size == n:
-            slot = [s for s, _, _ in segs]  # type: ignore[misc]
-            scale = [self.scales[s] for s in slot]
-        else:
-            slot, scale = [NULL_SLOT] * n, [0.0] * n
-            for s, lo, hi in segs:
-                if s is not None:
-                    for i in range(lo, min(hi, n)):
-                        slot[i], scale[i] = s, self.scales[s]
-        if not any(scale):
-            return None
-        idx = torch.tensor(slot).to(device, non_blocking=True)
-        uniform = scale[0] if all(v == scale[0] for v in scale) else None
-        per_group = None if uniform is not None else \
-            torch.tensor(scale, dtype=dtype).view(len(scale), 1, 1).to(device, non_blocking=True)
-        self._rows[key] = (idx, per_group, uniform or 1.0)
-        return self._rows[key]
-
-
-class MultiLinear(nn.Module):
-    """``base_layer(x)`` plus, for every row of ``x``, the low-rank update of that row's slot (or none)."""
-
-    def __init__(self, base_layer: nn.Module, family: str, route: Route, r: int,
-                 shared: tuple[Tensor, Tensor] | None):
-        super().__init__()
-        self.base_layer, self.family, self.route, self.r = base_layer, family, route, r
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
-        self.a: nn.Parameter | None = None  # lora: [slots, r, in] (views of the trainer's slot buffers)
-        self.grads: list[tuple[nn.Parameter, Tensor]] = []  # each bank and its view of the gradient buffer
-        self.b: nn.Parameter | None = None  # lora: [slots, out, r]; lora_xs: [slots, r, r] (R)
-        self._shared: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
-        if shared is not None:  # lora_xs: A (in x r), B (r x out), frozen and shared by every job
-            dev = base_layer.weight.device
-            self.register_buffer("xs_a", shared[0].to(dev, torch.float32), persistent=False)
-            self.register_buffer("xs_b", shared[1].to(dev, torch.float32), persistent=False)
-
-    @property
-    def weight(self) -> Tensor:  # HF code reads q_proj.weight for dtype/device checks
-        return self.base_layer.weight
-
-    def shapes(self) -> list[tuple[int, ...]]:
-        """One adapter's tensors in this layer, in slot-buffer order."""
-        if self.family == LOW_RANK:
-            return [(self.r, self.in_features), (self.out_features, self.r)]
-        return [(self.r, self.r)]
-
-    def bind(self, banks: list[tuple[Tensor, Tensor]]) -> None:
-        """Point the layer at its columns of the slot buffers: (weights, gradients) per tensor."""
-        params = []
-        self.grads = []
-        for w, g in banks:
-            p = nn.Parameter(w)
-            p.grad = g
-            params.append(p)
-            self.grads.append((p, g))
-        if self.family == LOW_RANK:
-            self.a, self.b = params
-        else:
-            (self.b,) = params
-
-    def _factors(self, dt: torch.dtype) -> tuple[Tensor, Tensor]:
-        """LoRA-XS's frozen shared factors in the compute dtype (cast once, not every step)."""
-        if dt not in self._shared:
-            self._shared[dt] = (self.xs_a.to(dt), self.xs_b.to(dt))
-        return self._shared[dt]
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)
-        if self.b is None or not self.route.segments:
-            return out
-        half = x.dtype in (torch.bfloat16, torch.float16)
-        xf = x if half else x.float()
-        dt, n = xf.dtype, x.shape[0]
-        got = self.route.rows(n, x.device, dt)
-        if got is None:
-            return out
-        idx, per_group, scale = got
-        groups = idx.shape[0]  # jobs (each job's rows together) or rows
-        x3 = xf.reshape(groups, -1, xf.shape[-1])  # [groups, tokens of the group, in]
-        if self.family == SHARED_BASIS:
-            xs_a, xs_b = self._factors(dt)
-            rr = self.b.index_select(0, idx).to(dt)  # each group's R: [groups, r, r]
-            h = torch.bmm(x3 @ xs_a, rr if per_group is None else rr * per_group)  # x·A once for all rows, ·R per group
-            o2 = out.reshape(-1, out.shape[-1])
-            if o2.dtype == dt:
-                return torch.addmm(o2, h.reshape(-1, self.r), xs_b, alpha=scale).reshape(out.shape)
-            return (o2 + scale * (h.reshape(-1, self.r) @ xs_b)).to(out.dtype).reshape(out.shape)
-        a = self.a.index_select(0, idx).to(dt)  # [groups, r, in]
-        b = self.b.index_select(0, idx).to(dt)  # [groups, out, r]
-        if self.training and self.route.dropout:  # as PEFT: dropout on the adapter's input only
-            x3 = nn.functional.dropout(x3, self.route.dropout, training=True)
-        h = torch.bmm(x3, a.transpose(1, 2))  # [groups, tokens, r]
-        if per_group is not None:
-            h = h * per_group
-        o3 = out.reshape(groups, -1, out.shape[-1])
-        if o3.dtype == dt:  # base output + scale · h·Bᵀ in one kernel
-            return torch.baddbmm(o3, h, b.transpose(1, 2), alpha=scale).reshape(out.shape)
-        return (o3 + scale * torch.bmm(h, b.transpose(1, 2))).to(out.dtype).reshape(out.shape)
-
-
-class _Slots:
-    """Every adapter's trainable tensors, gradients and AdamW moments as rows of flat ``[capacity, P]``
-    fp32 buffers on the base's device; each layer's banks are views of its columns. Row ``NULL_SLOT``
-    is never handed out and stays zero."""
-
-    def __init__(self, layers: dict[str, MultiLinear], device: torch.device):
-        self.device = device
-        self.names = list(layers)  # layer name of each entry of ``columns``
-        self.columns: list[tuple[MultiLinear, list[tuple[int, tuple[int, ...]]]]] = []
-        at = 0
-        for layer in layers.values():
-            cols = []
-            for shape in layer.shapes():
-                cols.append((at, shape))
-                at += math.prod(shape)
-            self.columns.append((layer, cols))
-        self.width = at  # P: one adapter's parameter count
-        self.capacity = 0
-        self.w = self.g = self.m = self.v = torch.zeros(0, self.width, device=device)
-        self.free: list[int] = []
-        self.reserve(0)  # the null row
-
-    def reserve(self, n: int) -> None:
-        """Room for ``n`` more adapters (grows the buffers and rebinds the layers' banks)."""
-        if len(self.free) >= n and self.capacity:
-            return
-        old = self.capacity
-        cap = max(old + n - len(self.free), NULL_SLOT + 1)
-        bufs = []
-        for t in (self.w, self.g, self.m, self.v):
-            new = torch.zeros(cap, self.width, device=self.device)
-            new[:old] = t
-            bufs.append(new)
-        self.w, self.g, self.m, self.v = bufs
-        self.capacity = cap
-        self.free = sorted(self.free + [i for i in range(old, cap) if i != NULL_SLOT])
-        for layer, cols in self.columns:
-            layer.bind([(self.w[:, at:at + math.prod(s)].view(cap, *s), self.g[:, at:at + math.prod(s)].view(cap, *s))
-                        for at, s in cols])
-
-    def take(self, tensors: dict[str, tuple[Tensor, ...]]) -> int:
-        """A free slot holding ``tensors`` (layer name -> its tensors) and fresh optimizer state."""
-        self.reserve(1)
-        slot = self.free.pop(0)
-        with torch.no_grad():
-            for name, (_, cols) in zip(self.names, self.columns):
-                for (at, shape), t in zip(cols, tensors[name]):
-                    if tuple(t.shape) != shape:
-                        self.release(slot)
-                        raise AdapterfabError(f"{name}: initial tensor of shape {tuple(t.shape)}, expected {shape}")
-                    self.w[slot, at:at + math.prod(shape)] = t.detach().reshape(-1).to(self.device, torch.float32)
-        return slot
-
-    def release(self, slot: int) -> None:
-        for t in (self.w, self.g, self.m, self.v):
-            t[slot].zero_()
-        self.free = sorted(self.free + [slot])
-
-    def tensors(self, slot: int) -> dict[str, tuple[Tensor, ...]]:
-        """A slot's adapter as layer name -> its tensors (fp32 copies on the CPU, each with a storage of its
-        own: a view of the whole row would carry the whole row into every pickled or saved tensor)."""
-        row = self.w[slot].detach().to("cpu")
-        return {name: tuple(row[at:at + math.prod(s)].view(*s).clone() for at, s in cols)
-                for name, (_, cols) in zip(self.names, self.columns)}
-
-    def step(self, hyper: dict[int, tuple[float, float, int]]) -> None:
-        """Clip each slot's gradient to norm ``MAX_GRAD_NORM`` (as ``clip_grad_norm_`` over its tensors),
-        then one AdamW update of the slots in ``hyper`` (slot -> (learning rate, weight decay, step
-        number counting this one)); every other row keeps its weights and moments."""
-        b1, b2 = BETAS
-        coef = torch.zeros(self.capacity, 6)
-        coef[:, 0] = 1.0  # weight decay factor
-        coef[:, 3] = 1.0  # beta2 factor
-        coef[:, 5] = 1.0  # sqrt of bias correction 2
-        for slot, (lr, wd, t) in hyper.items():
-            coef[slot] = torch.tensor([1 - lr * wd, 1 - b1, -lr / (1 - b1 ** t), b2, 1 - b2, math.sqrt(1 - b2 ** t)])
-        c = coef.to(self.device, non_blocking=True)
-        decay, w1, step_size, beta2, w2, bc2 = (c[:, i:i + 1] for i in range(6))
-        g = self.g
-        norm = torch.linalg.vector_norm(g, dim=1, keepdim=True)
-        g.mul_(torch.clamp(MAX_GRAD_NORM / (norm + 1e-6), max=1.0))
-        self.w.mul_(decay)
-        self.m.lerp_(g, w1)
-        self.v.mul_(beta2).addcmul_(g * w2, g)  # one [slots, P] temporary at a time
-        d = self.v.sqrt()
-        d.div_(bc2).add_(EPS)
-        torch.div(self.m, d, out=d)
-        self.w.addcmul_(d, step_size)  # w - lr/bc1 · m/denom, as torch's addcdiv
-        g.zero_()
-
-    def backward(self, loss: Tensor) -> None:
-        """``loss.backward()`` into the gradient buffer. A bank's ``.grad`` that something reset (a
-        ``zero_grad(set_to_none=True)`` on the base) is pointed back at it first: autograd would
-        otherwise put the gradient in a fresh tensor the step never reads."""
-        for layer, _ in self.columns:
-            for p, g in layer.grads:
-                if p.grad is not g:
-                    p.grad = g
-        with warnings.catch_warnings():  # a bank is a strided view of the buffers; torch warns that its
-            # gradient (a view with the same strides) is not "dense", then accumulates into it in place
-            warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
-            loss.backward()
-
-    def state(self, slot: int) -> dict[str, Tensor]:
-        return {"exp_avg": self.m[slot].detach().clone(), "exp_avg_sq": self.v[slot].detach().clone()}
-
-    def load_state(self, slot: int, state: dict[str, Tensor]) -> None:
-        self.m[slot] = state["exp_avg"].to(self.device)
-        self.v[slot] = state["exp_avg_sq"].to(self.device)
 
 
 @dataclass
@@ -378,13 +111,7 @@ class _Active:
         return self.job.train.learning_rate * lr_lambda(self.job.train)(self.step)
 
 
-def _targets(model: nn.Module, targets: Iterable[str]) -> dict[str, nn.Module]:
-    wanted = set(targets)
-    return {n: m for n, m in model.named_modules()
-            if n.rsplit(".", 1)[-1] in wanted and hasattr(m, "in_features") and not isinstance(m, MultiLinear)}
-
-
-class FusedTrainer:
+class FusedTrainer(FusedEvaluation):
     """A resident base with K adapters trained together. ``family`` is ``lora`` (LoRA, QLoRA) or
     ``lora_xs`` (then ``basis`` gives the shared factors)."""
 
@@ -417,7 +144,7 @@ class FusedTrainer:
         self.decoder = base.get_decoder()
         self.lm_head = base.get_output_embeddings()
         self.device = next(base.parameters()).device
-        self.slots = _Slots(self.layers, self.device)
+        self.slots = Slots(self.layers, self.device)
         self.flops = ModelFlops.of(base)
         # a step's rows are split into length chunks when the padding saved outweighs this many tokens
         per_token = max(1.0, 4.0 * self.flops.body)
@@ -804,125 +531,6 @@ class FusedTrainer:
             out.append(FusedResult(a.job.job_id, m, a.losses, stopped_early=a.early))
         return out
 
-    def evaluate_many(self, sets: list[tuple[str | None, list[Batch]]], max_rows: int) -> list[dict[str, float]]:
-        """Eval metrics (as ``evaluate``) of several sets, each ``(job id, or None for the bare base,
-        eval batches)``, fused: the i-th batch of every set is stacked into one forward of at most
-        ``max_rows`` rows (one batch alone may be more), each set's rows through its own adapter, logits
-        only where a label is, and one host sync at the end."""
-        device = self.device
-        work = [(k, bs[i]) for i in range(max(len(bs) for _, bs in sets)) for k, (_, bs) in enumerate(sets)
-                if i < len(bs)]
-        chunks: list[list[tuple[int, Batch]]] = [[]]
-        rows = 0
-        for k, b in work:
-            n = int(b["input_ids"].shape[0])
-            if chunks[-1] and rows + n > max_rows:
-                chunks.append([])
-                rows = 0
-            chunks[-1].append((k, b))
-            rows += n
-        loss_sum, right, count = (torch.zeros(len(sets), dtype=torch.float64, device=device) for _ in range(3))
-        self.base.eval()
-        try:
-            with torch.no_grad():
-                for chunk in chunks:
-                    names = [self._slot_of[sets[k][0]] if sets[k][0] else None for k, _ in chunk]  # type: ignore[index]
-                    batch, segs = stack([(name, b) for name, (_, b) in zip(names, chunk)])
-                    hidden, labels, seg_of_row = self._forward(batch, segs)
-                    mask = labels != -100
-                    logits = self.lm_head(hidden[mask]).float()
-                    target = labels[mask]
-                    tok_loss = nn.functional.cross_entropy(logits, target, reduction="none")
-                    set_of_seg = torch.tensor([k for k, _ in chunk]).to(device, non_blocking=True)
-                    idx = set_of_seg[seg_of_row][:, None].expand_as(labels)[mask]
-                    loss_sum.index_add_(0, idx, tok_loss.double())
-                    right.index_add_(0, idx, (logits.argmax(-1) == target).double())
-                    count.index_add_(0, idx, torch.ones_like(tok_loss, dtype=torch.float64))
-        finally:
-            self.base.train()
-        return [{"eval_loss": ls / max(1.0, n), "eval_token_accuracy": c / max(1.0, n)}
-                for ls, c, n in zip(loss_sum.tolist(), right.tolist(), count.tolist())]
-
-    def forced_many(self, sets: list[tuple[str | None, list[dict[str, Any]]]], rows_per_pass: int | None = None
-                    ) -> list[list[bool]]:
-        """The retention test (adapterfab/retention.py) of several sets, each ``(job id, or None for the
-        bare base, rows)``: for every row, whether the greedy choice is the row's token at each of its
-        labels (``ids[labels_from:]``). Fused like ``evaluate_many``, and the rows' common prefix (the
-        chat template's system turn) runs once per set: its keys and values are given to each row of
-        the set, whose own tokens then run in passes, shortest first: of ``rows_per_pass`` rows when
-        given, else of as many rows as ``FORCED_PASS_TOKENS`` of the device allows (``pass_sizes``)."""
-        from transformers import DynamicCache
-
-        device = self.device
-        flat = [(k, i, r) for k, (_, rows) in enumerate(sets) for i, r in enumerate(rows)]
-        out: list[list[bool]] = [[False] * len(rows) for _, rows in sets]
-        if not flat:
-            return out
-        first = flat[0][2]["ids"]
-        p = min(min(r["labels_from"] for _, _, r in flat) - 1, min(len(r["ids"]) for _, _, r in flat))
-        for _, _, r in flat:
-            while p and r["ids"][:p] != first[:p]:
-                p -= 1
-        slots = [self._slot_of[j] if j else None for j, _ in sets]
-        flat.sort(key=lambda x: len(x[2]["ids"]))
-        verdicts: list[tuple[list[tuple[int, int]], Tensor]] = []
-        self.base.eval()
-        try:
-            with torch.no_grad():
-                prefix = None
-                if p:  # one row per set through its adapter
-                    self.route.segments = [(s, k, k + 1) for k, s in enumerate(slots)]
-                    ids = torch.tensor([first[:p]] * len(sets)).to(device, non_blocking=True)
-                    prefix = self.decoder(input_ids=ids, use_cache=True).past_key_values
-                budget = FORCED_PASS_TOKENS.get(device.type, FORCED_PASS_TOKENS["cuda"])
-                start = 0
-                for size in pass_sizes([len(r["ids"]) - p for _, _, r in flat], budget, rows_per_pass):
-                    part = flat[start:start + size]
-                    start += size
-                    n = max(len(r["ids"]) for _, _, r in part) - p
-                    ids = torch.zeros((len(part), n), dtype=torch.long)
-                    labels = torch.full((len(part), n), -100, dtype=torch.long)
-                    for i, (_, _, r) in enumerate(part):
-                        tail = torch.tensor(r["ids"][p:])
-                        ids[i, :len(tail)] = tail
-                        labels[i, r["labels_from"] - p - 1:len(tail) - 1] = tail[r["labels_from"] - p:]
-                    segs, at = [], 0
-                    for i in range(1, len(part) + 1):  # runs of rows of one set
-                        if i == len(part) or part[i][0] != part[at][0]:
-                            segs.append((slots[part[at][0]], at, i))
-                            at = i
-                    self.route.segments = segs
-                    cache = None
-                    if prefix is not None:
-                        which = torch.tensor([k for k, _, _ in part]).to(device, non_blocking=True)
-                        cache = DynamicCache()
-                        for layer, kv in enumerate(prefix.layers):
-                            cache.update(kv.keys.index_select(0, which), kv.values.index_select(0, which), layer)
-                    hidden = self.decoder(input_ids=ids.to(device, non_blocking=True), past_key_values=cache,
-                                          use_cache=cache is not None).last_hidden_state
-                    mask = labels != -100
-                    picks = self.lm_head(hidden[mask.to(device)]).argmax(-1)
-                    row = torch.arange(len(part))[:, None].expand_as(labels)[mask].to(device, non_blocking=True)
-                    wrong = torch.zeros(len(part), device=device).index_add_(
-                        0, row, (picks != labels[mask].to(device, non_blocking=True)).float())
-                    verdicts.append(([(k, i) for k, i, _ in part], wrong))
-        finally:
-            self.route.segments = []
-            self.base.train()
-        for where, wrong in verdicts:
-            for (k, i), w in zip(where, wrong.tolist()):
-                out[k][i] = w == 0
-        return out
-
-    def evaluate(self, job_id: str | None, batches: list[Batch]) -> dict[str, float]:
-        """Eval metrics with ``job_id``'s adapter on every row (None: the bare base)."""
-        max_rows = max(b["input_ids"].shape[0] for b in batches)
-        self.route.segments = [(self._slot_of[job_id], 0, max_rows)] if job_id else []
-        try:
-            return evaluate(self.base, batches)
-        finally:
-            self.route.segments = []
-
     # -- saving: the method's own format, loadable exactly like an adapter trained alone ------------
     def save(self, job: FusedJob, out_dir: str | Path) -> Path:
         """The job's adapter in its method's own format (a PEFT LoRA folder, or LoRA-XS's)."""
@@ -977,153 +585,4 @@ def write_exported(a: ExportedAdapter, out_dir: str | Path) -> Path:
         state[f"base_model.model.{name}.lora_A.weight"] = lora_a.contiguous()
         state[f"base_model.model.{name}.lora_B.weight"] = lora_b.contiguous()
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return out
-
-
-def pass_sizes(lengths: list[int], tokens: int, rows: int | None = None) -> list[int]:
-    """Rows per pass over rows of ``lengths`` sorted shortest first: ``rows`` each when given, else as
-    many as keep a pass (its rows padded to its longest) within ``tokens``, at least one."""
-    sizes: list[int] = []
-    at = 0
-    while at < len(lengths):
-        if rows:
-            n = min(rows, len(lengths) - at)
-        else:
-            n = 1
-            while at + n < len(lengths) and (n + 1) * max(1, lengths[at + n]) <= tokens:
-                n += 1
-        sizes.append(n)
-        at += n
-    return sizes
-
-
-def _row_key(row: dict[str, Any]) -> tuple[int, ...]:
-    """What identifies a retention row (its tokens and where its fact starts)."""
-    return (row["labels_from"], *row["ids"])
-
-
-def _digest(batches: list[Batch]) -> str:
-    """What identifies a set of eval rows (the base's figure on it never changes)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for b in batches:
-        for key in ("input_ids", "attention_mask", "labels"):
-            h.update(key.encode() + str(tuple(b[key].shape)).encode() + b[key].cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _label_rows(rows: list[tuple[list[int], int]]) -> Batch:
-    """Token id rows, each labelled from a position to its end (``(ids, from)``), right-padded into one batch."""
-    ids_t, mask = pad_rows([ids for ids, _ in rows], 0)
-    labels = torch.full_like(ids_t, -100)
-    for i, (ids, start) in enumerate(rows):
-        labels[i, start:len(ids)] = ids_t[i, start:len(ids)]
-    return {"input_ids": ids_t, "attention_mask": mask, "labels": labels}
-
-
-def stack(items: list[tuple[Any, Batch]]) -> tuple[Batch, list[tuple[Any, int, int]]]:
-    """Concatenate several jobs' micro-batches (right-padded to the longest) into one batch."""
-    t = max(b["input_ids"].shape[1] for _, b in items)
-    parts: dict[str, list[Tensor]] = {"input_ids": [], "attention_mask": [], "labels": []}
-    segs, at = [], 0
-    for jid, b in items:
-        n, pad = b["input_ids"].shape[0], t - b["input_ids"].shape[1]
-        for key, fill in (("input_ids", 0), ("attention_mask", 0), ("labels", -100)):
-            parts[key].append(nn.functional.pad(b[key], (0, pad), value=fill))
-        segs.append((jid, at, at + n))
-        at += n
-    return {k: torch.cat(v) for k, v in parts.items()}, segs
-
-
-@dataclass(frozen=True)
-class ModelFlops:
-    """The FLOPs a training step spends on a frozen base, counted as spent: ~4 per weight and token in
-    the decoder's matrices (the forward and the input gradients; frozen weights get no gradient),
-    the output head only at labelled positions (logits are computed nowhere else), causal attention
-    ~6 x length x width per token and layer, and no embedding lookups. Padding is not counted."""
-
-    body: int  # weights of the decoder layers' matrices
-    head: int  # weights of the output head
-    attn_width: int  # query heads x head size
-    layers: int
-
-    @classmethod
-    def of(cls, base: nn.Module) -> ModelFlops:
-        decoder = base.get_decoder()
-        head = base.get_output_embeddings()
-        body = sum(m.in_features * m.out_features for m in decoder.modules()
-                   if hasattr(m, "in_features") and hasattr(m, "out_features") and not isinstance(m, MultiLinear))
-        cfg = base.config
-        heads = getattr(cfg, "num_attention_heads", 0) or 0
-        head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else 0)
-        return cls(body, head.in_features * head.out_features, heads * head_dim,
-                   int(getattr(cfg, "num_hidden_layers", 0) or 0))
-
-    def step(self, batch: Batch) -> float:
-        """FLOPs of one training step over ``batch`` (its real tokens and labelled positions)."""
-        lengths, labelled = row_stats(batch)
-        attention = 6.0 * self.attn_width * self.layers * sum(n * n for n in lengths)
-        return 4.0 * self.body * sum(lengths) + 4.0 * self.head * sum(labelled) + attention
-
-
-def row_stats(batch: Batch) -> tuple[list[int], list[int]]:
-    """Each row's length and labelled next-token positions: what ``padded_batch`` recorded, else
-    counted here (a batch made some other way)."""
-    lengths = getattr(batch, "lengths", None)
-    labelled = getattr(batch, "labelled", None)
-    if lengths is None or labelled is None:
-        lengths = batch["attention_mask"].sum(1).tolist()
-        labelled = (batch["labels"][:, 1:] != -100).sum(1).tolist()
-    return lengths, labelled
-
-
-def length_chunks(lengths: list[int], overhead_tokens: int, quantum: int = LENGTH_QUANTUM) -> list[list[int]]:
-    """Rows (their indexes into ``lengths``) split into chunks of similar length, each padded only to
-    its own longest row: the split (cut in length order) that minimises padded tokens plus
-    ``overhead_tokens`` per chunk. One chunk of every row when splitting saves nothing."""
-    if not lengths:
-        return []
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    sizes = [lengths[i] for i in order]
-    cuts = [k for k in range(1, len(sizes)) if -(-sizes[k] // quantum) != -(-sizes[k - 1] // quantum)]
-    ends = [0, *cuts, len(sizes)]
-    best: list[tuple[float, int]] = [(0.0, -1)]  # (cost up to ends[j], index of the previous cut)
-    for j in range(1, len(ends)):
-        best.append(min((best[i][0] + sizes[ends[j] - 1] * (ends[j] - ends[i]) + overhead_tokens, i)
-                        for i in range(j)))
-    out, j = [], len(ends) - 1
-    while j > 0:
-        i = best[j][1]
-        out.append(order[ends[i]:ends[j]])
-        j = i
-    return out[::-1]
-
-
-def step_chunks(items: list[tuple[Any, Batch]], overhead_tokens: int
-                ) -> list[tuple[Batch, list[tuple[Any, int, int]], list[int]]]:
-    """A fused step's micro-batches (``(slot, batch)`` per job) as the forwards to run: (stacked batch,
-    its segments, each segment's job index into ``items``). Rows of different lengths go into chunks
-    (``length_chunks``) instead of all being padded to the longest; within a chunk each job's rows stay
-    together. With one chunk it is ``stack`` of the whole step (each job's rows in one segment)."""
-    rows = [(j, i, int(n)) for j, (_, b) in enumerate(items) for i, n in enumerate(row_stats(b)[0])]
-    plan = length_chunks([n for _, _, n in rows], overhead_tokens)
-    rows_of = [row_stats(b)[0] for _, b in items]
-    if len(plan) <= 1:
-        batch, segs = stack(items)
-        return [(batch, segs, list(range(len(items))))]
-    out = []
-    for chunk in plan:
-        picked: dict[int, list[int]] = {}
-        for k in sorted(chunk, key=lambda k: rows[k][:2]):
-            picked.setdefault(rows[k][0], []).append(rows[k][1])
-        parts, job_of_seg = [], []
-        for j, idx in picked.items():
-            b = items[j][1]
-            sel = torch.tensor(idx)
-            width = max(rows_of[j][i] for i in idx)
-            parts.append((items[j][0], {k: b[k][sel, :width] for k in ("input_ids", "attention_mask", "labels")}))
-            job_of_seg.append(j)
-        batch, segs = stack(parts)
-        out.append((batch, segs, job_of_seg))
     return out

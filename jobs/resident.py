@@ -65,7 +65,7 @@ class JobOutcome:
     metrics: dict[str, float]
     losses: list[float]
     error: str | None = None
-    adapter: Any = None  # jobs.fused.ExportedAdapter (write_exported writes its folder); None when it failed
+    adapter: Any = None  # jobs.fused.ExportedAdapter (jobs.fused.write_exported writes its folder); None when it failed
     pending_metrics: list[tuple[str, float, int, int]] = field(
         default_factory=list
     )  # (key, value, ms, step) not yet in MLflow

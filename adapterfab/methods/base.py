@@ -74,7 +74,7 @@ class Method:
     default_train: dict[str, Any] = field(default_factory=dict)
     # recorded on the registry version (e.g. the quantization the base was trained with)
     extra_tags: Callable[[MethodConfig], dict[str, str]] = lambda cfg: {}
-    # how one adapter sits in a per-row bank, the layout the fused trainer (jobs/fused.py) and the batched
+    # how one adapter sits in a per-row bank, the layout the fused trainer (jobs/fused_bank.py) and the batched
     # engine (serve/batched.py) implement: LOW_RANK (A and B per module) or SHARED_BASIS (one r x r R per
     # module between frozen factors every adapter shares); None: the method trains alone and is served
     # through its PEFT export

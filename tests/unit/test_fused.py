@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterfab.jobs import fused
-from adapterfab.jobs.fused import FusedJob, FusedTrainer, stack
+from adapterfab.jobs import fused_batches
+from adapterfab.jobs.fused import FusedJob, FusedTrainer
+from adapterfab.jobs.fused_batches import stack
 from adapterfab.jobs.train_loop import save_adapter, seed_everything, train_adapter
 from adapterfab.methods import get_method
 from adapterfab.pipelines.local import encode_file, epoch_batches
@@ -598,7 +599,7 @@ def test_dropout_is_applied_in_training_only(tiny_model_path: str, data: dict) -
 def test_rows_split_by_length_train_as_one_padded_batch(tiny_model_path: str, data: dict) -> None:
     """A step whose rows are split into length chunks (each padded to its own longest row) gives every
     job the loss and the adapter it gets from one batch padded to the longest row."""
-    from adapterfab.jobs.fused import step_chunks
+    from adapterfab.jobs.fused_batches import step_chunks
 
     cfg = get_method("lora").config_cls(r=4, alpha=8, dropout=0.0)
     one, one_results = _trained(tiny_model_path, data, cfg, chunk_overhead_tokens=10**9)
@@ -616,7 +617,7 @@ def test_rows_split_by_length_train_as_one_padded_batch(tiny_model_path: str, da
 
 
 def test_length_chunks_partition_rows_and_cut_only_where_it_pays() -> None:
-    from adapterfab.jobs.fused import length_chunks
+    from adapterfab.jobs.fused_batches import length_chunks
 
     lengths = [50, 60, 55, 58, 300, 310, 305, 52]
     chunks = length_chunks(lengths, overhead_tokens=100)
@@ -629,7 +630,7 @@ def test_length_chunks_partition_rows_and_cut_only_where_it_pays() -> None:
 def test_model_flops_count_what_a_step_spends(tiny_model_path: str) -> None:
     """4 FLOPs per decoder weight and real token, the head's only at labelled positions, causal attention;
     no embedding, no padding."""
-    from adapterfab.jobs.fused import ModelFlops
+    from adapterfab.jobs.fused_batches import ModelFlops
     from adapterfab.pipelines.rows import padded_batch
 
     base = _base(tiny_model_path)
@@ -701,7 +702,7 @@ def test_retention_rows_go_through_their_own_adapter_with_their_prefix_run_once(
     got = trainer.forced_many([("j-pirate", rows), ("j-robot", rows), (None, rows)], rows_per_pass=3)
     assert got == want
     for tokens in (40, 10_000):  # passes sized by padded tokens (the default): the same verdicts
-        monkeypatch.setitem(fused.FORCED_PASS_TOKENS, "cpu", tokens)
+        monkeypatch.setitem(fused_batches.FORCED_PASS_TOKENS, "cpu", tokens)
         assert trainer.forced_many([("j-pirate", rows), ("j-robot", rows), (None, rows)]) == want
     assert all(got[0][::2]) and not any(got[0][1::2])  # kept: its own choices; random tokens: not
     assert got[1] != got[0]  # the robot adapter is another model
@@ -710,11 +711,11 @@ def test_retention_rows_go_through_their_own_adapter_with_their_prefix_run_once(
 def test_retention_passes_are_sized_by_padded_tokens() -> None:
     """A pass of the retention test takes rows (shortest first) while its rows padded to its longest fit
     the token budget, at least one row; a fixed row count overrides it."""
-    assert fused.pass_sizes([10, 10, 12, 20, 30, 50], 40) == [3, 1, 1, 1]
-    assert fused.pass_sizes([5] * 10, 20) == [4, 4, 2]
-    assert fused.pass_sizes([100, 200], 16) == [1, 1]  # a row longer than the budget passes alone
-    assert fused.pass_sizes([5] * 10, 20, rows=3) == [3, 3, 3, 1]
-    assert fused.pass_sizes([], 20) == []
+    assert fused_batches.pass_sizes([10, 10, 12, 20, 30, 50], 40) == [3, 1, 1, 1]
+    assert fused_batches.pass_sizes([5] * 10, 20) == [4, 4, 2]
+    assert fused_batches.pass_sizes([100, 200], 16) == [1, 1]  # a row longer than the budget passes alone
+    assert fused_batches.pass_sizes([5] * 10, 20, rows=3) == [3, 3, 3, 1]
+    assert fused_batches.pass_sizes([], 20) == []
 
 
 def test_a_retention_measure_that_fails_costs_the_job_nothing_else(tiny_model_path: str, data: dict) -> None:
