@@ -182,7 +182,7 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(engine: Batched
 
 
 def test_shape_buckets() -> None:
-    from adapterfab.serve.batched import _bucket
+    from adapterfab.serve.batched_forward import _bucket
 
     assert [_bucket(n, 64, 1) for n in (1, 2, 3, 5, 33, 64, 70)] == [1, 2, 4, 8, 64, 64, 64]
     assert [_bucket(n, 1000, 64) for n in (1, 64, 65, 600)] == [64, 64, 128, 1000]

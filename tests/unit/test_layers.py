@@ -15,8 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 LAYERS = {"jobs": "adapterfab.jobs", "serve": "adapterfab.serve", "pipelines": "adapterfab.pipelines"}
 ENTRY_POINTS = {"cli.py", "demo.py"}
-NO_RAY = ["serve/batched.py", "serve/tiers.py", "jobs/plan.py", "jobs/fused.py", "jobs/fused_bank.py",
-          "jobs/fused_batches.py", "jobs/fused_eval.py", "jobs/train_loop.py"]
+NO_RAY = ["serve/batched.py", "serve/batched_bank.py", "serve/batched_forward.py", "serve/tiers.py", "jobs/plan.py",
+          "jobs/fused.py", "jobs/fused_bank.py", "jobs/fused_batches.py", "jobs/fused_eval.py", "jobs/train_loop.py"]
 
 
 def imports(path: Path) -> set[str]:
