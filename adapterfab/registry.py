@@ -1,9 +1,4 @@
-"""MLflow: run tracking and the model registry. The only module that imports mlflow.
-
-A batch is a run in the operators' experiment ``adapterfab``; each job is a child run (tag
-``mlflow.parentRunId``) in its tenant's own experiment ``adapterfab/tenant/<tenant>`` (tagged
-``adapterfab.tenant``), so one tenant's runs, params, metrics and artifacts never share an experiment
-with another's and MLflow's per-experiment permissions can be granted per tenant. Every adapter is a version
+"""The MLflow model registry (runs: tracking.py; the client: mlflow_client.py). Every adapter is a version
 of the registered model ``AdapterId.registry_name`` (``af.<tenant>.<persona>``) whose source is the
 run's ``adapter`` artifact folder, with lineage tags (``adapterfab.*``) and aliases ``candidate`` /
 ``production``. MLflow 3 refuses ``register_model`` for a plain artifact folder, so versions are made
@@ -13,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import random
 import threading
 import time
 import uuid
@@ -26,11 +19,10 @@ from typing import Any
 from adapterfab import faults
 from adapterfab.errors import AdapterNotFound, RegistryError
 from adapterfab.ids import CANDIDATE, PRODUCTION, AdapterId, check_id
+from adapterfab.mlflow_client import TAG, client, import_mlflow, mlflow_errors, not_found, stores, transient, with_retry
 
 log = logging.getLogger("adapterfab.registry")
-EXPERIMENT = "adapterfab"
-TENANT_EXPERIMENT_PREFIX = EXPERIMENT + "/tenant/"
-TAG = "adapterfab."
+
 # The lineage a tenant sees (HTTP registry routes, the dashboard): an allowlist, so a tag added later
 # stays internal until named here. Internal: where files are (artifact_uri/root, basis_uri, dataset,
 # base_model: buckets and paths), where it trained (node_id, trainer), whom it trained with (fused_with:
@@ -64,132 +56,6 @@ TENANT_LINEAGE_PREFIXES = ("method.", "metric.", "promotion.", "quantization.")
 def tenant_visible(key: str) -> bool:
     """Whether a lineage tag (without the ``adapterfab.`` prefix) may be shown to the adapter's tenant."""
     return key in TENANT_LINEAGE or key.startswith(TENANT_LINEAGE_PREFIXES)
-# How long the factory (orchestrator, training workers) rides out an MLflow outage before a job fails.
-# Interactive callers (CLI, serving) keep MLflow's own short retries (retry_s=0).
-MLFLOW_RETRY_ENV = "ADAPTERFAB_MLFLOW_RETRY_S"
-DEFAULT_FACTORY_RETRY_S = 1800.0
-
-
-def tenant_experiment(tenant: str) -> str:
-    """The MLflow experiment that holds one tenant's job runs and nobody else's."""
-    return TENANT_EXPERIMENT_PREFIX + check_id(tenant)
-
-
-def factory_retry_s() -> float:
-    try:
-        return max(0.0, float(os.environ.get(MLFLOW_RETRY_ENV, DEFAULT_FACTORY_RETRY_S)))
-    except ValueError:
-        return DEFAULT_FACTORY_RETRY_S
-
-
-def transient(e: BaseException) -> bool:
-    """An error that says the MLflow server is unreachable or briefly failing (connection refused or
-    reset, timeout, 5xx), not that the request was wrong: worth retrying."""
-    import requests
-
-    if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                      requests.exceptions.RetryError, ConnectionError, TimeoutError)):
-        return True
-    code = getattr(e, "error_code", "") or ""
-    if code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
-        return True
-    msg = str(e)
-    return any(s in msg for s in ("Max retries exceeded", "Connection refused", "Connection aborted",
-                                  "RemoteDisconnected", "ConnectionResetError", "failed to return code 200",
-                                  "too many 50", "Bad Gateway", "Service Unavailable", "Gateway Timeout",
-                                  "NewConnectionError", "ReadTimeout", "ConnectTimeout"))
-
-
-def with_retry(fn: Callable[[], Any], what: str, retry_s: float,
-               before_retry: Callable[[], Any] | None = None) -> Any:
-    """``fn()``, retried with exponential backoff and jitter while MLflow is unreachable, for up to
-    ``retry_s`` seconds. ``before_retry()`` (for a call that creates something) may return the thing a
-    lost-response attempt already created; it is returned instead of creating it twice."""
-    deadline = time.monotonic() + retry_s
-    delay, failures = 0.5, 0
-    while True:
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - sorted below
-            if retry_s <= 0 or not transient(e) or time.monotonic() >= deadline:
-                raise
-            failures += 1
-            log.warning("MLflow unreachable (%s, attempt %d); retrying %s for up to %.0fs more", type(e).__name__,
-                        failures, what, deadline - time.monotonic())
-            time.sleep(min(delay * (0.5 + random.random()), max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 10.0)
-        if before_retry is not None:
-            try:
-                found = before_retry()
-            except Exception as e:  # noqa: BLE001
-                if not transient(e):
-                    raise
-                found = None
-            if found is not None:
-                return found
-
-
-class RetryingClient:
-    """An MlflowClient whose every call is retried through MLflow outages (``with_retry``)."""
-
-    def __init__(self, client: Any, retry_s: float):
-        self._client, self.retry_s = client, retry_s
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._client, name)
-        if not callable(attr) or self.retry_s <= 0:
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return with_retry(lambda: attr(*args, **kwargs), name, self.retry_s)
-
-        return call
-
-
-_MLFLOW_IMPORT = threading.Lock()
-
-
-def _import_mlflow() -> None:
-    """Import mlflow once, under a lock. Its package imports are circular: two threads importing different
-    parts of it at once (a serving replica resolving concurrent requests while its catalogue thread lists)
-    see a partially initialised module, fail with ImportError, and leave it broken for the process."""
-    with _MLFLOW_IMPORT:
-        import mlflow  # noqa: F401
-        import mlflow.artifacts  # noqa: F401
-        import mlflow.entities  # noqa: F401
-        import mlflow.exceptions  # noqa: F401
-        import mlflow.tracking  # noqa: F401
-
-
-def _client(uri: str, retry_s: float = 0.0):  # noqa: ANN202
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
-    _import_mlflow()
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    return RetryingClient(client, retry_s) if retry_s > 0 else client
-
-
-def _stores(client: Any) -> tuple[Any, Any]:
-    """The tracking and registry stores behind an MlflowClient (or its retrying wrapper). The client's
-    own methods add round trips a factory pays per job: ``set_terminated`` fetches the run to print its
-    URL, ``set_registered_model_alias`` fetches the model to refuse prompts, and every first artifact
-    upload of a run fetches the run for its artifact root. (MLflow's internal layout, pinned in
-    requirements.lock; tests run these paths against a real server.)"""
-    raw = getattr(client, "_client", client)
-    return raw._tracking_client.store, raw._get_registry_client().store
-
-
-def _mlflow_errors():  # noqa: ANN202
-    _import_mlflow()
-    from mlflow.exceptions import MlflowException
-
-    return MlflowException
-
-
-def _not_found(e: Exception) -> bool:
-    code = getattr(e, "error_code", "") or ""
-    return code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") or "not found" in str(e).lower()
 
 
 @dataclass(frozen=True)
@@ -259,137 +125,6 @@ class RegisteredAdapter:
         raise AdapterNotFound(f"no adapter {aid}")
 
 
-class Tracking:
-    """Run tracking through MlflowClient (no global active run, so threads and workers are safe).
-    ``retry_s`` > 0: every call rides out an MLflow outage of up to that long (the factory's setting)."""
-
-    def __init__(self, uri: str, retry_s: float = 0.0):
-        self.uri, self.retry_s = uri, retry_s
-        self.client = _client(uri, retry_s)
-        self._experiments: dict[str, str] = {}  # name -> id (experiments are never renamed here)
-        self._artifact_uris: dict[str, str] = {}  # run id -> its artifact root, from create_run
-
-    def experiment_id(self, name: str = EXPERIMENT) -> str:
-        """The experiment's id, created on first use; a tenant's experiment is tagged with its tenant."""
-        if name in self._experiments:
-            return self._experiments[name]
-        exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            self._experiments[name] = exp.experiment_id
-            return exp.experiment_id
-        tenant = name.removeprefix(TENANT_EXPERIMENT_PREFIX) if name.startswith(TENANT_EXPERIMENT_PREFIX) else None
-        tags = {TAG + "tenant": check_id(tenant)} if tenant is not None else {TAG + "scope": "operators"}
-        try:
-            return self.client.create_experiment(name, tags=tags)
-        except _mlflow_errors():  # created concurrently
-            return self.client.get_experiment_by_name(name).experiment_id
-
-    def start_run(self, name: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
-                  experiment: str = EXPERIMENT) -> str:
-        """A new run in ``experiment`` (a job's: ``tenant_experiment(tenant)``)."""
-        tags = dict(tags or {})
-        if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
-        token = tags[TAG + "request"] = uuid.uuid4().hex  # a retried create finds an earlier one's run
-        exp = self.experiment_id(experiment)
-        raw = getattr(self.client, "_client", self.client)
-
-        def created() -> Any:
-            runs = raw.search_runs([exp], f"tags.`{TAG}request` = '{token}'", max_results=1)
-            return runs[0] if runs else None
-
-        run = with_retry(lambda: raw.create_run(exp, run_name=name, tags=tags), "create_run", self.retry_s,
-                         before_retry=created)
-        self._artifact_uris[run.info.run_id] = run.info.artifact_uri
-        try:  # its uploads then need no lookup of the run's artifact root (MLflow caches repos by run)
-            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-            from mlflow.tracking._tracking_service import utils as tracking_utils
-
-            tracking_utils._artifact_repos_cache[run.info.run_id] = get_artifact_repository(
-                run.info.artifact_uri, tracking_uri=self.uri)
-        except Exception:  # noqa: BLE001 - only a saved round trip
-            pass
-        return run.info.run_id
-
-    def log_batch(self, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
-                  tags: dict[str, Any] | None = None, step: int = 0,
-                  history: list[tuple[str, float, int, int]] | None = None) -> None:
-        """Params, metrics (at ``step``), tags and earlier metrics (``history``: (key, value, timestamp
-        ms, step)) in as few calls as MLflow allows (1,000 entries, 100 params per call)."""
-        from mlflow.entities import Metric, Param, RunTag
-
-        now = int(time.time() * 1000)
-        items: list[tuple[str, Any]] = [("p", Param(k, str(v)[:6000])) for k, v in (params or {}).items()]
-        items += [("t", RunTag(k, str(v)[:8000])) for k, v in (tags or {}).items()]
-        items += [("m", Metric(k, float(v), now, step)) for k, v in (metrics or {}).items()]
-        items += [("m", Metric(k, float(v), int(ts), int(st))) for k, v, ts, st in (history or [])]
-        while items:
-            chunk, n_params = [], 0
-            while items and len(chunk) < 1000 and (items[0][0] != "p" or n_params < 100):
-                kind, item = items.pop(0)
-                n_params += kind == "p"
-                chunk.append((kind, item))
-            self.client.log_batch(run_id, metrics=[i for k, i in chunk if k == "m"],
-                                  params=[i for k, i in chunk if k == "p"], tags=[i for k, i in chunk if k == "t"])
-
-    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100])
-
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-
-    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(run_id, k, str(v))
-
-    def log_text(self, run_id: str, text: str, path: str) -> None:
-        self.client.log_text(run_id, text, path)
-
-    def log_dir(self, run_id: str, local_dir: str | Path, artifact_path: str) -> str:
-        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
-        root = self._artifact_uris.get(run_id) or self.client.get_run(run_id).info.artifact_uri
-        return f"{root}/{artifact_path}"
-
-    def end_run(self, run_id: str, ok: bool) -> None:
-        from mlflow.entities import RunStatus
-
-        store, _ = _stores(self.client)
-        status = RunStatus.from_string("FINISHED" if ok else "FAILED")
-        with_retry(lambda: store.update_run_info(run_id, run_status=status, end_time=int(time.time() * 1000),
-                                                 run_name=None), "end_run", self.retry_s)
-
-    def run_url(self, run_id: str) -> str:
-        run = self.client.get_run(run_id)
-        return f"{self.uri}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
-
-    def find_experiment_id(self, name: str = EXPERIMENT) -> str | None:
-        """The experiment's id, or None while it does not exist yet (never creates it)."""
-        try:
-            exp = self.client.get_experiment_by_name(name)
-        except Exception as e:  # noqa: BLE001 - connection errors: the server is unreachable
-            raise RegistryError(f"the MLflow server at {self.uri} is unreachable: {e}") from e
-        return exp.experiment_id if exp is not None else None
-
-    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float, float]]:
-        """(step, value, timestamp in s) of a run's metric, by step; [] when the run has none."""
-        try:
-            history = self.client.get_metric_history(run_id, key)
-        except _mlflow_errors() as e:
-            if _not_found(e):
-                return []
-            raise RegistryError(f"MLflow failed reading {key!r} of run {run_id}: {e}") from e
-        except Exception as e:  # noqa: BLE001 - connection errors: the server is unreachable
-            raise RegistryError(f"the MLflow server at {self.uri} is unreachable: {e}") from e
-        return sorted((int(m.step), float(m.value), m.timestamp / 1000) for m in history)
-
-
 class Registry:
     """The model registry. ``retry_s`` > 0: every call rides out an MLflow outage of up to that long.
     ``index``: the catalogue in the state database (adapterfab/registry_index.py) that this registry
@@ -406,7 +141,7 @@ class Registry:
         if self._client is None:
             with self._client_lock:  # one client for the threads of a serving replica
                 if self._client is None:
-                    self._client = _client(self.uri, self.retry_s)
+                    self._client = client(self.uri, self.retry_s)
         return self._client
 
     def _catalogue(self, what: str, fn: Callable[[Any], None]) -> None:
@@ -454,7 +189,7 @@ class Registry:
         token = uuid.uuid4().hex  # a retried create finds the version an earlier attempt made
         vtags = {TAG + k if not k.startswith(TAG) else k: str(v) for k, v in tags.items()}
         vtags[TAG + "request"] = token
-        raw = getattr(self.client, "_client", self.client)
+        raw = getattr(self.client, "client", self.client)
 
         def created() -> Any:
             mvs = raw.search_model_versions(f"name='{name}' and tags.`{TAG}request` = '{token}'")
@@ -462,7 +197,7 @@ class Registry:
 
         from mlflow.entities.model_registry import ModelVersionTag
 
-        _, store = _stores(self.client)
+        _, store = stores(self.client)
         mv = with_retry(lambda: store.create_model_version(name, source, run_id,
                                                            tags=[ModelVersionTag(k, v) for k, v in vtags.items()]),
                         "create_model_version", self.retry_s, before_retry=created)
@@ -479,7 +214,7 @@ class Registry:
 
     def get(self, aid: AdapterId) -> AdapterVersion:
         """The version ``aid`` names exactly (version or alias)."""
-        MlflowException = _mlflow_errors()
+        MlflowException = mlflow_errors()
         try:
             if aid.version is not None:
                 mv = self.client.get_model_version(aid.registry_name, str(aid.version))
@@ -488,7 +223,7 @@ class Registry:
             else:
                 return self.resolve(aid)
         except MlflowException as e:
-            if _not_found(e):
+            if not_found(e):
                 raise AdapterNotFound(f"no adapter {aid}") from None
             raise RegistryError(f"the MLflow registry at {self.uri} failed looking up {aid}: {e}") from e
         except Exception as e:  # noqa: BLE001 - connection errors: the registry is unreachable
@@ -528,7 +263,7 @@ class Registry:
     def _aliases(self, aid: AdapterId) -> dict[str, int]:
         try:
             rm = self.client.get_registered_model(aid.registry_name)
-        except _mlflow_errors() as e:
+        except mlflow_errors() as e:
             if transient(e):
                 raise RegistryError(f"the MLflow registry at {self.uri} is unreachable: {e}") from e
             return {}
@@ -537,7 +272,7 @@ class Registry:
     def versions(self, aid: AdapterId, aliases: dict[str, int] | None = None) -> list[AdapterVersion]:
         """Every version of ``aid``, oldest first: one search plus one lookup for the aliases
         (search results carry tags but no aliases)."""
-        MlflowException = _mlflow_errors()
+        MlflowException = mlflow_errors()
         try:
             mvs = self.client.search_model_versions(f"name='{aid.registry_name}'")
         except MlflowException as e:
@@ -560,7 +295,7 @@ class Registry:
         key = tag if tag.startswith(TAG) else TAG + tag
         try:
             mvs = self.client.search_model_versions(f"name='{aid.registry_name}' and tags.`{key}` = '{value}'")
-        except _mlflow_errors() as e:
+        except mlflow_errors() as e:
             if transient(e):  # an outage is not "no such version": that would train or register twice
                 raise RegistryError(f"the MLflow registry at {self.uri} is unreachable: {e}") from e
             return None
@@ -590,7 +325,7 @@ class Registry:
     def production_history(self, aid: AdapterId) -> list[int]:
         try:
             rm = self.client.get_registered_model(aid.registry_name)
-        except _mlflow_errors() as e:
+        except mlflow_errors() as e:
             if transient(e):  # an empty history would overwrite the real one
                 raise RegistryError(f"the MLflow registry at {self.uri} is unreachable: {e}") from e
             return []
@@ -612,7 +347,7 @@ class Registry:
 
     def _alias(self, name: str, alias: str, version: Any) -> None:
         """Point ``alias`` at ``version`` of a model this factory registered (never a prompt)."""
-        _, store = _stores(self.client)
+        _, store = stores(self.client)
         with_retry(lambda: store.set_registered_model_alias(name, alias, str(version)), "set_alias", self.retry_s)
 
     def _ensure_model(self, aid: AdapterId, extra_tags: dict[str, str] | None = None) -> bool:
@@ -625,7 +360,7 @@ class Registry:
             self.client.create_registered_model(name, tags={TAG + "tenant": aid.tenant, TAG + "persona": aid.persona,
                                                             **(extra_tags or {})})
             created = True
-        except _mlflow_errors() as e:
+        except mlflow_errors() as e:
             if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code if hasattr(e, "error_code") else e):
                 raise RegistryError(f"cannot create registered model {name}: {e}") from e
             created = False
@@ -783,7 +518,7 @@ class Registry:
             return existing[0]
         try:
             self.client.create_registered_model(name, tags={TAG + "kind": "lora_xs_basis"})
-        except _mlflow_errors():
+        except mlflow_errors():
             pass  # created concurrently or earlier
         mv = self.client.create_model_version(name, source=source, run_id=run_id,
                                               tags={TAG + k: str(v) for k, v in tags.items()})
@@ -794,7 +529,7 @@ class Registry:
 
         try:
             mvs = self.client.search_model_versions(f"name='{basis_registry_name(basis_id)}'")
-        except _mlflow_errors():
+        except mlflow_errors():
             return []
         return sorted(int(mv.version) for mv in mvs)
 
@@ -806,12 +541,11 @@ class Registry:
 
             root = v.tags.get(TAG + "artifact_root") or uri
             return open_store(root).download_dir(uri, dest)
-        _import_mlflow()
+        import_mlflow()
         import mlflow.artifacts
 
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest),
                                                         tracking_uri=self.uri))
-
 
 MODELS_PAGE = 1000  # MLflow's most registered models per search
 VERSIONS_PAGE = 10000
@@ -827,98 +561,3 @@ def _pages(search: Callable[[str | None], Any]) -> Iterator[Any]:
         if not token:
             return
 
-
-class MetricBuffer:
-    """Per-step metrics of a training worker, sent to MLflow by a background thread in batches, so an
-    MLflow outage never stalls training. Nothing is dropped: a batch leaves the buffer only once
-    MLflow took it. ``close(timeout_s)`` waits until everything is in, else raises RegistryError (the job
-    fails rather than finishing with metrics missing)."""
-
-    def __init__(self, uri: str, every_s: float = 1.0, max_batch: int = 900):
-        self.client = _client(uri)  # MLflow's own short retries per attempt; this class retries forever
-        self.every_s, self.max_batch = every_s, max_batch
-        self._pending: list[tuple[str, Any]] = []
-        self._cond = threading.Condition()
-        self._closing = False
-        self.sent = 0
-        self.failed_attempts = 0
-        self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
-        self._thread.start()
-
-    def log(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        with self._cond:
-            self._pending.extend((run_id, Metric(k, float(v), now, step)) for k, v in metrics.items())
-
-    def pending(self) -> int:
-        with self._cond:
-            return len(self._pending)
-
-    def peek(self, run_ids: list[str]) -> dict[str, list[tuple[str, float, int, int]]]:
-        """The metrics of ``run_ids`` not yet in MLflow, as (key, value, timestamp ms, step) per run."""
-        wanted, out = set(run_ids), {}
-        with self._cond:
-            for r, m in self._pending:
-                if r in wanted:
-                    out.setdefault(r, []).append((m.key, m.value, m.timestamp, m.step))
-        return out
-
-    def take(self, run_ids: list[str]) -> dict[str, list[tuple[str, float, int, int]]]:
-        """Like ``peek``, and the caller sends them from now on (``log_metric_tuples``). One this
-        buffer is sending right now may reach MLflow twice; MLflow keeps one of identical metrics."""
-        wanted = set(run_ids)
-        out = self.peek(run_ids)
-        with self._cond:
-            self._pending = [(r, m) for r, m in self._pending if r not in wanted]
-        return out
-
-    def _run(self) -> None:
-        backoff = 0.5
-        while True:
-            with self._cond:
-                if not self._closing:
-                    self._cond.wait(timeout=self.every_s)
-                head = self._pending[:self.max_batch]
-                closing = self._closing
-            if not head:
-                if closing:
-                    return
-                continue
-            run_id = head[0][0]
-            batch = [m for r, m in head if r == run_id]
-            try:
-                self.client.log_batch(run_id, metrics=batch)
-            except Exception as e:  # noqa: BLE001 - kept, retried with backoff
-                self.failed_attempts += 1
-                log.warning("MLflow did not take %d metric(s) (%s); %d buffered, retrying", len(batch),
-                            type(e).__name__, self.pending())
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-                continue
-            backoff = 0.5
-            with self._cond:
-                sent = {id(m) for m in batch}
-                self._pending = [(r, m) for r, m in self._pending if id(m) not in sent]
-                self.sent += len(batch)
-
-    def flush(self, timeout_s: float = 30.0) -> bool:
-        """Send what is buffered now and wait (up to ``timeout_s``) until MLflow has it; True if
-        nothing is left. Workers call it before each checkpoint, so that a worker killed after the
-        checkpoint loses no metric of the steps the checkpoint covers (the steps after it are redone)."""
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            self._cond.notify_all()
-        while self.pending() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return not self.pending()
-
-    def close(self, timeout_s: float) -> None:
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            raise RegistryError(f"MLflow stayed unreachable for {timeout_s:.0f}s: {self.pending()} metric(s) "
-                                "of this job were not recorded")

@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 from adapterfab.errors import AdapterfabError
 from adapterfab.ids import AdapterId, job_id
 from adapterfab.jobs.registrar import Prepared, Registrar, error_text, fail_job, group_error_for, register_job
-from adapterfab.registry import tenant_experiment
 from adapterfab.spec import JobSpec
 from adapterfab.states import JobState
+from adapterfab.tracking import tenant_experiment
 
 if TYPE_CHECKING:
     from adapterfab.jobs.orchestrate import BatchContext

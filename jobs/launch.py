@@ -154,7 +154,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     tracking = None
     if job.mlflow_uri and job.mlflow_run_id and rank == 0:
-        from adapterfab.registry import MetricBuffer
+        from adapterfab.tracking import MetricBuffer
 
         tracking = MetricBuffer(job.mlflow_uri)  # an MLflow outage never stalls training
     board = ray.get_actor(job.progress_board) if job.progress_board and rank == 0 else None

@@ -255,7 +255,7 @@ class TrainerActor:
                 continue
 
     def _buffer(self, uri: str) -> Any:
-        from adapterfab.registry import MetricBuffer
+        from adapterfab.tracking import MetricBuffer
 
         if uri not in self._metrics:
             self._metrics[uri] = MetricBuffer(uri)

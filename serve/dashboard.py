@@ -81,7 +81,7 @@ class Sources:
 
     def tracking(self) -> Any:
         if self._tracking is None:
-            from adapterfab.registry import Tracking
+            from adapterfab.tracking import Tracking
 
             self._tracking = Tracking(self._need_mlflow())
         return self._tracking
@@ -97,7 +97,7 @@ class Sources:
     def experiment_id(self, tenant: str | None = None) -> str | None:
         """For MLflow run links: the operators' experiment (batch runs) or ``tenant``'s (its job runs);
         None (no link) while MLflow is down or the experiment does not exist yet."""
-        from adapterfab.registry import EXPERIMENT, tenant_experiment
+        from adapterfab.tracking import EXPERIMENT, tenant_experiment
 
         name = tenant_experiment(tenant) if tenant else EXPERIMENT
         if name not in self._experiment_ids and self.mlflow_uri:

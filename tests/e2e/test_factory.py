@@ -137,7 +137,7 @@ def test_registry_versions_tags_and_aliases(batch) -> None:
 
 
 def test_each_tenants_runs_are_in_its_own_mlflow_experiment(batch) -> None:
-    from adapterfab.registry import Tracking, tenant_experiment
+    from adapterfab.tracking import Tracking, tenant_experiment
 
     home, batch_id, _ = batch
     dump = json.loads(cli(home, "status", batch_id, "--json").stdout)

@@ -128,7 +128,7 @@ def test_killed_orchestrator_resumes_without_redoing_finished_jobs(stack: Path, 
         assert j.model_version == 1 and j.reused_version is None
     restarted = [j for j in after.values() if j.id not in finished and before[j.id].state.value != "PENDING"]
     assert restarted  # the job killed while TRAINING
-    from adapterfab.registry import Tracking
+    from adapterfab.tracking import Tracking
 
     t = Tracking(mlflow_uri(home))
     for j in restarted:  # the dead attempt's run is closed as KILLED, the new one FINISHED
@@ -141,9 +141,9 @@ def test_killed_orchestrator_resumes_without_redoing_finished_jobs(stack: Path, 
 def test_mlflow_outage_during_a_batch_loses_nothing(stack: Path, tiny_model_path: str, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from adapterfab.procs import pid_alive, start_mlflow, stop_pid
-    from adapterfab.registry import Tracking, tenant_experiment
     from adapterfab.settings import Settings
     from adapterfab.stack import record
+    from adapterfab.tracking import Tracking, tenant_experiment
 
     home = stack
     spec = write_batch(tmp_path / "outage.yaml", tiny_model_path, "mlflow-outage",
@@ -215,7 +215,8 @@ def test_orchestrator_killed_at_each_job_transition(stack: Path, tiny_model_path
     (the gate promotes each first version), and every job's MLflow run FINISHED."""
     from adapterfab.ids import AdapterId
     from adapterfab.procs import pid_alive
-    from adapterfab.registry import Registry, Tracking
+    from adapterfab.registry import Registry
+    from adapterfab.tracking import Tracking
 
     home, tag = stack, point.lower()
     path = write_batch(tmp_path / "kill.yaml", tiny_model_path, f"kill-at-{tag}",

@@ -68,9 +68,10 @@ def two_nodes(tmp_path: Path, mlflow_server: str):
 def test_a_batch_on_two_nodes_asks_a_trainer_per_node(two_nodes, tiny_model_path: str, mlflow_server: str,
                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from adapterfab.ids import AdapterId
-    from adapterfab.registry import TAG, Registry, Tracking
+    from adapterfab.registry import TAG, Registry
     from adapterfab.settings import Settings
     from adapterfab.state import StateStore
+    from adapterfab.tracking import Tracking
 
     home, address, nodes = two_nodes
     assert sorted("head_node" in r for r in nodes.values()) == [False, True]

@@ -56,8 +56,8 @@ def test_fractional_gpu_jobs_share_one_gpu(tiny_model_path: str, mlflow_server: 
     from adapterfab.jobs.launch import WorkerJob, run_training_job
     from adapterfab.methods.lora import LoraConfig
     from adapterfab.pipelines.data import prepare_dataset
-    from adapterfab.registry import Tracking
     from adapterfab.spec import TrainConfig
+    from adapterfab.tracking import Tracking
 
     ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
     try:

@@ -22,9 +22,10 @@ def test_batch_trains_a_fused_group(af_env: Path, tiny_model_path: str, mlflow_s
 
     from adapterfab.ids import AdapterId
     from adapterfab.jobs.orchestrate import create_batch, run_batch
-    from adapterfab.registry import TAG, Registry, Tracking
+    from adapterfab.registry import TAG, Registry
     from adapterfab.settings import Settings
     from adapterfab.state import StateStore
+    from adapterfab.tracking import Tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     tenants = []

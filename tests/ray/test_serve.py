@@ -14,9 +14,10 @@ import pytest
 from adapterfab.ids import AdapterId
 from adapterfab.keys import KeyStore
 from adapterfab.procs import free_port
-from adapterfab.registry import Registry, Tracking
+from adapterfab.registry import Registry
 from adapterfab.state import StateStore
 from adapterfab.storage import LocalStore
+from adapterfab.tracking import Tracking
 
 pytestmark = [pytest.mark.ray]
 

@@ -35,8 +35,8 @@ def test_training_job_on_ray_train(ray_cluster, tiny_model_path: str, mlflow_ser
     from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard, WorkerJob, run_training_job
     from adapterfab.methods.lora import LoraConfig
     from adapterfab.pipelines.data import prepare_dataset
-    from adapterfab.registry import Tracking
     from adapterfab.spec import TrainConfig
+    from adapterfab.tracking import Tracking
 
     prepared = prepare_dataset(str(_dataset(tmp_path / "d.jsonl")), tiny_model_path, max_seq_len=64,
                                eval_fraction=0.2, seed=0, max_bad_row_fraction=0.1, timeout_s=120)
@@ -78,8 +78,8 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_cluster, tiny_model_path:
     from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard, WorkerJob, run_training_job
     from adapterfab.methods.lora import LoraConfig
     from adapterfab.pipelines.data import prepare_dataset
-    from adapterfab.registry import Tracking
     from adapterfab.spec import TrainConfig
+    from adapterfab.tracking import Tracking
 
     prepared = prepare_dataset(str(_dataset(tmp_path / "d.jsonl")), tiny_model_path, max_seq_len=64,
                                eval_fraction=0.2, seed=0, max_bad_row_fraction=0.1, timeout_s=120)

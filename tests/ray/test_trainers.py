@@ -66,7 +66,7 @@ def test_a_resident_trainer_trains_groups_and_stays_warm(ray_cluster, tiny_model
 
     from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard
     from adapterfab.jobs.trainers import TrainerPool, trainers_info
-    from adapterfab.registry import Tracking
+    from adapterfab.tracking import Tracking
 
     tracking = Tracking(mlflow_server)
     runs = {n: tracking.start_run(n) for n in ("zorp", "quux")}
@@ -168,9 +168,10 @@ def test_a_killed_trainer_costs_its_group_only_the_steps_since_its_checkpoint(
     loss history has every step, and it did not train from the start again."""
     from adapterfab.ids import AdapterId
     from adapterfab.jobs.orchestrate import create_batch, run_batch
-    from adapterfab.registry import Registry, Tracking
+    from adapterfab.registry import Registry
     from adapterfab.settings import Settings
     from adapterfab.state import StateStore
+    from adapterfab.tracking import Tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     steps = 400

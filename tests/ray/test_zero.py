@@ -66,7 +66,7 @@ def test_zero3_on_two_workers(ray_cluster, tiny_model_path: str, mlflow_server: 
 
     from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard, run_training_job
     from adapterfab.pipelines.data import PadCollate, prepare_dataset
-    from adapterfab.registry import Tracking
+    from adapterfab.tracking import Tracking
 
     prepared = prepare_dataset(str(_dataset(tmp_path / "d.jsonl")), tiny_model_path, max_seq_len=64,
                                eval_fraction=0.2, seed=0, max_bad_row_fraction=0.1, timeout_s=120)
@@ -125,7 +125,7 @@ def test_killed_zero_worker_resumes_from_sharded_checkpoint(ray_cluster, tiny_mo
 
     from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard, run_training_job
     from adapterfab.pipelines.data import prepare_dataset
-    from adapterfab.registry import Tracking
+    from adapterfab.tracking import Tracking
 
     prepared = prepare_dataset(str(_dataset(tmp_path / "d.jsonl")), tiny_model_path, max_seq_len=64,
                                eval_fraction=0.2, seed=0, max_bad_row_fraction=0.1, timeout_s=120)

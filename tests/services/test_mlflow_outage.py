@@ -16,7 +16,8 @@ import pytest
 from adapterfab.errors import RegistryError
 from adapterfab.ids import AdapterId
 from adapterfab.procs import free_port, start_mlflow, stop_pid
-from adapterfab.registry import MetricBuffer, Registry, Tracking
+from adapterfab.registry import Registry
+from adapterfab.tracking import MetricBuffer, Tracking
 
 STEPS = 60
 OUTAGE_S = 8.0

@@ -59,7 +59,8 @@ def test_mlflow_artifacts_in_s3(aws_env: pytest.MonkeyPatch, moto_url: str, tmp_
     import boto3
     import mlflow.artifacts
 
-    from adapterfab.registry import Registry, Tracking
+    from adapterfab.registry import Registry
+    from adapterfab.tracking import Tracking
 
     aws_env.setenv("ADAPTERFAB_S3_ENDPOINT_URL", moto_url)  # not AWS_ENDPOINT_URL: start_mlflow passes it on
     bucket = f"mlflow-{uuid.uuid4().hex[:8]}"
@@ -138,7 +139,8 @@ def _sql(url: str, query: str) -> list[tuple]:
 @pytest.mark.timeout(400)
 def test_mlflow_registry_on_postgres(postgres, tmp_path: Path) -> None:
     from adapterfab.procs import create_database
-    from adapterfab.registry import Registry, Tracking
+    from adapterfab.registry import Registry
+    from adapterfab.tracking import Tracking
 
     db = create_database(postgres, "mlflow")
     server = start_mlflow(tmp_path / "mlflow", free_port(), backend_uri=db)

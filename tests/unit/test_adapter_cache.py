@@ -12,9 +12,10 @@ import pytest
 from adapterfab.errors import RegistryError
 from adapterfab.ids import AdapterId
 from adapterfab.procs import free_port
-from adapterfab.registry import Registry, Tracking
+from adapterfab.registry import Registry
 from adapterfab.serve.backend import SOURCE_FILE, download_adapter, download_native
 from adapterfab.storage import LocalStore
+from adapterfab.tracking import Tracking
 
 
 def _register(mlflow_uri: str, store: LocalStore, aid: AdapterId, files: Path, job: str) -> None:

@@ -34,10 +34,11 @@ from sqlalchemy import text
 from adapterfab.errors import AdapterNotFound, InvalidId, SpecError, StorageError
 from adapterfab.ids import ID_PATTERN, AdapterId, basis_prefix
 from adapterfab.keys import KeyStore
-from adapterfab.registry import AdapterVersion, RegisteredAdapter, Registry, Tracking
+from adapterfab.registry import AdapterVersion, RegisteredAdapter, Registry
 from adapterfab.serve.api import make_api, model_not_found
 from adapterfab.state import StateStore
 from adapterfab.storage import LocalStore
+from adapterfab.tracking import Tracking
 
 CLI = str(Path(sys.executable).with_name("adapterfab"))
 MSGS = [{"role": "user", "content": "Hi"}]
@@ -196,7 +197,7 @@ def test_cli_registry_ls_shows_one_tenant(registered: dict, tmp_path: Path) -> N
 
 
 def test_each_tenant_has_its_own_mlflow_experiment(registered: dict) -> None:
-    from adapterfab.registry import EXPERIMENT, tenant_experiment
+    from adapterfab.tracking import EXPERIMENT, tenant_experiment
 
     t, a, a_corp = Tracking(registered["uri"]), registered["a"], registered["a_corp"]
     runs = {tn: t.start_run(f"{tn}/pirate", tags={"adapterfab.tenant": tn}, experiment=tenant_experiment(tn))

@@ -99,3 +99,14 @@ def test_every_method_declares_its_layout_and_adapter_type() -> None:
             assert m.read_adapter is not None and m.load_basis is not None, name
     assert method_of_adapter("LORA").name == "lora"  # LoRA and QLoRA write the same folders: LoRA's reader
     assert method_of_adapter("IA3") is None
+
+
+MLFLOW_MODULES = {"adapterfab/mlflow_client.py", "adapterfab/tracking.py", "adapterfab/registry.py"}
+
+
+@pytest.mark.parametrize("path", [p for d in ("adapterfab", "jobs", "serve", "pipelines") for p in files(d)
+                                  if str(p.relative_to(REPO)) not in MLFLOW_MODULES],
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_mlflow_is_imported_in_three_modules_only(path: Path) -> None:
+    """Everything else reaches MLflow through them (its client is made, imported and retried in one place)."""
+    assert not under(imports(path), "mlflow")

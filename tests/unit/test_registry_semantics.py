@@ -227,7 +227,8 @@ def test_a_tenant_sees_only_its_own_lineage() -> None:
 
 RACE = '''
 import sys, threading
-from adapterfab.registry import Registry, _mlflow_errors
+from adapterfab.registry import Registry
+from adapterfab.mlflow_client import mlflow_errors as _mlflow_errors
 from adapterfab.ids import AdapterId
 from adapterfab.errors import RegistryError
 assert "mlflow" not in sys.modules

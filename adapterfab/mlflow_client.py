@@ -1,0 +1,139 @@
+"""The MLflow client every adapterfab module talks to MLflow through: made once per URI, mlflow imported
+once under a lock, and calls retried with backoff while the server is unreachable (``with_retry``,
+``RetryingClient``; a batch waits ``ADAPTERFAB_MLFLOW_RETRY_S``, 30 minutes by default, a request path
+not at all). With ``tracking.py`` and ``registry.py``, the only modules that import mlflow."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("adapterfab.mlflow")
+TAG = "adapterfab."  # the prefix of every tag adapterfab writes on runs, models and versions
+
+# How long the factory (orchestrator, training workers) rides out an MLflow outage before a job fails.
+# Interactive callers (CLI, serving) keep MLflow's own short retries (retry_s=0).
+MLFLOW_RETRY_ENV = "ADAPTERFAB_MLFLOW_RETRY_S"
+DEFAULT_FACTORY_RETRY_S = 1800.0
+
+
+def factory_retry_s() -> float:
+    try:
+        return max(0.0, float(os.environ.get(MLFLOW_RETRY_ENV, DEFAULT_FACTORY_RETRY_S)))
+    except ValueError:
+        return DEFAULT_FACTORY_RETRY_S
+
+
+def transient(e: BaseException) -> bool:
+    """An error that says the MLflow server is unreachable or briefly failing (connection refused or
+    reset, timeout, 5xx), not that the request was wrong: worth retrying."""
+    import requests
+
+    if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                      requests.exceptions.RetryError, ConnectionError, TimeoutError)):
+        return True
+    code = getattr(e, "error_code", "") or ""
+    if code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
+        return True
+    msg = str(e)
+    return any(s in msg for s in ("Max retries exceeded", "Connection refused", "Connection aborted",
+                                  "RemoteDisconnected", "ConnectionResetError", "failed to return code 200",
+                                  "too many 50", "Bad Gateway", "Service Unavailable", "Gateway Timeout",
+                                  "NewConnectionError", "ReadTimeout", "ConnectTimeout"))
+
+
+def with_retry(fn: Callable[[], Any], what: str, retry_s: float,
+               before_retry: Callable[[], Any] | None = None) -> Any:
+    """``fn()``, retried with exponential backoff and jitter while MLflow is unreachable, for up to
+    ``retry_s`` seconds. ``before_retry()`` (for a call that creates something) may return the thing a
+    lost-response attempt already created; it is returned instead of creating it twice."""
+    deadline = time.monotonic() + retry_s
+    delay, failures = 0.5, 0
+    while True:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - sorted below
+            if retry_s <= 0 or not transient(e) or time.monotonic() >= deadline:
+                raise
+            failures += 1
+            log.warning("MLflow unreachable (%s, attempt %d); retrying %s for up to %.0fs more", type(e).__name__,
+                        failures, what, deadline - time.monotonic())
+            time.sleep(min(delay * (0.5 + random.random()), max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 10.0)
+        if before_retry is not None:
+            try:
+                found = before_retry()
+            except Exception as e:  # noqa: BLE001
+                if not transient(e):
+                    raise
+                found = None
+            if found is not None:
+                return found
+
+
+class RetryingClient:
+    """An MlflowClient whose every call is retried through MLflow outages (``with_retry``)."""
+
+    def __init__(self, client: Any, retry_s: float):
+        self._client, self.retry_s = client, retry_s
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr) or self.retry_s <= 0:
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return with_retry(lambda: attr(*args, **kwargs), name, self.retry_s)
+
+        return call
+
+_MLFLOW_IMPORT = threading.Lock()
+
+
+def import_mlflow() -> None:
+    """Import mlflow once, under a lock. Its package imports are circular: two threads importing different
+    parts of it at once (a serving replica resolving concurrent requests while its catalogue thread lists)
+    see a partially initialised module, fail with ImportError, and leave it broken for the process."""
+    with _MLFLOW_IMPORT:
+        import mlflow  # noqa: F401
+        import mlflow.artifacts  # noqa: F401
+        import mlflow.entities  # noqa: F401
+        import mlflow.exceptions  # noqa: F401
+        import mlflow.tracking  # noqa: F401
+
+
+def client(uri: str, retry_s: float = 0.0):  # noqa: ANN202
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+    import_mlflow()
+    from mlflow.tracking import MlflowClient
+
+    raw = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return RetryingClient(raw, retry_s) if retry_s > 0 else raw
+
+
+def stores(client: Any) -> tuple[Any, Any]:
+    """The tracking and registry stores behind an MlflowClient (or its retrying wrapper). The client's
+    own methods add round trips a factory pays per job: ``set_terminated`` fetches the run to print its
+    URL, ``set_registered_model_alias`` fetches the model to refuse prompts, and every first artifact
+    upload of a run fetches the run for its artifact root. (MLflow's internal layout, pinned in
+    requirements.lock; tests run these paths against a real server.)"""
+    raw = getattr(client, "client", client)
+    return raw._tracking_client.store, raw._get_registry_client().store
+
+
+def mlflow_errors():  # noqa: ANN202
+    import_mlflow()
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException
+
+
+def not_found(e: Exception) -> bool:
+    code = getattr(e, "error_code", "") or ""
+    return code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") or "not found" in str(e).lower()
+
