@@ -336,7 +336,8 @@ def _run_claimed(settings: Settings, state: StateStore, batch_id: str, batch: An
         marks["launched"] = launched
     import ray
 
-    from adapterfab.jobs.factory import Factory, GroupQueue, start_trainers
+    from adapterfab.jobs.factory import Factory
+    from adapterfab.jobs.groups import GroupQueue, start_trainers
     from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard
     from adapterfab.jobs.plan import balanced_groups, concurrency, execution_groups, starter_groups
     from adapterfab.jobs.trainers import TrainerPool

@@ -110,3 +110,10 @@ MLFLOW_MODULES = {"adapterfab/mlflow_client.py", "adapterfab/tracking.py", "adap
 def test_mlflow_is_imported_in_three_modules_only(path: Path) -> None:
     """Everything else reaches MLflow through them (its client is made, imported and retried in one place)."""
     assert not under(imports(path), "mlflow")
+
+
+@pytest.mark.parametrize("path", [p for d in ("adapterfab", "jobs", "serve", "pipelines") for p in files(d)],
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_no_module_is_over_600_lines(path: Path) -> None:
+    """A file that grows past this holds several concepts: split it by concept (as fused.py and fused_*.py)."""
+    assert len(path.read_text().splitlines()) <= 600
