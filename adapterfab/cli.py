@@ -335,7 +335,7 @@ def serve(port: int | None = typer.Option(None, help="HTTP port (default: the st
                                                      help="requests a tenant may send at once (default 100)")) -> None:
     """Serve every tenant's adapters from one base model: OpenAI-compatible /v1/chat/completions."""
     from adapterfab.jobs.trainers import retire_idle_trainers
-    from adapterfab.serve.runner import serve_forever
+    from adapterfab.serve.deploy import serve_forever
 
     s = _settings()
     try:

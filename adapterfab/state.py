@@ -15,8 +15,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from adapterfab import faults
 from adapterfab.errors import StateError
+from adapterfab.lifecycle import BatchState, JobState, can_move
 from adapterfab.procs import holder_alive
-from adapterfab.states import BatchState, JobState, can_move
 from adapterfab.status import BATCH_COLUMNS, JOB_COLUMNS, JobView, batch_dump, dumps, job_view
 
 log = logging.getLogger("adapterfab.state")

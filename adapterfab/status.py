@@ -8,7 +8,7 @@ takes tens of milliseconds. ``fast_main`` is that path; anything it does not cov
 ``--address``, ``--help``, an old DB not yet migrated) goes through the full CLI, which gives the same
 answer.
 
-This module imports only the standard library and ``adapterfab.states``/``errors``."""
+This module imports only the standard library and ``adapterfab.lifecycle``/``errors``."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterfab.errors import StateError
-from adapterfab.states import JobState
+from adapterfab.lifecycle import JobState
 
 STATUS_ROWS = 50  # a batch with more jobs shows its counts and the jobs not yet succeeded (--json: all)
 

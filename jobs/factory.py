@@ -30,8 +30,8 @@ from adapterfab.errors import AdapterfabError
 from adapterfab.ids import AdapterId, job_id
 from adapterfab.jobs.groups import GroupItem, GroupQueue, start_trainers
 from adapterfab.jobs.registrar import Prepared, Registrar, error_text, fail_job, group_error_for, register_job
+from adapterfab.lifecycle import JobState
 from adapterfab.spec import JobSpec
-from adapterfab.states import JobState
 from adapterfab.tracking import tenant_experiment
 
 if TYPE_CHECKING:

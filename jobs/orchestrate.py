@@ -31,6 +31,7 @@ from adapterfab.errors import AdapterfabError, StackError
 from adapterfab.ids import AdapterId, basis_prefix, job_id
 from adapterfab.jobs.admission import admit
 from adapterfab.jobs.registrar import Prepared, error_text, fail_job, register_job
+from adapterfab.lifecycle import BatchState, JobState
 from adapterfab.methods import get_method
 from adapterfab.mlflow_client import factory_retry_s
 from adapterfab.registry import Registry
@@ -38,7 +39,6 @@ from adapterfab.registry_index import RegistryIndex
 from adapterfab.settings import Settings
 from adapterfab.spec import BatchSpec, JobSpec, load_spec, parse_spec
 from adapterfab.state import StateStore
-from adapterfab.states import BatchState, JobState
 from adapterfab.storage import MANIFEST, open_store, s3_object_error
 from adapterfab.tracking import Tracking
 

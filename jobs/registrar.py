@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from adapterfab.errors import AdapterfabError, plain_message
 from adapterfab.ids import AdapterId
+from adapterfab.lifecycle import JobState
 from adapterfab.methods import get_method
 from adapterfab.spec import JobSpec
-from adapterfab.states import JobState
 from adapterfab.storage import open_store
 
 if TYPE_CHECKING:

@@ -38,9 +38,9 @@ from fastapi.staticfiles import StaticFiles
 
 from adapterfab.errors import AdapterfabError, StateError
 from adapterfab.keys import KeyStore, Principal
+from adapterfab.lifecycle import JobState
 from adapterfab.serve import dashboard_views as views
 from adapterfab.state import StateStore
-from adapterfab.states import JobState
 
 log = logging.getLogger("adapterfab.serve.dashboard")
 STATIC = Path(__file__).resolve().parent / "dashboard_static"

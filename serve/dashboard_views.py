@@ -19,9 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 from adapterfab.keys import Principal
+from adapterfab.lifecycle import BatchState, JobState
 from adapterfab.registry import TAG, AdapterVersion, RegisteredAdapter
 from adapterfab.state import BatchRow, JobView
-from adapterfab.states import BatchState, JobState
 
 EVAL_KEYS = ("eval_loss", "base_eval_loss", "eval_token_accuracy", "base_eval_token_accuracy",
              "retention", "retention_known", "retention_kept")  # retention: adapterfab/retention.py

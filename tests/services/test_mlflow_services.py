@@ -185,9 +185,9 @@ def test_mlflow_registry_on_postgres(postgres, tmp_path: Path) -> None:
 
 @pytest.mark.timeout(120)
 def test_state_store_on_postgres(postgres) -> None:
+    from adapterfab.lifecycle import BatchState, JobState
     from adapterfab.procs import create_database
     from adapterfab.state import StateStore
-    from adapterfab.states import BatchState, JobState
 
     url = create_database(postgres, "state")
     store = StateStore(url)

@@ -229,11 +229,11 @@ def test_an_upload_corrupted_every_time_is_never_registered(s3, tmp_path: Path, 
 
     from adapterfab.ids import AdapterId
     from adapterfab.jobs.orchestrate import BatchContext, Prepared, register_job
+    from adapterfab.lifecycle import JobState
     from adapterfab.registry import Registry
     from adapterfab.settings import Settings
     from adapterfab.spec import parse_spec
     from adapterfab.state import StateStore
-    from adapterfab.states import JobState
     from adapterfab.tracking import Tracking
 
     proxy, bucket, direct = s3

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from adapterfab.errors import StateError
+from adapterfab.lifecycle import JobState
 from adapterfab.procs import pid_alive, proc_token, stop_pid
 from adapterfab.state import StateStore
-from adapterfab.states import JobState
 
 
 def _batch(url: str, batch_id: str = "b1", jobs: int = 1) -> StateStore:

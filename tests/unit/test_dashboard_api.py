@@ -15,11 +15,11 @@ from sqlalchemy import text
 
 from adapterfab.ids import AdapterId
 from adapterfab.keys import KeyStore, Principal
+from adapterfab.lifecycle import BatchState, JobState
 from adapterfab.promotion import Decision
 from adapterfab.registry import Registry
 from adapterfab.serve.dashboard import STATIC, create_app
 from adapterfab.state import StateStore
-from adapterfab.states import BatchState, JobState
 from adapterfab.tracking import Tracking, tenant_experiment
 
 PATH = (JobState.PREPARING, JobState.TRAINING, JobState.REGISTERING)

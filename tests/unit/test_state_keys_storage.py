@@ -8,8 +8,8 @@ import pytest
 
 from adapterfab.errors import StateError, StorageError
 from adapterfab.keys import KeyStore
+from adapterfab.lifecycle import JobState
 from adapterfab.state import StateStore
-from adapterfab.states import JobState
 from adapterfab.storage import LocalStore
 
 

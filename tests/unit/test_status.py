@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from adapterfab.lifecycle import JobState
 from adapterfab.state import StateStore
-from adapterfab.states import JobState
 from adapterfab.status import fast_main, read_sqlite, read_sqlite_batches, sqlite_path
 
 CLI = str(Path(sys.executable).parent / "adapterfab")
