@@ -128,7 +128,7 @@ class FusedTrainer(FusedEvaluation):
             p.requires_grad_(False)
         base.config.use_cache = False
         if getattr(base, "is_loaded_in_4bit", False):  # evals between groups must not repack 4-bit weights
-            from adapterfab.methods.qlora import keep_trainable_layout
+            from adapterfab.methods.quant import keep_trainable_layout
 
             keep_trainable_layout(base)
         self.layers: dict[str, MultiLinear] = {}
@@ -202,12 +202,7 @@ class FusedTrainer(FusedEvaluation):
                 a.uniform_(-bound, bound, generator=gen)
                 out[name] = (a, torch.zeros(m.out_features, self.r))
             else:
-                from adapterfab.methods.lora_xs import R_INIT_STD
-
-                rr = torch.zeros(self.r, self.r)
-                if getattr(job.method, "init_r", "zeros") == "normal":
-                    rr.normal_(0, R_INIT_STD, generator=gen)
-                out[name] = (rr,)
+                out[name] = (get_method(job.method.name).init_shared(job.method, self.r, gen),)
         return out
 
     def _add(self, job: FusedJob, init: dict[str, tuple[Tensor, ...]] | None = None) -> _Active:
@@ -563,16 +558,11 @@ class ExportedAdapter:
 
 def write_exported(a: ExportedAdapter, out_dir: str | Path) -> Path:
     """An exported adapter's folder, exactly as the method itself saves one."""
-    from adapterfab.methods import get_method
-
     out = Path(out_dir)
     method = get_method(a.method["name"]).config_cls(**a.method)
     if a.family == SHARED_BASIS:
-        from adapterfab.methods.lora_xs import write_adapter
-
-        basis_id, digest, fingerprint, targets = a.basis  # type: ignore[misc]
-        return write_adapter(out, method, basis_id, digest, fingerprint, targets,  # type: ignore[arg-type]
-                             {n: t[0].float().contiguous() for n, t in a.tensors.items()})
+        return get_method(a.method["name"]).write_shared(out, method, a.basis,  # type: ignore[misc,arg-type]
+                                                         {n: t[0].float().contiguous() for n, t in a.tensors.items()})
     from peft import LoraConfig
     from safetensors.torch import save_file
 

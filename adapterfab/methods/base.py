@@ -84,6 +84,11 @@ class Method:
     # a SHARED_BASIS method's reader: (adapter folder, basis) -> (its config, {module name: R}), refusing an
     # adapter trained against another basis
     read_adapter: Callable[[Path, Any], tuple[dict[str, Any], dict[str, Any]]] | None = None
+    # a SHARED_BASIS method's adapters in the fused trainer: (cfg, r, torch generator) -> a new adapter's R
+    # for one module; (out folder, cfg, basis as (id, digest, base fingerprint, targets), {module name: R})
+    # -> the adapter folder it saves
+    init_shared: Callable[[MethodConfig, int, Any], Any] | None = None
+    write_shared: Callable[[Path, MethodConfig, tuple, dict[str, Any]], Path] | None = None
 
 
 LOW_RANK, SHARED_BASIS = "lora", "lora_xs"  # the per-row bank layouts (``Method.family``)

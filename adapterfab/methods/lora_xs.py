@@ -44,7 +44,7 @@ from pydantic import Field, field_validator
 from adapterfab.errors import AdapterfabError, BaseMismatch
 from adapterfab.methods.base import SHARED_BASIS, Method, MethodConfig, register_method
 from adapterfab.methods.lora import ALL_LINEAR
-from adapterfab.methods.qlora import keep_trainable_layout, quantization_config, quantization_tags
+from adapterfab.methods.quant import keep_trainable_layout, quantization_config, quantization_tags
 
 if TYPE_CHECKING:  # torch is imported on first use: spec validation and the CLI stay fast
     from torch import Tensor, nn
@@ -491,10 +491,26 @@ def _basis_id_of(cfg: LoraXSConfig, base_fingerprint: str) -> str:
 # "Replay in the product".
 DEFAULT_TRAIN = {"learning_rate": 5e-3, "steps": 40, "lr_schedule": "constant", "replay_weight": 2.0}
 
+def _init_shared(cfg: LoraXSConfig, r: int, gen: Any) -> Tensor:
+    """A new adapter's R for one module, as ``apply`` starts it (zeros, or the "normal" variant)."""
+    import torch
+
+    rr = torch.zeros(r, r)
+    if cfg.init_r == "normal":
+        rr.normal_(0, R_INIT_STD, generator=gen)
+    return rr
+
+
+def _write_shared(out: Path, cfg: LoraXSConfig, basis: tuple, tensors: dict[str, Tensor]) -> Path:
+    basis_id, digest, fingerprint, targets = basis
+    return write_adapter(out, cfg, basis_id, digest, fingerprint, targets, tensors)
+
+
 LORA_XS = register_method(Method(
     name="lora_xs", config_cls=LoraXSConfig, apply=apply, base_load_kwargs=_load_kwargs,
     trainable_params=_trainable, save=_save, load=load, compute_basis=compute_basis, extra_tags=_tags,
     basis_id=_basis_id_of, save_basis=save_basis, load_basis=load_basis,
     export_peft_lora=export_peft_lora,
     default_train=DEFAULT_TRAIN, family=SHARED_BASIS, peft_type=PEFT_TYPE, read_adapter=read_adapter,
+    init_shared=_init_shared, write_shared=_write_shared,
 ))

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from adapterfab.methods.base import LOW_RANK, Method, MethodConfig, register_method
 from adapterfab.methods.lora import ALL_LINEAR, _trainable
+from adapterfab.methods.quant import keep_trainable_layout, quantization_config, quantization_tags
 
 
 class QLoraConfig(MethodConfig):
@@ -37,47 +38,8 @@ class QLoraConfig(MethodConfig):
         return list(ALL_LINEAR) if self.target_modules == "all-linear" else list(self.target_modules)
 
 
-def quantization_config(cfg: Any) -> Any:
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=getattr(cfg, "quant_type", "nf4"),
-        bnb_4bit_use_double_quant=getattr(cfg, "double_quant", True),
-        bnb_4bit_compute_dtype=getattr(torch, _compute_dtype(cfg)),
-    )
-
-
-def _compute_dtype(cfg: Any) -> str:
-    """The config's compute dtype; ``auto`` left unresolved (a config made outside a spec) is resolved
-    for this process's device."""
-    cd = getattr(cfg, "compute_dtype", "bfloat16")
-    if cd == "auto":
-        import torch
-
-        from adapterfab.dtypes import auto_dtype
-
-        cd = auto_dtype(gpu=torch.cuda.is_available())
-    return cd
-
-
 def _load_kwargs(cfg: QLoraConfig) -> dict:
     return {"quantization_config": quantization_config(cfg)}
-
-
-def keep_trainable_layout(model: Any) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout when the model runs
-    in eval/no-grad mode: after that repack, backward through the layer silently yields no gradient
-    (tests/unit/test_lora_xs.py, test_methods.py). Returns how many 4-bit layers were set."""
-    import bitsandbytes as bnb
-
-    n = 0
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
 
 
 def _apply(model: Any, cfg: QLoraConfig, basis: Any = None) -> Any:
@@ -121,13 +83,6 @@ def _paged_adamw(params: list, lr: float, weight_decay: float) -> Any:
     with warnings.catch_warnings():  # on CPU it falls back to non-paged behaviour and says so
         warnings.simplefilter("ignore")
         return bnb.optim.PagedAdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def quantization_tags(cfg: Any) -> dict[str, str]:
-    """Registry tags for the 4-bit base ``quantization_config(cfg)`` loads (same defaults)."""
-    return {"quantization.bits": "4", "quantization.type": getattr(cfg, "quant_type", "nf4"),
-            "quantization.double_quant": str(getattr(cfg, "double_quant", True)).lower(),
-            "quantization.compute_dtype": _compute_dtype(cfg)}
 
 
 # r 16 on all linear layers: persona 10/10 and 8/8 facts kept on SmolLM2 at lr 3e-4 in 20 steps, where

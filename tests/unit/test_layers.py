@@ -88,6 +88,15 @@ def test_no_layer_branches_on_a_method_name(path: Path) -> None:
     assert method_literals(path) == []
 
 
+@pytest.mark.parametrize("path", [p for d in ("adapterfab", "jobs", "serve", "pipelines") for p in files(d)
+                                  if p.parent.name != "methods"], ids=lambda p: str(p.relative_to(REPO)))
+def test_only_the_registry_of_methods_is_imported_outside_them(path: Path) -> None:
+    """Outside ``methods/`` a method is reached through ``adapterfab.methods`` (get_method, what it
+    declares), never by importing its module; ``methods.quant`` (a 4-bit base) belongs to no method."""
+    own = {f"adapterfab.methods.{n}" for n in ("lora", "qlora", "lora_xs")}
+    assert not [m for m in imports(path) if any(m == o or m.startswith(o + ".") for o in own)]
+
+
 def test_every_method_declares_its_layout_and_adapter_type() -> None:
     from adapterfab.methods import LOW_RANK, SHARED_BASIS, get_method, known_methods, method_of_adapter
 
@@ -96,7 +105,7 @@ def test_every_method_declares_its_layout_and_adapter_type() -> None:
         assert m.family in (LOW_RANK, SHARED_BASIS, None), name
         assert method_of_adapter(m.peft_type) is not None and method_of_adapter(m.peft_type).peft_type == m.peft_type
         if m.family == SHARED_BASIS:  # served and fused from its R per module over a basis it can load
-            assert m.read_adapter is not None and m.load_basis is not None, name
+            assert None not in (m.read_adapter, m.load_basis, m.init_shared, m.write_shared), name
     assert method_of_adapter("LORA").name == "lora"  # LoRA and QLoRA write the same folders: LoRA's reader
     assert method_of_adapter("IA3") is None
 
