@@ -29,14 +29,12 @@ Serving through any PEFT-compatible server: ``export_peft_lora`` writes an equiv
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
@@ -216,110 +214,6 @@ def basis_tags(basis: Basis) -> dict[str, str]:
     return {"lora_xs.basis_id": basis.id, "lora_xs.basis_digest": basis.digest[:16]}
 
 
-# -------------------------------------------------------------------------------- the adapted model
-
-
-@functools.cache
-def _layers() -> SimpleNamespace:
-    """The torch modules, defined on first use so importing the method registry does not import torch."""
-    from collections.abc import Iterator
-    from contextlib import contextmanager
-
-    import torch
-    from torch import nn
-
-    def compute_dtype(m: nn.Module) -> torch.dtype:
-        cd = getattr(m, "compute_dtype", None)  # bitsandbytes Linear4bit
-        if isinstance(cd, torch.dtype):
-            return cd
-        return m.weight.dtype if m.weight.dtype.is_floating_point else torch.float32
-
-    class LoraXSLinear(nn.Module):
-        """``base_layer(x) + s·((x A) R) B``; calls the wrapped (maybe 4-bit) layer, never touches its weight.
-
-        A, B are non-persistent buffers in the base's compute dtype (the adapter path runs in it); R is an
-        fp32 Parameter (the optimizer's master copy), cast to that dtype in the forward."""
-
-        def __init__(self, base_layer: nn.Linear, a: Tensor, b: Tensor, scale: float, init_r: str = "zeros"):
-            super().__init__()
-            self.base_layer = base_layer
-            dtype, device = compute_dtype(base_layer), base_layer.weight.device
-            self.register_buffer("lora_xs_A", a.to(device, dtype), persistent=False)
-            self.register_buffer("lora_xs_B", b.to(device, dtype), persistent=False)
-            r = a.shape[1]
-            self.lora_R = nn.Parameter(torch.zeros(r, r, device=device, dtype=torch.float32))
-            if init_r == "normal":
-                nn.init.normal_(self.lora_R, std=R_INIT_STD)
-            self.scale = float(scale)
-            self.adapter_enabled = True
-
-        @property
-        def weight(self) -> Tensor:  # some HF code reads q_proj.weight (dtype/device checks)
-            return self.base_layer.weight
-
-        def forward(self, x: Tensor) -> Tensor:
-            out = self.base_layer(x)
-            if not self.adapter_enabled:
-                return out
-            a = self.lora_xs_A
-            h = ((x.to(a.dtype) @ a) @ self.lora_R.to(a.dtype)) @ self.lora_xs_B
-            return out + (h * self.scale).to(out.dtype)
-
-    class LoraXSModel(nn.Module):
-        """A causal LM with LoRA-XS layers; calls, ``generate`` and other attributes go to the wrapped LM."""
-
-        def __init__(self, model: nn.Module, cfg: LoraXSConfig, basis: Basis):
-            super().__init__()
-            self.model = model
-            self.xs_config = cfg
-            self.basis_id, self.basis_digest = basis.id, basis.digest
-            self.base_fingerprint = basis.base_fingerprint
-            self.targets = basis.targets
-
-        def __getattr__(self, name: str) -> Any:
-            try:
-                return super().__getattr__(name)
-            except AttributeError:
-                if name == "model":
-                    raise
-                return getattr(self.model, name)
-
-        def forward(self, *args: Any, **kwargs: Any) -> Any:
-            return self.model(*args, **kwargs)
-
-        def generate(self, *args: Any, **kwargs: Any) -> Any:
-            return self.model.generate(*args, **kwargs)
-
-        def adapter_layers(self) -> dict[str, LoraXSLinear]:
-            """Module name as in the base (``model.layers.0.self_attn.q_proj``) -> its LoRA-XS layer."""
-            return {n: m for n, m in self.model.named_modules() if isinstance(m, LoraXSLinear)}
-
-        def adapter_state_dict(self) -> dict[str, Tensor]:
-            return {n: m.lora_R.detach().float().cpu().contiguous() for n, m in self.adapter_layers().items()}
-
-        @contextmanager
-        def disable_adapter(self) -> Iterator[None]:
-            """The base model's function while inside (the base eval next to the adapter's)."""
-            layers = list(self.adapter_layers().values())
-            before = [m.adapter_enabled for m in layers]
-            for m in layers:
-                m.adapter_enabled = False
-            try:
-                yield
-            finally:
-                for m, was in zip(layers, before):
-                    m.adapter_enabled = was
-
-        def save_pretrained(self, save_directory: str | Path, **_: Any) -> None:
-            """``adapter_config.json`` + ``adapter_model.safetensors`` holding only the R matrices."""
-            write_adapter(save_directory, self.xs_config, self.basis_id, self.basis_digest, self.base_fingerprint,
-                          self.targets, self.adapter_state_dict())
-
-    for cls in (LoraXSLinear, LoraXSModel):
-        cls.__module__, cls.__qualname__ = __name__, cls.__name__
-    return SimpleNamespace(LoraXSLinear=LoraXSLinear, LoraXSModel=LoraXSModel)
-
-
 def write_adapter(save_directory: str | Path, cfg: LoraXSConfig, basis_id: str, basis_digest: str,
                   base_fingerprint: str, targets: Any, tensors: dict[str, Tensor]) -> Path:
     """The saved form of a LoRA-XS adapter: its config and the R matrix of every module (by module name)."""
@@ -335,13 +229,6 @@ def write_adapter(save_directory: str | Path, cfg: LoraXSConfig, basis_id: str, 
     return out
 
 
-def __getattr__(name: str) -> Any:
-    """``from adapterfab.methods.lora_xs import LoraXSModel`` works (PEP 562) and imports torch then."""
-    if name in ("LoraXSLinear", "LoraXSModel"):
-        return getattr(_layers(), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _check_basis(model: nn.Module, cfg: LoraXSConfig, basis: Basis | None) -> dict[str, nn.Linear]:
     if basis is None:
         raise AdapterfabError("lora_xs needs its shared basis: compute it once per base with compute_basis"
@@ -350,7 +237,9 @@ def _check_basis(model: nn.Module, cfg: LoraXSConfig, basis: Basis | None) -> di
     if basis.r != cfg.r or set(basis.targets) != set(targets):
         raise AdapterfabError(f"basis {basis.id} is for r={basis.r} on {list(basis.targets)}; this config "
                               f"wants r={cfg.r} on {list(targets)}: compute the basis for this config")
-    if any(isinstance(m, _layers().LoraXSLinear) for m in model.modules()):
+    from adapterfab.methods.lora_xs_layers import LoraXSLinear
+
+    if any(isinstance(m, LoraXSLinear) for m in model.modules()):
         raise AdapterfabError("this model already has LoRA-XS layers; apply to a fresh base")
     mods = _target_linears(model, targets)
     missing, extra = sorted(set(mods) - set(basis.factors)), sorted(set(basis.factors) - set(mods))
@@ -367,6 +256,8 @@ def _check_basis(model: nn.Module, cfg: LoraXSConfig, basis: Basis | None) -> di
 
 def apply(base_model: nn.Module, cfg: LoraXSConfig, basis: Basis | None) -> Any:
     """Freeze the base, wrap every targeted Linear, return the model with only the R matrices trainable."""
+    from adapterfab.methods.lora_xs_layers import LoraXSLinear, LoraXSModel
+
     mods = _check_basis(base_model, cfg, basis)
     for p in base_model.parameters():
         p.requires_grad_(False)
@@ -377,8 +268,8 @@ def apply(base_model: nn.Module, cfg: LoraXSConfig, basis: Basis | None) -> Any:
         parent_name, _, child = name.rpartition(".")
         parent = base_model.get_submodule(parent_name) if parent_name else base_model
         a, b = basis.factors[name]
-        setattr(parent, child, _layers().LoraXSLinear(m, a, b, scale, cfg.init_r))
-    return _layers().LoraXSModel(base_model, cfg, basis)
+        setattr(parent, child, LoraXSLinear(m, a, b, scale, cfg.init_r))
+    return LoraXSModel(base_model, cfg, basis)
 
 
 def _save(model: Any, cfg: MethodConfig, out_dir: Path) -> None:
