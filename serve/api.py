@@ -11,6 +11,7 @@ tenant gets a token bucket; over it, a 429 in OpenAI's error shape with ``Retry-
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -43,7 +44,9 @@ MAX_STOP_CHARS = 256  # per stop string: each one is matched against the output'
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # a 64-bit integer, as vLLM's server takes it
 MAX_REQUEST_BYTES = 1 << 20  # a generation request's JSON body; larger ones get a 413 unread
 _RESOLVE_CACHE_MAX_ENTRIES = 10_000
-REPLAYS = 2  # a non-streaming request whose replica died mid-generation is run again this often
+# a request whose replica died before any byte reached the client (a non-streaming one: any time) is
+# sent again this often; the only retry of a dead replica (app.RayBackend does not retry)
+REPLAYS = 2
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of tokens
 
 
@@ -369,6 +372,7 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
                     raise
                 log.warning("replaying a request of tenant %s after its replica died (%d/%d)", tenant, attempt,
                             REPLAYS)
+                await asyncio.sleep(0.2 * attempt)  # Serve marks the dead replica; the replay goes to another
         raise AssertionError("unreachable")
 
     async def chat(request: Request, path_tenant: str | None) -> Any:

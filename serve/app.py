@@ -183,9 +183,6 @@ class TierHandle:
             pass
 
 
-REPLICA_ATTEMPTS = 3  # a request whose replica dies before answering is sent this often in all
-
-
 def _replica_died(e: BaseException) -> bool:
     """A replica's process died or became unreachable (not an error raised by the engine's code)."""
     from ray import exceptions as rex
@@ -211,27 +208,19 @@ class RayBackend:
 
     async def generate(self, version_key: str | None, adapter: AdapterVersion | None,
                        messages: list[dict[str, str]], params: SamplingParams) -> AsyncIterator[Event]:
-        """Failover: when the replica dies before the first event, the request goes to another replica
-        (up to REPLICA_ATTEMPTS in all); once events were sent, the death surfaces as ReplicaUnavailable
-        (the API replays a non-streaming request, and ends a stream with an error event), never a hang."""
+        """A replica that dies surfaces as ReplicaUnavailable, never a hang. The API is the one place that
+        sends the request again (``api.REPLAYS``: before the first byte reached the client, or whole for a
+        non-streaming request), and Serve routes it to a live replica."""
         from adapterfab.errors import ReplicaUnavailable
 
         stream = self.handle.options(stream=True, multiplexed_model_id=version_key or "")
-        for attempt in range(1, REPLICA_ATTEMPTS + 1):
-            sent = False
-            try:
-                async for ev in stream.generate.remote(messages, params):
-                    sent = True
-                    yield ev
-                return
-            except Exception as e:  # noqa: BLE001 - only a replica's death is retried
-                if not _replica_died(e):
-                    raise
-                if sent or attempt == REPLICA_ATTEMPTS:
-                    raise ReplicaUnavailable(f"the serving replica died mid-request: {type(e).__name__}") from e
-                log.warning("serving replica died before answering (%s); retrying on another (%d/%d)",
-                            type(e).__name__, attempt, REPLICA_ATTEMPTS)
-                await asyncio.sleep(0.2 * attempt)
+        try:
+            async for ev in stream.generate.remote(messages, params):
+                yield ev
+        except Exception as e:  # noqa: BLE001 - only a replica's death becomes ReplicaUnavailable
+            if not _replica_died(e):
+                raise
+            raise ReplicaUnavailable(f"the serving replica died mid-request: {type(e).__name__}") from e
 
     def prefetch(self, version_key: str) -> None:
         """Fire and forget: a replica (one that already holds it, if any) loads the version."""
