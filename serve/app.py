@@ -101,13 +101,17 @@ class EngineDeployment:
                                              cuda_graphs=cfg.cuda_graphs and device == "cuda",
                                              tenant_max_rows=cfg.tenant_max_rows)
             self.tiers = AdapterTiers(self.engine, lambda key: download_native(self.registry, key,
-                                                                                cfg.adapter_cache_dir),
+                                                                                cfg.adapter_cache_dir,
+                                                                                self._known.get(key)),
                                       cpu_bytes=cfg.cpu_cache_mb << 20)
         else:
             from adapterfab.serve.engine import Engine
 
             self.engine = Engine(cfg.base_model_path, dtype=cfg.dtype, torch_threads=cfg.torch_threads, device=device)
         self.pins = AdapterPins(self.engine) if self.tiers is None else None
+        # version key -> the version as the ingress resolved it (sent with each request), so a cold load
+        # does not ask the registry again
+        self._known: dict[str, AdapterVersion] = {}
 
         # built here, not as a class decorator, so the limit comes from the config; the name must not
         # be a str attribute (Serve's method detection looks it up on the model id)
@@ -123,13 +127,18 @@ class EngineDeployment:
             await asyncio.to_thread(self.tiers.load, version_key)
             return TierHandle(self.tiers, version_key)
         local_dir = await asyncio.to_thread(download_adapter, self.registry, version_key,
-                                            self.cfg.adapter_cache_dir)
+                                            self.cfg.adapter_cache_dir, self._known.get(version_key))
         await asyncio.to_thread(self.pins.loaded, version_key, local_dir)  # type: ignore[union-attr]
         log.info("adapter %s loaded from %s", version_key, local_dir)
         return LoadedAdapter(self.pins, version_key, Path(local_dir))  # type: ignore[arg-type]
 
-    async def generate(self, messages: list[dict[str, str]], params: SamplingParams) -> AsyncIterator[Event]:
+    async def generate(self, messages: list[dict[str, str]], params: SamplingParams,
+                       version: AdapterVersion | None = None) -> AsyncIterator[Event]:
         version_key = serve.get_multiplexed_model_id() or None
+        if version is not None and version_key and str(version.id) == version_key:
+            if len(self._known) >= 4096:
+                self._known.pop(next(iter(self._known)))
+            self._known[version_key] = version
         handle = await self._get_adapter(version_key) if version_key else None
         if self.tiers is not None:
             from adapterfab.serve.backend import BatchedBackend
@@ -215,7 +224,7 @@ class RayBackend:
 
         stream = self.handle.options(stream=True, multiplexed_model_id=version_key or "")
         try:
-            async for ev in stream.generate.remote(messages, params):
+            async for ev in stream.generate.remote(messages, params, adapter):
                 yield ev
         except Exception as e:  # noqa: BLE001 - only a replica's death becomes ReplicaUnavailable
             if not _replica_died(e):

@@ -180,7 +180,8 @@ def _holds(dest: Path, version: AdapterVersion) -> bool:
         return False
 
 
-def _cached(registry: Any, aid: AdapterId, dest: Path) -> tuple[bool, AdapterVersion | None]:
+def _cached(registry: Any, aid: AdapterId, dest: Path, known: AdapterVersion | None = None
+            ) -> tuple[bool, AdapterVersion | None]:
     """(whether ``dest`` holds the files of ``aid`` as this registry has it, the registry's version or
     None when the registry could not be asked).
 
@@ -188,12 +189,14 @@ def _cached(registry: Any, aid: AdapterId, dest: Path) -> tuple[bool, AdapterVer
     for other weights: a recreated stack (``make clean``), another MLflow server. A cached folder whose
     recorded source is not this registry's version is stale and is moved away, so the wrong adapter is
     never served. With the registry unreachable a cached folder is used as it is (serving rides out an
-    MLflow outage); a version the registry no longer has is refused (AdapterNotFound)."""
+    MLflow outage); a version the registry no longer has is refused (AdapterNotFound). ``known``: the
+    version as the caller already resolved it (the ingress sends it with the request), so the registry
+    is not asked again; a concrete version's files never change within one registry."""
     from adapterfab.errors import RegistryError
 
     installed = (dest / "adapter_config.json").is_file()
     try:
-        version = registry.get(aid)
+        version = known if known is not None and known.id == aid else registry.get(aid)
     except RegistryError:
         if installed:
             log.warning("the registry is unreachable: serving the cached %s unchecked", aid)
@@ -232,12 +235,13 @@ def _install(dest: Path, version: AdapterVersion, fetch: Callable[[Path], Path])
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def download_adapter(registry: Any, version_key: str, cache_dir: str | Path) -> Path:
+def download_adapter(registry: Any, version_key: str, cache_dir: str | Path,
+                     known: AdapterVersion | None = None) -> Path:
     """Local folder of adapter version ``tenant/persona@N`` as a standard PEFT LoRA: a registry ``get``
     + ``download`` the first time; later a registry ``get`` checks that the cached folder holds this
     registry's version (``_cached``)."""
     aid, dest = _version_folder(version_key, Path(cache_dir).expanduser())
-    installed, version = _cached(registry, aid, dest)
+    installed, version = _cached(registry, aid, dest, known)
     if not installed:
         from adapterfab.export import to_peft_lora
 
@@ -250,12 +254,13 @@ _BASES: dict[str, Any] = {}  # basis URI -> loaded LoRA-XS basis (shared by ever
 _BASES_LOCK = threading.Lock()
 
 
-def download_native(registry: Any, version_key: str, cache_dir: str | Path) -> tuple[Path, Any, bool]:
+def download_native(registry: Any, version_key: str, cache_dir: str | Path,
+                    known: AdapterVersion | None = None) -> tuple[Path, Any, bool]:
     """The adapter version as its method saved it, for the batched engine: (local folder, LoRA-XS
     basis or None, whether it came from the store). LoRA-XS stays R-only (kilobytes) with its basis
     downloaded once per basis and shared. Folders are written to a temp name and renamed into place."""
     aid, dest = _version_folder(version_key, Path(cache_dir).expanduser() / "native")
-    installed, version = _cached(registry, aid, dest)
+    installed, version = _cached(registry, aid, dest, known)
     from_store = not installed
     if from_store:
         _install(dest, version, lambda tmp: registry.download(version, tmp))  # type: ignore[arg-type]

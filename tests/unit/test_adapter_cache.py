@@ -73,3 +73,29 @@ def test_cache_serves_this_registrys_version_only(fetch: str, mlflow_server: str
     assert not from_store and _weights(folder) == _weights(second)
     with pytest.raises(RegistryError):
         get(down, version=2)
+
+
+def test_a_version_the_ingress_resolved_is_not_asked_for_again(mlflow_server: str, tiny_model_path: str,
+                                                                 make_lora_adapter, tmp_path: Path) -> None:
+    """The ingress sends the version it resolved with the request: a replica's cold load checks the cache
+    against it and fetches with it, without asking the registry for it again; without it, it asks."""
+    aid = AdapterId("cache", "known")
+    store, cache = LocalStore(tmp_path / "store"), tmp_path / "cache"
+    files = make_lora_adapter(tiny_model_path, tmp_path / "files", 1)
+    _register(mlflow_server, store, aid, files, "b1.cache.known")
+    registry = Registry(mlflow_server)
+    version = registry.get(aid.with_version(1))
+    asked: list[str] = []
+
+    class Counting:
+        def __getattr__(self, name: str) -> object:
+            if name == "get":
+                asked.append(name)
+            return getattr(registry, name)
+
+    folder, basis, from_store = download_native(Counting(), f"{aid}@1", cache, version)
+    assert from_store and basis is None and _weights(folder) == _weights(files) and asked == []
+    folder, _, from_store = download_native(Counting(), f"{aid}@1", cache, version)
+    assert not from_store and asked == []
+    download_native(Counting(), f"{aid}@1", cache)
+    assert asked == ["get"]
