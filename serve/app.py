@@ -109,6 +109,11 @@ class EngineDeployment:
 
             self.engine = Engine(cfg.base_model_path, dtype=cfg.dtype, torch_threads=cfg.torch_threads, device=device)
         self.pins = AdapterPins(self.engine) if self.tiers is None else None
+        self.batched: Any = None  # the batched engine behind its tiers: one backend for every request
+        if self.tiers is not None:
+            from adapterfab.serve.backend import BatchedBackend
+
+            self.batched = BatchedBackend(self.engine, self.tiers)
         # version key -> the version as the ingress resolved it (sent with each request), so a cold load
         # does not ask the registry again
         self._known: dict[str, AdapterVersion] = {}
@@ -122,10 +127,14 @@ class EngineDeployment:
             _load_adapter_for_multiplex)
 
     async def _load(self, version_key: str) -> Any:
+        """Serve's multiplexer calls this for a version it has not routed here lately. With the batched
+        engine the version goes into the tiers (device slot, RAM, disk), which alone decide what stays
+        where; what is returned is only Serve's record that this replica holds it (for routing), and
+        Serve forgetting it evicts nothing."""
         self.loads += 1
         if self.tiers is not None:
             await asyncio.to_thread(self.tiers.load, version_key)
-            return TierHandle(self.tiers, version_key)
+            return version_key
         local_dir = await asyncio.to_thread(download_adapter, self.registry, version_key,
                                             self.cfg.adapter_cache_dir, self._known.get(version_key))
         await asyncio.to_thread(self.pins.loaded, version_key, local_dir)  # type: ignore[union-attr]
@@ -140,10 +149,8 @@ class EngineDeployment:
                 self._known.pop(next(iter(self._known)))
             self._known[version_key] = version
         handle = await self._get_adapter(version_key) if version_key else None
-        if self.tiers is not None:
-            from adapterfab.serve.backend import BatchedBackend
-
-            async for ev in BatchedBackend(self.engine, self.tiers).generate(version_key, None, messages, params):
+        if self.batched is not None:
+            async for ev in self.batched.generate(version_key, None, messages, params):
                 yield ev
             return
 
@@ -173,23 +180,6 @@ class EngineDeployment:
         thread = getattr(self.engine, "_thread", None)
         if thread is not None and not thread.is_alive():
             raise RuntimeError("the batched engine's scheduler thread stopped")
-
-
-class TierHandle:
-    """What Serve's multiplexer holds per adapter with the batched engine; its eviction (``__del__``,
-    called explicitly and again by the garbage collector) takes the adapter off the device once."""
-
-    def __init__(self, tiers: Any, key: str):
-        self.tiers, self.key, self._done = tiers, key, False
-
-    def __del__(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        try:
-            self.tiers.evict(self.key)  # a pinned adapter stays until its requests end (tiers LRU)
-        except Exception:  # noqa: BLE001 - never raise from __del__
-            pass
 
 
 def _replica_died(e: BaseException) -> bool:
