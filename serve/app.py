@@ -90,7 +90,7 @@ class EngineDeployment:
         device = "cuda" if cfg.replica_num_gpus else "cpu"
         self.tiers = None
         if cfg.engine == "batched":
-            from adapterfab.serve.backend import download_native
+            from adapterfab.serve.backend import BasisCache, download_native
             from adapterfab.serve.batched import BatchedEngine
             from adapterfab.serve.tiers import AdapterTiers
 
@@ -100,9 +100,10 @@ class EngineDeployment:
                                              torch_threads=cfg.torch_threads,
                                              cuda_graphs=cfg.cuda_graphs and device == "cuda",
                                              tenant_max_rows=cfg.tenant_max_rows)
+            bases = BasisCache()
             self.tiers = AdapterTiers(self.engine, lambda key: download_native(self.registry, key,
                                                                                 cfg.adapter_cache_dir,
-                                                                                self._known.get(key)),
+                                                                                self._known.get(key), bases),
                                       cpu_bytes=cfg.cpu_cache_mb << 20)
         else:
             from adapterfab.serve.engine import Engine

@@ -250,15 +250,20 @@ def download_adapter(registry: Any, version_key: str, cache_dir: str | Path,
     return dest
 
 
-_BASES: dict[str, Any] = {}  # basis URI -> loaded LoRA-XS basis (shared by every adapter on it)
-_BASES_LOCK = threading.Lock()
+class BasisCache:
+    """Shared bases (LoRA-XS's) a replica has loaded, by URI: every adapter on one basis shares it."""
+
+    def __init__(self) -> None:
+        self.bases: dict[str, Any] = {}
+        self.lock = threading.Lock()
 
 
 def download_native(registry: Any, version_key: str, cache_dir: str | Path,
-                    known: AdapterVersion | None = None) -> tuple[Path, Any, bool]:
+                    known: AdapterVersion | None = None, bases: BasisCache | None = None) -> tuple[Path, Any, bool]:
     """The adapter version as its method saved it, for the batched engine: (local folder, LoRA-XS
     basis or None, whether it came from the store). LoRA-XS stays R-only (kilobytes) with its basis
-    downloaded once per basis and shared. Folders are written to a temp name and renamed into place."""
+    downloaded once per basis and shared (``bases``: the replica's; none given, a basis is read from its
+    folder again). Folders are written to a temp name and renamed into place."""
     aid, dest = _version_folder(version_key, Path(cache_dir).expanduser() / "native")
     installed, version = _cached(registry, aid, dest, known)
     from_store = not installed
@@ -273,13 +278,14 @@ def download_native(registry: Any, version_key: str, cache_dir: str | Path,
     uri = version.tags.get("adapterfab.basis_uri")
     if not uri:
         raise ValueError(f"{version_key} is a {method.name} adapter but its version records no basis_uri")
-    with _BASES_LOCK:
-        basis = _BASES.get(uri)
+    bases = bases or BasisCache()
+    with bases.lock:
+        basis = bases.bases.get(uri)
         if basis is None:
             from adapterfab.export import fetch_basis
 
             folder = Path(cache_dir).expanduser() / "bases" / uuid.uuid5(uuid.NAMESPACE_URL, uri).hex
-            basis = _BASES[uri] = fetch_basis(method, uri, folder)
+            basis = bases.bases[uri] = fetch_basis(method, uri, folder)
     return dest, basis, from_store
 
 
