@@ -253,7 +253,7 @@ def main() -> None:
     from adapterfab.keys import KeyStore
     from adapterfab.methods.lora_xs import LoraXSConfig, compute_basis, write_adapter
     from adapterfab.registry import AdapterVersion
-    from adapterfab.serve.backend import BatchedBackend, LocalBackend
+    from adapterfab.serve.backend import LocalBackend, TieredBackend
     from adapterfab.serve.batched import BatchedEngine
     from adapterfab.serve.engine import Engine
     from adapterfab.serve.tiers import AdapterTiers
@@ -293,7 +293,7 @@ def main() -> None:
         engine = BatchedEngine(base, dtype=dtype, device=device, max_batch=args.clients, max_len=512,
                                max_adapters=max(ms), max_rank=8, torch_threads=threads)
         tiers = AdapterTiers(engine, lambda k: (folders[k], None, False))
-        server = Server(BatchedBackend(engine, tiers), resolver, keys)
+        server = Server(TieredBackend(engine, tiers), resolver, keys)
         try:  # warm-up at full size, base and adapter paths, so no run pays first-use costs
             for k in zipf_keys(1, 1, 1):
                 tiers.load(k)

@@ -42,7 +42,7 @@ def rss_mb() -> float:
 
 
 class Server:
-    """make_api over BatchedBackend(BatchedEngine, AdapterTiers), uvicorn in a thread on a free port."""
+    """make_api over TieredBackend(BatchedEngine, AdapterTiers), uvicorn in a thread on a free port."""
 
     def __init__(self, base_path: str, folders: dict[str, Path], keys: Any, max_batch: int,
                  max_adapters: int) -> None:
@@ -53,7 +53,7 @@ class Server:
         from adapterfab.procs import free_port
         from adapterfab.registry import AdapterVersion
         from adapterfab.serve.api import make_api
-        from adapterfab.serve.backend import BatchedBackend
+        from adapterfab.serve.backend import TieredBackend
         from adapterfab.serve.batched import BatchedEngine
         from adapterfab.serve.tiers import AdapterTiers
 
@@ -67,7 +67,7 @@ class Server:
         self.engine = BatchedEngine(base_path, max_batch=max_batch, max_len=256, max_adapters=max_adapters,
                                     max_rank=8, torch_threads=max(1, (os.cpu_count() or 2) - 1))
         self.tiers = AdapterTiers(self.engine, lambda k: (folders[k], None, False))
-        app = make_api(BatchedBackend(self.engine, self.tiers), keys.verify, resolve, resolve_ttl_s=5)
+        app = make_api(TieredBackend(self.engine, self.tiers), keys.verify, resolve, resolve_ttl_s=5)
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     lifespan="off"))

@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from ray.serve.handle import DeploymentHandle
 
 from adapterfab.basemodel import default_cache
 from adapterfab.registry import AdapterVersion
-from adapterfab.serve.backend import AdapterPins, LoadedAdapter, download_adapter, iterate_in_thread
+from adapterfab.serve.backend import BasisCache, TieredBackend, download_native, fetch_peft
 from adapterfab.serve.engine import DTYPES, Event, SamplingParams
 
 log = logging.getLogger("adapterfab.serve.app")
@@ -78,21 +78,23 @@ class ServeConfig:
 
 class EngineDeployment:
     """One replica: the base model once, adapters on demand by version id. Serve's multiplexer routes a
-    version's requests to replicas that hold it; with the batched engine the adapters live in tiers
-    (device slots, CPU, disk, store: ``serve.tiers``) and requests for any of them decode together."""
+    version's requests to replicas that hold it; the adapters live in the replica's tiers (device slots,
+    CPU, disk, store: ``serve.tiers``), the one adapter cache, with either engine: the batched one (requests
+    for any adapters decode together) or the one-at-a-time PEFT engine (``engine: simple``)."""
 
     def __init__(self, cfg: ServeConfig):
         from adapterfab.registry import Registry
+        from adapterfab.serve.tiers import AdapterTiers
 
         self.cfg = cfg
         self.registry = Registry(cfg.mlflow_uri)
         self.loads = 0
         device = "cuda" if cfg.replica_num_gpus else "cpu"
-        self.tiers = None
+        # version key -> the version as the ingress resolved it (sent with each request), so a cold load
+        # does not ask the registry again
+        self._known: dict[str, AdapterVersion] = {}
         if cfg.engine == "batched":
-            from adapterfab.serve.backend import BasisCache, download_native
             from adapterfab.serve.batched import BatchedEngine
-            from adapterfab.serve.tiers import AdapterTiers
 
             self.engine: Any = BatchedEngine(cfg.base_model_path, dtype=cfg.dtype, device=device,
                                              max_batch=cfg.max_batch, max_len=cfg.max_len,
@@ -101,23 +103,19 @@ class EngineDeployment:
                                              cuda_graphs=cfg.cuda_graphs and device == "cuda",
                                              tenant_max_rows=cfg.tenant_max_rows)
             bases = BasisCache()
-            self.tiers = AdapterTiers(self.engine, lambda key: download_native(self.registry, key,
-                                                                                cfg.adapter_cache_dir,
-                                                                                self._known.get(key), bases),
-                                      cpu_bytes=cfg.cpu_cache_mb << 20)
+
+            def fetch(key: str) -> tuple[Path, Any, bool]:
+                return download_native(self.registry, key, cfg.adapter_cache_dir, self._known.get(key), bases)
         else:
             from adapterfab.serve.engine import Engine
 
-            self.engine = Engine(cfg.base_model_path, dtype=cfg.dtype, torch_threads=cfg.torch_threads, device=device)
-        self.pins = AdapterPins(self.engine) if self.tiers is None else None
-        self.batched: Any = None  # the batched engine behind its tiers: one backend for every request
-        if self.tiers is not None:
-            from adapterfab.serve.backend import BatchedBackend
+            self.engine = Engine(cfg.base_model_path, dtype=cfg.dtype, torch_threads=cfg.torch_threads,
+                                 device=device, max_adapters=cfg.max_adapters_per_replica)
 
-            self.batched = BatchedBackend(self.engine, self.tiers)
-        # version key -> the version as the ingress resolved it (sent with each request), so a cold load
-        # does not ask the registry again
-        self._known: dict[str, AdapterVersion] = {}
+            def fetch(key: str) -> tuple[Path, Any, bool]:
+                return fetch_peft(self.registry, key, cfg.adapter_cache_dir, self._known.get(key))
+        self.tiers = AdapterTiers(self.engine, fetch, cpu_bytes=cfg.cpu_cache_mb << 20)
+        self.backend = TieredBackend(self.engine, self.tiers)  # one for every request
 
         # built here, not as a class decorator, so the limit comes from the config; the name must not
         # be a str attribute (Serve's method detection looks it up on the model id)
@@ -128,19 +126,13 @@ class EngineDeployment:
             _load_adapter_for_multiplex)
 
     async def _load(self, version_key: str) -> Any:
-        """Serve's multiplexer calls this for a version it has not routed here lately. With the batched
-        engine the version goes into the tiers (device slot, RAM, disk), which alone decide what stays
-        where; what is returned is only Serve's record that this replica holds it (for routing), and
-        Serve forgetting it evicts nothing."""
+        """Serve's multiplexer calls this for a version it has not routed here lately. The version goes
+        into the tiers (device slot, RAM, disk), which alone decide what stays where; what is returned is
+        only Serve's record that this replica holds it (for routing), and Serve forgetting it evicts
+        nothing."""
         self.loads += 1
-        if self.tiers is not None:
-            await asyncio.to_thread(self.tiers.load, version_key)
-            return version_key
-        local_dir = await asyncio.to_thread(download_adapter, self.registry, version_key,
-                                            self.cfg.adapter_cache_dir, self._known.get(version_key))
-        await asyncio.to_thread(self.pins.loaded, version_key, local_dir)  # type: ignore[union-attr]
-        log.info("adapter %s loaded from %s", version_key, local_dir)
-        return LoadedAdapter(self.pins, version_key, Path(local_dir))  # type: ignore[arg-type]
+        await asyncio.to_thread(self.tiers.load, version_key)
+        return version_key
 
     async def generate(self, messages: list[dict[str, str]], params: SamplingParams,
                        version: AdapterVersion | None = None) -> AsyncIterator[Event]:
@@ -149,17 +141,9 @@ class EngineDeployment:
             if len(self._known) >= 4096:
                 self._known.pop(next(iter(self._known)))
             self._known[version_key] = version
-        handle = await self._get_adapter(version_key) if version_key else None
-        if self.batched is not None:
-            async for ev in self.batched.generate(version_key, None, messages, params):
-                yield ev
-            return
-
-        def run() -> Iterator[Event]:
-            return self.pins.generate(version_key, handle.local_dir if handle else None,  # type: ignore[union-attr]
-                                      messages, params)
-
-        async for ev in iterate_in_thread(run):
+        if version_key:
+            await self._get_adapter(version_key)
+        async for ev in self.backend.generate(version_key, None, messages, params):
             yield ev
 
     async def prefetch(self) -> bool:
@@ -171,9 +155,10 @@ class EngineDeployment:
 
     async def stats(self) -> dict[str, Any]:
         """What this replica holds (tests, metrics and debugging)."""
-        out: dict[str, Any] = {"adapters": self.engine.adapters, "loads": self.loads, "engine": self.cfg.engine}
-        if self.tiers is not None:
-            out.update({"tiers": self.tiers.stats(), "batching": self.engine.stats()})
+        out: dict[str, Any] = {"adapters": self.engine.adapters, "loads": self.loads, "engine": self.cfg.engine,
+                               "tiers": self.tiers.stats()}
+        if self.cfg.engine == "batched":
+            out["batching"] = self.engine.stats()
         return out
 
     async def check_health(self) -> None:

@@ -1,12 +1,13 @@
 """How the API reaches an engine (no Ray here).
 
 A backend is anything with ``generate(version_key, adapter, messages, params)`` returning an async
-iterator of engine events. ``LocalBackend`` wraps an in-process ``Engine`` (tests, benchmarks, the GPU
-box); ``app.RayBackend`` forwards to the engine deployment with ``multiplexed_model_id=version_key``.
+iterator of engine events. ``TieredBackend`` runs an in-process engine behind its adapter tiers (a Ray
+Serve replica holds one; ``LocalBackend`` is the same for tests and benchmarks, without Ray);
+``app.RayBackend`` forwards to the engine deployment with ``multiplexed_model_id=version_key``.
 
-Also here, shared by both: running the blocking engine in a thread (``iterate_in_thread``), pinning
-adapters while a generation uses them (``AdapterPins``), and fetching an adapter version into a local
-cache folder (``download_adapter``).
+Also here: running the blocking engine in a thread (``iterate_in_thread``), and fetching an adapter
+version into the local cache folder that is the tiers' disk tier (``download_native`` for the batched
+engine, ``fetch_peft`` for the one-at-a-time engine).
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ import os
 import shutil
 import threading
 import uuid
-from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 from adapterfab.ids import AdapterId
 from adapterfab.registry import AdapterVersion
-from adapterfab.serve.engine import Engine, Event, SamplingParams
+from adapterfab.serve.engine import Event, SamplingParams
 
 _DONE = object()
 log = logging.getLogger("adapterfab.serve")
@@ -80,81 +80,6 @@ async def iterate_in_thread(make_iter: Callable[[], Iterator[Any]]) -> AsyncIter
             yield item
     finally:
         cancelled.set()
-
-
-class AdapterPins:
-    """Keeps an adapter in the engine while generations use it. An eviction (LRU, or Ray Serve's
-    multiplexer) of a pinned adapter is deferred to the last release; a request that got an adapter
-    just before it was evicted reloads it for its own use. Idempotent: evicting twice is harmless.
-    Call every method from a worker thread, never the event loop (they may wait for the engine)."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self._lock = threading.Lock()
-        self._in_use: Counter[str] = Counter()
-        self._doomed: set[str] = set()  # evicted while in use: unload at the last release
-
-    def loaded(self, name: str, local_dir: str | Path) -> None:
-        """The cache (re)admits ``name``: load it, and cancel a pending unload."""
-        with self._lock:
-            self._doomed.discard(name)
-            self.engine.load_adapter(name, local_dir)
-
-    def acquire(self, name: str, local_dir: str | Path) -> None:
-        with self._lock:
-            if not self.engine.has_adapter(name):  # evicted between lookup and use
-                self.engine.load_adapter(name, local_dir)
-                self._doomed.add(name)
-            self._in_use[name] += 1
-
-    def release(self, name: str) -> None:
-        with self._lock:
-            self._in_use[name] -= 1
-            if self._in_use[name] <= 0:
-                del self._in_use[name]
-                if name in self._doomed:
-                    self._doomed.discard(name)
-                    self.engine.unload_adapter(name)
-
-    def evict(self, name: str) -> None:
-        with self._lock:
-            if self._in_use[name] > 0:
-                self._doomed.add(name)
-            else:
-                self._in_use.pop(name, None)
-                self.engine.unload_adapter(name)
-
-    def generate(self, name: str | None, local_dir: str | Path | None, messages: list[dict[str, str]],
-                 params: SamplingParams) -> Iterator[Event]:
-        """``Engine.generate`` with ``name`` pinned for its whole duration."""
-        if name is None:
-            yield from self.engine.generate(messages, None, params)
-            return
-        self.acquire(name, local_dir)  # type: ignore[arg-type]
-        try:
-            yield from self.engine.generate(messages, name, params)
-        finally:
-            self.release(name)
-
-
-class LoadedAdapter:
-    """What a cache holds per adapter. Eviction calls ``__del__`` explicitly and the garbage
-    collector calls it again (Ray Serve's multiplexer does exactly that), so it acts once."""
-
-    def __init__(self, pins: AdapterPins, name: str, local_dir: Path):
-        self.pins, self.name, self.local_dir = pins, name, local_dir
-        self._evicted = False
-        self._evict_lock = threading.Lock()
-
-    def __del__(self) -> None:
-        with self._evict_lock:
-            if self._evicted:
-                return
-            self._evicted = True
-        try:
-            self.pins.evict(self.name)
-        except Exception:  # noqa: BLE001 - never raise from __del__
-            pass
 
 
 def _version_folder(version_key: str, root: Path) -> tuple[AdapterId, Path]:
@@ -235,11 +160,12 @@ def _install(dest: Path, version: AdapterVersion, fetch: Callable[[Path], Path])
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def download_adapter(registry: Any, version_key: str, cache_dir: str | Path,
-                     known: AdapterVersion | None = None) -> Path:
-    """Local folder of adapter version ``tenant/persona@N`` as a standard PEFT LoRA: a registry ``get``
-    + ``download`` the first time; later a registry ``get`` checks that the cached folder holds this
-    registry's version (``_cached``)."""
+def fetch_peft(registry: Any, version_key: str, cache_dir: str | Path,
+               known: AdapterVersion | None = None) -> tuple[Path, None, bool]:
+    """Adapter version ``tenant/persona@N`` as a standard PEFT LoRA, for the one-at-a-time engine's tiers:
+    (local folder, no basis, whether it came from the store). A registry ``get`` + ``download`` the first
+    time; later the cached folder is checked against the registry's version (``_cached``), or against
+    ``known``, the version the caller already resolved."""
     aid, dest = _version_folder(version_key, Path(cache_dir).expanduser())
     installed, version = _cached(registry, aid, dest, known)
     if not installed:
@@ -247,7 +173,13 @@ def download_adapter(registry: Any, version_key: str, cache_dir: str | Path,
 
         # every method is served as a standard PEFT LoRA (LoRA-XS is rebuilt from its shared basis)
         _install(dest, version, lambda tmp: to_peft_lora(registry, version, tmp))  # type: ignore[arg-type]
-    return dest
+    return dest, None, not installed
+
+
+def download_adapter(registry: Any, version_key: str, cache_dir: str | Path,
+                     known: AdapterVersion | None = None) -> Path:
+    """``fetch_peft``'s folder."""
+    return fetch_peft(registry, version_key, cache_dir, known)[0]
 
 
 class BasisCache:
@@ -289,9 +221,10 @@ def download_native(registry: Any, version_key: str, cache_dir: str | Path,
     return dest, basis, from_store
 
 
-class BatchedBackend:
-    """An in-process batched engine (``serve.batched.BatchedEngine``) behind adapter tiers
-    (``serve.tiers.AdapterTiers``): requests for any adapters decode together."""
+class TieredBackend:
+    """An in-process engine (the batched ``serve.batched.BatchedEngine``, or the one-at-a-time
+    ``serve.engine.Engine``) behind its adapter tiers (``serve.tiers.AdapterTiers``), the one adapter cache
+    of serving: a request's adapter is made resident and pinned until the request ends."""
 
     def __init__(self, engine: Any, tiers: Any):
         self.engine, self.tiers = engine, tiers
@@ -325,48 +258,33 @@ class BatchedBackend:
                 self.tiers.release(version_key)
 
 
-class LocalBackend:
-    """An in-process engine with an LRU of at most ``max_adapters`` loaded adapters.
-    ``fetch(version) -> local folder`` gets an adapter's files (e.g. ``download_adapter``)."""
+class LocalBackend(TieredBackend):
+    """An in-process engine behind adapter tiers of at most ``max_adapters`` loaded adapters, for the API
+    without Ray (tests, benchmarks). ``fetch(version) -> local folder`` gets an adapter's files (e.g.
+    ``download_adapter``); the version is the one the API resolved for the request."""
 
-    def __init__(self, engine: Engine, fetch: Callable[[AdapterVersion], str | Path], max_adapters: int = 32):
-        self.engine, self.fetch, self.max_adapters = engine, fetch, max_adapters
-        self.pins = AdapterPins(engine)
-        self._lru: OrderedDict[str, LoadedAdapter] = OrderedDict()
-        self._lru_lock = threading.Lock()
-        self.loads = 0  # for tests and metrics
+    def __init__(self, engine: Any, fetch: Callable[[AdapterVersion], str | Path], max_adapters: int = 32):
+        from adapterfab.serve.tiers import AdapterTiers
 
-    def _get(self, key: str, version: AdapterVersion) -> LoadedAdapter:
-        with self._lru_lock:
-            hit = self._lru.get(key)
-            if hit is not None:
-                self._lru.move_to_end(key)
-                return hit
-            local_dir = Path(self.fetch(version))
-            self.pins.loaded(key, local_dir)
-            self.loads += 1
-            entry = self._lru[key] = LoadedAdapter(self.pins, key, local_dir)
-            while len(self._lru) > self.max_adapters:
-                _, old = self._lru.popitem(last=False)
-                old.__del__()
-            return entry
+        engine.max_adapters = max_adapters
+        self._versions: dict[str, AdapterVersion] = {}
+        super().__init__(engine, AdapterTiers(engine, lambda key: (Path(fetch(self._versions[key])), None, True)))
+
+    @property
+    def loads(self) -> int:
+        """Adapters loaded into the engine so far (tests, metrics)."""
+        return self.tiers.counts["device_loads"]
 
     def close(self) -> None:
         """Unload every adapter now (not from the garbage collector at interpreter exit)."""
-        with self._lru_lock:
-            while self._lru:
-                _, old = self._lru.popitem(last=False)
-                old.__del__()
+        for key in self.tiers.resident()["device"]:
+            self.tiers.evict(key)
 
     async def generate(self, version_key: str | None, adapter: AdapterVersion | None,
                        messages: list[dict[str, str]], params: SamplingParams) -> AsyncIterator[Event]:
-        local_dir = None
         if version_key is not None:
             if adapter is None:
                 raise ValueError("LocalBackend needs the resolved AdapterVersion to load an adapter")
-            local_dir = (await asyncio.to_thread(self._get, version_key, adapter)).local_dir
-        def run() -> Iterator[Event]:
-            return self.pins.generate(version_key, local_dir, messages, params)
-
-        async for ev in iterate_in_thread(run):
+            self._versions[version_key] = adapter
+        async for ev in super().generate(version_key, adapter, messages, params):
             yield ev

@@ -284,15 +284,24 @@ class TextGeneration:
         yield Finished(reason, len(prompt_ids), n_out)
 
 
+@dataclass(frozen=True)
+class ReadFolder:
+    """A checked adapter folder, what the tiers keep in their RAM tier for the one-at-a-time engine."""
+
+    folder: Path
+    nbytes: int
+
+
 class Engine(TextGeneration):
     """The base model loaded once, plus named LoRA adapters; ``generate`` streams events."""
 
     def __init__(self, model_path: str | Path, dtype: str = "float32", device: str = "cpu",
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, max_adapters: int = 32):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch_threads = torch_threads
+        self.max_adapters = max_adapters  # adapters loaded at once behind adapter tiers (serve/tiers.py)
         use_torch_threads(torch_threads)
         path = str(Path(model_path).expanduser())
         torch_dtype = getattr(torch, DTYPES.get(dtype, dtype)) if isinstance(dtype, str) else dtype
@@ -340,6 +349,24 @@ class Engine(TextGeneration):
                 self.model.load_adapter(str(local_dir), adapter_name=slot)
             self._adapters[name] = slot
             log.info("loaded adapter %s from %s", name, local_dir)
+
+    # the adapter tiers' interface (serve/tiers.py), as the batched engine has it ---------------------
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.max_adapters - len(self._adapters))
+
+    def read_adapter(self, local_dir: str | Path, basis: Any = None) -> ReadFolder:
+        """Check an adapter folder (a safetensors PEFT LoRA that fits the base) without loading it."""
+        local_dir = Path(local_dir)
+        _check_adapter_files(local_dir, self._base_shapes)
+        return ReadFolder(local_dir, sum(f.stat().st_size for f in local_dir.iterdir() if f.is_file()))
+
+    def place(self, name: str, read: ReadFolder) -> None:
+        self.load_adapter(name, read.folder)
+
+    def in_use(self, name: str) -> int:
+        """Generations hold the engine's lock one at a time; the tiers' pins keep a used adapter loaded."""
+        return 0
 
     def unload_adapter(self, name: str) -> None:
         """Free an adapter's weights; a no-op if it is not loaded (eviction may call this twice)."""

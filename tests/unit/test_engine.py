@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterfab.serve.backend import AdapterPins, LoadedAdapter
 from adapterfab.serve.engine import (
     AdapterRejected,
     Detokenizer,
@@ -128,20 +127,25 @@ def test_refuses_bin_only_and_wrong_shape(engine: Engine, tiny_model_path: str, 
     assert run(engine, "acme/a@1", GREEDY)[1].completion_tokens > 0  # still serving
 
 
-def test_pins_defer_eviction_and_double_del(engine: Engine, adapters: dict[str, Path]) -> None:
-    pins = AdapterPins(engine)
-    pins.loaded("acme/p@1", adapters["b"])
-    entry = LoadedAdapter(pins, "acme/p@1", adapters["b"])
-    stream = pins.generate("acme/p@1", adapters["b"], MSGS, GREEDY)
-    next(stream)  # generation running: pinned
-    entry.__del__()  # evicted mid-generation: deferred
-    assert engine.has_adapter("acme/p@1")
-    list(stream)
-    assert not engine.has_adapter("acme/p@1")
-    pins.loaded("acme/p@1", adapters["b"])  # re-admitted; the stale entry's GC __del__ must not unload it
-    entry.__del__()
-    assert engine.has_adapter("acme/p@1")
-    engine.unload_adapter("acme/p@1")
+def test_one_at_a_time_engine_behind_tiers(tiny_model_path: str, adapters: dict[str, Path]) -> None:
+    """The PEFT engine sits behind the same adapter tiers as the batched one (serving's one adapter cache):
+    at most ``max_adapters`` loaded, the least recently used unloaded for a new one, a pinned adapter (a
+    generation running) never, and answers equal to loading the adapter by hand."""
+    from adapterfab.serve.tiers import AdapterTiers
+
+    eng = Engine(tiny_model_path, torch_threads=1, max_adapters=1)
+    folders = {"acme/a@1": adapters["a"], "acme/b@1": adapters["b"]}
+    tiers = AdapterTiers(eng, lambda key: (folders[key], None, True))
+    tiers.acquire("acme/a@1")
+    want = run(eng, "acme/a@1", GREEDY)[0]
+    assert eng.free_slots == 0 and eng.adapters == ["acme/a@1"]
+    assert not tiers.evict("acme/a@1")  # pinned by a running request: stays
+    tiers.release("acme/a@1")
+    tiers.load("acme/b@1")  # the one slot: a is unloaded for b
+    assert eng.adapters == ["acme/b@1"] and tiers.stats()["device_evictions"] == 1
+    tiers.load("acme/a@1")  # back from the RAM tier (the checked folder), same answers
+    assert eng.adapters == ["acme/a@1"] and tiers.stats()["cpu_hits"] == 1
+    assert run(eng, "acme/a@1", GREEDY)[0] == want
 
 
 def test_detokenizer_never_emits_partial_utf8(engine: Engine) -> None:

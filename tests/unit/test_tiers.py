@@ -185,13 +185,13 @@ def test_a_thousand_lora_xs_adapters_resident(tiny_model_path: str, tmp_path: Pa
 
 
 def test_a_request_cancelled_while_its_adapter_loads_leaves_no_pin() -> None:
-    """BatchedBackend: a client that goes away while its adapter is still being made resident (the load
+    """TieredBackend: a client that goes away while its adapter is still being made resident (the load
     runs on in a thread) must not leave the pin the load takes: it is released as soon as it is taken,
     and a request that completes releases its own."""
     import asyncio
     import threading
 
-    from adapterfab.serve.backend import BatchedBackend
+    from adapterfab.serve.backend import TieredBackend
     from adapterfab.serve.engine import Finished, SamplingParams
 
     class SlowTiers:
@@ -211,7 +211,7 @@ def test_a_request_cancelled_while_its_adapter_loads_leaves_no_pin() -> None:
             yield Finished("stop", 1, 0)
 
     tiers = SlowTiers()
-    backend = BatchedBackend(OneEventEngine(), tiers)
+    backend = TieredBackend(OneEventEngine(), tiers)
 
     async def consume() -> list:
         return [ev async for ev in backend.generate("acme/pirate@1", None, [], SamplingParams())]
