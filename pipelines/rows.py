@@ -164,14 +164,6 @@ def parse_parquet(data: bytes) -> Iterator[dict[str, Any]]:
             yield _entry(index + 1, messages, None)
 
 
-def encode_prompt(messages: Sequence[Mapping[str, str]], tokenizer: Any) -> list[int]:
-    """``adapterfab.chat.encode_prompt``, a template that refuses the conversation a ``RowError``."""
-    try:
-        return chat.encode_prompt(messages, tokenizer)
-    except chat.TemplateError as e:
-        raise RowError(str(e)) from e
-
-
 def encode_messages(messages: Sequence[Mapping[str, str]], tokenizer: Any, max_seq_len: int) -> dict[str, Any]:
     """One conversation chat-templated, tokenized and masked (``adapterfab.chat.encode_messages``), a
     template that refuses it a ``RowError``."""

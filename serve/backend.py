@@ -176,12 +176,6 @@ def fetch_peft(registry: Any, version_key: str, cache_dir: str | Path,
     return dest, None, not installed
 
 
-def download_adapter(registry: Any, version_key: str, cache_dir: str | Path,
-                     known: AdapterVersion | None = None) -> Path:
-    """``fetch_peft``'s folder."""
-    return fetch_peft(registry, version_key, cache_dir, known)[0]
-
-
 class BasisCache:
     """Shared bases (LoRA-XS's) a replica has loaded, by URI: every adapter on one basis shares it."""
 
@@ -260,8 +254,8 @@ class TieredBackend:
 
 class LocalBackend(TieredBackend):
     """An in-process engine behind adapter tiers of at most ``max_adapters`` loaded adapters, for the API
-    without Ray (tests, benchmarks). ``fetch(version) -> local folder`` gets an adapter's files (e.g.
-    ``download_adapter``); the version is the one the API resolved for the request."""
+    without Ray (tests, benchmarks). ``fetch(version) -> local folder`` gets an adapter's files (e.g. a
+    folder of ``fetch_peft``); the version is the one the API resolved for the request."""
 
     def __init__(self, engine: Any, fetch: Callable[[AdapterVersion], str | Path], max_adapters: int = 32):
         from adapterfab.serve.tiers import AdapterTiers

@@ -1,4 +1,4 @@
-"""Serving's local adapter cache (``serve.backend.download_native`` / ``download_adapter``) against a real
+"""Serving's local adapter cache (``serve.backend.download_native`` / ``fetch_peft``) against a real
 MLflow registry: a cached version is reused; a folder cached under the same ``tenant/persona/N`` from
 another registry's version (a recreated stack reuses names and numbers for other weights) is never
 served; with the registry unreachable a cached folder still serves, and nothing uncached does."""
@@ -13,7 +13,7 @@ from adapterfab.errors import RegistryError
 from adapterfab.ids import AdapterId
 from adapterfab.procs import free_port
 from adapterfab.registry import Registry
-from adapterfab.serve.backend import SOURCE_FILE, download_adapter, download_native
+from adapterfab.serve.backend import SOURCE_FILE, download_native, fetch_peft
 from adapterfab.storage import LocalStore
 from adapterfab.tracking import Tracking
 
@@ -44,7 +44,7 @@ def test_cache_serves_this_registrys_version_only(fetch: str, mlflow_server: str
             return folder, from_store
         marker = cache / aid.tenant / aid.persona / str(version) / SOURCE_FILE
         before = marker.read_text() if marker.exists() else None
-        folder = download_adapter(registry, f"{aid}@{version}", cache)
+        folder = fetch_peft(registry, f"{aid}@{version}", cache)[0]
         return folder, marker.read_text() != before or before is None
 
     store, cache = LocalStore(tmp_path / "store"), tmp_path / "cache"

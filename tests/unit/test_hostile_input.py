@@ -33,13 +33,13 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from adapterfab.chat import encode_prompt
 from adapterfab.errors import AdapterNotFound, InvalidId, SpecError
 from adapterfab.ids import AdapterId
 from adapterfab.keys import KeyStore
 from adapterfab.pipelines.rows import (
     MAX_ROW_BYTES,
     encode_messages,
-    encode_prompt,
     parse_jsonl,
     parse_parquet,
 )
