@@ -90,9 +90,6 @@ class EngineDeployment:
         self.registry = Registry(cfg.mlflow_uri)
         self.loads = 0
         device = "cuda" if cfg.replica_num_gpus else "cpu"
-        # version key -> the version as the ingress resolved it (sent with each request), so a cold load
-        # does not ask the registry again
-        self._known: dict[str, AdapterVersion] = {}
         if cfg.engine == "batched":
             from adapterfab.serve.batched import BatchedEngine
 
@@ -105,7 +102,7 @@ class EngineDeployment:
             bases = BasisCache()
 
             def fetch(key: str) -> tuple[Path, Any, bool]:
-                return download_native(self.registry, key, cfg.adapter_cache_dir, self._known.get(key), bases)
+                return download_native(self.registry, key, cfg.adapter_cache_dir, self.backend.known.get(key), bases)
         else:
             from adapterfab.serve.engine import Engine
 
@@ -113,7 +110,7 @@ class EngineDeployment:
                                  device=device, max_adapters=cfg.max_adapters_per_replica)
 
             def fetch(key: str) -> tuple[Path, Any, bool]:
-                return fetch_peft(self.registry, key, cfg.adapter_cache_dir, self._known.get(key))
+                return fetch_peft(self.registry, key, cfg.adapter_cache_dir, self.backend.known.get(key))
         self.tiers = AdapterTiers(self.engine, fetch, cpu_bytes=cfg.cpu_cache_mb << 20)
         self.backend = TieredBackend(self.engine, self.tiers)  # one for every request
 
@@ -137,13 +134,11 @@ class EngineDeployment:
     async def generate(self, messages: list[dict[str, str]], params: SamplingParams,
                        version: AdapterVersion | None = None) -> AsyncIterator[Event]:
         version_key = serve.get_multiplexed_model_id() or None
-        if version is not None and version_key and str(version.id) == version_key:
-            if len(self._known) >= 4096:
-                self._known.pop(next(iter(self._known)))
-            self._known[version_key] = version
+        if version is not None and str(version.id) == version_key:
+            self.backend.remember(version)  # before Serve's loader fetches it
         if version_key:
             await self._get_adapter(version_key)
-        async for ev in self.backend.generate(version_key, None, messages, params):
+        async for ev in self.backend.generate(version_key, version, messages, params):
             yield ev
 
     async def prefetch(self) -> bool:

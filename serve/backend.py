@@ -220,8 +220,19 @@ class TieredBackend:
     ``serve.engine.Engine``) behind its adapter tiers (``serve.tiers.AdapterTiers``), the one adapter cache
     of serving: a request's adapter is made resident and pinned until the request ends."""
 
+    KNOWN_MAX = 4096  # versions remembered (oldest forgotten first)
+
     def __init__(self, engine: Any, tiers: Any):
         self.engine, self.tiers = engine, tiers
+        # version key -> the version the API resolved for a request, for the tiers' fetch (``known``): a
+        # cold load then does not ask the registry again
+        self.known: dict[str, AdapterVersion] = {}
+
+    def remember(self, version: AdapterVersion) -> None:
+        key = str(version.id)
+        if key not in self.known and len(self.known) >= self.KNOWN_MAX:
+            self.known.pop(next(iter(self.known)))
+        self.known[key] = version
 
     async def _acquire(self, key: str) -> None:
         """Pin ``key`` (loading it may take a while, in a thread). A request cancelled meanwhile (its client
@@ -242,6 +253,8 @@ class TieredBackend:
 
     async def generate(self, version_key: str | None, adapter: AdapterVersion | None,
                        messages: list[dict[str, str]], params: SamplingParams) -> AsyncIterator[Event]:
+        if adapter is not None and str(adapter.id) == version_key:
+            self.remember(adapter)
         if version_key is not None:
             await self._acquire(version_key)  # pinned until the request ends
         try:
@@ -261,8 +274,7 @@ class LocalBackend(TieredBackend):
         from adapterfab.serve.tiers import AdapterTiers
 
         engine.max_adapters = max_adapters
-        self._versions: dict[str, AdapterVersion] = {}
-        super().__init__(engine, AdapterTiers(engine, lambda key: (Path(fetch(self._versions[key])), None, True)))
+        super().__init__(engine, AdapterTiers(engine, lambda key: (Path(fetch(self.known[key])), None, True)))
 
     @property
     def loads(self) -> int:
@@ -276,9 +288,7 @@ class LocalBackend(TieredBackend):
 
     async def generate(self, version_key: str | None, adapter: AdapterVersion | None,
                        messages: list[dict[str, str]], params: SamplingParams) -> AsyncIterator[Event]:
-        if version_key is not None:
-            if adapter is None:
-                raise ValueError("LocalBackend needs the resolved AdapterVersion to load an adapter")
-            self._versions[version_key] = adapter
+        if version_key is not None and adapter is None:
+            raise ValueError("LocalBackend needs the resolved AdapterVersion to load an adapter")
         async for ev in super().generate(version_key, adapter, messages, params):
             yield ev
