@@ -332,13 +332,15 @@ class Engine(TextGeneration):
     def adapters(self) -> list[str]:
         return sorted(self._adapters)
 
-    def load_adapter(self, name: str, local_dir: str | Path) -> None:
-        """Load a safetensors LoRA under ``name``; a no-op if ``name`` is already loaded."""
+    def load_adapter(self, name: str, local_dir: str | Path, checked: bool = False) -> None:
+        """Load a safetensors LoRA under ``name``; a no-op if ``name`` is already loaded. ``checked``: the
+        folder already passed ``read_adapter``'s check (the tiers place what they read)."""
         local_dir = Path(local_dir)
         with self._lock:
             if name in self._adapters:
                 return
-            _check_adapter_files(local_dir, self._base_shapes)
+            if not checked:
+                _check_adapter_files(local_dir, self._base_shapes)
             slot = f"a{self._next_slot}"
             self._next_slot += 1
             if self.model is self.base:
@@ -362,7 +364,7 @@ class Engine(TextGeneration):
         return ReadFolder(local_dir, sum(f.stat().st_size for f in local_dir.iterdir() if f.is_file()))
 
     def place(self, name: str, read: ReadFolder) -> None:
-        self.load_adapter(name, read.folder)
+        self.load_adapter(name, read.folder, checked=True)
 
     def in_use(self, name: str) -> int:
         """Generations hold the engine's lock one at a time; the tiers' pins keep a used adapter loaded."""
