@@ -15,53 +15,41 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapterfab.chat import TemplateError
-from adapterfab.errors import AdapterfabError, AdapterNotFound, BaseMismatch, RegistryError, ReplicaUnavailable
+from adapterfab.errors import AdapterfabError, AdapterNotFound, BaseMismatch, RegistryError
 from adapterfab.ids import AdapterId, is_decimal
 from adapterfab.registry import AdapterVersion, RegisteredAdapter
+from adapterfab.serve import openai_format
+from adapterfab.serve.api_errors import ApiError, backend_error, field_error, model_not_found
 from adapterfab.serve.backend import Backend
-from adapterfab.serve.engine import Finished, PromptTooLong, SamplingParams, TextDelta
+from adapterfab.serve.engine import Finished, SamplingParams
+from adapterfab.serve.openai_models import MAX_CHOICES, ChatRequest, CompletionRequest, FieldError
+from adapterfab.serve.sampling import InvalidGuide, grammar_of
+
+__all__ = ["ApiError", "RateLimiter", "ResolveCache", "make_api", "model_not_found"]
 
 log = logging.getLogger("adapterfab.serve.api")
 
 BASE_MODEL = "base"
-DEFAULT_MAX_TOKENS = 256
-MAX_TOKENS_LIMIT = 2048
-MAX_STOP_STRINGS = 4
-MAX_STOP_CHARS = 256  # per stop string: each one is matched against the output's tail at every token
-SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # a 64-bit integer, as vLLM's server takes it
 MAX_REQUEST_BYTES = 1 << 20  # a generation request's JSON body; larger ones get a 413 unread
 _RESOLVE_CACHE_MAX_ENTRIES = 10_000
 # a request whose replica died before any byte reached the client (a non-streaming one: any time) is
 # sent again this often; the only retry of a dead replica (app.RayBackend does not retry)
 REPLAYS = 2
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of tokens
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+IGNORED_HEADER = "X-Adapterfab-Ignored-Fields"
 
 
 class RateLimiter:
@@ -87,115 +75,13 @@ class RateLimiter:
         return (1.0 - tokens) / rate if rate > 0 else 60.0
 
 
-def model_not_found(model: str) -> ApiError:
-    """One message for 'missing' and 'not yours', so a 404 reveals nothing."""
-    return ApiError(404, f"The model `{model}` does not exist or you do not have access to it.",
-                    param="model", code="model_not_found")
-
-
-def _encodable(text: str) -> str:
-    """JSON may carry lone surrogates (``"\\ud800"``) that no tokenizer takes: refuse them as a 400."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("the text holds an unpaired UTF-16 surrogate; send valid Unicode") from None
-    return text
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
-    name: str | None = None
-
-    @field_validator("content")
-    @classmethod
-    def _content(cls, v: str) -> str:
-        return _encodable(v)
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
-
-
-class _GenerationRequest(BaseModel):
-    """What chat and text completions share: sampling, stops, streaming, one choice."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str = Field(min_length=1, max_length=300)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = 1
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    user: str | None = Field(None, max_length=256)
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
-        if any(not s for s in stops):
-            raise ValueError("stop strings must not be empty")
-        if any(len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters")
-        for s in stops:
-            _encodable(s)
-        return v
-
-    def _params(self, max_tokens: int) -> SamplingParams:
-        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              stop=tuple(stops), seed=self.seed)
-
-
-class ChatRequest(_GenerationRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-
-    def sampling(self) -> SamplingParams:
-        return self._params(self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS)
-
-
-class CompletionRequest(_GenerationRequest):
-    """``POST /v1/completions``: a raw prompt (no chat template), one choice."""
-
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)  # OpenAI's default for completions
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
-        prompts = [v] if isinstance(v, str) else v
-        if len(prompts) != 1:
-            raise ValueError("send one prompt per request")
-        if not prompts[0]:
-            raise ValueError("the prompt is empty")
-        _encodable(prompts[0])
-        return v
-
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-
-    def sampling(self) -> SamplingParams:
-        return self._params(self.max_tokens)
+_UNION_TAG = re.compile(r"^(str|int|float|bool|dict|list|none|[A-Z]\w*|.*\[.*)$")
 
 
 def _validation_error(errors: list[dict[str, Any]]) -> ApiError:
     first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    # a union's member tags (``str``, ``list[ContentPart]``, ``function-after[...]``) are not fields
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid request")
     if first.get("type") == "extra_forbidden":
@@ -277,20 +163,19 @@ async def _json_body(request: Request, max_bytes: int) -> Any:
         raise ApiError(400, "The request body is not valid JSON.", code="invalid_json") from None
 
 
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
-
 def make_api(backend: Backend, auth: Callable[[str | None], str | None],
              resolver: Callable[[AdapterId], AdapterVersion],
              lister: Callable[[str], list[str]] | None = None, resolve_ttl_s: float = 5.0,
              catalog: Callable[[str], list[RegisteredAdapter]] | None = None,
              on_alias_moved: Callable[[str], Any] | None = None,
-             rate_limit: RateLimiter | None = None, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
+             rate_limit: RateLimiter | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+             max_tokens_cap: int | None = None) -> FastAPI:
     """``auth(key) -> tenant | None`` and ``resolver`` are blocking (they run in a thread pool);
     ``lister(tenant)`` names the tenant's models for ``GET /v1/models`` (base only when absent);
     ``catalog(tenant)`` lists the tenant's registered adapters for ``/v1/registry/...``;
-    a generation request's body over ``max_request_bytes`` gets a 413."""
+    a generation request's body over ``max_request_bytes`` gets a 413. ``max_tokens_cap``: the operator's cap on
+    a reply's tokens (a request asking for more is a 400; one that names none gets up to the rest of the
+    context, within the cap)."""
     app = FastAPI(title="adapterfab", docs_url=None, redoc_url=None)
     resolve = ResolveCache(resolver, resolve_ttl_s, on_alias_moved=on_alias_moved)
 
@@ -340,40 +225,85 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
             raise model_not_found(model)
         return str(version.id), version
 
-    async def generation(request: Request, path_tenant: str | None, kind: str) -> Any:
-        """``kind``: "chat" (messages, the chat template) or "text" (a raw prompt)."""
-        tenant = await tenant_of(request, path_tenant)
-        body = await _json_body(request, max_request_bytes)
-        if not isinstance(body, dict):
-            raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
-        try:
-            req: Any = (ChatRequest if kind == "chat" else CompletionRequest).model_validate(body)
-        except ValidationError as e:
-            raise _validation_error(list(e.errors())) from None
-        version_key, version = await resolve_model(tenant, req.model, path_tenant is not None)
-        shown_model = version_key or BASE_MODEL
-        prompt: Any = ([{"role": m.role, "content": m.content} for m in req.messages] if kind == "chat"
-                       else req.text())
-        prefix = "chatcmpl" if kind == "chat" else "cmpl"
-        meta = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": shown_model}
+    async def start(version_key: str | None, version: AdapterVersion | None, prompt: Any,
+                    params: SamplingParams, model: str, tenant: str, prompt_field: str) -> tuple[Any, Any]:
+        """One generation's first event and the rest; errors before any byte is sent are raised here,
+        and a generation whose replica died is replayed whole (up to ``REPLAYS`` times)."""
         for attempt in range(1, REPLAYS + 2):
-            events = backend.generate(version_key, version, prompt,
-                                      dataclasses.replace(req.sampling(), tenant=tenant)).__aiter__()
+            events = backend.generate(version_key, version, prompt, params).__aiter__()
             try:
-                first = await _first_event(events, req.model, tenant)  # errors before any byte is sent
-                if req.stream:
-                    usage = req.stream_options is not None and req.stream_options.include_usage
-                    return StreamingResponse(_stream(meta, first, events, usage, tenant, kind),
-                                             media_type="text/event-stream", headers=_SSE_HEADERS)
-                return await _complete(meta, first, events, tenant, kind)
+                return await _first_event(events, model, tenant, prompt_field), events
             except ApiError as e:
-                # nothing has reached the client yet: a request whose replica died is replayed whole
+                await openai_format.aclose(events)
                 if e.code != "replica_unavailable" or attempt > REPLAYS:
                     raise
                 log.warning("replaying a request of tenant %s after its replica died (%d/%d)", tenant, attempt,
                             REPLAYS)
                 await asyncio.sleep(0.2 * attempt)  # Serve marks the dead replica; the replay goes to another
         raise AssertionError("unreachable")
+
+    async def generation(request: Request, path_tenant: str | None, kind: str) -> Any:
+        """``kind``: "chat" (messages, the chat template) or "text" (raw prompts or token ids)."""
+        tenant = await tenant_of(request, path_tenant)
+        body = await _json_body(request, max_request_bytes)
+        if not isinstance(body, dict):
+            raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+        try:
+            req: Any = (ChatRequest if kind == "chat" else CompletionRequest).model_validate(body)
+            prompts: list[Any] = [req.conversation()] if kind == "chat" else req.prompts()
+            asked = req.requested_max_tokens
+            if max_tokens_cap is not None and asked is not None and asked > max_tokens_cap:
+                raise FieldError("max_tokens", f"max_tokens is at most {max_tokens_cap} on this server.",
+                                 "invalid_value")
+            params = dataclasses.replace(req.sampling(max_tokens_cap), tenant=tenant)
+            if len(prompts) * req.choices_per_prompt > MAX_CHOICES:
+                raise FieldError("n", f"At most {MAX_CHOICES} choices per request (prompts × n).", "invalid_value")
+            if params.guide is not None:
+                grammar_of(params.guide)  # a schema the decoder refuses is a 400 before any work
+        except ValidationError as e:
+            raise _validation_error(list(e.errors())) from None
+        except FieldError as e:
+            raise field_error(e) from None
+        except InvalidGuide as e:
+            raise ApiError(400, str(e), param="response_format", code="invalid_response_format") from None
+        ignored = req.ignored()
+        if ignored:
+            log.warning("tenant %s: fields ignored in a %s request: %s", tenant, kind, ", ".join(ignored))
+        version_key, version = await resolve_model(tenant, req.model, path_tenant is not None)
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        meta = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": version_key or BASE_MODEL}
+        n, prompt_field = req.choices_per_prompt, "messages" if kind == "chat" else "prompt"
+        jobs = []
+        for p, prompt in enumerate(prompts):
+            for j in range(n):  # the j-th sample of a seeded request draws from seed + j
+                seed = None if params.seed is None else params.seed + j
+                jobs.append((p, prompt, dataclasses.replace(params, seed=seed)))
+        starts = [asyncio.ensure_future(start(version_key, version, prompt, ps, req.model, tenant, prompt_field))
+                  for _, prompt, ps in jobs]
+        try:
+            started = await asyncio.gather(*starts)
+        except BaseException:
+            for t in starts:
+                t.cancel()
+            for r in await asyncio.gather(*starts, return_exceptions=True):
+                if isinstance(r, tuple):
+                    await openai_format.aclose(r[1])
+            raise
+        echo = (req.echo_text() if kind == "chat" else "")
+        choices = [openai_format.Choice(i, p, first, events,
+                                        echo=echo if kind == "chat" else (prompt if req.echo and isinstance(prompt, str)
+                                                                          else ""))
+                   for i, ((p, prompt, _), (first, events)) in enumerate(zip(jobs, started))]
+        headers = {IGNORED_HEADER: ", ".join(ignored)} if ignored else {}
+        on_error = lambda e: backend_error(e, meta["model"], tenant, prompt_field)  # noqa: E731
+        logprobs = params.logprobs is not None
+        if req.stream:
+            usage = req.stream_options is not None and req.stream_options.include_usage
+            return StreamingResponse(openai_format.stream(meta, choices, kind, logprobs, usage, on_error),
+                                     media_type="text/event-stream", headers={**_SSE_HEADERS, **headers})
+        body = await openai_format.complete(meta, choices, kind, logprobs, on_error)
+        return JSONResponse(body, headers=headers)
 
     async def chat(request: Request, path_tenant: str | None) -> Any:
         return await generation(request, path_tenant, "chat")
@@ -474,106 +404,10 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
     return app
 
 
-def _backend_error(exc: BaseException, model: str, tenant: str) -> ApiError:
-    cause = getattr(exc, "cause", None)  # Ray wraps replica errors in RayTaskError(cause)
-    exc = cause if isinstance(cause, BaseException) else exc
-    if isinstance(exc, AdapterNotFound):
-        return model_not_found(model)
-    if isinstance(exc, ReplicaUnavailable):
-        log.warning("tenant %s model %s: %s", tenant, model, exc)
-        return ApiError(503, "The serving replica failed during this request; retry it.", type_="server_error",
-                        code="replica_unavailable", headers={"Retry-After": "1"})
-    if isinstance(exc, PromptTooLong):
-        return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
-    if isinstance(exc, TemplateError):
-        return ApiError(400, f"The model's chat template cannot take these messages: {exc}", param="messages",
-                        code="invalid_messages")
-    log.error("generation failed for tenant %s model %s: %r", tenant, model, exc, exc_info=exc)
-    return ApiError(500, "The server failed to generate a response; see the server log.",
-                    type_="server_error", code="internal_error")
-
-
-async def _first_event(events: AsyncIterator[Any], model: str, tenant: str) -> Any:
+async def _first_event(events: AsyncIterator[Any], model: str, tenant: str, prompt_field: str) -> Any:
     try:
         return await events.__anext__()
     except StopAsyncIteration:
         return Finished("stop", 0, 0)
     except Exception as e:  # noqa: BLE001
-        raise _backend_error(e, model, tenant) from None
-
-
-async def _complete(meta: dict[str, Any], first: Any, events: AsyncIterator[Any],
-                    tenant: str, kind: str = "chat") -> dict[str, Any]:
-    parts: list[str] = []
-    done: Finished | None = None
-    try:
-        ev = first
-        while True:
-            if isinstance(ev, TextDelta):
-                parts.append(ev.text)
-            elif isinstance(ev, Finished):
-                done = ev
-                break
-            ev = await events.__anext__()
-    except StopAsyncIteration:
-        pass
-    except Exception as e:  # noqa: BLE001
-        raise _backend_error(e, meta["model"], tenant) from None
-    finally:
-        await _aclose(events)
-    done = done or Finished("stop", 0, 0)
-    if kind == "text":
-        return {**meta, "object": "text_completion",
-                "choices": [{"index": 0, "text": "".join(parts), "finish_reason": done.finish_reason,
-                             "logprobs": None}], "usage": _usage(done)}
-    return {**meta, "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                         "finish_reason": done.finish_reason, "logprobs": None}],
-            "usage": _usage(done)}
-
-
-async def _stream(meta: dict[str, Any], first: Any, events: AsyncIterator[Any], include_usage: bool,
-                  tenant: str, kind: str = "chat") -> AsyncIterator[str]:
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-        if kind == "text":
-            return _sse({**meta, "object": obj, "choices": [{"index": 0, "text": delta.get("content", ""),
-                                                             "finish_reason": finish, "logprobs": None}]})
-        return _sse({**meta, "object": obj,
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
-
-    try:
-        if kind == "chat":
-            yield chunk({"role": "assistant", "content": ""})
-        ev = first
-        while True:
-            if isinstance(ev, TextDelta):
-                yield chunk({"content": ev.text})
-            elif isinstance(ev, Finished):
-                yield chunk({}, ev.finish_reason)
-                if include_usage:
-                    yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(ev)})
-                break
-            ev = await events.__anext__()
-    except StopAsyncIteration:
-        yield chunk({}, "stop")
-    except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
-        yield _sse(_backend_error(e, meta["model"], tenant).body())
-    finally:
-        await _aclose(events)
-    yield "data: [DONE]\n\n"
-
-
-def _usage(done: Finished) -> dict[str, int]:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
-
-
-async def _aclose(events: AsyncIterator[Any]) -> None:
-    close = getattr(events, "aclose", None)
-    if close is not None:
-        try:
-            await close()
-        except Exception:  # noqa: BLE001 - best effort
-            pass
+        raise backend_error(e, model, tenant, prompt_field) from None

@@ -74,6 +74,9 @@ class ServeConfig:
     # listing costs one indexed query however many other tenants there are); False: from MLflow on every
     # request (for registries changed outside adapterfab, e.g. in MLflow's UI, with no `registry ls --refresh`)
     registry_catalogue: bool = True
+    # the most tokens one reply may ask for (a request asking more gets a 400); a request naming none gets up
+    # to the rest of its context within this cap. None: the context is the only limit
+    max_tokens_cap: int | None = None
 
 
 class EngineDeployment:
@@ -246,7 +249,8 @@ class Ingress:
                    if self.cfg.tenant_rps else None)
         return make_api(backend, keys.verify, checked_resolver(registry, self.cfg.base_fingerprint),
                         lister=lister, catalog=registry.list, resolve_ttl_s=self.cfg.resolve_ttl_s,
-                        on_alias_moved=backend.prefetch, rate_limit=limiter)
+                        on_alias_moved=backend.prefetch, rate_limit=limiter,
+                        max_tokens_cap=self.cfg.max_tokens_cap)
 
 
 def complete_catalogue(registry: Any) -> threading.Thread | None:

@@ -55,9 +55,10 @@ from adapterfab.serve.engine import (
     PromptTooLong,
     SamplingParams,
     TextGeneration,
-    _sample,
     seed_of,
 )
+from adapterfab.serve.sampling import is_plain_greedy
+from adapterfab.serve.sampling import sample as _sample
 from adapterfab.threads import use_torch_threads
 
 log = logging.getLogger("adapterfab.serve.batched")
@@ -78,6 +79,7 @@ class _Request:
     budget: int = 0
     cancelled: bool = False
     retired: bool = False
+    state: Any = None  # sampling.RowState when its sampling needs one (penalties, guide, ...)
 
 
 class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
@@ -203,8 +205,9 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
                                 f"{self.max_len - 1}")
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed_of(params))
-        req = _Request(list(prompt_ids), adapter, params, queue.Queue(), gen)
-        req.budget = min(params.max_tokens, self.max_len - len(prompt_ids))
+        req = _Request(list(prompt_ids), adapter, params, queue.Queue(), gen,
+                       state=self.row_state(prompt_ids, params))
+        req.budget = params.budget(len(prompt_ids), self.max_len)
         with self._wake:
             if adapter is not None:
                 if adapter not in self._slot_of:
@@ -219,7 +222,7 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
         req.produced += 1
         req.last = token
         req.out.put(token)
-        if token in self.eos_ids or req.produced >= req.budget or req.cancelled:
+        if req.params.ends(token, self.eos_ids) or req.produced >= req.budget or req.cancelled:
             return True
         return False
 
@@ -329,20 +332,22 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
     @staticmethod
     def _sample_rows(logits: Any, reqs: list[_Request], rows: list[int] | None = None) -> list[Any]:
         """Each request's next token from its logits row (``rows[k]`` for request k, default k): the
-        greedy ones with one argmax and one device-to-host copy for the whole batch (not a sync per
-        request); sampled ones each with their own generator. A row whose sampling fails gets its
+        plain greedy ones with one argmax and one device-to-host copy for the whole batch (not a sync per
+        request); the others (sampled, penalised, guided, with log-probabilities) each on their own row
+        with their own generator and state (``serve/sampling.py``). A row whose sampling fails gets its
         exception instead of a token: that request fails alone."""
         import torch
 
         rows = rows if rows is not None else list(range(len(reqs)))
         out = [0] * len(reqs)
-        if any(r.params.temperature == 0 for r in reqs):
+        plain = [is_plain_greedy(r.params) for r in reqs]
+        if any(plain):
             best = torch.argmax(logits, dim=-1).tolist()
             out = [best[row] for row in rows]
         for n, r in enumerate(reqs):
-            if r.params.temperature != 0:
+            if not plain[n]:
                 try:
-                    out[n] = _sample(logits[rows[n]], r.params, r.gen)
+                    out[n] = _sample(logits[rows[n]], r.params, r.gen, r.state)
                 except Exception as e:  # noqa: BLE001 - this row's request fails alone, the batch goes on
                     log.warning("sampling failed for one request (%s: %s)", type(e).__name__, e)
                     out[n] = e

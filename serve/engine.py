@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterfab.errors import AdapterfabError
+from adapterfab.serve.sampling import sample
 from adapterfab.threads import use_torch_threads
 
 log = logging.getLogger("adapterfab.serve.engine")
@@ -50,17 +51,49 @@ class PromptTooLong(AdapterfabError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 256
+    """One request's decoding; ``serve/sampling.py`` says in which order they apply (vLLM's)."""
+
+    max_tokens: int | None = 256  # None: up to the end of the engine's context
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
     tenant: str | None = None  # who asked: the batched engine admits tenants' requests in turn
+    top_k: int = 0  # 0 (or -1): every token
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; n: the chosen token's and the n most likely
+    guide: tuple[str, str] | None = None  # structured output: (kind, spec), sampling.GUIDE_KINDS
+
+    def budget(self, prompt_tokens: int, context: int) -> int:
+        """New tokens this request may produce in a context of ``context`` positions."""
+        room = context - prompt_tokens
+        return room if self.max_tokens is None else min(self.max_tokens, room)
+
+    def ends(self, token: int, eos_ids: set[int]) -> bool:
+        """Whether ``token`` ends the request (end of sequence unless ignored, or a stop token id)."""
+        return (token in eos_ids and not self.ignore_eos) or token in self.stop_token_ids
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One output token as the API reports it: its text, log-probability and the top alternatives."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens behind this text, when the request asked
 
 
 @dataclass(frozen=True)
@@ -245,34 +278,68 @@ class TextGeneration:
             cached = self._token_bytes = max((len(t.encode("utf-8", "replace")) for t in vocab), default=1)
         return cached
 
-    def check_prompt_size(self, messages: list[dict[str, str]] | str) -> None:
+    def check_prompt_size(self, messages: list[dict[str, str]] | list[int] | str) -> None:
         """Refuse, before tokenizing it (under the replica-wide tokenizer lock), text that cannot fit:
         no token stands for more bytes than the longest vocabulary entry, and a character is at least one
         byte, so more characters than that times the token limit is too long for certain."""
+        if _is_ids(messages):
+            return  # token ids: the engine checks their count
         chars = len(messages) if isinstance(messages, str) else sum(len(m.get("content") or "") for m in messages)
         limit = self.prompt_token_limit()
         if chars > limit * self._max_token_bytes():
             raise PromptTooLong(f"the prompt has {chars} characters, more than fit in this engine's {limit} "
                                 "tokens")
 
-    def generate(self, messages: list[dict[str, str]] | str, adapter: str | None = None,
+    def row_state(self, prompt_ids: list[int], params: SamplingParams) -> Any:
+        """The per-request state of ``serve/sampling.py`` (None when its sampling needs none)."""
+        from adapterfab.serve.sampling import Guide, GuideTokenizer, RowState, needs_processing
+
+        if not needs_processing(params):
+            return None
+        guide = None
+        if params.guide is not None:
+            with self._tokenizer_lock:
+                tok = getattr(self, "_guide_tok", None)
+                if tok is None:
+                    tok = self._guide_tok = GuideTokenizer(self.tokenizer, self.eos_ids)
+            guide = Guide(tok, params.guide)
+        stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_ids))
+        return RowState(list(prompt_ids), stops, guide)
+
+    def _token_logprob(self, token: Any) -> TokenLogprob:
+        with self._tokenizer_lock:
+            text = self.tokenizer.decode([int(token)])
+            top = tuple((self.tokenizer.decode([i]), lp) for i, lp in token.top)
+        return TokenLogprob(text, token.logprob, top)
+
+    def generate(self, messages: list[dict[str, str]] | list[int] | str, adapter: str | None = None,
                  params: SamplingParams | None = None) -> Iterator[Event]:
-        """Text deltas as they decode, then one ``Finished`` with the finish reason and usage."""
+        """Text deltas as they decode, then one ``Finished`` with the finish reason and usage. ``messages``:
+        a conversation (the chat template), a raw prompt, or prompt token ids."""
         params = params or SamplingParams()
         self.check_prompt_size(messages)
-        prompt_ids = self.encode_chat(messages) if not isinstance(messages, str) else self.encode_text(messages)
+        if _is_ids(messages):
+            prompt_ids = [int(i) for i in messages]
+        elif isinstance(messages, str):
+            prompt_ids = self.encode_text(messages)
+        else:
+            prompt_ids = self.encode_chat(messages)
         detok, stops = Detokenizer(self.tokenizer), StopMatcher(params.stop)
         n_out, reason = 0, "length"
+        pending: list[TokenLogprob] = []  # log-probabilities of tokens whose text is not out yet
         tokens = self.generate_token_ids(prompt_ids, adapter, params)
         try:
             for token in tokens:
                 n_out += 1
-                if token in self.eos_ids:
+                if params.ends(token, self.eos_ids):
                     reason = "stop"
                     break
+                if params.logprobs is not None:
+                    pending.append(self._token_logprob(token))
                 text = stops.push(detok.add(token))
                 if text:
-                    yield TextDelta(text)
+                    yield TextDelta(text, tuple(pending))
+                    pending = []
                 if stops.stopped:
                     reason = "stop"
                     break
@@ -280,8 +347,12 @@ class TextGeneration:
             tokens.close()  # releases the engine (lock or batch row) even when the consumer stops early
         tail = stops.push(detok.flush()) + stops.flush()
         if tail:
-            yield TextDelta(tail)
+            yield TextDelta(tail, tuple(pending))
         yield Finished(reason, len(prompt_ids), n_out)
+
+
+def _is_ids(prompt: Any) -> bool:
+    return isinstance(prompt, list | tuple) and bool(prompt) and all(isinstance(i, int) for i in prompt)
 
 
 @dataclass(frozen=True)
@@ -404,7 +475,8 @@ class Engine(TextGeneration):
         if len(prompt_ids) >= self.max_positions:
             raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens; this model takes at most "
                                 f"{self.max_positions - 1}")
-        budget = min(params.max_tokens, self.max_positions - len(prompt_ids))
+        budget = params.budget(len(prompt_ids), self.max_positions)
+        state = self.row_state(prompt_ids, params)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed_of(params))
         with self._lock, torch.inference_mode():
@@ -414,9 +486,9 @@ class Engine(TextGeneration):
                 for _ in range(budget):
                     out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
                     past = out.past_key_values
-                    token = _sample(out.logits[0, -1], params, gen)
+                    token = sample(out.logits[0, -1], params, gen, state)
                     yield token
-                    if token in self.eos_ids:
+                    if params.ends(token, self.eos_ids):
                         return
                     ids = torch.tensor([[token]], device=self.device)
 
@@ -424,21 +496,3 @@ class Engine(TextGeneration):
 def seed_of(params: SamplingParams) -> int:
     """The generator seed of a request: its own (any integer, folded into torch's 64-bit range) or random."""
     return params.seed % (1 << 64) if params.seed is not None else random.getrandbits(63)
-
-
-def _sample(logits: Any, params: SamplingParams, gen: Any) -> int:
-    import torch
-
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits.float()
-    # shifted so that the largest logit is 0 before the division: however small the temperature, the
-    # scaled logits stay in [-inf, 0] with one 0, and the softmax is finite (a vanishing temperature is
-    # greedy) instead of inf/inf = NaN; the floor keeps a denormal temperature from becoming 0 in float32
-    probs = torch.softmax((logits - logits.max()) / max(params.temperature, 1e-30), dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        drop = torch.cumsum(sorted_p, dim=-1) - sorted_p > params.top_p  # always keeps the top token
-        sorted_p[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=gen))

@@ -209,10 +209,10 @@ def test_a_request_whose_sampling_fails_fails_alone(engine: BatchedEngine, monke
 
     real = batched._sample
 
-    def sample(logits: object, params: SamplingParams, gen: object) -> int:
+    def sample(logits: object, params: SamplingParams, gen: object, state: object = None) -> int:
         if params.top_p == 0.123:
             raise RuntimeError("injected sampling failure")
-        return real(logits, params, gen)
+        return real(logits, params, gen, state)
 
     monkeypatch.setattr(batched, "_sample", sample)
     ok_params = SamplingParams(max_tokens=24, temperature=0.7, seed=1)
