@@ -2,9 +2,9 @@
 
 ``adapterfab up`` starts it as its own process (``python -m adapterfab.serve.dashboard --port 8280``);
 it reads the state database, MLflow and the Ray dashboard named by the stack's settings. The pages are
-static files in ``dashboard_static/`` (hand-written HTML/CSS/JS, loss curves as inline SVG, nothing
-fetched from outside at run time); they poll the API every 2 s, so states and curves move without
-a reload.
+static files in ``dashboard_static/`` (hand-written HTML/CSS/JS; loss charts drawn by uPlot, vendored
+there with its license; nothing fetched from outside at run time); they poll the API every 2 s, so
+states and curves move without a reload.
 
 Every ``/api`` route needs ``Authorization: Bearer <key>``: an operator key
 (``adapterfab keys create-operator``) sees everything, a tenant key (``adapterfab keys create T``) only

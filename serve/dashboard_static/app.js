@@ -29,13 +29,6 @@ function h(tag, attrs, ...children) {
   return el;
 }
 
-function s(tag, attrs, ...children) {
-  const el = document.createElementNS("http://www.w3.org/2000/svg", tag);
-  for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, v);
-  for (const c of children) el.append(c);
-  return el;
-}
-
 async function api(path) {
   const key = localStorage.getItem(KEY);
   if (!key) throw new HttpError(401, "", "no_key");
@@ -85,37 +78,7 @@ function counts(c) {
   return h("span", { class: "counts" }, Object.entries(c).sort().map(([st, n]) => h("span", { class: "count st-" + st.toLowerCase() }, `${n} ${st.toLowerCase()}`)));
 }
 
-// loss curves (inline SVG) -------------------------------------------------------------------------
-// x runs to the job's total steps, so a curve grows across the chart as training goes on
-function lossChart(points, total, w, ht, axes) {
-  const el = s("svg", { class: axes ? "loss-chart" : "loss-curve", viewBox: `0 0 ${w} ${ht}`, width: w, height: ht, role: "img" });
-  if (!points || !points.length) {
-    el.append(s("text", { x: w / 2, y: ht / 2 + 4, "text-anchor": "middle", class: "none" }, "no loss yet"));
-    return el;
-  }
-  const p = axes ? { l: 52, r: 12, t: 12, b: 30 } : { l: 2, r: 2, t: 3, b: 3 };
-  const xs = points.map((q) => q[0]), ys = points.map((q) => q[1]);
-  let [x0, x1, y0, y1] = [Math.min(...xs), Math.max(total || 0, ...xs), Math.min(...ys), Math.max(...ys)];
-  if (x1 === x0) x1 = x0 + 1;
-  if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
-  const X = (x) => p.l + ((x - x0) / (x1 - x0)) * (w - p.l - p.r);
-  const Y = (y) => p.t + (1 - (y - y0) / (y1 - y0)) * (ht - p.t - p.b);
-  const d = points.map((q, i) => `${i ? "L" : "M"}${X(q[0]).toFixed(1)} ${Y(q[1]).toFixed(1)}`).join("");
-  el.setAttribute("aria-label", `loss ${ys[0].toFixed(3)} to ${ys[ys.length - 1].toFixed(3)} over ${points.length} steps`);
-  if (axes) {
-    const base = ht - p.b;
-    el.append(s("line", { x1: p.l, y1: base, x2: w - p.r, y2: base, class: "axis" }),
-      s("line", { x1: p.l, y1: p.t, x2: p.l, y2: base, class: "axis" }),
-      s("text", { x: p.l - 6, y: p.t + 8, "text-anchor": "end" }, y1.toFixed(3)),
-      s("text", { x: p.l - 6, y: base, "text-anchor": "end" }, y0.toFixed(3)),
-      s("text", { x: p.l, y: ht - 8, "text-anchor": "start" }, "step " + x0),
-      s("text", { x: w - p.r, y: ht - 8, "text-anchor": "end" }, "step " + x1));
-  }
-  const last = points[points.length - 1];
-  el.append(s("path", { d, class: "line" }), s("circle", { cx: X(last[0]), cy: Y(last[1]), r: axes ? 3 : 2, class: "dot" }));
-  return el;
-}
-
+// loss curves: charts.js (uPlot), fed from each job's MLflow history --------------------------------
 async function updateCurves(batchId, jobs) {
   const stale = jobs.filter((j) => j.has_loss_curve && (!curves[j.id] || curves[j.id].key !== `${j.step}|${j.state}`));
   const errors = [];
@@ -176,7 +139,7 @@ function jobRow(j) {
     h("td", {}, j.tenant), h("td", {}, j.persona), h("td", {}, j.method), h("td", {}, badge(j.state)),
     h("td", {}, bar(j.progress, `${Math.round(100 * j.progress)}% · ${j.step}/${j.total_steps}`)),
     h("td", {}, j.eta_s !== null ? fmtDur(j.eta_s) : "–"), h("td", { class: "num" }, fmtNum(j.loss)),
-    h("td", { title: c.error || "click the row for a larger chart" }, lossChart(c.points, j.total_steps, 140, 36, false)),
+    h("td", { title: c.error || "click the row for a larger chart" }, Charts.sparkline(j.id, c.points, j.total_steps)),
     h("td", {}, evalCell),
     h("td", {}, version || "–", j.reused ? h("div", { class: "muted" }, "reused") : null),
     h("td", {}, link(j.links.mlflow_run, "MLflow run", true) || "–"));
@@ -204,7 +167,7 @@ async function pageBatch(id) {
   const sel = jobs.find((j) => j.id === selected) || jobs.find((j) => j.has_loss_curve) || jobs[0];
   const detail = h("div", { class: "card", id: "job-detail" },
     h("h2", {}, `Loss: ${sel.tenant}/${sel.persona}`, " ", badge(sel.state)),
-    lossChart((curves[sel.id] || {}).points, sel.total_steps, 1000, 220, true));
+    Charts.lossChart(sel, (curves[sel.id] || {}).points, Math.max(320, main.clientWidth - 82)));
   return { node: h("section", {}, head,
     h("div", { class: "scroll" }, h("table", { id: "jobs" },
       h("thead", {}, h("tr", {}, ["Tenant", "Persona", "Method", "State", "Progress", "ETA", "Loss", "Curve", "Eval loss", "Version", "Links"].map((c) => h("th", {}, c)))),
@@ -318,6 +281,7 @@ function showKeyForm(message) {
   input, h("button", { type: "submit" }, "Open")));
   document.getElementById("whoami").textContent = "";
   document.getElementById("change-key").hidden = true;
+  Charts.sweep();
   setError(null);
   input.focus();
 }
@@ -333,6 +297,7 @@ async function refresh() {
     const view = await render(r);
     if (gen !== generation) return;
     main.replaceChildren(view.node);
+    Charts.sweep(); // destroys the charts this page no longer shows
     pollMs = view.pollMs || POLL_MS;
     setError(view.warning || null);
     stamp(pollMs);
@@ -349,7 +314,7 @@ async function refresh() {
       showKeyForm(e.code === "no_key" ? null : "That key was not accepted: " + e.message);
       return; // no polling until a key is entered
     }
-    if (e.status === 404) { main.replaceChildren(empty("Not found", e.message)); setError(null); stamp(pollMs); }
+    if (e.status === 404) { main.replaceChildren(empty("Not found", e.message)); Charts.sweep(); setError(null); stamp(pollMs); }
     else setError(e.message); // keep the last good view on screen
   }
   timer = setTimeout(refresh, pollMs);

@@ -1,9 +1,10 @@
 """The dashboard in a real browser (Debian's headless chromium driven by Playwright) against the stack
 that `adapterfab up` starts, while a small 2-tenant batch on the tiny model trains: the page asks for a
 key, the batch's jobs move to a terminal state without a reload, loss curves are drawn from MLflow's
-per-step history, the cluster page shows Ray's node and where the jobs ran, the registry page shows the
-promotion decisions, and a tenant's key neither lists nor opens another tenant's batch. Screenshots of
-each page are written to docs/dashboard-*.png (docs/dashboard.md shows them)."""
+per-step history by the vendored uPlot (served by the dashboard itself; hovering the large chart shows
+the values under the cursor), the cluster page shows Ray's node and where the jobs ran, the registry
+page shows the promotion decisions, and a tenant's key neither lists nor opens another tenant's batch.
+Screenshots of each page are written to docs/dashboard-*.png (docs/dashboard.md shows them)."""
 
 from __future__ import annotations
 
@@ -128,10 +129,32 @@ def _job_states(page) -> dict[str, str]:  # noqa: ANN001
 
 
 def _curve_points(page) -> list[int]:  # noqa: ANN001
-    """Points drawn per job row's loss curve (one M then an L per further point)."""
-    return page.eval_on_selector_all("#jobs svg.loss-curve", "svgs => svgs.map(s => { "
-                                     "const p = s.querySelector('path'); "
-                                     "return p ? p.getAttribute('d').split('L').length : 0; })")
+    """Points drawn per job row's loss curve (the steps in the data of the uPlot chart in each row)."""
+    return page.eval_on_selector_all("#jobs .chart", "els => els.map(e => e.uplot.data[0].length)")
+
+
+def _blue_pixels(page, selector: str) -> int:  # noqa: ANN001
+    """Pixels of the train-loss line's blue (--accent, #2f6fdf) on the chart's canvas: 0 when nothing is drawn."""
+    return page.eval_on_selector(selector + " canvas", "c => { const d = c.getContext('2d')"
+                                 ".getImageData(0, 0, c.width, c.height).data; let n = 0; "
+                                 "for (let i = 0; i < d.length; i += 4) "
+                                 "if (d[i + 3] > 200 && d[i + 2] > 180 && d[i] < 110 && d[i + 1] < 160) n++; "
+                                 "return n; }")
+
+
+def _hover_detail_chart(page) -> None:  # noqa: ANN001
+    """The cursor over the large chart: uPlot's legend shows the step and loss under it, as drawn."""
+    legend = "#job-detail .u-legend .u-series"
+    page.mouse.move(640, 5)  # the header's empty middle: off the chart
+    assert page.inner_text(f"{legend}:nth-child(2) .u-value") == "--"  # no cursor yet: no value
+    box = page.locator("#job-detail .u-over").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] / 2)
+    idx = page.eval_on_selector("#job-detail .chart", "e => e.uplot.cursor.idx")
+    assert isinstance(idx, int), idx
+    step, loss = page.eval_on_selector("#job-detail .chart", f"e => [e.uplot.data[0][{idx}], e.uplot.data[1][{idx}]]")
+    assert page.inner_text(f"{legend}:nth-child(1) .u-value") == str(step)
+    assert page.inner_text(f"{legend}:nth-child(2) .u-value") == f"{loss:.4f}"
+    assert 0 < step < STEPS
 
 
 @pytest.mark.timeout(1200)
@@ -148,6 +171,16 @@ def test_dashboard_follows_a_running_batch(stack, keys, batches, browser) -> Non
     page.close()
 
     page = _open(browser, info["ui_url"], keys["operator"])
+    requests: list[str] = []
+    served: dict[str, int] = {}
+    errors: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("response", lambda r: served.__setitem__(r.url, r.status))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.reload()  # the key stays in localStorage: this load's requests are all seen
+    page.wait_for_selector("#whoami:not(:empty)")
+    assert served.get(info["ui_url"] + "/static/uPlot.iife.min.js") == 200  # the vendored chart library
+    assert page.evaluate("typeof uPlot") == "function"
     assert page.inner_text("#whoami").startswith("operator")
     page.wait_for_selector(f"#batches tr[data-batch-id='{batches['mixed']}']")
     page.click(f"#batches tr[data-batch-id='{batches['mixed']}'] a")
@@ -173,12 +206,27 @@ def test_dashboard_follows_a_running_batch(stack, keys, batches, browser) -> Non
     assert sorted(states.values()) == ["SUCCEEDED", "SUCCEEDED"], (states, seen)
     assert all(seen[j] - set(TERMINAL) for j in states), seen  # each job was seen before its end, live
     assert page.evaluate("window.__sameDocument") is True  # updated in place, never reloaded
-    page.wait_for_function(f"() => [...document.querySelectorAll('#jobs svg.loss-curve path')]"
-                           f".filter(p => p.getAttribute('d').split('L').length === {STEPS}).length === 2")
+    page.wait_for_function(f"() => [...document.querySelectorAll('#jobs .chart')]"
+                           f".filter(e => e.uplot.data[0].length === {STEPS}).length === 2")
     assert _curve_points(page) == [STEPS, STEPS]  # every step's loss, as MLflow recorded it
-    assert page.get_attribute("#job-detail svg.loss-chart path", "d").count("L") == STEPS - 1
+    detail = page.eval_on_selector("#job-detail .chart", "e => ({n: e.uplot.data[1].length, "
+                                   "labels: e.uplot.series.map(s => s.label)})")
+    assert detail["n"] == STEPS
+    # the selected job succeeded: its held-out eval loss and the base's are drawn beside the train loss
+    assert detail["labels"][1:] == ["train loss", "eval loss (held-out)", "base eval loss (held-out)"], detail
+    assert _blue_pixels(page, "#job-detail .chart") > 200  # the curve is on the canvas, not only in data
+    assert all(_blue_pixels(page, f"#jobs tr[data-job-id='{j}'] .chart") > 20 for j in states)
     assert page.locator("#jobs a[href$='/1']").count() == 2  # each job links to its registry version
-    _shot(page, "dashboard-batch.png")
+    page.locator("#job-detail .u-legend").scroll_into_view_if_needed()
+    _hover_detail_chart(page)
+    page.screenshot(path=str(DOCS / "dashboard-batch.png"))  # with the cursor on the chart: its values
+
+    # a job with no loss yet (globex-only was recorded, never run): placeholders, no chart, no error
+    page.goto(info["ui_url"] + f"/#/batches/{batches['globex_only']}")
+    page.wait_for_selector("#job-detail .chart-none")
+    assert "no loss yet" in page.inner_text("#job-detail") and "no loss yet" in page.inner_text("#jobs")
+    assert page.locator(".uplot").count() == 0  # the other batch's charts went with its page
+    assert not page.is_visible("#error"), page.inner_text("#error")
 
     page.goto(info["ui_url"] + "/#/batches")
     page.wait_for_selector(f"#batches tr[data-batch-id='{batches['mixed']}'] .badge.st-succeeded")
@@ -194,6 +242,9 @@ def test_dashboard_follows_a_running_batch(stack, keys, batches, browser) -> Non
     assert "beats" in text or "refused" in text.lower()  # the decision's reason is shown
     _shot(page, "dashboard-registry.png")
     assert cluster_shot, "no job was seen TRAINING: the cluster page was not checked live"
+    assert not errors, errors
+    outside = [u for u in requests if not u.startswith((info["ui_url"] + "/", "data:"))]
+    assert not outside, outside  # every script, style and chart from the dashboard itself
 
 
 def _cluster_while_training(page, batch_id: str) -> None:  # noqa: ANN001
