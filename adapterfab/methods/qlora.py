@@ -78,7 +78,9 @@ def _paged_adamw(params: list, lr: float, weight_decay: float) -> Any:
     params = list(params)
     if all(p.numel() < PAGED_MIN_NUMEL for p in params):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
-    import bitsandbytes as bnb
+    from adapterfab.extras import need
+
+    bnb = need("bitsandbytes")
 
     with warnings.catch_warnings():  # on CPU it falls back to non-paged behaviour and says so
         warnings.simplefilter("ignore")

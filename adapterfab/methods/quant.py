@@ -37,7 +37,9 @@ def keep_trainable_layout(model: Any) -> int:
     """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout when the model runs
     in eval/no-grad mode: after that repack, backward through the layer silently yields no gradient
     (tests/unit/test_lora_xs.py, test_methods.py). Returns how many 4-bit layers were set."""
-    import bitsandbytes as bnb
+    from adapterfab.extras import need
+
+    bnb = need("bitsandbytes")
 
     n = 0
     for m in model.modules():

@@ -543,7 +543,7 @@ def test_cluster_launcher() -> None:
     repo_dirs = [remote for remote, local in cfg["file_mounts"].items() if local in (".", "./")]
     assert repo_dirs, "file_mounts does not sync the repository"
     installs = [c for c in cfg["setup_commands"] if "pip install" in c and repo_dirs[0] in c]
-    assert any(f"-c {repo_dirs[0]}/requirements.lock" in c for c in installs), installs
+    assert any(f"-c {repo_dirs[0]}/requirements.lock" in c and "[zero,qlora]" in c for c in installs), installs
     starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
     env_file = re.search(r"cat > (\S+) <<", "\n".join(cfg["setup_commands"]))
     assert env_file, "setup_commands write no env file"
@@ -575,11 +575,15 @@ def test_dockerfile_installs_the_project() -> None:
         assert folder in copied, f"the Dockerfile does not copy the package folder {folder}/"
     pip = [shlex.split(cmd) for op, rest in instructions if op == "RUN"
            for cmd in rest.split("&&") if "pip install" in cmd]
-    project = [argv for argv in pip if "." in argv or any(a in ("-e.", "--editable=.") for a in argv)]
+    project = [argv for argv in pip if any(a in (".", "-e.", "--editable=.") or a.startswith(".[") for a in argv)]
     assert project, "no `pip install .` of the project (pyproject.toml's name: " \
                     f"{pyproject['project']['name']})"
     assert any("requirements.lock" in argv for argv in project), "the project is installed without the lock"
     assert any(argv[-1] == "." and "-e" in argv for argv in project), "the final install is not editable"
+    # the extras: DeepSpeed ZeRO and bitsandbytes in every pod, with the lock's versions
+    extras = {e for argv in project if "requirements.lock" in argv for a in argv if a.startswith(".[")
+              for e in a[2:-1].split(",")}
+    assert extras == {"zero", "qlora"} <= set(pyproject["project"]["optional-dependencies"]), extras
     assert IMAGE in DOCKERFILE.read_text() and IMAGE in (INFRA / "README.md").read_text()
 
 
