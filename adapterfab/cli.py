@@ -5,8 +5,11 @@
     adapterfab plan BATCH.yaml                 jobs, resources, output adapter ids
     adapterfab submit BATCH.yaml [--wait]      run a batch; prints its id
     adapterfab status [BATCH_ID] [--json]      per-job state, progress, metrics
+    adapterfab cancel BATCH_ID                 stop a batch; registered versions stay
+    adapterfab logs BATCH_ID [JOB]             the batch's orchestrator log, or one job's lines
     adapterfab registry ls|show|promote        the MLflow registry
     adapterfab serve [--port 8000]             the OpenAI-compatible serving app (Ray Serve)
+    adapterfab ... --json                      every command: one JSON document on stdout
     adapterfab keys create TENANT [--expires]  a new API key for a tenant
     adapterfab keys create-operator            a dashboard key that sees every tenant
     adapterfab keys list|revoke|rotate         key lifecycle (takes effect on running servers)
@@ -14,24 +17,32 @@
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.table import Table
 
-from adapterfab.cli_common import _fail, _need_mlflow, _settings, err, out
+from adapterfab.cli_batches import _wait, cancel, logs
+from adapterfab.cli_common import (
+    EXIT_CODES_HELP,
+    EXIT_FAILED,
+    EXIT_INVALID,
+    _fail,
+    _need_mlflow,
+    _print_json,
+    _settings,
+    complete_batch_id,
+    err,
+    json_option,
+    out,
+)
 from adapterfab.cli_keys import keys_app
 from adapterfab.cli_registry import registry_app
 from adapterfab.errors import AdapterfabError, SpecError
-from adapterfab.settings import Settings
 
-app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__.split("\n\n")[0]
-)
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__.split("\n\n")[0],
+                  epilog=EXIT_CODES_HELP)
 app.add_typer(registry_app, name="registry")
 app.add_typer(keys_app, name="keys")
 
@@ -44,7 +55,8 @@ def up(mlflow_port: int | None = typer.Option(None, help="MLflow port (default 5
        num_cpus: int | None = typer.Option(None, help="CPUs the Ray head offers (default: all)"),
        artifacts_destination: str | None = typer.Option(None, help="MLflow artifacts: a folder or s3://"),
        backend_store_uri: str | None = typer.Option(None, help="MLflow backend (default SQLite)"),
-       ui_port: int | None = typer.Option(None, help="dashboard UI port (default 8280 or a free one)")) -> None:
+       ui_port: int | None = typer.Option(None, help="dashboard UI port (default 8280 or a free one)"),
+       as_json: bool = json_option()) -> None:
     """Start the local stack: Ray head, MLflow tracking server, dashboard UI. Idempotent."""
     from adapterfab.stack import up as stack_up
 
@@ -54,6 +66,9 @@ def up(mlflow_port: int | None = typer.Option(None, help="MLflow port (default 5
                         artifacts_destination, backend_store_uri, ui_port)
     except AdapterfabError as e:
         _fail(e)
+    if as_json:
+        _print_json({"home": str(s.home), "ray_address": info.ray_address, **info.urls()})
+        return
     out.print(f"stack up (home {s.home})")
     out.print(f"  MLflow:        {info.mlflow_uri}")
     out.print(f"  Ray dashboard: {info.dashboard_url}   (ray address {info.ray_address})")
@@ -62,17 +77,24 @@ def up(mlflow_port: int | None = typer.Option(None, help="MLflow port (default 5
 
 
 @app.command()
-def down() -> None:
+def down(as_json: bool = json_option()) -> None:
     """Stop the local stack (Ray, MLflow, serving, running orchestrators). Idempotent."""
     from adapterfab.stack import down as stack_down
 
-    stopped = stack_down(_settings())
-    out.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    s = _settings()
+    stopped = stack_down(s)
+    if as_json:
+        _print_json({"home": str(s.home), "stopped": stopped})
+        return
+    out.print("stopped: " + (", ".join(stopped) if stopped else f"nothing was running (home {s.home})"),
+              markup=False)
 
 
 @app.command()
-def validate(batch: Path = typer.Argument(..., help="batch spec YAML")) -> None:
-    """Check a batch spec (schema, ids, datasets, method, base model) without running anything."""
+def validate(batch: Path = typer.Argument(..., help="batch spec YAML"), as_json: bool = json_option()) -> None:
+    """Check a batch spec (schema, ids, datasets, method, base model) without running anything.
+
+    Exit code 2 on problems (with --json: {"ok": false, "problems": [{"field", "message"}, ...]})."""
     from adapterfab.jobs.admission import admit
     from adapterfab.spec import load_spec
     from adapterfab.storage import s3_object_error
@@ -81,14 +103,20 @@ def validate(batch: Path = typer.Argument(..., help="batch spec YAML")) -> None:
         spec, jobs, _ = load_spec(batch)
         admit(spec, jobs, dataset_exists=s3_object_error)
     except SpecError as e:
-        _fail(e, 2)
+        if as_json:
+            _print_json({"ok": False, "problems": [{"field": f, "message": m} for f, m in e.problems]})
+        _fail(e, EXIT_INVALID)
+    if as_json:
+        _print_json({"ok": True, "name": spec.name, "jobs": len(jobs), "tenants": len({j.tenant for j in jobs}),
+                     "base_model": spec.base_model})
+        return
     out.print(f"[green]ok[/green]: {spec.name}: {len(jobs)} job(s) for "
-              f"{len({j.tenant for j in jobs})} tenant(s) on {spec.base_model}")
+              f"{len({j.tenant for j in jobs})} tenant(s) on {spec.base_model}", markup=True)
 
 
 @app.command()
 def plan(batch: Path = typer.Argument(..., help="batch spec YAML"),
-         as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+         as_json: bool = json_option()) -> None:
     """The jobs a batch would run: resources, estimates and output adapter ids."""
     from adapterfab.jobs.admission import admit
     from adapterfab.spec import load_spec
@@ -98,9 +126,9 @@ def plan(batch: Path = typer.Argument(..., help="batch spec YAML"),
         spec, jobs, _ = load_spec(batch)
         planned = admit(spec, jobs, dataset_exists=s3_object_error, batch_id="new-batch")
     except SpecError as e:
-        _fail(e, 2)
+        _fail(e, EXIT_INVALID)
     if as_json:
-        out.print_json(json.dumps([p.to_dict() for p in planned]))
+        _print_json([p.to_dict() for p in planned])
         return
     t = Table(title=f"plan: {spec.name} on {spec.base_model}")
     for col in ("adapter", "registry model", "method", "steps x batch", "cpus", "gpus", "trainable",
@@ -118,12 +146,6 @@ def plan(batch: Path = typer.Argument(..., help="batch spec YAML"),
         out.print(f"estimated training time: ≤ {total:g} job-seconds in all (steps only, rows at max_seq_len)")
 
 
-def _print_status(dump: dict, every_job: bool = False) -> None:
-    from adapterfab.status import print_status
-
-    print_status(dump, every_job, out)
-
-
 @app.command()
 def submit(batch: Path | None = typer.Argument(None, help="batch spec YAML (not with --resume)"),
            wait: bool = typer.Option(False, "--wait", help="show progress until every job is terminal"),
@@ -133,10 +155,14 @@ def submit(batch: Path | None = typer.Argument(None, help="batch spec YAML (not 
            address: str | None = typer.Option(None, "--address", help="run on a Ray cluster through the "
                                                  "Ray Jobs API: http://HEAD:8265 or ray://HEAD:10001"),
            resume: str | None = typer.Option(None, "--resume", metavar="BATCH_ID",
-                                                help="finish a batch whose orchestrator died: SUCCEEDED jobs "
-                                                     "stay as they are, the others run again")
+                                                help="finish a batch whose orchestrator died (or a cancelled "
+                                                     "one): SUCCEEDED jobs stay as they are, the others run again"),
+           as_json: bool = json_option("one JSON document on stdout: the batch id (with --wait: the batch's "
+                                       "status at its end; progress goes to stderr)")
            ) -> None:
-    """Validate and run a batch. Prints the batch id; exit code 0 (with --wait) only if all succeeded."""
+    """Validate and run a batch; prints its id.
+
+    With --wait, exit code 0 only if every job succeeded (1: a job failed, 4: the batch was cancelled)."""
     from adapterfab.jobs.admission import admit
     from adapterfab.jobs.orchestrate import create_batch, launch_detached, new_batch_id, prepare_resume
     from adapterfab.spec import load_spec
@@ -144,9 +170,10 @@ def submit(batch: Path | None = typer.Argument(None, help="batch spec YAML (not 
     from adapterfab.storage import s3_object_error
 
     s = _settings()
+    say = err if as_json else out
     if resume:
         if batch is not None or address:
-            _fail(AdapterfabError("--resume BATCH_ID takes no spec file and no --address"), 2)
+            _fail(AdapterfabError("--resume BATCH_ID takes no spec file and no --address"), EXIT_INVALID)
         try:
             local = read_stack(s)
             if not s.ray_address or (local is not None and not stack_alive(local)):
@@ -155,14 +182,18 @@ def submit(batch: Path | None = typer.Argument(None, help="batch spec YAML (not 
             todo = prepare_resume(s, resume)
         except AdapterfabError as e:
             _fail(e)
-        out.print(f"batch {resume}  (resuming: {todo} job(s) to finish)")
         if todo:
             launch_detached(s, resume)
         if wait or not todo:
-            raise typer.Exit(_wait(s, resume, timeout_s))
+            say.print(f"batch {resume}  (resuming: {todo} job(s) to finish)", markup=False)
+            raise typer.Exit(_wait(s, resume, timeout_s, as_json=as_json))
+        if as_json:
+            _print_json({"batch_id": resume, "resumed_jobs": todo})
+        else:
+            out.print(f"batch {resume}  (resuming: {todo} job(s) to finish)")
         return
     if batch is None:
-        _fail(AdapterfabError("a batch spec file is needed (or --resume BATCH_ID)"), 2)
+        _fail(AdapterfabError("a batch spec file is needed (or --resume BATCH_ID)"), EXIT_INVALID)
     try:
         checked = load_spec(batch)  # refuse a bad spec before anything else; validated and planned once
         batch_id = new_batch_id()
@@ -171,34 +202,49 @@ def submit(batch: Path | None = typer.Argument(None, help="batch spec YAML (not 
             from adapterfab.jobs.remote import follow, submit_remote
 
             sid = submit_remote(address, batch, batch_id, force)
-            out.print(f"batch {batch_id}  (Ray Job {sid} on {address})")
-            if wait:
-                final = follow(address, batch_id, lambda line: out.print(line, markup=False), timeout_s)
+            if not wait:
+                if as_json:
+                    _print_json({"batch_id": batch_id, "submission_id": sid, "address": address})
+                else:
+                    out.print(f"batch {batch_id}  (Ray Job {sid} on {address})")
+                return
+            say.print(f"batch {batch_id}  (Ray Job {sid} on {address})")
+            final = follow(address, batch_id, lambda line: say.print(line, markup=False), timeout_s)
+            if as_json:
+                _print_json({"batch_id": batch_id, "submission_id": sid, "address": address, "status": final})
+            else:
                 out.print(f"Ray Job {sid}: {final}")
-                raise typer.Exit(0 if final == "SUCCEEDED" else 1)
-            return
+            raise typer.Exit(0 if final == "SUCCEEDED" else EXIT_FAILED)
         local = read_stack(s)
         if not s.ray_address or (local is not None and not stack_alive(local)):
             raise AdapterfabError("the local stack is not running: run `adapterfab up` first")
         _need_mlflow(s)
         batch_id = create_batch(s, batch, force=force, batch_id=batch_id, checked=(*checked, planned))
     except SpecError as e:
-        _fail(e, 2)
+        _fail(e, EXIT_INVALID)
     except AdapterfabError as e:
         _fail(e)
     launch_detached(s, batch_id)
-    out.print(f"batch {batch_id}")
     if wait:
-        raise typer.Exit(_wait(s, batch_id, timeout_s))
+        say.print(f"batch {batch_id}")
+        raise typer.Exit(_wait(s, batch_id, timeout_s, as_json=as_json))
+    if as_json:
+        _print_json({"batch_id": batch_id})
+    else:
+        out.print(f"batch {batch_id}")
 
 
 @app.command()
 def run(batch: Path = typer.Argument(..., help="batch spec YAML"),
         batch_id: str | None = typer.Option(None, "--batch-id", help="id to record the batch under"),
-        force: bool = typer.Option(False, "--force", help="retrain even if an identical version exists")
+        force: bool = typer.Option(False, "--force", help="retrain even if an identical version exists"),
+        as_json: bool = json_option("one JSON document on stdout: the batch's status at its end (progress "
+                                    "goes to stderr)")
         ) -> None:
-    """Run a batch in the foreground on the Ray cluster this process belongs to (what a Ray Job or a
-    KubeRay RayJob runs; `submit --address` uses it). Exit code 0 only if every job succeeded."""
+    """Run a batch in the foreground on the Ray cluster this process is on.
+
+    What a Ray Job or a KubeRay RayJob runs (`submit --address` uses it). Exit code 0 only if every job
+    succeeded (1: a job failed, 4: the batch was cancelled)."""
     import logging
     import threading
 
@@ -210,10 +256,10 @@ def run(batch: Path = typer.Argument(..., help="batch spec YAML"),
         _need_mlflow(s)
         bid = create_batch(s, batch, force=force, batch_id=batch_id)
     except SpecError as e:
-        _fail(e, 2)
+        _fail(e, EXIT_INVALID)
     except AdapterfabError as e:
         _fail(e)
-    out.print(f"batch {bid}")
+    (err if as_json else out).print(f"batch {bid}")
     failure: list[BaseException] = []
 
     def orchestrate() -> None:
@@ -224,75 +270,40 @@ def run(batch: Path = typer.Argument(..., help="batch spec YAML"),
 
     worker = threading.Thread(target=orchestrate, name="orchestrator", daemon=True)
     worker.start()
-    code = _wait(s, bid, 0, finished=lambda: not worker.is_alive())
+    code = _wait(s, bid, 0, finished=lambda: not worker.is_alive(), as_json=as_json)
     worker.join()
     if failure:
-        err.print(f"the batch {bid} could not run: {failure[0]}")
+        err.print(f"the batch {bid} could not run: {failure[0]}", markup=False)
     raise typer.Exit(code)
 
 
-def _wait(s: Settings, batch_id: str, timeout_s: float, finished: Any = None) -> int:
-    """Print progress until the batch is terminal; ``finished()`` says the in-process orchestrator ended."""
-    from adapterfab.state import StateStore
-
-    state = StateStore(s.state_url)
-    t0 = time.monotonic()
-    last: dict[str, tuple] = {}
-    since = 0.0
-    while True:
-        b = state.get_batch(batch_id)
-        polled = time.time()
-        for j in state.jobs_changed(batch_id, since - 2.0):  # what changed since the last poll (clock slack)
-            key = (j.state.value, j.step)
-            if last.get(j.id) != key:
-                last[j.id] = key
-                loss = f" loss {j.loss:.3f}" if j.loss is not None else ""
-                extra = f" -> version {j.model_version}" if j.model_version else ""
-                extra += " (reused: same spec, data and code; --force retrains)" if j.reused_version else ""
-                why = f": {j.error}" if j.error else ""
-                out.print(f"[{time.monotonic() - t0:6.0f}s] {j.tenant}/{j.persona} {j.state.value} "
-                          f"{j.step}/{j.total_steps}{loss}{extra}{why}", markup=False)
-        since = polled
-        if b.state in ("SUCCEEDED", "FAILED"):
-            _print_status(state.dump(batch_id))
-            return 0 if b.state == "SUCCEEDED" else 1
-        if finished is not None and finished() and state.get_batch(batch_id).state not in ("SUCCEEDED", "FAILED"):
-            return 1
-        if b.orchestrator_pid and not state.orchestrator_alive(b) and time.monotonic() - t0 > 10:
-            b = state.get_batch(batch_id)
-            if b.state not in ("SUCCEEDED", "FAILED"):
-                err.print(f"the orchestrator of {batch_id} died; see {s.logs / (batch_id + '.log')}")
-                return 1
-        if timeout_s and time.monotonic() - t0 > timeout_s:
-            err.print(f"stopped waiting after {timeout_s:.0f}s; the batch goes on (`adapterfab status {batch_id}`)")
-            return 1
-        time.sleep(1.0)
-
-
 @app.command()
-def status(batch_id: str | None = typer.Argument(None, help="a batch id (default: list batches)"),
-           as_json: bool = typer.Option(False, "--json"),
+def status(batch_id: str | None = typer.Argument(None, help="a batch id (default: list batches)",
+                                              autocompletion=complete_batch_id),
+           as_json: bool = json_option(),
            every_job: bool = typer.Option(False, "--all", help="every job of a large batch, not only those "
                                                                "still running or failed"),
            address: str | None = typer.Option(None, "--address", help="a batch submitted with "
                                                  "`submit --address`: its Ray Job's status and log")) -> None:
-    """Per-job state, progress and final metrics of a batch, or the list of batches. (On the default
-    SQLite state DB the `adapterfab` command answers this in adapterfab.status, without this module.)"""
-    from adapterfab.state import StateStore, dumps
-    from adapterfab.status import status_json
+    """Per-job state, progress and final metrics of a batch, or the list of batches.
+
+    (On the default SQLite state DB the `adapterfab` command answers this in adapterfab.status, without
+    this module.)"""
+    from adapterfab.state import StateStore
+    from adapterfab.status import print_status, status_json
 
     s = _settings()
     if address:
         from adapterfab.jobs.remote import remote_status
 
         if not batch_id:
-            _fail(AdapterfabError("--address needs a batch id"), 2)
+            _fail(AdapterfabError("--address needs a batch id"), EXIT_INVALID)
         try:
             info = remote_status(address, batch_id)  # type: ignore[arg-type]
         except AdapterfabError as e:
             _fail(e)
         if as_json:
-            out.print(dumps(info), markup=False)
+            _print_json(info)
         else:
             out.print(f"Ray Job {info['submission_id']}: {info['status']} {info['message']}", markup=False)
             out.print("\n".join(info["logs"].splitlines()[-40:]), markup=False)
@@ -315,14 +326,24 @@ def status(batch_id: str | None = typer.Argument(None, help="a batch id (default
     if as_json:  # written as is: a console renderer takes seconds over a thousand jobs
         sys.stdout.write(status_json(dump) + "\n")
     else:
-        _print_status(dump, every_job)
+        print_status(dump, every_job, out)
+
+
+app.command()(cancel)
+app.command()(logs)
 
 
 @app.command()
 def serve(port: int | None = typer.Option(None, help="HTTP port (default: the stack's, 8000)"),
+          host: str = typer.Option("127.0.0.1", help="address to bind: 127.0.0.1 (this machine only) or "
+                                                     "0.0.0.0 (every interface: put TLS and a firewall in front)"),
           base_model: str = typer.Option("smollm2-135m-instruct", help="the shared base model"),
           detach: bool = typer.Option(False, "--detach", help="deploy and return; the app stays on Ray"),
-          replicas: int = typer.Option(1, help="engine replicas"),
+          replicas: int = typer.Option(1, min=1, help="engine replicas (Ray Serve deployment replicas)"),
+          device: str = typer.Option(
+              "cpu", autocompletion=lambda incomplete: [d for d in ("cpu", "cuda", "auto") if d.startswith(incomplete)],
+              help="where each engine replica runs: cpu, cuda (one GPU per replica; an error without GPUs in "
+                   "the cluster) or auto (cuda when the cluster has GPUs)"),
           dtype: str = typer.Option("float32", help="float32 or bfloat16"),
           registry_catalogue: bool = typer.Option(
               True, "--registry-catalogue/--registry-from-mlflow",
@@ -332,39 +353,54 @@ def serve(port: int | None = typer.Option(None, help="HTTP port (default: the st
               None, "--tenant-rps", min=0,
               help="requests per second each tenant may send, on every route (default 50; 0: unlimited)"),
           tenant_burst: int | None = typer.Option(None, "--tenant-burst", min=1,
-                                                     help="requests a tenant may send at once (default 100)")) -> None:
+                                                     help="requests a tenant may send at once (default 100)"),
+          as_json: bool = json_option("one JSON line on stdout once serving: url, openai_base_url, host, port, "
+                                      "replicas, device")) -> None:
     """Serve every tenant's adapters from one base model: OpenAI-compatible /v1/chat/completions."""
     from adapterfab.jobs.trainers import retire_idle_trainers
-    from adapterfab.serve.deploy import serve_forever
+    from adapterfab.serve.deploy import DEVICES, serve_forever
 
+    if device not in DEVICES:
+        _fail(AdapterfabError(f"--device {device!r}: use one of {', '.join(DEVICES)}"), EXIT_INVALID)
     s = _settings()
+
+    def announce(url: str, placed: str) -> None:
+        if as_json:
+            _print_json({"url": url, "openai_base_url": f"{url}/v1", "host": host, "port": int(url.rsplit(":", 1)[1]),
+                         "replicas": replicas, "device": placed, "detached": detach})
+        else:
+            out.print(f"serving on {url}  (OpenAI base_url {url}/v1; {replicas} replica(s) on {placed})",
+                      markup=False)
+
     try:
         url = serve_forever(
             s,
             port=port,
+            host=host,
             base_model=base_model,
             detach=detach,
             replicas=replicas,
+            device=device,
             dtype=dtype,
             registry_catalogue=registry_catalogue,
             tenant_rps=tenant_rps,
             tenant_burst=tenant_burst,
-            announce=lambda u: out.print(f"serving on {u}  (OpenAI base_url {u}/v1)"),
+            announce=announce,
             # warm trainers hold devices the replicas need; busy ones stay
             before_deploy=retire_idle_trainers,
         )
     except AdapterfabError as e:
         _fail(e)
-    if detach:
-        out.print(f"deployed; stop with `adapterfab down`  ({url})")
+    if detach and not as_json:
+        out.print(f"deployed; stop with `adapterfab down`  ({url})", markup=False)
 
 
 def main() -> None:
     try:
         app()
     except AdapterfabError as e:
-        err.print(f"error: {e}")
-        sys.exit(1)
+        err.print(f"error: {e}", markup=False)
+        sys.exit(EXIT_FAILED)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,18 @@ out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty()
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def _fail(e: Exception, code: int = 1) -> None:
+# exit codes, the same for every command (the app's --help and docs/cli.md list them)
+EXIT_OK = 0
+EXIT_FAILED = 1  # an error (stack not running, no such batch or adapter, ...), a batch with a failed job, a timeout
+EXIT_INVALID = 2  # bad input: a usage error, an invalid batch spec
+EXIT_REFUSED = 3  # `registry promote`: the eval gate refused the version
+EXIT_CANCELLED = 4  # a batch waited for ended CANCELLED (`adapterfab cancel`)
+EXIT_CODES_HELP = ("Exit codes: 0 success; 1 an error, or a batch waited for has a failed job, or a timeout; "
+                   "2 bad input (usage, an invalid batch spec); 3 refused by the promotion gate; "
+                   "4 a batch waited for was cancelled.")
+
+
+def _fail(e: Exception, code: int = EXIT_FAILED) -> None:
     err.print(f"[red]error:[/red] {e}")
     raise typer.Exit(code)
 
@@ -51,4 +62,25 @@ def _registry(s: Settings) -> Any:
 
 
 def _print_json(obj: object) -> None:
-    out.print(json.dumps(obj, indent=2, default=str), markup=False)
+    """Machine-readable output: plain JSON on stdout, never through Rich (its markup would eat text such
+    as "[q_proj]", its emoji codes ":x:", its wrapping long lines). Indented for a terminal, compact
+    into a pipe."""
+    sys.stdout.write(json.dumps(obj, indent=2 if sys.stdout.isatty() else None, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def complete_batch_id(incomplete: str) -> list[str]:
+    """Shell completion of a batch id: the newest batches of the state DB (the stdlib reader; nothing
+    when it cannot be read)."""
+    from adapterfab.status import read_sqlite_batches, sqlite_path
+
+    path = sqlite_path(Settings.load().state_url)
+    try:
+        rows = read_sqlite_batches(path) if path is not None and path.is_file() else []
+    except Exception:  # noqa: BLE001 - completion offers nothing rather than a traceback
+        return []
+    return [r["id"] for r in rows if r["id"].startswith(incomplete)]
+
+
+def json_option(help: str = "machine-readable output: one JSON document on stdout") -> Any:  # noqa: A002
+    return typer.Option(False, "--json", help=help)

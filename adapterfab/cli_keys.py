@@ -4,11 +4,12 @@ revoke, rotate."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import typer
 from rich.table import Table
 
-from adapterfab.cli_common import _fail, _print_json, _settings, out
+from adapterfab.cli_common import _fail, _print_json, _settings, json_option, out
 from adapterfab.errors import AdapterfabError
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys: per tenant (serving, dashboard) and operator (dashboard).")
@@ -37,32 +38,59 @@ def _key_store():  # noqa: ANN202
 
 
 _EXPIRES_HELP = "the key ends after this long (seconds, or 15m, 12h, 30d); default: never"
+_QUIET_HELP = "print the key alone (for KEY=$(...))"
+
+
+def _quiet() -> Any:
+    return typer.Option(False, "--quiet", "-q", help=_QUIET_HELP)
+
+
+def _new_key(key: str, info: Any, text: str, as_json: bool, quiet: bool, **extra: Any) -> None:
+    """A key just made: its text, the key alone (--quiet), or JSON with the key and its record."""
+    if as_json:
+        _print_json({"key": key, **info.as_dict(time.time()), **extra})
+    elif quiet:
+        print(key)
+    else:
+        out.print(f"{text} (shown once): {key}", markup=False)
+
+
+def _info(store: Any, key: str) -> Any:
+    """The stored record of a key just made (never its secret)."""
+    from adapterfab.keys import _info as info_of
+    from adapterfab.keys import key_id_of
+
+    return info_of(store.state.key_by_id(key_id_of(key)))
 
 
 @keys_app.command("create")
 def keys_create(tenant: str = typer.Argument(..., help="tenant id"),
-                expires: str | None = typer.Option(None, "--expires", help=_EXPIRES_HELP)) -> None:
+                expires: str | None = typer.Option(None, "--expires", help=_EXPIRES_HELP),
+                quiet: bool = _quiet(), as_json: bool = json_option()) -> None:
     """Create an API key for TENANT; the key is the last token printed (shown once, stored hashed)."""
     ttl = _duration(expires, "--expires")
+    store = _key_store()
     try:
-        key = _key_store().create(tenant, ttl_s=ttl)
+        key = store.create(tenant, ttl_s=ttl)
     except AdapterfabError as e:
         _fail(e)
-    out.print(f"API key for tenant {tenant} (shown once): {key}")
+    _new_key(key, _info(store, key), f"API key for tenant {tenant}", as_json, quiet)
 
 
 @keys_app.command("create-operator")
-def keys_create_operator(expires: str | None = typer.Option(None, "--expires", help=_EXPIRES_HELP)) -> None:
+def keys_create_operator(expires: str | None = typer.Option(None, "--expires", help=_EXPIRES_HELP),
+                         quiet: bool = _quiet(), as_json: bool = json_option()) -> None:
     """Create an operator key for the dashboard: it sees every tenant's batches and adapters (serving
     refuses it). The key is the last token printed (shown once, stored hashed)."""
-    key = _key_store().create_operator(ttl_s=_duration(expires, "--expires"))
-    out.print(f"operator API key (shown once): {key}")
+    store = _key_store()
+    key = store.create_operator(ttl_s=_duration(expires, "--expires"))
+    _new_key(key, _info(store, key), "operator API key", as_json, quiet)
 
 
 @keys_app.command("list")
 def keys_list(tenant: str | None = typer.Option(None, "--tenant", help="only this tenant's keys"),
               operators: bool = typer.Option(False, "--operators", help="only operator keys"),
-              as_json: bool = typer.Option(False, "--json")) -> None:
+              as_json: bool = json_option()) -> None:
     """Every key's id, tenant (or operator), dates and status (active, expired, revoked); never a secret."""
     now = time.time()
     try:
@@ -81,13 +109,17 @@ def keys_list(tenant: str | None = typer.Option(None, "--tenant", help="only thi
 
 
 @keys_app.command("revoke")
-def keys_revoke(key: str = typer.Argument(..., help="the key id (as `keys list` shows it) or the key")) -> None:
+def keys_revoke(key: str = typer.Argument(..., help="the key id (as `keys list` shows it) or the key"),
+                as_json: bool = json_option()) -> None:
     """End a key now: running servers and the dashboard refuse it from their next request."""
     try:
         info = _key_store().revoke(key)
     except AdapterfabError as e:
         _fail(e)
-    out.print(f"revoked key {info.key_id} ({info.tenant or 'operator'})")
+    if as_json:
+        _print_json(info.as_dict(time.time()))
+    else:
+        out.print(f"revoked key {info.key_id} ({info.tenant or 'operator'})", markup=False)
 
 
 @keys_app.command("rotate")
@@ -97,13 +129,17 @@ def keys_rotate(
         None, "--grace", help="the old key keeps working this long (e.g. 1h); default: ends now"
     ),
     expires: str | None = typer.Option(None, "--expires", help=_EXPIRES_HELP),
+    quiet: bool = _quiet(),
+    as_json: bool = json_option(),
 ) -> None:
     """A new key for the same tenant (or operator); the old one ends now or after --grace. The new key is
     the last token printed (shown once)."""
     grace_s = _duration(grace, "--grace") or 0.0
+    store = _key_store()
     try:
-        new, old = _key_store().rotate(key, grace_s=grace_s, ttl_s=_duration(expires, "--expires"))
+        new, old = store.rotate(key, grace_s=grace_s, ttl_s=_duration(expires, "--expires"))
     except AdapterfabError as e:
         _fail(e)
     ends = "now" if not grace_s else time.strftime("at %Y-%m-%d %H:%M:%S", time.localtime(old.expires_s))
-    out.print(f"key {old.key_id} ends {ends}; new key for {old.tenant or 'operator'} (shown once): {new}")
+    _new_key(new, _info(store, new), f"key {old.key_id} ends {ends}; new key for {old.tenant or 'operator'}",
+             as_json, quiet, replaces=old.as_dict(time.time()))

@@ -24,10 +24,11 @@ class BatchState(str, Enum):
     RUNNING = "RUNNING"
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"  # at least one job failed; the others ran to their end
+    CANCELLED = "CANCELLED"  # `adapterfab cancel`: its unfinished jobs CANCELLED, its registered ones kept
 
     @property
     def terminal(self) -> bool:
-        return self in (BatchState.SUCCEEDED, BatchState.FAILED)
+        return self in (BatchState.SUCCEEDED, BatchState.FAILED, BatchState.CANCELLED)
 
 
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})

@@ -20,6 +20,7 @@ from adapterfab.procs import holder_alive
 from adapterfab.status import BATCH_COLUMNS, JOB_COLUMNS, JobView, batch_dump, dumps, job_view
 
 log = logging.getLogger("adapterfab.state")
+CANCELLED_ERROR = "cancelled by `adapterfab cancel` before it was registered"
 
 
 class Base(DeclarativeBase):
@@ -49,6 +50,8 @@ class BatchRow(Base):
     options: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # e.g. {"force": true}
     plan: Mapped[list | None] = mapped_column(JSON, nullable=True)  # jobs.plan.PlannedJob dicts, made at submit
     stats: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # where the run's time went (jobs/factory.py)
+    # `adapterfab cancel`: when it was asked; the batch's orchestrator stops at its next check (cancel_batch)
+    cancel_requested_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class JobRow(Base):
@@ -159,7 +162,7 @@ def _apply_move(row: JobRow, new: JobState, now: float, fields: dict[str, Any]) 
 
 def _log_move(old: JobState, new: JobState, tenant: str, persona: str, job_id: str) -> None:
     if old != new:
-        log.info("job state %s -> %s", old.value, new.value,
+        log.info("job %s: %s -> %s", job_id, old.value, new.value,
                  extra={"tenant": tenant, "adapter_id": f"{tenant}/{persona}", "job_id": job_id})
 
 
@@ -260,12 +263,52 @@ class StateStore:
                                  "`adapterfab status` follows it")
             todo = [_view(j) for j in s.scalars(select(JobRow).where(JobRow.batch_id == batch_id))
                     if j.state != JobState.SUCCEEDED.value]
-            if todo:  # the next orchestrator claims it (claim_batch)
+            if todo:  # the next orchestrator claims it (claim_batch); a cancelled batch goes on
                 row.state, row.ended_s, row.error = BatchState.PENDING.value, None, None
+                row.cancel_requested_s = None
                 row.orchestrator_pid = row.orchestrator_token = None
             elif row.state != BatchState.SUCCEEDED.value:
                 row.state, row.ended_s, row.error = BatchState.SUCCEEDED.value, time.time(), None
         return todo
+
+    def cancel_batch(self, batch_id: str, alive: Callable[[int | None, str | None], bool] | None = None) -> str:
+        """`adapterfab cancel`, atomically with the orchestrator's claim: "ended" when the batch is already
+        terminal (nothing changes); "requested" when a live orchestrator holds it (it stops handing out
+        work, its unfinished jobs end CANCELLED, jobs already registering finish: run_batch); "cancelled"
+        when none does (a batch not yet claimed, or one whose orchestrator died): its unfinished jobs are
+        CANCELLED here and the batch too. A job a dead orchestrator left REGISTERING may have its version:
+        it is FAILED with that reason (`submit --resume` finds its version; never cancelled unregistered)."""
+        now = time.time()
+        with Session(self._locking, expire_on_commit=False) as s, s.begin():
+            row = s.get(BatchRow, batch_id, with_for_update=True)
+            if row is None:
+                raise StateError(f"no batch {batch_id!r}; `adapterfab status` lists batches")
+            if BatchState(row.state).terminal:
+                return "ended"
+            row.cancel_requested_s = row.cancel_requested_s or now
+            if holder_alive(row.orchestrator_pid, row.orchestrator_token, row.heartbeat_s, alive):
+                return "requested"
+            moved = []
+            for j in s.scalars(select(JobRow).where(JobRow.batch_id == batch_id).with_for_update()):
+                old = JobState(j.state)
+                if old.terminal:
+                    continue
+                if old == JobState.REGISTERING:
+                    new, why = JobState.FAILED, ("cancelled while its orchestrator was gone mid-registration: "
+                                                 "`adapterfab submit --resume` finds out whether it was registered")
+                else:
+                    new, why = JobState.CANCELLED, CANCELLED_ERROR
+                _apply_move(j, new, now, {"error": why})
+                moved.append((old, new, j.tenant, j.persona, j.id))
+            row.state, row.ended_s = BatchState.CANCELLED.value, now
+        for old, new, tenant, persona, jid in moved:
+            _log_move(old, new, tenant, persona, jid)
+        return "cancelled"
+
+    def cancel_requested(self, batch_id: str) -> bool:
+        """Whether `adapterfab cancel` asked the batch to stop (what its orchestrator polls)."""
+        with Session(self.engine) as s:
+            return s.scalar(select(BatchRow.cancel_requested_s).where(BatchRow.id == batch_id)) is not None
 
     def heartbeat(self, batch_id: str, pid: int, token: str | None) -> bool:
         """The orchestrator ``pid`` (``token``) is alive; False when it no longer holds the batch."""

@@ -65,7 +65,7 @@ class JobView:
 
 JOB_COLUMNS = tuple(JobView.__dataclass_fields__)
 BATCH_COLUMNS = ("id", "name", "state", "base_model", "mlflow_run_id", "created_s", "started_s", "ended_s",
-                 "error", "options", "stats")
+                 "error", "options", "stats", "cancel_requested_s")
 _JSON_JOB = ("metrics", "data_stats", "placement")
 _JSON_BATCH = ("options", "stats")
 

@@ -14,6 +14,9 @@
 - **Register**: each finished job goes to the registrar's threads; the slot goes straight on.
 - **Progress**: trainers report each group's step to the batch's board once per step (not per job); the
   orchestrator writes what changed once a second, in one transaction.
+- **Cancel** (`adapterfab cancel`, polled with the progress): no group is prepared, queued or taken any
+  more; the board tells the trainers, which stop their groups at the next step and stay usable (the
+  slots release them); every job not yet registering ends CANCELLED, registrations under way finish.
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ from typing import TYPE_CHECKING, Any
 from adapterfab.errors import AdapterfabError
 from adapterfab.ids import AdapterId, job_id
 from adapterfab.jobs.groups import GroupItem, GroupQueue, start_trainers
-from adapterfab.jobs.registrar import Prepared, Registrar, error_text, fail_job, group_error_for, register_job
+from adapterfab.jobs.registrar import (
+    Prepared,
+    Registrar,
+    cancel_job,
+    error_text,
+    fail_job,
+    group_error_for,
+    register_job,
+)
 from adapterfab.lifecycle import JobState
 from adapterfab.spec import JobSpec
 from adapterfab.tracking import tenant_experiment
@@ -75,6 +86,7 @@ class Factory:
         self._slot_keys: dict[int, str] = {i: k for i, (k, _) in enumerate(self.early) if k is not None}
         self._zero_running = 0
         self._queued: set[str] = set()  # jobs handed to the queue: a slot trains (or fails) them
+        self.cancelled = threading.Event()  # `adapterfab cancel` asked (StateStore.cancel_batch)
         self._lock = threading.Lock()
 
     def stats(self) -> dict[str, Any]:
@@ -123,14 +135,17 @@ class Factory:
         stop.set()
         poller.join(timeout=5)
         self._poll_once()
+        self._check_cancel()
         self._fail_unfinished()
         shutil.rmtree(self.checkpoints, ignore_errors=True)
 
     def _fail_unfinished(self) -> None:
         """Every job ends in a terminal state: one left unfinished by a failure that escaped its own
-        handling (a bug, a lost connection) fails with a reason, never stays TRAINING for ever."""
+        handling (a bug, a lost connection) fails with a reason, never stays TRAINING for ever (a cancel: ends)."""
         for j in self.ctx.state.jobs(self.ctx.batch_id):
-            if not j.state.terminal:
+            if not j.state.terminal and self.cancelled.is_set():
+                cancel_job(self.ctx, j.id, j.mlflow_run_id)
+            elif not j.state.terminal:
                 fail_job(self.ctx, j.id, j.mlflow_run_id, AdapterfabError(
                     f"the batch ended with this job {j.state.value}; see the orchestrator's log"))
 
@@ -142,6 +157,8 @@ class Factory:
             # as it can), then doubling up to WINDOW_JOBS
             size = sum(len(g) for g in self.groups[:self.slots])
             for n, g in enumerate(self.groups):
+                if self.cancelled.is_set():
+                    break  # the jobs not prepared stay PENDING: _fail_unfinished cancels them
                 window.append(n)
                 if sum(len(self.groups[i]) for i in window) >= size or n == len(self.groups) - 1:
                     self.queue.wait_below(max(AHEAD_GROUPS_PER_SLOT * self.slots, 2), WINDOW_JOBS)
@@ -206,14 +223,16 @@ class Factory:
             self._queued.update(p.jid for p in group)
             first = self.planned[self.groups[n][0]]
             if first.workers > 1:
-                self.queue.put(GroupItem(f"g{n}", group, None))
-                continue
-            from adapterfab.jobs.plan import needs_activation_checkpointing
+                item = GroupItem(f"g{n}", group, None)
+            else:
+                from adapterfab.jobs.plan import needs_activation_checkpointing
 
-            members = [self.planned[i] for i in self.groups[n]]
-            ckpt = needs_activation_checkpointing(members, [p.job for p in group],
-                                                  self.ctx.spec.resources.device_memory_gb)
-            self.queue.put(GroupItem(f"g{n}", group, self._spec(group[0]), ckpt))
+                members = [self.planned[i] for i in self.groups[n]]
+                ckpt = needs_activation_checkpointing(members, [p.job for p in group],
+                                                      self.ctx.spec.resources.device_memory_gb)
+                item = GroupItem(f"g{n}", group, self._spec(group[0]), ckpt)
+            if not self.queue.put(item):  # the batch was cancelled
+                self._cancel_group(item)
 
     def _prepare_on_trainer(self, requests: list[Any]) -> dict[str, Any] | None:
         """The first window prepared on a trainer already leased (a warm one: its lease came back before
@@ -252,6 +271,8 @@ class Factory:
 
         ctx, job = self.ctx, self.jobs[i]
         jid, aid = job_id(ctx.batch_id, job.tenant, job.persona), AdapterId(job.tenant, job.persona)
+        if self.cancelled.is_set():
+            return None  # stays PENDING: _fail_unfinished cancels it
         try:
             view = ctx.state.job(jid)
             if view.state == JobState.SUCCEEDED:
@@ -348,6 +369,27 @@ class Factory:
             if lease is not None:
                 self.pool.release(lease, retire=self._zero_running > 0)  # else it stays warm
 
+    def _check_cancel(self) -> None:
+        """`adapterfab cancel` asked (polled with the progress): the queue stops, its groups are cancelled."""
+        if self.cancelled.is_set():
+            return
+        try:
+            if not self.ctx.state.cancel_requested(self.ctx.batch_id):
+                return
+        except Exception:  # noqa: BLE001 - a busy database: the next poll
+            log.debug("cancel check failed", exc_info=True)
+            return
+        log.warning("batch %s: cancel requested; stopping", self.ctx.batch_id)
+        self.cancelled.set()
+        self.stepped.set()  # the preparer waits for nothing any more
+        self.board.cancel.remote()  # the trainers stop their groups at the next step (_run_group cancels them)
+        for item in self.queue.cancel():
+            self._cancel_group(item)
+
+    def _cancel_group(self, item: GroupItem) -> None:
+        for p in item.prepared:
+            cancel_job(self.ctx, p.jid, p.run_id)
+
     def _fail_group(self, item: GroupItem, e: BaseException) -> None:
         current = {j.id: j.state for j in self.ctx.state.jobs_by_id([p.jid for p in item.prepared])}
         for p in item.prepared:
@@ -357,6 +399,9 @@ class Factory:
     def _register(self, p: Prepared, outcome: Any, tags: dict[str, Any]) -> None:
         from adapterfab.jobs.registrar import register_outcome
 
+        if self.cancelled.is_set():  # trained, not yet registering: cancelled like the rest
+            cancel_job(self.ctx, p.jid, p.run_id)
+            return
         t0 = time.monotonic()
         register_outcome(self.ctx, p, outcome, tags)
         self._add(register_s=time.monotonic() - t0)
@@ -402,7 +447,7 @@ class Factory:
             try:
                 if lease is None:
                     t0 = time.monotonic()
-                    lease = self.pool.acquire(item.spec)
+                    lease = self.pool.acquire(item.spec, called_off=self.cancelled)
                     self._add(acquire_s=time.monotonic() - t0)
                 self._start_training(item, lease)
                 result = self.pool.train(lease, task, self.board, ctx.tracking.uri)
@@ -423,6 +468,9 @@ class Factory:
             except Exception as e:  # noqa: BLE001 - no trainer could be had (resources, a base that fails to load)
                 error = e
                 break
+        if result is None and self.cancelled.is_set():  # stopped by the cancel (or failed meanwhile)
+            self._cancel_group(item)
+            return lease
         if result is None:
             error = error or AdapterfabError("the group's trainer failed")
             if len(item.prepared) > 1:
@@ -494,6 +542,9 @@ class Factory:
             retire_idle_trainers()  # their devices are what the ZeRO workers wait for
             for p in item.prepared:
                 plan = ctx.planned[p.jid]
+                if self.cancelled.is_set():  # (a running Ray Train job ends its steps; then it is cancelled)
+                    cancel_job(ctx, p.jid, p.run_id)
+                    continue
                 try:
                     ctx.state.move_job(p.jid, JobState.TRAINING, total_steps=p.job.train.steps,
                                        placement={"cpus": plan.cpus, "gpus": plan.gpus, "workers": plan.workers,
@@ -513,6 +564,9 @@ class Factory:
                 except Exception as e:  # noqa: BLE001
                     fail_job(ctx, p.jid, p.run_id, e)
                     continue
+                if self.cancelled.is_set():
+                    cancel_job(ctx, p.jid, p.run_id)
+                    continue
                 register_job(ctx, p, metrics, adapter_dir, {"training": f"zero{plan.zero_stage}:{plan.workers}"})
         finally:
             with self._lock:
@@ -523,6 +577,7 @@ class Factory:
         self._since = 0
         while not stop.wait(PROGRESS_POLL_S):
             self._poll_once()
+            self._check_cancel()
 
     def _poll_once(self) -> None:
         import ray

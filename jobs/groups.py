@@ -36,14 +36,28 @@ class GroupQueue:
 
     def __init__(self) -> None:
         self._items: list[GroupItem] = []
-        self._closed = False
+        self._closed = self._cancelled = False
         self._cond = threading.Condition()
         self.drained = threading.Event()  # closed and empty: no group will come any more
 
-    def put(self, item: GroupItem) -> None:
+    def put(self, item: GroupItem) -> bool:
+        """Queue ``item``; False (not queued) once the queue was cancelled."""
         with self._cond:
+            if self._cancelled:
+                return False
             self._items.append(item)
             self._cond.notify_all()
+            return True
+
+    def cancel(self) -> list[GroupItem]:
+        """The batch was cancelled: no group is handed out or taken any more; returns the groups that
+        waited (their jobs are the caller's to cancel)."""
+        with self._cond:
+            self._closed = self._cancelled = True
+            dropped, self._items = self._items, []
+            self.drained.set()
+            self._cond.notify_all()
+            return dropped
 
     def close(self) -> None:
         with self._cond:
@@ -69,7 +83,8 @@ class GroupQueue:
     def wait_below(self, groups: int, jobs: int) -> None:
         """Until fewer than ``groups`` groups or fewer than ``jobs`` jobs wait (memory stays bounded)."""
         with self._cond:
-            while len(self._items) >= groups and sum(len(i.prepared) for i in self._items) >= jobs:
+            while not self._cancelled and len(self._items) >= groups \
+                    and sum(len(i.prepared) for i in self._items) >= jobs:
                 self._cond.wait()
 
 

@@ -53,6 +53,7 @@ class ProgressBoard:
         self.progress: dict[str, dict[str, Any]] = {}
         self.version = 0
         self._changed: dict[str, int] = {}  # job id -> version of its last update
+        self.cancelled = False  # `adapterfab cancel`: trainers stop their groups
 
     def update(self, job_id: str, step: int, loss: float, pid: int | None = None, node: str | None = None) -> None:
         self.version += 1
@@ -67,8 +68,12 @@ class ProgressBoard:
         return dict(self.progress)
 
     def ping(self) -> bool:
-        """Trainers ask: the board lives exactly as long as the batch's orchestrator."""
-        return True
+        """Trainers ask: the board lives exactly as long as the batch's orchestrator. False once the
+        batch is cancelled (``cancel``): a trainer then stops its group at the next step."""
+        return not self.cancelled
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
     def changes(self, since: int) -> tuple[int, dict[str, dict[str, Any]]]:
         """(current version, the jobs updated after version ``since``)."""

@@ -407,7 +407,7 @@ def _run_claimed(settings: Settings, state: StateStore, batch_id: str, batch: An
                 state.move_job(j.id, JobState.FAILED, error=f"batch failed: {_error_text(e)}")
         state.update_batch(batch_id, error=_error_text(e))
     final = (BatchState.SUCCEEDED if all(j.state == JobState.SUCCEEDED for j in state.jobs(batch_id))
-             else BatchState.FAILED)
+             else BatchState.CANCELLED if state.cancel_requested(batch_id) else BatchState.FAILED)
     state.update_batch(batch_id, state=final, ended_s=time.time(), stats=factory.stats() if factory else None)
     batch_run_id = state.get_batch(batch_id).mlflow_run_id
     try:

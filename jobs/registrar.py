@@ -83,6 +83,28 @@ def fail_job(ctx: BatchContext, jid: str, run_id: str | None, e: BaseException) 
         log.exception("could not close MLflow run %s", run_id)
 
 
+def cancel_job(ctx: BatchContext, jid: str, run_id: str | None = None) -> None:
+    """`adapterfab cancel`: the job ends CANCELLED (its MLflow run KILLED), unless it already ended or its
+    registration began (that one finishes: a version is never left half made)."""
+    from adapterfab.errors import StateError
+    from adapterfab.state import CANCELLED_ERROR
+
+    if ctx.state.job(jid).state.terminal:
+        return
+    try:
+        view = ctx.state.move_job(jid, JobState.CANCELLED, error=CANCELLED_ERROR)
+    except StateError:  # terminal, or REGISTERING: it stays as it is
+        return
+    run_id = run_id or view.mlflow_run_id
+    if run_id is None:
+        return
+    try:
+        ctx.tracking.set_tags(run_id, {"adapterfab.error": CANCELLED_ERROR})
+        ctx.tracking.client.set_terminated(run_id, "KILLED")
+    except Exception:  # noqa: BLE001 - the state says CANCELLED; the run's status is bookkeeping
+        log.warning("could not close the MLflow run %s of cancelled job %s", run_id, jid, exc_info=True)
+
+
 @contextlib.contextmanager
 def fingerprint_lock(ctx: BatchContext, p: Prepared) -> Iterator[None]:
     """Registration of ``p``'s adapter and job fingerprint, one job at a time across processes: two

@@ -52,6 +52,10 @@ class LeaseLost(RuntimeError):
     """The trainer was leased to someone else (the lease expired) or is shutting down."""
 
 
+class GroupCancelled(RuntimeError):
+    """The group's batch was cancelled (`adapterfab cancel`): it stopped at a step; nothing of it is kept."""
+
+
 class NoTrainerNeeded(RuntimeError):
     """A wait for a trainer's resources was called off: the batch has no more work for it."""
 
@@ -201,8 +205,9 @@ class TrainerActor:
             self._busy, self._lease_until = True, max(self._lease_until, time.monotonic() + LEASE_TTL_S)
         with self._preparing:  # a window its orchestrator gave up waiting for is finished first
             pass
-        orphaned = threading.Event()
-        watcher = threading.Thread(target=self._watch_owner, args=(board, orphaned), name="owner-watch", daemon=True)
+        orphaned, cancelled = threading.Event(), threading.Event()
+        watcher = threading.Thread(target=self._watch_owner, args=(board, orphaned, cancelled), name="owner-watch",
+                                   daemon=True)
         watcher.start()
         try:
             runs = {j.job_id: j.run_id for j in task.jobs}
@@ -217,6 +222,8 @@ class TrainerActor:
             def on_iteration(progress: list[tuple[str, int, float]]) -> None:
                 if orphaned.is_set():  # nobody will take this group's results: stop, free the trainer
                     raise LeaseLost(f"the orchestrator of {owner} is gone; group {task.group_id} stops")
+                if cancelled.is_set():  # the batch was cancelled: stop; the trainer stays leased and usable
+                    raise GroupCancelled(f"batch {owner} was cancelled; group {task.group_id} stops")
                 now = time.monotonic()
                 if board is not None and (now - last[0] >= PROGRESS_EVERY_S or  # and every job's last step
                                           any(step >= steps.get(jid, 0) for jid, step, _ in progress)):
@@ -242,13 +249,15 @@ class TrainerActor:
                     self._owner = None
             orphaned.set()  # ends the watcher
 
-    def _watch_owner(self, board: Any, orphaned: threading.Event) -> None:
-        """Sets ``orphaned`` when the batch's board actor (its orchestrator's) has died."""
+    def _watch_owner(self, board: Any, orphaned: threading.Event, cancelled: threading.Event) -> None:
+        """Sets ``orphaned`` when the batch's board actor (its orchestrator's) has died, ``cancelled`` when
+        it says the batch was cancelled."""
         while not orphaned.wait(OWNER_CHECK_S):
             if board is None:
                 return
             try:
-                ray.get(board.ping.remote(), timeout=OWNER_CHECK_S * 5)
+                if not ray.get(board.ping.remote(), timeout=OWNER_CHECK_S * 5):
+                    cancelled.set()
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                 orphaned.set()
             except Exception:  # noqa: BLE001 - slow to answer is not dead

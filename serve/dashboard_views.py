@@ -113,8 +113,10 @@ def _tenant_state(jobs: list[JobView], batch_state: str) -> str:
     if not all(j.state.terminal for j in jobs):
         pending = batch_state == BatchState.PENDING.value
         return BatchState.PENDING.value if pending else BatchState.RUNNING.value
-    ok = all(j.state == JobState.SUCCEEDED for j in jobs)
-    return BatchState.SUCCEEDED.value if ok else BatchState.FAILED.value
+    if all(j.state == JobState.SUCCEEDED for j in jobs):
+        return BatchState.SUCCEEDED.value
+    failed = any(j.state == JobState.FAILED for j in jobs)
+    return BatchState.FAILED.value if failed else BatchState.CANCELLED.value  # (`adapterfab cancel`)
 
 
 def batch_dict(b: BatchRow, jobs: list[JobView], who: Principal, now: float) -> dict[str, Any]:

@@ -74,6 +74,7 @@ def test_store_rooted_at_the_adapter_folder(tmp_path: Path) -> None:
 
 
 def test_a_factory_never_ends_a_batch_with_an_unfinished_job(tmp_path: Path) -> None:
+    import threading
     from types import SimpleNamespace
 
     from adapterfab.jobs.factory import Factory
@@ -87,12 +88,21 @@ def test_a_factory_never_ends_a_batch_with_an_unfinished_job(tmp_path: Path) -> 
         s.move_job(jid, JobState.PREPARING)
         s.move_job(jid, JobState.TRAINING)
     s.move_job("b1.t3.p", JobState.FAILED, error="its own reason")
-    Factory._fail_unfinished(SimpleNamespace(ctx=SimpleNamespace(batch_id="b1", state=s)))
+    Factory._fail_unfinished(SimpleNamespace(ctx=SimpleNamespace(batch_id="b1", state=s), cancelled=threading.Event()))
     after = {j.id: j for j in s.jobs("b1")}
     assert {j: v.state for j, v in after.items()} == {f"b1.t{i}.p": JobState.FAILED for i in range(4)}
     assert "ended with this job PENDING" in after["b1.t0.p"].error
     assert "ended with this job TRAINING" in after["b1.t2.p"].error
     assert after["b1.t3.p"].error == "its own reason"  # a terminal job keeps its state and reason
+    # a cancelled batch: its unfinished jobs end CANCELLED instead, a terminal one keeps its state
+    s.create_batch("b2", "n", "spec", "", "base", [{**j, "id": j["id"].replace("b1", "b2")} for j in jobs])
+    s.move_job("b2.t1.p", JobState.PREPARING)
+    s.move_job("b2.t1.p", JobState.SUCCEEDED, model_version=1)
+    cancelled = threading.Event()
+    cancelled.set()
+    Factory._fail_unfinished(SimpleNamespace(ctx=SimpleNamespace(batch_id="b2", state=s), cancelled=cancelled))
+    assert {j.id: j.state for j in s.jobs("b2")} == {"b2.t0.p": JobState.CANCELLED, "b2.t1.p": JobState.SUCCEEDED,
+                                                      "b2.t2.p": JobState.CANCELLED, "b2.t3.p": JobState.CANCELLED}
 
 
 def test_key_lifecycle_list_revoke_rotate_expire(tmp_path: Path) -> None:
