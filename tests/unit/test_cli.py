@@ -275,6 +275,12 @@ def test_cancel_a_batch_no_orchestrator_runs(tmp_path: Path) -> None:
     assert again.returncode == 0 and "already ended CANCELLED" in again.stderr + again.stdout
     assert "CANCELLED" in run("status", home=tmp_path).stdout
     assert run("cancel", "b-none", home=tmp_path).returncode == 1
+    from adapterfab.serve.dashboard_views import _tenant_state  # a tenant's view of the batch on the dashboard
+
+    jobs = {j.persona: j for j in _state(tmp_path).jobs("b-c-1")}
+    assert _tenant_state([jobs["a"], jobs["b"], jobs["c"]], "CANCELLED") == "CANCELLED"
+    assert _tenant_state([jobs["a"], jobs["b"], jobs["e"]], "CANCELLED") == "FAILED"
+    assert _tenant_state([jobs["a"]], "CANCELLED") == "SUCCEEDED"
     # an orchestrator that claims it afterwards runs nothing
     import os
 
