@@ -23,7 +23,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -35,6 +36,7 @@ from adapterfab.serve import openai_format
 from adapterfab.serve.api_errors import ApiError, backend_error, field_error, model_not_found
 from adapterfab.serve.backend import Backend
 from adapterfab.serve.engine import Finished, SamplingParams
+from adapterfab.serve.observe import CountRequests, Metrics, RequestIds, install_record_factory
 from adapterfab.serve.openai_models import MAX_CHOICES, ChatRequest, CompletionRequest, FieldError
 from adapterfab.serve.sampling import InvalidGuide, grammar_of
 
@@ -169,15 +171,23 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
              catalog: Callable[[str], list[RegisteredAdapter]] | None = None,
              on_alias_moved: Callable[[str], Any] | None = None,
              rate_limit: RateLimiter | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
-             max_tokens_cap: int | None = None) -> FastAPI:
+             max_tokens_cap: int | None = None, echo_request_id: bool = True,
+             metrics_auth: Callable[[str | None], bool] | None = None) -> FastAPI:
     """``auth(key) -> tenant | None`` and ``resolver`` are blocking (they run in a thread pool);
     ``lister(tenant)`` names the tenant's models for ``GET /v1/models`` (base only when absent);
     ``catalog(tenant)`` lists the tenant's registered adapters for ``/v1/registry/...``;
     a generation request's body over ``max_request_bytes`` gets a 413. ``max_tokens_cap``: the operator's cap on
     a reply's tokens (a request asking for more is a 400; one that names none gets up to the rest of the
-    context, within the cap)."""
+    context, within the cap). ``GET /metrics``: Prometheus (``serve/observe.py``); ``echo_request_id``
+    False where a proxy in front already sends ``X-Request-Id`` back (Ray Serve's). ``metrics_auth(key)``:
+    whether a key may read ``/metrics`` (labels name tenants and adapters: an operator's key in production;
+    None leaves it open, for in-process use)."""
     app = FastAPI(title="adapterfab", docs_url=None, redoc_url=None)
     resolve = ResolveCache(resolver, resolve_ttl_s, on_alias_moved=on_alias_moved)
+    install_record_factory()  # log records carry the request id (formats name it: observe.TEXT_FORMAT)
+    metrics = Metrics(getattr(backend, "stats", None))
+    app.add_middleware(CountRequests, metrics=metrics)
+    app.add_middleware(RequestIds, echo=echo_request_id)  # added last: outermost, so every line has the id
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -202,12 +212,14 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
         if path_tenant is not None and path_tenant != tenant:
             raise ApiError(404, "Not found.", code="not_found")
+        request.state.tenant = tenant
         limit(tenant)  # every route a tenant reaches counts against its rate
         return tenant
 
     def limit(tenant: str) -> None:
         wait = rate_limit.check(tenant) if rate_limit is not None else 0.0
         if wait > 0:
+            metrics.rate_limited.labels(tenant).inc()
             raise ApiError(429, f"Rate limit reached for tenant {tenant}; retry in {wait:.1f} s.", type_="requests",
                            code="rate_limit_exceeded", headers={"Retry-After": str(max(1, round(wait + 0.5)))})
 
@@ -244,6 +256,8 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
 
     async def generation(request: Request, path_tenant: str | None, kind: str) -> Any:
         """``kind``: "chat" (messages, the chat template) or "text" (raw prompts or token ids)."""
+        t0 = time.monotonic()
+        request.state.route = "chat" if kind == "chat" else "completions"
         tenant = await tenant_of(request, path_tenant)
         body = await _json_body(request, max_request_bytes)
         if not isinstance(body, dict):
@@ -270,6 +284,8 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
         if ignored:
             log.warning("tenant %s: fields ignored in a %s request: %s", tenant, kind, ", ".join(ignored))
         version_key, version = await resolve_model(tenant, req.model, path_tenant is not None)
+        adapter = version.id.key if version is not None else BASE_MODEL  # a label: versions are not
+        request.state.adapter = adapter
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         meta = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": version_key or BASE_MODEL}
@@ -298,17 +314,19 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
         headers = {IGNORED_HEADER: ", ".join(ignored)} if ignored else {}
         on_error = lambda e: backend_error(e, meta["model"], tenant, prompt_field)  # noqa: E731
         logprobs = params.logprobs is not None
+        watch = metrics.watch(tenant, adapter, t0)
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(openai_format.stream(meta, choices, kind, logprobs, usage, on_error),
+            return StreamingResponse(openai_format.stream(meta, choices, kind, logprobs, usage, on_error, watch),
                                      media_type="text/event-stream", headers={**_SSE_HEADERS, **headers})
-        body = await openai_format.complete(meta, choices, kind, logprobs, on_error)
+        body = await openai_format.complete(meta, choices, kind, logprobs, on_error, watch)
         return JSONResponse(body, headers=headers)
 
     async def chat(request: Request, path_tenant: str | None) -> Any:
         return await generation(request, path_tenant, "chat")
 
     async def models(request: Request, path_tenant: str | None) -> dict[str, Any]:
+        request.state.route = "models"
         tenant = await tenant_of(request, path_tenant)
         names = [BASE_MODEL] + (sorted(await run_in_threadpool(lister, tenant)) if lister else [])
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0,
@@ -328,6 +346,7 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
                            code="registry_unavailable") from None
 
     async def own_adapters(request: Request, path_tenant: str | None) -> list[RegisteredAdapter]:
+        request.state.route = "registry"
         tenant = await tenant_of(request, path_tenant)
         return [ra for ra in (await registry_call(catalog, tenant) or []) if ra.id.tenant == tenant]
 
@@ -374,8 +393,17 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
         return await registry_one(request, tenant, persona, ref)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
+    async def healthz(request: Request) -> dict[str, str]:
+        request.state.route = "healthz"
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus(request: Request) -> Response:
+        request.state.route = "metrics"
+        if metrics_auth is not None and not await run_in_threadpool(metrics_auth, _bearer(request)):
+            raise ApiError(403, "Metrics need an operator key (`adapterfab keys create-operator`).",
+                           code="forbidden")
+        return Response(await metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/chat/completions")
     async def chat_global(request: Request) -> Any:

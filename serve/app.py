@@ -77,6 +77,7 @@ class ServeConfig:
     # the most tokens one reply may ask for (a request asking more gets a 400); a request naming none gets up
     # to the rest of its context within this cap. None: the context is the only limit
     max_tokens_cap: int | None = None
+    json_logs: bool = False  # the replicas' adapterfab log lines as JSON objects (each with its request id)
 
 
 class EngineDeployment:
@@ -87,8 +88,10 @@ class EngineDeployment:
 
     def __init__(self, cfg: ServeConfig):
         from adapterfab.registry import Registry
+        from adapterfab.serve.observe import install_log_context
         from adapterfab.serve.tiers import AdapterTiers
 
+        install_log_context(cfg.json_logs)
         self.cfg = cfg
         self.registry = Registry(cfg.mlflow_uri)
         self.loads = 0
@@ -189,6 +192,10 @@ class RayBackend:
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle
 
+    async def stats(self) -> dict[str, Any]:
+        """One engine replica's tiers and rows (the one Serve routes this call to)."""
+        return await self.handle.stats.remote()
+
     async def generate(self, version_key: str | None, adapter: AdapterVersion | None,
                        messages: list[dict[str, str]], params: SamplingParams) -> AsyncIterator[Event]:
         """A replica that dies surfaces as ReplicaUnavailable, never a hang. The API is the one place that
@@ -224,7 +231,10 @@ class Ingress:
         from adapterfab.registry import Registry
         from adapterfab.registry_index import RegistryIndex
         from adapterfab.serve.api import make_api
+        from adapterfab.serve.observe import install_log_context
         from adapterfab.state import StateStore
+
+        install_log_context(self.cfg.json_logs)
 
         # a lookup with MLflow down fails within seconds (then the catalogue answers), not after MLflow's
         # default retries and 120 s timeout (this replica's process only)
@@ -250,7 +260,8 @@ class Ingress:
         return make_api(backend, keys.verify, checked_resolver(registry, self.cfg.base_fingerprint),
                         lister=lister, catalog=registry.list, resolve_ttl_s=self.cfg.resolve_ttl_s,
                         on_alias_moved=backend.prefetch, rate_limit=limiter,
-                        max_tokens_cap=self.cfg.max_tokens_cap)
+                        max_tokens_cap=self.cfg.max_tokens_cap, echo_request_id=False,  # Serve's proxy echoes it
+                        metrics_auth=lambda key: (who := keys.identify(key)) is not None and who.operator)
 
 
 def complete_catalogue(registry: Any) -> threading.Thread | None:

@@ -13,6 +13,7 @@ engine, ``fetch_peft`` for the one-at-a-time engine).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import os
@@ -69,7 +70,8 @@ async def iterate_in_thread(make_iter: Callable[[], Iterator[Any]]) -> AsyncIter
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             put(e)
 
-    threading.Thread(target=run, name="engine-generate", daemon=True).start()
+    # the thread runs in a copy of the caller's context: its log lines carry the request's id (serve/observe.py)
+    threading.Thread(target=contextvars.copy_context().run, args=(run,), name="engine-generate", daemon=True).start()
     try:
         while True:
             item = await queue.get()
@@ -250,6 +252,11 @@ class TieredBackend:
             if not fut.done() or (not fut.cancelled() and fut.exception() is None):
                 fut.add_done_callback(release_orphan)  # runs at once when the pin is already taken
             raise
+
+    async def stats(self) -> dict[str, Any]:
+        """The tiers' counters and the batched engine's rows (``/metrics``: serve/observe.py)."""
+        stats = getattr(self.engine, "stats", None)
+        return {"tiers": self.tiers.stats(), "batching": stats() if callable(stats) else {}}
 
     async def generate(self, version_key: str | None, adapter: AdapterVersion | None,
                        messages: list[dict[str, str]], params: SamplingParams) -> AsyncIterator[Event]:

@@ -96,13 +96,16 @@ async def aclose(events: AsyncIterator[Any]) -> None:
 
 
 async def complete(meta: dict[str, Any], choices: list[Choice], kind: str, logprobs: bool,
-                   on_error: Callable[[BaseException], ApiError]) -> dict[str, Any]:
-    """The whole response once every choice has finished (choices decode concurrently)."""
+                   on_error: Callable[[BaseException], ApiError], watch: Any = None) -> dict[str, Any]:
+    """The whole response once every choice has finished (choices decode concurrently). ``watch``
+    (``observe.Watch``) times the first text and counts the tokens."""
 
     async def drain(c: Choice) -> None:
         try:
             async for ev in _events(c):
                 if isinstance(ev, TextDelta):
+                    if watch is not None and not c.parts:
+                        watch.text()
                     c.parts.append(ev.text)
                     c.logprobs.extend(ev.logprobs)
                 elif isinstance(ev, Finished):
@@ -114,6 +117,12 @@ async def complete(meta: dict[str, Any], choices: list[Choice], kind: str, logpr
         await asyncio.gather(*(drain(c) for c in choices))
     except Exception as e:  # noqa: BLE001
         raise on_error(e) from None
+    finally:
+        if watch is not None:
+            watch.close()
+    total = usage(choices)
+    if watch is not None:
+        watch.done(total["prompt_tokens"], total["completion_tokens"])
     out = []
     for c in choices:
         text = c.echo + "".join(c.parts)
@@ -126,13 +135,14 @@ async def complete(meta: dict[str, Any], choices: list[Choice], kind: str, logpr
             out.append({"index": c.index, "message": {"role": "assistant", "content": text},
                         "finish_reason": finish, "logprobs": lp})
     obj = "text_completion" if kind == "text" else "chat.completion"
-    return {**meta, "object": obj, "choices": out, "usage": usage(choices)}
+    return {**meta, "object": obj, "choices": out, "usage": total}
 
 
 async def stream(meta: dict[str, Any], choices: list[Choice], kind: str, logprobs: bool, include_usage: bool,
-                 on_error: Callable[[BaseException], ApiError]) -> AsyncIterator[str]:
+                 on_error: Callable[[BaseException], ApiError], watch: Any = None) -> AsyncIterator[str]:
     """Server-sent events: chunks of every choice as they decode (interleaved), each choice's finish
-    reason, then usage (when asked) and ``[DONE]``. An error after the headers goes in-band."""
+    reason, then usage (when asked) and ``[DONE]``. An error after the headers goes in-band. ``watch``
+    (``observe.Watch``) times the first text and the gaps between chunks, and counts the tokens."""
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
     def chunk(c: Choice, text: str | None, entries: tuple[TokenLogprob, ...] = (),
@@ -170,18 +180,28 @@ async def stream(meta: dict[str, Any], choices: list[Choice], kind: str, logprob
         while left:
             c, ev = await queue.get()
             if isinstance(ev, BaseException):
-                yield sse(on_error(ev).body())
+                err = on_error(ev)
+                if watch is not None:
+                    watch.failed(err.status)
+                yield sse(err.body())
                 break
             if isinstance(ev, TextDelta):
+                if watch is not None:
+                    watch.text()
                 yield chunk(c, ev.text, ev.logprobs)
             elif isinstance(ev, Finished):
                 c.done = ev
                 left -= 1
                 yield chunk(c, None, finish=ev.finish_reason)
         else:
+            total = usage(choices)
+            if watch is not None:
+                watch.done(total["prompt_tokens"], total["completion_tokens"])
             if include_usage:
-                yield sse({**meta, "object": obj, "choices": [], "usage": usage(choices)})
+                yield sse({**meta, "object": obj, "choices": [], "usage": total})
     finally:
+        if watch is not None:
+            watch.close()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -66,11 +66,15 @@ def served(ray_cluster: None, mlflow_server: str, tiny_model_path: str,
     acme = keys.create("acme")
     cfg = ServeConfig(base_model_path=tiny_model_path, state_url=state_url, mlflow_uri=mlflow_server,
                       max_adapters_per_replica=1, replica_num_cpus=1.0, torch_threads=1,
-                      adapter_cache_dir=str(root / "adapter-cache"), resolve_ttl_s=RESOLVE_TTL_S)
+                      adapter_cache_dir=str(root / "adapter-cache"), resolve_ttl_s=RESOLVE_TTL_S,
+                      max_tokens_cap=MAX_TOKENS_CAP)
     t0 = time.monotonic()
     url = deploy(cfg, port=free_port())
     print(f"deploy took {time.monotonic() - t0:.1f}s")
     yield {"url": url, "acme": acme, "keys": keys, "registry": registry, "dirs": dirs, "cfg": cfg}
+
+
+MAX_TOKENS_CAP = 256  # the operator's cap: hostile and default max_tokens stay short
 
 
 def engine_stats() -> dict:
@@ -118,6 +122,40 @@ def test_serve_end_to_end(served: dict, tiny_model_path: str) -> None:
     # back to @1 (evicted, reloaded from the local cache) still answers the same
     again = c.chat.completions.create(model="acme/pirate@1", messages=MSGS, max_tokens=10, temperature=0)
     assert again.choices[0].message.content == r1.choices[0].message.content
+
+
+@pytest.mark.timeout(120)
+def test_the_openai_surface_request_ids_and_metrics_through_serve(served: dict) -> None:
+    """Through Ray Serve's proxy: n choices with log-probabilities come back from the engine replica (the
+    events cross processes), the client's X-Request-Id comes back once, a reply with no max_tokens stops
+    at the operator's cap, and /metrics (an operator's key only) counts the tenant's requests and shows
+    the engine replica's rows and tiers."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    acme = {"Authorization": f"Bearer {served['acme']}"}
+    body = {"model": "base", "messages": MSGS, "max_tokens": 3, "temperature": 0, "n": 2, "logprobs": True,
+            "top_logprobs": 2}
+    r = httpx.post(served["url"] + "/v1/chat/completions", json=body, headers={**acme, "X-Request-Id": "trace-9"},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.headers.get_list("x-request-id") == ["trace-9"]
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1] and choices[0]["message"] == choices[1]["message"]
+    assert all(len(c["logprobs"]["content"]) == 3 and len(c["logprobs"]["content"][0]["top_logprobs"]) == 2
+               for c in choices)
+    long = httpx.post(served["url"] + "/v1/chat/completions", headers=acme, timeout=60,
+                      json={"model": "base", "messages": MSGS, "temperature": 0, "ignore_eos": True}).json()
+    assert long["usage"]["completion_tokens"] == MAX_TOKENS_CAP and long["choices"][0]["finish_reason"] == "length"
+    assert httpx.get(served["url"] + "/metrics", headers=acme, timeout=30).status_code == 403
+    operator = {"Authorization": f"Bearer {served['keys'].create_operator()}"}
+    m = httpx.get(served["url"] + "/metrics", headers=operator, timeout=30)
+    assert m.status_code == 200
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for fam in text_string_to_metric_families(m.text) for s in fam.samples}
+    chat_ok = (("adapter", "base"), ("code", "200"), ("route", "chat"), ("tenant", "acme"))
+    assert got[("adapterfab_requests_total", chat_ok)] >= 2
+    assert got[("adapterfab_output_tokens_total", (("adapter", "base"), ("tenant", "acme")))] >= 6 + MAX_TOKENS_CAP
+    assert ("adapterfab_engine_free_rows", ()) in got and ("adapterfab_tier_resident", (("tier", "device"),)) in got
 
 
 @pytest.mark.timeout(120)
