@@ -354,6 +354,12 @@ def serve(port: int | None = typer.Option(None, help="HTTP port (default: the st
               help="requests per second each tenant may send, on every route (default 50; 0: unlimited)"),
           tenant_burst: int | None = typer.Option(None, "--tenant-burst", min=1,
                                                      help="requests a tenant may send at once (default 100)"),
+          max_tokens_cap: int | None = typer.Option(
+              None, "--max-tokens-cap", min=1,
+              help="the most tokens one reply may ask for (more: a 400); a request naming no max_tokens gets up "
+                   "to the rest of its context within it (default: the context is the only limit)"),
+          json_logs: bool = typer.Option(False, "--json-logs", help="the replicas' log lines as JSON objects, each "
+                                                                   "with its request_id"),
           as_json: bool = json_option("one JSON line on stdout once serving: url, openai_base_url, host, port, "
                                       "replicas, device")) -> None:
     """Serve every tenant's adapters from one base model: OpenAI-compatible /v1/chat/completions."""
@@ -385,6 +391,8 @@ def serve(port: int | None = typer.Option(None, help="HTTP port (default: the st
             registry_catalogue=registry_catalogue,
             tenant_rps=tenant_rps,
             tenant_burst=tenant_burst,
+            max_tokens_cap=max_tokens_cap,
+            json_logs=json_logs,
             announce=announce,
             # warm trainers hold devices the replicas need; busy ones stay
             before_deploy=retire_idle_trainers,

@@ -36,11 +36,12 @@ def serve_forever(settings: Settings, port: int | None = None, base_model: str =
                   registry_catalogue: bool = True, tenant_rps: float | None = None, tenant_burst: int | None = None,
                   announce: Callable[[str, str], None] = lambda url, device: print(url),
                   before_deploy: Callable[[], object] | None = None, host: str = "127.0.0.1",
-                  device: str = "cpu") -> str:
+                  device: str = "cpu", max_tokens_cap: int | None = None, json_logs: bool = False) -> str:
     """Deploy ``replicas`` engine replicas on ``device`` (cpu, cuda: one GPU each, auto) behind Serve's
     proxy bound to ``host``; ``announce(url, device)`` once it serves. ``before_deploy`` runs once
     connected to the cluster (the CLI retires the idle warm trainers there, whose devices the replicas
-    need). Returns the URL."""
+    need). ``max_tokens_cap``: the most tokens a reply may ask for; ``json_logs``: the replicas' log lines as
+    JSON. Returns the URL."""
     import ray
     from ray import serve
 
@@ -60,7 +61,7 @@ def serve_forever(settings: Settings, port: int | None = None, base_model: str =
     cfg = ServeConfig(base_model_path=base.path, state_url=settings.state_url, mlflow_uri=settings.mlflow_uri,
                       dtype=dtype, num_replicas=replicas, replica_num_gpus=gpus, base_fingerprint=base.fingerprint,
                       adapter_cache_dir=str(settings.cache / "adapters"),
-                      registry_catalogue=registry_catalogue,
+                      registry_catalogue=registry_catalogue, max_tokens_cap=max_tokens_cap, json_logs=json_logs,
                       **({"tenant_rps": tenant_rps} if tenant_rps is not None else {}),
                       **({"tenant_burst": tenant_burst} if tenant_burst is not None else {}))
     port = port or settings.extra.get("serve_port") or DEFAULT_SERVE_PORT

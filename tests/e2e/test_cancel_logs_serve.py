@@ -12,6 +12,7 @@ Llama as the base:
 
 from __future__ import annotations
 
+import glob
 import json
 import subprocess
 import time
@@ -148,7 +149,7 @@ def test_serve_on_every_interface_with_two_replicas(cancelled, stack, tiny_model
     up = json.loads(cli(home, "up", "--json", timeout_s=60).stdout)  # idempotent: the same stack
     assert up["home"] == str(home) and up["serving"].endswith(f":{ports['serve']}")
     r = cli(home, "serve", "--detach", "--host", "0.0.0.0", "--replicas", "2", "--device", "auto",
-            "--base-model", tiny_model_path, "--json", timeout_s=400)
+            "--base-model", tiny_model_path, "--max-tokens-cap", "8", "--json-logs", "--json", timeout_s=400)
     assert r.returncode == 0, r.stderr
     served = json.loads(r.stdout)
     assert served == {"url": f"http://0.0.0.0:{ports['serve']}", "openai_base_url": f"http://0.0.0.0:{ports['serve']}/v1",
@@ -165,6 +166,19 @@ def test_serve_on_every_interface_with_two_replicas(cancelled, stack, tiny_model
                                  headers={"Authorization": f"Bearer {key}"})
     with urllib.request.urlopen(req, timeout=60) as f:
         assert "acme/first" in [m["id"] for m in json.load(f)["data"]]
+    # the operator's cap bounds a reply that names no max_tokens; the replicas log JSON lines with the request id
+    body = {"model": "base", "messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "ignore_eos": True,
+            "frobnicate": 1}
+    req = urllib.request.Request(f"http://127.0.0.1:{ports['serve']}/v1/chat/completions",
+                                 data=json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json",
+                                          "X-Request-Id": "e2e-json-7"})
+    with urllib.request.urlopen(req, timeout=60) as f:
+        assert f.headers.get_all("x-request-id") == ["e2e-json-7"]
+        assert json.load(f)["usage"]["completion_tokens"] == 8
+    lines = [json.loads(line) for p in glob.glob("/tmp/ray/session_*/logs/worker-*")
+             for line in Path(p).read_text(errors="replace").splitlines() if "e2e-json-7" in line and line[:1] == "{"]
+    assert any(x["request_id"] == "e2e-json-7" and "frobnicate" in x["message"] for x in lines), lines
     import torch
 
     if not torch.cuda.is_available():
