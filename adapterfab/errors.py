@@ -43,6 +43,10 @@ class StackError(AdapterfabError):
     pass
 
 
+class SettingError(AdapterfabError):
+    """An ``ADAPTERFAB_*`` variable holds a value of the wrong type or out of bounds (adapterfab/env.py)."""
+
+
 class StateError(AdapterfabError):
     pass
 

@@ -16,17 +16,13 @@ from typing import Any
 log = logging.getLogger("adapterfab.mlflow")
 TAG = "adapterfab."  # the prefix of every tag adapterfab writes on runs, models and versions
 
-# How long the factory (orchestrator, training workers) rides out an MLflow outage before a job fails.
-# Interactive callers (CLI, serving) keep MLflow's own short retries (retry_s=0).
-MLFLOW_RETRY_ENV = "ADAPTERFAB_MLFLOW_RETRY_S"
-DEFAULT_FACTORY_RETRY_S = 1800.0
-
-
 def factory_retry_s() -> float:
-    try:
-        return max(0.0, float(os.environ.get(MLFLOW_RETRY_ENV, DEFAULT_FACTORY_RETRY_S)))
-    except ValueError:
-        return DEFAULT_FACTORY_RETRY_S
+    """How long the factory (orchestrator, training workers) rides out an MLflow outage before a job
+    fails (``ADAPTERFAB_MLFLOW_RETRY_S``). Interactive callers (CLI, serving) keep MLflow's own short
+    retries (retry_s=0)."""
+    from adapterfab.env import env
+
+    return env().mlflow_retry_s
 
 
 def transient(e: BaseException) -> bool:

@@ -85,7 +85,9 @@ def start_mlflow(home: Path, port: int, artifacts_destination: str | None = None
     # MLflow's S3 artifact repository takes its endpoint from MLFLOW_S3_ENDPOINT_URL (or boto3's
     # AWS_ENDPOINT_URL), never from ADAPTERFAB_S3_ENDPOINT_URL: hand it ours (an explicit
     # MLFLOW_S3_ENDPOINT_URL wins), so an s3:// destination on MinIO, moto, ... works.
-    endpoint = os.environ.get("ADAPTERFAB_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    from adapterfab.env import env as tunables
+
+    endpoint = tunables().s3_endpoint_url
     if endpoint and not os.environ.get("MLFLOW_S3_ENDPOINT_URL"):
         env["MLFLOW_S3_ENDPOINT_URL"] = endpoint
     if artifacts_destination.startswith("s3://"):

@@ -7,7 +7,9 @@
 - ``ADAPTERFAB_ARTIFACTS``: artifact store root, a folder or ``s3://bucket/prefix``
   (default ``<home>/artifacts``).
 - ``MLFLOW_TRACKING_URI`` and ``RAY_ADDRESS`` override what ``stack.json`` says.
-- ``ADAPTERFAB_DATA_ROOTS``: where batch datasets may live (``data_roots``); unset: anywhere.
+
+Plain reads, so that ``adapterfab status`` answers without pydantic. The tunables (S3, retries, the Hub,
+the planner's knobs, ``ADAPTERFAB_DATA_ROOTS``) are parsed with types and bounds in adapterfab/env.py.
 """
 
 from __future__ import annotations
@@ -24,13 +26,9 @@ DEFAULT_DASHBOARD_PORT = 8265
 DEFAULT_UI_PORT = 8280  # our dashboard (serve/dashboard.py); 8265 is Ray's
 
 
-DATA_ROOTS_ENV = "ADAPTERFAB_DATA_ROOTS"
-
-
-def data_roots() -> tuple[str, ...]:
-    """The allowed dataset locations from ``ADAPTERFAB_DATA_ROOTS``: comma-separated local folders and
-    ``s3://bucket[/prefix]`` URIs. Empty (the default): a batch may name any dataset."""
-    return tuple(r.strip() for r in os.environ.get(DATA_ROOTS_ENV, "").split(",") if r.strip())
+def cache_dir() -> Path:
+    """``ADAPTERFAB_CACHE``: converted and downloaded base models, downloaded adapters."""
+    return Path(os.environ.get("ADAPTERFAB_CACHE", "~/.cache/adapterfab")).expanduser().resolve()
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ class Settings:
     @classmethod
     def load(cls) -> Settings:
         home = Path(os.environ.get("ADAPTERFAB_HOME", "~/.adapterfab")).expanduser().resolve()
-        cache = Path(os.environ.get("ADAPTERFAB_CACHE", "~/.cache/adapterfab")).expanduser().resolve()
+        cache = cache_dir()
         stack: dict = {}
         stack_file = home / "stack.json"
         if stack_file.exists():

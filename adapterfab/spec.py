@@ -359,10 +359,9 @@ def semantic_problems(spec: BatchSpec, jobs: list[JobSpec], dataset_exists: Any 
     all is well. Whether every job fits some packing is the planner's to say: ``jobs/admission.admit``
     runs both, and is what the CLI and the orchestrator call."""
     from adapterfab.basemodel import check_base_model
-    from adapterfab.settings import DATA_ROOTS_ENV
-    from adapterfab.settings import data_roots as env_data_roots
+    from adapterfab.env import env
 
-    roots = env_data_roots() if data_roots is None else data_roots
+    roots = env().roots if data_roots is None else data_roots
     problems: list[tuple[str, str]] = []
     try:
         check_base_model(spec.base_model)
@@ -372,7 +371,7 @@ def semantic_problems(spec: BatchSpec, jobs: list[JobSpec], dataset_exists: Any 
         field = f"tenants[{i}].dataset"
         if outside_data_roots(job.dataset, roots):
             problems.append((field, f"{job.dataset} is outside the allowed data roots ({', '.join(roots)}); "
-                                    f"move the data there or ask the operator to extend {DATA_ROOTS_ENV}"))
+                                    "move the data there or ask the operator to extend ADAPTERFAB_DATA_ROOTS"))
             continue
         if "://" in job.dataset:
             err = dataset_exists(job.dataset) if dataset_exists else None

@@ -1,7 +1,9 @@
 """The local stack: a Ray head node (``ray start --head --block`` in its own process group), an MLflow
 tracking server process (SQLite + local artifact folder by default), the dashboard UI process
 (``serve/dashboard.py``), and the serving URL Ray Serve will use. ``up`` and ``down`` are idempotent;
-what is running is recorded in ``<home>/stack.json``."""
+what is running is recorded in ``<home>/stack.json``. The processes it starts get the Hub setting
+(``ADAPTERFAB_HF_OFFLINE``, default on) as ``HF_HUB_OFFLINE``: Ray's workers and serving replicas inherit
+it from the head."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapterfab.env import env
 from adapterfab.errors import StackError
 from adapterfab.procs import (
     SERVER_START_TIMEOUT_S,
@@ -37,7 +40,7 @@ from adapterfab.settings import (
 # Ray Train's controller polls workers every 2 s by default, which makes every report() wait ~2 s.
 EXTRA_IDLE_WORKERS = 6  # idle Ray workers kept beyond one per CPU (~100 MB each)
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-           "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
 
 
@@ -100,7 +103,8 @@ def _start_ray(settings: Settings, port: int, dashboard_port: int, client_port: 
     # new ones (a Python start and its imports each, seconds of CPU on a small machine)
     workers = {"RAY_num_workers_soft_limit": str((num_cpus or os.cpu_count() or 2) + EXTRA_IDLE_WORKERS)}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **RAY_ENV, **workers, "PATH": path}, cwd=str(settings.home))
+                            env={**os.environ, **RAY_ENV, **env().hf_env(), **workers, "PATH": path},
+                            cwd=str(settings.home))
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -122,7 +126,7 @@ def _start_ui(settings: Settings, info: StackInfo, port: int | None) -> None:
         proc = subprocess.Popen([sys.executable, "-m", "adapterfab.serve.dashboard", "--port", str(port)],
                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
                                 cwd=str(settings.home),
-                                env={**os.environ, "ADAPTERFAB_HOME": str(settings.home)})
+                                env={**os.environ, **env().hf_env(), "ADAPTERFAB_HOME": str(settings.home)})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/healthz", SERVER_START_TIMEOUT_S, proc, log)

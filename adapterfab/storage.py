@@ -24,7 +24,8 @@ Settings, from the environment:
 - ``ADAPTERFAB_S3_READ_TIMEOUT_S`` (default 30): seconds without a byte from the server before the
   attempt is abandoned (and retried).
 
-They are read when a store first talks to S3 (``s3_client()``); a bad value is a StorageError.
+They are read when a store first talks to S3 (``s3_client()``; adapterfab/env.py parses them); a bad
+value is a SettingError naming the variable.
 """
 
 from __future__ import annotations
@@ -38,13 +39,11 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from urllib.parse import urlparse
 
+from adapterfab.env import env
 from adapterfab.errors import StorageError
 
 MANIFEST = "MANIFEST.json"
-S3_MAX_ATTEMPTS_ENV, S3_CONNECT_TIMEOUT_ENV, S3_READ_TIMEOUT_ENV = (
-    "ADAPTERFAB_S3_MAX_ATTEMPTS", "ADAPTERFAB_S3_CONNECT_TIMEOUT_S", "ADAPTERFAB_S3_READ_TIMEOUT_S")
 UPLOAD_ATTEMPTS = 3  # an object whose stored bytes differ from the local file is uploaded again this often
-S3_DEFAULTS = {S3_MAX_ATTEMPTS_ENV: 6, S3_CONNECT_TIMEOUT_ENV: 5.0, S3_READ_TIMEOUT_ENV: 30.0}
 
 
 def sha256_file(path: Path) -> str:
@@ -296,27 +295,6 @@ class S3Store(ArtifactStore):
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
 
 
-def _env_number(name: str, kind: type) -> int | float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return S3_DEFAULTS[name]
-    try:
-        value = kind(raw)
-    except ValueError:
-        value = None
-    if value is None or value <= 0:
-        what = "a whole number >= 1" if kind is int else "a number of seconds > 0"
-        raise StorageError(f"{name}={raw!r} is not valid: use {what} (default {S3_DEFAULTS[name]})")
-    return value
-
-
-def s3_settings() -> dict[str, int | float]:
-    """The S3 retry and timeout settings in force (see the module docstring)."""
-    return {"max_attempts": _env_number(S3_MAX_ATTEMPTS_ENV, int),
-            "connect_timeout_s": _env_number(S3_CONNECT_TIMEOUT_ENV, float),
-            "read_timeout_s": _env_number(S3_READ_TIMEOUT_ENV, float)}
-
-
 # botocore's DEBUG records carry credentials: the session token (botocore.auth, the canonical request)
 # and the access key id (botocore.endpoint, the signed headers). They never reach a log, at any root level.
 _CREDENTIAL_LOGGERS = ("botocore.auth", "botocore.endpoint")
@@ -329,15 +307,14 @@ def s3_client():  # noqa: ANN201
     for name in _CREDENTIAL_LOGGERS:
         logger = logging.getLogger(name)
         logger.setLevel(max(logging.INFO, logger.level))
-    settings = s3_settings()
-    endpoint = os.environ.get("ADAPTERFAB_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    e = env()
     session = boto3.session.Session(profile_name=os.environ.get("AWS_PROFILE") or None)
     return session.client(
         "s3",
-        endpoint_url=endpoint,
+        endpoint_url=e.s3_endpoint_url,
         # total_max_attempts counts the first attempt (botocore's "max_attempts" would not)
-        config=Config(retries={"total_max_attempts": settings["max_attempts"], "mode": "standard"},
-                      connect_timeout=settings["connect_timeout_s"], read_timeout=settings["read_timeout_s"]),
+        config=Config(retries={"total_max_attempts": e.s3_max_attempts, "mode": "standard"},
+                      connect_timeout=e.s3_connect_timeout_s, read_timeout=e.s3_read_timeout_s),
     )
 
 

@@ -24,11 +24,11 @@ fusion key train fused, up to FUSED_GROUP_MAX per group.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from adapterfab.env import env
 from adapterfab.ids import AdapterId, job_id
 from adapterfab.methods import get_method
 from adapterfab.spec import BatchSpec, JobSpec
@@ -310,7 +310,7 @@ def balanced_groups(jobs: list[JobSpec], groups: list[list[int]], slots: int, k_
 
 
 # the first group each trainer slot trains, when it has more than one to train (0: no starter groups)
-STARTER_GROUP_JOBS = int(os.environ.get("ADAPTERFAB_STARTER_GROUP_JOBS", 2))
+STARTER_GROUP_JOBS = env().starter_group_jobs
 
 
 def starter_groups(groups: list[list[int]], slots: int, size: int = STARTER_GROUP_JOBS) -> list[list[int]]:

@@ -30,6 +30,7 @@ import pyarrow.fs as pafs
 import ray
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from adapterfab.env import env
 from adapterfab.errors import DatasetError, plain_message
 from adapterfab.pipelines.rows import (
     RowError,
@@ -102,20 +103,14 @@ def s3_filesystem() -> pafs.S3FileSystem:
     """S3 settings from the environment, the same variables as ``adapterfab.storage`` (endpoint,
     region, credentials, and ADAPTERFAB_S3_MAX_ATTEMPTS / ADAPTERFAB_S3_CONNECT_TIMEOUT_S /
     ADAPTERFAB_S3_READ_TIMEOUT_S for retries and timeouts)."""
-    from adapterfab.errors import StorageError
-    from adapterfab.storage import s3_settings
-
-    try:
-        settings = s3_settings()
-    except StorageError as e:
-        raise DatasetError(str(e)) from e
+    e = env()
     kwargs: dict[str, Any] = {
         "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=int(settings["max_attempts"])),
-        "connect_timeout": float(settings["connect_timeout_s"]),
-        "request_timeout": float(settings["read_timeout_s"]),  # honoured by the AWS SDK on macOS/Windows
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=e.s3_max_attempts),
+        "connect_timeout": e.s3_connect_timeout_s,
+        "request_timeout": e.s3_read_timeout_s,  # honoured by the AWS SDK on macOS/Windows
     }
-    endpoint = os.environ.get("ADAPTERFAB_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = e.s3_endpoint_url
     if endpoint:
         parsed = urlparse(endpoint)
         if parsed.scheme and parsed.netloc:
@@ -355,9 +350,9 @@ MAX_READ_BLOCKS = 4
 # 2-CPU cluster, ~14 s for this one (its task workers start and import the tokenizer) while trainers load
 # their bases. The factory's first window is what the first training step waits for, so ``prepare_many``
 # may run a small set of files (``in_process_bytes``) through the same UDFs in the calling process.
-FIRST_WINDOW_IN_PROCESS_BYTES = int(os.environ.get("ADAPTERFAB_FIRST_WINDOW_IN_PROCESS_BYTES", 4 << 20))  # 0: never
+FIRST_WINDOW_IN_PROCESS_BYTES = env().first_window_in_process_bytes  # 0: never
 # such a window goes to a warm trainer already leased, when there is one (jobs/factory.py); 0: never
-FIRST_WINDOW_ON_TRAINER = os.environ.get("ADAPTERFAB_FIRST_WINDOW_ON_TRAINER", "1") != "0"
+FIRST_WINDOW_ON_TRAINER = env().first_window_on_trainer
 _TAGGED = pa.schema([("req", pa.int64()), ("line", pa.int64()), ("messages", pa.string()), ("error", pa.string())])
 
 

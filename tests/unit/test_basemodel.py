@@ -30,7 +30,7 @@ def test_refusals(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(BaseModelError, match="config.json"):
         check_base_model(str(tmp_path / "empty"))
-    with pytest.raises(BaseModelError, match="does not download"):
+    with pytest.raises(BaseModelError, match=r"downloads are off \(ADAPTERFAB_HF_OFFLINE\)"):
         resolve_base_model("some-org/some-model-not-cached", cache=tmp_path)
 
 

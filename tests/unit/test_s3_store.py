@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from adapterfab.errors import StorageError
+from adapterfab.errors import SettingError, StorageError
 from adapterfab.storage import S3Store, open_store
 
 
@@ -123,6 +123,6 @@ def test_retry_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, bad in (("ADAPTERFAB_S3_MAX_ATTEMPTS", "0"), ("ADAPTERFAB_S3_MAX_ATTEMPTS", "three"),
                       ("ADAPTERFAB_S3_READ_TIMEOUT_S", "-1")):
         monkeypatch.setenv(name, bad)
-        with pytest.raises(StorageError, match=rf"{name}='{bad}' is not valid"):
+        with pytest.raises(SettingError, match=rf"{name}='{bad}' is not valid"):
             s3_client()
         monkeypatch.delenv(name)
