@@ -9,7 +9,6 @@ import logging
 import os
 import random
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,31 +44,35 @@ def transient(e: BaseException) -> bool:
 
 def with_retry(fn: Callable[[], Any], what: str, retry_s: float,
                before_retry: Callable[[], Any] | None = None) -> Any:
-    """``fn()``, retried with exponential backoff and jitter while MLflow is unreachable, for up to
-    ``retry_s`` seconds. ``before_retry()`` (for a call that creates something) may return the thing a
-    lost-response attempt already created; it is returned instead of creating it twice."""
-    deadline = time.monotonic() + retry_s
-    delay, failures = 0.5, 0
-    while True:
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - sorted below
-            if retry_s <= 0 or not transient(e) or time.monotonic() >= deadline:
-                raise
-            failures += 1
-            log.warning("MLflow unreachable (%s, attempt %d); retrying %s for up to %.0fs more", type(e).__name__,
-                        failures, what, deadline - time.monotonic())
-            time.sleep(min(delay * (0.5 + random.random()), max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 10.0)
-        if before_retry is not None:
-            try:
-                found = before_retry()
-            except Exception as e:  # noqa: BLE001
-                if not transient(e):
-                    raise
-                found = None
-            if found is not None:
-                return found
+    """``fn()``, retried (tenacity) while MLflow is unreachable (``transient``), for up to ``retry_s``
+    seconds: waits of 0.5, 1, 2, ... up to 10 s, each times a random 0.5-1.5, never past the deadline.
+    ``before_retry()`` (for a call that creates something) may return the thing a lost-response attempt
+    already created; it is returned instead of creating it twice."""
+    if retry_s <= 0:
+        return fn()
+    from tenacity import Retrying, retry_if_exception, stop_after_delay
+
+    def left(state: Any) -> float:
+        return max(0.0, retry_s - state.seconds_since_start)
+
+    retrying = Retrying(
+        retry=retry_if_exception(transient), stop=stop_after_delay(retry_s), reraise=True,
+        wait=lambda s: min(min(0.5 * 2 ** (s.attempt_number - 1), 10.0) * (0.5 + random.random()), left(s)),
+        before_sleep=lambda s: log.warning("MLflow unreachable (%s, attempt %d); retrying %s for up to %.0fs more",
+                                           type(s.outcome.exception()).__name__, s.attempt_number, what, left(s)))
+    for attempt in retrying:
+        with attempt:
+            found = _found(before_retry) if before_retry and attempt.retry_state.attempt_number > 1 else None
+            return found if found is not None else fn()
+
+
+def _found(before_retry: Callable[[], Any]) -> Any:
+    try:
+        return before_retry()
+    except Exception as e:  # noqa: BLE001
+        if not transient(e):
+            raise
+        return None
 
 
 class RetryingClient:
