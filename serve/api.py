@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from cachetools import LRUCache
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -105,7 +106,9 @@ class ResolveCache:
                  on_alias_moved: Callable[[str], Any] | None = None):
         self.resolver, self.ttl_s, self.clock = resolver, ttl_s, clock
         self.on_alias_moved = on_alias_moved  # called with the new version key when an alias moves
-        self._entries: dict[AdapterId, tuple[float, AdapterVersion | None]] = {}
+        # the least recently used resolutions go first past _RESOLVE_CACHE_MAX_ENTRIES (expiry is ours: an
+        # expired resolution still answers while the registry is down, which a TTL cache would have dropped)
+        self._entries: LRUCache[AdapterId, tuple[float, AdapterVersion | None]] = LRUCache(_RESOLVE_CACHE_MAX_ENTRIES)
 
     async def get(self, aid: AdapterId) -> AdapterVersion | None:
         now = self.clock()
@@ -126,8 +129,6 @@ class ResolveCache:
             log.warning("registry lookup of %s failed: %s", aid, e)  # nothing to answer with: say so
             raise ApiError(503, "The adapter registry is unavailable; retry shortly.", type_="server_error",
                            code="registry_unavailable") from None
-        if len(self._entries) >= _RESOLVE_CACHE_MAX_ENTRIES:
-            self._entries.clear()
         previous = hit[1] if hit is not None else None
         if (self.on_alias_moved and aid.alias and version is not None and previous is not None
                 and previous.id != version.id):
