@@ -22,6 +22,7 @@ def run(job: dict) -> dict:
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]]
     greedy = SamplingParams(max_tokens=job["max_tokens"], temperature=0, ignore_eos=True)
     out: dict = {}
+    next_id = 1
     lora_cases = [c for c in job["cases"] if c["adapters"]]
     plain_cases = [c for c in job["cases"] if not c["adapters"]]
     common = dict(model=job["model"], dtype=job["dtype"], max_num_seqs=job["max_num_seqs"],
@@ -38,7 +39,10 @@ def run(job: dict) -> dict:
         llm = LLM(**common, **extra)
         init_s = time.perf_counter() - t0
         for case in cases:
-            reqs = [LoRARequest(f"{case['name']}-{j}", j + 1, path) for j, path in enumerate(case["adapters"])]
+            # an adapter's int id is its identity in vLLM's caches: unique across cases, or a case would be
+            # served another case's adapters under the same ids
+            reqs = [LoRARequest(f"{case['name']}-{j}", next_id + j, path) for j, path in enumerate(case["adapters"])]
+            next_id += len(reqs)
             which = [reqs[k] for k in case["assign"]] if reqs else None
             if reqs:  # every adapter read and resident before the clock starts
                 llm.generate([prompts[0]] * len(reqs), SamplingParams(max_tokens=1, temperature=0), lora_request=reqs,

@@ -62,6 +62,7 @@ from adapterfab.serve.sampling import sample as _sample
 from adapterfab.threads import use_torch_threads
 
 log = logging.getLogger("adapterfab.serve.batched")
+FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}  # one matmul each
 __all__ = ["BatchedEngine", "EngineFull", "ParsedAdapter"]  # the bank's errors and parsed adapters, named here too
 
 
@@ -123,6 +124,10 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.linear = {(i, name): self._module(layer, name) for i, layer in enumerate(self.layers) for name in TARGETS}
+        # q/k/v and gate/up as one weight each (one larger matmul instead of three or two small ones); the
+        # modules' own weights become views into it, so nothing is held twice
+        self.fused = {(i, group): self._fuse([self.linear[(i, n)] for n in names])
+                      for i in range(len(self.layers)) for group, names in FUSED.items()}
         # LoRA banks per (layer, module), created on first use; slot 0 stays zero (no adapter)
         self.lora_a: dict[tuple[int, str], Any] = {}
         self.lora_b: dict[tuple[int, str], Any] = {}
@@ -171,6 +176,22 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
         self._thread.start()
 
     # -- set-up -----------------------------------------------------------------------------------
+    @staticmethod
+    def _fuse(modules: list[Any]) -> tuple[Any, Any, list[int]]:
+        """(weight, bias or None, output sizes) of ``modules`` stacked; each module's weight (and bias)
+        becomes a view into the stacked one."""
+        import torch
+
+        weight = torch.cat([m.weight.data for m in modules])
+        bias = torch.cat([m.bias.data for m in modules]) if modules[0].bias is not None else None
+        sizes, at = [m.weight.shape[0] for m in modules], 0
+        for m, n in zip(modules, sizes):
+            m.weight = torch.nn.Parameter(weight[at:at + n], requires_grad=False)
+            if bias is not None:
+                m.bias = torch.nn.Parameter(bias[at:at + n], requires_grad=False)
+            at += n
+        return weight, bias, sizes
+
     @staticmethod
     def _module(layer: Any, name: str) -> Any:
         return getattr(layer.self_attn, name) if name in ("q_proj", "k_proj", "v_proj", "o_proj") \

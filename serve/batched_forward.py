@@ -40,9 +40,21 @@ class BatchedForward:
 
     def _linear(self, key: tuple[int, str], x: Any, lora: tuple[Any, int] | None, xs_slots: dict[str, Any]) -> Any:
         """``x Wᵀ`` plus each row's adapter delta; ``lora`` is (slot per row, rank to gather up to)."""
+        return self._plus_delta(self.linear[key](x), key, x, lora, xs_slots)
+
+    def _fused(self, i: int, group: str, names: tuple[str, ...], x: Any, lora: Any, xs_slots: dict[str, Any]) -> list:
+        """The modules ``names`` of layer ``i`` from one matmul of their stacked weights, each plus its rows'
+        adapter deltas."""
         import torch
 
-        y = self.linear[key](x)
+        weight, bias, sizes = self.fused[(i, group)]
+        outs = torch.nn.functional.linear(x, weight, bias).split(sizes, dim=-1)
+        return [self._plus_delta(y, (i, n), x, lora, xs_slots) for y, n in zip(outs, names)]
+
+    def _plus_delta(self, y: Any, key: tuple[int, str], x: Any, lora: tuple[Any, int] | None,
+                    xs_slots: dict[str, Any]) -> Any:
+        import torch
+
         if lora is not None and key in self.lora_a:
             slots, r = lora
             a, b = self.lora_a[key][slots, :r], self.lora_b[key][slots, :, :r]  # [B, r, in], [B, out, r]
@@ -63,16 +75,16 @@ class BatchedForward:
 
         bsz, t = h.shape[:2]
         x = layer.input_layernorm(h)
-        q = self._linear((i, "q_proj"), x, lora, xs).view(bsz, t, self.n_heads, self.head_dim)
-        k = self._linear((i, "k_proj"), x, lora, xs).view(bsz, t, self.n_kv, self.head_dim)
-        v = self._linear((i, "v_proj"), x, lora, xs).view(bsz, t, self.n_kv, self.head_dim)
+        q, k, v = self._fused(i, "qkv", ("q_proj", "k_proj", "v_proj"), x, lora, xs)
+        q = q.view(bsz, t, self.n_heads, self.head_dim)
+        k = k.view(bsz, t, self.n_kv, self.head_dim)
+        v = v.view(bsz, t, self.n_kv, self.head_dim)
         q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         attn = attend(i, q, k, v.transpose(1, 2))
         attn = attn.transpose(1, 2).reshape(bsz, t, self.n_heads * self.head_dim)
         h = h + self._linear((i, "o_proj"), attn, lora, xs)
         x = layer.post_attention_layernorm(h)
-        gate = self._linear((i, "gate_proj"), x, lora, xs)
-        up = self._linear((i, "up_proj"), x, lora, xs)
+        gate, up = self._fused(i, "gate_up", ("gate_proj", "up_proj"), x, lora, xs)
         return h + self._linear((i, "down_proj"), layer.mlp.act_fn(gate) * up, lora, xs)
 
     def _prefill_forward(self, ids: Any, rows: Any, lora: Any, xs: dict[str, Any], last: Any) -> Any:
