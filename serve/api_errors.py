@@ -14,6 +14,7 @@ from adapterfab.errors import AdapterNotFound, ReplicaUnavailable
 from adapterfab.serve.engine import PromptTooLong
 from adapterfab.serve.openai_models import FieldError
 from adapterfab.serve.sampling import InvalidGuide
+from adapterfab.serve.tiers import AdapterBusy
 
 log = logging.getLogger("adapterfab.serve.api")
 
@@ -51,6 +52,10 @@ def backend_error(exc: BaseException, model: str, tenant: str, prompt_field: str
         log.warning("tenant %s model %s: %s", tenant, model, exc)
         return ApiError(503, "The serving replica failed during this request; retry it.", type_="server_error",
                         code="replica_unavailable", headers={"Retry-After": "1"})
+    if isinstance(exc, AdapterBusy):  # every device slot pinned by running requests for the whole wait
+        log.warning("tenant %s model %s: %s", tenant, model, exc)
+        return ApiError(503, "Every adapter slot of the serving replica is in use; retry shortly.",
+                        type_="server_error", code="adapter_busy", headers={"Retry-After": "1"})
     if isinstance(exc, PromptTooLong):
         return ApiError(400, str(exc), param=prompt_field, code="context_length_exceeded")
     if isinstance(exc, TemplateError):

@@ -302,3 +302,29 @@ def test_per_tenant_rate_limit(stack: dict) -> None:
     assert post(stack["globex"]).status_code == 400 and post(stack["acme"]).status_code == 429
     now[0] = 2.05  # one token back for acme after 2 s at 0.5/s
     assert post(stack["acme"]).status_code == 400 and post(stack["acme"]).status_code == 429
+
+
+def test_every_slot_pinned_is_a_503_to_retry_not_a_500(stack: dict) -> None:
+    """Both device slots pinned (as running requests pin them, through the tiers' own acquire) and the wait
+    for one over: the third adapter's request is a 503 ``adapter_busy`` with Retry-After (the client's retry
+    will find a slot), not a server failure; once the pins go, the same request is answered."""
+    c = client(stack)
+    for model in ("acme/pirate@1", "acme/pirate@2"):  # both resident
+        c.chat.completions.create(model=model, messages=MSGS, max_tokens=1)
+    tiers = stack["backend"].tiers
+    old, tiers.slot_wait_s = tiers.slot_wait_s, 0.3
+    pinned = ["acme/pirate@1", "acme/pirate@2"]
+    for key in pinned:
+        tiers.acquire(key)
+    try:
+        r = httpx.post(stack["url"] + "/v1/chat/completions", timeout=60,
+                       json={"model": "globex/parrot", "messages": MSGS, "max_tokens": 2},
+                       headers={"Authorization": f"Bearer {stack['globex']}"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "adapter_busy", r.text
+        assert r.headers["retry-after"] == "1"
+    finally:
+        for key in pinned:
+            tiers.release(key)
+        tiers.slot_wait_s = old
+    ok = client(stack, "globex").chat.completions.create(model="globex/parrot", messages=MSGS, max_tokens=2)
+    assert ok.usage.completion_tokens == 2
