@@ -9,6 +9,7 @@ training seconds, to set the replay weight against its cost. Adherence (generati
 
     .venv/bin/python bench/retention_fused.py --method lora --replay 5
     .venv/bin/python bench/retention_fused.py --method lora_xs --replay 0 --threads 2
+    .venv/bin/python bench/retention_fused.py --method lora_xs --config '{"r": 32, "alpha": 32}' --replay 3
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> int:
     ap.add_argument("--replay", type=float, default=None, help="train.replay_weight (default: the method's)")
     ap.add_argument("--per-step", type=int, default=1, help="train.replay_per_step")
     ap.add_argument("--train", default="{}", help="JSON: train settings over the method's defaults")
+    ap.add_argument("--config", default="{}", help="JSON: method settings over its defaults (r, alpha, target_modules)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--base-model", default="smollm2-135m-instruct")
     args = ap.parse_args()
@@ -46,7 +48,7 @@ def main() -> int:
 
     base = resolve_base_model(args.base_model)
     impl = get_method(args.method)
-    cfg = impl.config_cls(name=args.method)
+    cfg = impl.config_cls(**{**json.loads(args.config), "name": args.method})
     over = json.loads(args.train) | ({"replay_weight": args.replay} if args.replay is not None else {})
     train = TrainConfig(**{**impl.default_train, "replay_per_step": args.per_step, **over})
     cfg, train = resolve_auto(cfg, train, gpu=False)
@@ -70,7 +72,7 @@ def main() -> int:
     from factory_throughput import machine  # the CPU's model and AVX-512, as the other benches
 
     out = {"date": time.strftime("%Y-%m-%d"), "machine": machine(os.cpu_count() or 1),
-           "method": args.method, "train": train.model_dump(), "threads": args.threads,
+           "method": args.method, "config": cfg.model_dump(), "train": train.model_dump(), "threads": args.threads,
            "group_train_s": round(res.timing["train_s"], 2), "wall_s": round(time.monotonic() - t0, 2), "jobs": {}}
     for o in res.outcomes:
         m = o.metrics
