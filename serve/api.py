@@ -307,10 +307,9 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
                 if isinstance(r, tuple):
                     await openai_format.aclose(r[1])
             raise
-        echo = (req.echo_text() if kind == "chat" else "")
-        choices = [openai_format.Choice(i, p, first, events,
-                                        echo=echo if kind == "chat" else (prompt if req.echo and isinstance(prompt, str)
-                                                                          else ""))
+        chat_echo = req.echo_text() if kind == "chat" else ""  # completions echo each choice's own prompt text
+        choices = [openai_format.Choice(i, p, first, events, echo=chat_echo or (
+                       prompt if kind == "text" and req.echo and isinstance(prompt, str) else ""))
                    for i, ((p, prompt, _), (first, events)) in enumerate(zip(jobs, started))]
         headers = {IGNORED_HEADER: ", ".join(ignored)} if ignored else {}
         on_error = lambda e: backend_error(e, meta["model"], tenant, prompt_field)  # noqa: E731

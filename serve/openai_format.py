@@ -113,9 +113,13 @@ async def complete(meta: dict[str, Any], choices: list[Choice], kind: str, logpr
         finally:
             await aclose(c.events)
 
+    tasks = [asyncio.ensure_future(drain(c)) for c in choices]
     try:
-        await asyncio.gather(*(drain(c) for c in choices))
-    except Exception as e:  # noqa: BLE001
+        await asyncio.gather(*tasks)
+    except Exception as e:  # noqa: BLE001 - one choice failed: the others stop too (their rows are freed)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         raise on_error(e) from None
     finally:
         if watch is not None:

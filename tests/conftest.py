@@ -7,7 +7,7 @@
 - ``make_lora_adapter``: writes a PEFT LoRA (q,v, random non-zero B) for a base, to serve or load.
 
 Helpers that test modules import (this folder is on sys.path once this conftest is loaded):
-``stack_cli.run_cli`` / ``stack_cli.stack_up``.
+``stack_cli.run_cli`` / ``stack_cli.stack_up`` / ``stack_cli.wait_for``, ``servers.serve_in_thread``.
 """
 
 from __future__ import annotations

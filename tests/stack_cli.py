@@ -1,11 +1,13 @@
 """The ``adapterfab`` CLI in a subprocess, and `adapterfab up` on free ports: the real stack of the
-end-to-end, fault and browser tests (``from stack_cli import run_cli, stack_up``)."""
+end-to-end, fault and browser tests (``from stack_cli import run_cli, stack_up``), and ``wait_for`` a
+condition on that stack."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 CLI = str(Path(sys.executable).parent / "adapterfab")
@@ -29,3 +31,15 @@ def stack_up(home: Path, *extra: str, env: dict[str, str] | None = None) -> tupl
                 ports["dashboard"], "--serve-port", ports["serve"], "--ui-port", ports["ui"], *extra, env=env)
     assert r.returncode == 0, r.stderr
     return ports, r.stdout
+
+
+def wait_for(cond, timeout_s: float, what: str, poll_s: float = 0.3):  # noqa: ANN001, ANN201
+    """``cond()``'s first truthy value, polled every ``poll_s``; an AssertionError naming ``what`` after
+    ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from stack_cli import run_cli, stack_up
+from stack_cli import run_cli, stack_up, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.ray]
 REPO = Path(__file__).resolve().parents[2]
@@ -48,16 +48,6 @@ def write_batch(path: Path, base: str, name: str, tenants: list[tuple[str, str, 
                          "train": {"steps": steps}} for t, p, d, steps in tenants]}
     path.write_text(yaml.safe_dump(spec))
     return path
-
-
-def wait_for(cond, timeout_s: float, what: str, poll_s: float = 0.3):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def status(home: Path, batch_id: str) -> dict:

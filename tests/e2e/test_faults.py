@@ -23,7 +23,7 @@ from signal import SIGKILL
 
 import pytest
 import yaml
-from stack_cli import run_cli, stack_up
+from stack_cli import run_cli, stack_up, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.ray]
 REPO = Path(__file__).resolve().parents[2]
@@ -63,16 +63,6 @@ def state(home: Path):  # noqa: ANN201
 
 def mlflow_uri(home: Path) -> str:
     return json.loads((home / "stack.json").read_text())["mlflow_uri"]
-
-
-def wait_for(cond, timeout_s: float, what: str, poll_s: float = 0.3):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def versions_of(home: Path, adapter: str) -> list[dict]:

@@ -3,7 +3,6 @@ in-process engine on the tiny model, real API keys in a temp SQLite state DB, a 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,11 +10,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from servers import serve_in_thread
 
 from adapterfab.errors import AdapterNotFound
 from adapterfab.ids import AdapterId
 from adapterfab.keys import KeyStore
-from adapterfab.procs import free_port
 from adapterfab.registry import AdapterVersion
 from adapterfab.serve.api import make_api, model_not_found
 from adapterfab.serve.backend import LocalBackend
@@ -51,8 +50,6 @@ class FakeRegistry:
 
 @pytest.fixture(scope="module")
 def stack(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory, make_lora_adapter) -> Iterator[dict]:
-    import uvicorn
-
     root = tmp_path_factory.mktemp("api")
     reg = FakeRegistry()
     reg.versions["acme/pirate"] = {1: make_lora_adapter(tiny_model_path, root / "p1", 1),
@@ -63,19 +60,9 @@ def stack(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory, make_l
     engine = Engine(tiny_model_path, torch_threads=1)
     backend = LocalBackend(engine, fetch=lambda v: v.source, max_adapters=2)
     app = make_api(backend, keys.verify, reg.resolve, lister=reg.list, resolve_ttl_s=TTL_S, max_tokens_cap=2048)
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield {"url": f"http://127.0.0.1:{port}", "reg": reg, "engine": engine, "backend": backend,
-           "acme": keys.create("acme"), "globex": keys.create("globex")}
-    server.should_exit = True
-    thread.join(10)
+    with serve_in_thread(app) as url:
+        yield {"url": url, "reg": reg, "engine": engine, "backend": backend,
+               "acme": keys.create("acme"), "globex": keys.create("globex")}
 
 
 def client(stack: dict, tenant: str = "acme", route: str = "/v1") -> openai.OpenAI:

@@ -9,16 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
+from servers import serve_in_thread
 
 from adapterfab.keys import KeyStore
-from adapterfab.procs import free_port
 from adapterfab.serve.api import IGNORED_HEADER, make_api
 from adapterfab.serve.backend import LocalBackend
 from adapterfab.serve.batched import BatchedEngine
@@ -31,8 +29,6 @@ CAP = 24  # the operator's max_tokens cap of the served API
 
 @pytest.fixture(scope="module")
 def srv(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    import uvicorn
-
     root = tmp_path_factory.mktemp("surface")
     keys = KeyStore(StateStore(f"sqlite:///{root / 'state.db'}"))
     engine = BatchedEngine(tiny_model_path, max_batch=8, max_len=256, torch_threads=1)
@@ -44,17 +40,8 @@ def srv(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         raise AdapterNotFound(str(aid))
 
     app = make_api(backend, keys.verify, resolver, max_tokens_cap=CAP)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "key": keys.create("acme")}
-    server.should_exit = True
-    thread.join(10)
+    with serve_in_thread(app) as url:
+        yield {"url": url, "engine": engine, "key": keys.create("acme")}
     engine.close()
 
 
