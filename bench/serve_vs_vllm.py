@@ -168,6 +168,7 @@ def main() -> None:
 
     from adapterfab.basemodel import resolve_base_model
     from adapterfab.chat import encode_prompt
+    from adapterfab.threads import in_passing_thread
 
     base = resolve_base_model("smollm2-135m-instruct").path
     tok = AutoTokenizer.from_pretrained(base)
@@ -176,14 +177,17 @@ def main() -> None:
                              tok) for i in range(args.requests)]
     work = Path(tempfile.mkdtemp(prefix="serve-vs-vllm-"))
     t0 = time.perf_counter()
-    loras = make_loras(base, work, args.m)
+    # adapters are made on a passing thread: the server's process makes none, and a 2-thread torch op on
+    # this (main) thread would leave an OpenMP pool beside the engine's, which slows its decode loop by a
+    # quarter (adapterfab/threads.py)
+    loras = in_passing_thread(make_loras, base, work, args.m)
     cases = [{"name": "base", "kind": "base", "ours": [], "vllm": [], "assign": [0] * args.requests},
              {"name": "lora_m1", "kind": "lora", "ours": loras[:1], "vllm": loras[:1], "assign": [0] * args.requests},
              {"name": f"lora_m{args.m}", "kind": "lora", "ours": loras, "vllm": loras,
               "assign": zipf_assign(args.requests, args.m)}]
     basis = None
     if not args.no_xs:
-        basis, native, exported = make_lora_xs(base, work, args.m)
+        basis, native, exported = in_passing_thread(make_lora_xs, base, work, args.m)
         cases.append({"name": f"lora_xs_m{args.m}", "kind": "xs", "ours": native, "vllm": exported,
                       "assign": zipf_assign(args.requests, args.m, seed=1)})
     print(f"adapters ready in {time.perf_counter() - t0:.0f} s ({work})", flush=True)

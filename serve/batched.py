@@ -8,9 +8,16 @@ How a step works:
   ``A[slot]`` (r_max × in) and ``B[slot]`` (out × r_max) with a per-slot scale, so adapters of different
   ranks and module sets coexist (zeros where an adapter has no rank or no module); LoRA-XS as ``R[slot]``
   (r × r) beside its basis' shared ``A`` (in × r) and ``B`` (r × out). Slot 0 is "no adapter" (zeros).
-- **Per-row deltas.** A target Linear computes ``x Wᵀ`` once for the whole batch, then for LoRA rows
-  ``s[slot]·(x·A[slot]ᵀ)·B[slot]ᵀ`` as a gathered batched matmul, and for LoRA-XS rows ``x·A`` and
-  ``·B`` once for the whole batch with only the r×r ``R[slot]`` per row.
+- **Adapter deltas.** A target Linear computes ``x Wᵀ`` once for the whole batch (q/k/v and gate/up as
+  one matmul each; on a CPU in bf16 from weights packed once into oneDNN's layout, ``_prepack``). LoRA
+  rows add ``s[slot]·(x·A[slot]ᵀ)·B[slot]ᵀ``: in an exact-shape decode step per distinct adapter of
+  the step (``_Factors``: the step's adapters' A and B stacked once per admission, two plain matmuls per
+  fused group for all rows); in prefill and in bucketed (CUDA-graph) steps as a per-row gathered batched
+  matmul. LoRA-XS rows compute ``x·A`` and ``·B`` once for the whole batch with only the r×r
+  ``R[slot]`` per row.
+- **One OpenMP pool.** The set-up runs on a passing thread and adapter placement on one torch thread, so
+  the decode loop's thread owns the process's only multi-thread pool (``adapterfab/threads.py``: a second
+  pool throttles libgomp's spin-wait and slowed the decode step 25 %).
 - **KV cache per request**: a preallocated ``[layers, slots, kv_heads, max_len, head_dim]`` cache; each
   running request owns a cache row and its own positions, so requests of any length decode together.
   Rows are handed out lowest first, so the running requests sit in the first rows of the cache.
@@ -48,7 +55,7 @@ from typing import Any
 
 from adapterfab.errors import AdapterfabError
 from adapterfab.serve.batched_bank import TARGETS, AdapterBank, EngineFull, ParsedAdapter, _XSBank
-from adapterfab.serve.batched_forward import BatchedForward, _Graph
+from adapterfab.serve.batched_forward import FUSED_NAMES, BatchedForward, _Graph
 from adapterfab.serve.engine import (
     DTYPES,
     AdapterNotLoaded,
@@ -59,10 +66,10 @@ from adapterfab.serve.engine import (
 )
 from adapterfab.serve.sampling import is_plain_greedy
 from adapterfab.serve.sampling import sample as _sample
-from adapterfab.threads import use_torch_threads
+from adapterfab.threads import in_passing_thread, use_torch_threads
 
 log = logging.getLogger("adapterfab.serve.batched")
-FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}  # one matmul each
+FUSED = dict(zip(("qkv", "gate_up"), FUSED_NAMES))  # one matmul each
 __all__ = ["BatchedEngine", "EngineFull", "ParsedAdapter"]  # the bank's errors and parsed adapters, named here too
 
 
@@ -90,7 +97,20 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
     def __init__(self, model_path: str | Path, dtype: str = "float32", device: str = "cpu",
                  max_batch: int = 16, max_len: int = 1024, max_adapters: int = 64, max_rank: int = 64,
                  torch_threads: int | None = None, prefill_tokens: int = 8192, cuda_graphs: bool | None = None,
-                 buckets: bool | None = None, max_graphs: int = 512, tenant_max_rows: int | None = None):
+                 buckets: bool | None = None, max_graphs: int = 512, tenant_max_rows: int | None = None,
+                 prepack: bool | None = None):
+        # the set-up's torch work (loading, fusing, packing) runs on a thread that ends with it, so the
+        # caller's thread keeps no OpenMP pool beside the decode loop's (adapterfab/threads.py)
+        in_passing_thread(self._setup, model_path, dtype, device, max_batch, max_len, max_adapters, max_rank,
+                          torch_threads, prefill_tokens, cuda_graphs, buckets, max_graphs, tenant_max_rows,
+                          prepack, name="batched-engine-setup")
+        self._thread = threading.Thread(target=self._loop, name="batched-engine", daemon=True)
+        self._thread.start()
+
+    def _setup(self, model_path: str | Path, dtype: str, device: str, max_batch: int, max_len: int,
+               max_adapters: int, max_rank: int, torch_threads: int | None, prefill_tokens: int,
+               cuda_graphs: bool | None, buckets: bool | None, max_graphs: int, tenant_max_rows: int | None,
+               prepack: bool | None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -128,11 +148,16 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
         # modules' own weights become views into it, so nothing is held twice
         self.fused = {(i, group): self._fuse([self.linear[(i, n)] for n in names])
                       for i in range(len(self.layers)) for group, names in FUSED.items()}
+        self.packed: dict[Any, tuple[Any, Any]] = {}  # matmul key -> (weight in oneDNN's layout, bias)
+        self.prepacked = self._prepack() if prepack is not False else False
         # LoRA banks per (layer, module), created on first use; slot 0 stays zero (no adapter)
         self.lora_a: dict[tuple[int, str], Any] = {}
         self.lora_b: dict[tuple[int, str], Any] = {}
         self.lora_scale = torch.zeros(max_adapters + 1, dtype=torch.float32, device=self.device)
         self.lora_rank = [0] * (max_adapters + 1)  # per slot
+        self.lora_scale_host = [0.0] * (max_adapters + 1)  # the same scales, read on the host
+        self._lora_version = 0  # bumped when a LoRA slot is written or cleared
+        self._factor_cache: tuple[Any, Any] | None = None  # the last decode step's stacked factors
         self.xs: dict[str, _XSBank] = {}
         self.xs_scale = torch.zeros(max_adapters + 1, dtype=torch.float32, device=self.device)
         self._slot_of: dict[str, tuple[str, int, str | None]] = {}  # name -> (kind, slot, basis id)
@@ -162,6 +187,9 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
         self.buckets = self.cuda_graphs if buckets is None else bool(buckets)  # static (bucketed) decode shapes
         if self.cuda_graphs and not self.buckets:
             raise AdapterfabError("cuda_graphs needs bucketed decode shapes")
+        # LoRA deltas per distinct adapter of the step (``_factors``); static (bucketed) shapes, which CUDA
+        # graphs capture, keep the per-row gather
+        self.per_adapter = not self.buckets
         self.max_graphs = max(1, max_graphs)  # evicting every graph would leave their pool unusable
         self._graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
         self._graph_pool: Any = None
@@ -172,8 +200,6 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
         self.graph_replays = 0
         self.decode_shapes: collections.Counter[tuple] = collections.Counter()  # (nb, span, rank, bases) -> steps
         self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="batched-engine", daemon=True)
-        self._thread.start()
 
     # -- set-up -----------------------------------------------------------------------------------
     @staticmethod

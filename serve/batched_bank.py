@@ -15,6 +15,7 @@ from typing import Any
 from adapterfab.errors import AdapterfabError
 from adapterfab.methods import LOW_RANK, SHARED_BASIS, method_of_adapter
 from adapterfab.serve.engine import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterRejected
+from adapterfab.threads import on_one_torch_thread
 
 log = logging.getLogger("adapterfab.serve.batched")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -54,6 +55,7 @@ class AdapterBank:
             raise EngineFull(f"all {self.max_adapters} adapter slots are loaded; unload one first")
         return self._free_slots.pop()
 
+    @on_one_torch_thread  # called from a server's threads, beside the decode loop (adapterfab/threads.py)
     def read_adapter(self, local_dir: str | Path, basis: Any = None) -> ParsedAdapter:
         """Read and check an adapter folder (no engine state touched): a PEFT LoRA, or a LoRA-XS adapter
         with its ``basis`` (methods.lora_xs.Basis). Shapes are checked against the base here."""
@@ -80,6 +82,7 @@ class AdapterBank:
                             for t in (v if isinstance(v, tuple) else (v,)))
         return parsed
 
+    @on_one_torch_thread  # called from a server's threads, beside the decode loop (adapterfab/threads.py)
     def place(self, name: str, parsed: ParsedAdapter) -> None:
         """Put a read adapter into a free device slot under ``name`` (a no-op if it is there)."""
         with self._lock:
@@ -109,6 +112,7 @@ class AdapterBank:
     def in_use(self, name: str) -> int:
         return self._in_use.get(name, 0)
 
+    @on_one_torch_thread  # called from a server's threads, beside the decode loop (adapterfab/threads.py)
     def unload_adapter(self, name: str) -> None:
         """Free an adapter's slot; refused while a running request uses it; a no-op if not loaded."""
         with self._lock:
@@ -122,6 +126,8 @@ class AdapterBank:
                 for t in (*self.lora_a.values(), *self.lora_b.values()):
                     t[slot].zero_()
                 self.lora_scale[slot] = 0
+                self.lora_scale_host[slot] = 0.0
+                self._lora_version += 1
                 self.lora_rank[slot] = 0
             else:
                 for t in self.xs[bid].rr.values():  # type: ignore[index]
@@ -202,6 +208,8 @@ class AdapterBank:
                 self.lora_a[key][slot].zero_()
                 self.lora_b[key][slot].zero_()
         self.lora_scale[slot] = scale
+        self.lora_scale_host[slot] = scale
+        self._lora_version += 1
         self.lora_rank[slot] = r
 
     def _read_shared_basis(self, local_dir: Path, basis: Any, read: Any) -> tuple[dict[tuple[int, str], Any], float]:

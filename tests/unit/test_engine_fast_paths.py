@@ -1,0 +1,134 @@
+"""The batched engine's CPU fast paths give the step it replaces: weights packed into oneDNN's layout
+(bf16) give the same logits as ``F.linear``; LoRA updates computed once per distinct adapter of the step
+(``_Factors``) equal the per-row gather, with rows of every kind in one batch, and follow an adapter slot
+reused by another adapter; and the thread helpers that keep one OpenMP pool beside the decode loop do
+what they say."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from adapterfab.serve.batched import BatchedEngine, _Request
+from adapterfab.serve.engine import SamplingParams
+from adapterfab.threads import in_passing_thread, one_torch_thread
+
+
+def _stopped(eng: BatchedEngine) -> BatchedEngine:
+    """The engine with its loop stopped, so the test drives prefill and decode steps itself."""
+    with eng._wake:
+        eng._stop = True
+        eng._wake.notify_all()
+    eng._thread.join(timeout=30)
+    return eng
+
+
+def _step_logits(eng: BatchedEngine, adapters: list[str | None], prompt_len: int = 9) -> torch.Tensor:
+    """Prefill one prompt per row (row i for adapter ``adapters[i]``), then the logits of one decode step."""
+    reqs = []
+    for i, name in enumerate(adapters):
+        r = _Request([10 + (7 * i + j) % 50 for j in range(prompt_len + i)], name, SamplingParams(max_tokens=4),
+                     queue.Queue(), None)
+        r.cache_row, r.budget = i, 4
+        reqs.append(r)
+    with torch.inference_mode():
+        eng._running = []
+        eng._prefill(reqs)
+        assert len(eng._running) == len(reqs)
+        for r in reqs:
+            r.last = 20 + r.cache_row
+        return eng._decode(reqs, [r.cache_row for r in reqs]).float().clone()
+
+
+@pytest.fixture
+def fp32_engine(tiny_model_path: str, mixed_adapters: dict):
+    eng = BatchedEngine(tiny_model_path, dtype="float32", max_batch=8, max_len=128, max_adapters=8, max_rank=16)
+    for name, path in mixed_adapters["lora"].items():
+        eng.load_adapter(name, path)
+    for name, path in mixed_adapters["xs"].items():
+        eng.load_adapter(name, path, basis=mixed_adapters["basis"])
+    yield _stopped(eng)
+    eng.close()
+
+
+ROWS = [None, "pirate", "butler", "robot", "poet", "xs-one", "pirate", "xs-two"]
+
+
+def test_per_adapter_updates_equal_the_per_row_gather(fp32_engine: BatchedEngine) -> None:
+    """Ranks 2/4/8 on q,v, all seven modules, o/down only, LoRA-XS rows and a base row in one step."""
+    assert fp32_engine.per_adapter  # exact shapes on CPU take the per-adapter path
+    fast = _step_logits(fp32_engine, ROWS)
+    fp32_engine.per_adapter = False
+    slow = _step_logits(fp32_engine, ROWS)
+    assert torch.allclose(fast, slow, atol=1e-5, rtol=1e-5), (fast - slow).abs().max()
+    base = _step_logits(fp32_engine, [None] * len(ROWS))
+    assert (fast[1:5] - base[1:5]).abs().max() > 1e-3  # the adapters really changed those rows
+
+
+def test_the_per_adapter_factors_follow_a_reused_slot(fp32_engine: BatchedEngine, mixed_adapters: dict) -> None:
+    before = _step_logits(fp32_engine, ["pirate", "butler"])
+    slot = fp32_engine._slot_of["pirate"][1]
+    fp32_engine.unload_adapter("pirate")
+    fp32_engine.load_adapter("robot2", mixed_adapters["lora"]["robot"])  # takes pirate's slot
+    assert fp32_engine._slot_of["robot2"][1] == slot
+    after = _step_logits(fp32_engine, ["robot2", "butler"])
+    fp32_engine.per_adapter = False
+    want = _step_logits(fp32_engine, ["robot2", "butler"])
+    assert torch.allclose(after, want, atol=1e-5, rtol=1e-5)  # not the cached factors of pirate
+    assert (after[0] - before[0]).abs().max() > 1e-3
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                    reason="oneDNN runs no bf16 on this CPU, so the engine does not pack")
+def test_packed_bf16_weights_give_the_same_logits(tiny_model_path: str, mixed_adapters: dict) -> None:
+    out = {}
+    for prepack in (True, False):
+        eng = BatchedEngine(tiny_model_path, dtype="bfloat16", max_batch=8, max_len=128, max_adapters=8, max_rank=16,
+                            prepack=prepack)
+        try:
+            assert eng.prepacked is prepack
+            for name, path in mixed_adapters["lora"].items():
+                eng.load_adapter(name, path)
+            out[prepack] = _step_logits(_stopped(eng), ROWS[:5])
+        finally:
+            eng.close()
+    assert torch.allclose(out[True], out[False], atol=2e-2, rtol=2e-2), (out[True] - out[False]).abs().max()
+    assert (out[True].argmax(-1) == out[False].argmax(-1)).all()
+
+
+def test_in_passing_thread_returns_raises_and_leaves_no_pool() -> None:
+    assert in_passing_thread(lambda a, b: a + b, 2, 3) == 5
+    with pytest.raises(ZeroDivisionError):
+        in_passing_thread(lambda: 1 / 0)
+    before = torch.get_num_threads()
+    with one_torch_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: no OpenMP worker threads to count")
+def test_the_helpers_keep_the_callers_thread_free_of_openmp_workers() -> None:
+    """What they are for, counted in a fresh process: a 2-thread op run in the caller's thread leaves an
+    OpenMP worker thread behind; run in a passing thread, or under one_torch_thread, it leaves none."""
+    script = """
+import os, sys, torch
+from adapterfab.threads import in_passing_thread, one_torch_thread
+torch.set_num_threads(2)
+work = lambda: torch.randn(4_000_000).sin().sum()
+tasks = lambda: len(os.listdir("/proc/self/task"))
+n0 = tasks()
+{how}
+print(tasks() - n0)
+"""
+    counts = {}
+    for how in ("in_passing_thread(work)", "with one_torch_thread():\n    work()", "work()"):
+        r = subprocess.run([sys.executable, "-c", script.format(how=how)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        counts[how.split("(")[0]] = int(r.stdout.split()[-1])
+    assert counts["work"] >= 1, counts  # the check can see a pool
+    assert counts["in_passing_thread"] == 0 and counts["with one_torch_thread"] == 0, counts
