@@ -127,6 +127,64 @@ def run_ours(base: str, dtype: str, prompts: list[list[int]], cases: list[dict],
     return out
 
 
+def run_arrivals(base: str, dtype: str, prompts: list[list[int]], long_prompts: list[list[int]], chunks: list,
+                 max_tokens: int, clients: int, rate: float, seed: int = 0) -> dict:
+    """Requests arriving by a Poisson process (``rate`` per second; every fourth a long prompt) at our engine,
+    each streamed by its own thread: the gaps between a stream's tokens (inter-token latency, its p50 and
+    p99), time to first token and throughput, for each ``prefill_chunk`` in ``chunks`` (None: every
+    admitted prompt prefilled whole before the next decode step). Ours only: vLLM's offline ``LLM`` takes
+    its requests at once."""
+    import statistics
+
+    from adapterfab.serve.batched import BatchedEngine
+    from adapterfab.serve.engine import SamplingParams
+
+    rng = random.Random(seed)
+    n = len(prompts)
+    work = [long_prompts[i % len(long_prompts)] if i % 4 == 3 else prompts[i] for i in range(n)]
+    gaps_at, t_next = [], 0.0
+    for _ in range(n):
+        gaps_at.append(t_next)
+        t_next += rng.expovariate(rate)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    out = {}
+    for chunk in chunks:
+        eng = BatchedEngine(base, dtype=dtype, max_batch=clients, max_len=1024, torch_threads=os.cpu_count(),
+                            prefill_chunk=chunk)
+        try:
+            list(eng.generate_token_ids(prompts[0], None, SamplingParams(max_tokens=2, temperature=0)))
+            stamps: list[list[float]] = [[] for _ in range(n)]
+            t0 = time.perf_counter()
+
+            def client(i: int, stamps: list = stamps, t0: float = t0, eng: BatchedEngine = eng) -> None:
+                time.sleep(max(0.0, t0 + gaps_at[i] - time.perf_counter()))
+                stamps[i].append(time.perf_counter())  # sent
+                for _ in eng.generate_token_ids(work[i], None, params):
+                    stamps[i].append(time.perf_counter())
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            wall = time.perf_counter() - t0
+            stats = eng.stats()
+        finally:
+            eng.close()
+        itl = sorted(b - a for st in stamps for a, b in zip(st[1:], st[2:]))
+        ttft = sorted(st[1] - st[0] for st in stamps)
+        q = lambda v, p: v[min(len(v) - 1, int(p * len(v)))]  # noqa: E731
+        key = f"chunk_{chunk}" if chunk else "whole"
+        out[key] = {"prefill_chunk": chunk, "itl_p50_ms": round(1e3 * statistics.median(itl), 1),
+                    "itl_p99_ms": round(1e3 * q(itl, 0.99), 1), "itl_max_ms": round(1e3 * itl[-1], 1),
+                    "ttft_p50_ms": round(1e3 * statistics.median(ttft), 1),
+                    "ttft_p99_ms": round(1e3 * q(ttft, 0.99), 1),
+                    "tok_s": round(sum(len(st) - 1 for st in stamps) / wall, 1),
+                    "prefill_pieces": stats["prefill_pieces"]}
+        print(f"ours {dtype} arrivals {key}: {out[key]}", flush=True)
+    return out
+
+
 def run_vllm(base: str, dtype: str, prompts: list[list[int]], cases: list[dict], max_tokens: int, clients: int,
              work: Path) -> dict:
     job = {"model": base, "dtype": dtype, "prompts": prompts, "max_tokens": max_tokens, "max_num_seqs": clients,
@@ -159,10 +217,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="M = 10 and 16 requests (a check that both sides run)")
     ap.add_argument("--no-xs", action="store_true", help="skip the LoRA-XS case")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-arrivals", action="store_true", help="skip the inter-token latency run under arrivals")
+    ap.add_argument("--only-arrivals", action="store_true", help="only the arrivals run (no vLLM needed)")
+    ap.add_argument("--rate", type=float, default=4.0, help="arrivals per second in the arrivals run")
     args = ap.parse_args()
     if args.quick:
         args.m, args.requests = 10, 16
-    if not VLLM_PY.exists():
+    if not VLLM_PY.exists() and not args.only_arrivals:
         sys.exit(f"no vLLM venv at {VLLM_PY.parent.parent}: run `make vllm-venv` first")
     from transformers import AutoTokenizer
 
@@ -175,6 +236,18 @@ def main() -> None:
     topics = ["ships", "the sea", "stars", "bread", "rivers", "mountains", "music", "clocks"]
     prompts = [encode_prompt([{"role": "user", "content": f"Tell me about {topics[i % len(topics)]}, please ({i})."}],
                              tok) for i in range(args.requests)]
+    # long prompts for the arrivals run: a document of ~400 tokens to summarise
+    doc = " ".join(f"Paragraph {k}: the {topics[k % len(topics)]} of the north were known for their long "
+                   f"history, and travellers wrote about them often." for k in range(20))
+    long_prompts = [encode_prompt([{"role": "user", "content": f"Summarise this ({i}): {doc}"}], tok)
+                    for i in range(4)]
+    if args.only_arrivals:
+        res = {"date": dt.date.today().isoformat(), "requests": args.requests, "rate": args.rate,
+               "long_prompt_tokens": len(long_prompts[0]),
+               "arrivals": run_arrivals(base, "bfloat16", prompts, long_prompts, [None, 512, 128], args.max_tokens,
+                                        args.clients, args.rate)}
+        print(json.dumps(res, indent=2))
+        return
     work = Path(tempfile.mkdtemp(prefix="serve-vs-vllm-"))
     t0 = time.perf_counter()
     # adapters are made on a passing thread: the server's process makes none, and a 2-thread torch op on
@@ -212,6 +285,11 @@ def main() -> None:
                      "ours_over_vllm": round(ours[n]["tok_s"] / vllm[n]["tok_s"], 3),
                      "greedy_agreement": agreement(ours[n], vllm[n])}
         results["by_dtype"][dtype] = by
+    if not args.no_arrivals:
+        results["long_prompt_tokens"] = len(long_prompts[0])
+        results["arrivals_rate_per_s"] = args.rate
+        results["arrivals_bf16"] = run_arrivals(base, "bfloat16", prompts, long_prompts, [None, 512, 128],
+                                                args.max_tokens, args.clients, args.rate)
     m = f"lora_m{args.m}"
     for dtype, by in results["by_dtype"].items():
         key = "ratios" if dtype == "bfloat16" else f"ratios_{dtype}"

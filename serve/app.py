@@ -69,6 +69,9 @@ class ServeConfig:
     tenant_rps: float | None = DEFAULT_TENANT_RPS
     tenant_burst: int = DEFAULT_TENANT_BURST
     tenant_max_rows: int | None = None  # batched: rows one tenant may hold (None: 3/4 of max_batch; 0: all)
+    # batched: prompt tokens prefilled between two decode steps (longer prompts go in pieces, so running
+    # streams keep flowing); 0: every admitted prompt whole before the next step
+    prefill_chunk: int = 512
     tenant_rps_overrides: dict = field(default_factory=dict)  # tenant -> requests/s
     # /v1/models and /v1/registry list from the registry's catalogue in the state database (a tenant's
     # listing costs one indexed query however many other tenants there are); False: from MLflow on every
@@ -104,7 +107,7 @@ class EngineDeployment:
                                              max_adapters=cfg.max_adapters_per_replica, max_rank=cfg.max_rank,
                                              torch_threads=cfg.torch_threads,
                                              cuda_graphs=cfg.cuda_graphs and device == "cuda",
-                                             tenant_max_rows=cfg.tenant_max_rows)
+                                             tenant_max_rows=cfg.tenant_max_rows, prefill_chunk=cfg.prefill_chunk)
             bases = BasisCache()
 
             def fetch(key: str) -> tuple[Path, Any, bool]:
@@ -337,7 +340,7 @@ _BUILDER_OPTIONAL: dict[str, type] = {
     "engine": str, "max_batch": int, "max_len": int, "max_rank": int, "cpu_cache_mb": int, "min_replicas": int,
     "max_replicas": int, "target_ongoing_requests": int, "graceful_shutdown_s": float, "tenant_rps": float,
     "tenant_burst": int, "tenant_rps_overrides": dict, "cuda_graphs": bool, "tenant_max_rows": int,
-    "registry_catalogue": bool}
+    "registry_catalogue": bool, "prefill_chunk": int}
 
 
 def _builder_arg(name: str, kind: type, value: Any) -> Any:

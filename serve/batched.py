@@ -98,19 +98,19 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
                  max_batch: int = 16, max_len: int = 1024, max_adapters: int = 64, max_rank: int = 64,
                  torch_threads: int | None = None, prefill_tokens: int = 8192, cuda_graphs: bool | None = None,
                  buckets: bool | None = None, max_graphs: int = 512, tenant_max_rows: int | None = None,
-                 prepack: bool | None = None):
+                 prepack: bool | None = None, prefill_chunk: int | None = 512):
         # the set-up's torch work (loading, fusing, packing) runs on a thread that ends with it, so the
         # caller's thread keeps no OpenMP pool beside the decode loop's (adapterfab/threads.py)
         in_passing_thread(self._setup, model_path, dtype, device, max_batch, max_len, max_adapters, max_rank,
                           torch_threads, prefill_tokens, cuda_graphs, buckets, max_graphs, tenant_max_rows,
-                          prepack, name="batched-engine-setup")
+                          prepack, prefill_chunk, name="batched-engine-setup")
         self._thread = threading.Thread(target=self._loop, name="batched-engine", daemon=True)
         self._thread.start()
 
     def _setup(self, model_path: str | Path, dtype: str, device: str, max_batch: int, max_len: int,
                max_adapters: int, max_rank: int, torch_threads: int | None, prefill_tokens: int,
                cuda_graphs: bool | None, buckets: bool | None, max_graphs: int, tenant_max_rows: int | None,
-               prepack: bool | None) -> None:
+               prepack: bool | None, prefill_chunk: int | None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -173,7 +173,12 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
         self.steps = 0
         self.batch_rows_total = 0
         self.prefill_tokens = max(prefill_tokens, self.max_len)
+        # prompt tokens prefilled per loop iteration, between two decode steps (None or 0: every admitted
+        # prompt at once); a longer prompt is prefilled in pieces over several iterations
+        self.prefill_chunk = prefill_chunk or None
+        self._prefilling: list[_Request] = []  # admitted, holding a cache row, prompt not all in the cache
         self.prefills = 0  # prefill forward passes
+        self.prefill_pieces = 0  # of which pieces of a prompt (chunked prefill)
         self.prefill_rows_total = 0  # prompts they carried
         if cuda_graphs and self.device.type != "cuda":
             raise AdapterfabError(f"cuda_graphs needs a CUDA device, not {self.device}")
@@ -299,7 +304,7 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
         use_torch_threads(self.torch_threads)  # the loop's own thread (adapterfab/threads.py)
         while True:
             with self._wake:
-                while not self._stop and not self._waiting and not self._running:
+                while not self._stop and not self._waiting and not self._running and not self._prefilling:
                     self._wake.wait()
                 if self._stop:
                     return
@@ -309,13 +314,8 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
                 self._retire(req)
             try:
                 with torch.inference_mode():
-                    for chunk in self._prefill_chunks(admit):
-                        try:
-                            self._prefill(chunk)
-                        except Exception as e:  # noqa: BLE001 - this chunk's requests fail, the running rows go on
-                            log.exception("prefill failed")
-                            for r in chunk:
-                                self._fail(r, e)
+                    self._prefilling.extend(admit)
+                    self._prefill_step()
                     running = [r for r in self._running if not r.cancelled and not r.retired]
                     for r in self._running:
                         if r.cancelled:
@@ -339,9 +339,9 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
                     self._running = still
             except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep the engine alive
                 log.exception("engine step failed")
-                for r in {id(r): r for r in [*admit, *self._running]}.values():  # requests are unhashable
+                for r in {id(r): r for r in [*admit, *self._prefilling, *self._running]}.values():  # unhashable
                     self._fail(r, e)
-                self._running = []
+                self._running, self._prefilling = [], []
 
     def _drop_cancelled_waiting(self) -> list[_Request]:
         """Waiting requests whose client went away leave the queue (caller holds the lock)."""
@@ -400,6 +400,43 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
                     out[n] = e
         return out
 
+    def _prefill_step(self) -> None:
+        """This iteration's prefill: prompts in admission order up to ``prefill_chunk`` prompt tokens in all.
+        Whole prompts are prefilled together (``_prefill_chunks``); a prompt that does not fit what is left
+        of the budget, or is already under way, advances by a piece (``_prefill_piece``); the first in line
+        always advances. So the running rows wait at most one budget's prefill for their next token (the
+        issue-23 bench's inter-token p99), and a long prompt no longer stalls them for all its length."""
+        for r in [r for r in self._prefilling if r.cancelled]:
+            self._retire(r)
+        self._prefilling = [r for r in self._prefilling if not r.retired]
+        budget = self.prefill_chunk or sum(len(r.prompt) for r in self._prefilling)
+        whole: list[_Request] = []
+        pieces: list[tuple[_Request, int]] = []
+        for req in self._prefilling:
+            left = len(req.prompt) - req.pos
+            take = min(left, budget)
+            if take <= 0:
+                break
+            if req.pos == 0 and take == left:
+                whole.append(req)
+            else:
+                pieces.append((req, take))
+            budget -= take
+        for chunk in self._prefill_chunks(whole):
+            try:
+                self._prefill(chunk)
+            except Exception as e:  # noqa: BLE001 - this chunk's requests fail, the running rows go on
+                log.exception("prefill failed")
+                for r in chunk:
+                    self._fail(r, e)
+        for req, take in pieces:
+            try:
+                self._prefill_piece(req, take)
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                log.exception("prefill failed")
+                self._fail(req, e)
+        self._prefilling = [r for r in self._prefilling if not r.retired and r.pos < len(r.prompt)]
+
     def _prefill_chunks(self, reqs: list[_Request]) -> list[list[_Request]]:
         """Admitted requests by prompt length, cut so that no chunk pads to over ``prefill_tokens``."""
         chunks: list[list[_Request]] = []
@@ -421,9 +458,33 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
         logits = self._prefill_forward(ids, as_t([r.cache_row for r in reqs]), (as_t(lora), rank) if rank else None,
                                        {b: as_t(v) for b, v in xs.items()}, as_t([len(r.prompt) - 1 for r in reqs]))
         self.prefills += 1
+        for req in reqs:
+            req.pos = len(req.prompt)
+        self._first_tokens(reqs, logits)
+
+    def _prefill_piece(self, req: _Request, take: int) -> None:
+        """The next ``take`` prompt tokens of ``req`` into its cache row (attending to the prompt before
+        them in the cache); with its last prompt token, its first generated token."""
+        import torch
+
+        start = req.pos
+        final = start + take == len(req.prompt)
+        ids = torch.tensor([req.prompt[start:start + take]], device=self.device)
+        lora, rank, xs = self._adapter_table([req], [0], 1)
+        as_t = lambda v: torch.tensor(v, device=self.device)  # noqa: E731
+        logits = self._prefill_forward(ids, as_t([req.cache_row]), (as_t(lora), rank) if rank else None,
+                                       {b: as_t(v) for b, v in xs.items()}, as_t([take - 1]) if final else None,
+                                       start=start)
+        self.prefills += 1
+        self.prefill_pieces += 1
+        req.pos = start + take
+        if final:
+            self._first_tokens([req], logits)
+
+    def _first_tokens(self, reqs: list[_Request], logits: Any) -> None:
+        """Each prefilled request's first token (from its row of ``logits``); it then decodes or ends."""
         self.prefill_rows_total += len(reqs)
         for req, token in zip(reqs, self._sample_rows(logits, reqs)):
-            req.pos = len(req.prompt)
             if isinstance(token, Exception):
                 self._fail(req, token)
             elif self._emit(req, token):
@@ -451,6 +512,7 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
                 "cuda_graphs": self.cuda_graphs, "graph_captures": self.graph_captures,
                 "graph_replays": self.graph_replays, "decode_shapes": len(self.decode_shapes),
                 "prefills": self.prefills, "mean_prefill_rows": self.prefill_rows_total / max(1, self.prefills),
+                "prefill_pieces": self.prefill_pieces, "prefilling": len(self._prefilling),
                 "adapters": len(self._slot_of), "running": len(self._running), "waiting": len(self._waiting),
                 "free_rows": len(self._free_rows), "in_use": sum(self._in_use.values()),
                 "time": time.time()}

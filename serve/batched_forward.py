@@ -164,26 +164,36 @@ class BatchedForward:
         gate, up = self._fused(i, "gate_up", ("gate_proj", "up_proj"), x, lora, xs)
         return h + self._linear((i, "down_proj"), layer.mlp.act_fn(gate) * up, lora, xs)
 
-    def _prefill_forward(self, ids: Any, rows: Any, lora: Any, xs: dict[str, Any], last: Any) -> Any:
-        """Prompts ``ids`` [B, T] (right-padded) from position 0 into cache ``rows`` [B]; returns the
-        logits [B, vocab] at each row's last prompt token ``last`` [B]. A prompt attends only to its own
-        keys, so attention runs on them directly with the fused causal kernel (no mask, no cache read);
-        right padding is harmless: no real token sees a pad, and the pads' cache slots are overwritten
-        as the request decodes."""
+    def _prefill_forward(self, ids: Any, rows: Any, lora: Any, xs: dict[str, Any], last: Any, start: int = 0) -> Any:
+        """Prompts ``ids`` [B, T] (right-padded) from position ``start`` into cache ``rows`` [B]; returns the
+        logits [B, vocab] at each row's token ``last`` [B] of ``ids`` (None: no logits, a piece of a prompt
+        that goes on). From position 0 a prompt attends only to its own keys, so attention runs on them
+        directly with the fused causal kernel (no mask, no cache read); right padding is harmless: no real
+        token sees a pad, and the pads' cache slots are overwritten as the request decodes. From a later
+        position (the next piece of a prompt) the piece attends to the cache up to itself."""
         import torch
 
         bsz, t = ids.shape
         h = self.model.model.embed_tokens(ids)
-        cos, sin = self.model.model.rotary_emb(h, torch.arange(t, device=self.device)[None, :].expand(bsz, t))
+        positions = torch.arange(start, start + t, device=self.device)
+        cos, sin = self.model.model.rotary_emb(h, positions[None, :].expand(bsz, t))
+        gqa = self.n_kv != self.n_heads
 
         def attend(i: int, q: Any, k: Any, v: Any) -> Any:
-            self.k_cache[i, rows, :, :t] = k
-            self.v_cache[i, rows, :, :t] = v
+            self.k_cache[i, rows, :, start:start + t] = k
+            self.v_cache[i, rows, :, start:start + t] = v
+            if not start:
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
             return torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+                q, self.k_cache[i, rows, :, :start + t], self.v_cache[i, rows, :, :start + t], attn_mask=mask,
+                enable_gqa=gqa)
 
+        if start:  # query j (position start + j) sees the cache up to its own position
+            mask = torch.arange(start + t, device=self.device)[None, :] <= positions[:, None]
         for i, layer in enumerate(self.layers):
             h = self._block(i, layer, h, cos, sin, lora, xs, attend)
+        if last is None:
+            return None
         h = h[torch.arange(bsz, device=self.device), last]
         return self._lm_head(h)
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import queue
+import random
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -116,13 +118,16 @@ def test_the_helpers_keep_the_callers_thread_free_of_openmp_workers() -> None:
     """What they are for, counted in a fresh process: a 2-thread op run in the caller's thread leaves an
     OpenMP worker thread behind; run in a passing thread, or under one_torch_thread, it leaves none."""
     script = """
-import os, sys, torch
+import os, sys, time, torch
 from adapterfab.threads import in_passing_thread, one_torch_thread
 torch.set_num_threads(2)
 work = lambda: torch.randn(4_000_000).sin().sum()
 tasks = lambda: len(os.listdir("/proc/self/task"))
 n0 = tasks()
 {how}
+deadline = time.monotonic() + 2  # a passing thread's workers exit just after it is joined
+while tasks() > n0 and time.monotonic() < deadline:
+    time.sleep(0.02)
 print(tasks() - n0)
 """
     counts = {}
@@ -132,3 +137,71 @@ print(tasks() - n0)
         counts[how.split("(")[0]] = int(r.stdout.split()[-1])
     assert counts["work"] >= 1, counts  # the check can see a pool
     assert counts["in_passing_thread"] == 0 and counts["with one_torch_thread"] == 0, counts
+
+
+def _run_all(eng: BatchedEngine, requests: list[tuple[str | None, list[int]]], n: int = 6) -> list[list[int]]:
+    got: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        adapter, prompt = requests[i]
+        got[i] = list(eng.generate_token_ids(prompt, adapter, SamplingParams(max_tokens=n, temperature=0.0)))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return [got[i] for i in range(len(requests))]
+
+
+def test_prompts_prefilled_in_pieces_give_the_same_tokens(tiny_model_path: str, mixed_adapters: dict) -> None:
+    """Chunked prefill: prompts of 3 to 60 tokens, for LoRA, LoRA-XS and the base, prefilled 7 tokens per
+    loop iteration (so in pieces that attend to the cache) decode the same greedy fp32 tokens as prompts
+    prefilled whole."""
+    rng = random.Random(3)
+    names = [None, "pirate", "robot", "poet", "xs-one", "butler", None, "xs-two"]
+    requests = [(names[i], [rng.randrange(10, 500) for _ in range(rng.randint(3, 60))]) for i in range(8)]
+    out, pieces = {}, {}
+    for chunk in (7, None):
+        eng = BatchedEngine(tiny_model_path, dtype="float32", max_batch=8, max_len=128, max_adapters=8, max_rank=16,
+                            prefill_chunk=chunk)
+        try:
+            for name, path in mixed_adapters["lora"].items():
+                eng.load_adapter(name, path)
+            for name, path in mixed_adapters["xs"].items():
+                eng.load_adapter(name, path, basis=mixed_adapters["basis"])
+            out[chunk] = _run_all(eng, requests)
+            pieces[chunk] = eng.stats()["prefill_pieces"]
+        finally:
+            eng.close()
+    assert pieces[7] >= 8 and pieces[None] == 0, pieces
+    assert out[7] == out[None]
+
+
+def test_running_streams_keep_decoding_while_a_long_prompt_is_prefilled(tiny_model_path: str) -> None:
+    """A request already decoding gets a token between the pieces of a 200-token prompt admitted after it
+    (16 prompt tokens per iteration); prefilled whole, the long prompt holds it back for one step."""
+    counts = {}
+    for chunk in (16, None):
+        eng = BatchedEngine(tiny_model_path, dtype="float32", max_batch=4, max_len=256, prefill_chunk=chunk)
+        events: list[str] = []
+        emit = eng._emit
+
+        def watched(req, token, emit=emit, events=events):  # noqa: ANN001, ANN202 - the engine thread's order
+            events.append("long" if len(req.prompt) == 200 else "short")
+            return emit(req, token)
+
+        eng._emit = watched
+        try:
+            short = eng.generate_token_ids([11, 12, 13], None, SamplingParams(max_tokens=60, temperature=0.0,
+                                                                              ignore_eos=True))
+            next(short)  # decoding
+            long = eng.generate_token_ids(list(range(20, 220)), None, SamplingParams(max_tokens=2, temperature=0.0))
+            list(long)
+            list(short)
+        finally:
+            eng.close()
+        first_long = events.index("long")
+        counts[chunk] = events[:first_long].count("short")
+    assert counts[16] >= 10, counts  # one token per piece (13 pieces) at least, give or take the admission
+    assert counts[None] <= 3, counts
