@@ -131,7 +131,7 @@ def run_arrivals(base: str, dtype: str, prompts: list[list[int]], long_prompts: 
                  max_tokens: int, clients: int, rate: float, seed: int = 0) -> dict:
     """Requests arriving by a Poisson process (``rate`` per second; every fourth a long prompt) at our engine,
     each streamed by its own thread: the gaps between a stream's tokens (inter-token latency, its p50 and
-    p99), time to first token and throughput, for each ``prefill_chunk`` in ``chunks`` (None: every
+    p99), time to first token and throughput, for each ``prefill_chunk`` in ``chunks`` (0: every
     admitted prompt prefilled whole before the next decode step). Ours only: vLLM's offline ``LLM`` takes
     its requests at once."""
     import statistics
@@ -174,7 +174,7 @@ def run_arrivals(base: str, dtype: str, prompts: list[list[int]], long_prompts: 
         itl = sorted(b - a for st in stamps for a, b in zip(st[1:], st[2:]))
         ttft = sorted(st[1] - st[0] for st in stamps)
         q = lambda v, p: v[min(len(v) - 1, int(p * len(v)))]  # noqa: E731
-        key = f"chunk_{chunk}" if chunk else "whole"
+        key = f"chunk_{chunk}" if chunk else "whole"  # 0: every admitted prompt whole before the next step
         out[key] = {"prefill_chunk": chunk, "itl_p50_ms": round(1e3 * statistics.median(itl), 1),
                     "itl_p99_ms": round(1e3 * q(itl, 0.99), 1), "itl_max_ms": round(1e3 * itl[-1], 1),
                     "ttft_p50_ms": round(1e3 * statistics.median(ttft), 1),
@@ -244,7 +244,7 @@ def main() -> None:
     if args.only_arrivals:
         res = {"date": dt.date.today().isoformat(), "requests": args.requests, "rate": args.rate,
                "long_prompt_tokens": len(long_prompts[0]),
-               "arrivals": run_arrivals(base, "bfloat16", prompts, long_prompts, [None, 512, 128], args.max_tokens,
+               "arrivals": run_arrivals(base, "bfloat16", prompts, long_prompts, [0, 512, 256, 128], args.max_tokens,
                                         args.clients, args.rate)}
         print(json.dumps(res, indent=2))
         return
@@ -288,7 +288,7 @@ def main() -> None:
     if not args.no_arrivals:
         results["long_prompt_tokens"] = len(long_prompts[0])
         results["arrivals_rate_per_s"] = args.rate
-        results["arrivals_bf16"] = run_arrivals(base, "bfloat16", prompts, long_prompts, [None, 512, 128],
+        results["arrivals_bf16"] = run_arrivals(base, "bfloat16", prompts, long_prompts, [0, 512, 256, 128],
                                                 args.max_tokens, args.clients, args.rate)
     m = f"lora_m{args.m}"
     for dtype, by in results["by_dtype"].items():

@@ -70,8 +70,8 @@ class ServeConfig:
     tenant_burst: int = DEFAULT_TENANT_BURST
     tenant_max_rows: int | None = None  # batched: rows one tenant may hold (None: 3/4 of max_batch; 0: all)
     # batched: prompt tokens prefilled between two decode steps (longer prompts go in pieces, so running
-    # streams keep flowing); 0: every admitted prompt whole before the next step
-    prefill_chunk: int = 512
+    # streams keep flowing); None: 256 on a CPU, 2048 on a GPU; 0: every admitted prompt before the next step
+    prefill_chunk: int | None = None
     tenant_rps_overrides: dict = field(default_factory=dict)  # tenant -> requests/s
     # /v1/models and /v1/registry list from the registry's catalogue in the state database (a tenant's
     # listing costs one indexed query however many other tenants there are); False: from MLflow on every

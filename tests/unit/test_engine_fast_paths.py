@@ -162,7 +162,7 @@ def test_prompts_prefilled_in_pieces_give_the_same_tokens(tiny_model_path: str, 
     names = [None, "pirate", "robot", "poet", "xs-one", "butler", None, "xs-two"]
     requests = [(names[i], [rng.randrange(10, 500) for _ in range(rng.randint(3, 60))]) for i in range(8)]
     out, pieces = {}, {}
-    for chunk in (7, None):
+    for chunk in (7, 0):
         eng = BatchedEngine(tiny_model_path, dtype="float32", max_batch=8, max_len=128, max_adapters=8, max_rank=16,
                             prefill_chunk=chunk)
         try:
@@ -174,15 +174,15 @@ def test_prompts_prefilled_in_pieces_give_the_same_tokens(tiny_model_path: str, 
             pieces[chunk] = eng.stats()["prefill_pieces"]
         finally:
             eng.close()
-    assert pieces[7] >= 8 and pieces[None] == 0, pieces
-    assert out[7] == out[None]
+    assert pieces[7] >= 8 and pieces[0] == 0, pieces
+    assert out[7] == out[0]
 
 
 def test_running_streams_keep_decoding_while_a_long_prompt_is_prefilled(tiny_model_path: str) -> None:
     """A request already decoding gets a token between the pieces of a 200-token prompt admitted after it
     (16 prompt tokens per iteration); prefilled whole, the long prompt holds it back for one step."""
     counts = {}
-    for chunk in (16, None):
+    for chunk in (16, 0):
         eng = BatchedEngine(tiny_model_path, dtype="float32", max_batch=4, max_len=256, prefill_chunk=chunk)
         events: list[str] = []
         emit = eng._emit
@@ -204,4 +204,4 @@ def test_running_streams_keep_decoding_while_a_long_prompt_is_prefilled(tiny_mod
         first_long = events.index("long")
         counts[chunk] = events[:first_long].count("short")
     assert counts[16] >= 10, counts  # one token per piece (13 pieces) at least, give or take the admission
-    assert counts[None] <= 3, counts
+    assert counts[0] <= 3, counts
