@@ -1,4 +1,4 @@
-"""Choosing the next token of one request from its logits: what both engines share.
+"""Choosing the next token of every request of a step from its logits: what both engines share.
 
 In order, as vLLM applies them: the request's ``logit_bias``; the repetition penalty (over prompt and
 output tokens: a positive logit divided by it, a negative one multiplied), the frequency and presence
@@ -6,6 +6,16 @@ penalties (over output tokens: ``count × frequency + presence`` subtracted); en
 ``stop_token_ids`` masked until ``min_tokens``; a structured-output guide's mask (llguidance: only
 tokens that keep the text valid under the JSON schema or grammar). Then greedy (``temperature`` 0) or
 sampled: temperature, ``top_k``, ``top_p``, ``min_p``, then a draw from the request's own generator.
+
+``sample_rows`` does all of it for a step's rows at once: the bias, penalties and ``min_tokens`` as
+scattered edits of one float32 copy of the rows' logits (their positions gathered on the host, sent in
+one copy), the guides' masks row by row (host work by nature), then temperature, top-k, top-p and min-p
+as tensor operations with each row's own values (a row without a setting gets the neutral one). The draw
+is the exponential race, ``argmax(probs / E)`` with ``E ~ Exp(1)`` per token (a sample of ``probs``):
+its noise comes from each row's own generator, one uniform per vocabulary entry per step, so a seeded
+request draws the same tokens whatever shares its step. Every row's token and log-probabilities come back
+to the host in one copy (one synchronisation per step, not one per row). ``sample`` is the same function
+on one row: the single-request engine and the batched one choose the same tokens.
 
 Log-probabilities, when asked for, are the model's own (the raw logits' log-softmax, vLLM's default
 ``raw_logprobs``): the chosen token's and the ``logprobs`` most likely. A token carrying them is a
@@ -101,17 +111,27 @@ class Guide:
             raise InvalidGuide(self.matcher.get_error())
         self._mask = lt.allocate_token_bitmask(1, tok.vocab_size)
 
-    def apply(self, logits: Any) -> None:
-        """Forbid (in place) every token the grammar does not allow next."""
+    def fill(self) -> None:
+        """The grammar's mask of allowed next tokens, computed on the host (``mask`` applies it)."""
         import llguidance.torch as lt
 
         lt.fill_next_token_bitmask(self.matcher, self._mask, 0)
+
+    def mask(self, logits: Any) -> None:
+        """Forbid (in place) every token the mask of the last ``fill`` does not allow."""
+        import llguidance.torch as lt
+
         n = self.tok.vocab_size
         head = logits[:n].unsqueeze(0)
         lt.apply_token_bitmask_inplace(head, self._mask.to(logits.device))
         logits[:n] = head[0]
         if logits.shape[-1] > n:  # padding rows of the embedding are never valid
             logits[n:] = float("-inf")
+
+    def apply(self, logits: Any) -> None:
+        """Forbid (in place) every token the grammar does not allow next."""
+        self.fill()
+        self.mask(logits)
 
     def consume(self, token: int) -> None:
         if not self.matcher.consume_token(int(token)):
@@ -127,94 +147,263 @@ class RowState:
     guide: Guide | None = None
     counts: Counter = field(default_factory=Counter)
     produced: int = 0
+    seen: set[int] = field(default_factory=set)  # prompt and output tokens (the repetition penalty's)
+
+    def __post_init__(self) -> None:
+        self.seen.update(self.prompt)
+        self.seen.update(self.counts)
 
     def advance(self, token: int) -> None:
-        self.counts[int(token)] += 1
+        t = int(token)
+        self.counts[t] += 1
+        self.seen.add(t)
         self.produced += 1
         if self.guide is not None:
             self.guide.consume(token)
 
 
 def needs_processing(params: Any) -> bool:
-    """Whether a request's logits must be processed row by row (anything beyond plain greedy/sampling)."""
+    """Whether a request's logits need edits beyond temperature/top-k/top-p/min-p (and a ``RowState``)."""
     return bool(params.logit_bias or params.presence_penalty or params.frequency_penalty
                 or params.repetition_penalty != 1.0 or params.min_tokens or params.guide is not None)
 
 
 def is_plain_greedy(params: Any) -> bool:
-    """Greedy with nothing to process and no log-probabilities: one batched argmax serves it."""
+    """Greedy with nothing to process and no log-probabilities."""
     return params.temperature == 0 and params.logprobs is None and not needs_processing(params)
 
 
-def process(logits: Any, params: Any, state: RowState | None) -> Any:
-    """The request's logits after bias, penalties, min_tokens and its guide (a new float32 tensor)."""
-    import torch
+class _Upload:
+    """Host values for the device, gathered into one int64 and one float32 list: two copies per step."""
 
-    x = logits.float().clone()
-    if params.logit_bias:
-        ids = torch.tensor([i for i, _ in params.logit_bias], device=x.device)
-        valid = ids < x.shape[-1]
-        x[ids[valid]] += torch.tensor([b for _, b in params.logit_bias], device=x.device)[valid]
+    def __init__(self) -> None:
+        self.ints: list[int] = []
+        self.floats: list[float] = []
+
+    def i(self, values: list[int]) -> slice:
+        self.ints.extend(values)
+        return slice(len(self.ints) - len(values), len(self.ints))
+
+    def f(self, values: list[float]) -> slice:
+        self.floats.extend(values)
+        return slice(len(self.floats) - len(values), len(self.floats))
+
+    def send(self, device: Any) -> tuple[Any, Any]:
+        import torch
+
+        # non_blocking: from pageable memory the copy is staged before it returns, without waiting for
+        # the device (a blocking one would synchronise with it)
+        return (torch.tensor(self.ints, dtype=torch.int64).to(device, non_blocking=True),
+                torch.tensor(self.floats, dtype=torch.float32).to(device, non_blocking=True))
+
+
+@dataclass
+class _Edits:
+    """Positions (``row × vocab + token``) and values of the logit edits of a step's rows."""
+
+    bias_at: list[int] = field(default_factory=list)
+    bias: list[float] = field(default_factory=list)
+    rep_at: list[int] = field(default_factory=list)
+    rep: list[float] = field(default_factory=list)
+    pen_at: list[int] = field(default_factory=list)
+    pen: list[float] = field(default_factory=list)
+    stop_at: list[int] = field(default_factory=list)
+
+    def extend(self, other: _Edits) -> None:
+        for name in self.__dataclass_fields__:
+            getattr(self, name).extend(getattr(other, name))
+
+
+def row_edits(k: int, vocab: int, params: Any, state: RowState | None) -> _Edits:
+    """Row ``k``'s logit edits (bias, penalties, ``min_tokens``); raises for a request that cannot be
+    sampled (its row fails alone)."""
+    if params.logprobs is not None and params.logprobs > vocab:
+        raise ValueError(f"logprobs {params.logprobs} is more than the vocabulary's {vocab} tokens")
+    e = _Edits()
+    base = k * vocab
+    for t, b in params.logit_bias:
+        if 0 <= t < vocab:
+            e.bias_at.append(base + t)
+            e.bias.append(b)
     if state is not None:
-        if state.counts and (params.frequency_penalty or params.presence_penalty):
-            ids = torch.tensor(list(state.counts), device=x.device)
-            counts = torch.tensor(list(state.counts.values()), dtype=x.dtype, device=x.device)
-            x[ids] -= counts * params.frequency_penalty + params.presence_penalty
         if params.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(state.prompt) | set(state.counts)), device=x.device)
-            seen = seen[seen < x.shape[-1]]
-            v = x[seen]
-            x[seen] = torch.where(v > 0, v / params.repetition_penalty, v * params.repetition_penalty)
-        if state.produced < params.min_tokens and state.stops:
-            x[torch.tensor(sorted(state.stops), device=x.device)] = float("-inf")
-        if state.guide is not None:
-            state.guide.apply(x)
-    return x
+            e.rep_at = [base + t for t in state.seen if 0 <= t < vocab]
+            e.rep = [params.repetition_penalty] * len(e.rep_at)
+        if state.counts and (params.frequency_penalty or params.presence_penalty):
+            e.pen_at = [base + t for t in state.counts]
+            e.pen = [-(c * params.frequency_penalty + params.presence_penalty) for c in state.counts.values()]
+        if state.produced < params.min_tokens:
+            e.stop_at = [base + t for t in state.stops if 0 <= t < vocab]
+    return e
 
 
-def choose(x: Any, params: Any, gen: Any) -> int:
-    """Greedy or sampled from processed float32 logits (temperature, top_k, top_p, min_p)."""
+def _is_ranked(params: Any, vocab: int) -> bool:
+    """Whether a sampled row needs its tokens in order (a top-k or a top-p)."""
+    return 0 < params.top_k < vocab or params.top_p < 1.0
+
+
+def sample_rows(logits: Any, rows: list[int], params: list[Any], gens: list[Any],
+                states: list[RowState | None]) -> list[Any]:
+    """The next token of each of a step's requests: request k's from ``logits[rows[k]]`` with
+    ``params[k]``, its generator ``gens[k]`` (None: torch's default) and state ``states[k]`` (advanced
+    with the token); a ``Sampled`` for a request that asked for log-probabilities; the exception instead
+    of a token for a request whose sampling failed (the others go on). One batch of tensor operations
+    for all rows and one device-to-host copy (``tolist``) for all their tokens and log-probabilities."""
     import torch
 
-    if params.temperature == 0:
-        return int(torch.argmax(x))
-    # shifted so that the largest logit is 0 before the division: however small the temperature, the
-    # scaled logits stay in [-inf, 0] with one 0, and the softmax is finite (a vanishing temperature is
-    # greedy) instead of inf/inf = NaN; the floor keeps a denormal temperature from becoming 0 in float32
-    x = (x - x.max()) / max(params.temperature, 1e-30)
-    if 0 < params.top_k < x.shape[-1]:
-        kth = torch.topk(x, params.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x, dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        drop = torch.cumsum(sorted_p, dim=-1) - sorted_p > params.top_p  # always keeps the top token
-        sorted_p[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    if params.min_p > 0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    n = len(rows)
+    out: list[Any] = [None] * n
+    if n == 0:
+        return out
+    vocab, device = logits.shape[-1], logits.device
+    edits = _Edits()
+    noise: dict[int, Any] = {}
+    for k in range(n):  # the host's part, row by row: a failure is that row's
+        try:
+            edits.extend(row_edits(k, vocab, params[k], states[k]))
+            if states[k] is not None and states[k].guide is not None:
+                states[k].guide.fill()  # on the host, while the device may still be computing the logits
+            if params[k].temperature != 0:  # the row's own stream: vocab uniforms per step, whatever its neighbours
+                noise[k] = torch.rand(vocab, generator=gens[k], device=device)
+        except Exception as e:  # noqa: BLE001 - this row's request fails alone, the batch goes on
+            out[k] = e
+    live = [k for k in range(n) if out[k] is None]
+    if not live:
+        return out
+    greedy = [k for k in live if params[k].temperature == 0]
+    plain = [k for k in live if params[k].temperature != 0 and not _is_ranked(params[k], vocab)]
+    ranked = [k for k in live if params[k].temperature != 0 and _is_ranked(params[k], vocab)]
+    drawn = plain + ranked
+    asks = [k for k in live if params[k].logprobs is not None]
+    tops: dict[int, list[int]] = {}  # rows by their number of top log-probabilities (positions in asks)
+    for j, k in enumerate(asks):
+        if params[k].logprobs > 0:
+            tops.setdefault(params[k].logprobs, []).append(j)
+    guided = [k for k in live if states[k] is not None and states[k].guide is not None]
+
+    up = _Upload()
+    at_rows = up.i(rows)
+    at_edit = (up.i(edits.bias_at), up.f(edits.bias), up.i(edits.rep_at), up.f(edits.rep),
+               up.i(edits.pen_at), up.f(edits.pen), up.i(edits.stop_at))
+    at_greedy, at_drawn, at_ranked = up.i(greedy), up.i(drawn), up.i(list(range(len(plain), len(drawn))))
+    at_asks, at_ask_rows = up.i(asks), up.i([rows[k] for k in asks])
+    at_tops = {m: up.i(js) for m, js in tops.items()}
+    # the largest logit is shifted to 0 before the division by the temperature: however small that is,
+    # the scaled logits stay in [-inf, 0] with one 0 and the softmax is finite (a vanishing temperature
+    # is greedy) instead of inf/inf = NaN; the floor keeps a denormal temperature from becoming 0 in float32
+    at_temp = up.f([max(params[k].temperature, 1e-30) for k in drawn])
+    at_min_p = up.f([params[k].min_p for k in drawn])
+    at_top_k = up.i([params[k].top_k if 0 < params[k].top_k < vocab else vocab for k in ranked])
+    at_top_p = up.f([params[k].top_p if params[k].top_p < 1.0 else float("inf") for k in ranked])
+    ints, floats = up.send(device)
+
+    def take(t: Any, ks: list[int], at: slice) -> Any:  # rows ks of t (t itself when that is all of it)
+        return t if ks == list(range(t.shape[0])) else t.index_select(0, ints[at])
+
+    x = take(logits, rows, at_rows).float()
+    if (edits.bias_at or edits.rep_at or edits.pen_at or edits.stop_at or guided) and x.data_ptr() == logits.data_ptr():
+        x = x.clone()  # the edits leave the logits alone
+    flat = x.view(-1)
+    bias_at, bias, rep_at, rep, pen_at, pen, stop_at = (
+        (floats if i % 2 else ints)[at] for i, at in enumerate(at_edit))  # positions int64, values float32
+    if edits.bias_at:
+        flat.index_add_(0, bias_at, bias)
+    if edits.rep_at:
+        v = flat.index_select(0, rep_at)
+        flat.index_copy_(0, rep_at, torch.where(v > 0, v / rep, v * rep))
+    if edits.pen_at:
+        flat.index_add_(0, pen_at, pen)
+    if edits.stop_at:
+        flat.index_fill_(0, stop_at, float("-inf"))
+    for k in guided:
+        try:
+            states[k].guide.mask(x[k])
+        except Exception as e:  # noqa: BLE001 - this row's request fails alone (its result is dropped)
+            out[k] = e
+
+    token = torch.zeros(n, dtype=torch.int64, device=device)
+    if greedy:
+        token.index_copy_(0, ints[at_greedy], take(x, greedy, at_greedy).argmax(-1))
+    if drawn:
+        xs = take(x, drawn, at_drawn)
+        probs = torch.softmax((xs - xs.amax(-1, keepdim=True)) / floats[at_temp].unsqueeze(1), dim=-1)
+        min_p = floats[at_min_p].unsqueeze(1)
+        u = torch.stack([noise[k] for k in drawn])
+        pick = torch.zeros(len(drawn), dtype=torch.int64, device=device)
+        if plain:
+            p = probs[:len(plain)]
+            p = p.masked_fill(p < min_p[:len(plain)] * p.amax(-1, keepdim=True), 0.0)
+            pick[:len(plain)] = _race(p, u[:len(plain)])
+        if ranked:
+            pick.index_copy_(0, ints[at_ranked], _ranked(probs[len(plain):], u[len(plain):], ints[at_top_k],
+                                                          floats[at_top_p], min_p[len(plain):]))
+        token.index_copy_(0, ints[at_drawn], pick)
+
+    back = [token.double()]
+    if asks:
+        lp = torch.log_softmax(take(logits, [rows[k] for k in asks], at_ask_rows).float(), dim=-1)
+        back.append(lp.gather(1, token.index_select(0, ints[at_asks]).unsqueeze(1)).squeeze(1).double())
+        for m, at in at_tops.items():
+            vals, ids = torch.topk(lp.index_select(0, ints[at]), m)
+            back += [vals.double().flatten(), ids.double().flatten()]
+    got = torch.cat(back).tolist()  # the step's one device-to-host copy
+
+    chosen = [int(t) for t in got[:n]]
+    logprob = dict(zip(asks, got[n:n + len(asks)]))
+    top: dict[int, tuple[tuple[int, float], ...]] = {}
+    pos = n + len(asks)
+    for m, js in tops.items():
+        vals, ids = got[pos:pos + m * len(js)], got[pos + m * len(js):pos + 2 * m * len(js)]
+        pos += 2 * m * len(js)
+        for i, j in enumerate(js):
+            top[asks[j]] = tuple(zip((int(t) for t in ids[i * m:(i + 1) * m]), vals[i * m:(i + 1) * m]))
+    for k in live:
+        if out[k] is not None:
+            continue
+        try:
+            tok: int = chosen[k]
+            if params[k].logprobs is not None:
+                tok = Sampled(tok, logprob[k], top.get(k, ()))
+            if states[k] is not None:
+                states[k].advance(tok)
+            out[k] = tok
+        except Exception as e:  # noqa: BLE001 - this row's request fails alone
+            out[k] = e
+    return out
 
 
-def with_logprobs(logits: Any, token: int, n: int) -> Sampled:
-    """``token`` with its log-probability under the raw logits and the ``n`` most likely tokens'."""
+def _race(probs: Any, u: Any) -> Any:
+    """One draw per row from ``probs`` (unnormalised; a 0 is never drawn): ``argmax(probs / E)`` with
+    ``E = -log(u)`` exponential from the uniforms ``u``."""
     import torch
 
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    top: tuple[tuple[int, float], ...] = ()
-    if n > 0:
-        vals, ids = torch.topk(lp, n)
-        top = tuple(zip(ids.tolist(), vals.tolist()))
-    return Sampled(token, float(lp[token]), top)
+    # u in [0, 1): E in (0, inf]; the floor keeps a u of exactly 1 (E = 0, then 0/0) out of the race
+    e = torch.log(u).neg_().clamp_min_(torch.finfo(torch.float32).tiny)
+    return (probs / e).argmax(-1)
+
+
+def _ranked(probs: Any, u: Any, top_k: Any, top_p: Any, min_p: Any) -> Any:
+    """The draw of rows with a top-k or a top-p (``vocab`` and ``inf`` where a row has none): their
+    probabilities in decreasing order (a stable sort of their float32 bits as integers: the same order
+    as the values', ties by token id, about a third faster on a CPU than sorting floats), the top k kept
+    (and ties with the k-th), then the fewest most likely whose mass reaches top_p of what is left, then
+    min_p of the largest; the noise of each token goes with it."""
+    import torch
+
+    bits, order = torch.sort(probs.view(torch.int32), dim=-1, descending=True, stable=True)
+    p = bits.view(torch.float32)
+    p = p.masked_fill(p < p.gather(1, top_k.unsqueeze(1) - 1), 0.0)
+    cum = torch.cumsum(p, dim=-1)
+    p = p.masked_fill(cum - p > top_p.unsqueeze(1) * cum[:, -1:], 0.0)  # always keeps the top token
+    p = p.masked_fill(p < min_p * p[:, :1], 0.0)
+    return order.gather(1, _race(p, u.gather(1, order)).unsqueeze(1)).squeeze(1)
 
 
 def sample(logits: Any, params: Any, gen: Any, state: RowState | None = None) -> int:
-    """The next token of one request (a ``Sampled`` when it asked for log-probabilities); advances
+    """The next token of one request from its logits (1-D): ``sample_rows`` on one row, so that it is the
+    token the batched engine would choose; a ``Sampled`` when it asked for log-probabilities; advances
     ``state`` (its counts and guide) with it."""
-    x = process(logits, params, state) if needs_processing(params) else logits.float()
-    token = choose(x, params, gen)
-    if params.logprobs is not None:
-        token = with_logprobs(logits, token, params.logprobs)
-    if state is not None:
-        state.advance(token)
+    token = sample_rows(logits.unsqueeze(0), [0], [params], [gen], [state])[0]
+    if isinstance(token, Exception):
+        raise token
     return token
