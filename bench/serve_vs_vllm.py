@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +85,15 @@ def make_lora_xs(base: str, root: Path, m: int, r: int = 16) -> tuple[object, li
     return basis, native, peft
 
 
+def run_threads(fn: Callable[[int], None], n: int) -> None:
+    """``fn(0)`` … ``fn(n - 1)``, each on its own thread (the engine's clients), until all have returned."""
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
 def run_ours(base: str, dtype: str, prompts: list[list[int]], cases: list[dict], max_tokens: int, clients: int,
              basis: object) -> dict:
     from adapterfab.serve.batched import BatchedEngine
@@ -111,11 +121,7 @@ def run_ours(base: str, dtype: str, prompts: list[list[int]], cases: list[dict],
                     tokens[i] = [int(t) for t in eng.generate_token_ids(prompts[i], adapter, params)]
 
             t = time.perf_counter()
-            threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join()
+            run_threads(client, clients)
             dt_s = time.perf_counter() - t
             out[case["name"]] = {"tok_s": round(sum(map(len, tokens)) / dt_s, 2), "seconds": round(dt_s, 3),
                                  "tokens": tokens}
@@ -162,11 +168,7 @@ def run_arrivals(base: str, dtype: str, prompts: list[list[int]], long_prompts: 
                 for _ in eng.generate_token_ids(work[i], None, params):
                     stamps[i].append(time.perf_counter())
 
-            threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join()
+            run_threads(client, n)
             wall = time.perf_counter() - t0
             stats = eng.stats()
         finally:

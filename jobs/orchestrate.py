@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from adapterfab.settings import Settings
 from adapterfab.spec import BatchSpec, JobSpec, load_spec, parse_spec
 from adapterfab.state import StateStore
 from adapterfab.storage import MANIFEST, open_store, s3_object_error
+from adapterfab.threads import one_torch_thread
 from adapterfab.tracking import Tracking
 
 __all__ = ["Prepared", "register_job", "create_batch", "run_batch", "prepare_resume",
@@ -141,23 +141,6 @@ _BASIS_LOCKS: dict[str, threading.Lock] = {}
 _BASIS_LOCKS_GUARD = threading.Lock()
 
 
-@contextmanager
-def _one_torch_thread():  # noqa: ANN202
-    """Torch on one thread while the block runs, then the old count back. The orchestrator holds no Ray
-    CPU: its training jobs may occupy every core, and a LAPACK call on more threads than it can get
-    waits at every barrier for a descheduled thread. Beside a training job on 2 CPUs, SmolLM2's LoRA-XS
-    basis took 61 s that way and 2.6 s on one thread. (The orchestrator runs no other heavy torch work,
-    so overlapping blocks in two job threads need no bookkeeping.)"""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 def ensure_basis(ctx: BatchContext, job: JobSpec) -> tuple[str | None, str | None]:
     """For methods with shared frozen factors (LoRA-XS): the basis id and its artifact-store URI,
     computed once per (base fingerprint, targets, rank) from the full-precision weights and reused by
@@ -180,7 +163,11 @@ def ensure_basis(ctx: BatchContext, job: JobSpec) -> tuple[str | None, str | Non
 
         full = AutoModelForCausalLM.from_pretrained(ctx.base.path, dtype=torch.float32)
         t0 = time.monotonic()
-        with _one_torch_thread():
+        # on one torch thread: the orchestrator holds no Ray CPU and its training jobs may occupy every core,
+        # where a LAPACK call on more threads than it can get waits at every barrier for a descheduled
+        # thread (beside a training job on 2 CPUs, SmolLM2's LoRA-XS basis took 61 s that way and 2.6 s on
+        # one thread); the orchestrator runs no other heavy torch work, so overlapping blocks need nothing
+        with one_torch_thread():
             basis = impl.compute_basis(full, job.method, ctx.base.fingerprint)
         svd_s = time.monotonic() - t0
         del full

@@ -55,7 +55,7 @@ from typing import Any
 
 from adapterfab.errors import AdapterfabError
 from adapterfab.serve.batched_bank import TARGETS, AdapterBank, EngineFull, ParsedAdapter, _XSBank
-from adapterfab.serve.batched_forward import FUSED_NAMES, BatchedForward, _Graph
+from adapterfab.serve.batched_forward import FUSED, BatchedForward, _Graph
 from adapterfab.serve.engine import (
     DTYPES,
     AdapterNotLoaded,
@@ -69,7 +69,6 @@ from adapterfab.serve.sampling import sample as _sample
 from adapterfab.threads import in_passing_thread, use_torch_threads
 
 log = logging.getLogger("adapterfab.serve.batched")
-FUSED = dict(zip(("qkv", "gate_up"), FUSED_NAMES))  # one matmul each
 __all__ = ["BatchedEngine", "EngineFull", "ParsedAdapter"]  # the bank's errors and parsed adapters, named here too
 
 
@@ -453,15 +452,9 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
 
     def _prefill(self, reqs: list[_Request]) -> None:
         """One forward pass over the prompts of ``reqs`` (right-padded), then each one's first token."""
-        import torch
-
         t = max(len(r.prompt) for r in reqs)
-        ids = torch.tensor([r.prompt + [0] * (t - len(r.prompt)) for r in reqs], device=self.device)
-        lora, rank, xs = self._adapter_table(reqs, list(range(len(reqs))), len(reqs))
-        as_t = lambda v: torch.tensor(v, device=self.device)  # noqa: E731
-        logits = self._prefill_forward(ids, as_t([r.cache_row for r in reqs]), (as_t(lora), rank) if rank else None,
-                                       {b: as_t(v) for b, v in xs.items()}, as_t([len(r.prompt) - 1 for r in reqs]))
-        self.prefills += 1
+        logits = self._prefill_pass(reqs, [r.prompt + [0] * (t - len(r.prompt)) for r in reqs],
+                                    [len(r.prompt) - 1 for r in reqs])
         for req in reqs:
             req.pos = len(req.prompt)
         self._first_tokens(reqs, logits)
@@ -469,21 +462,27 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
     def _prefill_piece(self, req: _Request, take: int) -> None:
         """The next ``take`` prompt tokens of ``req`` into its cache row (attending to the prompt before
         them in the cache); with its last prompt token, its first generated token."""
-        import torch
-
         start = req.pos
         final = start + take == len(req.prompt)
-        ids = torch.tensor([req.prompt[start:start + take]], device=self.device)
-        lora, rank, xs = self._adapter_table([req], [0], 1)
-        as_t = lambda v: torch.tensor(v, device=self.device)  # noqa: E731
-        logits = self._prefill_forward(ids, as_t([req.cache_row]), (as_t(lora), rank) if rank else None,
-                                       {b: as_t(v) for b, v in xs.items()}, as_t([take - 1]) if final else None,
-                                       start=start)
-        self.prefills += 1
+        logits = self._prefill_pass([req], [req.prompt[start:start + take]], [take - 1] if final else None, start)
         self.prefill_pieces += 1
         req.pos = start + take
         if final:
             self._first_tokens([req], logits)
+
+    def _prefill_pass(self, reqs: list[_Request], ids: list[list[int]], last: list[int] | None,
+                      start: int = 0) -> Any:
+        """One prefill forward pass of token rows ``ids`` (row k for ``reqs[k]``, from position ``start``)
+        with each request's adapter; the logits at each row's position ``last[k]`` (None: none)."""
+        import torch
+
+        as_t = lambda v: torch.tensor(v, device=self.device)  # noqa: E731
+        lora, rank, xs = self._adapter_table(reqs, list(range(len(reqs))), len(reqs))
+        logits = self._prefill_forward(as_t(ids), as_t([r.cache_row for r in reqs]),
+                                       (as_t(lora), rank) if rank else None, {b: as_t(v) for b, v in xs.items()},
+                                       None if last is None else as_t(last), start=start)
+        self.prefills += 1
+        return logits
 
     def _first_tokens(self, reqs: list[_Request], logits: Any) -> None:
         """Each prefilled request's first token (from its row of ``logits``); it then decodes or ends."""

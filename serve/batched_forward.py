@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from adapterfab.methods import LOW_RANK
 
-FUSED_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # each group's modules: one matmul
+FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}  # one matmul each
+IN_FUSED = frozenset(n for names in FUSED.values() for n in names)  # modules computed in a fused group
 
 if TYPE_CHECKING:
     from adapterfab.serve.batched import _Request
@@ -90,8 +91,7 @@ class BatchedForward:
         if not supported():
             return False
         weights = {key: (w, b) for key, (w, b, _) in self.fused.items()}
-        weights.update({key: (lin.weight, lin.bias) for key, lin in self.linear.items()
-                        if key[1] not in {n for names in FUSED_NAMES for n in names}})
+        weights.update({key: (lin.weight, lin.bias) for key, lin in self.linear.items() if key[1] not in IN_FUSED})
         weights["lm_head"] = (self.model.lm_head.weight, self.model.lm_head.bias)
         self.packed = {key: (mkldnn._reorder_linear_weight(w.detach(), self.max_batch), b)
                        for key, (w, b) in weights.items()}
@@ -221,10 +221,9 @@ class BatchedForward:
         import torch
 
         idx = torch.tensor(uniq, device=self.device)
-        matmuls = [((i, group), names, sizes) for (i, group), (_, _, sizes) in self.fused.items()
-                   for g, names in zip(("qkv", "gate_up"), FUSED_NAMES) if g == group]
+        matmuls = [((i, group), FUSED[group], sizes) for (i, group), (_, _, sizes) in self.fused.items()]
         matmuls += [(key, (key[1],), [self.linear[key].out_features]) for key in self.linear
-                    if key[1] not in {n for names in FUSED_NAMES for n in names}]
+                    if key[1] not in IN_FUSED]
         out = {}
         for key, names, sizes in matmuls:
             layer = key[0]

@@ -286,12 +286,12 @@ def test_train_adapter_contract(tiny_model_path: str, basis) -> None:  # noqa: A
 def test_basis_svd_runs_on_one_torch_thread_and_restores_the_count() -> None:
     """The orchestrator computes the basis beside training jobs that may hold every core: on one thread
     (61 s -> 2.6 s for SmolLM2 on 2 busy CPUs), then the old count is back."""
-    from adapterfab.jobs.orchestrate import _one_torch_thread
+    from adapterfab.jobs.orchestrate import one_torch_thread  # what the orchestrator calls
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with _one_torch_thread():
+        with one_torch_thread():
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
     finally:
