@@ -296,31 +296,48 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
             for j in range(n):  # the j-th sample of a seeded request draws from seed + j
                 seed = None if params.seed is None else params.seed + j
                 jobs.append((p, prompt, dataclasses.replace(params, seed=seed)))
-        starts = [asyncio.ensure_future(start(version_key, version, prompt, ps, req.model, tenant, prompt_field))
-                  for _, prompt, ps in jobs]
-        try:
-            started = await asyncio.gather(*starts)
-        except BaseException:
-            for t in starts:
-                t.cancel()
-            for r in await asyncio.gather(*starts, return_exceptions=True):
-                if isinstance(r, tuple):
-                    await openai_format.aclose(r[1])
-            raise
         chat_echo = req.echo_text() if kind == "chat" else ""  # completions echo each choice's own prompt text
-        choices = [openai_format.Choice(i, p, first, events, echo=chat_echo or (
-                       prompt if kind == "text" and req.echo and isinstance(prompt, str) else ""))
-                   for i, ((p, prompt, _), (first, events)) in enumerate(zip(jobs, started))]
+
+        async def start_all() -> list[openai_format.Choice]:
+            """Every choice's first event (a choice that fails before it stops the others)."""
+            starts = [asyncio.ensure_future(start(version_key, version, prompt, ps, req.model, tenant, prompt_field))
+                      for _, prompt, ps in jobs]
+            try:
+                started = await asyncio.gather(*starts)
+            except BaseException:
+                for t in starts:
+                    t.cancel()
+                for r in await asyncio.gather(*starts, return_exceptions=True):
+                    if isinstance(r, tuple):
+                        await openai_format.aclose(r[1])
+                raise
+            return [openai_format.Choice(i, p, first, events, echo=chat_echo or (
+                        prompt if kind == "text" and req.echo and isinstance(prompt, str) else ""))
+                    for i, ((p, prompt, _), (first, events)) in enumerate(zip(jobs, started))]
+
         headers = {IGNORED_HEADER: ", ".join(ignored)} if ignored else {}
         on_error = lambda e: backend_error(e, meta["model"], tenant, prompt_field)  # noqa: E731
         logprobs = params.logprobs is not None
-        watch = metrics.watch(tenant, adapter, t0)
-        if req.stream:
+        if req.stream:  # once a byte is sent, a dead replica ends the stream with an in-band error
+            choices = await start_all()
             usage = req.stream_options is not None and req.stream_options.include_usage
+            watch = metrics.watch(tenant, adapter, t0)
             return StreamingResponse(openai_format.stream(meta, choices, kind, logprobs, usage, on_error, watch),
                                      media_type="text/event-stream", headers={**_SSE_HEADERS, **headers})
-        body = await openai_format.complete(meta, choices, kind, logprobs, on_error, watch)
-        return JSONResponse(body, headers=headers)
+        # nothing reaches the client before the whole body: a replica that dies mid-generation is replayed
+        for attempt in range(1, REPLAYS + 2):
+            choices = await start_all()
+            try:
+                body = await openai_format.complete(meta, choices, kind, logprobs, on_error,
+                                                    metrics.watch(tenant, adapter, t0))
+                return JSONResponse(body, headers=headers)
+            except ApiError as e:
+                if e.code != "replica_unavailable" or attempt > REPLAYS:
+                    raise
+                log.warning("replaying a request of tenant %s after its replica died mid-generation (%d/%d)",
+                            tenant, attempt, REPLAYS)
+                await asyncio.sleep(0.2 * attempt)
+        raise AssertionError("unreachable")
 
     async def chat(request: Request, path_tenant: str | None) -> Any:
         return await generation(request, path_tenant, "chat")

@@ -315,3 +315,54 @@ def test_every_slot_pinned_is_a_503_to_retry_not_a_500(stack: dict) -> None:
         tiers.slot_wait_s = old
     ok = client(stack, "globex").chat.completions.create(model="globex/parrot", messages=MSGS, max_tokens=2)
     assert ok.usage.completion_tokens == 2
+
+
+class DiesMidGeneration:
+    """The real backend, except that its first ``deaths`` generations lose their replica after the first
+    event, as RayBackend reports a replica killed mid-generation."""
+
+    def __init__(self, inner: LocalBackend, deaths: int):
+        self.inner, self.deaths, self.calls = inner, deaths, 0
+
+    async def generate(self, version_key, version, messages, params):  # noqa: ANN001, ANN201
+        from adapterfab.errors import ReplicaUnavailable
+
+        self.calls += 1
+        dies = self.calls <= self.deaths
+        n = 0
+        async for ev in self.inner.generate(version_key, version, messages, params):
+            yield ev
+            n += 1
+            if dies and n == 1:
+                raise ReplicaUnavailable("the serving replica died mid-request: ActorDiedError")
+
+
+@pytest.mark.parametrize("deaths, replayed", [(2, True), (3, False)])
+def test_a_replica_dying_mid_generation_replays_a_non_streaming_request(
+        stack: dict, tmp_path: Path, deaths: int, replayed: bool) -> None:
+    """Nothing of a non-streaming answer has reached the client when its replica dies after the first
+    token: it is replayed whole (``REPLAYS`` = 2 times) and the client gets the full answer; once the
+    replays are spent it is a 503 to retry. A stream that has sent tokens ends with an in-band error."""
+    from adapterfab.serve.api import REPLAYS
+
+    assert REPLAYS == 2
+    backend = DiesMidGeneration(stack["backend"], deaths)
+    keys = KeyStore(StateStore(f"sqlite:///{tmp_path / 'state.db'}"))
+    app = make_api(backend, keys.verify, stack["reg"].resolve, lister=stack["reg"].list, resolve_ttl_s=TTL_S)
+    key = keys.create("acme")
+    body = {"model": "acme/pirate@1", "messages": MSGS, "max_tokens": 8, "temperature": 0}
+    with serve_in_thread(app) as url:
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60, headers={"Authorization": f"Bearer {key}"})
+        assert backend.calls == min(deaths + 1, REPLAYS + 1)
+        if replayed:
+            want = direct(stack["engine"], "acme/pirate@1", SamplingParams(max_tokens=8, temperature=0))
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == want
+        else:
+            assert r.status_code == 503 and r.json()["error"]["code"] == "replica_unavailable", r.text
+        backend.calls, backend.deaths = 0, 1
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60,
+                          headers={"Authorization": f"Bearer {key}"}) as s:
+            lines = [ln for ln in s.iter_lines() if ln.strip()]
+        assert s.status_code == 200 and backend.calls == 1
+        assert any(ln.startswith('data: {"error"') and "replica_unavailable" in ln for ln in lines), lines
