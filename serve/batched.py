@@ -64,8 +64,7 @@ from adapterfab.serve.engine import (
     TextGeneration,
     seed_of,
 )
-from adapterfab.serve.sampling import is_plain_greedy
-from adapterfab.serve.sampling import sample as _sample
+from adapterfab.serve.sampling import is_plain_greedy, sample_rows
 from adapterfab.threads import in_passing_thread, use_torch_threads
 
 log = logging.getLogger("adapterfab.serve.batched")
@@ -381,26 +380,20 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
 
     @staticmethod
     def _sample_rows(logits: Any, reqs: list[_Request], rows: list[int] | None = None) -> list[Any]:
-        """Each request's next token from its logits row (``rows[k]`` for request k, default k): the
-        plain greedy ones with one argmax and one device-to-host copy for the whole batch (not a sync per
-        request); the others (sampled, penalised, guided, with log-probabilities) each on their own row
-        with their own generator and state (``serve/sampling.py``). A row whose sampling fails gets its
-        exception instead of a token: that request fails alone."""
+        """Each request's next token from its logits row (``rows[k]`` for request k, default k), with one
+        device-to-host copy for the whole step: a batch of plain greedy requests by one argmax; any other
+        batch by one batched sampling pass (``sampling.sample_rows``: each row's own settings, generator and
+        state). A row whose sampling fails gets its exception instead of a token: that request fails alone."""
         import torch
 
         rows = rows if rows is not None else list(range(len(reqs)))
-        out = [0] * len(reqs)
-        plain = [is_plain_greedy(r.params) for r in reqs]
-        if any(plain):
+        if all(is_plain_greedy(r.params) for r in reqs):
             best = torch.argmax(logits, dim=-1).tolist()
-            out = [best[row] for row in rows]
-        for n, r in enumerate(reqs):
-            if not plain[n]:
-                try:
-                    out[n] = _sample(logits[rows[n]], r.params, r.gen, r.state)
-                except Exception as e:  # noqa: BLE001 - this row's request fails alone, the batch goes on
-                    log.warning("sampling failed for one request (%s: %s)", type(e).__name__, e)
-                    out[n] = e
+            return [best[row] for row in rows]
+        out = sample_rows(logits, rows, [r.params for r in reqs], [r.gen for r in reqs], [r.state for r in reqs])
+        for e in out:
+            if isinstance(e, Exception):
+                log.warning("sampling failed for one request (%s: %s)", type(e).__name__, e)
         return out
 
     def _prefill_step(self) -> None:

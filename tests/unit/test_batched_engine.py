@@ -205,16 +205,16 @@ def test_prefill_chunks_bound_the_padded_tokens(engine: BatchedEngine) -> None:
 def test_a_request_whose_sampling_fails_fails_alone(engine: BatchedEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-row isolation in the scheduler: one request's sampling error ends that request only; a request
     decoding beside it (same steps, sampled too) finishes, and the failed one's pin and row come back."""
-    import adapterfab.serve.batched as batched
+    import adapterfab.serve.sampling as sampling
 
-    real = batched._sample
+    real = sampling.row_edits
 
-    def sample(logits: object, params: SamplingParams, gen: object, state: object = None) -> int:
+    def row_edits(k: int, vocab: int, params: SamplingParams, state: object) -> object:
         if params.top_p == 0.123:
             raise RuntimeError("injected sampling failure")
-        return real(logits, params, gen, state)
+        return real(k, vocab, params, state)
 
-    monkeypatch.setattr(batched, "_sample", sample)
+    monkeypatch.setattr(sampling, "row_edits", row_edits)
     ok_params = SamplingParams(max_tokens=24, temperature=0.7, seed=1)
     ok_tokens: list[int] = []
     started = threading.Event()
@@ -344,3 +344,34 @@ def test_a_request_cancelled_while_queued_is_never_admitted(four_rows: BatchedEn
     for th in threads:
         th.join(120)
     assert sorted(eng._free_rows) == [0, 1, 2, 3]
+
+
+def test_seeded_sampling_in_a_shared_step_is_what_the_single_engine_draws(engine: BatchedEngine,
+                                                                         tiny_model_path: str) -> None:
+    """The batched engine samples every row of a step in one pass (``sampling.sample_rows``); a seeded
+    request with penalties, bias, top-k/top-p/min-p and a greedy one decoding beside it in the same steps
+    each get exactly the tokens the single-request Engine draws for them alone."""
+    from adapterfab.serve.engine import Engine
+
+    single = Engine(tiny_model_path, torch_threads=1)
+    prompt = [5, 6, 7, 8, 9, 10]
+    asks = [SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, top_k=40, seed=7, ignore_eos=True,
+                           repetition_penalty=1.3, frequency_penalty=0.5, logit_bias=((11, 3.0),)),
+            SamplingParams(max_tokens=16, temperature=1.1, min_p=0.05, presence_penalty=0.7, seed=8,
+                           ignore_eos=True),
+            SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)]
+    want = [list(single.generate_token_ids(prompt, None, p)) for p in asks]
+    got: list[list[int]] = [[] for _ in asks]
+    steps0 = engine.steps
+    rows0 = engine.batch_rows_total
+
+    def run(i: int) -> None:
+        got[i] = list(engine.generate_token_ids(prompt, None, asks[i]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == want
+    assert (engine.batch_rows_total - rows0) / max(1, engine.steps - steps0) > 1.5  # they shared steps
