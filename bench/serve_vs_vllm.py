@@ -4,7 +4,8 @@ The workload of the issue's measurement: SmolLM2-135M-Instruct, 48 chat requests
 ids for both), greedy, 32 new tokens each (end of sequence ignored, so both produce the same count),
 16 at a time, adapters chosen per request by a Zipf law over M adapters and resident before the clock
 starts. Cases: the bare base; LoRA r8 on q,v with M = 1 and M = 100; LoRA-XS r16 on q,v with M = 100
-(served natively here; on vLLM's side through its PEFT export). Ours is ``BatchedEngine`` driven
+(served natively here; on vLLM's side through its PEFT export); the base and LoRA M = 100 again sampled
+(temperature 0.8, top-p 0.95, a seed per request). Ours is ``BatchedEngine`` driven
 directly by 16 client threads, as the serving replica drives it; vLLM's is its offline ``LLM`` with
 ``max_num_seqs`` 16, run by ``bench/vllm_side.py`` in vLLM's own venv (``make vllm-venv``: vLLM's CPU
 build pins a transformers older than ours). Both in bf16 and fp32. Greedy tokens of the two engines are
@@ -13,12 +14,14 @@ compared per request and the share that agree is reported (fp32: they should all
     make vllm-venv && .venv/bin/python bench/serve_vs_vllm.py [--dtypes bfloat16,float32] [--quick]
 
 Writes bench/results/serve_vs_vllm-<date>.json with ``ratios.ours_base_over_vllm_base``,
-``ratios.ours_m100_over_vllm_base`` and ``ratios.ours_m100_over_vllm_m100`` (bf16).
+``ratios.ours_m100_over_vllm_base`` and ``ratios.ours_m100_over_vllm_m100`` (bf16), and for each of our
+cases the engine loop's seconds by phase (prefill, decode, sample, host) and the host share.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -34,6 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PY = REPO / ".vllm-venv" / "bin" / "python"
+SAMPLED = {"temperature": 0.8, "top_p": 0.95}  # the sampled cases' settings, the same on both sides
 TARGETS = ("q_proj", "v_proj")
 
 
@@ -118,14 +122,21 @@ def run_ours(base: str, dtype: str, prompts: list[list[int]], cases: list[dict],
             def client(c: int, case: dict = case, names: list = names, tokens: list = tokens) -> None:
                 for i in range(c, len(prompts), clients):
                     adapter = names[case["assign"][i]] if names else None
-                    tokens[i] = [int(t) for t in eng.generate_token_ids(prompts[i], adapter, params)]
+                    ps = (dataclasses.replace(params, seed=i, **case["sampling"]) if case.get("sampling")
+                          else params)  # sampled cases: each request its own seed (its index), as on vLLM's side
+                    tokens[i] = [int(t) for t in eng.generate_token_ids(prompts[i], adapter, ps)]
 
+            before = dict(eng.phase_s)
             t = time.perf_counter()
             run_threads(client, clients)
             dt_s = time.perf_counter() - t
+            phases = {k: round(eng.phase_s[k] - before[k], 3) for k in before}  # the engine loop's own split
+            busy = sum(phases.values())
             out[case["name"]] = {"tok_s": round(sum(map(len, tokens)) / dt_s, 2), "seconds": round(dt_s, 3),
+                                 "loop_phases_s": phases, "host_share": round(phases["host"] / max(busy, 1e-9), 4),
                                  "tokens": tokens}
-            print(f"ours {dtype} {case['name']}: {out[case['name']]['tok_s']} tok/s", flush=True)
+            print(f"ours {dtype} {case['name']}: {out[case['name']]['tok_s']} tok/s; loop {phases} "
+                  f"(host {100 * out[case['name']]['host_share']:.1f}%)", flush=True)
             for name in names:
                 eng.unload_adapter(name)
     finally:
@@ -218,6 +229,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=100, help="adapters in the many-adapter cases")
     ap.add_argument("--quick", action="store_true", help="M = 10 and 16 requests (a check that both sides run)")
     ap.add_argument("--no-xs", action="store_true", help="skip the LoRA-XS case")
+    ap.add_argument("--no-sampled", action="store_true", help="skip the sampled (temperature, top-p) cases")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-arrivals", action="store_true", help="skip the inter-token latency run under arrivals")
     ap.add_argument("--only-arrivals", action="store_true", help="only the arrivals run (no vLLM needed)")
@@ -260,6 +272,8 @@ def main() -> None:
              {"name": "lora_m1", "kind": "lora", "ours": loras[:1], "vllm": loras[:1], "assign": [0] * args.requests},
              {"name": f"lora_m{args.m}", "kind": "lora", "ours": loras, "vllm": loras,
               "assign": zipf_assign(args.requests, args.m)}]
+    if not args.no_sampled:  # one batched sampling pass per step (temperature and top-p, a seed per request)
+        cases += [{**c, "name": f"{c['name']}_sampled", "sampling": SAMPLED} for c in (cases[0], cases[2])]
     basis = None
     if not args.no_xs:
         basis, native, exported = in_passing_thread(make_lora_xs, base, work, args.m)
@@ -285,7 +299,9 @@ def main() -> None:
             n = c["name"]
             by[n] = {"ours_tok_s": ours[n]["tok_s"], "vllm_tok_s": vllm[n]["tok_s"],
                      "ours_over_vllm": round(ours[n]["tok_s"] / vllm[n]["tok_s"], 3),
-                     "greedy_agreement": agreement(ours[n], vllm[n])}
+                     "ours_loop_phases_s": ours[n]["loop_phases_s"], "ours_host_share": ours[n]["host_share"]}
+            if not c.get("sampling"):  # sampled tokens differ by design (each side its own generator)
+                by[n]["greedy_agreement"] = agreement(ours[n], vllm[n])
         results["by_dtype"][dtype] = by
     if not args.no_arrivals:
         results["long_prompt_tokens"] = len(long_prompts[0])

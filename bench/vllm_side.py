@@ -1,8 +1,9 @@
 """vLLM's half of ``bench/serve_vs_vllm.py``: run in vLLM's own venv (``make vllm-venv``), never imported
 by the project. Reads a job file the other half wrote (model folder, dtype, prompt token ids, cases with
 their adapters and each request's adapter), times each case with vLLM's offline ``LLM`` (the same
-requests, greedy, ``max_num_seqs`` rows at once, adapters resident before timing) and writes the
-figures, with each request's tokens for the equality check, to the file named in the job.
+requests, greedy or with the case's ``sampling`` and a seed per request, ``max_num_seqs`` rows at once,
+adapters resident before timing) and writes the figures, with each request's tokens for the equality
+check, to the file named in the job.
 
     .vllm-venv/bin/python bench/vllm_side.py JOB.json
 """
@@ -49,8 +50,12 @@ def run(job: dict) -> dict:
                              use_tqdm=False)
             else:
                 llm.generate([prompts[0]], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
+            params = greedy
+            if case.get("sampling"):  # each request its own seed (its index), as on our side
+                params = [SamplingParams(max_tokens=job["max_tokens"], ignore_eos=True, seed=i, **case["sampling"])
+                          for i in range(len(prompts))]
             t = time.perf_counter()
-            res = llm.generate(prompts, greedy, lora_request=which, use_tqdm=False)
+            res = llm.generate(prompts, params, lora_request=which, use_tqdm=False)
             dt = time.perf_counter() - t
             tokens = [list(r.outputs[0].token_ids) for r in res]
             out[case["name"]] = {"tok_s": round(sum(map(len, tokens)) / dt, 2), "seconds": round(dt, 3),

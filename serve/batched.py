@@ -170,6 +170,10 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
         self._running: list[_Request] = []
         self.steps = 0
         self.batch_rows_total = 0
+        # seconds of the scheduler loop's busy iterations by phase: prefill passes, decode forwards, sampling
+        # (on a GPU: where the step's device-to-host copy waits for the device), and host work between them
+        # (admission, emitting tokens, retiring rows): the share of "host" is what sits on the critical path
+        self.phase_s = {"prefill": 0.0, "decode": 0.0, "sample": 0.0, "host": 0.0}
         self.prefill_tokens = max(prefill_tokens, self.max_len)
         # prompt tokens prefilled per loop iteration, between two decode steps (0: every admitted prompt at
         # once; None: 256 on a CPU, 2048 on a GPU); a longer prompt is prefilled in pieces over several
@@ -314,23 +318,34 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
                 admit = self._admit()
             for req in dropped:  # cancelled while queued: never admitted, its pin released now
                 self._retire(req)
+            t0 = time.perf_counter()
             try:
                 with torch.inference_mode():
                     self._prefilling.extend(admit)
+                    t1 = time.perf_counter()
                     self._prefill_step()
+                    t2 = time.perf_counter()
+                    self.phase_s["prefill"] += t2 - t1
                     running = [r for r in self._running if not r.cancelled and not r.retired]
                     for r in self._running:
                         if r.cancelled:
                             self._retire(r)
                     if not running:
                         self._running = []
+                        self.phase_s["host"] += time.perf_counter() - t0 - (t2 - t1)
                         continue
                     rows = [q.cache_row for q in running]
+                    t3 = time.perf_counter()
                     logits = self._decode(running, rows)
+                    t4 = time.perf_counter()
+                    tokens = self._sample_rows(logits, running, rows)
+                    t5 = time.perf_counter()
+                    self.phase_s["decode"] += t4 - t3
+                    self.phase_s["sample"] += t5 - t4
                     self.steps += 1
                     self.batch_rows_total += len(running)
                     still = []
-                    for r, token in zip(running, self._sample_rows(logits, running, rows)):
+                    for r, token in zip(running, tokens):
                         r.pos += 1
                         if isinstance(token, Exception):
                             self._fail(r, token)
@@ -339,6 +354,7 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
                         else:
                             still.append(r)
                     self._running = still
+                    self.phase_s["host"] += time.perf_counter() - t0 - (t2 - t1) - (t5 - t3)
             except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep the engine alive
                 log.exception("engine step failed")
                 for r in {id(r): r for r in [*admit, *self._prefilling, *self._running]}.values():  # unhashable
@@ -511,4 +527,4 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
                 "prefill_pieces": self.prefill_pieces, "prefilling": len(self._prefilling),
                 "adapters": len(self._slot_of), "running": len(self._running), "waiting": len(self._waiting),
                 "free_rows": len(self._free_rows), "in_use": sum(self._in_use.values()),
-                "time": time.time()}
+                "phase_s": {k: round(v, 4) for k, v in self.phase_s.items()}, "time": time.time()}

@@ -10,12 +10,14 @@ sampled: temperature, ``top_k``, ``top_p``, ``min_p``, then a draw from the requ
 ``sample_rows`` does all of it for a step's rows at once: the bias, penalties and ``min_tokens`` as
 scattered edits of one float32 copy of the rows' logits (their positions gathered on the host, sent in
 one copy), the guides' masks row by row (host work by nature), then temperature, top-k, top-p and min-p
-as tensor operations with each row's own values (a row without a setting gets the neutral one). The draw
-is the exponential race, ``argmax(probs / E)`` with ``E ~ Exp(1)`` per token (a sample of ``probs``):
-its noise comes from each row's own generator, one uniform per vocabulary entry per step, so a seeded
-request draws the same tokens whatever shares its step. Every row's token and log-probabilities come back
-to the host in one copy (one synchronisation per step, not one per row). ``sample`` is the same function
-on one row: the single-request engine and the batched one choose the same tokens.
+as tensor operations with each row's own values (a row without a setting gets the neutral one). A row
+with a top-k or top-p ranks only its most likely ``CANDIDATES`` tokens (``topk``, not a sort of the whole
+vocabulary) when its kept tokens provably lie among them, and sorts its whole row otherwise. The draw is
+by the inverse of the kept probabilities' cumulative sum at one uniform per row and step from the row's
+own generator, so a seeded request draws the same tokens whatever shares its step. Every row's token and
+log-probabilities come back to the host in one copy (one synchronisation per step, not one per row).
+``sample`` is the same function on one row: the single-request engine and the batched one choose the same
+tokens.
 
 Log-probabilities, when asked for, are the model's own (the raw logits' log-softmax, vLLM's default
 ``raw_logprobs``): the chosen token's and the ``logprobs`` most likely. A token carrying them is a
@@ -263,8 +265,8 @@ def sample_rows(logits: Any, rows: list[int], params: list[Any], gens: list[Any]
             edits.extend(row_edits(k, vocab, params[k], states[k]))
             if states[k] is not None and states[k].guide is not None:
                 states[k].guide.fill()  # on the host, while the device may still be computing the logits
-            if params[k].temperature != 0:  # the row's own stream: vocab uniforms per step, whatever its neighbours
-                noise[k] = torch.rand(vocab, generator=gens[k], device=device)
+            if params[k].temperature != 0:  # the row's own stream: one uniform per step, whatever its neighbours
+                noise[k] = torch.rand(1, generator=gens[k], device=device)
         except Exception as e:  # noqa: BLE001 - this row's request fails alone, the batch goes on
             out[k] = e
     live = [k for k in range(n) if out[k] is None]
@@ -328,12 +330,13 @@ def sample_rows(logits: Any, rows: list[int], params: list[Any], gens: list[Any]
         xs = take(x, drawn, at_drawn)
         probs = torch.softmax((xs - xs.amax(-1, keepdim=True)) / floats[at_temp].unsqueeze(1), dim=-1)
         min_p = floats[at_min_p].unsqueeze(1)
-        u = torch.stack([noise[k] for k in drawn])
+        u = torch.cat([noise[k] for k in drawn])
         pick = torch.zeros(len(drawn), dtype=torch.int64, device=device)
         if plain:
             p = probs[:len(plain)]
-            p = p.masked_fill(p < min_p[:len(plain)] * p.amax(-1, keepdim=True), 0.0)
-            pick[:len(plain)] = _race(p, u[:len(plain)])
+            if any(params[k].min_p > 0 for k in plain):
+                p = p.masked_fill(p < min_p[:len(plain)] * p.amax(-1, keepdim=True), 0.0)
+            pick[:len(plain)] = _inverse_cdf(p, u[:len(plain)])
         if ranked:
             pick.index_copy_(0, ints[at_ranked], _ranked(probs[len(plain):], u[len(plain):], ints[at_top_k],
                                                           floats[at_top_p], min_p[len(plain):]))
@@ -372,31 +375,69 @@ def sample_rows(logits: Any, rows: list[int], params: list[Any], gens: list[Any]
     return out
 
 
-def _race(probs: Any, u: Any) -> Any:
-    """One draw per row from ``probs`` (unnormalised; a 0 is never drawn): ``argmax(probs / E)`` with
-    ``E = -log(u)`` exponential from the uniforms ``u``."""
+CANDIDATES = 256  # a ranked row's most likely tokens, ranked without sorting its whole vocabulary
+
+
+def _inverse_cdf(probs: Any, u: Any) -> Any:
+    """One draw per row from ``probs`` (unnormalised, in any order; a 0 is never drawn) at the uniform
+    ``u`` of the row: the first position whose cumulative sum passes ``u`` of the row's total."""
     import torch
 
-    # u in [0, 1): E in (0, inf]; the floor keeps a u of exactly 1 (E = 0, then 0/0) out of the race
-    e = torch.log(u).neg_().clamp_min_(torch.finfo(torch.float32).tiny)
-    return (probs / e).argmax(-1)
+    cum = torch.cumsum(probs, dim=-1)
+    total = cum[:, -1]
+    # strictly below the total (u * total may round up to it): the position found then has a mass > 0
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cum, target.unsqueeze(1), right=True).squeeze(1).clamp_max_(probs.shape[-1] - 1)
+
+
+def _keep(p: Any, top_k: Any, top_p: Any, min_p: Any, outside: Any = None) -> tuple[Any, Any, Any]:
+    """Rows of probabilities in decreasing order: the top k kept (and ties with the k-th), then the fewest
+    most likely whose mass reaches top_p of what is left (``outside``: mass of the row not in ``p``), then
+    min_p of the largest; the rest set to 0. Also returns the cumulative sums after the top k, and the
+    mass top_p is a share of."""
+    import torch
+
+    p = p.masked_fill(p < p.gather(1, (top_k.clamp(max=p.shape[-1]) - 1).unsqueeze(1)), 0.0)
+    cum = torch.cumsum(p, dim=-1)
+    total = cum[:, -1] if outside is None else cum[:, -1] + outside
+    p = p.masked_fill(cum - p > (top_p * total).unsqueeze(1), 0.0)  # always keeps the top token
+    return p.masked_fill(p < min_p * p[:, :1], 0.0), cum, total
 
 
 def _ranked(probs: Any, u: Any, top_k: Any, top_p: Any, min_p: Any) -> Any:
-    """The draw of rows with a top-k or a top-p (``vocab`` and ``inf`` where a row has none): their
-    probabilities in decreasing order (a stable sort of their float32 bits as integers: the same order
-    as the values', ties by token id, about a third faster on a CPU than sorting floats), the top k kept
-    (and ties with the k-th), then the fewest most likely whose mass reaches top_p of what is left, then
-    min_p of the largest; the noise of each token goes with it."""
+    """The draw of rows with a top-k or a top-p (``vocab`` and ``inf`` where a row has none), over their
+    probabilities in decreasing order, ties by token id (``_keep``).
+
+    Only the ``CANDIDATES`` most likely are ranked (``topk`` and a sort of those by token id, then stably by
+    value: the full stable order's head, exactly, wherever their values are above the last candidate's)
+    for a row whose kept tokens all lie in that head: its top k fits in it, or (no top k) the head's mass
+    already passes top_p of the row's. The other rows sort their whole vocabulary (a stable sort of the
+    float32 bits as integers: the same order as the values', about a third faster on a CPU than floats)."""
     import torch
 
-    bits, order = torch.sort(probs.view(torch.int32), dim=-1, descending=True, stable=True)
-    p = bits.view(torch.float32)
-    p = p.masked_fill(p < p.gather(1, top_k.unsqueeze(1) - 1), 0.0)
-    cum = torch.cumsum(p, dim=-1)
-    p = p.masked_fill(cum - p > top_p.unsqueeze(1) * cum[:, -1:], 0.0)  # always keeps the top token
-    p = p.masked_fill(p < min_p * p[:, :1], 0.0)
-    return order.gather(1, _race(p, u.gather(1, order)).unsqueeze(1)).squeeze(1)
+    n, vocab = probs.shape
+    out = torch.empty(n, dtype=torch.int64, device=probs.device)
+    full = torch.ones(n, dtype=torch.bool, device=probs.device)
+    if CANDIDATES < vocab:
+        vals, ids = torch.topk(probs, CANDIDATES, dim=-1)
+        ids, o = torch.sort(ids, dim=-1)
+        bits, o = torch.sort(vals.gather(1, o).view(torch.int32), dim=-1, descending=True, stable=True)
+        p, order = bits.view(torch.float32), ids.gather(1, o)
+        head = (p > p[:, -1:]).sum(-1)  # these lead the full stable order
+        no_k = top_k >= vocab
+        outside = torch.where(no_k, (probs.sum(-1) - p.sum(-1)).clamp_min(0.0), 0.0)
+        p, cum, total = _keep(p, top_k, top_p, min_p, outside)
+        # no top k: the first token after the head is dropped by top-p (and so is every later one)
+        passed = cum.gather(1, (head - 1).clamp(min=0).unsqueeze(1)).squeeze(1) > top_p * total
+        full = torch.where(no_k, (head == 0) | ~passed, top_k > head)
+        out = order.gather(1, _inverse_cdf(p, u).unsqueeze(1)).squeeze(1)
+    rows = full.nonzero().squeeze(1)
+    if rows.numel():
+        bits, order = torch.sort(probs.index_select(0, rows).view(torch.int32), dim=-1, descending=True, stable=True)
+        p, _, _ = _keep(bits.view(torch.float32), top_k.index_select(0, rows), top_p.index_select(0, rows),
+                        min_p.index_select(0, rows))
+        out.index_copy_(0, rows, order.gather(1, _inverse_cdf(p, u.index_select(0, rows)).unsqueeze(1)).squeeze(1))
+    return out
 
 
 def sample(logits: Any, params: Any, gen: Any, state: RowState | None = None) -> int:

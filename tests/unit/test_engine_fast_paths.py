@@ -205,3 +205,29 @@ def test_running_streams_keep_decoding_while_a_long_prompt_is_prefilled(tiny_mod
         counts[chunk] = events[:first_long].count("short")
     assert counts[16] >= 10, counts  # one token per piece (13 pieces) at least, give or take the admission
     assert counts[0] <= 3, counts
+
+
+def test_the_loop_accounts_its_time_by_phase(tiny_model_path: str) -> None:
+    """``stats()["phase_s"]``: the scheduler loop's busy seconds split into prefill, decode, sampling and
+    host work; each phase a real request passes through is counted, and together they fit in the wall time
+    the requests took (the bench's host share is read from it)."""
+    import time
+
+    eng = BatchedEngine(tiny_model_path, dtype="float32", max_batch=4, max_len=128, torch_threads=1)
+    try:
+        t = time.perf_counter()
+        threads = [threading.Thread(target=lambda s=s: list(eng.generate_token_ids(
+            [5, 6, 7, 8 + s], None, SamplingParams(max_tokens=12, temperature=0.7 * s, seed=s, ignore_eos=True))))
+            for s in range(3)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        wall = time.perf_counter() - t
+        phases = eng.stats()["phase_s"]
+        assert set(phases) == {"prefill", "decode", "sample", "host"}
+        assert all(v > 0 for v in phases.values()), phases
+        assert sum(phases.values()) <= wall, (phases, wall)
+        assert eng.steps >= 11
+    finally:
+        eng.close()

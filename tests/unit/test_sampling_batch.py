@@ -104,7 +104,8 @@ def test_each_row_of_a_batch_gets_what_it_gets_alone(dtype: torch.dtype) -> None
             assert as_tuple(batch[k]) == as_tuple(alone) == as_tuple(one), (step, k)
         assert isinstance(batch[5], Sampled) and len(batch[5].top) == 3 and batch[7].top == ()
         assert not isinstance(batch[0], Sampled)
-        assert int(batch[11]) == int(logits[rows[11]].float().argmax())
+        top = logits[rows[11]].float()
+        assert top[int(batch[11])] == top.max()  # one of the most likely (bf16 has ties)
         assert int(batch[12]) in {2, 3, 17, 99, 250}
         if step < 3:
             assert int(batch[9]) != 4 and int(batch[9]) != 0  # below min_tokens: no stop token
@@ -244,3 +245,57 @@ def test_a_row_whose_sampling_fails_fails_alone(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(RuntimeError, match="injected"):
         sample(logits[0], SP(temperature=0.7, top_p=0.123), None)
     assert sample_rows(logits, [], [], [], []) == []
+
+
+def test_ranking_only_the_candidates_draws_what_the_full_sort_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows with a top-k or top-p rank only their ``CANDIDATES`` most likely tokens where the kept ones
+    provably lie there (peaked rows, a top k within them) and sort the whole vocabulary otherwise (flat
+    rows, a top k beyond them): both kinds occur here, and with the same uniforms every row draws the token
+    the full sort of every row draws, including ties (bf16-like repeated values) at the edge."""
+    vocab, n = 2048, 48
+    torch.manual_seed(3)
+    logits = torch.randn(n, vocab) * torch.tensor([8.0 if i % 3 else 0.3 for i in range(n)]).unsqueeze(1)
+    logits[::4] = logits[::4].round()  # ties everywhere in these rows
+    logits[1::8] = 0.0  # and rows whose tied tokens straddle the candidates' edge: 10 at 5, 300 at 3
+    logits[1::8, 100:110], logits[1::8, 500:800] = 5.0, 3.0
+    probs = torch.softmax(logits / 0.8, dim=-1)
+    ks = [vocab, 200, 400, 50, vocab, 1]
+    ps = [0.9, float("inf"), float("inf"), 0.8, 0.5, float("inf")]
+    top_k = torch.tensor([ks[i % 6] for i in range(n)])
+    top_p = torch.tensor([ps[i % 6] for i in range(n)])
+    min_p = torch.tensor([[0.05 if i % 5 == 0 else 0.0] for i in range(n)])
+    sorted_rows: list[int] = []
+    real_sort = torch.sort
+
+    def sort(x: torch.Tensor, *a: Any, **kw: Any) -> Any:
+        if x.shape[-1] == vocab:
+            sorted_rows.append(x.shape[0])
+        return real_sort(x, *a, **kw)
+
+    monkeypatch.setattr(torch, "sort", sort)
+    for trial in range(20):
+        u = torch.rand(n, generator=torch.Generator().manual_seed(trial))
+        sorted_rows.clear()
+        got = sampling._ranked(probs, u, top_k, top_p, min_p)
+        fallback = sum(sorted_rows)
+        monkeypatch.setattr(sampling, "CANDIDATES", vocab)
+        want = sampling._ranked(probs, u, top_k, top_p, min_p)
+        monkeypatch.setattr(sampling, "CANDIDATES", 256)
+        assert got.tolist() == want.tolist(), trial
+        assert 0 < fallback < n  # both paths ran: some rows ranked their candidates only, some sorted all
+
+
+@pytest.mark.parametrize("kw", [{"top_p": 0.8}, {"top_k": 3}, {"top_k": 4, "top_p": 0.7, "min_p": 0.1}])
+def test_a_large_vocabulary_draws_from_the_candidates_distribution(kw: dict[str, Any]) -> None:
+    """A vocabulary larger than ``CANDIDATES`` (the candidates' path): the draws follow the distribution
+    that temperature, top-k, top-p and min-p leave, and an excluded token never comes."""
+    logits = [2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, 0.9] + [-12.0] * (sampling.CANDIDATES * 2)
+    want = expected(logits, 0.8, **kw)
+    n = 6000
+    gen = torch.Generator().manual_seed(11)
+    out = sample_rows(torch.tensor([logits]), [0] * n, [SP(temperature=0.8, **kw)] * n, [gen] * n, [None] * n)
+    freq = Counter(int(t) for t in out)
+    assert set(freq) <= {i for i, p in enumerate(want) if p > 0}, (freq, kw)
+    for tok, p in enumerate(want[:8]):
+        sigma = math.sqrt(p * (1 - p) / n)
+        assert abs(freq[tok] / n - p) < 4 * sigma + 1e-3, (tok, freq[tok] / n, p, kw)
