@@ -180,7 +180,8 @@ def test_prompts_prefilled_in_pieces_give_the_same_tokens(tiny_model_path: str, 
 
 def test_running_streams_keep_decoding_while_a_long_prompt_is_prefilled(tiny_model_path: str) -> None:
     """A request already decoding gets a token between the pieces of a 200-token prompt admitted after it
-    (16 prompt tokens per iteration); prefilled whole, the long prompt holds it back for one step."""
+    (16 prompt tokens per iteration); prefilled whole, the long prompt holds it back for one step. Counted
+    from the long prompt's admission (the engine thread's order), so thread timing cannot change it."""
     counts = {}
     for chunk in (16, 0):
         eng = BatchedEngine(tiny_model_path, dtype="float32", max_batch=4, max_len=256, prefill_chunk=chunk)
@@ -192,6 +193,14 @@ def test_running_streams_keep_decoding_while_a_long_prompt_is_prefilled(tiny_mod
             return emit(req, token)
 
         eng._emit = watched
+        admit = eng._admit
+
+        def admitted(admit=admit, events=events):  # noqa: ANN202 - marks when the long prompt gets its row
+            out = admit()
+            events.extend("admit" for r in out if len(r.prompt) == 200)
+            return out
+
+        eng._admit = admitted
         try:
             short = eng.generate_token_ids([11, 12, 13], None, SamplingParams(max_tokens=60, temperature=0.0,
                                                                               ignore_eos=True))
@@ -201,10 +210,11 @@ def test_running_streams_keep_decoding_while_a_long_prompt_is_prefilled(tiny_mod
             list(short)
         finally:
             eng.close()
-        first_long = events.index("long")
-        counts[chunk] = events[:first_long].count("short")
-    assert counts[16] >= 10, counts  # one token per piece (13 pieces) at least, give or take the admission
-    assert counts[0] <= 3, counts
+        # the short stream's tokens between the long prompt's admission and its first token: counted from
+        # the admission, not from the submit, so a loaded machine's thread timing cannot change the count
+        counts[chunk] = events[events.index("admit"):events.index("long")].count("short")
+    assert counts[16] >= 10, counts  # a token per piece but the last (13 pieces: 12 here), some slack
+    assert counts[0] <= 1, counts
 
 
 def test_the_loop_accounts_its_time_by_phase(tiny_model_path: str) -> None:
