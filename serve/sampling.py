@@ -39,6 +39,10 @@ GUIDE_KINDS = ("json_object", "json_schema", "regex", "lark")
 COMPACT = {"whitespace_flexible": False}
 
 
+class SamplingError(AdapterfabError):
+    """A request's next token cannot be drawn (every token masked)."""
+
+
 class InvalidGuide(AdapterfabError):
     """A response format whose schema or grammar the constrained-decoding library refuses."""
 
@@ -342,7 +346,9 @@ def sample_rows(logits: Any, rows: list[int], params: list[Any], gens: list[Any]
                                                           floats[at_top_p], min_p[len(plain):]))
         token.index_copy_(0, ints[at_drawn], pick)
 
-    back = [token.double()]
+    # a row whose every token is masked (-inf: a guide and min_tokens disagreeing, a bias of -inf on all)
+    # has nothing to draw: it fails alone rather than get a made-up token id (flags in the same copy)
+    back = [token.double(), torch.isneginf(x.amax(-1)).double()]
     if asks:
         lp = torch.log_softmax(take(logits, [rows[k] for k in asks], at_ask_rows).float(), dim=-1)
         back.append(lp.gather(1, token.index_select(0, ints[at_asks]).unsqueeze(1)).squeeze(1).double())
@@ -352,9 +358,10 @@ def sample_rows(logits: Any, rows: list[int], params: list[Any], gens: list[Any]
     got = torch.cat(back).tolist()  # the step's one device-to-host copy
 
     chosen = [int(t) for t in got[:n]]
-    logprob = dict(zip(asks, got[n:n + len(asks)]))
+    masked = got[n:2 * n]
+    logprob = dict(zip(asks, got[2 * n:2 * n + len(asks)]))
     top: dict[int, tuple[tuple[int, float], ...]] = {}
-    pos = n + len(asks)
+    pos = 2 * n + len(asks)
     for m, js in tops.items():
         vals, ids = got[pos:pos + m * len(js)], got[pos + m * len(js):pos + 2 * m * len(js)]
         pos += 2 * m * len(js)
@@ -364,6 +371,9 @@ def sample_rows(logits: Any, rows: list[int], params: list[Any], gens: list[Any]
         if out[k] is not None:
             continue
         try:
+            if masked[k]:
+                raise SamplingError("every token of the vocabulary is masked for this request (its guide, "
+                                    "min_tokens, stop tokens and logit bias leave nothing to choose)")
             tok: int = chosen[k]
             if params[k].logprobs is not None:
                 tok = Sampled(tok, logprob[k], top.get(k, ()))

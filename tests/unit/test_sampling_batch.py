@@ -247,6 +247,22 @@ def test_a_row_whose_sampling_fails_fails_alone(monkeypatch: pytest.MonkeyPatch)
     assert sample_rows(logits, [], [], [], []) == []
 
 
+@pytest.mark.parametrize("kw", [{"temperature": 0}, {"temperature": 0.8}, {"temperature": 0.8, "top_p": 0.9},
+                                {"temperature": 0.8, "top_k": 5}])
+def test_a_row_with_every_token_masked_fails_alone(kw: dict[str, Any]) -> None:
+    """A guide that allows only a stop token that min_tokens forbids leaves nothing to draw: that row gets
+    a SamplingError (not a made-up token id such as the last of the vocabulary); its neighbours draw."""
+    torch.manual_seed(5)
+    logits = torch.randn(2, VOCAB)
+    stuck = RowState([], frozenset({0}), guide=FakeGuide({0}))  # type: ignore[arg-type]
+    got = sample_rows(logits, [0, 1], [SP(min_tokens=3, seed=1, **kw), SP(**kw, seed=2)],
+                      [None, None], [stuck, None])
+    assert isinstance(got[0], sampling.SamplingError), got
+    assert isinstance(got[1], int) and 0 <= got[1] < VOCAB
+    with pytest.raises(sampling.SamplingError, match="masked"):
+        sample(logits[0], SP(min_tokens=3, **kw), None, RowState([], frozenset({0}), guide=FakeGuide({0})))  # type: ignore[arg-type]
+
+
 def test_ranking_only_the_candidates_draws_what_the_full_sort_draws(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows with a top-k or top-p rank only their ``CANDIDATES`` most likely tokens where the kept ones
     provably lie there (peaked rows, a top k within them) and sort the whole vocabulary otherwise (flat
