@@ -239,21 +239,24 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
         return str(version.id), version
 
     async def start(version_key: str | None, version: AdapterVersion | None, prompt: Any,
-                    params: SamplingParams, model: str, tenant: str, prompt_field: str) -> tuple[Any, Any]:
+                    params: SamplingParams, model: str, tenant: str, prompt_field: str,
+                    budget: list[int]) -> tuple[Any, Any]:
         """One generation's first event and the rest; errors before any byte is sent are raised here,
-        and a generation whose replica died is replayed whole (up to ``REPLAYS`` times)."""
-        for attempt in range(1, REPLAYS + 2):
+        and a generation whose replica died is replayed whole while the request's replay ``budget`` (one
+        list shared by its choices and the whole-request replays below) lasts."""
+        attempt = 0
+        while True:
             events = backend.generate(version_key, version, prompt, params).__aiter__()
             try:
                 return await _first_event(events, model, tenant, prompt_field), events
             except ApiError as e:
                 await openai_format.aclose(events)
-                if e.code != "replica_unavailable" or attempt > REPLAYS:
+                if e.code != "replica_unavailable" or budget[0] <= 0:
                     raise
-                log.warning("replaying a request of tenant %s after its replica died (%d/%d)", tenant, attempt,
-                            REPLAYS)
+                budget[0] -= 1
+                attempt += 1
+                log.warning("replaying a request of tenant %s after its replica died (%d)", tenant, attempt)
                 await asyncio.sleep(0.2 * attempt)  # Serve marks the dead replica; the replay goes to another
-        raise AssertionError("unreachable")
 
     async def generation(request: Request, path_tenant: str | None, kind: str) -> Any:
         """``kind``: "chat" (messages, the chat template) or "text" (raw prompts or token ids)."""
@@ -298,9 +301,14 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
                 jobs.append((p, prompt, dataclasses.replace(params, seed=seed)))
         chat_echo = req.echo_text() if kind == "chat" else ""  # completions echo each choice's own prompt text
 
+        # replays of this request in all, counted in generations: REPLAYS per choice, so that a request never
+        # costs more than (REPLAYS + 1) generations per choice however its replicas die
+        budget = [REPLAYS * len(jobs)]
+
         async def start_all() -> list[openai_format.Choice]:
             """Every choice's first event (a choice that fails before it stops the others)."""
-            starts = [asyncio.ensure_future(start(version_key, version, prompt, ps, req.model, tenant, prompt_field))
+            starts = [asyncio.ensure_future(start(version_key, version, prompt, ps, req.model, tenant, prompt_field,
+                                                  budget))
                       for _, prompt, ps in jobs]
             try:
                 started = await asyncio.gather(*starts)
@@ -325,19 +333,21 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
             return StreamingResponse(openai_format.stream(meta, choices, kind, logprobs, usage, on_error, watch),
                                      media_type="text/event-stream", headers={**_SSE_HEADERS, **headers})
         # nothing reaches the client before the whole body: a replica that dies mid-generation is replayed
-        for attempt in range(1, REPLAYS + 2):
+        attempt = 0
+        while True:
             choices = await start_all()
             try:
                 body = await openai_format.complete(meta, choices, kind, logprobs, on_error,
                                                     metrics.watch(tenant, adapter, t0))
                 return JSONResponse(body, headers=headers)
             except ApiError as e:
-                if e.code != "replica_unavailable" or attempt > REPLAYS:
+                if e.code != "replica_unavailable" or budget[0] < len(jobs):
                     raise
-                log.warning("replaying a request of tenant %s after its replica died mid-generation (%d/%d)",
-                            tenant, attempt, REPLAYS)
+                budget[0] -= len(jobs)  # every choice is generated again
+                attempt += 1
+                log.warning("replaying a request of tenant %s after its replica died mid-generation (%d)",
+                            tenant, attempt)
                 await asyncio.sleep(0.2 * attempt)
-        raise AssertionError("unreachable")
 
     async def chat(request: Request, path_tenant: str | None) -> Any:
         return await generation(request, path_tenant, "chat")

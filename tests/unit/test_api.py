@@ -321,14 +321,16 @@ class DiesMidGeneration:
     """The real backend, except that its first ``deaths`` generations lose their replica after the first
     event, as RayBackend reports a replica killed mid-generation."""
 
-    def __init__(self, inner: LocalBackend, deaths: int):
-        self.inner, self.deaths, self.calls = inner, deaths, 0
+    def __init__(self, inner: LocalBackend, deaths: int, alternate: bool = False):
+        self.inner, self.deaths, self.calls, self.alternate = inner, deaths, 0, alternate
 
     async def generate(self, version_key, version, messages, params):  # noqa: ANN001, ANN201
         from adapterfab.errors import ReplicaUnavailable
 
         self.calls += 1
         dies = self.calls <= self.deaths
+        if dies and self.alternate and self.calls % 2 == 0:  # this one before its first event
+            raise ReplicaUnavailable("the serving replica died: ActorDiedError")
         n = 0
         async for ev in self.inner.generate(version_key, version, messages, params):
             yield ev
@@ -360,7 +362,12 @@ def test_a_replica_dying_mid_generation_replays_a_non_streaming_request(
             assert r.json()["choices"][0]["message"]["content"] == want
         else:
             assert r.status_code == 503 and r.json()["error"]["code"] == "replica_unavailable", r.text
-        backend.calls, backend.deaths = 0, 1
+        # replicas dying now before the first event, now after it: the request's replays are one budget
+        # (REPLAYS generations more in all), not REPLAYS for each way of dying multiplied together
+        backend.calls, backend.deaths, backend.alternate = 0, 100, True
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 503 and backend.calls == REPLAYS + 1, (r.status_code, backend.calls)
+        backend.calls, backend.deaths, backend.alternate = 0, 1, False
         with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60,
                           headers={"Authorization": f"Bearer {key}"}) as s:
             lines = [ln for ln in s.iter_lines() if ln.strip()]
