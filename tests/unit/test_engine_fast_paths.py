@@ -181,10 +181,10 @@ def test_prompts_prefilled_in_pieces_give_the_same_tokens(tiny_model_path: str, 
 def test_running_streams_keep_decoding_while_a_long_prompt_is_prefilled(tiny_model_path: str) -> None:
     """A request already decoding gets a token between the pieces of a 200-token prompt admitted after it
     (16 prompt tokens per iteration); prefilled whole, the long prompt holds it back for one step. Counted
-    from the long prompt's admission (the engine thread's order), so thread timing cannot change it."""
+    from the long prompt's admission (the engine thread's order), not from its submit."""
     counts = {}
     for chunk in (16, 0):
-        eng = BatchedEngine(tiny_model_path, dtype="float32", max_batch=4, max_len=256, prefill_chunk=chunk)
+        eng = BatchedEngine(tiny_model_path, dtype="float32", max_batch=4, max_len=256 + 4, prefill_chunk=chunk)
         events: list[str] = []
         emit = eng._emit
 
@@ -202,7 +202,9 @@ def test_running_streams_keep_decoding_while_a_long_prompt_is_prefilled(tiny_mod
 
         eng._admit = admitted
         try:
-            short = eng.generate_token_ids([11, 12, 13], None, SamplingParams(max_tokens=60, temperature=0.0,
+            # long enough that it is still decoding when the long prompt is admitted, however slow the
+            # submitting thread (asserted below: otherwise a count of 0 would prove nothing)
+            short = eng.generate_token_ids([11, 12, 13], None, SamplingParams(max_tokens=240, temperature=0.0,
                                                                               ignore_eos=True))
             next(short)  # decoding
             long = eng.generate_token_ids(list(range(20, 220)), None, SamplingParams(max_tokens=2, temperature=0.0))
@@ -213,6 +215,7 @@ def test_running_streams_keep_decoding_while_a_long_prompt_is_prefilled(tiny_mod
         # the short stream's tokens between the long prompt's admission and its first token: counted from
         # the admission, not from the submit, so a loaded machine's thread timing cannot change the count
         counts[chunk] = events[events.index("admit"):events.index("long")].count("short")
+        assert "short" in events[events.index("long"):], "the short stream ended before the long prompt came"
     assert counts[16] >= 10, counts  # a token per piece but the last (13 pieces: 12 here), some slack
     assert counts[0] <= 1, counts
 
