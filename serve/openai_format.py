@@ -114,15 +114,17 @@ async def complete(meta: dict[str, Any], choices: list[Choice], kind: str, logpr
             await aclose(c.events)
 
     tasks = [asyncio.ensure_future(drain(c)) for c in choices]
+    finished = False
     try:
         await asyncio.gather(*tasks)
+        finished = True
     except Exception as e:  # noqa: BLE001 - one choice failed: the others stop too (their rows are freed)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise on_error(e) from None
     finally:
-        if watch is not None:
+        if watch is not None and not finished:  # a finished request's watch closes in done(), with its time
             watch.close()
     total = usage(choices)
     if watch is not None:

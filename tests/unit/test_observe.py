@@ -94,6 +94,7 @@ def test_metrics_count_requests_codes_latency_and_tokens_by_tenant_and_adapter(a
     assert delta("adapterfab_rate_limited_total", tenant="globex") == codes.count(429)
     assert delta("adapterfab_output_tokens_total", tenant="acme", adapter="base") == tokens == 10
     assert delta("adapterfab_time_to_first_token_seconds_count", tenant="acme", adapter="base") == 2
+    assert delta("adapterfab_request_seconds_count", tenant="acme", adapter="base") == 2  # streamed or not
     assert delta("adapterfab_inter_token_latency_seconds_count", tenant="acme", adapter="base") >= 1
     assert value(got, "adapterfab_requests_in_flight", tenant="acme", adapter="base") == 0
     assert value(got, "adapterfab_engine_running_rows") == 0 and value(got, "adapterfab_engine_free_rows") == 4
