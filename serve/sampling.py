@@ -15,7 +15,8 @@ with a top-k or top-p ranks only its most likely ``CANDIDATES`` tokens (``topk``
 vocabulary) when its kept tokens provably lie among them, and sorts its whole row otherwise. The draw is
 by the inverse of the kept probabilities' cumulative sum at one uniform per row and step from the row's
 own generator, so a seeded request draws the same tokens whatever shares its step. Every row's token and
-log-probabilities come back to the host in one copy (one synchronisation per step, not one per row).
+log-probabilities come back to the host in one copy (one synchronisation per step, not one per row); a
+step with a ranked row the candidates cannot settle has a second.
 ``sample`` is the same function on one row: the single-request engine and the batched one choose the same
 tokens.
 
@@ -328,6 +329,7 @@ def sample_rows(logits: Any, rows: list[int], params: list[Any], gens: list[Any]
             out[k] = e
 
     token = torch.zeros(n, dtype=torch.int64, device=device)
+    unsettled = None
     if greedy:
         token.index_copy_(0, ints[at_greedy], take(x, greedy, at_greedy).argmax(-1))
     if drawn:
@@ -342,13 +344,16 @@ def sample_rows(logits: Any, rows: list[int], params: list[Any], gens: list[Any]
                 p = p.masked_fill(p < min_p[:len(plain)] * p.amax(-1, keepdim=True), 0.0)
             pick[:len(plain)] = _inverse_cdf(p, u[:len(plain)])
         if ranked:
-            pick.index_copy_(0, ints[at_ranked], _ranked(probs[len(plain):], u[len(plain):], ints[at_top_k],
-                                                          floats[at_top_p], min_p[len(plain):]))
+            ranked_args = (probs[len(plain):], u[len(plain):], ints[at_top_k], floats[at_top_p], min_p[len(plain):])
+            settled, unsettled = _candidates(*ranked_args)
+            pick.index_copy_(0, ints[at_ranked], settled)
         token.index_copy_(0, ints[at_drawn], pick)
 
     # a row whose every token is masked (-inf: a guide and min_tokens disagreeing, a bias of -inf on all)
     # has nothing to draw: it fails alone rather than get a made-up token id (flags in the same copy)
     back = [token.double(), torch.isneginf(x.amax(-1)).double()]
+    if unsettled is not None:  # the ranked rows the candidates could not settle: known after the copy
+        back.append(unsettled.double())
     if asks:
         lp = torch.log_softmax(take(logits, [rows[k] for k in asks], at_ask_rows).float(), dim=-1)
         back.append(lp.gather(1, token.index_select(0, ints[at_asks]).unsqueeze(1)).squeeze(1).double())
@@ -359,9 +364,29 @@ def sample_rows(logits: Any, rows: list[int], params: list[Any], gens: list[Any]
 
     chosen = [int(t) for t in got[:n]]
     masked = got[n:2 * n]
-    logprob = dict(zip(asks, got[2 * n:2 * n + len(asks)]))
+    pos = 2 * n
+    redo: list[int] = []  # positions in ``ranked`` of the rows to sort whole
+    if unsettled is not None:
+        redo = [j for j, f in enumerate(got[pos:pos + len(ranked)]) if f]
+        pos += len(ranked)
+    logprob = dict(zip(asks, got[pos:pos + len(asks)]))
+    pos += len(asks)
+    if redo:  # rare (flat rows, a top k beyond the candidates): their tokens and log-probabilities again
+        at = torch.tensor(redo, device=device)
+        again = _full_sort(*(t.index_select(0, at) for t in ranked_args))
+        fix = [again.double()]
+        ask_pos = {k: j for j, k in enumerate(asks)}
+        redo_asks = [j for j, r in enumerate(redo) if ranked[r] in ask_pos]
+        if redo_asks:
+            sub = torch.tensor([ask_pos[ranked[redo[j]]] for j in redo_asks], device=device)
+            fix.append(lp.index_select(0, sub).gather(
+                1, again.index_select(0, torch.tensor(redo_asks, device=device)).unsqueeze(1)).squeeze(1).double())
+        more = torch.cat(fix).tolist()  # a second copy, only for a step that has such rows
+        for j, r in enumerate(redo):
+            chosen[ranked[r]] = int(more[j])
+        for i, j in enumerate(redo_asks):
+            logprob[ranked[redo[j]]] = more[len(redo) + i]
     top: dict[int, tuple[tuple[int, float], ...]] = {}
-    pos = 2 * n + len(asks)
     for m, js in tops.items():
         vals, ids = got[pos:pos + m * len(js)], got[pos + m * len(js):pos + 2 * m * len(js)]
         pos += 2 * m * len(js)
@@ -416,38 +441,56 @@ def _keep(p: Any, top_k: Any, top_p: Any, min_p: Any, outside: Any = None) -> tu
 
 def _ranked(probs: Any, u: Any, top_k: Any, top_p: Any, min_p: Any) -> Any:
     """The draw of rows with a top-k or a top-p (``vocab`` and ``inf`` where a row has none), over their
-    probabilities in decreasing order, ties by token id (``_keep``).
+    probabilities in decreasing order, ties by token id (``_keep``): ``_candidates``, then ``_full_sort``
+    for the rows it could not settle. (``sample_rows`` does the same without waiting for the device
+    between the two: it learns which rows need the full sort in its one copy.)"""
+    out, full = _candidates(probs, u, top_k, top_p, min_p)
+    if full is None:
+        return out
+    rows = full.nonzero().squeeze(1)
+    if rows.numel():
+        out.index_copy_(0, rows, _full_sort(probs.index_select(0, rows), u.index_select(0, rows),
+                                            top_k.index_select(0, rows), top_p.index_select(0, rows),
+                                            min_p.index_select(0, rows)))
+    return out
 
-    Only the ``CANDIDATES`` most likely are ranked (``topk`` and a sort of those by token id, then stably by
-    value: the full stable order's head, exactly, wherever their values are above the last candidate's)
-    for a row whose kept tokens all lie in that head: its top k fits in it, or (no top k) the head's mass
-    already passes top_p of the row's. The other rows sort their whole vocabulary (a stable sort of the
-    float32 bits as integers: the same order as the values', about a third faster on a CPU than floats)."""
+
+def _candidates(probs: Any, u: Any, top_k: Any, top_p: Any, min_p: Any) -> tuple[Any, Any]:
+    """``_ranked``'s draw for the rows whose kept tokens all lie among their ``CANDIDATES`` most likely:
+    the tokens, and a flag per row that is True where that is not proven (the row's token must then come
+    from ``_full_sort``); ``None`` for the flags when the vocabulary is no larger than the candidates (all
+    rows sorted whole here).
+
+    The candidates are ranked by ``topk`` and a sort of those by token id, then stably by value: the full
+    stable order's head, exactly, wherever their values are above the last candidate's. A row is settled
+    when its top k fits in that head, or (no top k) the head's mass already passes top_p of the row's."""
     import torch
 
     n, vocab = probs.shape
-    out = torch.empty(n, dtype=torch.int64, device=probs.device)
-    full = torch.ones(n, dtype=torch.bool, device=probs.device)
-    if CANDIDATES < vocab:
-        vals, ids = torch.topk(probs, CANDIDATES, dim=-1)
-        ids, o = torch.sort(ids, dim=-1)
-        bits, o = torch.sort(vals.gather(1, o).view(torch.int32), dim=-1, descending=True, stable=True)
-        p, order = bits.view(torch.float32), ids.gather(1, o)
-        head = (p > p[:, -1:]).sum(-1)  # these lead the full stable order
-        no_k = top_k >= vocab
-        outside = torch.where(no_k, (probs.sum(-1) - p.sum(-1)).clamp_min(0.0), 0.0)
-        p, cum, total = _keep(p, top_k, top_p, min_p, outside)
-        # no top k: the first token after the head is dropped by top-p (and so is every later one)
-        passed = cum.gather(1, (head - 1).clamp(min=0).unsqueeze(1)).squeeze(1) > top_p * total
-        full = torch.where(no_k, (head == 0) | ~passed, top_k > head)
-        out = order.gather(1, _inverse_cdf(p, u).unsqueeze(1)).squeeze(1)
-    rows = full.nonzero().squeeze(1)
-    if rows.numel():
-        bits, order = torch.sort(probs.index_select(0, rows).view(torch.int32), dim=-1, descending=True, stable=True)
-        p, _, _ = _keep(bits.view(torch.float32), top_k.index_select(0, rows), top_p.index_select(0, rows),
-                        min_p.index_select(0, rows))
-        out.index_copy_(0, rows, order.gather(1, _inverse_cdf(p, u.index_select(0, rows)).unsqueeze(1)).squeeze(1))
-    return out
+    if CANDIDATES >= vocab:
+        return _full_sort(probs, u, top_k, top_p, min_p), None
+    vals, ids = torch.topk(probs, CANDIDATES, dim=-1)
+    ids, o = torch.sort(ids, dim=-1)
+    bits, o = torch.sort(vals.gather(1, o).view(torch.int32), dim=-1, descending=True, stable=True)
+    p, order = bits.view(torch.float32), ids.gather(1, o)
+    head = (p > p[:, -1:]).sum(-1)  # these lead the full stable order
+    no_k = top_k >= vocab
+    outside = torch.where(no_k, (probs.sum(-1) - p.sum(-1)).clamp_min(0.0), 0.0)
+    p, cum, total = _keep(p, top_k, top_p, min_p, outside)
+    # no top k: the first token after the head is dropped by top-p (and so is every later one)
+    passed = cum.gather(1, (head - 1).clamp(min=0).unsqueeze(1)).squeeze(1) > top_p * total
+    full = torch.where(no_k, (head == 0) | ~passed, top_k > head)
+    return order.gather(1, _inverse_cdf(p, u).unsqueeze(1)).squeeze(1), full
+
+
+def _full_sort(probs: Any, u: Any, top_k: Any, top_p: Any, min_p: Any) -> Any:
+    """``_ranked``'s draw by a sort of each row's whole vocabulary (a stable sort of the float32 bits as
+    integers: the same order as the values', about a third faster on a CPU than floats)."""
+    import torch
+
+    bits, order = torch.sort(probs.view(torch.int32), dim=-1, descending=True, stable=True)
+    p, _, _ = _keep(bits.view(torch.float32), top_k, top_p, min_p)
+    return order.gather(1, _inverse_cdf(p, u).unsqueeze(1)).squeeze(1)
 
 
 def sample(logits: Any, params: Any, gen: Any, state: RowState | None = None) -> int:

@@ -200,7 +200,7 @@ def test_the_batch_comes_back_in_one_copy(monkeypatch: pytest.MonkeyPatch) -> No
     """No per-row host sync: one tolist for every row's token and log-probabilities, no item/int/float
     /bool of a tensor."""
     calls: Counter = Counter()
-    for name in ("tolist", "item", "__int__", "__float__", "__bool__", "__index__", "numpy"):
+    for name in ("tolist", "item", "__int__", "__float__", "__bool__", "__index__", "numpy", "nonzero"):
         real = getattr(torch.Tensor, name)
 
         def counted(self: torch.Tensor, *a: Any, _real: Any = real, _name: str = name, **kw: Any) -> Any:
@@ -299,6 +299,42 @@ def test_ranking_only_the_candidates_draws_what_the_full_sort_draws(monkeypatch:
         monkeypatch.setattr(sampling, "CANDIDATES", 256)
         assert got.tolist() == want.tolist(), trial
         assert 0 < fallback < n  # both paths ran: some rows ranked their candidates only, some sorted all
+
+
+def test_rows_the_candidates_cannot_settle_are_sorted_whole_after_the_one_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a step, the ranked rows the candidates settle cost no synchronisation of their own (their flags
+    come back in the step's one copy); rows they cannot settle (flat rows under a top-p, a top k beyond the
+    candidates) are then sorted whole and cost one more copy, with their log-probabilities: every token and
+    log-probability is what the full sort of every row gives."""
+    vocab = 2048
+    torch.manual_seed(6)
+    logits = torch.randn(6, vocab) * torch.tensor([[9.0], [9.0], [0.2], [9.0], [0.2], [9.0]])
+    params = [SP(temperature=0.8, top_p=0.9, seed=1, logprobs=2), SP(temperature=0.8, top_k=50, seed=2),
+              SP(temperature=0.8, top_p=0.9, seed=3, logprobs=0), SP(temperature=0), SP(temperature=1.0, top_k=600,
+              seed=4), SP(temperature=0.7, seed=5, logprobs=1)]
+    copies: list[int] = []
+    real = torch.Tensor.tolist
+
+    def tolist(self: torch.Tensor) -> Any:
+        copies.append(self.numel())
+        return real(self)
+
+    def draw(candidates: int) -> list[Any]:
+        monkeypatch.setattr(sampling, "CANDIDATES", candidates)
+        copies.clear()
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "tolist", tolist)
+            return sample_rows(logits, list(range(len(params))), params, gens_for(params), [None] * len(params))
+
+    settled = draw(256)
+    assert len(copies) == 2 and copies[1] == 2 + 1  # rows 2 and 4 sorted whole, and row 2's log-probability
+    want = draw(vocab)
+    assert len(copies) == 1
+    assert [as_tuple(t) for t in settled] == [as_tuple(t) for t in want]
+    params = [params[i] for i in (0, 1, 3, 5)]
+    logits = logits[[0, 1, 3, 5]]
+    draw(256)
+    assert len(copies) == 1  # every ranked row settled by its candidates: the step's one copy
 
 
 @pytest.mark.parametrize("kw", [{"top_p": 0.8}, {"top_k": 3}, {"top_k": 4, "top_p": 0.7, "min_p": 0.1}])
