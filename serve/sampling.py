@@ -439,24 +439,10 @@ def _keep(p: Any, top_k: Any, top_p: Any, min_p: Any, outside: Any = None) -> tu
     return p.masked_fill(p < min_p * p[:, :1], 0.0), cum, total
 
 
-def _ranked(probs: Any, u: Any, top_k: Any, top_p: Any, min_p: Any) -> Any:
-    """The draw of rows with a top-k or a top-p (``vocab`` and ``inf`` where a row has none), over their
-    probabilities in decreasing order, ties by token id (``_keep``): ``_candidates``, then ``_full_sort``
-    for the rows it could not settle. (``sample_rows`` does the same without waiting for the device
-    between the two: it learns which rows need the full sort in its one copy.)"""
-    out, full = _candidates(probs, u, top_k, top_p, min_p)
-    if full is None:
-        return out
-    rows = full.nonzero().squeeze(1)
-    if rows.numel():
-        out.index_copy_(0, rows, _full_sort(probs.index_select(0, rows), u.index_select(0, rows),
-                                            top_k.index_select(0, rows), top_p.index_select(0, rows),
-                                            min_p.index_select(0, rows)))
-    return out
-
-
 def _candidates(probs: Any, u: Any, top_k: Any, top_p: Any, min_p: Any) -> tuple[Any, Any]:
-    """``_ranked``'s draw for the rows whose kept tokens all lie among their ``CANDIDATES`` most likely:
+    """The draw of rows with a top-k or a top-p (``vocab`` and ``inf`` where a row has none), over their
+    probabilities in decreasing order, ties by token id (``_keep``), for the rows whose kept tokens all
+    lie among their ``CANDIDATES`` most likely:
     the tokens, and a flag per row that is True where that is not proven (the row's token must then come
     from ``_full_sort``); ``None`` for the flags when the vocabulary is no larger than the candidates (all
     rows sorted whole here).
@@ -484,7 +470,7 @@ def _candidates(probs: Any, u: Any, top_k: Any, top_p: Any, min_p: Any) -> tuple
 
 
 def _full_sort(probs: Any, u: Any, top_k: Any, top_p: Any, min_p: Any) -> Any:
-    """``_ranked``'s draw by a sort of each row's whole vocabulary (a stable sort of the float32 bits as
+    """The same draw (``_candidates``) by a sort of each row's whole vocabulary (a stable sort of the float32 bits as
     integers: the same order as the values', about a third faster on a CPU than floats)."""
     import torch
 

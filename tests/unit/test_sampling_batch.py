@@ -263,6 +263,19 @@ def test_a_row_with_every_token_masked_fails_alone(kw: dict[str, Any]) -> None:
         sample(logits[0], SP(min_tokens=3, **kw), None, RowState([], frozenset({0}), guide=FakeGuide({0})))  # type: ignore[arg-type]
 
 
+def ranked(probs: torch.Tensor, u: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           min_p: torch.Tensor) -> torch.Tensor:
+    """The ranked rows' draw as ``sample_rows`` composes it: the candidates, then the whole sort of the
+    rows they could not settle."""
+    out, full = sampling._candidates(probs, u, top_k, top_p, min_p)
+    if full is not None:
+        rows = full.nonzero().squeeze(1)
+        if rows.numel():
+            out.index_copy_(0, rows, sampling._full_sort(*(t.index_select(0, rows) for t in (probs, u, top_k, top_p,
+                                                                                            min_p))))
+    return out
+
+
 def test_ranking_only_the_candidates_draws_what_the_full_sort_draws(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows with a top-k or top-p rank only their ``CANDIDATES`` most likely tokens where the kept ones
     provably lie there (peaked rows, a top k within them) and sort the whole vocabulary otherwise (flat
@@ -292,10 +305,10 @@ def test_ranking_only_the_candidates_draws_what_the_full_sort_draws(monkeypatch:
     for trial in range(20):
         u = torch.rand(n, generator=torch.Generator().manual_seed(trial))
         sorted_rows.clear()
-        got = sampling._ranked(probs, u, top_k, top_p, min_p)
+        got = ranked(probs, u, top_k, top_p, min_p)
         fallback = sum(sorted_rows)
         monkeypatch.setattr(sampling, "CANDIDATES", vocab)
-        want = sampling._ranked(probs, u, top_k, top_p, min_p)
+        want = ranked(probs, u, top_k, top_p, min_p)
         monkeypatch.setattr(sampling, "CANDIDATES", 256)
         assert got.tolist() == want.tolist(), trial
         assert 0 < fallback < n  # both paths ran: some rows ranked their candidates only, some sorted all
