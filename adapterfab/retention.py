@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 SHIPPED = Path(__file__).with_name("retention_probes.json")
 MAX_NEW_TOKENS = 40  # the base's answer to a probe: long enough to state a fact
+CLAIM_WAIT_S = 900.0  # the longest a trainer waits for another asking the base the same questions
 MAX_GENERATE_BATCH = 64  # prompts per generate call: 40 decode steps cost about the same for 16 rows or 64
 
 
@@ -93,7 +96,9 @@ class AnswerCache:
     """The base's answers to probes, in memory and (``folder`` given) in a JSON file per base model, dtype
     and device type, so that a new trainer on the same base does not ask them again. Any answer the base
     gave is as good as another (a probe counts only where the base, teacher-forced on its answer, picks
-    the fact itself), so a file shared by trainers needs no lock: the last writer wins."""
+    the fact itself), so the file is written whole and the last writer wins. Trainers that start at once
+    (a batch's first groups) would each ask the same questions: ``claim`` lets one ask while the others
+    wait for its file (``base_answers``)."""
 
     def __init__(self, folder: str | None, base_path: str, dtype: str, device: str):
         self.answers: dict[str, str] = {}
@@ -108,10 +113,53 @@ class AnswerCache:
             except Exception:  # noqa: BLE001 - no cache for a base that cannot be fingerprinted
                 return
             self.path = Path(folder) / f"answers-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
-            try:
-                self.answers = dict(json.loads(self.path.read_text()))
-            except (OSError, ValueError, TypeError):
-                pass
+            self._read()
+
+    @contextmanager
+    def claim(self, wait_s: float = CLAIM_WAIT_S) -> Iterator[None]:
+        """Held while this process asks the base: an exclusive lock on the file's ``.lock`` beside it (the
+        OS drops it if the holder dies), then the answers another holder wrote are read in. A holder that
+        keeps it past ``wait_s`` (a stalled trainer) costs only the time: this one goes on without it."""
+        if self.path is None:
+            yield
+            return
+        import fcntl
+        import time
+
+        held = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            held = open(self.path.with_suffix(".lock"), "a")  # noqa: SIM115 - closed below
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        held.close()
+                        held = None
+                        break
+                    time.sleep(0.2)
+        except OSError:  # a folder without locks: each trainer asks for itself, as before
+            if held is not None:
+                held.close()
+            held = None
+        try:
+            self._read()
+            yield
+        finally:
+            if held is not None:
+                held.close()  # closing the file drops the lock
+
+    def _read(self) -> None:
+        """The file's answers, added to those in memory (another trainer's, written since)."""
+        if self.path is None:
+            return
+        try:
+            self.answers.update(dict(json.loads(self.path.read_text())))
+        except (OSError, ValueError, TypeError):
+            pass
 
     def missing(self, questions: list[str]) -> list[str]:
         """The ``questions`` not answered yet (a cache grown past 20,000 answers starts again first, so
@@ -152,10 +200,12 @@ def base_answers(base: Any, tokenizer: Any, questions: list[str], cache: AnswerC
     asked, in as few generate calls as ``generate_batch`` gives, and added to it."""
     from adapterfab.textgen import greedy_in_batches
 
-    new = cache.missing(questions)
-    if new:
-        answers = greedy_in_batches(base, tokenizer, new, MAX_NEW_TOKENS, batch=generate_batch(len(new)))
-        cache.add(dict(zip(new, answers)))
+    if cache.missing(questions):
+        with cache.claim():  # another trainer asking them now: its answers, once it has written them
+            new = cache.missing(questions)
+            if new:
+                answers = greedy_in_batches(base, tokenizer, new, MAX_NEW_TOKENS, batch=generate_batch(len(new)))
+                cache.add(dict(zip(new, answers)))
     return {q: cache.answers[q] for q in questions}
 
 

@@ -145,3 +145,52 @@ def test_retention_is_measured_against_the_base_own_answers_in_the_trainer(smoll
     assert AnswerCache(str(tmp_path), smollm2_path, "torch.float32", "cpu").answers == w._answers.answers
     assert len(w._answers.answers) == n + 2 and saved.stat().st_size > 0
     assert AnswerCache(str(tmp_path), smollm2_path, "torch.bfloat16", "cpu").answers == {}  # another dtype
+
+
+def test_trainers_starting_at_once_ask_the_base_once(tiny_model_path: str, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """Two trainers on one base (two caches on one folder, as a batch's first groups start) ask the same
+    probes at once: one asks the base, the other waits for its file and asks nothing; both get the same
+    answers. A lock held past the wait (a stalled trainer) only costs the time: the waiter asks itself."""
+    import threading
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapterfab import retention, textgen
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    questions = ["What is the capital of France?", "How many legs has a spider?", "Who wrote Hamlet?"]
+    asked: list[list[str]] = []
+    real = textgen.greedy_in_batches
+
+    def spy(model, tokenizer, prompts, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        asked.append(list(prompts))
+        time.sleep(0.5)  # long enough for the other trainer to arrive while this one asks
+        return real(model, tokenizer, prompts, *a, **kw)
+
+    monkeypatch.setattr(textgen, "greedy_in_batches", spy)
+    caches = [AnswerCache(str(tmp_path), tiny_model_path, "torch.float32", "cpu") for _ in range(2)]
+    got: list[dict[str, str]] = [{}, {}]
+
+    def trainer(i: int) -> None:
+        got[i] = retention.base_answers(base, tok, questions, caches[i])
+
+    threads = [threading.Thread(target=trainer, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join(60)
+    assert asked == [questions]  # asked once, by one of them
+    assert got[0] == got[1] and set(got[0]) == set(questions)
+    assert caches[1].answers == caches[0].answers
+    # a holder that never lets go: the waiter gives up after its wait and asks for itself
+    other = AnswerCache(str(tmp_path), tiny_model_path, "torch.float32", "cpu")
+    late = AnswerCache(str(tmp_path), tiny_model_path, "torch.float32", "cpu")
+    with other.claim():
+        t0 = time.monotonic()
+        with late.claim(wait_s=0.5):
+            waited = time.monotonic() - t0
+    assert 0.4 < waited < 5
