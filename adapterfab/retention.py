@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -185,21 +185,31 @@ class AnswerCache:
             pass  # a cache that cannot be written costs time, never the job
 
 
-def probe_rows(base: Any, tokenizer: Any, probes: list[dict[str, Any]], cache: AnswerCache
-               ) -> list[dict[str, Any] | None]:
+def probe_rows(base: Any, tokenizer: Any, probes: list[dict[str, Any]], cache: AnswerCache,
+               together: Callable[[bool], bool] | None = None) -> list[dict[str, Any] | None]:
     """The retention rows of ``probes`` (``forced_row``, None where the base's answer does not state the
     fact): ``base`` (the bare base, adapters disabled by the caller) answers the probes ``cache`` has not
-    seen, greedy, in as few generate calls as ``generate_batch`` gives."""
-    base_answers(base, tokenizer, [p["question"] for p in probes], cache)
+    seen, greedy, in as few generate calls as ``generate_batch`` gives (``together``: ``base_answers``)."""
+    base_answers(base, tokenizer, [p["question"] for p in probes], cache, together)
     return [forced_row(tokenizer, p["question"], list(p["answers"]), cache.answers[p["question"]])
             for p in probes]
 
 
-def base_answers(base: Any, tokenizer: Any, questions: list[str], cache: AnswerCache) -> dict[str, str]:
+def base_answers(base: Any, tokenizer: Any, questions: list[str], cache: AnswerCache,
+                 together: Callable[[bool], bool] | None = None) -> dict[str, str]:
     """The base's greedy answers to ``questions`` (``MAX_NEW_TOKENS``): those ``cache`` has not seen are
-    asked, in as few generate calls as ``generate_batch`` gives, and added to it."""
+    asked, in as few generate calls as ``generate_batch`` gives, and added to it. ``together``: this
+    process is one of several workers that must run the same forwards (ZeRO-3); given whether this one
+    misses an answer, it says whether any does (jobs/zero.any_worker). Then no worker waits on another's
+    claim: if any misses one, all ask every question, together."""
     from adapterfab.textgen import greedy_in_batches
 
+    if together is not None:
+        if together(bool(cache.missing(questions))):
+            batch = generate_batch(len(questions))
+            answers = greedy_in_batches(base, tokenizer, questions, MAX_NEW_TOKENS, batch=batch)
+            cache.add(dict(zip(questions, answers)))
+        return {q: cache.answers[q] for q in questions}
     if cache.missing(questions):
         with cache.claim():  # another trainer asking them now: its answers, once it has written them
             new = cache.missing(questions)

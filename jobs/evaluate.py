@@ -123,12 +123,13 @@ def forced_retention(model: Any, rows: list[dict[str, Any] | None], pad: int, ba
     return out
 
 
-def retention_of(peft_model: Any, tokenizer: Any, probes: list[dict], cache: str | None, base_path: str
-                 ) -> dict[str, float]:
+def retention_of(peft_model: Any, tokenizer: Any, probes: list[dict], cache: str | None, base_path: str,
+                 together: Any = None) -> dict[str, float]:
     """A job's retention metrics (adapterfab/retention.py) measured on a PEFT model outside the fused
     trainer (a job on several ZeRO workers): the base's answers (adapter disabled; from the answer
     cache where it has them), their rows, the base's own test of them and the adapter's, one forward
-    per row, no prefix sharing."""
+    per row, no prefix sharing. ``together``: the workers' vote (retention.base_answers), so that
+    they ask the base the same questions at once."""
     import time
 
     from adapterfab import retention
@@ -137,7 +138,7 @@ def retention_of(peft_model: Any, tokenizer: Any, probes: list[dict], cache: str
     first = next(peft_model.parameters())
     answers = retention.AnswerCache(cache, base_path, str(first.dtype), first.device.type)
     with peft_model.disable_adapter():
-        real = [r for r in retention.probe_rows(peft_model, tokenizer, probes, answers) if r is not None]
+        real = [r for r in retention.probe_rows(peft_model, tokenizer, probes, answers, together) if r is not None]
     pad = pad_token_id(tokenizer)
     with peft_model.disable_adapter():
         base_ok = forced_retention(peft_model, real, pad)

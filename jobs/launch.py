@@ -209,8 +209,14 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
         from adapterfab.jobs.evaluate import retention_of
 
+        together = None
+        if zero is not None:  # ZeRO workers ask the base together (none waits on another's claim)
+            from adapterfab.jobs.zero import any_worker
+
+            device = next(result.model.parameters()).device
+            together = lambda missing: any_worker(missing, device)  # noqa: E731
         result.metrics.update(retention_of(result.model, AutoTokenizer.from_pretrained(job.base_model_path),
-                                           job.probes, job.probe_cache, job.base_model_path))
+                                           job.probes, job.probe_cache, job.base_model_path, together))
     if tracking:  # every step's metrics are in MLflow before the job reports done (or the job fails)
         tracking.close(job.mlflow_retry_s)
     placement = {"node_id": node, "workers": job.workers, "zero_stage": job.zero_stage or 0}

@@ -95,3 +95,16 @@ def mean_over_workers(value: float, device: Any = "cpu") -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces only GPU tensors
     dist.all_reduce(t)
     return float(t[0]) / dist.get_world_size()
+
+
+def any_worker(flag: bool, device: Any = "cpu") -> bool:
+    """Whether ``flag`` is true on any worker (every worker calls it): ranks that must run the same
+    forwards (ZeRO-3 gathers each layer's weights from all of them) decide together."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t[0])
