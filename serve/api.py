@@ -333,21 +333,27 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
             return StreamingResponse(openai_format.stream(meta, choices, kind, logprobs, usage, on_error, watch),
                                      media_type="text/event-stream", headers={**_SSE_HEADERS, **headers})
         # nothing reaches the client before the whole body: a replica that dies mid-generation is replayed
+        # (one watch for every attempt: the one that answers gives the request's first-text time)
         attempt = 0
-        while True:
-            choices = await start_all()
-            try:
-                body = await openai_format.complete(meta, choices, kind, logprobs, on_error,
-                                                    metrics.watch(tenant, adapter, t0))
-                return JSONResponse(body, headers=headers)
-            except ApiError as e:
-                if e.code != "replica_unavailable" or budget[0] < len(jobs):
-                    raise
-                budget[0] -= len(jobs)  # every choice is generated again
-                attempt += 1
-                log.warning("replaying a request of tenant %s after its replica died mid-generation (%d)",
-                            tenant, attempt)
-                await asyncio.sleep(0.2 * attempt)
+        choices = await start_all()
+        watch = metrics.watch(tenant, adapter, t0, replayable=True)
+        try:
+            while True:
+                try:
+                    body = await openai_format.complete(meta, choices, kind, logprobs, on_error, watch)
+                    return JSONResponse(body, headers=headers)
+                except ApiError as e:
+                    if e.code != "replica_unavailable" or budget[0] < len(jobs):
+                        raise
+                    budget[0] -= len(jobs)  # every choice is generated again
+                    attempt += 1
+                    log.warning("replaying a request of tenant %s after its replica died mid-generation (%d)",
+                                tenant, attempt)
+                    watch.replayed()
+                    await asyncio.sleep(0.2 * attempt)
+                    choices = await start_all()
+        finally:
+            watch.close()  # a no-op after done(), which closed it with the request's time
 
     async def chat(request: Request, path_tenant: str | None) -> Any:
         return await generation(request, path_tenant, "chat")

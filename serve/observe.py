@@ -221,26 +221,37 @@ class Metrics:
                 self._engine.stats = {}
         return generate_latest(self.registry)
 
-    def watch(self, tenant: str, adapter: str, t0: float) -> Watch:
-        return Watch(self, tenant, adapter, t0)
+    def watch(self, tenant: str, adapter: str, t0: float, replayable: bool = False) -> Watch:
+        return Watch(self, tenant, adapter, t0, replayable)
 
 
 class Watch:
-    """One generation request's timing: first text, the gaps between chunks, tokens, the end."""
+    """One generation request's timing: first text, the gaps between chunks, tokens, the end.
+    ``replayable``: a request whose attempts may be thrown away (``replayed``: its replica died before
+    anything reached the client) records its first text's time only when it has answered, so that it
+    counts the attempt that answered, once."""
 
-    def __init__(self, m: Metrics, tenant: str, adapter: str, t0: float):
-        self.m, self.labels, self.t0 = m, (tenant, adapter), t0
+    def __init__(self, m: Metrics, tenant: str, adapter: str, t0: float, replayable: bool = False):
+        self.m, self.labels, self.t0, self.replayable = m, (tenant, adapter), t0, replayable
         self.last: float | None = None
+        self.first: float | None = None  # a replayable request's first text, recorded when it ends
         m.in_flight.labels(*self.labels).inc()
         self.open = True
 
     def text(self) -> None:
         now = time.monotonic()
         if self.last is None:
-            self.m.ttft.labels(*self.labels).observe(now - self.t0)
+            if self.replayable:
+                self.first = now
+            else:
+                self.m.ttft.labels(*self.labels).observe(now - self.t0)
         else:
             self.m.itl.labels(*self.labels).observe(now - self.last)
         self.last = now
+
+    def replayed(self) -> None:
+        """The attempt so far is thrown away and the request generated again: the next text is its first."""
+        self.first = self.last = None
 
     def done(self, prompt_tokens: int, output_tokens: int) -> None:
         self.m.prompt_tokens.labels(*self.labels).inc(prompt_tokens)
@@ -254,5 +265,7 @@ class Watch:
         if self.open:
             self.open = False
             self.m.in_flight.labels(*self.labels).dec()
+            if ok and self.first is not None:  # a replayable request that failed answered nothing
+                self.m.ttft.labels(*self.labels).observe(self.first - self.t0)
             if ok:
                 self.m.e2e.labels(*self.labels).observe(time.monotonic() - self.t0)

@@ -98,7 +98,8 @@ async def aclose(events: AsyncIterator[Any]) -> None:
 async def complete(meta: dict[str, Any], choices: list[Choice], kind: str, logprobs: bool,
                    on_error: Callable[[BaseException], ApiError], watch: Any = None) -> dict[str, Any]:
     """The whole response once every choice has finished (choices decode concurrently). ``watch``
-    (``observe.Watch``) times the first text and counts the tokens."""
+    (``observe.Watch``) times the first text and counts the tokens; it is closed here when the response
+    is done, by the caller when it fails (which may replay the request on the same watch)."""
 
     async def drain(c: Choice) -> None:
         try:
@@ -114,18 +115,13 @@ async def complete(meta: dict[str, Any], choices: list[Choice], kind: str, logpr
             await aclose(c.events)
 
     tasks = [asyncio.ensure_future(drain(c)) for c in choices]
-    finished = False
     try:
         await asyncio.gather(*tasks)
-        finished = True
     except Exception as e:  # noqa: BLE001 - one choice failed: the others stop too (their rows are freed)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise on_error(e) from None
-    finally:
-        if watch is not None and not finished:  # a finished request's watch closes in done(), with its time
-            watch.close()
     total = usage(choices)
     if watch is not None:
         watch.done(total["prompt_tokens"], total["completion_tokens"])

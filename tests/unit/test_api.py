@@ -353,15 +353,31 @@ def test_a_replica_dying_mid_generation_replays_a_non_streaming_request(
     app = make_api(backend, keys.verify, stack["reg"].resolve, lister=stack["reg"].list, resolve_ttl_s=TTL_S)
     key = keys.create("acme")
     body = {"model": "acme/pirate@1", "messages": MSGS, "max_tokens": 8, "temperature": 0}
+
+    def first_text_times() -> tuple[float, float]:  # (count, sum) of the request's time-to-first-text
+        from prometheus_client.parser import text_string_to_metric_families
+
+        got = {s.name: s.value for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+               for s in fam.samples if s.labels.get("tenant") == "acme" and s.labels.get("adapter") == "acme/pirate"}
+        return (got.get("adapterfab_time_to_first_token_seconds_count", 0.0),
+                got.get("adapterfab_time_to_first_token_seconds_sum", 0.0))
+
     with serve_in_thread(app) as url:
+        t0 = time.monotonic()
         r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60, headers={"Authorization": f"Bearer {key}"})
+        wall = time.monotonic() - t0
         assert backend.calls == min(deaths + 1, REPLAYS + 1)
+        count, total = first_text_times()
         if replayed:
             want = direct(stack["engine"], "acme/pirate@1", SamplingParams(max_tokens=8, temperature=0))
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["message"]["content"] == want
+            # one first text for the request: the replay that answered (after 2 pauses of 0.2 and 0.4 s),
+            # not one for each attempt that died after its first text
+            assert count == 1 and 0.6 <= total <= wall, (count, total, wall)
         else:
             assert r.status_code == 503 and r.json()["error"]["code"] == "replica_unavailable", r.text
+            assert count == 0  # no attempt answered
         # replicas dying now before the first event, now after it: the request's replays are one budget
         # (REPLAYS generations more in all), not REPLAYS for each way of dying multiplied together
         backend.calls, backend.deaths, backend.alternate = 0, 100, True
