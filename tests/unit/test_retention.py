@@ -110,8 +110,9 @@ def test_retention_is_measured_against_the_base_own_answers_in_the_trainer(smoll
     w = ResidentWorker(smollm2_path, method, dtype="float32", torch_threads=2)
     jobs = [GroupJob("shipped", method, train, tr, ev, probes=job_probes()),
             GroupJob("own", method, train, tr, ev, probes=job_probes(own))]
-    got = {o.job_id: o.metrics for o in w.train_group(GroupTask("g", jobs, tok.pad_token_id,
-                                                                probe_cache=str(tmp_path))).outcomes}
+    outcomes = {o.job_id: o for o in w.train_group(GroupTask("g", jobs, tok.pad_token_id,
+                                                             probe_cache=str(tmp_path))).outcomes}
+    got = {j: o.metrics for j, o in outcomes.items()}
     shipped, mine = got["shipped"], got["own"]
     n = len(shipped_probes())
     assert shipped["retention_probes"] == n and mine["retention_probes"] == n + 2
@@ -126,7 +127,7 @@ def test_retention_is_measured_against_the_base_own_answers_in_the_trainer(smoll
     again = w.train_group(GroupTask("g2", jobs[:1], tok.pad_token_id)).outcomes[0].metrics
     assert again["retention_known"] == shipped["retention_known"] and again["retention_s"] < shipped["retention_s"]
     # a job on several ZeRO workers is measured on a PeftModel (jobs/evaluate.retention_of, no fused
-    # trainer): the same adapter gets the same figures there
+    # trainer): the same adapter (the first group's "own") gets the same figures there
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -134,7 +135,7 @@ def test_retention_is_measured_against_the_base_own_answers_in_the_trainer(smoll
     from adapterfab.jobs.evaluate import retention_of
     from adapterfab.jobs.fused import write_exported
 
-    outcome = w.train_group(GroupTask("g3", jobs[1:], tok.pad_token_id, probe_cache=str(tmp_path))).outcomes[0]
+    outcome = outcomes["own"]
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32),
                                      str(write_exported(outcome.adapter, tmp_path / "adapter")))
     alone = retention_of(peft, tok, job_probes(own), str(tmp_path), smollm2_path)
