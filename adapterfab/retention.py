@@ -204,18 +204,18 @@ def base_answers(base: Any, tokenizer: Any, questions: list[str], cache: AnswerC
     claim: if any misses one, all ask every question, together."""
     from adapterfab.textgen import greedy_in_batches
 
+    def ask(new: list[str]) -> None:
+        answers = greedy_in_batches(base, tokenizer, new, MAX_NEW_TOKENS, batch=generate_batch(len(new)))
+        cache.add(dict(zip(new, answers)))
+
     if together is not None:
         if together(bool(cache.missing(questions))):
-            batch = generate_batch(len(questions))
-            answers = greedy_in_batches(base, tokenizer, questions, MAX_NEW_TOKENS, batch=batch)
-            cache.add(dict(zip(questions, answers)))
-        return {q: cache.answers[q] for q in questions}
-    if cache.missing(questions):
+            ask(questions)
+    elif cache.missing(questions):
         with cache.claim():  # another trainer asking them now: its answers, once it has written them
             new = cache.missing(questions)
             if new:
-                answers = greedy_in_batches(base, tokenizer, new, MAX_NEW_TOKENS, batch=generate_batch(len(new)))
-                cache.add(dict(zip(new, answers)))
+                ask(new)
     return {q: cache.answers[q] for q in questions}
 
 

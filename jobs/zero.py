@@ -100,11 +100,4 @@ def mean_over_workers(value: float, device: Any = "cpu") -> float:
 def any_worker(flag: bool, device: Any = "cpu") -> bool:
     """Whether ``flag`` is true on any worker (every worker calls it): ranks that must run the same
     forwards (ZeRO-3 gathers each layer's weights from all of them) decide together."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t[0])
+    return mean_over_workers(1.0 if flag else 0.0, device) > 0
