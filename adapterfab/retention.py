@@ -30,6 +30,21 @@ CLAIM_WAIT_S = 900.0  # the longest a trainer waits for another asking the base 
 MAX_GENERATE_BATCH = 64  # prompts per generate call: 40 decode steps cost about the same for 16 rows or 64
 
 
+def loaded_as(model: Any) -> str:
+    """How ``model``'s base is loaded, as its answers depend on it: the first parameter's dtype, and for a
+    4-bit base (bitsandbytes ``Linear4bit``: QLoRA, LoRA-XS ``quantize: nf4``) its quant type, compute
+    dtype and double quantization. A 4-bit base answers otherwise than the full-precision one of the same
+    file (it states other facts), so the two never share cached answers."""
+    first = next(model.parameters())
+    kind = str(first.dtype)
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if type(m).__name__ == "Linear4bit" and w is not None and not hasattr(m, "base_layer"):  # not PEFT's
+            return (f"{kind}:4bit:{getattr(w, 'quant_type', '?')}:{getattr(m, 'compute_dtype', None)}:"
+                    f"dq={getattr(w, 'compress_statistics', '?')}")
+    return kind
+
+
 def generate_batch(n: int) -> int:
     """Rows per generate call for ``n`` prompts: as few calls as ``MAX_GENERATE_BATCH`` allows, evenly
     filled (65 prompts: 2 calls of 33, not 64 + 1; 1 thread on SmolLM2: 20 s, against 29 s in 16s)."""

@@ -193,7 +193,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
         first = next(model.parameters())  # ZeRO workers generate together: no cache one of them could hit alone
         cache = retention.AnswerCache(job.probe_cache if zero is None else None, job.base_model_path,
-                                      str(first.dtype), first.device.type)
+                                      retention.loaded_as(model), first.device.type)
         return rp.for_peft_model(model, AutoTokenizer.from_pretrained(job.base_model_path),
                                  list(train_shard.iter_rows()), train_cfg, cache)
 

@@ -116,9 +116,9 @@ class ResidentWorker:
 
     def probe_rows(self, probes: list[dict[str, Any]], cache: str | None = None) -> list[dict[str, Any] | None]:
         """The retention rows of ``probes`` (adapterfab/retention.probe_rows): the bare base answers the
-        probes it has not answered before (once per trainer, or once per base, dtype and device where
-        ``cache`` names a folder). Called after a group has trained, while its adapters wait in their
-        slots (the base itself is unchanged)."""
+        probes it has not answered before (once per trainer, or once per base as loaded (dtype, 4-bit:
+        retention.loaded_as) and device where ``cache`` names a folder). Called after a group has trained,
+        while its adapters wait in their slots (the base itself is unchanged)."""
         from adapterfab import retention
 
         with self._bare_base_asked() as base:
@@ -140,14 +140,14 @@ class ResidentWorker:
 
         if self._answers is None or (cache and self._answers.path is None):
             base = self.trainer.base
-            self._answers = retention.AnswerCache(cache, self.base_path, str(next(base.parameters()).dtype),
+            self._answers = retention.AnswerCache(cache, self.base_path, retention.loaded_as(base),
                                                   self.trainer.device.type)
         return self._answers
 
     def replay_set(self, rows: Rows, train: TrainConfig, cache: str | None = None) -> Any:
         """A job's replay (adapterfab/replay.py): the bare base's answers to the shipped general prompts
-        (asked once per trainer, or once per base, dtype and device where ``cache`` names a folder; the
-        same cache as the retention probes'), with the openings of the job's own training ``rows``."""
+        (asked once per trainer, or once per base as loaded and device where ``cache`` names a folder;
+        the same cache as the retention probes'), with the openings of the job's own training ``rows``."""
         from adapterfab import replay, retention
 
         with self._bare_base_asked() as base:

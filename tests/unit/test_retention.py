@@ -195,3 +195,28 @@ def test_trainers_starting_at_once_ask_the_base_once(tiny_model_path: str, tmp_p
         with late.claim(wait_s=0.5):
             waited = time.monotonic() - t0
     assert 0.4 < waited < 5
+
+
+def test_a_4bit_base_and_its_full_precision_file_never_share_cached_answers(tiny_model_path: str, tmp_path) -> None:  # noqa: ANN001
+    """The base's answers are cached per base file *and how it is loaded*: QLoRA's 4-bit NF4 base states
+    other facts than the fp32 base of the same file, so a batch whose qlora and lora jobs start at once
+    must not read one another's answers (which one asked first decided both jobs' retention)."""
+    from adapterfab.jobs.train_loop import load_base
+    from adapterfab.methods import get_method
+    from adapterfab.methods.lora import LoraConfig
+    from adapterfab.methods.qlora import QLoraConfig
+    from adapterfab.retention import loaded_as
+
+    lora, qlora = LoraConfig(name="lora"), QLoraConfig(name="qlora")
+    full, four = load_base(tiny_model_path, "float32", lora), load_base(tiny_model_path, "float32", qlora)
+    assert loaded_as(full) == "torch.float32"
+    assert loaded_as(four).startswith("torch.float32:4bit:nf4:") and loaded_as(four) != loaded_as(full)
+    wrapped = get_method("qlora").apply(four, qlora, None)  # the same key through PEFT's wrapper
+    assert loaded_as(wrapped) == loaded_as(load_base(tiny_model_path, "float32", qlora))
+    paths = [AnswerCache(str(tmp_path), tiny_model_path, loaded_as(m), "cpu").path for m in (full, wrapped)]
+    assert paths[0] != paths[1]
+    from adapterfab.jobs.resident import ResidentWorker  # the fused trainers of a lora and a qlora job
+
+    trainers = [ResidentWorker(tiny_model_path, {"name": name}, dtype="float32", torch_threads=1)
+                for name in ("lora", "qlora")]
+    assert [w._answer_cache(str(tmp_path)).path for w in trainers] == paths
