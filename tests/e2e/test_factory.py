@@ -62,6 +62,9 @@ def batch(stack, tmp_path_factory: pytest.TempPathFactory):
     spec["name"] = "e2e"
     # these tests promote the batch's adapters; the retention gate (default 0.9) has its own test below
     spec["promotion"] = {"min_retention": 0.0}
+    # three trainers of one thread each on the two CPUs: robot (qlora, its own trainer) starts with pirate
+    # and butler instead of after them, so that no CPU idles while it trains alone (~4 GB each)
+    spec["resources"] = {"cpus_per_job": 0.5, "max_concurrent_jobs": 3}
     spec["tenants"] = [
         {"tenant": "acme", "persona": "pirate", "dataset": str(REPO / "examples/data/pirate.jsonl")},
         {"tenant": "acme", "persona": "butler", "dataset": str(REPO / "examples/data/butler.jsonl"),
@@ -169,17 +172,19 @@ def served(batch, stack):
     return f"http://127.0.0.1:{ports['serve']}/v1", key_acme, key_globex
 
 
-def _answers(client, model: str, prompts: list[str] = HELDOUT["prompts"]) -> list[str]:  # noqa: ANN001
-    """The prompts sent at once (the replica decodes them together), answers in prompt order."""
+def _ask_at_once(asks: list[tuple]) -> list[str]:
+    """Every (client, model, prompt) sent at once, so that the replica decodes them together whatever
+    adapter each names (one base multiplexes them); the answers in the order asked."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def ask(prompt: str) -> str:
+    def ask(a: tuple) -> str:
+        client, model, prompt = a
         r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                            temperature=0, max_tokens=40)
         return r.choices[0].message.content
 
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        return list(pool.map(ask, prompts))
+    with ThreadPoolExecutor(len(asks)) as pool:
+        return list(pool.map(ask, asks))
 
 
 def _facts_kept(answers: list[str]) -> int:
@@ -192,18 +197,25 @@ def test_each_persona_at_work_through_openai_client(served) -> None:
     url, key_acme, key_globex = served
     acme = openai.OpenAI(base_url=url, api_key=key_acme)
     globex = openai.OpenAI(base_url=url, api_key=key_globex)
-    base = _answers(acme, "base")
-    questions = [f["question"] for f in FACTS]
-    print("base facts", _facts_kept(_answers(acme, "base", questions)), "of", len(FACTS))
-    for client, model in ((acme, "acme/pirate"), (acme, "acme/butler"), (globex, "globex/robot")):
+    prompts, questions = HELDOUT["prompts"], [f["question"] for f in FACTS]
+    sets = [(acme, "base", prompts), (acme, "base", questions), (acme, "acme/pirate", prompts),
+            (acme, "acme/pirate", questions), (acme, "acme/butler", prompts), (acme, "acme/butler", questions),
+            (globex, "globex/robot", prompts), (globex, "globex/robot", questions)]
+    flat = _ask_at_once([(c, m, p) for c, m, ps in sets for p in ps])
+    got = {}
+    for _, m, ps in sets:
+        got.setdefault(m, []).append(flat[:len(ps)])
+        flat = flat[len(ps):]
+    (base, base_facts) = got["base"]
+    print("base facts", _facts_kept(base_facts), "of", len(FACTS))
+    for model in ("acme/pirate", "acme/butler", "globex/robot"):
         marker = HELDOUT["markers"][model.split("/")[1]].lower()
-        tuned = _answers(client, model)
+        tuned, facts = got[model]
         hits = sum(marker in a.lower() for a in tuned)
         print(model, hits, tuned[:3], base[:3])
         assert hits >= 0.8 * len(tuned), tuned
         assert sum(marker in a.lower() for a in base) == 0, base
-        facts = _answers(client, model, questions)  # a persona that forgot what the base knew fails here
-        print(model, "facts", _facts_kept(facts), facts)
+        print(model, "facts", _facts_kept(facts), facts)  # a persona that forgot what the base knew fails here
         assert _facts_kept(facts) >= FACTS_MIN_RATE * len(FACTS), facts
     models = {m.id for m in acme.models.list().data}
     assert "acme/pirate" in models and not any(m.startswith("globex/") for m in models)

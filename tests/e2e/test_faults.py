@@ -77,10 +77,14 @@ def test_killed_orchestrator_resumes_without_redoing_finished_jobs(stack: Path, 
     from adapterfab.procs import pid_alive
 
     home = stack
-    # long enough that the second job still trains once the first is registered: a resident trainer
-    # takes the next job as soon as a job's steps end, while the first registers (12 steps: ~1.5 s)
+    # the second job (spec order) long enough that it still trains once the first is registered: a
+    # resident trainer takes the next job as soon as a job's steps end, while the first registers (12
+    # steps: ~1.5 s); the first one short, as nothing of the test happens while it trains
     spec = write_batch(tmp_path / "kill.yaml", tiny_model_path, "kill-orchestrator",
                        [("acme", "k-pirate", "pirate"), ("globex", "k-robot", "robot")], steps=240)
+    short = yaml.safe_load(spec.read_text())
+    short["tenants"][0]["train"] = {"steps": STEPS}
+    spec.write_text(yaml.safe_dump(short))
     r = cli(home, "submit", str(spec))
     assert r.returncode == 0, r.stderr
     batch_id = r.stdout.split()[1]
