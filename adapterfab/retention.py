@@ -130,6 +130,11 @@ class AnswerCache:
             self.path = Path(folder) / f"answers-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
             self._read()
 
+    @classmethod
+    def of(cls, folder: str | None, base_path: str, model: Any) -> AnswerCache:
+        """The cache of ``model``'s base as it is loaded (``loaded_as``) on its device."""
+        return cls(folder, base_path, loaded_as(model), next(model.parameters()).device.type)
+
     @contextmanager
     def claim(self, wait_s: float = CLAIM_WAIT_S) -> Iterator[None]:
         """Held while this process asks the base: an exclusive lock on the file's ``.lock`` beside it (the

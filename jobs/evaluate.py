@@ -135,8 +135,7 @@ def retention_of(peft_model: Any, tokenizer: Any, probes: list[dict], cache: str
     from adapterfab import retention
 
     t0 = time.monotonic()
-    first = next(peft_model.parameters())
-    answers = retention.AnswerCache(cache, base_path, retention.loaded_as(peft_model), first.device.type)
+    answers = retention.AnswerCache.of(cache, base_path, peft_model)
     with peft_model.disable_adapter():
         real = [r for r in retention.probe_rows(peft_model, tokenizer, probes, answers, together) if r is not None]
     pad = pad_token_id(tokenizer)

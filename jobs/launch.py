@@ -191,9 +191,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
         from adapterfab import replay as rp
         from adapterfab import retention
 
-        first = next(model.parameters())  # ZeRO workers generate together: no cache one of them could hit alone
-        cache = retention.AnswerCache(job.probe_cache if zero is None else None, job.base_model_path,
-                                      retention.loaded_as(model), first.device.type)
+        # ZeRO workers generate together: no cache one of them could hit alone
+        cache = retention.AnswerCache.of(job.probe_cache if zero is None else None, job.base_model_path, model)
         return rp.for_peft_model(model, AutoTokenizer.from_pretrained(job.base_model_path),
                                  list(train_shard.iter_rows()), train_cfg, cache)
 

@@ -139,9 +139,7 @@ class ResidentWorker:
         from adapterfab import retention
 
         if self._answers is None or (cache and self._answers.path is None):
-            base = self.trainer.base
-            self._answers = retention.AnswerCache(cache, self.base_path, retention.loaded_as(base),
-                                                  self.trainer.device.type)
+            self._answers = retention.AnswerCache.of(cache, self.base_path, self.trainer.base)
         return self._answers
 
     def replay_set(self, rows: Rows, train: TrainConfig, cache: str | None = None) -> Any:
