@@ -2,10 +2,12 @@
 MLflow server, a 2-tenant batch (plus one tenant whose dataset is broken) is submitted and waited for,
 the registry is checked, `adapterfab serve` deploys Ray Serve, and the official `openai` client talks
 to it: each persona's marker appears in >= 80% of answers to held-out prompts where the base model
-shows it in none, each adapter (one per method, trained with that method's defaults) still states >= 75%
-of the facts of examples/fact_probes.json, streaming works, and tenant A's key cannot reach tenant B's
-adapter. A fourth, short acme job (``deckhand``: 3 steps on the pirate data) is the one the later tests
-retrain, promote and roll back, so that they do not wait for a full persona's training again."""
+shows it in none, each adapter (one per method, trained with that method's defaults) keeps >= 70% of the
+shipped retention probes the base states and, served, still states the facts of examples/fact_probes.json
+that the served base states (at most 2 lost each, >= 80% over the three), streaming works, and tenant
+A's key cannot reach tenant B's adapter. A fourth, short acme job (``deckhand``: 3 steps on the pirate
+data) is the one the later tests retrain, promote and roll back, so that they do not wait for a full
+persona's training again."""
 
 from __future__ import annotations
 
@@ -21,7 +23,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 HELDOUT = json.loads((REPO / "examples" / "heldout_prompts.json").read_text())
 FACTS = json.loads((REPO / "examples" / "fact_probes.json").read_text())["probes"]
-FACTS_MIN_RATE = 0.75  # >= 6 of the 8 facts the base states are still stated by the persona
+# the facts of examples/fact_probes.json that the served base states in the same run (7 or 8: on this
+# base "What color is snow?" gets "a mineral"; a fact the base does not state is not held against a
+# persona, as in adapterfab/retention.py): each persona loses at most FACTS_MAX_LOST of them and the three
+# together keep >= FACTS_POOLED_RATE. Eight facts are a small sample: a ~0.8-retention adapter (qlora's
+# defaults served on the full-precision base keep 51-53 of the 65 shipped probes, bench/RESULTS.md
+# 2026-12-06) loses 0-2 of them from run to run, so the pooled 21-24 carry the rate; each job's
+# retention over the 65 probes is checked in test_batch_runs_every_job_to_a_terminal_state
+FACTS_MAX_LOST = 2
+FACTS_POOLED_RATE = 0.8
 PERSONAS = ("acme/pirate", "acme/butler", "globex/robot")
 DECKHAND = {"tenant": "acme", "persona": "deckhand", "dataset": str(REPO / "examples/data/pirate.jsonl"),
             "train": {"steps": 3, "learning_rate": 5e-3}}  # short: the job the later tests retrain
@@ -102,7 +112,9 @@ def test_batch_runs_every_job_to_a_terminal_state(batch) -> None:
         assert j["metrics"]["eval_loss"] < j["metrics"]["base_eval_loss"]
         m = j["metrics"]  # every job measured on the shipped probes, against the base's own answers
         assert m["retention_probes"] >= 50 and m["retention_known"] >= 0.6 * m["retention_probes"]  # 4-bit: 46
-        assert 0 < m["retention"] <= 1 and m["retention_kept"] == round(m["retention"] * m["retention_known"])
+        # >= 0.7: an adapter that forgot what the base knew fails here (the defaults keep 0.81-0.92 on this
+        # batch; the 0.9 target of issue 20 is the promotion gate's default, switched off above)
+        assert 0.7 <= m["retention"] <= 1 and m["retention_kept"] == round(m["retention"] * m["retention_known"])
     # every method's defaults replay the base's own answers (adapterfab/replay.py)
     assert all(jobs[p]["metrics"]["replay_loss"] > 0 for p in PERSONAS)
     print("retention of the defaults (retention, its seconds, train seconds):",
@@ -187,8 +199,13 @@ def _ask_at_once(asks: list[tuple]) -> list[str]:
         return list(pool.map(ask, asks))
 
 
-def _facts_kept(answers: list[str]) -> int:
-    return sum(any(x.lower() in a.lower() for x in f["answers"]) for f, a in zip(FACTS, answers))
+def _facts_stated(answers: list[str]) -> list[bool]:
+    return [any(x.lower() in a.lower() for x in f["answers"]) for f, a in zip(FACTS, answers)]
+
+
+def _facts_kept(answers: list[str], known: list[bool]) -> int:
+    """How many of the facts the base states (``known``) ``answers`` still state."""
+    return sum(k and s for k, s in zip(known, _facts_stated(answers)))
 
 
 def test_each_persona_at_work_through_openai_client(served) -> None:
@@ -207,7 +224,10 @@ def test_each_persona_at_work_through_openai_client(served) -> None:
         got.setdefault(m, []).append(flat[:len(ps)])
         flat = flat[len(ps):]
     (base, base_facts) = got["base"]
-    print("base facts", _facts_kept(base_facts), "of", len(FACTS))
+    known = _facts_stated(base_facts)
+    print("base facts", sum(known), "of", len(FACTS), base_facts)
+    assert sum(known) >= len(FACTS) - 1, base_facts  # the probes were chosen as facts this base states
+    kept_by = {}
     for model in ("acme/pirate", "acme/butler", "globex/robot"):
         marker = HELDOUT["markers"][model.split("/")[1]].lower()
         tuned, facts = got[model]
@@ -215,8 +235,10 @@ def test_each_persona_at_work_through_openai_client(served) -> None:
         print(model, hits, tuned[:3], base[:3])
         assert hits >= 0.8 * len(tuned), tuned
         assert sum(marker in a.lower() for a in base) == 0, base
-        print(model, "facts", _facts_kept(facts), facts)  # a persona that forgot what the base knew fails here
-        assert _facts_kept(facts) >= FACTS_MIN_RATE * len(FACTS), facts
+        kept_by[model] = _facts_kept(facts, known)
+        print(model, "facts", kept_by[model], "of", sum(known), facts)  # a persona that forgot the base's facts fails
+        assert kept_by[model] >= sum(known) - FACTS_MAX_LOST, facts
+    assert sum(kept_by.values()) >= FACTS_POOLED_RATE * len(kept_by) * sum(known), kept_by
     models = {m.id for m in acme.models.list().data}
     assert "acme/pirate" in models and not any(m.startswith("globex/") for m in models)
 

@@ -1,0 +1,97 @@
+"""One persona trained with a method's defaults on the product's resident trainer, then asked as the server
+asks it: the full-precision base with the adapter, greedy. Reports, next to the job's own retention (measured
+in training, on the base the method trains on: 4-bit NF4 for qlora), the facts kept when served: the 8 of
+examples/fact_probes.json (the e2e test's served check) and the 65 shipped retention probes, and the
+persona's marker on the held-out prompts. Appends to bench/results/served_retention.jsonl.
+
+    .venv/bin/python bench/served_retention.py --method qlora --replay 2
+    .venv/bin/python bench/served_retention.py --method qlora --train '{"learning_rate": 2e-4}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--method", default="qlora")
+    ap.add_argument("--replay", type=float, default=None, help="train.replay_weight (default: the method's)")
+    ap.add_argument("--train", default="{}", help="JSON: train settings over the method's defaults")
+    ap.add_argument("--persona", default="robot", help="examples/data/<persona>.jsonl, marker from heldout_prompts")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="/tmp/adapterfab-served-retention")
+    args = ap.parse_args()
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from adapterfab import retention
+    from adapterfab.basemodel import pad_token_id, resolve_base_model
+    from adapterfab.dtypes import resolve_auto
+    from adapterfab.methods import get_method
+    from adapterfab.pipelines.local import encode_file, split_rows
+    from adapterfab.spec import TrainConfig
+    from adapterfab.textgen import greedy_in_batches
+    from jobs.evaluate import states_fact
+    from jobs.fused import write_exported
+    from jobs.resident import GroupJob, GroupTask, ResidentWorker
+
+    torch.set_num_threads(args.threads)
+    base = resolve_base_model("smollm2-135m-instruct")
+    impl = get_method(args.method)
+    over = json.loads(args.train) | ({"replay_weight": args.replay} if args.replay is not None else {})
+    cfg, train = resolve_auto(impl.config_cls(name=args.method), TrainConfig(**{**impl.default_train, **over}),
+                              gpu=False)
+    worker = ResidentWorker(base.path, cfg.model_dump(), dtype=train.dtype, torch_threads=args.threads)
+    tok = worker.tokenizer
+    rows = encode_file(REPO / "examples/data" / f"{args.persona}.jsonl", tok, train.max_seq_len)
+    tr, ev = split_rows(rows, train.eval_fraction, None)
+    t0 = time.monotonic()
+    job = GroupJob(args.persona, cfg.model_dump(), train.model_dump(), tr, ev, probes=retention.job_probes())
+    res = worker.train_group(GroupTask("bench", [job], pad_token_id(tok), probe_cache=f"{args.out}/cache"))
+    train_s = time.monotonic() - t0
+    outcome = res.outcomes[0]
+    if outcome.error:
+        raise SystemExit(outcome.error)
+    folder = write_exported(outcome.adapter, Path(args.out) / f"{args.method}-{int(time.time())}")
+    del worker
+
+    full = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32).eval()
+    facts = json.loads((REPO / "examples/fact_probes.json").read_text())["probes"]
+    probes = retention.shipped_probes()
+    heldout = json.loads((REPO / "examples/heldout_prompts.json").read_text())
+    questions = [f["question"] for f in facts] + [p["question"] for p in probes]
+    base_said = greedy_in_batches(full, tok, questions)
+    said = greedy_in_batches(PeftModel.from_pretrained(full, str(folder)).eval(), tok, questions + heldout["prompts"])
+    marker = heldout["markers"][args.persona].lower()
+
+    def kept(of: list[dict], base_answers: list[str], answers: list[str]) -> tuple[int, int]:
+        known = [states_fact(b, p["answers"]) for b, p in zip(base_answers, of)]
+        return sum(k and states_fact(a, p["answers"]) for k, a, p in zip(known, answers, of)), sum(known)
+
+    from factory_throughput import machine
+
+    n = len(facts)
+    out = {"date": time.strftime("%Y-%m-%d"), "machine": machine(args.threads), "method": args.method,
+           "persona": args.persona, "train": train.model_dump(), "train_s": round(train_s, 1),
+           "retention_in_training": outcome.metrics.get("retention"),
+           "served_facts8": kept(facts, base_said[:n], said[:n]),
+           "served_probes": kept(probes, base_said[n:], said[n:len(questions)]),
+           "heldout_marker": sum(marker in a.lower() for a in said[len(questions):])}
+    print(json.dumps(out))
+    with open(REPO / "bench/results/served_retention.jsonl", "a") as f:
+        f.write(json.dumps(out) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
