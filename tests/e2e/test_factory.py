@@ -524,7 +524,7 @@ def test_a_tenant_key_crawl_finds_no_other_tenant_and_no_secret(served, stack) -
 
 
 def test_the_gate_refuses_an_over_trained_adapter_for_retention(batch, tmp_path: Path) -> None:
-    """An adapter trained far too hard on the pirate data (20 steps at 1e-2, no replay) forgets facts the
+    """An adapter trained far too hard on the pirate data (10 steps at 1e-2, no replay) forgets facts the
     base states: the default gate (min_retention 0.9) keeps it out of production and says why, in the
     version's tags and in `registry show`. The tenant's own probe that the base gets wrong (it says
     Paris) is asked but not counted: the job counts as many known facts as the batch's other jobs.
@@ -533,7 +533,7 @@ def test_the_gate_refuses_an_over_trained_adapter_for_retention(batch, tmp_path:
     spec = yaml.safe_load((REPO / "examples" / "personas.yaml").read_text())
     spec.update(name="e2e-overtrained", promote="auto")
     spec["tenants"] = [{"tenant": "acme", "persona": "parrot", "dataset": str(REPO / "examples/data/pirate.jsonl"),
-                        "train": {"steps": 20, "learning_rate": 1e-2, "batch_size": 4, "replay_weight": 0},
+                        "train": {"steps": 10, "learning_rate": 1e-2, "batch_size": 4, "replay_weight": 0},
                         "probes": [{"question": "What is the capital of France?", "answers": ["Berlin"]}]}]
     path = tmp_path / "overtrained.yaml"
     path.write_text(yaml.safe_dump(spec))
