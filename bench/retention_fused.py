@@ -20,6 +20,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,45 +36,18 @@ def main() -> int:
     ap.add_argument("--base-model", default="smollm2-135m-instruct")
     args = ap.parse_args()
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from adapterfab import retention
-    from adapterfab.basemodel import pad_token_id, resolve_base_model
-    from adapterfab.dtypes import resolve_auto
-    from adapterfab.jobs.resident import GroupJob, GroupTask, ResidentWorker
-    from adapterfab.methods import get_method
-    from adapterfab.pipelines.local import encode_file, split_rows
-    from adapterfab.spec import TrainConfig
-
-    base = resolve_base_model(args.base_model)
-    impl = get_method(args.method)
-    cfg = impl.config_cls(**{**json.loads(args.config), "name": args.method})
-    over = json.loads(args.train) | ({"replay_weight": args.replay} if args.replay is not None else {})
-    train = TrainConfig(**{**impl.default_train, "replay_per_step": args.per_step, **over})
-    cfg, train = resolve_auto(cfg, train, gpu=False)
-    basis = None
-    if impl.compute_basis:
-        full = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
-        basis = impl.compute_basis(full, cfg, base.fingerprint)
-        del full
-    worker = ResidentWorker(base.path, cfg.model_dump(), dtype=train.dtype, torch_threads=args.threads, basis=basis)
-    tok = worker.tokenizer
-    pad = pad_token_id(tok)
-    group = []
-    for p in json.loads((REPO / "examples/quality_personas.json").read_text())["personas"]:
-        tr, ev = split_rows(
-            encode_file(REPO / "examples" / p["dataset"], tok, train.max_seq_len), train.eval_fraction, None
-        )
-        group.append(GroupJob(p["name"], cfg.model_dump(), train.model_dump(), tr, ev, probes=retention.job_probes()))
+    personas = [(p["name"], REPO / "examples" / p["dataset"])
+                for p in json.loads((REPO / "examples/quality_personas.json").read_text())["personas"]]
     cache = Path(tempfile.gettempdir()) / "adapterfab-retention-bench"  # the base's answers, once per base and dtype
-    t0 = time.monotonic()
-    res = worker.train_group(GroupTask("bench", group, pad, probe_cache=str(cache)))
+    over = json.loads(args.train) | ({"replay_weight": args.replay} if args.replay is not None else {})
+    _, res, cfg, train, wall_s = train_personas(args.method, {"replay_per_step": args.per_step, **over},
+                                                json.loads(args.config), personas, args.threads, args.base_model,
+                                                cache)
     from factory_throughput import machine  # the CPU's model and AVX-512, as the other benches
 
     out = {"date": time.strftime("%Y-%m-%d"), "machine": machine(os.cpu_count() or 1),
            "method": args.method, "config": cfg.model_dump(), "train": train.model_dump(), "threads": args.threads,
-           "group_train_s": round(res.timing["train_s"], 2), "wall_s": round(time.monotonic() - t0, 2), "jobs": {}}
+           "group_train_s": round(res.timing["train_s"], 2), "wall_s": round(wall_s, 2), "jobs": {}}
     for o in res.outcomes:
         m = o.metrics
         out["jobs"][o.job_id] = {
@@ -92,6 +66,44 @@ def main() -> int:
     with open(REPO / "bench" / "results" / "retention_fused.jsonl", "a") as f:
         f.write(json.dumps(out) + "\n")
     return 0
+
+
+def train_personas(method: str, train_over: dict[str, Any], config_over: dict[str, Any],
+                   personas: list[tuple[str, Path]], threads: int, base_model: str, cache: Path) -> tuple[Any, ...]:
+    """``personas`` ((name, JSONL file)) as one fused group on the product's resident trainer, each job
+    with ``method``'s defaults under ``config_over`` and ``train_over`` and measured on the shipped probes
+    (the base's answers cached in ``cache``): (the trainer, its ``GroupResult``, method config, train
+    config, the group's seconds)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from adapterfab import retention
+    from adapterfab.basemodel import pad_token_id, resolve_base_model
+    from adapterfab.dtypes import resolve_auto
+    from adapterfab.jobs.resident import GroupJob, GroupTask, ResidentWorker
+    from adapterfab.methods import get_method
+    from adapterfab.pipelines.local import encode_file, split_rows
+    from adapterfab.spec import TrainConfig
+
+    torch.set_num_threads(threads)
+    base = resolve_base_model(base_model)
+    impl = get_method(method)
+    cfg, train = resolve_auto(impl.config_cls(**{**config_over, "name": method}),
+                              TrainConfig(**{**impl.default_train, **train_over}), gpu=False)
+    basis = None
+    if impl.compute_basis:
+        full = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
+        basis = impl.compute_basis(full, cfg, base.fingerprint)
+        del full
+    worker = ResidentWorker(base.path, cfg.model_dump(), dtype=train.dtype, torch_threads=threads, basis=basis)
+    tok = worker.tokenizer
+    group = []
+    for name, path in personas:
+        tr, ev = split_rows(encode_file(path, tok, train.max_seq_len), train.eval_fraction, None)
+        group.append(GroupJob(name, cfg.model_dump(), train.model_dump(), tr, ev, probes=retention.job_probes()))
+    t0 = time.monotonic()
+    res = worker.train_group(GroupTask("bench", group, pad_token_id(tok), probe_cache=str(cache)))
+    return worker, res, cfg, train, time.monotonic() - t0
 
 
 if __name__ == "__main__":

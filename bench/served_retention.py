@@ -32,33 +32,20 @@ def main() -> int:
 
     import torch
     from peft import PeftModel
+    from retention_fused import train_personas
     from transformers import AutoModelForCausalLM
 
     from adapterfab import retention
-    from adapterfab.basemodel import pad_token_id, resolve_base_model
-    from adapterfab.dtypes import resolve_auto
-    from adapterfab.methods import get_method
-    from adapterfab.pipelines.local import encode_file, split_rows
-    from adapterfab.spec import TrainConfig
+    from adapterfab.basemodel import resolve_base_model
+    from adapterfab.jobs.evaluate import states_fact
+    from adapterfab.jobs.fused import write_exported
     from adapterfab.textgen import greedy_in_batches
-    from jobs.evaluate import states_fact
-    from jobs.fused import write_exported
-    from jobs.resident import GroupJob, GroupTask, ResidentWorker
 
-    torch.set_num_threads(args.threads)
-    base = resolve_base_model("smollm2-135m-instruct")
-    impl = get_method(args.method)
     over = json.loads(args.train) | ({"replay_weight": args.replay} if args.replay is not None else {})
-    cfg, train = resolve_auto(impl.config_cls(name=args.method), TrainConfig(**{**impl.default_train, **over}),
-                              gpu=False)
-    worker = ResidentWorker(base.path, cfg.model_dump(), dtype=train.dtype, torch_threads=args.threads)
-    tok = worker.tokenizer
-    rows = encode_file(REPO / "examples/data" / f"{args.persona}.jsonl", tok, train.max_seq_len)
-    tr, ev = split_rows(rows, train.eval_fraction, None)
-    t0 = time.monotonic()
-    job = GroupJob(args.persona, cfg.model_dump(), train.model_dump(), tr, ev, probes=retention.job_probes())
-    res = worker.train_group(GroupTask("bench", [job], pad_token_id(tok), probe_cache=f"{args.out}/cache"))
-    train_s = time.monotonic() - t0
+    worker, res, _, train, train_s = train_personas(
+        args.method, over, {}, [(args.persona, REPO / "examples/data" / f"{args.persona}.jsonl")], args.threads,
+        "smollm2-135m-instruct", Path(args.out) / "cache")
+    base, tok = resolve_base_model("smollm2-135m-instruct"), worker.tokenizer
     outcome = res.outcomes[0]
     if outcome.error:
         raise SystemExit(outcome.error)
