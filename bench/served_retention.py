@@ -36,7 +36,6 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from adapterfab import retention
-    from adapterfab.basemodel import resolve_base_model
     from adapterfab.jobs.evaluate import states_fact
     from adapterfab.jobs.fused import write_exported
     from adapterfab.textgen import greedy_in_batches
@@ -45,14 +44,14 @@ def main() -> int:
     worker, res, _, train, train_s = train_personas(
         args.method, over, {}, [(args.persona, REPO / "examples/data" / f"{args.persona}.jsonl")], args.threads,
         "smollm2-135m-instruct", Path(args.out) / "cache")
-    base, tok = resolve_base_model("smollm2-135m-instruct"), worker.tokenizer
+    base_path, tok = worker.base_path, worker.tokenizer  # the base as train_personas resolved it
     outcome = res.outcomes[0]
     if outcome.error:
         raise SystemExit(outcome.error)
     folder = write_exported(outcome.adapter, Path(args.out) / f"{args.method}-{int(time.time())}")
     del worker
 
-    full = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32).eval()
+    full = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
     facts = json.loads((REPO / "examples/fact_probes.json").read_text())["probes"]
     probes = retention.shipped_probes()
     heldout = json.loads((REPO / "examples/heldout_prompts.json").read_text())
