@@ -320,7 +320,8 @@ def time_decode(eng: Any, running: list[Any], warmup: int, steps: int, cuda: boo
             "tokens_per_s": round(len(running) / (wall_ms / 1000), 1), "steps": steps}
 
 
-def build_engine(shape: str, plan: Plan, args: argparse.Namespace, tok_dir: str, tmp: Path) -> tuple[Any, dict]:
+def build_engine(shape: str, plan: Plan, args: argparse.Namespace, tok_dir: str, tmp: Path,
+                 max_batch: int | None = None) -> tuple[Any, dict]:
     import torch
     from transformers import AutoTokenizer
 
@@ -328,7 +329,7 @@ def build_engine(shape: str, plan: Plan, args: argparse.Namespace, tok_dir: str,
 
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    kw = {"dtype": str(dtype).removeprefix("torch."), "device": args.device, "max_batch": max(plan.rows),
+    kw = {"dtype": str(dtype).removeprefix("torch."), "device": args.device, "max_batch": max_batch or max(plan.rows),
           "max_len": max(plan.contexts), "max_adapters": max(*plan.lora_adapters, plan.xs_adapters),
           "max_rank": args.lora_r}
     tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -359,6 +360,43 @@ def build_engine(shape: str, plan: Plan, args: argparse.Namespace, tok_dir: str,
     info["buckets"] = eng.buckets
     info["after_init_mb"] = mem_mb(cuda)
     return eng, info
+
+
+def lora_fit(eng: Any, plan: Plan, args: argparse.Namespace, cuda: bool, margin_gib: float = 2.0) -> dict:
+    """Whether the LoRA bank of the most adapters (``max_adapters`` + 1 slots of r x (in + out) per target
+    module, allocated at the first placement) fits the device memory left beside this engine; if not, the
+    most rows (of ``plan.rows``) whose KV cache leaves room for it, or None. On a CPU it always fits unless
+    ``--mem-gib`` names a size."""
+    import torch
+
+    rows = eng.max_batch
+    if not cuda and not args.mem_gib:
+        return {"rows": rows, "why": ""}
+    elem = torch.tensor([], dtype=eng.dtype).element_size()
+    per_slot = sum(lin.in_features + lin.out_features for (_, name), lin in eng.linear.items()
+                   if name in args.lora_targets) * eng.max_rank * elem
+    bank = (max(plan.lora_adapters) + 1) * per_slot
+    pool = 8 * per_slot * args.lora_r // eng.max_rank
+    kv_row = 2 * eng.k_cache.numel() * eng.k_cache.element_size() / eng.max_batch
+    used = None
+    if args.mem_gib:  # a device of this size: what the engine holds (weights, KV cache, banks) is used
+        used = (sum(t.numel() * t.element_size() for t in eng.model.parameters())
+                + 2 * eng.k_cache.numel() * eng.k_cache.element_size()
+                + sum(t.numel() * t.element_size() for banked in (eng.lora_a, eng.lora_b) for t in banked.values()))
+        free = args.mem_gib * 2**30 - used
+        margin_gib = 0.0 if args.smoke else margin_gib
+    else:
+        free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    need = bank + pool + margin_gib * 2**30
+    fits = [r for r in plan.rows if r <= rows and need <= free + kv_row * (rows - r)]
+    gib = 2**30
+    why = (f"does not fit on this device: the bank of {max(plan.lora_adapters)} LoRA r{eng.max_rank} adapters "
+           f"({args.lora_targets}) takes {bank / gib:.1f} GiB, the KV cache {kv_row / gib:.2f} GiB a row at "
+           f"context {eng.max_len}, {free / gib:.1f} GiB free beside {rows} rows (margin {margin_gib} GiB)")
+    return {"rows": max(fits) if fits else None, "why": why if not fits or max(fits) < rows else "",
+            "bank_mib": round(bank / 2**20, 1), "kv_row_mib": round(kv_row / 2**20, 4),
+            "free_mib": round(free / 2**20, 3), "need_mib": round(need / 2**20, 3),
+            "used_mib": round(used / 2**20, 3) if used is not None else None}
 
 
 def decode_shape(shape: str, plan: Plan, args: argparse.Namespace, tok_dir: str, tmp: Path, budget: Budget,
@@ -448,7 +486,26 @@ def decode_shape(shape: str, plan: Plan, args: argparse.Namespace, tok_dir: str,
             for name in names:
                 eng.unload_adapter(name)
             del pool
-        # LoRA: 1, then 100, then 1,000 adapters placed (each case's rows spread over all of them)
+        # LoRA: 1, then 100, then 1,000 adapters placed (each case's rows spread over all of them). Where the
+        # bank of the most adapters does not fit beside this engine's KV cache (a 7B shape on an 80 GB card:
+        # 64 GiB of cache for 256 rows x 512), the engine is built again with as many rows as leave room
+        # for it, and the larger cases are recorded as not fitting, with the figures
+        lora_cases = [c for c in cases if c["kind"] == "lora"]
+        fit = lora_fit(eng, plan, args, cuda)
+        info["lora_fit"] = fit
+        if fit["rows"] != eng.max_batch:
+            for c in lora_cases:
+                if fit["rows"] is None or c["rows"] > fit["rows"]:
+                    c["reason"] = fit["why"]
+            eng.close()
+            eng = None
+            release()
+            if fit["rows"] is None:
+                return
+            eng, info2 = build_engine(shape, plan, args, tok_dir, tmp, max_batch=fit["rows"])
+            info["lora_engine"] = info2
+            print(f"[{budget.elapsed():6.1f} s] decode {shape}: engine rebuilt for the LoRA bank ({info2})",
+                  flush=True)
         t_place, pool_l = 0.0, [lora_parsed(eng, args.lora_r, args.lora_targets, s) for s in range(8)]
         for n in plan.lora_adapters:
             ok, why = budget.fits("place1000", shape, 0 if n <= 100 else 1)
@@ -457,19 +514,27 @@ def decode_shape(shape: str, plan: Plan, args: argparse.Namespace, tok_dir: str,
                     if c["kind"] == "lora" and c["adapters"] >= n:
                         c["reason"] = why
                 break
-            t0 = time.perf_counter()
-            for i in range(len(placed), n):
-                eng.place(f"lora-{i}", pool_l[i % len(pool_l)])
-                placed.append(f"lora-{i}")
+            t0, lost = time.perf_counter(), False
+            try:
+                for i in range(len(placed), n):
+                    eng.place(f"lora-{i}", pool_l[i % len(pool_l)])
+                    placed.append(f"lora-{i}")
+            except Exception as e:  # noqa: BLE001 - an OOM placing them: these and the larger cases are lost
+                failed([c for c in lora_cases if c["adapters"] >= n and c["rows"] <= eng.max_batch], e, "placing: ")
+                lost = True
+            if lost:
+                release()
+                break
             t_place += time.perf_counter() - t0
-            for c in (c for c in cases if c["kind"] == "lora" and c["adapters"] == n):
+            for c in (c for c in lora_cases if c["adapters"] == n and c["rows"] <= eng.max_batch):
                 run(c, list(placed))
         info["lora_place_s"] = round(t_place, 2)
         info["lora_placed_mb"] = mem_mb(cuda)
         info["peak_mb"] = mem_mb(cuda, peak=True)
         info["graph_captures"] = eng.graph_captures
     finally:
-        eng.close()
+        if eng is not None:
+            eng.close()
         eng = None  # the engine, its KV cache, banks and graphs go before the next shape's
         release()
 
@@ -659,6 +724,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-seq", type=int, default=None, help="tokens per row (default 256)")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj")
+    ap.add_argument("--mem-gib", type=float, default=None, help="take the device to have this much memory in "
+                    "all when fitting the LoRA bank beside the KV cache (default: what CUDA reports free; on a "
+                    "CPU this is how a test makes the engine rebuild with fewer rows)")
     ap.add_argument("--no-4bit", action="store_true", help="leave the 4-bit training rows out")
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--no-decode", action="store_true")

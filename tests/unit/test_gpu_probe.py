@@ -55,3 +55,35 @@ def test_gpu_probe_smoke_runs_every_case(tmp_path: Path, smollm2_tokenizer: str)
     for key in ("decode-tiny", "train-tiny"):
         assert res["attention"][key]["ops"] and res["attention"][key]["backend"] != "none seen", res["attention"]
     assert "decode tiny    4 rows ctx   32 lora×3" in r.stdout and "train  tiny K=2" in r.stdout
+
+
+@pytest.mark.timeout(300)
+def test_gpu_probe_rebuilds_the_engine_when_the_lora_bank_does_not_fit(tmp_path: Path, smollm2_tokenizer: str) -> None:
+    """On a device too small for the bank of the most LoRA adapters beside the KV cache of the most rows (a
+    7B shape on an 80 GB H100, 2026-12-06), the probe builds the engine again with the rows that leave room
+    and records the larger LoRA cases as not fitting, instead of losing the shape to an OOM. ``--mem-gib``
+    stands in for the device's size on the CPU: a first run reads what the tiny engine holds and needs, the
+    second gives it room for the bank beside 2 rows but not 4."""
+    def probe(name: str, mem_gib: float) -> dict:
+        out = tmp_path / f"{name}.json"
+        r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_probe.py"), "--smoke", "--device", "cpu",
+                            "--no-train", "--out", str(out), "--tokenizer", smollm2_tokenizer,
+                            "--mem-gib", str(mem_gib)], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    roomy = probe("roomy", 1.0)
+    fit = roomy["setup"]["decode-tiny"]["lora_fit"]
+    assert fit["rows"] == 4 and fit["why"] == "" and "lora_engine" not in roomy["setup"]["decode-tiny"], fit
+    assert all(c["status"] == "ok" for c in roomy["decode"]), roomy["decode"]
+    # free beside 4 rows = mem - used; a cap whose free falls one row's cache short of the need
+    mib = fit["used_mib"] + fit["need_mib"] - 1.5 * fit["kv_row_mib"]
+    tight = probe("tight", mib / 1024)
+    setup = tight["setup"]["decode-tiny"]
+    assert setup["lora_fit"]["rows"] == 2 and "does not fit on this device" in setup["lora_fit"]["why"], setup
+    assert setup["lora_engine"]["engine_args"]["max_batch"] == 2, setup
+    for c in tight["decode"]:
+        if c["kind"] == "lora" and c["rows"] == 4:
+            assert c["status"] == "skipped" and "does not fit on this device" in c["reason"], c
+        else:
+            assert c["status"] == "ok" and c["decode_shape"]["rows"] == c["rows"], c
