@@ -362,6 +362,22 @@ def build_engine(shape: str, plan: Plan, args: argparse.Namespace, tok_dir: str,
     return eng, info
 
 
+def lora_kernels(args: argparse.Namespace) -> tuple[str, ...]:
+    """How the LoRA cases add their updates (``BatchedEngine.lora_kernel``): the engine's default (the
+    per-row gather on a GPU, per distinct adapter on a CPU), and the grouped matmuls over the bank where
+    they run without a host sync (bf16 on Hopper/Blackwell; the CPU's fallback for the smoke run)."""
+    import torch
+
+    from adapterfab.serve.batched_forward import grouped_lora_supported
+
+    if args.lora_kernels:
+        return tuple(args.lora_kernels.split(","))
+    cuda = args.device == "cuda"
+    ok, _ = grouped_lora_supported(torch.device(args.device), torch.bfloat16 if cuda else torch.float32)
+    default = "row" if cuda else "factors"  # the engine's own choice: graphs on a GPU, exact shapes on a CPU
+    return (default, "grouped") if ok else (default,)
+
+
 def lora_fit(eng: Any, plan: Plan, args: argparse.Namespace, cuda: bool, margin_gib: float = 2.0) -> dict:
     """Whether the LoRA bank of the most adapters (``max_adapters`` + 1 slots of r x (in + out) per target
     module, allocated at the first placement) fits the device memory left beside this engine; if not, the
@@ -403,12 +419,15 @@ def decode_shape(shape: str, plan: Plan, args: argparse.Namespace, tok_dir: str,
                  out: dict) -> None:
     cuda = args.device == "cuda"
     cases: list[dict[str, Any]] = []
+    kernels = lora_kernels(args)
     for kind, counts in (("base", (0,)), ("lora_xs", (plan.xs_adapters,)), ("lora", plan.lora_adapters)):
         for n in counts:
-            for context in plan.contexts:
-                for rows in plan.rows:
-                    cases.append({"shape": shape, "kind": kind, "adapters": n, "rows": rows, "context": context,
-                                  "status": "skipped"})
+            for kernel in (kernels if kind == "lora" else (None,)):
+                for context in plan.contexts:
+                    for rows in plan.rows:
+                        cases.append({"shape": shape, "kind": kind, "adapters": n, "rows": rows,
+                                      "context": context, "status": "skipped"}
+                                     | ({"kernel": kernel} if kernel else {}))
     out["decode"].extend(cases)
     ok, why = budget.fits("engine", shape, extra="disk" if args.via_disk else None)
     if not ok:
@@ -527,6 +546,9 @@ def decode_shape(shape: str, plan: Plan, args: argparse.Namespace, tok_dir: str,
                 break
             t_place += time.perf_counter() - t0
             for c in (c for c in lora_cases if c["adapters"] == n and c["rows"] <= eng.max_batch):
+                if eng.lora_kernel != c["kernel"]:  # the path the step's graphs were captured with
+                    eng.lora_kernel, eng.per_adapter = c["kernel"], c["kernel"] == "factors"
+                    eng._drop_graphs()
                 run(c, list(placed))
         info["lora_place_s"] = round(t_place, 2)
         info["lora_placed_mb"] = mem_mb(cuda)
@@ -680,6 +702,8 @@ def _f(v: Any, fmt: str) -> str:
 
 def row_text(c: dict) -> str:
     what = c["kind"] if c["kind"] == "base" else f"{c['kind']}×{c['adapters']}"
+    if c.get("kernel") == "grouped":
+        what += " grp"
     head = f"decode {c['shape']:>4} {c['rows']:>4} rows ctx {c['context']:>4} {what:<13}"
     if c["status"] != "ok":
         return f"{head} {c['status']}: {c.get('reason', '')}"
@@ -727,6 +751,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-gib", type=float, default=None, help="take the device to have this much memory in "
                     "all when fitting the LoRA bank beside the KV cache (default: what CUDA reports free; on a "
                     "CPU this is how a test makes the engine rebuild with fewer rows)")
+    ap.add_argument("--lora-kernels", default=None, help="the engine's LoRA paths to time, comma-separated "
+                    "(row, grouped; default both where grouped runs without a host sync, else row)")
     ap.add_argument("--no-4bit", action="store_true", help="leave the 4-bit training rows out")
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--no-decode", action="store_true")

@@ -72,6 +72,9 @@ class ServeConfig:
     # batched: prompt tokens prefilled between two decode steps (longer prompts go in pieces, so running
     # streams keep flowing); None: 256 on a CPU, 2048 on a GPU; 0: every admitted prompt before the next step
     prefill_chunk: int | None = None
+    # batched: how a decode step adds its LoRA rows' updates (None: the engine's choice; "grouped": two
+    # grouped matmuls over the adapter bank per module, bf16 on Hopper/Blackwell GPUs; docs/serving.md)
+    lora_kernel: str | None = None
     tenant_rps_overrides: dict = field(default_factory=dict)  # tenant -> requests/s
     # /v1/models and /v1/registry list from the registry's catalogue in the state database (a tenant's
     # listing costs one indexed query however many other tenants there are); False: from MLflow on every
@@ -107,7 +110,8 @@ class EngineDeployment:
                                              max_adapters=cfg.max_adapters_per_replica, max_rank=cfg.max_rank,
                                              torch_threads=cfg.torch_threads,
                                              cuda_graphs=cfg.cuda_graphs and device == "cuda",
-                                             tenant_max_rows=cfg.tenant_max_rows, prefill_chunk=cfg.prefill_chunk)
+                                             tenant_max_rows=cfg.tenant_max_rows, prefill_chunk=cfg.prefill_chunk,
+                                             lora_kernel=cfg.lora_kernel)
             bases = BasisCache()
 
             def fetch(key: str) -> tuple[Path, Any, bool]:
@@ -340,7 +344,7 @@ _BUILDER_OPTIONAL: dict[str, type] = {
     "engine": str, "max_batch": int, "max_len": int, "max_rank": int, "cpu_cache_mb": int, "min_replicas": int,
     "max_replicas": int, "target_ongoing_requests": int, "graceful_shutdown_s": float, "tenant_rps": float,
     "tenant_burst": int, "tenant_rps_overrides": dict, "cuda_graphs": bool, "tenant_max_rows": int,
-    "registry_catalogue": bool, "prefill_chunk": int}
+    "registry_catalogue": bool, "prefill_chunk": int, "lora_kernel": str}
 
 
 def _builder_arg(name: str, kind: type, value: Any) -> Any:

@@ -96,19 +96,19 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
                  max_batch: int = 16, max_len: int = 1024, max_adapters: int = 64, max_rank: int = 64,
                  torch_threads: int | None = None, prefill_tokens: int = 8192, cuda_graphs: bool | None = None,
                  buckets: bool | None = None, max_graphs: int = 512, tenant_max_rows: int | None = None,
-                 prepack: bool | None = None, prefill_chunk: int | None = None):
+                 prepack: bool | None = None, prefill_chunk: int | None = None, lora_kernel: str | None = None):
         # the set-up's torch work (loading, fusing, packing) runs on a thread that ends with it, so the
         # caller's thread keeps no OpenMP pool beside the decode loop's (adapterfab/threads.py)
         in_passing_thread(self._setup, model_path, dtype, device, max_batch, max_len, max_adapters, max_rank,
                           torch_threads, prefill_tokens, cuda_graphs, buckets, max_graphs, tenant_max_rows,
-                          prepack, prefill_chunk, name="batched-engine-setup")
+                          prepack, prefill_chunk, lora_kernel, name="batched-engine-setup")
         self._thread = threading.Thread(target=self._loop, name="batched-engine", daemon=True)
         self._thread.start()
 
     def _setup(self, model_path: str | Path, dtype: str, device: str, max_batch: int, max_len: int,
                max_adapters: int, max_rank: int, torch_threads: int | None, prefill_tokens: int,
                cuda_graphs: bool | None, buckets: bool | None, max_graphs: int, tenant_max_rows: int | None,
-               prepack: bool | None, prefill_chunk: int | None) -> None:
+               prepack: bool | None, prefill_chunk: int | None, lora_kernel: str | None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -198,9 +198,21 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
         self.buckets = self.cuda_graphs if buckets is None else bool(buckets)  # static (bucketed) decode shapes
         if self.cuda_graphs and not self.buckets:
             raise AdapterfabError("cuda_graphs needs bucketed decode shapes")
-        # LoRA deltas per distinct adapter of the step (``_factors``); static (bucketed) shapes, which CUDA
-        # graphs capture, keep the per-row gather
-        self.per_adapter = not self.buckets
+        # how a decode step adds its LoRA rows' updates: None picks per distinct adapter of the step
+        # (``_factors``) on unbucketed shapes and the per-row gather on static (bucketed) ones, which CUDA
+        # graphs capture; "row" always gathers per row; "grouped" runs two grouped matmuls over the whole
+        # bank per module (``_Segments``: each adapter read once, nothing gathered, graph-capturable on a
+        # bf16 Hopper/Blackwell GPU; not yet the default there: unmeasured against the gather)
+        if lora_kernel not in (None, "row", "grouped"):
+            raise AdapterfabError(f"lora_kernel must be 'row' or 'grouped', not {lora_kernel!r}")
+        if lora_kernel == "grouped":
+            from adapterfab.serve.batched_forward import grouped_lora_supported
+
+            ok, why = grouped_lora_supported(self.device, self.dtype)
+            if not ok:
+                raise AdapterfabError(f"lora_kernel 'grouped' cannot run here: {why}")
+        self.lora_kernel = lora_kernel or ("row" if self.buckets else "factors")
+        self.per_adapter = self.lora_kernel == "factors"
         self.max_graphs = max(1, max_graphs)  # evicting every graph would leave their pool unusable
         self._graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
         self._graph_pool: Any = None

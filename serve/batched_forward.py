@@ -62,6 +62,49 @@ class _Factors:
         return y + ((x @ a.T) * w) @ b
 
 
+@dataclass
+class _Segments:
+    """A decode step's LoRA rows sorted by bank slot, for the grouped path (``lora_kernel="grouped"``):
+    ``perm`` [nb] the rows in slot order, ``offs`` [slots] int32 where each slot's run of sorted rows ends,
+    ``scale`` [nb] each sorted row's adapter scale and ``r`` the rank bucket. Every banked module's update
+    is then two grouped matmuls over the whole bank (``torch._grouped_mm``: a slot with no rows is an empty
+    group), so each adapter's A and B are read once per step and nothing is gathered per row; all of it is
+    computed on the device from the step's slot row, so a CUDA graph captures it with the step's shape."""
+
+    perm: Any
+    offs: Any
+    scale: Any
+    r: int
+
+    def delta(self, a_bank: Any, b_bank: Any, x: Any) -> Any:
+        """The update [nb, T, out] of the rows ``x`` [nb, T, in] (T = 1 in a decode step)."""
+        import torch
+
+        nb, t, d_in = x.shape
+        xs = x.reshape(nb * t, d_in).index_select(0, self.perm)
+        xa = torch._grouped_mm(xs, a_bank[:, : self.r].transpose(1, 2), offs=self.offs)  # [nb, r]
+        d = torch._grouped_mm(xa * self.scale, b_bank[:, :, : self.r].transpose(1, 2), offs=self.offs)
+        return torch.zeros_like(d).index_copy_(0, self.perm, d).reshape(nb, t, -1)
+
+
+def grouped_lora_supported(device: Any, dtype: Any) -> tuple[bool, str]:
+    """Whether ``torch._grouped_mm`` runs the grouped LoRA path here without a host sync (which a CUDA graph
+    cannot capture): on a GPU only its CUTLASS kernel does (bf16, compute capability 9.x or 10.x); its
+    fallback, which CPUs run, loops over the groups on the host."""
+    import torch
+
+    if not hasattr(torch, "_grouped_mm"):
+        return False, f"torch {torch.__version__} has no _grouped_mm"
+    if device.type == "cpu":
+        return True, ""
+    if device.type != "cuda":
+        return False, f"not on {device.type}"
+    major = torch.cuda.get_device_capability(device)[0]
+    if dtype != torch.bfloat16 or major not in (9, 10):
+        return False, f"the grouped GEMM kernel needs bf16 on compute capability 9.x or 10.x (here {dtype}, {major}.x)"
+    return True, ""
+
+
 def _bucket(n: int, cap: int, smallest: int) -> int:
     """The smallest power-of-two multiple of ``smallest`` that holds ``n``, at most ``cap``."""
     b = smallest
@@ -132,7 +175,10 @@ class BatchedForward:
                     xs_slots: dict[str, Any]) -> Any:
         import torch
 
-        if lora is not None and key in self.lora_a:  # per row: each row's factors gathered
+        if isinstance(lora, _Segments):
+            if key in self.lora_a:
+                y = y + lora.delta(self.lora_a[key], self.lora_b[key], x)
+        elif lora is not None and key in self.lora_a:  # per row: each row's factors gathered
             slots, r = lora
             a, b = self.lora_a[key][slots, :r], self.lora_b[key][slots, :, :r]  # [B, r, in], [B, out, r]
             xa = torch.bmm(x, a.transpose(1, 2))  # [B, T, r]
@@ -254,6 +300,11 @@ class BatchedForward:
 
         ids, pos = inp[0], inp[1]
         lora = factors or ((inp[2], r) if r else None)
+        if r and factors is None and self.lora_kernel == "grouped":
+            slots, perm = torch.sort(inp[2], stable=True)
+            ends = torch.arange(1, self.lora_scale.shape[0] + 1, device=self.device)
+            lora = _Segments(perm, torch.searchsorted(slots, ends).to(torch.int32),
+                             self.lora_scale[slots].to(self.dtype)[:, None], r)
         xs = {bid: inp[3 + j] for j, bid in enumerate(bids)}
         rows = torch.arange(nb, device=self.device)
         h = self.model.model.embed_tokens(ids[:, None])

@@ -85,6 +85,39 @@ def test_the_per_adapter_factors_follow_a_reused_slot(fp32_engine: BatchedEngine
     assert (after[0] - before[0]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_grouped_lora_kernel_equals_the_per_row_gather(tiny_model_path: str, mixed_adapters: dict, dtype: str) -> None:
+    """``lora_kernel="grouped"`` (rows sorted by bank slot, two grouped matmuls over the whole bank per module,
+    the path meant for CUDA graphs on a GPU) on the bucketed shapes a GPU runs, here on the CPU's
+    ``torch._grouped_mm``: the same logits as the per-row gather, with ranks 2/4/8, every module kind,
+    LoRA-XS rows, a base row and one adapter on two rows in one step."""
+    eng = BatchedEngine(tiny_model_path, dtype=dtype, max_batch=8, max_len=128, max_adapters=8, max_rank=16,
+                        buckets=True, lora_kernel="grouped")
+    try:
+        for name, path in mixed_adapters["lora"].items():
+            eng.load_adapter(name, path)
+        for name, path in mixed_adapters["xs"].items():
+            eng.load_adapter(name, path, basis=mixed_adapters["basis"])
+        _stopped(eng)
+        assert eng.lora_kernel == "grouped" and not eng.per_adapter
+        grouped = _step_logits(eng, ROWS)
+        eng.lora_kernel = "row"
+        row = _step_logits(eng, ROWS)
+        tol = 1e-5 if dtype == "float32" else 3e-2
+        assert torch.allclose(grouped, row, atol=tol, rtol=tol), (grouped - row).abs().max()
+        base = _step_logits(eng, [None] * len(ROWS))
+        assert (grouped[1:5] - base[1:5]).abs().max() > 1e-2  # the adapters really changed those rows
+    finally:
+        eng.close()
+
+
+def test_an_unknown_lora_kernel_is_refused(tiny_model_path: str) -> None:
+    from adapterfab.errors import AdapterfabError
+
+    with pytest.raises(AdapterfabError, match="lora_kernel must be"):
+        BatchedEngine(tiny_model_path, max_batch=2, max_len=32, max_adapters=2, lora_kernel="punica")
+
+
 @pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
                     reason="oneDNN runs no bf16 on this CPU, so the engine does not pack")
 def test_packed_bf16_weights_give_the_same_logits(tiny_model_path: str, mixed_adapters: dict) -> None:

@@ -27,11 +27,12 @@ def test_gpu_probe_smoke_runs_every_case(tmp_path: Path, smollm2_tokenizer: str)
     res = json.loads(out.read_text())
     assert res["smoke"] and res["device"] == "cpu" and res["elapsed_s"] < 120
 
-    decode = {(c["kind"], c["adapters"], c["rows"], c["context"]): c for c in res["decode"]}
-    want = {(kind, n, rows, ctx) for kind, n in (("base", 0), ("lora", 1), ("lora", 3), ("lora_xs", 3))
-            for rows in (2, 4) for ctx in (16, 32)}
+    decode = {(c["kind"], c["adapters"], c.get("kernel"), c["rows"], c["context"]): c for c in res["decode"]}
+    kinds = (("base", 0, None), ("lora", 1, "factors"), ("lora", 3, "factors"), ("lora", 1, "grouped"),
+             ("lora", 3, "grouped"), ("lora_xs", 3, None))  # each LoRA case by the CPU's path and the grouped one
+    want = {(kind, n, kernel, rows, ctx) for kind, n, kernel in kinds for rows in (2, 4) for ctx in (16, 32)}
     assert set(decode) == want and len(res["decode"]) == len(want)
-    for (kind, n, rows, ctx), c in decode.items():
+    for (kind, n, _kernel, rows, ctx), c in decode.items():
         assert c["status"] == "ok", c
         assert c["wall_ms"] > 0 and c["tokens_per_s"] > 0 and c["gpu_ms"] is None, c  # no CUDA events on a CPU
         shape = c["decode_shape"]  # the engine's own record of the step it ran
@@ -55,6 +56,7 @@ def test_gpu_probe_smoke_runs_every_case(tmp_path: Path, smollm2_tokenizer: str)
     for key in ("decode-tiny", "train-tiny"):
         assert res["attention"][key]["ops"] and res["attention"][key]["backend"] != "none seen", res["attention"]
     assert "decode tiny    4 rows ctx   32 lora×3" in r.stdout and "train  tiny K=2" in r.stdout
+    assert "lora×3 grp" in r.stdout
 
 
 @pytest.mark.timeout(300)
