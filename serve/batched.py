@@ -209,6 +209,8 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
             from adapterfab.serve.batched_forward import grouped_lora_supported
 
             ok, why = grouped_lora_supported(self.device, self.dtype)
+            if ok and max_rank % 8:  # the grouped GEMM reads B [rank, out] with a row stride of max_rank
+                ok, why = False, f"max_rank must be a multiple of 8 (16-byte rows of bf16), not {max_rank}"
             if not ok:
                 raise AdapterfabError(f"lora_kernel 'grouped' cannot run here: {why}")
         self.lora_kernel = lora_kernel or ("row" if self.buckets else "factors")

@@ -111,11 +111,13 @@ def test_grouped_lora_kernel_equals_the_per_row_gather(tiny_model_path: str, mix
         eng.close()
 
 
-def test_an_unknown_lora_kernel_is_refused(tiny_model_path: str) -> None:
+def test_an_unknown_lora_kernel_or_a_misaligned_rank_is_refused(tiny_model_path: str) -> None:
     from adapterfab.errors import AdapterfabError
 
     with pytest.raises(AdapterfabError, match="lora_kernel must be"):
         BatchedEngine(tiny_model_path, max_batch=2, max_len=32, max_adapters=2, lora_kernel="punica")
+    with pytest.raises(AdapterfabError, match="max_rank must be a multiple of 8"):
+        BatchedEngine(tiny_model_path, max_batch=2, max_len=32, max_adapters=2, max_rank=12, lora_kernel="grouped")
 
 
 @pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
