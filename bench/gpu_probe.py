@@ -370,12 +370,17 @@ def lora_kernels(args: argparse.Namespace) -> tuple[str, ...]:
 
     from adapterfab.serve.batched_forward import grouped_lora_supported
 
-    if args.lora_kernels:
-        return tuple(args.lora_kernels.split(","))
     cuda = args.device == "cuda"
-    ok, _ = grouped_lora_supported(torch.device(args.device), torch.bfloat16 if cuda else torch.float32)
     default = "row" if cuda else "factors"  # the engine's own choice: graphs on a GPU, exact shapes on a CPU
-    return (default, "grouped") if ok else (default,)
+    if args.lora_kernels:
+        kernels = tuple(args.lora_kernels.split(","))
+        allowed = ("row", "grouped") if cuda else ("factors", "row", "grouped")  # a GPU's shapes are bucketed
+        bad = [k for k in kernels if k not in allowed]
+        if bad:
+            raise SystemExit(f"--lora-kernels: {', '.join(bad)} not among {', '.join(allowed)} on {args.device}")
+        return kernels
+    ok, _ = grouped_lora_supported(torch.device(args.device), torch.bfloat16 if cuda else torch.float32)
+    return (default, "grouped") if ok and args.lora_r % 8 == 0 else (default,)
 
 
 def lora_fit(eng: Any, plan: Plan, args: argparse.Namespace, cuda: bool, margin_gib: float = 2.0) -> dict:
@@ -391,7 +396,7 @@ def lora_fit(eng: Any, plan: Plan, args: argparse.Namespace, cuda: bool, margin_
     elem = torch.tensor([], dtype=eng.dtype).element_size()
     per_slot = sum(lin.in_features + lin.out_features for (_, name), lin in eng.linear.items()
                    if name in args.lora_targets) * eng.max_rank * elem
-    bank = (max(plan.lora_adapters) + 1) * per_slot
+    bank = (eng.max_adapters + 1) * per_slot  # the engine allocates every slot at the first placement
     pool = 8 * per_slot * args.lora_r // eng.max_rank
     kv_row = 2 * eng.k_cache.numel() * eng.k_cache.element_size() / eng.max_batch
     used = None
@@ -406,7 +411,7 @@ def lora_fit(eng: Any, plan: Plan, args: argparse.Namespace, cuda: bool, margin_
     need = bank + pool + margin_gib * 2**30
     fits = [r for r in plan.rows if r <= rows and need <= free + kv_row * (rows - r)]
     gib = 2**30
-    why = (f"does not fit on this device: the bank of {max(plan.lora_adapters)} LoRA r{eng.max_rank} adapters "
+    why = (f"does not fit on this device: the bank of {eng.max_adapters} LoRA r{eng.max_rank} adapters "
            f"({args.lora_targets}) takes {bank / gib:.1f} GiB, the KV cache {kv_row / gib:.2f} GiB a row at "
            f"context {eng.max_len}, {free / gib:.1f} GiB free beside {rows} rows (margin {margin_gib} GiB)")
     return {"rows": max(fits) if fits else None, "why": why if not fits or max(fits) < rows else "",
@@ -526,6 +531,7 @@ def decode_shape(shape: str, plan: Plan, args: argparse.Namespace, tok_dir: str,
             print(f"[{budget.elapsed():6.1f} s] decode {shape}: engine rebuilt for the LoRA bank ({info2})",
                   flush=True)
         t_place, pool_l = 0.0, [lora_parsed(eng, args.lora_r, args.lora_targets, s) for s in range(8)]
+        graphs = eng.cuda_graphs
         for n in plan.lora_adapters:
             ok, why = budget.fits("place1000", shape, 0 if n <= 100 else 1)
             if not ok:
@@ -549,7 +555,9 @@ def decode_shape(shape: str, plan: Plan, args: argparse.Namespace, tok_dir: str,
                 if eng.lora_kernel != c["kernel"]:  # the path the step's graphs were captured with
                     eng.lora_kernel, eng.per_adapter = c["kernel"], c["kernel"] == "factors"
                     eng._drop_graphs()
+                    eng.cuda_graphs = graphs  # a capture that failed under the other kernel turned them off
                 run(c, list(placed))
+                c["cuda_graphs"] = eng.cuda_graphs  # False: this case ran eagerly (its capture failed)
         info["lora_place_s"] = round(t_place, 2)
         info["lora_placed_mb"] = mem_mb(cuda)
         info["peak_mb"] = mem_mb(cuda, peak=True)

@@ -208,7 +208,7 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
         if lora_kernel == "grouped":
             from adapterfab.serve.batched_forward import grouped_lora_supported
 
-            ok, why = grouped_lora_supported(self.device, self.dtype)
+            ok, why = grouped_lora_supported(self.device, self.dtype, max_adapters + 1)
             if ok and max_rank % 8:  # the grouped GEMM reads B [rank, out] with a row stride of max_rank
                 ok, why = False, f"max_rank must be a multiple of 8 (16-byte rows of bf16), not {max_rank}"
             if not ok:

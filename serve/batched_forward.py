@@ -81,16 +81,21 @@ class _Segments:
         import torch
 
         nb, t, d_in = x.shape
-        xs = x.reshape(nb * t, d_in).index_select(0, self.perm)
+        assert t == 1, "the grouped path runs decode steps (one token a row)"
+        xs = x.reshape(nb, d_in).index_select(0, self.perm)
         xa = torch._grouped_mm(xs, a_bank[:, : self.r].transpose(1, 2), offs=self.offs)  # [nb, r]
         d = torch._grouped_mm(xa * self.scale, b_bank[:, :, : self.r].transpose(1, 2), offs=self.offs)
         return torch.zeros_like(d).index_copy_(0, self.perm, d).reshape(nb, t, -1)
 
 
-def grouped_lora_supported(device: Any, dtype: Any) -> tuple[bool, str]:
+GROUPED_MAX_GROUPS = 1024  # torch's CUTLASS grouped GEMM sets its groups up in one block of threads
+
+
+def grouped_lora_supported(device: Any, dtype: Any, slots: int | None = None) -> tuple[bool, str]:
     """Whether ``torch._grouped_mm`` runs the grouped LoRA path here without a host sync (which a CUDA graph
-    cannot capture): on a GPU only its CUTLASS kernel does (bf16, compute capability 9.x or 10.x); its
-    fallback, which CPUs run, loops over the groups on the host."""
+    cannot capture): on a GPU only its CUTLASS kernel does (bf16, compute capability 9.x or 10.x, fewer
+    than 1,024 groups: ``slots``, the bank's adapter slots); its fallback, which CPUs run, loops over the
+    groups on the host."""
     import torch
 
     if not hasattr(torch, "_grouped_mm"):
@@ -102,6 +107,9 @@ def grouped_lora_supported(device: Any, dtype: Any) -> tuple[bool, str]:
     major = torch.cuda.get_device_capability(device)[0]
     if dtype != torch.bfloat16 or major not in (9, 10):
         return False, f"the grouped GEMM kernel needs bf16 on compute capability 9.x or 10.x (here {dtype}, {major}.x)"
+    if slots is not None and slots >= GROUPED_MAX_GROUPS:
+        return False, (f"the grouped GEMM kernel takes fewer than {GROUPED_MAX_GROUPS} groups, one per adapter slot "
+                       f"(max_adapters + 1 = {slots})")
     return True, ""
 
 
@@ -302,7 +310,10 @@ class BatchedForward:
         lora = factors or ((inp[2], r) if r else None)
         if r and factors is None and self.lora_kernel == "grouped":
             slots, perm = torch.sort(inp[2], stable=True)
-            ends = torch.arange(1, self.lora_scale.shape[0] + 1, device=self.device)
+            # one group per bank slot (the banks' size, not lora_scale's: a backend may lower max_adapters
+            # after the engine is built, and banks are allocated at first use)
+            groups = next(iter(self.lora_a.values())).shape[0]
+            ends = torch.arange(1, groups + 1, device=self.device)
             lora = _Segments(perm, torch.searchsorted(slots, ends).to(torch.int32),
                              self.lora_scale[slots].to(self.dtype)[:, None], r)
         xs = {bid: inp[3 + j] for j, bid in enumerate(bids)}
@@ -361,6 +372,8 @@ class BatchedForward:
             lora += [0] * (nb_b - nb)
             xs = {b: v + [0] * (nb_b - nb) for b, v in xs.items()}
             nb = nb_b
+        elif r and self.lora_kernel == "grouped":  # the grouped GEMM reads x·Aᵀ [rows, r] in 16-byte rows
+            r = min(-(-r // 8) * 8, self.max_rank)
         ids, pos = [0] * nb, [0] * nb  # idle rows: a dummy token at position 0 of a row nobody owns
         for q in running:
             ids[q.cache_row], pos[q.cache_row] = q.last, q.pos

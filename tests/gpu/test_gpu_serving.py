@@ -102,6 +102,9 @@ def test_grouped_lora_kernel_under_cuda_graphs(tiny_model_path: str, mixed_adapt
         # bf16: the two paths sum in different orders; nearly every stream must agree token for token
         same = sum(a == b for a, b in zip(got, want))
         assert same >= len(requests) - 1, (got, want)
+        prompt = requests[0][1]
+        with_adapters = _run(g, [(name, prompt) for name in names])
+        assert len({tuple(t) for t in with_adapters}) > 1, with_adapters  # the adapters change the tokens
     finally:
         for eng in engines.values():
             eng.close()

@@ -85,14 +85,24 @@ def test_the_per_adapter_factors_follow_a_reused_slot(fp32_engine: BatchedEngine
     assert (after[0] - before[0]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_grouped_lora_kernel_equals_the_per_row_gather(tiny_model_path: str, mixed_adapters: dict, dtype: str) -> None:
+@pytest.mark.parametrize(("dtype", "buckets"), [("float32", True), ("bfloat16", True), ("float32", False)])
+def test_grouped_lora_kernel_equals_the_per_row_gather(tiny_model_path: str, mixed_adapters: dict, dtype: str,
+                                                       buckets: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """``lora_kernel="grouped"`` (rows sorted by bank slot, two grouped matmuls over the whole bank per module,
-    the path meant for CUDA graphs on a GPU) on the bucketed shapes a GPU runs, here on the CPU's
-    ``torch._grouped_mm``: the same logits as the per-row gather, with ranks 2/4/8, every module kind,
-    LoRA-XS rows, a base row and one adapter on two rows in one step."""
+    the path meant for CUDA graphs on a GPU), here on the CPU's ``torch._grouped_mm``: the same logits as the
+    per-row gather, with ranks 2/4/8, every module kind, LoRA-XS rows, a base row and one adapter on two
+    rows in one step; on the bucketed shapes a GPU runs, and on exact shapes, where the step's rank is
+    rounded up to a multiple of 8 (the GPU kernel reads x·Aᵀ in 16-byte rows)."""
+    calls = []
+    grouped_mm = torch._grouped_mm
+
+    def counted(*args, **kw):  # noqa: ANN002, ANN003
+        calls.append(args[1].shape)
+        return grouped_mm(*args, **kw)
+
+    monkeypatch.setattr(torch, "_grouped_mm", counted)
     eng = BatchedEngine(tiny_model_path, dtype=dtype, max_batch=8, max_len=128, max_adapters=8, max_rank=16,
-                        buckets=True, lora_kernel="grouped")
+                        buckets=buckets, lora_kernel="grouped")
     try:
         for name, path in mixed_adapters["lora"].items():
             eng.load_adapter(name, path)
@@ -101,8 +111,12 @@ def test_grouped_lora_kernel_equals_the_per_row_gather(tiny_model_path: str, mix
         _stopped(eng)
         assert eng.lora_kernel == "grouped" and not eng.per_adapter
         grouped = _step_logits(eng, ROWS)
+        assert calls and all(shape[0] == 9 for shape in calls)  # the grouped path ran: one group per bank slot
+        assert all(r % 8 == 0 for (_, _, r, _) in eng.decode_shapes if r)
         eng.lora_kernel = "row"
+        n = len(calls)
         row = _step_logits(eng, ROWS)
+        assert len(calls) == n  # the reference did not
         tol = 1e-5 if dtype == "float32" else 3e-2
         assert torch.allclose(grouped, row, atol=tol, rtol=tol), (grouped - row).abs().max()
         base = _step_logits(eng, [None] * len(ROWS))
