@@ -659,6 +659,8 @@ def train_variant(shape: str, four_bit: bool, cases: list[dict], plan: Plan, arg
             raise RuntimeError(f"fused training failed: {errors[0]}")
         return res
 
+    ckpt = args.checkpointing == "on"  # "auto": on from the first K that runs out of memory without it
+    trainer.set_checkpointing(ckpt)
     try:
         oom_at = None
         for c in cases:
@@ -671,22 +673,35 @@ def train_variant(shape: str, four_bit: bool, cases: list[dict], plan: Plan, arg
                 continue
             k = c["k"]
             parts = fused_step.batches(k, plan.train_rows, plan.train_seq, vocab, seed=k)
-            try:
-                train(jobs("warm", parts, plan.train_warmup))
-                fused_step.sync(args.device)
-                fused_step.reset_peak(args.device)
-                res = train(jobs("timed", parts, plan.train_steps))
-                train_s = res[0].metrics["train_s"]
-                flops = sum(r.metrics["train_flops"] for r in res)
-                tokens = k * plan.train_rows * plan.train_seq * plan.train_steps
-                c.update(status="ok", step_ms=round(train_s / plan.train_steps * 1000, 2),
-                         tokens_per_s=round(tokens / train_s, 1), flops_per_step=flops / plan.train_steps,
-                         achieved_tflops=float(f"{flops / train_s / 1e12:.4g}"),
-                         mfu=round(flops / train_s / (args.peak_tflops * 1e12), 4) if cuda else None,
-                         peak_mb=fused_step.peak_mb())
-            except Exception as e:  # noqa: BLE001
-                if failed([c], e):
-                    oom_at = k
+
+            def measure(on: bool, c: dict = c, k: int = k, parts: list = parts) -> bool:
+                """Time K jobs' fused step into ``c`` (checkpointing ``on``); True when it ran out of memory."""
+                try:
+                    train(jobs("warm", parts, plan.train_warmup))
+                    fused_step.sync(args.device)
+                    fused_step.reset_peak(args.device)
+                    res = train(jobs("timed", parts, plan.train_steps))
+                    train_s = res[0].metrics["train_s"]
+                    flops = sum(r.metrics["train_flops"] for r in res)  # without the recompute
+                    tokens = k * plan.train_rows * plan.train_seq * plan.train_steps
+                    c.update(status="ok", step_ms=round(train_s / plan.train_steps * 1000, 2),
+                             tokens_per_s=round(tokens / train_s, 1), flops_per_step=flops / plan.train_steps,
+                             achieved_tflops=float(f"{flops / train_s / 1e12:.4g}"),
+                             mfu=round(flops / train_s / (args.peak_tflops * 1e12), 4) if cuda else None,
+                             peak_mb=fused_step.peak_mb(), checkpointing=on)
+                    return False
+                except Exception as e:  # noqa: BLE001
+                    return failed([c], e)
+
+            oom = measure(ckpt)
+            if oom and not ckpt and args.checkpointing == "auto":  # as the product plans it for a large K
+                release()
+                ckpt = True
+                trainer.set_checkpointing(True)
+                c.update(status="skipped", reason="")
+                oom = measure(ckpt)
+            if oom:
+                oom_at = k
             if c["status"] != "ok":
                 release()
             elif k == min(plan.ks) and not four_bit:  # which SDPA backend the training forward runs: one step
@@ -721,6 +736,8 @@ def row_text(c: dict) -> str:
 
 def train_text(c: dict) -> str:
     what = f"train  {c['shape']:>4} K={c['k']:<3} {c['base']:<5}"
+    if c.get("checkpointing"):
+        what += " ckpt"
     if c["status"] != "ok":
         return f"{what} {c['status']}: {c.get('reason', '')}"
     mfu = f"MFU {c['mfu']:.1%}" if c["mfu"] is not None else "MFU -"
@@ -761,6 +778,9 @@ def main(argv: list[str] | None = None) -> int:
                     "CPU this is how a test makes the engine rebuild with fewer rows)")
     ap.add_argument("--lora-kernels", default=None, help="the engine's LoRA paths to time, comma-separated "
                     "(row, grouped; default both where grouped runs without a host sync, else row)")
+    ap.add_argument("--checkpointing", choices=("auto", "off", "on"), default="auto",
+                    help="activation checkpointing in the fused training step: auto turns it on from the first K "
+                         "that runs out of device memory without it (MFU counts the step's FLOPs, not the recompute)")
     ap.add_argument("--no-4bit", action="store_true", help="leave the 4-bit training rows out")
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--no-decode", action="store_true")

@@ -89,3 +89,20 @@ def test_gpu_probe_rebuilds_the_engine_when_the_lora_bank_does_not_fit(tmp_path:
             assert c["status"] == "skipped" and "does not fit on this device" in c["reason"], c
         else:
             assert c["status"] == "ok" and c["decode_shape"]["rows"] == c["rows"], c
+
+
+@pytest.mark.timeout(300)
+def test_gpu_probe_times_the_fused_step_with_activation_checkpointing(tmp_path: Path, smollm2_tokenizer: str) -> None:
+    """``--checkpointing on`` (what ``auto`` turns on from the first K that runs out of device memory, as
+    the product's planner does for a large K): every training case runs with the decoder's activations
+    recomputed and says so."""
+    out = tmp_path / "probe.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_probe.py"), "--smoke", "--device", "cpu",
+                        "--no-decode", "--no-4bit", "--checkpointing", "on", "--out", str(out),
+                        "--tokenizer", smollm2_tokenizer], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    train = [c for c in json.loads(out.read_text())["train"] if not c["four_bit"]]
+    assert {c["k"] for c in train} == {1, 2}
+    for c in train:
+        assert c["status"] == "ok" and c["checkpointing"] is True and c["step_ms"] > 0, c
+    assert "train  tiny K=2   fp32  ckpt" in r.stdout
