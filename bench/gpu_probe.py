@@ -320,6 +320,11 @@ def time_decode(eng: Any, running: list[Any], warmup: int, steps: int, cuda: boo
             "tokens_per_s": round(len(running) / (wall_ms / 1000), 1), "steps": steps}
 
 
+def engine_max_adapters(plan: Plan) -> int:
+    """The decode engine's adapter slots: the most LoRA or LoRA-XS adapters a case places."""
+    return max(*plan.lora_adapters, plan.xs_adapters)
+
+
 def build_engine(shape: str, plan: Plan, args: argparse.Namespace, tok_dir: str, tmp: Path,
                  max_batch: int | None = None) -> tuple[Any, dict]:
     import torch
@@ -330,7 +335,7 @@ def build_engine(shape: str, plan: Plan, args: argparse.Namespace, tok_dir: str,
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     kw = {"dtype": str(dtype).removeprefix("torch."), "device": args.device, "max_batch": max_batch or max(plan.rows),
-          "max_len": max(plan.contexts), "max_adapters": max(*plan.lora_adapters, plan.xs_adapters),
+          "max_len": max(plan.contexts), "max_adapters": engine_max_adapters(plan),
           "max_rank": args.lora_r}
     tok = AutoTokenizer.from_pretrained(tok_dir)
     info: dict[str, Any] = {"engine_args": kw}
@@ -362,7 +367,7 @@ def build_engine(shape: str, plan: Plan, args: argparse.Namespace, tok_dir: str,
     return eng, info
 
 
-def lora_kernels(args: argparse.Namespace) -> tuple[str, ...]:
+def lora_kernels(args: argparse.Namespace, plan: Plan) -> tuple[str, ...]:
     """How the LoRA cases add their updates (``BatchedEngine.lora_kernel``): the engine's default (the
     per-row gather on a GPU, per distinct adapter on a CPU), and the grouped matmuls over the bank where
     they run without a host sync (bf16 on Hopper/Blackwell; the CPU's fallback for the smoke run)."""
@@ -379,8 +384,9 @@ def lora_kernels(args: argparse.Namespace) -> tuple[str, ...]:
         if bad:
             raise SystemExit(f"--lora-kernels: {', '.join(bad)} not among {', '.join(allowed)} on {args.device}")
         return kernels
-    ok, _ = grouped_lora_supported(torch.device(args.device), torch.bfloat16 if cuda else torch.float32)
-    return (default, "grouped") if ok and args.lora_r % 8 == 0 else (default,)
+    ok, _ = grouped_lora_supported(torch.device(args.device), torch.bfloat16 if cuda else torch.float32,
+                                   engine_max_adapters(plan) + 1, args.lora_r)  # build_engine's engine
+    return (default, "grouped") if ok else (default,)
 
 
 def lora_fit(eng: Any, plan: Plan, args: argparse.Namespace, cuda: bool, margin_gib: float = 2.0) -> dict:
@@ -398,11 +404,11 @@ def lora_fit(eng: Any, plan: Plan, args: argparse.Namespace, cuda: bool, margin_
                    if name in args.lora_targets) * eng.max_rank * elem
     bank = (eng.max_adapters + 1) * per_slot  # the engine allocates every slot at the first placement
     pool = 8 * per_slot * args.lora_r // eng.max_rank
-    kv_row = 2 * eng.k_cache.numel() * eng.k_cache.element_size() / eng.max_batch
+    kv = 2 * eng.k_cache.numel() * eng.k_cache.element_size()  # K and V
+    kv_row = kv / eng.max_batch
     used = None
     if args.mem_gib:  # a device of this size: what the engine holds (weights, KV cache, banks) is used
-        used = (sum(t.numel() * t.element_size() for t in eng.model.parameters())
-                + 2 * eng.k_cache.numel() * eng.k_cache.element_size()
+        used = (sum(t.numel() * t.element_size() for t in eng.model.parameters()) + kv
                 + sum(t.numel() * t.element_size() for banked in (eng.lora_a, eng.lora_b) for t in banked.values()))
         free = args.mem_gib * 2**30 - used
         margin_gib = 0.0 if args.smoke else margin_gib
@@ -424,7 +430,7 @@ def decode_shape(shape: str, plan: Plan, args: argparse.Namespace, tok_dir: str,
                  out: dict) -> None:
     cuda = args.device == "cuda"
     cases: list[dict[str, Any]] = []
-    kernels = lora_kernels(args)
+    kernels = lora_kernels(args, plan)
     for kind, counts in (("base", (0,)), ("lora_xs", (plan.xs_adapters,)), ("lora", plan.lora_adapters)):
         for n in counts:
             for kernel in (kernels if kind == "lora" else (None,)):
@@ -553,7 +559,7 @@ def decode_shape(shape: str, plan: Plan, args: argparse.Namespace, tok_dir: str,
             t_place += time.perf_counter() - t0
             for c in (c for c in lora_cases if c["adapters"] == n and c["rows"] <= eng.max_batch):
                 if eng.lora_kernel != c["kernel"]:  # the path the step's graphs were captured with
-                    eng.lora_kernel, eng.per_adapter = c["kernel"], c["kernel"] == "factors"
+                    eng.lora_kernel = c["kernel"]
                     eng._drop_graphs()
                     eng.cuda_graphs = graphs  # a capture that failed under the other kernel turned them off
                 run(c, list(placed))

@@ -208,13 +208,10 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
         if lora_kernel == "grouped":
             from adapterfab.serve.batched_forward import grouped_lora_supported
 
-            ok, why = grouped_lora_supported(self.device, self.dtype, max_adapters + 1)
-            if ok and max_rank % 8:  # the grouped GEMM reads B [rank, out] with a row stride of max_rank
-                ok, why = False, f"max_rank must be a multiple of 8 (16-byte rows of bf16), not {max_rank}"
+            ok, why = grouped_lora_supported(self.device, self.dtype, max_adapters + 1, max_rank)
             if not ok:
                 raise AdapterfabError(f"lora_kernel 'grouped' cannot run here: {why}")
         self.lora_kernel = lora_kernel or ("row" if self.buckets else "factors")
-        self.per_adapter = self.lora_kernel == "factors"
         self.max_graphs = max(1, max_graphs)  # evicting every graph would leave their pool unusable
         self._graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
         self._graph_pool: Any = None

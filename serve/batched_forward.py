@@ -65,16 +65,29 @@ class _Factors:
 @dataclass
 class _Segments:
     """A decode step's LoRA rows sorted by bank slot, for the grouped path (``lora_kernel="grouped"``):
-    ``perm`` [nb] the rows in slot order, ``offs`` [slots] int32 where each slot's run of sorted rows ends,
-    ``scale`` [nb] each sorted row's adapter scale and ``r`` the rank bucket. Every banked module's update
-    is then two grouped matmuls over the whole bank (``torch._grouped_mm``: a slot with no rows is an empty
-    group), so each adapter's A and B are read once per step and nothing is gathered per row; all of it is
-    computed on the device from the step's slot row, so a CUDA graph captures it with the step's shape."""
+    ``perm`` [nb] the rows in slot order, ``back`` [nb] where each row sits in that order, ``offs`` [slots]
+    int32 where each slot's run of sorted rows ends, ``scale`` [nb] each sorted row's adapter scale and ``r``
+    the rank bucket. Every banked module's update is then two grouped matmuls over the whole bank
+    (``torch._grouped_mm``: a slot with no rows is an empty group), so each adapter's A and B are read once
+    per step and nothing is gathered per row; all of it is computed on the device from the step's slot row,
+    once per step, so a CUDA graph captures it with the step's shape."""
 
     perm: Any
+    back: Any
     offs: Any
     scale: Any
     r: int
+
+    @classmethod
+    def of(cls, slot_row: Any, groups: int, scale: Any, r: int, dtype: Any) -> _Segments:
+        """The segments of a step whose rows hold LoRA slots ``slot_row`` [nb] (on the device), over a bank
+        of ``groups`` slots; ``scale`` holds each slot's adapter scale."""
+        import torch
+
+        slots, perm = torch.sort(slot_row, stable=True)
+        ends = torch.arange(1, groups + 1, device=slot_row.device)
+        return cls(perm, torch.argsort(perm), torch.searchsorted(slots, ends).to(torch.int32),
+                   scale[slots].to(dtype)[:, None], r)
 
     def delta(self, a_bank: Any, b_bank: Any, x: Any) -> Any:
         """The update [nb, T, out] of the rows ``x`` [nb, T, in] (T = 1 in a decode step)."""
@@ -85,21 +98,25 @@ class _Segments:
         xs = x.reshape(nb, d_in).index_select(0, self.perm)
         xa = torch._grouped_mm(xs, a_bank[:, : self.r].transpose(1, 2), offs=self.offs)  # [nb, r]
         d = torch._grouped_mm(xa * self.scale, b_bank[:, :, : self.r].transpose(1, 2), offs=self.offs)
-        return torch.zeros_like(d).index_copy_(0, self.perm, d).reshape(nb, t, -1)
+        return d.index_select(0, self.back).reshape(nb, t, -1)
 
 
 GROUPED_MAX_GROUPS = 1024  # torch's CUTLASS grouped GEMM sets its groups up in one block of threads
 
 
-def grouped_lora_supported(device: Any, dtype: Any, slots: int | None = None) -> tuple[bool, str]:
+def grouped_lora_supported(device: Any, dtype: Any, slots: int | None = None,
+                           max_rank: int | None = None) -> tuple[bool, str]:
     """Whether ``torch._grouped_mm`` runs the grouped LoRA path here without a host sync (which a CUDA graph
     cannot capture): on a GPU only its CUTLASS kernel does (bf16, compute capability 9.x or 10.x, fewer
     than 1,024 groups: ``slots``, the bank's adapter slots); its fallback, which CPUs run, loops over the
-    groups on the host."""
+    groups on the host. On every device the bank's B [rank, out] is read with a row stride of ``max_rank``,
+    which must be 16-byte aligned."""
     import torch
 
     if not hasattr(torch, "_grouped_mm"):
         return False, f"torch {torch.__version__} has no _grouped_mm"
+    if max_rank is not None and max_rank % 8:
+        return False, f"max_rank must be a multiple of 8 (16-byte rows of bf16), not {max_rank}"
     if device.type == "cpu":
         return True, ""
     if device.type != "cuda":
@@ -307,15 +324,15 @@ class BatchedForward:
         import torch
 
         ids, pos = inp[0], inp[1]
-        lora = factors or ((inp[2], r) if r else None)
-        if r and factors is None and self.lora_kernel == "grouped":
-            slots, perm = torch.sort(inp[2], stable=True)
+        if factors is not None or not r:
+            lora = factors
+        elif self.lora_kernel == "grouped":
             # one group per bank slot (the banks' size, not lora_scale's: a backend may lower max_adapters
             # after the engine is built, and banks are allocated at first use)
             groups = next(iter(self.lora_a.values())).shape[0]
-            ends = torch.arange(1, groups + 1, device=self.device)
-            lora = _Segments(perm, torch.searchsorted(slots, ends).to(torch.int32),
-                             self.lora_scale[slots].to(self.dtype)[:, None], r)
+            lora = _Segments.of(inp[2], groups, self.lora_scale, r, self.dtype)
+        else:
+            lora = (inp[2], r)
         xs = {bid: inp[3 + j] for j, bid in enumerate(bids)}
         rows = torch.arange(nb, device=self.device)
         h = self.model.model.embed_tokens(ids[:, None])
@@ -385,7 +402,7 @@ class BatchedForward:
             if logits is not None:
                 return logits
         return self._decode_core(host.to(self.device), nb, span, r, bids,
-                                 self._factors(lora, r) if r and self.per_adapter else None)
+                                 self._factors(lora, r) if r and self.lora_kernel == "factors" else None)
 
     def _replay(self, key: tuple, host: Any) -> Any:
         """Run the decode step ``key`` = (nb, span, rank, bases) from its CUDA graph (captured on first use);

@@ -63,9 +63,9 @@ ROWS = [None, "pirate", "butler", "robot", "poet", "xs-one", "pirate", "xs-two"]
 
 def test_per_adapter_updates_equal_the_per_row_gather(fp32_engine: BatchedEngine) -> None:
     """Ranks 2/4/8 on q,v, all seven modules, o/down only, LoRA-XS rows and a base row in one step."""
-    assert fp32_engine.per_adapter  # exact shapes on CPU take the per-adapter path
+    assert fp32_engine.lora_kernel == "factors"  # exact shapes on CPU take the per-adapter path
     fast = _step_logits(fp32_engine, ROWS)
-    fp32_engine.per_adapter = False
+    fp32_engine.lora_kernel = "row"
     slow = _step_logits(fp32_engine, ROWS)
     assert torch.allclose(fast, slow, atol=1e-5, rtol=1e-5), (fast - slow).abs().max()
     base = _step_logits(fp32_engine, [None] * len(ROWS))
@@ -79,7 +79,7 @@ def test_the_per_adapter_factors_follow_a_reused_slot(fp32_engine: BatchedEngine
     fp32_engine.load_adapter("robot2", mixed_adapters["lora"]["robot"])  # takes pirate's slot
     assert fp32_engine._slot_of["robot2"][1] == slot
     after = _step_logits(fp32_engine, ["robot2", "butler"])
-    fp32_engine.per_adapter = False
+    fp32_engine.lora_kernel = "row"
     want = _step_logits(fp32_engine, ["robot2", "butler"])
     assert torch.allclose(after, want, atol=1e-5, rtol=1e-5)  # not the cached factors of pirate
     assert (after[0] - before[0]).abs().max() > 1e-3
@@ -109,7 +109,7 @@ def test_grouped_lora_kernel_equals_the_per_row_gather(tiny_model_path: str, mix
         for name, path in mixed_adapters["xs"].items():
             eng.load_adapter(name, path, basis=mixed_adapters["basis"])
         _stopped(eng)
-        assert eng.lora_kernel == "grouped" and not eng.per_adapter
+        assert eng.lora_kernel == "grouped"
         grouped = _step_logits(eng, ROWS)
         assert calls and all(shape[0] == 9 for shape in calls)  # the grouped path ran: one group per bank slot
         assert all(r % 8 == 0 for (_, _, r, _) in eng.decode_shapes if r)
