@@ -105,6 +105,24 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
         self._thread = threading.Thread(target=self._loop, name="batched-engine", daemon=True)
         self._thread.start()
 
+    def use_lora_kernel(self, kernel: str | None) -> None:
+        """Switch how decode steps add their LoRA rows' updates (the constructor's ``lora_kernel``; None:
+        the engine's own choice, and "factors", the per-adapter path, on unbucketed shapes), with the
+        constructor's checks; graphs captured under the previous kernel are dropped. Call it between steps."""
+        if kernel not in (None, "row", "grouped", "factors") or (kernel == "factors" and self.buckets):
+            allowed = "'row' or 'grouped'" + ("" if self.buckets else " or 'factors'")
+            raise AdapterfabError(f"lora_kernel must be {allowed}, not {kernel!r}")
+        if kernel == "grouped":
+            from adapterfab.serve.batched_forward import grouped_lora_supported
+
+            ok, why = grouped_lora_supported(self.device, self.dtype, self.max_adapters + 1, self.max_rank)
+            if not ok:
+                raise AdapterfabError(f"lora_kernel 'grouped' cannot run here: {why}")
+        kernel = kernel or ("row" if self.buckets else "factors")
+        if self.lora_kernel and kernel != self.lora_kernel:
+            self._drop_graphs()
+        self.lora_kernel = kernel
+
     def _setup(self, model_path: str | Path, dtype: str, device: str, max_batch: int, max_len: int,
                max_adapters: int, max_rank: int, torch_threads: int | None, prefill_tokens: int,
                cuda_graphs: bool | None, buckets: bool | None, max_graphs: int, tenant_max_rows: int | None,
@@ -205,13 +223,8 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
         # bf16 Hopper/Blackwell GPU; not yet the default there: unmeasured against the gather)
         if lora_kernel not in (None, "row", "grouped"):
             raise AdapterfabError(f"lora_kernel must be 'row' or 'grouped', not {lora_kernel!r}")
-        if lora_kernel == "grouped":
-            from adapterfab.serve.batched_forward import grouped_lora_supported
-
-            ok, why = grouped_lora_supported(self.device, self.dtype, max_adapters + 1, max_rank)
-            if not ok:
-                raise AdapterfabError(f"lora_kernel 'grouped' cannot run here: {why}")
-        self.lora_kernel = lora_kernel or ("row" if self.buckets else "factors")
+        self.lora_kernel = ""
+        self.use_lora_kernel(lora_kernel)
         self.max_graphs = max(1, max_graphs)  # evicting every graph would leave their pool unusable
         self._graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
         self._graph_pool: Any = None

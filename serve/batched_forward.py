@@ -89,16 +89,26 @@ class _Segments:
         return cls(perm, torch.argsort(perm), torch.searchsorted(slots, ends).to(torch.int32),
                    scale[slots].to(dtype)[:, None], r)
 
-    def delta(self, a_bank: Any, b_bank: Any, x: Any) -> Any:
-        """The update [nb, T, out] of the rows ``x`` [nb, T, in] (T = 1 in a decode step)."""
-        import torch
-
+    def sort(self, x: Any) -> Any:
+        """The rows ``x`` [nb, T, in] (T = 1 in a decode step) as [nb, in] in slot order."""
         nb, t, d_in = x.shape
         assert t == 1, "the grouped path runs decode steps (one token a row)"
-        xs = x.reshape(nb, d_in).index_select(0, self.perm)
+        return x.reshape(nb, d_in).index_select(0, self.perm)
+
+    def sorted_delta(self, a_bank: Any, b_bank: Any, xs: Any) -> Any:
+        """The update [nb, out] of the sorted rows ``xs`` (``sort``), still in slot order."""
+        import torch
+
         xa = torch._grouped_mm(xs, a_bank[:, : self.r].transpose(1, 2), offs=self.offs)  # [nb, r]
-        d = torch._grouped_mm(xa * self.scale, b_bank[:, :, : self.r].transpose(1, 2), offs=self.offs)
-        return d.index_select(0, self.back).reshape(nb, t, -1)
+        return torch._grouped_mm(xa * self.scale, b_bank[:, :, : self.r].transpose(1, 2), offs=self.offs)
+
+    def unsort(self, d: Any) -> Any:
+        """Sorted updates [nb, out] back in row order, as [nb, 1, out]."""
+        return d.index_select(0, self.back).unsqueeze(1)
+
+    def delta(self, a_bank: Any, b_bank: Any, x: Any) -> Any:
+        """The update [nb, T, out] of the rows ``x`` [nb, T, in] (T = 1 in a decode step)."""
+        return self.unsort(self.sorted_delta(a_bank, b_bank, self.sort(x)))
 
 
 GROUPED_MAX_GROUPS = 1024  # torch's CUTLASS grouped GEMM sets its groups up in one block of threads
@@ -194,7 +204,23 @@ class BatchedForward:
         y = self._matmul((i, group), x, weight, bias)
         if isinstance(lora, _Factors):
             y, lora = lora.add((i, group), y, x), None
+        elif isinstance(lora, _Segments):  # x sorted once for the group, the deltas put back in one gather
+            y, lora = self._grouped_group(i, names, sizes, y, x, lora), None
         return [self._plus_delta(y, (i, n), x, lora, xs_slots) for y, n in zip(y.split(sizes, dim=-1), names)]
+
+    def _grouped_group(self, i: int, names: tuple[str, ...], sizes: list[int], y: Any, x: Any,
+                       seg: _Segments) -> Any:
+        """The fused output ``y`` [nb, 1, sum(sizes)] of layer ``i``'s modules ``names`` plus their banked
+        modules' grouped updates: the group's rows sorted once, each module's update in slot order (zeros
+        for a module with no bank), and all of them returned to row order by one gather."""
+        import torch
+
+        if not any((i, n) in self.lora_a for n in names):
+            return y
+        xs = seg.sort(x)
+        parts = [seg.sorted_delta(self.lora_a[(i, n)], self.lora_b[(i, n)], xs) if (i, n) in self.lora_a
+                 else xs.new_zeros(xs.shape[0], size) for n, size in zip(names, sizes)]
+        return y + seg.unsort(torch.cat(parts, dim=-1))
 
     def _plus_delta(self, y: Any, key: tuple[int, str], x: Any, lora: tuple[Any, int] | None,
                     xs_slots: dict[str, Any]) -> Any:

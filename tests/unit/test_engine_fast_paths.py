@@ -65,7 +65,7 @@ def test_per_adapter_updates_equal_the_per_row_gather(fp32_engine: BatchedEngine
     """Ranks 2/4/8 on q,v, all seven modules, o/down only, LoRA-XS rows and a base row in one step."""
     assert fp32_engine.lora_kernel == "factors"  # exact shapes on CPU take the per-adapter path
     fast = _step_logits(fp32_engine, ROWS)
-    fp32_engine.lora_kernel = "row"
+    fp32_engine.use_lora_kernel("row")
     slow = _step_logits(fp32_engine, ROWS)
     assert torch.allclose(fast, slow, atol=1e-5, rtol=1e-5), (fast - slow).abs().max()
     base = _step_logits(fp32_engine, [None] * len(ROWS))
@@ -79,7 +79,7 @@ def test_the_per_adapter_factors_follow_a_reused_slot(fp32_engine: BatchedEngine
     fp32_engine.load_adapter("robot2", mixed_adapters["lora"]["robot"])  # takes pirate's slot
     assert fp32_engine._slot_of["robot2"][1] == slot
     after = _step_logits(fp32_engine, ["robot2", "butler"])
-    fp32_engine.lora_kernel = "row"
+    fp32_engine.use_lora_kernel("row")
     want = _step_logits(fp32_engine, ["robot2", "butler"])
     assert torch.allclose(after, want, atol=1e-5, rtol=1e-5)  # not the cached factors of pirate
     assert (after[0] - before[0]).abs().max() > 1e-3
@@ -101,6 +101,11 @@ def test_grouped_lora_kernel_equals_the_per_row_gather(tiny_model_path: str, mix
         return grouped_mm(*args, **kw)
 
     monkeypatch.setattr(torch, "_grouped_mm", counted)
+    from adapterfab.serve.batched_forward import _Segments
+
+    sorts = []
+    sort = _Segments.sort
+    monkeypatch.setattr(_Segments, "sort", lambda self, x: sorts.append(1) or sort(self, x))
     eng = BatchedEngine(tiny_model_path, dtype=dtype, max_batch=8, max_len=128, max_adapters=8, max_rank=16,
                         buckets=buckets, lora_kernel="grouped")
     try:
@@ -112,8 +117,11 @@ def test_grouped_lora_kernel_equals_the_per_row_gather(tiny_model_path: str, mix
         assert eng.lora_kernel == "grouped"
         grouped = _step_logits(eng, ROWS)
         assert calls and all(shape[0] == 9 for shape in calls)  # the grouped path ran: one group per bank slot
+        # every module is banked (one adapter has all seven): two grouped matmuls per module, but the rows
+        # sorted once per matmul of the base, i.e. 4 times a layer (q,k,v and gate,up share theirs), not 7
+        assert len(sorts) * 7 == len(calls) // 2 * 4, (len(sorts), len(calls))
         assert all(r % 8 == 0 for (_, _, r, _) in eng.decode_shapes if r)
-        eng.lora_kernel = "row"
+        eng.use_lora_kernel("row")
         n = len(calls)
         row = _step_logits(eng, ROWS)
         assert len(calls) == n  # the reference did not
@@ -132,6 +140,15 @@ def test_an_unknown_lora_kernel_or_a_misaligned_rank_is_refused(tiny_model_path:
         BatchedEngine(tiny_model_path, max_batch=2, max_len=32, max_adapters=2, lora_kernel="punica")
     with pytest.raises(AdapterfabError, match="max_rank must be a multiple of 8"):
         BatchedEngine(tiny_model_path, max_batch=2, max_len=32, max_adapters=2, max_rank=12, lora_kernel="grouped")
+    eng = BatchedEngine(tiny_model_path, max_batch=2, max_len=32, max_adapters=2, max_rank=12, buckets=True)
+    try:  # a switch between steps (bench/gpu_probe.py times both kernels on one engine) is checked alike
+        with pytest.raises(AdapterfabError, match="max_rank must be a multiple of 8"):
+            eng.use_lora_kernel("grouped")
+        with pytest.raises(AdapterfabError, match="lora_kernel must be 'row' or 'grouped', not 'factors'"):
+            eng.use_lora_kernel("factors")  # the per-adapter path runs exact shapes only
+        assert eng.lora_kernel == "row"
+    finally:
+        eng.close()
 
 
 @pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
