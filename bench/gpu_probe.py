@@ -559,7 +559,11 @@ def decode_shape(shape: str, plan: Plan, args: argparse.Namespace, tok_dir: str,
             t_place += time.perf_counter() - t0
             for c in (c for c in lora_cases if c["adapters"] == n and c["rows"] <= eng.max_batch):
                 if eng.lora_kernel != c["kernel"]:  # the path the step's graphs were captured with
-                    eng.use_lora_kernel(c["kernel"])  # the constructor's checks; drops those graphs
+                    try:
+                        eng.use_lora_kernel(c["kernel"])  # the constructor's checks; drops those graphs
+                    except Exception as e:  # noqa: BLE001 - this kernel cannot run here: its cases only
+                        failed([c], e)
+                        continue
                     eng.cuda_graphs = graphs  # a capture that failed under the other kernel turned them off
                 run(c, list(placed))
                 c["cuda_graphs"] = eng.cuda_graphs  # False: this case ran eagerly (its capture failed)

@@ -341,18 +341,19 @@ class BatchedForward:
             out[key] = (a, b, len(parts))
         return out
 
-    def _decode_core(self, inp: Any, nb: int, span: int, r: int, bids: tuple[str, ...],
+    def _decode_core(self, inp: Any, nb: int, span: int, r: int, bids: tuple[str, ...], kernel: str,
                      factors: _Factors | None = None) -> Any:
         """One decode step over cache rows ``0..nb-1`` with static shapes (what a CUDA graph captures):
         ``inp`` [3 + len(bids), nb] holds each row's last token, its position, its LoRA slot and its slot
         in each LoRA-XS basis ``bids``; attention reads cache positions ``0..span-1`` (a view) under a
-        mask of each row's own positions. Returns the logits [nb, vocab]; nothing is read back."""
+        mask of each row's own positions; LoRA rows add their updates by ``kernel`` (the step's
+        ``lora_kernel``). Returns the logits [nb, vocab]; nothing is read back."""
         import torch
 
         ids, pos = inp[0], inp[1]
         if factors is not None or not r:
             lora = factors
-        elif self.lora_kernel == "grouped":
+        elif kernel == "grouped":
             # one group per bank slot (the banks' size, not lora_scale's: a backend may lower max_adapters
             # after the engine is built, and banks are allocated at first use)
             groups = next(iter(self.lora_a.values())).shape[0]
@@ -408,6 +409,7 @@ class BatchedForward:
         nb = max(rows) + 1
         span = max(q.pos for q in running) + 1
         lora, r, xs = self._adapter_table(running, rows, nb)
+        kernel = self.lora_kernel  # read once: use_lora_kernel may switch it between steps
         if self.buckets:
             nb_b = _bucket(nb, self.max_batch, 1)
             span = _bucket(span, self.max_len, 64)
@@ -415,7 +417,7 @@ class BatchedForward:
             lora += [0] * (nb_b - nb)
             xs = {b: v + [0] * (nb_b - nb) for b, v in xs.items()}
             nb = nb_b
-        elif r and self.lora_kernel == "grouped":  # the grouped GEMM reads x·Aᵀ [rows, r] in 16-byte rows
+        elif r and kernel == "grouped":  # the grouped GEMM reads x·Aᵀ [rows, r] in 16-byte rows
             r = min(-(-r // 8) * 8, self.max_rank)
         ids, pos = [0] * nb, [0] * nb  # idle rows: a dummy token at position 0 of a row nobody owns
         for q in running:
@@ -424,15 +426,15 @@ class BatchedForward:
         self.decode_shapes[(nb, span, r, bids)] += 1
         host = torch.tensor([ids, pos, lora, *(xs[b] for b in bids)], dtype=torch.long)
         if self.cuda_graphs:
-            logits = self._replay((nb, span, r, bids), host)
+            logits = self._replay((nb, span, r, bids, kernel), host)  # a kernel's graphs are its own
             if logits is not None:
                 return logits
-        return self._decode_core(host.to(self.device), nb, span, r, bids,
-                                 self._factors(lora, r) if r and self.lora_kernel == "factors" else None)
+        return self._decode_core(host.to(self.device), nb, span, r, bids, kernel,
+                                 self._factors(lora, r) if r and kernel == "factors" else None)
 
     def _replay(self, key: tuple, host: Any) -> Any:
-        """Run the decode step ``key`` = (nb, span, rank, bases) from its CUDA graph (captured on first use);
-        None when it cannot be captured (graphs are then off and the caller runs the step eagerly)."""
+        """Run the decode step ``key`` = (nb, span, rank, bases, LoRA kernel) from its CUDA graph (captured on
+        first use); None when it cannot be captured (graphs are then off and the caller runs the step eagerly)."""
         if self._graphs_version != self._banks_version:  # a new bank: graphs captured before miss it
             self._drop_graphs()
             self._graphs_version = self._banks_version
