@@ -106,3 +106,22 @@ def test_gpu_probe_times_the_fused_step_with_activation_checkpointing(tmp_path: 
     for c in train:
         assert c["status"] == "ok" and c["checkpointing"] is True and c["step_ms"] > 0, c
     assert "train  tiny K=2   fp32  ckpt" in r.stdout
+
+
+@pytest.mark.timeout(300)
+def test_a_lora_kernel_that_cannot_run_fails_only_its_own_cases(tmp_path: Path, smollm2_tokenizer: str) -> None:
+    """``--lora-kernels factors,grouped`` with a rank the grouped GEMM refuses (12: not a multiple of 8): the
+    engine's ``use_lora_kernel`` refuses the switch, the grouped cases are recorded as errors saying why, and
+    the other kernel's cases of the same shape still run (the switch back to it is allowed), and the result
+    file is written."""
+    out = tmp_path / "probe.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_probe.py"), "--smoke", "--device", "cpu",
+                        "--no-train", "--out", str(out), "--tokenizer", smollm2_tokenizer, "--lora-r", "12",
+                        "--lora-kernels", "factors,grouped"], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # a case in error: the probe exits 1
+    cases = [c for c in json.loads(out.read_text())["decode"] if c["kind"] == "lora"]
+    grouped = [c for c in cases if c["kernel"] == "grouped"]
+    factors = [c for c in cases if c["kernel"] == "factors"]
+    assert grouped and len(grouped) == len(factors), cases
+    assert all(c["status"] == "error" and "multiple of 8" in c["reason"] for c in grouped), grouped
+    assert all(c["status"] == "ok" and c["decode_shape"]["lora_rank"] > 0 for c in factors), factors
