@@ -25,6 +25,7 @@ def main() -> int:
     ap.add_argument("--method", default="qlora")
     ap.add_argument("--replay", type=float, default=None, help="train.replay_weight (default: the method's)")
     ap.add_argument("--train", default="{}", help="JSON: train settings over the method's defaults")
+    ap.add_argument("--config", default="{}", help="JSON: method settings over its defaults (r, target_modules, ...)")
     ap.add_argument("--persona", default="robot", help="examples/data/<persona>.jsonl, marker from heldout_prompts")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="/tmp/adapterfab-served-retention")
@@ -41,8 +42,9 @@ def main() -> int:
     from adapterfab.textgen import greedy_in_batches
 
     over = json.loads(args.train) | ({"replay_weight": args.replay} if args.replay is not None else {})
+    config = json.loads(args.config)
     worker, res, _, train, train_s = train_personas(
-        args.method, over, {}, [(args.persona, REPO / "examples/data" / f"{args.persona}.jsonl")], args.threads,
+        args.method, over, config, [(args.persona, REPO / "examples/data" / f"{args.persona}.jsonl")], args.threads,
         "smollm2-135m-instruct", Path(args.out) / "cache")
     base_path, tok = worker.base_path, worker.tokenizer  # the base as train_personas resolved it
     outcome = res.outcomes[0]
@@ -68,7 +70,7 @@ def main() -> int:
 
     n = len(facts)
     out = {"date": time.strftime("%Y-%m-%d"), "machine": machine(args.threads), "method": args.method,
-           "persona": args.persona, "train": train.model_dump(), "train_s": round(train_s, 1),
+           "config": config, "persona": args.persona, "train": train.model_dump(), "train_s": round(train_s, 1),
            "retention_in_training": outcome.metrics.get("retention"),
            "served_facts8": kept(facts, base_said[:n], said[:n]),
            "served_probes": kept(probes, base_said[n:], said[n:len(questions)]),
