@@ -38,6 +38,11 @@ class Env(BaseSettings):
     # many bytes (0: never), on a warm trainer already leased when there is one (false: never)
     first_window_in_process_bytes: int = Field(4 << 20, ge=0)
     first_window_on_trainer: bool = True
+    # a later window too, when its files hold at most this many bytes (0: every later window is a Ray Data
+    # execution). On CPUs the trainers hold, an execution's start (task workers importing the tokenizer,
+    # Ray Data's own actors: ~40 CPU-s on 2 cores) is taken from the training steps around it, and costs
+    # far more than tokenizing a few MB in the orchestrator (bench/RESULTS.md, issue 18, 2026-12-06)
+    window_in_process_bytes: int = Field(4 << 20, ge=0)
 
     @property
     def roots(self) -> tuple[str, ...]:

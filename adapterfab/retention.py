@@ -30,6 +30,15 @@ CLAIM_WAIT_S = 900.0  # the longest a trainer waits for another asking the base 
 MAX_GENERATE_BATCH = 64  # prompts per generate call: 40 decode steps cost about the same for 16 rows or 64
 
 
+def answers_folder(settings: Any) -> Path:
+    """Where the base's answers (to retention probes and replay prompts) are kept: beside the converted
+    base models, in the machine's cache (``ADAPTERFAB_CACHE``), shared by every home and stack on it. The
+    answers are a property of the base's weights (a content hash), how they are loaded and the device
+    type (``AnswerCache``'s key), not of a stack: a new stack's first batch on a base asks nothing again
+    (~65 greedy answers of 40 tokens: 15-25 s of a trainer on 2 CPUs, 1-3 minutes without AVX-512)."""
+    return Path(settings.cache) / "retention"
+
+
 def loaded_as(model: Any) -> str:
     """How ``model``'s base is loaded, as its answers depend on it: the first parameter's dtype, and for a
     4-bit base (bitsandbytes ``Linear4bit``: QLoRA, LoRA-XS ``quantize: nf4``) its quant type, compute

@@ -2,7 +2,8 @@
 
 - ``ADAPTERFAB_HOME`` (default ``~/.adapterfab``): state database, artifact folder, MLflow files, logs,
   and ``stack.json`` written by ``adapterfab up`` (addresses of the running stack).
-- ``ADAPTERFAB_CACHE`` (default ``~/.cache/adapterfab``): converted base models (shared by homes).
+- ``ADAPTERFAB_CACHE`` (default ``~/.cache/adapterfab``): converted base models and the bases' answers to
+  retention probes and replay prompts (``retention/``), shared by homes.
 - ``ADAPTERFAB_STATE_URL``: SQLAlchemy URL of the state database (default SQLite under home).
 - ``ADAPTERFAB_ARTIFACTS``: artifact store root, a folder or ``s3://bucket/prefix``
   (default ``<home>/artifacts``).
@@ -27,7 +28,8 @@ DEFAULT_UI_PORT = 8280  # our dashboard (serve/dashboard.py); 8265 is Ray's
 
 
 def cache_dir() -> Path:
-    """``ADAPTERFAB_CACHE``: converted and downloaded base models, downloaded adapters."""
+    """``ADAPTERFAB_CACHE``: converted and downloaded base models, downloaded adapters, the bases' answers
+    to retention probes and replay prompts (adapterfab/retention.py ``answers_folder``)."""
     return Path(os.environ.get("ADAPTERFAB_CACHE", "~/.cache/adapterfab")).expanduser().resolve()
 
 

@@ -450,7 +450,14 @@ def main() -> None:
             gpus = args.gpus_per_job if gpu else 0.0
             spec = batch_spec(f"factory-{mode}", base, paths, args.steps, args.batch_size, args.seq, args.cpus_per_job,
                               gpus)
+            from adapterfab.retention import answers_folder
+            from adapterfab.settings import Settings
+
+            answers = answers_folder(Settings.load())  # the machine's (ADAPTERFAB_CACHE), shared by homes
+            cached = sorted(p.name for p in answers.glob("answers-*.json")) if answers.is_dir() else []
             submit = run_submit(home, spec, work, "main")
+            # whether the bases' answers to the probes were there before (a first batch on this machine asks them)
+            submit["answer_files_before"] = cached
             print(
                 f"submit: {submit['wall_s']} s for {submit['jobs']} jobs = {submit['adapters_per_hour']}/h, first step "
                 f"{submit['first_step_after_submit_s']} s after submit; stats {submit['stats']}",
@@ -476,7 +483,7 @@ def main() -> None:
                 submit["stats"].get("slots", 1),
                 args.cpus_per_job,
                 gpus,
-                str(home / "cache" / "retention"),
+                str(answers),
             )
             print(f"fused compute only: {fused['adapters_per_hour']}/h ({fused['wall_s']} s)", flush=True)
         finally:

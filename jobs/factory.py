@@ -6,8 +6,9 @@
     reuse check, LoRA-XS basis      groups per slot wait       train fused groups  on its own threads
 
 - **Prepare** runs ahead of training in windows of ``WINDOW_JOBS`` jobs: each window's MLflow runs are
-  made on a few threads and its datasets go through one Ray Data execution (``prepare_many``), while
-  the trainers train earlier groups. It stops when enough groups wait, so memory stays bounded.
+  made on a few threads and its datasets go through one Ray Data execution (``prepare_many``; a window
+  of a few MB of files through the same UDFs in this process), while the trainers train earlier groups.
+  It stops when enough groups wait, so memory stays bounded.
 - **Train**: one thread per trainer slot takes the next ready group (preferring the key of the trainer it
   holds), leases a resident trainer for it and hands it the group's rows. A group whose trainer dies
   resumes from its checkpoint on another trainer. Multi-worker (DeepSpeed ZeRO) jobs run on Ray Train.
@@ -80,6 +81,7 @@ class Factory:
         # epoch seconds of the batch's way to its first step (the orchestrator's, then the factory's own)
         self.marks: dict[str, float] = dict(marks or {})
         self.first_window_by = "orchestrator"  # or "trainer NAME": a warm trainer prepared it
+        self.data_runs: dict[str, int] = {}  # windows' data runs here: {"ray_data": n, "in_process": m}
         self.stepped = threading.Event()  # a first progress report came (or training is over)
         self.trainers: dict[str, dict[str, Any]] = {}  # name -> {groups, warm (its base was loaded before)}
         # slot -> the key of the trainer it holds (or is starting): other slots leave those groups to it
@@ -92,7 +94,7 @@ class Factory:
     def stats(self) -> dict[str, Any]:
         return {"slots": self.slots, "groups": len(self.groups), "first_step_s": self.first_step_s,
                 **{k: round(v, 3) for k, v in self.timing.items()}, "trainers": self.trainers,
-                "startup_s": self.startup(), "first_window_by": self.first_window_by}
+                "startup_s": self.startup(), "first_window_by": self.first_window_by, "data_runs": dict(self.data_runs)}
 
     def startup(self) -> dict[str, float]:
         """Seconds after submit at which the batch passed each step on its way to the first training
@@ -188,9 +190,16 @@ class Factory:
             self.stepped.wait(FIRST_STEP_WAIT_S)
 
     def _prepare_window(self, window: list[int], first: bool = False) -> None:
-        """One window's MLflow runs and data; the first window's small files are prepared in this process
-        (the first steps wait for them, and a Ray Data execution takes seconds to start)."""
-        from adapterfab.pipelines.data import FIRST_WINDOW_IN_PROCESS_BYTES, DataRequest, prepare_many
+        """One window's MLflow runs and data. A window's small files are prepared in this process: the
+        first steps wait for the first window, and a Ray Data execution takes seconds to start; a later
+        one's start would take its CPU from the trainers training meanwhile. Larger windows (and any, with
+        ``ADAPTERFAB_WINDOW_IN_PROCESS_BYTES=0``) are one Ray Data execution each."""
+        from adapterfab.pipelines.data import (
+            FIRST_WINDOW_IN_PROCESS_BYTES,
+            WINDOW_IN_PROCESS_BYTES,
+            DataRequest,
+            prepare_many,
+        )
 
         t0 = time.monotonic()
         members = [i for n in window for i in self.groups[n]]
@@ -203,8 +212,14 @@ class Factory:
             try:
                 if first and (rows := self._prepare_on_trainer(requests)) is not None:
                     return rows
-                return prepare_many(requests, self.ctx.base.path,
-                                    in_process_bytes=FIRST_WINDOW_IN_PROCESS_BYTES if first else 0)
+                ran: list[str] = []
+                try:
+                    here = FIRST_WINDOW_IN_PROCESS_BYTES if first else WINDOW_IN_PROCESS_BYTES
+                    return prepare_many(requests, self.ctx.base.path, in_process_bytes=here, ran=ran)
+                finally:
+                    with self._lock:
+                        for how in ran:
+                            self.data_runs[how] = self.data_runs.get(how, 0) + 1
             finally:
                 self._add(data_s=time.monotonic() - t1)
 
@@ -420,7 +435,7 @@ class Factory:
         and the group resumes from its checkpoint. Returns the lease the slot holds afterwards."""
         from adapterfab import faults
         from adapterfab.jobs.resident import GroupJob, GroupTask
-        from adapterfab.retention import job_probes
+        from adapterfab.retention import answers_folder, job_probes
 
         ctx = self.ctx
         task = GroupTask(item.gid, [GroupJob(p.jid, p.job.method.model_dump(), p.job.train.model_dump(),
@@ -428,7 +443,7 @@ class Factory:
                                     for p in item.prepared],
                          ctx.pad(), str(self.checkpoints / f"{item.gid}.pt"), item.checkpointing,
                          fail_at_step=1 if faults.fail_group([p.job.tenant for p in item.prepared]) else 0,
-                         probe_cache=str(ctx.settings.home / "cache" / "retention"))
+                         probe_cache=str(answers_folder(ctx.settings)))
         self._mark("first_group")
         try:
             return self._run_group(lease, item, task)
@@ -533,7 +548,7 @@ class Factory:
 
         from adapterfab.jobs.launch import WorkerJob, run_training_job
         from adapterfab.jobs.trainers import retire_idle_trainers
-        from adapterfab.retention import job_probes
+        from adapterfab.retention import answers_folder, job_probes
 
         ctx = self.ctx
         with self._lock:
@@ -555,7 +570,7 @@ class Factory:
                         progress_board=ctx.board_name, pad_id=ctx.pad(), cpus=plan.cpus, basis_uri=p.basis_uri,
                         gpus=plan.gpus, workers=plan.workers, zero_stage=plan.zero_stage,
                         mlflow_retry_s=ctx.tracking.retry_s, probes=job_probes(p.job.probes),
-                        probe_cache=str(ctx.settings.home / "cache" / "retention"))
+                        probe_cache=str(answers_folder(ctx.settings)))
                     train_ds = ray.data.from_items([_listed(r) for r in p.data.train])
                     eval_ds = ray.data.from_items([_listed(r) for r in p.data.eval])
                     metrics, adapter_dir = run_training_job(

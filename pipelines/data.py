@@ -351,7 +351,10 @@ MAX_READ_BLOCKS = 4
 # their bases. The factory's first window is what the first training step waits for, so ``prepare_many``
 # may run a small set of files (``in_process_bytes``) through the same UDFs in the calling process.
 FIRST_WINDOW_IN_PROCESS_BYTES = env().first_window_in_process_bytes  # 0: never
-# such a window goes to a warm trainer already leased, when there is one (jobs/factory.py); 0: never
+# later windows, which the trainers do not wait for, up to this size too: an execution's start takes the
+# CPUs of the trainers training meanwhile (0: always Ray Data)
+WINDOW_IN_PROCESS_BYTES = env().window_in_process_bytes
+# such a (first) window goes to a warm trainer already leased, when there is one (jobs/factory.py); 0: never
 FIRST_WINDOW_ON_TRAINER = env().first_window_on_trainer
 _TAGGED = pa.schema([("req", pa.int64()), ("line", pa.int64()), ("messages", pa.string()), ("error", pa.string())])
 
@@ -425,12 +428,13 @@ def local_bytes(requests: list[DataRequest]) -> int | None:
 
 
 def prepare_many(requests: list[DataRequest], tokenizer_path: str, timeout_s: float = 300,
-                 in_process_bytes: int = 0) -> dict[str, PreparedRows | DatasetError]:
+                 in_process_bytes: int = 0, ran: list[str] | None = None) -> dict[str, PreparedRows | DatasetError]:
     """Read, validate, template, tokenize and split several jobs' datasets in one Ray Data execution per
     filesystem. Each job gets its own rows and stats, or its own DatasetError (a missing file, a bad
     share of bad rows, ...): one job's data never affects another's. Same checks as
     ``prepare_dataset``; a file named by several jobs is read once. A filesystem's files that total at
-    most ``in_process_bytes`` go through the same UDFs in this process instead (no execution to start)."""
+    most ``in_process_bytes`` go through the same UDFs in this process instead (no execution to start).
+    ``ran``, if given, gets ``"ray_data"`` or ``"in_process"`` appended for each filesystem's run."""
     out: dict[str, PreparedRows | DatasetError] = {}
     by_fs: dict[str, tuple[pafs.FileSystem, dict[str, list[tuple[int, str]]]]] = {}
     sha: dict[int, str] = {}
@@ -446,6 +450,8 @@ def prepare_many(requests: list[DataRequest], tokenizer_path: str, timeout_s: fl
         by_fs.setdefault(kind, (fs, {}))[1].setdefault(path, []).append((i, fmt))
     for fs, wanted in by_fs.values():
         run = _run_tagged_here if sum(size[p] for p in wanted) <= in_process_bytes else _run_tagged
+        if ran is not None:
+            ran.append("in_process" if run is _run_tagged_here else "ray_data")
         try:
             _collect(_run_files(fs, wanted, requests, tokenizer_path, run, timeout_s), wanted, requests, sha, out)
         except DatasetError as e:

@@ -441,6 +441,9 @@ def test_a_64_job_batch_through_submit(stack, tiny_model_path: str, tmp_path: Pa
     stats = dump["stats"]
     assert stats["groups"] >= 8 and 1 <= len(stats["trainers"]) <= 2 and stats["first_step_s"]
     assert sum(t["groups"] for t in stats["trainers"].values()) == stats["groups"] - 1  # the failed one
+    # every window of these small files (~1 KB each) tokenized in the orchestrator, none a Ray Data
+    # execution taking the trainers' CPUs (the Ray Data path of the factory: tests/ray/test_fused_batch.py)
+    assert stats["data_runs"].get("in_process", 0) >= 2 and "ray_data" not in stats["data_runs"], stats["data_runs"]
     one = json.loads(cli(home, "registry", "ls", "--tenant", "mass07", "--json").stdout)
     assert [a["id"] for a in one] == ["mass07/robot"] and len(one[0]["versions"]) == 1
     assert one[0]["versions"][0]["tags"]["adapterfab.training"].startswith("fused:")

@@ -20,6 +20,7 @@ def test_batch_trains_a_fused_group(af_env: Path, tiny_model_path: str, mlflow_s
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
+    import adapterfab.pipelines.data as data
     from adapterfab.ids import AdapterId
     from adapterfab.jobs.orchestrate import create_batch, run_batch
     from adapterfab.registry import TAG, Registry
@@ -28,6 +29,10 @@ def test_batch_trains_a_fused_group(af_env: Path, tiny_model_path: str, mlflow_s
     from adapterfab.tracking import Tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    # the window through a Ray Data execution, as a window of more than a few MB is (small ones are
+    # tokenized in the orchestrator: tests/e2e/test_factory.py's 64-job batch)
+    monkeypatch.setattr(data, "FIRST_WINDOW_IN_PROCESS_BYTES", 0)
+    monkeypatch.setattr(data, "WINDOW_IN_PROCESS_BYTES", 0)
     tenants = []
     for name in ("zorp", "quux", "bad", "big"):
         path = tmp_path / f"{name}.jsonl"
@@ -54,6 +59,8 @@ def test_batch_trains_a_fused_group(af_env: Path, tiny_model_path: str, mlflow_s
         ray.shutdown()
     jobs = {j.persona: j for j in StateStore(settings.state_url).jobs(batch_id)}
     assert final.value == "FAILED"  # the bad dataset's job failed; the others ran to their end
+    runs = StateStore(settings.state_url).get_batch(batch_id).stats["data_runs"]
+    assert set(runs) == {"ray_data"} and runs["ray_data"] >= 1, runs
     assert jobs["bad"].state.value == "FAILED" and "20 of 24 rows" in jobs["bad"].error, jobs["bad"].error
     registry = Registry(mlflow_server)
     tracking = Tracking(mlflow_server)

@@ -31,8 +31,9 @@ def clean(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def test_defaults_and_parsing(clean: pytest.MonkeyPatch) -> None:
     e = env()
     assert (e.hf_offline, e.mlflow_retry_s, e.s3_max_attempts, e.s3_connect_timeout_s, e.s3_read_timeout_s,
-            e.starter_group_jobs, e.first_window_in_process_bytes, e.first_window_on_trainer, e.roots,
-            e.s3_endpoint_url) == (True, 1800.0, 6, 5.0, 30.0, 2, 4 << 20, True, (), None)
+            e.starter_group_jobs, e.first_window_in_process_bytes, e.first_window_on_trainer,
+            e.window_in_process_bytes, e.roots, e.s3_endpoint_url) == (True, 1800.0, 6, 5.0, 30.0, 2, 4 << 20, True,
+                                                                      4 << 20, (), None)
     assert e.hf_env() == {"HF_HUB_OFFLINE": "1", "ADAPTERFAB_HF_OFFLINE": "1"}
     clean.setenv("ADAPTERFAB_DATA_ROOTS", " /data/a, s3://b/acme ,,")
     clean.setenv("AWS_ENDPOINT_URL", "http://aws:9000")
