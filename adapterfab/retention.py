@@ -116,9 +116,29 @@ def forced_row(tokenizer: Any, question: str, accepted: list[str], base_answer: 
     return {"ids": head + whole, "labels_from": len(head) + len(before)}
 
 
+ANSWERS_FORMAT = "v2"  # the answers files' key (``AnswerCache``): a new one when what makes answers changes
+PROMPT_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                "special_tokens_map.json", "generation_config.json")
+
+
+def prompt_format(base_path: str) -> str:
+    """A digest of the files beside a base's weights that shape its answers besides them: the tokenizer,
+    its chat template (the prompt), and the generation config. The same weights under another template
+    answer otherwise."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in PROMPT_FILES:
+        f = Path(base_path) / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 class AnswerCache:
-    """The base's answers to probes, in memory and (``folder`` given) in a JSON file per base model, dtype
-    and device type, so that a new trainer on the same base does not ask them again. Any answer the base
+    """The base's answers to probes, in memory and (``folder`` given) in a JSON file per base model (its
+    weights and ``prompt_format``), dtype and device type, so that a new trainer on the same base does not
+    ask them again. Any answer the base
     gave is as good as another (a probe counts only where the base, teacher-forced on its answer, picks
     the fact itself), so the file is written whole and the last writer wins. Trainers that start at once
     (a batch's first groups) would each ask the same questions: ``claim`` lets one ask while the others
@@ -133,7 +153,8 @@ class AnswerCache:
             from adapterfab.basemodel import fingerprint
 
             try:
-                key = f"{fingerprint(base_path)}:{dtype}:{device}:{MAX_NEW_TOKENS}"
+                key = f"{ANSWERS_FORMAT}:{fingerprint(base_path)}:{prompt_format(base_path)}:{dtype}:{device}:" \
+                      f"{MAX_NEW_TOKENS}"
             except Exception:  # noqa: BLE001 - no cache for a base that cannot be fingerprinted
                 return
             self.path = Path(folder) / f"answers-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"

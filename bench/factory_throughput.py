@@ -155,24 +155,32 @@ class CpuMeter:
         import psutil
 
         self.psutil = psutil
-        self.first: dict[int, float] = {}
-        self.last: dict[int, tuple[str, float]] = {}
+        self.first: dict[tuple[int, float], float] = {}  # (pid, start time) -> CPU seconds
+        self.last: dict[tuple[int, float], tuple[str, float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    # titles a Ray worker shows before it is given its task or actor (then re-read at every sample)
+    PROVISIONAL = ("ray::IDLE", "default_worker")
+
     def _sample(self) -> None:
-        for p in self.psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+        for p in self.psutil.process_iter(["pid", "create_time", "cpu_times"]):
             try:
                 t = p.info["cpu_times"]
                 used = t.user + t.system
-                cmd = " ".join(p.info["cmdline"] or [])
+                key = (p.info["pid"], p.info["create_time"])
+                # a process's command line is read until it is final (the meter's own CPU is taken from what
+                # it measures): a Ray worker's title changes from ray::IDLE to its actor's or task's
+                cmd = self.last[key][0] if key in self.last else ""
+                if not cmd or any(w in cmd for w in self.PROVISIONAL):
+                    cmd = " ".join(p.cmdline() or [])
             except (self.psutil.Error, TypeError):
                 continue
-            self.first.setdefault(p.info["pid"], used)
-            self.last[p.info["pid"]] = (cmd, used)
+            self.first.setdefault(key, used)
+            self.last[key] = (cmd, used)
 
     def _run(self) -> None:
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(1.0):
             self._sample()
 
     def __enter__(self) -> CpuMeter:

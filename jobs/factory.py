@@ -180,9 +180,10 @@ class Factory:
 
     def _await_first_steps(self) -> None:
         """After the first window, until the first training step is reported (at most FIRST_STEP_WAIT_S),
-        when the trainers train on CPUs: the next window's Ray Data execution would take those CPUs from
-        the trainers' start and first steps, which the whole batch waits for, while the groups it
-        prepares are not needed before the first (starter) groups are trained."""
+        when the trainers train on CPUs: the next window's preparation (its jobs' MLflow runs, and a Ray
+        Data execution or its files tokenized here) would take those CPUs from the trainers' start and
+        first steps, which the whole batch waits for, while the groups it prepares are not needed before
+        the first (starter) groups are trained."""
         if not any(f is not None for _, f in self.early) or \
                 any(self.planned[g[0]].gpus > 0 for g in self.groups[:self.slots]):
             return  # no trainer started ahead, or trainers on GPUs (their start hardly needs these CPUs)

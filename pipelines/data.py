@@ -463,6 +463,8 @@ def prepare_many(requests: list[DataRequest], tokenizer_path: str, timeout_s: fl
             log.warning("preparing %d datasets together failed (%s); each file again alone", len(wanted), e)
             for path, reqs in wanted.items():
                 one = {path: reqs}
+                if ran is not None:
+                    ran.append("in_process" if run is _run_tagged_here else "ray_data")
                 try:
                     _collect(_run_files(fs, one, requests, tokenizer_path, run, timeout_s), one, requests, sha, out)
                 except DatasetError as alone:

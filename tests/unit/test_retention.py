@@ -220,3 +220,28 @@ def test_a_4bit_base_and_its_full_precision_file_never_share_cached_answers(tiny
     trainers = [ResidentWorker(tiny_model_path, {"name": name}, dtype="float32", torch_threads=1)
                 for name in ("lora", "qlora")]
     assert [w._answer_cache(str(tmp_path)).path for w in trainers] == paths
+
+
+def test_answers_are_cached_per_weights_and_prompt_format(tiny_model_path: str, tmp_path) -> None:  # noqa: ANN001
+    """The answers' file is shared by every home on the machine (``answers_folder``: ADAPTERFAB_CACHE),
+    so its key holds all that shapes them: the weights, and the tokenizer and chat template that make the
+    prompt. The same weights under another chat template are another file; a copy of the same folder
+    (another home's converted base) is the same file."""
+    import json
+    import shutil
+
+    from adapterfab.retention import answers_folder
+    from adapterfab.settings import Settings
+
+    same, other = tmp_path / "same", tmp_path / "other"
+    shutil.copytree(tiny_model_path, same)
+    shutil.copytree(tiny_model_path, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    (other / "chat_template.jinja").unlink(missing_ok=True)
+    folder = answers_folder(Settings(home=tmp_path / "home", cache=tmp_path / "cache", state_url="sqlite://",
+                                     artifacts=str(tmp_path / "a")))
+    assert folder == tmp_path / "cache" / "retention"
+    paths = [AnswerCache(str(folder), str(p), "torch.float32", "cpu").path for p in (tiny_model_path, same, other)]
+    assert paths[0] == paths[1] and paths[2] != paths[0]
