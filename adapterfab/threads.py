@@ -95,3 +95,18 @@ def on_one_torch_thread(fn: Callable[..., T]) -> Callable[..., T]:
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+# transformers (and peft, which imports it) resolve their submodules lazily on first use, and two threads
+# of one process importing them at once can each see the other's modules half initialized: "cannot import
+# name 'AutoTokenizer' from 'transformers'" or "... 'AutoModel'" in whichever thread lost. The orchestrator
+# imports them lazily on several threads (a window tokenized here, the registrar writing a fused adapter's
+# PEFT config, the LoRA-XS basis), so every such import holds this lock (tests/unit/test_threads.py).
+_IMPORTS = threading.RLock()
+
+
+@contextlib.contextmanager
+def importing() -> Iterator[None]:
+    """Held around a lazy import of transformers or peft on a thread that may run beside another one."""
+    with _IMPORTS:
+        yield

@@ -598,8 +598,8 @@ class Factory:
     def _poll_once(self) -> None:
         import ray
 
-        try:
-            board = ray.get_actor(self.ctx.board_name)
+        try:  # the handle run() looked up once (a name lookup per poll is a GCS round trip)
+            board = getattr(self, "board", None) or ray.get_actor(self.ctx.board_name)
             version, changes = ray.get(board.changes.remote(getattr(self, "_since", 0)), timeout=10)
             self._since = version
             if changes:

@@ -563,7 +563,10 @@ def write_exported(a: ExportedAdapter, out_dir: str | Path) -> Path:
     if a.family == SHARED_BASIS:
         return get_method(a.method["name"]).write_shared(out, method, a.basis,  # type: ignore[misc,arg-type]
                                                          {n: t[0].float().contiguous() for n, t in a.tensors.items()})
-    from peft import LoraConfig
+    from adapterfab.threads import importing
+
+    with importing():  # the registrar's threads, beside a window tokenized in the orchestrator
+        from peft import LoraConfig
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)

@@ -159,8 +159,11 @@ def ensure_basis(ctx: BatchContext, job: JobSpec) -> tuple[str | None, str | Non
         import tempfile
 
         import torch
-        from transformers import AutoModelForCausalLM
 
+        from adapterfab.threads import importing
+
+        with importing():  # (on a preparation thread)
+            from transformers import AutoModelForCausalLM
         full = AutoModelForCausalLM.from_pretrained(ctx.base.path, dtype=torch.float32)
         t0 = time.monotonic()
         # on one torch thread: the orchestrator holds no Ray CPU and its training jobs may occupy every core,

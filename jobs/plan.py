@@ -82,8 +82,10 @@ def _model_config(base_path: str | None) -> Any:
         return SimpleNamespace(**{k: raw[k] for k in (*PLAN_CONFIG_KEYS, "tie_word_embeddings")},
                                num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
                                head_dim=raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"])
-    from transformers import AutoConfig
+    from adapterfab.threads import importing
 
+    with importing():
+        from transformers import AutoConfig
     return AutoConfig.from_pretrained(base_path)
 
 

@@ -162,8 +162,10 @@ def load_tokenizer(path: str) -> Any:
     """The tokenizer at ``path``, loaded once per process (a resident trainer's training and data
     preparation share it)."""
     if path not in _TOKENIZERS:
-        from transformers import AutoTokenizer
+        from adapterfab.threads import importing
 
+        with importing():  # the orchestrator's other threads may be importing transformers (peft) now
+            from transformers import AutoTokenizer
         _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
     return _TOKENIZERS[path]
 

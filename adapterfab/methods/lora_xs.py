@@ -335,8 +335,12 @@ def export_peft_lora(adapter_dir: str | Path, basis: Basis, out_dir: str | Path,
                      base_model_name_or_path: str = "") -> Path:
     """Write the adapter as a standard rank-r PEFT LoRA: lora_A = (A·R)ᵀ (r×in), lora_B = Bᵀ (out×r),
     lora_alpha = alpha, so PEFT's B'(A'x)·alpha/r equals s·((xA)R)B."""
-    from peft import LoraConfig as PeftLoraConfig
     from safetensors.torch import save_file
+
+    from adapterfab.threads import importing
+
+    with importing():  # (the registrar's threads)
+        from peft import LoraConfig as PeftLoraConfig
 
     meta, tensors = read_adapter(adapter_dir, basis)
     out = Path(out_dir)
