@@ -81,7 +81,7 @@ class Factory:
         # epoch seconds of the batch's way to its first step (the orchestrator's, then the factory's own)
         self.marks: dict[str, float] = dict(marks or {})
         self.first_window_by = "orchestrator"  # or "trainer NAME": a warm trainer prepared it
-        self.data_runs: dict[str, int] = {}  # windows' data runs here: {"ray_data": n, "in_process": m}
+        self.data_runs: dict[str, int] = {}  # the windows' data runs (the preparer's): {"ray_data": n, "in_process": m}
         self.stepped = threading.Event()  # a first progress report came (or training is over)
         self.trainers: dict[str, dict[str, Any]] = {}  # name -> {groups, warm (its base was loaded before)}
         # slot -> the key of the trainer it holds (or is starting): other slots leave those groups to it
@@ -180,10 +180,9 @@ class Factory:
 
     def _await_first_steps(self) -> None:
         """After the first window, until the first training step is reported (at most FIRST_STEP_WAIT_S),
-        when the trainers train on CPUs: the next window's preparation (its jobs' MLflow runs, and a Ray
-        Data execution or its files tokenized here) would take those CPUs from the trainers' start and
-        first steps, which the whole batch waits for, while the groups it prepares are not needed before
-        the first (starter) groups are trained."""
+        when the trainers train on CPUs: the next window's preparation (MLflow runs, data) would take those
+        CPUs from the trainers' start and first steps, which the whole batch waits for, while the groups it
+        prepares are not needed before the first (starter) groups are trained."""
         if not any(f is not None for _, f in self.early) or \
                 any(self.planned[g[0]].gpus > 0 for g in self.groups[:self.slots]):
             return  # no trainer started ahead, or trainers on GPUs (their start hardly needs these CPUs)
@@ -191,36 +190,22 @@ class Factory:
             self.stepped.wait(FIRST_STEP_WAIT_S)
 
     def _prepare_window(self, window: list[int], first: bool = False) -> None:
-        """One window's MLflow runs and data. A window's small files are prepared in this process: the
-        first steps wait for the first window, and a Ray Data execution takes seconds to start; a later
-        one's start would take its CPU from the trainers training meanwhile. Larger windows (and any, with
-        ``ADAPTERFAB_WINDOW_IN_PROCESS_BYTES=0``) are one Ray Data execution each."""
-        from adapterfab.pipelines.data import (
-            FIRST_WINDOW_IN_PROCESS_BYTES,
-            WINDOW_IN_PROCESS_BYTES,
-            DataRequest,
-            prepare_many,
-        )
+        """One window's MLflow runs and data: a Ray Data execution, or for a few MB of files the same UDFs here
+        (the first steps wait for the first window; a later execution's start takes the trainers' CPUs)."""
+        from adapterfab.pipelines import data as prep
 
         t0 = time.monotonic()
         members = [i for n in window for i in self.groups[n]]
-        requests = [DataRequest(self.planned[i].job_id, self.jobs[i].dataset, self.jobs[i].train.max_seq_len,
-                                self.jobs[i].train.eval_fraction, self.jobs[i].train.seed,
-                                self.jobs[i].train.max_bad_row_fraction) for i in members]
+        requests = [prep.DataRequest(self.planned[i].job_id, self.jobs[i].dataset, t.max_seq_len, t.eval_fraction,
+                                     t.seed, t.max_bad_row_fraction) for i in members for t in [self.jobs[i].train]]
 
         def data() -> dict[str, Any]:  # Ray Data runs while the jobs' MLflow runs are made
             t1 = time.monotonic()
             try:
                 if first and (rows := self._prepare_on_trainer(requests)) is not None:
                     return rows
-                ran: list[str] = []
-                try:
-                    here = FIRST_WINDOW_IN_PROCESS_BYTES if first else WINDOW_IN_PROCESS_BYTES
-                    return prepare_many(requests, self.ctx.base.path, in_process_bytes=here, ran=ran)
-                finally:
-                    with self._lock:
-                        for how in ran:
-                            self.data_runs[how] = self.data_runs.get(how, 0) + 1
+                return prep.prepare_many(requests, self.ctx.base.path, runs=self.data_runs, in_process_bytes=(
+                    prep.FIRST_WINDOW_IN_PROCESS_BYTES if first else prep.WINDOW_IN_PROCESS_BYTES))
             finally:
                 self._add(data_s=time.monotonic() - t1)
 
@@ -574,9 +559,8 @@ class Factory:
                         probe_cache=str(answers_folder(ctx.settings)))
                     train_ds = ray.data.from_items([_listed(r) for r in p.data.train])
                     eval_ds = ray.data.from_items([_listed(r) for r in p.data.eval])
-                    metrics, adapter_dir = run_training_job(
-                        job, train_ds, eval_ds, str(ctx.settings.home / "ray_results"), run_name=f"{p.jid}.a{p.attempt}"
-                    )
+                    metrics, adapter_dir = run_training_job(job, train_ds, eval_ds, str(ctx.settings.home /
+                                                            "ray_results"), run_name=f"{p.jid}.a{p.attempt}")
                 except Exception as e:  # noqa: BLE001
                     fail_job(ctx, p.jid, p.run_id, e)
                     continue

@@ -430,13 +430,14 @@ def local_bytes(requests: list[DataRequest]) -> int | None:
 
 
 def prepare_many(requests: list[DataRequest], tokenizer_path: str, timeout_s: float = 300,
-                 in_process_bytes: int = 0, ran: list[str] | None = None) -> dict[str, PreparedRows | DatasetError]:
+                 in_process_bytes: int = 0, runs: dict[str, int] | None = None
+                 ) -> dict[str, PreparedRows | DatasetError]:
     """Read, validate, template, tokenize and split several jobs' datasets in one Ray Data execution per
     filesystem. Each job gets its own rows and stats, or its own DatasetError (a missing file, a bad
     share of bad rows, ...): one job's data never affects another's. Same checks as
     ``prepare_dataset``; a file named by several jobs is read once. A filesystem's files that total at
     most ``in_process_bytes`` go through the same UDFs in this process instead (no execution to start).
-    ``ran``, if given, gets ``"ray_data"`` or ``"in_process"`` appended for each filesystem's run."""
+    ``runs``, if given, counts the runs made by kind (``"ray_data"``, ``"in_process"``), retries included."""
     out: dict[str, PreparedRows | DatasetError] = {}
     by_fs: dict[str, tuple[pafs.FileSystem, dict[str, list[tuple[int, str]]]]] = {}
     sha: dict[int, str] = {}
@@ -452,8 +453,9 @@ def prepare_many(requests: list[DataRequest], tokenizer_path: str, timeout_s: fl
         by_fs.setdefault(kind, (fs, {}))[1].setdefault(path, []).append((i, fmt))
     for fs, wanted in by_fs.values():
         run = _run_tagged_here if sum(size[p] for p in wanted) <= in_process_bytes else _run_tagged
-        if ran is not None:
-            ran.append("in_process" if run is _run_tagged_here else "ray_data")
+        kind = "in_process" if run is _run_tagged_here else "ray_data"
+        if runs is not None:
+            runs[kind] = runs.get(kind, 0) + 1
         try:
             _collect(_run_files(fs, wanted, requests, tokenizer_path, run, timeout_s), wanted, requests, sha, out)
         except DatasetError as e:
@@ -465,8 +467,8 @@ def prepare_many(requests: list[DataRequest], tokenizer_path: str, timeout_s: fl
             log.warning("preparing %d datasets together failed (%s); each file again alone", len(wanted), e)
             for path, reqs in wanted.items():
                 one = {path: reqs}
-                if ran is not None:
-                    ran.append("in_process" if run is _run_tagged_here else "ray_data")
+                if runs is not None:
+                    runs[kind] += 1
                 try:
                     _collect(_run_files(fs, one, requests, tokenizer_path, run, timeout_s), one, requests, sha, out)
                 except DatasetError as alone:
