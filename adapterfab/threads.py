@@ -101,7 +101,7 @@ def on_one_torch_thread(fn: Callable[..., T]) -> Callable[..., T]:
 # of one process importing them at once can each see the other's modules half initialized: "cannot import
 # name 'AutoTokenizer' from 'transformers'" or "... 'AutoModel'" in whichever thread lost. The orchestrator
 # imports them lazily on several threads (a window tokenized here, the registrar writing a fused adapter's
-# PEFT config, the LoRA-XS basis), so every such import holds this lock (tests/unit/test_threads.py).
+# PEFT config, the LoRA-XS basis), so every such import holds this lock (tests/unit/test_threads_imports.py).
 _IMPORTS = threading.RLock()
 
 
