@@ -39,9 +39,12 @@ from adapterfab.settings import (
 
 # Ray Train's controller polls workers every 2 s by default, which makes every report() wait ~2 s.
 EXTRA_IDLE_WORKERS = 6  # idle Ray workers kept beyond one per CPU (~100 MB each)
+# No idle workers started ahead for a new driver (every batch's orchestrator is one): a batch whose data
+# is tokenized in its orchestrator runs no Ray task, and each such worker costs a Python start and its
+# imports (~1 CPU-s) taken from the trainers' steps on a small machine; workers start when asked.
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
            "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
-           "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
+           "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false", "RAY_prestart_worker_first_driver": "0"}
 
 
 @dataclass

@@ -146,8 +146,9 @@ def batch_spec(name: str, base: str, paths: list[str], steps: int, batch_size: i
 class CpuMeter:
     """CPU seconds of every process on the machine while it runs, summed by what the process is."""
 
-    GROUPS = (("trainers", "TrainerActor"), ("orchestrator", "adapterfab.jobs.orchestrate"),
-              ("mlflow", "mlflow"), ("ray_data", "ray::Map"), ("ray_data", "ray::Read"),
+    GROUPS = (("trainers", "TrainerActor"), ("trainers", "ResidentWorker"),
+              ("orchestrator", "adapterfab.jobs.orchestrate"), ("mlflow", "mlflow"), ("ray_data", "ray::Map"),
+              ("ray_data", "ray::Read"),
               ("cli", "adapterfab submit"), ("ray_core", "raylet"), ("ray_core", "gcs_server"),
               ("ray_core", "dashboard"), ("ray_core", "ray::"), ("ray_core", "ray/"))
 
@@ -312,18 +313,20 @@ def run_fused(ray_address: str, base: str, spec: dict, slots: int, cpus: float, 
         actors = [worker.remote(base, jobs[0].method.model_dump(), jobs[0].train.dtype, 1 if gpu else max(1, int(cpus)),
                                 None, gpu) for _ in range(min(slots, len(tasks)))]
         load_s = ray.get([a.stats.remote() for a in actors])
-        t0 = time.time()
-        pending, results, queue = {}, [], list(tasks)
-        for a in actors:
-            if queue:
-                pending[a.train_group.remote(queue.pop(0))] = a
-        while pending:
-            done, _ = ray.wait(list(pending))
-            a = pending.pop(done[0])
-            results.append(ray.get(done[0]))
-            if queue:
-                pending[a.train_group.remote(queue.pop(0))] = a
-        wall = time.time() - t0
+        # the same meter as submit's, so that its own CPU (~1-2 % of a core) weighs on both sides alike
+        with CpuMeter() as meter:
+            t0 = time.time()
+            pending, results, queue = {}, [], list(tasks)
+            for a in actors:
+                if queue:
+                    pending[a.train_group.remote(queue.pop(0))] = a
+            while pending:
+                done, _ = ray.wait(list(pending))
+                a = pending.pop(done[0])
+                results.append(ray.get(done[0]))
+                if queue:
+                    pending[a.train_group.remote(queue.pop(0))] = a
+            wall = time.time() - t0
         for a in actors:
             ray.kill(a)
     finally:
@@ -343,6 +346,8 @@ def run_fused(ray_address: str, base: str, spec: dict, slots: int, cpus: float, 
         "eval_s": round(sum(r.timing["eval_s"] for r in results), 2),
         "achieved_gflops": round(flops / max(1e-9, sum(r.timing["train_s"] for r in results)) / 1e9 * len(load_s), 1),
         "mean_eval_loss": round(sum(o.metrics.get("eval_loss", 0) for r in results for o in r.outcomes) / n, 4),
+        "cpu_s_by_process": meter.by_group(),
+        "cpu_s_top_commands": meter.top(),
     }
 
 

@@ -35,6 +35,7 @@ How it works:
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
@@ -61,7 +62,7 @@ from adapterfab.jobs.fused_batches import (
 )
 from adapterfab.jobs.fused_eval import FusedEvaluation
 from adapterfab.jobs.train_loop import forever, lr_lambda, peak_memory_mb
-from adapterfab.methods import LOW_RANK, SHARED_BASIS, MethodConfig, get_method
+from adapterfab.methods import LOW_RANK, SHARED_BASIS, MethodConfig, get_method, peft_lora_config
 from adapterfab.replay import ReplayRow, ReplaySet
 from adapterfab.spec import TrainConfig
 
@@ -563,16 +564,11 @@ def write_exported(a: ExportedAdapter, out_dir: str | Path) -> Path:
     if a.family == SHARED_BASIS:
         return get_method(a.method["name"]).write_shared(out, method, a.basis,  # type: ignore[misc,arg-type]
                                                          {n: t[0].float().contiguous() for n, t in a.tensors.items()})
-    from adapterfab.threads import importing
-
-    with importing():  # the registrar's threads, beside a window tokenized in the orchestrator
-        from peft import LoraConfig
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,  # type: ignore[attr-defined]
-               target_modules=list(a.targets), task_type="CAUSAL_LM", bias="none",
-               base_model_name_or_path=a.base_name).save_pretrained(str(out))
+    config = peft_lora_config(method, a.targets, a.base_name)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))  # as PEFT writes it
     state = {}
     for name, (lora_a, lora_b) in a.tensors.items():
         state[f"base_model.model.{name}.lora_A.weight"] = lora_a.contiguous()

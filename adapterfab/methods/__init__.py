@@ -15,8 +15,9 @@ from adapterfab.methods.base import (
     get_method,
     known_methods,
     method_of_adapter,
+    peft_lora_config,
     register_method,
 )
 
 __all__ = ["LOW_RANK", "SHARED_BASIS", "Method", "MethodConfig", "get_method", "known_methods", "method_of_adapter",
-           "register_method"]
+           "peft_lora_config", "register_method"]

@@ -23,7 +23,7 @@ def tokenizer():
 def peft():
     try:
         with importing():
-            from peft import LoraConfig  # as jobs/fused.py write_exported does
+            from peft import LoraConfig  # as jobs/fused.py peft_lora_config does
     except Exception as e:
         errors.append(repr(e))
 def model():
