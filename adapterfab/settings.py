@@ -29,7 +29,8 @@ DEFAULT_UI_PORT = 8280  # our dashboard (serve/dashboard.py); 8265 is Ray's
 
 def cache_dir() -> Path:
     """``ADAPTERFAB_CACHE``: converted and downloaded base models, downloaded adapters, the bases' answers
-    to retention probes and replay prompts (adapterfab/retention.py ``answers_folder``)."""
+    to retention probes and replay prompts (adapterfab/retention.py ``answers_folder``), PEFT's LoRA config
+    defaults per peft version (adapterfab/methods/base.py ``peft_lora_config``)."""
     return Path(os.environ.get("ADAPTERFAB_CACHE", "~/.cache/adapterfab")).expanduser().resolve()
 
 

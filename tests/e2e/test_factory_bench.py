@@ -1,10 +1,12 @@
 """bench/factory_throughput.py --smoke: the issue-18 benchmark's every path (its own stack, `submit
 --wait`, the warm second batch, the control-plane timings, the naive process per job, the fused
-trainers alone) on four tiny jobs, so that the script a CPU or GPU run relies on cannot rot."""
+trainers alone, and a second submit/fused pair as ``--pairs 2`` alternates them) on four tiny jobs, so that
+the script a CPU or GPU run relies on cannot rot."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +19,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.timeout(900)
 def test_factory_bench_smoke(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, str(REPO / "bench/factory_throughput.py"), "--smoke"], capture_output=True,
+    r = subprocess.run([sys.executable, str(REPO / "bench/factory_throughput.py"), "--smoke", "--pairs", "2"],
+                       capture_output=True,
                        text=True, timeout=880, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads(r.stdout[r.stdout.rindex('{\n "ratios"'):r.stdout.rindex("}") + 1])
     assert out["ratios"]["submit_over_naive"] > 0 and out["ratios"]["submit_over_fused"] > 0
     assert "warm probe" in r.stdout and "control plane" in r.stdout
     assert "warm trainers []" not in r.stdout  # the second batch found the first one's trainers
+    # the second pair's submit trained its jobs (as other tenants), none reused from the first
+    assert re.search(r"pair 2: submit [0-9.]+ s \([1-9][0-9]* groups trained\)", r.stdout), r.stdout[-3000:]
