@@ -512,14 +512,15 @@ def main() -> None:
                 f_i = run_fused(stack["ray_address"], base, again, s_i["stats"].get("slots", 1), args.cpus_per_job,
                                 gpus, str(answers))
                 pairs.append({"submit_s": s_i["wall_s"], "fused_s": f_i["wall_s"], "submit": s_i, "fused": f_i})
-                print(f"pair {i}: submit {s_i['wall_s']} s ({s_i['stats'].get('groups', 0)} groups trained), fused "
-                      f"{f_i['wall_s']} s", flush=True)
+                trained = sum(t.get("groups", 0) for t in s_i["stats"].get("trainers", {}).values())
+                print(f"pair {i}: submit {s_i['wall_s']} s ({trained} groups trained, {s_i['succeeded']} of "
+                      f"{s_i['jobs']} jobs succeeded), fused {f_i['wall_s']} s", flush=True)
         finally:
             cli(home, "down", timeout_s=300)
     # over every pair: submit and fused passes alternate, so a drift of the machine weighs on both
     submit_s, fused_s = sum(p["submit_s"] for p in pairs), sum(p["fused_s"] for p in pairs)
     ratios = {"submit_over_naive": round(3600 * submit["jobs"] * len(pairs) / submit_s / naive["adapters_per_hour"], 2),
-              "submit_over_fused": round(fused_s / submit_s, 2)}
+              "submit_over_fused": round(fused_s / submit_s, 3)}
     for p in pairs:
         p["submit_over_fused"] = round(p["fused_s"] / p["submit_s"], 3)
     non_compute = (submit_s - fused_s) / submit["jobs"] / len(pairs)
@@ -563,9 +564,11 @@ def main() -> None:
     line = (
         f"- {result['date']} · factory_throughput.py{flag} · {result['machine']} · "
         f"{result['base']}, {args.jobs} jobs × {args.steps} steps × {args.batch_size} rows × "
-        f"≤{args.seq} tokens · submit {submit['adapters_per_hour']}/h ({submit['wall_s']} s), naive "
+        f"≤{args.seq} tokens · {'pair 1: ' if len(pairs) > 1 else ''}submit {submit['adapters_per_hour']}/h "
+        f"({submit['wall_s']} s), naive "
         f"{naive['adapters_per_hour']}/h (sample of {naive['jobs']}), fused compute only "
-        f"{fused['adapters_per_hour']}/h: submit/naive {ratios['submit_over_naive']}×, submit/fused "
+        f"{fused['adapters_per_hour']}/h; {'over every pair: ' if len(pairs) > 1 else ''}submit/naive "
+        f"{ratios['submit_over_naive']}×, submit/fused "
         f"{ratios['submit_over_fused']}×"
         + (f" over {len(pairs)} alternated pairs (submit / fused s: "
            + ", ".join(f"{p['submit_s']} / {p['fused_s']} = {p['submit_over_fused']}×" for p in pairs) + ")"

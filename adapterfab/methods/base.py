@@ -133,17 +133,23 @@ _LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "task_type"
 
 def _lora_config_defaults() -> dict[str, Any]:
     """``LoraConfig().to_dict()`` of the installed peft as plain JSON, kept in the machine's cache per peft
-    version: writing a fused LoRA's folder in the orchestrator then needs no peft import (~1.5-4 CPU-s of a
-    small machine, taken from the trainers' steps), except once per machine and peft version."""
+    version (and digest of its LoRA config source, for development installs): writing a fused LoRA's folder
+    in the orchestrator then needs no peft import (~1.5-4 CPU-s of a small machine, taken from the trainers'
+    steps), except once per machine and peft version."""
+    import hashlib
     from importlib.metadata import version
+    from importlib.util import find_spec
 
     from adapterfab.settings import cache_dir
 
-    path = cache_dir() / "peft" / f"lora-config-{version('peft')}.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        pass
+    spec = find_spec("peft")  # finds the package without importing it
+    source = Path(spec.origin).parent / "tuners" / "lora" / "config.py" if spec and spec.origin else None
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12] if source and source.is_file() else "-"
+    path = cache_dir() / "peft" / f"lora-config-{version('peft')}-{digest}.json"
+    with contextlib.suppress(OSError, ValueError):
+        kept = json.loads(path.read_text())
+        if isinstance(kept, dict) and kept.get("peft_type") == "LORA":
+            return kept
     from adapterfab.threads import importing
 
     with importing():  # the registrar's threads, beside a window tokenized in the orchestrator
@@ -151,11 +157,13 @@ def _lora_config_defaults() -> dict[str, Any]:
 
     defaults = json.loads(json.dumps({k: sorted(v) if isinstance(v, set) else v
                                       for k, v in LoraConfig(task_type="CAUSAL_LM").to_dict().items()}))
-    with contextlib.suppress(OSError):  # a read-only cache only costs the import next time
+    tmp = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
+    try:  # a read-only or full cache only costs the import next time
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(defaults))
         tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
     return defaults
 
 

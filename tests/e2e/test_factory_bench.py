@@ -28,4 +28,6 @@ def test_factory_bench_smoke(tmp_path: Path) -> None:
     assert "warm probe" in r.stdout and "control plane" in r.stdout
     assert "warm trainers []" not in r.stdout  # the second batch found the first one's trainers
     # the second pair's submit trained its jobs (as other tenants), none reused from the first
-    assert re.search(r"pair 2: submit [0-9.]+ s \([1-9][0-9]* groups trained\)", r.stdout), r.stdout[-3000:]
+    m = re.search(r"pair 2: submit [0-9.]+ s \(([0-9]+) groups trained, ([0-9]+) of ([0-9]+) jobs succeeded\)",
+                  r.stdout)
+    assert m and int(m[1]) > 0 and m[2] == m[3], r.stdout[-3000:]

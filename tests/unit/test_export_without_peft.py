@@ -1,8 +1,8 @@
 """The orchestrator writes a fused LoRA's folder (``jobs.fused.write_exported``, on the registrar's
 threads) without importing peft: the config's fields that do not depend on the adapter are PEFT's defaults,
 kept in the machine's cache per peft version (``_lora_config_defaults``). Importing peft in the
-orchestrator cost ~1.5-4 CPU-s of a 2-core machine, taken from the trainers' steps. The folder must still
-be exactly what PEFT saves."""
+orchestrator cost ~1.5-4 CPU-s of a 2-core machine, taken from the trainers' steps. The config must still
+be what ``LoraConfig.save_pretrained`` writes, and the folder must load in PEFT."""
 
 from __future__ import annotations
 
@@ -78,7 +78,8 @@ def test_a_damaged_defaults_file_is_made_again(tmp_path: Path, monkeypatch: pyte
     cfg = get_method("lora").config_cls(r=2, alpha=4, dropout=0.0, target_modules=["q_proj"])
     first = peft_lora_config(cfg, ["model.layers.0.self_attn.q_proj"], None)
     (kept,) = (tmp_path / "peft").glob("lora-config-*.json")
-    kept.write_text("{not json")
-    assert peft_lora_config(cfg, ["model.layers.0.self_attn.q_proj"], None) == first
-    assert json.loads(kept.read_text())["peft_type"] == "LORA"
+    for damaged in ("{not json", "[]", '{"r": 8}'):
+        kept.write_text(damaged)
+        assert peft_lora_config(cfg, ["model.layers.0.self_attn.q_proj"], None) == first
+        assert json.loads(kept.read_text())["peft_type"] == "LORA"
     assert (first["r"], first["lora_alpha"], first["target_modules"]) == (2, 4, ["model.layers.0.self_attn.q_proj"])

@@ -23,7 +23,7 @@ def tokenizer():
 def peft():
     try:
         with importing():
-            from peft import LoraConfig  # as jobs/fused.py peft_lora_config does
+            from peft import LoraConfig  # as adapterfab/methods/base.py _lora_config_defaults does
     except Exception as e:
         errors.append(repr(e))
 def model():
