@@ -398,13 +398,13 @@ def _run_claimed(settings: Settings, state: StateStore, batch_id: str, batch: An
         state.update_batch(batch_id, error=_error_text(e))
     final = (BatchState.SUCCEEDED if all(j.state == JobState.SUCCEEDED for j in state.jobs(batch_id))
              else BatchState.CANCELLED if state.cancel_requested(batch_id) else BatchState.FAILED)
-    state.update_batch(batch_id, state=final, ended_s=time.time(), stats=factory.stats() if factory else None)
     batch_run_id = state.get_batch(batch_id).mlflow_run_id
-    try:
+    try:  # before the batch ends: whoever sees it ended finds its run closed (as a job's run before SUCCEEDED)
         if batch_run_id:
             Tracking(settings.mlflow_uri, factory_retry_s()).end_run(batch_run_id, ok=final == BatchState.SUCCEEDED)
     except Exception:  # noqa: BLE001
         log.exception("could not close the batch run")
+    state.update_batch(batch_id, state=final, ended_s=time.time(), stats=factory.stats() if factory else None)
     return final
 
 
