@@ -10,6 +10,7 @@ training seconds, to set the replay weight against its cost. Adherence (generati
     .venv/bin/python bench/retention_fused.py --method lora --replay 5
     .venv/bin/python bench/retention_fused.py --method lora_xs --replay 0 --threads 2
     .venv/bin/python bench/retention_fused.py --method lora_xs --config '{"r": 32, "alpha": 32}' --replay 3
+    .venv/bin/python bench/retention_fused.py --method lora_xs --basis minor
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ def main() -> int:
     ap.add_argument("--config", default="{}", help="JSON: method settings over its defaults (r, alpha, target_modules)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--base-model", default="smollm2-135m-instruct")
+    ap.add_argument("--basis", choices=("top", "minor", "random"), default="top",
+                    help="study, LoRA-XS: the frozen basis from the top r singular directions (the method's), "
+                         "the r minor ones or random orthonormal ones, both at the top r singular values")
     args = ap.parse_args()
+    if args.basis != "top":
+        _study_basis(args.basis)
 
     personas = [(p["name"], REPO / "examples" / p["dataset"])
                 for p in json.loads((REPO / "examples/quality_personas.json").read_text())["personas"]]
@@ -46,7 +52,8 @@ def main() -> int:
     from factory_throughput import machine  # the CPU's model and AVX-512, as the other benches
 
     out = {"date": time.strftime("%Y-%m-%d"), "machine": machine(os.cpu_count() or 1),
-           "method": args.method, "config": cfg.model_dump(), "train": train.model_dump(), "threads": args.threads,
+           "method": args.method, "basis": args.basis, "config": cfg.model_dump(), "train": train.model_dump(),
+           "threads": args.threads,
            "group_train_s": round(res.timing["train_s"], 2), "wall_s": round(wall_s, 2), "jobs": {}}
     for o in res.outcomes:
         m = o.metrics
@@ -66,6 +73,30 @@ def main() -> int:
     with open(REPO / "bench" / "results" / "retention_fused.jsonl", "a") as f:
         f.write(json.dumps(out) + "\n")
     return 0
+
+
+def _study_basis(kind: str) -> None:
+    """LoRA-XS's basis from other directions than the method's top r (``_svd_factors``), for this process:
+    A = V' Σ_r, B = U'ᵀ with V', U' the r minor singular vectors (as MiLoRA does for LoRA) or random
+    orthonormal ones, Σ_r the top r singular values, so that R's steps move the output by as much."""
+    import torch
+
+    from adapterfab.methods import lora_xs
+
+    def factors(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+        if kind == "minor":
+            u, vh = u[:, -r:], vh[-r:]
+            signs = torch.sign(u.gather(0, u.abs().argmax(dim=0, keepdim=True))).squeeze(0)
+            signs[signs == 0] = 1.0
+            u, vh = u * signs, vh * signs[:, None]
+        else:
+            g = torch.Generator().manual_seed(0)
+            vh = torch.linalg.qr(torch.randn(weight.shape[1], r, generator=g))[0].T
+            u = torch.linalg.qr(torch.randn(weight.shape[0], r, generator=g))[0]
+        return (vh.T * s[:r]).contiguous(), u.T.contiguous()
+
+    lora_xs._svd_factors = factors
 
 
 def train_personas(method: str, train_over: dict[str, Any], config_over: dict[str, Any],

@@ -9,6 +9,7 @@ Screenshots of each page are written to docs/dashboard-*.png (docs/dashboard.md 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import time
@@ -142,6 +143,16 @@ def _blue_pixels(page, selector: str) -> int:  # noqa: ANN001
                                  "return n; }")
 
 
+def _retention_text(m: dict) -> str:
+    """What the page shows for a job's or a version's retention (serve/dashboard_static/app.js retentionText)."""
+    if "retention_known" not in m:
+        return "–"
+    if not float(m["retention_known"]):
+        return "retention: base knows no probe"
+    return (f"retention {math.floor(100 * float(m['retention']) + 0.5)}% "
+            f"({int(float(m['retention_kept']))}/{int(float(m['retention_known']))})")
+
+
 def _hover_detail_chart(page) -> None:  # noqa: ANN001
     """The cursor over the large chart: uPlot's legend shows the step and loss under it, as drawn."""
     legend = "#job-detail .u-legend .u-series"
@@ -159,7 +170,7 @@ def _hover_detail_chart(page) -> None:  # noqa: ANN001
 
 @pytest.mark.timeout(1200)
 def test_dashboard_follows_a_running_batch(stack, keys, batches, browser) -> None:
-    _, info = stack
+    home, info = stack
     DOCS.mkdir(exist_ok=True)
     page = browser.new_context(viewport=VIEWPORT).new_page()
     page.goto(info["ui_url"])
@@ -217,6 +228,10 @@ def test_dashboard_follows_a_running_batch(stack, keys, batches, browser) -> Non
     assert _blue_pixels(page, "#job-detail .chart") > 200  # the curve is on the canvas, not only in data
     assert all(_blue_pixels(page, f"#jobs tr[data-job-id='{j}'] .chart") > 20 for j in states)
     assert page.locator("#jobs a[href$='/1']").count() == 2  # each job links to its registry version
+    done = json.loads(cli(home, "status", batches["mixed"], "--json").stdout)["jobs"]
+    for j in done:  # every job measured retention; the page shows it beside the eval loss
+        assert "retention_known" in j["metrics"], j["metrics"]
+        assert _retention_text(j["metrics"]) in page.inner_text(f"#jobs tr[data-job-id='{j['id']}']")
     page.locator("#job-detail .u-legend").scroll_into_view_if_needed()
     _hover_detail_chart(page)
     page.screenshot(path=str(DOCS / "dashboard-batch.png"))  # with the cursor on the chart: its values
@@ -240,6 +255,11 @@ def test_dashboard_follows_a_running_batch(stack, keys, batches, browser) -> Non
     text = page.inner_text("main")
     assert "acme/pirate" in text and "globex/robot" in text and "production → v1" in text
     assert "beats" in text or "refused" in text.lower()  # the decision's reason is shown
+    for tenant, persona in (("acme", "pirate"), ("globex", "robot")):  # each version's retention, as registered
+        tags = json.loads(cli(home, "registry", "show", f"{tenant}/{persona}@1", "--json").stdout)["tags"]
+        m = {k.removeprefix("adapterfab.metric."): v for k, v in tags.items() if k.startswith("adapterfab.metric.")}
+        assert "retention_known" in m, tags
+        assert _retention_text(m) in page.inner_text(f"#v-{tenant}-{persona}-1")
     _shot(page, "dashboard-registry.png")
     assert cluster_shot, "no job was seen TRAINING: the cluster page was not checked live"
     assert not errors, errors

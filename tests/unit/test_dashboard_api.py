@@ -64,9 +64,10 @@ def world(tmp_path: Path, mlflow_server: str):  # noqa: ANN201
                         "trainer_pid": 4242, "group": "g-17"})
     state.update_job(pirate, step=5, loss=1.9)
     group = [f"{mixed}.{a}.butler", f"{mixed}.{b}.robot"]
-    for jid in group:
+    for jid in group:  # butler's job measured retention (adapterfab/retention.py), robot's did not
+        retention = {"retention": 0.9, "retention_known": 60.0, "retention_kept": 54.0} if "butler" in jid else {}
         _advance(state, jid, JobState.SUCCEEDED, model_version=1,
-                 metrics={"train_s": 10.0, "eval_loss": 1.0, "base_eval_loss": 2.0},
+                 metrics={"train_s": 10.0, "eval_loss": 1.0, "base_eval_loss": 2.0, "retention_s": 1.5} | retention,
                  placement={"cpus": 1, "gpus": 0.5, "workers": 1, "node_id": "node-1", "fused_with": group})
     _advance(state, f"{a_ok}.{a}.ok", JobState.SUCCEEDED, model_version=2)
     _advance(state, f"{a_ok}.{b}.bad", JobState.FAILED, error=f"{b}/bad: 20 of 24 rows are malformed")
@@ -76,6 +77,8 @@ def world(tmp_path: Path, mlflow_server: str):  # noqa: ANN201
     for tenant, persona, loss in ((a, "butler", 1.0), (b, "robot", 1.5)):
         v = reg.register(AdapterId(tenant, persona), "s3://bucket/adapters/x", run,
                          {"metric.eval_loss": str(loss), "metric.base_eval_loss": "2", "method": "lora",
+                          **({"metric.retention": "0.85", "metric.retention_known": "60",
+                              "metric.retention_kept": "51"} if persona == "robot" else {}),
                           "batch_id": mixed, "artifact_uri": "s3://bucket/secret/place"})
         reg.promote(v, Decision(True, f"eval_loss {loss} beats base 2", "eval_loss", loss))
     app = create_app(state.url, mlflow_server, "http://127.0.0.1:9")  # nothing listens on port 9
@@ -123,7 +126,9 @@ def test_operator_sees_every_tenant_with_counts_and_cost(world: dict) -> None:
     a_exp = tracking.find_experiment_id(tenant_experiment(world["a"]))
     assert pirate["links"]["mlflow_run"] == f"{world['mlflow']}/#/experiments/{a_exp}/runs/{world['run']}"
     butler = jobs[f"{world['mixed']}.{world['a']}.butler"]
-    assert butler["eval"] == {"eval_loss": 1.0, "base_eval_loss": 2.0} and butler["gpu_s"] == 2.5
+    assert butler["eval"] == {"eval_loss": 1.0, "base_eval_loss": 2.0, "retention": 0.9, "retention_known": 60.0,
+                              "retention_kept": 54.0} and butler["gpu_s"] == 2.5  # what the page shows
+    assert jobs[f"{world['mixed']}.{world['b']}.robot"]["eval"] == {"eval_loss": 1.0, "base_eval_loss": 2.0}
     assert butler["placement"]["fused_group_size"] == 2 and len(butler["placement"]["fused_with"]) == 2
     assert butler["links"]["registry"] == f"#/registry/{world['a']}/butler/1"
     ops_exp = tracking.find_experiment_id()
@@ -135,6 +140,7 @@ def test_operator_sees_every_tenant_with_counts_and_cost(world: dict) -> None:
     assert robot["aliases"] == {"candidate": 1, "production": 1}
     assert v1["decision"] == "promoted" and v1["reason"] == "eval_loss 1.5 beats base 2"
     assert v1["metrics"]["eval_loss"] == 1.5 and v1["method"] == "lora" and v1["batch_id"] == world["mixed"]
+    assert [v1["metrics"][k] for k in ("retention", "retention_known", "retention_kept")] == [0.85, 60, 51]
     assert "/#/models/af." in v1["links"]["mlflow_version"]
 
 
