@@ -171,6 +171,13 @@ def test_each_tenants_runs_are_in_its_own_mlflow_experiment(batch) -> None:
         assert sorted(r.data.tags["adapterfab.persona"] for r in runs) == mine  # every one, only its own
         assert {r.data.tags["adapterfab.tenant"] for r in runs} == {tenant}
         assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {batch_run.info.run_id}
+        for r in runs:  # each job's retention is logged with its run (issue 20), as status shows it
+            m = next(j["metrics"] for j in dump["jobs"]
+                     if j["tenant"] == tenant and j["persona"] == r.data.tags["adapterfab.persona"])
+            if "retention_known" in m:  # every job that trained (globex/broken did not)
+                assert {k: r.data.metrics[k] for k in ("retention", "retention_known", "retention_kept")} == \
+                    {k: pytest.approx(m[k]) for k in ("retention", "retention_known", "retention_kept")}
+    assert sum("retention" in j["metrics"] for j in dump["jobs"]) >= 4
     assert not t.client.search_runs([batch_run.info.experiment_id], "tags.`adapterfab.tenant` != ''")
 
 
