@@ -40,6 +40,8 @@ def main() -> int:
                          "the r minor ones or random orthonormal ones, both at the top r singular values")
     args = ap.parse_args()
     if args.basis != "top":
+        if args.method != "lora_xs":
+            ap.error("--basis is a LoRA-XS setting: use it with --method lora_xs")
         _study_basis(args.basis)
 
     personas = [(p["name"], REPO / "examples" / p["dataset"])
@@ -52,8 +54,8 @@ def main() -> int:
     from factory_throughput import machine  # the CPU's model and AVX-512, as the other benches
 
     out = {"date": time.strftime("%Y-%m-%d"), "machine": machine(os.cpu_count() or 1),
-           "method": args.method, "basis": args.basis, "config": cfg.model_dump(), "train": train.model_dump(),
-           "threads": args.threads,
+           "method": args.method, **({"basis": args.basis} if args.method == "lora_xs" else {}),
+           "config": cfg.model_dump(), "train": train.model_dump(), "threads": args.threads,
            "group_train_s": round(res.timing["train_s"], 2), "wall_s": round(wall_s, 2), "jobs": {}}
     for o in res.outcomes:
         m = o.metrics
@@ -78,7 +80,8 @@ def main() -> int:
 def _study_basis(kind: str) -> None:
     """LoRA-XS's basis from other directions than the method's top r (``_svd_factors``), for this process:
     A = V' Σ_r, B = U'ᵀ with V', U' the r minor singular vectors (as MiLoRA does for LoRA) or random
-    orthonormal ones, Σ_r the top r singular values, so that R's steps move the output by as much."""
+    orthonormal ones, Σ_r the top r singular values, so that R's steps move the output by as much. The
+    random directions are drawn from one seed for every module: modules of one shape share them."""
     import torch
 
     from adapterfab.methods import lora_xs

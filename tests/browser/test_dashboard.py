@@ -144,13 +144,33 @@ def _blue_pixels(page, selector: str) -> int:  # noqa: ANN001
 
 
 def _retention_text(m: dict) -> str:
-    """What the page shows for a job's or a version's retention (serve/dashboard_static/app.js retentionText)."""
-    if "retention_known" not in m:
-        return "–"
+    """What the page shows for a job's or a version's retention measure (serve/dashboard_static/app.js
+    retentionText: Math.round of the percentage, numbers as JavaScript prints them)."""
+    assert "retention_known" in m, m  # measured: every job that trains is
     if not float(m["retention_known"]):
         return "retention: base knows no probe"
     return (f"retention {math.floor(100 * float(m['retention']) + 0.5)}% "
-            f"({int(float(m['retention_kept']))}/{int(float(m['retention_known']))})")
+            f"({float(m['retention_kept']):g}/{float(m['retention_known']):g})")
+
+
+def _shows_retention_of_a_base_that_knows_facts(page, batch_id: str) -> None:  # noqa: ANN001
+    """The tiny random model states none of the probes, so the live batch only ever shows "base knows no
+    probe". The page's other branch, on the batch API's reply with a measure the real base gives (55 of the
+    60 facts it states: tests/unit/test_dashboard_api.py checks the API carries it)."""
+    def measured(route) -> None:  # noqa: ANN001
+        body = route.fetch().json()
+        for j in body["jobs"]:
+            j["eval"].update(retention=55 / 60, retention_known=60.0, retention_kept=55.0)
+        route.fulfill(json=body)
+
+    page.route(f"**/api/batches/{batch_id}", measured)
+    try:
+        page.wait_for_function("() => [...document.querySelectorAll('#jobs tr[data-job-id] .retention')]"
+                               ".filter(e => e.textContent === 'retention 92% (55/60)').length === 2")
+        assert _retention_text({"retention": 55 / 60, "retention_known": 60, "retention_kept": 55}) == \
+            "retention 92% (55/60)"
+    finally:
+        page.unroute(f"**/api/batches/{batch_id}")
 
 
 def _hover_detail_chart(page) -> None:  # noqa: ANN001
@@ -229,12 +249,12 @@ def test_dashboard_follows_a_running_batch(stack, keys, batches, browser) -> Non
     assert all(_blue_pixels(page, f"#jobs tr[data-job-id='{j}'] .chart") > 20 for j in states)
     assert page.locator("#jobs a[href$='/1']").count() == 2  # each job links to its registry version
     done = json.loads(cli(home, "status", batches["mixed"], "--json").stdout)["jobs"]
-    for j in done:  # every job measured retention; the page shows it beside the eval loss
-        assert "retention_known" in j["metrics"], j["metrics"]
+    for j in done:  # every job measured retention; the page shows the measure beside the eval loss
         assert _retention_text(j["metrics"]) in page.inner_text(f"#jobs tr[data-job-id='{j['id']}']")
     page.locator("#job-detail .u-legend").scroll_into_view_if_needed()
     _hover_detail_chart(page)
     page.screenshot(path=str(DOCS / "dashboard-batch.png"))  # with the cursor on the chart: its values
+    _shows_retention_of_a_base_that_knows_facts(page, batches["mixed"])
 
     # a job with no loss yet (globex-only was recorded, never run): placeholders, no chart, no error
     page.goto(info["ui_url"] + f"/#/batches/{batches['globex_only']}")
@@ -258,7 +278,6 @@ def test_dashboard_follows_a_running_batch(stack, keys, batches, browser) -> Non
     for tenant, persona in (("acme", "pirate"), ("globex", "robot")):  # each version's retention, as registered
         tags = json.loads(cli(home, "registry", "show", f"{tenant}/{persona}@1", "--json").stdout)["tags"]
         m = {k.removeprefix("adapterfab.metric."): v for k, v in tags.items() if k.startswith("adapterfab.metric.")}
-        assert "retention_known" in m, tags
         assert _retention_text(m) in page.inner_text(f"#v-{tenant}-{persona}-1")
     _shot(page, "dashboard-registry.png")
     assert cluster_shot, "no job was seen TRAINING: the cluster page was not checked live"
