@@ -89,10 +89,7 @@ def _study_basis(kind: str) -> None:
     def factors(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
         if kind == "minor":
-            u, vh = u[:, -r:], vh[-r:]
-            signs = torch.sign(u.gather(0, u.abs().argmax(dim=0, keepdim=True))).squeeze(0)
-            signs[signs == 0] = 1.0
-            u, vh = u * signs, vh * signs[:, None]
+            u, vh = lora_xs.canonical_signs(u[:, -r:], vh[-r:])
         else:
             g = torch.Generator().manual_seed(0)
             vh = torch.linalg.qr(torch.randn(weight.shape[1], r, generator=g))[0].T

@@ -137,16 +137,23 @@ def _target_linears(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.
             and name.rsplit(".", 1)[-1] != NEVER_ADAPTED}
 
 
+def canonical_signs(u: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
+    """Singular vectors (columns of u, rows of vh) with the largest entry of each u column positive: an SVD
+    is unique only up to these signs, and recomputation must agree."""
+    import torch
+
+    signs = torch.sign(u.gather(0, u.abs().argmax(dim=0, keepdim=True))).squeeze(0)
+    signs[signs == 0] = 1.0
+    return u * signs, vh * signs[:, None]
+
+
 def _svd_factors(weight: Tensor, r: int) -> tuple[Tensor, Tensor]:
     """A = V_r Σ_r (in×r), B = U_rᵀ (r×out), with canonical signs so recomputation agrees."""
     import torch
 
     u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
-    u, s, vh = u[:, :r], s[:r], vh[:r]
-    signs = torch.sign(u.gather(0, u.abs().argmax(dim=0, keepdim=True))).squeeze(0)
-    signs[signs == 0] = 1.0
-    u, vh = u * signs, vh * signs[:, None]
-    return (vh.T * s).cpu().contiguous(), u.T.cpu().contiguous()
+    u, vh = canonical_signs(u[:, :r], vh[:r])
+    return (vh.T * s[:r]).cpu().contiguous(), u.T.cpu().contiguous()
 
 
 def compute_basis(model: nn.Module, cfg: LoraXSConfig, base_fingerprint: str = "") -> Basis:
