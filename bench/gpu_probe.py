@@ -33,6 +33,11 @@ Everything runs through the product's own code; random weights stand in for a ch
           skipped). MFU = the trainer's own FLOP count (``ModelFlops``: every job's ``train_flops``, the
           FLOPs counted as spent) / its ``train_s`` / ``--peak-tflops`` (989: H200/H100 dense bf16), as
           factory_throughput.py (fused_step.py counts 4 x params x tokens instead).
+  profile where the step time of K = ``--profile-k`` (8) goes, each variant and shape: two steady-state
+          steps of the same trainer under torch.profiler, kernel time by kind (matmuls, attention, 4-bit
+          dequant, softmax/loss, copies, optimizer, other elementwise), the GPU's idle time waiting on
+          the host, kernels per step, and the matmuls' own TFLOP/s (bench/step_profile.py): what limits
+          the MFU above (issue 18's 35 % target).
 
 A case that runs out of device memory is recorded as ``oom``; one that would overrun the budget as
 ``skipped``; a failure as ``error`` (exit status 1). Writes bench/results/gpu_probe-<device>-<date>.json.
@@ -67,6 +72,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 import fused_step  # noqa: E402  (bench/fused_step.py: random training rows, sync, peak memory)
+import step_profile  # noqa: E402  (bench/step_profile.py: where a fused step's time goes)
 
 SHAPES = {
     # Llama-3.2-1B's shape (tied embeddings, GQA 32/8, head size 64); default RoPE
@@ -83,7 +89,8 @@ SHAPES = {
 }
 # rough seconds each part takes on an H200 (for the budget guard: a part that would not fit is skipped)
 COST = {"engine": {"1b": 20, "7b": 45}, "disk": {"1b": 15, "7b": 120}, "place1000": {"1b": 10, "7b": 20},
-        "decode": {"1b": 3, "7b": 6}, "train_load": {"1b": 20, "7b": 90}, "train_k": {"1b": 12, "7b": 45}}
+        "decode": {"1b": 3, "7b": 6}, "train_load": {"1b": 20, "7b": 90}, "train_k": {"1b": 12, "7b": 45},
+        "train_profile": {"1b": 8, "7b": 15}}
 SDPA_OPS = {  # the op SDPA dispatches to -> its backend
     "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (CPU kernel)",
     "aten::_scaled_dot_product_flash_attention": "flash",
@@ -109,11 +116,12 @@ class Plan:
     decode_steps: int
     train_warmup: int
     train_steps: int
+    profile_k: int  # the K whose fused step is profiled (bench/step_profile.py); 0: none
 
 
 FULL = Plan(("1b", "7b"), (64, 256), (128, 512), (1, 100, 1000), 1000, ("1b", "7b"), (1, 8, 16, 32), 4, 256,
-            3, 20, 2, 5)
-SMOKE = Plan(("tiny",), (2, 4), (16, 32), (1, 3), 3, ("tiny",), (1, 2), 2, 16, 1, 3, 1, 2)
+            3, 20, 2, 5, 8)
+SMOKE = Plan(("tiny",), (2, 4), (16, 32), (1, 3), 3, ("tiny",), (1, 2), 2, 16, 1, 3, 1, 2, 2)
 
 
 class Budget:
@@ -657,9 +665,9 @@ def train_variant(shape: str, four_bit: bool, cases: list[dict], plan: Plan, arg
                                                           learning_rate=1e-4, seed=i, log_every_steps=1000),
                          lambda epoch, b=b: itertools.repeat(b)) for i, b in enumerate(parts)]
 
-    def train(group: list) -> list:
+    def train(group: list, on_iteration: Any = None) -> list:
         try:
-            res = trainer.train(group)
+            res = trainer.train(group, on_iteration=on_iteration)
         finally:
             for j in group:
                 trainer.remove(j.job_id)
@@ -713,7 +721,10 @@ def train_variant(shape: str, four_bit: bool, cases: list[dict], plan: Plan, arg
                 oom_at = k
             if c["status"] != "ok":
                 release()
-            elif k == min(plan.ks) and not four_bit:  # which SDPA backend the training forward runs: one step
+            elif k == plan.profile_k:  # where this K's step time goes, by kind of kernel (bench/step_profile.py)
+                profile_case(c, shape, lambda on_iteration, parts=parts: train(
+                    jobs("prof", parts, step_profile.STEPS), on_iteration), cuda, budget, out)
+            if c["status"] == "ok" and k == min(plan.ks) and not four_bit:  # which SDPA backend: one step
                 try:
                     group = jobs("prof", parts, 1)
                     out["attention"][f"train-{shape}"] = sdpa_backend(lambda g=group: train(g), cuda)
@@ -724,6 +735,25 @@ def train_variant(shape: str, four_bit: bool, cases: list[dict], plan: Plan, arg
             print(f"[{budget.elapsed():6.1f} s] {train_text(c)}", flush=True)
     finally:
         trainer = base = None
+        release()
+
+
+def profile_case(c: dict, shape: str, train: Any, cuda: bool, budget: Budget, out: dict) -> None:
+    """Profile ``STEPS`` fused steps of case ``c`` into ``out["train_profile"]`` (bench/step_profile.py);
+    a failure is recorded there and leaves the case's own measurement standing."""
+    key = f"{shape} K={c['k']} {c['base']}"
+    ok, why = budget.fits("train_profile", shape)
+    if not ok:
+        out["train_profile"][key] = {"status": "skipped", "reason": why}
+        return
+    try:
+        got = step_profile.profile_train(train, cuda, c.get("flops_per_step"))
+        out["train_profile"][key] = {"status": "ok", "step_ms_unprofiled": c["step_ms"], "mfu": c["mfu"], **got}
+        print(f"[{budget.elapsed():6.1f} s] {step_profile.text(key, got)}", flush=True)
+    except Exception as e:  # noqa: BLE001 - the measurement of the case stands
+        traceback.print_exc()
+        out["train_profile"][key] = {"status": "oom" if is_oom(e) else "error",
+                                     "reason": f"{type(e).__name__}: {str(e)[:300]}"}
         release()
 
 
@@ -780,6 +810,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-steps", type=int, default=None, help="timed decode steps per case (default 20)")
     ap.add_argument("--train-rows", type=int, default=None, help="rows per job and step (default 4)")
     ap.add_argument("--train-seq", type=int, default=None, help="tokens per row (default 256)")
+    ap.add_argument("--profile-k", type=int, default=None, help="profile the fused step of this K, each variant "
+                    "(default 8; smoke 2; 0: none): where its time goes, bench/step_profile.py")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj")
     ap.add_argument("--mem-gib", type=float, default=None, help="take the device to have this much memory in "
@@ -826,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = dataclasses.replace(plan, decode_shapes=tuple(args.shapes.split(",")))
     if args.train_shapes:
         plan = dataclasses.replace(plan, train_shapes=tuple(args.train_shapes.split(",")))
-    for field in ("decode_steps", "train_rows", "train_seq"):
+    for field in ("decode_steps", "train_rows", "train_seq", "profile_k"):
         if getattr(args, field) is not None:
             plan = dataclasses.replace(plan, **{field: getattr(args, field)})
     try:
@@ -850,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
                    "wall_ms": "median host wall time of one engine step: _decode + _sample_rows (greedy, reads "
                               "tokens back)",
                    "step_ms": "the fused trainer's own train_s (its loop reads every step's losses: a sync) per step"},
-        "setup": {}, "attention": {}, "decode": [], "train": [],
+        "setup": {}, "attention": {}, "decode": [], "train": [], "train_profile": {},
     }
     print(f"gpu_probe: {machine}; budget {args.budget_s:.0f} s; tokenizer {tok_dir}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="gpu_probe-"))
@@ -890,6 +922,8 @@ def main(argv: list[str] | None = None) -> int:
         print(row_text(c))
     for c in out["train"]:
         print(train_text(c))
+    for key, s in out["train_profile"].items():
+        print(step_profile.text(key, s) if s["status"] == "ok" else f"profile {key}: {s['status']}: {s['reason']}")
     for f in out.get("failures", []):
         print(f"FAILED {f}")
     print(f"wrote {path}")

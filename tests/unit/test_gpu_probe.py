@@ -53,6 +53,20 @@ def test_gpu_probe_smoke_runs_every_case(tmp_path: Path, smollm2_tokenizer: str)
         assert res["setup"]["train-tiny-4bit"]["loaded_in_4bit"]
     assert not res["setup"]["train-tiny"]["loaded_in_4bit"]
 
+    # where K=2's step time goes (bench/step_profile.py), each variant: two steady steps of the same trainer
+    profiled = ["tiny K=2 fp32"] + (["tiny K=2 nf4"] if bnb else [])
+    assert sorted(res["train_profile"]) == sorted(profiled), res["train_profile"]
+    for key in profiled:
+        p = res["train_profile"][key]
+        assert p["status"] == "ok" and p["steps"] == 2 and p["timer"] == "aten ops' self CPU time", p
+        assert 0 < p["busy_ms"] <= p["wall_ms"] and p["kernels_per_step"] > 100, p
+        assert p["ms_per_step"]["gemm"] > 0 and p["ms_per_step"]["attention"] > 0, p
+        assert sum(p["share"].values()) == pytest.approx(1.0, abs=0.01), p
+        assert p["top"] and all(t["calls_per_step"] > 0 for t in p["top"]), p
+        assert f"profile {key}: " in r.stdout
+    if bnb:  # the 4-bit base's matmuls dequantize its weights on every call
+        assert res["train_profile"]["tiny K=2 nf4"]["ms_per_step"]["dequant_4bit"] > 0
+
     for key in ("decode-tiny", "train-tiny"):
         assert res["attention"][key]["ops"] and res["attention"][key]["backend"] != "none seen", res["attention"]
     assert "decode tiny    4 rows ctx   32 lora×3" in r.stdout and "train  tiny K=2" in r.stdout
