@@ -188,6 +188,37 @@ def resolve_base_model(name: str, cache: Path | None = None) -> BaseModelRef:
     return BaseModelRef(name, local, fingerprint(local))
 
 
+def linear_layers(folder: str | Path) -> dict[str, tuple[int, int]] | None:
+    """The Linear layers inside a base's repeated blocks, by the name an adapter's ``target_modules``
+    gives them (``q_proj``), with the smallest (in, out) seen under that name, read from the headers of
+    its safetensors files (a few KiB each, no torch): 2-D ``.weight`` tensors under a numbered block
+    (``model.layers.3.self_attn.q_proj.weight``), so embeddings and the output head are not among them.
+    None when the folder has no safetensors file or one cannot be read."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    out: dict[str, tuple[int, int]] = {}
+    try:
+        for f in files:
+            with f.open("rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                if not 0 < size <= 100 * 2**20:
+                    return None
+                header = json.loads(fh.read(size))
+            for key, meta in header.items():
+                parts = key.split(".")
+                shape = meta.get("shape") if isinstance(meta, dict) else None
+                if len(parts) < 3 or parts[-1] != "weight" or not isinstance(shape, list) or len(shape) != 2 \
+                        or not any(p.isdigit() for p in parts[:-2]):
+                    continue
+                name, (rows, cols) = parts[-2], shape
+                old = out.get(name)
+                out[name] = (cols, rows) if old is None else (min(old[0], cols), min(old[1], rows))
+    except (OSError, ValueError, TypeError):
+        return None
+    return out
+
+
 def tiny_random_llama(out: str | Path, tokenizer_dir: str) -> str:
     """A tiny Llama (2 layers, hidden 64) with random weights (seed 0) and the tokenizer and chat template
     of ``tokenizer_dir``, saved to ``out``: the base of fast tests and of ``bench/soak.py``."""

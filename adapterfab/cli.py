@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from adapterfab.cli_batches import _wait, cancel, logs
@@ -110,8 +111,8 @@ def validate(batch: Path = typer.Argument(..., help="batch spec YAML"), as_json:
         _print_json({"ok": True, "name": spec.name, "jobs": len(jobs), "tenants": len({j.tenant for j in jobs}),
                      "base_model": spec.base_model})
         return
-    out.print(f"[green]ok[/green]: {spec.name}: {len(jobs)} job(s) for "
-              f"{len({j.tenant for j in jobs})} tenant(s) on {spec.base_model}", markup=True)
+    out.print(f"[green]ok[/green]: {escape(spec.name)}: {len(jobs)} job(s) for "
+              f"{len({j.tenant for j in jobs})} tenant(s) on {escape(spec.base_model)}", markup=True)
 
 
 @app.command()
@@ -130,7 +131,7 @@ def plan(batch: Path = typer.Argument(..., help="batch spec YAML"),
     if as_json:
         _print_json([p.to_dict() for p in planned])
         return
-    t = Table(title=f"plan: {spec.name} on {spec.base_model}")
+    t = Table(title=escape(f"plan: {spec.name} on {spec.base_model}"))
     for col in ("adapter", "registry model", "method", "steps x batch", "cpus", "gpus", "trainable",
                 "est. mem / worker", "est. train", "workers", "fused group"):
         t.add_column(col)

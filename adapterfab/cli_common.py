@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from adapterfab.errors import AdapterfabError
 from adapterfab.settings import Settings
@@ -29,7 +30,7 @@ EXIT_CODES_HELP = ("Exit codes: 0 success; 1 an error, or a batch waited for has
 
 
 def _fail(e: Exception, code: int = EXIT_FAILED) -> None:
-    err.print(f"[red]error:[/red] {e}")
+    err.print(f"[red]error:[/red] {escape(str(e))}")  # the message may quote user text holding [brackets]
     raise typer.Exit(code)
 
 

@@ -20,6 +20,7 @@ Relative dataset paths are resolved against the spec file's folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -34,13 +35,35 @@ from adapterfab.ids import check_id
 from adapterfab.methods import MethodConfig, get_method, known_methods
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
-DATASET_SUFFIXES = (".jsonl", ".json", ".parquet")
+DATASET_SUFFIXES = (".jsonl", ".json", ".parquet", ".pq")  # pipelines/data.py FORMATS
 DATASET_SCHEMES = ("s3", "file")
 MAX_DATASET_CHARS = 4096  # PATH_MAX: a longer path cannot name a file anyway
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one, so a
+    second ``tenants:`` would silently drop every job of the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: keys given beside it override it
+                continue
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); "
+                        "give it once", key_node.start_mark)
+            except TypeError:  # an unhashable key: the mapping constructor says so
+                break
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 class TrainConfig(_Strict):
@@ -57,7 +80,7 @@ class TrainConfig(_Strict):
     max_bad_row_fraction: float = Field(
         0.1, ge=0.0, le=1.0, description="a dataset with a larger share of malformed rows fails its job"
     )
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="the numpy and torch generators' range")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="auto: bfloat16 on a GPU or a CPU with bf16 arithmetic, else float32 "
         "(adapterfab/dtypes.py)")
@@ -155,24 +178,34 @@ class TenantEntry(_Strict):
     def _dataset_form(cls, v: str) -> str:
         if not v or not v.strip():
             raise ValueError("dataset is empty: give a .jsonl or .parquet path or s3:// URI")
-        if len(v) > MAX_DATASET_CHARS:
-            raise ValueError(f"dataset is {len(v):,} characters long; at most {MAX_DATASET_CHARS} are "
-                             "allowed")
-        if any(ord(c) < 32 or ord(c) == 127 for c in v):
-            raise ValueError("dataset holds control characters; give a plain path or URI")
-        if "://" in v:
-            scheme, _, rest = v.partition("://")
-            if scheme not in DATASET_SCHEMES:
-                raise ValueError(f"dataset scheme {scheme[:20]!r} is not supported; use a local path, "
-                                 "file:// or s3://")
-            authority, before_at = rest.split("/", 1)[0], rest.split("@", 1)[0] if "@" in rest else ""
-            # A secret key may hold '/': "key:secret@" is looked for before any '@', not in the bucket only.
-            if "@" in authority or ":" in before_at:  # said without echoing the URI: it holds a secret
-                raise ValueError("the dataset URI holds credentials (user:secret@); remove them and set "
-                                 "AWS_* in the environment instead")
+        problem = _uri_problem(v, "dataset")
+        if problem:
+            raise ValueError(problem)
+        if "://" in v and v.partition("://")[0] not in DATASET_SCHEMES:
+            raise ValueError(f"dataset scheme {v.partition('://')[0][:20]!r} is not supported; use a local "
+                             "path, file:// or s3://")
         if not v.lower().endswith(DATASET_SUFFIXES):
             raise ValueError(f"dataset {v!r} must end in one of {', '.join(DATASET_SUFFIXES)}")
         return v
+
+
+def _uri_problem(v: str, what: str) -> str | None:
+    """What is wrong with the form of a path or URI given as ``what``, or None: empty, too long, control
+    characters, or credentials written into an s3:// URI (said without echoing it: it holds a secret)."""
+    if not v or not v.strip():
+        return f"{what} is empty"
+    if len(v) > MAX_DATASET_CHARS:
+        return f"{what} is {len(v):,} characters long; at most {MAX_DATASET_CHARS} are allowed"
+    if any(ord(c) < 32 or ord(c) == 127 for c in v):
+        return f"{what} holds control characters; give a plain path or URI"
+    if "://" in v:
+        _, _, rest = v.partition("://")
+        authority, before_at = rest.split("/", 1)[0], rest.split("@", 1)[0] if "@" in rest else ""
+        # A secret key may hold '/': "key:secret@" is looked for before any '@', not in the bucket only.
+        if "@" in authority or ":" in before_at:
+            return (f"the {what} URI holds credentials (user:secret@); remove them and set AWS_* in the "
+                    "environment instead")
+    return None
 
 
 class BatchSpec(_Strict):
@@ -184,6 +217,17 @@ class BatchSpec(_Strict):
     defaults: Defaults = Field(default_factory=Defaults)
     resources: Resources = Field(default_factory=Resources)
     tenants: list[TenantEntry] = Field(min_length=1)
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_form(cls, v: str) -> str:
+        problem = _uri_problem(v, "base_model")
+        if problem:
+            raise ValueError(problem)
+        if "://" in v and not v.startswith("s3://"):
+            raise ValueError(f"base_model scheme {v.partition('://')[0][:20]!r} is not supported; use a short "
+                             "name, a Hugging Face id, a local folder or s3://")
+        return v
 
     @model_validator(mode="after")
     def _unique_jobs(self) -> BatchSpec:
@@ -231,6 +275,13 @@ def _problems(e: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
         loc = ".".join(str(p) for p in err["loc"])
         field = f"{prefix}.{loc}" if prefix and loc else (prefix or loc or "(spec)")
         msg = err["msg"].removeprefix("Value error, ")
+        if not loc and msg.startswith("tenants[") and "]: " in msg:  # a whole-spec check naming its entry
+            field, msg = msg.split(": ", 1)
+        got = err.get("input")
+        if err["type"] == "string_type" and (isinstance(got, bool | int | float)
+                                             or type(got).__name__ in ("date", "datetime")):
+            shown = got if isinstance(got, bool | int | float) else str(got)
+            msg += f" (YAML read this as the {type(got).__name__} {shown}: put it in quotes)"
         if err["type"] == "extra_forbidden":
             msg = f"unknown key {err['loc'][-1]!r}; remove it or check its spelling"
         elif err["type"] == "missing":
@@ -251,11 +302,41 @@ def _resolve_dataset(dataset: str, root: Path | None) -> str:
         return os.path.abspath(p)
 
 
+def _resolve_base(name: str, root: Path | None) -> str:
+    """A base model given as a relative folder is found against the spec file's folder, as datasets
+    are (not against wherever the command runs): ``./mybase``, ``../models/x``, or a bare relative name
+    whose folder holds a config.json there. Short names, Hugging Face ids and s3:// stay as they are."""
+    if root is None or "://" in name or name.startswith(("/", "~")):
+        return name
+    p = root / name
+    if name.startswith(".") or (p / "config.json").is_file():
+        with contextlib.suppress(OSError, RuntimeError):
+            return str(p.resolve())
+        return os.path.abspath(p)
+    return name
+
+
+def _job_problems(spec: BatchSpec, train: TrainConfig, own: dict[str, Any], where: str) -> list[tuple[str, str]]:
+    """Settings that pass each field's own check but would make the job pointless. A problem that comes
+    from ``defaults.train`` alone (the entry's own ``train`` sets neither field) is reported there, once."""
+    out = []
+    if train.warmup_steps >= train.steps:
+        at = where if {"warmup_steps", "steps"} & set(own) else "defaults"
+        out.append((f"{at}.train.warmup_steps", f"warmup_steps ({train.warmup_steps}) must be below steps "
+                    f"({train.steps}): the learning rate would never reach train.learning_rate"))
+    if spec.promote == "auto" and train.eval_fraction == 0:
+        at = where if "eval_fraction" in own else "defaults"
+        out.append((f"{at}.train.eval_fraction", "promote: auto gates on the held-out eval, and "
+                    "eval_fraction 0 holds out no rows, so no version could be promoted; give an "
+                    "eval_fraction above 0 or promote: none"))
+    return out
+
+
 def parse_spec(data: dict[str, Any] | str, root: Path | None = None) -> tuple[BatchSpec, list[JobSpec]]:
     """Validate a spec (a dict or YAML text) and resolve its jobs. Raises SpecError naming each field."""
     if isinstance(data, str):
         try:
-            data = yaml.safe_load(data)
+            data = yaml.load(data, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as e:
             raise SpecError([("(yaml)", f"not valid YAML: {e}")]) from None
     if not isinstance(data, dict):
@@ -275,15 +356,22 @@ def parse_spec(data: dict[str, Any] | str, root: Path | None = None) -> tuple[Ba
     except TypeError as e:
         raise SpecError([("(spec)", str(e))]) from None
 
+    resolved = _resolve_base(spec.base_model, root)
+    if resolved != spec.base_model:
+        spec = spec.model_copy(update={"base_model": resolved})
     problems: list[tuple[str, str]] = []
+    bad_method = False
     try:
         _method_config(spec.defaults.method, "defaults.method")
     except SpecError as e:
         problems += e.problems
+        bad_method = True
+    bad_defaults = False
     try:
         TrainConfig(**spec.defaults.train)
     except ValidationError as e:
         problems += _problems(e, "defaults.train")
+        bad_defaults = True
     jobs: list[JobSpec] = []
     for i, t in enumerate(spec.tenants):
         where = f"tenants[{i}]"
@@ -291,13 +379,17 @@ def parse_spec(data: dict[str, Any] | str, root: Path | None = None) -> tuple[Ba
             method = _method_config(_merge_method(spec.defaults.method, t.method), f"{where}.method")
             train = TrainConfig(**{**get_method(method.name).default_train, **spec.defaults.train,
                                    **(t.train or {})})
-        except SpecError as e:
-            problems += e.problems
+        except SpecError as e:  # an entry that only inherits a bad defaults.method: said once, above
+            if not (bad_method and not t.method):
+                problems += e.problems
             continue
-        except ValidationError as e:
-            problems += _problems(e, f"{where}.train")
+        except ValidationError as e:  # a bad defaults.train value is said once, above, not per entry
+            own = set(t.train or {})
+            problems += [p for p in _problems(e, f"{where}.train") if not bad_defaults
+                         or p[0].removeprefix(f"{where}.train.").split(".")[0] in own]
             continue
         method, train = resolve_auto(method, train, gpu=spec.resources.gpus_per_job > 0)
+        problems += _job_problems(spec, train, t.train or {}, where)
         jobs.append(JobSpec(tenant=t.tenant, persona=t.persona, dataset=_resolve_dataset(t.dataset, root),
                             method=method, train=train, probes=tuple(t.probes)))
     if problems:
@@ -367,6 +459,8 @@ def semantic_problems(spec: BatchSpec, jobs: list[JobSpec], dataset_exists: Any 
         check_base_model(spec.base_model)
     except Exception as e:  # noqa: BLE001 - reported as a spec problem
         problems.append(("base_model", str(e)))
+    else:
+        problems += _module_problems(spec, jobs)
     for i, job in enumerate(jobs):
         field = f"tenants[{i}].dataset"
         if outside_data_roots(job.dataset, roots):
@@ -382,6 +476,42 @@ def semantic_problems(spec: BatchSpec, jobs: list[JobSpec], dataset_exists: Any 
         if problem:
             problems.append((field, f"{job.dataset} {problem}"))
     return problems
+
+
+def _module_problems(spec: BatchSpec, jobs: list[JobSpec]) -> list[tuple[str, str]]:
+    """Each job's ``target_modules`` against the Linear layers the base has (read from its weights'
+    headers when the base is on this machine; a base that is not yet, or has no safetensors, is not
+    checked here), and LoRA-XS's rank against the smallest of those layers (its basis is their top r
+    singular directions). A problem every entry inherits from ``defaults.method`` is said there, once."""
+    from adapterfab.basemodel import linear_layers, local_folder
+
+    folder = local_folder(spec.base_model)
+    layers = linear_layers(folder) if folder else None
+    if not layers:
+        return []
+    out = []
+    for i, (t, job) in enumerate(zip(spec.tenants, jobs, strict=False)):
+        own = t.method or {}
+        resolve = getattr(job.method, "resolved_targets", None)
+        if resolve is None:
+            continue
+        targets = resolve()
+        missing = [m for m in targets if m not in layers]
+        where = f"tenants[{i}].method" if {"name", "target_modules"} & set(own) else "defaults.method"
+        if missing:
+            out.append((f"{where}.target_modules",
+                        f"the base has no Linear layer named {', '.join(map(repr, missing))} in its blocks; "
+                        f"it has: {', '.join(sorted(layers))}"))
+            continue
+        if job.method.name == "lora_xs":
+            r = job.method.r  # type: ignore[attr-defined]
+            small = min(min(layers[m]) for m in targets)
+            if r > small:
+                at = f"tenants[{i}].method" if {"name", "r"} & set(own) else "defaults.method"
+                out.append((f"{at}.r", f"LoRA-XS's r ({r}) exceeds the smallest adapted layer's rank ({small}, "
+                                       f"of {', '.join(m for m in targets if min(layers[m]) == small)}); "
+                                       f"give r ≤ {small}"))
+    return list(dict.fromkeys(out))  # entries that inherit one problem from defaults.method: said once
 
 
 def check_semantics(spec: BatchSpec, jobs: list[JobSpec], dataset_exists: Any = None,

@@ -206,7 +206,11 @@ def plan_batch(batch_id: str, spec: BatchSpec, jobs: list[JobSpec], base_path: s
     weights = []
     for j in jobs:
         method = get_method(j.method.name)
-        trainable = method.trainable_params(cfg, j.method) if (cfg is not None and method.trainable_params) else None
+        try:
+            trainable = method.trainable_params(cfg, j.method) if (cfg is not None and method.trainable_params) \
+                else None
+        except KeyError:  # a module the method's shape table does not know (a base of another architecture)
+            trainable = None
         parts = memory_parts(cfg, j, trainable) if cfg is not None else None
         shapes.append((trainable, placement(parts, j, spec.resources)))
         weights.append(round(parts.weights / 2**30, 3) if parts is not None else None)

@@ -36,12 +36,14 @@ from adapterfab.pipelines.rows import (
     RowError,
     encode_messages,
     padded_batch,
+    parse_json,
     parse_jsonl,
     parse_parquet,
     split_score,
 )
 
-FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
+PARSERS = {"jsonl": parse_jsonl, "json": parse_json, "parquet": parse_parquet}
 UDF_NUM_CPUS = 0.5  # fractional, so reads and maps always find room next to each other on 2 CPUs
 ROWS_PER_BLOCK = 1024  # tokenize blocks: enough rows to amortise a task, enough blocks to use all CPUs
 MAX_BAD_EXAMPLES = 20
@@ -172,7 +174,7 @@ def load_tokenizer(path: str) -> Any:
 
 def _parse_files(batch: dict[str, np.ndarray], fmt: str) -> pa.Table:
     """UDF: whole files' bytes → one row per record, bad rows kept with their error."""
-    parse = parse_jsonl if fmt == "jsonl" else parse_parquet
+    parse = PARSERS[fmt]
     rows = [entry for data in batch["bytes"] for entry in parse(data)]
     schema = pa.schema([("line", pa.int64()), ("messages", pa.string()), ("error", pa.string())])
     return pa.Table.from_pylist(rows, schema=schema)
@@ -388,7 +390,7 @@ def _parse_tagged(batch: dict[str, np.ndarray], wanted: dict[str, list[tuple[int
     rows: list[dict[str, Any]] = []
     for data, path in zip(batch["bytes"], batch["path"]):
         for req, fmt in wanted[str(path)]:
-            parse = parse_jsonl if fmt == "jsonl" else parse_parquet
+            parse = PARSERS[fmt]
             try:
                 rows += [{"req": req, **entry} for entry in parse(data)]
             except Exception as e:  # noqa: BLE001 - this request fails, the window's others go on

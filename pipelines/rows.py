@@ -146,6 +146,34 @@ def parse_jsonl(data: bytes) -> Iterator[dict[str, Any]]:
             yield _entry(number, None, str(e))
 
 
+def parse_json(data: bytes) -> Iterator[dict[str, Any]]:
+    """A ``.json`` file: a JSON array of rows (``line`` is the row's index + 1), or, when it does not
+    start with ``[``, JSON Lines (:func:`parse_jsonl`). An array that does not parse is one error row."""
+    body = data[len(_UTF8_BOM):] if data.startswith(_UTF8_BOM) else data
+    if not body.lstrip().startswith(b"["):
+        yield from parse_jsonl(data)
+        return
+    try:
+        rows = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        yield _entry(1, None, f"invalid UTF-8 at byte offset {e.start}")
+        return
+    except json.JSONDecodeError as e:
+        yield _entry(e.lineno, None, f"not a valid JSON array: {e.msg} (line {e.lineno}, column {e.colno})")
+        return
+    except RecursionError:
+        yield _entry(1, None, "invalid JSON: nested too deeply")
+        return
+    if not isinstance(rows, list):  # "[1] x" is not JSON, so a body starting with [ parsed is a list
+        yield _entry(1, None, "a .json dataset must be a JSON array of rows or JSON Lines")
+        return
+    for number, obj in enumerate(rows, 1):
+        try:
+            yield _entry(number, parse_record(obj), None)
+        except RowError as e:
+            yield _entry(number, None, str(e))
+
+
 def parse_parquet(data: bytes) -> Iterator[dict[str, Any]]:
     """Like :func:`parse_jsonl` for a Parquet file; ``line`` is the row index + 1, nulls count as absent."""
     import pyarrow.parquet as pq

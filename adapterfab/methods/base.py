@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from adapterfab.errors import AdapterfabError
 
@@ -19,8 +19,21 @@ from adapterfab.errors import AdapterfabError
 class MethodConfig(BaseModel):
     """Base of every method's hyper-parameters; unknown keys are refused."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     name: str
+
+    @model_validator(mode="after")
+    def _target_list(self) -> MethodConfig:
+        """A method's ``target_modules`` list (where it has one) names each module once, and names some;
+        which names the base has is checked against its weights (``adapterfab.spec.semantic_problems``)."""
+        targets = getattr(self, "target_modules", None)
+        if isinstance(targets, list):
+            if not targets:
+                raise ValueError("target_modules is empty: name the modules to adapt (e.g. [q_proj, v_proj]) "
+                                 "or give 'all-linear'")
+            if len(set(targets)) != len(targets):
+                raise ValueError("target_modules names a module twice; give each once")
+        return self
 
     def tags(self) -> dict[str, str]:
         """Registry tags describing this method's hyper-parameters."""

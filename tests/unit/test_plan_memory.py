@@ -90,3 +90,26 @@ def test_plan_reads_a_plain_config_as_autoconfig_does(tiny_model_path: str, tmp_
     raw.pop("tie_word_embeddings", None)
     (other / "config.json").write_text(json.dumps(raw))
     assert type(_model_config(str(other))).__name__ == "LlamaConfig"
+
+
+def test_a_module_the_shape_table_does_not_know_leaves_the_estimate_open(tiny_model_path: str, tmp_path) -> None:
+    """A base whose weights the spec check cannot read (no safetensors: a .bin checkpoint) has its
+    target_modules taken as given; a name outside the planner's Llama shape table (another
+    architecture's, e.g. GPT-2's c_attn) leaves the trainable count unknown instead of crashing `plan`."""
+    import shutil
+
+    from adapterfab.jobs.plan import plan_batch
+    from adapterfab.spec import parse_spec, semantic_problems
+
+    base = tmp_path / "bin-only"
+    shutil.copytree(tiny_model_path, base)
+    for f in base.glob("*.safetensors"):
+        f.unlink()
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "hi", "output": "yo"}\n')
+    spec, jobs = parse_spec({"version": 1, "name": "t", "base_model": str(base),
+                             "defaults": {"method": {"name": "lora", "target_modules": ["c_attn"]}},
+                             "tenants": [{"tenant": "acme", "persona": "pirate", "dataset": str(data)}]})
+    assert semantic_problems(spec, jobs, data_roots=()) == []
+    planned = plan_batch("b", spec, jobs, str(base))
+    assert planned[0].trainable_params is None

@@ -14,6 +14,7 @@ from adapterfab.pipelines.rows import (
     encode_messages,
     is_eval_row,
     padded_batch,
+    parse_json,
     parse_jsonl,
     parse_parquet,
     parse_record,
@@ -248,3 +249,19 @@ def test_the_eval_split_fingerprint_names_the_rows_not_their_order() -> None:
     assert (
         _rows_fingerprint(np.array([split_score(json.dumps(m), 8) for m in rows]), tokens) != fp
     )  # another split seed
+
+
+def test_a_json_dataset_is_an_array_of_rows_or_json_lines() -> None:
+    """`.json` files were read as JSON Lines only, so a pretty-printed array became one bad row per line."""
+    rows = [{"instruction": "hi", "output": "yo"}, {"messages": CHAT}, {"instruction": "no output"}]
+    got = list(parse_json(b"\xef\xbb\xbf  " + json.dumps(rows, indent=2).encode()))
+    assert [g["line"] for g in got] == [1, 2, 3]
+    assert got[0]["error"] is None and json.loads(got[0]["messages"])[-1] == {"role": "assistant", "content": "yo"}
+    assert got[1]["error"] is None and json.loads(got[1]["messages"]) == CHAT
+    assert got[2]["messages"] is None and got[2]["error"]
+    lines = "\n".join(json.dumps(r) for r in rows[:2]).encode()
+    assert list(parse_json(lines)) == list(parse_jsonl(lines))
+    (bad,) = parse_json(b'[{"instruction": "hi", "output": "yo"},\n {"oops"]')
+    assert bad["messages"] is None and bad["error"].startswith("not a valid JSON array") and bad["line"] == 2
+    (bad,) = parse_json(b"[1] trailing")
+    assert bad["error"].startswith("not a valid JSON array")

@@ -171,3 +171,122 @@ def test_auto_dtype_is_resolved_by_device(tmp_path: Path, monkeypatch: pytest.Mo
         q = jobs({}, method={"name": "qlora"})[0].method
         assert q.compute_dtype == ("bfloat16" if native else "float32")
         assert jobs({"gpus_per_job": 1}, method={"name": "qlora"})[0].method.compute_dtype == "bfloat16"
+
+
+# -- checks a reviewer found missing (2026-12-07): each was accepted, crashed, or printed a secret -----
+def test_a_key_given_twice_is_refused_not_silently_dropped() -> None:
+    """Plain YAML keeps the last of two `tenants:` keys, so every job of the first would vanish."""
+    text = ("version: 1\nname: t\ntenants: [{tenant: acme, persona: pirate, dataset: d.jsonl}]\n"
+            "tenants: [{tenant: globex, persona: robot, dataset: d.jsonl}]\n")
+    with pytest.raises(SpecError, match=r"key 'tenants' appears twice in one mapping \(lines 3 and 4\)"):
+        parse_spec(text)
+    with pytest.raises(SpecError, match="key 'persona' appears twice"):
+        parse_spec("version: 1\nname: t\ntenants: [{tenant: a, persona: b, persona: c, dataset: d.jsonl}]\n")
+    # a YAML merge key is not a duplicate: the keys beside it override it, as YAML says
+    _, jobs = parse_spec("version: 1\nname: t\ntenants: [{tenant: a, persona: b, dataset: d.jsonl, "
+                         "<<: {train: {steps: 3}}, train: {steps: 5}}]\n")
+    assert jobs[0].train.steps == 5
+
+
+def test_non_finite_numbers_and_out_of_range_seeds_are_refused() -> None:
+    with pytest.raises(SpecError) as e:
+        parse_spec(_spec(resources={"cpus_per_job": float("inf")},
+                         defaults={"method": {"name": "lora", "alpha": float("inf")}}))
+    assert {"resources.cpus_per_job", "defaults.method.alpha"} <= set(_fields(e.value))
+    assert "finite" in str(e.value)
+    for train in ({"weight_decay": float("inf")}, {"seed": 2**32}):
+        with pytest.raises(SpecError) as e:
+            parse_spec(_spec(defaults={"train": train}))
+        assert _fields(e.value) == [f"defaults.train.{next(iter(train))}"], e.value.problems
+    assert parse_spec(_spec(defaults={"train": {"seed": 2**32 - 1}}))[1][0].train.seed == 2**32 - 1
+
+
+def test_settings_that_would_make_a_job_pointless_are_refused_once_where_they_come_from() -> None:
+    two = [{"tenant": "acme", "persona": p, "dataset": "d.jsonl"} for p in ("pirate", "butler")]
+    with pytest.raises(SpecError) as e:  # inherited by both entries: said once, at defaults
+        parse_spec(_spec(defaults={"train": {"steps": 30, "warmup_steps": 100}}, tenants=two))
+    assert e.value.problems == [("defaults.train.warmup_steps", "warmup_steps (100) must be below steps (30): "
+                                 "the learning rate would never reach train.learning_rate")]
+    with pytest.raises(SpecError) as e:  # an entry's own setting: said at the entry
+        parse_spec(_spec(tenants=[{**two[0], "train": {"warmup_steps": 50, "steps": 50}}]))
+    assert _fields(e.value) == ["tenants[0].train.warmup_steps"]
+    with pytest.raises(SpecError, match="promote: auto gates on the held-out eval") as e:
+        parse_spec(_spec(promote="auto", defaults={"train": {"eval_fraction": 0}}))
+    assert _fields(e.value) == ["defaults.train.eval_fraction"]
+    assert parse_spec(_spec(promote="none", defaults={"train": {"eval_fraction": 0}}))  # no gate: fine
+
+
+def test_an_empty_or_repeated_target_list_is_refused_and_a_bad_default_is_said_once() -> None:
+    two = [{"tenant": "acme", "persona": p, "dataset": "d.jsonl"} for p in ("pirate", "butler")]
+    for targets, words in (([], "target_modules is empty"), (["q_proj", "q_proj"], "names a module twice")):
+        for name in ("lora", "qlora"):
+            with pytest.raises(SpecError, match=words) as e:
+                parse_spec(_spec(defaults={"method": {"name": name, "target_modules": targets}}, tenants=two))
+            assert _fields(e.value) == ["defaults.method"], e.value.problems
+
+
+def test_target_modules_and_lora_xs_rank_are_checked_against_the_bases_weights(smollm2_path: str) -> None:
+    """A typo in target_modules used to crash `validate` (KeyError in the planner) or, for LoRA-XS, pass
+    and fail at training; LoRA-XS's r above a layer's rank failed in its SVD."""
+    from adapterfab.spec import semantic_problems
+
+    two = [{"tenant": "acme", "persona": p, "dataset": "d.jsonl"} for p in ("pirate", "butler")]
+    for name in ("lora", "qlora", "lora_xs"):
+        spec, jobs = parse_spec(_spec(base_model=smollm2_path, tenants=two,
+                                      defaults={"method": {"name": name, "target_modules": ["q_proj", "foo"]}}))
+        got = [p for p in semantic_problems(spec, jobs, data_roots=()) if p[0] != "tenants[0].dataset"
+               and p[0] != "tenants[1].dataset"]
+        assert got == [("defaults.method.target_modules", "the base has no Linear layer named 'foo' in its "
+                        "blocks; it has: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")], got
+    spec, jobs = parse_spec(_spec(base_model=smollm2_path, tenants=[
+        {**two[0], "method": {"name": "lora_xs", "r": 193}}, {**two[1], "method": {"name": "lora_xs", "r": 192}}]))
+    got = [p for p in semantic_problems(spec, jobs, data_roots=()) if not p[0].endswith(".dataset")]
+    assert got == [("tenants[0].method.r", "LoRA-XS's r (193) exceeds the smallest adapted layer's rank (192, "
+                                           "of v_proj); give r ≤ 192")], got
+
+
+def test_base_model_form_is_checked_and_a_relative_folder_is_found_beside_the_spec(tmp_path: Path) -> None:
+    with pytest.raises(SpecError) as e:
+        parse_spec(_spec(base_model="s3://AKIAX:topsecret@bucket/model"))
+    assert _fields(e.value) == ["base_model"] and "topsecret" not in str(e.value) and "credentials" in str(e.value)
+    with pytest.raises(SpecError, match="scheme 'http' is not supported"):
+        parse_spec(_spec(base_model="http://example.com/model"))
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    (tmp_path / "models" / "mine" / "config.json").write_text("{}")
+    for given in ("./models/mine", "models/mine"):
+        spec, _ = parse_spec(_spec(base_model=given), root=tmp_path)
+        assert spec.base_model == str(tmp_path / "models" / "mine"), given
+    assert parse_spec(_spec(base_model="org/name"), root=tmp_path)[0].base_model == "org/name"  # an HF id
+
+
+def test_yaml_values_that_are_not_strings_say_to_quote_them() -> None:
+    with pytest.raises(SpecError) as e:
+        parse_spec("version: 1\nname: 2024-01-01\ntenants: [{tenant: no, persona: 007, dataset: d.jsonl}]\n")
+    msgs = dict(e.value.problems)
+    assert "YAML read this as the date 2024-01-01: put it in quotes" in msgs["name"]
+    assert "YAML read this as the bool False: put it in quotes" in msgs["tenants.0.tenant"]
+    assert "YAML read this as the int 7: put it in quotes" in msgs["tenants.0.persona"]
+
+
+def test_a_repeated_persona_is_reported_at_its_entry() -> None:
+    t = {"tenant": "acme", "persona": "pirate", "dataset": "d.jsonl"}
+    with pytest.raises(SpecError) as e:
+        parse_spec(_spec(tenants=[t, t]))
+    assert e.value.problems == [("tenants[1]", "acme/pirate appears twice; one entry per persona")]
+
+
+def test_the_cli_prints_names_holding_rich_markup_as_they_are(tmp_path: Path) -> None:
+    """`validate` and `plan` crashed with rich's MarkupError on a name holding "[/bold]"."""
+    from typer.testing import CliRunner
+
+    from adapterfab.cli import app
+
+    (tmp_path / "d.jsonl").write_text('{"instruction": "hi", "output": "yo"}\n')
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(_spec(name="support [/bold] v2 [red]x")))
+    for cmd in ("validate", "plan"):
+        r = CliRunner().invoke(app, [cmd, str(tmp_path / "b.yaml")])
+        assert r.exit_code == 0, r.output
+        assert "support [/bold] v2 [red]x" in r.output
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_spec(base_model="/nope/[/bold]")))
+    r = CliRunner().invoke(app, ["validate", str(tmp_path / "c.yaml")])
+    assert r.exit_code == 2 and "/nope/[/bold] has no config.json" in r.output
