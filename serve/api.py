@@ -55,6 +55,15 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no pr
 IGNORED_HEADER = "X-Adapterfab-Ignored-Fields"
 
 
+def ignored_header(names: list[str], limit: int = 1000) -> str:
+    """The ignored fields' names for the header, cut to ``limit`` characters (a body may name thousands)."""
+    shown = ", ".join(names)
+    if len(shown) <= limit:
+        return shown
+    kept = shown[:limit].rsplit(", ", 1)[0]
+    return f"{kept}, ... ({len(names) - kept.count(', ') - 1} more)"
+
+
 class RateLimiter:
     """Per-tenant token buckets: ``rps`` requests per second on average, bursts of up to ``burst``;
     ``per_tenant`` overrides the rate for named tenants. In-process: with several ingress replicas
@@ -277,7 +286,7 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
             if len(prompts) * req.choices_per_prompt > MAX_CHOICES:
                 raise FieldError("n", f"At most {MAX_CHOICES} choices per request (prompts × n).", "invalid_value")
             if params.guide is not None:
-                grammar_of(params.guide)  # a schema the decoder refuses is a 400 before any work
+                await asyncio.to_thread(grammar_of, params.guide)  # a bad schema: a 400 before any work; off the loop
         except ValidationError as e:
             raise _validation_error(list(e.errors())) from None
         except FieldError as e:
@@ -286,7 +295,7 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
             raise ApiError(400, str(e), param="response_format", code="invalid_response_format") from None
         ignored = req.ignored()
         if ignored:
-            log.warning("tenant %s: fields ignored in a %s request: %s", tenant, kind, ", ".join(ignored))
+            log.warning("tenant %s: fields ignored in a %s request: %s", tenant, kind, ignored_header(ignored))
         version_key, version = await resolve_model(tenant, req.model, path_tenant is not None)
         adapter = version.id.key if version is not None else BASE_MODEL  # a label: versions are not
         request.state.adapter = adapter
@@ -323,7 +332,7 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
                         prompt if kind == "text" and req.echo and isinstance(prompt, str) else ""))
                     for i, ((p, prompt, _), (first, events)) in enumerate(zip(jobs, started))]
 
-        headers = {IGNORED_HEADER: ", ".join(ignored)} if ignored else {}
+        headers = {IGNORED_HEADER: ignored_header(ignored)} if ignored else {}
         on_error = lambda e: backend_error(e, meta["model"], tenant, prompt_field)  # noqa: E731
         logprobs = params.logprobs is not None
         if req.stream:  # once a byte is sent, a dead replica ends the stream with an in-band error

@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse
 
 from adapterfab.chat import TemplateError
 from adapterfab.errors import AdapterNotFound, ReplicaUnavailable
-from adapterfab.serve.engine import PromptTooLong
+from adapterfab.serve.engine import InvalidPrompt, PromptTooLong
 from adapterfab.serve.openai_models import FieldError
-from adapterfab.serve.sampling import InvalidGuide
+from adapterfab.serve.sampling import InvalidGuide, SamplingError
 from adapterfab.serve.tiers import AdapterBusy
 
 log = logging.getLogger("adapterfab.serve.api")
@@ -58,11 +58,15 @@ def backend_error(exc: BaseException, model: str, tenant: str, prompt_field: str
                         type_="server_error", code="adapter_busy", headers={"Retry-After": "1"})
     if isinstance(exc, PromptTooLong):
         return ApiError(400, str(exc), param=prompt_field, code="context_length_exceeded")
+    if isinstance(exc, InvalidPrompt):
+        return ApiError(400, str(exc), param=prompt_field, code="invalid_prompt")
     if isinstance(exc, TemplateError):
         return ApiError(400, f"The model's chat template cannot take these messages: {exc}", param="messages",
                         code="invalid_messages")
     if isinstance(exc, InvalidGuide):
         return ApiError(400, str(exc), param="response_format", code="invalid_response_format")
+    if isinstance(exc, SamplingError):  # the request's own constraints conflict (e.g. min_tokens past a guide's end)
+        return ApiError(400, str(exc), code="invalid_sampling_params")
     log.error("generation failed for tenant %s model %s: %r", tenant, model, exc, exc_info=exc)
     return ApiError(500, "The server failed to generate a response; see the server log.",
                     type_="server_error", code="internal_error")

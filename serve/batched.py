@@ -282,6 +282,7 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
     def submit(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams) -> _Request:
         import torch
 
+        self.check_token_ids(prompt_ids)  # before the shared prefill, where a bad id fails every row
         if len(prompt_ids) >= self.max_len:
             raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens; this engine takes at most "
                                 f"{self.max_len - 1}")

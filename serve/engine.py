@@ -45,6 +45,10 @@ class AdapterNotLoaded(AdapterfabError):
     pass
 
 
+class InvalidPrompt(AdapterfabError):
+    """Prompt token ids the model has no embedding for (the client's mistake: a 400, not a failed batch)."""
+
+
 class PromptTooLong(AdapterfabError):
     pass
 
@@ -278,17 +282,41 @@ class TextGeneration:
             cached = self._token_bytes = max((len(t.encode("utf-8", "replace")) for t in vocab), default=1)
         return cached
 
+    def vocab_rows(self) -> int:
+        """How many token ids the model embeds (its embedding's rows, which may exceed the tokenizer's)."""
+        cached = getattr(self, "_vocab_rows", None)
+        if cached is None:
+            emb = getattr(getattr(self, "model", None), "get_input_embeddings", lambda: None)()
+            cached = self._vocab_rows = int(getattr(emb, "num_embeddings", 0) or len(self.tokenizer))
+        return cached
+
+    def check_token_ids(self, prompt_ids: list[int]) -> None:
+        """Refuse token ids outside the model's vocabulary before they reach a batch: in a shared prefill
+        one bad id would fail every request admitted with it."""
+        rows = self.vocab_rows()
+        bad = next((i for i in prompt_ids if not 0 <= i < rows), None)
+        if bad is not None:
+            shown = str(bad) if len(str(bad)) <= 30 else str(bad)[:30] + "..."
+            raise InvalidPrompt(f"token id {shown} is out of range: this model's token ids are 0 to {rows - 1}")
+
     def check_prompt_size(self, messages: list[dict[str, str]] | list[int] | str) -> None:
         """Refuse, before tokenizing it (under the replica-wide tokenizer lock), text that cannot fit:
         no token stands for more bytes than the longest vocabulary entry, and a character is at least one
-        byte, so more characters than that times the token limit is too long for certain."""
+        byte, so more characters than that times the token limit is too long for certain; every message
+        of a conversation renders at least one token of its template (its role's markers), so more
+        messages than the limit is too long too, whatever their text. Token ids are checked against the
+        vocabulary here (the engine checks their count)."""
         if _is_ids(messages):
-            return  # token ids: the engine checks their count
+            self.check_token_ids(messages)  # type: ignore[arg-type]
+            return
         chars = len(messages) if isinstance(messages, str) else sum(len(m.get("content") or "") for m in messages)
         limit = self.prompt_token_limit()
         if chars > limit * self._max_token_bytes():
             raise PromptTooLong(f"the prompt has {chars} characters, more than fit in this engine's {limit} "
                                 "tokens")
+        if not isinstance(messages, str) and len(messages) > limit:
+            raise PromptTooLong(f"the conversation has {len(messages)} messages, more than fit in this engine's "
+                                f"{limit} tokens (each message's template takes at least one)")
 
     def row_state(self, prompt_ids: list[int], params: SamplingParams) -> Any:
         """The per-request state of ``serve/sampling.py`` (None when its sampling needs none)."""
@@ -472,6 +500,7 @@ class Engine(TextGeneration):
         import torch
 
         use_torch_threads(self.torch_threads)  # the caller's thread (adapterfab/threads.py)
+        self.check_token_ids(prompt_ids)
         if len(prompt_ids) >= self.max_positions:
             raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens; this model takes at most "
                                 f"{self.max_positions - 1}")

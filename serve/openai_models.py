@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from adapterfab.ids import is_decimal
 from adapterfab.serve.engine import SamplingParams
 
 MAX_STOP_STRINGS = 4
@@ -23,6 +24,10 @@ MAX_STOP_CHARS = 256  # per stop string: each one is matched against the output'
 MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # choices per request (prompts × n)
 MAX_TOP_LOGPROBS = 20
+# a structured output's schema, regex, grammar or choices, as text: building its grammar runs before any
+# generation (a 400 for a bad one), and a 440 KB choice list took 1.2 s of the ingress (2026-12-07)
+MAX_GUIDE_CHARS = 32 * 1024
+MAX_GUIDED_CHOICES = 1000
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # a 64-bit integer, as vLLM's server takes it
 
 
@@ -43,13 +48,21 @@ def _encodable(text: str) -> str:
     return text
 
 
+def _printable(name: str) -> str:
+    shown = json.dumps(str(name), ensure_ascii=True)[1:-1]
+    return shown if len(shown) <= 100 else shown[:100] + "..."
+
+
 class _Open(BaseModel):
     """A body part that takes fields it does not know (they are reported, not refused)."""
 
     model_config = ConfigDict(extra="allow")
 
     def ignored(self, prefix: str = "") -> list[str]:
-        out = [f"{prefix}{k}" for k in (self.model_extra or {})]
+        """The names of the fields ignored here and below, each as printable ASCII (JSON's escapes, at
+        most 100 characters): they go into a response header and the log, where a raw CR/LF or a
+        non-Latin-1 character would break the response or forge a log line."""
+        out = [f"{prefix}{_printable(k)}" for k in (self.model_extra or {})]
         for name in type(self).model_fields:
             value = getattr(self, name)
             items = value if isinstance(value, list) else [value]
@@ -163,8 +176,8 @@ class _GenerationRequest(_Open):
     @classmethod
     def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for k, b in (v or {}).items():
-            if not k.isdigit():
-                raise ValueError(f"logit_bias keys are token ids, not {k!r}")
+            if not is_decimal(k) or len(k) > 20:  # ASCII digits: str.isdigit takes "²", which int() refuses
+                raise ValueError(f"logit_bias keys are token ids, not {k[:40]!r}")
             if not -100 <= b <= 100:
                 raise ValueError(f"a logit bias lies in [-100, 100], not {b}")
         return v
@@ -180,7 +193,19 @@ class _GenerationRequest(_Open):
             raise FieldError("best_of", "best_of other than n is not supported.")
 
     def guide(self) -> tuple[str, str] | None:
-        """The structured-output constraint as ``(kind, spec)`` (``serve/sampling.py``), or None."""
+        """The structured-output constraint as ``(kind, spec)`` (``serve/sampling.py``), or None; at most
+        ``MAX_GUIDE_CHARS`` of spec text and ``MAX_GUIDED_CHOICES`` choices."""
+        got = self._guide()
+        if self.guided_choice is not None and len(self.guided_choice) > MAX_GUIDED_CHOICES:
+            raise FieldError("guided_choice", f"At most {MAX_GUIDED_CHOICES} choices.", "invalid_value")
+        if got is not None and len(got[1]) > MAX_GUIDE_CHARS:
+            field = next((n for n in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                          if getattr(self, n) is not None), "response_format")
+            raise FieldError(field, f"The structured output's specification is {len(got[1]):,} characters; at "
+                             f"most {MAX_GUIDE_CHARS:,} are taken.", "invalid_value")
+        return got
+
+    def _guide(self) -> tuple[str, str] | None:
         given = [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
                  if getattr(self, name) is not None]
         rf = self.response_format
@@ -318,6 +343,9 @@ class CompletionRequest(_GenerationRequest):
         if self.echo and self.logprobs is not None:
             raise FieldError("echo", "echo with logprobs would need the prompt's log-probabilities, which are "
                              "not supported; ask for one or the other.")
+        if self.echo and not (isinstance(self.prompt, str) or all(isinstance(x, str) for x in self.prompt)):
+            raise FieldError("echo", "echo repeats text prompts; with token-id prompts it is not supported (the "
+                             "ids are yours to decode).")
         p = self.prompt
         return [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)  # type: ignore[list-item]
 

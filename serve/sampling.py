@@ -80,11 +80,16 @@ def grammar_of(guide: tuple[str, str]) -> str:
         else:
             raise InvalidGuide(f"unknown structured-output kind {kind!r}")
     except (ValueError, TypeError, RuntimeError) as e:
-        raise InvalidGuide(f"the {kind.replace('_', ' ')} cannot be used for decoding: {e}") from None
+        raise InvalidGuide(f"the {kind.replace('_', ' ')} cannot be used for decoding: {_short(str(e))}") from None
     ok, message = _validate(grammar)
     if not ok:
-        raise InvalidGuide(f"the {kind.replace('_', ' ')} cannot be used for decoding: {message}")
+        raise InvalidGuide(f"the {kind.replace('_', ' ')} cannot be used for decoding: {_short(message)}")
     return grammar
+
+
+def _short(message: str, limit: int = 1000) -> str:
+    """A decoder's complaint cut to ``limit`` characters (some quote the whole grammar)."""
+    return message if len(message) <= limit else message[:limit] + "..."
 
 
 def _validate(grammar: str) -> tuple[bool, str]:

@@ -89,6 +89,10 @@ def test_fields_vllm_takes_are_accepted_and_unknown_ones_named(srv: dict) -> Non
     ({"tool_choice": "required"}, "tool_choice"), ({"use_beam_search": True}, "use_beam_search"),
     ({"n": 2, "best_of": 3}, "best_of"), ({"top_logprobs": 2}, "top_logprobs"),
     ({"max_tokens": CAP + 1}, "max_tokens"), ({"n": 17}, "n"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"²": 1}}, "logit_bias"),  # a Unicode digit: str.isdigit takes it, int() did not (a 500)
+    ({"logit_bias": {"9" * 5000: 1}}, "logit_bias"),
+    ({"guided_choice": [f"c{i}" for i in range(1001)]}, "guided_choice"),
+    ({"guided_grammar": "start: " + " | ".join(f'"{"x" * 60}{i}"' for i in range(600))}, "guided_grammar"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
      "response_format"),
 ])
@@ -244,3 +248,60 @@ def test_litellm_completion_with_api_base(srv: dict) -> None:
     r = litellm.completion(model="openai/base", api_base=srv["url"] + "/v1", api_key=srv["key"], messages=MSGS,
                            max_tokens=6, temperature=0)
     assert r.choices[0].message.content == direct(srv, MSGS, max_tokens=6, temperature=0)[0]
+
+
+# -- requests a reviewer found answered with a 500, no response, or at other tenants' cost (2026-12-07) --
+def test_token_ids_outside_the_vocabulary_are_a_400_and_never_reach_a_shared_batch(srv: dict) -> None:
+    """They failed the whole prefill pass they were admitted in (other tenants' requests included)."""
+    from adapterfab.serve.engine import InvalidPrompt
+
+    engine = srv["engine"]
+    rows = engine.vocab_rows()
+    for ids in ([rows], [5, 10**9], [2**70]):
+        r = post(srv, "/v1/completions", {"model": "base", "prompt": ids, "max_tokens": 3})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "prompt" and r.json()["error"]["code"] == "invalid_prompt"
+    waiting = len(engine._waiting)
+    with pytest.raises(InvalidPrompt, match=f"token ids are 0 to {rows - 1}"):
+        engine.submit([1, rows], None, SamplingParams(max_tokens=2))  # refused before it joins a batch
+    assert len(engine._waiting) == waiting
+    ok = post(srv, "/v1/completions", {"model": "base", "prompt": [1, rows - 1], "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+
+
+def test_unknown_field_names_are_escaped_in_the_header(srv: dict) -> None:
+    """A non-Latin-1 name gave a plain-text 500; CR/LF in it closed the connection without a response."""
+    body = {"model": "base", "messages": MSGS, "max_tokens": 2, "模型": 1, "x\r\nSet-Cookie: a=b": 1,
+            **{f"f{i}": i for i in range(300)}}
+    r = post(srv, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    header = r.headers[IGNORED_HEADER]
+    assert header.startswith("\\u6a21\\u578b, x\\r\\nSet-Cookie: a=b, f0, f1") and "set-cookie" not in r.headers
+    assert len(header) <= 1100 and header.endswith("more)")
+
+
+def test_a_conversation_of_more_messages_than_tokens_is_refused_before_its_template(srv: dict) -> None:
+    """Empty messages passed the character bound, and rendering 34,000 of them held the replica's
+    tokenizer lock for 2 s. Each message's template takes at least one token."""
+    limit = srv["engine"].prompt_token_limit()
+    r = post(srv, "/v1/chat/completions", {"model": "base", "max_tokens": 2,
+                                           "messages": [{"role": "user", "content": ""}] * (limit + 1)})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert f"{limit + 1} messages" in r.json()["error"]["message"]
+
+
+def test_sampling_settings_that_leave_no_token_are_a_400(srv: dict) -> None:
+    """A guided choice that ends before min_tokens masks every token: the client's settings, not a 500."""
+    for stream in (False, True):
+        r = post(srv, "/v1/chat/completions", {"model": "base", "messages": MSGS, "max_tokens": 8, "stream": stream,
+                                               "guided_choice": ["yes"], "min_tokens": 5})
+        if not stream:
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_sampling_params", r.text
+        else:  # the first text may go out before the conflict: the stream ends with the error in band
+            assert '"code": "invalid_sampling_params"' in r.text or '"code":"invalid_sampling_params"' in r.text, r.text
+
+
+def test_echo_with_token_id_prompts_is_refused_not_ignored(srv: dict) -> None:
+    ids = srv["engine"].encode_text("Ships sail")
+    r = post(srv, "/v1/completions", {"model": "base", "prompt": ids, "echo": True, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo", r.text
