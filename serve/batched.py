@@ -464,8 +464,14 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
                 self._prefill(chunk)
             except Exception as e:  # noqa: BLE001 - this chunk's requests fail, the running rows go on
                 log.exception("prefill failed")
-                for r in chunk:
-                    self._fail(r, e)
+                for r in chunk:  # one request's fault must not fail those admitted with it: each alone
+                    if len(chunk) == 1 or r.pos:  # (pos set: its prompt went through; only its first token failed)
+                        self._fail(r, e)
+                        continue
+                    try:
+                        self._prefill([r])
+                    except Exception as alone:  # noqa: BLE001 - this request's own failure
+                        self._fail(r, alone)
         for req, take in pieces:
             try:
                 self._prefill_piece(req, take)

@@ -239,6 +239,36 @@ def test_a_request_whose_sampling_fails_fails_alone(engine: BatchedEngine, monke
     assert engine.in_use("pirate") == 0 and sorted(engine._free_rows) == list(range(8))
 
 
+def test_a_request_that_breaks_a_shared_prefill_fails_alone(engine: BatchedEngine,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests admitted together are prefilled in one pass; when that pass fails, each is prefilled
+    again alone, so only the one at fault fails (here a token id past the vocabulary, as if it had got
+    past ``check_token_ids``: it broke the whole pass, other tenants' requests included, 2026-12-07)."""
+    import queue as queue_mod
+
+    alone = list(engine.generate_token_ids([9, 8, 7, 6, 5], None, GREEDY))
+    monkeypatch.setattr(engine, "check_token_ids", lambda ids: None)
+    admit, prefill, passes = engine._admit, engine._prefill, []
+    monkeypatch.setattr(engine, "_admit", lambda: admit() if len(engine._waiting) >= 2 else [])  # both at once
+    monkeypatch.setattr(engine, "_prefill", lambda reqs: (passes.append(len(reqs)), prefill(reqs))[1])
+
+    def drain(req: object) -> list | BaseException:
+        got: list = []
+        while True:
+            item = req.out.get(timeout=60)  # type: ignore[attr-defined]
+            if item is None or isinstance(item, BaseException):
+                return item if isinstance(item, BaseException) else got
+            got.append(item)
+
+    good = engine.submit([9, 8, 7, 6, 5], None, GREEDY)
+    bad = engine.submit([9, 8, 7, engine.vocab_rows() + 5, 5], None, GREEDY)
+    assert isinstance(drain(bad), IndexError | RuntimeError)
+    assert drain(good) == alone
+    assert passes[0] == 2 and sorted(passes[1:3]) == [1, 1], passes  # the shared pass, then each alone
+    with pytest.raises(queue_mod.Empty):
+        good.out.get_nowait()
+
+
 def test_a_vanishing_temperature_samples_the_greedy_token(engine: BatchedEngine) -> None:
     greedy = list(engine.generate_token_ids([5, 6, 7, 8], "pirate", SamplingParams(max_tokens=6, temperature=0.0)))
     tiny = list(engine.generate_token_ids([5, 6, 7, 8], "pirate", SamplingParams(max_tokens=6, temperature=1e-40)))
