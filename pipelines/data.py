@@ -42,7 +42,7 @@ from adapterfab.pipelines.rows import (
     split_score,
 )
 
-FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
+FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}  # local.py PARSE_BY_SUFFIX
 PARSERS = {"jsonl": parse_jsonl, "json": parse_json, "parquet": parse_parquet}
 UDF_NUM_CPUS = 0.5  # fractional, so reads and maps always find room next to each other on 2 CPUs
 ROWS_PER_BLOCK = 1024  # tokenize blocks: enough rows to amortise a task, enough blocks to use all CPUs

@@ -9,14 +9,31 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from adapterfab.pipelines.rows import encode_messages, padded_batch, parse_jsonl
+from adapterfab.pipelines.rows import (
+    RowError,
+    encode_messages,
+    padded_batch,
+    parse_json,
+    parse_jsonl,
+    parse_parquet,
+)
+
+PARSE_BY_SUFFIX = {".jsonl": parse_jsonl, ".json": parse_json, ".parquet": parse_parquet, ".pq": parse_parquet}
 
 
 def encode_file(path: str | Path, tokenizer: Any, max_seq_len: int) -> list[dict[str, list[int]]]:
+    """The file's usable rows, as the data stage keeps them (pipelines/data.py): parsed by its suffix,
+    and a row the template refuses, or that keeps no assistant token within ``max_seq_len``, left out."""
+    parse = PARSE_BY_SUFFIX.get(Path(path).suffix.lower(), parse_jsonl)
     rows = []
-    for entry in parse_jsonl(Path(path).read_bytes()):
-        if entry["error"] is None:
+    for entry in parse(Path(path).read_bytes()):
+        if entry["error"] is not None:
+            continue
+        try:
             enc = encode_messages(json.loads(entry["messages"]), tokenizer, max_seq_len)
+        except RowError:
+            continue
+        if any(label >= 0 for label in enc["labels"]):
             rows.append({"input_ids": enc["input_ids"], "labels": enc["labels"]})
     return rows
 

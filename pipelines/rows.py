@@ -103,9 +103,24 @@ def parse_record(obj: Any) -> list[dict[str, str]]:
     return _alpaca(obj)
 
 
+MAX_ERROR_CHARS = 300  # a bad row's reason quotes the row's own keys and roles: kept short where it is stored
+
+
 def _entry(line: int, messages: list[dict[str, str]] | None, error: str | None) -> dict[str, Any]:
     dumped = json.dumps(messages, ensure_ascii=False) if messages is not None else None
+    if error is not None and len(error) > MAX_ERROR_CHARS:
+        error = error[:MAX_ERROR_CHARS] + "..."
     return {"line": line, "messages": dumped, "error": error}
+
+
+def _without_nulls(value: Any) -> Any:
+    """A Parquet row with its nulls dropped at every depth: Parquet gives a struct column one schema,
+    so a field that one message has (``name``) is null in every other, which JSONL would not have."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def parse_jsonl(data: bytes) -> Iterator[dict[str, Any]]:
@@ -175,13 +190,14 @@ def parse_json(data: bytes) -> Iterator[dict[str, Any]]:
 
 
 def parse_parquet(data: bytes) -> Iterator[dict[str, Any]]:
-    """Like :func:`parse_jsonl` for a Parquet file; ``line`` is the row index + 1, nulls count as absent."""
+    """Like :func:`parse_jsonl` for a Parquet file; ``line`` is the row index + 1, nulls count as absent
+    (at every depth: a null nested field is one no row of JSONL would carry)."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(io.BytesIO(data))
     for index, row in enumerate(table.to_pylist()):
         try:
-            messages = parse_record({k: v for k, v in row.items() if v is not None})
+            messages = parse_record(_without_nulls(row))
             chars = sum(len(m["content"]) for m in messages)
             if chars > MAX_ROW_BYTES:  # a character is at least a byte: the JSONL row limit
                 raise RowError(f"row holds {chars:,} characters, more than the {MAX_ROW_BYTES:,}-byte limit "

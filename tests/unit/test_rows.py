@@ -265,3 +265,47 @@ def test_a_json_dataset_is_an_array_of_rows_or_json_lines() -> None:
     assert bad["messages"] is None and bad["error"].startswith("not a valid JSON array") and bad["line"] == 2
     (bad,) = parse_json(b"[1] trailing")
     assert bad["error"].startswith("not a valid JSON array")
+
+
+def test_a_parquet_field_that_one_message_has_is_not_a_bad_key_in_every_other() -> None:
+    """Parquet gives the messages column one struct schema: one message's optional `name` made it a null
+    key in every message of every row, and each row was refused (the same rows as JSONL: one bad)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(5)]
+    rows[2]["messages"][0]["name"] = "bob"
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    entries = list(parse_parquet(buf.getvalue()))
+    jsonl = list(parse_jsonl("\n".join(json.dumps(r) for r in rows).encode()))
+    assert [e["error"] is None for e in entries] == [e["error"] is None for e in jsonl] == [1, 1, 0, 1, 1]
+    assert [e["messages"] for e in entries] == [e["messages"] for e in jsonl]
+    assert "unknown keys ['name']" in entries[2]["error"]
+
+
+def test_a_bad_rows_reason_is_kept_short() -> None:
+    """It quotes the row's own keys and roles, and is stored with the job (state DB, MLflow manifest)."""
+    from adapterfab.pipelines.rows import MAX_ERROR_CHARS
+
+    for row in ({"x" * 100_000: 1}, {"messages": [{"role": "r" * 100_000, "content": "c"}]}):
+        (entry,) = parse_jsonl(json.dumps(row).encode())
+        assert entry["messages"] is None and len(entry["error"]) == MAX_ERROR_CHARS + 3, len(entry["error"])
+
+
+def test_the_in_process_reader_keeps_the_rows_the_data_stage_keeps(tmp_path, tiny_model_path: str) -> None:
+    """pipelines/local.py (benches, resident trainer, evaluate): parsed by suffix like the data stage, and a
+    row with no assistant token within max_seq_len left out (it trained on nothing)."""
+    from transformers import AutoTokenizer
+
+    from adapterfab.pipelines.local import encode_file
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    rows = [{"instruction": "hi", "output": "yo"}, {"instruction": "x " * 200, "output": "long"},
+            {"instruction": "bye", "output": "ciao"}]
+    (tmp_path / "d.json").write_text(json.dumps(rows, indent=2))
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    got = encode_file(tmp_path / "d.json", tok, 32)
+    assert len(got) == 2 and all(any(v >= 0 for v in r["labels"]) for r in got)
+    assert got == encode_file(tmp_path / "d.jsonl", tok, 32)
