@@ -289,7 +289,8 @@ def _check_and_split(uri: str, s: dict[str, np.ndarray], sha: str, eval_fraction
     bad = sorted((int(line), str(err)) for line, err in zip(s["line"], s["error"]) if err is not None)
     total = len(s["line"])
     if total == 0:
-        raise DatasetError(f"dataset {uri} holds no rows (only blank lines)")
+        raise DatasetError(f"dataset {uri} holds no rows (an empty file, only blank lines, an empty JSON array "
+                           "or a Parquet file of no rows)")
     if len(bad) == total:
         raise DatasetError(f"dataset {uri}: none of its {total} rows is usable; {_bad_list(bad)}")
     if len(bad) / total > max_bad_row_fraction:
