@@ -46,6 +46,11 @@ def check_alias(value: str) -> str:
     return value
 
 
+# MLflow keeps a model version in a 32-bit integer column; a larger one made its server answer 500 to
+# every retry (a minute per request, and the registry's back-off for every tenant, 2026-12-07)
+MAX_VERSION = 2**31 - 1
+
+
 @dataclass(frozen=True, order=True)
 class AdapterId:
     """``tenant/persona`` plus, optionally, a registry version or an alias (not both)."""
@@ -60,8 +65,9 @@ class AdapterId:
         check_id(self.persona, "persona")
         if self.version is not None and self.alias is not None:
             raise InvalidId("an adapter id names a version or an alias, not both")
-        if self.version is not None and (not isinstance(self.version, int) or self.version < 1):
-            raise InvalidId(f"invalid version {self.version!r}: versions are integers from 1")
+        if self.version is not None and (not isinstance(self.version, int) or not 1 <= self.version <= MAX_VERSION):
+            shown = repr(self.version) if len(repr(self.version)) <= 30 else repr(self.version)[:30] + "..."
+            raise InvalidId(f"invalid version {shown}: versions are integers from 1 to {MAX_VERSION}")
         if self.alias is not None:
             check_alias(self.alias)
 
@@ -77,6 +83,9 @@ class AdapterId:
                 raise InvalidId(f"invalid adapter id {text!r}: nothing after '@'")
             return cls(tenant, persona)
         if is_decimal(ref):
+            if len(ref.lstrip("0")) > len(str(MAX_VERSION)):  # before int(): Python refuses over 4,300 digits
+                shown = repr(ref) if len(ref) <= 30 else repr(ref[:30]) + "..."
+                raise InvalidId(f"invalid version {shown}: versions are integers from 1 to {MAX_VERSION}")
             return cls(tenant, persona, version=int(ref))
         return cls(tenant, persona, alias=ref)
 

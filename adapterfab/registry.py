@@ -484,8 +484,11 @@ class Registry:
     def _list_from_mlflow(self, tenant: str | None) -> list[RegisteredAdapter]:
         flt = f"name LIKE 'af.{tenant}.%'" if tenant else "name LIKE 'af.%'"
         adapters: dict[str, RegisteredAdapter] = {}
+        # oldest first, so that what is registered while the pages are read lands after them: MLflow's
+        # pages are offsets into the ordering, and its default (newest first) shifted them, listing a
+        # version twice (which failed the catalogue's rebuild) or leaving one out (2026-12-07)
         for rm in _pages(lambda token: self.client.search_registered_models(
-                filter_string=flt, max_results=MODELS_PAGE, page_token=token)):
+                filter_string=flt, max_results=MODELS_PAGE, page_token=token, order_by=MODELS_ORDER)):
             try:
                 aid = AdapterId.from_registry_name(rm.name)
             except Exception:  # noqa: BLE001 - not ours
@@ -495,11 +498,13 @@ class Registry:
             adapters[rm.name] = RegisteredAdapter(
                 aid, {a: int(v) for a, v in (getattr(rm, "aliases", None) or {}).items()}
             )
+        seen: set[tuple[str, int]] = set()
         for mv in _pages(lambda token: self.client.search_model_versions(
-                filter_string=flt, max_results=VERSIONS_PAGE, page_token=token)):
+                filter_string=flt, max_results=VERSIONS_PAGE, page_token=token, order_by=VERSIONS_ORDER)):
             ra = adapters.get(mv.name)
-            if ra is None:
+            if ra is None or (mv.name, int(mv.version)) in seen:  # a page boundary read twice: once only
                 continue
+            seen.add((mv.name, int(mv.version)))
             names = tuple(sorted(a for a, v in ra.aliases.items() if v == int(mv.version)))
             ra.versions.append(AdapterVersion(id=ra.id.with_version(int(mv.version)), source=mv.source,
                                               run_id=mv.run_id or None, tags=dict(mv.tags or {}), aliases=names,
@@ -549,6 +554,8 @@ class Registry:
 
 MODELS_PAGE = 1000  # MLflow's most registered models per search
 VERSIONS_PAGE = 10000
+MODELS_ORDER = ["timestamp ASC", "name ASC"]  # creation time, then name: a total order
+VERSIONS_ORDER = ["creation_timestamp ASC", "name ASC", "version_number ASC"]
 
 
 def _pages(search: Callable[[str | None], Any]) -> Iterator[Any]:

@@ -324,9 +324,14 @@ class StateStore:
         """Whether ``batch``'s recorded orchestrator still runs (on another host: it beats)."""
         return holder_alive(batch.orchestrator_pid, batch.orchestrator_token, batch.heartbeat_s)
 
-    def list_batches(self, limit: int = 50) -> list[BatchRow]:
+    def list_batches(self, limit: int = 50, tenant: str | None = None) -> list[BatchRow]:
+        """The newest ``limit`` batches; with ``tenant``, the newest that hold a job of that tenant (the
+        filter before the limit: other tenants' batches must not push a tenant's own off its list)."""
         with Session(self.engine, expire_on_commit=False) as s:
-            rows = list(s.scalars(select(BatchRow).order_by(BatchRow.created_s.desc()).limit(limit)))
+            q = select(BatchRow)
+            if tenant is not None:
+                q = q.where(BatchRow.id.in_(select(JobRow.batch_id).where(JobRow.tenant == tenant)))
+            rows = list(s.scalars(q.order_by(BatchRow.created_s.desc()).limit(limit)))
             for r in rows:
                 s.expunge(r)
             return rows

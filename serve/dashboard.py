@@ -35,6 +35,7 @@ import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapterfab.errors import AdapterfabError, StateError
 from adapterfab.keys import KeyStore, Principal
@@ -47,12 +48,21 @@ STATIC = Path(__file__).resolve().parent / "dashboard_static"
 BATCH_LIST_LIMIT = 100
 CLUSTER_RECENT_JOBS = 20
 RAY_TIMEOUT_S = 5.0
+MLFLOW_DOWN_S = 30.0  # after a failed experiment lookup, the pages' MLflow links stay empty this long
 
 
 class DashError(Exception):
     def __init__(self, status: int, message: str, code: str):
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
+
+
+def unavailable(who: Principal, what: str, e: BaseException, code: str) -> DashError:
+    """A 503 for a backend that failed: an operator reads why (it names the backend's address); a tenant
+    reads only that it is unavailable (the address may hold credentials, and is the operators' to know).
+    The detail goes to the log either way."""
+    log.warning("%s unavailable: %s", what, e)
+    return DashError(503, str(e) if who.operator else f"{what} is unavailable right now; try again shortly.", code)
 
 
 def _batch_not_found() -> DashError:
@@ -72,6 +82,7 @@ class Sources:
         self._tracking: Any = None
         self._registry: Any = None
         self._experiment_ids: dict[str, str] = {}
+        self._mlflow_down_until = 0.0  # a failed lookup: no more tries (each waits out MLflow's retries) until then
 
     def _need_mlflow(self) -> str:
         if not self.mlflow_uri:
@@ -100,10 +111,11 @@ class Sources:
         from adapterfab.tracking import EXPERIMENT, tenant_experiment
 
         name = tenant_experiment(tenant) if tenant else EXPERIMENT
-        if name not in self._experiment_ids and self.mlflow_uri:
+        if name not in self._experiment_ids and self.mlflow_uri and time.monotonic() >= self._mlflow_down_until:
             try:
                 found = self.tracking().find_experiment_id(name)
             except AdapterfabError:
+                self._mlflow_down_until = time.monotonic() + MLFLOW_DOWN_S
                 return None
             if found is not None:
                 self._experiment_ids[name] = found
@@ -142,6 +154,13 @@ def create_app(state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | 
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
         return JSONResponse({"error": {"message": e.message, "code": e.code}}, e.status, headers=headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        """The framework's own 404/405 in the API's error shape (what app.js reads)."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return JSONResponse({"error": {"message": str(e.detail), "code": code}}, e.status_code,
+                            headers=getattr(e, "headers", None))
+
     def visible_jobs(batch_id: str, who: Principal) -> list:
         return [j for j in src.state.jobs(batch_id) if who.sees(j.tenant)]
 
@@ -159,7 +178,7 @@ def create_app(state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | 
     def batches(who: Who) -> dict[str, Any]:
         """Batches, newest first, with job counts per state, progress, times and cost."""
         now, out = time.time(), []
-        for b in src.state.list_batches(limit=BATCH_LIST_LIMIT):
+        for b in src.state.list_batches(limit=BATCH_LIST_LIMIT, tenant=None if who.operator else who.tenant):
             jobs = visible_jobs(b.id, who)
             if jobs or who.operator:
                 out.append(views.batch_dict(b, jobs, who, now))
@@ -195,7 +214,7 @@ def create_app(state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | 
             try:
                 points = [[s, v] for s, v, _ in src.tracking().metric_history(job.mlflow_run_id, "loss")]
             except AdapterfabError as e:
-                raise DashError(503, str(e), "mlflow_unavailable") from None
+                raise unavailable(who, "MLflow", e, "mlflow_unavailable") from None
         return {"job_id": job.id, "state": job.state.value, "points": points}
 
     @app.get("/api/cluster")
@@ -215,9 +234,11 @@ def create_app(state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | 
         except DashError as e:
             error = e.message
         except (httpx.HTTPError, KeyError, TypeError, ValueError) as e:
-            error = f"The Ray dashboard at {src.ray_dashboard_url} did not answer: {e}"
+            log.warning("the Ray dashboard at %s did not answer: %s", src.ray_dashboard_url, e)
+            error = f"The Ray dashboard at {src.ray_dashboard_url} did not answer: {e}" if who.operator else \
+                "The cluster's node list is unavailable right now."
         now, active, recent = time.time(), [], []
-        for b in src.state.list_batches(limit=BATCH_LIST_LIMIT):
+        for b in src.state.list_batches(limit=BATCH_LIST_LIMIT, tenant=None if who.operator else who.tenant):
             jobs = visible_jobs(b.id, who)
             ids = {j.id for j in jobs}
             for j in jobs:
@@ -237,10 +258,10 @@ def create_app(state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | 
         try:
             items = registry.list(tenant)
         except AdapterfabError as e:
-            raise DashError(503, str(e), "registry_unavailable") from None
+            raise unavailable(who, "The model registry", e, "registry_unavailable") from None
         except Exception as e:  # noqa: BLE001 - MLflow's connection errors are not ours; say what failed
-            raise DashError(503, f"The MLflow registry at {src.mlflow_uri} is unreachable: {e}",
-                            "registry_unavailable") from None
+            raise unavailable(who, "The model registry", RuntimeError(
+                f"the MLflow registry at {src.mlflow_uri} is unreachable: {e}"), "registry_unavailable") from None
         return {"tenants": views.registry_dict(items, who, src.mlflow_uri, src.experiment_id)}
 
     @app.get("/api/registry")

@@ -89,8 +89,8 @@ def world(tmp_path: Path, mlflow_server: str):  # noqa: ANN201
     def get(path: str, key: str | None):  # noqa: ANN202
         return client.get(path, headers={"Authorization": f"Bearer {key}"} if key else {})
 
-    return {"a": a, "b": b, "mixed": mixed, "b_only": b_only, "a_ok": a_ok, "get": get, "op": op, "ka": ka,
-            "kb": kb, "pirate": pirate, "run": run, "mlflow": mlflow_server}
+    return {"a": a, "b": b, "mixed": mixed, "b_only": b_only, "a_ok": a_ok, "get": get, "client": client, "op": op,
+            "ka": ka, "kb": kb, "pirate": pirate, "run": run, "mlflow": mlflow_server}
 
 
 def test_every_api_route_needs_a_key(world: dict) -> None:
@@ -255,3 +255,80 @@ def test_a_tenant_sees_nodes_by_pseudonym_without_load_or_trainers(world: dict) 
     seen = tenant_node_dict(node, a)
     assert seen["ip"] is None and seen["node_id"] == node_alias(a, "abc123") and seen["cpus"] == 8.0
     assert seen["cpus_used"] is None and seen["cpu_percent"] is None and seen["gpu_util_percent"] == []
+
+
+# -- what a reviewer found (2026-12-07) ---------------------------------------------------------------
+def test_other_tenants_batches_do_not_push_a_tenants_own_off_its_list(tmp_path: Path) -> None:
+    """The list took the 100 newest batches of all tenants, then kept the tenant's: 101 batches of others
+    hid A's batch from its list and its jobs from the cluster page."""
+    from adapterfab.serve.dashboard import BATCH_LIST_LIMIT
+
+    state = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    state.create_batch("mine", "mine", "spec", "", "tiny", _jobs("mine", ("acme", "pirate")))
+    _advance(state, "mine.acme.pirate", JobState.TRAINING, placement={"cpus": 1, "gpus": 0, "node_id": "n1"})
+    for i in range(BATCH_LIST_LIMIT + 1):
+        state.create_batch(f"other{i}", "other", "spec", "", "tiny", _jobs(f"other{i}", ("globex", f"p{i}")))
+    keys = KeyStore(state)
+    client, ka, op = TestClient(create_app(state.url, None, None)), keys.create("acme"), keys.create_operator()
+    mine = client.get("/api/batches", headers={"Authorization": f"Bearer {ka}"}).json()["batches"]
+    assert [b["id"] for b in mine] == ["mine"]
+    cluster = client.get("/api/cluster", headers={"Authorization": f"Bearer {ka}"}).json()
+    assert [j["id"] for j in cluster["jobs"]] == ["mine.acme.pirate"]
+    everyone = client.get("/api/batches", headers={"Authorization": f"Bearer {op}"}).json()["batches"]
+    assert len(everyone) == BATCH_LIST_LIMIT and "mine" not in {b["id"] for b in everyone}  # the newest 100
+
+
+def test_a_failing_backend_is_a_503_that_names_its_address_to_operators_only(world: dict,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tenants read that MLflow or the registry is unavailable; the address (which may hold credentials)
+    is for operators and the log."""
+    from adapterfab.errors import RegistryError
+    from adapterfab.serve import dashboard
+
+    secret = "http://user:s3cr3tpass@10.0.0.9:5000"
+
+    def down(*a: object, **k: object) -> None:
+        raise RegistryError(f"the MLflow registry at {secret} is unreachable: connection refused")
+
+    monkeypatch.setattr(Registry, "list", down)
+    monkeypatch.setattr(Tracking, "metric_history", down)
+    get, mixed = world["get"], world["mixed"]
+    for path in ("/api/registry", f"/api/batches/{mixed}/jobs/{world['pirate']}/loss"):
+        tenant, operator = get(path, world["ka"]), get(path, world["op"])
+        assert tenant.status_code == operator.status_code == 503, (tenant.text, operator.text)
+        assert "s3cr3t" not in tenant.text and "unavailable right now" in tenant.json()["error"]["message"]
+        assert secret in operator.json()["error"]["message"]
+    body = get("/api/cluster", world["ka"]).json()  # the Ray dashboard's address: operators only
+    assert body["error"] == "The cluster's node list is unavailable right now." and "127.0.0.1" not in body["error"]
+    assert dashboard.unavailable.__doc__
+
+
+def test_a_failed_experiment_lookup_is_not_retried_on_every_link(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    """Each lookup waits out MLflow's retries (about a minute when it is down), once per job's tenant on
+    every 2-second poll of a batch page: after one failure the links stay empty for MLFLOW_DOWN_S."""
+    from adapterfab.errors import AdapterfabError
+    from adapterfab.serve.dashboard import MLFLOW_DOWN_S, Sources
+
+    src, calls = Sources(f"sqlite:///{tmp_path / 's.db'}", "http://127.0.0.1:9", None), []
+
+    class Down:
+        def find_experiment_id(self, name: str) -> str:
+            calls.append(name)
+            raise AdapterfabError("MLflow is down")
+
+    monkeypatch.setattr(src, "tracking", lambda: Down())
+    assert [src.experiment_id(t) for t in (None, "acme", "globex", "acme")] == [None] * 4
+    assert len(calls) == 1
+    monkeypatch.setattr(src, "_mlflow_down_until", 0.0)  # as MLFLOW_DOWN_S later
+    assert src.experiment_id("acme") is None and len(calls) == 2 and MLFLOW_DOWN_S > 0
+
+
+def test_unknown_routes_and_methods_answer_in_the_apis_error_shape(world: dict) -> None:
+    get = world["get"]
+    r = get("/api/nope", world["op"])
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = get("/api/batches/a%2Fb", world["op"])
+    assert r.status_code == 404 and r.json()["error"]["code"] in ("not_found", "batch_not_found")
+    r = world["client"].post("/api/batches")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"

@@ -26,7 +26,10 @@ def test_string_forms() -> None:
 
 @pytest.mark.parametrize("text", ["acme", "acme/pirate/x", "../etc/passwd", "/acme/pirate", "acme/pirate@",
                                   "acme/pirate@0", "acme/pirate@v1", "acme/pirate@latest", "ACME/pirate",
-                                  "acme/pi rate", "acme/\u0440irate", "acme/" + "p" * 64, "acme/pirate@a@b"])
+                                  "acme/pi rate", "acme/\u0440irate", "acme/" + "p" * 64, "acme/pirate@a@b",
+                                  # past MLflow's 32-bit version column: its server answered 500 to every retry
+                                  "acme/pirate@2147483648", "acme/pirate@9223372036854775808",
+                                  "acme/pirate@" + "9" * 5000])
 def test_refused(text: str) -> None:
     with pytest.raises(InvalidId):
         AdapterId.parse(text)
@@ -50,3 +53,10 @@ def test_trailing_newlines_and_unicode_digits_are_refused(text: str) -> None:
         AdapterId.parse(text)
     with pytest.raises(InvalidId):
         check_id(text.split("/")[0] + "\n")
+
+
+def test_the_largest_version_mlflow_keeps_is_taken() -> None:
+    from adapterfab.ids import MAX_VERSION
+
+    assert AdapterId.parse(f"acme/pirate@{MAX_VERSION}").version == MAX_VERSION == 2**31 - 1
+    assert AdapterId.parse("acme/pirate@007").version == 7

@@ -192,3 +192,33 @@ def test_the_server_completes_the_catalogue_and_lists_from_it(mlflow_server: str
     assert [r.aliases for r in reg.list(aid.tenant)] == [{CANDIDATE: 1}]  # read from the catalogue
     assert [r.aliases for r in reg.list(aid.tenant, refresh=True)] == [{CANDIDATE: 1, "canary": 1}]
     assert complete_catalogue(Registry(mlflow_server)) is None
+
+
+def test_versions_registered_while_the_pages_are_read_are_each_listed_once(mlflow_server: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's version pages are offsets into its ordering; its default (newest first) shifted them when a
+    version was registered between two pages, and the listing held one version twice (2026-12-07)."""
+    import secrets
+
+    import adapterfab.registry as registry_mod
+    from adapterfab.ids import AdapterId
+
+    reg = Registry(mlflow_server)
+    tenant = f"pages-{secrets.token_hex(3)}"
+    for persona in ("a", "b", "c"):
+        for _ in range(2):
+            reg.register(AdapterId(tenant, persona), "s3://bucket/x", None, {})
+    monkeypatch.setattr(registry_mod, "VERSIONS_PAGE", 2)  # stands in for 10,000
+    real, pages = reg.client.search_model_versions, []
+
+    def search(*a: object, **k: object) -> object:
+        out = real(*a, **k)
+        pages.append(len(out))
+        if len(pages) == 1:  # registered between the first page and the second
+            reg.register(AdapterId(tenant, "a"), "s3://bucket/x", None, {})
+        return out
+
+    monkeypatch.setattr(reg.client, "search_model_versions", search)
+    listed = {ra.id.persona: [v.id.version for v in ra.versions] for ra in reg.list_from_mlflow(tenant)}
+    assert len(pages) >= 3
+    assert listed["b"] == listed["c"] == [1, 2] and listed["a"] in ([1, 2], [1, 2, 3]), listed
