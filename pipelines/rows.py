@@ -128,6 +128,9 @@ def parse_jsonl(data: bytes) -> Iterator[dict[str, Any]]:
 
     Lines are decoded one by one so a bad byte costs one row, not the file.
     """
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # every line would be "invalid UTF-8 at byte offset 0"
+        yield _entry(1, None, "the file is UTF-16 (its byte-order mark says so); save it as UTF-8")
+        return
     start = len(_UTF8_BOM) if data.startswith(_UTF8_BOM) else 0
     number = 0
     while start <= len(data):  # not data.split: a line over the limit is never copied
@@ -140,6 +143,8 @@ def parse_jsonl(data: bytes) -> Iterator[dict[str, Any]]:
                                        f"{MAX_ROW_BYTES:,}-byte limit of one row")
             continue
         raw = data[begin:end]
+        if raw.startswith(_UTF8_BOM):  # files joined with `cat`: each one's mark starts its first line
+            raw = raw[len(_UTF8_BOM):]
         if not raw.strip():
             continue
         try:

@@ -309,3 +309,11 @@ def test_the_in_process_reader_keeps_the_rows_the_data_stage_keeps(tmp_path, tin
     got = encode_file(tmp_path / "d.json", tok, 32)
     assert len(got) == 2 and all(any(v >= 0 for v in r["labels"]) for r in got)
     assert got == encode_file(tmp_path / "d.jsonl", tok, 32)
+
+
+def test_files_joined_with_their_byte_order_marks_and_utf16_files() -> None:
+    row = b'{"instruction": "hi", "output": "yo"}'
+    joined = b"\xef\xbb\xbf" + row + b"\n" + b"\xef\xbb\xbf" + row + b"\r\n"
+    assert [e["error"] for e in parse_jsonl(joined)] == [None, None]
+    (only,) = parse_jsonl(row.decode().encode("utf-16"))
+    assert only["messages"] is None and "UTF-16" in only["error"]
