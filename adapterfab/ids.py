@@ -83,7 +83,7 @@ class AdapterId:
                 raise InvalidId(f"invalid adapter id {text!r}: nothing after '@'")
             return cls(tenant, persona)
         if is_decimal(ref):
-            if len(ref.lstrip("0")) > len(str(MAX_VERSION)):  # before int(): Python refuses over 4,300 digits
+            if len(ref) > len(str(MAX_VERSION)):  # before int(): Python refuses over 4,300 digits, zeros too
                 shown = repr(ref) if len(ref) <= 30 else repr(ref[:30]) + "..."
                 raise InvalidId(f"invalid version {shown}: versions are integers from 1 to {MAX_VERSION}")
             return cls(tenant, persona, version=int(ref))

@@ -484,8 +484,8 @@ class Registry:
     def _list_from_mlflow(self, tenant: str | None) -> list[RegisteredAdapter]:
         flt = f"name LIKE 'af.{tenant}.%'" if tenant else "name LIKE 'af.%'"
         adapters: dict[str, RegisteredAdapter] = {}
-        # oldest first, so that what is registered while the pages are read lands after them: MLflow's
-        # pages are offsets into the ordering, and its default (newest first) shifted them, listing a
+        # orders that registering cannot reorder (MODELS_ORDER, VERSIONS_ORDER): MLflow's pages are offsets
+        # into the ordering, and its default for versions (last updated first) shifted them, listing a
         # version twice (which failed the catalogue's rebuild) or leaving one out (2026-12-07)
         for rm in _pages(lambda token: self.client.search_registered_models(
                 filter_string=flt, max_results=MODELS_PAGE, page_token=token, order_by=MODELS_ORDER)):
@@ -554,7 +554,10 @@ class Registry:
 
 MODELS_PAGE = 1000  # MLflow's most registered models per search
 VERSIONS_PAGE = 10000
-MODELS_ORDER = ["timestamp ASC", "name ASC"]  # creation time, then name: a total order
+# models by name: MLflow's "timestamp" is the last update, which a new version moves to the end, so a
+# model at a page's edge was skipped; a name never moves (a model created meanwhile is read twice at
+# most, and kept once). Versions by creation, which nothing changes: a new one lands after the pages.
+MODELS_ORDER = ["name ASC"]
 VERSIONS_ORDER = ["creation_timestamp ASC", "name ASC", "version_number ASC"]
 
 

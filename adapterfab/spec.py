@@ -46,24 +46,36 @@ class _Strict(BaseModel):
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one, so a
-    second ``tenants:`` would silently drop every job of the first)."""
+    second ``tenants:`` would silently drop every job of the first). The keys are checked as written,
+    on the composed document before anything is built: merge keys (``<<: *defaults``) are expanded only
+    later, and the keys beside them override them, as YAML says."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: keys given beside it override it
-                continue
-            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
-            line = key_node.start_mark.line + 1
-            try:
-                if key in seen:
+    def construct_document(self, node: yaml.Node) -> Any:
+        _unique_keys(node, set())
+        return super().construct_document(node)
+
+
+def _unique_keys(node: yaml.Node, seen_nodes: set[int]) -> None:
+    if id(node) in seen_nodes:  # an alias: the node was checked where it was anchored
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            if key.tag == "tag:yaml.org,2002:merge":
+                pass
+            elif isinstance(key, yaml.ScalarNode):
+                line = key.start_mark.line + 1
+                if (key.tag, key.value) in first:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); "
-                        "give it once", key_node.start_mark)
-            except TypeError:  # an unhashable key: the mapping constructor says so
-                break
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
+                        None, None, f"key {key.value!r} appears twice in one mapping (lines "
+                        f"{first[key.tag, key.value]} and {line}); give it once", key.start_mark)
+                first[key.tag, key.value] = line
+            _unique_keys(key, seen_nodes)
+            _unique_keys(value, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _unique_keys(item, seen_nodes)
 
 
 class TrainConfig(_Strict):

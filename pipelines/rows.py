@@ -166,6 +166,14 @@ def parse_jsonl(data: bytes) -> Iterator[dict[str, Any]]:
             yield _entry(number, None, str(e))
 
 
+def _check_row_chars(messages: list[dict[str, str]]) -> None:
+    """A row read whole (a JSON array's, a Parquet file's) under the JSONL row limit: a character is at
+    least a byte."""
+    chars = sum(len(m["content"]) for m in messages)
+    if chars > MAX_ROW_BYTES:
+        raise RowError(f"row holds {chars:,} characters, more than the {MAX_ROW_BYTES:,}-byte limit of one row")
+
+
 def parse_json(data: bytes) -> Iterator[dict[str, Any]]:
     """A ``.json`` file: a JSON array of rows (``line`` is the row's index + 1), or, when it does not
     start with ``[``, JSON Lines (:func:`parse_jsonl`). An array that does not parse is one error row."""
@@ -189,7 +197,9 @@ def parse_json(data: bytes) -> Iterator[dict[str, Any]]:
         return
     for number, obj in enumerate(rows, 1):
         try:
-            yield _entry(number, parse_record(obj), None)
+            messages = parse_record(obj)
+            _check_row_chars(messages)
+            yield _entry(number, messages, None)
         except RowError as e:
             yield _entry(number, None, str(e))
 
@@ -203,10 +213,7 @@ def parse_parquet(data: bytes) -> Iterator[dict[str, Any]]:
     for index, row in enumerate(table.to_pylist()):
         try:
             messages = parse_record(_without_nulls(row))
-            chars = sum(len(m["content"]) for m in messages)
-            if chars > MAX_ROW_BYTES:  # a character is at least a byte: the JSONL row limit
-                raise RowError(f"row holds {chars:,} characters, more than the {MAX_ROW_BYTES:,}-byte limit "
-                               "of one row")
+            _check_row_chars(messages)
         except RowError as e:
             yield _entry(index + 1, None, str(e))
         else:

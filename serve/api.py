@@ -57,11 +57,14 @@ IGNORED_HEADER = "X-Adapterfab-Ignored-Fields"
 
 def ignored_header(names: list[str], limit: int = 1000) -> str:
     """The ignored fields' names for the header, cut to ``limit`` characters (a body may name thousands)."""
-    shown = ", ".join(names)
-    if len(shown) <= limit:
-        return shown
-    kept = shown[:limit].rsplit(", ", 1)[0]
-    return f"{kept}, ... ({len(names) - kept.count(', ') - 1} more)"
+    kept: list[str] = []
+    size = 0
+    for name in names:
+        size += len(name) + 2 * bool(kept)
+        if size > limit:
+            return ", ".join(kept) + f", ... ({len(names) - len(kept)} more)"
+        kept.append(name)
+    return ", ".join(kept)
 
 
 class RateLimiter:
@@ -404,7 +407,7 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
         ra = found[0]
         if ref is None:
             return ra.public_dict()
-        number = int(ref) if is_decimal(ref) else ra.aliases.get(ref)
+        number = int(ref) if is_decimal(ref) and len(ref) <= 10 else ra.aliases.get(ref)  # int() of 5,000 digits raises
         for v in ra.versions:
             if v.id.version == number:
                 return v.public_dict()

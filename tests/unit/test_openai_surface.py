@@ -305,3 +305,12 @@ def test_echo_with_token_id_prompts_is_refused_not_ignored(srv: dict) -> None:
     ids = srv["engine"].encode_text("Ships sail")
     r = post(srv, "/v1/completions", {"model": "base", "prompt": ids, "echo": True, "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "echo", r.text
+
+
+def test_the_ignored_fields_header_counts_what_it_leaves_out() -> None:
+    from adapterfab.serve.api import ignored_header
+
+    assert ignored_header(["a", "b"]) == "a, b"
+    names = ["x, y", *[f"f{i}" for i in range(10)]]  # a name may hold ", " itself
+    got = ignored_header(names, limit=12)
+    assert got == "x, y, f0, f1, ... (8 more)", got

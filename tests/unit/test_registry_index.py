@@ -221,4 +221,19 @@ def test_versions_registered_while_the_pages_are_read_are_each_listed_once(mlflo
     monkeypatch.setattr(reg.client, "search_model_versions", search)
     listed = {ra.id.persona: [v.id.version for v in ra.versions] for ra in reg.list_from_mlflow(tenant)}
     assert len(pages) >= 3
-    assert listed["b"] == listed["c"] == [1, 2] and listed["a"] in ([1, 2], [1, 2, 3]), listed
+    assert listed == {"a": [1, 2, 3], "b": [1, 2], "c": [1, 2]}, listed  # the new version after the pages read
+
+    # the models' pages: a new version of a model already read must not move it past the next one
+    monkeypatch.setattr(reg.client, "search_model_versions", real)
+    monkeypatch.setattr(registry_mod, "MODELS_PAGE", 1)
+    real_models, model_pages = reg.client.search_registered_models, []
+
+    def models(*a: object, **k: object) -> object:
+        out = real_models(*a, **k)
+        model_pages.append([m.name for m in out])
+        if len(model_pages) == 1:
+            reg.register(AdapterId(tenant, "a"), "s3://bucket/x", None, {})
+        return out
+
+    monkeypatch.setattr(reg.client, "search_registered_models", models)
+    assert [ra.id.persona for ra in reg.list_from_mlflow(tenant)] == ["a", "b", "c"], model_pages

@@ -317,3 +317,12 @@ def test_files_joined_with_their_byte_order_marks_and_utf16_files() -> None:
     assert [e["error"] for e in parse_jsonl(joined)] == [None, None]
     (only,) = parse_jsonl(row.decode().encode("utf-16"))
     assert only["messages"] is None and "UTF-16" in only["error"]
+
+
+def test_a_json_arrays_rows_keep_the_row_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import adapterfab.pipelines.rows as rows_mod
+
+    monkeypatch.setattr(rows_mod, "MAX_ROW_BYTES", 20)
+    got = list(parse_json(json.dumps([{"instruction": "hi", "output": "yo"},
+                                      {"instruction": "x" * 30, "output": "yo"}]).encode()))
+    assert got[0]["error"] is None and "more than the 20-byte limit" in got[1]["error"]

@@ -186,6 +186,13 @@ def test_a_key_given_twice_is_refused_not_silently_dropped() -> None:
     _, jobs = parse_spec("version: 1\nname: t\ntenants: [{tenant: a, persona: b, dataset: d.jsonl, "
                          "<<: {train: {steps: 3}}, train: {steps: 5}}]\n")
     assert jobs[0].train.steps == 5
+    # an anchored mapping merged into another before its own anchor is built (PyYAML then holds the
+    # merged keys in the anchor's node): its keys as written are each given once
+    _, jobs = parse_spec("version: 1\nname: t\ntenants:\n"
+                         "  - {tenant: a, persona: b, dataset: d.jsonl, train: &short {steps: 20, batch_size: 2}}\n"
+                         "  - {tenant: a, persona: c, dataset: d.jsonl, train: &long {<<: *short, steps: 50}}\n"
+                         "defaults:\n  train: {<<: *long}\n")
+    assert [j.train.steps for j in jobs] == [20, 50]
 
 
 def test_non_finite_numbers_and_out_of_range_seeds_are_refused() -> None:
