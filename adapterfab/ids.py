@@ -51,6 +51,17 @@ def check_alias(value: str) -> str:
 MAX_VERSION = 2**31 - 1
 
 
+def version_number(ref: str) -> int | None:
+    """``ref`` as a version number when it is written as one (ASCII digits, no more of them than
+    ``MAX_VERSION`` has: ``int()`` refuses over 4,300 digits, leading zeros included), else None."""
+    return int(ref) if is_decimal(ref) and len(ref) <= len(str(MAX_VERSION)) else None
+
+
+def _bad_version(shown: str) -> InvalidId:
+    return InvalidId(f"invalid version {shown if len(shown) <= 30 else shown[:30] + '...'}: versions are "
+                     f"integers from 1 to {MAX_VERSION}")
+
+
 @dataclass(frozen=True, order=True)
 class AdapterId:
     """``tenant/persona`` plus, optionally, a registry version or an alias (not both)."""
@@ -66,8 +77,7 @@ class AdapterId:
         if self.version is not None and self.alias is not None:
             raise InvalidId("an adapter id names a version or an alias, not both")
         if self.version is not None and (not isinstance(self.version, int) or not 1 <= self.version <= MAX_VERSION):
-            shown = repr(self.version) if len(repr(self.version)) <= 30 else repr(self.version)[:30] + "..."
-            raise InvalidId(f"invalid version {shown}: versions are integers from 1 to {MAX_VERSION}")
+            raise _bad_version(repr(self.version))
         if self.alias is not None:
             check_alias(self.alias)
 
@@ -83,10 +93,10 @@ class AdapterId:
                 raise InvalidId(f"invalid adapter id {text!r}: nothing after '@'")
             return cls(tenant, persona)
         if is_decimal(ref):
-            if len(ref) > len(str(MAX_VERSION)):  # before int(): Python refuses over 4,300 digits, zeros too
-                shown = repr(ref) if len(ref) <= 30 else repr(ref[:30]) + "..."
-                raise InvalidId(f"invalid version {shown}: versions are integers from 1 to {MAX_VERSION}")
-            return cls(tenant, persona, version=int(ref))
+            number = version_number(ref)
+            if number is None:
+                raise _bad_version(repr(ref))
+            return cls(tenant, persona, version=number)
         return cls(tenant, persona, alias=ref)
 
     @classmethod

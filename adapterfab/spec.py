@@ -35,7 +35,9 @@ from adapterfab.ids import check_id
 from adapterfab.methods import MethodConfig, get_method, known_methods
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
-DATASET_SUFFIXES = (".jsonl", ".json", ".parquet", ".pq")  # pipelines/data.py FORMATS
+# a dataset's suffix -> its format (the data stage's parser: adapterfab.pipelines.rows PARSERS)
+DATASET_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
+DATASET_SUFFIXES = tuple(DATASET_FORMATS)
 DATASET_SCHEMES = ("s3", "file")
 MAX_DATASET_CHARS = 4096  # PATH_MAX: a longer path cannot name a file anyway
 
@@ -61,10 +63,8 @@ def _unique_keys(node: yaml.Node, seen_nodes: set[int]) -> None:
     seen_nodes.add(id(node))
     if isinstance(node, yaml.MappingNode):
         first: dict[tuple[str, str], int] = {}
-        for key, value in node.value:
-            if key.tag == "tag:yaml.org,2002:merge":
-                pass
-            elif isinstance(key, yaml.ScalarNode):
+        for key, value in node.value:  # a merge key (<<) may stand twice: the keys it brings are not checked
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
                 line = key.start_mark.line + 1
                 if (key.tag, key.value) in first:
                     raise yaml.constructor.ConstructorError(

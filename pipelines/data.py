@@ -33,17 +33,14 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from adapterfab.env import env
 from adapterfab.errors import DatasetError, plain_message
 from adapterfab.pipelines.rows import (
+    PARSERS,
     RowError,
     encode_messages,
     padded_batch,
-    parse_json,
-    parse_jsonl,
-    parse_parquet,
     split_score,
 )
+from adapterfab.spec import DATASET_FORMATS
 
-FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}  # local.py PARSE_BY_SUFFIX
-PARSERS = {"jsonl": parse_jsonl, "json": parse_json, "parquet": parse_parquet}
 UDF_NUM_CPUS = 0.5  # fractional, so reads and maps always find room next to each other on 2 CPUs
 ROWS_PER_BLOCK = 1024  # tokenize blocks: enough rows to amortise a task, enough blocks to use all CPUs
 MAX_BAD_EXAMPLES = 20
@@ -134,10 +131,10 @@ def _resolve(uri: str) -> tuple[pafs.FileSystem, str, str]:
         fs = pafs.LocalFileSystem()
         path = os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
     ext = os.path.splitext(path)[1].lower()
-    if ext not in FORMATS:
+    if ext not in DATASET_FORMATS:
         raise DatasetError(f"dataset {uri}: unsupported file type {ext or '(none)'!r}; "
-                           f"use one of {', '.join(FORMATS)}")
-    return fs, path, FORMATS[ext]
+                           f"use one of {', '.join(DATASET_FORMATS)}")
+    return fs, path, DATASET_FORMATS[ext]
 
 
 def _sha256(fs: pafs.FileSystem, path: str, uri: str) -> tuple[str, int]:

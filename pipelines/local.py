@@ -9,22 +9,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from adapterfab.pipelines.rows import (
-    RowError,
-    encode_messages,
-    padded_batch,
-    parse_json,
-    parse_jsonl,
-    parse_parquet,
-)
-
-PARSE_BY_SUFFIX = {".jsonl": parse_jsonl, ".json": parse_json, ".parquet": parse_parquet, ".pq": parse_parquet}
+from adapterfab.pipelines.rows import PARSERS, RowError, encode_messages, padded_batch
+from adapterfab.spec import DATASET_FORMATS
 
 
 def encode_file(path: str | Path, tokenizer: Any, max_seq_len: int) -> list[dict[str, list[int]]]:
     """The file's usable rows, as the data stage keeps them (pipelines/data.py): parsed by its suffix,
     and a row the template refuses, or that keeps no assistant token within ``max_seq_len``, left out."""
-    parse = PARSE_BY_SUFFIX.get(Path(path).suffix.lower(), parse_jsonl)
+    parse = PARSERS[DATASET_FORMATS.get(Path(path).suffix.lower(), "jsonl")]
     rows = []
     for entry in parse(Path(path).read_bytes()):
         if entry["error"] is not None:

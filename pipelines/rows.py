@@ -220,6 +220,10 @@ def parse_parquet(data: bytes) -> Iterator[dict[str, Any]]:
             yield _entry(index + 1, messages, None)
 
 
+# a format (adapterfab.spec DATASET_FORMATS, by suffix) -> its parser
+PARSERS = {"jsonl": parse_jsonl, "json": parse_json, "parquet": parse_parquet}
+
+
 def encode_messages(messages: Sequence[Mapping[str, str]], tokenizer: Any, max_seq_len: int) -> dict[str, Any]:
     """One conversation chat-templated, tokenized and masked (``adapterfab.chat.encode_messages``), a
     template that refuses it a ``RowError``."""

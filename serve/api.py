@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapterfab.errors import AdapterfabError, AdapterNotFound, BaseMismatch, RegistryError
-from adapterfab.ids import AdapterId, is_decimal
+from adapterfab.ids import AdapterId, is_decimal, version_number
 from adapterfab.registry import AdapterVersion, RegisteredAdapter
 from adapterfab.serve import openai_format
 from adapterfab.serve.api_errors import ApiError, backend_error, field_error, model_not_found
@@ -407,7 +407,7 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
         ra = found[0]
         if ref is None:
             return ra.public_dict()
-        number = int(ref) if is_decimal(ref) and len(ref) <= 10 else ra.aliases.get(ref)  # int() of 5,000 digits raises
+        number = version_number(ref) if is_decimal(ref) else ra.aliases.get(ref)
         for v in ra.versions:
             if v.id.version == number:
                 return v.public_dict()

@@ -304,11 +304,9 @@ class TextGeneration:
         no token stands for more bytes than the longest vocabulary entry, and a character is at least one
         byte, so more characters than that times the token limit is too long for certain; every message
         of a conversation renders at least one token of its template (its role's markers), so more
-        messages than the limit is too long too, whatever their text. Token ids are checked against the
-        vocabulary here (the engine checks their count)."""
+        messages than the limit is too long too, whatever their text."""
         if _is_ids(messages):
-            self.check_token_ids(messages)  # type: ignore[arg-type]
-            return
+            return  # token ids: the engine checks them, and their count, where it admits them
         chars = len(messages) if isinstance(messages, str) else sum(len(m.get("content") or "") for m in messages)
         limit = self.prompt_token_limit()
         if chars > limit * self._max_token_bytes():

@@ -28,6 +28,7 @@ MAX_TOP_LOGPROBS = 20
 # generation (a 400 for a bad one), and a 440 KB choice list took 1.2 s of the ingress (2026-12-07)
 MAX_GUIDE_CHARS = 32 * 1024
 MAX_GUIDED_CHOICES = 1000
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")  # vLLM's structured outputs
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # a 64-bit integer, as vLLM's server takes it
 
 
@@ -199,15 +200,13 @@ class _GenerationRequest(_Open):
         if self.guided_choice is not None and len(self.guided_choice) > MAX_GUIDED_CHOICES:
             raise FieldError("guided_choice", f"At most {MAX_GUIDED_CHOICES} choices.", "invalid_value")
         if got is not None and len(got[1]) > MAX_GUIDE_CHARS:
-            field = next((n for n in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
-                          if getattr(self, n) is not None), "response_format")
+            field = next((n for n in GUIDED_FIELDS if getattr(self, n) is not None), "response_format")
             raise FieldError(field, f"The structured output's specification is {len(got[1]):,} characters; at "
                              f"most {MAX_GUIDE_CHARS:,} are taken.", "invalid_value")
         return got
 
     def _guide(self) -> tuple[str, str] | None:
-        given = [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
-                 if getattr(self, name) is not None]
+        given = [name for name in GUIDED_FIELDS if getattr(self, name) is not None]
         rf = self.response_format
         if rf is not None and rf.type != "text":
             given.append("response_format")
