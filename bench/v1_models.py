@@ -99,8 +99,10 @@ def main() -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "ADAPTERFAB_STATE_URL")}
         env["ADAPTERFAB_HOME"] = str(home)
         port = free_port()
+        # no --ui-port (the bench reads no page): `up` picks the UI's port once Ray is up; a port picked
+        # before was taken by one of Ray's own processes in a fresh-clone run (2026-12-07)
         cli(env, "up", "--num-cpus", "2", "--mlflow-port", str(free_port()), "--ray-port", str(free_port()),
-            "--dashboard-port", str(free_port()), "--serve-port", str(port), "--ui-port", str(free_port()))
+            "--dashboard-port", str(free_port()), "--serve-port", str(port))
         try:
             key = cli(env, "keys", "create", tenant).split()[-1]
             url = f"http://127.0.0.1:{port}"

@@ -29,6 +29,11 @@ def stack_up(home: Path, *extra: str, env: dict[str, str] | None = None) -> tupl
     ports = {k: str(free_port()) for k in ("mlflow", "ray", "dashboard", "serve", "ui")}
     r = run_cli(home, "up", "--mlflow-port", ports["mlflow"], "--ray-port", ports["ray"], "--dashboard-port",
                 ports["dashboard"], "--serve-port", ports["serve"], "--ui-port", ports["ui"], *extra, env=env)
+    if r.returncode != 0 and "the dashboard UI did not start" in r.stderr and "address already in use" in r.stderr:
+        # the UI's port, picked before Ray started, was taken by one of Ray's processes meanwhile; the rest
+        # of the stack is up, and `up` starts only the UI, on the port it is given
+        ports["ui"] = str(free_port())
+        r = run_cli(home, "up", "--ui-port", ports["ui"], *extra, env=env)
     assert r.returncode == 0, r.stderr
     return ports, r.stdout
 
