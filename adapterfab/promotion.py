@@ -13,6 +13,7 @@ reads the registry it is given).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,8 @@ class Policy:
     def __post_init__(self) -> None:
         if self.metric not in GOALS:
             raise ValueError(f"unknown promotion metric {self.metric!r}; use one of: {', '.join(GOALS)}")
+        if not (math.isfinite(self.margin) and math.isfinite(self.relative_margin)):
+            raise ValueError("promotion margins must be finite numbers")
         if self.margin < 0 or self.relative_margin < 0:
             raise ValueError("promotion margins must be >= 0")
         if not 0.0 <= self.min_retention <= 1.0:
@@ -90,6 +93,8 @@ def decide(policy: Policy, metrics: dict[str, object], production: tuple[int, fl
     notes = []
     if policy.min_retention > 0:
         kept, said = _num(metrics.get("retention")), retention.describe(metrics)
+        if kept is not None and not math.isfinite(kept):  # NaN compares False: it would pass the check
+            return Decision(False, f"retention is {kept}, not a measurement to promote on", m, value)
         if kept is not None and kept < policy.min_retention:
             return Decision(False, f"{said} is below the minimum {policy.min_retention:g}: the adapter has "
                                    "forgotten what the base knew (train less, or a lower learning rate)", m, value)
@@ -97,13 +102,18 @@ def decide(policy: Policy, metrics: dict[str, object], production: tuple[int, fl
                      (said or "no retention was measured") + "; not checked")
     if value is None:
         return Decision(False, f"the version has no recorded {m}", m, None)
-    if base is None:
-        return Decision(False, f"no base-model {m} was measured to compare with", m, value)
+    if not math.isfinite(value):  # a diverged run's NaN or inf compares False: it would beat every reference
+        return Decision(False, f"{m} is {value}, not a measurement to promote on (the training diverged?)", m, None)
+    if base is None or not math.isfinite(base):
+        return Decision(False, f"no base-model {m} was measured to compare with"
+                        + ("" if base is None else f" (it is {base})"), m, value)
     refs = {"base": base}
     if production is not None:
         pv, pval = production
-        if pval is None:
-            notes.append(f"production v{pv} has no recorded {m}; compared with the base only")
+        pval = None if pval is None else _num(pval)
+        if pval is None or not math.isfinite(pval):
+            notes.append(f"production v{pv} has no recorded {m}" + ("" if pval is None else f" (it has {pval})")
+                         + "; compared with the base only")
         else:
             refs[f"production v{pv}"] = pval
     for name, ref in refs.items():

@@ -59,6 +59,25 @@ def test_gate_refuses_without_measurements() -> None:
         Policy("bleu")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_gate_refuses_what_is_not_a_finite_measurement(bad: float) -> None:
+    """NaN compares False with everything, so a diverged run's NaN loss would beat every reference."""
+    p = Policy("eval_loss", min_retention=0)
+    d = decide(p, {"eval_loss": bad, "base_eval_loss": 2.0}, None)
+    assert not d.promoted and "not a measurement" in d.reason
+    assert not decide(p, {"eval_loss": 1.0, "base_eval_loss": bad}, None).promoted
+    assert not decide(Policy("eval_token_accuracy", min_retention=0),
+                      {"eval_token_accuracy": bad, "base_eval_token_accuracy": 0.5}, None).promoted
+    d = decide(Policy(), {"eval_loss": 1.0, "base_eval_loss": 2.0, "retention": bad}, None)
+    assert not d.promoted and "retention" in d.reason
+    d = decide(p, {"eval_loss": 1.0, "base_eval_loss": 2.0}, (4, bad))  # production's figure unusable
+    assert d.promoted and "production v4 has no recorded eval_loss" in d.reason
+    assert not decide(p, {"eval_loss": 2.5, "base_eval_loss": 2.0}, (4, bad)).promoted  # the base still holds
+    for kw in ({"margin": bad}, {"relative_margin": bad}, {"min_retention": bad}):
+        with pytest.raises(ValueError):
+            Policy("eval_loss", **kw)
+
+
 # -- on the real registry ----------------------------------------------------------------------------
 def _register(reg: Registry, aid: AdapterId, eval_loss: float, base: float = 3.0, **tags: str):  # noqa: ANN202
     return reg.register(aid, f"s3://bucket/adapters/{aid.tenant}/{aid.persona}/{eval_loss}", None,
