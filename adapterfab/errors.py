@@ -1,6 +1,16 @@
 """Errors adapterfab raises. Third-party errors are turned into these at the boundary, with a message
 that names the fix."""
 
+import re
+
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URI in it replaced by ``***@`` (an MLflow URI with
+    basic-auth credentials appears in MLflow's own exception text as well as in ours)."""
+    return _USERINFO.sub(r"\1***@", text)
+
 
 class AdapterfabError(Exception):
     """Base class: the CLI prints these as one clear line, without a traceback."""
@@ -28,7 +38,10 @@ class AdapterNotFound(AdapterfabError):
 
 
 class RegistryError(AdapterfabError):
-    pass
+    """Its message never carries a URI's credentials: the CLI, logs and the API's 503s print it."""
+
+    def __init__(self, *args: object):
+        super().__init__(*(redact_credentials(a) if isinstance(a, str) else a for a in args))
 
 
 class StorageError(AdapterfabError):

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from adapterfab.errors import RegistryError
+from adapterfab.errors import AdapterfabError, RegistryError
 from adapterfab.methods import Method, get_method
 from adapterfab.registry import AdapterVersion, Registry
 from adapterfab.storage import open_store
@@ -43,9 +43,12 @@ def export_adapter(registry: Registry, v: AdapterVersion, out_dir: str | Path, f
     import tempfile
 
     out = Path(out_dir)
+    try:  # before the download: a bad folder is said at once
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AdapterfabError(f"cannot write the export to {out}: {e.strerror or e}") from None
     with tempfile.TemporaryDirectory() as tmp:
         folder = to_peft_lora(registry, v, tmp)
-        out.mkdir(parents=True, exist_ok=True)
         for f in folder.iterdir():
             if f.is_file() and f.name != "MANIFEST.json":
                 shutil.copy2(f, out / f.name)

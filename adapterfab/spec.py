@@ -469,6 +469,10 @@ def semantic_problems(spec: BatchSpec, jobs: list[JobSpec], dataset_exists: Any 
     problems: list[tuple[str, str]] = []
     try:
         check_base_model(spec.base_model)
+        if spec.base_model.startswith("s3://") and dataset_exists:  # a model folder: its config.json
+            err = dataset_exists(spec.base_model.rstrip("/") + "/config.json")
+            if err:
+                problems.append(("base_model", f"{err} (a base model folder needs its config.json)"))
     except Exception as e:  # noqa: BLE001 - reported as a spec problem
         problems.append(("base_model", str(e)))
     else:

@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -87,6 +88,10 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def delete_prefix(self, prefix: str) -> None: ...
+
+    @abstractmethod
+    def list_keys(self, prefix: str) -> list[str]:
+        """Every object's key under the folder ``prefix`` (``a/b/``), sorted."""
 
     def stored_matches(self, key: str, local: Path, sha256: str) -> bool:
         """Whether the object at ``key`` has exactly ``local``'s bytes (here: read back, sha256)."""
@@ -147,6 +152,36 @@ class ArtifactStore(ABC):
         return local_dir
 
 
+def _folder(prefix: str) -> str:
+    """``prefix`` as a folder (``a/b/``): deleting ``adapters/acme`` must not take ``adapters/acme-2``,
+    and an empty prefix (the whole store) is refused."""
+    folder = prefix.strip("/")
+    if not folder:
+        raise StorageError("refusing to delete the whole artifact store (an empty prefix)")
+    return folder + "/"
+
+
+def download_base(store: ArtifactStore, uri: str, local_dir: Path) -> Path:
+    """A base model's folder at ``uri``: the files its ``MANIFEST.json`` lists, checksums verified, when
+    adapterfab uploaded it; otherwise every object under it as another tool stored it (S3 checked each
+    upload; there is no manifest to check them against). It must hold a ``config.json``."""
+    key = store.key_of(uri).strip("/")
+    prefix = f"{key}/" if key else ""
+    if store.exists(prefix + MANIFEST):
+        return store.download_dir(uri, local_dir)
+    keys = [k for k in store.list_keys(prefix) if k and not k.endswith("/")]  # "folder" markers skipped
+    if prefix + "config.json" not in keys:
+        raise StorageError(f"{uri} holds no config.json: not a model folder")
+    for k in keys:
+        rel = k[len(prefix):]
+        if ".." in Path(rel).parts:
+            raise StorageError(f"refusing object {k!r} outside the folder")
+        dest = Path(local_dir) / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        store.get_file(k, dest)
+    return Path(local_dir)
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file's bytes, or a folder's entries (a rename in it), to disk."""
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
@@ -193,7 +228,11 @@ class LocalStore(ArtifactStore):
         return p.exists() and sha256_file(p) == sha256
 
     def delete_prefix(self, prefix: str) -> None:
-        shutil.rmtree(self._p(prefix), ignore_errors=True)
+        shutil.rmtree(self._p(_folder(prefix)), ignore_errors=True)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        folder = self._p(prefix)
+        return sorted(p.relative_to(self.path).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
 class S3Store(ArtifactStore):
@@ -260,7 +299,8 @@ class S3Store(ArtifactStore):
 
     def stored_matches(self, key: str, local: Path, sha256: str) -> bool:
         """S3's own record of the object: its size, and its ETag, which is the MD5 of the bytes for a
-        single-part upload (a multipart ETag is not: then the object is read back)."""
+        single-part upload stored unencrypted or with SSE-S3. It is not for a multipart upload, nor under
+        SSE-KMS or SSE-C (a bucket's default encryption included): then the object is read back."""
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self._k(key))
         except Exception as e:  # noqa: BLE001
@@ -268,7 +308,9 @@ class S3Store(ArtifactStore):
         if int(head.get("ContentLength", -1)) != local.stat().st_size:
             return False
         etag = str(head.get("ETag", "")).strip('"')
-        if etag and "-" not in etag:
+        md5_etag = (etag and "-" not in etag and head.get("ServerSideEncryption") in (None, "AES256")
+                    and not head.get("SSECustomerAlgorithm"))
+        if md5_etag:
             md5 = hashlib.md5(usedforsecurity=False)
             with local.open("rb") as f:
                 for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -286,10 +328,20 @@ class S3Store(ArtifactStore):
             if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise StorageError(f"cannot check {self.uri(key)}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - unreachable endpoint, bad endpoint URL, credentials
+            raise StorageError(f"cannot check {self.uri(key)}: {e}") from e
+
+    def list_keys(self, prefix: str) -> list[str]:
+        start = len(self._k(""))
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._k(prefix))
+            return sorted(o["Key"][start:] for page in pages for o in page.get("Contents", []))
+        except Exception as e:  # noqa: BLE001 - missing bucket, no permission, unreachable endpoint
+            raise StorageError(f"cannot list {self.uri(prefix)}: {e}") from e
 
     def delete_prefix(self, prefix: str) -> None:
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._k(prefix)):
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._k(_folder(prefix))):
             keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
             if keys:
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
@@ -320,9 +372,12 @@ def s3_client():  # noqa: ANN201
 
 def open_store(root: str) -> ArtifactStore:
     """The store for a root URI: ``s3://bucket/prefix`` or a local folder (``file://`` optional).
-    A full object URI also works: the store is rooted at its bucket."""
+    A full object URI also works: the store is rooted at its bucket. Any other scheme (``gs://``,
+    ``https://``, ``S3://``, a mistyped ``s3:/``) is refused rather than taken for a local folder."""
     if root.startswith("s3://"):
         return S3Store(root)
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:/", root) and not root.startswith("file://"):
+        raise StorageError(f"unsupported artifact store {root!r}: use s3://bucket/prefix or a local folder")
     return LocalStore(root)
 
 

@@ -329,3 +329,25 @@ def test_an_interrupted_promotion_is_completed_unless_a_later_one_stands(mlflow_
     reg.promote(v4, gate_decision(reg, v4, _metrics(v4), Policy()))
     reg.complete_promotion(reg.get(v2.id))  # an older interrupted promotion does not undo a later one
     assert reg.production(aid).id.version == 4 and reg.production_history(aid) == [1, 2, 4]
+
+
+def test_export_to_a_folder_that_cannot_be_made_is_a_clear_error_before_any_download(tmp_path: Path) -> None:
+    from adapterfab.errors import AdapterfabError
+    from adapterfab.export import export_adapter
+
+    (tmp_path / "a-file").write_text("x")
+    for bad in (tmp_path / "a-file", tmp_path / "a-file" / "below"):
+        with pytest.raises(AdapterfabError, match="cannot write the export"):
+            export_adapter(None, None, bad)  # type: ignore[arg-type] # nothing is downloaded first
+
+
+def test_registry_errors_never_print_the_uri_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapterfab.errors import RegistryError
+    from adapterfab.procs import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once
+
+    reg = Registry(f"http://admin:hunter2@127.0.0.1:{free_port()}", retry_s=0)  # nothing listens there
+    with pytest.raises(RegistryError) as e:
+        reg.get(AdapterId.parse("acme/pirate@1"))
+    assert "hunter2" not in str(e.value) and "***@127.0.0.1" in str(e.value)
