@@ -183,11 +183,10 @@ def submit(batch: Path | None = typer.Argument(None, help="batch spec YAML (not 
             todo = prepare_resume(s, resume)
         except AdapterfabError as e:
             _fail(e)
-        if todo:
-            launch_detached(s, resume)
+        launched = launch_detached(s, resume) if todo else None
         if wait or not todo:
             say.print(f"batch {resume}  (resuming: {todo} job(s) to finish)", markup=False)
-            raise typer.Exit(_wait(s, resume, timeout_s, as_json=as_json))
+            raise typer.Exit(_wait(s, resume, timeout_s, as_json=as_json, launched=launched))
         if as_json:
             _print_json({"batch_id": resume, "resumed_jobs": todo})
         else:
@@ -225,10 +224,10 @@ def submit(batch: Path | None = typer.Argument(None, help="batch spec YAML (not 
         _fail(e, EXIT_INVALID)
     except AdapterfabError as e:
         _fail(e)
-    launch_detached(s, batch_id)
+    launched = launch_detached(s, batch_id)
     if wait:
         say.print(f"batch {batch_id}")
-        raise typer.Exit(_wait(s, batch_id, timeout_s, as_json=as_json))
+        raise typer.Exit(_wait(s, batch_id, timeout_s, as_json=as_json, launched=launched))
     if as_json:
         _print_json({"batch_id": batch_id})
     else:

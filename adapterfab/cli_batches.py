@@ -29,9 +29,13 @@ EXIT_OF = {BatchState.SUCCEEDED.value: EXIT_OK, BatchState.FAILED.value: EXIT_FA
            BatchState.CANCELLED.value: EXIT_CANCELLED}
 
 
-def _wait(s: Settings, batch_id: str, timeout_s: float, finished: Any = None, as_json: bool = False) -> int:
+def _wait(s: Settings, batch_id: str, timeout_s: float, finished: Any = None, as_json: bool = False,
+          launched: int | None = None) -> int:
     """Print progress until the batch is terminal (to stderr with ``as_json``, then the batch as JSON on
-    stdout); ``finished()`` says the in-process orchestrator ended. Returns the exit code."""
+    stdout); ``finished()`` says the in-process orchestrator ended; ``launched``: the pid of the
+    orchestrator this CLI started, which failed the wait if it exits before it claims the batch (it
+    waited for ever when an orchestrator crashed on start-up). Returns the exit code."""
+    from adapterfab.procs import pid_alive
     from adapterfab.state import StateStore
     from adapterfab.status import print_status
 
@@ -63,6 +67,12 @@ def _wait(s: Settings, batch_id: str, timeout_s: float, finished: Any = None, as
             return EXIT_OF[b.state]
         if finished is not None and finished() and not BatchState(state.get_batch(batch_id).state).terminal:
             return EXIT_FAILED
+        if launched and not b.orchestrator_pid and not pid_alive(launched):
+            b = state.get_batch(batch_id)
+            if not BatchState(b.state).terminal and not b.orchestrator_pid:
+                err.print(f"the orchestrator of {batch_id} exited before it started the batch; see "
+                          f"{s.logs / (batch_id + '.log')}", markup=False)
+                return EXIT_FAILED
         if b.orchestrator_pid and not state.orchestrator_alive(b) and time.monotonic() - t0 > 10:
             b = state.get_batch(batch_id)
             if not BatchState(b.state).terminal:

@@ -174,6 +174,8 @@ def pid_alive(pid: int | None, token: str | None = None) -> bool:
             return False  # the number now belongs to another process
     try:
         os.kill(pid, 0)
+    except PermissionError:
+        pass  # it runs, as another user (an orchestrator started by a colleague on a shared host)
     except OSError:
         return False
     try:  # a zombie child counts as gone

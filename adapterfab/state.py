@@ -6,11 +6,12 @@ with tenant and job id, and commits it; so ``adapterfab status`` works after the
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import JSON, Float, Integer, String, Text, create_engine, event, select
+from sqlalchemy import JSON, Float, Integer, String, Text, TypeDecorator, create_engine, event, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from adapterfab import faults
@@ -21,6 +22,29 @@ from adapterfab.status import BATCH_COLUMNS, JOB_COLUMNS, JobView, batch_dump, d
 
 log = logging.getLogger("adapterfab.state")
 CANCELLED_ERROR = "cancelled by `adapterfab cancel` before it was registered"
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float made None, at any depth."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+class FiniteJSON(TypeDecorator):
+    """JSON whose NaN and infinities are stored as null: PostgreSQL refuses them (the job failed with a
+    database error when an eval loss overflowed) and SQLite kept them, which `status --json` then printed
+    as `NaN`, not JSON."""
+
+    impl = JSON
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        return _finite(value)
 
 
 class Base(DeclarativeBase):
@@ -47,9 +71,9 @@ class BatchRow(Base):
     started_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     ended_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    options: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # e.g. {"force": true}
-    plan: Mapped[list | None] = mapped_column(JSON, nullable=True)  # jobs.plan.PlannedJob dicts, made at submit
-    stats: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # where the run's time went (jobs/factory.py)
+    options: Mapped[dict | None] = mapped_column(FiniteJSON, nullable=True)  # e.g. {"force": true}
+    plan: Mapped[list | None] = mapped_column(FiniteJSON, nullable=True)  # jobs.plan.PlannedJob dicts, made at submit
+    stats: Mapped[dict | None] = mapped_column(FiniteJSON, nullable=True)  # where the run's time went (jobs/factory.py)
     # `adapterfab cancel`: when it was asked; the batch's orchestrator stops at its next check (cancel_batch)
     cancel_requested_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 
@@ -65,8 +89,8 @@ class JobRow(Base):
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int] = mapped_column(Integer, default=0)
     loss: Mapped[float | None] = mapped_column(Float, nullable=True)
-    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
-    data_stats: Mapped[dict] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict] = mapped_column(FiniteJSON, default=dict)
+    data_stats: Mapped[dict] = mapped_column(FiniteJSON, default=dict)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     adapter_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
     model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -79,7 +103,7 @@ class JobRow(Base):
     training_started_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     reused_version: Mapped[int | None] = mapped_column(Integer, nullable=True)  # idempotent resubmit
     # where it trains: node_id, workers, zero_stage, cpus, gpus (per worker), fused_with
-    placement: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    placement: Mapped[dict | None] = mapped_column(FiniteJSON, nullable=True)
     # when anything of the job last changed: `--wait` and the dashboard read only what changed
     updated_s: Mapped[float | None] = mapped_column(Float, nullable=True, default=time.time, onupdate=time.time,
                                                     index=True)
@@ -103,7 +127,7 @@ class RegistryModelRow(Base):
     __tablename__ = "registry_models"
     name: Mapped[str] = mapped_column(String(256), primary_key=True)  # af.<tenant>.<persona>
     tenant: Mapped[str] = mapped_column(String(64), index=True)
-    aliases: Mapped[dict] = mapped_column(JSON, default=dict)  # alias -> version
+    aliases: Mapped[dict] = mapped_column(FiniteJSON, default=dict)  # alias -> version
     indexed_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
@@ -114,7 +138,7 @@ class RegistryVersionRow(Base):
     tenant: Mapped[str] = mapped_column(String(64), index=True)
     source: Mapped[str] = mapped_column(Text)
     run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    tags: Mapped[dict] = mapped_column(JSON, default=dict)
+    tags: Mapped[dict] = mapped_column(FiniteJSON, default=dict)
     created_s: Mapped[float] = mapped_column(Float, default=0.0)
 
 
@@ -132,6 +156,7 @@ def _add_missing_columns(engine: Any) -> None:
     """A state database made by an older adapterfab lacks newer nullable columns: add them in place
     (``create_all`` only creates missing tables)."""
     from sqlalchemy import inspect, text
+    from sqlalchemy.exc import DBAPIError
 
     insp = inspect(engine)
     for table in Base.metadata.sorted_tables:
@@ -139,8 +164,20 @@ def _add_missing_columns(engine: Any) -> None:
         for col in table.columns:
             if col.name not in have and col.nullable:
                 ddl = col.type.compile(dialect=engine.dialect)
-                with engine.begin() as conn:
-                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {col.name} {ddl}'))
+                try:
+                    with engine.begin() as conn:
+                        conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {col.name} {ddl}'))
+                except DBAPIError:  # another process added it first ("duplicate column"): fine if it is there
+                    if col.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                        raise
+        indexes = {i["name"] for i in insp.get_indexes(table.name)}
+        for index in table.indexes:  # an index added in a newer version (create_all skips existing tables)
+            if index.name not in indexes:
+                try:
+                    index.create(engine, checkfirst=True)
+                except DBAPIError:  # made meanwhile by another process
+                    if index.name not in {i["name"] for i in inspect(engine).get_indexes(table.name)}:
+                        raise
 
 
 def _apply_move(row: JobRow, new: JobState, now: float, fields: dict[str, Any]) -> JobState:

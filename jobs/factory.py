@@ -284,8 +284,8 @@ class Factory:
                     if not view.state.terminal and view.mlflow_run_id:  # the run that registered it
                         ctx.tracking.end_run(view.mlflow_run_id, ok=True)
                     return None
-                if not view.state.terminal and view.mlflow_run_id:  # a dead orchestrator left its run open
-                    _close_orphan_run(ctx, view.mlflow_run_id)
+                if view.mlflow_run_id:  # a dead orchestrator left its run open (or a cancel without one)
+                    _close_orphan_run(ctx, view.mlflow_run_id, if_running=view.state.terminal)
             run_id = ctx.tracking.start_run(
                 aid.key, parent_run_id=ctx.batch_run_id, experiment=tenant_experiment(job.tenant),
                 tags={"adapterfab.tenant": job.tenant, "adapterfab.persona": job.persona,

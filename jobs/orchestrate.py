@@ -224,8 +224,13 @@ def job_run_params(spec: BatchSpec, job: JobSpec, base_fingerprint: str) -> dict
     }
 
 
-def _close_orphan_run(ctx: BatchContext, run_id: str) -> None:
+def _close_orphan_run(ctx: BatchContext, run_id: str, if_running: bool = False) -> None:
+    """Close an earlier attempt's MLflow run that its orchestrator left open; with ``if_running``, only
+    when MLflow still has it RUNNING (a job that ended without its orchestrator: a cancel while none
+    ran ends the job in the state database only; a run that ended is left as it ended)."""
     try:
+        if if_running and ctx.tracking.client.get_run(run_id).info.status != "RUNNING":
+            return
         ctx.tracking.set_tags(run_id, {"adapterfab.error": "orchestrator died; the job ran again (resume)"})
         ctx.tracking.client.set_terminated(run_id, "KILLED")
     except Exception:  # noqa: BLE001 - bookkeeping of the dead attempt only
@@ -299,15 +304,30 @@ def run_batch(settings: Settings, batch_id: str) -> BatchState:
         beating.set()
 
 
-def _heartbeat(state: StateStore, batch_id: str, pid: int, token: str | None, stop: threading.Event) -> None:
+EXIT_DEPOSED = 75  # the orchestrator's exit status when another one took its batch over
+
+
+def _deposed() -> None:
+    """Another orchestrator holds the batch now (this one was judged dead): stop at once, writing
+    nothing more. The new holder resumes the batch as after a crash, which loses and repeats nothing
+    (a registration cut short is finished or redone once: jobs/registrar.py)."""
+    logging.shutdown()
+    os._exit(EXIT_DEPOSED)
+
+
+def _heartbeat(state: StateStore, batch_id: str, pid: int, token: str | None, stop: threading.Event,
+               on_lost: Any = _deposed) -> None:
     """The claim's sign of life, every HEARTBEAT_S: what an orchestrator on another host (a Ray Job's
-    node), whose pid cannot be checked, is judged by (procs.holder_alive)."""
+    node), whose pid cannot be checked, is judged by (procs.holder_alive). A beat that finds the claim
+    gone calls ``on_lost`` (by default: the process exits), so two orchestrators never run one batch."""
     from adapterfab.procs import HEARTBEAT_S
 
     while not stop.wait(HEARTBEAT_S):
         try:
             if not state.heartbeat(batch_id, pid, token):
-                log.error("batch %s is no longer claimed by this orchestrator (pid %s)", batch_id, pid)
+                log.error("batch %s is no longer claimed by this orchestrator (pid %s): another one holds it; "
+                          "stopping", batch_id, pid)
+                on_lost()
                 return
         except Exception:  # noqa: BLE001 - a busy database: the next beat
             log.warning("heartbeat of batch %s not written", batch_id, exc_info=True)
@@ -339,7 +359,7 @@ def _run_claimed(settings: Settings, state: StateStore, batch_id: str, batch: An
         settings.home.mkdir(parents=True, exist_ok=True)
         os.chdir(settings.home)
     state.update_batch(batch_id, state=BatchState.RUNNING, started_s=time.time(), error=None)
-    factory = pool = None
+    factory = pool = queue = None
     try:
         if not settings.mlflow_uri:
             raise StackError("no MLflow server: run `adapterfab up` first (or set MLFLOW_TRACKING_URI)")
@@ -390,6 +410,8 @@ def _run_claimed(settings: Settings, state: StateStore, batch_id: str, batch: An
         ray.kill(board)
     except Exception as e:  # noqa: BLE001 - the batch cannot run at all: fail every unfinished job
         log.exception("batch %s failed", batch_id)
+        if queue is not None:  # the trainers still starting give up (they wait on queue.drained)
+            queue.cancel()
         if pool is not None:
             pool.close()  # the trainers started ahead go back (or end after their keep-warm time)
         for j in state.jobs(batch_id):

@@ -201,7 +201,8 @@ def test_state_store_on_postgres(postgres) -> None:
     store.update_job("b1/acme/pirate", step=12, loss=0.25, metrics={"lr": 1e-3, "tokens": 9000})
     with pytest.raises(StateError, match="TRAINING -> SUCCEEDED is not allowed"):
         store.move_job("b1/acme/pirate", JobState.SUCCEEDED)
-    store.move_job("b1/acme/robot", JobState.FAILED, error="dataset: none of its rows is usable")
+    store.move_job("b1/acme/robot", JobState.FAILED, error="dataset: none of its rows is usable",
+                   metrics={"eval_loss": float("nan"), "curve": [1.0, float("inf")]})  # PostgreSQL's JSON has no NaN
 
     again = StateStore(url)  # a new engine (another process would see the same): state is durable
     job = again.job("b1/acme/pirate")
@@ -209,6 +210,7 @@ def test_state_store_on_postgres(postgres) -> None:
     assert job.data_stats == {"train_rows": 40, "sha256": "abc"} and job.metrics["tokens"] == 9000
     assert job.started_s is not None and job.ended_s is None
     assert again.job("b1/acme/robot").state == JobState.FAILED
+    assert again.job("b1/acme/robot").metrics == {"eval_loss": None, "curve": [1.0, None]}
     dump = again.dump("b1")
     assert dump["state"] == "RUNNING" and [j["state"] for j in dump["jobs"]] == ["TRAINING", "FAILED"]
     json.dumps(dump, default=str)

@@ -242,3 +242,98 @@ def test_the_local_store_flushes_every_file_before_the_manifest_names_it(tmp_pat
         assert events[i - 1][0] == "fsync" and events[i - 1][1].startswith(str(dest / name) + ".part")
         assert events[i + 1] == ("fsync", str(dest))
     assert [e for e in events if e[0] == "replace"][-1] == ("replace", str(dest / "MANIFEST.json"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/setpriv").exists(),
+                    reason="needs root and setpriv to check a process as another user")
+def test_a_process_of_another_user_counts_as_alive(tmp_path: Path) -> None:
+    """On a host shared by several users, `kill(pid, 0)` on a colleague's orchestrator is EPERM: it
+    runs. Taken for dead, `cancel` cancelled under it and `--resume` started a second orchestrator."""
+    me = os.getpid()
+    code = (f"import sys; sys.path[:0] = {sys.path!r}; from adapterfab.procs import pid_alive; "
+            f"print(pid_alive({me}), pid_alive({me}, {proc_token(me)!r}))")
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=60, cwd="/")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "True"]
+
+
+def test_an_orchestrator_whose_claim_was_taken_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Judged dead and taken over, an orchestrator must not go on running the batch beside the new one:
+    its next heartbeat finds the claim gone and stops it (by default the process exits)."""
+    import adapterfab.procs as procs
+    from adapterfab.jobs.orchestrate import _heartbeat
+
+    monkeypatch.setattr(procs, "HEARTBEAT_S", 0.01)
+    s = _batch(f"sqlite:///{tmp_path / 'state.db'}")
+    assert s.claim_batch("b1", 4242, "node-7.cluster:boot:1", pid_alive) is not None
+    lost, stop = [], threading.Event()
+    t = threading.Thread(target=_heartbeat, args=(s, "b1", 4242, "node-7.cluster:boot:1", stop, lambda: lost.append(1)))
+    t.start()
+    time.sleep(0.2)
+    assert not lost  # it holds the claim: it beats
+    with s.engine.begin() as conn:  # another orchestrator takes the batch over
+        from sqlalchemy import update
+
+        from adapterfab.state import BatchRow
+
+        conn.execute(update(BatchRow).where(BatchRow.id == "b1").values(orchestrator_pid=999, orchestrator_token="x"))
+    t.join(timeout=10)
+    stop.set()
+    assert lost == [1] and not t.is_alive()
+
+
+def test_a_run_left_open_by_a_cancel_without_orchestrator_is_closed_on_resume(mlflow_server: str,
+                                                                              tmp_path: Path) -> None:
+    """An orchestrator dies mid-training; `adapterfab cancel` (none running) ends the job in the state
+    database only; `submit --resume` runs it again. The dead attempt's MLflow run, still RUNNING, is
+    closed KILLED (it stayed RUNNING for ever), and a run that had ended is left as it ended."""
+    from types import SimpleNamespace
+
+    from adapterfab.jobs.factory import Factory
+    from adapterfab.registry import Registry
+    from adapterfab.tracking import Tracking
+
+    tracking = Tracking(mlflow_server)
+    s = _batch(f"sqlite:///{tmp_path / 'state.db'}", jobs=2)
+    assert s.claim_batch("b1", 4242, "node-7.cluster:boot:1", pid_alive) is not None
+    old = {}
+    for i in range(2):
+        jid = f"b1.acme.p{i}"
+        old[jid] = tracking.start_run(f"acme/p{i}", experiment="adapterfab/cancel-test")
+        s.move_job(jid, JobState.PREPARING, mlflow_run_id=old[jid])
+        s.move_job(jid, JobState.TRAINING)
+    tracking.end_run(old["b1.acme.p1"], ok=False)  # this attempt's run had ended FAILED
+    from sqlalchemy import update
+
+    from adapterfab.state import BatchRow
+
+    with s.engine.begin() as conn:  # the orchestrator's heartbeat is long gone
+        conn.execute(update(BatchRow).where(BatchRow.id == "b1").values(heartbeat_s=0))
+    assert s.cancel_batch("b1") == "cancelled"
+    assert len(s.reopen_batch("b1", pid_alive)) == 2
+    ctx = SimpleNamespace(batch_id="b1", state=s, tracking=tracking, batch_run_id=None,
+                          registry=Registry(mlflow_server))
+    factory = SimpleNamespace(ctx=ctx, jobs=[SimpleNamespace(tenant="acme", persona=f"p{i}") for i in range(2)],
+                              cancelled=threading.Event())
+    for i in range(2):
+        assert Factory._begin(factory, i) is not None  # the job starts again, with a new run
+    status = {jid: tracking.client.get_run(run).info.status for jid, run in old.items()}
+    assert status == {"b1.acme.p0": "KILLED", "b1.acme.p1": "FAILED"}
+
+
+def test_wait_ends_when_the_orchestrator_it_launched_dies_before_claiming(tmp_path: Path) -> None:
+    """`submit --wait` waited for ever (the default timeout is none) on a batch whose orchestrator
+    crashed during start-up, before it recorded its pid: the CLI now watches the process it launched."""
+    from types import SimpleNamespace
+
+    from adapterfab.cli_batches import _wait
+    from adapterfab.cli_common import EXIT_FAILED
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    _batch(url)
+    crashed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    crashed.wait()
+    t0 = time.monotonic()
+    code = _wait(SimpleNamespace(state_url=url, logs=tmp_path), "b1", 60, launched=crashed.pid)
+    assert code == EXIT_FAILED and time.monotonic() - t0 < 10

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,9 @@ def test_job_transitions_are_checked_and_durable(tmp_path: Path) -> None:
     again = _store(tmp_path)  # a new process sees the same state
     j = again.job("b1.acme.p")
     assert j.state == JobState.TRAINING and j.step == 5 and j.progress == 0.5 and j.started_s
+    s.update_job("b1.acme.p", metrics={"eval_loss": float("nan"), "nested": {"x": [float("-inf"), 2.0]}})
+    assert again.job("b1.acme.p").metrics == {"eval_loss": None, "nested": {"x": [None, 2.0]}}  # valid JSON
+    json.loads(json.dumps(again.dump("b1"), default=str, allow_nan=False))
 
 
 def test_keys_hashed_and_scoped(tmp_path: Path) -> None:
@@ -153,3 +157,30 @@ def test_an_older_state_database_gets_the_key_lifecycle_columns(tmp_path: Path) 
     ks = KeyStore(StateStore(f"sqlite:///{db}"))
     k = ks.create("acme", ttl_s=100)
     assert ks.verify(k) == "acme" and ks.list("acme")[0].expires_s is not None
+
+
+def test_an_older_database_migrated_by_two_processes_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes opening an older database both see a column missing; the second ALTER fails with
+    'duplicate column' and crashed its process. Now it finds the column there and goes on; missing
+    indexes are made too (create_all skips existing tables). The race is set up exactly: the second
+    migration works from what the database looked like before the first one."""
+    import sqlalchemy
+    from sqlalchemy import create_engine, inspect, text
+
+    from adapterfab.state import _add_missing_columns
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    StateStore(url)
+    engine = create_engine(url)
+    with engine.begin() as conn:  # as an older adapterfab left it
+        conn.execute(text("ALTER TABLE batches DROP COLUMN heartbeat_s"))
+        conn.execute(text("DROP INDEX ix_jobs_tenant"))
+    stale = inspect(engine)
+    stale.get_columns("batches"), stale.get_indexes("jobs")  # (cached: the view before the first migration)
+    StateStore(url)  # the first process migrates
+    have = inspect(engine)
+    assert "heartbeat_s" in {c["name"] for c in have.get_columns("batches")}
+    assert "ix_jobs_tenant" in {i["name"] for i in have.get_indexes("jobs")}
+    views = iter([stale])
+    monkeypatch.setattr(sqlalchemy, "inspect", lambda e: next(views, None) or inspect(e))
+    _add_missing_columns(engine)  # the second, from the stale view: no "duplicate column" crash
