@@ -132,6 +132,8 @@ class Registry:
 
     def __init__(self, uri: str, retry_s: float = 0.0, index: Any = None):
         self.uri, self.retry_s, self.index = uri, retry_s, index
+        if index is not None and index.source is None:
+            index.source = uri  # the catalogue is of this server's registry
         self._client: Any = None  # made on first use: a listing from the catalogue never imports mlflow
         self._client_lock = threading.Lock()
         self._models: set[str] = set()  # registered models this client made or saw (never deleted here)

@@ -20,31 +20,49 @@ from typing import Any
 from sqlalchemy import delete, select
 
 from adapterfab.ids import AdapterId
+from adapterfab.registry_view import complete_key
 from adapterfab.state import RegistryIndexMetaRow, RegistryModelRow, RegistryVersionRow, StateStore
 
 log = logging.getLogger("adapterfab.registry")
-COMPLETE = "complete_since"  # meta key: when the last rebuild from MLflow began (absent: rebuild first)
+COMPLETE = "complete_since"  # meta keys (one per MLflow server, registry_view.complete_key): when the last
+# rebuild from that server began; absent: rebuild first
 
 
 class RegistryIndex:
-    def __init__(self, state: str | StateStore):
+    """``source``: the MLflow registry this is a catalogue of (its tracking URI; ``Registry`` sets it).
+    Complete means complete for that server: pointed at another, the catalogue is rebuilt from it, and
+    until then a registry of another server writes nothing into a catalogue complete for its own."""
+
+    def __init__(self, state: str | StateStore, source: str | None = None):
         self.engine = (StateStore(state) if isinstance(state, str) else state).engine
+        self.source = source
+
+    def _key(self) -> str:
+        return complete_key(self.source or "")
 
     def complete(self) -> bool:
         with self.engine.connect() as c:
-            return c.execute(select(RegistryIndexMetaRow.value).where(RegistryIndexMetaRow.key == COMPLETE)
+            return c.execute(select(RegistryIndexMetaRow.value).where(RegistryIndexMetaRow.key == self._key())
                              ).first() is not None
+
+    def _foreign(self, c: Any) -> bool:
+        """Whether the catalogue is complete for another MLflow server than this one's."""
+        keys = {k for (k,) in c.execute(select(RegistryIndexMetaRow.key).where(
+            RegistryIndexMetaRow.key.like(COMPLETE + "%")))}
+        return bool(keys) and self._key() not in keys
 
     def invalidate(self) -> None:
         """The catalogue may miss a change: the next full listing rebuilds it from MLflow."""
         with self.engine.begin() as c:
-            c.execute(delete(RegistryIndexMetaRow).where(RegistryIndexMetaRow.key == COMPLETE))
+            c.execute(delete(RegistryIndexMetaRow).where(RegistryIndexMetaRow.key.like(COMPLETE + "%")))
 
     def put(self, adapters: list[Any], at: float | None = None) -> None:
         """Whole adapters (``RegisteredAdapter``: aliases and every version) as MLflow had them at
         time ``at`` (default now): an adapter the catalogue changed after ``at`` is left as it is."""
         at = time.time() if at is None else at
         with self.engine.begin() as c:
+            if self._foreign(c):
+                return
             for ra in adapters:
                 name = ra.id.registry_name
                 newer = c.execute(select(RegistryModelRow.indexed_at).where(RegistryModelRow.name == name)).scalar()
@@ -61,6 +79,8 @@ class RegistryIndex:
         """One version adapterfab just registered (``AdapterVersion``); the aliases it holds move to it."""
         name = v.id.registry_name
         with self.engine.begin() as c:
+            if self._foreign(c):
+                return
             aliases = c.execute(select(RegistryModelRow.aliases).where(RegistryModelRow.name == name)).scalar()
             aliases = {**(aliases or {}), **{a: int(v.id.version) for a in v.aliases}}
             c.execute(delete(RegistryModelRow).where(RegistryModelRow.name == name))
@@ -75,15 +95,18 @@ class RegistryIndex:
         dropped (unless indexed after ``started``), the rest replaced; then the catalogue is complete."""
         names = {ra.id.registry_name for ra in adapters}
         with self.engine.begin() as c:
+            foreign = self._foreign(c)  # a catalogue of another server: none of it stays
+            if foreign:
+                c.execute(delete(RegistryIndexMetaRow).where(RegistryIndexMetaRow.key.like(COMPLETE + "%")))
             stale = [n for n, at in c.execute(select(RegistryModelRow.name, RegistryModelRow.indexed_at))
-                     if n not in names and at <= started]
+                     if n not in names and (foreign or at <= started)]
             for n in stale:
                 c.execute(delete(RegistryModelRow).where(RegistryModelRow.name == n))
                 c.execute(delete(RegistryVersionRow).where(RegistryVersionRow.name == n))
         self.put(adapters, started)
         with self.engine.begin() as c:
-            c.execute(delete(RegistryIndexMetaRow).where(RegistryIndexMetaRow.key == COMPLETE))
-            c.execute(RegistryIndexMetaRow.__table__.insert().values(key=COMPLETE, value=started))
+            c.execute(delete(RegistryIndexMetaRow).where(RegistryIndexMetaRow.key.like(COMPLETE + "%")))
+            c.execute(RegistryIndexMetaRow.__table__.insert().values(key=self._key(), value=started))
 
     def adapter(self, aid: AdapterId) -> Any:
         """One catalogued adapter (``RegisteredAdapter``, every version), or None."""

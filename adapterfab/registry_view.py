@@ -46,13 +46,22 @@ def print_adapters(items: list[dict[str, Any]], console: Any = None) -> None:
     out.print(t if items else "no adapters registered yet")
 
 
-def read_sqlite(path: Path, tenant: str | None = None) -> list[dict[str, Any]] | None:
+def complete_key(source: str) -> str:
+    """The catalogue's meta key saying it is complete as a copy of the MLflow registry at ``source``:
+    a catalogue rebuilt from one server says nothing of another's (MLFLOW_TRACKING_URI changed)."""
+    import hashlib
+
+    return "complete_since@" + hashlib.sha256(source.rstrip("/").encode()).hexdigest()[:16]
+
+
+def read_sqlite(path: Path, tenant: str | None = None, source: str = "") -> list[dict[str, Any]] | None:
     """The catalogue's listing (of ``tenant``) read with sqlite3, as ``RegistryIndex.list`` gives it;
-    None when the catalogue is not complete (the full CLI then rebuilds it from MLflow)."""
+    None when the catalogue is not complete for the MLflow registry at ``source`` (the full CLI then
+    rebuilds it from MLflow)."""
     from adapterfab.status import _connect
 
     with _connect(path) as con:
-        if con.execute("SELECT 1 FROM registry_index_meta WHERE key = 'complete_since'").fetchone() is None:
+        if con.execute("SELECT 1 FROM registry_index_meta WHERE key = ?", (complete_key(source),)).fetchone() is None:
             return None
         where, args = ("WHERE tenant = ?", (tenant,)) if tenant is not None else ("", ())
         models = con.execute(f"SELECT name, aliases FROM registry_models {where}", args).fetchall()
@@ -100,7 +109,7 @@ def fast_ls(argv: list[str]) -> int | None:
     if path is None or not path.is_file() or not settings.mlflow_uri:
         return None
     try:
-        items = read_sqlite(path, tenant)
+        items = read_sqlite(path, tenant, settings.mlflow_uri)
     except sqlite3.Error:
         return None  # no catalogue tables yet (an older database): the full CLI makes them
     if items is None:

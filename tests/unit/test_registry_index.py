@@ -237,3 +237,29 @@ def test_versions_registered_while_the_pages_are_read_are_each_listed_once(mlflo
 
     monkeypatch.setattr(reg.client, "search_registered_models", models)
     assert [ra.id.persona for ra in reg.list_from_mlflow(tenant)] == ["a", "b", "c"], model_pages
+
+
+def test_a_catalogue_is_a_copy_of_one_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
+    """Pointed at another MLflow server (MLFLOW_TRACKING_URI changed), `registry ls` listed the first
+    server's adapters from the catalogue, and `show` then said they did not exist. The catalogue is now
+    complete only for the server it was rebuilt from; a registry of another server rebuilds it (what
+    that server has, nothing of the first) and does not write into it meanwhile."""
+    from adapterfab.registry_view import read_sqlite
+
+    state_url = f"sqlite:///{tmp_path}/state.db"
+    first = RegistryIndex(state_url)
+    reg = Registry(mlflow_server, index=first)
+    t = _tenant()
+    reg.register(AdapterId(t, "pirate"), "s3://bucket/p/1", None, {"method": "lora"})
+    assert any(r.id.tenant == t for r in reg.list()) and first.complete()
+    db = tmp_path / "state.db"
+    assert read_sqlite(db, t, mlflow_server) and read_sqlite(db, t, "http://mlflow-2:5000") is None
+    second = RegistryIndex(state_url)
+    other = Registry("http://mlflow-2:5000", index=second)  # another server (nothing listens: not needed)
+    assert second.source == "http://mlflow-2:5000" and not second.complete()
+    other._catalogue("a foreign write", lambda index: index.add_version(reg.versions(AdapterId(t, "pirate"))[0]))
+    second.rebuild([], time.time())  # what the other server listed: nothing
+    assert second.complete() and not first.complete()
+    assert second.list() == [] and read_sqlite(db, None, "http://mlflow-2:5000") == []
+    assert any(r.id.tenant == t for r in reg.list())  # the first server's registry rebuilds it back
+    assert first.complete() and not second.complete()
