@@ -17,7 +17,7 @@ import re
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,24 +106,46 @@ def cancel_job(ctx: BatchContext, jid: str, run_id: str | None = None) -> None:
 
 
 @contextlib.contextmanager
-def fingerprint_lock(ctx: BatchContext, p: Prepared) -> Iterator[None]:
-    """Registration of ``p``'s adapter and job fingerprint, one job at a time across processes: two
-    identical batches running at once (each job trained before either registered) register one
-    version, and the second reuses it. A holder that died mid-registration loses the lock."""
+def state_lock(state: Any, key: str, holder: str, wait_s: float, busy: Callable[[str], str]) -> Iterator[None]:
+    """The lock ``key`` in the state database, across processes, held by ``holder`` for the block; an
+    AdapterfabError (``busy(the other holder)``) after ``wait_s`` of waiting. A holder that died while
+    holding it loses it."""
     from adapterfab.procs import pid_alive, proc_token
 
-    key, pid = f"register:{p.aid}:{p.fingerprint}", os.getpid()
+    pid = os.getpid()
     token = proc_token(pid)
-    deadline = time.monotonic() + REGISTER_LOCK_WAIT_S
-    while (holder := ctx.state.try_lock(key, p.jid, pid, token, pid_alive)) is not None:
+    deadline = time.monotonic() + wait_s
+    while (other := state.try_lock(key, holder, pid, token, pid_alive)) is not None:
         if time.monotonic() > deadline:
-            raise AdapterfabError(f"{p.aid}: an identical job ({holder}) has been registering for "
-                                  f"{REGISTER_LOCK_WAIT_S:.0f} s; resume this batch once it is done")
-        time.sleep(0.5)
+            raise AdapterfabError(busy(other))
+        time.sleep(0.2)
     try:
         yield
     finally:
-        ctx.state.unlock(key, p.jid)
+        state.unlock(key, holder)
+
+
+def fingerprint_lock(ctx: BatchContext, p: Prepared) -> Any:
+    """Registration of ``p``'s adapter and job fingerprint, one job at a time across processes: two
+    identical batches running at once (each job trained before either registered) register one
+    version, and the second reuses it. A holder that died mid-registration loses the lock."""
+    return state_lock(ctx.state, f"register:{p.aid}:{p.fingerprint}", p.jid, REGISTER_LOCK_WAIT_S,
+                      lambda holder: f"{p.aid}: an identical job ({holder}) has been registering for "
+                                     f"{REGISTER_LOCK_WAIT_S:.0f} s; resume this batch once it is done")
+
+
+def register_gated(state: Any, registry: Any, aid: AdapterId, holder: str, source: str, run_id: str | None,
+                   tags: dict[str, Any], gate: Any) -> tuple[Any, Any]:
+    """``registry.register_gated``, one gated registration of an adapter at a time across processes:
+    two batches training the same persona at once each compared with the production version they had
+    read and both were promoted, the later one standing whether or not it was the better. Now the
+    second one's gate sees the first one's outcome."""
+    if gate is None:
+        return registry.register_gated(aid, source, run_id, tags, None)
+    with state_lock(state, f"gate:{aid.unversioned()}", holder, REGISTER_LOCK_WAIT_S,
+                    lambda other: f"{aid}: another job ({other}) has been deciding its promotion for "
+                                  f"{REGISTER_LOCK_WAIT_S:.0f} s; resume this batch once it is done"):
+        return registry.register_gated(aid, source, run_id, tags, gate)
 
 
 def register_job(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], adapter_dir: str,
@@ -188,7 +210,7 @@ def _register_locked(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], ad
         from adapterfab.promotion import decide_over
 
         gate = partial(decide_over, ctx.spec.promotion.policy(), metrics)
-    version, decision = ctx.registry.register_gated(aid, source, run_id, tags, gate)
+    version, decision = register_gated(ctx.state, ctx.registry, aid, jid, source, run_id, tags, gate)
     if decision is not None:
         log.info("%s: %s (%s)", version.id, decision.outcome, decision.reason)
     ctx.tracking.end_run(run_id, ok=True)  # before SUCCEEDED: a resumed batch never revisits a SUCCEEDED job

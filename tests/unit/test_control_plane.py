@@ -337,3 +337,39 @@ def test_wait_ends_when_the_orchestrator_it_launched_dies_before_claiming(tmp_pa
     t0 = time.monotonic()
     code = _wait(SimpleNamespace(state_url=url, logs=tmp_path), "b1", 60, launched=crashed.pid)
     assert code == EXIT_FAILED and time.monotonic() - t0 < 10
+
+
+def test_two_batches_gating_one_persona_at_once_keep_the_better_version(mlflow_server: str, tmp_path: Path) -> None:
+    """Two batches register a version of the same persona at once with `promote: auto`. Each gate read
+    the production version (none), both were promoted, and the later registration stood: here the worse
+    one (eval loss 1.0 over 0.5), as its gate took longer. One gated registration per adapter at a time
+    (a lock in the state database) makes the second gate compare with the first's outcome."""
+    import uuid
+
+    from adapterfab.ids import AdapterId
+    from adapterfab.jobs.registrar import register_gated
+    from adapterfab.promotion import Policy, decide_over
+    from adapterfab.registry import Registry
+
+    state = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    registry = Registry(mlflow_server)
+    aid = AdapterId("gate" + uuid.uuid4().hex[:8], "pirate")
+    policy = Policy("eval_loss", min_retention=0)
+
+    def job(name: str, loss: float, think_s: float, start_s: float) -> None:
+        def gate(prod):  # noqa: ANN001, ANN202 - the decision, then a slow moment before registering
+            d = decide_over(policy, {"eval_loss": loss, "base_eval_loss": 2.0}, prod)
+            time.sleep(think_s)
+            return d
+
+        time.sleep(start_s)
+        register_gated(state, registry, aid, name, f"s3://b/{name}", None, {"name": name}, gate)
+
+    worse = threading.Thread(target=job, args=("b1.worse", 1.0, 1.5, 0.0))
+    better = threading.Thread(target=job, args=("b2.better", 0.5, 0.0, 0.3))
+    for t in (worse, better):
+        t.start()
+    for t in (worse, better):
+        t.join(60)
+    prod = registry.production(aid)
+    assert prod is not None and prod.tags["adapterfab.name"] == "b2.better"
