@@ -189,9 +189,9 @@ def down(settings: Settings) -> list[str]:
     try:
         from adapterfab.state import StateStore
 
-        for b in StateStore(settings.state_url).list_batches(limit=200):
-            token = b.orchestrator_token
-            if b.state in ("PENDING", "RUNNING") and pid_alive(b.orchestrator_pid, token):
+        for b in StateStore(settings.state_url).list_batches(limit=None, states=("PENDING", "RUNNING")):
+            token = b.orchestrator_token  # (every running batch, however old: not the newest 200 only)
+            if pid_alive(b.orchestrator_pid, token):
                 stop_pid(b.orchestrator_pid, timeout_s=5, token=token)
                 stopped.append(f"orchestrator of {b.id}")
     except Exception:  # noqa: BLE001 - no state db yet

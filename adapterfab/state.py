@@ -361,11 +361,15 @@ class StateStore:
         """Whether ``batch``'s recorded orchestrator still runs (on another host: it beats)."""
         return holder_alive(batch.orchestrator_pid, batch.orchestrator_token, batch.heartbeat_s)
 
-    def list_batches(self, limit: int = 50, tenant: str | None = None) -> list[BatchRow]:
-        """The newest ``limit`` batches; with ``tenant``, the newest that hold a job of that tenant (the
-        filter before the limit: other tenants' batches must not push a tenant's own off its list)."""
+    def list_batches(self, limit: int | None = 50, tenant: str | None = None,
+                     states: tuple[str, ...] | None = None) -> list[BatchRow]:
+        """The newest ``limit`` batches (None: all); with ``tenant``, the newest that hold a job of that
+        tenant (the filter before the limit: other tenants' batches must not push a tenant's own off its
+        list); with ``states``, those in one of them."""
         with Session(self.engine, expire_on_commit=False) as s:
             q = select(BatchRow)
+            if states is not None:
+                q = q.where(BatchRow.state.in_(states))
             if tenant is not None:
                 q = q.where(BatchRow.id.in_(select(JobRow.batch_id).where(JobRow.tenant == tenant)))
             rows = list(s.scalars(q.order_by(BatchRow.created_s.desc()).limit(limit)))

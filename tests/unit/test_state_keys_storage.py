@@ -184,3 +184,32 @@ def test_an_older_database_migrated_by_two_processes_at_once(tmp_path: Path, mon
     views = iter([stale])
     monkeypatch.setattr(sqlalchemy, "inspect", lambda e: next(views, None) or inspect(e))
     _add_missing_columns(engine)  # the second, from the stale view: no "duplicate column" crash
+
+
+def test_down_stops_a_running_batch_however_many_batches_came_after(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`adapterfab down` stops the orchestrators of running batches: it looked at the newest 200 batches
+    only, so an older batch still running kept its orchestrator."""
+    import subprocess
+    import sys
+
+    from adapterfab.lifecycle import BatchState
+    from adapterfab.procs import pid_alive, proc_token
+    from adapterfab.settings import Settings
+    from adapterfab.stack import down
+
+    monkeypatch.setenv("ADAPTERFAB_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ADAPTERFAB_STATE_URL", raising=False)
+    settings = Settings.load()
+    s = StateStore(settings.state_url)
+    orchestrator = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    try:
+        for i in range(205):
+            s.create_batch(f"b{i:03d}", "n", "spec", "", "base", [])
+            s.update_batch(f"b{i:03d}", created_s=1000.0 + i,
+                           state=BatchState.RUNNING if i == 0 else BatchState.SUCCEEDED)
+        assert s.claim_batch("b000", orchestrator.pid, proc_token(orchestrator.pid), pid_alive) is not None
+        assert "orchestrator of b000" in down(settings)
+        assert orchestrator.wait(timeout=30) is not None
+    finally:
+        orchestrator.kill()
