@@ -18,7 +18,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from cachetools import LRUCache
@@ -53,6 +53,8 @@ _RESOLVE_CACHE_MAX_ENTRIES = 10_000
 REPLAYS = 2
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of tokens
 IGNORED_HEADER = "X-Adapterfab-Ignored-Fields"
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+CLIENT_GONE = 499  # the status logged for a request whose client went away (nothing is sent)
 
 
 def ignored_header(names: list[str], limit: int = 1000) -> str:
@@ -338,34 +340,45 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
         headers = {IGNORED_HEADER: ignored_header(ignored)} if ignored else {}
         on_error = lambda e: backend_error(e, meta["model"], tenant, prompt_field)  # noqa: E731
         logprobs = params.logprobs is not None
+        gone = Response(status_code=CLIENT_GONE)  # for a client that went away: nobody reads it
         if req.stream:  # once a byte is sent, a dead replica ends the stream with an in-band error
-            choices = await start_all()
+            choices = await _unless_disconnected(request, start_all())  # (a choice may wait for a row)
+            if choices is None:
+                return gone
             usage = req.stream_options is not None and req.stream_options.include_usage
             watch = metrics.watch(tenant, adapter, t0)
             return StreamingResponse(openai_format.stream(meta, choices, kind, logprobs, usage, on_error, watch),
                                      media_type="text/event-stream", headers={**_SSE_HEADERS, **headers})
-        # nothing reaches the client before the whole body: a replica that dies mid-generation is replayed
-        # (one watch for every attempt: the one that answers gives the request's first-text time)
-        attempt = 0
-        choices = await start_all()
-        watch = metrics.watch(tenant, adapter, t0, replayable=True)
-        try:
-            while True:
-                try:
-                    body = await openai_format.complete(meta, choices, kind, logprobs, on_error, watch)
-                    return JSONResponse(body, headers=headers)
-                except ApiError as e:
-                    if e.code != "replica_unavailable" or budget[0] < len(jobs):
-                        raise
-                    budget[0] -= len(jobs)  # every choice is generated again
-                    attempt += 1
-                    log.warning("replaying a request of tenant %s after its replica died mid-generation (%d)",
-                                tenant, attempt)
-                    watch.replayed()
-                    await asyncio.sleep(0.2 * attempt)
-                    choices = await start_all()
-        finally:
-            watch.close()  # a no-op after done(), which closed it with the request's time
+
+        async def whole() -> dict[str, Any]:
+            """Nothing reaches the client before the whole body: a replica that dies mid-generation is
+            replayed (one watch for every attempt: the one that answers gives the request's first-text time)."""
+            attempt = 0
+            choices = await start_all()
+            watch = metrics.watch(tenant, adapter, t0, replayable=True)
+            try:
+                while True:
+                    try:
+                        return await openai_format.complete(meta, choices, kind, logprobs, on_error, watch)
+                    except ApiError as e:
+                        if e.code != "replica_unavailable" or budget[0] < len(jobs):
+                            raise
+                        budget[0] -= len(jobs)  # every choice is generated again
+                        attempt += 1
+                        log.warning("replaying a request of tenant %s after its replica died mid-generation (%d)",
+                                    tenant, attempt)
+                        watch.replayed()
+                        await asyncio.sleep(0.2 * attempt)
+                        choices = await start_all()
+            finally:
+                watch.close()  # a no-op after done(), which closed it with the request's time
+
+        # served without Ray Serve (uvicorn), nothing else stops the choices of a client that went away
+        body = await _unless_disconnected(request, whole())
+        if body is None:
+            log.info("tenant %s: the client went away; its %d generations were stopped", tenant, len(jobs))
+            return gone
+        return JSONResponse(body, headers=headers)
 
     async def chat(request: Request, path_tenant: str | None) -> Any:
         return await generation(request, path_tenant, "chat")
@@ -475,6 +488,24 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
         return await models(request, tenant)
 
     return app
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """``work``'s result, or None when the client disconnects first (checked every ``DISCONNECT_POLL_S``):
+    then ``work`` is cancelled, which closes every choice's events and so stops its engine rows. Ray
+    Serve cancels a request whose client went away by itself; uvicorn serving the app directly does not."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 async def _first_event(events: AsyncIterator[Any], model: str, tenant: str, prompt_field: str) -> Any:

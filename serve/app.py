@@ -14,7 +14,6 @@ with ``args`` builds the same app: see ``app_builder`` and ``infra/k8s/rayservic
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
@@ -69,6 +68,9 @@ class ServeConfig:
     tenant_rps: float | None = DEFAULT_TENANT_RPS
     tenant_burst: int = DEFAULT_TENANT_BURST
     tenant_max_rows: int | None = None  # batched: rows one tenant may hold (None: 3/4 of max_batch; 0: all)
+    # distinct adapters one tenant's requests may pin in a replica's device slots at once (None: 3/4 of
+    # max_adapters_per_replica, at least 1; 0: all), so another tenant's adapter always finds a slot
+    tenant_max_slots: int | None = None
     # batched: prompt tokens prefilled between two decode steps (longer prompts go in pieces, so running
     # streams keep flowing); None: 256 on a CPU, 2048 on a GPU; 0: every admitted prompt before the next step
     prefill_chunk: int | None = None
@@ -124,7 +126,8 @@ class EngineDeployment:
 
             def fetch(key: str) -> tuple[Path, Any, bool]:
                 return fetch_peft(self.registry, key, cfg.adapter_cache_dir, self.backend.known.get(key))
-        self.tiers = AdapterTiers(self.engine, fetch, cpu_bytes=cfg.cpu_cache_mb << 20)
+        self.tiers = AdapterTiers(self.engine, fetch, cpu_bytes=cfg.cpu_cache_mb << 20,
+                                  tenant_max_slots=cfg.tenant_max_slots)
         self.backend = TieredBackend(self.engine, self.tiers)  # one for every request
 
         # built here, not as a class decorator, so the limit comes from the config; the name must not
@@ -139,9 +142,10 @@ class EngineDeployment:
         """Serve's multiplexer calls this for a version it has not routed here lately. The version goes
         into the tiers (device slot, RAM, disk), which alone decide what stays where; what is returned is
         only Serve's record that this replica holds it (for routing), and Serve forgetting it evicts
-        nothing."""
+        nothing. A resident version answers on the event loop; a load (or a wait for a slot) runs on the
+        backend's own slot threads, never the loop's default executor (``TieredBackend.load``)."""
         self.loads += 1
-        await asyncio.to_thread(self.tiers.load, version_key)
+        await self.backend.load(version_key)
         return version_key
 
     async def generate(self, messages: list[dict[str, str]], params: SamplingParams,
@@ -344,7 +348,8 @@ _BUILDER_OPTIONAL: dict[str, type] = {
     "engine": str, "max_batch": int, "max_len": int, "max_rank": int, "cpu_cache_mb": int, "min_replicas": int,
     "max_replicas": int, "target_ongoing_requests": int, "graceful_shutdown_s": float, "tenant_rps": float,
     "tenant_burst": int, "tenant_rps_overrides": dict, "cuda_graphs": bool, "tenant_max_rows": int,
-    "registry_catalogue": bool, "prefill_chunk": int, "lora_kernel": str}
+    "registry_catalogue": bool, "prefill_chunk": int, "lora_kernel": str, "max_tokens_cap": int, "json_logs": bool,
+    "tenant_max_slots": int}
 
 
 def _builder_arg(name: str, kind: type, value: Any) -> Any:
@@ -370,9 +375,9 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 
     Required args: ``base_model`` (short name, HF id, local folder or ``s3://``; resolved and fingerprinted
     here, so the folder must be at the same path on the replicas' nodes: a shared cache),
-    ``mlflow_uri``, ``state_url``. Optional: ``dtype``, ``num_replicas``, ``replica_num_cpus``,
-    ``replica_num_gpus``, ``max_adapters_per_replica``, ``adapter_cache_dir``, ``torch_threads``,
-    ``resolve_ttl_s``. Unknown, missing or ill-typed args raise ``ValueError``."""
+    ``mlflow_uri``, ``state_url``. Optional: every other ``ServeConfig`` field by its name and type
+    (``_BUILDER_OPTIONAL``: ``dtype``, ``num_replicas``, ``max_batch``, ``max_tokens_cap``, ``json_logs``,
+    ``tenant_max_rows``, ``tenant_max_slots``, ...). Unknown, missing or ill-typed args raise ``ValueError``."""
     from adapterfab.basemodel import resolve_base_model
 
     if not isinstance(args, dict):
@@ -395,6 +400,8 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
         and "give both min_replicas and max_replicas (autoscaling) or neither",
         min(options.get("replica_num_cpus", 0), options.get("replica_num_gpus", 0)) < 0
         and "replica_num_cpus and replica_num_gpus must not be negative",
+        options.get("max_tokens_cap", 1) < 1 and "max_tokens_cap must be at least 1",
+        options.get("tenant_max_slots", 0) < 0 and "tenant_max_slots must not be negative",
     ]
     if any(bad):
         raise ValueError("adapterfab serve app args: " + "; ".join(b for b in bad if b))

@@ -13,14 +13,18 @@ engine, ``fetch_peft`` for the one-at-a-time engine).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
+import functools
 import json
 import logging
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -217,18 +221,39 @@ def download_native(registry: Any, version_key: str, cache_dir: str | Path,
     return dest, basis, from_store
 
 
+def tenant_of_key(key: str) -> str | None:
+    """The tenant owning version key ``tenant/persona@N`` (a key reaches only its own tenant's adapters)."""
+    tenant, slash, _ = key.partition("/")
+    return tenant if slash else None
+
+
+SLOT_THREADS = 32  # threads that load adapters and wait for device slots, for every tenant together
+TENANT_SLOT_WAITS = 4  # of which one tenant's at once; its further loads wait on the event loop, holding none
+_TURN_POLL_S = 0.02
+
+
 class TieredBackend:
     """An in-process engine (the batched ``serve.batched.BatchedEngine``, or the one-at-a-time
     ``serve.engine.Engine``) behind its adapter tiers (``serve.tiers.AdapterTiers``), the one adapter cache
-    of serving: a request's adapter is made resident and pinned until the request ends."""
+    of serving: a request's adapter is made resident and pinned until the request ends.
+
+    A resident adapter is pinned on the event loop (``tiers.try_acquire``: no thread, no wait). A load or
+    a wait for a slot (up to the tiers' ``slot_wait_s``) runs on this backend's own ``slot_threads``, at
+    most ``tenant_waits`` of them for one tenant: waiting requests never take the event loop's default
+    executor (``asyncio.to_thread``), and one tenant's waits cannot take every thread of the pool."""
 
     KNOWN_MAX = 4096  # versions remembered (oldest forgotten first)
 
-    def __init__(self, engine: Any, tiers: Any):
+    def __init__(self, engine: Any, tiers: Any, slot_threads: int = SLOT_THREADS,
+                 tenant_waits: int = TENANT_SLOT_WAITS):
         self.engine, self.tiers = engine, tiers
         # version key -> the version the API resolved for a request, for the tiers' fetch (``known``): a
         # cold load then does not ask the registry again
         self.known: dict[str, AdapterVersion] = {}
+        self.tenant_waits = tenant_waits
+        self._pool = ThreadPoolExecutor(slot_threads, thread_name_prefix="adapter-slots")
+        self._waits: collections.Counter[str | None] = collections.Counter()  # tenant -> calls on the pool
+        self._waits_lock = threading.Lock()  # (a backend may serve more than one event loop: tests)
 
     def remember(self, version: AdapterVersion) -> None:
         key = str(version.id)
@@ -236,15 +261,68 @@ class TieredBackend:
             self.known.pop(next(iter(self.known)))
         self.known[key] = version
 
+    async def _slot_call(self, tenant: str | None, fast: Callable[[], bool], fn: Callable[..., Any],
+                         *args: Any) -> tuple[bool, asyncio.Future | None]:
+        """``fast()`` on the loop, else ``fn(*args, wait_s=<what is left of the tiers' slot_wait_s>)`` on the
+        slot threads once ``tenant`` has a turn (fewer than ``tenant_waits`` calls there): (True, None) when
+        the fast path answered, else (False, the call's future). A tenant that finds no turn within the
+        wait gets AdapterBusy, as when no slot frees up."""
+        wait_s = float(getattr(self.tiers, "slot_wait_s", 30.0))
+        deadline = time.monotonic() + wait_s
+        while True:
+            if fast():
+                return True, None
+            with self._waits_lock:
+                if self._waits[tenant] < self.tenant_waits:
+                    self._waits[tenant] += 1
+                    break
+            if time.monotonic() >= deadline:
+                from adapterfab.serve.tiers import AdapterBusy
+
+                raise AdapterBusy(f"tenant {tenant} has {self.tenant_waits} adapter loads or slot waits under way "
+                                  "already; retry shortly")
+            await asyncio.sleep(_TURN_POLL_S)  # polled, not an asyncio primitive: no loop to bind it to
+
+        def done(_: Any) -> None:  # the turn ends with the call (on its thread), not with a caller gone away
+            with self._waits_lock:
+                self._waits[tenant] -= 1
+                if self._waits[tenant] <= 0:
+                    del self._waits[tenant]
+
+        left = max(0.0, deadline - time.monotonic())
+        try:
+            call = self._pool.submit(contextvars.copy_context().run, functools.partial(fn, *args, wait_s=left))
+        except BaseException:
+            done(None)
+            raise
+        call.add_done_callback(done)
+        return False, asyncio.wrap_future(call)
+
+    async def load(self, key: str) -> None:
+        """Make ``key`` resident without pinning it (Serve's multiplexer loading a version): on the loop when
+        it is resident, else on the slot threads."""
+        try_load = getattr(self.tiers, "try_load", None)
+        _, fut = await self._slot_call(tenant_of_key(key), lambda: bool(try_load and try_load(key)),
+                                       self.tiers.load, key)
+        if fut is not None:
+            await fut
+
     async def _acquire(self, key: str) -> None:
-        """Pin ``key`` (loading it may take a while, in a thread). A request cancelled meanwhile (its client
-        went away) leaves the thread running: the pin it takes is released as soon as it is taken, so
-        cancellations never leak pinned slots."""
-        fut = asyncio.get_running_loop().run_in_executor(None, self.tiers.acquire, key)
+        """Pin ``key`` for its tenant (``_slot_call``: on the loop when it is resident, else loading it or
+        waiting for a slot on the slot threads). A request cancelled meanwhile (its client went away) leaves
+        the thread running: the pin it takes is released as soon as it is taken, so cancellations never
+        leak pinned slots."""
+        tenant = tenant_of_key(key)
+        try_acquire = getattr(self.tiers, "try_acquire", None)
+        fast, fut = await self._slot_call(tenant, lambda: bool(try_acquire and try_acquire(key, tenant)),
+                                          self.tiers.acquire, key, tenant)
+        if fast:
+            return
+        assert fut is not None
 
         def release_orphan(f: asyncio.Future) -> None:
             if not f.cancelled() and f.exception() is None:
-                self.tiers.release(key)
+                self.tiers.release(key, tenant)
 
         try:
             await asyncio.shield(fut)
@@ -269,7 +347,7 @@ class TieredBackend:
                 yield ev
         finally:
             if version_key is not None:
-                self.tiers.release(version_key)
+                self.tiers.release(version_key, tenant_of_key(version_key))
 
 
 class LocalBackend(TieredBackend):
@@ -292,6 +370,7 @@ class LocalBackend(TieredBackend):
         """Unload every adapter now (not from the garbage collector at interpreter exit)."""
         for key in self.tiers.resident()["device"]:
             self.tiers.evict(key)
+        self._pool.shutdown(wait=False)
 
     async def generate(self, version_key: str | None, adapter: AdapterVersion | None,
                        messages: list[dict[str, str]], params: SamplingParams) -> AsyncIterator[Event]:

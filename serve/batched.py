@@ -400,7 +400,10 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
         a tenant, first come first served. One tenant's flood cannot hold every row or starve another."""
         if not self._waiting or not self._free_rows:
             return []
-        held: collections.Counter[str | None] = collections.Counter(r.params.tenant for r in self._running)
+        # rows held: decoding and still prefilling (a prompt longer than prefill_chunk holds its row for
+        # several iterations before it decodes; counting only the running let one tenant take every row)
+        holding = {id(r): r for r in (*self._running, *self._prefilling) if not r.retired}
+        held: collections.Counter[str | None] = collections.Counter(r.params.tenant for r in holding.values())
         queues: dict[str | None, collections.deque[_Request]] = {}
         for r in self._waiting:  # per tenant, in arrival order; dict order: whose oldest request came first
             queues.setdefault(r.params.tenant, collections.deque()).append(r)

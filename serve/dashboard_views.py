@@ -7,8 +7,10 @@ versions and the Ray dashboard's node JSON (no FastAPI, no Ray import), so the r
 - **ETA** of a training job: remaining steps / the step rate since it entered TRAINING (worker start-up
   included, so early estimates run long).
 - **Tenant view**: a tenant key sees only its own jobs; batch state, start and end are derived from
-  those jobs, the batch's error text and other tenants' job ids (fused groups) are left out. MLflow and
-  the Ray dashboard have no per-tenant access control, so links to them go to operators only.
+  those jobs, the batch's error text and other tenants' job ids (fused groups) are left out; so is the
+  batch's error where a failed batch copied it into each job's error ("batch failed: ..." names other
+  tenants' jobs and backend addresses). MLflow and the Ray dashboard have no per-tenant access control,
+  so links to them go to operators only.
 """
 
 from __future__ import annotations
@@ -82,6 +84,18 @@ def tenant_node_dict(node: dict[str, Any], tenant: str) -> dict[str, Any]:
             "gpu_util_percent": []}
 
 
+BATCH_FAILED = "batch failed:"  # how jobs/orchestrate.py prefixes the batch's error copied into each job
+TENANT_BATCH_ERROR = "the batch could not run; an operator can see why"
+
+
+def job_error(j: JobView, who: Principal) -> str | None:
+    """A job's error as ``who`` sees it: a batch-wide failure's text is the batch's (other tenants' jobs,
+    backend addresses), which a tenant does not see (``batch_dict``); its own job's error it does."""
+    if j.error and not who.operator and j.error.lstrip().lower().startswith(BATCH_FAILED):
+        return TENANT_BATCH_ERROR
+    return j.error
+
+
 def job_dict(j: JobView, who: Principal, now: float, visible_ids: set[str],
              run_url: str | None = None) -> dict[str, Any]:
     gpu_s, cpu_s = job_cost(j, now)
@@ -100,7 +114,7 @@ def job_dict(j: JobView, who: Principal, now: float, visible_ids: set[str],
         "state": j.state.value, "terminal": j.state.terminal, "step": j.step, "total_steps": j.total_steps,
         "progress": round(j.progress, 4), "eta_s": eta_s(j, now), "loss": j.loss,
         "eval": {k: j.metrics[k] for k in EVAL_KEYS if k in j.metrics},
-        "model_version": version, "reused": j.reused_version is not None, "error": j.error,
+        "model_version": version, "reused": j.reused_version is not None, "error": job_error(j, who),
         "started_s": j.started_s, "ended_s": j.ended_s, "gpu_s": round(gpu_s, 1), "cpu_s": round(cpu_s, 1),
         "placement": placement or None, "has_loss_curve": j.mlflow_run_id is not None,
         "links": {"registry": f"#/registry/{j.tenant}/{j.persona}/{version}" if version else None,

@@ -7,6 +7,11 @@
 - **disk**: the local cache folder that ``fetch`` fills (``serve.backend.download_native``).
 - **store**: the registry's artifact store, reached only through ``fetch``.
 
+Pins are the slots' fairness: a request's pin names its tenant (``acquire(key, tenant)``), and one tenant
+pins at most ``tenant_max_slots`` distinct adapters at once (default three quarters of the slots, at least
+one), so its queued requests cannot hold every slot and another tenant's adapter always finds one; a
+tenant at its cap waits for one of its own pins to go (then ``AdapterBusy``, a retryable 503 to it alone).
+
 Concurrent requests for a cold adapter trigger one load (the others wait for it). ``prefetch`` warms
 an adapter in the background (an alias that moved). ``stats()`` reports hits per tier, loads from the
 store, evictions and load latency.
@@ -30,16 +35,21 @@ COUNTERS = ("device_hits", "device_loads", "device_evictions", "cpu_hits", "cpu_
 
 
 class AdapterBusy(AdapterfabError):
-    """Every device slot is pinned by running requests and none frees up in time."""
+    """Every device slot is pinned by running requests and none frees up in time (or the requesting
+    tenant already pins its ``tenant_max_slots`` adapters and none of them is released in time)."""
 
 
 class AdapterTiers:
     """``fetch(key) -> (local folder, basis or None, came_from_store)``: the disk and store tiers
-    (blocking; run from worker threads). Every method is thread-safe and may block."""
+    (blocking; run from worker threads). Every method is thread-safe and may block, except ``try_acquire``
+    and ``try_load``, which never wait (an event loop's fast path). ``tenant_max_slots``: distinct adapters
+    one tenant's requests may pin at once (None: three quarters of the engine's slots, at least one; 0: no cap)."""
 
     def __init__(self, engine: Any, fetch: Callable[[str], tuple[Path, Any, bool]], cpu_bytes: int = 2 << 30,
-                 slot_wait_s: float = 30.0):
+                 slot_wait_s: float = 30.0, tenant_max_slots: int | None = None):
         self.engine, self.fetch, self.cpu_bytes, self.slot_wait_s = engine, fetch, cpu_bytes, slot_wait_s
+        self.tenant_max_slots = tenant_max_slots
+        self._held: dict[str, collections.Counter[str]] = {}  # tenant -> adapter -> pins of its requests
         self._lock = threading.Condition()
         self._device: collections.OrderedDict[str, None] = collections.OrderedDict()  # LRU order
         self._cpu: collections.OrderedDict[str, Any] = collections.OrderedDict()
@@ -51,20 +61,63 @@ class AdapterTiers:
         self.load_s: collections.deque[float] = collections.deque(maxlen=1000)
 
     # -- public -----------------------------------------------------------------------------------
-    def acquire(self, key: str) -> None:
-        """Make ``key`` resident on the device and pin it (``release`` when the request ends)."""
-        self._ensure(key, pin=True)
+    def acquire(self, key: str, tenant: str | None = None, wait_s: float | None = None) -> None:
+        """Make ``key`` resident on the device and pin it (``release`` with the same tenant when the request
+        ends). ``tenant``: whose request it is (None: not counted toward any tenant's cap); ``wait_s``: how
+        long to wait for a slot (default ``slot_wait_s``)."""
+        self._ensure(key, True, tenant, wait_s)
 
-    def release(self, key: str) -> None:
+    def try_acquire(self, key: str, tenant: str | None = None) -> bool:
+        """Pin ``key`` now if it is resident and ``tenant`` may pin it, without waiting for anything (not
+        even a busy lock) and without loading; False: call ``acquire``."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if key not in self._device or not self._may_pin(key, tenant):
+                return False
+            self._hit(key)
+            self._pin(key, tenant)
+            return True
+        finally:
+            self._lock.release()
+
+    def release(self, key: str, tenant: str | None = None) -> None:
         with self._lock:
             self._pins[key] -= 1
             if self._pins[key] <= 0:
                 del self._pins[key]
+            held = self._held.get(tenant) if tenant is not None else None
+            if held is not None:
+                held[key] -= 1
+                if held[key] <= 0:
+                    del held[key]
+                if not held:
+                    del self._held[tenant]
             self._lock.notify_all()
 
-    def load(self, key: str) -> None:
+    def load(self, key: str, wait_s: float | None = None) -> None:
         """Make ``key`` resident on the device without pinning it."""
-        self._ensure(key, pin=False)
+        self._ensure(key, False, None, wait_s)
+
+    def try_load(self, key: str) -> bool:
+        """True when ``key`` is resident already (counted as a hit), without waiting; False: call ``load``."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if key in self._device:
+                self._hit(key)
+                return True
+            return False
+        finally:
+            self._lock.release()
+
+    @property
+    def slot_cap(self) -> int:
+        """Distinct adapters one tenant's requests may pin at once."""
+        n = self.engine.max_adapters
+        if self.tenant_max_slots is None:
+            return max(1, (3 * n) // 4)
+        return self.tenant_max_slots if self.tenant_max_slots > 0 else n
 
     def prefetch(self, key: str) -> threading.Thread:
         """Warm ``key`` in the background: into the CPU tier, and onto the device if a slot is free."""
@@ -74,7 +127,7 @@ class AdapterTiers:
                 with self._lock:
                     room = self.engine.free_slots > 0
                 if room:
-                    self._ensure(key, pin=False)
+                    self._ensure(key, False, None, None)
                 self.counts["prefetches"] += 1
             except Exception:  # noqa: BLE001 - a failed prefetch only costs the later request a load
                 log.warning("prefetch of %s failed", key, exc_info=True)
@@ -101,35 +154,63 @@ class AdapterTiers:
         with self._lock:
             counts = {k: self.counts.get(k, 0) for k in COUNTERS}
             return {**counts, "device_resident": len(self._device), "cpu_resident": len(self._cpu),
-                    "pins": sum(self._pins.values()),
+                    "pins": sum(self._pins.values()), "tenants_pinning": len(self._held),
                     "cpu_bytes": self._cpu_used, "load_p50_s": pct(0.5), "load_p99_s": pct(0.99)}
 
     # -- internals --------------------------------------------------------------------------------
-    def _ensure(self, key: str, pin: bool) -> None:
+    def _ensure(self, key: str, pin: bool, tenant: str | None, wait_s: float | None) -> None:
         t0 = time.monotonic()
+        wait_s = self.slot_wait_s if wait_s is None else wait_s
+        deadline = t0 + wait_s
         with self._lock:
+            while pin and not self._may_pin(key, tenant):  # at its cap: one of its own pins must go first
+                self._wait(deadline, tenant)
             if key in self._device:
-                self._device.move_to_end(key)
-                self.counts["device_hits"] += 1
+                self._hit(key)
                 if pin:
-                    self._pins[key] += 1
+                    self._pin(key, tenant)
                 return
         parsed = self._parsed(key)  # single flight per key (CPU tier, then disk/store)
-        deadline = time.monotonic() + self.slot_wait_s
+        deadline = time.monotonic() + wait_s  # the wait for a slot starts once the adapter is read
         with self._lock:
-            while key not in self._device:
-                if self.engine.free_slots == 0 and not self._evict_lru():
-                    if not self._lock.wait(timeout=max(0.0, deadline - time.monotonic())):
-                        raise AdapterBusy(f"all {self.engine.max_adapters} adapter slots are in use by running "
-                                          "requests; retry shortly")
-                    continue
-                self.engine.place(key, parsed)
-                self._device[key] = None
-                self.counts["device_loads"] += 1
-                self.load_s.append(time.monotonic() - t0)
+            while key not in self._device or (pin and not self._may_pin(key, tenant)):
+                if pin and not self._may_pin(key, tenant):
+                    self._wait(deadline, tenant)
+                elif self.engine.free_slots == 0 and not self._evict_lru():
+                    self._wait(deadline, None)
+                else:
+                    self.engine.place(key, parsed)
+                    self._device[key] = None
+                    self.counts["device_loads"] += 1
+                    self.load_s.append(time.monotonic() - t0)
             self._device.move_to_end(key)
             if pin:
-                self._pins[key] += 1
+                self._pin(key, tenant)
+
+    def _wait(self, deadline: float, tenant: str | None) -> None:
+        """Wait for a release (caller holds the lock); AdapterBusy past ``deadline``. ``tenant``: the tenant
+        waiting for its own pins (at its cap), None: a wait for any slot."""
+        if not self._lock.wait(timeout=max(0.0, deadline - time.monotonic())):
+            if tenant is not None:
+                raise AdapterBusy(f"tenant {tenant} already pins {self.slot_cap} adapter slots with its requests; "
+                                  "retry shortly")
+            raise AdapterBusy(f"all {self.engine.max_adapters} adapter slots are in use by running "
+                              "requests; retry shortly")
+
+    def _may_pin(self, key: str, tenant: str | None) -> bool:
+        """Whether ``tenant`` may pin ``key`` (caller holds the lock): one it pins already, or a new one
+        below its cap."""
+        held = self._held.get(tenant) if tenant is not None else None
+        return held is None or key in held or len(held) < self.slot_cap
+
+    def _hit(self, key: str) -> None:
+        self._device.move_to_end(key)
+        self.counts["device_hits"] += 1
+
+    def _pin(self, key: str, tenant: str | None) -> None:
+        self._pins[key] += 1
+        if tenant is not None:
+            self._held.setdefault(tenant, collections.Counter())[key] += 1
 
     def _evict_lru(self) -> bool:
         for old in self._device:  # least recently used first

@@ -318,6 +318,32 @@ def test_one_tenants_flood_leaves_rows_for_another(four_rows: BatchedEngine) -> 
     assert len(done) == 7 and sorted(eng._free_rows) == [0, 1, 2, 3]
 
 
+def test_rows_still_prefilling_count_toward_the_tenant_cap(four_rows: BatchedEngine) -> None:
+    """Prompts longer than prefill_chunk hold their rows for several iterations before they decode: those
+    rows count toward tenant_max_rows too, so a flood of long prompts still leaves a row for another tenant."""
+    eng = four_rows
+    assert eng.tenant_max_rows == 3 and eng.prefill_chunk < 300
+    done: list[tuple[str, float]] = []
+    hog = SamplingParams(max_tokens=150, temperature=0.0, tenant="hog")
+    threads = [_drain(eng, [5 + i] + [6] * 299, None, hog, done, "hog") for i in range(6)]
+    most = 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rows = {id(r): r for r in [*eng._running, *eng._prefilling]}  # one in both while its prefill ends
+        held = sum(r.params.tenant == "hog" and not r.retired for r in rows.values())
+        most = max(most, held)
+        if len(eng._running) >= 3:
+            break
+        time.sleep(0.0005)
+    assert most <= 3 and len(eng._free_rows) == 1, (most, eng._free_rows)
+    threads.append(_drain(eng, [9, 9, 9], None, SamplingParams(max_tokens=5, temperature=0.0, tenant="late"),
+                          done, "late"))
+    for th in threads:
+        th.join(120)
+    assert [tag for tag, _ in done][0] == "late", done
+    assert len(done) == 7 and sorted(eng._free_rows) == [0, 1, 2, 3]
+
+
 def test_admission_takes_tenants_in_turn() -> None:
     """The admission policy alone: free rows go round-robin to the tenant holding the fewest rows (ties:
     whose oldest request came first), first come first served within a tenant, nobody past the cap."""
@@ -337,6 +363,7 @@ def test_admission_takes_tenants_in_turn() -> None:
     p = Policy()
     p.tenant_max_rows = 3
     p._running = [req("a", 0)]
+    p._prefilling = []
     p._waiting = collections.deque([req("a", 1), req("a", 2), req("a", 3), req("a", 4), req("b", 5), req("b", 6),
                                     req(None, 7), req("c", 8)])
     p._free_rows = list(range(6))
@@ -345,6 +372,13 @@ def test_admission_takes_tenants_in_turn() -> None:
     assert admitted == [("b", 5), (None, 7), ("c", 8), ("a", 1), ("b", 6), ("a", 2)]
     assert [(r.params.tenant, r.pos) for r in p._waiting] == [("a", 3), ("a", 4)]  # a is at its cap of 3
     assert p._free_rows == []
+    # rows still prefilling (a prompt longer than prefill_chunk) count as held: a is at its cap with two
+    # prefilling and one running, so only b is admitted
+    p._running, p._prefilling = [req("a", 0)], [req("a", 1), req("a", 2)]
+    p._waiting = collections.deque([req("a", 3), req("b", 4)])
+    p._free_rows = [3, 4]
+    assert [(r.params.tenant, r.pos) for r in p._admit()] == [("b", 4)]
+    assert [(r.params.tenant, r.pos) for r in p._waiting] == [("a", 3)] and p._free_rows == [4]
 
 
 def test_a_request_cancelled_while_queued_is_never_admitted(four_rows: BatchedEngine) -> None:

@@ -280,8 +280,8 @@ def test_other_tenants_batches_do_not_push_a_tenants_own_off_its_list(tmp_path: 
 
 def test_a_failing_backend_is_a_503_that_names_its_address_to_operators_only(world: dict,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tenants read that MLflow or the registry is unavailable; the address (which may hold credentials)
-    is for operators and the log."""
+    """Tenants read that MLflow or the registry is unavailable; the address is for operators and the
+    log, without the credentials it may hold."""
     from adapterfab.errors import RegistryError
 
     secret = "http://user:s3cr3tpass@10.0.0.9:5000"
@@ -296,7 +296,8 @@ def test_a_failing_backend_is_a_503_that_names_its_address_to_operators_only(wor
         tenant, operator = get(path, world["ka"]), get(path, world["op"])
         assert tenant.status_code == operator.status_code == 503, (tenant.text, operator.text)
         assert "s3cr3t" not in tenant.text and "unavailable right now" in tenant.json()["error"]["message"]
-        assert secret in operator.json()["error"]["message"]
+        shown = operator.json()["error"]["message"]  # the address, its credentials never (RegistryError)
+        assert "http://***@10.0.0.9:5000" in shown and "s3cr3t" not in shown
     body = get("/api/cluster", world["ka"]).json()  # the Ray dashboard's address: operators only
     assert body["error"] == "The cluster's node list is unavailable right now." and "127.0.0.1" not in body["error"]
 
@@ -330,3 +331,33 @@ def test_unknown_routes_and_methods_answer_in_the_apis_error_shape(world: dict) 
     assert r.status_code == 404 and r.json()["error"]["code"] in ("not_found", "batch_not_found")
     r = world["client"].post("/api/batches")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_batch_wide_failure_copied_into_jobs_is_hidden_from_tenants(tmp_path: Path) -> None:
+    """A batch that cannot run fails every job with "batch failed: <the batch's error>" (jobs/orchestrate.py),
+    which names other tenants' jobs and backend addresses: a tenant key reads a neutral text in its job's
+    error (as the batch's error is hidden from it), an operator the error itself; a job's own error stays."""
+    from adapterfab.serve.dashboard_views import TENANT_BATCH_ERROR
+
+    state = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    state.create_batch("b1", "nightly", "spec", "", "tiny", _jobs("b1", ("acme", "pirate"), ("globex", "secret-bot")))
+    state.create_batch("b2", "own", "spec", "", "tiny", _jobs("b2", ("acme", "parrot")))
+    leak = "batch failed: globex/secret-bot needs 81 GiB on one worker; ray://10.1.2.3:10001 refused"
+    for j in state.jobs("b1"):
+        state.move_job(j.id, JobState.FAILED, error=leak)
+    state.update_batch("b1", state=BatchState.FAILED, error=leak.removeprefix("batch failed: "))
+    _advance(state, "b2.acme.parrot", JobState.FAILED, error="acme/parrot: 20 of 24 rows are malformed")
+    keys = KeyStore(state)
+    client, ka, op = TestClient(create_app(state.url, None, None)), keys.create("acme"), keys.create_operator()
+
+    def get(path: str, key: str) -> dict:
+        r = client.get(path, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200, r.text
+        assert key != ka or ("globex" not in r.text and "10.1.2.3" not in r.text), r.text
+        return r.json()
+
+    body = get("/api/batches/b1", ka)
+    assert body["batch"]["error"] is None and [j["error"] for j in body["jobs"]] == [TENANT_BATCH_ERROR]
+    # its own job's error is shown
+    assert get("/api/batches/b2", ka)["jobs"][0]["error"] == "acme/parrot: 20 of 24 rows are malformed"
+    assert {j["error"] for j in get("/api/batches/b1", op)["jobs"]} == {leak}  # an operator sees why

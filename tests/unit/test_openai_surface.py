@@ -314,3 +314,35 @@ def test_the_ignored_fields_header_counts_what_it_leaves_out() -> None:
     names = ["x, y", *[f"f{i}" for i in range(10)]]  # a name may hold ", " itself
     got = ignored_header(names, limit=12)
     assert got == "x, y, f0, f1, ... (8 more)", got
+
+
+def test_a_client_that_goes_away_stops_its_non_streaming_generation(tiny_model_path: str, tmp_path) -> None:  # noqa: ANN001
+    """Served by uvicorn directly (no Ray Serve to cancel it), a non-streaming request whose client gave up
+    stops decoding within a poll of the connection, freeing its rows, instead of decoding every choice to
+    its max_tokens (4 choices of 1000 tokens: ~1800 steps, seconds on this tiny model)."""
+    import time
+
+    from adapterfab.errors import AdapterNotFound
+
+    keys = KeyStore(StateStore(f"sqlite:///{tmp_path / 'state.db'}"))
+    engine = BatchedEngine(tiny_model_path, max_batch=4, max_len=1024, torch_threads=1)
+
+    def resolver(aid):  # noqa: ANN001, ANN202
+        raise AdapterNotFound(str(aid))
+
+    app = make_api(LocalBackend(engine, fetch=lambda v: v.source, max_adapters=2), keys.verify, resolver)
+    try:
+        with serve_in_thread(app) as url:
+            body = {"model": "base", "prompt": "hello", "max_tokens": 1000, "n": 4, "temperature": 0,
+                    "ignore_eos": True}
+            with pytest.raises(httpx.TimeoutException):  # the client gives up and closes its connection
+                httpx.post(url + "/v1/completions", json=body, timeout=0.5,
+                           headers={"Authorization": f"Bearer {keys.create('acme')}"})
+            assert engine.steps > 0
+            deadline = time.monotonic() + 2.0
+            while (engine._running or engine._waiting or engine._prefilling) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not engine._running and not engine._waiting, (len(engine._running), engine.steps)
+            assert engine.steps < 1500 and sorted(engine._free_rows) == [0, 1, 2, 3]
+    finally:
+        engine.close()

@@ -198,12 +198,12 @@ def test_a_request_cancelled_while_its_adapter_loads_leaves_no_pin() -> None:
         def __init__(self) -> None:
             self.pins, self.loading = 0, threading.Event()
 
-        def acquire(self, key: str) -> None:
+        def acquire(self, key: str, tenant: str | None = None, wait_s: float | None = None) -> None:
             self.loading.set()
             time.sleep(0.3)
             self.pins += 1
 
-        def release(self, key: str) -> None:
+        def release(self, key: str, tenant: str | None = None) -> None:
             self.pins -= 1
 
     class OneEventEngine:
