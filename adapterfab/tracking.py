@@ -206,29 +206,39 @@ class MetricBuffer:
         return out
 
     def _run(self) -> None:
-        backoff = 0.5
+        """Send the pending metrics run by run, oldest first. A run MLflow does not take (down, or that
+        run refused, e.g. deleted) is tried again after its own backoff while the other runs' metrics go
+        on (one such run held every job of the trainer back); with a backlog, batches go without a pause."""
+        backoff: dict[str, float] = {}  # run -> the wait after its next failure
+        not_before: dict[str, float] = {}  # run -> when it may be tried again
+        sent_last = False
         while True:
             with self._cond:
-                if not self._closing:
+                if not self._closing and not sent_last:
                     self._cond.wait(timeout=self.every_s)
-                head = self._pending[:self.max_batch]
-                closing = self._closing
-            if not head:
-                if closing:
+                now = time.monotonic()
+                run_id = next((r for r, _ in self._pending if not_before.get(r, 0.0) <= now), None)
+                batch = [m for r, m in self._pending if r == run_id][:self.max_batch] if run_id else []
+                closing, waiting = self._closing, bool(self._pending)
+            sent_last = False
+            if not batch:
+                if closing and not waiting:
                     return
+                if waiting:  # every pending run is backing off: until the first may be tried again
+                    time.sleep(min(0.5, max(0.01, min(not_before.values(), default=now) - now)))
                 continue
-            run_id = head[0][0]
-            batch = [m for r, m in head if r == run_id]
             try:
                 self.client.log_batch(run_id, metrics=batch)
             except Exception as e:  # noqa: BLE001 - kept, retried with backoff
                 self.failed_attempts += 1
-                log.warning("MLflow did not take %d metric(s) (%s); %d buffered, retrying", len(batch),
-                            type(e).__name__, self.pending())
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                wait = backoff.get(run_id, 0.5)
+                not_before[run_id], backoff[run_id] = time.monotonic() + wait, min(wait * 2, 10.0)
+                log.warning("MLflow did not take %d metric(s) of run %s (%s); %d buffered, retrying", len(batch),
+                            run_id, type(e).__name__, self.pending())
                 continue
-            backoff = 0.5
+            backoff.pop(run_id, None)
+            not_before.pop(run_id, None)
+            sent_last = True
             with self._cond:
                 sent = {id(m) for m in batch}
                 self._pending = [(r, m) for r, m in self._pending if id(m) not in sent]

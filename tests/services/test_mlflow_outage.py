@@ -105,3 +105,26 @@ def test_real_errors_are_not_retried_and_an_outage_is_never_read_as_empty(server
                  lambda: quick.production_history(AdapterId("acme", "ghost"))):
         with pytest.raises(RegistryError, match="unreachable"):  # not None / [] ("nothing registered")
             call()
+
+
+def test_a_run_mlflow_refuses_does_not_hold_back_the_other_runs_metrics(server: dict) -> None:
+    """A trainer's buffer holds the metrics of every job it trains. MLflow refuses the metrics of a
+    deleted run for good; the buffer sent run by run, oldest first, and kept retrying that one, so no
+    other job of the trainer got a metric in until its group ended."""
+    uri = server["server"].url
+    tracking = Tracking(uri)
+    gone, live = tracking.start_run("deleted-job"), tracking.start_run("live-job")
+    tracking.client.delete_run(gone)
+    buffer = MetricBuffer(uri, every_s=0.2)
+    try:
+        buffer.log(gone, {"loss": 1.0}, step=1)
+        for step in range(1, 6):
+            buffer.log(live, {"loss": 1.0 / step}, step=step)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(tracking.client.get_metric_history(live, "loss")) < 5:
+            time.sleep(0.2)
+        assert len(tracking.client.get_metric_history(live, "loss")) == 5
+        assert buffer.peek([gone]) and not buffer.peek([live])  # the refused one is kept, not dropped
+    finally:
+        buffer.take([gone])
+        buffer.close(5)
