@@ -329,3 +329,29 @@ def test_abuse_and_aborts_leave_other_tenants_and_the_replica_whole(served: dict
         raise AssertionError(f"the replica did not come back to idle: {_json.dumps(stats)[:2000]}")
     ok = post(victims["globex"], {"model": "globex/robot", "messages": MSGS, "max_tokens": 4})
     assert ok.status_code == 200  # and it still serves
+
+
+@pytest.mark.timeout(300)
+def test_concurrent_requests_reach_the_engine_together_through_serve(served: dict) -> None:
+    """Batching needs the requests in the engine at once. Ray Serve lets a deployment hold 5 requests
+    by default: the ingress took 5 and every other request waited in Serve's queue, first come first
+    served, where the engine's batching and per-tenant fairness never saw it."""
+    import concurrent.futures
+
+    c = openai.OpenAI(api_key=served["acme"], base_url=served["url"] + "/v1", max_retries=0, timeout=240)
+    seen, done = [], False
+
+    def one(i: int) -> int:
+        stream = c.chat.completions.create(model="base", messages=MSGS, max_tokens=48, temperature=1.0, seed=i,
+                                           stream=True, extra_body={"min_tokens": 48})
+        return sum(1 for _ in stream)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(one, i) for i in range(16)]
+        while not done:
+            b = engine_stats()["batching"]
+            seen.append(b["running"] + b["prefilling"] + b["waiting"])
+            done = all(f.done() for f in futures)
+            time.sleep(0.1)
+        assert all(f.result() > 0 for f in futures)
+    assert max(seen) >= 12, seen
