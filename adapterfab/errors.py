@@ -3,7 +3,7 @@ that names the fix."""
 
 import re
 
-_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s]+@")  # to the last @ (a password may hold one)
 
 
 def redact_credentials(text: str) -> str:

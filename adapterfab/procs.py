@@ -190,11 +190,11 @@ def pid_alive(pid: int | None, token: str | None = None) -> bool:
         return True
 
 
-def stop_pid(pid: int | None, timeout_s: float = 15, token: str | None = None) -> None:
+def stop_pid(pid: int | None, timeout_s: float = 15, token: str | None = None) -> bool:
     """SIGTERM the process group, then SIGKILL if it lingers; with ``token``, only if ``pid`` is still
-    the process that token was taken from."""
+    the process that token was taken from. False when it runs on and is not this user's to stop."""
     if not pid_alive(pid, token):
-        return
+        return True
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(pid, sig)
@@ -202,12 +202,15 @@ def stop_pid(pid: int | None, timeout_s: float = 15, token: str | None = None) -
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
-                return
+                return True
+            except PermissionError:  # another user's process (a colleague's orchestrator)
+                return False
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not pid_alive(pid):
-                return
+                return True
             time.sleep(0.2)
+    return not pid_alive(pid)
 
 
 # PostgreSQL ------------------------------------------------------------------------------------------

@@ -30,8 +30,9 @@ COMPLETE = "complete_since"  # meta keys (one per MLflow server, registry_view.c
 
 class RegistryIndex:
     """``source``: the MLflow registry this is a catalogue of (its tracking URI; ``Registry`` sets it).
-    Complete means complete for that server: pointed at another, the catalogue is rebuilt from it, and
-    until then a registry of another server writes nothing into a catalogue complete for its own."""
+    Complete means complete for that server (``registry_view.server_identity``: one spelling per server):
+    pointed at another, the catalogue is rebuilt from it, and a write from another server's registry
+    marks it incomplete."""
 
     def __init__(self, state: str | StateStore, source: str | None = None):
         self.engine = (StateStore(state) if isinstance(state, str) else state).engine
@@ -51,6 +52,13 @@ class RegistryIndex:
             RegistryIndexMetaRow.key.like(COMPLETE + "%")))}
         return bool(keys) and self._key() not in keys
 
+    def _claim(self, c: Any) -> None:
+        """Before a write from this server's registry: a catalogue complete for another server is
+        marked incomplete (the next full listing rebuilds it), so a reader never trusts a catalogue
+        that missed this write."""
+        if self._foreign(c):
+            c.execute(delete(RegistryIndexMetaRow).where(RegistryIndexMetaRow.key.like(COMPLETE + "%")))
+
     def invalidate(self) -> None:
         """The catalogue may miss a change: the next full listing rebuilds it from MLflow."""
         with self.engine.begin() as c:
@@ -61,8 +69,7 @@ class RegistryIndex:
         time ``at`` (default now): an adapter the catalogue changed after ``at`` is left as it is."""
         at = time.time() if at is None else at
         with self.engine.begin() as c:
-            if self._foreign(c):
-                return
+            self._claim(c)
             for ra in adapters:
                 name = ra.id.registry_name
                 newer = c.execute(select(RegistryModelRow.indexed_at).where(RegistryModelRow.name == name)).scalar()
@@ -79,8 +86,7 @@ class RegistryIndex:
         """One version adapterfab just registered (``AdapterVersion``); the aliases it holds move to it."""
         name = v.id.registry_name
         with self.engine.begin() as c:
-            if self._foreign(c):
-                return
+            self._claim(c)
             aliases = c.execute(select(RegistryModelRow.aliases).where(RegistryModelRow.name == name)).scalar()
             aliases = {**(aliases or {}), **{a: int(v.id.version) for a in v.aliases}}
             c.execute(delete(RegistryModelRow).where(RegistryModelRow.name == name))

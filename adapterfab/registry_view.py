@@ -51,7 +51,28 @@ def complete_key(source: str) -> str:
     a catalogue rebuilt from one server says nothing of another's (MLFLOW_TRACKING_URI changed)."""
     import hashlib
 
-    return "complete_since@" + hashlib.sha256(source.rstrip("/").encode()).hexdigest()[:16]
+    return "complete_since@" + hashlib.sha256(server_identity(source).encode()).hexdigest()[:16]
+
+
+LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+def server_identity(uri: str) -> str:
+    """``uri`` as one spelling per server: no credentials, scheme and host in lower case, the default
+    port written out, this machine's loopback names as one (the CLI and the orchestrator may spell the
+    same local MLflow as localhost and 127.0.0.1)."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(uri.strip().rstrip("/"))
+    if not u.netloc:
+        return uri.strip().rstrip("/")
+    host = (u.hostname or "").lower()
+    host = "localhost" if host in LOOPBACK else host
+    try:
+        port = u.port or {"http": 80, "https": 443}.get(u.scheme.lower())
+    except ValueError:
+        port = None
+    return f"{u.scheme.lower()}://{host}:{port}{u.path}"
 
 
 def read_sqlite(path: Path, tenant: str | None = None, source: str = "") -> list[dict[str, Any]] | None:

@@ -189,13 +189,19 @@ def down(settings: Settings) -> list[str]:
     try:
         from adapterfab.state import StateStore
 
-        for b in StateStore(settings.state_url).list_batches(limit=None, states=("PENDING", "RUNNING")):
-            token = b.orchestrator_token  # (every running batch, however old: not the newest 200 only)
-            if pid_alive(b.orchestrator_pid, token):
-                stop_pid(b.orchestrator_pid, timeout_s=5, token=token)
-                stopped.append(f"orchestrator of {b.id}")
+        running = StateStore(settings.state_url).list_batches(limit=None, states=("PENDING", "RUNNING"))
     except Exception:  # noqa: BLE001 - no state db yet
-        pass
+        running = []
+    for b in running:  # every running batch, however old (not the newest 200 only)
+        token = b.orchestrator_token
+        try:
+            if pid_alive(b.orchestrator_pid, token):
+                if stop_pid(b.orchestrator_pid, timeout_s=5, token=token):
+                    stopped.append(f"orchestrator of {b.id}")
+                else:
+                    print(f"not stopped: the orchestrator of {b.id} runs as another user", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - one batch's orchestrator must not keep down from the others
+            print(f"could not stop the orchestrator of {b.id}: {e}", file=sys.stderr)
     # a recorded pid is stopped only while it is still the process that was recorded (its start token):
     # after a reboot the number may belong to anything
     for name, key in (("ui", "ui_pid"), ("ray", "ray_pid"), ("mlflow", "mlflow_pid"), ("serve", "serve_pid")):

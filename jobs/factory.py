@@ -281,7 +281,7 @@ class Factory:
             if view.state != JobState.PENDING:
                 ctx.state.move_job(jid, JobState.PENDING)
                 if _finish_if_registered(ctx, jid, aid):  # it died after registering, before SUCCEEDED
-                    if not view.state.terminal and view.mlflow_run_id:  # the run that registered it
+                    if view.mlflow_run_id:  # the run that registered it (left open by a cancel too)
                         ctx.tracking.end_run(view.mlflow_run_id, ok=True)
                     return None
                 if view.mlflow_run_id:  # a dead orchestrator left its run open (or a cancel without one)

@@ -142,9 +142,12 @@ def register_gated(state: Any, registry: Any, aid: AdapterId, holder: str, sourc
     second one's gate sees the first one's outcome."""
     if gate is None:
         return registry.register_gated(aid, source, run_id, tags, None)
-    with state_lock(state, f"gate:{aid.unversioned()}", holder, REGISTER_LOCK_WAIT_S,
+    from adapterfab.mlflow_client import factory_retry_s
+
+    wait_s = REGISTER_LOCK_WAIT_S + factory_retry_s()  # the holder may be riding out an MLflow outage
+    with state_lock(state, f"gate:{aid.unversioned()}", holder, wait_s,
                     lambda other: f"{aid}: another job ({other}) has been deciding its promotion for "
-                                  f"{REGISTER_LOCK_WAIT_S:.0f} s; resume this batch once it is done"):
+                                  f"{wait_s:.0f} s; resume this batch once it is done"):
         return registry.register_gated(aid, source, run_id, tags, gate)
 
 

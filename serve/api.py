@@ -501,7 +501,9 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
             if done:
                 return task.result()
             if await request.is_disconnected():
-                return None
+                # work that finished meanwhile is returned: its choices are open, and the caller's usual
+                # path closes them (a stream's next chunk finds the client gone)
+                return task.result() if task.done() else None
     finally:
         if not task.done():
             task.cancel()

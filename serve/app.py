@@ -38,8 +38,6 @@ APP_NAME = "adapterfab"
 
 DEFAULT_TENANT_RPS = 50.0
 DEFAULT_TENANT_BURST = 100
-# HTTP requests one ingress replica (async, 0 CPUs) holds at once; each tenant's rate limit bounds its share
-INGRESS_MAX_ONGOING = 4096
 
 
 @dataclass(frozen=True)
@@ -92,6 +90,7 @@ class ServeConfig:
     # per-tenant fair queue; None: 8 x max_batch, at least 64. Past it they wait in Ray Serve's queue, first
     # come first served (Serve's default of 5 let only 5 requests reach the engine: no batching)
     max_ongoing_requests: int | None = None
+    ingress_max_ongoing_requests: int = 4096  # HTTP requests one ingress replica (async, 0 CPUs) holds at once
 
 
 class EngineDeployment:
@@ -343,7 +342,7 @@ def build_app(cfg: ServeConfig) -> serve.Application:
         max_ongoing_requests=cfg.max_ongoing_requests or max(cfg.max_batch * 8, 64),
         ray_actor_options={"num_cpus": cfg.replica_num_cpus, "num_gpus": cfg.replica_num_gpus})
     ingress = serve.deployment(Ingress, name="Ingress").options(
-        max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options={"num_cpus": 0})
+        max_ongoing_requests=cfg.ingress_max_ongoing_requests, ray_actor_options={"num_cpus": 0})
     return ingress.bind(engine.bind(cfg), cfg)
 
 
@@ -356,7 +355,7 @@ _BUILDER_OPTIONAL: dict[str, type] = {
     "max_replicas": int, "target_ongoing_requests": int, "graceful_shutdown_s": float, "tenant_rps": float,
     "tenant_burst": int, "tenant_rps_overrides": dict, "cuda_graphs": bool, "tenant_max_rows": int,
     "registry_catalogue": bool, "prefill_chunk": int, "lora_kernel": str, "max_tokens_cap": int, "json_logs": bool,
-    "tenant_max_slots": int, "max_ongoing_requests": int}
+    "tenant_max_slots": int, "max_ongoing_requests": int, "ingress_max_ongoing_requests": int}
 
 
 def _builder_arg(name: str, kind: type, value: Any) -> Any:
@@ -408,7 +407,8 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
         min(options.get("replica_num_cpus", 0), options.get("replica_num_gpus", 0)) < 0
         and "replica_num_cpus and replica_num_gpus must not be negative",
         options.get("max_tokens_cap", 1) < 1 and "max_tokens_cap must be at least 1",
-        options.get("max_ongoing_requests", 1) < 1 and "max_ongoing_requests must be at least 1",
+        min(options.get("max_ongoing_requests", 1), options.get("ingress_max_ongoing_requests", 1)) < 1
+        and "max_ongoing_requests and ingress_max_ongoing_requests must be at least 1",
         options.get("tenant_max_slots", 0) < 0 and "tenant_max_slots must not be negative",
     ]
     if any(bad):

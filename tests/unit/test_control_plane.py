@@ -250,12 +250,12 @@ def test_a_process_of_another_user_counts_as_alive(tmp_path: Path) -> None:
     """On a host shared by several users, `kill(pid, 0)` on a colleague's orchestrator is EPERM: it
     runs. Taken for dead, `cancel` cancelled under it and `--resume` started a second orchestrator."""
     me = os.getpid()
-    code = (f"import sys; sys.path[:0] = {sys.path!r}; from adapterfab.procs import pid_alive; "
-            f"print(pid_alive({me}), pid_alive({me}, {proc_token(me)!r}))")
+    code = (f"import sys; sys.path[:0] = {sys.path!r}; from adapterfab.procs import pid_alive, stop_pid; "
+            f"print(pid_alive({me}), pid_alive({me}, {proc_token(me)!r}), stop_pid({me}, 1))")
     out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
                          capture_output=True, text=True, timeout=60, cwd="/")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["True", "True"]
+    assert out.stdout.split() == ["True", "True", "False"]  # and not this user's to stop: no crash
 
 
 def test_an_orchestrator_whose_claim_was_taken_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -356,17 +356,21 @@ def test_two_batches_gating_one_persona_at_once_keep_the_better_version(mlflow_s
     aid = AdapterId("gate" + uuid.uuid4().hex[:8], "pirate")
     policy = Policy("eval_loss", min_retention=0)
 
-    def job(name: str, loss: float, think_s: float, start_s: float) -> None:
+    decided = threading.Event()
+
+    def job(name: str, loss: float, think_s: float, after: threading.Event | None) -> None:
         def gate(prod):  # noqa: ANN001, ANN202 - the decision, then a slow moment before registering
             d = decide_over(policy, {"eval_loss": loss, "base_eval_loss": 2.0}, prod)
+            decided.set()
             time.sleep(think_s)
             return d
 
-        time.sleep(start_s)
+        if after is not None:
+            after.wait(30)  # the other job's gate has read production (none) and is still deciding
         register_gated(state, registry, aid, name, f"s3://b/{name}", None, {"name": name}, gate)
 
-    worse = threading.Thread(target=job, args=("b1.worse", 1.0, 1.5, 0.0))
-    better = threading.Thread(target=job, args=("b2.better", 0.5, 0.0, 0.3))
+    worse = threading.Thread(target=job, args=("b1.worse", 1.0, 3.0, None))
+    better = threading.Thread(target=job, args=("b2.better", 0.5, 0.0, decided))
     for t in (worse, better):
         t.start()
     for t in (worse, better):

@@ -242,8 +242,8 @@ def test_versions_registered_while_the_pages_are_read_are_each_listed_once(mlflo
 def test_a_catalogue_is_a_copy_of_one_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
     """Pointed at another MLflow server (MLFLOW_TRACKING_URI changed), `registry ls` listed the first
     server's adapters from the catalogue, and `show` then said they did not exist. The catalogue is now
-    complete only for the server it was rebuilt from; a registry of another server rebuilds it (what
-    that server has, nothing of the first) and does not write into it meanwhile."""
+    complete only for the server it was rebuilt from (however its URI is spelled); a registry of another
+    server rebuilds it (what that server has, nothing of the first), and its writes mark it incomplete."""
     from adapterfab.registry_view import read_sqlite
 
     state_url = f"sqlite:///{tmp_path}/state.db"
@@ -257,7 +257,11 @@ def test_a_catalogue_is_a_copy_of_one_mlflow_server(mlflow_server: str, tmp_path
     second = RegistryIndex(state_url)
     other = Registry("http://mlflow-2:5000", index=second)  # another server (nothing listens: not needed)
     assert second.source == "http://mlflow-2:5000" and not second.complete()
+    same = RegistryIndex(state_url)  # the same server spelled otherwise (the CLI's localhost, 127.0.0.1 here)
+    Registry(mlflow_server.replace("127.0.0.1", "localhost") + "/", index=same)
+    assert same.complete()
     other._catalogue("a foreign write", lambda index: index.add_version(reg.versions(AdapterId(t, "pirate"))[0]))
+    assert not first.complete()  # a write from another server's registry: no reader trusts it any more
     second.rebuild([], time.time())  # what the other server listed: nothing
     assert second.complete() and not first.complete()
     assert second.list() == [] and read_sqlite(db, None, "http://mlflow-2:5000") == []

@@ -351,3 +351,6 @@ def test_registry_errors_never_print_the_uri_credentials(monkeypatch: pytest.Mon
     with pytest.raises(RegistryError) as e:
         reg.get(AdapterId.parse("acme/pirate@1"))
     assert "hunter2" not in str(e.value) and "***@127.0.0.1" in str(e.value)
+    from adapterfab.errors import redact_credentials
+
+    assert redact_credentials("at http://u:pa@ss@h:1/x for a@b.com") == "at http://***@h:1/x for a@b.com"
