@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from adapterfab import retention
 from adapterfab.errors import AdapterfabError
-from adapterfab.jobs.fused_bank import MultiLinear, Route, Slots, _targets
+from adapterfab.jobs.fused_bank import MultiLinear, Route, Slots, _targets, rng_state, seed_dropout
 from adapterfab.jobs.fused_batches import (
     CHUNK_OVERHEAD_FLOPS,
     Batch,
@@ -346,7 +346,7 @@ class FusedTrainer(FusedEvaluation):
             if a.error is None:  # copies: training goes on after the callback returns
                 jobs[a.job.job_id].update({"adapter": self.adapter_tensors(a.job.job_id),
                                            "optimizer": self.slots.state(a.slot)})
-        return {"format": CHECKPOINT_FORMAT, "iteration": iteration, "jobs": jobs}
+        return {"format": CHECKPOINT_FORMAT, "iteration": iteration, "jobs": jobs, "rng": rng_state(self.device)}
 
     def _resume(self, job: FusedJob, saved: dict[str, Any]) -> _Active:
         """The job as it was at a checkpoint: weights, optimizer state and step (its schedule follows
@@ -388,6 +388,7 @@ class FusedTrainer(FusedEvaluation):
         self.slots.reserve(len(jobs))
         active = [self._resume(j, saved[j.job_id]) if j.job_id in saved else self._add(j) for j in jobs]
         iteration = int((resume or {}).get("iteration", 0))
+        seed_dropout(self.device, [(j.job_id, j.train.seed) for j in jobs], (resume or {}).get("rng"))
         t0 = time.monotonic()
         self.base.train()
         while True:
@@ -398,7 +399,17 @@ class FusedTrainer(FusedEvaluation):
                     and (resume is None or iteration != int(resume.get("iteration", 0))):
                 on_checkpoint(self._state(active, iteration))
             iteration += 1
-            micro = [next(a.batches) for a in running]
+            micro = []
+            for a in running:  # a job whose data fails ends alone, its slot given back
+                try:
+                    micro.append(next(a.batches))
+                except Exception as e:  # noqa: BLE001
+                    a.error = f"its training data: {e}"
+                    self.remove(a.job.job_id)
+                    a.slot = -1
+            running = [a for a in running if a.error is None]
+            if not running:
+                continue
             losses = self._step_losses(running, micro)  # the persona's loss: what each job reports
             replay = self._replay_losses(running)
             total = losses if replay is None else losses + replay[0]  # what each job's gradient follows

@@ -9,6 +9,7 @@ import math
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -287,3 +288,25 @@ def _targets(model: nn.Module, targets: Iterable[str]) -> dict[str, nn.Module]:
     wanted = set(targets)
     return {n: m for n, m in model.named_modules()
             if n.rsplit(".", 1)[-1] in wanted and hasattr(m, "in_features") and not isinstance(m, MultiLinear)}
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The generators LoRA dropout draws from, for a group's checkpoint."""
+    out = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def seed_dropout(device: torch.device, jobs: list[tuple[str, int]], saved: dict[str, Any] | None) -> None:
+    """Set the generators LoRA dropout draws from at the start of a group's training: as they were at its
+    checkpoint ``saved`` (a resumed group draws the masks it would have drawn), else from its jobs' ids and
+    seeds ``jobs``, so the same group trains the same adapters whatever the trainer ran before."""
+    if saved is not None:
+        torch.set_rng_state(saved["cpu"])
+        if "cuda" in saved and device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda"], device)
+        return
+    import hashlib
+
+    torch.manual_seed(int(hashlib.sha256(repr(sorted(jobs)).encode()).hexdigest()[:15], 16))

@@ -31,8 +31,14 @@ def encode_file(path: str | Path, tokenizer: Any, max_seq_len: int) -> list[dict
 
 
 def split_rows(rows: list[dict], eval_fraction: float, eval_rows: int | None = None) -> tuple[list[dict], list[dict]]:
-    """(train, eval): the last ``eval_rows`` rows (default: ``eval_fraction`` of them, at least one) held out."""
-    n_eval = int(eval_rows) if eval_rows is not None else max(1, int(len(rows) * eval_fraction))
+    """(train, eval): the last ``eval_rows`` rows (default: ``eval_fraction`` of them) held out; as the
+    data stage splits: at least one eval row when the fraction is above 0 and there are two rows or more,
+    none at a fraction of 0, and at least one train row."""
+    if eval_rows is not None:
+        n_eval = int(eval_rows)
+    else:
+        n_eval = 0 if eval_fraction <= 0 or len(rows) < 2 else max(1, int(len(rows) * eval_fraction))
+    n_eval = min(n_eval, max(0, len(rows) - 1))
     return (rows[:-n_eval], rows[-n_eval:]) if n_eval else (rows, [])
 
 
