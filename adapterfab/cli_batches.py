@@ -206,6 +206,7 @@ def _follow(state: Any, batch_id: str, path: Path, lines: list[str], tail: int) 
     """Print the log, then what it grows by, until the batch has ended (and its orchestrator wrote its last)."""
     for line in lines[-tail:] if tail else lines:
         print(line, flush=True)
+    t0 = time.monotonic()  # (an orchestrator that just started may not have claimed the batch yet)
     with path.open(errors="replace") as f:
         f.seek(0, 2)
         while True:
@@ -214,6 +215,9 @@ def _follow(state: Any, batch_id: str, path: Path, lines: list[str], tail: int) 
                 print(chunk, end="", flush=True)
                 continue
             b = state.get_batch(batch_id)
-            if BatchState(b.state).terminal and not state.orchestrator_alive(b):
+            if not state.orchestrator_alive(b) and (BatchState(b.state).terminal or time.monotonic() - t0 > 10):
+                if not BatchState(b.state).terminal:  # nothing runs it: nothing more will be written
+                    err.print(f"no orchestrator runs {batch_id} ({b.state}); `adapterfab submit --resume "
+                              f"{batch_id}` runs it again", markup=False)
                 return
             time.sleep(0.5)

@@ -9,13 +9,14 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from adapterfab.cli_common import _fail, _print_json, _settings, json_option, out
+from adapterfab.cli_common import EXIT_INVALID, _fail, _print_json, _settings, json_option, out
 from adapterfab.errors import AdapterfabError
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys: per tenant (serving, dashboard) and operator (dashboard).")
 
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION_S = 100 * 365 * 86400  # a key's lifetime or grace: beyond it, dates no longer print
 
 
 def _duration(text: str | None, what: str) -> float | None:
@@ -25,9 +26,11 @@ def _duration(text: str | None, what: str) -> float | None:
     import re
 
     m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)", text.strip())
-    if not m or float(m.group(1)) <= 0:
-        _fail(AdapterfabError(f"invalid {what} {text!r}: use a positive number of seconds, or 15m, 12h, 30d"))
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+    seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"] if m else 0.0
+    if not m or not 0 < seconds <= MAX_DURATION_S:
+        _fail(AdapterfabError(f"invalid {what} {text[:40]!r}: use a positive number of seconds, or 15m, 12h, 30d, "
+                              "at most 100 years"), EXIT_INVALID)
+    return seconds
 
 
 def _key_store():  # noqa: ANN202

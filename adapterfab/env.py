@@ -30,8 +30,8 @@ class Env(BaseSettings):
     s3_endpoint_url: str | None = Field(None, validation_alias=AliasChoices(f"{PREFIX}S3_ENDPOINT_URL",
                                                                              "AWS_ENDPOINT_URL"))
     s3_max_attempts: int = Field(6, ge=1)
-    s3_connect_timeout_s: float = Field(5.0, gt=0)
-    s3_read_timeout_s: float = Field(30.0, gt=0)
+    s3_connect_timeout_s: float = Field(5.0, gt=0, allow_inf_nan=False)
+    s3_read_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False)
     # the planner's first groups on each trainer slot: this many jobs (0: every slot starts on a full group)
     starter_group_jobs: int = Field(2, ge=0)
     # the factory's first window of data is prepared in the orchestrator when its files hold at most this

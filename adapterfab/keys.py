@@ -57,7 +57,8 @@ def key_id_of(key_or_id: str) -> str:
     if len(parts) == 3 and parts[0] == PREFIX:
         text = parts[1]
     if not _KEY_ID_RE.fullmatch(text):
-        raise ApiKeyError(f"{key_or_id[:40]!r} is neither a key id (16 hex digits) nor an af_ key")
+        shown = parts[1] if len(parts) == 3 else text[:20]  # never a key's secret part
+        raise ApiKeyError(f"{shown[:20]!r} is neither a key id (16 hex digits) nor an af_ key")
     return text
 
 

@@ -107,7 +107,9 @@ def import_mlflow() -> None:
 
 
 def client(uri: str, retry_s: float = 0.0):  # noqa: ANN202
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+    # MLflow's own retries per HTTP call, with its backoff (2, 4, 8, ... s): the orchestrator and trainers
+    # (retry_s > 0) ride out an outage anyway; the CLI fails fast (5 retries took 64 s on a refused port)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5" if retry_s > 0 else "1")
     import_mlflow()
     from mlflow.tracking import MlflowClient
 

@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adapterfab.errors import SettingError
+
 DEFAULT_MLFLOW_PORT = 5005
 DEFAULT_SERVE_PORT = 8000
 DEFAULT_RAY_PORT = 6390
@@ -79,4 +81,8 @@ class Settings:
 
     def ensure_dirs(self) -> None:
         for p in (self.home, self.logs, self.cache):
-            p.mkdir(parents=True, exist_ok=True)
+            try:
+                p.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise SettingError(f"cannot use {p} as a folder (ADAPTERFAB_HOME is {self.home}): "
+                                   f"{e.strerror or e}") from None

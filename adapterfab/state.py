@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import JSON, Float, Integer, String, Text, TypeDecorator, create_engine, event, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from adapterfab import faults
@@ -217,6 +218,16 @@ class LockRow(Base):
 class StateStore:
     def __init__(self, url: str):
         self.url = url
+        try:
+            self._open(url)
+        except (SQLAlchemyError, OSError) as e:  # a bad URL, a refused connection, a file that is no database
+            from adapterfab.errors import redact_credentials
+
+            why = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:300]
+            raise StateError(f"the state database {redact_credentials(url)} cannot be used: "
+                             f"{redact_credentials(why)} (ADAPTERFAB_STATE_URL)") from None
+
+    def _open(self, url: str) -> None:
         if url.startswith("sqlite:///"):
             from pathlib import Path
 

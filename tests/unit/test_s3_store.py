@@ -121,7 +121,8 @@ def test_retry_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (cfg.retries["total_max_attempts"], cfg.connect_timeout, cfg.read_timeout) == (2, 0.5, 1.5)
 
     for name, bad in (("ADAPTERFAB_S3_MAX_ATTEMPTS", "0"), ("ADAPTERFAB_S3_MAX_ATTEMPTS", "three"),
-                      ("ADAPTERFAB_S3_READ_TIMEOUT_S", "-1")):
+                      ("ADAPTERFAB_S3_READ_TIMEOUT_S", "-1"), ("ADAPTERFAB_S3_CONNECT_TIMEOUT_S", "inf"),
+                      ("ADAPTERFAB_S3_READ_TIMEOUT_S", "inf")):
         monkeypatch.setenv(name, bad)
         with pytest.raises(SettingError, match=rf"{name}='{bad}' is not valid"):
             s3_client()
