@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from adapterfab.cli_common import _fail, _need_mlflow, _print_json, _registry, _settings, err, out
-from adapterfab.errors import AdapterfabError
+from adapterfab.errors import AdapterfabError, InvalidId
 
 registry_app = typer.Typer(no_args_is_help=True, help="Registered adapters (MLflow registry).")
 
@@ -82,7 +82,11 @@ def registry_promote(adapter: str = typer.Argument(..., help="TENANT/PERSONA"),
 
     s = _settings()
     try:
-        aid = AdapterId.parse(adapter).unversioned()
+        named = AdapterId.parse(adapter)
+        if named.version is not None or named.alias is not None:  # `T/P@3 2` would silently promote v2
+            raise InvalidId(f"name the adapter as TENANT/PERSONA and the version apart: "
+                            f"`registry promote {named.unversioned()} {version}`")
+        aid = named.unversioned()
         registry = _registry(s)
         v = registry.get(aid.with_version(version))
         if check_alias(alias) != PRODUCTION:

@@ -42,12 +42,18 @@ class RegistryIndex:
         return complete_key(self.source or "")
 
     def complete(self) -> bool:
+        """Complete for this index's server; an index bound to none (a bench or tool reading the state
+        database) asks whether it is complete for any."""
+        mine = RegistryIndexMetaRow.key == self._key() if self.source is not None else \
+            RegistryIndexMetaRow.key.like(COMPLETE + "%")
         with self.engine.connect() as c:
-            return c.execute(select(RegistryIndexMetaRow.value).where(RegistryIndexMetaRow.key == self._key())
-                             ).first() is not None
+            return c.execute(select(RegistryIndexMetaRow.value).where(mine)).first() is not None
 
     def _foreign(self, c: Any) -> bool:
-        """Whether the catalogue is complete for another MLflow server than this one's."""
+        """Whether the catalogue is complete for another MLflow server than this one's (never, for an
+        index bound to none)."""
+        if self.source is None:
+            return False
         keys = {k for (k,) in c.execute(select(RegistryIndexMetaRow.key).where(
             RegistryIndexMetaRow.key.like(COMPLETE + "%")))}
         return bool(keys) and self._key() not in keys

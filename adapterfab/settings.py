@@ -33,7 +33,7 @@ def cache_dir() -> Path:
     """``ADAPTERFAB_CACHE``: converted and downloaded base models, downloaded adapters, the bases' answers
     to retention probes and replay prompts (adapterfab/retention.py ``answers_folder``), PEFT's LoRA config
     defaults per peft version (adapterfab/methods/base.py ``peft_lora_config``)."""
-    return Path(os.environ.get("ADAPTERFAB_CACHE", "~/.cache/adapterfab")).expanduser().resolve()
+    return Path(os.environ.get("ADAPTERFAB_CACHE") or "~/.cache/adapterfab").expanduser().resolve()
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,8 @@ class Settings:
 
     @classmethod
     def load(cls) -> Settings:
-        home = Path(os.environ.get("ADAPTERFAB_HOME", "~/.adapterfab")).expanduser().resolve()
+        # an empty ADAPTERFAB_HOME= is unset (as for every ADAPTERFAB_* variable), not the current folder
+        home = Path(os.environ.get("ADAPTERFAB_HOME") or "~/.adapterfab").expanduser().resolve()
         cache = cache_dir()
         stack: dict = {}
         stack_file = home / "stack.json"

@@ -117,9 +117,9 @@ def test_mlflow_down_resolves_from_the_registry_catalogue(tmp_path: Path, monkey
     def version(n: int, fp: str) -> AdapterVersion:
         return AdapterVersion(pirate.with_version(n), f"/store/{n}", None, {"adapterfab.base_fingerprint": fp}, (), 0.0)
 
-    index.rebuild([RegisteredAdapter(pirate, {"production": 1, "candidate": 3},
+    registry = Registry("http://127.0.0.1:9", index=index)  # nothing listens there now
+    index.rebuild([RegisteredAdapter(pirate, {"production": 1, "candidate": 3},  # its catalogue, made before
                                      [version(1, "a" * 64), version(2, "a" * 64), version(3, "c" * 64)])], 0.0)
-    registry = Registry("http://127.0.0.1:9", index=index)  # nothing listens there
     resolve = checked_resolver(registry, "a" * 64)
     assert str(resolve(pirate).id) == "acme/pirate@1"  # bare: production
     assert str(resolve(AdapterId.parse("acme/pirate@2")).id) == "acme/pirate@2"

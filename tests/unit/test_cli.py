@@ -366,3 +366,21 @@ def test_bad_homes_state_databases_and_key_durations_are_one_clear_line(tmp_path
     assert run("keys", "list", home=ok).returncode == 0
     r = run("keys", "revoke", "Bearer af_96281c4be7a6a785_ChaNvK4C7ZRo5xyzsecret", home=ok)
     assert r.returncode == 1 and "ChaNvK4" not in r.stderr + r.stdout
+
+
+def test_promote_refuses_a_versioned_adapter_name(tmp_path: Path) -> None:
+    """`registry promote acme/pirate@3 2` promoted version 2 and ignored the @3."""
+    for name in ("acme/pirate@3", "acme/pirate@candidate"):
+        r = run("registry", "promote", name, "2", home=tmp_path)
+        assert r.returncode == 1 and "registry promote acme/pirate 2" in r.stderr, r.stderr
+
+
+def test_an_empty_home_variable_is_the_default_home_not_the_current_folder(tmp_path: Path) -> None:
+    cwd, user = tmp_path / "cwd", tmp_path / "user"
+    cwd.mkdir()
+    user.mkdir()
+    r = subprocess.run([CLI, "keys", "list"], capture_output=True, text=True, timeout=120, cwd=cwd,
+                       env={"PATH": "/usr/bin:/bin", "HOME": str(user), "ADAPTERFAB_HOME": "",
+                            "ADAPTERFAB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert not list(cwd.iterdir()) and (user / ".adapterfab" / "state.db").exists()
