@@ -297,6 +297,17 @@ def _drain(eng: BatchedEngine, prompt: list[int], adapter: str | None, params: S
     return th
 
 
+
+def _late_tenant_finishes_first(eng: BatchedEngine, threads: list, done: list[tuple[str, float]]) -> None:
+    """A short request of another tenant, sent while the hog holds its cap: it takes the free row and ends
+    first; then every request ends and every row is free again."""
+    threads.append(_drain(eng, [9, 9, 9], None, SamplingParams(max_tokens=5, temperature=0.0, tenant="late"),
+                          done, "late"))
+    for th in threads:
+        th.join(120)
+    assert [tag for tag, _ in done][0] == "late", done
+    assert len(done) == 7 and sorted(eng._free_rows) == [0, 1, 2, 3]
+
 def test_one_tenants_flood_leaves_rows_for_another(four_rows: BatchedEngine) -> None:
     """A tenant sending more long requests than there are rows holds at most tenant_max_rows (3 of 4) of
     them: another tenant's short request is admitted at once and finishes before any of the flood."""
@@ -310,12 +321,7 @@ def test_one_tenants_flood_leaves_rows_for_another(four_rows: BatchedEngine) -> 
         time.sleep(0.005)
     time.sleep(0.05)  # a scheduler without the cap fills the fourth row here
     assert sum(r.params.tenant == "hog" for r in eng._running) == 3
-    threads.append(_drain(eng, [9, 9, 9], None, SamplingParams(max_tokens=5, temperature=0.0, tenant="late"),
-                          done, "late"))
-    for th in threads:
-        th.join(120)
-    assert [tag for tag, _ in done][0] == "late", done
-    assert len(done) == 7 and sorted(eng._free_rows) == [0, 1, 2, 3]
+    _late_tenant_finishes_first(eng, threads, done)
 
 
 def test_rows_still_prefilling_count_toward_the_tenant_cap(four_rows: BatchedEngine) -> None:
@@ -336,12 +342,7 @@ def test_rows_still_prefilling_count_toward_the_tenant_cap(four_rows: BatchedEng
             break
         time.sleep(0.0005)
     assert most <= 3 and len(eng._free_rows) == 1, (most, eng._free_rows)
-    threads.append(_drain(eng, [9, 9, 9], None, SamplingParams(max_tokens=5, temperature=0.0, tenant="late"),
-                          done, "late"))
-    for th in threads:
-        th.join(120)
-    assert [tag for tag, _ in done][0] == "late", done
-    assert len(done) == 7 and sorted(eng._free_rows) == [0, 1, 2, 3]
+    _late_tenant_finishes_first(eng, threads, done)
 
 
 def test_admission_takes_tenants_in_turn() -> None:
