@@ -77,6 +77,11 @@ class ArtifactStore(ABC):
             raise StorageError(f"{uri} is outside the artifact store {self.root}")
         return uri[len(root):]
 
+    def folder_key(self, uri: str) -> str:
+        """The key prefix of the folder at ``uri`` (``a/b/``; empty for a store rooted at that folder)."""
+        key = self.key_of(uri).strip("/")
+        return f"{key}/" if key else ""
+
     @abstractmethod
     def put_file(self, local: Path, key: str) -> None: ...
 
@@ -131,8 +136,7 @@ class ArtifactStore(ABC):
 
     def download_dir(self, uri: str, local_dir: str | Path) -> Path:
         """Download what ``upload_dir`` wrote under ``uri``, verifying every checksum."""
-        key = self.key_of(uri).strip("/")
-        prefix = f"{key}/" if key else ""  # a store rooted at the adapter folder itself
+        prefix = self.folder_key(uri)
         local_dir = Path(local_dir)
         local_dir.mkdir(parents=True, exist_ok=True)
         mpath = local_dir / MANIFEST
@@ -165,8 +169,7 @@ def download_base(store: ArtifactStore, uri: str, local_dir: Path) -> Path:
     """A base model's folder at ``uri``: the files its ``MANIFEST.json`` lists, checksums verified, when
     adapterfab uploaded it; otherwise every object under it as another tool stored it (S3 checked each
     upload; there is no manifest to check them against). It must hold a ``config.json``."""
-    key = store.key_of(uri).strip("/")
-    prefix = f"{key}/" if key else ""
+    prefix = store.folder_key(uri)
     if store.exists(prefix + MANIFEST):
         return store.download_dir(uri, local_dir)
     keys = [k for k in store.list_keys(prefix) if k and not k.endswith("/")]  # "folder" markers skipped
