@@ -40,7 +40,6 @@ from adapterfab.jobs.registrar import (
     error_text,
     fail_job,
     group_error_for,
-    register_job,
 )
 from adapterfab.lifecycle import JobState
 from adapterfab.spec import JobSpec
@@ -121,6 +120,9 @@ class Factory:
         import ray
 
         self.board = ray.get_actor(self.ctx.board_name)
+        # a dead orchestrator's group checkpoints: its jobs start new attempts (new MLflow runs) from the
+        # start, and a failure it recorded in one must not end the retry of that job before it trains
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
         stop = threading.Event()
         poller = threading.Thread(target=self._poll, args=(stop,), name="progress", daemon=True)
         poller.start()
@@ -165,18 +167,37 @@ class Factory:
                 if sum(len(self.groups[i]) for i in window) >= size or n == len(self.groups) - 1:
                     self.queue.wait_below(max(AHEAD_GROUPS_PER_SLOT * self.slots, 2), WINDOW_JOBS)
                     first = n < self.slots
-                    self._prepare_window(window, first=first)
+                    self._prepare_window_alone(window, first)
                     if first and n < len(self.groups) - 1:  # a next window will come
                         self._await_first_steps()
                     window = []
                     size = min(WINDOW_JOBS, max(2 * size, len(g)))
         except BaseException as e:  # noqa: BLE001 - every job not yet handed on fails with the reason
             log.exception("preparing batch %s failed", self.ctx.batch_id)
-            for j in self.ctx.state.jobs(self.ctx.batch_id):  # (the queued ones train on)
-                if j.state in (JobState.PENDING, JobState.PREPARING) and j.id not in self._queued:
-                    fail_job(self.ctx, j.id, j.mlflow_run_id, AdapterfabError(f"preparation failed: {e}"))
+            self._fail_unqueued(None, e)
         finally:
             self.queue.close()
+
+    def _prepare_window_alone(self, window: list[int], first: bool) -> None:
+        """``_prepare_window``; an error it did not expect (a bug, a lost connection) fails that window's
+        jobs not yet queued, with the reason, and the next windows are prepared as usual."""
+        try:
+            self._prepare_window(window, first=first)
+        except Exception as e:  # noqa: BLE001
+            log.exception("batch %s: preparing groups %s failed", self.ctx.batch_id, window)
+            self._fail_unqueued([self.planned[i].job_id for n in window for i in self.groups[n]], e)
+
+    def _fail_unqueued(self, ids: list[str] | None, e: BaseException) -> None:
+        """Jobs of ``ids`` (None: the batch's) still PENDING or PREPARING and not handed to a slot fail."""
+        from types import SimpleNamespace
+
+        jobs = self.ctx.state.jobs(self.ctx.batch_id)
+        named = [SimpleNamespace(jid=j.id, aid=f"{j.tenant}/{j.persona}") for j in jobs]  # (other tenants' ids
+        for j in jobs:  # the queued ones train on                        # are replaced in each one's error)
+            if (ids is None or j.id in ids) and j.state in (JobState.PENDING, JobState.PREPARING) \
+                    and j.id not in self._queued:
+                own = group_error_for(SimpleNamespace(jid=j.id), named, e)  # type: ignore[arg-type]
+                fail_job(self.ctx, j.id, j.mlflow_run_id, AdapterfabError(f"preparation failed: {own}"))
 
     def _await_first_steps(self) -> None:
         """After the first window, until the first training step is reported (at most FIRST_STEP_WAIT_S),
@@ -530,44 +551,12 @@ class Factory:
 
     def _train_zero(self, item: GroupItem) -> None:
         """A job too big for one worker: Ray Train with DeepSpeed ZeRO on several workers."""
-        import ray
+        from adapterfab.jobs.launch import train_zero_jobs
 
-        from adapterfab.jobs.launch import WorkerJob, run_training_job
-        from adapterfab.jobs.trainers import retire_idle_trainers
-        from adapterfab.retention import answers_folder, job_probes
-
-        ctx = self.ctx
         with self._lock:
             self._zero_running += 1
         try:
-            retire_idle_trainers()  # their devices are what the ZeRO workers wait for
-            for p in item.prepared:
-                plan = ctx.planned[p.jid]
-                if self.cancelled.is_set():  # (a running Ray Train job ends its steps; then it is cancelled)
-                    cancel_job(ctx, p.jid, p.run_id)
-                    continue
-                try:
-                    ctx.state.move_job(p.jid, JobState.TRAINING, total_steps=p.job.train.steps,
-                                       placement={"cpus": plan.cpus, "gpus": plan.gpus, "workers": plan.workers,
-                                                  "zero_stage": plan.zero_stage})
-                    job = WorkerJob(
-                        job_id=p.jid, base_model_path=ctx.base.path, method=p.job.method.model_dump(),
-                        train=p.job.train.model_dump(), mlflow_uri=ctx.tracking.uri, mlflow_run_id=p.run_id,
-                        progress_board=ctx.board_name, pad_id=ctx.pad(), cpus=plan.cpus, basis_uri=p.basis_uri,
-                        gpus=plan.gpus, workers=plan.workers, zero_stage=plan.zero_stage,
-                        mlflow_retry_s=ctx.tracking.retry_s, probes=job_probes(p.job.probes),
-                        probe_cache=str(answers_folder(ctx.settings)))
-                    train_ds = ray.data.from_items([_listed(r) for r in p.data.train])
-                    eval_ds = ray.data.from_items([_listed(r) for r in p.data.eval])
-                    metrics, adapter_dir = run_training_job(job, train_ds, eval_ds, str(ctx.settings.home /
-                                                            "ray_results"), run_name=f"{p.jid}.a{p.attempt}")
-                except Exception as e:  # noqa: BLE001
-                    fail_job(ctx, p.jid, p.run_id, e)
-                    continue
-                if self.cancelled.is_set():
-                    cancel_job(ctx, p.jid, p.run_id)
-                    continue
-                register_job(ctx, p, metrics, adapter_dir, {"training": f"zero{plan.zero_stage}:{plan.workers}"})
+            train_zero_jobs(self.ctx, item.prepared, self.cancelled)
         finally:
             with self._lock:
                 self._zero_running -= 1
@@ -595,6 +584,3 @@ class Factory:
         except Exception:  # noqa: BLE001 - progress is best effort
             log.debug("progress poll failed", exc_info=True)
 
-
-def _listed(row: dict[str, Any]) -> dict[str, list[int]]:
-    return {"input_ids": [int(x) for x in row["input_ids"]], "labels": [int(x) for x in row["labels"]]}

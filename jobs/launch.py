@@ -270,3 +270,46 @@ def run_training_job(job: WorkerJob, train_ds: Any, eval_ds: Any, storage_path: 
     if result.checkpoint is None:
         raise RuntimeError(f"job {job.job_id} finished without a checkpoint")
     return dict(result.metrics), os.path.join(result.checkpoint.path, "adapter")
+
+
+def train_zero_jobs(ctx: Any, prepared: list[Any], cancelled: Any) -> None:
+    """The factory's jobs too big for one worker (``prepared``: registrar.Prepared), one after another:
+    each a Ray Train job with DeepSpeed ZeRO on several workers, registered as it ends; a job fails
+    alone; once ``cancelled`` (a threading.Event) is set the rest are cancelled."""
+    from adapterfab.jobs.registrar import cancel_job, fail_job, register_job
+    from adapterfab.jobs.trainers import retire_idle_trainers
+    from adapterfab.lifecycle import JobState
+    from adapterfab.retention import answers_folder, job_probes
+
+    retire_idle_trainers()  # their devices are what the ZeRO workers wait for
+    for p in prepared:
+        plan = ctx.planned[p.jid]
+        if cancelled.is_set():  # (a running Ray Train job ends its steps; then it is cancelled)
+            cancel_job(ctx, p.jid, p.run_id)
+            continue
+        try:
+            ctx.state.move_job(p.jid, JobState.TRAINING, total_steps=p.job.train.steps,
+                               placement={"cpus": plan.cpus, "gpus": plan.gpus, "workers": plan.workers,
+                                          "zero_stage": plan.zero_stage})
+            job = WorkerJob(
+                job_id=p.jid, base_model_path=ctx.base.path, method=p.job.method.model_dump(),
+                train=p.job.train.model_dump(), mlflow_uri=ctx.tracking.uri, mlflow_run_id=p.run_id,
+                progress_board=ctx.board_name, pad_id=ctx.pad(), cpus=plan.cpus, basis_uri=p.basis_uri,
+                gpus=plan.gpus, workers=plan.workers, zero_stage=plan.zero_stage,
+                mlflow_retry_s=ctx.tracking.retry_s, probes=job_probes(p.job.probes),
+                probe_cache=str(answers_folder(ctx.settings)))
+            train_ds = ray.data.from_items([_listed(r) for r in p.data.train])
+            eval_ds = ray.data.from_items([_listed(r) for r in p.data.eval])
+            metrics, adapter_dir = run_training_job(job, train_ds, eval_ds, str(ctx.settings.home / "ray_results"),
+                                                    run_name=f"{p.jid}.a{p.attempt}")
+        except Exception as e:  # noqa: BLE001
+            fail_job(ctx, p.jid, p.run_id, e)
+            continue
+        if cancelled.is_set():
+            cancel_job(ctx, p.jid, p.run_id)
+            continue
+        register_job(ctx, p, metrics, adapter_dir, {"training": f"zero{plan.zero_stage}:{plan.workers}"})
+
+
+def _listed(row: dict[str, Any]) -> dict[str, list[int]]:
+    return {"input_ids": [int(x) for x in row["input_ids"]], "labels": [int(x) for x in row["labels"]]}

@@ -92,8 +92,8 @@ def test_killed_orchestrator_resumes_without_redoing_finished_jobs(stack: Path, 
 
     def one_done_one_training():  # noqa: ANN202
         jobs = st.jobs(batch_id)
-        done = [j for j in jobs if j.state.value == "SUCCEEDED"]
-        return done if done and any(j.state.value == "TRAINING" for j in jobs) else None
+        done = [j for j in jobs if j.state.value == "SUCCEEDED"]  # the other past a checkpoint (every 4 steps)
+        return done if done and any(j.state.value == "TRAINING" and j.step >= 6 for j in jobs) else None
 
     done = wait_for(one_done_one_training, 400, "one SUCCEEDED job and the next one TRAINING", poll_s=0.2)
     b = st.get_batch(batch_id)
@@ -129,7 +129,12 @@ def test_killed_orchestrator_resumes_without_redoing_finished_jobs(stack: Path, 
         assert j.attempts == before[j.id].attempts + 1
         if before[j.id].mlflow_run_id and before[j.id].mlflow_run_id != j.mlflow_run_id:
             assert t.client.get_run(before[j.id].mlflow_run_id).info.status == "KILLED"
-        assert t.client.get_run(j.mlflow_run_id).info.status == "FINISHED"
+        run = t.client.get_run(j.mlflow_run_id)
+        assert run.info.status == "FINISHED"
+        # a new attempt with a new run trains from the start: the dead orchestrator's group checkpoint
+        # (its steps are in the old run; a failure recorded in it would end the retry untrained) is not used
+        assert run.data.metrics["resumed_from_iteration"] == 0
+        assert min(m.step for m in t.client.get_metric_history(j.mlflow_run_id, "loss")) == 1
 
 
 def test_mlflow_outage_during_a_batch_loses_nothing(stack: Path, tiny_model_path: str, tmp_path: Path,

@@ -109,6 +109,45 @@ def test_a_factory_never_ends_a_batch_with_an_unfinished_job(tmp_path: Path) -> 
                                                       "b2.t2.p": JobState.CANCELLED, "b2.t3.p": JobState.CANCELLED}
 
 
+def test_an_unexpected_error_in_one_window_fails_that_window_only(tmp_path: Path) -> None:
+    """Preparation runs in windows of groups; an error no stage expected (a bug, a lost connection) in
+    one window failed every job of every later window too. Now only that window's jobs fail, each with
+    the reason but without another tenant's job id in it, and the next windows go on to the queue."""
+    import threading
+    from types import SimpleNamespace
+
+    from adapterfab.jobs.factory import Factory
+    from adapterfab.jobs.groups import GroupQueue
+
+    s = _store(tmp_path)
+    ids = [f"b1.t{i}.p" for i in range(4)]
+    s.create_batch("b1", "n", "spec", "", "base", [{"id": j, "tenant": f"t{i}", "persona": "p", "method": "lora",
+                                                    "total_steps": 3} for i, j in enumerate(ids)])
+    f = Factory.__new__(Factory)
+    f.ctx = SimpleNamespace(batch_id="b1", state=s)
+    f.groups, f.slots, f.early = [[0, 1], [2], [3]], 1, []
+    f.planned = [SimpleNamespace(job_id=j) for j in ids]
+    f.cancelled, f.queue, f._queued = threading.Event(), GroupQueue(), set()
+    seen = []
+
+    def window(members: list[int], first: bool = False) -> None:
+        seen.append(members)
+        if members == [0]:
+            s.move_job(ids[0], JobState.PREPARING)  # one job had begun, the other not yet
+            raise KeyError(ids[3])  # names a job of another tenant (and another window)
+        f._queued.update(ids[i] for n in members for i in f.groups[n])
+
+    f._prepare_window = window
+    f._prepare_all()
+    assert seen == [[0], [1, 2]]  # the windows after the failed one were prepared
+    after = {j.id: j for j in s.jobs("b1")}
+    assert {j: after[j].state for j in ids} == {ids[0]: JobState.FAILED, ids[1]: JobState.FAILED,
+                                                ids[2]: JobState.PENDING, ids[3]: JobState.PENDING}
+    for j in ids[:2]:
+        assert after[j].error.startswith("preparation failed:") and ids[3] not in after[j].error, after[j].error
+    assert f.queue.take() is None  # closed (and empty): a slot asking for a group ends at once
+
+
 def test_key_lifecycle_list_revoke_rotate_expire(tmp_path: Path) -> None:
     from adapterfab.errors import ApiKeyError
 
