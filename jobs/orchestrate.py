@@ -29,7 +29,7 @@ from adapterfab.cluster import connect_ray
 from adapterfab.errors import AdapterfabError, StackError
 from adapterfab.ids import AdapterId, basis_prefix, job_id
 from adapterfab.jobs.admission import admit
-from adapterfab.jobs.registrar import Prepared, error_text, fail_job, register_job
+from adapterfab.jobs.registrar import Prepared, error_text, fail_job, register_job, state_lock
 from adapterfab.lifecycle import BatchState, JobState
 from adapterfab.methods import get_method
 from adapterfab.mlflow_client import factory_retry_s
@@ -139,6 +139,7 @@ def job_fingerprint(base_fingerprint: str, job: JobSpec, dataset_sha256: str) ->
 
 _BASIS_LOCKS: dict[str, threading.Lock] = {}
 _BASIS_LOCKS_GUARD = threading.Lock()
+BASIS_LOCK_WAIT_S = 3600.0  # another process computing the same basis (a large base's SVD takes minutes)
 
 
 def ensure_basis(ctx: BatchContext, job: JobSpec) -> tuple[str | None, str | None]:
@@ -156,36 +157,47 @@ def ensure_basis(ctx: BatchContext, job: JobSpec) -> tuple[str | None, str | Non
     with lock:
         if store.exists(prefix + MANIFEST):
             return bid, store.uri(prefix)
-        import tempfile
+        # one process computes it: another orchestrator (a batch beside this one) waits and reuses it
+        with state_lock(ctx.state, f"basis:{bid}", ctx.batch_id, BASIS_LOCK_WAIT_S,
+                        lambda other: f"the shared basis {bid} has been computed by batch {other} for "
+                                      f"{BASIS_LOCK_WAIT_S:.0f} s; resume this batch once it is done"):
+            if store.exists(prefix + MANIFEST):
+                return bid, store.uri(prefix)
+            return bid, _compute_basis(ctx, job, impl, bid, store, prefix)
 
-        import torch
 
-        from adapterfab.threads import importing
+def _compute_basis(ctx: BatchContext, job: JobSpec, impl: Any, bid: str, store: Any, prefix: str) -> str:
+    """``ensure_basis``'s work when the basis is not in the artifact store yet: its URI once stored."""
+    import tempfile
 
-        with importing():  # (on a preparation thread)
-            from transformers import AutoModelForCausalLM
-        full = AutoModelForCausalLM.from_pretrained(ctx.base.path, dtype=torch.float32)
-        t0 = time.monotonic()
-        # on one torch thread: the orchestrator holds no Ray CPU and its training jobs may occupy every core,
-        # where a LAPACK call on more threads than it can get waits at every barrier for a descheduled
-        # thread (beside a training job on 2 CPUs, SmolLM2's LoRA-XS basis took 61 s that way and 2.6 s on
-        # one thread); the orchestrator runs no other heavy torch work, so overlapping blocks need nothing
-        with one_torch_thread():
-            basis = impl.compute_basis(full, job.method, ctx.base.fingerprint)
-        svd_s = time.monotonic() - t0
-        del full
-        with tempfile.TemporaryDirectory() as tmp:
-            impl.save_basis(basis, Path(tmp))
-            uri = store.upload_dir(tmp, prefix)
-            source = ctx.tracking.log_dir(ctx.batch_run_id, tmp, f"bases/{bid}")
-        ctx.tracking.log_metrics(ctx.batch_run_id, {f"basis_svd_s.{bid}": svd_s})
-        ctx.registry.register_basis(bid, source, ctx.batch_run_id, {
-            "basis_id": bid, "artifact_uri": uri, "artifact_root": store.root, "base_model": ctx.spec.base_model,
-            "base_fingerprint": ctx.base.fingerprint, "method": job.method.name,
-            "r": getattr(job.method, "r", ""), "target_modules": str(getattr(job.method, "target_modules", "")),
-            "svd_s": f"{svd_s:.3f}"})
-        log.info("computed basis %s in %.2fs -> %s", bid, svd_s, uri)
-        return bid, uri
+    import torch
+
+    from adapterfab.threads import importing
+
+    with importing():  # (on a preparation thread)
+        from transformers import AutoModelForCausalLM
+    full = AutoModelForCausalLM.from_pretrained(ctx.base.path, dtype=torch.float32)
+    t0 = time.monotonic()
+    # on one torch thread: the orchestrator holds no Ray CPU and its training jobs may occupy every core,
+    # where a LAPACK call on more threads than it can get waits at every barrier for a descheduled
+    # thread (beside a training job on 2 CPUs, SmolLM2's LoRA-XS basis took 61 s that way and 2.6 s on
+    # one thread); the orchestrator runs no other heavy torch work, so overlapping blocks need nothing
+    with one_torch_thread():
+        basis = impl.compute_basis(full, job.method, ctx.base.fingerprint)
+    svd_s = time.monotonic() - t0
+    del full
+    with tempfile.TemporaryDirectory() as tmp:
+        impl.save_basis(basis, Path(tmp))
+        uri = store.upload_dir(tmp, prefix)
+        source = ctx.tracking.log_dir(ctx.batch_run_id, tmp, f"bases/{bid}")
+    ctx.tracking.log_metrics(ctx.batch_run_id, {f"basis_svd_s.{bid}": svd_s})
+    ctx.registry.register_basis(bid, source, ctx.batch_run_id, {
+        "basis_id": bid, "artifact_uri": uri, "artifact_root": store.root, "base_model": ctx.spec.base_model,
+        "base_fingerprint": ctx.base.fingerprint, "method": job.method.name,
+        "r": getattr(job.method, "r", ""), "target_modules": str(getattr(job.method, "target_modules", "")),
+        "svd_s": f"{svd_s:.3f}"})
+    log.info("computed basis %s in %.2fs -> %s", bid, svd_s, uri)
+    return uri
 
 
 @dataclass

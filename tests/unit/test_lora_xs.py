@@ -296,3 +296,69 @@ def test_basis_svd_runs_on_one_torch_thread_and_restores_the_count() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+_BASIS_RACER = r"""
+import contextlib, json, sys, time
+from pathlib import Path
+from types import SimpleNamespace
+
+from adapterfab.jobs import orchestrate
+from adapterfab.methods.lora_xs import LoraXSConfig
+from adapterfab.spec import JobSpec, TrainConfig
+from adapterfab.state import StateStore
+
+root, batch, base = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+log = root / "calls.log"
+
+@contextlib.contextmanager
+def slow_thread():  # the SVD takes 2 s longer: both processes are inside ensure_basis at once
+    time.sleep(2)
+    yield
+
+def note(what):
+    def call(*args, **kwargs):
+        with log.open("a") as f:
+            f.write(f"{what} {batch}\n")
+        return "file:///nowhere" if what == "log_dir" else 1
+    return call
+
+orchestrate.one_torch_thread = slow_thread
+ctx = SimpleNamespace(
+    state=StateStore(f"sqlite:///{root / 'state.db'}"), batch_id=batch, batch_run_id=None,
+    settings=SimpleNamespace(artifacts=str(root / "artifacts")), spec=SimpleNamespace(base_model=base),
+    base=SimpleNamespace(path=base, fingerprint="f" * 16),
+    tracking=SimpleNamespace(log_dir=note("log_dir"), log_metrics=note("log_metrics")),
+    registry=SimpleNamespace(register_basis=note("register_basis")))
+job = JobSpec(tenant="acme", persona="p", dataset="x.jsonl", train=TrainConfig(),
+              method=LoraXSConfig(r=4, alpha=8, target_modules=["q_proj"]))
+while not (root / "go").exists():
+    time.sleep(0.05)
+print(json.dumps(orchestrate.ensure_basis(ctx, job)))
+"""
+
+
+def test_two_orchestrators_compute_a_shared_basis_once(tiny_model_path: str, tmp_path: Path) -> None:
+    """Two batches beside each other (two orchestrator processes) need the same LoRA-XS basis: one
+    computes, stores and registers it; the other waits for it and reuses it (it computed and
+    registered it a second time)."""
+    import subprocess
+    import sys
+    import time
+
+    from adapterfab.state import StateStore
+
+    StateStore(f"sqlite:///{tmp_path / 'state.db'}")  # its tables, made once
+    script = tmp_path / "racer.py"
+    script.write_text(_BASIS_RACER)
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), b, tiny_model_path],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for b in ("b1", "b2")]
+    time.sleep(0.5)
+    (tmp_path / "go").write_text("")
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    got = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    assert got[0] == got[1] and got[0][1].startswith(str(tmp_path / "artifacts"))  # the same basis id and URI
+    calls = (tmp_path / "calls.log").read_text().split("\n")
+    assert sum(c.startswith("register_basis") for c in calls) == 1, calls
+    assert sum(c.startswith("log_dir") for c in calls) == 1, calls
