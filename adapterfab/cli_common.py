@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from adapterfab.errors import AdapterfabError
+from adapterfab.errors import AdapterfabError, InvalidId
 from adapterfab.settings import Settings
 
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
@@ -25,11 +25,13 @@ EXIT_INVALID = 2  # bad input: a usage error, an invalid batch spec
 EXIT_REFUSED = 3  # `registry promote`: the eval gate refused the version
 EXIT_CANCELLED = 4  # a batch waited for ended CANCELLED (`adapterfab cancel`)
 EXIT_CODES_HELP = ("Exit codes: 0 success; 1 an error, or a batch waited for has a failed job, or a timeout; "
-                   "2 bad input (usage, an invalid batch spec); 3 refused by the promotion gate; "
+                   "2 bad input (usage, an invalid batch spec or name); 3 refused by the promotion gate; "
                    "4 a batch waited for was cancelled.")
 
 
 def _fail(e: Exception, code: int = EXIT_FAILED) -> None:
+    if isinstance(e, InvalidId) and code == EXIT_FAILED:  # a malformed tenant, persona or adapter name
+        code = EXIT_INVALID
     err.print(f"[red]error:[/red] {escape(str(e))}")  # the message may quote user text holding [brackets]
     raise typer.Exit(code)
 

@@ -112,7 +112,7 @@ def test_keys_lifecycle_from_the_cli(tmp_path: Path) -> None:
     for bad in (["keys", "create", "acme", "--expires", "soon"], ["keys", "revoke", "0" * 16],
                 ["keys", "revoke", "not-a-key"], ["keys", "list", "--tenant", "../x"]):
         r = run(*bad, home=tmp_path)
-        code = 2 if "--expires" in bad else 1  # a malformed option value is a usage error (docs/cli.md)
+        code = 2 if "--expires" in bad or "--tenant" in bad else 1  # a malformed value or name: bad input
         assert r.returncode == code and "error" in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
 
 
@@ -369,10 +369,14 @@ def test_bad_homes_state_databases_and_key_durations_are_one_clear_line(tmp_path
 
 
 def test_promote_refuses_a_versioned_adapter_name(tmp_path: Path) -> None:
-    """`registry promote acme/pirate@3 2` promoted version 2 and ignored the @3."""
+    """`registry promote acme/pirate@3 2` promoted version 2 and ignored the @3. A name that is no
+    adapter's is bad input: exit 2, as for every malformed id (it was 1, as for a failure)."""
     for name in ("acme/pirate@3", "acme/pirate@candidate"):
         r = run("registry", "promote", name, "2", home=tmp_path)
-        assert r.returncode == 1 and "registry promote acme/pirate 2" in r.stderr, r.stderr
+        assert r.returncode == 2 and "registry promote acme/pirate 2" in r.stderr, r.stderr
+    for name in ("acme", "Acme/pirate", "acme/pi rate"):
+        r = run("registry", "promote", name, "2", home=tmp_path)
+        assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
 
 
 def test_an_empty_home_variable_is_the_default_home_not_the_current_folder(tmp_path: Path) -> None:

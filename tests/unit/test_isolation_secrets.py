@@ -193,7 +193,7 @@ def test_cli_registry_ls_shows_one_tenant(registered: dict, tmp_path: Path) -> N
     assert [x["id"] for x in json.loads(r.stdout)] == [f"{registered['a']}/pirate"]
     r = subprocess.run([CLI, "registry", "ls", "--tenant", "%", "--json"], capture_output=True, text=True,
                        timeout=120, env=env)
-    assert r.returncode == 1 and "invalid tenant id" in r.stderr and r.stdout.strip() == ""
+    assert r.returncode == 2 and "invalid tenant id" in r.stderr and r.stdout.strip() == ""
 
 
 def test_each_tenant_has_its_own_mlflow_experiment(registered: dict) -> None:
