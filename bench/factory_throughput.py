@@ -404,6 +404,8 @@ def machine(cpus: int, gpu: bool = False) -> str:
 
 
 def main() -> None:
+    from stack_guard import add_deadline_arg, stop_cleanly  # (bench/, the script's own folder)
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=32)
     ap.add_argument("--steps", type=int, default=10)
@@ -423,7 +425,9 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU mode: the device's dense bf16 peak, for MFU")
     ap.add_argument("--tokenizer", default=os.environ.get("ADAPTERFAB_TOKENIZER_DIR"),
                     help="GPU mode: a folder with the SmolLM2 tokenizer (default: the converted SmolLM2 base)")
+    add_deadline_arg(ap)
     args = ap.parse_args()
+    stop_cleanly(args.deadline_s)  # a SIGTERM or the deadline still stops the stack it starts
     gpu = args.device == "cuda"
     if gpu:  # the standard GPU job, unless told otherwise
         defaults = {"jobs": 32, "steps": 10, "seq": 128, "rows": 48, "naive_sample": 4}

@@ -38,13 +38,17 @@ CLI = tool("adapterfab")  # beside this interpreter, else on PATH (the GPU machi
 
 
 def main() -> None:
+    from stack_guard import add_deadline_arg, stop_cleanly  # (bench/, the script's own folder)
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=0, help="jobs per batch (default: 16 cold, 2 warm)")
     ap.add_argument(
         "--warm", action="store_true", help="warm trainers: first window in the orchestrator vs on the trainer"
     )
+    add_deadline_arg(ap)
     args = ap.parse_args()
+    stop_cleanly(args.deadline_s)  # a SIGTERM or the deadline still stops the stack it starts
     args.jobs = args.jobs or (2 if args.warm else 16)
     root = Path(tempfile.mkdtemp(prefix="af-first-step-"))
     home, work = root / "home", root / "work"

@@ -113,6 +113,8 @@ def run_setting(name: str, overrides: dict, base: str, mlflow_uri: str, work: Pa
 
 
 def main() -> int:
+    from stack_guard import add_deadline_arg, stop_cleanly  # (bench/, the script's own folder)
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=48)
@@ -120,7 +122,9 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--smoke", action="store_true", help="a tiny random Llama and few requests; no result file")
     ap.add_argument("--out", default=None, help="result JSON (default bench/results/served_concurrency-...)")
+    add_deadline_arg(ap)
     args = ap.parse_args()
+    stop_cleanly(args.deadline_s)  # a SIGTERM or the deadline still stops the stack it starts
     from adapterfab.basemodel import resolve_base_model
     from adapterfab.procs import free_port, start_mlflow, stop_pid
 

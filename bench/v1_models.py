@@ -77,13 +77,17 @@ def deploy(env: dict[str, str], port: int, *flags: str) -> float:
 
 
 def main() -> None:
+    from stack_guard import add_deadline_arg, stop_cleanly  # (bench/, the script's own folder)
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapters", type=int, default=1000)
     ap.add_argument("--versions", type=int, default=10, help="versions per adapter")
     ap.add_argument("--tenants", type=int, default=200)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="20 adapters x 3 versions, 3 runs; no result file")
+    add_deadline_arg(ap)
     args = ap.parse_args()
+    stop_cleanly(args.deadline_s)  # a SIGTERM or the deadline still stops the stack it starts
     if args.smoke:
         args.adapters, args.versions, args.tenants, args.runs = 20, 3, 4, 3
     from adapterfab.procs import free_port

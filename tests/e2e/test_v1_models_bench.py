@@ -16,10 +16,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(420)
 def test_v1_models_bench_smoke(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, str(REPO / "bench/v1_models.py"), "--smoke"], capture_output=True,
-                       text=True, timeout=580, cwd=tmp_path)
+    r = subprocess.run([sys.executable, str(REPO / "bench/v1_models.py"), "--smoke", "--deadline-s", "300"],
+                       capture_output=True,
+                       text=True, timeout=400, cwd=tmp_path)  # (52-110 s; its deadline first)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads(r.stdout[r.stdout.index('{\n "date"'):r.stdout.rindex("}") + 1])
     assert out["tenant_adapters"] == 5 and out["versions"] == 60
