@@ -22,7 +22,8 @@ How a step works:
   running request owns a cache row and its own positions, so requests of any length decode together.
   Rows are handed out lowest first, so the running requests sit in the first rows of the cache.
 - **Decode step with static shapes**: a decode step runs over the first ``nb`` cache rows (idle rows
-  among them compute a dummy token at position 0, in rows nobody owns) and attends over the first
+  among them compute a dummy token at the cache's last position, which no prompt token occupies: such a
+  row may hold a prompt still being prefilled in pieces) and attends over the first
   ``span`` cache positions as a view of the cache (no gather); LoRA factors are gathered only up to the
   highest rank in the batch. It reads nothing back from the device until the logits. With
   ``cuda_graphs`` (the default on CUDA) ``nb``, ``span`` and that rank are rounded up to buckets and

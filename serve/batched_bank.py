@@ -17,6 +17,11 @@ from adapterfab.methods import LOW_RANK, SHARED_BASIS, method_of_adapter
 from adapterfab.serve.engine import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterRejected
 from adapterfab.threads import on_one_torch_thread
 
+# PEFT LoRA options the batched engine's banks (one A, B and scale per slot) cannot express: an adapter
+# that sets one is refused with its name, never served as if it had not
+UNSERVED_LORA_FIELDS = {"alpha_pattern": "a per-module alpha", "rank_pattern": "a per-module rank",
+                        "use_dora": "DoRA", "lora_bias": "a bias on lora_B", "modules_to_save": "whole modules trained"}
+
 log = logging.getLogger("adapterfab.serve.batched")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -151,14 +156,17 @@ class AdapterBank:
         except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: refuse the adapter, keep serving
             raise AdapterRejected(f"{ADAPTER_WEIGHTS} is not a readable safetensors file "
                                   f"({e.__class__.__name__})") from None
+        for option, what in UNSERVED_LORA_FIELDS.items():  # else served wrong without a word (review, 2026-12-07)
+            if cfg.get(option):
+                raise AdapterRejected(f"{local_dir}: {option} ({what}) is not served by the batched engine")
         r = int(cfg.get("r", 0))
         if not 0 < r <= self.max_rank:
             raise AdapterRejected(f"rank {r} is outside 1..{self.max_rank} (the engine's max_rank)")
         pairs: dict[tuple[int, str], list[Any]] = {}
         for k, v in state.items():
-            for part, idx in ((".lora_A.", 0), (".lora_B.", 1)):
-                if part in k:
-                    key = self._key(k.split(part)[0])
+            for part, idx in ((".lora_A.weight", 0), (".lora_B.weight", 1)):  # (a lora_B.bias is refused)
+                if k.endswith(part):
+                    key = self._key(k[:-len(part)])
                     if key is None or key not in self.linear:
                         raise AdapterRejected(f"tensor {k} targets no supported module of the base")
                     pairs.setdefault(key, [None, None])[idx] = v

@@ -419,7 +419,11 @@ class BatchedForward:
             nb = nb_b
         elif r and kernel == "grouped":  # the grouped GEMM reads x·Aᵀ [rows, r] in 16-byte rows
             r = min(-(-r // 8) * 8, self.max_rank)
-        ids, pos = [0] * nb, [0] * nb  # idle rows: a dummy token at position 0 of a row nobody owns
+        # idle rows get a dummy token at the cache's last position: a row without a running request may
+        # belong to a prompt still being prefilled in pieces, whose K/V at position 0 (where the dummy
+        # went before) the step then overwrote; no prompt token sits at max_len-1, and a request that
+        # reaches it in decode writes its own K/V there before it reads it
+        ids, pos = [0] * nb, [self.max_len - 1] * nb
         for q in running:
             ids[q.cache_row], pos[q.cache_row] = q.last, q.pos
         bids = tuple(sorted(xs))

@@ -34,6 +34,9 @@ COUNTERS = ("device_hits", "device_loads", "device_evictions", "cpu_hits", "cpu_
             "store_loads", "prefetches")
 
 
+ENGINE_RELEASE_POLL_S = 0.01  # how often a wait for a slot looks again while the engine retires a request
+
+
 class AdapterBusy(AdapterfabError):
     """Every device slot is pinned by running requests and none frees up in time (or the requesting
     tenant already pins its ``tenant_max_slots`` adapters and none of them is released in time)."""
@@ -177,7 +180,7 @@ class AdapterTiers:
                 if pin and not self._may_pin(key, tenant):
                     self._wait(deadline, tenant)
                 elif self.engine.free_slots == 0 and not self._evict_lru():
-                    self._wait(deadline, None)
+                    self._wait(deadline, None, poll=self._engine_finishing())
                 else:
                     self.engine.place(key, parsed)
                     self._device[key] = None
@@ -187,10 +190,19 @@ class AdapterTiers:
             if pin:
                 self._pin(key, tenant)
 
-    def _wait(self, deadline: float, tenant: str | None) -> None:
+    def _engine_finishing(self) -> bool:
+        """Whether a resident adapter nobody pins here is still in use by the engine (caller holds the lock):
+        its request's pin went (a client gone, a stream ended) before the engine retired its row, and the
+        engine's own release notifies nobody here."""
+        return any(self._pins[k] <= 0 and self.engine.in_use(k) for k in self._device)
+
+    def _wait(self, deadline: float, tenant: str | None, poll: bool = False) -> None:
         """Wait for a release (caller holds the lock); AdapterBusy past ``deadline``. ``tenant``: the tenant
-        waiting for its own pins (at its cap), None: a wait for any slot."""
-        if not self._lock.wait(timeout=max(0.0, deadline - time.monotonic())):
+        waiting for its own pins (at its cap), None: a wait for any slot. ``poll``: the release awaited is
+        the engine's (``_engine_finishing``): look again every ENGINE_RELEASE_POLL_S until the deadline."""
+        left = max(0.0, deadline - time.monotonic())
+        if not self._lock.wait(timeout=min(left, ENGINE_RELEASE_POLL_S) if poll else left) \
+                and not (poll and time.monotonic() < deadline):
             if tenant is not None:
                 raise AdapterBusy(f"tenant {tenant} already pins {self.slot_cap} adapter slots with its requests; "
                                   "retry shortly")

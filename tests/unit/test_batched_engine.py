@@ -158,6 +158,23 @@ def test_adapters_in_use_and_bad_adapters(engine: BatchedEngine, adapters: dict,
     with pytest.raises(AdapterRejected, match="basis"):
         engine.load_adapter("xs-nobasis", adapters["xs"]["xs-one"])
     assert not engine.has_adapter("bad")
+    # PEFT options the banks cannot express were served as if absent (review, 2026-12-07): refused by name
+    pirate = load_file(str(adapters["lora"]["pirate"] / "adapter_model.safetensors"))
+    for field, value in (("alpha_pattern", {"v_proj": 64}), ("rank_pattern", {"q_proj": 2}), ("use_dora", True),
+                         ("lora_bias", True), ("modules_to_save", ["lm_head"])):
+        (bad / "adapter_config.json").write_text(json.dumps({**cfg, field: value}))
+        save_file(pirate, str(bad / "adapter_model.safetensors"))
+        with pytest.raises(AdapterRejected, match=field):
+            engine.load_adapter("bad", bad)
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "alpha_pattern": {}, "modules_to_save": None}))
+    bias = next(k for k in pirate if k.endswith(".lora_B.weight")).replace(".weight", ".bias")
+    save_file({**pirate, bias: torch.ones(pirate[bias.replace(".bias", ".weight")].shape[0])},
+              str(bad / "adapter_model.safetensors"))
+    with pytest.raises(AdapterRejected, match="unexpected tensor .*lora_B.bias"):
+        engine.load_adapter("bad", bad)  # (a bias saved without lora_bias in the config: not dropped silently)
+    save_file(pirate, str(bad / "adapter_model.safetensors"))
+    engine.load_adapter("bad", bad)  # empty options are PEFT's defaults: served
+    engine.unload_adapter("bad")
 
 
 def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(engine: BatchedEngine,
@@ -440,3 +457,45 @@ def test_seeded_sampling_in_a_shared_step_is_what_the_single_engine_draws(engine
         t.join(60)
     assert got == want
     assert (engine.batch_rows_total - rows0) / max(1, engine.steps - steps0) > 1.5  # they shared steps
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_a_prompt_prefilled_in_pieces_below_a_decoding_row_is_not_overwritten(
+        tiny_model_path: str, adapters: dict, buckets: bool) -> None:
+    """A decode step runs over cache rows 0..nb-1; rows without a running request computed a dummy token
+    at position 0 of their row. A row still prefilling a long prompt in pieces (prefill_chunk) below a
+    decoding row was such a row: each decode step between its pieces overwrote its first K/V, and its
+    answer differed from the same request alone (found by review, 2026-12-07)."""
+    eng = BatchedEngine(tiny_model_path, dtype="float32", max_batch=4, max_len=512, max_adapters=4, max_rank=16,
+                        prefill_chunk=16, buckets=buckets)
+    eng.eos_ids = set()
+    eng.load_adapter("pirate", adapters["lora"]["pirate"])
+    try:
+        greedy = SamplingParams(max_tokens=1, temperature=0.0)
+        short = eng.submit([11, 12, 13], None, greedy)  # row 0, done at its prefill
+        runner = eng.submit([21, 22, 23], None, SamplingParams(max_tokens=400, temperature=0.0))  # row 1
+        assert len(list(_tokens(short))) == 1
+        deadline = time.monotonic() + 60
+        while runner.produced < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert runner.cache_row == 1
+        rng = random.Random(0)
+        prompt = [rng.randrange(10, 40000) for _ in range(100)]  # 7 pieces of 16
+        long = eng.submit(prompt, "pirate", SamplingParams(max_tokens=10, temperature=0.0))
+        while long.cache_row < 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert long.cache_row == 0  # below the decoding row (the row the short request left)
+        got = list(_tokens(long))
+        assert not runner.retired  # row 1 decoded all the while
+        runner.cancelled = True
+        list(_tokens(runner))
+        assert got == _reference(tiny_model_path, adapters, "pirate", prompt, 10)
+    finally:
+        eng.close()
+
+
+def _tokens(req: object, timeout_s: float = 120):  # noqa: ANN202
+    while (item := req.out.get(timeout=timeout_s)) is not None:  # type: ignore[attr-defined]
+        if isinstance(item, BaseException):
+            raise item
+        yield item

@@ -227,3 +227,41 @@ def test_a_request_cancelled_while_its_adapter_loads_leaves_no_pin() -> None:
         assert len(await consume()) == 1 and tiers.pins == 0
 
     asyncio.run(main())
+
+
+def test_a_slot_freed_by_the_engine_after_its_pin_went_is_found(engine: BatchedEngine, store: dict,
+                                                               tmp_path: Path) -> None:
+    """A request's tiers pin goes (its client left) a moment before the engine retires its row; a request
+    waiting for a slot was woken by the release, found the adapter still in the engine's use, and slept
+    until its slot_wait_s ran out (AdapterBusy, review 2026-12-07): the engine's own release notifies
+    nobody. Now the wait looks again while the engine finishes."""
+    engine.eos_ids = set()
+    tiers = AdapterTiers(engine, Fetch(store, tmp_path / "disk"), slot_wait_s=5.0, tenant_max_slots=0)
+    for key in ("t/p@1", "t/p@2"):  # both slots: one running request each
+        tiers.acquire(key, "t1")
+    streams = [engine.generate_token_ids([5, 6, 7], key, SamplingParams(max_tokens=400, temperature=0.0))
+               for key in ("t/p@1", "t/p@2")]
+    for s in streams:
+        next(s)
+    got: dict = {}
+
+    def other() -> None:
+        t0 = time.monotonic()
+        try:
+            tiers.acquire("t/p@3", "t2")
+            got["s"] = time.monotonic() - t0
+        except AdapterBusy as e:
+            got["error"] = e
+
+    waiter = threading.Thread(target=other)
+    waiter.start()
+    time.sleep(0.5)  # t/p@3 is read and waits for a slot
+    tiers.release("t/p@1", "t1")  # the client went away: the pin first ...
+    time.sleep(0.2)
+    streams[0].close()  # ... the engine's row a moment later
+    waiter.join(timeout=10)
+    assert "error" not in got and got["s"] < 3.0, got
+    assert sorted(engine.adapters) == ["t/p@2", "t/p@3"]
+    streams[1].close()
+    tiers.release("t/p@2", "t1")
+    tiers.release("t/p@3", "t2")
