@@ -141,8 +141,7 @@ class ResolveCache:
                 self._entries[aid] = (now + self.ttl_s, hit[1])
                 return hit[1]
             log.warning("registry lookup of %s failed: %s", aid, e)  # nothing to answer with: say so
-            raise ApiError(503, "The adapter registry is unavailable; retry shortly.", type_="server_error",
-                           code="registry_unavailable") from None
+            raise _registry_unavailable() from None
         previous = hit[1] if hit is not None else None
         if (self.on_alias_moved and aid.alias and version is not None and previous is not None
                 and previous.id != version.id):
@@ -152,6 +151,42 @@ class ResolveCache:
                 log.warning("prefetch of %s failed", version.id, exc_info=True)
         self._entries[aid] = (now + self.ttl_s, version)
         return version
+
+
+def _registry_unavailable() -> ApiError:
+    return ApiError(503, "The adapter registry is unavailable; retry shortly.", type_="server_error",
+                    code="registry_unavailable")
+
+
+class _InternalErrors:
+    """ASGI middleware: an exception no handler took becomes a 500 in OpenAI's shape (Starlette's own is
+    plain text, which OpenAI clients cannot parse), logged with its traceback. The body never carries
+    the exception's text, which may name internals. Inside ``RequestIds`` and ``CountRequests``, so the
+    log line has the request id, the response its ``X-Request-Id`` and the metrics its 500. A response
+    already started (a stream) cannot be replaced: the exception goes on to the server."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch_start(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch_start)
+        except Exception:
+            if started:
+                raise
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            error = ApiError(500, "internal error", type_="server_error", code="internal_error")
+            await error.response()(scope, receive, send)
 
 
 def _bearer(request: Request) -> str | None:
@@ -201,6 +236,7 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
     resolve = ResolveCache(resolver, resolve_ttl_s, on_alias_moved=on_alias_moved)
     install_record_factory()  # log records carry the request id (formats name it: observe.TEXT_FORMAT)
     metrics = Metrics(getattr(backend, "stats", None))
+    app.add_middleware(_InternalErrors)  # added first: innermost, inside the request id and the count
     app.add_middleware(CountRequests, metrics=metrics)
     app.add_middleware(RequestIds, echo=echo_request_id)  # added last: outermost, so every line has the id
 
@@ -386,22 +422,26 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
     async def models(request: Request, path_tenant: str | None) -> dict[str, Any]:
         request.state.route = "models"
         tenant = await tenant_of(request, path_tenant)
-        names = [BASE_MODEL] + (sorted(await run_in_threadpool(lister, tenant)) if lister else [])
+        names = [BASE_MODEL] + (sorted(await from_registry(lister, tenant)) if lister else [])
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0,
                                             "owned_by": "adapterfab" if n == BASE_MODEL else tenant}
                                            for n in names]}
+
+    async def from_registry(fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in the thread pool; the registry being unreachable is a 503 to retry, not a 500."""
+        try:
+            return await run_in_threadpool(fn, *args)
+        except RegistryError as e:
+            log.warning("registry lookup failed: %s", e)
+            raise _registry_unavailable() from None
 
     async def registry_call(fn: Callable[..., Any], *args: Any) -> Any:
         if catalog is None:
             raise ApiError(404, "This server has no registry lookup.", code="not_found")
         try:
-            return await run_in_threadpool(fn, *args)
+            return await from_registry(fn, *args)
         except AdapterNotFound:
             return None
-        except RegistryError as e:
-            log.warning("registry lookup failed: %s", e)
-            raise ApiError(503, "The adapter registry is unavailable; retry shortly.", type_="server_error",
-                           code="registry_unavailable") from None
 
     async def own_adapters(request: Request, path_tenant: str | None) -> list[RegisteredAdapter]:
         request.state.route = "registry"

@@ -142,23 +142,28 @@ class Detokenizer:
 
 class StopMatcher:
     """Cuts the output at the first stop string; holds back text that might begin one, so the
-    stop string never reaches the client."""
+    stop string never reaches the client. Text pushed with ``check`` False (the tokens up to
+    ``min_tokens``) cannot stop the output: only a stop string that ends after it does, as in vLLM."""
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops = tuple(s for s in stops if s)
         self.text = ""
         self._sent = 0
+        self._free = 0  # no stop string ending at or before this position counts
         self.stopped = False
 
-    def push(self, delta: str) -> str:
+    def push(self, delta: str, check: bool = True) -> str:
         if self.stopped:
             return ""
         self.text += delta
         if not self.stops:
             out, self._sent = self.text[self._sent:], len(self.text)
             return out
+        if not check:
+            self._free = len(self.text)
         search_from = max(0, self._sent - max(len(s) for s in self.stops))
-        hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
+        hits = [i for i in (self.text.find(s, max(search_from, self._free - len(s) + 1)) for s in self.stops)
+                if i >= 0]
         if hits:
             cut = min(hits)
             self.stopped = True
@@ -362,7 +367,8 @@ class TextGeneration:
                     break
                 if params.logprobs is not None:
                     pending.append(self._token_logprob(token))
-                text = stops.push(detok.add(token))
+                # a stop string counts once min_tokens are out (EOS and stop ids are masked until then)
+                text = stops.push(detok.add(token), check=n_out > params.min_tokens)
                 if text:
                     yield TextDelta(text, tuple(pending))
                     pending = []
@@ -371,7 +377,7 @@ class TextGeneration:
                     break
         finally:
             tokens.close()  # releases the engine (lock or batch row) even when the consumer stops early
-        tail = stops.push(detok.flush()) + stops.flush()
+        tail = stops.push(detok.flush(), check=n_out > params.min_tokens) + stops.flush()
         if tail:
             yield TextDelta(tail, tuple(pending))
         yield Finished(reason, len(prompt_ids), n_out)

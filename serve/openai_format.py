@@ -30,6 +30,8 @@ class Choice:
     first: Any
     events: AsyncIterator[Any]
     echo: str = ""
+    # where a streamed completion's next token starts: advanced by each token's own text, as ``complete``
+    # counts it (not by the text sent, which a stop string that may be starting holds back for a while)
     text_offset: int = 0
     parts: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -151,7 +153,7 @@ async def stream(meta: dict[str, Any], choices: list[Choice], kind: str, logprob
               finish: str | None = None, role: bool = False) -> str:
         if kind == "text":
             lp = _text_logprobs(list(entries), c.text_offset) if logprobs and entries else None
-            c.text_offset += len(text or "")
+            c.text_offset += sum(len(t.token) for t in entries)
             return sse({**meta, "object": obj, "choices": [{"index": c.index, "text": text or "",
                                                             "finish_reason": finish, "logprobs": lp}]})
         delta: dict[str, Any] = {"role": "assistant", "content": text or ""} if role else (
@@ -177,6 +179,7 @@ async def stream(meta: dict[str, Any], choices: list[Choice], kind: str, logprob
             if kind == "chat":
                 yield chunk(c, c.echo, role=True)
             elif c.echo:
+                c.text_offset = len(c.echo)  # the tokens follow the echoed prompt
                 yield chunk(c, c.echo)
         left = len(choices)
         while left:

@@ -30,6 +30,11 @@ MAX_GUIDE_CHARS = 32 * 1024
 MAX_GUIDED_CHOICES = 1000
 GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")  # vLLM's structured outputs
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # a 64-bit integer, as vLLM's server takes it
+# a logit is divided or multiplied by the repetition penalty in float32: past these bounds a penalty rounds
+# to inf or 0 there (1e39 is inf), and 0 × inf made a row of logits NaN. vLLM takes any value above 0; the
+# useful ones lie near 1 (1.1 to 1.3 typically)
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for a completions request that names no max_tokens
 
 
 class FieldError(ValueError):
@@ -139,7 +144,7 @@ class _GenerationRequest(_Open):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
+    repetition_penalty: float | None = Field(None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])
     logit_bias: dict[str, float] | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -197,6 +202,8 @@ class _GenerationRequest(_Open):
         """The structured-output constraint as ``(kind, spec)`` (``serve/sampling.py``), or None; at most
         ``MAX_GUIDE_CHARS`` of spec text and ``MAX_GUIDED_CHOICES`` choices."""
         got = self._guide()
+        if self.guided_choice is not None and not self.guided_choice:  # its grammar would take only ""
+            raise FieldError("guided_choice", "guided_choice needs at least one choice.", "invalid_value")
         if self.guided_choice is not None and len(self.guided_choice) > MAX_GUIDED_CHOICES:
             raise FieldError("guided_choice", f"At most {MAX_GUIDED_CHOICES} choices.", "invalid_value")
         if got is not None and len(got[1]) > MAX_GUIDE_CHARS:
@@ -313,7 +320,8 @@ class CompletionRequest(_GenerationRequest):
     or a list of token id lists; ``n`` choices each, indexed prompt by prompt."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions; null: the rest of the context
+    # unset: COMPLETIONS_MAX_TOKENS (within the operator's cap); null: the rest of the context
+    max_tokens: int | None = Field(None, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: str | None = None
     prompt_logprobs: int | None = None
@@ -349,8 +357,16 @@ class CompletionRequest(_GenerationRequest):
         return [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)  # type: ignore[list-item]
 
     def sampling(self, default_max_tokens: int | None) -> SamplingParams:
+        """``default_max_tokens``: the operator's cap. A request that names no max_tokens gets OpenAI's
+        default, lowered to the cap (it asked for nothing the cap could refuse); ``null`` runs to the end of the
+        context, within the cap."""
+        if "max_tokens" not in self.model_fields_set:
+            cap = default_max_tokens
+            return self._params(COMPLETIONS_MAX_TOKENS if cap is None else min(COMPLETIONS_MAX_TOKENS, cap),
+                                self.logprobs)
         return self._params(self.max_tokens or default_max_tokens, self.logprobs)
 
     @property
     def requested_max_tokens(self) -> int | None:
+        """What the client asked for (None when it named none): only that is held against the cap."""
         return self.max_tokens

@@ -28,6 +28,7 @@ Log-probabilities, when asked for, are the model's own (the raw logits' log-soft
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -355,8 +356,10 @@ def sample_rows(logits: Any, rows: list[int], params: list[Any], gens: list[Any]
         token.index_copy_(0, ints[at_drawn], pick)
 
     # a row whose every token is masked (-inf: a guide and min_tokens disagreeing, a bias of -inf on all)
-    # has nothing to draw: it fails alone rather than get a made-up token id (flags in the same copy)
-    back = [token.double(), torch.isneginf(x.amax(-1)).double()]
+    # has nothing to draw, and one with a NaN or +inf (an overflow: the softmax is then NaN, and the draw
+    # lands on the vocabulary's last id) nothing to draw from: it fails alone rather than get a made-up token
+    # id. Its largest logit tells which (amax propagates NaN), in the same copy
+    back = [token.double(), x.amax(-1).double()]
     if unsettled is not None:  # the ranked rows the candidates could not settle: known after the copy
         back.append(unsettled.double())
     if asks:
@@ -368,7 +371,7 @@ def sample_rows(logits: Any, rows: list[int], params: list[Any], gens: list[Any]
     got = torch.cat(back).tolist()  # the step's one device-to-host copy
 
     chosen = [int(t) for t in got[:n]]
-    masked = got[n:2 * n]
+    largest = got[n:2 * n]
     pos = 2 * n
     redo: list[int] = []  # positions in ``ranked`` of the rows to sort whole
     if unsettled is not None:
@@ -401,9 +404,12 @@ def sample_rows(logits: Any, rows: list[int], params: list[Any], gens: list[Any]
         if out[k] is not None:
             continue
         try:
-            if masked[k]:
+            if largest[k] == float("-inf"):
                 raise SamplingError("every token of the vocabulary is masked for this request (its guide, "
                                     "min_tokens, stop tokens and logit bias leave nothing to choose)")
+            if not math.isfinite(largest[k]):
+                raise SamplingError("this request's logits are not finite after its penalties and bias (NaN or "
+                                    "+inf): no token can be drawn")
             tok: int = chosen[k]
             if params[k].logprobs is not None:
                 tok = Sampled(tok, logprob[k], top.get(k, ()))

@@ -301,6 +301,20 @@ def test_sampling_settings_that_leave_no_token_are_a_400(srv: dict) -> None:
             assert '"code": "invalid_sampling_params"' in r.text or '"code":"invalid_sampling_params"' in r.text, r.text
 
 
+def test_a_stop_string_ends_a_reply_only_after_min_tokens(srv: dict) -> None:
+    """vLLM checks stop strings, as it masks the end of sequence, only once min_tokens tokens are out; here a
+    stop string with min_tokens 10 ended a reply after 4 tokens (2027-01)."""
+    params = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    full = direct(srv, MSGS, **params)[0]
+    stop = full[2:5]
+    body = {"model": "base", "messages": MSGS, "stop": stop, **params}
+    r = post(srv, "/v1/chat/completions", body).json()
+    assert r["choices"][0]["message"]["content"] == full[:full.find(stop)], r
+    r = post(srv, "/v1/chat/completions", {**body, "min_tokens": 8}).json()
+    assert r["choices"][0]["message"]["content"] == full and r["choices"][0]["finish_reason"] == "length", r
+    assert r["usage"]["completion_tokens"] == 8
+
+
 def test_echo_with_token_id_prompts_is_refused_not_ignored(srv: dict) -> None:
     ids = srv["engine"].encode_text("Ships sail")
     r = post(srv, "/v1/completions", {"model": "base", "prompt": ids, "echo": True, "max_tokens": 2})

@@ -263,6 +263,25 @@ def test_a_row_with_every_token_masked_fails_alone(kw: dict[str, Any]) -> None:
         sample(logits[0], SP(min_tokens=3, **kw), None, RowState([], frozenset({0}), guide=FakeGuide({0})))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("kw", [{"temperature": 0}, {"temperature": 0.8}, {"temperature": 0.8, "top_p": 0.9},
+                                {"temperature": 0.8, "top_k": 5}])
+def test_a_row_whose_logits_are_not_finite_fails_alone(kw: dict[str, Any]) -> None:
+    """A repetition penalty that is inf in float32 (1e39) turns a seen token's logit of 0 into 0 × inf =
+    NaN: the softmax was NaN and the draw landed on the vocabulary's last id. A NaN or +inf row now gets a
+    SamplingError, as a row with every token masked does; its neighbours draw."""
+    torch.manual_seed(6)
+    logits = torch.randn(3, VOCAB)
+    logits[0, 7] = 0.0
+    logits[1, 9] = float("inf")
+    got = sample_rows(logits, [0, 1, 2], [SP(repetition_penalty=1e39, seed=1, **kw), SP(seed=2, **kw),
+                                          SP(seed=3, **kw)], [None] * 3, [RowState([7], frozenset()), None, None])
+    assert isinstance(got[0], sampling.SamplingError) and "not finite" in str(got[0]), got
+    assert isinstance(got[1], sampling.SamplingError) and "not finite" in str(got[1]), got
+    assert isinstance(got[2], int) and 0 <= got[2] < VOCAB
+    with pytest.raises(sampling.SamplingError, match="not finite"):
+        sample(logits[0], SP(repetition_penalty=1e39, **kw), None, RowState([7], frozenset()))
+
+
 def ranked(probs: torch.Tensor, u: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            min_p: torch.Tensor) -> torch.Tensor:
     """The ranked rows' draw as ``sample_rows`` composes it: the candidates, then the whole sort of the
