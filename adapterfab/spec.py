@@ -38,8 +38,17 @@ DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 # a dataset's suffix -> its format (the data stage's parser: adapterfab.pipelines.rows PARSERS)
 DATASET_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
 DATASET_SUFFIXES = tuple(DATASET_FORMATS)
+DATASET_NAME_RULE = f"must end in one of {', '.join(DATASET_SUFFIXES)} after a file name ('.jsonl' alone has none)"
 DATASET_SCHEMES = ("s3", "file")
 MAX_DATASET_CHARS = 4096  # PATH_MAX: a longer path cannot name a file anyway
+
+
+def dataset_format(name: str) -> str | None:
+    """The format of the dataset ``name`` (a path or URI) by its last component's suffix, any case, or None.
+    The spec, the data stage and the local reader all decide with this, so none reads a file another
+    refuses: a name that is only a suffix has none to ``os.path.splitext``, so ``.jsonl`` is refused."""
+    stem, ext = os.path.splitext(name.rsplit("/", 1)[-1])
+    return DATASET_FORMATS.get(ext.lower()) if stem else None
 
 
 class _Strict(BaseModel):
@@ -196,8 +205,8 @@ class TenantEntry(_Strict):
         if "://" in v and v.partition("://")[0] not in DATASET_SCHEMES:
             raise ValueError(f"dataset scheme {v.partition('://')[0][:20]!r} is not supported; use a local "
                              "path, file:// or s3://")
-        if not v.lower().endswith(DATASET_SUFFIXES):
-            raise ValueError(f"dataset {v!r} must end in one of {', '.join(DATASET_SUFFIXES)}")
+        if dataset_format(v) is None:
+            raise ValueError(f"dataset {v!r} {DATASET_NAME_RULE}")
         return v
 
 
@@ -284,9 +293,11 @@ def _method_config(raw: dict[str, Any], where: str) -> MethodConfig:
 def _problems(e: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
     out = []
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"])
+        at, msg = err["loc"], err["msg"].removeprefix("Value error, ")
+        if at[-1:] == ("[key]",):  # a mapping's key that is no string: the mapping is the field (pydantic
+            at, msg = at[:-2], "a key must be a string"  # shows the bool key True as 1 in the location)
+        loc = ".".join(str(p) for p in at)
         field = f"{prefix}.{loc}" if prefix and loc else (prefix or loc or "(spec)")
-        msg = err["msg"].removeprefix("Value error, ")
         if not loc and msg.startswith("tenants[") and "]: " in msg:  # a whole-spec check naming its entry
             field, msg = msg.split(": ", 1)
         got = err.get("input")
@@ -303,13 +314,15 @@ def _problems(e: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def _resolve_dataset(dataset: str, root: Path | None) -> str:
+    """The dataset's absolute path, its folder's links followed but not the file's own: the format comes
+    from the name written, which a link to a suffix-less blob (Hugging Face cache, DVC) must keep."""
     if dataset.startswith("s3://"):
         return dataset
     p = Path(dataset.removeprefix("file://")).expanduser()
     if not p.is_absolute() and root is not None:
         p = root / p
     try:
-        return str(p.resolve())
+        return str(p.parent.resolve() / p.name)
     except (OSError, RuntimeError):  # a symlink loop: check_semantics reports the path as unreadable
         return os.path.abspath(p)
 
@@ -328,20 +341,96 @@ def _resolve_base(name: str, root: Path | None) -> str:
     return name
 
 
-def _job_problems(spec: BatchSpec, train: TrainConfig, own: dict[str, Any], where: str) -> list[tuple[str, str]]:
-    """Settings that pass each field's own check but would make the job pointless. A problem that comes
-    from ``defaults.train`` alone (the entry's own ``train`` sets neither field) is reported there, once."""
+def _job_problems(promote: str, checked: dict[int, tuple[MethodConfig, TrainConfig]],
+                  own: dict[int, dict[str, Any]]) -> list[tuple[str, str]]:
+    """Settings that pass each field's own check but would make a job pointless. A problem the entries
+    only inherit (their own ``train`` sets neither field) is said once at ``defaults.train`` when every
+    such entry has it; when only some do (warmup_steps from defaults.train is fine for lora's default 30
+    steps, not for qlora's 20) it is said at each of those entries, which is where the fix goes."""
+    inheriting = [i for i in checked if not {"warmup_steps", "steps"} & set(own[i])]
+    everywhere = all(checked[i][1].warmup_steps >= checked[i][1].steps for i in inheriting)
     out = []
-    if train.warmup_steps >= train.steps:
-        at = where if {"warmup_steps", "steps"} & set(own) else "defaults"
-        out.append((f"{at}.train.warmup_steps", f"warmup_steps ({train.warmup_steps}) must be below steps "
-                    f"({train.steps}): the learning rate would never reach train.learning_rate"))
-    if spec.promote == "auto" and train.eval_fraction == 0:
-        at = where if "eval_fraction" in own else "defaults"
-        out.append((f"{at}.train.eval_fraction", "promote: auto gates on the held-out eval, and "
-                    "eval_fraction 0 holds out no rows, so no version could be promoted; give an "
-                    "eval_fraction above 0 or promote: none"))
+    for i, (method, train) in checked.items():
+        where = f"tenants[{i}]"
+        if train.warmup_steps >= train.steps:
+            at = "defaults" if i in inheriting and everywhere else where
+            why = (f" (both come from defaults.train and the {method.name} method's defaults; set this "
+                   "entry's train.steps or train.warmup_steps)" if i in inheriting and not everywhere else "")
+            out.append((f"{at}.train.warmup_steps", f"warmup_steps ({train.warmup_steps}) must be below steps "
+                        f"({train.steps}): the learning rate would never reach train.learning_rate{why}"))
+        if promote == "auto" and train.eval_fraction == 0:
+            at = where if "eval_fraction" in own[i] else "defaults"
+            out.append((f"{at}.train.eval_fraction", "promote: auto gates on the held-out eval, and "
+                        "eval_fraction 0 holds out no rows, so no version could be promoted; give an "
+                        "eval_fraction above 0 or promote: none"))
     return out
+
+
+def _own(field: str, prefix: str, own: dict[str, Any]) -> bool:
+    """Whether a problem at ``field`` is about a key in ``own``, the block at ``prefix`` (e.g. tenants[0].train)."""
+    return field.startswith(prefix + ".") and field[len(prefix) + 1:].split(".")[0] in own
+
+
+def _check_jobs(d_method: dict[str, Any], d_train: dict[str, Any] | None,
+                entries: list[tuple[int, dict[str, Any], dict[str, Any]]], promote: str,
+                ) -> tuple[list[tuple[str, str]], dict[int, tuple[MethodConfig, TrainConfig]]]:
+    """(problems, {index: (method, train)} of the entries that pass): each entry's (index, method, train)
+    merged over the defaults. A bad default is said where it is written, at an entry only for a key the
+    entry sets itself (``d_train`` None: the schema refused it; entries are checked for their own keys)."""
+    problems: list[tuple[str, str]] = []
+    bad_method: list[tuple[str, str]] = []
+    try:
+        _method_config(d_method, "defaults.method")
+    except SpecError as e:
+        problems += (bad_method := e.problems)
+    bad_defaults = d_train is None
+    try:
+        TrainConfig(**(d_train or {}))
+    except ValidationError as e:
+        problems += _problems(e, "defaults.train")
+        bad_defaults = True
+    checked: dict[int, tuple[MethodConfig, TrainConfig]] = {}
+    for i, own_method, own_train in entries:
+        where, method = f"tenants[{i}]", None
+        try:
+            method = _method_config(_merge_method(d_method, own_method), f"{where}.method")
+        except SpecError as e:  # what the entry only inherits from defaults.method is said once, above
+            problems += [p for p in e.problems if _own(p[0], f"{where}.method", own_method)
+                         or (p[0].replace(f"{where}.method", "defaults.method", 1), p[1]) not in bad_method]
+        try:  # checked with a bad method too: a method's training defaults are valid values, no field's problem
+            train = TrainConfig(**{**(get_method(method.name).default_train if method else {}), **(d_train or {}),
+                                   **own_train})
+        except ValidationError as e:  # a bad defaults.train value is said once, above, not per entry
+            problems += [p for p in _problems(e, f"{where}.train")
+                         if not bad_defaults or _own(p[0], f"{where}.train", own_train)]
+            continue
+        if method is not None:
+            checked[i] = (method, train)
+    own = {i: own_train for i, _, own_train in entries}
+    return problems + _job_problems(promote, checked, own), checked
+
+
+def _mapping(raw: Any) -> dict[str, Any] | None:
+    """A raw mapping's string keys (the schema reports others: YAML reads ``yes:`` as True), or None."""
+    return {k: v for k, v in raw.items() if isinstance(k, str)} if isinstance(raw, dict) else None
+
+
+def _raw_job_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """The defaults' and entries' methods and trains, checked as written when the schema refuses the spec, so
+    one run says every problem. A part that is no mapping, and what merges with it, is left to its schema error."""
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        return []
+    d_method = _mapping(defaults.get("method", {"name": "lora"}))
+    d_train = _mapping(defaults.get("train", {}))
+    tenants, entries = data.get("tenants"), []
+    for i, t in enumerate(tenants if isinstance(tenants, list) and d_method is not None else []):
+        own_method, own_train = (_mapping({} if t.get(k) is None else t.get(k)) if isinstance(t, dict) else None
+                                 for k in ("method", "train"))
+        if own_method is not None and own_train is not None:
+            entries.append((i, own_method, own_train))
+    promote = "auto" if data.get("promote") == "auto" else "none"
+    return _check_jobs({"name": "lora"} if d_method is None else d_method, d_train, entries, promote)[0]
 
 
 def parse_spec(data: dict[str, Any] | str, root: Path | None = None) -> tuple[BatchSpec, list[JobSpec]]:
@@ -356,56 +445,22 @@ def parse_spec(data: dict[str, Any] | str, root: Path | None = None) -> tuple[Ba
     try:
         spec = BatchSpec(**data)
     except ValidationError as e:
-        problems = _problems(e)
-        defaults = data.get("defaults")
-        method = defaults.get("method") if isinstance(defaults, dict) else None
-        if isinstance(method, dict):  # report a bad method in the same pass as schema errors
-            try:
-                _method_config(method, "defaults.method")
-            except SpecError as e2:
-                problems += e2.problems
-        raise SpecError(problems) from None
+        raise SpecError(list(dict.fromkeys(_problems(e) + _raw_job_problems(data)))) from None
     except TypeError as e:
         raise SpecError([("(spec)", str(e))]) from None
 
     resolved = _resolve_base(spec.base_model, root)
     if resolved != spec.base_model:
         spec = spec.model_copy(update={"base_model": resolved})
-    problems: list[tuple[str, str]] = []
-    bad_method = False
-    try:
-        _method_config(spec.defaults.method, "defaults.method")
-    except SpecError as e:
-        problems += e.problems
-        bad_method = True
-    bad_defaults = False
-    try:
-        TrainConfig(**spec.defaults.train)
-    except ValidationError as e:
-        problems += _problems(e, "defaults.train")
-        bad_defaults = True
+    entries = [(i, t.method or {}, t.train or {}) for i, t in enumerate(spec.tenants)]
+    problems, checked = _check_jobs(spec.defaults.method, spec.defaults.train, entries, spec.promote)
+    if problems:
+        raise SpecError(list(dict.fromkeys(problems)))
     jobs: list[JobSpec] = []
     for i, t in enumerate(spec.tenants):
-        where = f"tenants[{i}]"
-        try:
-            method = _method_config(_merge_method(spec.defaults.method, t.method), f"{where}.method")
-            train = TrainConfig(**{**get_method(method.name).default_train, **spec.defaults.train,
-                                   **(t.train or {})})
-        except SpecError as e:  # an entry that only inherits a bad defaults.method: said once, above
-            if not (bad_method and not t.method):
-                problems += e.problems
-            continue
-        except ValidationError as e:  # a bad defaults.train value is said once, above, not per entry
-            own = set(t.train or {})
-            problems += [p for p in _problems(e, f"{where}.train") if not bad_defaults
-                         or p[0].removeprefix(f"{where}.train.").split(".")[0] in own]
-            continue
-        method, train = resolve_auto(method, train, gpu=spec.resources.gpus_per_job > 0)
-        problems += _job_problems(spec, train, t.train or {}, where)
+        method, train = resolve_auto(*checked[i], gpu=spec.resources.gpus_per_job > 0)
         jobs.append(JobSpec(tenant=t.tenant, persona=t.persona, dataset=_resolve_dataset(t.dataset, root),
                             method=method, train=train, probes=tuple(t.probes)))
-    if problems:
-        raise SpecError(sorted(set(problems), key=problems.index))
     return spec, jobs
 
 
@@ -431,7 +486,10 @@ def outside_data_roots(dataset: str, roots: tuple[str, ...]) -> bool:
         if any(part in (".", "..") for part in dataset[len("s3://"):].split("/")):
             return True  # S3 keeps them literally, other readers do not: never trust them under a root
         return not any(dataset.startswith(r.rstrip("/") + "/") for r in roots if r.startswith("s3://"))
-    path = Path(dataset)  # already resolved: no '..', symlinks followed
+    try:  # where the file really is: a link inside a root to a file outside it is outside
+        path = Path(dataset).resolve()
+    except (OSError, RuntimeError):  # a symlink loop: reported as unreadable, judged by its name here
+        path = Path(os.path.abspath(dataset))
     return not any(path.is_relative_to(Path(r.removeprefix("file://")).expanduser().resolve())
                    for r in roots if not r.startswith("s3://"))
 

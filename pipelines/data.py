@@ -39,7 +39,7 @@ from adapterfab.pipelines.rows import (
     padded_batch,
     split_score,
 )
-from adapterfab.spec import DATASET_FORMATS
+from adapterfab.spec import DATASET_NAME_RULE, dataset_format
 
 UDF_NUM_CPUS = 0.5  # fractional, so reads and maps always find room next to each other on 2 CPUs
 ROWS_PER_BLOCK = 1024  # tokenize blocks: enough rows to amortise a task, enough blocks to use all CPUs
@@ -130,11 +130,10 @@ def _resolve(uri: str) -> tuple[pafs.FileSystem, str, str]:
     else:
         fs = pafs.LocalFileSystem()
         path = os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in DATASET_FORMATS:
-        raise DatasetError(f"dataset {uri}: unsupported file type {ext or '(none)'!r}; "
-                           f"use one of {', '.join(DATASET_FORMATS)}")
-    return fs, path, DATASET_FORMATS[ext]
+    fmt = dataset_format(path)  # the spec's rule: the name given decides, not a link's target
+    if fmt is None:
+        raise DatasetError(f"dataset {uri}: unsupported file name; it {DATASET_NAME_RULE}")
+    return fs, path, fmt
 
 
 def _sha256(fs: pafs.FileSystem, path: str, uri: str) -> tuple[str, int]:
@@ -202,18 +201,18 @@ def _tokenize(batch: dict[str, np.ndarray], tokenizer_path: str, max_seq_len: in
     return pa.Table.from_pydict(out, schema=_TOKENIZED)
 
 
-def _eval_mask(line: np.ndarray, score: np.ndarray, eval_fraction: float, forced_eval: int,
-               forced_train: int) -> np.ndarray:
-    """The split rule, shared by the driver (stats) and the workers (rows)."""
-    return ((score < eval_fraction) | (line == forced_eval)) & (line != forced_train)
+def _eval_mask(score: np.ndarray, eval_fraction: float, forced_eval: float, forced_train: float) -> np.ndarray:
+    """The split rule, shared by the driver (stats) and the workers (rows). A row's side follows from its
+    score alone, so identical rows (one score) always share a side; a forced score (NaN: none) moves
+    every row that has it."""
+    return ((score < eval_fraction) | (score == forced_eval)) & (score != forced_train)
 
 
-def _select(batch: pa.Table, want_eval: bool, eval_fraction: float, forced_eval: int,
-            forced_train: int) -> pa.Table:
+def _select(batch: pa.Table, want_eval: bool, eval_fraction: float, forced_eval: float,
+            forced_train: float) -> pa.Table:
     """UDF: the rows of one split, with only the columns the trainer reads."""
     ok = batch["error"].is_null().to_numpy(zero_copy_only=False)
-    is_eval = _eval_mask(batch["line"].to_numpy(), batch["score"].to_numpy(), eval_fraction, forced_eval,
-                         forced_train)
+    is_eval = _eval_mask(batch["score"].to_numpy(), eval_fraction, forced_eval, forced_train)
     keep = ok & (is_eval if want_eval else ~is_eval)
     return batch.filter(pa.array(keep)).select(_SPLIT.names).cast(_SPLIT)
 
@@ -226,19 +225,18 @@ def _summary(ds: ray.data.Dataset) -> dict[str, np.ndarray]:
     return {c: table[c].to_numpy(zero_copy_only=False) for c in cols}
 
 
-def _forced(s: dict[str, np.ndarray], eval_fraction: float) -> tuple[int, int]:
-    """Lines moved across the split so eval has ≥ 1 row (when ≥ 2 usable rows) and train has ≥ 1;
-    chosen by (score, line): order-independent (the line only breaks ties between identical rows)."""
+def _forced(s: dict[str, np.ndarray], eval_fraction: float) -> tuple[float, float]:
+    """The scores whose rows move across the split (NaN: none) so that eval has ≥ 1 row when the usable
+    rows are not all one row repeated (and eval_fraction > 0) and train has ≥ 1: the lowest score to eval,
+    the highest to train. Every row with the score moves, not one line: identical rows share a score, and
+    one of them left behind would put the same row in train and eval. Order-independent."""
     ok = np.array([e is None for e in s["error"]], dtype=bool)
-    line, score = s["line"][ok], s["score"][ok]
-    order = np.lexsort((line, score))  # by score, then line
-    is_eval = score < eval_fraction
-    forced_eval = forced_train = 0  # no line
-    if eval_fraction > 0 and len(line) >= 2 and not is_eval.any():
-        forced_eval = int(line[order[0]])
-        is_eval[order[0]] = True
-    if len(line) and is_eval.all():
-        forced_train = int(line[order[-1]])
+    score = s["score"][ok]
+    forced_eval = forced_train = float("nan")
+    if eval_fraction > 0 and not (score < eval_fraction).any() and len(np.unique(score)) >= 2:
+        forced_eval = float(score.min())  # another score stays: train keeps a row
+    if len(score) and _eval_mask(score, eval_fraction, forced_eval, forced_train).all():
+        forced_train = float(score.max())  # every row is eval: the top score's rows train (one row repeated: all)
     return forced_eval, forced_train
 
 
@@ -280,9 +278,9 @@ def _rows_fingerprint(scores: np.ndarray, num_tokens: np.ndarray) -> str:
 
 
 def _check_and_split(uri: str, s: dict[str, np.ndarray], sha: str, eval_fraction: float,
-                     max_bad_row_fraction: float) -> tuple[DataStats, tuple[int, int], np.ndarray, np.ndarray]:
+                     max_bad_row_fraction: float) -> tuple[DataStats, tuple[float, float], np.ndarray, np.ndarray]:
     """A tokenized file's rows (``_summary``'s columns) checked against the bad-row limit and split:
-    (stats, (forced eval line, forced train line), train mask, eval mask). Raises DatasetError."""
+    (stats, (forced eval score, forced train score), train mask, eval mask). Raises DatasetError."""
     bad = sorted((int(line), str(err)) for line, err in zip(s["line"], s["error"]) if err is not None)
     total = len(s["line"])
     if total == 0:
@@ -296,9 +294,9 @@ def _check_and_split(uri: str, s: dict[str, np.ndarray], sha: str, eval_fraction
             f"train.max_bad_row_fraction={max_bad_row_fraction:g} allows; {_bad_list(bad)}. "
             "Fix those rows or raise train.max_bad_row_fraction."
         )
-    forced_eval, forced_train = _forced(s, eval_fraction)  # 0: none (lines start at 1)
+    forced_eval, forced_train = _forced(s, eval_fraction)
     ok = np.array([e is None for e in s["error"]], dtype=bool)
-    is_eval = _eval_mask(s["line"], s["score"], eval_fraction, forced_eval, forced_train)
+    is_eval = _eval_mask(s["score"], eval_fraction, forced_eval, forced_train)
     train_mask, eval_mask = ok & ~is_eval, ok & is_eval
     stats = DataStats(
         total_rows=total, bad_rows=len(bad), bad_examples=bad[:MAX_BAD_EXAMPLES],

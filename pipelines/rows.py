@@ -123,6 +123,12 @@ def _without_nulls(value: Any) -> Any:
     return value
 
 
+def _without_hint(e: ValueError) -> str:
+    """Python's message for an over-long integer, less its advice to the programmer (sys.set_int_max_str_digits),
+    which a tenant reading why the row is bad can do nothing with."""
+    return str(e).partition("; use sys.")[0]
+
+
 def parse_jsonl(data: bytes) -> Iterator[dict[str, Any]]:
     """One entry per non-blank line: ``{"line", "messages" (JSON) or None, "error" or None}``.
 
@@ -157,6 +163,9 @@ def parse_jsonl(data: bytes) -> Iterator[dict[str, Any]]:
         except json.JSONDecodeError as e:
             yield _entry(number, None, f"invalid JSON: {e.msg} (column {e.colno})")
             continue
+        except ValueError as e:  # JSONDecodeError's parent: an integer past Python's 4300-digit limit
+            yield _entry(number, None, f"invalid JSON: {_without_hint(e)}")
+            continue
         except RecursionError:
             yield _entry(number, None, "invalid JSON: nested too deeply")
             continue
@@ -188,6 +197,9 @@ def parse_json(data: bytes) -> Iterator[dict[str, Any]]:
         return
     except json.JSONDecodeError as e:
         yield _entry(e.lineno, None, f"not a valid JSON array: {e.msg} (line {e.lineno}, column {e.colno})")
+        return
+    except ValueError as e:  # JSONDecodeError's parent: an integer past Python's 4300-digit limit
+        yield _entry(1, None, f"not a valid JSON array: {_without_hint(e)}")
         return
     except RecursionError:
         yield _entry(1, None, "invalid JSON: nested too deeply")

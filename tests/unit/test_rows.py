@@ -326,3 +326,17 @@ def test_a_json_arrays_rows_keep_the_row_size_limit(monkeypatch: pytest.MonkeyPa
     got = list(parse_json(json.dumps([{"instruction": "hi", "output": "yo"},
                                       {"instruction": "x" * 30, "output": "yo"}]).encode()))
     assert got[0]["error"] is None and "more than the 20-byte limit" in got[1]["error"]
+
+
+def test_an_integer_too_long_for_python_is_one_bad_row_not_a_failed_file() -> None:
+    """json.loads refuses an integer of more than 4300 digits with a plain ValueError, not the
+    JSONDecodeError the parsers caught, so one such row failed the whole file."""
+    good = json.dumps({"instruction": "hi", "output": "yo"}).encode()
+    huge = b'{"instruction": ' + b"7" * 5000 + b', "output": "x"}'
+    got = list(parse_jsonl(b"\n".join([good, huge, good])))
+    assert [e["error"] is None for e in got] == [True, False, True] and got[1]["line"] == 2
+    assert got[1]["error"].startswith("invalid JSON: Exceeds the limit (4300 digits)"), got[1]["error"]
+    assert "sys.set_int_max_str_digits" not in got[1]["error"]  # advice for a programmer, not a tenant
+    assert [e["error"] is None for e in parse_json(b"\n".join([good, huge]))] == [True, False]  # JSON Lines
+    (bad,) = parse_json(b"[" + good + b", " + huge + b"]")  # an array that does not parse: one error row
+    assert bad["messages"] is None and bad["error"].startswith("not a valid JSON array: Exceeds the limit")

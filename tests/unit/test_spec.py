@@ -297,3 +297,70 @@ def test_the_cli_prints_names_holding_rich_markup_as_they_are(tmp_path: Path) ->
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(_spec(base_model="/nope/[/bold]")))
     r = CliRunner().invoke(app, ["validate", str(tmp_path / "c.yaml")])
     assert r.exit_code == 2 and "/nope/[/bold] has no config.json" in r.output
+
+
+# -- checks a second review found missing (2026-12-07) ----------------------------------------------
+def _entries(*extra: dict) -> list[dict]:
+    return [{"tenant": "acme", "persona": f"p{i}", "dataset": "d.jsonl", **e} for i, e in enumerate(extra)]
+
+
+def test_a_key_yaml_reads_as_a_bool_or_a_number_is_a_problem_not_a_crash() -> None:
+    """`yes: 1` in a method block is the key True: checking that block crashed parse_spec with
+    TypeError "keywords must be strings"."""
+    text = ("version: 1\nname: n\ndefaults:\n  method: {name: lorax, yes: 1}\n  train: {3: 1, steps: 0}\n"
+            "tenants:\n  - {tenant: acme, persona: p0, dataset: d.jsonl, method: {on: 2, r: -1}}\n")
+    with pytest.raises(SpecError) as e:
+        parse_spec(text)
+    msgs = dict(e.value.problems)
+    assert msgs["defaults.method"] == ("a key must be a string (YAML read this as the bool True: put it in "
+                                       "quotes)")
+    assert "YAML read this as the int 3" in msgs["defaults.train"]
+    assert "YAML read this as the bool True" in msgs["tenants.0.method"]
+    # the block's other keys are still checked, in the same run
+    assert {"defaults.method.name", "defaults.train.steps"} <= set(msgs), e.value.problems
+
+
+def test_a_schema_error_does_not_hide_the_method_and_train_problems() -> None:
+    """A bad tenant id made parse_spec stop at the schema, so a bad learning rate or rank was only
+    reported on the next try."""
+    tenants = _entries({"tenant": "Bad"}, {"train": {"learning_rate": -1}, "method": {"r": -2}},
+                       {"train": {"warmup_steps": 50, "steps": 50}}, {"method": "lora"})
+    with pytest.raises(SpecError) as e:
+        parse_spec(_spec(defaults={"train": {"steps": 0}}, tenants=tenants))
+    assert _fields(e.value) == ["tenants.0.tenant", "tenants.3.method", "defaults.train.steps", "tenants[1].method.r",
+                                "tenants[1].train.learning_rate", "tenants[2].train.warmup_steps"]
+    with pytest.raises(SpecError) as e:  # a bad default is said once, at defaults, as without a schema error
+        parse_spec(_spec(defaults={"method": {"name": "lora", "alpha": -1}}, tenants=tenants))
+    assert _fields(e.value) == ["tenants.0.tenant", "tenants.3.method", "defaults.method.alpha",
+                                "tenants[1].method.r", "tenants[1].train.learning_rate"]
+    with pytest.raises(SpecError) as e:  # defaults that are no mapping: the entries are not judged against a guess
+        parse_spec(_spec(defaults="lora", tenants=_entries({"tenant": "Bad", "train": {"steps": 0}})))
+    assert _fields(e.value) == ["defaults", "tenants.0.tenant"]
+
+
+def test_a_bad_default_method_value_is_said_once_not_at_entries_that_set_other_keys() -> None:
+    """An entry whose method block set an unrelated key was told of the defaults' bad value again."""
+    for defaults, field in (({"name": "lorax"}, "defaults.method.name"),
+                            ({"name": "lora", "r": -3}, "defaults.method.r")):
+        with pytest.raises(SpecError) as e:
+            parse_spec(_spec(defaults={"method": defaults}, tenants=_entries({"method": {"alpha": 4}}, {})))
+        assert _fields(e.value) == [field], e.value.problems
+    with pytest.raises(SpecError) as e:  # what an entry sets itself is said at the entry, as before
+        parse_spec(_spec(defaults={"method": {"name": "lora", "r": -3}},
+                         tenants=_entries({"method": {"r": -3, "alpha": -1}}, {"method": {"name": "qlora"}})))
+    assert _fields(e.value) == ["defaults.method.r", "tenants[0].method.r", "tenants[0].method.alpha"]
+
+
+def test_a_warmup_that_only_some_methods_default_steps_are_too_few_for_is_said_at_those_entries() -> None:
+    """warmup_steps 25 from defaults.train is below lora's default 30 steps but not qlora's 20: it was
+    reported at defaults.train, naming no tenant."""
+    tenants = _entries({}, {"method": {"name": "qlora"}}, {"method": {"name": "qlora"}, "train": {"steps": 40}})
+    with pytest.raises(SpecError) as e:
+        parse_spec(_spec(defaults={"train": {"warmup_steps": 25}}, tenants=tenants))
+    ((field, msg),) = e.value.problems
+    assert field == "tenants[1].train.warmup_steps" and "warmup_steps (25) must be below steps (20)" in msg
+    assert "qlora method's defaults" in msg
+    with pytest.raises(SpecError) as e:  # every entry that inherits both has it: said once, at defaults
+        parse_spec(_spec(defaults={"train": {"warmup_steps": 25}}, tenants=tenants[1:]))
+    assert _fields(e.value) == ["defaults.train.warmup_steps"]
+    assert parse_spec(_spec(defaults={"train": {"warmup_steps": 25}}, tenants=[tenants[0], tenants[2]]))
