@@ -132,7 +132,8 @@ def _resolve(uri: str) -> tuple[pafs.FileSystem, str, str]:
         path = os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
     fmt = dataset_format(path)  # the spec's rule: the name given decides, not a link's target
     if fmt is None:
-        raise DatasetError(f"dataset {uri}: unsupported file name; it {DATASET_NAME_RULE}")
+        raise DatasetError(f"dataset {uri}: unsupported file type "
+                           f"{os.path.splitext(str(uri))[1] or '(none)'!r}; its name {DATASET_NAME_RULE}")
     return fs, path, fmt
 
 

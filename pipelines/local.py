@@ -4,6 +4,7 @@ read a JSONL file, template/tokenize/mask every good row, and batch it in a seed
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +21,8 @@ def encode_file(path: str | Path, tokenizer: Any, max_seq_len: int) -> list[dict
     template refuses, or that keeps no assistant token within ``max_seq_len``, left out."""
     fmt = dataset_format(str(path))
     if fmt is None:
-        raise DatasetError(f"dataset {path}: unsupported file name; it {DATASET_NAME_RULE}")
+        raise DatasetError(f"dataset {path}: unsupported file type "
+                           f"{os.path.splitext(str(path))[1] or '(none)'!r}; its name {DATASET_NAME_RULE}")
     parse = PARSERS[fmt]
     rows = []
     for entry in parse(Path(path).read_bytes()):
