@@ -475,6 +475,9 @@ class Factory:
                 result = self.pool.train(lease, task, self.board, ctx.tracking.uri)
                 break
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                if lease is None or getattr(e, "actor_init_failed", False):  # a new trainer died starting
+                    error = e  # (a base that does not load): another try would load it again, and fail
+                    break
                 log.warning("group %s: trainer %s died (%s); attempt %d of %d resumes from its checkpoint",
                             item.gid, lease.name if lease else "?", type(e).__name__, attempt, MAX_GROUP_ATTEMPTS)
                 if lease is not None:

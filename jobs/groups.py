@@ -60,8 +60,13 @@ class GroupQueue:
             return dropped
 
     def close(self) -> None:
+        """No group will be put any more; closed and empty is ``drained`` (trainers still being started
+        ahead for the first groups are called off by it: with every slot waiting for one of them, no
+        ``take`` would come to see it)."""
         with self._cond:
             self._closed = True
+            if not self._items:
+                self.drained.set()
             self._cond.notify_all()
 
     def take(self, prefer_key: str | None = None, avoid_keys: frozenset[str] = frozenset()) -> GroupItem | None:
@@ -77,6 +82,8 @@ class GroupQueue:
             at = next((i for i, it in enumerate(self._items) if prefer_key and it.key == prefer_key),
                       next((i for i, it in enumerate(self._items) if it.key not in avoid_keys), 0))
             item = self._items.pop(at)
+            if self._closed and not self._items:
+                self.drained.set()
             self._cond.notify_all()
             return item
 

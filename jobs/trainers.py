@@ -354,18 +354,21 @@ class TrainerPool:
                 if name in self._held or name in self._claiming:
                     continue
                 self._claiming.add(name)
+            info = lease = None
             try:
                 h = _handle(name)
                 info = ray.get(h.lease.remote(self.owner, LEASE_TTL_S, self.keep_warm_s), timeout=30) if h else None
             except Exception:  # noqa: BLE001 - it is ending or died: try the next
                 info = None
             finally:
-                with self._lock:
+                with self._lock:  # held before the claim goes: another slot of this pool (the same lease
+                    if info is not None:  # owner, which the trainer accepts again) must not lease it too
+                        lease = self._held[name] = Lease(spec, key, name, h, info)
                     self._claiming.discard(name)
             if info is not None:
                 log.info("leased warm trainer %s (%d groups trained on it; its base load took %.1fs)", name,
                          info["groups_trained"], info["load_s"])
-                return self._keep(Lease(spec, key, name, h, info))
+                return lease
         return self._spawn(spec, key, timeout_s, called_off)
 
     def _spawn(self, spec: TrainerSpec, key: str, timeout_s: float, called_off: threading.Event | None) -> Lease:
