@@ -288,6 +288,11 @@ def load_plan(batch: Any, spec: BatchSpec, jobs: list[JobSpec], base_path: str) 
 
     if batch.plan:
         planned = [PlannedJob(**p) for p in batch.plan]
+        if spec.resources.device_memory_gb and all(p.est_memory_gb is None for p in planned):
+            # planned at submit without the base's shapes (an s3:// base, or a name not converted on the
+            # submitting machine): now that the base is here, its memory decides workers and ZeRO (a job
+            # that fits no packing fails the batch with PlanError, as `validate` would have said)
+            planned = plan_batch(batch.id, spec, jobs, base_path)
     else:
         planned = plan_batch(batch.id, spec, jobs, base_path)
     if not spec.resources.fuse:
@@ -361,7 +366,7 @@ def _run_claimed(settings: Settings, state: StateStore, batch_id: str, batch: An
     from adapterfab.jobs.factory import Factory
     from adapterfab.jobs.groups import GroupQueue, start_trainers
     from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard
-    from adapterfab.jobs.plan import balanced_groups, concurrency, execution_groups, starter_groups
+    from adapterfab.jobs.plan import balanced_groups, concurrency, execution_groups, fitted_groups, starter_groups
     from adapterfab.jobs.trainers import TrainerPool
     spec, jobs = parse_spec(batch.spec_text, root=Path(batch.spec_path).parent if batch.spec_path else None)
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a Ray Job (`submit --address`) runs in the home:
@@ -384,6 +389,7 @@ def _run_claimed(settings: Settings, state: StateStore, batch_id: str, batch: An
         slots = concurrency(spec, cluster, len(jobs))
         devices = slots if spec.resources.gpus_per_job == 0 else max(1, min(slots, int(cluster.get("GPU", 1))))
         groups = balanced_groups(jobs, groups, devices)  # a fused group may be cut to keep every device busy
+        groups = fitted_groups(planned, groups, spec.resources.device_memory_gb)  # ... and to fit its device
         slots = min(slots, len(groups))
         groups = starter_groups(groups, slots)  # each slot's first group small: first steps and adapters early
         pool = TrainerPool(batch_id, spec.resources.trainer_keep_warm_s)

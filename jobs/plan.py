@@ -57,6 +57,7 @@ class PlannedJob:
     zero_stage: int | None = None  # 2 or 3 when workers > 1
     est_train_s: float | None = None  # training steps only (no data, eval or registration)
     est_weights_gb: float | None = None  # of est_memory_gb: the base's weights (shared by a fused group)
+    est_checkpointed_gb: float | None = None  # with activation checkpointing, the base's weights left out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,6 +133,13 @@ class MemoryParts:
     logits: float
     gathered: float  # ZeRO-3: the largest weight one forward gathers at once (embedding or one layer)
 
+    def checkpointed(self, layers: int) -> float:
+        """One worker's memory with activation checkpointing, the weights left out: each layer keeps its
+        input (one value per token and hidden unit), one layer's activations are recomputed at a time;
+        the logits and the adapter's state stay."""
+        kept = self.activations / ACTIVATION_VALUES_PER_TOKEN_LAYER_HIDDEN + self.activations / max(1, layers)
+        return self.adapter_state + self.logits + min(self.activations, kept)
+
     def per_worker(self, workers: int = 1, stage: int | None = None) -> float:
         n = max(1, workers)
         per_batch = (self.activations + self.logits) / n
@@ -203,7 +211,8 @@ def plan_batch(batch_id: str, spec: BatchSpec, jobs: list[JobSpec], base_path: s
     """Raises PlanError when a job fits no packing."""
     cfg = _model_config(base_path)
     shapes = []
-    weights = []
+    weights: list[float | None] = []
+    floors: list[float | None] = []
     for j in jobs:
         method = get_method(j.method.name)
         try:
@@ -214,6 +223,7 @@ def plan_batch(batch_id: str, spec: BatchSpec, jobs: list[JobSpec], base_path: s
         parts = memory_parts(cfg, j, trainable) if cfg is not None else None
         shapes.append((trainable, placement(parts, j, spec.resources)))
         weights.append(round(parts.weights / 2**30, 3) if parts is not None else None)
+        floors.append(round(parts.checkpointed(cfg.num_hidden_layers) / 2**30, 3) if parts is not None else None)
     multi = {i for i, (_, (n, _, _)) in enumerate(shapes) if n > 1}
     group_of: dict[int, str | None] = dict.fromkeys(range(len(jobs)))
     fused = [g for g in fusion_groups(jobs, exclude=multi) if len(g) > 1]
@@ -230,7 +240,7 @@ def plan_batch(batch_id: str, spec: BatchSpec, jobs: list[JobSpec], base_path: s
             trainable_params=trainable, est_memory_gb=round(mem / 2**30, 2) if mem is not None else None,
             fused_group=group_of[i], workers=workers, zero_stage=stage,
             est_train_s=round(train_seconds(cfg, j, spec.resources, workers), 1) if cfg is not None else None,
-            est_weights_gb=weights[i],
+            est_weights_gb=weights[i], est_checkpointed_gb=floors[i],
         ))
     return out
 
@@ -246,6 +256,32 @@ def needs_activation_checkpointing(members: list[PlannedJob], jobs: list[JobSpec
         return False
     weights = max(p.est_weights_gb or 0.0 for p in members)
     return weights + sum((p.est_memory_gb or 0.0) - (p.est_weights_gb or 0.0) for p in members) > device_memory_gb
+
+
+def fitted_groups(planned: list[PlannedJob], groups: list[list[int]], device_memory_gb: float | None
+                  ) -> list[list[int]]:
+    """``groups`` with every fused group cut, in order, into groups that fit ``device_memory_gb`` even with
+    activation checkpointing: the base's weights once, plus each member's checkpointed estimate (its
+    logits and adapter state stay whatever is recomputed). Each job was placed to fit alone; without a
+    limit or an estimate the groups stand."""
+    if not device_memory_gb:
+        return groups
+    out: list[list[int]] = []
+    for g in groups:
+        members = [planned[i] for i in g]
+        if len(g) < 2 or any(p.est_checkpointed_gb is None or p.est_weights_gb is None for p in members):
+            out.append(g)
+            continue
+        weights, cut, used = max(p.est_weights_gb or 0.0 for p in members), [], 0.0
+        for i in g:
+            need = planned[i].est_checkpointed_gb or 0.0
+            if cut and weights + used + need > device_memory_gb:
+                out.append(cut)
+                cut, used = [], 0.0
+            cut.append(i)
+            used += need
+        out.append(cut)
+    return out
 
 
 def execution_groups(planned: list[PlannedJob]) -> list[list[int]]:

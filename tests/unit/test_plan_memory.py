@@ -113,3 +113,54 @@ def test_a_module_the_shape_table_does_not_know_leaves_the_estimate_open(tiny_mo
     assert semantic_problems(spec, jobs, data_roots=()) == []
     planned = plan_batch("b", spec, jobs, str(base))
     assert planned[0].trainable_params is None
+
+
+def test_a_plan_stored_without_the_bases_shapes_is_made_again_once_the_base_is_here(tiny_model_path: str) -> None:
+    """`submit` plans against the base on its own machine; an s3:// base (or a name not converted there)
+    gives a plan without memory estimates, one worker per job. The orchestrator ran that plan as stored,
+    ignoring resources.device_memory_gb (review, 2026-12-07); it now plans again with the base it has."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from adapterfab.jobs.orchestrate import load_plan
+    from adapterfab.jobs.plan import PlanError, plan_batch
+    from adapterfab.spec import parse_spec
+
+    raw = {"version": 1, "name": "m", "tenants": [{"tenant": "a", "persona": "b", "dataset": "/x.jsonl"}],
+           "defaults": {"method": {"name": "lora"}, "train": {"batch_size": 64, "max_seq_len": 2048}},
+           "resources": {"device_memory_gb": 0.01, "max_workers_per_job": 2}}
+    spec, jobs = parse_spec(raw)
+    stored = [asdict(p) for p in plan_batch("b", spec, jobs, None)]  # no base at submit: no estimate
+    assert stored[0]["est_memory_gb"] is None and stored[0]["workers"] == 1
+    with pytest.raises(PlanError, match="device_memory_gb"):
+        load_plan(SimpleNamespace(id="b", plan=stored), spec, jobs, tiny_model_path)
+    spec, jobs = parse_spec({**raw, "resources": {}})  # no memory given: the stored plan stands
+    assert load_plan(SimpleNamespace(id="b", plan=stored), spec, jobs, tiny_model_path)[0].est_memory_gb is None
+
+
+def test_a_fused_group_is_cut_to_fit_its_device_with_checkpointing(tiny_model_path: str) -> None:
+    """Up to eight jobs fuse; each was placed to fit the device alone, and a group over the device only
+    turned activation checkpointing on, which does not shrink the members' logits: eight such jobs ran out
+    of memory together (review, 2026-12-07). A group is now cut where its checkpointed estimate would
+    pass device_memory_gb, and it still gets checkpointing where it needs it."""
+    from adapterfab.jobs.plan import execution_groups, fitted_groups, needs_activation_checkpointing, plan_batch
+    from adapterfab.spec import parse_spec
+
+    raw = {"version": 1, "name": "m", "defaults": {"method": {"name": "lora", "dropout": 0.0},
+                                                   "train": {"batch_size": 4, "max_seq_len": 256}},
+           "tenants": [{"tenant": f"t{i}", "persona": "p", "dataset": "/x.jsonl"} for i in range(8)]}
+    spec, jobs = parse_spec(raw)
+    planned = plan_batch("b", spec, jobs, tiny_model_path)
+    groups = execution_groups(planned)
+    assert [len(g) for g in groups] == [8]
+    one = planned[0]
+    assert 0 < one.est_checkpointed_gb < one.est_memory_gb - one.est_weights_gb  # checkpointing saves some
+    device = one.est_weights_gb + 3.5 * one.est_checkpointed_gb  # three members fit, checkpointed
+    cut = fitted_groups(planned, groups, device)
+    assert cut == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    for g in cut:
+        members = [planned[i] for i in g]
+        assert needs_activation_checkpointing(members, [jobs[i] for i in g], device) == (len(g) * (
+            one.est_memory_gb - one.est_weights_gb) + one.est_weights_gb > device)
+    assert fitted_groups(planned, groups, None) == groups  # no limit given: as planned
+    assert fitted_groups(planned, groups, 10**6) == groups
