@@ -139,6 +139,19 @@ def read_sqlite_batches(path: Path, limit: int = 50) -> list[dict[str, Any]]:
 
 
 # -- the console view -------------------------------------------------------------------------------
+NO_FIGURE = "–"  # a metric recorded without a value
+
+
+def _figure(metrics: dict, key: str, spec: str) -> str:
+    """``metrics[key]`` formatted by ``spec``; "" when it was never measured, NO_FIGURE when it was
+    recorded as null: the state DB stores a NaN or infinite metric (a diverged eval loss) as null
+    (state.FiniteJSON), and formatting None would end the command with a TypeError."""
+    if key not in metrics:
+        return ""
+    value = metrics[key]
+    return NO_FIGURE if value is None else format(value, spec)
+
+
 def print_status(dump: dict, every_job: bool = False, console: Any = None) -> None:
     """The batch as a table (up to STATUS_ROWS jobs unless ``every_job``) plus its counts."""
     from rich.markup import escape
@@ -167,9 +180,9 @@ def print_status(dump: dict, every_job: bool = False, console: Any = None) -> No
         cells = (f"{j['tenant']}/{j['persona']}", j["method"], j["state"],
                  f"{j['step']}/{j['total_steps']} ({100 * j['progress']:.0f}%)",
                  f"{j['loss']:.3f}" if j["loss"] is not None else "",
-                 f"{m['eval_loss']:.3f}" if "eval_loss" in m else "",
-                 f"{m['base_eval_loss']:.3f}" if "base_eval_loss" in m else "",
-                 f"{m['retention']:.0%} ({m['retention_kept']:.0f}/{m['retention_known']:.0f})" if "retention" in m
+                 _figure(m, "eval_loss", ".3f"), _figure(m, "base_eval_loss", ".3f"),
+                 f"{_figure(m, 'retention', '.0%')} ({_figure(m, 'retention_kept', '.0f')}/"
+                 f"{_figure(m, 'retention_known', '.0f')})" if "retention" in m
                  else "",  # of the probe facts the base states (adapterfab/retention.py)
                  str(j["model_version"] or "") + (" (reused)" if j.get("reused_version") else ""),
                  (j["error"] or "")[:300])

@@ -21,6 +21,10 @@ as a missing one. Routes (JSON; errors are ``{"error": {"message", "code"}}``):
 - ``GET /api/registry`` and ``/api/registry/{tenant}``: ``{tenants: [{tenant, adapters: [{id,
   aliases, versions: [{version, aliases, metrics, decision, reason, ...}]}]}]}``
 - ``GET /api/openapi.json``: the schema; ``GET /healthz``: liveness (no key)
+
+Every ``/api`` answer is ``Cache-Control: no-store, private`` with ``Vary: Authorization``: it is one
+key's view, which neither the browser nor a proxy may keep or hand to another key. Backend addresses
+that reach the page (links, an operator's error text) have their ``user:password@`` redacted.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapterfab.errors import AdapterfabError, StateError
+from adapterfab.errors import AdapterfabError, StateError, redact_credentials
 from adapterfab.keys import KeyStore, Principal
 from adapterfab.lifecycle import JobState
 from adapterfab.serve import dashboard_views as views
@@ -49,6 +53,8 @@ BATCH_LIST_LIMIT = 100
 CLUSTER_RECENT_JOBS = 20
 RAY_TIMEOUT_S = 5.0
 MLFLOW_DOWN_S = 30.0  # after a failed experiment lookup, the pages' MLflow links stay empty this long
+# an experiment not found (made when a batch starts) is looked up again after this long, not on every poll
+NO_EXPERIMENT_S = 10.0
 
 
 class DashError(Exception):
@@ -58,11 +64,12 @@ class DashError(Exception):
 
 
 def unavailable(who: Principal, what: str, e: BaseException, code: str) -> DashError:
-    """A 503 for a backend that failed: an operator reads why (it names the backend's address); a tenant
-    reads only that it is unavailable (the address may hold credentials, and is the operators' to know).
-    The detail goes to the log either way."""
-    log.warning("%s unavailable: %s", what, e)
-    return DashError(503, str(e) if who.operator else f"{what} is unavailable right now; try again shortly.", code)
+    """A 503 for a backend that failed: an operator reads why (it names the backend's address, its
+    credentials redacted: MLflow's own exception text repeats them); a tenant reads only that it is
+    unavailable (the address is the operators' to know). The detail goes to the log either way."""
+    why = redact_credentials(str(e))
+    log.warning("%s unavailable: %s", what, why)
+    return DashError(503, why if who.operator else f"{what} is unavailable right now; try again shortly.", code)
 
 
 def _batch_not_found() -> DashError:
@@ -72,16 +79,20 @@ def _batch_not_found() -> DashError:
 
 class Sources:
     """The dashboard's backends: the state DB, MLflow (opened on first use: importing mlflow is slow,
-    and /healthz must answer at once) and the Ray dashboard's HTTP API."""
+    and /healthz must answer at once) and the Ray dashboard's HTTP API. ``mlflow_link`` and
+    ``ray_link`` are their addresses as pages show them: without the credentials the server connects with."""
 
     def __init__(self, state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | None):
         self.state = StateStore(state_url)
         self.keys = KeyStore(self.state)
         self.mlflow_uri = mlflow_uri.rstrip("/") if mlflow_uri else None
         self.ray_dashboard_url = ray_dashboard_url.rstrip("/") if ray_dashboard_url else None
+        self.mlflow_link = redact_credentials(self.mlflow_uri) if self.mlflow_uri else None
+        self.ray_link = redact_credentials(self.ray_dashboard_url) if self.ray_dashboard_url else None
         self._tracking: Any = None
         self._registry: Any = None
         self._experiment_ids: dict[str, str] = {}
+        self._no_experiment_until: dict[str, float] = {}  # name -> when to look for it again
         self._mlflow_down_until = 0.0  # a failed lookup: no more tries (each waits out MLflow's retries) until then
 
     def _need_mlflow(self) -> str:
@@ -107,11 +118,14 @@ class Sources:
 
     def experiment_id(self, tenant: str | None = None) -> str | None:
         """For MLflow run links: the operators' experiment (batch runs) or ``tenant``'s (its job runs);
-        None (no link) while MLflow is down or the experiment does not exist yet."""
+        None (no link) while MLflow is down or the experiment does not exist yet; a missing one is asked
+        for again only after NO_EXPERIMENT_S (the pages poll every 2 s)."""
         from adapterfab.tracking import EXPERIMENT, tenant_experiment
 
         name = tenant_experiment(tenant) if tenant else EXPERIMENT
-        if name not in self._experiment_ids and self.mlflow_uri and time.monotonic() >= self._mlflow_down_until:
+        now = time.monotonic()
+        if name not in self._experiment_ids and self.mlflow_uri and now >= self._mlflow_down_until \
+                and now >= self._no_experiment_until.get(name, 0.0):
             try:
                 found = self.tracking().find_experiment_id(name)
             except AdapterfabError:
@@ -119,6 +133,8 @@ class Sources:
                 return None
             if found is not None:
                 self._experiment_ids[name] = found
+            else:
+                self._no_experiment_until[name] = time.monotonic() + NO_EXPERIMENT_S
         return self._experiment_ids.get(name)
 
     def ray(self, path: str) -> Any:
@@ -161,8 +177,25 @@ def create_app(state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | 
         return JSONResponse({"error": {"message": str(e.detail), "code": code}}, e.status_code,
                             headers=getattr(e, "headers", None))
 
+    @app.middleware("http")
+    async def _private(request: Request, call_next: Any) -> Any:
+        """An API answer is one key's view: no cache may keep it or serve it for another key."""
+        response = await call_next(request)
+        if request.url.path.startswith("/api/"):
+            response.headers["Cache-Control"] = "no-store, private"
+            response.headers["Vary"] = "Authorization"
+        return response
+
     def visible_jobs(batch_id: str, who: Principal) -> list:
         return [j for j in src.state.jobs(batch_id) if who.sees(j.tenant)]
+
+    def listed_batches(who: Principal) -> list[tuple[Any, list]]:
+        """The newest batches ``who`` may see, each with the jobs of it ``who`` sees: two queries, not
+        one per batch (the tenant filter is the database's)."""
+        mine = None if who.operator else who.tenant
+        rows = src.state.list_batches(limit=BATCH_LIST_LIMIT, tenant=mine)
+        jobs = src.state.jobs_of_batches([b.id for b in rows], tenant=mine)
+        return [(b, jobs.get(b.id, [])) for b in rows]
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
@@ -171,18 +204,15 @@ def create_app(state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | 
     @app.get("/api/whoami")
     def whoami(who: Who) -> dict[str, Any]:
         """The key's role and tenant, and links to the tools behind the dashboard (operators)."""
-        links = {"mlflow": src.mlflow_uri, "ray_dashboard": src.ray_dashboard_url} if who.operator else {}
+        links = {"mlflow": src.mlflow_link, "ray_dashboard": src.ray_link} if who.operator else {}
         return {"role": "operator" if who.operator else "tenant", "tenant": who.tenant, "links": links}
 
     @app.get("/api/batches")
     def batches(who: Who) -> dict[str, Any]:
         """Batches, newest first, with job counts per state, progress, times and cost."""
-        now, out = time.time(), []
-        for b in src.state.list_batches(limit=BATCH_LIST_LIMIT, tenant=None if who.operator else who.tenant):
-            jobs = visible_jobs(b.id, who)
-            if jobs or who.operator:
-                out.append(views.batch_dict(b, jobs, who, now))
-        return {"batches": out}
+        now = time.time()
+        return {"batches": [views.batch_dict(b, jobs, who, now) for b, jobs in listed_batches(who)
+                            if jobs or who.operator]}
 
     @app.get("/api/batches/{batch_id}")
     def batch(batch_id: str, who: Who) -> dict[str, Any]:
@@ -196,17 +226,23 @@ def create_app(state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | 
             raise _batch_not_found()
         now, ids = time.time(), {j.id for j in jobs}
         out = views.batch_dict(b, jobs, who, now)
-        out["links"] = {"mlflow_run": views.mlflow_run_url(src.mlflow_uri, src.experiment_id(), b.mlflow_run_id)} \
+        out["links"] = {"mlflow_run": views.mlflow_run_url(
+            src.mlflow_link, src.experiment_id() if b.mlflow_run_id else None, b.mlflow_run_id)} if who.operator else {}
+        # run links are operators'; one experiment lookup per tenant that has a run, not one per job
+        experiments = {t: src.experiment_id(t) for t in {j.tenant for j in jobs if j.mlflow_run_id}} \
             if who.operator else {}
         return {"batch": out, "jobs": [views.job_dict(j, who, now, ids, views.mlflow_run_url(
-            src.mlflow_uri, src.experiment_id(j.tenant), j.mlflow_run_id) if who.operator else None)
+            src.mlflow_link, experiments.get(j.tenant), j.mlflow_run_id) if who.operator else None)
             for j in jobs]}
 
     @app.get("/api/batches/{batch_id}/jobs/{job_id}/loss")
     def loss(batch_id: str, job_id: str, who: Who) -> dict[str, Any]:
         """The job's per-step training loss as MLflow recorded it: ``points`` are [step, loss]."""
-        job = next((j for j in visible_jobs(batch_id, who) if j.id == job_id), None)
-        if job is None:
+        try:  # the one job, not the batch's every job (a tenant's batch page asks this per job, every 2 s)
+            job = src.state.job(job_id)
+        except StateError:
+            job = None
+        if job is None or job.batch_id != batch_id or not who.sees(job.tenant):
             raise DashError(404, f"No job {job_id!r} in batch {batch_id!r} (or it is not yours).",
                             "job_not_found")
         points: list[list[float]] = []
@@ -234,12 +270,12 @@ def create_app(state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | 
         except DashError as e:
             error = e.message
         except (httpx.HTTPError, KeyError, TypeError, ValueError) as e:
-            log.warning("the Ray dashboard at %s did not answer: %s", src.ray_dashboard_url, e)
-            error = f"The Ray dashboard at {src.ray_dashboard_url} did not answer: {e}" if who.operator else \
-                "The cluster's node list is unavailable right now."
+            # httpx's text repeats the URL, credentials and all
+            why = redact_credentials(f"The Ray dashboard at {src.ray_dashboard_url} did not answer: {e}")
+            log.warning("%s", why)
+            error = why if who.operator else "The cluster's node list is unavailable right now."
         now, active, recent = time.time(), [], []
-        for b in src.state.list_batches(limit=BATCH_LIST_LIMIT, tenant=None if who.operator else who.tenant):
-            jobs = visible_jobs(b.id, who)
+        for _, jobs in listed_batches(who):
             ids = {j.id for j in jobs}
             for j in jobs:
                 if j.state in views.ACTIVE:
@@ -251,7 +287,7 @@ def create_app(state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | 
             mine = {(j["placement"] or {}).get("node_id") for j in [*active, *recent]}
             nodes = [n for n in (views.tenant_node_dict(n, who.tenant) for n in nodes) if n["node_id"] in mine]
         return {"nodes": nodes, "jobs": active, "recent_jobs": recent, "error": error,
-                "links": {"ray_dashboard": src.ray_dashboard_url} if who.operator else {}}
+                "links": {"ray_dashboard": src.ray_link} if who.operator else {}}
 
     def registry_for(who: Principal, tenant: str | None) -> dict[str, Any]:
         registry = src.registry()
@@ -262,7 +298,7 @@ def create_app(state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | 
         except Exception as e:  # noqa: BLE001 - MLflow's connection errors are not ours; say what failed
             raise unavailable(who, "The model registry", RuntimeError(
                 f"the MLflow registry at {src.mlflow_uri} is unreachable: {e}"), "registry_unavailable") from None
-        return {"tenants": views.registry_dict(items, who, src.mlflow_uri, src.experiment_id)}
+        return {"tenants": views.registry_dict(items, who, src.mlflow_link, src.experiment_id)}
 
     @app.get("/api/registry")
     def registry(who: Who) -> dict[str, Any]:

@@ -236,8 +236,15 @@ async function pageRegistry(tenant, persona, version) {
 }
 
 // shell --------------------------------------------------------------------------------------------
+// A malformed escape in the hash ("#/batches/%E0") is taken as written: decodeURIComponent throws on
+// it, and route() runs before refresh()'s try, after the poll timer was cleared, so a throw here would
+// stop the page from ever refreshing again.
+function decodePart(part) {
+  try { return decodeURIComponent(part); } catch { return part; }
+}
+
 function route() {
-  const parts = location.hash.replace(/^#\/?/, "").split("/").filter(Boolean).map(decodeURIComponent);
+  const parts = location.hash.replace(/^#\/?/, "").split("/").filter(Boolean).map(decodePart);
   return { page: parts[0] || "batches", args: parts.slice(1) };
 }
 

@@ -93,3 +93,30 @@ def test_another_database_or_no_db_goes_to_the_full_cli(tmp_path: Path, monkeypa
     assert fast_main(["status", "b1", "--json"]) == 0
     monkeypatch.setenv("ADAPTERFAB_STATE_URL", "postgresql://nobody@127.0.0.1:1/none")
     assert fast_main(["status", "b1", "--json"]) is None
+
+
+def test_a_metric_stored_as_null_is_a_dash_in_the_table(tmp_path: Path) -> None:
+    """The state DB stores a NaN or infinite metric (a diverged eval loss) as null (state.FiniteJSON):
+    the table, from either reader, formatted that None and ended in a TypeError."""
+    import io
+
+    from rich.console import Console
+
+    from adapterfab.status import NO_FIGURE, print_status
+
+    store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    store.create_batch("b1", "nightly", "spec", "", "base",
+                       [{"id": "b1.acme.pirate", "tenant": "acme", "persona": "pirate", "method": "lora",
+                         "total_steps": 10}])
+    for st in (JobState.PREPARING, JobState.TRAINING, JobState.REGISTERING):
+        store.move_job("b1.acme.pirate", st)
+    store.move_job("b1.acme.pirate", JobState.SUCCEEDED, model_version=1,
+                   metrics={"eval_loss": float("inf"), "base_eval_loss": 2.0, "retention": float("nan"),
+                            "retention_kept": None, "retention_known": 60.0})
+    for dump in (store.dump("b1"), read_sqlite(tmp_path / "state.db", "b1")):
+        assert dump["jobs"][0]["metrics"]["eval_loss"] is None
+        out = io.StringIO()
+        print_status(dump, console=Console(file=out, width=200, highlight=False))
+        row = next(line for line in out.getvalue().splitlines() if "acme/pirate" in line)
+        cells = [c.strip() for c in row.split("│")[1:-1]]
+        assert cells[5:8] == [NO_FIGURE, "2.000", f"{NO_FIGURE} ({NO_FIGURE}/60)"], cells
