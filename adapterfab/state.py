@@ -398,13 +398,11 @@ class StateStore:
 
     # jobs -------------------------------------------------------------------------------------
     def jobs(self, batch_id: str) -> list[JobView]:
-        with Session(self.engine) as s:
-            return [_view(r) for r in s.scalars(select(JobRow).where(JobRow.batch_id == batch_id)
-                                                .order_by(JobRow.tenant, JobRow.persona))]
+        return self.jobs_of_batches([batch_id]).get(batch_id, [])
 
     def jobs_of_batches(self, batch_ids: list[str], tenant: str | None = None) -> dict[str, list[JobView]]:
-        """The jobs of several batches in one query, by batch id (each batch's in the order ``jobs``
-        gives; a batch without any is absent); with ``tenant``, only that tenant's. The dashboard's lists
+        """The jobs of several batches in one query, by batch id (each batch's by tenant and persona; a
+        batch without any is absent); with ``tenant``, only that tenant's. The dashboard's lists
         of 100 batches read their jobs at once, not with a query per batch."""
         q = select(JobRow).where(JobRow.batch_id.in_(batch_ids))
         if tenant is not None:

@@ -37,6 +37,7 @@ from adapterfab.jobs.registrar import (
     Prepared,
     Registrar,
     cancel_job,
+    error_for,
     error_text,
     fail_job,
     group_error_for,
@@ -189,14 +190,12 @@ class Factory:
 
     def _fail_unqueued(self, ids: list[str] | None, e: BaseException) -> None:
         """Jobs of ``ids`` (None: the batch's) still PENDING or PREPARING and not handed to a slot fail."""
-        from types import SimpleNamespace
-
         jobs = self.ctx.state.jobs(self.ctx.batch_id)
-        named = [SimpleNamespace(jid=j.id, aid=f"{j.tenant}/{j.persona}") for j in jobs]  # (other tenants' ids
-        for j in jobs:  # the queued ones train on                        # are replaced in each one's error)
+        sharing = [(j.id, f"{j.tenant}/{j.persona}") for j in jobs]  # (other tenants' ids are replaced in each
+        for j in jobs:  # the queued ones train on                     # one's error)
             if (ids is None or j.id in ids) and j.state in (JobState.PENDING, JobState.PREPARING) \
                     and j.id not in self._queued:
-                own = group_error_for(SimpleNamespace(jid=j.id), named, e)  # type: ignore[arg-type]
+                own = error_for(j.id, sharing, e)
                 fail_job(self.ctx, j.id, j.mlflow_run_id, AdapterfabError(f"preparation failed: {own}"))
 
     def _await_first_steps(self) -> None:

@@ -60,15 +60,21 @@ def error_text(e: BaseException) -> str:
     return plain_message(e)
 
 
-def group_error_for(p: Prepared, group: list[Prepared], e: BaseException) -> AdapterfabError:
-    """A shared group's failure as one member's job records it (its tenant reads it): the other members'
-    job ids and adapter ids are replaced, so it never names another tenant's job (the log keeps all)."""
+def error_for(jid: str, sharing: list[tuple[str, str]], e: BaseException) -> AdapterfabError:
+    """A failure shared by several jobs as job ``jid`` records it (its tenant reads it): the job ids and
+    adapter ids of the others in ``sharing`` ((job id, adapter id) pairs) are replaced, so it never names
+    another tenant's job (the log keeps all)."""
     text = error_text(e)
-    for q in group:
-        if q.jid != p.jid:
-            for name in (q.jid, str(q.aid)):  # whole ids only: "b.acme.pi" is not a part of "b.acme.pirate"
+    for other, aid in sharing:
+        if other != jid:
+            for name in (other, aid):  # whole ids only: "b.acme.pi" is not a part of "b.acme.pirate"
                 text = re.sub(rf"(?<![a-z0-9./-]){re.escape(name)}(?![a-z0-9-])", "<another job of its group>", text)
     return AdapterfabError(text)
+
+
+def group_error_for(p: Prepared, group: list[Prepared], e: BaseException) -> AdapterfabError:
+    """A shared group's failure as one member's job records it: ``error_for`` over the group."""
+    return error_for(p.jid, [(q.jid, str(q.aid)) for q in group], e)
 
 
 def fail_job(ctx: BatchContext, jid: str, run_id: str | None, e: BaseException) -> None:

@@ -358,8 +358,8 @@ class TrainerPool:
             try:
                 h = _handle(name)
                 info = ray.get(h.lease.remote(self.owner, LEASE_TTL_S, self.keep_warm_s), timeout=30) if h else None
-            except Exception:  # noqa: BLE001 - it is ending or died: try the next
-                info = None
+            except Exception:  # noqa: BLE001, S110 - it is ending or died (info stays None): try the next
+                pass
             finally:
                 with self._lock:  # held before the claim goes: another slot of this pool (the same lease
                     if info is not None:  # owner, which the trainer accepts again) must not lease it too

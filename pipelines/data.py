@@ -35,11 +35,11 @@ from adapterfab.errors import DatasetError, plain_message
 from adapterfab.pipelines.rows import (
     PARSERS,
     RowError,
+    dataset_format_of,
     encode_messages,
     padded_batch,
     split_score,
 )
-from adapterfab.spec import DATASET_NAME_RULE, dataset_format
 
 UDF_NUM_CPUS = 0.5  # fractional, so reads and maps always find room next to each other on 2 CPUs
 ROWS_PER_BLOCK = 1024  # tokenize blocks: enough rows to amortise a task, enough blocks to use all CPUs
@@ -130,11 +130,7 @@ def _resolve(uri: str) -> tuple[pafs.FileSystem, str, str]:
     else:
         fs = pafs.LocalFileSystem()
         path = os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
-    fmt = dataset_format(path)  # the spec's rule: the name given decides, not a link's target
-    if fmt is None:
-        raise DatasetError(f"dataset {uri}: unsupported file type "
-                           f"{os.path.splitext(str(uri))[1] or '(none)'!r}; its name {DATASET_NAME_RULE}")
-    return fs, path, fmt
+    return fs, path, dataset_format_of(uri)  # the spec's rule: the name given decides, not a link's target
 
 
 def _sha256(fs: pafs.FileSystem, path: str, uri: str) -> tuple[str, int]:

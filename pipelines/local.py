@@ -4,26 +4,19 @@ read a JSONL file, template/tokenize/mask every good row, and batch it in a seed
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from adapterfab.errors import DatasetError
-from adapterfab.pipelines.rows import PARSERS, RowError, encode_messages, padded_batch
-from adapterfab.spec import DATASET_NAME_RULE, dataset_format
+from adapterfab.pipelines.rows import PARSERS, RowError, dataset_format_of, encode_messages, padded_batch
 
 
 def encode_file(path: str | Path, tokenizer: Any, max_seq_len: int) -> list[dict[str, list[int]]]:
     """The file's usable rows, as the data stage keeps them (pipelines/data.py): parsed by its suffix (a
     name the spec and the data stage refuse is refused here too, not read as JSONL), and a row the
     template refuses, or that keeps no assistant token within ``max_seq_len``, left out."""
-    fmt = dataset_format(str(path))
-    if fmt is None:
-        raise DatasetError(f"dataset {path}: unsupported file type "
-                           f"{os.path.splitext(str(path))[1] or '(none)'!r}; its name {DATASET_NAME_RULE}")
-    parse = PARSERS[fmt]
+    parse = PARSERS[dataset_format_of(str(path))]
     rows = []
     for entry in parse(Path(path).read_bytes()):
         if entry["error"] is not None:

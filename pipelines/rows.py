@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from adapterfab import chat
 from adapterfab.chat import IGNORE_INDEX
+from adapterfab.errors import DatasetError
 
 ROLES = ("system", "user", "assistant")
 ALPACA_KEYS = frozenset({"instruction", "input", "output", "system"})
@@ -121,6 +123,18 @@ def _without_nulls(value: Any) -> Any:
     if isinstance(value, list):
         return [_without_nulls(v) for v in value]
     return value
+
+
+def dataset_format_of(name: str) -> str:
+    """``name``'s format (``spec.dataset_format``: the name written decides), for the data stage and the
+    local reader alike; DatasetError for a name the spec refuses too."""
+    from adapterfab.spec import DATASET_NAME_RULE, dataset_format  # (spec reads no rows: imported when asked)
+
+    fmt = dataset_format(name)
+    if fmt is None:
+        raise DatasetError(f"dataset {name}: unsupported file type {os.path.splitext(name)[1] or '(none)'!r}; "
+                           f"its name {DATASET_NAME_RULE}")
+    return fmt
 
 
 def _without_hint(e: ValueError) -> str:
