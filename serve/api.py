@@ -381,9 +381,11 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
             choices = await _unless_disconnected(request, start_all())  # (a choice may wait for a row)
             if choices is None:
                 return gone
-            usage = req.stream_options is not None and req.stream_options.include_usage
+            opts = req.stream_options
+            usage = opts is not None and opts.include_usage
             watch = metrics.watch(tenant, adapter, t0)
-            return StreamingResponse(openai_format.stream(meta, choices, kind, logprobs, usage, on_error, watch),
+            return StreamingResponse(openai_format.stream(meta, choices, kind, logprobs, usage, on_error, watch,
+                                                          continuous_usage=usage and opts.continuous_usage_stats),
                                      media_type="text/event-stream", headers={**_SSE_HEADERS, **headers})
 
         async def whole() -> dict[str, Any]:

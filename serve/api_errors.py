@@ -66,7 +66,7 @@ def backend_error(exc: BaseException, model: str, tenant: str, prompt_field: str
     if isinstance(exc, InvalidGuide):
         return ApiError(400, str(exc), param="response_format", code="invalid_response_format")
     if isinstance(exc, SamplingError):  # the request's own constraints conflict (e.g. min_tokens past a guide's end)
-        return ApiError(400, str(exc), code="invalid_sampling_params")
+        return ApiError(400, str(exc), param=exc.param, code="invalid_sampling_params")
     log.error("generation failed for tenant %s model %s: %r", tenant, model, exc, exc_info=exc)
     return ApiError(500, "The server failed to generate a response; see the server log.",
                     type_="server_error", code="internal_error")

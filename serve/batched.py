@@ -284,6 +284,7 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
         import torch
 
         self.check_token_ids(prompt_ids)  # before the shared prefill, where a bad id fails every row
+        self.check_params(params)
         if len(prompt_ids) >= self.max_len:
             raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens; this engine takes at most "
                                 f"{self.max_len - 1}")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterfab.errors import AdapterfabError
-from adapterfab.serve.sampling import sample
+from adapterfab.serve.sampling import SamplingError, sample
 from adapterfab.threads import use_torch_threads
 
 log = logging.getLogger("adapterfab.serve.engine")
@@ -98,6 +98,8 @@ class TokenLogprob:
 class TextDelta:
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()  # the tokens behind this text, when the request asked
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # tokens decoded so far (for streamed usage: ``continuous_usage_stats``)
 
 
 @dataclass(frozen=True)
@@ -304,6 +306,16 @@ class TextGeneration:
             shown = str(bad) if len(str(bad)) <= 30 else str(bad)[:30] + "..."
             raise InvalidPrompt(f"token id {shown} is out of range: this model's token ids are 0 to {rows - 1}")
 
+    def check_params(self, params: SamplingParams) -> None:
+        """Refuse a ``logit_bias`` on token ids the model has none of (as vLLM does): the bias would be
+        dropped without a word."""
+        rows = self.vocab_rows()
+        bad = sorted(t for t, _ in params.logit_bias if not 0 <= t < rows)
+        if bad:
+            shown = ", ".join(str(t) if len(str(t)) <= 30 else str(t)[:30] + "..." for t in bad[:5])
+            raise SamplingError(f"logit_bias names token ids outside this model's vocabulary (0 to {rows - 1}): "
+                                f"{shown}{' ...' if len(bad) > 5 else ''}", param="logit_bias")
+
     def check_prompt_size(self, messages: list[dict[str, str]] | list[int] | str) -> None:
         """Refuse, before tokenizing it (under the replica-wide tokenizer lock), text that cannot fit:
         no token stands for more bytes than the longest vocabulary entry, and a character is at least one
@@ -370,7 +382,7 @@ class TextGeneration:
                 # a stop string counts once min_tokens are out (EOS and stop ids are masked until then)
                 text = stops.push(detok.add(token), check=n_out > params.min_tokens)
                 if text:
-                    yield TextDelta(text, tuple(pending))
+                    yield TextDelta(text, tuple(pending), len(prompt_ids), n_out)
                     pending = []
                 if stops.stopped:
                     reason = "stop"
@@ -378,8 +390,10 @@ class TextGeneration:
         finally:
             tokens.close()  # releases the engine (lock or batch row) even when the consumer stops early
         tail = stops.push(detok.flush(), check=n_out > params.min_tokens) + stops.flush()
+        if stops.stopped:  # the held-back text completed a stop string: a stop, even at max_tokens
+            reason = "stop"
         if tail:
-            yield TextDelta(tail, tuple(pending))
+            yield TextDelta(tail, tuple(pending), len(prompt_ids), n_out)
         yield Finished(reason, len(prompt_ids), n_out)
 
 
@@ -505,6 +519,7 @@ class Engine(TextGeneration):
 
         use_torch_threads(self.torch_threads)  # the caller's thread (adapterfab/threads.py)
         self.check_token_ids(prompt_ids)
+        self.check_params(params)
         if len(prompt_ids) >= self.max_positions:
             raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens; this model takes at most "
                                 f"{self.max_positions - 1}")

@@ -33,6 +33,7 @@ class Choice:
     # where a streamed completion's next token starts: advanced by each token's own text, as ``complete``
     # counts it (not by the text sent, which a stop string that may be starting holds back for a while)
     text_offset: int = 0
+    completion_tokens: int = 0  # decoded so far, as the last event said (streamed usage)
     parts: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     done: Finished | None = None
@@ -143,24 +144,32 @@ async def complete(meta: dict[str, Any], choices: list[Choice], kind: str, logpr
 
 
 async def stream(meta: dict[str, Any], choices: list[Choice], kind: str, logprobs: bool, include_usage: bool,
-                 on_error: Callable[[BaseException], ApiError], watch: Any = None) -> AsyncIterator[str]:
+                 on_error: Callable[[BaseException], ApiError], watch: Any = None,
+                 continuous_usage: bool = False) -> AsyncIterator[str]:
     """Server-sent events: chunks of every choice as they decode (interleaved), each choice's finish
-    reason, then usage (when asked) and ``[DONE]``. An error after the headers goes in-band. ``watch``
-    (``observe.Watch``) times the first text and the gaps between chunks, and counts the tokens."""
+    reason, then usage (when asked) and ``[DONE]``. With ``continuous_usage`` (vLLM's
+    ``stream_options.continuous_usage_stats``) every chunk carries its choice's usage so far. An error
+    after the headers goes in-band. ``watch`` (``observe.Watch``) times the first text and the gaps
+    between chunks, and counts the tokens."""
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
     def chunk(c: Choice, text: str | None, entries: tuple[TokenLogprob, ...] = (),
               finish: str | None = None, role: bool = False) -> str:
+        extra: dict[str, Any] = {}
+        if continuous_usage:
+            prompt = getattr(c.first, "prompt_tokens", 0)
+            extra["usage"] = {"prompt_tokens": prompt, "completion_tokens": c.completion_tokens,
+                              "total_tokens": prompt + c.completion_tokens}
         if kind == "text":
             lp = _text_logprobs(list(entries), c.text_offset) if logprobs and entries else None
             c.text_offset += sum(len(t.token) for t in entries)
             return sse({**meta, "object": obj, "choices": [{"index": c.index, "text": text or "",
-                                                            "finish_reason": finish, "logprobs": lp}]})
+                                                            "finish_reason": finish, "logprobs": lp}], **extra})
         delta: dict[str, Any] = {"role": "assistant", "content": text or ""} if role else (
             {"content": text} if text is not None else {})
         lp = _chat_logprobs(list(entries)) if logprobs and entries else None
-        return sse({**meta, "object": obj,
-                    "choices": [{"index": c.index, "delta": delta, "finish_reason": finish, "logprobs": lp}]})
+        return sse({**meta, "object": obj, "choices": [{"index": c.index, "delta": delta, "finish_reason": finish,
+                                                        "logprobs": lp}], **extra})
 
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -193,9 +202,11 @@ async def stream(meta: dict[str, Any], choices: list[Choice], kind: str, logprob
             if isinstance(ev, TextDelta):
                 if watch is not None:
                     watch.text()
+                c.completion_tokens = ev.completion_tokens
                 yield chunk(c, ev.text, ev.logprobs)
             elif isinstance(ev, Finished):
                 c.done = ev
+                c.completion_tokens = ev.completion_tokens
                 left -= 1
                 yield chunk(c, None, finish=ev.finish_reason)
         else:

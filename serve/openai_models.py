@@ -87,7 +87,7 @@ class ContentPart(_Open):
 class ChatMessage(_Open):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
-    name: str | None = None
+    # no ``name``: the chat template renders no speaker names, so a message's name is reported as ignored
     tool_calls: list[Any] | None = None
     tool_call_id: str | None = None
 

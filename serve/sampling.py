@@ -42,7 +42,15 @@ COMPACT = {"whitespace_flexible": False}
 
 
 class SamplingError(AdapterfabError):
-    """A request's next token cannot be drawn (every token masked)."""
+    """A request's next token cannot be drawn (every token masked), or its parameters do not fit the
+    model (``param`` names the request field at fault)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str | None]]:  # keeps param across Ray's pickling
+        return (type(self), (str(self), self.param))
 
 
 class InvalidGuide(AdapterfabError):

@@ -181,3 +181,70 @@ def test_stop_strings_count_only_after_min_tokens(stop: str, min_tokens: int, te
     got, done = text_of(SamplingParams(max_tokens=None, stop=(stop,), min_tokens=min_tokens))
     assert (got, done.completion_tokens) == (text, tokens)
     assert done.finish_reason == ("length" if tokens == 7 else "stop")
+
+
+class PartialTokenizer(Tokenizer):
+    """Token 2 ends in the first byte of a two-byte character: decoded last, it is "cd\ufffd" ("cd" and
+    a partial byte), so the detokenizer holds "cd" back until the end."""
+
+    def decode(self, ids: list[int], **_: Any) -> str:
+        text = super().decode(ids)
+        return text + "\ufffd" if ids and ids[-1] == 2 else text
+
+
+def test_a_stop_string_completed_by_the_held_back_text_is_a_stop() -> None:
+    """The reply reached max_tokens with "cd" still held back (a partial character); the flush at the
+    end completed the stop string "bc": the text was cut there, yet the finish reason said "length"."""
+    stub = Stub()
+    stub.tokenizer = PartialTokenizer()
+    events = list(stub.generate([1], None, SamplingParams(max_tokens=2, stop=("bc",))))
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "a"
+    assert events[-1].finish_reason == "stop" and events[-1].completion_tokens == 2
+    events = list(stub.generate([1], None, SamplingParams(max_tokens=2, stop=("zz",))))
+    assert events[-1].finish_reason == "length"
+
+
+def stream_chunks(client: TestClient, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    text = client.post(path, headers=AUTH, json={**body, "stream": True}).text
+    return [json.loads(line[6:]) for line in text.split("\n\n") if line.startswith("data: {")]
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": MSGS}), ("/v1/completions", {"prompt": "x"})])
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(path: str, body: dict[str, Any]) -> None:
+    """vLLM's ``stream_options.continuous_usage_stats``: each chunk carries its choice's usage so far
+    (it was accepted and ignored); without it (or without include_usage) only the last chunk has usage."""
+    client, _ = api()
+    body = {"model": "base", "max_tokens": 5, "stop": ["dQ"], **body}
+    chunks = stream_chunks(client, path, {**body, "stream_options": {"include_usage": True,
+                                                                      "continuous_usage_stats": True}})
+    assert all("usage" in c for c in chunks)
+    done = [c for c in chunks if not c["choices"]]
+    assert len(done) == 1 and done[0]["usage"]["completion_tokens"] == 5
+    so_far = [c["usage"]["completion_tokens"] for c in chunks if c["choices"]]
+    assert so_far == sorted(so_far) and so_far[-1] == 5 and len(set(so_far)) > 2
+    assert all(c["usage"]["prompt_tokens"] == 1 and c["usage"]["total_tokens"] == 1 + c["usage"]["completion_tokens"]
+               for c in chunks if c["choices"])
+    for opts in ({"include_usage": True}, {"continuous_usage_stats": True}):
+        chunks = stream_chunks(client, path, {**body, "stream_options": opts})
+        assert [c for c in chunks if "usage" in c] == ([c for c in chunks if not c["choices"]]
+                                                        if opts.get("include_usage") else [])
+
+
+def test_a_message_name_is_reported_as_ignored() -> None:
+    """The chat template renders no speaker names: a message's ``name`` was accepted without a word."""
+    client, _ = api()
+    r = client.post("/v1/chat/completions", headers=AUTH, json={"model": "base", "messages": [
+        {"role": "user", "content": "hi", "name": "alice"}]})
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Adapterfab-Ignored-Fields"] == "messages.0.name"
+
+
+def test_a_sampling_error_keeps_the_field_it_names_across_pickling() -> None:
+    """Replica errors reach the API pickled (Ray): the 400 for an out-of-vocabulary logit_bias names the field."""
+    import pickle
+
+    from adapterfab.serve.sampling import SamplingError
+
+    e = pickle.loads(pickle.dumps(SamplingError("bad bias", param="logit_bias")))
+    assert (str(e), e.param) == ("bad bias", "logit_bias")

@@ -91,6 +91,7 @@ def test_fields_vllm_takes_are_accepted_and_unknown_ones_named(srv: dict) -> Non
     ({"max_tokens": CAP + 1}, "max_tokens"), ({"n": 17}, "n"), ({"logit_bias": {"x": 1}}, "logit_bias"),
     ({"logit_bias": {"²": 1}}, "logit_bias"),  # a Unicode digit: str.isdigit takes it, int() did not (a 500)
     ({"logit_bias": {"9" * 5000: 1}}, "logit_bias"),
+    ({"logit_bias": {"1": 1, "99999999": 5}}, "logit_bias"),  # an id past the vocabulary (was dropped silently)
     ({"guided_choice": [f"c{i}" for i in range(1001)]}, "guided_choice"),
     ({"guided_grammar": "start: " + " | ".join(f'"{"x" * 60}{i}"' for i in range(600))}, "guided_grammar"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
