@@ -37,6 +37,7 @@ from adapterfab.jobs.registrar import (
     Prepared,
     Registrar,
     cancel_job,
+    end_unfinished,
     error_for,
     error_text,
     fail_job,
@@ -58,6 +59,8 @@ PREPARE_THREADS = 4  # MLflow round trips of preparation that overlap
 FIRST_STEP_WAIT_S = 90.0  # on CPUs, the second window waits this long at most for the first step
 AHEAD_GROUPS_PER_SLOT = 2  # prepared groups waiting per trainer slot before preparation pauses (at least)
 PROGRESS_POLL_S = 1.0
+SLOTS_GONE = ("every trainer slot of the batch stopped on an error before this job was trained; see the "
+              "orchestrator's log")
 
 
 class Factory:
@@ -87,6 +90,8 @@ class Factory:
         # slot -> the key of the trainer it holds (or is starting): other slots leave those groups to it
         self._slot_keys: dict[int, str] = {i: k for i, (k, _) in enumerate(self.early) if k is not None}
         self._zero_running = 0
+        self._slots_left = slots  # slot threads still taking groups
+        self.slots_gone = False  # every slot thread stopped with groups still to come (``_slot_ended``)
         self._queued: set[str] = set()  # jobs handed to the queue: a slot trains (or fails) them
         self.cancelled = threading.Event()  # `adapterfab cancel` asked (StateStore.cancel_batch)
         self._lock = threading.Lock()
@@ -141,18 +146,8 @@ class Factory:
         poller.join(timeout=5)
         self._poll_once()
         self._check_cancel()
-        self._fail_unfinished()
+        end_unfinished(self.ctx, self.cancelled.is_set(), SLOTS_GONE if self.slots_gone else None)
         shutil.rmtree(self.checkpoints, ignore_errors=True)
-
-    def _fail_unfinished(self) -> None:
-        """Every job ends in a terminal state: one left unfinished by a failure that escaped its own
-        handling (a bug, a lost connection) fails with a reason, never stays TRAINING for ever (a cancel: ends)."""
-        for j in self.ctx.state.jobs(self.ctx.batch_id):
-            if not j.state.terminal and self.cancelled.is_set():
-                cancel_job(self.ctx, j.id, j.mlflow_run_id)
-            elif not j.state.terminal:
-                fail_job(self.ctx, j.id, j.mlflow_run_id, AdapterfabError(
-                    f"the batch ended with this job {j.state.value}; see the orchestrator's log"))
 
     # -- prepare ----------------------------------------------------------------------------------------
     def _prepare_all(self) -> None:
@@ -162,8 +157,8 @@ class Factory:
             # as it can), then doubling up to WINDOW_JOBS
             size = sum(len(g) for g in self.groups[:self.slots])
             for n, g in enumerate(self.groups):
-                if self.cancelled.is_set():
-                    break  # the jobs not prepared stay PENDING: _fail_unfinished cancels them
+                if self.cancelled.is_set() or self.slots_gone:
+                    break  # the jobs not prepared stay PENDING: end_unfinished ends them
                 window.append(n)
                 if sum(len(self.groups[i]) for i in window) >= size or n == len(self.groups) - 1:
                     self.queue.wait_below(max(AHEAD_GROUPS_PER_SLOT * self.slots, 2), WINDOW_JOBS)
@@ -252,8 +247,8 @@ class Factory:
                 ckpt = needs_activation_checkpointing(members, [p.job for p in group],
                                                       self.ctx.spec.resources.device_memory_gb)
                 item = GroupItem(f"g{n}", group, self._spec(group[0]), ckpt)
-            if not self.queue.put(item):  # the batch was cancelled
-                self._cancel_group(item)
+            if not self.queue.put(item):  # the batch was cancelled, or no slot is left to train it
+                self._fail_group(item, AdapterfabError(SLOTS_GONE)) if self.slots_gone else self._cancel_group(item)
 
     def _prepare_on_trainer(self, requests: list[Any]) -> dict[str, Any] | None:
         """The first window prepared on a trainer already leased (a warm one: its lease came back before
@@ -293,7 +288,7 @@ class Factory:
         ctx, job = self.ctx, self.jobs[i]
         jid, aid = job_id(ctx.batch_id, job.tenant, job.persona), AdapterId(job.tenant, job.persona)
         if self.cancelled.is_set():
-            return None  # stays PENDING: _fail_unfinished cancels it
+            return None  # stays PENDING: end_unfinished cancels it
         try:
             view = ctx.state.job(jid)
             if view.state == JobState.SUCCEEDED:
@@ -387,8 +382,22 @@ class Factory:
         except BaseException:  # noqa: BLE001 - logged; the jobs it held were failed where it happened
             log.exception("trainer slot %d stopped", index)
         finally:
-            if lease is not None:
-                self.pool.release(lease, retire=self._zero_running > 0)  # else it stays warm
+            try:
+                if lease is not None:
+                    self.pool.release(lease, retire=self._zero_running > 0)  # else it stays warm
+            finally:
+                self._slot_ended()
+
+    def _slot_ended(self) -> None:
+        """The last slot thread to end with groups still to come (every slot stopped on an error of its own)
+        abandons the queue: the preparer stops waiting for room in it, and the jobs nobody will train fail."""
+        with self._lock:
+            self._slots_left -= 1
+            if self._slots_left > 0 or self.queue.drained.is_set():  # (drained: the batch's normal end, or a cancel)
+                return
+            self.slots_gone = True
+        for item in self.queue.cancel():
+            self._fail_group(item, AdapterfabError(SLOTS_GONE))
 
     def _check_cancel(self) -> None:
         """`adapterfab cancel` asked (polled with the progress): the queue stops, its groups are cancelled."""

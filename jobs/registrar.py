@@ -89,6 +89,18 @@ def fail_job(ctx: BatchContext, jid: str, run_id: str | None, e: BaseException) 
         log.exception("could not close MLflow run %s", run_id)
 
 
+def end_unfinished(ctx: BatchContext, cancelled: bool, reason: str | None = None) -> None:
+    """Every job of the batch ends in a terminal state: one left unfinished by a failure that escaped its
+    own handling (a bug, a lost connection) fails with ``reason`` (or one naming its state), never stays
+    TRAINING for ever; in a ``cancelled`` batch it ends CANCELLED."""
+    for j in ctx.state.jobs(ctx.batch_id):
+        if not j.state.terminal and cancelled:
+            cancel_job(ctx, j.id, j.mlflow_run_id)
+        elif not j.state.terminal:
+            fail_job(ctx, j.id, j.mlflow_run_id, AdapterfabError(
+                reason or f"the batch ended with this job {j.state.value}; see the orchestrator's log"))
+
+
 def cancel_job(ctx: BatchContext, jid: str, run_id: str | None = None) -> None:
     """`adapterfab cancel`: the job ends CANCELLED (its MLflow run KILLED), unless it already ended or its
     registration began (that one finishes: a version is never left half made)."""

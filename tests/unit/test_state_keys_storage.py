@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
-from adapterfab.errors import StateError, StorageError
+from adapterfab.errors import AdapterfabError, StateError, StorageError
 from adapterfab.keys import KeyStore
 from adapterfab.lifecycle import JobState
 from adapterfab.state import StateStore
@@ -78,10 +80,9 @@ def test_store_rooted_at_the_adapter_folder(tmp_path: Path) -> None:
 
 
 def test_a_factory_never_ends_a_batch_with_an_unfinished_job(tmp_path: Path) -> None:
-    import threading
     from types import SimpleNamespace
 
-    from adapterfab.jobs.factory import Factory
+    from adapterfab.jobs.registrar import end_unfinished
 
     s = _store(tmp_path)
     jobs = [{"id": f"b1.t{i}.p", "tenant": f"t{i}", "persona": "p", "method": "lora", "total_steps": 3}
@@ -92,7 +93,7 @@ def test_a_factory_never_ends_a_batch_with_an_unfinished_job(tmp_path: Path) -> 
         s.move_job(jid, JobState.PREPARING)
         s.move_job(jid, JobState.TRAINING)
     s.move_job("b1.t3.p", JobState.FAILED, error="its own reason")
-    Factory._fail_unfinished(SimpleNamespace(ctx=SimpleNamespace(batch_id="b1", state=s), cancelled=threading.Event()))
+    end_unfinished(SimpleNamespace(batch_id="b1", state=s), cancelled=False)
     after = {j.id: j for j in s.jobs("b1")}
     assert {j: v.state for j, v in after.items()} == {f"b1.t{i}.p": JobState.FAILED for i in range(4)}
     assert "ended with this job PENDING" in after["b1.t0.p"].error
@@ -102,9 +103,7 @@ def test_a_factory_never_ends_a_batch_with_an_unfinished_job(tmp_path: Path) -> 
     s.create_batch("b2", "n", "spec", "", "base", [{**j, "id": j["id"].replace("b1", "b2")} for j in jobs])
     s.move_job("b2.t1.p", JobState.PREPARING)
     s.move_job("b2.t1.p", JobState.SUCCEEDED, model_version=1)
-    cancelled = threading.Event()
-    cancelled.set()
-    Factory._fail_unfinished(SimpleNamespace(ctx=SimpleNamespace(batch_id="b2", state=s), cancelled=cancelled))
+    end_unfinished(SimpleNamespace(batch_id="b2", state=s), cancelled=True)
     assert {j.id: j.state for j in s.jobs("b2")} == {"b2.t0.p": JobState.CANCELLED, "b2.t1.p": JobState.SUCCEEDED,
                                                       "b2.t2.p": JobState.CANCELLED, "b2.t3.p": JobState.CANCELLED}
 
@@ -127,7 +126,7 @@ def test_an_unexpected_error_in_one_window_fails_that_window_only(tmp_path: Path
     f.ctx = SimpleNamespace(batch_id="b1", state=s)
     f.groups, f.slots, f.early = [[0, 1], [2], [3]], 1, []
     f.planned = [SimpleNamespace(job_id=j) for j in ids]
-    f.cancelled, f.queue, f._queued = threading.Event(), GroupQueue(), set()
+    f.cancelled, f.queue, f._queued, f.slots_gone = threading.Event(), GroupQueue(), set(), False
     seen = []
 
     def window(members: list[int], first: bool = False) -> None:
@@ -146,6 +145,59 @@ def test_an_unexpected_error_in_one_window_fails_that_window_only(tmp_path: Path
     for j in ids[:2]:
         assert after[j].error.startswith("preparation failed:") and ids[3] not in after[j].error, after[j].error
     assert f.queue.take() is None  # closed (and empty): a slot asking for a group ends at once
+
+
+def test_when_every_slot_thread_stops_the_preparer_stops_waiting_and_the_jobs_fail(tmp_path: Path) -> None:
+    """Each trainer slot is a thread that takes prepared groups from a bounded queue; the preparer waits
+    for room in it. A slot thread that stopped on an error of its own (a lost database, a bug) was gone;
+    with every slot gone, the preparer waited for ever and the batch never ended. Now the last slot to
+    stop abandons the queue: the groups waiting in it and those prepared after fail with the reason, the
+    preparer stops preparing, and the jobs never prepared fail with it too."""
+    import threading
+    from types import SimpleNamespace
+
+    from adapterfab.jobs.factory import SLOTS_GONE, Factory
+    from adapterfab.jobs.groups import GroupItem, GroupQueue
+    from adapterfab.jobs.registrar import end_unfinished
+
+    s = _store(tmp_path)
+    ids = [f"b1.t{i}.p" for i in range(5)]
+    s.create_batch("b1", "n", "spec", "", "base", [{"id": j, "tenant": f"t{i}", "persona": "p", "method": "lora",
+                                                    "total_steps": 3} for i, j in enumerate(ids)])
+    f = Factory.__new__(Factory)
+    f.ctx = SimpleNamespace(batch_id="b1", state=s, tracking=None)
+    f.groups, f.slots, f.early = [[0], [1], [2], [3], [4]], 2, []
+    f.planned = [SimpleNamespace(job_id=j) for j in ids]
+    f.cancelled, f.queue, f._queued, f._lock = threading.Event(), GroupQueue(), set(), threading.Lock()
+    f._slots_left, f.slots_gone, f._slot_keys = 2, False, {}
+    windows: list[list[int]] = []
+
+    def window(members: list[int], first: bool = False) -> None:  # a window is prepared and its groups queued
+        windows.append(members)
+        for n in members:
+            s.move_job(ids[n], JobState.PREPARING)
+            item = GroupItem(f"g{n}", [SimpleNamespace(jid=ids[n], run_id=None)], None)
+            if not f.queue.put(item):
+                f._fail_group(item, AdapterfabError(SLOTS_GONE))
+
+    def broken(index: int) -> None:
+        raise ConnectionError("the state database went away")
+
+    f._prepare_window, f._prewarm, f._await_first_steps = window, broken, lambda: None
+    with mock.patch("adapterfab.jobs.factory.AHEAD_GROUPS_PER_SLOT", 1), \
+            mock.patch("adapterfab.jobs.factory.WINDOW_JOBS", 1):
+        preparer = threading.Thread(target=f._prepare_all, daemon=True)
+        preparer.start()
+        while len(f.queue._items) < 2:  # the queue is full: the preparer waits for a slot to take a group
+            time.sleep(0.01)
+        for i in range(2):
+            f._slot(i)
+        preparer.join(timeout=10)
+    assert not preparer.is_alive(), "the preparer still waits for room in a queue nobody takes from"
+    assert f.slots_gone and windows == [[0, 1], [2]]  # the window it waited with; no more
+    end_unfinished(f.ctx, cancelled=False, reason=SLOTS_GONE)
+    assert {j.state for j in s.jobs("b1")} == {JobState.FAILED}
+    assert all(j.error == SLOTS_GONE for j in s.jobs("b1"))
 
 
 def test_key_lifecycle_list_revoke_rotate_expire(tmp_path: Path) -> None:
