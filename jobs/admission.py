@@ -1,5 +1,5 @@
 """Admission: the one check a batch passes before anything runs. The spec's outside-world checks
-(``adapterfab.spec.semantic_problems``: datasets, data roots, the base model) and the plan
+(``adapterfab.spec_checks.semantic_problems``: datasets, data roots, the base model) and the plan
 (``jobs/plan.plan_batch``: every job fits some packing), made once; the plan it returns is the one the
 batch records and the orchestrator runs. ``validate``, ``plan``, ``submit`` and ``run`` all come here."""
 
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapterfab.spec import BatchSpec, JobSpec, SpecError, semantic_problems
+from adapterfab.spec import BatchSpec, JobSpec, SpecError
+from adapterfab.spec_checks import semantic_problems
 
 
 def admit(spec: BatchSpec, jobs: list[JobSpec], dataset_exists: Any = None,

@@ -25,7 +25,7 @@ class MethodConfig(BaseModel):
     @model_validator(mode="after")
     def _target_list(self) -> MethodConfig:
         """A method's ``target_modules`` list (where it has one) names each module once, and names some;
-        which names the base has is checked against its weights (``adapterfab.spec.semantic_problems``)."""
+        which names the base has is checked against its weights (``adapterfab.spec_checks.semantic_problems``)."""
         targets = getattr(self, "target_modules", None)
         if isinstance(targets, list):
             if not targets:

@@ -14,7 +14,8 @@ import pytest
 from adapterfab.errors import DatasetError, SpecError
 from adapterfab.pipelines import data
 from adapterfab.pipelines.local import encode_file
-from adapterfab.spec import check_semantics, dataset_format, parse_spec
+from adapterfab.spec import dataset_format, parse_spec
+from adapterfab.spec_checks import check_semantics
 
 ROW = json.dumps({"instruction": "hi", "output": "yo"})
 

@@ -47,7 +47,8 @@ from adapterfab.registry import AdapterVersion
 from adapterfab.serve.api import MAX_REQUEST_BYTES, make_api
 from adapterfab.serve.backend import LocalBackend
 from adapterfab.serve.engine import AdapterRejected, Engine
-from adapterfab.spec import check_semantics, outside_data_roots, parse_spec
+from adapterfab.spec import parse_spec
+from adapterfab.spec_checks import check_semantics, outside_data_roots
 from adapterfab.state import StateStore
 
 CLI = str(Path(sys.executable).with_name("adapterfab"))

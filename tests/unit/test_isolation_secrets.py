@@ -388,7 +388,8 @@ def test_no_key_in_serving_logs_or_answers(serving: dict, caplog: pytest.LogCapt
 
 def test_no_s3_secret_in_validation_errors_logs_or_cli_output(s3_secrets: dict, tmp_path: Path,
                                                                caplog: pytest.LogCaptureFixture) -> None:
-    from adapterfab.spec import check_semantics, parse_spec
+    from adapterfab.spec import parse_spec
+    from adapterfab.spec_checks import check_semantics
     from adapterfab.storage import s3_object_error
 
     spec = {"version": 1, "name": "s", "tenants": [{"tenant": "acme", "persona": "p",

@@ -99,7 +99,8 @@ def test_a_module_the_shape_table_does_not_know_leaves_the_estimate_open(tiny_mo
     import shutil
 
     from adapterfab.jobs.plan import plan_batch
-    from adapterfab.spec import parse_spec, semantic_problems
+    from adapterfab.spec import parse_spec
+    from adapterfab.spec_checks import semantic_problems
 
     base = tmp_path / "bin-only"
     shutil.copytree(tiny_model_path, base)

@@ -183,7 +183,8 @@ def test_an_s3_base_model_folder_is_downloaded_once_as_any_tool_uploaded_it(
     import threading
 
     from adapterfab.basemodel import fingerprint, resolve_base_model
-    from adapterfab.spec import parse_spec, semantic_problems
+    from adapterfab.spec import parse_spec
+    from adapterfab.spec_checks import semantic_problems
     from adapterfab.storage import s3_client, s3_object_error
 
     client = s3_client()

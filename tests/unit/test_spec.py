@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from adapterfab.errors import SpecError
-from adapterfab.spec import check_semantics, load_spec, parse_spec
+from adapterfab.spec import load_spec, parse_spec
+from adapterfab.spec_checks import check_semantics
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -235,7 +236,7 @@ def test_an_empty_or_repeated_target_list_is_refused_and_a_bad_default_is_said_o
 def test_target_modules_and_lora_xs_rank_are_checked_against_the_bases_weights(smollm2_path: str) -> None:
     """A typo in target_modules used to crash `validate` (KeyError in the planner) or, for LoRA-XS, pass
     and fail at training; LoRA-XS's r above a layer's rank failed in its SVD."""
-    from adapterfab.spec import semantic_problems
+    from adapterfab.spec_checks import semantic_problems
 
     two = [{"tenant": "acme", "persona": p, "dataset": "d.jsonl"} for p in ("pirate", "butler")]
     for name in ("lora", "qlora", "lora_xs"):
