@@ -95,10 +95,11 @@ def fact_span(answer: str, accepted: list[str]) -> tuple[int, int] | None:
 
 
 def prompt_ids(tokenizer: Any, question: str) -> list[int]:
-    """A user prompt through the chat template, up to where the assistant's answer starts."""
-    head = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                         tokenize=True)
-    return list(head if isinstance(head, list) else head["input_ids"])
+    """A user prompt through the chat template, up to where the assistant's answer starts, tokenized as
+    serving tokenizes it (``chat.encode_prompt``): retention measures the adapter on the prompts it serves."""
+    from adapterfab.chat import encode_prompt
+
+    return encode_prompt([{"role": "user", "content": question}], tokenizer)
 
 
 def forced_row(tokenizer: Any, question: str, accepted: list[str], base_answer: str) -> dict[str, Any] | None:

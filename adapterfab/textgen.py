@@ -17,23 +17,27 @@ def greedy_answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int =
 def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 40,
                    opening: str = "") -> list[str]:
     """Greedy answers to many user prompts in one left-padded ``generate`` (rows that end early are padded);
-    one prompt alone has no padding, so its answer is the same as generating it by itself. ``opening``:
-    text every answer is forced to start with (not part of the returned answer)."""
+    one prompt alone has no padding, so its answer is the same as generating it by itself. Each prompt is
+    tokenized as serving tokenizes it (``chat.encode_prompt``: template pieces and contents apart), and
+    padded with ``pad_token_id`` (a tokenizer without a pad token, as Llama's, has none to pad with).
+    ``opening``: text every answer is forced to start with (not part of the returned answer)."""
     import torch
 
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                           tokenize=False) + opening for p in prompts]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues every row from its last real token
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
-    pad = pad_token_id(tokenizer)
-    enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
+    from adapterfab.chat import encode_prompt
+
+    forced = tokenizer.encode(opening, add_special_tokens=False) if opening else []
+    rows = [encode_prompt([{"role": "user", "content": p}], tokenizer) + forced for p in prompts]
+    pad, width = pad_token_id(tokenizer), max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):  # left padding: generation continues every row from its last real token
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    device = next(model.parameters()).device
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    return [tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 
 
 def greedy_in_batches(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 40,

@@ -136,12 +136,17 @@ def retention_of(peft_model: Any, tokenizer: Any, probes: list[dict], cache: str
 
     t0 = time.monotonic()
     answers = retention.AnswerCache.of(cache, base_path, peft_model)
-    with peft_model.disable_adapter():
-        real = [r for r in retention.probe_rows(peft_model, tokenizer, probes, answers, together) if r is not None]
-    pad = pad_token_id(tokenizer)
-    with peft_model.disable_adapter():
-        base_ok = forced_retention(peft_model, real, pad)
-    mine = forced_retention(peft_model, real, pad)
+    training = peft_model.training  # trained just now: dropout would make the base's answers random
+    peft_model.eval()
+    try:
+        with peft_model.disable_adapter():
+            real = [r for r in retention.probe_rows(peft_model, tokenizer, probes, answers, together) if r is not None]
+        pad = pad_token_id(tokenizer)
+        with peft_model.disable_adapter():
+            base_ok = forced_retention(peft_model, real, pad)
+        mine = forced_retention(peft_model, real, pad)
+    finally:
+        peft_model.train(training)
     known = [bool(m) for b, m in zip(base_ok, mine) if b]
     return retention.metrics(len(probes), len(known), sum(known), time.monotonic() - t0)
 

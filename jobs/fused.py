@@ -485,8 +485,9 @@ class FusedTrainer(FusedEvaluation):
                 t_rows = time.monotonic()
                 try:
                     asked = a.job.probe_rows()
-                except Exception as e:  # noqa: BLE001 - the job keeps its adapter; the gate says none was measured
+                except Exception as e:  # noqa: BLE001 - the job keeps its adapter; the gate refuses it (NaN)
                     warnings.warn(f"job {a.job.job_id}: retention not measured: {e}", stacklevel=2)
+                    metrics[a.job.job_id]["retention"] = math.nan
                 rows_s += time.monotonic() - t_rows
             if asked is not None:
                 rows = [r for r in asked if r is not None]
@@ -511,9 +512,12 @@ class FusedTrainer(FusedEvaluation):
             row_ok = self.forced_many(forced) if forced else []
         except Exception as e:  # noqa: BLE001 - as above, for the whole group
             warnings.warn(f"retention not measured for this group: {e}", stacklevel=2)
+            for jid in probes:
+                metrics[jid]["retention"] = math.nan
             probes, base_rows = {}, {}
         forced_s = time.monotonic() - t_forced
-        for key, i in base_sets.items():
+        base_of = {key: got[base_sets[key]] if key in base_sets else self._base_evals[key] for _, key in want.values()}
+        for key, i in base_sets.items():  # (this group's figures were read above: an eviction cannot lose them)
             if len(self._base_evals) >= 1024:
                 self._base_evals.pop(next(iter(self._base_evals)))
             self._base_evals[key] = got[i]
@@ -529,7 +533,7 @@ class FusedTrainer(FusedEvaluation):
             if a.job.job_id in want:
                 i, key = want[a.job.job_id]
                 m.update(got[i])
-                m.update({f"base_{k}": v for k, v in self._base_evals[key].items()})
+                m.update({f"base_{k}": v for k, v in base_of[key].items()})
             if a.job.job_id in probes:
                 i, asked, keys = probes[a.job.job_id]
                 known = [ok for k, ok in zip(keys, row_ok[i]) if self._base_forced.get(k)]

@@ -5,6 +5,7 @@ step counts, learning rates and early stop leave the batch on their own."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -756,7 +757,8 @@ def test_retention_passes_are_sized_by_padded_tokens() -> None:
 
 def test_a_retention_measure_that_fails_costs_the_job_nothing_else(tiny_model_path: str, data: dict) -> None:
     """Retention rows that cannot be made (here: raising) leave the job its adapter and eval figures,
-    with no retention figures, so the gate says none was measured; the other job is measured."""
+    with a retention of NaN, which the gate refuses (a version whose measurement failed is not one
+    measured without probes); the other job is measured."""
     cfg = get_method("lora").config_cls(r=4, alpha=8, dropout=0.0)
     trainer = FusedTrainer(_base(tiny_model_path), "lora", cfg.resolved_targets(), cfg.r)
 
@@ -768,5 +770,6 @@ def test_a_retention_measure_that_fails_costs_the_job_nothing_else(tiny_model_pa
         got = {r.job_id: r for r in trainer.train([_job("pirate", cfg, data, probe_rows=broken),
                                                   _job("robot", cfg, data, probe_rows=lambda: rows + [None])])}
     assert got["j-pirate"].error is None and "eval_loss" in got["j-pirate"].metrics
-    assert not any(k.startswith("retention") for k in got["j-pirate"].metrics)
+    assert [k for k in got["j-pirate"].metrics if k.startswith("retention")] == ["retention"]
+    assert math.isnan(got["j-pirate"].metrics["retention"])
     assert got["j-robot"].metrics["retention_probes"] == 2 and "retention_known" in got["j-robot"].metrics
