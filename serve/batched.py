@@ -150,6 +150,14 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.max_len = min(max_len, int(getattr(cfg, "max_position_embeddings", max_len) or max_len))
+        # this engine's attention sees every earlier position; a base trained with a sliding window (Mistral;
+        # Qwen2 when use_sliding_window) sees the last ``window`` only: the two agree on sequences within it
+        window = getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" or \
+            getattr(cfg, "use_sliding_window", False) else None
+        if window and int(window) < self.max_len:
+            log.warning("the base attends over a sliding window of %d tokens: sequences are limited to it "
+                        "(max_len %d -> %d)", window, self.max_len, int(window))
+            self.max_len = int(window)
         self.max_batch, self.max_adapters, self.max_rank = max_batch, max_adapters, max_rank
         # fair admission: waiting requests are admitted tenant by tenant (the tenant holding the fewest
         # rows first), and one tenant holds at most this many rows, so others always find one free
