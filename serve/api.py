@@ -71,7 +71,8 @@ def ignored_header(names: list[str], limit: int = 1000) -> str:
 
 class RateLimiter:
     """Per-tenant token buckets: ``rps`` requests per second on average, bursts of up to ``burst``;
-    ``per_tenant`` overrides the rate for named tenants. In-process: with several ingress replicas
+    ``per_tenant`` overrides the rate for named tenants. A generation request costs one token per
+    generation it asks for (prompts × n; at most ``burst``). In-process: with several ingress replicas
     each enforces its own share."""
 
     def __init__(self, rps: float, burst: int = 20, per_tenant: dict[str, float] | None = None,
@@ -79,17 +80,19 @@ class RateLimiter:
         self.rps, self.burst, self.per_tenant, self.clock = rps, burst, dict(per_tenant or {}), clock
         self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, last refill)
 
-    def check(self, tenant: str) -> float:
-        """0 when the request may go now, else the seconds until it may (nothing is consumed then)."""
+    def check(self, tenant: str, cost: float = 1.0) -> float:
+        """0 when the request may go now (``cost`` tokens are taken), else the seconds until it may (nothing
+        is consumed then)."""
         rate = self.per_tenant.get(tenant, self.rps)
+        cost = min(float(cost), float(self.burst))  # a request the bucket can never hold would never go
         now = self.clock()
         tokens, last = self._buckets.get(tenant, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - last) * rate)
-        if tokens >= 1.0:
-            self._buckets[tenant] = (tokens - 1.0, now)
+        if tokens >= cost:
+            self._buckets[tenant] = (tokens - cost, now)
             return 0.0
         self._buckets[tenant] = (tokens, now)
-        return (1.0 - tokens) / rate if rate > 0 else 60.0
+        return (cost - tokens) / rate if rate > 0 else 60.0
 
 
 _UNION_TAG = re.compile(r"^(str|int|float|bool|dict|list|none|[A-Z]\w*|.*\[.*)$")
@@ -267,8 +270,8 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
         limit(tenant)  # every route a tenant reaches counts against its rate
         return tenant
 
-    def limit(tenant: str) -> None:
-        wait = rate_limit.check(tenant) if rate_limit is not None else 0.0
+    def limit(tenant: str, cost: float = 1.0) -> None:
+        wait = rate_limit.check(tenant, cost) if rate_limit is not None else 0.0
         if wait > 0:
             metrics.rate_limited.labels(tenant).inc()
             raise ApiError(429, f"Rate limit reached for tenant {tenant}; retry in {wait:.1f} s.", type_="requests",
@@ -326,6 +329,9 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
             params = dataclasses.replace(req.sampling(max_tokens_cap), tenant=tenant)
             if len(prompts) * req.choices_per_prompt > MAX_CHOICES:
                 raise FieldError("n", f"At most {MAX_CHOICES} choices per request (prompts × n).", "invalid_value")
+            # the rate counts generations: one token each (the way in took the first), at most the burst
+            if rate_limit is not None and len(prompts) * req.choices_per_prompt > 1:
+                limit(tenant, min(len(prompts) * req.choices_per_prompt, rate_limit.burst) - 1)
             if params.guide is not None:
                 await asyncio.to_thread(grammar_of, params.guide)  # a bad schema: a 400 before any work; off the loop
         except ValidationError as e:

@@ -248,3 +248,27 @@ def test_a_sampling_error_keeps_the_field_it_names_across_pickling() -> None:
 
     e = pickle.loads(pickle.dumps(SamplingError("bad bias", param="logit_bias")))
     assert (str(e), e.param) == ("bad bias", "logit_bias")
+
+
+def test_a_request_for_many_generations_costs_one_token_of_the_rate_each() -> None:
+    """Rate limits counted requests: one request of 4 prompts × n=16 (64 generations) cost what one
+    generation did. Now each generation takes a token (at most the burst, so such a request can ever go)."""
+    from adapterfab.serve.api import RateLimiter
+
+    now = [0.0]
+    backend = Backend()
+    limiter = RateLimiter(rps=1.0, burst=10, clock=lambda: now[0])
+    client = TestClient(make_api(backend, lambda key: "acme" if key == "k" else None,  # type: ignore[arg-type]
+                                 lambda aid: None, rate_limit=limiter))
+
+    def ask(n: int, prompts: int = 1) -> int:
+        body = {"model": "base", "prompt": ["x"] * prompts, "n": n, "max_tokens": 1}
+        return client.post("/v1/completions", headers=AUTH, json=body).status_code
+
+    assert ask(4) == 200 and ask(4) == 200  # 8 of 10 tokens
+    r = client.post("/v1/completions", headers=AUTH, json={"model": "base", "prompt": "x", "n": 4, "max_tokens": 1})
+    # 2 left: its way in took 1 (as every request's does), and 3 more were 2 s away at 1/s
+    assert r.status_code == 429 and int(r.headers["retry-after"]) == 2
+    assert ask(1) == 200 and ask(1) == 429  # a single generation still goes while a token lasts
+    now[0] = 100.0  # full again: a request of 64 generations costs the whole burst, not more
+    assert ask(16, prompts=4) == 200 and ask(1) == 429
