@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from adapterfab.cli_common import _fail, _need_mlflow, _print_json, _registry, _settings, err, out
+from adapterfab.cli_common import EXIT_INVALID, _fail, _need_mlflow, _print_json, _registry, _settings, err, out
 from adapterfab.errors import AdapterfabError, InvalidId
 
 registry_app = typer.Typer(no_args_is_help=True, help="Registered adapters (MLflow registry).")
@@ -87,16 +87,17 @@ def registry_promote(adapter: str = typer.Argument(..., help="TENANT/PERSONA"),
             raise InvalidId(f"name the adapter as TENANT/PERSONA and the version apart: "
                             f"`registry promote {named.unversioned()} {version}`")
         aid = named.unversioned()
+        gated = check_alias(alias) == PRODUCTION
+        try:  # bad options are bad input (exit 2), found before MLflow is asked anything
+            policy = Policy(metric, margin, relative_margin, min_retention) if gated else None
+        except ValueError as e:
+            _fail(e, EXIT_INVALID)
         registry = _registry(s)
         v = registry.get(aid.with_version(version))
-        if check_alias(alias) != PRODUCTION:
+        if not gated:
             v = registry.set_alias(aid, alias, version)
             decision = None
         else:
-            try:
-                policy = Policy(metric, margin, relative_margin, min_retention)
-            except ValueError as e:
-                raise AdapterfabError(str(e)) from None
             if force:
                 decision = Decision(True, "forced by `registry promote --force`", metric, None)
             else:

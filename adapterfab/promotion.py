@@ -127,29 +127,32 @@ def decide(policy: Policy, metrics: dict[str, object], production: tuple[int, fl
     return Decision(True, "; ".join([reason, *notes]), m, value, refs)
 
 
-def decide_over(policy: Policy, metrics: dict[str, object], prod: Any) -> Decision:
-    """``decide`` against ``prod``, the current production version (a registry version: its id and
-    metrics), or None when there is none."""
+def decide_over(policy: Policy, metrics: dict[str, object], prod: Any, eval_sha256: str | None = None,
+                version: Any = None) -> Decision:
+    """``decide`` against ``prod``, the current production version (a registry version: its id, tags and
+    metrics), or None when there is none, with the rule that figures measured on different eval rows
+    (``eval_sha256``: the candidate's ``adapterfab.eval_sha256``) are not compared: such a candidate is
+    refused even when it beats the base, and promoted only by hand. ``version``: the candidate's id, named
+    in that advice; None while it does not exist yet (``promote: auto`` decides before registering)."""
+    theirs = None if prod is None else prod.tags.get("adapterfab.eval_sha256")
+    if eval_sha256 and theirs and eval_sha256 != theirs:  # figures on different rows say nothing of each other
+        against_base = decide(policy, metrics, None)
+        if not against_base.promoted:
+            return against_base
+        how = (f"`adapterfab registry promote {version.unversioned()} {version.version} --force`" if version else
+               f"`adapterfab registry promote {prod.id.unversioned()} VERSION --force` with this version's number")
+        return Decision(False, f"production v{prod.id.version} was evaluated on other rows than this version (a "
+                               f"different eval split), so their {policy.metric} figures cannot be compared; "
+                               f"{against_base.reason}. Promote it by hand after review ({how})",
+                        policy.metric, against_base.value, against_base.references)
     return decide(policy, metrics, None if prod is None else (prod.id.version, prod.metrics.get(policy.metric)))
 
 
 def gate_decision(registry: Any, version: Any, metrics: dict[str, Any], policy: Policy) -> Decision:
     """The promotion decision for ``version`` (a registry version: its id, tags and metrics) against the
-    base and ``registry``'s current production version: ``decide``, plus the rule that figures measured
-    on different eval rows (``adapterfab.eval_sha256``) are not compared. Used by ``registry promote``; a
-    batch's ``promote: auto`` decides inside the registration (``decide_over``, jobs/registrar.py)."""
+    base and ``registry``'s current production version: ``decide_over``, as a batch's ``promote: auto``
+    decides inside the registration (jobs/registrar.py). Used by ``registry promote``."""
     prod = registry.production(version.id)
     if prod is not None and prod.id.version == version.id.version:
         prod = None
-    if prod is not None:
-        mine, theirs = (v.tags.get("adapterfab.eval_sha256") for v in (version, prod))
-        if mine and theirs and mine != theirs:  # figures measured on different rows say nothing of each other
-            against_base = decide(policy, metrics, None)
-            if not against_base.promoted:
-                return against_base
-            return Decision(False, f"production v{prod.id.version} was evaluated on other rows than this "
-                                   f"version (a different eval split), so their {policy.metric} figures cannot "
-                                   f"be compared; {against_base.reason}. Promote it by hand after review "
-                                   f"(`adapterfab registry promote {version.id.unversioned()} {version.id.version} "
-                                   "--force`)", policy.metric, against_base.value, against_base.references)
-    return decide_over(policy, metrics, prod)
+    return decide_over(policy, metrics, prod, version.tags.get("adapterfab.eval_sha256"), version.id)

@@ -6,7 +6,7 @@ with ``create_model_version(source=<run artifact uri>/adapter)``."""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import threading
 import time
@@ -20,6 +20,7 @@ from adapterfab import faults
 from adapterfab.errors import AdapterNotFound, RegistryError
 from adapterfab.ids import CANDIDATE, PRODUCTION, AdapterId, check_id
 from adapterfab.mlflow_client import TAG, client, import_mlflow, mlflow_errors, not_found, stores, transient, with_retry
+from adapterfab.registry_history import ProductionHistory
 
 log = logging.getLogger("adapterfab.registry")
 
@@ -125,10 +126,11 @@ class RegisteredAdapter:
         raise AdapterNotFound(f"no adapter {aid}")
 
 
-class Registry:
+class Registry(ProductionHistory):
     """The model registry. ``retry_s`` > 0: every call rides out an MLflow outage of up to that long.
     ``index``: the catalogue in the state database (adapterfab/registry_index.py) that this registry
-    keeps up to date with its own changes and that ``list`` reads once it is complete."""
+    keeps up to date with its own changes and that ``list`` reads once it is complete. Production history,
+    rollback and the repair of interrupted registrations: ``ProductionHistory`` (adapterfab/registry_history.py)."""
 
     def __init__(self, uri: str, retry_s: float = 0.0, index: Any = None):
         self.uri, self.retry_s, self.index = uri, retry_s, index
@@ -155,10 +157,29 @@ class Registry:
             fn(self.index)
         except Exception as e:  # noqa: BLE001 - the catalogue is a cache of MLflow, never the record
             log.warning("the registry catalogue missed %s (%s); the next listing rebuilds it from MLflow", what, e)
-            try:
-                self.index.invalidate()
-            except Exception:  # noqa: BLE001
-                log.exception("cannot mark the registry catalogue incomplete")
+            self._invalidate()
+
+    def _invalidate(self) -> None:
+        """Mark the catalogue incomplete: the next full listing rebuilds it from MLflow."""
+        if self.index is None:
+            return
+        try:
+            self.index.invalidate()
+        except Exception:  # noqa: BLE001
+            log.exception("cannot mark the registry catalogue incomplete")
+
+    @contextlib.contextmanager
+    def _moved(self, what: Any) -> Iterator[None]:
+        """The rest of a change MLflow already took part of (a version made, an alias moved): should it
+        fail, the catalogue is marked incomplete before the error goes on, as it may now say complete
+        without that part (serving and ``registry ls`` read it)."""
+        try:
+            yield
+        except BaseException:
+            log.warning("%s: a registry change failed half made; the catalogue is rebuilt at the next listing",
+                        what)
+            self._invalidate()
+            raise
 
     def _catalogue_adapter(self, aid: AdapterId) -> None:
         """Re-read one adapter (its aliases and versions) from MLflow into the catalogue."""
@@ -193,9 +214,12 @@ class Registry:
         vtags[TAG + "request"] = token
         raw = getattr(self.client, "client", self.client)
 
+        def made() -> list[Any]:
+            return raw.search_model_versions(f"name='{name}' and tags.`{TAG}request` = '{token}'")
+
         def created() -> Any:
-            mvs = raw.search_model_versions(f"name='{name}' and tags.`{TAG}request` = '{token}'")
-            return mvs[0] if mvs else None
+            mvs = made()
+            return min(mvs, key=lambda m: int(m.version)) if mvs else None
 
         from mlflow.entities.model_registry import ModelVersionTag
 
@@ -203,16 +227,39 @@ class Registry:
         mv = with_retry(lambda: store.create_model_version(name, source, run_id,
                                                            tags=[ModelVersionTag(k, v) for k, v in vtags.items()]),
                         "create_model_version", self.retry_s, before_retry=created)
-        for alias in aliases:
-            self._alias(name, alias, mv.version)
-        if fetch:
-            v = self.get(aid.with_version(int(mv.version)))
-        else:
-            v = AdapterVersion(aid.unversioned().with_version(int(mv.version)), source, run_id, vtags, tuple(aliases),
-                               (getattr(mv, "creation_timestamp", None) or time.time() * 1000) / 1000)
+        with self._moved(aid.with_version(int(mv.version))):
+            mv = self._one_version(name, mv, with_retry(made, "search_model_versions", self.retry_s))
+            for alias in aliases:
+                self._alias(name, alias, mv.version)
+            if fetch:
+                v = self.get(aid.with_version(int(mv.version)))
+            else:
+                made_s = (getattr(mv, "creation_timestamp", None) or time.time() * 1000) / 1000
+                v = AdapterVersion(aid.unversioned().with_version(int(mv.version)), source, run_id, vtags,
+                                   tuple(aliases), made_s)
         if catalogue:
             self._catalogue(str(v.id), lambda index: index.add_version(v))
         return v
+
+    def _one_version(self, name: str, mv: Any, made: list[Any]) -> Any:
+        """The one version a create made (``made``: every version with its request token). MLflow's HTTP
+        session re-sends a create whose answer was lost (a dropped connection, a gateway's 5xx) beneath
+        ``with_retry``'s lookup, and the server made a version per send: the lowest stays, the others
+        are deleted before any alias or the catalogue names them."""
+        if len(made) <= 1:
+            return mv
+        keep, *extra = sorted(made, key=lambda m: int(m.version))
+        _, store = stores(self.client)
+        for m in extra:
+            log.warning("%s: version %s is a re-sent create's duplicate of version %s; deleting it",
+                        name, m.version, keep.version)
+            try:
+                with_retry(lambda m=m: store.delete_model_version(name, str(m.version)), "delete_model_version",
+                           self.retry_s)
+            except mlflow_errors() as e:
+                if not not_found(e):  # a re-sent delete: gone already
+                    raise
+        return keep
 
     def get(self, aid: AdapterId) -> AdapterVersion:
         """The version ``aid`` names exactly (version or alias)."""
@@ -308,11 +355,11 @@ class Registry:
 
     def set_alias(self, aid: AdapterId, alias: str, version: int) -> AdapterVersion:
         self.get(aid.unversioned().with_version(version))  # exists?
+        had_production = alias == PRODUCTION and PRODUCTION in self._aliases(aid)
         self.client.set_registered_model_alias(aid.registry_name, alias, str(version))
-        if alias == PRODUCTION:
-            history = self.production_history(aid)
-            if not history or history[-1] != version:
-                self._set_history(aid, [*history, version])
+        with self._moved(aid):
+            if alias == PRODUCTION:
+                self._record_production(aid, version, had_production)
         self._catalogue_adapter(aid)
         return self.get(aid.unversioned().with_version(version))
 
@@ -323,44 +370,19 @@ class Registry:
         if catalogue:
             self._catalogue_adapter(v.id)
 
-    # production history: every version production pointed at, in order, for rollback -----------
-    def production_history(self, aid: AdapterId) -> list[int]:
-        try:
-            rm = self.client.get_registered_model(aid.registry_name)
-        except mlflow_errors() as e:
-            if transient(e):  # an empty history would overwrite the real one
-                raise RegistryError(f"the MLflow registry at {self.uri} is unreachable: {e}") from e
-            return []
-        raw = (rm.tags or {}).get(TAG + "production_history", "")
-        try:
-            return [int(v) for v in json.loads(raw)] if raw else []
-        except (ValueError, TypeError):
-            return []
-
-    def _set_history(self, aid: AdapterId, history: list[int]) -> None:
-        self.client.set_registered_model_tag(aid.registry_name, TAG + "production_history",
-                                             json.dumps(history[-200:]))
-
-    def production(self, aid: AdapterId) -> AdapterVersion | None:
-        try:
-            return self.get(aid.unversioned().with_alias(PRODUCTION))
-        except AdapterNotFound:
-            return None
-
     def _alias(self, name: str, alias: str, version: Any) -> None:
         """Point ``alias`` at ``version`` of a model this factory registered (never a prompt)."""
         _, store = stores(self.client)
         with_retry(lambda: store.set_registered_model_alias(name, alias, str(version)), "set_alias", self.retry_s)
 
-    def _ensure_model(self, aid: AdapterId, extra_tags: dict[str, str] | None = None) -> bool:
-        """The registered model of ``aid`` exists afterwards; True when this call created it (with
-        ``extra_tags``; it then has no versions or aliases yet)."""
+    def _ensure_model(self, aid: AdapterId) -> bool:
+        """The registered model of ``aid`` exists afterwards; True when this call created it (it then has
+        no versions or aliases yet)."""
         name = aid.registry_name
         if name in self._models:
             return False
         try:
-            self.client.create_registered_model(name, tags={TAG + "tenant": aid.tenant, TAG + "persona": aid.persona,
-                                                            **(extra_tags or {})})
+            self.client.create_registered_model(name, tags={TAG + "tenant": aid.tenant, TAG + "persona": aid.persona})
             created = True
         except mlflow_errors() as e:
             if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code if hasattr(e, "error_code") else e):
@@ -373,84 +395,32 @@ class Registry:
                        decide: Callable[[AdapterVersion | None], Any] | None) -> tuple[AdapterVersion, Any]:
         """``register`` with the promotion gate decided first, against the current production version
         (``decide(production) -> Decision``, None: no gate): the decision's tags go into the version as
-        it is made and ``production`` moves to it when promoted, with no extra tag writes. A model this
-        call creates has no production version and no history to read. Returns (the version, the
-        decision or None)."""
-        # a model made here has no production version: its gate is decided before it exists, and when
-        # version 1 is promoted the model is created with that production history already
-        first = decide(None) if decide is not None else None
-        history_tag = {TAG + "production_history": "[1]"} if first is not None and first.promoted else None
-        new_model = self._ensure_model(aid, history_tag)
-        decision = first if new_model else (decide(self.production(aid)) if decide is not None else None)
+        it is made and ``production`` moves to it when promoted. A model this call creates has no
+        production version to read. The history is written only once ``production`` moved (written
+        before, a failed registration left a version in it that never was production). Returns (the
+        version, the decision or None)."""
+        new_model = self._ensure_model(aid)
+        prod = self.production(aid) if decide is not None and not new_model else None
+        decision = decide(prod) if decide is not None else None
         if decision is not None:
             tags = {**tags, **decision.tags()}
         v = self.register(aid, source, run_id, tags, fetch=False, catalogue=False)
         faults.reached("REGISTERED")
         if decision is not None and decision.promoted:
-            self._alias(aid.registry_name, PRODUCTION, v.id.version)
-            if new_model and history_tag:  # created with history [1]: right unless a race took version 1
-                if v.id.version != 1:
-                    self._set_history(aid, [v.id.version])
-            else:
-                history = self.production_history(aid)
-                if not history or history[-1] != v.id.version:
-                    self._set_history(aid, [*history, v.id.version])
+            with self._moved(v.id):  # made, with candidate: not yet in the catalogue
+                self._alias(aid.registry_name, PRODUCTION, v.id.version)
+                self._record_production(aid, v.id.version, prod is not None)
             v = AdapterVersion(v.id, v.source, v.run_id, v.tags, (*v.aliases, PRODUCTION), v.created_s)
         self._catalogue(str(v.id), lambda index: index.add_version(v))
         return v, decision
-
-    def complete_promotion(self, v: AdapterVersion) -> AdapterVersion:
-        """Finish what ``register_gated`` began when its process died between writing ``v`` and moving
-        ``production``: a version the gate promoted (its ``promotion.decision`` tag) becomes production,
-        at the end of the history, unless production is already on it or on a newer version (a later
-        decision stands)."""
-        from adapterfab.promotion import PROMOTED
-
-        if v.tags.get(TAG + "promotion.decision") != PROMOTED or PRODUCTION in v.aliases:
-            return v
-        aid = v.id.unversioned()
-        current = self.production(aid)
-        if current is not None and current.id.version >= v.id.version:
-            return v
-        log.info("%s: its promotion was interrupted; completing it", v.id)
-        self._alias(aid.registry_name, PRODUCTION, v.id.version)
-        history = self.production_history(aid)
-        if not history or history[-1] != v.id.version:
-            self._set_history(aid, [*history, v.id.version])
-        self._catalogue_adapter(aid)
-        return AdapterVersion(v.id, v.source, v.run_id, v.tags, (*v.aliases, PRODUCTION), v.created_s)
 
     def promote(self, v: AdapterVersion, decision: Any) -> AdapterVersion:
         """Record ``decision`` (a promotion.Decision) on ``v``; move production to it if promoted."""
         self.set_version_tags(v, decision.tags(), catalogue=not decision.promoted)
         if decision.promoted:
-            return self.set_alias(v.id, PRODUCTION, v.id.version)
+            with self._moved(v.id):  # the decision's tags are in MLflow, not yet in the catalogue
+                return self.set_alias(v.id, PRODUCTION, v.id.version)
         return self.get(v.id)
-
-    def rollback(self, aid: AdapterId, reason: str = "rollback") -> tuple[int, int]:
-        """Move production back to the version it pointed at before the current one.
-        Returns (from_version, to_version); the rolled-back version records why."""
-        aid = aid.unversioned()
-        current = self.production(aid)
-        if current is None:
-            raise AdapterNotFound(f"{aid} has no production version to roll back")
-        cur = current.id.version
-        history = self.production_history(aid)
-        while history and history[-1] == cur:
-            history.pop()
-        existing = {v.id.version for v in self.versions(aid)}
-        while history and history[-1] not in existing:
-            history.pop()  # deleted versions cannot come back
-        if not history:
-            raise RegistryError(f"{aid}@production is v{cur} and no earlier production version is recorded")
-        target = history[-1]
-        self.client.set_registered_model_alias(aid.registry_name, PRODUCTION, str(target))
-        self._set_history(aid, history)
-        self.set_version_tags(current, {"promotion.decision": "rolled_back",
-                                        "promotion.reason": f"{reason}: production moved back to v{target}",
-                                        "promotion.decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                              time.gmtime())})  # catalogued
-        return cur, target
 
     def list(self, tenant: str | None = None, refresh: bool = False) -> list[RegisteredAdapter]:
         """Every registered adapter (of ``tenant``) with its versions and aliases: from the catalogue

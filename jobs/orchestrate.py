@@ -251,12 +251,13 @@ def _close_orphan_run(ctx: BatchContext, run_id: str, if_running: bool = False) 
 
 def _finish_if_registered(ctx: BatchContext, jid: str, aid: AdapterId) -> bool:
     """Exactly once: a job whose version was registered (its ``job_id`` tag) before its orchestrator died
-    succeeds with that version instead of training and registering again."""
+    succeeds with that version instead of training and registering again; what its registration had not
+    done yet (``candidate``, a promotion the gate decided, the catalogue) is done now."""
     existing = ctx.registry.find(aid, "job_id", jid)
     if existing is None:
         return False
     log.info("job %s: already registered as %s before the orchestrator died", jid, existing.id)
-    existing = ctx.registry.complete_promotion(existing)
+    existing = ctx.registry.complete_registration(existing)
     ctx.state.move_job(jid, JobState.PREPARING)
     ctx.state.move_job(jid, JobState.SUCCEEDED, adapter_uri=existing.artifact_uri, metrics=existing.metrics,
                        model_version=existing.id.version, step=ctx.state.job(jid).total_steps)

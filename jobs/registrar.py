@@ -154,19 +154,30 @@ def fingerprint_lock(ctx: BatchContext, p: Prepared) -> Any:
 
 def register_gated(state: Any, registry: Any, aid: AdapterId, holder: str, source: str, run_id: str | None,
                    tags: dict[str, Any], gate: Any) -> tuple[Any, Any]:
-    """``registry.register_gated``, one gated registration of an adapter at a time across processes:
-    two batches training the same persona at once each compared with the production version they had
-    read and both were promoted, the later one standing whether or not it was the better. Now the
-    second one's gate sees the first one's outcome."""
-    if gate is None:
-        return registry.register_gated(aid, source, run_id, tags, None)
+    """``registry.register_gated``, one registration of an adapter at a time across processes (gated or
+    not): two batches training the same persona at once each compared with the production version they
+    had read and both were promoted, the later one standing whether or not it was the better; and
+    without a gate, the older version's ``candidate`` call could land after the newer one's and keep
+    ``candidate`` on the older version. Now the second one's gate sees the first one's outcome and the
+    newer version's aliases are set last. (Only jobs of one persona wait for each other.)"""
     from adapterfab.mlflow_client import factory_retry_s
 
     wait_s = REGISTER_LOCK_WAIT_S + factory_retry_s()  # the holder may be riding out an MLflow outage
     with state_lock(state, f"gate:{aid.unversioned()}", holder, wait_s,
-                    lambda other: f"{aid}: another job ({other}) has been deciding its promotion for "
+                    lambda other: f"{aid}: another job ({other}) has been registering a version of it for "
                                   f"{wait_s:.0f} s; resume this batch once it is done"):
         return registry.register_gated(aid, source, run_id, tags, gate)
+
+
+def auto_gate(policy: Any, metrics: dict[str, Any], stats: dict[str, Any]) -> Callable[[Any], Any]:
+    """``promote: auto``'s gate (``decide(production) -> Decision``) for a job with these eval metrics and
+    data stats: ``promotion.decide_over``, which compares with production only on the same eval rows
+    (``eval_sha256``), as ``registry promote`` does."""
+    from functools import partial
+
+    from adapterfab.promotion import decide_over
+
+    return partial(decide_over, policy, metrics, eval_sha256=stats.get("eval_sha256") or None)
 
 
 def register_job(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], adapter_dir: str,
@@ -198,7 +209,8 @@ def _register_locked(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], ad
     job, jid, aid, run_id, stats = p.job, p.jid, p.aid, p.run_id, p.stats
     # exactly once: a job that ran before (a resumed batch, a retried group) never registers twice
     version = ctx.registry.find(aid, "job_id", jid) if p.attempt > 1 else None
-    if version is not None:  # registered before its orchestrator died: that version stands
+    if version is not None:  # registered before its orchestrator died: that version stands, its aliases set
+        version = ctx.registry.complete_registration(version)
         ctx.tracking.end_run(run_id, ok=True)
         ctx.state.move_job(jid, JobState.SUCCEEDED, adapter_uri=version.artifact_uri, model_version=version.id.version)
         return
@@ -224,13 +236,7 @@ def _register_locked(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], ad
     }
     if p.basis_id:
         tags.update({"basis_id": p.basis_id, "basis_uri": p.basis_uri})
-    gate = None
-    if ctx.spec.promote == "auto":
-        from functools import partial
-
-        from adapterfab.promotion import decide_over
-
-        gate = partial(decide_over, ctx.spec.promotion.policy(), metrics)
+    gate = auto_gate(ctx.spec.promotion.policy(), metrics, stats) if ctx.spec.promote == "auto" else None
     version, decision = register_gated(ctx.state, ctx.registry, aid, jid, source, run_id, tags, gate)
     if decision is not None:
         log.info("%s: %s (%s)", version.id, decision.outcome, decision.reason)
