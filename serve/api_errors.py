@@ -1,6 +1,7 @@
 """Errors in OpenAI's shape (``{"error": {message, type, param, code}}``), and what the engine's
-failures become: the client's mistakes are 400s naming the field, a dead replica a 503 to retry,
-anything else a 500 whose detail stays in the server log."""
+failures become: the client's mistakes are 400s naming the field, an adapter the engine refuses a 400
+``adapter_not_servable``, a dead replica a 503 to retry, anything else a 500 whose detail stays in the
+server log."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from adapterfab.chat import TemplateError
 from adapterfab.errors import AdapterNotFound, ReplicaUnavailable
-from adapterfab.serve.engine import InvalidPrompt, PromptTooLong
+from adapterfab.serve.engine import AdapterRejected, InvalidPrompt, PromptTooLong
 from adapterfab.serve.openai_models import FieldError
 from adapterfab.serve.sampling import InvalidGuide, SamplingError
 from adapterfab.serve.tiers import AdapterBusy
@@ -56,6 +57,10 @@ def backend_error(exc: BaseException, model: str, tenant: str, prompt_field: str
         log.warning("tenant %s model %s: %s", tenant, model, exc)
         return ApiError(503, "Every adapter slot of the serving replica is in use; retry shortly.",
                         type_="server_error", code="adapter_busy", headers={"Retry-After": "1"})
+    if isinstance(exc, AdapterRejected):  # e.g. a rank over the engine's max_rank: the same on every retry
+        log.warning("tenant %s model %s cannot be served: %s", tenant, model, exc)  # its detail names paths
+        return ApiError(400, f"The model `{model}` cannot be served by this server (e.g. its rank or adapter "
+                        "type is not supported here).", param="model", code="adapter_not_servable")
     if isinstance(exc, PromptTooLong):
         return ApiError(400, str(exc), param=prompt_field, code="context_length_exceeded")
     if isinstance(exc, InvalidPrompt):

@@ -135,22 +135,24 @@ class EngineDeployment:
                                   tenant_max_slots=cfg.tenant_max_slots)
         self.backend = TieredBackend(self.engine, self.tiers)  # one for every request
 
-        # built here, not as a class decorator, so the limit comes from the config; the name must not
-        # be a str attribute (Serve's method detection looks it up on the model id)
+        self._get_adapter = self._multiplexer(cfg.max_adapters_per_replica)
+
+    def _multiplexer(self, max_models: int) -> Any:
+        """Serve's multiplexed loader, built here, not as a class decorator, so the limit comes from the config;
+        the name must not be a str attribute (Serve's method detection looks it up on the model id)."""
         async def _load_adapter_for_multiplex(version_key: str) -> Any:
             return await self._load(version_key)
 
-        self._get_adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(
-            _load_adapter_for_multiplex)
+        return serve.multiplexed(max_num_models_per_replica=max_models)(_load_adapter_for_multiplex)
 
     async def _load(self, version_key: str) -> Any:
-        """Serve's multiplexer calls this for a version it has not routed here lately. The version goes
-        into the tiers (device slot, RAM, disk), which alone decide what stays where; what is returned is
-        only Serve's record that this replica holds it (for routing), and Serve forgetting it evicts
-        nothing. A resident version answers on the event loop; a load (or a wait for a slot) runs on the
-        backend's own slot threads, never the loop's default executor (``TieredBackend.load``)."""
+        """Serve's multiplexer calls this for a version it has not routed here lately, under ONE lock per
+        replica (Ray 2.x): it only records the version id, for Serve's routing of the version's requests
+        here, and loads nothing. The load (store, RAM, a wait for a device slot) happens in the request's
+        own ``TieredBackend`` acquire, with its tenant's turns, so one tenant's slow cold load never holds up
+        another tenant's first request (review 2026-12). The tiers alone decide what stays where: Serve
+        forgetting a version evicts nothing."""
         self.loads += 1
-        await self.backend.load(version_key)
         return version_key
 
     async def generate(self, messages: list[dict[str, str]], params: SamplingParams,
@@ -168,6 +170,7 @@ class EngineDeployment:
         version_key = serve.get_multiplexed_model_id() or None
         if version_key:
             await self._get_adapter(version_key)
+            await self.backend.load(version_key)  # the multiplexer only records it (``_load``)
         return version_key is not None
 
     async def stats(self) -> dict[str, Any]:
@@ -268,16 +271,31 @@ class Ingress:
                 out.extend(f"{ra.id}@{alias}" for alias in sorted(ra.aliases))
             return out
 
-        from adapterfab.serve.api import RateLimiter
-
         backend = RayBackend(self.engine)
-        limiter = (RateLimiter(self.cfg.tenant_rps, self.cfg.tenant_burst, self.cfg.tenant_rps_overrides)
-                   if self.cfg.tenant_rps else None)
+        limiter = tenant_limiter(self.cfg)
         return make_api(backend, keys.verify, checked_resolver(registry, self.cfg.base_fingerprint),
                         lister=lister, catalog=registry.list, resolve_ttl_s=self.cfg.resolve_ttl_s,
                         on_alias_moved=backend.prefetch, rate_limit=limiter,
                         max_tokens_cap=self.cfg.max_tokens_cap, echo_request_id=False,  # Serve's proxy echoes it
                         metrics_auth=lambda key: (who := keys.identify(key)) is not None and who.operator)
+
+
+def tenant_limiter(cfg: ServeConfig) -> Any:
+    """The ingress's per-tenant RateLimiter: ``tenant_rps`` for every tenant, ``tenant_rps_overrides`` for the
+    named ones. With no ``tenant_rps`` (None or 0) only the overridden tenants are limited (the overrides
+    were dropped, review 2026-12); None when neither is set."""
+    from adapterfab.serve.api import RateLimiter
+
+    if cfg.tenant_rps:
+        return RateLimiter(cfg.tenant_rps, cfg.tenant_burst, cfg.tenant_rps_overrides)
+    if not cfg.tenant_rps_overrides:
+        return None
+
+    class OverridesOnly(RateLimiter):
+        def check(self, tenant: str, cost: float = 1.0) -> float:
+            return super().check(tenant, cost) if tenant in self.per_tenant else 0.0
+
+    return OverridesOnly(0.0, cfg.tenant_burst, cfg.tenant_rps_overrides)
 
 
 def complete_catalogue(registry: Any) -> threading.Thread | None:
@@ -410,6 +428,15 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
         min(options.get("max_ongoing_requests", 1), options.get("ingress_max_ongoing_requests", 1)) < 1
         and "max_ongoing_requests and ingress_max_ongoing_requests must be at least 1",
         options.get("tenant_max_slots", 0) < 0 and "tenant_max_slots must not be negative",
+        # a replica cannot start with these (Serve would restart it forever): refused here, at deploy
+        *(options.get(k, 1) < 1 and f"{k} must be at least 1"
+          for k in ("max_adapters_per_replica", "max_batch", "max_len", "max_rank", "torch_threads",
+                    "tenant_burst", "target_ongoing_requests")),
+        options.get("cpu_cache_mb", 0) < 0 and "cpu_cache_mb must not be negative",
+        options.get("tenant_rps", 0) < 0 and "tenant_rps must not be negative",
+        not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                for v in options.get("tenant_rps_overrides", {}).values())
+        and "tenant_rps_overrides must map tenants to requests/s (numbers, not negative)",
     ]
     if any(bad):
         raise ValueError("adapterfab serve app args: " + "; ".join(b for b in bad if b))

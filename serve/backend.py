@@ -23,6 +23,7 @@ import shutil
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -182,12 +183,65 @@ def fetch_peft(registry: Any, version_key: str, cache_dir: str | Path,
     return dest, None, not installed
 
 
-class BasisCache:
-    """Shared bases (LoRA-XS's) a replica has loaded, by URI: every adapter on one basis shares it."""
+BASIS_CACHE_BYTES = 4 << 30  # LoRA-XS bases a replica's BasisCache keeps by itself (least recently used go first)
 
-    def __init__(self) -> None:
-        self.bases: dict[str, Any] = {}
+
+class BasisCache:
+    """Shared bases (LoRA-XS's) a replica has loaded, by URI: every adapter on one basis shares it.
+
+    ``get`` downloads each URI once however many loads ask for it at once, outside the cache's lock, so one
+    tenant's new basis never holds up another's load. Up to ``max_bytes`` of bases are kept by the cache
+    itself, least recently used dropped first; one dropped while an adapter read in the tiers still holds it
+    is found again without a download (a weak reference: no second copy while anyone uses it)."""
+
+    def __init__(self, max_bytes: int = BASIS_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.bases: collections.OrderedDict[str, Any] = collections.OrderedDict()  # held here, LRU order
+        self.nbytes: dict[str, int] = {}
+        self._dropped: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+        self._loading: dict[str, threading.Event] = {}
         self.lock = threading.Lock()
+
+    def get(self, uri: str, load: Callable[[], Any]) -> Any:
+        """The basis at ``uri``: cached, or ``load()``-ed by one caller while the others for it wait."""
+        while True:
+            with self.lock:
+                basis = self.bases.get(uri)
+                if basis is None:
+                    basis = self._dropped.get(uri)
+                    if basis is not None:
+                        self._keep(uri, basis)
+                if basis is not None:
+                    self.bases.move_to_end(uri)
+                    return basis
+                waiter = self._loading.get(uri)
+                if waiter is None:
+                    done = self._loading[uri] = threading.Event()
+                    break
+            waiter.wait()  # a failed download leaves nothing: the next waiter tries it again
+        try:
+            basis = load()
+            with self.lock:
+                self._keep(uri, basis)
+            return basis
+        finally:
+            with self.lock:
+                self._loading.pop(uri, None)
+            done.set()
+
+    def _keep(self, uri: str, basis: Any) -> None:
+        """Hold ``basis`` (caller holds the lock), dropping the least recently used past ``max_bytes``."""
+        self._dropped.pop(uri, None)
+        self.bases[uri] = basis
+        self.nbytes[uri] = sum(t.numel() * t.element_size() for pair in getattr(basis, "factors", {}).values()
+                               for t in pair)
+        while len(self.bases) > 1 and sum(self.nbytes.values()) > self.max_bytes:
+            old, dropped = self.bases.popitem(last=False)
+            del self.nbytes[old]
+            try:
+                self._dropped[old] = dropped
+            except TypeError:  # no weak reference to it: a later load downloads it again
+                pass
 
 
 def download_native(registry: Any, version_key: str, cache_dir: str | Path,
@@ -210,15 +264,14 @@ def download_native(registry: Any, version_key: str, cache_dir: str | Path,
     uri = version.tags.get("adapterfab.basis_uri")
     if not uri:
         raise ValueError(f"{version_key} is a {method.name} adapter but its version records no basis_uri")
-    bases = bases or BasisCache()
-    with bases.lock:
-        basis = bases.bases.get(uri)
-        if basis is None:
-            from adapterfab.export import fetch_basis
+    folder = Path(cache_dir).expanduser() / "bases" / uuid.uuid5(uuid.NAMESPACE_URL, uri).hex
 
-            folder = Path(cache_dir).expanduser() / "bases" / uuid.uuid5(uuid.NAMESPACE_URL, uri).hex
-            basis = bases.bases[uri] = fetch_basis(method, uri, folder)
-    return dest, basis, from_store
+    def load() -> Any:
+        from adapterfab.export import fetch_basis
+
+        return fetch_basis(method, uri, folder)
+
+    return dest, (bases or BasisCache()).get(uri, load), from_store
 
 
 def tenant_of_key(key: str) -> str | None:

@@ -94,15 +94,22 @@ class AdapterBank:
             if name in self._slot_of:
                 return
             slot = self._take_slot()
-            if parsed.kind == LOW_RANK:
-                self._place_lora(slot, parsed.tensors, parsed.cfg)
-                self._slot_of[name] = (LOW_RANK, slot, None)
-            else:
-                bank = self._xs_bank(parsed.basis)
-                for key, r in parsed.tensors.items():
-                    bank.rr[key][slot] = r.to(self.device, self.dtype)
-                self.xs_scale[slot] = parsed.cfg["scale"]
-                self._slot_of[name] = (SHARED_BASIS, slot, parsed.basis.id)
+            try:
+                if parsed.kind == LOW_RANK:
+                    self._place_lora(slot, parsed.tensors, parsed.cfg)
+                    self._slot_of[name] = (LOW_RANK, slot, None)
+                else:
+                    bank = self._xs_bank(parsed.basis)
+                    for key, r in parsed.tensors.items():
+                        bank.rr[key][slot] = r.to(self.device, self.dtype)
+                    self.xs_scale[slot] = parsed.cfg["scale"]
+                    self._slot_of[name] = (SHARED_BASIS, slot, parsed.basis.id)
+            except BaseException:
+                # e.g. out of device memory for a bank allocated here on first use: the slot goes back,
+                # cleared of whatever was written, or every failed try would leak one
+                self._clear_slot(slot)
+                self._free_slots.append(slot)
+                raise
         log.info("placed adapter %s in slot %s", name, slot)
 
     def load_adapter(self, name: str, local_dir: str | Path, basis: Any = None) -> None:
@@ -127,18 +134,24 @@ class AdapterBank:
             if self._in_use[name]:
                 raise AdapterfabError(f"adapter {name} is in use by {self._in_use[name]} request(s)")
             kind, slot, bid = self._slot_of.pop(name)
-            if kind == LOW_RANK:
-                for t in (*self.lora_a.values(), *self.lora_b.values()):
-                    t[slot].zero_()
-                self.lora_scale[slot] = 0
-                self.lora_scale_host[slot] = 0.0
-                self._lora_version += 1
-                self.lora_rank[slot] = 0
-            else:
-                for t in self.xs[bid].rr.values():  # type: ignore[index]
-                    t[slot].zero_()
-                self.xs_scale[slot] = 0
+            self._clear_slot(slot, kind, bid)
             self._free_slots.append(slot)
+
+    def _clear_slot(self, slot: int, kind: str | None = None, bid: str | None = None) -> None:
+        """Zero a slot's factors and scale (caller holds the lock): those of ``kind`` (and LoRA-XS basis
+        ``bid``), or of every bank when a failed place may have written any."""
+        if kind in (None, LOW_RANK):
+            for t in (*self.lora_a.values(), *self.lora_b.values()):
+                t[slot].zero_()
+            self.lora_scale[slot] = 0
+            self.lora_scale_host[slot] = 0.0
+            self._lora_version += 1
+            self.lora_rank[slot] = 0
+        if kind in (None, SHARED_BASIS):
+            for bank in ([self.xs[bid]] if bid is not None else list(self.xs.values())):  # type: ignore[index]
+                for t in bank.rr.values():
+                    t[slot].zero_()
+            self.xs_scale[slot] = 0
 
     def _key(self, module_path: str) -> tuple[int, str] | None:
         parts = module_path.split(".")

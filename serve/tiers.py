@@ -35,6 +35,8 @@ COUNTERS = ("device_hits", "device_loads", "device_evictions", "cpu_hits", "cpu_
 
 
 ENGINE_RELEASE_POLL_S = 0.01  # how often a wait for a slot looks again while the engine retires a request
+PLACE_RETRY_S = 30.0  # a key whose place on the device failed (e.g. out of memory) is not tried again for this long
+PLACE_FAILED_MAX = 1024  # failed places remembered at once (oldest forgotten first)
 
 
 class AdapterBusy(AdapterfabError):
@@ -58,8 +60,13 @@ class AdapterTiers:
         self._cpu: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._cpu_used = 0
         self._pins: collections.Counter[str] = collections.Counter()
-        self._loading: dict[str, threading.Event] = {}
-        self._errors: dict[str, BaseException] = {}
+        # key -> (its read finishing, where a failed read leaves its error for that read's waiters only): no
+        # error outlives its waiters (a kept one pinned its traceback's frames: the whole tensors read, review)
+        self._loading: dict[str, tuple[threading.Event, list[BaseException]]] = {}
+        # keys being placed on or taken off the device outside the lock (the engine may block meanwhile: the
+        # one-at-a-time engine waits for a running generation); each holds a slot until it is done
+        self._moving: dict[str, str] = {}
+        self._place_failed: dict[str, tuple[float, str]] = {}  # key -> (retry after, why) of a failed place
         self.counts: collections.Counter[str] = collections.Counter()
         self.load_s: collections.deque[float] = collections.deque(maxlen=1000)
 
@@ -128,7 +135,7 @@ class AdapterTiers:
             try:
                 self._parsed(key)
                 with self._lock:
-                    room = self.engine.free_slots > 0
+                    room = self._free_slots() > 0
                 if room:
                     self._ensure(key, False, None, None)
                 self.counts["prefetches"] += 1
@@ -173,22 +180,69 @@ class AdapterTiers:
                 if pin:
                     self._pin(key, tenant)
                 return
+            self._check_place_failed(key)
         parsed = self._parsed(key)  # single flight per key (CPU tier, then disk/store)
         deadline = time.monotonic() + wait_s  # the wait for a slot starts once the adapter is read
         with self._lock:
             while key not in self._device or (pin and not self._may_pin(key, tenant)):
                 if pin and not self._may_pin(key, tenant):
                     self._wait(deadline, tenant)
-                elif self.engine.free_slots == 0 and not self._evict_lru():
+                    continue
+                self._check_place_failed(key)  # before evicting anyone's adapter for it
+                if key in self._moving:  # another thread places it (or takes it off): wait for that
+                    self._wait(deadline, None)
+                elif self._free_slots() > 0:
+                    self._place(key, parsed, t0)
+                elif "unplace" in self._moving.values():  # a slot is being freed: no second eviction for it
+                    self._wait(deadline, None)
+                elif not self._evict_lru():
                     self._wait(deadline, None, poll=self._engine_finishing())
-                else:
-                    self.engine.place(key, parsed)
-                    self._device[key] = None
-                    self.counts["device_loads"] += 1
-                    self.load_s.append(time.monotonic() - t0)
             self._device.move_to_end(key)
             if pin:
                 self._pin(key, tenant)
+
+    def _free_slots(self) -> int:
+        """Device slots neither held nor being filled or freed (caller holds the lock)."""
+        return min(self.engine.free_slots, self.engine.max_adapters - len(self._device) - len(self._moving))
+
+    def _outside_lock(self, key: str, move: str, fn: Callable[[], None]) -> None:
+        """``fn()`` (an engine call that may block) with the lock released, ``key`` marked as moving meanwhile
+        (caller holds the lock, and holds it again after); everyone waiting is woken when it is done."""
+        self._moving[key] = move
+        self._lock.release()
+        try:
+            fn()
+        finally:
+            self._lock.acquire()
+            self._moving.pop(key, None)
+            self._lock.notify_all()
+
+    def _place(self, key: str, parsed: Any, t0: float) -> None:
+        """Put ``key`` in a free slot (caller holds the lock and checked there is one). A failed place (e.g.
+        the device out of memory) is remembered for PLACE_RETRY_S: its retries fail at once instead of each
+        evicting another tenant's adapter for a place that fails again."""
+        try:
+            self._outside_lock(key, "place", lambda: self.engine.place(key, parsed))
+        except Exception as e:
+            log.warning("placing adapter %s on the device failed: %r", key, e)
+            while len(self._place_failed) >= PLACE_FAILED_MAX:
+                self._place_failed.pop(next(iter(self._place_failed)))
+            self._place_failed[key] = (time.monotonic() + PLACE_RETRY_S, type(e).__name__)
+            raise
+        self._device[key] = None
+        self.counts["device_loads"] += 1
+        self.load_s.append(time.monotonic() - t0)
+
+    def _check_place_failed(self, key: str) -> None:
+        """AdapterBusy while ``key``'s last place failed less than PLACE_RETRY_S ago (caller holds the lock)."""
+        failed = self._place_failed.get(key)
+        if failed is None:
+            return
+        if time.monotonic() >= failed[0]:
+            del self._place_failed[key]
+            return
+        raise AdapterBusy(f"adapter {key} could not be placed on the device ({failed[1]}); retried after "
+                          f"{PLACE_RETRY_S:.0f} s")
 
     def _engine_finishing(self) -> bool:
         """Whether a resident adapter nobody pins here is still in use by the engine (caller holds the lock):
@@ -232,8 +286,14 @@ class AdapterTiers:
         return False
 
     def _unplace(self, key: str) -> None:
-        self.engine.unload_adapter(key)
+        """Take ``key`` off the device (caller holds the lock; released during the engine's call, which may wait
+        for a running generation). Nobody can pin it meanwhile; it comes back if the engine refuses."""
         self._device.pop(key, None)
+        try:
+            self._outside_lock(key, "unplace", lambda: self.engine.unload_adapter(key))
+        except BaseException:
+            self._device[key] = None
+            raise
         self.counts["device_evictions"] += 1
 
     def _parsed(self, key: str) -> Any:
@@ -244,21 +304,19 @@ class AdapterTiers:
                     self._cpu.move_to_end(key)
                     self.counts["cpu_hits"] += 1
                     return hit
-                waiter = self._loading.get(key)
-                if waiter is None:
-                    done = self._loading[key] = threading.Event()
+                loading = self._loading.get(key)
+                if loading is None:
+                    done, failed = self._loading[key] = (threading.Event(), [])
                     break
-            waiter.wait()  # another thread is loading it: one load serves everyone
+            loading[0].wait()  # another thread is loading it: one load serves everyone
             with self._lock:
-                err = self._errors.get(key)
-                if err is not None and key not in self._cpu:
-                    raise err
+                if loading[1] and key not in self._cpu:
+                    raise loading[1][0]
         try:
             folder, basis, from_store = self.fetch(key)
             parsed = self.engine.read_adapter(folder, basis)
             with self._lock:
                 self.counts["store_loads" if from_store else "disk_hits"] += 1
-                self._errors.pop(key, None)
                 self._cpu[key] = parsed
                 self._cpu_used += parsed.nbytes
                 while self._cpu_used > self.cpu_bytes and len(self._cpu) > 1:
@@ -267,10 +325,10 @@ class AdapterTiers:
                     self.counts["cpu_evictions"] += 1
             return parsed
         except BaseException as e:
-            with self._lock:
-                self._errors[key] = e
+            failed.append(e)  # for this load's waiters; gone with them
             raise
         finally:
             with self._lock:
                 self._loading.pop(key, None)
             done.set()
+            del failed  # this frame's own reference: no cycle through the error's traceback keeps it alive
