@@ -83,7 +83,10 @@ def down(as_json: bool = json_option()) -> None:
     from adapterfab.stack import down as stack_down
 
     s = _settings()
-    stopped = stack_down(s)
+    try:
+        stopped = stack_down(s)
+    except AdapterfabError as e:  # a stack.json it cannot read: kept, and said (exit 1)
+        _fail(e)
     if as_json:
         _print_json({"home": str(s.home), "stopped": stopped})
         return
@@ -167,7 +170,7 @@ def submit(batch: Path | None = typer.Argument(None, help="batch spec YAML (not 
     from adapterfab.jobs.admission import admit
     from adapterfab.jobs.orchestrate import create_batch, launch_detached, new_batch_id, prepare_resume
     from adapterfab.spec import load_spec
-    from adapterfab.stack import read_stack, stack_alive
+    from adapterfab.stack import local_stack_down
     from adapterfab.storage import s3_object_error
 
     s = _settings()
@@ -176,8 +179,7 @@ def submit(batch: Path | None = typer.Argument(None, help="batch spec YAML (not 
         if batch is not None or address:
             _fail(AdapterfabError("--resume BATCH_ID takes no spec file and no --address"), EXIT_INVALID)
         try:
-            local = read_stack(s)
-            if not s.ray_address or (local is not None and not stack_alive(local)):
+            if local_stack_down(s):
                 raise AdapterfabError("the local stack is not running: run `adapterfab up` first")
             _need_mlflow(s)
             todo = prepare_resume(s, resume)
@@ -215,8 +217,7 @@ def submit(batch: Path | None = typer.Argument(None, help="batch spec YAML (not 
             else:
                 out.print(f"Ray Job {sid}: {final}")
             raise typer.Exit(0 if final == "SUCCEEDED" else EXIT_FAILED)
-        local = read_stack(s)
-        if not s.ray_address or (local is not None and not stack_alive(local)):
+        if local_stack_down(s):
             raise AdapterfabError("the local stack is not running: run `adapterfab up` first")
         _need_mlflow(s)
         batch_id = create_batch(s, batch, force=force, batch_id=batch_id, checked=(*checked, planned))
@@ -408,6 +409,11 @@ def main() -> None:
         app()
     except AdapterfabError as e:
         err.print(f"error: {e}", markup=False)
+        sys.exit(EXIT_FAILED)
+    except Exception as e:  # MLflow's own errors (a registry change it refused half-way): a line, not a traceback
+        if type(e).__module__.split(".")[0] not in ("mlflow", "requests", "urllib3"):
+            raise
+        err.print(f"error: the MLflow server failed: {e}", markup=False)
         sys.exit(EXIT_FAILED)
 
 

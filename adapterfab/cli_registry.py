@@ -94,7 +94,9 @@ def registry_promote(adapter: str = typer.Argument(..., help="TENANT/PERSONA"),
             _fail(e, EXIT_INVALID)
         registry = _registry(s)
         v = registry.get(aid.with_version(version))
-        if not gated:
+        if gated and PRODUCTION in v.aliases:  # a new decision could write "refused" on the version served
+            decision = Decision(True, f"version {version} is already {alias}; nothing was changed", metric, None)
+        elif not gated:
             v = registry.set_alias(aid, alias, version)
             decision = None
         else:

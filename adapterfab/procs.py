@@ -36,7 +36,10 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None, log: Path | None = None,
+              ours: Callable[[], bool] | None = None) -> None:
+    """Until ``url`` answers; with ``ours``, only an answer while ``ours()`` holds counts (the listener is
+    the process we started, not another server on the same port)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -44,12 +47,58 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None, 
             raise StackError(f"process for {url} exited with {proc.returncode}:\n{tail}")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status < 500:
+                if r.status < 500 and (ours is None or ours()):
                     return
         except Exception:  # noqa: BLE001 - not up yet
             pass
         time.sleep(0.3)
     raise StackError(f"{url} did not answer within {timeout_s:.0f}s")
+
+
+def refuse_taken(port: int, what: str) -> None:
+    """A port someone already listens on: starting a server there would fail, yet the old listener
+    would answer the readiness checks for it."""
+    if port_open(port):
+        raise StackError(f"port {port} ({what}) is already in use by another process: stop what listens there, "
+                         "or choose another port (a stack recorded in stack.json keeps its ports: `adapterfab down` "
+                         "first)")
+
+
+def _listen_inodes(port: int) -> set[str] | None:
+    """Socket inodes listening on TCP ``port`` (Linux ``/proc/net``); None where they cannot be read."""
+    inodes, readable = set(), False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f[9])
+    return inodes if readable else None
+
+
+def port_owned_by(port: int, sid: int) -> bool:
+    """Whether a process of session ``sid`` (a server started with ``start_new_session``: its pid, and
+    every helper it forks, as Ray's gcs_server and dashboard) listens on ``port``. True where this cannot
+    be checked (no ``/proc``): the readiness checks then fall back to the process being alive."""
+    inodes = _listen_inodes(port)
+    if inodes is None:
+        return True
+    wanted = {f"socket:[{i}]" for i in inodes}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if int((d / "stat").read_text().rsplit(")", 1)[1].split()[3]) != sid:  # field 6: session
+                continue
+            if any(os.readlink(fd) in wanted for fd in (d / "fd").iterdir()):
+                return True
+        except (OSError, IndexError, ValueError):
+            continue
+    return False
 
 
 def tool(name: str) -> str:
@@ -67,17 +116,28 @@ class Server:
     log: Path
 
 
+def mlflow_stores(home: Path, artifacts_destination: str | None = None,
+                  backend_uri: str | None = None) -> tuple[str, str]:
+    """``(artifacts_destination, backend_uri)`` with the defaults under ``home`` filled in."""
+    return (artifacts_destination or str(home / "mlflow-artifacts"),
+            backend_uri or f"sqlite:///{home / 'mlflow.db'}")
+
+
 def start_mlflow(home: Path, port: int, artifacts_destination: str | None = None,
-                 backend_uri: str | None = None, timeout_s: float = SERVER_START_TIMEOUT_S) -> Server:
+                 backend_uri: str | None = None, timeout_s: float = SERVER_START_TIMEOUT_S,
+                 started: Callable[[int], None] | None = None) -> Server:
     """A real MLflow tracking server process (SQLite backend and a local artifact folder by default),
     detached from the caller so it outlives the CLI. ``artifacts_destination`` may be ``s3://bucket/...``
     (the bucket is created if missing; the server gets our S3 endpoint as MLFLOW_S3_ENDPOINT_URL) and
-    ``backend_uri`` any SQLAlchemy URL MLflow supports, e.g. ``postgresql://user@host:port/db``."""
+    ``backend_uri`` any SQLAlchemy URL MLflow supports, e.g. ``postgresql://user@host:port/db``.
+    ``started(pid)`` is called as soon as the process exists (the caller records it: an interrupted
+    start leaves nothing unrecorded); a port already in use is refused."""
     home.mkdir(parents=True, exist_ok=True)
-    backend_uri = backend_uri or f"sqlite:///{home / 'mlflow.db'}"
-    artifacts_destination = artifacts_destination or str(home / "mlflow-artifacts")
+    artifacts_destination, backend_uri = mlflow_stores(home, artifacts_destination, backend_uri)
     log = home / "mlflow.log"
-    env = {**os.environ, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
+    # the backend URI may hold a database password: in the environment (readable by this user only),
+    # never on the command line, which `ps` shows to every local user
+    env = {**os.environ, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false", "MLFLOW_BACKEND_STORE_URI": backend_uri}
     # MLflow 3's server also starts a job runner (huey consumers, for its GenAI jobs: judges, prompt
     # optimisation, trace roll-ups), which the factory never uses: 8 more processes, +1.9 GB resident and
     # ~15 s of CPU at every start. Off unless the environment asks for it.
@@ -97,16 +157,18 @@ def start_mlflow(home: Path, port: int, artifacts_destination: str | None = None
             S3Store(artifacts_destination).ensure_bucket()
         except AdapterfabError as e:
             raise StackError(f"MLflow's artifacts destination {artifacts_destination}: {e}") from e
-    cmd = [tool("mlflow"), "server", "--backend-store-uri", backend_uri,
-           "--artifacts-destination", artifacts_destination, "--serve-artifacts",
+    refuse_taken(port, "MLflow")
+    cmd = [tool("mlflow"), "server", "--artifacts-destination", artifacts_destination, "--serve-artifacts",
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with log.open("ab") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                 cwd=str(home))
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(url + "/health", timeout_s, proc, log)
-    except StackError:
+        if started is not None:
+            started(proc.pid)
+        wait_http(url + "/health", timeout_s, proc, log, ours=lambda: port_owned_by(port, proc.pid))
+    except BaseException:  # Ctrl-C or SIGTERM too: its own session, so nothing else would stop it
         stop_pid(proc.pid)
         raise
     return Server(proc.pid, port, url, log)
@@ -124,22 +186,48 @@ def start_moto(home: Path, port: int, timeout_s: float = 30) -> Server:
     return Server(proc.pid, port, url, log)
 
 
+def _machine() -> tuple[str, str] | None:
+    """This machine's boot id and pid namespace (``/proc``): the pids of processes with both the same are
+    ours to check. The hostname is not: it may change under a running stack (DHCP, ``hostnamectl``),
+    and containers on one host share the boot id but not the pid namespace."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        ns = os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    except OSError:
+        return None
+    return boot, format(int(ns), "x") if ns.isdigit() else ns
+
+
 def proc_token(pid: int | None) -> str | None:
-    """What identifies process ``pid`` beyond its number: host, boot and start time (``/proc``). A pid
+    """What identifies process ``pid`` beyond its number: ``host:boot:start:pidns`` (``/proc``). A pid
     recorded with its token is never mistaken for a later process that got the same number (after a
     reboot, or once pids wrap). None where it cannot be read (no such process, no /proc)."""
     if not pid:
         return None
+    machine = _machine()
     try:
         start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]  # field 22: starttime
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except (OSError, IndexError):
         return None
-    return f"{socket.gethostname()}:{boot}:{start}"
+    if machine is None:
+        return None
+    return f"{socket.gethostname()}:{machine[0]}:{start}:{machine[1]}"
 
 
 def token_host(token: str | None) -> str | None:
     return token.split(":", 1)[0] if token else None
+
+
+def token_is_local(token: str | None) -> bool:
+    """Whether ``token`` names a process of this machine (its boot id, and pid namespace when the token
+    has one), whatever the hostname was then."""
+    parts = (token or "").split(":")
+    if len(parts) < 3:
+        return False
+    machine = _machine()
+    if machine is None:  # no /proc: the hostname is all there is
+        return parts[0] == socket.gethostname()
+    return parts[1] == machine[0] and (len(parts) < 4 or parts[3] == machine[1])
 
 
 HEARTBEAT_S = 5.0  # how often an orchestrator marks its claim as live (state.StateStore.heartbeat)
@@ -148,7 +236,7 @@ LEASE_S = 30.0  # a claim of another host with no heartbeat for this long is tak
 
 def token_is_remote(token: str | None) -> bool:
     """Whether ``token`` (``proc_token``) names a process of another host: its pid means nothing here."""
-    return bool(token) and token.count(":") >= 2 and token_host(token) != socket.gethostname()
+    return bool(token) and token.count(":") >= 2 and not token_is_local(token)
 
 
 def holder_alive(pid: int | None, token: str | None, beat_s: float | None,
@@ -167,10 +255,11 @@ def pid_alive(pid: int | None, token: str | None = None) -> bool:
     if not pid:
         return False
     if token is not None:
-        if token_host(token) != socket.gethostname():
+        if not token_is_local(token):
             return False  # not a process of this machine: nothing here to check or stop
         current = proc_token(pid)
-        if current is not None and current != token:
+        # boot and start time decide (not the hostname, which may have changed since)
+        if current is not None and current.split(":")[1:3] != token.split(":")[1:3]:
             return False  # the number now belongs to another process
     try:
         os.kill(pid, 0)

@@ -190,9 +190,11 @@ def test_a_recorded_pid_is_stopped_only_while_it_is_the_same_process(tmp_path: P
     try:
         token = proc_token(sleeper.pid)
         assert token and pid_alive(sleeper.pid, token) and pid_alive(sleeper.pid)
-        host, boot, start = token.split(":")
-        stale = f"{host}:{boot}:{int(start) - 100}"  # the same number, an earlier process
-        assert not pid_alive(sleeper.pid, stale) and not pid_alive(sleeper.pid, f"elsewhere:{boot}:{start}")
+        host, boot, start, ns = token.split(":")
+        stale = f"{host}:{boot}:{int(start) - 100}:{ns}"  # the same number, an earlier process
+        # another machine is another boot id (or pid namespace: a container), whatever the hostname
+        assert not pid_alive(sleeper.pid, stale) and not pid_alive(sleeper.pid, f"{host}:other-boot:{start}:{ns}")
+        assert not pid_alive(sleeper.pid, f"{host}:{boot}:{start}:ffff")
         stop_pid(sleeper.pid, timeout_s=1, token=stale)
         assert sleeper.poll() is None
         home = tmp_path / "home"

@@ -312,3 +312,35 @@ def test_bad_promote_gate_options_exit_2_before_mlflow_is_asked(tmp_path: Path, 
     r = subprocess.run([CLI, "registry", "promote", "acme/pirate", "1", *option], capture_output=True, text=True,
                        timeout=120, env=env)
     assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_promoting_the_production_version_again_changes_nothing(mlflow_server: str, tmp_path: Path) -> None:
+    """`registry promote T/P N` where N is production already decided again: a gate that now refuses (here:
+    no eval figures) wrote "refused" on the version being served and exited 3."""
+    reg = Registry(mlflow_server)
+    aid = _aid("served")
+    v = reg.register(aid, "s3://b/1", None, {"job_id": "b.x"})
+    reg.promote(v, Decision(True, "forced by `registry promote --force`", "eval_loss", None))
+    env = {"PATH": "/usr/bin:/bin", "ADAPTERFAB_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
+           "MLFLOW_TRACKING_URI": mlflow_server}
+    r = subprocess.run([CLI, "registry", "promote", str(aid), "1"], capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert r.returncode == 0 and "already production" in r.stdout, (r.stdout, r.stderr)
+    got = reg.get(aid.with_version(1))
+    assert PRODUCTION in got.aliases and got.tags[TAG + "promotion.decision"] == "promoted"
+
+
+def test_an_mlflow_error_half_way_through_a_cli_change_is_an_error_line(mlflow_server: str, proxy,  # noqa: ANN001
+                                                                        tmp_path: Path) -> None:
+    """`registry promote` / `rollback` call MLflow for several writes; one MLflow refused printed a raw
+    MlflowException traceback. Now one `error:` line and exit 1."""
+    reg = Registry(mlflow_server)
+    aid = _aid("halfway")
+    reg.register(aid, "s3://b/1", None, {"job_id": "b.x"})
+    p = proxy("POST", ALIAS, "refuse")
+    env = {"PATH": "/usr/bin:/bin", "ADAPTERFAB_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
+           "MLFLOW_TRACKING_URI": p.url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    r = subprocess.run([CLI, "registry", "promote", str(aid), "1", "--force"], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert p.hit.is_set() and r.returncode == 1, (r.stdout, r.stderr)
+    assert "\nerror: the MLflow server failed" in r.stderr and "Traceback" not in r.stderr, r.stderr
