@@ -177,7 +177,7 @@ def download_base(store: ArtifactStore, uri: str, local_dir: Path) -> Path:
         raise StorageError(f"{uri} holds no config.json: not a model folder")
     for k in keys:
         rel = k[len(prefix):]
-        if ".." in Path(rel).parts:
+        if ".." in Path(rel).parts or Path(rel).is_absolute():  # "m//etc/x": Path(dir) / "/etc/x" is /etc/x
             raise StorageError(f"refusing object {k!r} outside the folder")
         dest = Path(local_dir) / rel
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -264,12 +265,16 @@ def download_native(registry: Any, version_key: str, cache_dir: str | Path,
     uri = version.tags.get("adapterfab.basis_uri")
     if not uri:
         raise ValueError(f"{version_key} is a {method.name} adapter but its version records no basis_uri")
-    folder = Path(cache_dir).expanduser() / "bases" / uuid.uuid5(uuid.NAMESPACE_URL, uri).hex
+    root = Path(cache_dir).expanduser() / "bases"
 
     def load() -> Any:
+        """Into a folder of this load's own (read whole: the files can go): replicas sharing the cache
+        folder (one machine, a shared volume) copied over each other's files and failed each other's checksums."""
         from adapterfab.export import fetch_basis
 
-        return fetch_basis(method, uri, folder)
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".tmp-basis-", dir=root) as tmp:
+            return fetch_basis(method, uri, tmp)
 
     return dest, (bases or BasisCache()).get(uri, load), from_store
 

@@ -219,3 +219,18 @@ def test_an_s3_base_model_folder_is_downloaded_once_as_any_tool_uploaded_it(
         {"tenant": "acme", "persona": "p", "dataset": "s3://bases/empty/rows.jsonl"}]})
     problems = semantic_problems(spec, jobs, dataset_exists=s3_object_error, data_roots=("s3://",))
     assert [f for f, _ in problems] == ["base_model"] and "config.json" in problems[0][1]
+
+
+def test_a_base_folder_object_whose_key_is_an_absolute_path_is_refused(s3_server: str, tmp_path: Path) -> None:
+    """A base stored by another tool (no manifest) is every object under its prefix; ``m//tmp/x`` made the
+    relative part ``/tmp/x``, and ``Path(folder) / "/tmp/x"`` wrote outside the cache (review, 2026-12)."""
+    from adapterfab.storage import download_base
+
+    store = open_store("s3://bases-abs")
+    store.ensure_bucket()
+    outside = tmp_path / "outside" / "x"
+    for key, body in (("m/config.json", b"{}"), ("m/model.safetensors", b"w"), (f"m/{outside}", b"escaped")):
+        store.client.put_object(Bucket="bases-abs", Key=key, Body=body)
+    with pytest.raises(StorageError, match="outside the folder"):
+        download_base(store, "s3://bases-abs/m", tmp_path / "cache")
+    assert not outside.exists()
