@@ -17,6 +17,7 @@ The fingerprint is a sha256 over the weight files (not the name), cached beside 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -117,6 +118,23 @@ def _convert_gguf(gguf: Path, tmp: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
+
+
+SETUP_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+
+
+@functools.lru_cache(maxsize=16)
+def setup_fingerprint(path: str | Path) -> str:
+    """sha256 over what besides its weights decides how a base trains and answers: its config and its
+    tokenizer with the chat template (a fixed template retrains; ``fingerprint`` covers the weights). Read
+    once per process (an orchestrator runs one batch)."""
+    h = hashlib.sha256()
+    for name in SETUP_FILES:
+        f = Path(path) / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def fingerprint(path: str | Path) -> str:

@@ -30,6 +30,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from adapterfab.basemodel import setup_fingerprint
 from adapterfab.errors import AdapterfabError
 from adapterfab.ids import AdapterId, job_id
 from adapterfab.jobs.groups import GroupItem, GroupQueue, start_trainers
@@ -325,7 +326,7 @@ class Factory:
                 raise rows
             stats = rows.stats.to_dict()
             ctx.state.update_job(jid, data_stats=stats)
-            fingerprint = job_fingerprint(ctx.base.fingerprint, job, stats["sha256"])
+            fingerprint = job_fingerprint(ctx.base.fingerprint, job, stats["sha256"], setup_fingerprint(ctx.base.path))
             ctx.tracking.log_batch(run_id, params=job_run_params(ctx.spec, job, ctx.base.fingerprint),
                                    metrics={k: float(stats[k]) for k in ("total_rows", "bad_rows", "train_rows",
                                                                           "eval_rows")},

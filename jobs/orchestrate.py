@@ -126,11 +126,14 @@ def code_version() -> str:
     return _CODE_VERSION
 
 
-def job_fingerprint(base_fingerprint: str, job: JobSpec, dataset_sha256: str) -> str:
-    """What makes two jobs the same: base weights, method and training hyper-parameters, the data's
-    bytes and the code. A resubmitted job with the same fingerprint reuses the registered version."""
+def job_fingerprint(base_fingerprint: str, job: JobSpec, dataset_sha256: str, base_setup: str = "") -> str:
+    """What makes two jobs the same: base weights (and ``base_setup``: its config, tokenizer and chat
+    template, ``basemodel.setup_fingerprint``), method and training hyper-parameters, the data's bytes and
+    the code. A resubmitted job with the same fingerprint reuses the registered version."""
     fields = {"base": base_fingerprint, "method": job.method.model_dump(mode="json"),
               "train": job.train.model_dump(mode="json"), "data": dataset_sha256, "code": code_version()}
+    if base_setup:
+        fields["base_setup"] = base_setup
     if job.probes:  # its own retention probes are part of what the version records
         fields["probes"] = [p.model_dump(mode="json") for p in job.probes]
     payload = json.dumps(fields, sort_keys=True)

@@ -47,3 +47,25 @@ def test_local_folder_never_converts(tiny_model_path: str, tmp_path: Path) -> No
     assert local_folder("smollm2-135m-instruct", cache=tmp_path) is None  # not converted in this cache
     assert local_folder("s3://bucket/base", cache=tmp_path) is None
     assert not (tmp_path / "models").exists()
+
+
+def test_a_changed_chat_template_makes_a_job_new(tiny_model_path: str, tmp_path: Path) -> None:
+    """The weights' fingerprint left out the config and the tokenizer: after a base's chat template was
+    fixed, a resubmitted job reused the version trained on rows of the old template (review, 2026-12)."""
+    import json
+
+    from adapterfab.basemodel import setup_fingerprint
+    from adapterfab.jobs.orchestrate import job_fingerprint
+    from adapterfab.spec import parse_spec
+
+    fixed = tmp_path / "fixed"
+    shutil.copytree(tiny_model_path, fixed)
+    cfg = json.loads((fixed / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    (fixed / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert fingerprint(fixed) == fingerprint(tiny_model_path)  # the same weights
+    assert setup_fingerprint(str(fixed)) != setup_fingerprint(tiny_model_path)
+    _, (job,) = parse_spec({"version": 1, "name": "n", "base_model": tiny_model_path,
+                            "tenants": [{"tenant": "acme", "persona": "p", "dataset": "/d.jsonl"}]})
+    assert job_fingerprint("w", job, "d", setup_fingerprint(str(fixed))) != \
+        job_fingerprint("w", job, "d", setup_fingerprint(tiny_model_path))
