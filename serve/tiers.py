@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterfab.errors import AdapterfabError
+from adapterfab.serve.engine import AdapterRejected
 
 log = logging.getLogger("adapterfab.serve.tiers")
 COUNTERS = ("device_hits", "device_loads", "device_evictions", "cpu_hits", "cpu_evictions", "disk_hits",
@@ -66,7 +67,8 @@ class AdapterTiers:
         # keys being placed on or taken off the device outside the lock (the engine may block meanwhile: the
         # one-at-a-time engine waits for a running generation); each holds a slot until it is done
         self._moving: dict[str, str] = {}
-        self._place_failed: dict[str, tuple[float, str]] = {}  # key -> (retry after, why) of a failed place
+        # key -> (retry after, its error's name, its text when the engine refused the adapter) of a failed place
+        self._place_failed: dict[str, tuple[float, str, str | None]] = {}
         self.counts: collections.Counter[str] = collections.Counter()
         self.load_s: collections.deque[float] = collections.deque(maxlen=1000)
 
@@ -227,7 +229,9 @@ class AdapterTiers:
             log.warning("placing adapter %s on the device failed: %r", key, e)
             while len(self._place_failed) >= PLACE_FAILED_MAX:
                 self._place_failed.pop(next(iter(self._place_failed)))
-            self._place_failed[key] = (time.monotonic() + PLACE_RETRY_S, type(e).__name__)
+            # its text, not the error: a kept traceback would pin the frames (the tensors) of the failed place
+            self._place_failed[key] = (time.monotonic() + PLACE_RETRY_S, type(e).__name__,
+                                       str(e) if isinstance(e, AdapterRejected) else None)
             raise
         self._device[key] = None
         self.counts["device_loads"] += 1
@@ -241,6 +245,8 @@ class AdapterTiers:
         if time.monotonic() >= failed[0]:
             del self._place_failed[key]
             return
+        if failed[2] is not None:  # refused by the engine: the same answer on every try, its 400 (not a 503)
+            raise AdapterRejected(failed[2])
         raise AdapterBusy(f"adapter {key} could not be placed on the device ({failed[1]}); retried after "
                           f"{PLACE_RETRY_S:.0f} s")
 

@@ -109,9 +109,28 @@ def test_retries_of_a_failed_place_fail_fast_and_evict_nobody(engine: BatchedEng
     tiers.acquire("bob/p@1", "bob")  # and bob's other one finds a slot
     tiers.release("bob/p@1", "bob")
     oom.on = False
-    tiers._place_failed["eve/mlp@1"] = (time.monotonic() - 1, "RuntimeError")  # PLACE_RETRY_S later
+    tiers._place_failed["eve/mlp@1"] = (time.monotonic() - 1, "RuntimeError", None)  # PLACE_RETRY_S later
     tiers.acquire("eve/mlp@1", "eve")
     assert "eve/mlp@1" in engine.adapters and engine.free_slots == 0
+
+
+def test_retries_of_a_place_the_engine_refused_get_its_refusal(engine: BatchedEngine, adapters: dict,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A place the engine refuses (a LoRA-XS basis naming a module the base lacks) refuses every retry
+    the same way: its 400, not a 503 telling the client to retry."""
+    from adapterfab.serve.engine import AdapterRejected
+
+    tiers = AdapterTiers(engine, fetch_of(adapters), slot_wait_s=2.0, tenant_max_slots=0)
+    real = engine.place
+
+    def refuse(key: str, parsed: Any) -> None:
+        raise AdapterRejected("its basis has no q_proj")
+
+    monkeypatch.setattr(engine, "place", refuse)
+    for _ in range(2):
+        with pytest.raises(AdapterRejected, match="no q_proj"):
+            tiers.acquire("eve/mlp@1", "eve")
+    monkeypatch.setattr(engine, "place", real)
 
 
 # 2 ----------------------------------------------------------------------------------------------------------
