@@ -443,7 +443,7 @@ class FusedTrainer(FusedEvaluation):
                     a.replay_loss = totals[k] - v
                 t = a.job.train
                 if on_step and (a.step % t.log_every_steps == 0 or a.step == t.steps):
-                    on_step(a.job.job_id, a.step, v, a.lr())
+                    on_step(a.job.job_id, a.step, v, hyper[a.slot][0])  # the rate this step used
                 progress.append((a.job.job_id, a.step, v))
                 if a.job.early_stop_loss is not None and v <= a.job.early_stop_loss:
                     a.early = True

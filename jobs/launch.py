@@ -16,7 +16,9 @@ from typing import Any
 import ray
 
 PROGRESS_BOARD_PREFIX = "adapterfab-progress-"
-TRAIN_STATE = "train_state.pt"
+TRAIN_STATE = "train_state.rank{rank}.pt"  # each worker's own: Ray Train merges the workers' checkpoint folders
+OLD_TRAIN_STATE = "train_state.pt"  # the one name every worker wrote before (a checkpoint of then holds one rank's)
+KEEP_CHECKPOINTS = 2  # a resume needs the last; one more in case the last was cut short
 ZERO_DIR = "zero"  # a ZeRO job's engine checkpoint inside its Ray Train checkpoint (each worker's shard)
 MAX_WORKER_FAILURES = 3  # a job's worker may die this often; it resumes from its last checkpoint
 
@@ -80,41 +82,62 @@ class ProgressBoard:
         return self.version, {j: self.progress[j] for j, v in self._changed.items() if v > since}
 
 
-def report_train_state(metrics: dict[str, Any], state: dict[str, Any]) -> None:
-    """Report a training state (``train_adapter``'s or ``FusedTrainer``'s) as a Ray Train checkpoint.
-    With a ZeRO engine in it (``state["engine"]``), every worker also writes its shard of the engine
-    (the frozen base is not saved)."""
+def write_train_state(folder: str | Path, state: dict[str, Any], rank: int) -> None:
+    """A training state (``train_adapter``'s) into a checkpoint folder: with a ZeRO engine in it
+    (``state["engine"]``) the worker's shard of the engine (not the frozen base), and the rest under the
+    worker's own name: each worker's RNG and token count are its own, and all land in one folder."""
     import torch
+
+    state = dict(state)
+    engine = state.pop("engine", None)
+    if engine is not None:
+        from adapterfab.jobs.zero import ZERO_TAG
+
+        engine.save_checkpoint(str(Path(folder) / ZERO_DIR), tag=ZERO_TAG, exclude_frozen_parameters=True)
+    torch.save(state, Path(folder) / TRAIN_STATE.format(rank=rank))
+
+
+def read_train_state(folder: str | Path, rank: int, with_engine: bool = False) -> dict[str, Any] | None:
+    """Worker ``rank``'s training state in a checkpoint folder (one of before per-worker files: the one
+    there), else None. ``with_engine``: the ZeRO shards are copied to a temp folder named by
+    ``state["engine_dir"]`` (the engine loads them once training starts; the caller removes it)."""
+    import torch
+
+    path = Path(folder) / TRAIN_STATE.format(rank=rank)
+    if not path.exists():
+        path = Path(folder) / OLD_TRAIN_STATE
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=False)
+    if with_engine:
+        state["engine_dir"] = tempfile.mkdtemp(prefix="zero-resume-")
+        try:
+            shutil.copytree(Path(folder) / ZERO_DIR, state["engine_dir"], dirs_exist_ok=True)
+        except BaseException:
+            shutil.rmtree(state["engine_dir"], ignore_errors=True)
+            raise
+    return state
+
+
+def report_train_state(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+    """Report a training state (``write_train_state``) as a Ray Train checkpoint."""
     from ray import train as rt
 
     with tempfile.TemporaryDirectory() as tmp:
-        engine = state.pop("engine", None)
-        if engine is not None:
-            from adapterfab.jobs.zero import ZERO_TAG
-
-            engine.save_checkpoint(str(Path(tmp) / ZERO_DIR), tag=ZERO_TAG, exclude_frozen_parameters=True)
-        torch.save(state, Path(tmp) / TRAIN_STATE)
+        write_train_state(tmp, state, rt.get_context().get_world_rank())
         rt.report(metrics, checkpoint=rt.Checkpoint.from_directory(tmp))
 
 
 def last_train_state(with_engine: bool = False) -> dict[str, Any] | None:
-    """The training state of the last checkpoint when Ray Train restarted this worker after a failure,
-    else None. ``with_engine``: the ZeRO shards are copied to a temp folder named by
-    ``state["engine_dir"]`` (the engine loads them once training starts; the caller removes it)."""
-    import torch
+    """This worker's training state of the last checkpoint when Ray Train restarted it after a failure,
+    else None (``read_train_state``)."""
     from ray import train as rt
 
     last = rt.get_checkpoint()
     if last is None:
         return None
     with last.as_directory() as d:
-        if not (Path(d) / TRAIN_STATE).exists():
-            return None
-        state = torch.load(Path(d) / TRAIN_STATE, weights_only=False)
-        if with_engine:
-            state["engine_dir"] = tempfile.mkdtemp(prefix="zero-resume-")
-            shutil.copytree(Path(d) / ZERO_DIR, state["engine_dir"], dirs_exist_ok=True)
-    return state
+        return read_train_state(d, rt.get_context().get_world_rank(), with_engine)
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -176,13 +199,6 @@ def _worker_loop(config: dict[str, Any]) -> None:
             tracking.flush()  # the steps this checkpoint covers are in MLflow before it counts
         report_train_state({"step": step}, state)
 
-    resume = last_train_state(with_engine=zero is not None)
-    basis = None
-    if job.basis_uri:
-        from adapterfab.export import fetch_basis
-
-        with tempfile.TemporaryDirectory(prefix="basis-") as tmp:  # the loaded basis lives in memory
-            basis = fetch_basis(get_method(method_cfg.name), job.basis_uri, tmp)
     def replay(model: Any) -> Any:  # the job's replay set: the base's answers, the persona's openings
         if train_cfg.replay_weight <= 0:
             return None
@@ -196,7 +212,14 @@ def _worker_loop(config: dict[str, Any]) -> None:
         return rp.for_peft_model(model, AutoTokenizer.from_pretrained(job.base_model_path),
                                  list(train_shard.iter_rows()), train_cfg, cache)
 
-    try:
+    resume = last_train_state(with_engine=zero is not None)
+    try:  # from here on the resume's copy of the ZeRO shards is removed whatever fails
+        basis = None
+        if job.basis_uri:
+            from adapterfab.export import fetch_basis
+
+            with tempfile.TemporaryDirectory(prefix="basis-") as tmp:  # the loaded basis lives in memory
+                basis = fetch_basis(get_method(method_cfg.name), job.basis_uri, tmp)
         result = train_adapter(job.base_model_path, method_cfg, train_cfg, epoch_batches, eval_batches, on_step,
                                basis=basis, resume=resume, on_checkpoint=on_checkpoint, zero=zero, device=device,
                                replay=replay)
@@ -250,7 +273,7 @@ def run_training_job(job: WorkerJob, train_ds: Any, eval_ds: Any, storage_path: 
                      ) -> tuple[dict[str, float], str]:
     """Fit one job on Ray Train (``job.workers`` workers: DeepSpeed ZeRO when more than one); returns
     (metrics, local path of the saved adapter folder)."""
-    from ray.train import DataConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     os.makedirs(storage_path, exist_ok=True)
@@ -262,7 +285,8 @@ def run_training_job(job: WorkerJob, train_ds: Any, eval_ds: Any, storage_path: 
         datasets={"train": train_ds, "eval": eval_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(name=run_name, storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES)),
+                             failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES),
+                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)),
     )
     result = trainer.fit()
     if result.error:
@@ -276,39 +300,51 @@ def train_zero_jobs(ctx: Any, prepared: list[Any], cancelled: Any) -> None:
     """The factory's jobs too big for one worker (``prepared``: registrar.Prepared), one after another:
     each a Ray Train job with DeepSpeed ZeRO on several workers, registered as it ends; a job fails
     alone; once ``cancelled`` (a threading.Event) is set the rest are cancelled."""
-    from adapterfab.jobs.registrar import cancel_job, fail_job, register_job
+    from adapterfab.jobs.registrar import cancel_job
     from adapterfab.jobs.trainers import retire_idle_trainers
-    from adapterfab.lifecycle import JobState
-    from adapterfab.retention import answers_folder, job_probes
 
     retire_idle_trainers()  # their devices are what the ZeRO workers wait for
+    storage = ctx.settings.home / "ray_results"
     for p in prepared:
-        plan = ctx.planned[p.jid]
         if cancelled.is_set():  # (a running Ray Train job ends its steps; then it is cancelled)
             cancel_job(ctx, p.jid, p.run_id)
             continue
+        run_name = f"{p.jid}.a{p.attempt}"
         try:
-            ctx.state.move_job(p.jid, JobState.TRAINING, total_steps=p.job.train.steps,
-                               placement={"cpus": plan.cpus, "gpus": plan.gpus, "workers": plan.workers,
-                                          "zero_stage": plan.zero_stage})
-            job = WorkerJob(
-                job_id=p.jid, base_model_path=ctx.base.path, method=p.job.method.model_dump(),
-                train=p.job.train.model_dump(), mlflow_uri=ctx.tracking.uri, mlflow_run_id=p.run_id,
-                progress_board=ctx.board_name, pad_id=ctx.pad(), cpus=plan.cpus, basis_uri=p.basis_uri,
-                gpus=plan.gpus, workers=plan.workers, zero_stage=plan.zero_stage,
-                mlflow_retry_s=ctx.tracking.retry_s, probes=job_probes(p.job.probes),
-                probe_cache=str(answers_folder(ctx.settings)))
-            train_ds = ray.data.from_items([_listed(r) for r in p.data.train])
-            eval_ds = ray.data.from_items([_listed(r) for r in p.data.eval])
-            metrics, adapter_dir = run_training_job(job, train_ds, eval_ds, str(ctx.settings.home / "ray_results"),
-                                                    run_name=f"{p.jid}.a{p.attempt}")
-        except Exception as e:  # noqa: BLE001
-            fail_job(ctx, p.jid, p.run_id, e)
-            continue
-        if cancelled.is_set():
-            cancel_job(ctx, p.jid, p.run_id)
-            continue
-        register_job(ctx, p, metrics, adapter_dir, {"training": f"zero{plan.zero_stage}:{plan.workers}"})
+            _train_zero_job(ctx, p, cancelled, str(storage), run_name)
+        finally:  # registered (its adapter uploaded), failed or cancelled: the run's checkpoints go
+            shutil.rmtree(storage / run_name, ignore_errors=True)
+
+
+def _train_zero_job(ctx: Any, p: Any, cancelled: Any, storage_path: str, run_name: str) -> None:
+    """One job of ``train_zero_jobs``: trained in Ray Train run ``run_name``, then registered, failed or
+    cancelled."""
+    from adapterfab.jobs.registrar import cancel_job, fail_job, register_job
+    from adapterfab.lifecycle import JobState
+    from adapterfab.retention import answers_folder, job_probes
+
+    plan = ctx.planned[p.jid]
+    try:
+        ctx.state.move_job(p.jid, JobState.TRAINING, total_steps=p.job.train.steps,
+                           placement={"cpus": plan.cpus, "gpus": plan.gpus, "workers": plan.workers,
+                                      "zero_stage": plan.zero_stage})
+        job = WorkerJob(
+            job_id=p.jid, base_model_path=ctx.base.path, method=p.job.method.model_dump(),
+            train=p.job.train.model_dump(), mlflow_uri=ctx.tracking.uri, mlflow_run_id=p.run_id,
+            progress_board=ctx.board_name, pad_id=ctx.pad(), cpus=plan.cpus, basis_uri=p.basis_uri,
+            gpus=plan.gpus, workers=plan.workers, zero_stage=plan.zero_stage,
+            mlflow_retry_s=ctx.tracking.retry_s, probes=job_probes(p.job.probes),
+            probe_cache=str(answers_folder(ctx.settings)))
+        train_ds = ray.data.from_items([_listed(r) for r in p.data.train])
+        eval_ds = ray.data.from_items([_listed(r) for r in p.data.eval])
+        metrics, adapter_dir = run_training_job(job, train_ds, eval_ds, storage_path, run_name)
+    except Exception as e:  # noqa: BLE001
+        fail_job(ctx, p.jid, p.run_id, e)
+        return
+    if cancelled.is_set():
+        cancel_job(ctx, p.jid, p.run_id)
+        return
+    register_job(ctx, p, metrics, adapter_dir, {"training": f"zero{plan.zero_stage}:{plan.workers}"})
 
 
 def _listed(row: dict[str, Any]) -> dict[str, list[int]]:

@@ -8,6 +8,7 @@ CPU run on the tiny test model:  python -m pytest tests/ray/test_train_job.py
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -177,8 +178,9 @@ def train_adapter(
     see methods/qlora.py), on the adapter and on the base with the adapter disabled.
 
     Fault tolerance: every ``train.checkpoint_every`` steps ``on_checkpoint(step, state)`` receives the
-    training state (trainable weights, optimizer and schedule state, RNG, losses so far); passing such
-    a state back as ``resume`` continues from that step on the same data order, as if never stopped.
+    training state (trainable weights, optimizer and schedule state, the CPU and CUDA generators LoRA dropout
+    draws from, losses, tokens and training seconds so far), a copy later steps leave alone; passing such a
+    state back as ``resume`` continues from that step on the same data order, as if never stopped.
 
     ``zero``: a DeepSpeed config (jobs/zero.py); the model trains inside a DeepSpeed engine, one of
     several data-parallel workers. Its checkpoint state then carries the engine (``state["engine"]``,
@@ -193,6 +195,8 @@ def train_adapter(
     is attached; with one, each step's loss adds ``weight`` x ``replay.replay_kl`` over the rows it draws
     for that step (the reported loss stays the cross-entropy), as the fused trainer does."""
     import torch
+
+    from adapterfab.jobs.fused_bank import rng_state, seed_dropout
 
     seed_everything(train.seed)
     impl = get_method(method.name)
@@ -213,7 +217,7 @@ def train_adapter(
         replayed = None
     losses: list[float] = []
     t0 = time.monotonic()
-    tokens = 0
+    tokens, done_s = 0, 0.0  # done_s: training seconds before a resume (train_tokens_per_s counts them too)
     batches = forever(epoch_batches)
     start = 0
     if resume is not None:
@@ -227,8 +231,10 @@ def train_adapter(
                     named[name].copy_(value)
             opt.load_state_dict(resume["optimizer"])
             sched.load_state_dict(resume["scheduler"])
-        torch.set_rng_state(resume["rng"])
+        rng = resume["rng"]  # a state of old (CPU generator only) or as rng_state writes it
+        seed_dropout(torch.device(device), [], rng if isinstance(rng, dict) else {"cpu": rng})
         losses, tokens, start = list(resume["losses"]), int(resume["tokens"]), int(resume["step"])
+        done_s = float(resume.get("train_s", 0.0))
         for _ in range(start):  # the batches the interrupted run already consumed
             next(batches)
     for step in range(start + 1, train.steps + 1):
@@ -247,6 +253,7 @@ def train_adapter(
             loss = loss + term
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {float(loss)} at step {step}; lower train.learning_rate")
+        lr = sched.get_last_lr()[0]  # this step's rate (read before the schedule steps to the next one)
         if engine is not None:  # averages gradients over the workers, clips, steps and zeroes them
             engine.backward(loss)
             engine.step()
@@ -263,19 +270,20 @@ def train_adapter(
 
             losses[-1] = mean_over_workers(losses[-1], device)
         if on_step and (step % train.log_every_steps == 0 or step == train.steps):
-            on_step(step, losses[-1], sched.get_last_lr()[0])
+            on_step(step, losses[-1], lr)
         if on_checkpoint and train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
             state: dict[str, Any] = {"step": step, "losses": list(losses), "tokens": tokens,
-                                     "rng": torch.get_rng_state()}
+                                     "rng": rng_state(torch.device(device)), "train_s": done_s + time.monotonic() - t0}
             if engine is not None:
                 state["engine"] = engine
             else:
                 state.update({
                     "trainable": {n: p.detach().clone() for n, p in peft_model.named_parameters()
                                   if p.requires_grad},
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+                    # a copy: the optimizer's state tensors are updated in place by the steps after this one
+                    "optimizer": copy.deepcopy(opt.state_dict()), "scheduler": sched.state_dict()})
             on_checkpoint(step, state)
-    train_s = time.monotonic() - t0
+    train_s = done_s + time.monotonic() - t0
     if engine is not None:  # every worker's tokens
         from adapterfab.jobs.zero import mean_over_workers
 

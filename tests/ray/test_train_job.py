@@ -127,3 +127,60 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_cluster, tiny_model_path:
     # with its metric buffer (flushed at every checkpoint, not at every step), never the step itself
     assert history.count(resumed_from + 1) >= 1
     assert history.count(1) == 1
+
+
+@pytest.mark.timeout(300)
+def test_a_job_keeps_its_last_checkpoints_and_its_run_goes_once_registered(ray_cluster, tiny_model_path: str,
+                                                                        mlflow_server: str, tmp_path: Path) -> None:
+    """A job checkpointing every step keeps only its last KEEP_CHECKPOINTS (a resume needs the last); once
+    ``train_zero_jobs`` registered it, its Ray Train run's folder (checkpoints, adapter) is removed."""
+    import threading
+    import uuid
+    from types import SimpleNamespace
+
+    from adapterfab.ids import AdapterId
+    from adapterfab.jobs.launch import KEEP_CHECKPOINTS, WorkerJob, run_training_job, train_zero_jobs
+    from adapterfab.jobs.orchestrate import BatchContext, Prepared
+    from adapterfab.lifecycle import JobState
+    from adapterfab.methods.lora import LoraConfig
+    from adapterfab.pipelines.data import prepare_dataset
+    from adapterfab.registry import Registry
+    from adapterfab.settings import Settings
+    from adapterfab.spec import TrainConfig, parse_spec
+    from adapterfab.state import StateStore
+    from adapterfab.tracking import Tracking
+
+    prepared = prepare_dataset(str(_dataset(tmp_path / "d.jsonl")), tiny_model_path, max_seq_len=64,
+                               eval_fraction=0.2, seed=0, max_bad_row_fraction=0.1, timeout_s=120)
+    train = TrainConfig(steps=6, batch_size=4, dtype="float32", max_seq_len=64, checkpoint_every=1)
+    job = WorkerJob(job_id="b.acme.keep", base_model_path=tiny_model_path, method=LoraConfig(r=4).model_dump(),
+                    train=train.model_dump(), mlflow_uri=None, mlflow_run_id=None, progress_board=None, pad_id=0,
+                    cpus=1)
+    run_training_job(job, prepared.train, prepared.eval, str(tmp_path / "results"), "keep")
+    kept = [c for c in (tmp_path / "results" / "keep").glob("checkpoint_*") if c.is_dir()]
+    assert 1 <= len(kept) <= KEEP_CHECKPOINTS, kept  # 5 states and the adapter before
+
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    spec, jobs = parse_spec({"version": 1, "name": "keep", "base_model": tiny_model_path,
+                             "tenants": [{"tenant": tenant, "persona": "pirate", "dataset": "/d.jsonl",
+                                          "train": {"steps": 4, "batch_size": 4, "dtype": "float32",
+                                                    "checkpoint_every": 1, "replay_weight": 0.0}}]})
+    state = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    jid = f"b-keep.{tenant}.pirate"
+    state.create_batch("b-keep", "keep", "", "", tiny_model_path,
+                       [{"id": jid, "tenant": tenant, "persona": "pirate", "method": "lora", "total_steps": 4}])
+    state.move_job(jid, JobState.PREPARING)
+    tracking, registry = Tracking(mlflow_server, retry_s=60), Registry(mlflow_server)  # as the factory's
+    run_id = tracking.start_run("keep-job")
+    home = tmp_path / "home"
+    settings = Settings(home=home, cache=tmp_path, state_url=state.url, artifacts=str(tmp_path / "store"))
+    ctx = BatchContext(settings, state, "b-keep", spec, SimpleNamespace(path=tiny_model_path, fingerprint="f" * 64),
+                       tracking, registry, run_id, "", 0, force=True,
+                       planned={jid: SimpleNamespace(cpus=1, gpus=0.0, workers=1, zero_stage=None)})
+    rows = SimpleNamespace(train=list(prepared.train.take_all()), eval=list(prepared.eval.take_all()))
+    stats = {"sha256": "0" * 64, "total_rows": 40, "bad_rows": 0, "train_rows": len(rows.train),
+             "eval_rows": len(rows.eval)}
+    p = Prepared(jobs[0], jid, AdapterId(tenant, "pirate"), run_id, rows, stats, "fp", None, None)
+    train_zero_jobs(ctx, [p], threading.Event())
+    assert state.job(jid).state == JobState.SUCCEEDED, state.job(jid).error
+    assert not (home / "ray_results" / f"{jid}.a1").exists()
