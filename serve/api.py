@@ -71,11 +71,12 @@ def ignored_header(names: list[str], limit: int = 1000) -> str:
 
 class RateLimiter:
     """Per-tenant token buckets: ``rps`` requests per second on average, bursts of up to ``burst``;
-    ``per_tenant`` overrides the rate for named tenants. A generation request costs one token per
+    ``per_tenant`` overrides the rate for named tenants (with ``rps`` None, only they are limited). A
+    generation request costs one token per
     generation it asks for (prompts × n; at most ``burst``). In-process: with several ingress replicas
     each enforces its own share."""
 
-    def __init__(self, rps: float, burst: int = 20, per_tenant: dict[str, float] | None = None,
+    def __init__(self, rps: float | None, burst: int = 20, per_tenant: dict[str, float] | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.rps, self.burst, self.per_tenant, self.clock = rps, burst, dict(per_tenant or {}), clock
         self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, last refill)
@@ -84,6 +85,8 @@ class RateLimiter:
         """0 when the request may go now (``cost`` tokens are taken), else the seconds until it may (nothing
         is consumed then)."""
         rate = self.per_tenant.get(tenant, self.rps)
+        if rate is None:  # no default rate and no override: unlimited
+            return 0.0
         cost = min(float(cost), float(self.burst))  # a request the bucket can never hold would never go
         now = self.clock()
         tokens, last = self._buckets.get(tenant, (float(self.burst), now))

@@ -286,16 +286,9 @@ def tenant_limiter(cfg: ServeConfig) -> Any:
     were dropped, review 2026-12); None when neither is set."""
     from adapterfab.serve.api import RateLimiter
 
-    if cfg.tenant_rps:
-        return RateLimiter(cfg.tenant_rps, cfg.tenant_burst, cfg.tenant_rps_overrides)
-    if not cfg.tenant_rps_overrides:
+    if not cfg.tenant_rps and not cfg.tenant_rps_overrides:
         return None
-
-    class OverridesOnly(RateLimiter):
-        def check(self, tenant: str, cost: float = 1.0) -> float:
-            return super().check(tenant, cost) if tenant in self.per_tenant else 0.0
-
-    return OverridesOnly(0.0, cfg.tenant_burst, cfg.tenant_rps_overrides)
+    return RateLimiter(cfg.tenant_rps or None, cfg.tenant_burst, cfg.tenant_rps_overrides)
 
 
 def complete_catalogue(registry: Any) -> threading.Thread | None:

@@ -303,8 +303,8 @@ class TextGeneration:
         rows = self.vocab_rows()
         bad = next((i for i in prompt_ids if not 0 <= i < rows), None)
         if bad is not None:
-            shown = str(bad) if len(str(bad)) <= 30 else str(bad)[:30] + "..."
-            raise InvalidPrompt(f"token id {shown} is out of range: this model's token ids are 0 to {rows - 1}")
+            raise InvalidPrompt(f"token id {_shown_id(bad)} is out of range: this model's token ids are 0 to "
+                                f"{rows - 1}")
 
     def check_params(self, params: SamplingParams) -> None:
         """Refuse a ``logit_bias`` on token ids the model has none of (as vLLM does): the bias would be
@@ -312,7 +312,7 @@ class TextGeneration:
         rows = self.vocab_rows()
         bad = sorted(t for t, _ in params.logit_bias if not 0 <= t < rows)
         if bad:
-            shown = ", ".join(str(t) if len(str(t)) <= 30 else str(t)[:30] + "..." for t in bad[:5])
+            shown = ", ".join(_shown_id(t) for t in bad[:5])
             raise SamplingError(f"logit_bias names token ids outside this model's vocabulary (0 to {rows - 1}): "
                                 f"{shown}{' ...' if len(bad) > 5 else ''}", param="logit_bias")
 
@@ -395,6 +395,12 @@ class TextGeneration:
         if tail:
             yield TextDelta(tail, tuple(pending), len(prompt_ids), n_out)
         yield Finished(reason, len(prompt_ids), n_out)
+
+
+def _shown_id(token_id: int) -> str:
+    """A token id as an error message shows it: a client may send one thousands of digits long."""
+    text = str(token_id)
+    return text if len(text) <= 30 else text[:30] + "..."
 
 
 def _is_ids(prompt: Any) -> bool:
