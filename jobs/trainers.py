@@ -60,6 +60,49 @@ class NoTrainerNeeded(RuntimeError):
     """A wait for a trainer's resources was called off: the batch has no more work for it."""
 
 
+class Unplaceable(RuntimeError):
+    """No node of the cluster can ever host the trainer, and the cluster adds none (no autoscaler)."""
+
+
+UNPLACEABLE_CHECK_S = 5.0  # how often a wait for a new trainer's resources asks whether any node could host it
+
+
+def _fixed_cluster() -> bool:
+    """Whether this Ray cluster can gain no nodes: its monitor runs the read-only node provider (a local
+    ``ray.init``, ``ray start`` without an autoscaling config) and autoscaler v2 is off. Anything unclear
+    (status not written yet, another Ray's format) counts as "may autoscale": the caller then waits."""
+    try:
+        from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+        from ray.autoscaler._private.util import format_readonly_node_type
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        if is_autoscaler_v2(fetch_from_server=True):
+            return False
+        raw = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+        mapping = (json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") if raw else None
+        return bool(mapping) and all(t == format_readonly_node_type(n) for n, t in mapping.items())
+    except Exception:  # noqa: BLE001 - not knowable here: assume nodes may come
+        return False
+
+
+def unplaceable(cpus: float, gpus: float) -> str | None:
+    """Why no node of this cluster can ever host a trainer (or a ZeRO worker) of ``cpus`` CPUs and ``gpus``
+    GPUs, or None: some live node has that much in all (busy or not), or the cluster may add nodes.
+    Ray would otherwise keep such a request pending for ever (and the wait for it would run to its
+    timeout, group after group)."""
+    need = {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
+    nodes = [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")]
+    if any(all(r.get(k, 0.0) + 1e-9 >= v for k, v in need.items()) for r in nodes):
+        return None
+    if not _fixed_cluster():
+        return None
+    have = "; ".join(f"{r.get('CPU', 0):g} CPU, {r.get('GPU', 0):g} GPU" for r in nodes) or "none alive"
+    return (f"no node of this Ray cluster can host a trainer of {cpus:g} CPU and {gpus:g} GPU (its nodes: {have}), "
+            "and the cluster adds no nodes (no autoscaler): lower resources.cpus_per_job / gpus_per_job in the "
+            "spec, or run the batch on a cluster with such a node")
+
+
 @dataclass(frozen=True)
 class TrainerSpec:
     """What a resident trainer holds and the resources it takes. ``key()`` names the trainers that can
@@ -381,7 +424,7 @@ class TrainerPool:
             h = _actor_class().options(**options).remote(asdict(spec), self.keep_warm_s, self.owner)
         ref = h.lease.remote(self.owner, LEASE_TTL_S, self.keep_warm_s)
         deadline = time.monotonic() + timeout_s
-        t0 = evicted = time.monotonic()
+        t0 = evicted = checked = time.monotonic()
         while True:
             ready, _ = ray.wait([ref], timeout=0.5)
             if ready:
@@ -398,6 +441,12 @@ class TrainerPool:
             if called_off is not None and called_off.is_set():
                 ray.kill(h, no_restart=True)
                 raise NoTrainerNeeded(f"trainer {name} was not needed after all")
+            if time.monotonic() - checked > UNPLACEABLE_CHECK_S:
+                checked = time.monotonic()  # (a node that could host it may have gone since the batch began)
+                why = unplaceable(spec.cpus, spec.gpus)
+                if why:
+                    ray.kill(h, no_restart=True)
+                    raise Unplaceable(why)
             if time.monotonic() > deadline:
                 ray.kill(h, no_restart=True)
                 raise TimeoutError(
