@@ -489,8 +489,8 @@ class Factory:
                     break
                 log.warning("group %s: trainer %s died (%s); attempt %d of %d resumes from its checkpoint",
                             item.gid, lease.name if lease else "?", type(e).__name__, attempt, MAX_GROUP_ATTEMPTS)
-                if lease is not None:
-                    self.pool.forget(lease)
+                if lease is not None:  # ended, in case it is only unreachable: no two trainers on one group
+                    self.pool.forget(lease, kill=True)
                 lease, error = None, e
             except ray.exceptions.RayTaskError as e:
                 if isinstance(getattr(e, "cause", None), LeaseLost) and lease is not None:

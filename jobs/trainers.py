@@ -470,10 +470,17 @@ class TrainerPool:
         except Exception:  # noqa: BLE001 - it died: nothing to give back
             pass
 
-    def forget(self, lease: Lease) -> None:
-        """A trainer that died: stop renewing its lease."""
+    def forget(self, lease: Lease, kill: bool = False) -> None:
+        """A trainer that died (or took another lease): stop renewing its lease. ``kill``: end it too, for
+        one that only looked dead (``ActorUnavailableError``: unreachable, maybe still training the group
+        and writing its checkpoint while another trainer resumes it); a dead one's kill is a no-op."""
         with self._lock:
             self._held.pop(lease.name, None)
+        if kill:
+            try:
+                ray.kill(lease.handle, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
 
     def _renew(self) -> None:
         while not self._stop.wait(RENEW_EVERY_S):

@@ -164,6 +164,29 @@ def test_a_trainer_no_node_can_host_fails_at_once(ray_cluster, tiny_model_path: 
     pool.close()
 
 
+@pytest.mark.timeout(120)
+def test_a_forgotten_trainer_that_only_looked_dead_is_ended(ray_cluster, tiny_model_path: str) -> None:
+    """A trainer the batch gave up on as unreachable (ActorUnavailableError) is killed before its group
+    resumes elsewhere: it could otherwise go on training the group beside its successor."""
+    import ray
+
+    from adapterfab.jobs.trainers import TrainerPool, _trainer_names
+
+    pool = TrainerPool("batch-lost", keep_warm_s=60)
+    lease = pool.acquire(_spec(tiny_model_path))
+    assert ray.get(lease.handle.info.remote(), timeout=30)["owner"] == "batch-lost"
+    pool.forget(lease)  # a trainer that took another lease (LeaseLost) is only let go
+    assert lease.name in _trainer_names()
+    pool.forget(lease, kill=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and lease.name in _trainer_names():
+        time.sleep(0.5)
+    assert lease.name not in _trainer_names()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(lease.handle.info.remote(), timeout=30)
+    pool.close()
+
+
 def _no_trainers() -> None:
     from adapterfab.jobs.trainers import retire_idle_trainers, trainers_info
 
