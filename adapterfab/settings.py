@@ -16,7 +16,9 @@ the planner's knobs, ``ADAPTERFAB_DATA_ROOTS``) are parsed with types and bounds
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,64 @@ DEFAULT_SERVE_PORT = 8000
 DEFAULT_RAY_PORT = 6390
 DEFAULT_DASHBOARD_PORT = 8265
 DEFAULT_UI_PORT = 8280  # our dashboard (serve/dashboard.py); 8265 is Ray's
+_warned: set[str] = set()  # the files private_sqlite warned about, once per process
+
+
+def private_dir(path: str | Path) -> Path:
+    """``path`` as a folder (``mkdir -p``), every folder this call creates owner-only (0700): the home,
+    the state and MLflow databases' folders and the local artifact folders hold tenants' data (specs,
+    runs, adapters), which the process umask (0755) showed to every local user. A folder that exists
+    keeps its mode: the user chose it (a shared group folder, say)."""
+    path = Path(path)
+    if not path.is_dir():
+        if path.parent != path:
+            private_dir(path.parent)
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:  # made meanwhile by another process (or a file: is_dir says so)
+            if not path.is_dir():
+                raise
+    return path
+
+
+def private_file(path: str | Path) -> bool:
+    """Create ``path`` empty and owner-only (0600), its folder with ``private_dir``, unless it exists;
+    True when it was created here. An existing file keeps its mode."""
+    path = Path(path)
+    private_dir(path.parent)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return False
+    return True
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite SQLAlchemy URL (``sqlite:///rel`` or ``sqlite:////abs``, query
+    dropped); None for another database, an in-memory one, or a ``file:`` URI."""
+    m = re.match(r"sqlite(\+\w+)?:///([^?]*)", url)
+    name = m.group(2) if m else ""
+    return Path(name).expanduser() if name and name != ":memory:" and not name.startswith("file:") else None
+
+
+def private_sqlite(url: str) -> None:
+    """Make a SQLite database's file owner-only before SQLite creates it with the umask (0644): an empty
+    0600 file, which SQLite opens as a new database and whose mode it gives the ``-wal``, ``-shm`` and
+    ``-journal`` files it makes beside it. An existing file is left as it is (it may be shared on
+    purpose; adapterfab cannot tell), with a warning when every local user may read it."""
+    path = sqlite_file(url)
+    if path is None or private_file(path):
+        return
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o004 and str(path) not in _warned:
+        _warned.add(str(path))
+        logging.getLogger("adapterfab.settings").warning(
+            "%s is readable by every local user (mode %o) though it holds tenants' data: `chmod 600 %s` "
+            "(adapterfab creates its databases owner-only, and leaves existing files as they are)",
+            path, mode, path)
 
 
 def cache_dir() -> Path:
@@ -81,9 +141,10 @@ class Settings:
         )
 
     def ensure_dirs(self) -> None:
+        """The home, its logs and the cache, those this creates owner-only (``private_dir``)."""
         for p in (self.home, self.logs, self.cache):
             try:
-                p.mkdir(parents=True, exist_ok=True)
+                private_dir(p)
             except OSError as e:
                 raise SettingError(f"cannot use {p} as a folder (ADAPTERFAB_HOME is {self.home}): "
                                    f"{e.strerror or e}") from None

@@ -43,6 +43,8 @@ from adapterfab.settings import (
     DEFAULT_SERVE_PORT,
     DEFAULT_UI_PORT,
     Settings,
+    private_dir,
+    private_sqlite,
 )
 
 # Ray Train's controller polls workers every 2 s by default, which makes every report() wait ~2 s.
@@ -128,7 +130,7 @@ def stack_lock(settings: Settings) -> Iterator[None]:
     if settings.home in homes:
         yield
         return
-    settings.home.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.home)
     with open(settings.home / "stack.lock", "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -279,6 +281,16 @@ def _recorded(rec: dict) -> dict:
             "mlflow_backend_store_uri": rec.get("mlflow_backend_store_uri")}
 
 
+def private_mlflow_stores(mlflow_home: Path, artifacts: str, backend: str) -> None:
+    """MLflow's folder, its SQLite database and its local artifact folder made owner-only before the
+    server makes them with its umask (0644 and 0755: every tenant's runs, metrics and adapters readable
+    by every local user). What exists already keeps its mode (settings.private_sqlite says why)."""
+    private_dir(mlflow_home)
+    if "://" not in artifacts or artifacts.startswith("file://"):
+        private_dir(Path(artifacts.removeprefix("file://")).expanduser())
+    private_sqlite(backend)
+
+
 def up(settings: Settings, mlflow_port: int | None = None, ray_port: int | None = None,
        dashboard_port: int | None = None, serve_port: int | None = None, num_cpus: int | None = None,
        artifacts_destination: str | None = None, backend_store_uri: str | None = None,
@@ -325,6 +337,7 @@ def up(settings: Settings, mlflow_port: int | None = None, ray_port: int | None 
                                                    opts["mlflow_backend_store_uri"])
                 rec.update(mlflow_uri=f"http://127.0.0.1:{port}", mlflow_artifacts_destination=artifacts,
                            mlflow_backend_store_uri=backend)
+                private_mlflow_stores(mlflow_home, artifacts, backend)
                 start_mlflow(mlflow_home, port, artifacts, backend, started=lambda pid: spawned("mlflow_pid", pid))
             if not rec.get("serve_url"):
                 port = _pick(serve_port, DEFAULT_SERVE_PORT)

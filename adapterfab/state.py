@@ -228,10 +228,9 @@ class StateStore:
                              f"{redact_credentials(why)} (ADAPTERFAB_STATE_URL)") from None
 
     def _open(self, url: str) -> None:
-        if url.startswith("sqlite:///"):
-            from pathlib import Path
+        from adapterfab.settings import private_sqlite
 
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite(url)  # a new database file (and its -wal, -shm, folder) owner-only: tenants' data
         self.engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
         if url.startswith("sqlite"):
             @event.listens_for(self.engine, "connect")

@@ -42,6 +42,7 @@ from urllib.parse import urlparse
 
 from adapterfab.env import env
 from adapterfab.errors import StorageError
+from adapterfab.settings import private_dir
 
 MANIFEST = "MANIFEST.json"
 UPLOAD_ATTEMPTS = 3  # an object whose stored bytes differ from the local file is uploaded again this often
@@ -210,6 +211,8 @@ class LocalStore(ArtifactStore):
         the manifest, written last) that exists after a crash or power loss is whole, so a version is
         never registered over bytes the disk had not kept."""
         dest = self._p(key)
+        if not self.path.is_dir():  # a store made here is owner-only: tenants' adapters (settings.private_dir)
+            private_dir(self.path)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + f".part{os.getpid()}")
         shutil.copyfile(local, tmp)
@@ -339,6 +342,18 @@ class S3Store(ArtifactStore):
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._k(prefix))
             return sorted(o["Key"][start:] for page in pages for o in page.get("Contents", []))
+        except Exception as e:  # noqa: BLE001 - missing bucket, no permission, unreachable endpoint
+            raise StorageError(f"cannot list {self.uri(prefix)}: {e}") from e
+
+    def stamps(self, prefix: str) -> dict[str, str]:
+        """What S3 says of every object under the folder ``prefix`` without reading it, by key relative
+        to the prefix: ``"<size> <ETag>"`` (a listing: one request per 1000 objects). A replaced object
+        gets another ETag, so two listings differ when any object changed, came or went."""
+        start = len(self._k(prefix))
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._k(prefix))
+            return {o["Key"][start:]: f"{o.get('Size')} {o.get('ETag')}" for page in pages
+                    for o in page.get("Contents", [])}
         except Exception as e:  # noqa: BLE001 - missing bucket, no permission, unreachable endpoint
             raise StorageError(f"cannot list {self.uri(prefix)}: {e}") from e
 
