@@ -21,6 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import case, or_, update
+from sqlalchemy.orm import Session
+
 from adapterfab.errors import ApiKeyError
 from adapterfab.ids import check_id
 from adapterfab.state import ApiKeyRow, StateStore
@@ -128,21 +131,45 @@ class KeyStore:
 
     def rotate(self, key_or_id: str, grace_s: float = 0.0, ttl_s: float | None = None) -> tuple[str, KeyInfo]:
         """A new key of the same tenant (or operator role); the old one ends now, or after ``grace_s``
-        seconds while clients switch over. Returns the new key and the old key's record."""
+        seconds while clients switch over. Returns the new key and the old key's record.
+
+        A key rotates once: ending it and storing its successor are one transaction that claims the old
+        key only while it is active and not yet rotated, so a second ``rotate`` (in its grace period, or
+        at the same moment from another process) is refused instead of minting another live key whose
+        record the first one's ``rotated_to`` then lost (review, 2026-12)."""
         if grace_s < 0:
             raise ApiKeyError(f"the grace period must be 0 or more seconds, not {grace_s}")
+        if ttl_s is not None and not ttl_s > 0:
+            raise ApiKeyError(f"a key's lifetime must be positive, not {ttl_s}")
         key_id = key_id_of(key_or_id)
         row = self.state.key_by_id(key_id)
         if row is None:
             raise ApiKeyError(f"no key {key_id}")
-        if row.revoked or (row.expires_s is not None and row.expires_s <= self.clock()):
-            raise ApiKeyError(f"key {key_id} has already ended; create a new one")
-        key = (self.create_operator(ttl_s) if row.role == OPERATOR else self.create(row.tenant, ttl_s))
-        new_id = key_id_of(key)
         now = self.clock()
-        old = self.state.revoke_key(key_id, now, expires_s=now + grace_s if grace_s > 0 else None,
-                                    rotated_to=new_id)
+        new_id = secrets.token_hex(8)
+        key = f"{PREFIX}_{new_id}_{secrets.token_urlsafe(24)}"
+        cols = ApiKeyRow
+        if grace_s > 0:  # it expires then, unless it would sooner
+            ends: dict[str, Any] = {"expires_s": case((or_(cols.expires_s.is_(None), cols.expires_s > now + grace_s),
+                                                       now + grace_s), else_=cols.expires_s)}
+        else:
+            ends = {"revoked": 1, "revoked_s": now}
+        with Session(self.state.engine) as s, s.begin():
+            claimed = s.execute(
+                update(cols).where(cols.key_id == key_id, cols.revoked == 0, cols.rotated_to.is_(None),
+                                   or_(cols.expires_s.is_(None), cols.expires_s > now))
+                .values(rotated_to=new_id, **ends)).rowcount
+            if claimed == 1:
+                s.add(ApiKeyRow(key_id=new_id, tenant=row.tenant, sha256=_hash(key), role=row.role,
+                                expires_s=None if ttl_s is None else now + ttl_s))
+        old = self.state.key_by_id(key_id)
         assert old is not None
+        if claimed != 1:
+            if old.rotated_to is not None and not old.revoked and (old.expires_s is None or old.expires_s > now):
+                raise ApiKeyError(f"key {key_id} was already rotated to {old.rotated_to} (it ends at "
+                                  f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(old.expires_s or now))}); "
+                                  f"rotate {old.rotated_to} instead, or revoke {key_id} to end it now")
+            raise ApiKeyError(f"key {key_id} has already ended; create a new one")
         return key, _info(old)
 
     def _row(self, key: str | None) -> ApiKeyRow | None:

@@ -35,6 +35,7 @@ from adapterfab.ids import AdapterId, is_decimal, version_number
 from adapterfab.registry import AdapterVersion, RegisteredAdapter
 from adapterfab.serve import openai_format
 from adapterfab.serve.api_errors import ApiError, backend_error, field_error, model_not_found
+from adapterfab.serve.auth_guard import AuthFailureLimiter
 from adapterfab.serve.backend import Backend
 from adapterfab.serve.engine import Finished, SamplingParams
 from adapterfab.serve.observe import CountRequests, Metrics, RequestIds, install_record_factory
@@ -228,7 +229,8 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
              on_alias_moved: Callable[[str], Any] | None = None,
              rate_limit: RateLimiter | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
              max_tokens_cap: int | None = None, echo_request_id: bool = True,
-             metrics_auth: Callable[[str | None], bool] | None = None) -> FastAPI:
+             metrics_auth: Callable[[str | None], bool] | None = None,
+             auth_limit: AuthFailureLimiter | None = None) -> FastAPI:
     """``auth(key) -> tenant | None`` and ``resolver`` are blocking (they run in a thread pool);
     ``lister(tenant)`` names the tenant's models for ``GET /v1/models`` (base only when absent);
     ``catalog(tenant)`` lists the tenant's registered adapters for ``/v1/registry/...``;
@@ -237,9 +239,11 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
     context, within the cap). ``GET /metrics``: Prometheus (``serve/observe.py``); ``echo_request_id``
     False where a proxy in front already sends ``X-Request-Id`` back (Ray Serve's). ``metrics_auth(key)``:
     whether a key may read ``/metrics`` (labels name tenants and adapters: an operator's key in production;
-    None leaves it open, for in-process use)."""
+    None leaves it open, for in-process use). ``auth_limit``: wrong keys allowed per client address
+    (``serve/auth_guard.py``; None: its defaults; ``AuthFailureLimiter(0)``: no limit)."""
     app = FastAPI(title="adapterfab", docs_url=None, redoc_url=None)
     resolve = ResolveCache(resolver, resolve_ttl_s, on_alias_moved=on_alias_moved)
+    guard = auth_limit or AuthFailureLimiter()  # a wrong key costs a lookup: a guesser gets a 429 before it
     install_record_factory()  # log records carry the request id (formats name it: observe.TEXT_FORMAT)
     metrics = Metrics(getattr(backend, "stats", None))
     app.add_middleware(_InternalErrors)  # added first: innermost, inside the request id and the count
@@ -264,7 +268,7 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
         if key is None:
             raise ApiError(401, "You didn't provide an API key: use 'Authorization: Bearer <key>'.",
                            code="invalid_api_key")
-        tenant = await run_in_threadpool(auth, key)
+        tenant = await guard.check(request, key, auth)
         if tenant is None:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
         if path_tenant is not None and path_tenant != tenant:
@@ -509,7 +513,8 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
         request.state.route = "metrics"
-        if metrics_auth is not None and not await run_in_threadpool(metrics_auth, _bearer(request)):
+        if metrics_auth is not None and not await guard.check(request, _bearer(request), metrics_auth, bool,
+                                                              "metrics"):
             raise ApiError(403, "Metrics need an operator key (`adapterfab keys create-operator`).",
                            code="forbidden")
         return Response(await metrics.render(), media_type=CONTENT_TYPE_LATEST)
