@@ -1,4 +1,4 @@
-"""What a reviewer found wrong in the API (2027-01): a completions request that named no max_tokens refused
+"""What a reviewer found wrong in the API (2026-12): a completions request that named no max_tokens refused
 under a cap below OpenAI's default of 16; Starlette's plain-text 500 for ``/v1/models`` with the registry
 down, and for any error no handler took; streamed ``text_offset`` that disagreed with the whole answer
 where a stop string held text back; a repetition penalty that overflowed float32; an empty

@@ -304,7 +304,7 @@ def test_sampling_settings_that_leave_no_token_are_a_400(srv: dict) -> None:
 
 def test_a_stop_string_ends_a_reply_only_after_min_tokens(srv: dict) -> None:
     """vLLM checks stop strings, as it masks the end of sequence, only once min_tokens tokens are out; here a
-    stop string with min_tokens 10 ended a reply after 4 tokens (2027-01)."""
+    stop string with min_tokens 10 ended a reply after 4 tokens (2026-12)."""
     params = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
     full = direct(srv, MSGS, **params)[0]
     stop = full[2:5]
