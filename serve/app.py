@@ -28,7 +28,15 @@ from ray.serve.handle import DeploymentHandle
 
 from adapterfab.basemodel import default_cache
 from adapterfab.registry import AdapterVersion
-from adapterfab.serve.backend import BasisCache, TieredBackend, download_native, fetch_peft
+from adapterfab.serve.auth_guard import DEFAULT_FAILURE_WINDOW_S, DEFAULT_MAX_FAILURES, AuthFailureLimiter
+from adapterfab.serve.backend import (
+    ADAPTER_CACHE_BYTES,
+    BasisCache,
+    DiskCache,
+    TieredBackend,
+    download_native,
+    fetch_peft,
+)
 from adapterfab.serve.engine import DTYPES, Event, SamplingParams
 
 log = logging.getLogger("adapterfab.serve.app")
@@ -52,6 +60,9 @@ class ServeConfig:
     replica_num_gpus: float = 0  # > 0: each engine replica reserves GPUs and runs the model on cuda
     torch_threads: int = 2
     adapter_cache_dir: str = field(default_factory=lambda: str(default_cache() / "adapters"))
+    # the most the adapter cache folder holds: past it, the least recently used versions no engine of this
+    # replica holds are removed (shared by replicas on one machine; serve.backend.DiskCache)
+    adapter_cache_mb: int = ADAPTER_CACHE_BYTES >> 20
     resolve_ttl_s: float = 5.0  # how long the ingress trusts an alias resolution
     base_fingerprint: str | None = None  # refuse adapters trained on other base weights
     engine: str = "batched"  # "batched": requests for any adapters decode together; "simple": one at a time
@@ -67,6 +78,9 @@ class ServeConfig:
     # per-tenant rate limit on every route (requests/s, token bucket of tenant_burst); None or 0: unlimited
     tenant_rps: float | None = DEFAULT_TENANT_RPS
     tenant_burst: int = DEFAULT_TENANT_BURST
+    # wrong API keys one client address may send per auth_failure_window_s before a 429 (0: no limit)
+    auth_max_failures: int = DEFAULT_MAX_FAILURES
+    auth_failure_window_s: float = DEFAULT_FAILURE_WINDOW_S
     tenant_max_rows: int | None = None  # batched: rows one tenant may hold (None: 3/4 of max_batch; 0: all)
     # distinct adapters one tenant's requests may pin in a replica's device slots at once (None: 3/4 of
     # max_adapters_per_replica, at least 1; 0: all), so another tenant's adapter always finds a slot
@@ -109,6 +123,10 @@ class EngineDeployment:
         self.registry = Registry(cfg.mlflow_uri)
         self.loads = 0
         device = "cuda" if cfg.replica_num_gpus else "cpu"
+        # the folders of the adapters in this replica's tiers stay (the one-at-a-time engine reads its folder
+        # again when it places an adapter from RAM); others go, least recently used first, past the bound
+        disk = DiskCache(cfg.adapter_cache_dir, cfg.adapter_cache_mb << 20,
+                         keep=lambda: [k for keys in self.tiers.resident().values() for k in keys])
         if cfg.engine == "batched":
             from adapterfab.serve.batched import BatchedEngine
 
@@ -122,7 +140,8 @@ class EngineDeployment:
             bases = BasisCache()
 
             def fetch(key: str) -> tuple[Path, Any, bool]:
-                return download_native(self.registry, key, cfg.adapter_cache_dir, self.backend.known.get(key), bases)
+                return download_native(self.registry, key, cfg.adapter_cache_dir, self.backend.known.get(key), bases,
+                                       disk)
         else:
             from adapterfab.serve.engine import Engine
 
@@ -130,7 +149,7 @@ class EngineDeployment:
                                  device=device, max_adapters=cfg.max_adapters_per_replica)
 
             def fetch(key: str) -> tuple[Path, Any, bool]:
-                return fetch_peft(self.registry, key, cfg.adapter_cache_dir, self.backend.known.get(key))
+                return fetch_peft(self.registry, key, cfg.adapter_cache_dir, self.backend.known.get(key), disk)
         self.tiers = AdapterTiers(self.engine, fetch, cpu_bytes=cfg.cpu_cache_mb << 20,
                                   tenant_max_slots=cfg.tenant_max_slots)
         self.backend = TieredBackend(self.engine, self.tiers)  # one for every request
@@ -277,7 +296,8 @@ class Ingress:
                         lister=lister, catalog=registry.list, resolve_ttl_s=self.cfg.resolve_ttl_s,
                         on_alias_moved=backend.prefetch, rate_limit=limiter,
                         max_tokens_cap=self.cfg.max_tokens_cap, echo_request_id=False,  # Serve's proxy echoes it
-                        metrics_auth=lambda key: (who := keys.identify(key)) is not None and who.operator)
+                        metrics_auth=lambda key: (who := keys.identify(key)) is not None and who.operator,
+                        auth_limit=AuthFailureLimiter(self.cfg.auth_max_failures, self.cfg.auth_failure_window_s))
 
 
 def tenant_limiter(cfg: ServeConfig) -> Any:
@@ -361,12 +381,13 @@ def build_app(cfg: ServeConfig) -> serve.Application:
 _BUILDER_REQUIRED = ("base_model", "mlflow_uri", "state_url")
 _BUILDER_OPTIONAL: dict[str, type] = {
     "dtype": str, "num_replicas": int, "replica_num_cpus": float, "replica_num_gpus": float,
-    "max_adapters_per_replica": int, "adapter_cache_dir": str, "torch_threads": int, "resolve_ttl_s": float,
-    "engine": str, "max_batch": int, "max_len": int, "max_rank": int, "cpu_cache_mb": int, "min_replicas": int,
-    "max_replicas": int, "target_ongoing_requests": int, "graceful_shutdown_s": float, "tenant_rps": float,
-    "tenant_burst": int, "tenant_rps_overrides": dict, "cuda_graphs": bool, "tenant_max_rows": int,
+    "max_adapters_per_replica": int, "adapter_cache_dir": str, "adapter_cache_mb": int, "torch_threads": int,
+    "resolve_ttl_s": float, "engine": str, "max_batch": int, "max_len": int, "max_rank": int, "cpu_cache_mb": int,
+    "min_replicas": int, "max_replicas": int, "target_ongoing_requests": int, "graceful_shutdown_s": float,
+    "tenant_rps": float, "tenant_burst": int, "tenant_rps_overrides": dict, "cuda_graphs": bool, "tenant_max_rows": int,
     "registry_catalogue": bool, "prefill_chunk": int, "lora_kernel": str, "max_tokens_cap": int, "json_logs": bool,
-    "tenant_max_slots": int, "max_ongoing_requests": int, "ingress_max_ongoing_requests": int}
+    "tenant_max_slots": int, "max_ongoing_requests": int, "ingress_max_ongoing_requests": int,
+    "auth_max_failures": int, "auth_failure_window_s": float}
 
 
 def _builder_arg(name: str, kind: type, value: Any) -> Any:
@@ -424,9 +445,11 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
         # a replica cannot start with these (Serve would restart it forever): refused here, at deploy
         *(options.get(k, 1) < 1 and f"{k} must be at least 1"
           for k in ("max_adapters_per_replica", "max_batch", "max_len", "max_rank", "torch_threads",
-                    "tenant_burst", "target_ongoing_requests")),
+                    "tenant_burst", "target_ongoing_requests", "adapter_cache_mb")),
         options.get("cpu_cache_mb", 0) < 0 and "cpu_cache_mb must not be negative",
         options.get("tenant_rps", 0) < 0 and "tenant_rps must not be negative",
+        options.get("auth_max_failures", 0) < 0 and "auth_max_failures must not be negative",
+        options.get("auth_failure_window_s", 1) <= 0 and "auth_failure_window_s must be positive",
         not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
                 for v in options.get("tenant_rps_overrides", {}).values())
         and "tenant_rps_overrides must map tenants to requests/s (numbers, not negative)",

@@ -42,7 +42,7 @@ from adapterfab.serve.api_errors import ApiError
 
 log = logging.getLogger("adapterfab.serve.api")
 
-# ServeConfig has no fields for these yet: every server (make_api without auth_limit) gets these defaults
+# defaults of ServeConfig.auth_max_failures and auth_failure_window_s (and of make_api without auth_limit)
 DEFAULT_MAX_FAILURES = 20  # wrong keys per address per window; 0: no limit
 DEFAULT_FAILURE_WINDOW_S = 60.0
 DEFAULT_MAX_CLIENTS = 100_000  # addresses remembered (~200 bytes each)

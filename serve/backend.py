@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import functools
 import json
@@ -168,20 +169,151 @@ def _install(dest: Path, version: AdapterVersion, fetch: Callable[[Path], Path])
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+ADAPTER_CACHE_BYTES = 20 << 30  # a replica's adapter cache folder, by default (ServeConfig.adapter_cache_mb)
+CACHE_RECENT_S = 600.0  # a version folder used this recently is never removed: a load may be reading it
+CACHE_ORPHAN_S = 86400.0  # a temp folder this old was left by a process that died (no download takes a day)
+
+
+class DiskCache:
+    """The byte bound of the adapter cache folder (``adapter_cache_dir``), which the fetches fill with one
+    folder per version (``tenant/persona/N`` under ``native/`` or the folder itself) and nothing else removed.
+
+    Every fetch marks its folder used (``touch``: the mtime of its ``SOURCE_FILE``, which replicas sharing
+    the folder all see); ``trim`` removes the least recently used version folders until the folder holds at
+    most ``max_bytes``, never one whose version ``keep()`` names (what the replica's engine holds), one used
+    within ``recent_s`` (a load between its fetch and its read) or a temp folder (a download under way).
+    Removal is a rename to a temp name then a delete: a concurrent reader never sees half a folder, and a
+    folder its reader marked used meanwhile is put back. A reader whose folder was removed fetches it again
+    (``_fetch_version``). The bound may be exceeded while everything is kept or recent."""
+
+    def __init__(self, root: str | Path, max_bytes: int = ADAPTER_CACHE_BYTES,
+                 keep: Callable[[], Any] = tuple, recent_s: float = CACHE_RECENT_S) -> None:
+        self.root, self.max_bytes, self.keep, self.recent_s = Path(root).expanduser(), max_bytes, keep, recent_s
+        self.removed = 0  # version folders this process removed
+        self._lock = threading.Lock()  # one trim at a time in this process
+
+    @staticmethod
+    def touch(dest: Path) -> bool:
+        """Mark ``dest`` used now; False when it is gone (a trim removed it: fetch it again)."""
+        try:
+            os.utime(dest / SOURCE_FILE)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _parents(self) -> Iterator[tuple[str, Path]]:
+        """(``tenant/persona``, its folder) of every persona folder of both trees."""
+        for tree in (self.root, self.root / "native"):
+            for persona in tree.glob("*/*"):
+                if persona.is_dir() and not persona.name.startswith(".") and not persona.parent.name.startswith("."):
+                    yield f"{persona.parent.name}/{persona.name}", persona
+
+    def trim(self) -> list[Path]:
+        """Remove least recently used version folders until the folder is within ``max_bytes``; the
+        folders removed."""
+        with self._lock:
+            now, keep = time.time(), {str(k) for k in self.keep()}
+            entries, total = [], 0
+            for name, persona in self._parents():
+                for folder in persona.iterdir():
+                    try:
+                        if folder.name.startswith("."):
+                            if folder.is_dir() and now - folder.stat().st_mtime > CACHE_ORPHAN_S:
+                                shutil.rmtree(folder, ignore_errors=True)  # a dead process's temp folder
+                            continue
+                        used = (folder / SOURCE_FILE).stat().st_mtime_ns  # none: not an installed version
+                        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+                    except OSError:  # being removed by another replica
+                        continue
+                    entries.append((used, size, f"{name}@{folder.name}", folder))
+                    total += size
+            removed = []
+            for used, size, key, folder in sorted(entries):
+                if total <= self.max_bytes:
+                    break
+                if key in keep or now - used / 1e9 < self.recent_s:
+                    continue
+                if self._remove(folder, used):
+                    total -= size
+                    removed.append(folder)
+            for tmp in (self.root / "bases").glob(".tmp-*"):  # a basis read by a process that died
+                with contextlib.suppress(OSError):
+                    if now - tmp.stat().st_mtime > CACHE_ORPHAN_S:
+                        shutil.rmtree(tmp, ignore_errors=True)
+            self.removed += len(removed)
+        if removed:
+            log.info("adapter cache over %d MiB: removed %d version folder(s), least recently used first",
+                     self.max_bytes >> 20, len(removed))
+        return removed
+
+    @staticmethod
+    def _remove(folder: Path, used: int) -> bool:
+        """Rename ``folder`` away, then delete it, unless a reader marked it used since ``used`` (it goes
+        back); whether it is gone."""
+        gone = folder.with_name(f".{folder.name}.evict-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.replace(folder, gone)
+        except FileNotFoundError:  # another replica removed it first
+            return True
+        except OSError:
+            return False
+        try:
+            marked = (gone / SOURCE_FILE).stat().st_mtime_ns != used
+        except OSError:
+            marked = False
+        if marked:  # a reader touched it between our look and the rename: it stays where it was
+            try:
+                os.rename(gone, folder)
+                return False
+            except OSError:  # the version was fetched again meanwhile: that copy serves
+                pass
+        shutil.rmtree(gone, ignore_errors=True)
+        return True
+
+
+def _fetch_version(registry: Any, version_key: str, root: Path, known: AdapterVersion | None,
+                   fetch: Callable[[AdapterVersion, Path], Path], disk: DiskCache | None
+                   ) -> tuple[AdapterId, Path, AdapterVersion | None, bool, dict]:
+    """The version's folder under ``root``, installed by ``fetch(version, tmp)`` unless cached (``_cached``):
+    (its id, its folder, the registry's version or None, whether it came from the store, its adapter
+    config). With ``disk`` the folder is marked used before it is read and returned (a trim then leaves it
+    alone for ``recent_s``), and the cache is trimmed after a download; a folder a trim (another replica's)
+    removed before the mark or the read is fetched again."""
+    aid, dest = _version_folder(version_key, root)
+    from_store = False
+    for _ in range(3):
+        installed, version = _cached(registry, aid, dest, known)
+        if not installed:
+            _install(dest, version, functools.partial(fetch, version))  # type: ignore[arg-type]
+            from_store = True
+        try:
+            if disk is None or disk.touch(dest):
+                cfg = json.loads((dest / "adapter_config.json").read_text())
+                if disk is not None and from_store:
+                    disk.trim()
+                return aid, dest, version, from_store, cfg
+        except FileNotFoundError:
+            pass
+        log.info("the cached %s was removed by a cache trim as it was fetched: fetching it again", aid)
+    raise FileNotFoundError(f"{dest} was removed by cache trims three times as it was fetched: adapter_cache_mb "
+                            "is too small for the adapters in use; raise it")
+
+
 def fetch_peft(registry: Any, version_key: str, cache_dir: str | Path,
-               known: AdapterVersion | None = None) -> tuple[Path, None, bool]:
+               known: AdapterVersion | None = None, disk: DiskCache | None = None) -> tuple[Path, None, bool]:
     """Adapter version ``tenant/persona@N`` as a standard PEFT LoRA, for the one-at-a-time engine's tiers:
     (local folder, no basis, whether it came from the store). A registry ``get`` + ``download`` the first
     time; later the cached folder is checked against the registry's version (``_cached``), or against
-    ``known``, the version the caller already resolved."""
-    aid, dest = _version_folder(version_key, Path(cache_dir).expanduser())
-    installed, version = _cached(registry, aid, dest, known)
-    if not installed:
+    ``known``, the version the caller already resolved. ``disk``: the cache folder's bound (``DiskCache``)."""
+    def fetch(version: AdapterVersion, tmp: Path) -> Path:
         from adapterfab.export import to_peft_lora
 
         # every method is served as a standard PEFT LoRA (LoRA-XS is rebuilt from its shared basis)
-        _install(dest, version, lambda tmp: to_peft_lora(registry, version, tmp))  # type: ignore[arg-type]
-    return dest, None, not installed
+        return to_peft_lora(registry, version, tmp)
+
+    _, dest, _, from_store, _ = _fetch_version(registry, version_key, Path(cache_dir).expanduser(), known, fetch,
+                                               disk)
+    return dest, None, from_store
 
 
 BASIS_CACHE_BYTES = 4 << 30  # LoRA-XS bases a replica's BasisCache keeps by itself (least recently used go first)
@@ -246,19 +378,18 @@ class BasisCache:
 
 
 def download_native(registry: Any, version_key: str, cache_dir: str | Path,
-                    known: AdapterVersion | None = None, bases: BasisCache | None = None) -> tuple[Path, Any, bool]:
+                    known: AdapterVersion | None = None, bases: BasisCache | None = None,
+                    disk: DiskCache | None = None) -> tuple[Path, Any, bool]:
     """The adapter version as its method saved it, for the batched engine: (local folder, LoRA-XS
     basis or None, whether it came from the store). LoRA-XS stays R-only (kilobytes) with its basis
     downloaded once per basis and shared (``bases``: the replica's; none given, a basis is read from its
-    folder again). Folders are written to a temp name and renamed into place."""
-    aid, dest = _version_folder(version_key, Path(cache_dir).expanduser() / "native")
-    installed, version = _cached(registry, aid, dest, known)
-    from_store = not installed
-    if from_store:
-        _install(dest, version, lambda tmp: registry.download(version, tmp))  # type: ignore[arg-type]
+    folder again). Folders are written to a temp name and renamed into place. ``disk``: the cache
+    folder's bound (``DiskCache``)."""
+    aid, dest, version, from_store, cfg = _fetch_version(registry, version_key, Path(cache_dir).expanduser() / "native",
+                                                         known, registry.download, disk)
     from adapterfab.methods import method_of_adapter
 
-    method = method_of_adapter(json.loads((dest / "adapter_config.json").read_text()).get("peft_type"))
+    method = method_of_adapter(cfg.get("peft_type"))
     if method is None or method.load_basis is None:  # an adapter that needs no shared basis
         return dest, None, from_store
     version = version or registry.get(aid)

@@ -106,9 +106,12 @@ class AdapterBank:
                     self._slot_of[name] = (SHARED_BASIS, slot, parsed.basis.id)
             except BaseException:
                 # e.g. out of device memory for a bank allocated here on first use: the slot goes back,
-                # cleared of whatever was written, or every failed try would leak one
+                # cleared of whatever was written, or every failed try would leak one (and the basis' bank
+                # when no adapter is on it)
                 self._clear_slot(slot)
                 self._free_slots.append(slot)
+                if parsed.kind == SHARED_BASIS:
+                    self._free_xs_bank(parsed.basis.id)
                 raise
         log.info("placed adapter %s in slot %s", name, slot)
 
@@ -136,6 +139,8 @@ class AdapterBank:
             kind, slot, bid = self._slot_of.pop(name)
             self._clear_slot(slot, kind, bid)
             self._free_slots.append(slot)
+            if kind == SHARED_BASIS:
+                self._free_xs_bank(bid)  # type: ignore[arg-type]
 
     def _clear_slot(self, slot: int, kind: str | None = None, bid: str | None = None) -> None:
         """Zero a slot's factors and scale (caller holds the lock): those of ``kind`` (and LoRA-XS basis
@@ -152,6 +157,19 @@ class AdapterBank:
                 for t in bank.rr.values():
                     t[slot].zero_()
             self.xs_scale[slot] = 0
+
+    def _free_xs_bank(self, bid: str) -> None:
+        """Take LoRA-XS basis ``bid``'s bank off the device once no adapter is on it (caller holds the lock),
+        or a replica serving many tenants' bases would hold every basis it ever served. No step uses it: a
+        request pins its adapter (``_in_use``) from ``submit`` until it retires, and ``unload_adapter``
+        refuses a pinned one, so no adapter on the basis is in a step. Graphs captured over the bank are
+        dropped before the next replay (``_banks_version``): they hold its tensors' addresses, and a bank
+        made again for the basis has others."""
+        if bid not in self.xs or any(entry[2] == bid for entry in self._slot_of.values()):
+            return
+        del self.xs[bid]
+        self._banks_version += 1
+        log.info("freed LoRA-XS basis %s from the device (no adapter on it)", bid)
 
     def _key(self, module_path: str) -> tuple[int, str] | None:
         parts = module_path.split(".")

@@ -261,3 +261,22 @@ def test_rotating_a_key_twice_from_the_cli_says_what_to_do(tmp_path: Path) -> No
                            timeout=120, env=env)
     assert again.returncode == 1 and again.stdout == "" and "Traceback" not in again.stderr
     assert f"already rotated to {first.stdout.split('_')[1]}" in again.stderr
+
+
+def test_the_wrong_key_limit_is_an_app_arg(tiny_model_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auth_max_failures`` / ``auth_failure_window_s`` reach the served app's config (the ingress builds
+    its AuthFailureLimiter from them), and values a limiter refuses are refused at deploy."""
+    from adapterfab.serve import app as serve_app
+    from adapterfab.serve.auth_guard import DEFAULT_MAX_FAILURES
+
+    built: list = []
+    monkeypatch.setattr(serve_app, "build_app", built.append)
+    ok = {"base_model": tiny_model_path, "mlflow_uri": "http://127.0.0.1:9", "state_url": "sqlite://"}
+    with pytest.raises(ValueError, match="auth_max_failures must not be negative"):
+        serve_app.app_builder({**ok, "auth_max_failures": -1})
+    with pytest.raises(ValueError, match="auth_failure_window_s must be positive"):
+        serve_app.app_builder({**ok, "auth_failure_window_s": 0})
+    serve_app.app_builder({**ok, "auth_max_failures": 5, "auth_failure_window_s": 10.0})
+    serve_app.app_builder(ok)
+    assert (built[0].auth_max_failures, built[0].auth_failure_window_s) == (5, 10.0)
+    assert built[1].auth_max_failures == DEFAULT_MAX_FAILURES > 0
