@@ -361,10 +361,12 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
                     self._prefill_step()
                     t2 = time.perf_counter()
                     self.phase_s["prefill"] += t2 - t1
-                    running = [r for r in self._running if not r.cancelled and not r.retired]
-                    for r in self._running:
-                        if r.cancelled:
+                    running = []
+                    for r in self._running:  # one read of ``cancelled`` each: a cancel landing between two
+                        if r.cancelled:  # reads retired a row still decoded (its cache row -1: another's)
                             self._retire(r)
+                        elif not r.retired:
+                            running.append(r)
                     if not running:
                         self._running = []
                         self.phase_s["host"] += time.perf_counter() - t0 - (t2 - t1)

@@ -499,3 +499,47 @@ def _tokens(req: object, timeout_s: float = 120):  # noqa: ANN202
         if isinstance(item, BaseException):
             raise item
         yield item
+
+
+def test_a_cancel_landing_mid_step_never_decodes_a_freed_row(four_rows: BatchedEngine,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that hangs up while the loop looks at its request: the loop read ``cancelled`` twice per
+    step (which rows decode, then which retire), so a cancel landing between the two retired a request
+    that was still decoded, with its cache row already -1 (written into another request's row). The
+    request below says cancelled from the look after the step's first look at it (after its second token)."""
+    from adapterfab.serve import batched
+
+    eng = four_rows
+
+    class HangsUpMidStep(batched._Request):
+        @property
+        def cancelled(self) -> bool:
+            if self.__dict__.get("set_to") or self.produced < 2:
+                return bool(self.__dict__.get("set_to"))
+            # looks from its second token on: that token's own (after it is sent), then the next step's
+            # first look (which rows decode); the hang-up lands before any later look
+            self.__dict__["looks"] = looks = self.__dict__.get("looks", 0) + 1
+            return looks >= 3
+
+        @cancelled.setter
+        def cancelled(self, value: bool) -> None:
+            self.__dict__["set_to"] = value
+
+    decoded: list[tuple[list[int], list[bool]]] = []
+    real_decode = eng._decode
+
+    def spy(running: list, rows: list[int]):  # noqa: ANN202
+        decoded.append((list(rows), [r.retired for r in running]))
+        return real_decode(running, rows)
+
+    monkeypatch.setattr(eng, "_decode", spy)
+    reference = list(eng.generate_token_ids([5, 6, 7], "pirate", SamplingParams(max_tokens=8, temperature=0.0)))
+    monkeypatch.setattr(batched, "_Request", HangsUpMidStep)
+    got = list(eng.generate_token_ids([5, 6, 7], "pirate", SamplingParams(max_tokens=8, temperature=0.0)))
+    assert 2 <= len(got) < 8 and got == reference[:len(got)]  # it ended early, where its client hung up
+    assert decoded and all(row >= 0 for rows, _ in decoded for row in rows), decoded
+    assert not any(retired for _, flags in decoded for retired in flags)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and sorted(eng._free_rows) != [0, 1, 2, 3]:
+        time.sleep(0.05)
+    assert sorted(eng._free_rows) == [0, 1, 2, 3] and not eng._in_use
