@@ -400,10 +400,12 @@ class BatchedEngine(AdapterBank, BatchedForward, TextGeneration):
 
     def _drop_cancelled_waiting(self) -> list[_Request]:
         """Waiting requests whose client went away leave the queue (caller holds the lock)."""
-        if not any(r.cancelled for r in self._waiting):
-            return []
-        dropped = [r for r in self._waiting if r.cancelled]
-        self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+        dropped: list[_Request] = []
+        kept: collections.deque[_Request] = collections.deque()
+        for r in self._waiting:  # one read each: one cancelled between two passes left unretired (pinned)
+            (dropped if r.cancelled else kept).append(r)
+        if dropped:
+            self._waiting = kept
         return dropped
 
     def _admit(self) -> list[_Request]:

@@ -543,3 +543,41 @@ def test_a_cancel_landing_mid_step_never_decodes_a_freed_row(four_rows: BatchedE
     while time.monotonic() < deadline and sorted(eng._free_rows) != [0, 1, 2, 3]:
         time.sleep(0.05)
     assert sorted(eng._free_rows) == [0, 1, 2, 3] and not eng._in_use
+
+
+def test_a_queued_request_cancelled_as_the_queue_is_swept_is_retired(four_rows: BatchedEngine,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests whose client went away leave the queue: the sweep read each one's ``cancelled`` in two
+    passes (which to retire, which to keep), so one cancelled between the passes left the queue without
+    being retired: its adapter pinned for good (never unloadable) and its caller never told."""
+    from adapterfab.serve import batched
+
+    eng = four_rows
+
+    class HangsUpInTheSweep(batched._Request):
+        @property
+        def cancelled(self) -> bool:
+            if self.__dict__.get("set_to") or "looks" not in self.__dict__:
+                return bool(self.__dict__.get("set_to"))
+            self.__dict__["looks"] += 1  # armed: its client hangs up after the next look
+            return self.__dict__["looks"] >= 2
+
+        @cancelled.setter
+        def cancelled(self, value: bool) -> None:
+            self.__dict__["set_to"] = value
+
+    fillers = [eng.submit([3, 4, 5], None, SamplingParams(max_tokens=40, temperature=0.0, tenant=f"t{i}"))
+               for i in range(4)]  # every row taken: what comes next waits in the queue
+    other = eng.submit([6, 7], None, SamplingParams(max_tokens=4, temperature=0.0, tenant="x"))
+    monkeypatch.setattr(batched, "_Request", HangsUpInTheSweep)
+    late = eng.submit([6, 7], "pirate", SamplingParams(max_tokens=4, temperature=0.0, tenant="y"))
+    with eng._wake:  # between two sweeps: one queued request is cancelled, the other is about to be
+        assert other in eng._waiting and late in eng._waiting
+        other.cancelled = True
+        late.__dict__["looks"] = 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (late.retired and all(f.retired for f in fillers)):
+        time.sleep(0.05)
+    assert other.retired and late.retired and all(f.retired for f in fillers)
+    assert late.out.get(timeout=5) is None  # its caller is told it ended
+    assert not eng._in_use and sorted(eng._free_rows) == [0, 1, 2, 3]
