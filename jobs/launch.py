@@ -277,6 +277,10 @@ def run_training_job(job: WorkerJob, train_ds: Any, eval_ds: Any, storage_path: 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     os.makedirs(storage_path, exist_ok=True)
+    if job.workers > 1:  # Ray Train's equal split drops len % workers rows: pad to a multiple first
+        from adapterfab.jobs.zero import pad_for_workers
+
+        train_ds = pad_for_workers(train_ds, job.workers)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"job": asdict(job)},

@@ -183,9 +183,10 @@ def train_adapter(
     state back as ``resume`` continues from that step on the same data order, as if never stopped.
 
     ``zero``: a DeepSpeed config (jobs/zero.py); the model trains inside a DeepSpeed engine, one of
-    several data-parallel workers. Its checkpoint state then carries the engine (``state["engine"]``,
-    to be written with ``engine.save_checkpoint``) instead of the weights and optimizer, and ``resume``
-    names the folder it was written to (``resume["engine_dir"]``).
+    several data-parallel workers. Its checkpoint state then carries the engine (``state["engine"]``, a
+    ``zero.TrainableCheckpoint`` to be written with its ``save_checkpoint``: the trainable weights and
+    the optimizer's shards, no frozen weight) instead of the weights and optimizer, and ``resume`` names
+    the folder it was written to (``resume["engine_dir"]``).
 
     ``loss_fn(model, batch)``: the step's loss instead of the model's cross-entropy (the method quality
     benchmark's study of knowledge retention: ``retain_loss``). Not a spec setting: the factory's fused
@@ -275,7 +276,9 @@ def train_adapter(
             state: dict[str, Any] = {"step": step, "losses": list(losses), "tokens": tokens,
                                      "rng": rng_state(torch.device(device)), "train_s": done_s + time.monotonic() - t0}
             if engine is not None:
-                state["engine"] = engine
+                from adapterfab.jobs.zero import TrainableCheckpoint
+
+                state["engine"] = TrainableCheckpoint(engine)
             else:
                 state.update({
                     "trainable": {n: p.detach().clone() for n, p in peft_model.named_parameters()
