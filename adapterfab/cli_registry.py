@@ -66,21 +66,29 @@ def registry_show(adapter: str = typer.Argument(..., help="TENANT/PERSONA[@ALIAS
 def registry_promote(adapter: str = typer.Argument(..., help="TENANT/PERSONA"),
                      version: int = typer.Argument(..., help="the version to point the alias at"),
                      alias: str = typer.Option("production", help="alias to move"),
-                     metric: str = typer.Option("eval_loss", help="production gate: the metric compared"),
-                     margin: float = typer.Option(0.0, help="production gate: absolute improvement required"),
-                     relative_margin: float = typer.Option(0.0, help="production gate: relative improvement"),
-                     min_retention: float = typer.Option(0.9, help="production gate: the share of the base's "
-                                                         "probe facts the version must keep (0: no check)"),
+                     metric: str | None = typer.Option(None, help="production gate: the metric compared "
+                                                       "[default: the version's batch's, else eval_loss]"),
+                     margin: float | None = typer.Option(None, help="production gate: absolute improvement "
+                                                         "required [default: the batch's, else 0]"),
+                     relative_margin: float | None = typer.Option(None, help="production gate: relative "
+                                                                  "improvement [default: the batch's, else 0]"),
+                     min_retention: float | None = typer.Option(None, help="production gate: the share of the "
+                                                                "base's probe facts the version must keep (0: no "
+                                                                "check) [default: the batch's, else 0.9]"),
                      force: bool = typer.Option(False, "--force", help="skip the eval gate"),
                      as_json: bool = typer.Option(False, "--json")) -> None:
     """Point an alias (default production) at a version. `production` is eval-gated: the version must
     keep MIN_RETENTION of the facts the base states and beat the base model and the current production
-    version on METRIC (unless --force); the decision
-    is recorded on the version either way. Serving follows without a restart."""
+    version on METRIC (unless --force); the decision is recorded on the version either way. The gate is
+    the promotion policy the version's batch declared (recorded with the version), each option given
+    here overriding it; a version that records none gets the defaults shown. Serving follows without
+    a restart."""
     from adapterfab.ids import PRODUCTION, AdapterId, check_alias
-    from adapterfab.promotion import Decision, Policy, gate_decision
+    from adapterfab.promotion import Decision, Policy, gate_decision, policy_for
 
     s = _settings()
+    given = {k: v for k, v in (("metric", metric), ("margin", margin), ("relative_margin", relative_margin),
+                               ("min_retention", min_retention)) if v is not None}
     try:
         named = AdapterId.parse(adapter)
         if named.version is not None or named.alias is not None:  # `T/P@3 2` would silently promote v2
@@ -89,19 +97,24 @@ def registry_promote(adapter: str = typer.Argument(..., help="TENANT/PERSONA"),
         aid = named.unversioned()
         gated = check_alias(alias) == PRODUCTION
         try:  # bad options are bad input (exit 2), found before MLflow is asked anything
-            policy = Policy(metric, margin, relative_margin, min_retention) if gated else None
+            if gated:
+                Policy(**given)
         except ValueError as e:
             _fail(e, EXIT_INVALID)
         registry = _registry(s)
         v = registry.get(aid.with_version(version))
+        # the gate: the policy recorded with the version (its batch's), the options given overriding it
+        policy, applied = policy_for(v.tags, given) if gated else (Policy(), None)
         if gated and PRODUCTION in v.aliases:  # a new decision could write "refused" on the version served
-            decision = Decision(True, f"version {version} is already {alias}; nothing was changed", metric, None)
+            decision = Decision(True, f"version {version} is already {alias}; nothing was changed",
+                                policy.metric, None)
+            applied = None
         elif not gated:
             v = registry.set_alias(aid, alias, version)
             decision = None
         else:
             if force:
-                decision = Decision(True, "forced by `registry promote --force`", metric, None)
+                decision, applied = Decision(True, "forced by `registry promote --force`", policy.metric, None), None
             else:
                 decision = gate_decision(registry, v, v.metrics, policy)
             v = registry.promote(v, decision)
@@ -110,11 +123,14 @@ def registry_promote(adapter: str = typer.Argument(..., help="TENANT/PERSONA"),
     promoted = decision is None or decision.promoted
     if as_json:
         _print_json({"adapter": str(aid), "alias": alias, "version": version, "promoted": promoted,
-                     "reason": decision.reason if decision else "", "aliases": list(v.aliases)})
+                     "reason": decision.reason if decision else "", "policy": applied or "",
+                     "aliases": list(v.aliases)})
     elif promoted:
-        out.print(f"{aid}@{alias} -> version {version}" + (f"  ({decision.reason})" if decision else ""))
+        out.print(f"{aid}@{alias} -> version {version}" + (f"  ({decision.reason})" if decision else "")
+                  + (f"\n  policy: {applied}" if applied else ""))
     else:
-        err.print(f"refused: {aid} version {version} stays out of {alias}: {decision.reason}")
+        err.print(f"refused: {aid} version {version} stays out of {alias}: {decision.reason}"
+                  + (f"\n  policy: {applied}" if applied else ""))
     if not promoted:
         raise typer.Exit(3)
 

@@ -13,6 +13,7 @@ reads the registry it is given).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -71,6 +72,48 @@ class Decision:
         for name, v in self.references.items():
             out[f"promotion.reference.{name.replace(' ', '_')}"] = f"{v:.6g}"
         return out
+
+
+POLICY_TAG = "promotion.policy"  # the version's tag (``adapterfab.`` prefixed) with its batch's policy
+POLICY_FIELDS = ("metric", "margin", "relative_margin", "min_retention")
+
+
+def policy_tag(policy: Policy) -> str:
+    """``policy`` as its batch records it on each version it registers (``POLICY_TAG``), so a later
+    ``registry promote`` gates the version by the batch's rule, not by the CLI's defaults."""
+    return json.dumps({k: getattr(policy, k) for k in POLICY_FIELDS}, sort_keys=True)
+
+
+def recorded_policy(tags: dict[str, str]) -> Policy | None:
+    """The policy recorded with a version (its tags, ``adapterfab.`` prefixed); None when none is (versions
+    registered before it was recorded). ValueError when the recorded one cannot be read."""
+    raw = tags.get("adapterfab." + POLICY_TAG)
+    if raw is None:
+        return None
+    try:
+        fields = json.loads(raw)
+        return Policy(**{k: fields[k] for k in POLICY_FIELDS if k in fields})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"its recorded promotion policy {raw!r} cannot be read ({e})") from None
+
+
+def policy_for(tags: dict[str, str], given: dict[str, object]) -> tuple[Policy, str]:
+    """The policy ``registry promote`` gates a version with: the one recorded with it at registration
+    (its batch's ``promotion``), else ``Policy``'s defaults (those of the CLI), each field ``given``
+    explicitly (its option, by field name) overriding it. Returns (the policy, a sentence saying which)."""
+    try:
+        recorded, unread = recorded_policy(tags), ""
+    except ValueError as e:
+        recorded, unread = None, f"; {e}"
+    base = recorded or Policy()
+    policy = Policy(**{k: given.get(k, getattr(base, k)) for k in POLICY_FIELDS})
+    shown = ", ".join(f"{k} {getattr(policy, k):g}" if k != "metric" else f"metric {policy.metric}"
+                      for k in POLICY_FIELDS)
+    batch = tags.get("adapterfab.batch_id")
+    source = (f"the policy recorded at registration{f' by batch {batch}' if batch else ''}" if recorded else
+              f"`registry promote`'s defaults (the version records no policy{unread})")
+    options = ", ".join(f"--{k.replace('_', '-')}" for k in POLICY_FIELDS if k in given)
+    return policy, f"{shown} ({source}{f', overridden by {options}' if options else ''})"
 
 
 def _iso(t: float) -> str:

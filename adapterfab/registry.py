@@ -214,8 +214,8 @@ class Registry(ProductionHistory):
         vtags[TAG + "request"] = token
         raw = getattr(self.client, "client", self.client)
 
-        def made() -> list[Any]:
-            return raw.search_model_versions(f"name='{name}' and tags.`{TAG}request` = '{token}'")
+        def made() -> list[Any]:  # every page: a duplicate past the first would stay
+            return _search_versions(raw, f"name='{name}' and tags.`{TAG}request` = '{token}'")
 
         def created() -> Any:
             mvs = made()
@@ -319,11 +319,11 @@ class Registry(ProductionHistory):
         return {a: int(v) for a, v in (getattr(rm, "aliases", None) or {}).items()}
 
     def versions(self, aid: AdapterId, aliases: dict[str, int] | None = None) -> list[AdapterVersion]:
-        """Every version of ``aid``, oldest first: one search plus one lookup for the aliases
-        (search results carry tags but no aliases)."""
+        """Every version of ``aid``, oldest first: a search (every page of it) plus one lookup for the
+        aliases (search results carry tags but no aliases)."""
         MlflowException = mlflow_errors()
         try:
-            mvs = self.client.search_model_versions(f"name='{aid.registry_name}'")
+            mvs = _search_versions(self.client, f"name='{aid.registry_name}'")
         except MlflowException as e:
             if transient(e):
                 raise RegistryError(f"the MLflow registry at {self.uri} is unreachable: {e}") from e
@@ -343,7 +343,10 @@ class Registry(ProductionHistory):
         """The newest version of ``aid`` whose lineage tag ``tag`` equals ``value`` (idempotent resubmit)."""
         key = tag if tag.startswith(TAG) else TAG + tag
         try:
-            mvs = self.client.search_model_versions(f"name='{aid.registry_name}' and tags.`{key}` = '{value}'")
+            # the newest match by itself, asked for explicitly (MLflow's default order, newest first within
+            # a model, is the server's choice, not a promise)
+            mvs = self.client.search_model_versions(f"name='{aid.registry_name}' and tags.`{key}` = '{value}'",
+                                                    max_results=1, order_by=["version_number DESC"])
         except mlflow_errors() as e:
             if transient(e):  # an outage is not "no such version": that would train or register twice
                 raise RegistryError(f"the MLflow registry at {self.uri} is unreachable: {e}") from e
@@ -505,7 +508,7 @@ class Registry(ProductionHistory):
         from adapterfab.ids import basis_registry_name
 
         try:
-            mvs = self.client.search_model_versions(f"name='{basis_registry_name(basis_id)}'")
+            mvs = _search_versions(self.client, f"name='{basis_registry_name(basis_id)}'")
         except mlflow_errors():
             return []
         return sorted(int(mv.version) for mv in mvs)
@@ -531,6 +534,18 @@ VERSIONS_PAGE = 10000
 # most, and kept once). Versions by creation, which nothing changes: a new one lands after the pages.
 MODELS_ORDER = ["name ASC"]
 VERSIONS_ORDER = ["creation_timestamp ASC", "name ASC", "version_number ASC"]
+
+
+def _search_versions(client: Any, flt: str) -> list[Any]:
+    """Every model version ``flt`` matches, read page by page: one search returns a page
+    (``VERSIONS_PAGE`` at most; a server may return fewer) and a ``find``, ``versions`` or a create's
+    duplicate lookup that read only the first missed the rest. In creation order, which registering
+    cannot reorder; a version a page boundary gives twice is kept once."""
+    seen: dict[tuple[str, int], Any] = {}
+    for mv in _pages(lambda token: client.search_model_versions(
+            filter_string=flt, max_results=VERSIONS_PAGE, page_token=token, order_by=VERSIONS_ORDER)):
+        seen.setdefault((mv.name, int(mv.version)), mv)
+    return list(seen.values())
 
 
 def _pages(search: Callable[[str | None], Any]) -> Iterator[Any]:

@@ -29,7 +29,7 @@ from adapterfab.cluster import connect_ray
 from adapterfab.errors import AdapterfabError, StackError
 from adapterfab.ids import AdapterId, basis_prefix, job_id
 from adapterfab.jobs.admission import admit
-from adapterfab.jobs.registrar import Prepared, error_text, fail_job, register_job, state_lock
+from adapterfab.jobs.registrar import Prepared, complete_registration, error_text, fail_job, register_job, state_lock
 from adapterfab.lifecycle import BatchState, JobState
 from adapterfab.methods import get_method
 from adapterfab.mlflow_client import factory_retry_s
@@ -260,7 +260,7 @@ def _finish_if_registered(ctx: BatchContext, jid: str, aid: AdapterId) -> bool:
     if existing is None:
         return False
     log.info("job %s: already registered as %s before the orchestrator died", jid, existing.id)
-    existing = ctx.registry.complete_registration(existing)
+    existing = complete_registration(ctx.state, ctx.registry, existing, jid)  # under the persona's gate lock
     ctx.state.move_job(jid, JobState.PREPARING)
     ctx.state.move_job(jid, JobState.SUCCEEDED, adapter_uri=existing.artifact_uri, metrics=existing.metrics,
                        model_version=existing.id.version, step=ctx.state.job(jid).total_steps)

@@ -152,6 +152,17 @@ def fingerprint_lock(ctx: BatchContext, p: Prepared) -> Any:
                                      f"{REGISTER_LOCK_WAIT_S:.0f} s; resume this batch once it is done")
 
 
+def gate_lock(state: Any, aid: AdapterId, holder: str) -> Any:
+    """The lock every change of ``aid``'s versions and aliases by a batch takes (``register_gated``,
+    ``complete_registration``), across processes."""
+    from adapterfab.mlflow_client import factory_retry_s
+
+    wait_s = REGISTER_LOCK_WAIT_S + factory_retry_s()  # the holder may be riding out an MLflow outage
+    return state_lock(state, f"gate:{aid.unversioned()}", holder, wait_s,
+                      lambda other: f"{aid}: another job ({other}) has been registering a version of it for "
+                                    f"{wait_s:.0f} s; resume this batch once it is done")
+
+
 def register_gated(state: Any, registry: Any, aid: AdapterId, holder: str, source: str, run_id: str | None,
                    tags: dict[str, Any], gate: Any) -> tuple[Any, Any]:
     """``registry.register_gated``, one registration of an adapter at a time across processes (gated or
@@ -160,13 +171,17 @@ def register_gated(state: Any, registry: Any, aid: AdapterId, holder: str, sourc
     without a gate, the older version's ``candidate`` call could land after the newer one's and keep
     ``candidate`` on the older version. Now the second one's gate sees the first one's outcome and the
     newer version's aliases are set last. (Only jobs of one persona wait for each other.)"""
-    from adapterfab.mlflow_client import factory_retry_s
-
-    wait_s = REGISTER_LOCK_WAIT_S + factory_retry_s()  # the holder may be riding out an MLflow outage
-    with state_lock(state, f"gate:{aid.unversioned()}", holder, wait_s,
-                    lambda other: f"{aid}: another job ({other}) has been registering a version of it for "
-                                  f"{wait_s:.0f} s; resume this batch once it is done"):
+    with gate_lock(state, aid, holder):
         return registry.register_gated(aid, source, run_id, tags, gate)
+
+
+def complete_registration(state: Any, registry: Any, version: Any, holder: str) -> Any:
+    """``registry.complete_registration`` of ``version`` under the lock registrations of its adapter take
+    (``gate_lock``): outside it, a resume read ``candidate`` on an older version, a concurrent batch then
+    registered a newer one and set it, and the resume moved ``candidate`` back onto ``version`` (and
+    catalogued the adapter as it had read it)."""
+    with gate_lock(state, version.id, holder):
+        return registry.complete_registration(version)
 
 
 def auto_gate(policy: Any, metrics: dict[str, Any], stats: dict[str, Any]) -> Callable[[Any], Any]:
@@ -205,12 +220,13 @@ def _register_locked(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], ad
                      placed: dict[str, Any], extra_tags: dict[str, Any] | None) -> None:
     """The registration proper, under the job fingerprint's lock (none with ``--force``)."""
     from adapterfab.jobs.orchestrate import _reuse_existing, code_version
+    from adapterfab.promotion import POLICY_TAG, policy_tag
 
     job, jid, aid, run_id, stats = p.job, p.jid, p.aid, p.run_id, p.stats
     # exactly once: a job that ran before (a resumed batch, a retried group) never registers twice
     version = ctx.registry.find(aid, "job_id", jid) if p.attempt > 1 else None
     if version is not None:  # registered before its orchestrator died: that version stands, its aliases set
-        version = ctx.registry.complete_registration(version)
+        version = complete_registration(ctx.state, ctx.registry, version, jid)
         ctx.tracking.end_run(run_id, ok=True)
         ctx.state.move_job(jid, JobState.SUCCEEDED, adapter_uri=version.artifact_uri, model_version=version.id.version)
         return
@@ -230,6 +246,8 @@ def _register_locked(ctx: BatchContext, p: Prepared, metrics: dict[str, Any], ad
         "batch_id": ctx.batch_id, "job_id": jid,
         "code_version": code_version(), "job_fingerprint": p.fingerprint,
         "artifact_uri": artifact_uri, "artifact_root": store.root,
+        # the batch's gate, which a later `registry promote` of this version applies (promote: none too)
+        POLICY_TAG: policy_tag(ctx.spec.promotion.policy()),
         **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, float)},
         **get_method(job.method.name).extra_tags(job.method), **(extra_tags or {}),
         **{k: str(v) for k, v in placed.items() if k in ("node_id", "workers", "zero_stage")},
