@@ -22,6 +22,12 @@ as a missing one. Routes (JSON; errors are ``{"error": {"message", "code"}}``):
   aliases, versions: [{version, aliases, metrics, decision, reason, ...}]}]}]}``
 - ``GET /api/openapi.json``: the schema; ``GET /healthz``: liveness (no key)
 
+Wrong keys are limited per client address (``serve/auth_guard.py``, as on the serving API: a client
+could otherwise guess keys as fast as it liked, each a lookup in the state database): past
+``--auth-max-failures`` (20) per ``--auth-failure-window-s`` (60 s; 0 failures: no limit) its requests
+with keys not seen to pass get a 429 ``rate_limit_exceeded`` with ``Retry-After``; a valid key keeps
+working.
+
 Every ``/api`` answer is ``Cache-Control: no-store, private`` with ``Vary: Authorization``: it is one
 key's view, which neither the browser nor a proxy may keep or hand to another key. Backend addresses
 that reach the page (links, an operator's error text) have their ``user:password@`` redacted.
@@ -45,7 +51,10 @@ from adapterfab.errors import AdapterfabError, StateError, redact_credentials
 from adapterfab.keys import KeyStore, Principal
 from adapterfab.lifecycle import JobState
 from adapterfab.serve import dashboard_views as views
+from adapterfab.serve.api_errors import ApiError
+from adapterfab.serve.auth_guard import DEFAULT_FAILURE_WINDOW_S, DEFAULT_MAX_FAILURES, AuthFailureLimiter
 from adapterfab.state import StateStore
+from adapterfab.state_queries import JobTotals, batch_totals
 
 log = logging.getLogger("adapterfab.serve.dashboard")
 STATIC = Path(__file__).resolve().parent / "dashboard_static"
@@ -145,10 +154,13 @@ class Sources:
         return r.json()["data"]
 
 
-def principal(request: Request) -> Principal:
-    """The operator or tenant behind the request's ``Authorization: Bearer`` key; 401 without one."""
+async def principal(request: Request) -> Principal:
+    """The operator or tenant behind the request's ``Authorization: Bearer`` key; 401 without one, 429
+    while the client's address is over its wrong keys (``auth_guard``: before the lookup)."""
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    who = request.app.state.sources.keys.identify(key.strip()) if scheme.lower() == "bearer" else None
+    key = key.strip() if scheme.lower() == "bearer" else ""
+    who = await request.app.state.auth_guard.check(request, key, request.app.state.sources.keys.identify,
+                                                   purpose="dashboard") if key else None
     if who is None:
         raise DashError(401, "A valid API key is required: `Authorization: Bearer <key>` "
                              "(`adapterfab keys create-operator` or `adapterfab keys create TENANT`).",
@@ -159,16 +171,25 @@ def principal(request: Request) -> Principal:
 Who = Annotated[Principal, Depends(principal)]
 
 
-def create_app(state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | None) -> FastAPI:
+def create_app(state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | None,
+               auth_limit: AuthFailureLimiter | None = None) -> FastAPI:
+    """``auth_limit``: how many wrong keys a client address may send (None: ``auth_guard``'s defaults;
+    ``AuthFailureLimiter(0)``: no limit)."""
     src = Sources(state_url, mlflow_uri, ray_dashboard_url)
     app = FastAPI(title="adapterfab dashboard", docs_url=None, redoc_url=None,  # their pages load a CDN
                   openapi_url="/api/openapi.json")
     app.state.sources = src
+    app.state.auth_guard = auth_limit or AuthFailureLimiter()
 
     @app.exception_handler(DashError)
     async def _dash_error(_: Request, e: DashError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
         return JSONResponse({"error": {"message": e.message, "code": e.code}}, e.status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def _guard_error(_: Request, e: ApiError) -> JSONResponse:
+        """The auth guard's 429 (raised in the serving API's shape) in the dashboard's, Retry-After kept."""
+        return JSONResponse({"error": {"message": e.message, "code": e.code}}, e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -209,10 +230,13 @@ def create_app(state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | 
 
     @app.get("/api/batches")
     def batches(who: Who) -> dict[str, Any]:
-        """Batches, newest first, with job counts per state, progress, times and cost."""
-        now = time.time()
-        return {"batches": [views.batch_dict(b, jobs, who, now) for b, jobs in listed_batches(who)
-                            if jobs or who.operator]}
+        """Batches, newest first, with job counts per state, progress, times and cost: summed by the
+        database (one row per batch and state), not from every job of 100 batches on each poll."""
+        now, mine = time.time(), None if who.operator else who.tenant
+        rows = src.state.list_batches(limit=BATCH_LIST_LIMIT, tenant=mine)
+        totals = batch_totals(src.state, [b.id for b in rows], mine, views.job_cost_sql(now))
+        listed = [(b, totals.get(b.id) or JobTotals()) for b in rows]
+        return {"batches": [views.batch_summary(b, t, who) for b, t in listed if t.jobs or who.operator]}
 
     @app.get("/api/batches/{batch_id}")
     def batch(batch_id: str, who: Who) -> dict[str, Any]:
@@ -326,9 +350,10 @@ def create_app(state_url: str, mlflow_uri: str | None, ray_dashboard_url: str | 
     return app
 
 
-def main() -> None:
-    """``python -m adapterfab.serve.dashboard [--host 127.0.0.1] [--port 8280]``: serve the dashboard
-    for the stack that ``ADAPTERFAB_HOME``'s settings name (state DB, MLflow, Ray dashboard)."""
+def main(argv: list[str] | None = None) -> None:
+    """``python -m adapterfab.serve.dashboard [--host 127.0.0.1] [--port 8280] [--auth-max-failures 20]
+    [--auth-failure-window-s 60]``: serve the dashboard for the stack that ``ADAPTERFAB_HOME``'s settings
+    name (state DB, MLflow, Ray dashboard)."""
     import uvicorn
 
     from adapterfab.settings import DEFAULT_UI_PORT, Settings
@@ -336,9 +361,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=DEFAULT_UI_PORT)
-    args = ap.parse_args()
+    ap.add_argument("--auth-max-failures", type=int, default=DEFAULT_MAX_FAILURES,
+                    help="wrong API keys a client address may send per window before a 429 (0: no limit)")
+    ap.add_argument("--auth-failure-window-s", type=float, default=DEFAULT_FAILURE_WINDOW_S,
+                    help="seconds in which a client's wrong keys count")
+    args = ap.parse_args(argv)
+    try:
+        limit = AuthFailureLimiter(args.auth_max_failures, args.auth_failure_window_s)
+    except ValueError as e:
+        ap.error(str(e))
     s = Settings.load()
-    app = create_app(s.state_url, s.mlflow_uri, s.dashboard_url)
+    app = create_app(s.state_url, s.mlflow_uri, s.dashboard_url, auth_limit=limit)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

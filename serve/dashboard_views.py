@@ -20,10 +20,14 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import Float, and_, case, cast, func, literal
+from sqlalchemy.sql.elements import ColumnElement
+
 from adapterfab.keys import Principal
-from adapterfab.lifecycle import BatchState, JobState
+from adapterfab.lifecycle import TERMINAL, BatchState, JobState
 from adapterfab.registry import TAG, AdapterVersion, RegisteredAdapter
-from adapterfab.state import BatchRow, JobView
+from adapterfab.state import BatchRow, JobRow, JobView
+from adapterfab.state_queries import JobTotals, json_array_length, json_float
 
 EVAL_KEYS = ("eval_loss", "base_eval_loss", "eval_token_accuracy", "base_eval_token_accuracy",
              "retention", "retention_known", "retention_kept")  # retention: adapterfab/retention.py
@@ -47,6 +51,22 @@ def job_cost(j: JobView, now: float) -> tuple[float, float]:
     share = len(p.get("fused_with") or []) or 1
     held_s = training_seconds(j, now) * (p.get("workers") or 1) / share
     return held_s * float(p.get("gpus") or 0), held_s * float(p.get("cpus") or 0)
+
+
+def job_cost_sql(now: float) -> tuple[ColumnElement, ColumnElement]:
+    """``job_cost`` (with ``training_seconds``) as SQL over the jobs table, for the batch list's sums
+    (adapterfab/state_queries.py): the same rule, step by step; change the two together
+    (tests/unit/test_dashboard_review2.py compares them)."""
+    train_s, started = json_float(JobRow.metrics, "train_s"), JobRow.training_started_s
+    end = case((and_(JobRow.state.in_([s.value for s in TERMINAL]), JobRow.ended_s != 0), JobRow.ended_s),
+               else_=literal(now))
+    trained = case((JobRow.reused_version.is_not(None), literal(0.0)), (train_s.is_not(None), train_s),
+                   (started.is_(None), literal(0.0)), (end - started > 0, end - started), else_=literal(0.0))
+    share = cast(func.coalesce(func.nullif(json_array_length(JobRow.placement["fused_with"]), 0), 1), Float)
+    workers = func.coalesce(func.nullif(json_float(JobRow.placement, "workers"), 0), 1.0)
+    held_s = trained * workers / share
+    return (held_s * func.coalesce(json_float(JobRow.placement, "gpus"), 0.0),
+            held_s * func.coalesce(json_float(JobRow.placement, "cpus"), 0.0))
 
 
 def eta_s(j: JobView, now: float) -> float | None:
@@ -124,29 +144,55 @@ def job_dict(j: JobView, who: Principal, now: float, visible_ids: set[str],
 
 def _tenant_state(jobs: list[JobView], batch_state: str) -> str:
     """A batch's state as one tenant's jobs show it (other tenants' failures are not theirs)."""
-    if not all(j.state.terminal for j in jobs):
+    return _tenant_state_of(Counter(j.state.value for j in jobs), batch_state)
+
+
+def _tenant_state_of(counts: dict[str, int], batch_state: str) -> str:
+    """``_tenant_state`` from the tenant's job ``counts`` per state (the batch list's sums)."""
+    if not all(JobState(s).terminal for s in counts):
         pending = batch_state == BatchState.PENDING.value
         return BatchState.PENDING.value if pending else BatchState.RUNNING.value
-    if all(j.state == JobState.SUCCEEDED for j in jobs):
+    if all(s == JobState.SUCCEEDED.value for s in counts):
         return BatchState.SUCCEEDED.value
-    failed = any(j.state == JobState.FAILED for j in jobs)
+    failed = JobState.FAILED.value in counts
     return BatchState.FAILED.value if failed else BatchState.CANCELLED.value  # (`adapterfab cancel`)
+
+
+def job_totals(jobs: list[JobView], now: float) -> JobTotals:
+    """What ``batch_totals`` (adapterfab/state_queries.py) sums in SQL, from the job views."""
+    costs = [job_cost(j, now) for j in jobs]
+    return JobTotals(jobs=len(jobs), counts=dict(Counter(j.state.value for j in jobs)),
+                     progress=sum(j.progress for j in jobs), gpu_s=sum(c[0] for c in costs),
+                     cpu_s=sum(c[1] for c in costs),
+                     first_started_s=min((j.started_s for j in jobs if j.started_s), default=None),
+                     last_ended_s=max((j.ended_s or 0 for j in jobs), default=None))
 
 
 def batch_dict(b: BatchRow, jobs: list[JobView], who: Principal, now: float) -> dict[str, Any]:
     """A batch as ``who`` sees it; ``jobs`` are already only the ones ``who`` may see (non-empty
     for a tenant)."""
-    costs = [job_cost(j, now) for j in jobs]
+    return batch_summary(b, job_totals(jobs, now), who)
+
+
+def _rounded(total: float, digits: int) -> float:
+    """``round(total, digits)`` of a sum, alike in whichever order it was summed: the batch list sums in
+    the database, the batch page in Python, and their last bits differ (180007.95 came out once as
+    180008.0, once as 180007.9); rounded to 12 significant digits first, both round a tie the same way."""
+    return round(float(f"{total:.12g}"), digits)
+
+
+def batch_summary(b: BatchRow, t: JobTotals, who: Principal) -> dict[str, Any]:
+    """A batch as ``who`` sees it, from the totals of the jobs ``who`` may see (the batch list's
+    line: ``batch_totals`` sums them in the database)."""
     out = {"id": b.id, "name": b.name, "state": b.state, "created_s": b.created_s, "started_s": b.started_s,
-           "ended_s": b.ended_s, "error": b.error, "jobs": len(jobs),
-           "counts": dict(Counter(j.state.value for j in jobs)),
-           "progress": round(sum(j.progress for j in jobs) / len(jobs), 4) if jobs else 0.0,
-           "gpu_s": round(sum(c[0] for c in costs), 1), "cpu_s": round(sum(c[1] for c in costs), 1)}
+           "ended_s": b.ended_s, "error": b.error, "jobs": t.jobs, "counts": dict(t.counts),
+           "progress": _rounded(t.progress / t.jobs, 4) if t.jobs else 0.0,
+           "gpu_s": _rounded(t.gpu_s, 1), "cpu_s": _rounded(t.cpu_s, 1)}
     if not who.operator:
-        started = [j.started_s for j in jobs if j.started_s]
-        done = all(j.state.terminal for j in jobs)
-        out.update(state=_tenant_state(jobs, b.state), error=None, started_s=min(started, default=None),
-                   ended_s=max((j.ended_s or 0 for j in jobs), default=None) if done else None)
+        done = all(JobState(s).terminal for s in t.counts)
+        ended = t.last_ended_s or (0 if t.jobs else None)  # (0, not 0.0, where no job has an end)
+        out.update(state=_tenant_state_of(t.counts, b.state), error=None, started_s=t.first_started_s,
+                   ended_s=ended if done else None)
     return out
 
 
