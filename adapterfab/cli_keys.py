@@ -112,9 +112,28 @@ def keys_list(tenant: str | None = typer.Option(None, "--tenant", help="only thi
 
 
 @keys_app.command("revoke")
-def keys_revoke(key: str = typer.Argument(..., help="the key id (as `keys list` shows it) or the key"),
+def keys_revoke(key: str | None = typer.Argument(None, help="the key id (as `keys list` shows it) or the key"),
+                tenant: str | None = typer.Option(None, "--tenant",
+                                                  help="every active key of this tenant instead (offboarding)"),
                 as_json: bool = json_option()) -> None:
-    """End a key now: running servers and the dashboard refuse it from their next request."""
+    """End a key now, or with --tenant every active key of a tenant (one transaction): running servers and
+    the dashboard refuse them from their next request."""
+    if (key is None) == (tenant is None):
+        _fail(AdapterfabError("name a key, or --tenant T for all of a tenant's keys, not both"
+                              if key is not None else "name the key to revoke, or --tenant T for all of a "
+                              "tenant's keys"), EXIT_INVALID)
+    if tenant is not None:
+        try:
+            ended = _key_store().revoke_tenant(tenant)
+        except AdapterfabError as e:
+            _fail(e)
+        if as_json:
+            now = time.time()
+            _print_json({"tenant": tenant, "revoked": len(ended), "keys": [k.as_dict(now) for k in ended]})
+        else:
+            out.print(f"revoked {len(ended)} active key{'' if len(ended) == 1 else 's'} of tenant {tenant}"
+                      + (f": {', '.join(k.key_id for k in ended)}" if ended else ""), markup=False)
+        return
     try:
         info = _key_store().revoke(key)
     except AdapterfabError as e:
@@ -131,12 +150,15 @@ def keys_rotate(
     grace: str | None = typer.Option(
         None, "--grace", help="the old key keeps working this long (e.g. 1h); default: ends now"
     ),
-    expires: str | None = typer.Option(None, "--expires", help=_EXPIRES_HELP),
+    expires: str | None = typer.Option(
+        None, "--expires", help="the new key ends after this long; default: the old key's lifetime, from now"
+    ),
     quiet: bool = _quiet(),
     as_json: bool = json_option(),
 ) -> None:
-    """A new key for the same tenant (or operator); the old one ends now or after --grace. The new key is
-    the last token printed (shown once)."""
+    """A new key for the same tenant (or operator); the old one ends now or after --grace. The new key
+    lives as long as the old key's lifetime, from now (a key that never expires: never), unless --expires
+    says otherwise. The new key is the last token printed (shown once)."""
     grace_s = _duration(grace, "--grace") or 0.0
     store = _key_store()
     try:
@@ -144,5 +166,8 @@ def keys_rotate(
     except AdapterfabError as e:
         _fail(e)
     ends = "now" if not grace_s else time.strftime("at %Y-%m-%d %H:%M:%S", time.localtime(old.expires_s))
-    _new_key(new, _info(store, new), f"key {old.key_id} ends {ends}; new key for {old.tenant or 'operator'}",
+    info = _info(store, new)
+    lives = "never expires" if info.expires_s is None else \
+        time.strftime("expires at %Y-%m-%d %H:%M:%S", time.localtime(info.expires_s))
+    _new_key(new, info, f"key {old.key_id} ends {ends}; new key for {old.tenant or 'operator'} ({lives})",
              as_json, quiet, replaces=old.as_dict(time.time()))

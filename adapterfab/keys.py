@@ -6,8 +6,9 @@ Two kinds: a tenant key (``create``) reaches that tenant's adapters, batches and
 an operator key (``create_operator``, role ``operator``) sees every tenant on the dashboard. Serving
 accepts tenant keys only: ``verify`` returns None for an operator key.
 
-Lifecycle: a key may expire (``ttl_s``); ``revoke`` ends it; ``rotate`` issues a new key of the same
-tenant or role and ends the old one now or after a grace period (clients switch over meanwhile).
+Lifecycle: a key may expire (``ttl_s``); ``revoke`` ends it (``revoke_tenant``: all of a tenant's, when
+it leaves); ``rotate`` issues a new key of the same tenant or role, with the old key's lifetime unless
+told otherwise, and ends the old one now or after a grace period (clients switch over meanwhile).
 Servers read the store on every request, so each takes effect on running servers at once."""
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, or_, update
+from sqlalchemy import case, or_, select, update
 from sqlalchemy.orm import Session
 
 from adapterfab.errors import ApiKeyError
@@ -129,9 +130,33 @@ class KeyStore:
             raise ApiKeyError(f"no key {key_id_of(key_or_id)}")
         return _info(row)
 
+    def revoke_tenant(self, tenant: str) -> list[KeyInfo]:
+        """End every active key of ``tenant`` now (offboarding), in one transaction: a key that is active
+        (in a rotation's grace period too) is revoked; expired or revoked ones are left as they are.
+        Operator keys are never touched. Returns the keys it ended (none: an empty list)."""
+        check_id(tenant, "tenant")
+        now, cols = self.clock(), ApiKeyRow
+        # locks before it reads (the state store's read-check-write engine: SQLite's BEGIN IMMEDIATE,
+        # elsewhere FOR UPDATE): a rotation of one of these keys at the same moment is refused once this
+        # commits (its key is no longer active), or made before this reads, and its new key ended too
+        with Session(self.state._locking, expire_on_commit=False) as s, s.begin():
+            rows = list(s.scalars(
+                select(cols).where(cols.tenant == tenant, cols.role.is_(None), cols.revoked == 0,
+                                   or_(cols.expires_s.is_(None), cols.expires_s > now))
+                .order_by(cols.created_s, cols.key_id).with_for_update()))
+            for row in rows:
+                row.revoked, row.revoked_s = 1, now
+            s.flush()
+            s.expunge_all()
+        return [_info(r) for r in rows]
+
     def rotate(self, key_or_id: str, grace_s: float = 0.0, ttl_s: float | None = None) -> tuple[str, KeyInfo]:
         """A new key of the same tenant (or operator role); the old one ends now, or after ``grace_s``
         seconds while clients switch over. Returns the new key and the old key's record.
+
+        The new key lives ``ttl_s`` seconds from now; None: as long as the old key's lifetime (its expiry
+        less its creation), counted from now, so a key that expires keeps expiring once rotated (it never
+        expired, before: review, 2026-12); a key that never expires gives one that never does.
 
         A key rotates once: ending it and storing its successor are one transaction that claims the old
         key only while it is active and not yet rotated, so a second ``rotate`` (in its grace period, or
@@ -146,6 +171,8 @@ class KeyStore:
         if row is None:
             raise ApiKeyError(f"no key {key_id}")
         now = self.clock()
+        if ttl_s is None and row.expires_s is not None:
+            ttl_s = row.expires_s - row.created_s  # its lifetime (its row stamps created_s as it is written)
         new_id = secrets.token_hex(8)
         key = f"{PREFIX}_{new_id}_{secrets.token_urlsafe(24)}"
         cols = ApiKeyRow
@@ -155,12 +182,15 @@ class KeyStore:
         else:
             ends = {"revoked": 1, "revoked_s": now}
         with Session(self.state.engine) as s, s.begin():
+            # ... and only with the expiry read above, whose lifetime the new key gets (only a rotation
+            # changes a key's expiry, and it claims the key)
+            same_expiry = cols.expires_s.is_(None) if row.expires_s is None else cols.expires_s == row.expires_s
             claimed = s.execute(
                 update(cols).where(cols.key_id == key_id, cols.revoked == 0, cols.rotated_to.is_(None),
-                                   or_(cols.expires_s.is_(None), cols.expires_s > now))
+                                   or_(cols.expires_s.is_(None), cols.expires_s > now), same_expiry)
                 .values(rotated_to=new_id, **ends)).rowcount
-            if claimed == 1:
-                s.add(ApiKeyRow(key_id=new_id, tenant=row.tenant, sha256=_hash(key), role=row.role,
+            if claimed == 1:  # created and expires from one clock reading: the lifetime it passes on
+                s.add(ApiKeyRow(key_id=new_id, tenant=row.tenant, sha256=_hash(key), role=row.role, created_s=now,
                                 expires_s=None if ttl_s is None else now + ttl_s))
         old = self.state.key_by_id(key_id)
         assert old is not None

@@ -7,6 +7,11 @@ Only function UDFs with ``num_cpus=0.5``: actor pools that take a whole CPU each
 2-CPU machine (Ray Data waits for CPUs its own actors hold). One call prepares one file, so tenants'
 rows never share a dataset.
 
+The file is read twice: hashed first (``_sha256``: its sha256 is the job's provenance and part of its
+fingerprint, and decides what is reused), then parsed. The parse UDFs hash the bytes they parse and carry
+the digest out (column ``sha256``, on each file's first row), so a file rewritten between the two reads
+fails its jobs ("changed while it was read") instead of recording the digest of bytes no row came from.
+
 Parquet is read as bytes too, not with ``ray.data.read_parquet``: that splits a file into row-group
 tasks whose output order is not kept, so a row's index — the "line" a tenant is told — would be lost.
 A tenant's training file fits one task.
@@ -49,6 +54,7 @@ _HASH_CHUNK_BYTES = 1 << 20
 _TOKENIZED = pa.schema([
     ("line", pa.int64()), ("error", pa.string()), ("score", pa.float64()), ("truncated", pa.bool_()),
     ("num_tokens", pa.int64()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+    ("sha256", pa.string()),  # of the bytes parsed, on a file's first row (null on the others)
 ])
 _SPLIT = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
 _TOKENIZERS: dict[str, Any] = {}  # per worker process: a tokenizer loads once, not once per batch
@@ -69,7 +75,7 @@ class DataStats:
     eval_rows: int
     truncated_rows: int  # usable rows cut at max_seq_len
     train_tokens: int  # sum of sequence lengths in the train split
-    sha256: str  # of the raw file bytes
+    sha256: str  # of the raw file bytes, the very bytes parsed (``_check_parsed_bytes``)
     # which rows the eval split holds (their content hashes and token counts): two versions whose eval
     # figures share it were measured on the same rows, so the promotion gate may compare them
     eval_sha256: str = ""
@@ -165,12 +171,33 @@ def load_tokenizer(path: str) -> Any:
     return _TOKENIZERS[path]
 
 
+def _with_digest(rows: list[dict[str, Any]], digest: str) -> list[dict[str, Any]]:
+    """``rows`` parsed from bytes whose sha256 is ``digest``, the first one carrying it: what
+    ``_check_parsed_bytes`` compares with the hash taken before (one value per file, not one per row)."""
+    if rows:
+        rows[0] = {**rows[0], "sha256": digest}
+    return rows
+
+
 def _parse_files(batch: dict[str, np.ndarray], fmt: str) -> pa.Table:
-    """UDF: whole files' bytes → one row per record, bad rows kept with their error."""
+    """UDF: whole files' bytes → one row per record, bad rows kept with their error; each file's first
+    row carries the sha256 of the bytes parsed."""
     parse = PARSERS[fmt]
-    rows = [entry for data in batch["bytes"] for entry in parse(data)]
-    schema = pa.schema([("line", pa.int64()), ("messages", pa.string()), ("error", pa.string())])
+    rows = [entry for data in batch["bytes"]
+            for entry in _with_digest(list(parse(data)), hashlib.sha256(data).hexdigest())]
+    schema = pa.schema([("line", pa.int64()), ("messages", pa.string()), ("error", pa.string()),
+                        ("sha256", pa.string())])
     return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _check_parsed_bytes(uri: str, digests: np.ndarray, sha: str) -> None:
+    """The bytes parsed (``digests``: the parse UDFs' ``sha256`` column) are the bytes hashed first (``sha``,
+    what the job records as its data's sha256, provenance and fingerprint). A file rewritten between the
+    two reads fails: its job would record a digest of bytes it never trained on. (A file with no row left
+    fails anyway, on the bytes parsed: ``_check_and_split``.)"""
+    if len(digests) and {d for d in digests if d is not None} != {sha}:
+        raise DatasetError(f"dataset {uri} changed while it was read (its bytes were hashed, then parsed, and "
+                           "they differ): submit again once it is no longer being written")
 
 
 def _tokenize(batch: dict[str, np.ndarray], tokenizer_path: str, max_seq_len: int, seed: int) -> pa.Table:
@@ -178,6 +205,7 @@ def _tokenize(batch: dict[str, np.ndarray], tokenizer_path: str, max_seq_len: in
     becomes a bad row here."""
     tok = load_tokenizer(tokenizer_path)
     out: dict[str, list[Any]] = {name: [] for name in _TOKENIZED.names}
+    out["sha256"] = list(batch["sha256"]) if "sha256" in batch else [None] * len(batch["line"])  # passed on
     for line, messages, error in zip(batch["line"], batch["messages"], batch["error"]):
         enc: dict[str, Any] = {"input_ids": [], "labels": [], "truncated": False}
         if error is None:
@@ -216,7 +244,7 @@ def _select(batch: pa.Table, want_eval: bool, eval_fraction: float, forced_eval:
 
 def _summary(ds: ray.data.Dataset) -> dict[str, np.ndarray]:
     """The small per-row columns, pulled to the driver for the bad-row check, split and stats."""
-    cols = ["line", "error", "score", "truncated", "num_tokens"]
+    cols = ["line", "error", "score", "truncated", "num_tokens", "sha256"]
     tables = list(ds.select_columns(cols).iter_batches(batch_size=None, batch_format="pyarrow"))
     table = pa.concat_tables(tables) if tables else _TOKENIZED.empty_table().select(cols)
     return {c: table[c].to_numpy(zero_copy_only=False) for c in cols}
@@ -325,6 +353,7 @@ def prepare_dataset(uri: str, tokenizer_path: str, *, max_seq_len: int, eval_fra
             .materialize()
         )
         s = _summary(tokenized)
+        _check_parsed_bytes(uri, s["sha256"], sha)
         stats, (forced_eval, forced_train), _, _ = _check_and_split(uri, s, sha, eval_fraction, max_bad_row_fraction)
         kwargs = {"eval_fraction": eval_fraction, "forced_eval": forced_eval, "forced_train": forced_train}
         splits = {
@@ -353,7 +382,8 @@ FIRST_WINDOW_IN_PROCESS_BYTES = env().first_window_in_process_bytes  # 0: never
 WINDOW_IN_PROCESS_BYTES = env().window_in_process_bytes
 # such a (first) window goes to a warm trainer already leased, when there is one (jobs/factory.py); 0: never
 FIRST_WINDOW_ON_TRAINER = env().first_window_on_trainer
-_TAGGED = pa.schema([("req", pa.int64()), ("line", pa.int64()), ("messages", pa.string()), ("error", pa.string())])
+_TAGGED = pa.schema([("req", pa.int64()), ("line", pa.int64()), ("messages", pa.string()), ("error", pa.string()),
+                     ("sha256", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -379,16 +409,19 @@ class PreparedRows:
 
 def _parse_tagged(batch: dict[str, np.ndarray], wanted: dict[str, list[tuple[int, str]]]) -> pa.Table:
     """UDF: whole files → one row per record for every request that names the file, tagged with the
-    request; a file that cannot be parsed at all becomes one error row at line 0 of each request."""
+    request; a file that cannot be parsed at all becomes one error row at line 0 of each request. Each
+    request's first row carries the sha256 of the bytes parsed."""
     rows: list[dict[str, Any]] = []
     for data, path in zip(batch["bytes"], batch["path"]):
+        digest = hashlib.sha256(data).hexdigest()
         for req, fmt in wanted[str(path)]:
             parse = PARSERS[fmt]
             try:
-                rows += [{"req": req, **entry} for entry in parse(data)]
+                parsed = [{"req": req, **entry} for entry in parse(data)]
             except Exception as e:  # noqa: BLE001 - this request fails, the window's others go on
-                rows.append({"req": req, "line": 0, "messages": None,
-                             "error": f"cannot read the file: {type(e).__name__}: {e}"})
+                parsed = [{"req": req, "line": 0, "messages": None,
+                           "error": f"cannot read the file: {type(e).__name__}: {e}"}]
+            rows += _with_digest(parsed, digest)
     return pa.Table.from_pylist(rows, schema=_TAGGED)
 
 
@@ -399,7 +432,7 @@ def _tokenize_tagged(batch: pa.Table, tokenizer_path: str, params: dict[int, tup
     for req in sorted(set(reqs.tolist())):
         part = batch.filter(pa.array(reqs == req))
         max_seq_len, seed = params[req]
-        cols = {c: part[c].to_numpy(zero_copy_only=False) for c in ("line", "messages", "error")}
+        cols = {c: part[c].to_numpy(zero_copy_only=False) for c in ("line", "messages", "error", "sha256")}
         table = _tokenize(cols, tokenizer_path, max_seq_len, seed)
         out.append(table.append_column("req", pa.array([req] * table.num_rows, pa.int64())))
     return pa.concat_tables(out) if out else _TOKENIZED.empty_table().append_column("req", pa.array([], pa.int64()))
@@ -499,6 +532,7 @@ def _collect(table: pa.Table, wanted: dict[str, list[tuple[int, str]]], requests
         cols = {c: v[order] for c, v in cols.items()}
         unreadable = [str(e) for line, e in zip(cols["line"], cols["error"]) if line == 0 and e is not None]
         try:
+            _check_parsed_bytes(r.uri, cols["sha256"], sha[i])  # first: a file half rewritten may not parse
             if unreadable:
                 raise DatasetError(f"dataset {r.uri}: {unreadable[0]}")
             stats, _, train_mask, eval_mask = _check_and_split(r.uri, cols, sha[i], r.eval_fraction,
