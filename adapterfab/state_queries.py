@@ -6,14 +6,18 @@ database for one row per (batch, state) instead: counts, summed progress and cos
 end. Each figure is the one the job views give (``JobView.progress`` here, the dashboard's cost rule
 passed in as SQL), summed in another order: equal up to float rounding in the last bits.
 
+The cluster page (review, 2026-12) read the same 50,000 job rows per poll to show its active jobs and
+the 20 most recent ended ones; ``placed_jobs`` reads those jobs only (ordered and cut by the database).
+
 SQLite and PostgreSQL are what the tests run; ``json_array_length`` also compiles for MySQL/MariaDB."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Float, Integer, case, cast, func, literal, select
+from sqlalchemy import Float, Integer, String, and_, case, cast, func, literal, select
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
@@ -21,6 +25,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from adapterfab.lifecycle import JobState
 from adapterfab.state import JobRow, StateStore
+from adapterfab.status import JOB_COLUMNS, JobView, job_view
 
 
 @dataclass(frozen=True)
@@ -104,3 +109,50 @@ def batch_totals(store: StateStore, batch_ids: list[str], tenant: str | None = N
             cpu_s=sum(float(r[5] or 0.0) for r in rows), first_started_s=min(started, default=None),
             last_ended_s=max(float(r[7]) for r in rows))
     return out
+
+
+@dataclass(frozen=True)
+class PlacedJobs:
+    """What the cluster page shows of the listed batches' jobs (``placed_jobs``)."""
+
+    active: list[JobView]  # in the list's order: batch by batch, each by tenant and persona
+    recent: list[JobView]  # the latest ended first (no end: 0), ties in the list's order
+    seen: dict[str, set[str]]  # by batch: the ids in these jobs' ``fused_with`` that the reader sees
+
+
+def placed_jobs(store: StateStore, batch_ids: list[str], tenant: str | None, active: Iterable[JobState],
+                ended: Iterable[JobState], recent: int) -> PlacedJobs:
+    """Of the jobs of ``batch_ids`` (listed newest first; with ``tenant``, that tenant's only): every job
+    in an ``active`` state, and the ``recent`` latest ended in an ``ended`` state that have a placement.
+    What reading every job of the batches in the list's order, then sorting by end, gave: the database
+    orders and cuts, so only the jobs shown are read (and the ids their fused groups name)."""
+    if not batch_ids:
+        return PlacedJobs([], [], {})
+    position = case({b: i for i, b in enumerate(batch_ids)}, value=JobRow.batch_id, else_=len(batch_ids))
+    mine = [JobRow.batch_id.in_(batch_ids)] + ([JobRow.tenant == tenant] if tenant is not None else [])
+    listed = (position, JobRow.tenant, JobRow.persona)
+    # a placement: not SQL NULL, JSON null or {} (JobView's None; stored as json.dumps writes them)
+    placed = and_(JobRow.placement.is_not(None), cast(JobRow.placement, String).not_in(("null", "{}")))
+    with Session(store.engine) as s:
+        shown = [_view(r) for r in s.scalars(select(JobRow).where(
+            *mine, JobRow.state.in_([st.value for st in active])).order_by(*listed))]
+        latest: list[JobView] = []
+        q = (select(JobRow).where(*mine, JobRow.state.in_([st.value for st in ended]), placed)
+             .order_by(func.coalesce(JobRow.ended_s, 0.0).desc(), *listed).execution_options(yield_per=recent))
+        for r in s.scalars(q) if recent > 0 else ():  # a page at a time: the check below rarely skips one
+            if (v := _view(r)).placement:  # (any other JSON that JobView finds empty)
+                latest.append(v)
+                if len(latest) == recent:
+                    break
+        fused = {i for j in [*shown, *latest] for i in (j.placement or {}).get("fused_with") or []
+                 if isinstance(i, str)}  # (job ids: anything else names no job)
+        seen: dict[str, set[str]] = {}
+        if fused:
+            q = select(JobRow.batch_id, JobRow.id).where(*mine, JobRow.id.in_(sorted(fused)))
+            for batch_id, job_id in s.execute(q):
+                seen.setdefault(batch_id, set()).add(job_id)
+    return PlacedJobs(shown, latest, seen)
+
+
+def _view(row: JobRow) -> JobView:
+    return job_view({k: getattr(row, k) for k in JOB_COLUMNS})

@@ -1,9 +1,9 @@
 """What each dashboard page shows, as JSON-ready dicts: pure functions over state rows, registry
 versions and the Ray dashboard's node JSON (no FastAPI, no Ray import), so the rules live in one place.
 
-- **Cost** of a job in resource-seconds: training seconds (the trainer's ``train_s`` when done, else the
-  time since it entered TRAINING) x workers x GPUs (CPUs) per worker, divided by the size of its fused
-  group (the group shares one worker's resources). A batch's cost is the sum over its jobs.
+- **Cost** of a job in resource-seconds: training seconds (the trainer's ``train_s`` when done and not
+  null, else the time since it entered TRAINING) x workers x GPUs (CPUs) per worker, divided by the size
+  of its fused group (the group shares one worker's resources). A batch's cost is the sum over its jobs.
 - **ETA** of a training job: remaining steps / the step rate since it entered TRAINING (worker start-up
   included, so early estimates run long).
 - **Tenant view**: a tenant key sees only its own jobs; batch state, start and end are derived from
@@ -32,12 +32,13 @@ from adapterfab.state_queries import JobTotals, json_array_length, json_float
 EVAL_KEYS = ("eval_loss", "base_eval_loss", "eval_token_accuracy", "base_eval_token_accuracy",
              "retention", "retention_known", "retention_kept")  # retention: adapterfab/retention.py
 ACTIVE = frozenset({JobState.PREPARING, JobState.TRAINING, JobState.REGISTERING})
+RECENT = TERMINAL - {JobState.CANCELLED}  # the cluster page's ended jobs (with a placement: where they ran)
 
 
 def training_seconds(j: JobView, now: float) -> float:
     if j.reused_version is not None:
         return 0.0  # an idempotent resubmit trained nothing
-    if "train_s" in j.metrics:
+    if j.metrics.get("train_s") is not None:  # null (how the database keeps a NaN): the time, as job_cost_sql
         return float(j.metrics["train_s"])
     if j.training_started_s is None:
         return 0.0
