@@ -243,7 +243,7 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
     (``serve/auth_guard.py``; None: its defaults; ``AuthFailureLimiter(0)``: no limit)."""
     app = FastAPI(title="adapterfab", docs_url=None, redoc_url=None)
     resolve = ResolveCache(resolver, resolve_ttl_s, on_alias_moved=on_alias_moved)
-    guard = auth_limit or AuthFailureLimiter()  # a wrong key costs a lookup: a guesser gets a 429 before it
+    guard = auth_limit or AuthFailureLimiter()  # a client's wrong keys past the limit: a 429, not a 401
     install_record_factory()  # log records carry the request id (formats name it: observe.TEXT_FORMAT)
     metrics = Metrics(getattr(backend, "stats", None))
     app.add_middleware(_InternalErrors)  # added first: innermost, inside the request id and the count

@@ -24,9 +24,9 @@ as a missing one. Routes (JSON; errors are ``{"error": {"message", "code"}}``):
 
 Wrong keys are limited per client address (``serve/auth_guard.py``, as on the serving API: a client
 could otherwise guess keys as fast as it liked, each a lookup in the state database): past
-``--auth-max-failures`` (20) per ``--auth-failure-window-s`` (60 s; 0 failures: no limit) its requests
-with keys not seen to pass get a 429 ``rate_limit_exceeded`` with ``Retry-After``; a valid key keeps
-working.
+``--auth-max-failures`` (20) per ``--auth-failure-window-s`` (60 s; 0 failures: no limit) its wrong
+keys get a 429 ``rate_limit_exceeded`` with ``Retry-After`` instead of a 401; a valid key is never
+refused.
 
 Every ``/api`` answer is ``Cache-Control: no-store, private`` with ``Vary: Authorization``: it is one
 key's view, which neither the browser nor a proxy may keep or hand to another key. Backend addresses
@@ -154,8 +154,8 @@ class Sources:
 
 
 async def principal(request: Request) -> Principal:
-    """The operator or tenant behind the request's ``Authorization: Bearer`` key; 401 without one, 429
-    while the client's address is over its wrong keys (``auth_guard``: before the lookup)."""
+    """The operator or tenant behind the request's ``Authorization: Bearer`` key; 401 without one or a
+    wrong one, 429 for a wrong one while the client's address is over its wrong keys (``auth_guard``)."""
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     key = key.strip() if scheme.lower() == "bearer" else ""
     who = await request.app.state.auth_guard.check(request, key, request.app.state.sources.keys.identify,
