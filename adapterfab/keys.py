@@ -138,17 +138,21 @@ class KeyStore:
         now, cols = self.clock(), ApiKeyRow
         # locks before it reads (the state store's read-check-write engine: SQLite's BEGIN IMMEDIATE,
         # elsewhere FOR UPDATE): a rotation of one of these keys at the same moment is refused once this
-        # commits (its key is no longer active), or made before this reads, and its new key ended too
+        # commits (its key is no longer active), or made before this reads, and its new key ended too.
+        # Read again until none is left: on PostgreSQL (READ COMMITTED) a rotation that commits while the
+        # read waits on its old key's lock adds a key the read's snapshot did not hold; the next read does
+        ended: list[ApiKeyRow] = []
         with Session(self.state._locking, expire_on_commit=False) as s, s.begin():
-            rows = list(s.scalars(
-                select(cols).where(cols.tenant == tenant, cols.role.is_(None), cols.revoked == 0,
-                                   or_(cols.expires_s.is_(None), cols.expires_s > now))
-                .order_by(cols.created_s, cols.key_id).with_for_update()))
-            for row in rows:
-                row.revoked, row.revoked_s = 1, now
-            s.flush()
+            while rows := list(s.scalars(
+                    select(cols).where(cols.tenant == tenant, cols.role.is_(None), cols.revoked == 0,
+                                       or_(cols.expires_s.is_(None), cols.expires_s > now))
+                    .order_by(cols.created_s, cols.key_id).with_for_update())):
+                for row in rows:
+                    row.revoked, row.revoked_s = 1, now
+                s.flush()
+                ended += rows
             s.expunge_all()
-        return [_info(r) for r in rows]
+        return [_info(r) for r in ended]
 
     def rotate(self, key_or_id: str, grace_s: float = 0.0, ttl_s: float | None = None) -> tuple[str, KeyInfo]:
         """A new key of the same tenant (or operator role); the old one ends now, or after ``grace_s``
