@@ -487,6 +487,10 @@ class Engine(TextGeneration):
         return ReadFolder(local_dir, sum(f.stat().st_size for f in local_dir.iterdir() if f.is_file()))
 
     def place(self, name: str, read: ReadFolder) -> None:
+        """Load the folder ``read_adapter`` checked; FileNotFoundError when it is gone since (a disk cache
+        trim of another replica sharing the folder: serve.backend.DiskCache), for the tiers to read again."""
+        if not (read.folder / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{read.folder} was removed after it was read")
         self.load_adapter(name, read.folder, checked=True)
 
     def in_use(self, name: str) -> int:

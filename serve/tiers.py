@@ -45,6 +45,10 @@ class AdapterBusy(AdapterfabError):
     tenant already pins its ``tenant_max_slots`` adapters and none of them is released in time)."""
 
 
+class _FolderGone(AdapterBusy):
+    """The RAM tier's entry for an adapter names a folder that is gone: read it again (``_ensure``)."""
+
+
 class AdapterTiers:
     """``fetch(key) -> (local folder, basis or None, came_from_store)``: the disk and store tiers
     (blocking; run from worker threads). Every method is thread-safe and may block, except ``try_acquire``
@@ -171,6 +175,12 @@ class AdapterTiers:
 
     # -- internals --------------------------------------------------------------------------------
     def _ensure(self, key: str, pin: bool, tenant: str | None, wait_s: float | None) -> None:
+        try:
+            self._ensure_once(key, pin, tenant, wait_s)
+        except _FolderGone:  # read again from disk or the store, once
+            self._ensure_once(key, pin, tenant, wait_s)
+
+    def _ensure_once(self, key: str, pin: bool, tenant: str | None, wait_s: float | None) -> None:
         t0 = time.monotonic()
         wait_s = self.slot_wait_s if wait_s is None else wait_s
         deadline = t0 + wait_s
@@ -225,6 +235,12 @@ class AdapterTiers:
         evicting another tenant's adapter for a place that fails again."""
         try:
             self._outside_lock(key, "place", lambda: self.engine.place(key, parsed))
+        except FileNotFoundError as e:  # the RAM tier's entry names a folder that went (the one-at-a-time
+            old = self._cpu.pop(key, None)  # engine reads it again to place it): not a failed place
+            if old is not None:
+                self._cpu_used -= old.nbytes
+            log.info("adapter %s: %s; reading it again", key, e)
+            raise _FolderGone(str(e)) from e
         except Exception as e:
             log.warning("placing adapter %s on the device failed: %r", key, e)
             while len(self._place_failed) >= PLACE_FAILED_MAX:

@@ -148,6 +148,35 @@ def test_one_at_a_time_engine_behind_tiers(tiny_model_path: str, adapters: dict[
     assert run(eng, "acme/a@1", GREEDY)[0] == want
 
 
+def test_a_ram_tier_adapter_whose_folder_went_is_read_again(tiny_model_path: str, adapters: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    """The one-at-a-time engine reads an adapter's folder again when it places it from the RAM tier; a
+    replica sharing the cache folder may have removed that folder meanwhile (its trim, serve.backend.
+    DiskCache). The adapter is fetched again and placed, not a 503 for PLACE_RETRY_S on every try."""
+    import shutil
+
+    from adapterfab.serve.tiers import AdapterTiers
+
+    eng = Engine(tiny_model_path, torch_threads=1, max_adapters=1)
+    fetched: list[str] = []
+
+    def fetch(key: str) -> tuple[Path, None, bool]:  # the cache: a copy, downloaded again when missing
+        fetched.append(key)
+        dest = tmp_path / key.replace("/", "_")
+        if not dest.exists():
+            shutil.copytree(adapters[key[5]], dest)
+        return dest, None, True
+
+    tiers = AdapterTiers(eng, fetch)
+    tiers.load("acme/a@1")
+    want = run(eng, "acme/a@1", GREEDY)[0]
+    tiers.load("acme/b@1")  # a goes to the RAM tier
+    shutil.rmtree(tmp_path / "acme_a@1")  # another replica's trim removes its folder
+    tiers.load("acme/a@1")
+    assert eng.adapters == ["acme/a@1"] and fetched == ["acme/a@1", "acme/b@1", "acme/a@1"]
+    assert run(eng, "acme/a@1", GREEDY)[0] == want
+
+
 def test_detokenizer_never_emits_partial_utf8(engine: Engine) -> None:
     text = "Arr 🦜 matey, 世界 héllo ✨!"
     ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
