@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
 import shlex
 from pathlib import Path
@@ -54,7 +55,12 @@ def _makefile_pins() -> dict[str, str]:
 def test_launcher_names_an_ami_for_every_node_type() -> None:
     """Without an ImageId Ray boots its default AMI, AWS's Deep Learning AMI on Ubuntu 18.04: glibc 2.27 and
     Python 3.6, where neither torch 2.13 (manylinux_2_28 wheels) nor Ray 2.60 (Python >= 3.10) installs."""
-    from ray.autoscaler._private.aws.config import DEFAULT_AMI
+    botocore_log = logging.getLogger("botocore")
+    level = botocore_log.level
+    try:
+        from ray.autoscaler._private.aws.config import DEFAULT_AMI
+    finally:  # importing it sets botocore's logger to WARNING for the whole process (tests of what boto3
+        botocore_log.setLevel(level)  # logs at DEBUG run later in it: test_isolation_secrets)
 
     for name, node in _launcher()["available_node_types"].items():
         ami = str(node["node_config"].get("ImageId", ""))
