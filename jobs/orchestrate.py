@@ -371,7 +371,7 @@ def _run_claimed(settings: Settings, state: StateStore, batch_id: str, batch: An
     from adapterfab.jobs.groups import GroupQueue, start_trainers
     from adapterfab.jobs.launch import PROGRESS_BOARD_PREFIX, ProgressBoard
     from adapterfab.jobs.plan import balanced_groups, concurrency, execution_groups, fitted_groups, starter_groups
-    from adapterfab.jobs.trainers import TrainerPool, unplaceable
+    from adapterfab.jobs.trainers import TrainerPool, still_unplaceable
     spec, jobs = parse_spec(batch.spec_text, root=Path(batch.spec_path).parent if batch.spec_path else None)
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a Ray Job (`submit --address`) runs in the home:
         # it starts in its unpacked working_dir, which the runtime-env agent of another node on the same
@@ -390,8 +390,8 @@ def _run_claimed(settings: Settings, state: StateStore, batch_id: str, batch: An
         planned = load_plan(batch, spec, jobs, base.path)
         groups = execution_groups(planned)
         cluster = ray.cluster_resources()
-        if why := unplaceable(spec.resources.cpus_per_job, spec.resources.gpus_per_job):
-            raise StackError(why)  # at once: every group would otherwise wait for resources no node has
+        if why := still_unplaceable(spec.resources.cpus_per_job, spec.resources.gpus_per_job):
+            raise StackError(why)  # now: every group would otherwise wait for resources no node has
         slots = concurrency(spec, cluster, len(jobs))
         devices = slots if spec.resources.gpus_per_job == 0 else max(1, min(slots, int(cluster.get("GPU", 1))))
         groups = balanced_groups(jobs, groups, devices)  # a fused group may be cut to keep every device busy

@@ -65,6 +65,8 @@ class Unplaceable(RuntimeError):
 
 
 UNPLACEABLE_CHECK_S = 5.0  # how often a wait for a new trainer's resources asks whether any node could host it
+UNPLACEABLE_GRACE_S = 60.0  # ... and how long no node may have held it before the wait gives up (a node
+# restarting or still joining the cluster is back within it)
 
 
 def _fixed_cluster() -> bool:
@@ -84,6 +86,16 @@ def _fixed_cluster() -> bool:
         return bool(mapping) and all(t == format_readonly_node_type(n) for n, t in mapping.items())
     except Exception:  # noqa: BLE001 - not knowable here: assume nodes may come
         return False
+
+
+def still_unplaceable(cpus: float, gpus: float, grace_s: float | None = None) -> str | None:
+    """``unplaceable``, asked every UNPLACEABLE_CHECK_S until it says None or has said why for ``grace_s``
+    seconds (default UNPLACEABLE_GRACE_S): a node restarting or joining must not fail a batch."""
+    grace_s = UNPLACEABLE_GRACE_S if grace_s is None else grace_s
+    deadline = time.monotonic() + grace_s
+    while (why := unplaceable(cpus, gpus)) and time.monotonic() < deadline:
+        time.sleep(min(UNPLACEABLE_CHECK_S, max(0.0, deadline - time.monotonic())))
+    return why
 
 
 def unplaceable(cpus: float, gpus: float) -> str | None:
@@ -425,6 +437,7 @@ class TrainerPool:
         ref = h.lease.remote(self.owner, LEASE_TTL_S, self.keep_warm_s)
         deadline = time.monotonic() + timeout_s
         t0 = evicted = checked = time.monotonic()
+        unplaceable_since: float | None = None
         while True:
             ready, _ = ray.wait([ref], timeout=0.5)
             if ready:
@@ -444,7 +457,8 @@ class TrainerPool:
             if time.monotonic() - checked > UNPLACEABLE_CHECK_S:
                 checked = time.monotonic()  # (a node that could host it may have gone since the batch began)
                 why = unplaceable(spec.cpus, spec.gpus)
-                if why:
+                unplaceable_since = (unplaceable_since or checked) if why else None
+                if why and checked - unplaceable_since >= UNPLACEABLE_GRACE_S:  # (not a node restarting)
                     ray.kill(h, no_restart=True)
                     raise Unplaceable(why)
             if time.monotonic() > deadline:

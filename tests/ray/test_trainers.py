@@ -137,12 +137,15 @@ def test_a_resident_trainer_trains_groups_and_stays_warm(ray_cluster, tiny_model
 
 
 @pytest.mark.timeout(120)
-def test_a_trainer_no_node_can_host_fails_at_once(ray_cluster, tiny_model_path: str) -> None:
-    """A GPU trainer on a cluster without GPUs (and no autoscaler to add one) fails within seconds with
-    what to change, instead of waiting for resources no node has (30 minutes, group after group)."""
+def test_a_trainer_no_node_can_host_fails_after_a_grace(ray_cluster, tiny_model_path: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU trainer on a cluster without GPUs (and no autoscaler to add one) fails after the grace a node
+    restarting or joining has (UNPLACEABLE_GRACE_S, 60 s; 6 s here) with what to change, instead of waiting
+    for resources no node has (30 minutes, group after group)."""
     from dataclasses import replace
 
-    from adapterfab.jobs.trainers import TrainerPool, Unplaceable, _trainer_names, unplaceable
+    from adapterfab.jobs import trainers
+    from adapterfab.jobs.trainers import TrainerPool, Unplaceable, _trainer_names, still_unplaceable, unplaceable
 
     deadline = time.monotonic() + 30  # Ray's monitor writes the cluster's status a few seconds after start
     while unplaceable(1.0, 1.0) is None and time.monotonic() < deadline:
@@ -151,12 +154,16 @@ def test_a_trainer_no_node_can_host_fails_at_once(ray_cluster, tiny_model_path: 
     assert why is not None and "1 CPU and 1 GPU" in why and "2 CPU, 0 GPU" in why and "gpus_per_job" in why
     assert unplaceable(2.0, 0.0) is None  # a node has 2 CPUs in all (busy or not): Ray places it in time
     assert "3 CPU and 0 GPU" in (unplaceable(3.0, 0.0) or "")
+    t0 = time.monotonic()
+    assert "1 GPU" in (still_unplaceable(1.0, 1.0, grace_s=3.0) or "") and time.monotonic() - t0 >= 3.0
+    assert still_unplaceable(1.0, 0.0, grace_s=60.0) is None  # at once
+    monkeypatch.setattr(trainers, "UNPLACEABLE_GRACE_S", 6.0)
     gpu_spec = replace(_spec(tiny_model_path), gpus=1.0)
     pool = TrainerPool("batch-gpu", keep_warm_s=1)
     t0 = time.monotonic()
     with pytest.raises(Unplaceable, match="no node of this Ray cluster"):
         pool.acquire(gpu_spec, timeout_s=600)
-    assert time.monotonic() - t0 < 30
+    assert 6.0 <= time.monotonic() - t0 < 30
     deadline = time.monotonic() + 20  # the pending trainer actor was killed, not left queued
     while time.monotonic() < deadline and _trainer_names(gpu_spec.key()):
         time.sleep(0.5)
