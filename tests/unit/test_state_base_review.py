@@ -23,6 +23,7 @@ from adapterfab.errors import StorageError
 from adapterfab.settings import Settings, private_dir
 from adapterfab.state import StateStore
 from adapterfab.storage import LocalStore, open_store
+from tests.unit.test_s3_store import s3_server  # noqa: F401 - the module's moto server, started here too
 
 
 def _mode(p: Path) -> int:
@@ -105,19 +106,6 @@ def test_a_local_artifact_store_made_here_is_owner_only(tmp_path: Path) -> None:
 
 
 # s3:// bases are refreshed -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory: pytest.TempPathFactory):
-    from adapterfab.procs import free_port, start_moto, stop_pid
-
-    server = start_moto(tmp_path_factory.mktemp("moto"), free_port())
-    mp = pytest.MonkeyPatch()
-    mp.setenv("AWS_ENDPOINT_URL", server.url)
-    mp.setenv("AWS_ACCESS_KEY_ID", "test")
-    mp.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    yield server.url
-    mp.undo()
-    stop_pid(server.pid)
 
 
 def _put(bucket: str, key: str, body: bytes) -> None:
@@ -133,7 +121,7 @@ def _sha(*weights: tuple[str, bytes]) -> str:
 
 
 def test_a_replaced_s3_base_is_downloaded_again_and_the_old_folder_stays_whole(
-        s3_server: str, tmp_path: Path) -> None:
+        s3_server: str, tmp_path: Path) -> None:  # noqa: F811
     from adapterfab.basemodel import local_folder, resolve_base_model
 
     open_store("s3://rebase").ensure_bucket()
@@ -163,7 +151,7 @@ def test_a_replaced_s3_base_is_downloaded_again_and_the_old_folder_stays_whole(
 
 
 def test_a_base_changed_during_its_download_is_not_kept_under_the_old_listing(
-        s3_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        s3_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     """Another tool uploading the new base while it is downloaded: the download is refused, nothing stays
     in the cache, and the next resolve downloads the new base whole."""
     import adapterfab.storage
@@ -188,7 +176,7 @@ def test_a_base_changed_during_its_download_is_not_kept_under_the_old_listing(
     assert resolve_base_model("s3://midway/m", cache).fingerprint == _sha(("model.safetensors", b"v2"))
 
 
-def test_a_base_s3_cannot_list_is_used_as_last_downloaded(s3_server: str, tmp_path: Path,
+def test_a_base_s3_cannot_list_is_used_as_last_downloaded(s3_server: str, tmp_path: Path,  # noqa: F811
                                                           caplog: pytest.LogCaptureFixture) -> None:
     """The listing fails (here: the bucket is gone; an outage alike): the folder downloaded last is used,
     with a warning; with none downloaded, the error."""

@@ -7,7 +7,6 @@ fails after copying it and before training."""
 from __future__ import annotations
 
 import os
-import random
 import socket
 import tempfile
 import threading
@@ -20,27 +19,9 @@ import torch
 
 from adapterfab.jobs.train_loop import train_adapter
 from adapterfab.jobs.zero import micro_batch, pad_for_workers
-from adapterfab.methods import get_method
 from adapterfab.pipelines.local import epoch_batches
 from adapterfab.spec import TrainConfig
-
-
-def _rows(n: int, seed: int = 0) -> list[dict[str, list[int]]]:
-    r = random.Random(seed)
-    out = []
-    for _ in range(n):
-        ids = [r.randint(3, 127) for _ in range(r.randint(5, 12))]
-        out.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
-    return out
-
-
-def _lora(dropout: float) -> Any:
-    return get_method("lora").config_cls(r=4, alpha=8, dropout=dropout)
-
-
-def _trainable(model: Any) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone().cpu() for n, p in model.named_parameters() if p.requires_grad}
-
+from tests.unit.test_train_loop_review import _lora, _rows, _trainable
 
 # --- every row trains, every worker the same steps ---------------------------------------------------
 
