@@ -96,15 +96,24 @@ def _info(row: ApiKeyRow) -> KeyInfo:
                    revoked_s, row.rotated_to)
 
 
+def _mint() -> tuple[str, str]:
+    """A new key's id and the key itself (``af_<id>_<secret>``: 192 random bits of secret)."""
+    key_id = secrets.token_hex(8)
+    return key_id, f"{PREFIX}_{key_id}_{secrets.token_urlsafe(24)}"
+
+
+def _check_ttl(ttl_s: float | None) -> None:
+    if ttl_s is not None and not ttl_s > 0:
+        raise ApiKeyError(f"a key's lifetime must be positive, not {ttl_s}")
+
+
 class KeyStore:
     def __init__(self, state: StateStore, clock: Callable[[], float] = time.time):
         self.state, self.clock = state, clock
 
     def _new(self, tenant: str, role: str | None, ttl_s: float | None) -> str:
-        if ttl_s is not None and not ttl_s > 0:
-            raise ApiKeyError(f"a key's lifetime must be positive, not {ttl_s}")
-        key_id = secrets.token_hex(8)
-        key = f"{PREFIX}_{key_id}_{secrets.token_urlsafe(24)}"
+        _check_ttl(ttl_s)
+        key_id, key = _mint()
         self.state.add_key(key_id, tenant, _hash(key), role=role,
                            expires_s=None if ttl_s is None else self.clock() + ttl_s)
         return key
@@ -168,8 +177,7 @@ class KeyStore:
         record the first one's ``rotated_to`` then lost (review, 2026-12)."""
         if grace_s < 0:
             raise ApiKeyError(f"the grace period must be 0 or more seconds, not {grace_s}")
-        if ttl_s is not None and not ttl_s > 0:
-            raise ApiKeyError(f"a key's lifetime must be positive, not {ttl_s}")
+        _check_ttl(ttl_s)
         key_id = key_id_of(key_or_id)
         row = self.state.key_by_id(key_id)
         if row is None:
@@ -177,8 +185,7 @@ class KeyStore:
         now = self.clock()
         if ttl_s is None and row.expires_s is not None:
             ttl_s = row.expires_s - row.created_s  # its lifetime (its row stamps created_s as it is written)
-        new_id = secrets.token_hex(8)
-        key = f"{PREFIX}_{new_id}_{secrets.token_urlsafe(24)}"
+        new_id, key = _mint()
         cols = ApiKeyRow
         if grace_s > 0:  # it expires then, unless it would sooner
             ends: dict[str, Any] = {"expires_s": case((or_(cols.expires_s.is_(None), cols.expires_s > now + grace_s),
