@@ -331,8 +331,8 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
             prompts: list[Any] = [req.conversation()] if kind == "chat" else req.prompts()
             asked = req.requested_max_tokens
             if max_tokens_cap is not None and asked is not None and asked > max_tokens_cap:
-                raise FieldError("max_tokens", f"max_tokens is at most {max_tokens_cap} on this server.",
-                                 "invalid_value")
+                field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+                raise FieldError(field, f"{field} is at most {max_tokens_cap} on this server.", "invalid_value")
             params = dataclasses.replace(req.sampling(max_tokens_cap), tenant=tenant)
             if len(prompts) * req.choices_per_prompt > MAX_CHOICES:
                 raise FieldError("n", f"At most {MAX_CHOICES} choices per request (prompts × n).", "invalid_value")
@@ -346,7 +346,7 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
         except FieldError as e:
             raise field_error(e) from None
         except InvalidGuide as e:
-            raise ApiError(400, str(e), param="response_format", code="invalid_response_format") from None
+            raise ApiError(400, str(e), param=req.guide_field(), code="invalid_response_format") from None
         ignored = req.ignored()
         if ignored:
             log.warning("tenant %s: fields ignored in a %s request: %s", tenant, kind, ignored_header(ignored))

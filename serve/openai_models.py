@@ -24,6 +24,10 @@ MAX_STOP_CHARS = 256  # per stop string: each one is matched against the output'
 MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # choices per request (prompts × n)
 MAX_TOP_LOGPROBS = 20
+# token ids in a request's logit_bias and in its stop_token_ids: both are edited into its row of the shared
+# batch on the host at every step (and stop ids are scanned per token), so one request's 49k-entry bias made
+# every other tenant's tokens 5x slower on the tiny model (2026-12). OpenAI takes 300 bias entries
+MAX_TOKEN_ID_ENTRIES = 1024
 # a structured output's schema, regex, grammar or choices, as text: building its grammar runs before any
 # generation (a 400 for a bad one), and a 440 KB choice list took 1.2 s of the ingress (2026-12-07)
 MAX_GUIDE_CHARS = 32 * 1024
@@ -147,7 +151,7 @@ class _GenerationRequest(_Open):
     repetition_penalty: float | None = Field(None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])
     logit_bias: dict[str, float] | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_TOKEN_ID_ENTRIES)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stream: bool | None = False
@@ -162,7 +166,7 @@ class _GenerationRequest(_Open):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     use_beam_search: bool = False
-    echo: bool = False
+    echo: bool | None = False  # OpenAI's completions take null (false)
 
     @field_validator("stop")
     @classmethod
@@ -181,6 +185,8 @@ class _GenerationRequest(_Open):
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None and len(v) > MAX_TOKEN_ID_ENTRIES:
+            raise ValueError(f"at most {MAX_TOKEN_ID_ENTRIES} logit_bias entries, not {len(v)}")
         for k, b in (v or {}).items():
             if not is_decimal(k) or len(k) > 20:  # ASCII digits: str.isdigit takes "²", which int() refuses
                 raise ValueError(f"logit_bias keys are token ids, not {k[:40]!r}")
@@ -207,10 +213,13 @@ class _GenerationRequest(_Open):
         if self.guided_choice is not None and len(self.guided_choice) > MAX_GUIDED_CHOICES:
             raise FieldError("guided_choice", f"At most {MAX_GUIDED_CHOICES} choices.", "invalid_value")
         if got is not None and len(got[1]) > MAX_GUIDE_CHARS:
-            field = next((n for n in GUIDED_FIELDS if getattr(self, n) is not None), "response_format")
-            raise FieldError(field, f"The structured output's specification is {len(got[1]):,} characters; at "
-                             f"most {MAX_GUIDE_CHARS:,} are taken.", "invalid_value")
+            raise FieldError(self.guide_field(), f"The structured output's specification is {len(got[1]):,} "
+                             f"characters; at most {MAX_GUIDE_CHARS:,} are taken.", "invalid_value")
         return got
+
+    def guide_field(self) -> str:
+        """The request's field that carries its structured output (for an error's ``param``)."""
+        return next((n for n in GUIDED_FIELDS if getattr(self, n) is not None), "response_format")
 
     def _guide(self) -> tuple[str, str] | None:
         given = [name for name in GUIDED_FIELDS if getattr(self, name) is not None]
