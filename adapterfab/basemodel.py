@@ -8,8 +8,10 @@
   tool uploaded it (every object under the prefix), or, when it holds a ``MANIFEST.json``, the files it
   lists with their checksums verified. Each resolve lists the prefix (sizes and ETags, no object read)
   and uses the folder downloaded for that listing, downloading it when there is none: a base replaced in
-  S3 is downloaded again, into a folder of its own, so a job reading the old one reads it whole. One
-  process per machine downloads or converts a base (a file lock); the others wait for it;
+  S3 is downloaded again, into a folder of its own, so a job reading the old one reads it whole. Older
+  folders are deleted then, but never the one superseded last nor one that a process on this machine
+  resolved and still runs (``_prune_s3``). One process per machine downloads or converts a base (a file
+  lock); the others wait for it;
 - anything else is taken as a Hugging Face id, read from the local HF cache (``HF_HOME``); with
   ``ADAPTERFAB_HF_OFFLINE=0`` it is downloaded into that cache on first use, otherwise (the default)
   nothing downloads at run time: set up the cache beforehand or use a local path.
@@ -26,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -196,11 +199,95 @@ def local_folder(name: str, cache: Path | None = None) -> str | None:
 
 def _s3_versions(base: Path) -> list[Path]:
     """The downloaded folders of an s3:// base, newest first: ``<base>-<listing digest>`` (and ``<base>``
-    itself, the one folder of a cache from before the listing was checked). Never removed here: a batch
-    started on one reads it until it ends; delete old ones by hand when no batch runs."""
-    found = [p for p in base.parent.glob(base.name + "*")
-             if "." not in p.name[len(base.name):] and (p / "config.json").exists()]  # no .lock, no .tmp
-    return sorted(found, key=lambda p: (p / "config.json").stat().st_mtime_ns, reverse=True)
+    itself, the one folder of a cache from before the listing was checked). ``_prune_s3`` deletes those
+    no process needs any more."""
+    found = []
+    for p in base.parent.glob(base.name + "*"):
+        try:  # no .lock, no .tmp, no .del; one deleted meanwhile is skipped
+            if "." not in p.name[len(base.name):]:
+                found.append(((p / "config.json").stat().st_mtime_ns, p))
+        except OSError:  # no config.json (yet, or no more), or not a folder
+            pass
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+# The s3:// base folders this process resolved, each with a shared flock on ``<folder>.hold.lock`` kept
+# until the process ends (the kernel drops it then, however it ends): a batch or a deployment reads its
+# base (its workers load it) after the resolve, for as long as the process runs.
+_holds: dict[str, Any] = {}
+_holds_lock = threading.Lock()
+
+
+def _hold_file(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".hold.lock")
+
+
+def _locked(folder: Path, how: int) -> Any:
+    """``<folder>.hold.lock`` opened and flocked ``how``, or None when non-blocking and taken. A deleter
+    removes the file after the folder: a lock taken on the removed file is retried on the new one."""
+    import fcntl
+
+    path = _hold_file(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(path, "a")  # noqa: SIM115 - kept open: the lock lives as long as the file
+        try:
+            fcntl.flock(f, how)
+        except BlockingIOError:
+            f.close()
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                return f
+        except FileNotFoundError:
+            pass
+        f.close()
+
+
+def _hold(folder: Path) -> bool:
+    """Keep ``folder`` from ``_prune_s3`` while this process runs (blocks while it is being deleted);
+    False when this process held it already."""
+    import fcntl
+
+    if str(folder) in _holds:
+        return False
+    f = _locked(folder, fcntl.LOCK_SH)
+    with _holds_lock:
+        if _holds.setdefault(str(folder), f) is not f:
+            f.close()  # another thread of this process holds it already
+            return False
+    return True
+
+
+def _release(folder: Path) -> None:
+    with _holds_lock:
+        f = _holds.pop(str(folder), None)
+    if f is not None:
+        f.close()
+
+
+def _prune_s3(base: Path, current: Path) -> None:
+    """Delete the folders of the s3:// base ``base`` that nothing needs: all but ``current``, the newest
+    other one (the base superseded last: a process given its path by one that has ended, such as a
+    detached deployment's replicas, may still load it) and those a running process holds (``_hold``: it
+    resolved it). A folder is renamed away before it is emptied, so no reader sees it half deleted; a
+    deleter killed midway leaves a ``.del`` folder, removed by the next."""
+    import fcntl
+
+    for trash in base.parent.glob(base.name + "*.del*"):
+        shutil.rmtree(trash, ignore_errors=True)
+    for old in [v for v in _s3_versions(base) if v != current][1:]:
+        f = _locked(old, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if f is None:
+            continue  # held: a process reads it
+        with f:  # a process resolving it now waits in _hold, then finds it gone and downloads it again
+            if old.exists():
+                trash = old.with_name(f"{old.name}.del{os.getpid()}-{threading.get_ident()}")
+                os.replace(old, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+                log.info("deleted %s, a superseded download of an s3:// base", old)
+            old.with_name(old.name + ".lock").unlink(missing_ok=True)  # _build_once's: builders hold it too
+            _hold_file(old).unlink(missing_ok=True)
 
 
 def _s3_base(name: str, cache: Path) -> Path:
@@ -210,7 +297,9 @@ def _s3_base(name: str, cache: Path) -> Path:
     so a retrained base put under the same prefix gets a new folder and the old one is never changed
     under a job reading it. The listing is taken again after a download: a base replaced meanwhile
     would have mixed old and new files under the old listing's name. With S3 unreachable, the newest
-    folder downloaded is used, with a warning (a replica restarting rides out an outage)."""
+    folder downloaded is used, with a warning (a replica restarting rides out an outage), and nothing is
+    deleted. The folder returned is held (``_hold``) while this process runs; superseded ones are
+    pruned (``_prune_s3``)."""
     from adapterfab.errors import StorageError
     from adapterfab.storage import S3Store, download_base, open_store
 
@@ -220,11 +309,14 @@ def _s3_base(name: str, cache: Path) -> Path:
     try:
         stamps = store.stamps(prefix)
     except StorageError as e:
-        kept = _s3_versions(base)
-        if not kept:
-            raise
-        log.warning("%s: using the copy downloaded last, unchecked (%s)", name, e)
-        return kept[0]
+        for kept in _s3_versions(base):
+            new = _hold(kept)
+            if (kept / "config.json").exists():  # not deleted before the hold
+                log.warning("%s: using the copy downloaded last, unchecked (%s)", name, e)
+                return kept
+            if new:
+                _release(kept)
+        raise
     listing = hashlib.sha256(json.dumps(sorted(stamps.items())).encode()).hexdigest()[:16]
     out = base.with_name(f"{base.name}-{listing}")
 
@@ -234,8 +326,18 @@ def _s3_base(name: str, cache: Path) -> Path:
             raise StorageError(f"the objects under {name} changed while they were downloaded (a base being "
                                "uploaded?): run again once it is whole")
 
-    if not (out / "config.json").exists():
-        _build_once(out, download)
+    new = _hold(out)  # first: a process pruning cannot delete it from here on
+    try:
+        if not (out / "config.json").exists():
+            _build_once(out, download)
+    except BaseException:
+        if new:
+            _release(out)
+        raise
+    try:
+        _prune_s3(base, out)
+    except OSError as e:  # the base is here: a clean-up that failed does not fail its user
+        log.warning("%s: superseded downloads could not be deleted (%s)", name, e)
     return out
 
 

@@ -8,6 +8,9 @@
 - ``ADAPTERFAB_ARTIFACTS``: artifact store root, a folder or ``s3://bucket/prefix``
   (default ``<home>/artifacts``).
 - ``MLFLOW_TRACKING_URI`` and ``RAY_ADDRESS`` override what ``stack.json`` says.
+- ``ADAPTERFAB_UI_AUTH_MAX_FAILURES`` and ``ADAPTERFAB_UI_AUTH_FAILURE_WINDOW_S``: the wrong API keys a
+  client address may send to the dashboard UI per window (0: no limit), which ``adapterfab up`` gives it
+  as ``--auth-max-failures`` and ``--auth-failure-window-s``; unset: the dashboard's defaults (20 per 60 s).
 
 Plain reads, so that ``adapterfab status`` answers without pydantic. The tunables (S3, retries, the Hub,
 the planner's knobs, ``ADAPTERFAB_DATA_ROOTS``) are parsed with types and bounds in adapterfab/env.py.
@@ -89,6 +92,19 @@ def private_sqlite(url: str) -> None:
             path, mode, path)
 
 
+def _number(var: str, raw: str, kind: type[int] | type[float]) -> int | float:
+    """``raw``, the value of ``var``, as an ``int`` 0 or more or a finite ``float`` above 0; a bad one is
+    a ``SettingError`` naming the variable (as env.py's)."""
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not (value >= 0 if kind is int else 0 < value < float("inf")):
+        what = "a whole number, 0 or more" if kind is int else "a number of seconds above 0"
+        raise SettingError(f"{var}={raw!r} is not valid: it must be {what} (unset: the dashboard's default)")
+    return value
+
+
 def cache_dir() -> Path:
     """``ADAPTERFAB_CACHE``: converted and downloaded base models, downloaded adapters, the bases' answers
     to retention probes and replay prompts (adapterfab/retention.py ``answers_folder``), PEFT's LoRA config
@@ -107,6 +123,10 @@ class Settings:
     serve_url: str | None = None
     dashboard_url: str | None = None
     extra: dict = field(default_factory=dict)
+    # the dashboard UI's limit on wrong API keys (serve/auth_guard.py) as the environment says it, read by
+    # ``ui_auth_flags`` (checked by `up` only: a bad value fails no other command); None: its default
+    ui_auth_max_failures: str | None = None
+    ui_auth_failure_window_s: str | None = None
 
     @property
     def stack_file(self) -> Path:
@@ -138,7 +158,21 @@ class Settings:
             serve_url=stack.get("serve_url"),
             dashboard_url=stack.get("dashboard_url"),
             extra=stack,
+            ui_auth_max_failures=os.environ.get("ADAPTERFAB_UI_AUTH_MAX_FAILURES", "").strip() or None,
+            ui_auth_failure_window_s=os.environ.get("ADAPTERFAB_UI_AUTH_FAILURE_WINDOW_S", "").strip() or None,
         )
+
+    def ui_auth_flags(self) -> list[str]:
+        """The dashboard UI's flags for its limit on wrong API keys (``--auth-max-failures N
+        --auth-failure-window-s S``), those set; a ``SettingError`` for a bad value."""
+        flags: list[str] = []
+        for var, flag, raw, kind in (
+                ("ADAPTERFAB_UI_AUTH_MAX_FAILURES", "--auth-max-failures", self.ui_auth_max_failures, int),
+                ("ADAPTERFAB_UI_AUTH_FAILURE_WINDOW_S", "--auth-failure-window-s", self.ui_auth_failure_window_s,
+                 float)):
+            if raw is not None:
+                flags += [flag, str(_number(var, raw, kind))]
+        return flags
 
     def ensure_dirs(self) -> None:
         """The home, its logs and the cache, those this creates owner-only (``private_dir``)."""

@@ -44,6 +44,7 @@ from adapterfab.settings import (
     DEFAULT_UI_PORT,
     Settings,
     private_dir,
+    private_file,
     private_sqlite,
 )
 
@@ -130,7 +131,7 @@ def stack_lock(settings: Settings) -> Iterator[None]:
     if settings.home in homes:
         yield
         return
-    private_dir(settings.home)
+    private_file(settings.home / "stack.lock")  # owner-only, as every state file (its folder too)
     with open(settings.home / "stack.lock", "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -236,14 +237,16 @@ def _start_ray(settings: Settings, port: int, dashboard_port: int, client_port: 
 
 def _start_ui(settings: Settings, info: StackInfo, port: int | None) -> None:
     """The dashboard (``python -m adapterfab.serve.dashboard``) as its own process; it reads the stack's
-    URLs from ``stack.json``, so it starts after that is written, and is recorded there as it starts."""
+    URLs from ``stack.json``, so it starts after that is written, and is recorded there as it starts. Its
+    limit on wrong API keys is the settings' (``ADAPTERFAB_UI_AUTH_*``), given as its flags."""
     port = _pick(port, DEFAULT_UI_PORT)
     url, log = f"http://127.0.0.1:{port}", settings.logs / "ui.log"
     previous_url = (read_stack(settings) or {}).get("ui_url", "")
     try:
         refuse_taken(port, "dashboard UI")
         with log.open("ab") as f:
-            proc = subprocess.Popen([sys.executable, "-m", "adapterfab.serve.dashboard", "--port", str(port)],
+            proc = subprocess.Popen([sys.executable, "-m", "adapterfab.serve.dashboard", "--port", str(port),
+                                     *settings.ui_auth_flags()],
                                     stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
                                     cwd=str(settings.home),
                                     env={**os.environ, **env().hf_env(), "ADAPTERFAB_HOME": str(settings.home)})
@@ -299,6 +302,7 @@ def up(settings: Settings, mlflow_port: int | None = None, ray_port: int | None 
     UI) on their recorded ports and stores. Never stops anything: batches ride out an MLflow outage, and
     ``adapterfab up`` is how one ends. Options that differ from a recorded stack's are refused."""
     settings.ensure_dirs()
+    settings.ui_auth_flags()  # a bad ADAPTERFAB_UI_AUTH_* is refused before anything starts
     with stack_lock(settings), _signals_raise():
         before = read_stack(settings, strict=True)
         rec = dict(before) if before and before.get("ray_pid") else {}  # no ray_pid: `serve` elsewhere
