@@ -171,24 +171,41 @@ def placement(parts: MemoryParts | None, job: JobSpec, resources: Any) -> tuple[
     """(workers, ZeRO stage, estimated bytes per worker) for one job: one worker when it fits
     ``device_memory_gb`` (or no limit is set); else the fewest workers up to ``max_workers_per_job``
     that fit, with ZeRO-2 when sharding gradients and optimizer state suffices and ZeRO-3 (the weights
-    sharded too) otherwise. ``workers_per_job`` / ``zero_stage`` force the choice."""
+    sharded too) otherwise. ``workers_per_job`` / ``zero_stage`` force the choice; a forced choice that
+    does not fit ``device_memory_gb`` (or ZeRO-3 forced on a 4-bit base, which it cannot shard) is a
+    PlanError, as a job no packing fits."""
     forced_n, forced_stage = resources.workers_per_job, resources.zero_stage
     forced_stage = None if forced_stage == "auto" else int(forced_stage)
     cap = resources.device_memory_gb * 2**30 if resources.device_memory_gb else None
     quantized = bool(get_method(job.method.name).base_load_kwargs(job.method))
 
     def stages() -> list[int]:
-        if forced_stage:
-            return [forced_stage]
-        return [2] if quantized else [2, 3]  # a 4-bit base cannot be sharded by ZeRO-3
+        options = [2] if quantized else [2, 3]  # a 4-bit base cannot be sharded by ZeRO-3
+        return [st for st in options if st == forced_stage] if forced_stage else options
 
+    def refuse(why: str, change: str = "raise resources.max_workers_per_job") -> PlanError:
+        need = f"{parts.per_worker() / 2**30:.2f} GiB on one worker" if parts is not None else "more than one worker"
+        return PlanError(f"{job.tenant}/{job.persona} needs {need}, more than resources.device_memory_gb="
+                         f"{resources.device_memory_gb}, and {why}; give the workers more memory, {change}, or "
+                         "lower train.batch_size / train.max_seq_len")
+
+    four_bit = "a 4-bit (QLoRA) base cannot be sharded with ZeRO-3"
     if forced_n is not None:
+        change = "unset or raise resources.workers_per_job"
         if forced_n == 1:
+            if parts is not None and cap is not None and parts.per_worker() > cap:
+                raise refuse("resources.workers_per_job forces one worker", change)
             return 1, None, parts.per_worker() if parts else None
-        options = stages()  # the cheapest stage that fits on the forced workers, else the deepest
-        stage = next((st for st in options if parts is None or cap is None or parts.per_worker(forced_n, st) <= cap),
-                     options[-1])
-        return forced_n, stage, parts.per_worker(forced_n, stage) if parts else None
+        options = stages()  # the cheapest stage that fits on the forced workers
+        if not options:
+            raise PlanError(f"{job.tenant}/{job.persona}: resources.workers_per_job={forced_n} trains it with "
+                            f"ZeRO-{forced_stage} (resources.zero_stage), but {four_bit}; use zero_stage 2 or auto")
+        for stage in options:
+            if parts is None or cap is None or parts.per_worker(forced_n, stage) <= cap:
+                return forced_n, stage, parts.per_worker(forced_n, stage) if parts else None
+        assert parts is not None
+        raise refuse(f"even ZeRO-{options[-1]} on the {forced_n} workers resources.workers_per_job forces needs "
+                     f"{parts.per_worker(forced_n, options[-1]) / 2**30:.2f} GiB per worker", change)
     if parts is None or cap is None or parts.per_worker() <= cap:
         return 1, None, parts.per_worker() if parts else None
     for n in range(2, resources.max_workers_per_job + 1):
@@ -196,14 +213,9 @@ def placement(parts: MemoryParts | None, job: JobSpec, resources: Any) -> tuple[
             if parts.per_worker(n, stage) <= cap:
                 return n, stage, parts.per_worker(n, stage)
     if quantized and forced_stage != 2:
-        why = "a 4-bit (QLoRA) base cannot be sharded with ZeRO-3"
-    else:
-        why = f"even ZeRO-{stages()[-1]} on {resources.max_workers_per_job} workers needs " \
-              f"{parts.per_worker(resources.max_workers_per_job, stages()[-1]) / 2**30:.2f} GiB per worker"
-    raise PlanError(f"{job.tenant}/{job.persona} needs {parts.per_worker() / 2**30:.2f} GiB on one worker, more "
-                    f"than resources.device_memory_gb={resources.device_memory_gb}, and {why}; give the "
-                    "workers more memory, raise resources.max_workers_per_job, or lower "
-                    "train.batch_size / train.max_seq_len")
+        raise refuse(four_bit)
+    raise refuse(f"even ZeRO-{stages()[-1]} on {resources.max_workers_per_job} workers needs "
+                 f"{parts.per_worker(resources.max_workers_per_job, stages()[-1]) / 2**30:.2f} GiB per worker")
 
 
 def plan_batch(batch_id: str, spec: BatchSpec, jobs: list[JobSpec], base_path: str | None = None
@@ -248,22 +260,29 @@ def plan_batch(batch_id: str, spec: BatchSpec, jobs: list[JobSpec], base_path: s
 def needs_activation_checkpointing(members: list[PlannedJob], jobs: list[JobSpec], device_memory_gb: float | None
                                    ) -> bool:
     """Whether a fused group trains with activation checkpointing: a member's method asks for it, or the
-    group's estimate (the base's weights once, plus every member's adapter, activations and logits)
-    exceeds ``device_memory_gb``."""
+    group's estimate (the base's weights and the slots' null row once, plus every member's adapter,
+    activations and logits) exceeds ``device_memory_gb``."""
     if any(getattr(j.method, "gradient_checkpointing", False) for j in jobs):
         return True
     if not device_memory_gb or any(p.est_memory_gb is None or p.est_weights_gb is None for p in members):
         return False
-    weights = max(p.est_weights_gb or 0.0 for p in members)
+    weights = max(p.est_weights_gb or 0.0 for p in members) + null_slot_gb(members)
     return weights + sum((p.est_memory_gb or 0.0) - (p.est_weights_gb or 0.0) for p in members) > device_memory_gb
+
+
+def null_slot_gb(members: list[PlannedJob]) -> float:
+    """What a resident trainer holds besides its group's adapters: the slot buffers' null row (weights,
+    gradients and two moments, fp32, of one adapter: ``jobs/fused_bank.Slots``), which rows without an
+    adapter gather; a group of K holds K + 1 rows."""
+    return max((p.trainable_params or 0) for p in members) * 16 / 2**30 if members else 0.0
 
 
 def fitted_groups(planned: list[PlannedJob], groups: list[list[int]], device_memory_gb: float | None
                   ) -> list[list[int]]:
     """``groups`` with every fused group cut, in order, into groups that fit ``device_memory_gb`` even with
-    activation checkpointing: the base's weights once, plus each member's checkpointed estimate (its
-    logits and adapter state stay whatever is recomputed). Each job was placed to fit alone; without a
-    limit or an estimate the groups stand."""
+    activation checkpointing: the base's weights and the slots' null row once, plus each member's
+    checkpointed estimate (its logits and adapter state stay whatever is recomputed). Each job was
+    placed to fit alone; without a limit or an estimate the groups stand."""
     if not device_memory_gb:
         return groups
     out: list[list[int]] = []
@@ -272,7 +291,7 @@ def fitted_groups(planned: list[PlannedJob], groups: list[list[int]], device_mem
         if len(g) < 2 or any(p.est_checkpointed_gb is None or p.est_weights_gb is None for p in members):
             out.append(g)
             continue
-        weights, cut, used = max(p.est_weights_gb or 0.0 for p in members), [], 0.0
+        weights, cut, used = max(p.est_weights_gb or 0.0 for p in members) + null_slot_gb(members), [], 0.0
         for i in g:
             need = planned[i].est_checkpointed_gb or 0.0
             if cut and weights + used + need > device_memory_gb:
@@ -316,10 +335,15 @@ def trainer_key(method: Any, dtype: str) -> tuple | None:
 
 
 def fusion_key(job: JobSpec) -> tuple | None:
-    """Jobs with equal keys can train fused (jobs/fused.py): the same trainer key and the same LoRA
-    dropout (one rate per fused step). None: trains alone."""
+    """Jobs with equal keys can train fused (jobs/fused.py): the same trainer key, the same LoRA
+    dropout (one rate per fused step) and the same ``max_seq_len``: a fused step pads every row to its
+    longest (``fused_batches.step_chunks`` splits by length only where that saves more than a pass
+    costs: on a GPU, thousands of tokens), while each member's memory estimate counts its own rows at
+    its own ``max_seq_len``; with equal lengths no step pads past what the group's estimate counts.
+    None: trains alone."""
     key = trainer_key(job.method, job.train.dtype)
-    return None if key is None else (*key, float(getattr(job.method, "dropout", 0.0) or 0.0))
+    return None if key is None else (*key, float(getattr(job.method, "dropout", 0.0) or 0.0),
+                                     job.train.max_seq_len)
 
 
 def balanced_groups(jobs: list[JobSpec], groups: list[list[int]], slots: int, k_max: int = FUSED_GROUP_MAX
@@ -331,12 +355,13 @@ def balanced_groups(jobs: list[JobSpec], groups: list[list[int]], slots: int, k_
     gain nothing from smaller groups)."""
     by_key: dict[tuple, list[int]] = {}
     singles: list[list[int]] = []
-    for g in groups:
-        key = fusion_key(jobs[g[0]]) if len(g) > 1 else None
-        if key is None:
-            singles.append(g)
-        else:
-            by_key.setdefault(key, []).extend(g)
+    for g in groups:  # each member by its own key: a recorded plan may group what these jobs no longer fuse
+        for i in g:  # (planned on another machine, where ``dtype: auto`` resolved otherwise; older code)
+            key = fusion_key(jobs[i]) if len(g) > 1 else None
+            if key is None:
+                singles.append([i])
+            else:
+                by_key.setdefault(key, []).append(i)
     out = list(singles)
     for members in by_key.values():
         n = len(members)
@@ -391,7 +416,7 @@ def concurrency(spec: BatchSpec, cluster: dict[str, float], n_jobs: int) -> int:
     """How many jobs run at once: what the spec caps, what the cluster's CPUs (and GPUs, for GPU
     jobs; fractions pack several per GPU) fit, at least one. Ray queues what does not fit yet."""
     r = spec.resources
-    fit = max(1, int(cluster.get("CPU", 1) // r.cpus_per_job))
+    fit = max(1, int(cluster.get("CPU", 1) / r.cpus_per_job + 1e-9))  # (2.0 // 0.2 is 9.0)
     if r.gpus_per_job > 0:
         fit = min(fit, max(1, int(cluster.get("GPU", 0) / r.gpus_per_job + 1e-9)))
     cap = spec.resources.max_concurrent_jobs or fit

@@ -204,17 +204,19 @@ class ResidentWorker:
             results = self.trainer.train(fused, on_step, on_checkpoint=on_checkpoint if task.checkpoint_path else None,
                                          checkpoint_every=every, resume=resume, on_iteration=iteration)
         except BaseException:  # the group stops (an error, or a caller gone): the trainer stays usable
-            for job in fused:
-                self.trainer.remove(job.job_id)
+            self._end_group(fused)
             raise
         finally:
             self.trainer.set_checkpointing(False)
         t2 = time.monotonic()
         outcomes = []
-        for job, res in zip(fused, results):  # the files are written by whoever registers them
-            exported = self.trainer.export(job) if res.error is None else None
-            self.trainer.remove(job.job_id)
-            outcomes.append(JobOutcome(job.job_id, dict(res.metrics), list(res.losses), res.error, exported))
+        try:
+            for job, res in zip(fused, results):  # the files are written by whoever registers them
+                exported = self.trainer.export(job) if res.error is None else None
+                self.trainer.remove(job.job_id)
+                outcomes.append(JobOutcome(job.job_id, dict(res.metrics), list(res.losses), res.error, exported))
+        finally:
+            self._end_group(fused)
         train_s = max((r.metrics.get("train_s", 0.0) for r in results), default=0.0)
         timing = {"build_s": t1 - t0, "train_s": train_s, "eval_s": max(0.0, t2 - t1 - train_s),
                   "save_s": time.monotonic() - t2, "flops": sum(r.metrics.get("train_flops", 0.0) for r in results),
@@ -225,6 +227,18 @@ class ResidentWorker:
             torch.cuda.empty_cache()
         return GroupResult(outcomes, timing, {"pid": os.getpid(), "load_s": self.load_s, "warm": warm,
                                               "groups_trained": self.groups_trained}, (resume or {}).get("extra"))
+
+    def _end_group(self, fused: list[Any]) -> None:
+        """The group's adapters leave the trainer, and with them the rows of the slot buffers sized for
+        it: ``Slots`` only grows (a trainer that trained a group of 8 kept 9 rows of weights, gradients
+        and moments for every later group, which the planner sized and cut to fit the device with its
+        own members' adapters only), so a trainer holds what its current group needs."""
+        from adapterfab.jobs.fused_bank import Slots
+
+        for job in fused:
+            self.trainer.remove(job.job_id)
+        if not self.trainer.slot_keys() and self.trainer.slots.capacity > 1:
+            self.trainer.slots = Slots(self.trainer.layers, self.trainer.device)
 
     # -- the benchmarks' entry point: jobs read from local JSONL files --------------------------------
     def train(self, jobs: list[dict[str, Any]], out_root: str) -> list[dict[str, Any]]:

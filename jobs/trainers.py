@@ -129,11 +129,16 @@ class TrainerSpec:
     gpus: float
 
     def key(self) -> str:
+        """What a warm trainer must share with a job to train it: the base (its weights, and its config and
+        tokenizer with the chat template, ``setup_fingerprint``: a trainer kept warm across a fixed template
+        would prepare data and probes with the old one), the layers' shapes, the basis and the resources."""
+        from adapterfab.basemodel import setup_fingerprint
         from adapterfab.jobs.plan import trainer_key
         from adapterfab.methods import get_method
 
         method = get_method(self.method["name"]).config_cls(**self.method)
-        payload = json.dumps({"base": [self.base_path, self.base_fingerprint], "shape": trainer_key(method, self.dtype),
+        base = [self.base_path, self.base_fingerprint, setup_fingerprint(self.base_path)]
+        payload = json.dumps({"base": base, "shape": trainer_key(method, self.dtype),
                               "basis": self.basis_uri, "cpus": self.cpus, "gpus": self.gpus}, sort_keys=True,
                              default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
