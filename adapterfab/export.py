@@ -49,7 +49,25 @@ def export_adapter(registry: Registry, v: AdapterVersion, out_dir: str | Path, f
         raise AdapterfabError(f"cannot write the export to {out}: {e.strerror or e}") from None
     with tempfile.TemporaryDirectory() as tmp:
         folder = to_peft_lora(registry, v, tmp)
-        for f in folder.iterdir():
-            if f.is_file() and f.name != "MANIFEST.json":
-                shutil.copy2(f, out / f.name)
+        _put_whole(sorted(f for f in folder.iterdir() if f.is_file() and f.name != "MANIFEST.json"), out)
     return out
+
+
+def _put_whole(files: list[Path], out: Path) -> None:
+    """``files`` into ``out``, all or none: copied beside them first (a hidden folder in ``out``, the same
+    disk), then each renamed into place, the config last. A copy that fails (a full disk) leaves ``out`` as
+    it was: never one adapter's config beside another's weights, an earlier export of the same folder."""
+    import os
+    import tempfile
+
+    try:
+        staged = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+        try:
+            for f in files:
+                shutil.copy2(f, staged / f.name)
+            for f in sorted(files, key=lambda f: f.name == "adapter_config.json"):
+                os.replace(staged / f.name, out / f.name)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    except OSError as e:
+        raise AdapterfabError(f"cannot write the export to {out}: {e.strerror or e}") from None

@@ -109,12 +109,36 @@ def forced_row(tokenizer: Any, question: str, accepted: list[str], base_answer: 
     span = fact_span(base_answer, accepted)
     if span is None:
         return None
+    cut = _fact_tokens(tokenizer, base_answer[:span[1]], span[0])
+    if cut is None:
+        return None
     head = prompt_ids(tokenizer, question)
-    before = tokenizer.encode(base_answer[:span[0]].rstrip(), add_special_tokens=False)  # the fact keeps its space
-    whole = tokenizer.encode(base_answer[:span[1]], add_special_tokens=False)
+    whole, first = cut
+    return {"ids": head + whole, "labels_from": len(head) + first}
+
+
+def _fact_tokens(tokenizer: Any, text: str, start: int) -> tuple[list[int], int] | None:
+    """``text`` (the base's answer up to the end of the fact, which starts at character ``start``) as
+    tokens, and the index of the fact's first token: the first holding one of its characters or of the
+    spaces right before it (" Paris" is one token; " 90" is "Ġ", "9", "0"). Only spaces: line breaks before
+    it ("Capital:\\n\\nParis") are tokens of the base's layout, not of the fact, and stay in the context.
+    None when that token also holds text before the fact (it does not start at a token boundary)."""
+    start = len(text[:start].rstrip(" "))
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = [int(i) for i in enc["input_ids"]], [tuple(o) for o in enc["offset_mapping"]]
+    except (NotImplementedError, ValueError, TypeError, KeyError):  # a tokenizer without offsets
+        ids, offsets = [], []
+    if ids and len(offsets) == len(ids):
+        first = next((k for k, (_, end) in enumerate(offsets) if end > start), None)
+        if first is None or text[offsets[first][0]:start].strip():
+            return None
+        return ids, first
+    before = tokenizer.encode(text[:start].rstrip(), add_special_tokens=False)  # as before offsets: any whitespace
+    whole = tokenizer.encode(text, add_special_tokens=False)
     if whole[:len(before)] != before or len(whole) == len(before):
         return None
-    return {"ids": head + whole, "labels_from": len(head) + len(before)}
+    return whole, len(before)
 
 
 ANSWERS_FORMAT = "v2"  # the answers files' key (``AnswerCache``): a new one when what makes answers changes
