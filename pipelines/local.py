@@ -31,15 +31,29 @@ def encode_file(path: str | Path, tokenizer: Any, max_seq_len: int) -> list[dict
 
 
 def split_rows(rows: list[dict], eval_fraction: float, eval_rows: int | None = None) -> tuple[list[dict], list[dict]]:
-    """(train, eval): the last ``eval_rows`` rows (default: ``eval_fraction`` of them) held out; as the
-    data stage splits: at least one eval row when the fraction is above 0 and there are two rows or more,
+    """(train, eval): the last ``eval_rows`` rows (default: ``eval_fraction`` of them) held out with every
+    copy of them earlier in ``rows`` (eval never scores a row train saw); as the data stage splits: at
+    least one eval row when the fraction is above 0 and there are two rows or more (not one row repeated),
     none at a fraction of 0, and at least one train row."""
     if eval_rows is not None:
         n_eval = int(eval_rows)
     else:
         n_eval = 0 if eval_fraction <= 0 or len(rows) < 2 else max(1, int(len(rows) * eval_fraction))
     n_eval = min(n_eval, max(0, len(rows) - 1))
-    return (rows[:-n_eval], rows[-n_eval:]) if n_eval else (rows, [])
+    # a held-out row's copies are held out with it (the data stage's rule: identical rows share a side), or
+    # eval would score rows that train saw; fewer rows are held out where their copies would leave no train
+    # row, and none when every row is one row repeated
+    ids = [_identity(r) for r in rows]
+    for n in range(n_eval, 0, -1):
+        held = set(ids[-n:])
+        train = [r for r, i in zip(rows[:-n], ids) if i not in held]
+        if train:
+            return train, [r for r, i in zip(rows[:-n], ids) if i in held] + rows[-n:]
+    return rows, []
+
+
+def _identity(row: dict) -> str:
+    return json.dumps(row, sort_keys=True, default=lambda v: v.tolist())
 
 
 def epoch_batches(rows: list[dict], batch_size: int, seed: int, pad_id: int,

@@ -206,8 +206,9 @@ def parse_json(data: bytes) -> Iterator[dict[str, Any]]:
         return
     try:
         rows = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        yield _entry(1, None, f"invalid UTF-8 at byte offset {e.start}")
+    except UnicodeDecodeError as e:  # the line it is on, and its offset in that line (as parse_jsonl says)
+        line_start = body.rfind(b"\n", 0, e.start) + 1
+        yield _entry(body.count(b"\n", 0, e.start) + 1, None, f"invalid UTF-8 at byte offset {e.start - line_start}")
         return
     except json.JSONDecodeError as e:
         yield _entry(e.lineno, None, f"not a valid JSON array: {e.msg} (line {e.lineno}, column {e.colno})")
@@ -230,13 +231,43 @@ def parse_json(data: bytes) -> Iterator[dict[str, Any]]:
             yield _entry(number, None, str(e))
 
 
+_PARQUET_BATCH_ROWS = 1024
+
+
+def _parquet_rows(table: Any) -> Iterator[tuple[int, Any, str | None]]:
+    """(index, row, None), or (index, None, why) for a row with a text cell that is not UTF-8 (Parquet
+    writers need not check it, and Arrow checks it only here): like a JSON line's bad byte, it costs its
+    row, not the file."""
+    for start in range(0, table.num_rows, _PARQUET_BATCH_ROWS):
+        part = table.slice(start, _PARQUET_BATCH_ROWS)
+        try:
+            rows = part.to_pylist()
+        except UnicodeDecodeError:
+            rows = None
+        if rows is not None:
+            yield from ((start + k, row, None) for k, row in enumerate(rows))
+            continue
+        for k in range(part.num_rows):  # the batch holds such a cell: row by row, column by column
+            one, row, error = part.slice(k, 1), {}, None
+            for name in one.column_names:
+                try:
+                    row[name] = one.column(name).to_pylist()[0]
+                except UnicodeDecodeError as e:
+                    error = f"column {name!r} holds text that is not UTF-8 ({e.reason} at byte offset {e.start})"
+                    break
+            yield (start + k, None, error) if error else (start + k, row, None)
+
+
 def parse_parquet(data: bytes) -> Iterator[dict[str, Any]]:
     """Like :func:`parse_jsonl` for a Parquet file; ``line`` is the row index + 1, nulls count as absent
     (at every depth: a null nested field is one no row of JSONL would carry)."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(io.BytesIO(data))
-    for index, row in enumerate(table.to_pylist()):
+    for index, row, error in _parquet_rows(table):
+        if error is not None:
+            yield _entry(index + 1, None, error)
+            continue
         try:
             messages = parse_record(_without_nulls(row))
             _check_row_chars(messages)
