@@ -9,6 +9,7 @@ assistant spans of a training row are exact.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,11 @@ IGNORE_INDEX = -100  # label value the loss skips (torch.nn.CrossEntropyLoss def
 # A content stand-in no template alters (no whitespace to trim, no markup) and no text contains by chance.
 _PLACEHOLDER = "AFCONTENT{}X7f3a9c"
 _PLACEHOLDER_RE = re.compile(r"AFCONTENT(\d+)X7f3a9c")
+# A fast tokenizer applies ``split_special_tokens`` by setting it on its backend, shared by every thread,
+# then encodes (the GIL released): two threads of one process tokenizing at once (a data window prepared
+# on a trainer, a timed-out preparation still running) could encode a tenant's content with the other's
+# setting, its ``<|im_start|>`` a real token (14 in 3,000 under contention, 2026-12-07). One at a time.
+_TOKENIZE = threading.Lock()
 
 
 class TemplateError(ValueError):
@@ -32,7 +38,8 @@ def _special_ids(tokenizer: Any) -> frozenset[int]:
 def _ids(tokenizer: Any, texts: list[str], *, plain: bool) -> list[list[int]]:
     if not texts:
         return []
-    return tokenizer(texts, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
+    with _TOKENIZE:
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
 
 
 def split_render(messages: Sequence[Mapping[str, str]], tokenizer: Any,
