@@ -229,8 +229,8 @@ def _locked(folder: Path, how: int) -> Any:
 
     path = _hold_file(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        f = open(path, "a")  # noqa: SIM115 - kept open: the lock lives as long as the file
+    while True:  # read-only: flock needs no write access (a cache this user may only read)
+        f = os.fdopen(os.open(path, os.O_RDONLY | os.O_CREAT, 0o644), "rb")  # kept open: the lock lives with it
         try:
             fcntl.flock(f, how)
         except BlockingIOError:
@@ -251,7 +251,11 @@ def _hold(folder: Path) -> bool:
 
     if str(folder) in _holds:
         return False
-    f = _locked(folder, fcntl.LOCK_SH)
+    try:
+        f = _locked(folder, fcntl.LOCK_SH)
+    except OSError as e:  # no hold file and no right to create one (a cache another user filled): read it as before
+        log.warning("%s: not held (%s): a process of another user may delete it once superseded", folder, e)
+        return False
     with _holds_lock:
         if _holds.setdefault(str(folder), f) is not f:
             f.close()  # another thread of this process holds it already

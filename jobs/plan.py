@@ -167,13 +167,16 @@ def memory_parts(cfg: Any, job: JobSpec, trainable: int | None) -> MemoryParts:
     return MemoryParts(weights, adapter, acts, logits, gathered)
 
 
-def placement(parts: MemoryParts | None, job: JobSpec, resources: Any) -> tuple[int, int | None, float | None]:
+def placement(parts: MemoryParts | None, job: JobSpec, resources: Any, floor: float | None = None
+              ) -> tuple[int, int | None, float | None]:
     """(workers, ZeRO stage, estimated bytes per worker) for one job: one worker when it fits
     ``device_memory_gb`` (or no limit is set); else the fewest workers up to ``max_workers_per_job``
     that fit, with ZeRO-2 when sharding gradients and optimizer state suffices and ZeRO-3 (the weights
     sharded too) otherwise. ``workers_per_job`` / ``zero_stage`` force the choice; a forced choice that
     does not fit ``device_memory_gb`` (or ZeRO-3 forced on a 4-bit base, which it cannot shard) is a
-    PlanError, as a job no packing fits."""
+    PlanError, as a job no packing fits. ``floor``: the bytes one worker needs at least where it can train
+    with activation checkpointing (a resident trainer turns it on when a group does not fit): one forced
+    worker is held to that."""
     forced_n, forced_stage = resources.workers_per_job, resources.zero_stage
     forced_stage = None if forced_stage == "auto" else int(forced_stage)
     cap = resources.device_memory_gb * 2**30 if resources.device_memory_gb else None
@@ -193,7 +196,8 @@ def placement(parts: MemoryParts | None, job: JobSpec, resources: Any) -> tuple[
     if forced_n is not None:
         change = "unset or raise resources.workers_per_job"
         if forced_n == 1:
-            if parts is not None and cap is not None and parts.per_worker() > cap:
+            need = floor if floor is not None else parts.per_worker() if parts is not None else None
+            if need is not None and cap is not None and need > cap:
                 raise refuse("resources.workers_per_job forces one worker", change)
             return 1, None, parts.per_worker() if parts else None
         options = stages()  # the cheapest stage that fits on the forced workers
@@ -233,7 +237,10 @@ def plan_batch(batch_id: str, spec: BatchSpec, jobs: list[JobSpec], base_path: s
         except KeyError:  # a module the method's shape table does not know (a base of another architecture)
             trainable = None
         parts = memory_parts(cfg, j, trainable) if cfg is not None else None
-        shapes.append((trainable, placement(parts, j, spec.resources)))
+        floor = None  # a job a resident trainer trains may use activation checkpointing on one worker
+        if parts is not None and trainer_key(j.method, j.train.dtype) is not None:
+            floor = parts.weights + parts.checkpointed(cfg.num_hidden_layers) + (trainable or 0) * 16
+        shapes.append((trainable, placement(parts, j, spec.resources, floor)))
         weights.append(round(parts.weights / 2**30, 3) if parts is not None else None)
         floors.append(round(parts.checkpointed(cfg.num_hidden_layers) / 2**30, 3) if parts is not None else None)
     multi = {i for i, (_, (n, _, _)) in enumerate(shapes) if n > 1}

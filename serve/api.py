@@ -331,7 +331,7 @@ def make_api(backend: Backend, auth: Callable[[str | None], str | None],
             prompts: list[Any] = [req.conversation()] if kind == "chat" else req.prompts()
             asked = req.requested_max_tokens
             if max_tokens_cap is not None and asked is not None and asked > max_tokens_cap:
-                field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+                field = "max_completion_tokens" if kind == "chat" and req.max_completion_tokens else "max_tokens"
                 raise FieldError(field, f"{field} is at most {max_tokens_cap} on this server.", "invalid_value")
             params = dataclasses.replace(req.sampling(max_tokens_cap), tenant=tenant)
             if len(prompts) * req.choices_per_prompt > MAX_CHOICES:

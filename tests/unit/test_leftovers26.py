@@ -199,3 +199,30 @@ def test_up_gives_the_dashboard_the_wrong_key_limit_of_the_settings(ui_env: pyte
         stop_pid(info.ui_pid, timeout_s=10)
     assert argv[-5:-1] == ["--auth-max-failures", "2", "--auth-failure-window-s", "600.0"]  # ends in ""
     assert codes == [401, 401, 429]
+
+
+def test_an_s3_base_resolves_where_no_hold_file_can_be_made(s3_server: str, tmp_path: Path,  # noqa: F811
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hold (a flock on ``<folder>.hold.lock``) was opened for writing and had to be creatable: a cache
+    this user may only read (filled by another user, or read-only) failed every resolve with a raw
+    PermissionError, where a downloaded base was read before. The hold file is opened read-only now, and a
+    resolve goes on unheld where none can be made (here: a location no one can create files in)."""
+    import adapterfab.basemodel as bm
+
+    open_store("s3://nohold").ensure_bucket()
+    cache, name = tmp_path / "cache", "s3://nohold/m"
+    _upload("nohold", b"weights 1")
+    first = bm.resolve_base_model(name, cache).path  # downloaded, and held, as usual
+    hold = Path(first + ".hold.lock")
+    assert hold.exists()
+    hold.chmod(0o444)  # a hold file this user may not write (as root: one it may), resolved by another process
+    bm._release(Path(first))
+    again = subprocess.run([sys.executable, "-c", RESOLVER, name, str(cache)], cwd=REPO, text=True,
+                           input="", capture_output=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.strip() == first, again.stderr[-2000:]
+    monkeypatch.setattr(bm, "_hold_file", lambda folder: Path("/proc") / (folder.name + ".hold.lock"))
+    bm._release(Path(first))
+    assert bm.resolve_base_model(name, cache).path == first  # no hold file can be made: read as before
+    _upload("nohold", b"weights 2")
+    second = bm.resolve_base_model(name, cache).path  # downloaded unheld, and nothing else broken
+    assert _weights(second) == b"weights 2" and _weights(first) == b"weights 1"

@@ -53,6 +53,10 @@ def test_errors_name_the_field_the_client_sent() -> None:
         r = client.post("/v1/chat/completions", headers=AUTH, json={"model": "base", "messages": MSGS, field: 9})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
         assert field in r.json()["error"]["message"]
+    # completions take no max_completion_tokens (an ignored extra field): the cap refused max_tokens
+    r = client.post("/v1/completions", headers=AUTH, json={"model": "base", "prompt": "x", "max_tokens": 9,
+                                                           "max_completion_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
     for field, value in (("guided_regex", "(unclosed"), ("guided_json", {"type": "no-such-type"}),
                          ("response_format", {"type": "json_schema",
                                               "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}})):

@@ -207,3 +207,19 @@ def test_a_warm_trainer_is_not_leased_across_a_changed_chat_template(tmp_path: P
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages | fixed }}"}))
     setup_fingerprint.cache_clear()
     assert spec.key() != before
+
+
+def test_one_forced_worker_that_fits_with_activation_checkpointing_stands(smol_config: str) -> None:
+    """Forcing one worker is how a job too big for a device without activation checkpointing trains on one
+    device with it (a resident trainer turns it on when its group does not fit): the forced-placement check
+    refused it against the estimate without checkpointing. A job that does not fit even checkpointed is
+    still refused."""
+    train = {"batch_size": 8, "max_seq_len": 2048}
+    spec, jobs = _spec({"workers_per_job": 1, "device_memory_gb": 12.5}, train=train, n=1)
+    planned = plan_batch("b", spec, jobs, smol_config)[0]
+    assert planned.workers == 1 and planned.est_memory_gb > 12.5  # does not fit without checkpointing ...
+    assert needs_activation_checkpointing([planned], jobs, 12.5)  # ... so its trainer checkpoints
+    assert planned.est_weights_gb + planned.est_checkpointed_gb <= 12.5
+    spec, jobs = _spec({"workers_per_job": 1, "device_memory_gb": 4.0}, train=train, n=1)
+    with pytest.raises(PlanError, match="workers_per_job forces one worker"):
+        plan_batch("b", spec, jobs, smol_config)
