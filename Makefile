@@ -43,8 +43,10 @@ services:
 lint: venv
 	$(BIN)/ruff check .
 
+# two pytest processes at once (tests/run.sh): the tests that start Ray, stacks and servers, and beside
+# them the in-process unit tests, which fill the CPU the others leave idle while they wait
 test: venv services lint
-	$(BIN)/python -m pytest -q tests
+	PY=$(BIN)/python bash tests/run.sh
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -279,10 +279,19 @@ def pid_alive(pid: int | None, token: str | None = None) -> bool:
         return True
 
 
-def stop_pid(pid: int | None, timeout_s: float = 15, token: str | None = None) -> bool:
+def stop_pid(pid: int | None, timeout_s: float = 15, token: str | None = None, leader_first_s: float = 0) -> bool:
     """SIGTERM the process group, then SIGKILL if it lingers; with ``token``, only if ``pid`` is still
-    the process that token was taken from. False when it runs on and is not this user's to stop."""
+    the process that token was taken from. False when it runs on and is not this user's to stop.
+    ``leader_first_s``: SIGTERM ``pid`` alone first and give it that long to stop its own children (``ray
+    start --block`` does so in ~3 s; a SIGTERM to its whole group leaves its raylet and GCS waiting on each
+    other until the SIGKILL), then the group's rest as above."""
     if not pid_alive(pid, token):
+        return True
+    if leader_first_s > 0 and _leader_stops(pid, leader_first_s):
+        try:  # whatever of its group it left behind
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         return True
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -300,6 +309,22 @@ def stop_pid(pid: int | None, timeout_s: float = 15, token: str | None = None) -
                 return True
             time.sleep(0.2)
     return not pid_alive(pid)
+
+
+def _leader_stops(pid: int, within_s: float) -> bool:
+    """SIGTERM ``pid`` alone; whether it is gone within ``within_s``."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 # PostgreSQL ------------------------------------------------------------------------------------------

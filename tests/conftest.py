@@ -117,3 +117,27 @@ def make_lora_adapter():  # noqa: ANN201
     """``make_lora_adapter(base_path, out, seed, safetensors=True, r=4) -> Path``."""
     return _make_lora_adapter
 
+
+
+# `make test` runs two pytest processes at once (tests/run.sh): "solo", the in-process unit tests
+# (tests/unit, no `ray` marker), beside "cluster", everything that starts Ray, a stack or a server farm.
+# The cluster tests wait on process starts, polls and servers for about a third of their time; the
+# solo tests fill those gaps. Without --stream (a plain `pytest tests`) every test runs, one at a time.
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--stream", choices=("all", "solo", "cluster"), default="all",
+                     help="solo: tests/unit without the ray marker; cluster: the rest; all (default): every test")
+
+
+def is_solo(item: pytest.Item) -> bool:
+    return item.path.is_relative_to(REPO / "tests" / "unit") and item.get_closest_marker("ray") is None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    stream = config.getoption("--stream")
+    if stream == "all":
+        return
+    keep = [i for i in items if is_solo(i) == (stream == "solo")]
+    dropped = [i for i in items if is_solo(i) != (stream == "solo")]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    items[:] = keep
