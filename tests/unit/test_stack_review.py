@@ -65,7 +65,8 @@ srv.serve_forever()
 """
 # one `up` in its own process, on the fake servers, with the default ports given in argv; no UI
 CHILD = """
-import json, sys
+import faulthandler, json, signal, sys
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it hangs, should it (the test asks)
 import adapterfab.procs as procs, adapterfab.stack as stack
 from adapterfab.settings import Settings
 procs.tool = stack.tool = lambda name: sys.argv[1] + "/" + name
@@ -273,7 +274,13 @@ def test_an_interrupted_up_leaves_nothing_running_unrecorded(fakes: tuple[Settin
         time.sleep(0.1)
     assert rec.get("mlflow_pid"), up.stderr.read() if up.poll() is not None else "no MLflow started"
     up.send_signal(sig)
-    up.communicate(timeout=30)
+    try:  # (~1.5 s alone; 30 s once ran out with the suite's two streams on 2 CPUs under a load of ~8)
+        up.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        up.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        up.kill()
+        pytest.fail(f"`up` did not end after signal {sig}; its threads:\n{up.communicate()[1][-6000:]}")
     assert up.returncode != 0
     if sig == signal.SIGKILL:
         assert sorted(_ours(settings.home)) == sorted([rec["ray_pid"], rec["mlflow_pid"]])
