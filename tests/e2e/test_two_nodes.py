@@ -60,8 +60,8 @@ def two_nodes(tmp_path: Path, mlflow_server: str):
             time.sleep(1)
         yield home, f"http://127.0.0.1:{dash}", {n.node_id: n.resources_total for n in nodes}
     finally:
-        for p in reversed(procs):  # `ray start --block` stops its node's processes on a SIGTERM of its
-            stop_pid(p.pid, timeout_s=60, leader_first_s=20)  # own (not `ray stop`: every Ray on the machine)
+        for p in reversed(procs):  # `ray start --block` stops its node's processes on SIGTERM (not
+            stop_pid(p.pid, timeout_s=60)  # `ray stop`: that would stop every Ray on the machine)
 
 
 @pytest.mark.timeout(900)
