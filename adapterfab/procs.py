@@ -282,17 +282,23 @@ def pid_alive(pid: int | None, token: str | None = None) -> bool:
 def stop_pid(pid: int | None, timeout_s: float = 15, token: str | None = None, leader_first_s: float = 0) -> bool:
     """SIGTERM the process group, then SIGKILL if it lingers; with ``token``, only if ``pid`` is still
     the process that token was taken from. False when it runs on and is not this user's to stop.
-    ``leader_first_s``: SIGTERM ``pid`` alone first and give it that long to stop its own children (``ray
-    start --block`` does so in ~3 s; a SIGTERM to its whole group leaves its raylet and GCS waiting on each
-    other until the SIGKILL), then the group's rest as above."""
+    ``leader_first_s``: SIGTERM ``pid`` alone first and give it that long to stop its own children (an idle
+    ``ray start --block`` does so in ~3 s; a SIGTERM to its whole group leaves its raylet and GCS waiting
+    on each other until the SIGKILL), then SIGKILL what is left of the group."""
     if not pid_alive(pid, token):
         return True
-    if leader_first_s > 0 and _leader_stops(pid, leader_first_s):
-        try:  # whatever of its group it left behind
+    if leader_first_s > 0:
+        stopped = _leader_stops(pid, leader_first_s)
+        try:  # whatever of its group it left behind, or all of it
             os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
+        except ProcessLookupError:
             pass
-        return True
+        except PermissionError:
+            return stopped
+        deadline = time.monotonic() + timeout_s
+        while not stopped and pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return stopped or not pid_alive(pid)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(pid, sig)

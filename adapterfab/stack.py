@@ -231,7 +231,7 @@ def _start_ray(settings: Settings, port: int, dashboard_port: int, client_port: 
         raise StackError(f"the Ray head did not come up within {SERVER_START_TIMEOUT_S:.0f}s; "
                          f"see {settings.logs / 'ray.log'}")
     except BaseException:  # Ctrl-C or SIGTERM too: its own session, so nothing else would stop it
-        stop_pid(proc.pid, leader_first_s=10)
+        stop_pid(proc.pid, leader_first_s=5)
         raise
 
 
@@ -390,7 +390,7 @@ def down(settings: Settings) -> list[str]:
         for name, key in (("ui", "ui_pid"), ("ray", "ray_pid"), ("mlflow", "mlflow_pid"), ("serve", "serve_pid")):
             pid = info.get(key)
             if pid and _alive(info, key):
-                stop_pid(pid, timeout_s=10, token=_token(info, key), leader_first_s=10 if name == "ray" else 0)
+                stop_pid(pid, timeout_s=10, token=_token(info, key), leader_first_s=5 if name == "ray" else 0)
                 stopped.append(name)
         settings.stack_file.unlink(missing_ok=True)
         return stopped
