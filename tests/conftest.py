@@ -14,9 +14,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
+
+# A background job of a non-interactive shell (`make test`'s two streams, tests/run.sh; `cmd &` in any
+# script) starts with SIGINT ignored, and every process the tests start would inherit that: a test that
+# interrupts `adapterfab up` with Ctrl-C's SIGINT found it ignored. Python's own handler again, which
+# exec resets to the default in each child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -116,7 +124,6 @@ def _make_lora_adapter(base_path: str, out: Path, seed: int, safetensors: bool =
 def make_lora_adapter():  # noqa: ANN201
     """``make_lora_adapter(base_path, out, seed, safetensors=True, r=4) -> Path``."""
     return _make_lora_adapter
-
 
 
 # `make test` runs two pytest processes at once (tests/run.sh): "solo", the in-process unit tests
