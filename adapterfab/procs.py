@@ -295,10 +295,7 @@ def stop_pid(pid: int | None, timeout_s: float = 15, token: str | None = None, l
             pass
         except PermissionError:
             return stopped
-        deadline = time.monotonic() + timeout_s
-        while not stopped and pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return stopped or not pid_alive(pid)
+        return stopped or _gone_within(pid, timeout_s)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(pid, sig)
@@ -309,11 +306,18 @@ def stop_pid(pid: int | None, timeout_s: float = 15, token: str | None = None, l
                 return True
             except PermissionError:  # another user's process (a colleague's orchestrator)
                 return False
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not pid_alive(pid):
-                return True
-            time.sleep(0.2)
+        if _gone_within(pid, timeout_s):
+            return True
+    return not pid_alive(pid)
+
+
+def _gone_within(pid: int, within_s: float) -> bool:
+    """Whether ``pid`` is gone within ``within_s`` (polled every 0.2 s)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.2)
     return not pid_alive(pid)
 
 
@@ -325,12 +329,7 @@ def _leader_stops(pid: int, within_s: float) -> bool:
         return True
     except PermissionError:
         return False
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return True
-        time.sleep(0.2)
-    return False
+    return _gone_within(pid, within_s)
 
 
 # PostgreSQL ------------------------------------------------------------------------------------------
